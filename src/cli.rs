@@ -1,0 +1,193 @@
+//! The command line, as `../shared/design/cli.md` and the README describe it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit codes every command keeps to.
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    /// Source unreachable, authentication, I/O: the run failed.
+    pub const RUNTIME: u8 = 1;
+    /// Bad arguments, unreadable or malformed images.
+    pub const BAD_INPUT: u8 = 2;
+    /// `lazyfs wait` ran out of time.
+    pub const TIMEOUT: u8 = 3;
+    /// A file does not match its hash.
+    pub const VERIFY_FAILED: u8 = 4;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lazyfs",
+    version,
+    about = "Serve a CRIU checkpoint's files on the host it restarts on, fetched lazily over SSH",
+    long_about = "lazyfs reads the images of a `criu dump` and mounts a FUSE filesystem that shows every \
+regular file the checkpointed processes had open or mapped, at once, with the sizes and modes the images \
+record. Contents come from the old host over SSH (or from a local directory): a read fetches only the \
+chunks it touches, and with --prefetch everything streams in the background, smallest file first. \
+Writes stay local; the source is never modified.",
+    after_help = "Exit codes: 0 success, 1 runtime failure (source unreachable, authentication, I/O), \
+2 bad usage or bad input (arguments, malformed images), 3 `wait` timed out, 4 verification failed."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Mount(MountArgs),
+    Status(StatusArgs),
+    Wait(WaitArgs),
+    Umount(UmountArgs),
+    Ls(LsArgs),
+    Manifest(ManifestArgs),
+    Verify(VerifyArgs),
+}
+
+/// Mount the files a checkpoint records, fetching contents from SOURCE on demand.
+///
+/// Returns once the mount answers; the filesystem then runs in the background
+/// (like sshfs) until `lazyfs umount`, unless --foreground.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Empty directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Directory of CRIU images (`criu dump -D`).
+    pub imgdir: PathBuf,
+    /// Where the bytes are: `[USER@]HOST[:PORT]`, `ssh://[USER@]HOST[:PORT]`, or a local
+    /// directory holding the old host's root (`file:///DIR`, or any path with a `/`).
+    pub source: String,
+
+    /// Stream every file in the background until all are present.
+    #[arg(long)]
+    pub prefetch: bool,
+    /// Queue order for --prefetch; what a reader waits for always goes first.
+    #[arg(long, value_enum, default_value_t = PrefetchOrder::SmallestFirst)]
+    pub prefetch_order: PrefetchOrder,
+    /// Parallel transfers (one SSH session each).
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// `tree`: /srv/app/db appears as MOUNTPOINT/srv/app/db; `flat`: as MOUNTPOINT/srv.app.db
+    /// (the naming of the original Go prototype).
+    #[arg(long, value_enum, default_value_t = LayoutArg::Tree)]
+    pub layout: LayoutArg,
+    /// Serve only the recorded files below DIR, with DIR as the mount's root. Mounted at DIR
+    /// itself, every file is at its original path, as a stock `criu restore` needs.
+    #[arg(long, value_name = "DIR")]
+    pub subtree: Option<PathBuf>,
+    /// On the source, read file /a/b from DIR/a/b.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub source_root: PathBuf,
+    /// Spill files and state; mounting again with the same dir resumes from it.
+    /// [default: a per-mount dir under $XDG_CACHE_HOME/lazyfs, or /var/cache/lazyfs for root]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Source-side hashes (from `lazyfs manifest`) to verify every chunk against.
+    /// [default: IMGDIR/lazyfs.manifest if it exists]
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Stay attached; on a terminal, show progress bars. Ctrl-C unmounts.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// SSH identity file (overrides ~/.ssh/config).
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub identity: Vec<PathBuf>,
+    /// SSH port (overrides ~/.ssh/config).
+    #[arg(short = 'p', long)]
+    pub port: Option<u16>,
+    /// known_hosts file to check the host key against.
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Accept and record a host key that known_hosts does not have yet. A changed key is
+    /// always refused.
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// Refuse every write.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let other users than the one mounting use the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchOrder {
+    SmallestFirst,
+    LargestFirst,
+    /// The order the images list the files in.
+    Image,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    Tree,
+    Flat,
+}
+
+/// Show the progress of live mounts: bytes and files present, rate, ETA.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One mount; without it, every live lazyfs mount of this machine.
+    pub mountpoint: Option<PathBuf>,
+    /// JSON: one object per mount (an array when several); fields in the README.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep redrawing until everything is present (or Ctrl-C); with --json, one object per line.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+/// Block until every file (or each PATH) is present and verified.
+///
+/// Exit 0 when they are, 3 on timeout, 4 if one failed verification, 1 if the mount went away.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    pub mountpoint: PathBuf,
+    /// Files to wait for, as mount paths or original paths; default: all.
+    pub paths: Vec<PathBuf>,
+    /// Give up after SECS seconds (exit 3).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+/// Flush state, unmount and stop the background process; the cache stays.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+}
+
+/// List the files the images record: path, size, mode, users, and why any cannot be served.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Directory of CRIU images.
+    pub imgdir: PathBuf,
+    /// JSON: an array of {path, source_path, size, mode, flags, users, servable, reason}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Hash every recorded file with blake3, whole and per chunk (run on the old host after `criu dump`).
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Directory of CRIU images.
+    pub imgdir: PathBuf,
+    /// Read file /a/b from DIR/a/b.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Where to write it [default: IMGDIR/lazyfs.manifest].
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// Re-hash every present file; exit 4 if one no longer matches.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("target").required(true).args(["mountpoint", "cache_dir"]))]
+pub struct VerifyArgs {
+    /// A live lazyfs mount.
+    pub mountpoint: Option<PathBuf>,
+    /// A cache dir, mounted or not.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}

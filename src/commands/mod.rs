@@ -1,0 +1,3 @@
+//! What each subcommand prints, kept apart from argument parsing and exit codes.
+
+pub mod ls;

@@ -1,0 +1,272 @@
+//! The image reader against real CRIU dumps, crit-encoded fixtures of both
+//! layouts, and damaged images.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use lazyfs::images::{Checkpoint, Layout, Unservable, Usage};
+use serde_json::Value;
+
+/// (path, size, mode, regular, ghost, sorted users) as expected-files.json has them.
+type Row = (String, Option<u64>, Option<u64>, bool, bool, Vec<String>);
+
+fn expected_rows(file: &std::path::Path) -> Vec<Row> {
+    let list: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let mut rows: Vec<Row> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut users: Vec<String> = e["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(user_key)
+                .collect();
+            users.sort();
+            (
+                e["path"].as_str().unwrap().to_string(),
+                e["size"].as_u64(),
+                e["mode"].as_u64(),
+                e["regular"].as_bool().unwrap(),
+                e["ghost"].as_bool().unwrap(),
+                users,
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn user_key(user: &Value) -> String {
+    match user.get("fd") {
+        Some(fd) => format!("{} fd {}", user["pid"], fd),
+        None => format!("{} {}", user["pid"], user["kind"].as_str().unwrap()),
+    }
+}
+
+fn loaded_rows(checkpoint: &Checkpoint) -> Vec<Row> {
+    let mut rows: Vec<Row> = checkpoint
+        .files
+        .iter()
+        .map(|f| {
+            let regular = !matches!(f.unservable, Some(Unservable::NotRegular(_)));
+            let mut users: Vec<String> = f
+                .users
+                .iter()
+                .map(|u| match u.usage {
+                    Usage::Fd { fd, .. } => format!("{} fd {}", u.pid, fd),
+                    other => format!("{} {}", u.pid, other.kind()),
+                })
+                .collect();
+            users.sort();
+            (
+                f.path.to_string_lossy().into_owned(),
+                if regular { f.size } else { None },
+                f.mode.map(u64::from),
+                regular,
+                matches!(f.unservable, Some(Unservable::Ghost { .. })),
+                users,
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn every_fixture_matches_criu_own_decoder() {
+    let dirs = common::expected_dirs();
+    assert!(dirs.len() >= 11, "fixtures missing: {dirs:?}");
+    for (images, expected) in dirs {
+        let checkpoint = Checkpoint::load(&images).unwrap_or_else(|e| panic!("{e}"));
+        let (want, got) = (expected_rows(&expected), loaded_rows(&checkpoint));
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(w, g, "in {}", images.display());
+        }
+        assert_eq!(want.len(), got.len(), "in {}", images.display());
+    }
+}
+
+#[test]
+fn layouts_are_told_apart() {
+    let load = |rel: &str| Checkpoint::load(&common::fixtures().join(rel)).unwrap();
+    assert_eq!(load("synthetic/legacy").layout, Layout::Legacy);
+    assert_eq!(load("synthetic/legacy-old").layout, Layout::Legacy);
+    assert_eq!(load("real/d1-kill-legacy/images").layout, Layout::Legacy);
+    assert_eq!(load("synthetic/modern").layout, Layout::Modern);
+    assert_eq!(load("real/d1-kill/images").layout, Layout::Modern);
+}
+
+#[test]
+fn legacy_conversion_lists_the_same_files_as_the_original() {
+    let load = |rel: &str| Checkpoint::load(&common::fixtures().join(rel)).unwrap();
+    let (modern, legacy) = (
+        load("real/d1-kill/images"),
+        load("real/d1-kill-legacy/images"),
+    );
+    assert_eq!(loaded_rows(&modern), loaded_rows(&legacy));
+}
+
+#[test]
+fn hostile_names_are_refused_and_odd_ones_served() {
+    let checkpoint = Checkpoint::load(&common::fixtures().join("synthetic/edge")).unwrap();
+    let by_path: BTreeMap<&[u8], _> = checkpoint
+        .files
+        .iter()
+        .map(|f| (f.path.as_os_str().as_bytes(), f))
+        .collect();
+    for served in [
+        &b"/data/with space.txt"[..],
+        b"/data/quote's \"dq\".txt",
+        b"/data/$HOME;rm -rf ~;`id`",
+        b"/data/new\nline.txt",
+        b"/tmp/$(touch /tmp/lazyfs-pwned)",
+        "/data/ünïcødé.txt".as_bytes(),
+        b"/data/mapped.bin",
+        b"/data/append.log",
+        b"/opt/app/bin/server",
+    ] {
+        let file = by_path
+            .get(served)
+            .unwrap_or_else(|| panic!("{:?} missing", OsStr::from_bytes(served)));
+        assert!(file.is_servable(), "{:?}: {:?}", file.path, file.unservable);
+    }
+    for (refused, phrase) in [
+        (&b"relative/path.txt"[..], "relative"),
+        (b"/data/../etc/passwd", "`..`"),
+        (b"/data//double", "empty component"),
+        (b"/data/trailing/", "empty component"),
+        (b"/data/./dot", "`.`"),
+        (b"/data/nul\0byte", "NUL"),
+        (b"/data/ghost.tmp", "ghost-file-1.img"),
+        (b"/data/linked.tmp", "link remap"),
+        (b"/dev/zero", "character device"),
+        (b"/data", "directory"),
+        (b"/", "directory"),
+    ] {
+        let file = by_path[refused];
+        let reason = file
+            .unservable
+            .as_ref()
+            .unwrap_or_else(|| panic!("{:?} served", file.path))
+            .to_string();
+        assert!(reason.contains(phrase), "{:?}: {reason}", file.path);
+    }
+    // The append-only log has no recorded size: the mount asks the source.
+    assert_eq!(by_path[&b"/data/append.log"[..]].size, None);
+    // A file reopened by another process is one entry with every user.
+    assert_eq!(by_path[&b"/data/with space.txt"[..]].users.len(), 4);
+}
+
+#[test]
+fn bind_mount_files_come_from_the_bind_source() {
+    let checkpoint = Checkpoint::load(&common::fixtures().join("real/d4-mntns/images")).unwrap();
+    let deep = checkpoint
+        .files
+        .iter()
+        .find(|f| f.path.ends_with("nested/a/b/c/deep.txt"))
+        .unwrap();
+    assert_eq!(
+        deep.source_path.to_str().unwrap(),
+        "/tmp/criu-work/src-data/d4-mntns-bind-source/a/b/c/deep.txt"
+    );
+    let on_tmpfs = checkpoint
+        .files
+        .iter()
+        .find(|f| f.path.ends_with("on-tmpfs.txt"))
+        .unwrap();
+    assert_eq!(on_tmpfs.unservable, Some(Unservable::DumpedTmpfs));
+}
+
+#[test]
+fn ls_json_has_the_documented_fields() {
+    let dir = common::fixtures().join("real/single/images");
+    let out = common::lazyfs(&["ls".as_ref(), dir.as_os_str(), "--json".as_ref()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files = list.as_array().unwrap();
+    assert_eq!(files.len(), 31);
+    for file in files {
+        assert!(file["path"].as_str().unwrap().starts_with('/'));
+        assert!(file["size"].is_u64() || file["size"].is_null());
+        assert!(file["mode"].is_u64() || file["mode"].is_null());
+        assert!(file["flags"].is_u64());
+        assert!(file["servable"].is_boolean());
+        assert_eq!(
+            file["reason"].is_null(),
+            file["servable"].as_bool().unwrap()
+        );
+        for user in file["users"].as_array().unwrap() {
+            assert!(user["pid"].is_u64());
+            let kind = user.get("kind").and_then(Value::as_str);
+            assert!(user["fd"].is_u64() ^ kind.is_some(), "{user}");
+            if let Some(kind) = kind {
+                assert!(["map", "exe", "cwd", "root"].contains(&kind), "{kind}");
+            }
+        }
+    }
+    let b_bin = files
+        .iter()
+        .find(|f| f["path"] == "/tmp/lazyfs-fixture/data/b.bin")
+        .unwrap();
+    assert_eq!(b_bin["size"], 3_000_000);
+    assert_eq!(b_bin["mode"], 0o100644);
+}
+
+#[test]
+fn ls_table_lists_every_file() {
+    let dir = common::fixtures().join("real/tree/images");
+    let out = common::lazyfs(&["ls".as_ref(), dir.as_os_str()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("12582917"), "{text}");
+    assert!(text.contains("/tmp/lazyfs-fixture/data/big.img"));
+    assert!(
+        text.contains("11946: fd 3; 11948: fd 3; 11949: fd 3"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_malformed_image_is_a_one_line_error_naming_it() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(common::fixtures().join("malformed")).unwrap() {
+        let dir = entry.unwrap().path();
+        let expected = std::fs::read_to_string(dir.join("expected-error")).unwrap();
+        let mut lines = expected.lines();
+        let (image, phrase) = (lines.next().unwrap(), lines.next().unwrap());
+
+        let out = common::lazyfs(&["ls".as_ref(), dir.as_os_str()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", dir.display());
+        assert_eq!(stderr.lines().count(), 1, "{}: {stderr}", dir.display());
+        assert!(
+            stderr.contains(&format!("{}/{image}", dir.display())),
+            "{}: {stderr}",
+            dir.display()
+        );
+        assert!(
+            stderr.contains(phrase),
+            "{}: want {phrase:?} in {stderr}",
+            dir.display()
+        );
+        assert!(out.stdout.is_empty());
+        seen += 1;
+    }
+    assert!(seen >= 15, "only {seen} malformed fixtures");
+}
+
+#[test]
+fn a_missing_directory_is_bad_input() {
+    let out = common::lazyfs(&["ls".as_ref(), "/nonexistent/lazyfs-images".as_ref()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/lazyfs-images: missing"));
+}
