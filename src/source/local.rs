@@ -1,0 +1,108 @@
+//! A local directory holding the old host's root (a snapshot, a mounted disk).
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::{Connection, Source, SourceError, SourceStat, relative};
+
+pub struct LocalSource {
+    root: PathBuf,
+}
+
+impl LocalSource {
+    pub fn new(root: &Path) -> Result<Self, SourceError> {
+        match std::fs::metadata(root) {
+            Ok(meta) if meta.is_dir() => Ok(LocalSource { root: root.to_path_buf() }),
+            Ok(_) => Err(SourceError::Config(format!("{}: not a directory", root.display()))),
+            Err(source) => Err(SourceError::Io { path: root.to_path_buf(), source }),
+        }
+    }
+}
+
+impl Source for LocalSource {
+    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
+        Ok(Box::new(LocalConnection { root: self.root.clone(), open: None }))
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+struct LocalConnection {
+    root: PathBuf,
+    /// The last file read: consecutive reads of one file reuse its descriptor.
+    open: Option<(PathBuf, File)>,
+}
+
+impl LocalConnection {
+    fn full(&self, path: &Path) -> PathBuf {
+        self.root.join(relative(path))
+    }
+
+    fn file(&mut self, path: &Path) -> Result<&File, SourceError> {
+        if self.open.as_ref().is_none_or(|(p, _)| p != path) {
+            let file = File::open(self.full(path)).map_err(|e| io_error(path, e))?;
+            self.open = Some((path.to_path_buf(), file));
+        }
+        Ok(&self.open.as_ref().expect("just opened").1)
+    }
+}
+
+impl Connection for LocalConnection {
+    fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
+        let meta = std::fs::metadata(self.full(path)).map_err(|e| io_error(path, e))?;
+        Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
+    }
+
+    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let file = self.file(path)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(SourceError::Short {
+                        path: path.to_path_buf(),
+                        end: offset + done as u64,
+                        wanted: offset + buf.len() as u64,
+                    });
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(path, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> SourceError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        SourceError::NotFound { path: path.to_path_buf() }
+    } else {
+        SourceError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_below_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/b c"), b"0123456789").unwrap();
+        let source = LocalSource::new(dir.path()).unwrap();
+        let mut conn = source.connect().unwrap();
+        assert_eq!(conn.stat(Path::new("/a/b c")).unwrap().size, 10);
+        let mut buf = [0u8; 4];
+        conn.read_exact_at(Path::new("/a/b c"), 3, &mut buf).unwrap();
+        assert_eq!(&buf, b"3456");
+        let err = conn.read_exact_at(Path::new("/a/b c"), 8, &mut buf).unwrap_err();
+        assert!(matches!(err, SourceError::Short { end: 10, wanted: 12, .. }), "{err}");
+        let err = conn.stat(Path::new("/missing")).unwrap_err();
+        assert!(matches!(err, SourceError::NotFound { .. }), "{err}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The SOURCE argument, and the SSH settings that `~/.ssh/config` and the
+//! command line give it.
+
+use std::path::{Path, PathBuf};
+
+use ssh2_config::{ParseRule, SshConfig};
+
+use super::SourceError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A directory holding the old host's root.
+    Local(PathBuf),
+    Ssh(SshOptions),
+}
+
+/// Everything needed to open an SSH session, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshOptions {
+    /// The name given on the command line (maybe a `~/.ssh/config` alias).
+    pub alias: String,
+    /// The host to connect to (`HostName`, or the alias).
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Tried in order after the ssh-agent.
+    pub identities: Vec<PathBuf>,
+    pub known_hosts: PathBuf,
+    pub accept_new_host_key: bool,
+}
+
+/// The SSH settings of `lazyfs mount`'s command line.
+#[derive(Debug, Clone, Default)]
+pub struct SshOverrides {
+    pub identities: Vec<PathBuf>,
+    pub port: Option<u16>,
+    pub known_hosts: Option<PathBuf>,
+    pub accept_new_host_key: bool,
+}
+
+impl SourceSpec {
+    /// `file:///DIR` or any path with a `/` is a local directory; otherwise
+    /// `[ssh://][USER@]HOST[:PORT]`, completed from `HOME/.ssh/config`.
+    pub fn parse(arg: &str, overrides: &SshOverrides, home: Option<&Path>) -> Result<Self, SourceError> {
+        if let Some(dir) = arg.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(SourceError::Config(format!("{arg}: a file:// source needs an absolute path, as file:///DIR")));
+            }
+            return Ok(SourceSpec::Local(PathBuf::from(dir)));
+        }
+        let (explicit_ssh, rest) = match arg.strip_prefix("ssh://") {
+            Some(rest) => (true, rest.trim_end_matches('/')),
+            None => (false, arg),
+        };
+        if !explicit_ssh && arg.contains('/') {
+            return Ok(SourceSpec::Local(PathBuf::from(arg)));
+        }
+        let (user, host, port) = split_target(rest).ok_or_else(|| {
+            SourceError::Config(format!("{arg}: not a source: expected [USER@]HOST[:PORT], ssh://..., or a directory"))
+        })?;
+        Ok(SourceSpec::Ssh(resolve(&host, user, port, overrides, home)?))
+    }
+}
+
+/// `user@host:port`, `host`, `[::1]:22`.
+fn split_target(target: &str) -> Option<(Option<String>, String, Option<u16>)> {
+    let (user, hostport) = match target.rsplit_once('@') {
+        Some((user, rest)) if !user.is_empty() => (Some(user.to_string()), rest),
+        Some(_) => return None,
+        None => (None, target),
+    };
+    let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']')?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':')?.parse().ok()?)),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((host, port)) => (host, Some(port.parse().ok()?)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((user, host.to_string(), port))
+}
+
+fn resolve(
+    alias: &str,
+    user: Option<String>,
+    port: Option<u16>,
+    overrides: &SshOverrides,
+    home: Option<&Path>,
+) -> Result<SshOptions, SourceError> {
+    let ssh_dir = home.map(|h| h.join(".ssh"));
+    let params = match ssh_dir.as_ref().map(|d| d.join("config")).filter(|c| c.exists()) {
+        Some(file) => {
+            let text = std::fs::read(&file).map_err(|e| SourceError::Io { path: file.clone(), source: e })?;
+            let mut config = SshConfig::default();
+            if let Some(home) = home {
+                config = config.home_dir(home);
+            }
+            let config = config
+                .parse(&mut text.as_slice(), ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS)
+                .map_err(|e| SourceError::Config(format!("{}: {e}", file.display())))?;
+            Some(config.query(alias))
+        }
+        None => None,
+    };
+    let from_config = |f: &dyn Fn(&ssh2_config::HostParams) -> Option<String>| params.as_ref().and_then(f);
+
+    let mut identities = overrides.identities.clone();
+    if let Some(files) = params.as_ref().and_then(|p| p.identity_file.clone()) {
+        identities.extend(files.into_iter().map(|f| expand_tilde(&f, home)));
+    }
+    if let Some(dir) = &ssh_dir {
+        identities.extend(["id_ed25519", "id_ecdsa", "id_rsa"].map(|name| dir.join(name)));
+    }
+    identities.dedup();
+
+    let known_hosts = overrides
+        .known_hosts
+        .clone()
+        .or_else(|| {
+            from_config(&|p| p.unsupported_fields.get("userknownhostsfile").and_then(|v| v.first().cloned()))
+                .map(|f| expand_tilde(Path::new(&f), home))
+        })
+        .or_else(|| ssh_dir.as_ref().map(|d| d.join("known_hosts")))
+        .ok_or_else(|| SourceError::Config("no home directory for ~/.ssh/known_hosts: give --known-hosts".into()))?;
+
+    Ok(SshOptions {
+        alias: alias.to_string(),
+        host: from_config(&|p| p.host_name.clone()).unwrap_or_else(|| alias.to_string()),
+        port: overrides.port.or(port).or_else(|| params.as_ref().and_then(|p| p.port)).unwrap_or(22),
+        user: user.or_else(|| from_config(&|p| p.user.clone())).unwrap_or_else(current_user),
+        identities,
+        known_hosts,
+        accept_new_host_key: overrides.accept_new_host_key,
+    })
+}
+
+fn expand_tilde(path: &Path, home: Option<&Path>) -> PathBuf {
+    match (path.strip_prefix("~"), home) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn current_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "root".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ssh(arg: &str, home: Option<&Path>) -> SshOptions {
+        match SourceSpec::parse(arg, &SshOverrides::default(), home).unwrap() {
+            SourceSpec::Ssh(o) => o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_forms() {
+        let parse = |a: &str| SourceSpec::parse(a, &SshOverrides::default(), None).unwrap();
+        assert_eq!(parse("file:///srv/snap"), SourceSpec::Local("/srv/snap".into()));
+        assert_eq!(parse("./old-root"), SourceSpec::Local("./old-root".into()));
+        assert_eq!(parse("/mnt/old"), SourceSpec::Local("/mnt/old".into()));
+        assert!(SourceSpec::parse("file://relative", &SshOverrides::default(), None).is_err());
+    }
+
+    #[test]
+    fn ssh_forms() {
+        let home = tempfile::tempdir().unwrap();
+        let ssh = |arg| ssh(arg, Some(home.path()));
+        let o = ssh("alice@old-host:2222");
+        assert_eq!((o.user.as_str(), o.host.as_str(), o.port), ("alice", "old-host", 2222));
+        let o = ssh("ssh://bob@10.1.2.3");
+        assert_eq!((o.user.as_str(), o.host.as_str(), o.port), ("bob", "10.1.2.3", 22));
+        let o = ssh("[::1]:2200");
+        assert_eq!(o.known_hosts, home.path().join(".ssh/known_hosts"));
+        assert_eq!((o.host.as_str(), o.port), ("::1", 2200));
+        for bad in ["@host", "host:notaport", "", "ssh://"] {
+            assert!(SourceSpec::parse(bad, &SshOverrides::default(), Some(home.path())).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ssh_config_fills_in_and_flags_override() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".ssh")).unwrap();
+        std::fs::write(
+            home.path().join(".ssh/config"),
+            "Host old\n  HostName 127.0.0.1\n  User carol\n  Port 2022\n  IdentityFile ~/.ssh/old_key\n  UserKnownHostsFile ~/.ssh/old_known\n",
+        )
+        .unwrap();
+        let o = ssh("old", Some(home.path()));
+        assert_eq!((o.alias.as_str(), o.host.as_str(), o.user.as_str(), o.port), ("old", "127.0.0.1", "carol", 2022));
+        assert_eq!(o.identities[0], home.path().join(".ssh/old_key"));
+        assert_eq!(o.identities[1], home.path().join(".ssh/id_ed25519"));
+        assert_eq!(o.known_hosts, home.path().join(".ssh/old_known"));
+
+        let overrides = SshOverrides {
+            identities: vec!["/k".into()],
+            port: Some(3000),
+            known_hosts: Some("/kh".into()),
+            accept_new_host_key: true,
+        };
+        let SourceSpec::Ssh(o) = SourceSpec::parse("dave@old:2023", &overrides, Some(home.path())).unwrap() else {
+            panic!()
+        };
+        assert_eq!((o.user.as_str(), o.port), ("dave", 3000));
+        assert_eq!(o.identities[0], PathBuf::from("/k"));
+        assert_eq!(o.known_hosts, PathBuf::from("/kh"));
+    }
+}
