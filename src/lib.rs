@@ -3,5 +3,10 @@
 
 pub mod cli;
 pub mod commands;
+pub mod fetch;
+pub mod fs;
+pub mod fuse;
 pub mod images;
+pub mod namespace;
 pub mod source;
+pub mod store;

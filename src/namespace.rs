@@ -1,0 +1,244 @@
+//! The names a mount shows: each served file's original path (`tree`) or the
+//! Go prototype's flat name (`flat`), below an optional `--subtree`, with an
+//! inode number for every file and synthesised directory.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `/srv/app/db` at `MOUNTPOINT/srv/app/db`.
+    Tree,
+    /// `/srv/app/db` at `MOUNTPOINT/srv.app.db`.
+    Flat,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub parent: Ino,
+    pub name: OsString,
+    pub kind: NodeKind,
+}
+
+#[derive(Debug)]
+pub enum NodeKind {
+    Dir(BTreeMap<OsString, Ino>),
+    /// Index into the list of files the namespace was built from.
+    File(usize),
+}
+
+#[derive(Debug)]
+pub struct Namespace {
+    /// `nodes[ino - 1]`.
+    nodes: Vec<Node>,
+    /// Inode of each file, by index; `None` for files outside the subtree.
+    file_inos: Vec<Option<Ino>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("--layout flat gives {} and {} the same name {:?}: mount them with --layout tree", first.display(), second.display(), name)]
+    FlatCollision { first: PathBuf, second: PathBuf, name: OsString },
+    #[error("{} is recorded as a file and as a directory of {}: the images contradict themselves", file.display(), other.display())]
+    TreeConflict { file: PathBuf, other: PathBuf },
+    #[error("--subtree {}: must be an absolute path", .0.display())]
+    SubtreeNotAbsolute(PathBuf),
+    #[error("no servable file is recorded below --subtree {} (`lazyfs ls IMGDIR` lists them)", .0.display())]
+    EmptySubtree(PathBuf),
+}
+
+impl Namespace {
+    /// `paths` are the original absolute paths of the files to serve, each once.
+    pub fn build(paths: &[&Path], layout: Layout, subtree: Option<&Path>) -> Result<Namespace, NamespaceError> {
+        let subtree = subtree.unwrap_or(Path::new("/"));
+        if !subtree.is_absolute() {
+            return Err(NamespaceError::SubtreeNotAbsolute(subtree.to_path_buf()));
+        }
+        let mut ns = Namespace {
+            nodes: vec![Node { parent: ROOT_INO, name: OsString::new(), kind: NodeKind::Dir(BTreeMap::new()) }],
+            file_inos: vec![None; paths.len()],
+        };
+        // Which original path owns each name, for error messages.
+        let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let Some(below) = path.strip_prefix(subtree).ok().filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            let components: Vec<OsString> = match layout {
+                Layout::Tree => below.iter().map(OsStr::to_os_string).collect(),
+                Layout::Flat => vec![flat_name(below)],
+            };
+            let mount_path: PathBuf = components.iter().collect();
+            if let Some(first) = owners.get(&mount_path) {
+                return Err(match layout {
+                    Layout::Flat => NamespaceError::FlatCollision {
+                        first: first.clone(),
+                        second: path.to_path_buf(),
+                        name: components[0].clone(),
+                    },
+                    Layout::Tree => NamespaceError::TreeConflict { file: first.clone(), other: path.to_path_buf() },
+                });
+            }
+            owners.insert(mount_path, path.to_path_buf());
+            ns.file_inos[index] = Some(ns.insert(&components, index, path, &owners)?);
+        }
+        if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
+            return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()));
+        }
+        Ok(ns)
+    }
+
+    fn insert(
+        &mut self,
+        components: &[OsString],
+        index: usize,
+        path: &Path,
+        owners: &BTreeMap<PathBuf, PathBuf>,
+    ) -> Result<Ino, NamespaceError> {
+        let (file_name, dirs) = components.split_last().expect("a path below the root has a name");
+        let mut dir = ROOT_INO;
+        let mut walked = PathBuf::new();
+        for name in dirs {
+            walked.push(name);
+            let next = Ino::try_from(self.nodes.len()).expect("fits") + 1;
+            let NodeKind::Dir(children) = &mut self.nodes[(dir - 1) as usize].kind else {
+                unreachable!("only directories are walked into")
+            };
+            let child = *children.entry(name.clone()).or_insert(next);
+            if child == next {
+                self.nodes.push(Node { parent: dir, name: name.clone(), kind: NodeKind::Dir(BTreeMap::new()) });
+            } else if matches!(self.nodes[(child - 1) as usize].kind, NodeKind::File(_)) {
+                let file = owners.get(&walked).cloned().unwrap_or_else(|| walked.clone());
+                return Err(NamespaceError::TreeConflict { file, other: path.to_path_buf() });
+            }
+            dir = child;
+        }
+        let ino = Ino::try_from(self.nodes.len()).expect("fits") + 1;
+        let NodeKind::Dir(children) = &mut self.nodes[(dir - 1) as usize].kind else { unreachable!() };
+        match children.entry(file_name.clone()) {
+            Entry::Vacant(slot) => {
+                slot.insert(ino);
+            }
+            Entry::Occupied(_) => {
+                // A directory synthesised for deeper files already has this name.
+                let other = owners
+                    .iter()
+                    .find(|(mount_path, _)| mount_path.starts_with(&walked.join(file_name)) && **mount_path != walked.join(file_name))
+                    .map(|(_, original)| original.clone())
+                    .unwrap_or_else(|| walked.join(file_name));
+                return Err(NamespaceError::TreeConflict { file: path.to_path_buf(), other });
+            }
+        }
+        self.nodes.push(Node { parent: dir, name: file_name.clone(), kind: NodeKind::File(index) });
+        Ok(ino)
+    }
+
+    pub fn node(&self, ino: Ino) -> Option<&Node> {
+        self.nodes.get(usize::try_from(ino.checked_sub(1)?).ok()?)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        match &self.node(parent)?.kind {
+            NodeKind::Dir(children) => children.get(name).copied(),
+            NodeKind::File(_) => None,
+        }
+    }
+
+    /// The inode of file `index`, if the subtree holds it.
+    pub fn file_ino(&self, index: usize) -> Option<Ino> {
+        self.file_inos.get(index).copied().flatten()
+    }
+
+    /// Where inode `ino` appears, relative to the mount's root.
+    pub fn mount_path(&self, ino: Ino) -> PathBuf {
+        let mut names = Vec::new();
+        let mut at = ino;
+        while at != ROOT_INO {
+            let Some(node) = self.node(at) else { break };
+            names.push(node.name.as_os_str());
+            at = node.parent;
+        }
+        names.iter().rev().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.len() <= 1
+    }
+}
+
+/// The Go prototype's name: the path without its leading `/`, every other `/` as `.`.
+pub fn flat_name(relative: &Path) -> OsString {
+    let bytes = relative.as_os_str().as_bytes();
+    let bytes = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    OsString::from_vec(bytes.iter().map(|&b| if b == b'/' { b'.' } else { b }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(paths: &[&str], layout: Layout, subtree: Option<&str>) -> Result<Namespace, NamespaceError> {
+        let paths: Vec<&Path> = paths.iter().map(Path::new).collect();
+        Namespace::build(&paths, layout, subtree.map(Path::new))
+    }
+
+    #[test]
+    fn tree_synthesises_parents() {
+        let ns = build(&["/srv/app/db", "/srv/app/log", "/etc/x"], Layout::Tree, None).unwrap();
+        let srv = ns.lookup(ROOT_INO, OsStr::new("srv")).unwrap();
+        let app = ns.lookup(srv, OsStr::new("app")).unwrap();
+        let db = ns.lookup(app, OsStr::new("db")).unwrap();
+        assert!(matches!(ns.node(db).unwrap().kind, NodeKind::File(0)));
+        assert_eq!(ns.file_ino(1).map(|i| ns.mount_path(i)), Some(PathBuf::from("srv/app/log")));
+        assert_eq!(ns.mount_path(ROOT_INO), PathBuf::new());
+        assert_eq!(ns.len(), 7);
+    }
+
+    #[test]
+    fn flat_names_and_collisions() {
+        let ns = build(&["/srv/app/db", "/top"], Layout::Flat, None).unwrap();
+        assert!(ns.lookup(ROOT_INO, OsStr::new("srv.app.db")).is_some());
+        assert!(ns.lookup(ROOT_INO, OsStr::new("top")).is_some());
+        let err = build(&["/a.b/c", "/a/b.c"], Layout::Flat, None).unwrap_err();
+        assert_eq!(err.to_string(), "--layout flat gives /a.b/c and /a/b.c the same name \"a.b.c\": mount them with --layout tree");
+    }
+
+    #[test]
+    fn subtree_is_the_root() {
+        let ns = build(&["/srv/app/db", "/srv/app/x/y", "/etc/z", "/srv/apple"], Layout::Tree, Some("/srv/app")).unwrap();
+        assert!(ns.lookup(ROOT_INO, OsStr::new("db")).is_some());
+        assert!(ns.file_ino(2).is_none() && ns.file_ino(3).is_none());
+        let flat = build(&["/srv/app/x/y"], Layout::Flat, Some("/srv/app")).unwrap();
+        assert!(flat.lookup(ROOT_INO, OsStr::new("x.y")).is_some());
+        assert!(matches!(build(&["/etc/z"], Layout::Tree, Some("/srv")), Err(NamespaceError::EmptySubtree(_))));
+        assert!(matches!(build(&["/etc/z"], Layout::Tree, Some("srv")), Err(NamespaceError::SubtreeNotAbsolute(_))));
+    }
+
+    #[test]
+    fn a_file_cannot_also_be_a_directory() {
+        for paths in [["/a/b", "/a/b/c"], ["/a/b/c", "/a/b"]] {
+            let err = build(&paths, Layout::Tree, None).unwrap_err();
+            assert!(matches!(err, NamespaceError::TreeConflict { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.contains("/a/b ") && text.contains("/a/b/c"), "{text}");
+        }
+    }
+
+    #[test]
+    fn odd_names_are_kept_as_they_are() {
+        let name = "/d/new\nline $(x);`y` 'q\"";
+        let ns = build(&[name], Layout::Tree, None).unwrap();
+        let d = ns.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+        assert!(ns.lookup(d, OsStr::new("new\nline $(x);`y` 'q\"")).is_some());
+    }
+}

@@ -1,0 +1,78 @@
+//! The local side of every file: a sparse spill file per served file under the
+//! cache directory, mapped with memmap2, and which of its chunks are present.
+//! Spill files are named by a hash of the original path, never by the path.
+
+mod spill;
+
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub use spill::SpillFile;
+
+/// The unit of presence: a read waits for the chunks it covers and no more.
+/// 64 KiB keeps a small read at one short round trip (a 4 KiB read costs one
+/// 64 KiB SFTP request, about 2x a 4 KiB one on loopback), while a whole file
+/// still streams as large multi-chunk requests.
+pub const CHUNK_SIZE: u64 = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
+    Busy(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// A cache directory, locked for one lazyfs process at a time.
+pub struct Store {
+    dir: PathBuf,
+    /// Held (flock) for as long as the store is open.
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Store {
+    /// Creates `dir` (mode 0700) if needed and locks it.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        create_private_dir(dir)?;
+        create_private_dir(&dir.join("spill"))?;
+        let lock_path = dir.join("lock");
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let flock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
+        let lock = match flock {
+            Ok(locked) => locked,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StoreError::Busy(dir.to_path_buf())),
+            Err((_, e)) => return Err(io_err(&lock_path)(e.into())),
+        };
+        Ok(Store { dir: dir.to_path_buf(), _lock: lock })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The spill file of the file recorded at `original`.
+    pub fn spill_path(&self, original: &Path) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        let hash = blake3::hash(original.as_os_str().as_bytes());
+        self.dir.join("spill").join(&hash.to_hex()[..32])
+    }
+
+    /// Opens (creating, sparse) the spill file for `original`, `size` bytes long.
+    pub fn open_spill(&self, original: &Path, size: u64) -> Result<SpillFile, StoreError> {
+        SpillFile::create(&self.spill_path(original), size)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    // An existing directory keeps its mode from before: make it private.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+}

@@ -1,0 +1,237 @@
+//! One spill file: a sparse local file as long as the original, mapped, with a
+//! bit per chunk saying whether those bytes have arrived.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::{CHUNK_SIZE, StoreError, io_err};
+
+pub struct SpillFile {
+    path: PathBuf,
+    file: File,
+    /// `None` while the file is empty (a zero-length map is not allowed).
+    map: RwLock<Option<MmapRaw>>,
+    /// The size the chunks cover: the original's size.
+    fetched_size: u64,
+    present: Box<[AtomicU64]>,
+    present_chunks: AtomicU64,
+}
+
+impl SpillFile {
+    /// Creates the spill file empty and sparse, `size` bytes long.
+    pub fn create(path: &Path, size: u64) -> Result<SpillFile, StoreError> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        file.set_len(size).map_err(io_err(path))?;
+        let chunks = size.div_ceil(CHUNK_SIZE);
+        let words = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
+        let spill = SpillFile {
+            path: path.to_path_buf(),
+            map: RwLock::new(None),
+            file,
+            fetched_size: size,
+            present: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            present_chunks: AtomicU64::new(0),
+        };
+        spill.remap(size)?;
+        Ok(spill)
+    }
+
+    fn remap(&self, size: u64) -> Result<(), StoreError> {
+        let map = match size {
+            0 => None,
+            _ => Some(MmapOptions::new().len(size as usize).map_raw(&self.file).map_err(io_err(&self.path))?),
+        };
+        *self.map.write().expect("map lock") = map;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.fetched_size.div_ceil(CHUNK_SIZE)
+    }
+
+    /// The byte range chunk `chunk` covers in the original.
+    pub fn chunk_bytes(&self, chunks: Range<u64>) -> Range<u64> {
+        chunks.start * CHUNK_SIZE..(chunks.end * CHUNK_SIZE).min(self.fetched_size)
+    }
+
+    /// The chunks holding bytes `offset..offset+len` of the original.
+    pub fn chunks_of(&self, offset: u64, len: u64) -> Range<u64> {
+        let end = offset.saturating_add(len).min(self.fetched_size);
+        if offset >= end {
+            return 0..0;
+        }
+        offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE)
+    }
+
+    pub fn is_present(&self, chunk: u64) -> bool {
+        let word = &self.present[(chunk / 64) as usize];
+        word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+    }
+
+    pub fn all_present(&self, chunks: Range<u64>) -> bool {
+        self.is_complete() || chunks.into_iter().all(|c| self.is_present(c))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.present_chunks.load(Ordering::Acquire) == self.chunk_count()
+    }
+
+    pub fn present_bytes(&self) -> u64 {
+        if self.is_complete() {
+            return self.fetched_size;
+        }
+        (0..self.chunk_count())
+            .filter(|&c| self.is_present(c))
+            .map(|c| {
+                let r = self.chunk_bytes(c..c + 1);
+                r.end - r.start
+            })
+            .sum()
+    }
+
+    /// Marks chunks present once their bytes are fully written.
+    pub fn mark_present(&self, chunks: Range<u64>) {
+        for chunk in chunks {
+            let bit = 1 << (chunk % 64);
+            let before = self.present[(chunk / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+            if before & bit == 0 {
+                self.present_chunks.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Gives `fill` the mapped bytes of `chunks` to write the original's bytes into.
+    ///
+    /// The caller must own these chunks (the fetcher's in-flight claim): no one
+    /// else writes them, and no one reads them until they are marked present.
+    pub fn fill<R>(&self, chunks: Range<u64>, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+        let bytes = self.chunk_bytes(chunks);
+        let map = self.map.read().expect("map lock");
+        let map = map.as_ref().expect("a file with chunks is mapped");
+        assert!(bytes.end as usize <= map.len(), "chunks past the mapped end");
+        // SAFETY: the range lies inside the live mapping (checked above; the
+        // read lock keeps it from being replaced), and the in-flight claim
+        // makes this the only reference to these bytes until they are present.
+        let slice = unsafe {
+            std::slice::from_raw_parts_mut(map.as_mut_ptr().add(bytes.start as usize), (bytes.end - bytes.start) as usize)
+        };
+        fill(slice)
+    }
+
+    /// Gives `read` the bytes `offset..offset+len`, cut at the end of the file.
+    pub fn read<R>(&self, offset: u64, len: u64, read: impl FnOnce(&[u8]) -> R) -> R {
+        let map = self.map.read().expect("map lock");
+        let Some(map) = map.as_ref() else {
+            return read(&[]);
+        };
+        let start = (offset as usize).min(map.len());
+        let end = (offset.saturating_add(len) as usize).min(map.len());
+        // SAFETY: inside the live mapping (the read lock keeps it in place).
+        // Bytes read are present: written once and no longer changed by the
+        // fetcher; a local write may change them concurrently, as any file's
+        // bytes may change under a reader.
+        let slice = unsafe { std::slice::from_raw_parts(map.as_ptr().add(start), end - start) };
+        read(slice)
+    }
+
+    /// The current length of the spill file (local writes may change it).
+    pub fn len(&self) -> u64 {
+        self.map.read().expect("map lock").as_ref().map_or(0, |m| m.len() as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A local write to a complete file.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.len() {
+            self.file.set_len(end).map_err(io_err(&self.path))?;
+            self.remap(end)?;
+        }
+        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
+    }
+
+    /// A local truncate (or extension) of a complete file.
+    pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
+        let mut map = self.map.write().expect("map lock");
+        *map = None;
+        self.file.set_len(size).map_err(io_err(&self.path))?;
+        drop(map);
+        self.remap(size)
+    }
+
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_presence_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 3 * CHUNK_SIZE + 100;
+        let spill = SpillFile::create(&dir.path().join("s"), size).unwrap();
+        assert_eq!(spill.chunk_count(), 4);
+        assert_eq!(spill.chunks_of(0, 1), 0..1);
+        assert_eq!(spill.chunks_of(CHUNK_SIZE - 1, 2), 0..2);
+        assert_eq!(spill.chunks_of(size - 1, 4096), 3..4);
+        assert_eq!(spill.chunks_of(size, 10), 0..0);
+        assert_eq!(spill.chunk_bytes(3..4), 3 * CHUNK_SIZE..size);
+        assert!(!spill.all_present(0..1));
+
+        spill.fill(3..4, |buf| {
+            assert_eq!(buf.len(), 100);
+            buf.fill(7);
+        });
+        spill.mark_present(3..4);
+        spill.mark_present(3..4);
+        assert!(spill.is_present(3) && !spill.is_complete());
+        assert_eq!(spill.present_bytes(), 100);
+        spill.read(size - 10, 100, |b| assert_eq!(b, &[7; 10]));
+        spill.mark_present(0..3);
+        assert!(spill.is_complete());
+        assert_eq!(spill.present_bytes(), size);
+        // Sparse: only the written chunk took space.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(spill.path()).unwrap().blocks() * 512 <= 8192);
+    }
+
+    #[test]
+    fn local_writes_grow_and_shrink() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::create(&dir.path().join("s"), 10).unwrap();
+        spill.mark_present(0..1);
+        spill.write_at(8, b"abcdef").unwrap();
+        assert_eq!(spill.len(), 14);
+        spill.read(8, 100, |b| assert_eq!(b, b"abcdef"));
+        spill.set_len(2).unwrap();
+        assert_eq!(spill.len(), 2);
+        spill.set_len(0).unwrap();
+        spill.read(0, 10, |b| assert!(b.is_empty()));
+    }
+}
