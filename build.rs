@@ -14,11 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/criu/remap.proto",
         "proto/criu/mnt.proto",
     ];
-    let descriptors = protox::compile(criu, ["proto/criu"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    prost_build::Config::new()
-        .out_dir(&out)
-        .compile_fds(descriptors)?;
+    let criu = protox::compile(criu, ["proto/criu"])?;
+    prost_build::Config::new().out_dir(&out).compile_fds(criu)?;
+    let control = protox::compile(["proto/lazyfs/control.proto"], ["proto/lazyfs"])?;
+    prost_build::Config::new().out_dir(&out).compile_fds(control)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -110,6 +110,9 @@ pub struct MountArgs {
     /// Let other users than the one mounting use the mount.
     #[arg(long)]
     pub allow_other: bool,
+    /// Internal: run as the background process, reporting readiness on stdout.
+    #[arg(long, hide = true)]
+    pub daemon: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,10 +3,13 @@
 
 pub mod cli;
 pub mod commands;
+pub mod control;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;
 pub mod images;
 pub mod namespace;
+pub mod mount;
 pub mod source;
+pub mod status;
 pub mod store;

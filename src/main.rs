@@ -1,17 +1,30 @@
 //! The CLI edge: parses arguments, runs a command, and turns its error into a
 //! one-line message and an exit code.
 
-use std::io::Write;
-use std::process::ExitCode;
+use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
 
 use anyhow::Context;
 use clap::Parser;
-use lazyfs::cli::{Cli, Command, LsArgs, exit};
+use lazyfs::cli::{Cli, Command, LsArgs, MountArgs, StatusArgs, UmountArgs, exit};
 use lazyfs::commands::ls;
+use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
+use lazyfs::mount::{self, MountError, MountRequest};
+
+/// An error that carries its own exit code (mount failures do).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Exit {
+    code: u8,
+    message: String,
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(&cli.command);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         // A reader that stopped early (`lazyfs ls | head`) is not a failure.
@@ -24,13 +37,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Mounts log what they do (the background process into its cache dir's
+/// lazyfs.log); other commands only warnings. `LAZYFS_LOG` overrides.
+fn init_logging(command: &Command) {
+    // fuser warns about its own second unmount attempt after ours: noise.
+    let default = if matches!(command, Command::Mount(_)) { "info,fuser=error" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default))
+        .format_timestamp_millis()
+        .init();
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Ls(args) => run_ls(&args),
-        Command::Mount(_) => not_built("mount"),
-        Command::Status(_) => not_built("status"),
+        Command::Mount(args) => run_mount(&args),
+        Command::Umount(args) => run_umount(&args),
+        Command::Status(args) => run_status(&args),
         Command::Wait(_) => not_built("wait"),
-        Command::Umount(_) => not_built("umount"),
         Command::Manifest(_) => not_built("manifest"),
         Command::Verify(_) => not_built("verify"),
     }
@@ -48,6 +71,156 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
     Ok(exit::SUCCESS)
 }
 
+fn mount_failed(e: MountError) -> anyhow::Error {
+    Exit { code: e.exit_code(), message: e.to_string() }.into()
+}
+
+fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
+    let request = MountRequest::from_args(args).map_err(mount_failed)?;
+    if args.daemon {
+        return Ok(serve_as_daemon(request));
+    }
+    if !args.foreground {
+        return spawn_daemon(args, &request);
+    }
+    let prepared = mount::prepare(request).map_err(mount_failed)?;
+    mount::serve(prepared, |mountpoint| eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display()))
+        .map_err(mount_failed)?;
+    Ok(exit::SUCCESS)
+}
+
+/// The background process: says `ready` or `error CODE MESSAGE` on stdout
+/// (read by the `lazyfs mount` that started it), then serves.
+fn serve_as_daemon(request: MountRequest) -> u8 {
+    let ready = |_: &Path| {
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        // Let the starting process see the end of its pipe.
+        if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(null);
+        }
+    };
+    match mount::prepare(request).and_then(|prepared| mount::serve(prepared, ready)) {
+        Ok(()) => exit::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            println!("error {} {}", e.exit_code(), e.to_string().replace('\n', " "));
+            e.exit_code()
+        }
+    }
+}
+
+/// Starts the background process and returns once the mount answers (0) or
+/// the process gave up (its reason and exit code).
+fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&request.cache_dir)
+        .with_context(|| format!("creating the cache dir {}", request.cache_dir.display()))?;
+    let log_path = request.cache_dir.join("lazyfs.log");
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
+    command.args(std::env::args_os().skip(1)).arg("--daemon");
+    if args.cache_dir.is_none() {
+        command.arg("--cache-dir").arg(&request.cache_dir);
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
+    // terminal so the shell's Ctrl-C and hangup do not reach it.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let mut child = command.spawn().context("starting the background process")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    std::io::BufReader::new(stdout).read_line(&mut line).context("waiting for the background process")?;
+    match line.trim_end().split_once(' ') {
+        _ if line.trim_end() == "ready" => Ok(exit::SUCCESS),
+        Some(("error", rest)) => {
+            let (code, message) = rest.split_once(' ').unwrap_or(("1", rest));
+            let _ = child.wait();
+            Err(Exit { code: code.parse().unwrap_or(exit::RUNTIME), message: message.to_string() }.into())
+        }
+        _ => {
+            let status = child.wait().ok();
+            Err(Exit {
+                code: exit::RUNTIME,
+                message: format!(
+                    "the background process exited ({}) before the mount was ready; see {}",
+                    status.map_or("?".into(), |s| s.to_string()),
+                    log_path.display()
+                ),
+            }
+            .into())
+        }
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
+    match control::Client::connect(&args.mountpoint) {
+        Ok(mut client) => {
+            client.umount()?;
+            Ok(exit::SUCCESS)
+        }
+        Err(ControlError::NotAMount(path)) => {
+            // A mount whose process died answers ENOTCONN: clear it.
+            let stale = std::fs::metadata(&path).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
+            if stale {
+                mount::detach(&path).with_context(|| format!("clearing the stale mount at {}", path.display()))?;
+                eprintln!("lazyfs: cleared a stale mount at {} (its process had died)", path.display());
+                return Ok(exit::SUCCESS);
+            }
+            Err(ControlError::NotAMount(path).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
+    let mountpoints: Vec<_> = match &args.mountpoint {
+        Some(mp) => vec![mp.clone()],
+        None => registry::list().into_iter().map(|e| e.mountpoint).collect(),
+    };
+    let mut statuses = Vec::new();
+    for mountpoint in &mountpoints {
+        statuses.push(control::Client::connect(mountpoint)?.status()?);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let values: Vec<_> = statuses.iter().map(lazyfs::status::to_json).collect();
+        let value = match (&args.mountpoint, values.len()) {
+            (Some(_), 1) => values.into_iter().next().expect("one"),
+            _ => serde_json::Value::Array(values),
+        };
+        serde_json::to_writer_pretty(&mut out, &value)?;
+        writeln!(out)?;
+    } else if statuses.is_empty() {
+        writeln!(out, "no lazyfs mounts")?;
+    } else {
+        for status in &statuses {
+            writeln!(
+                out,
+                "{}: {} of {} bytes, {}/{} files present, {} failed ({})",
+                status.mountpoint,
+                status.bytes_present,
+                status.bytes_total,
+                status.files_present,
+                status.files_total,
+                status.files_failed,
+                status.state
+            )?;
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
 fn not_built(command: &str) -> anyhow::Result<u8> {
     eprintln!("lazyfs {command}: not built yet in this version");
     Ok(exit::RUNTIME)
@@ -61,9 +234,8 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 
 /// Bad input is 2; everything else that stops a command is a runtime failure.
 fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|cause| cause.is::<ImageError>()) {
-        exit::BAD_INPUT
-    } else {
-        exit::RUNTIME
+    if let Some(exit) = err.downcast_ref::<Exit>() {
+        return exit.code;
     }
+    if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
 }

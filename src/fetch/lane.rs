@@ -89,7 +89,7 @@ impl OnDemandLane {
                 // A lost connection may come back; a file that is missing or
                 // shorter than recorded will not.
                 let whole_file = !e.is_connection_lost();
-                log::error!("{}: {e}", file.source_path.display());
+                log::error!("{e}");
                 file.fail(chunks, &FetchError(e.to_string().into()), whole_file);
             }
         }

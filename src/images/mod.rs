@@ -9,6 +9,7 @@ pub mod framing;
 mod model;
 pub mod names;
 pub mod proto;
+pub mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;

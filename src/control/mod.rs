@@ -1,0 +1,132 @@
+//! How `lazyfs status`, `wait` and `umount` talk to a mount's background
+//! process: protobuf messages (`proto/lazyfs/control.proto`), length-delimited,
+//! over a unix socket (mode 0600) in the mount's cache dir, and a registry of
+//! live mounts so a command can find them by mountpoint.
+
+pub mod registry;
+mod server;
+
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/lazyfs.control.rs"));
+}
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+pub use server::{ControlEvent, Server, umount_done};
+
+use proto::{Request, Response, request, response};
+
+/// No control message comes near this; a larger length is a broken peer.
+const MAX_MESSAGE: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{}: not a lazyfs mount (no live lazyfs process serves it)", .0.display())]
+    NotAMount(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: the lazyfs process answered: {message}", path.display())]
+    Refused { path: PathBuf, message: String },
+    #[error("{}: the lazyfs process sent a malformed message: {reason}", path.display())]
+    Protocol { path: PathBuf, reason: String },
+}
+
+pub fn write_message(stream: &mut impl Write, message: &impl Message) -> std::io::Result<()> {
+    stream.write_all(&message.encode_length_delimited_to_vec())
+}
+
+/// Reads one length-delimited message; `None` at a clean end of stream.
+pub fn read_message<M: Message + Default>(stream: &mut impl Read) -> std::io::Result<Option<M>> {
+    let mut len: usize = 0;
+    for i in 0..10 {
+        let mut byte = [0u8];
+        match stream.read(&mut byte)? {
+            0 if i == 0 => return Ok(None),
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {}
+        }
+        len |= usize::from(byte[0] & 0x7f) << (7 * i);
+        if byte[0] & 0x80 == 0 {
+            if len > MAX_MESSAGE {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "message too large"));
+            }
+            let mut body = vec![0; len];
+            stream.read_exact(&mut body)?;
+            return M::decode(body.as_slice())
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad length prefix"))
+}
+
+/// A connection to one mount's background process.
+pub struct Client {
+    mountpoint: PathBuf,
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the process serving `mountpoint`.
+    pub fn connect(mountpoint: &Path) -> Result<Client, ControlError> {
+        let entry = registry::find(mountpoint).ok_or_else(|| ControlError::NotAMount(mountpoint.to_path_buf()))?;
+        let stream = UnixStream::connect(&entry.socket).map_err(|_| ControlError::NotAMount(mountpoint.to_path_buf()))?;
+        Ok(Client { mountpoint: entry.mountpoint, stream })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
+        |source| ControlError::Io { path: self.mountpoint.clone(), source }
+    }
+
+    fn send(&mut self, kind: request::Kind) -> Result<(), ControlError> {
+        let request = Request { kind: Some(kind) };
+        write_message(&mut self.stream, &request).map_err(|source| ControlError::Io { path: self.mountpoint.clone(), source })
+    }
+
+    /// The next response; a process that hung up is not a mount any more.
+    pub fn receive(&mut self) -> Result<response::Kind, ControlError> {
+        let response: Option<Response> = read_message(&mut self.stream).map_err(self.io())?;
+        match response.and_then(|r| r.kind) {
+            Some(response::Kind::Error(message)) => Err(ControlError::Refused { path: self.mountpoint.clone(), message }),
+            Some(kind) => Ok(kind),
+            None => Err(ControlError::NotAMount(self.mountpoint.clone())),
+        }
+    }
+
+    pub fn status(&mut self) -> Result<proto::Status, ControlError> {
+        self.send(request::Kind::Status(proto::StatusRequest {}))?;
+        match self.receive()? {
+            response::Kind::Status(status) => Ok(status),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+
+    /// Starts a stream of snapshots; read them with [`Client::next_status`].
+    pub fn watch(&mut self, interval_ms: u32) -> Result<(), ControlError> {
+        self.send(request::Kind::Watch(proto::WatchRequest { interval_ms }))
+    }
+
+    pub fn next_status(&mut self) -> Result<proto::Status, ControlError> {
+        match self.receive()? {
+            response::Kind::Status(status) => Ok(status),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+
+    /// Unmounts and waits until the process has flushed its state.
+    pub fn umount(&mut self) -> Result<(), ControlError> {
+        self.send(request::Kind::Umount(proto::UmountRequest {}))?;
+        match self.receive()? {
+            response::Kind::Umount(_) => Ok(()),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The background process's side of the control socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use super::proto::{Request, Response, Status, UmountDone, request, response};
+use super::{read_message, write_message};
+
+/// What the control socket asks of the mount's main loop.
+pub enum ControlEvent {
+    /// Unmount, flush, then answer on this stream.
+    Umount(UnixStream),
+}
+
+pub struct Server {
+    socket: PathBuf,
+}
+
+impl Server {
+    /// Listens on `socket` (mode 0600); `status` makes a snapshot on demand.
+    pub fn start(
+        socket: &Path,
+        status: Arc<dyn Fn() -> Status + Send + Sync>,
+        events: Sender<ControlEvent>,
+    ) -> std::io::Result<Server> {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        std::thread::Builder::new().name("lazyfs-control".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (status, events) = (status.clone(), events.clone());
+                let _ = std::thread::Builder::new()
+                    .name("lazyfs-control-client".into())
+                    .spawn(move || serve_client(stream, &*status, &events));
+            }
+        })?;
+        Ok(Server { socket: socket.to_path_buf() })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
+    write_message(stream, &Response { kind: Some(kind) })
+}
+
+fn serve_client(mut stream: UnixStream, status: &dyn Fn() -> Status, events: &Sender<ControlEvent>) {
+    while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
+        let sent = match request.kind {
+            Some(request::Kind::Status(_)) => reply(&mut stream, response::Kind::Status(status())),
+            Some(request::Kind::Watch(watch)) => {
+                let interval = Duration::from_millis(u64::from(watch.interval_ms.clamp(50, 60_000)));
+                loop {
+                    if reply(&mut stream, response::Kind::Status(status())).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(interval);
+                }
+            }
+            Some(request::Kind::Umount(_)) => {
+                let Ok(answer) = stream.try_clone() else { return };
+                if events.send(ControlEvent::Umount(answer)).is_err() {
+                    let _ = reply(&mut stream, response::Kind::Error("the mount is already stopping".into()));
+                }
+                return;
+            }
+            None => reply(&mut stream, response::Kind::Error("unknown request".into())),
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Tells a `lazyfs umount` client that the mount is gone.
+pub fn umount_done(stream: &mut UnixStream) {
+    let _ = reply(stream, response::Kind::Umount(UmountDone {}));
+}

@@ -1,0 +1,355 @@
+//! `lazyfs mount`: from the command line's request to a live FUSE mount, and
+//! its life until it is unmounted.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use crate::cli::{LayoutArg, MountArgs, exit};
+use crate::control::{self, ControlEvent, registry};
+use crate::fetch::{FetchError, FetchFile, Fetcher};
+use crate::fs::{Filesystem, FsConfig};
+use crate::fuse::FuseAdapter;
+use crate::images::{Checkpoint, ImageError, RecordedFile};
+use crate::namespace::{Layout, Namespace, NamespaceError};
+use crate::source::{self, SourceError, SourceSpec, SshOverrides};
+use crate::store::{Store, StoreError};
+
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Images(#[from] ImageError),
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{}: {reason}", path.display())]
+    Mountpoint { path: PathBuf, reason: String },
+    #[error("mounting on {}: {source}", path.display())]
+    Mount { path: PathBuf, source: std::io::Error },
+}
+
+impl MountError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MountError::Images(_) | MountError::Namespace(_) | MountError::Mountpoint { .. } => exit::BAD_INPUT,
+            MountError::Source(SourceError::Config(_)) => exit::BAD_INPUT,
+            _ => exit::RUNTIME,
+        }
+    }
+}
+
+/// Everything `lazyfs mount` was asked, resolved.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    pub mountpoint: PathBuf,
+    pub imgdir: PathBuf,
+    /// SOURCE as given, for messages and status.
+    pub source_arg: String,
+    pub source: SourceSpec,
+    pub source_root: PathBuf,
+    pub layout: Layout,
+    pub subtree: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub prefetch: bool,
+}
+
+impl MountRequest {
+    pub fn from_args(args: &MountArgs) -> Result<MountRequest, MountError> {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let overrides = SshOverrides {
+            identities: args.identity.clone(),
+            port: args.port,
+            known_hosts: args.known_hosts.clone(),
+            accept_new_host_key: args.accept_new_host_key,
+        };
+        let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
+        let cache_dir = match &args.cache_dir {
+            Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root),
+        };
+        Ok(MountRequest {
+            mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
+            imgdir: args.imgdir.clone(),
+            source_arg: args.source.clone(),
+            source,
+            source_root: args.source_root.clone(),
+            layout: match args.layout {
+                LayoutArg::Tree => Layout::Tree,
+                LayoutArg::Flat => Layout::Flat,
+            },
+            subtree: args.subtree.clone(),
+            cache_dir,
+            read_only: args.read_only,
+            allow_other: args.allow_other,
+            prefetch: args.prefetch,
+        })
+    }
+}
+
+/// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`), where ID names
+/// the images and the source, so mounting them again resumes.
+pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> PathBuf {
+    let base = if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/cache/lazyfs")
+    } else {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from("/tmp"))
+            .join("lazyfs")
+    };
+    let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
+    let mut key = Vec::new();
+    for part in [imgdir.as_os_str().as_bytes(), source.as_bytes(), source_root.as_os_str().as_bytes()] {
+        key.extend_from_slice(part);
+        key.push(0);
+    }
+    base.join(&blake3::hash(&key).to_hex()[..16])
+}
+
+/// A filesystem ready to mount: images read, source reached, cache open.
+pub struct Prepared {
+    pub request: MountRequest,
+    pub fs: Arc<Filesystem>,
+    pub store: Store,
+    pub source_name: String,
+    pub checkpoint_files: usize,
+}
+
+/// Reads the images, connects to the source and opens the cache: every
+/// failure here happens before anything is mounted.
+pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
+    let checkpoint = Checkpoint::load(&request.imgdir)?;
+    let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
+    let served: Vec<&RecordedFile> =
+        checkpoint.servable().filter(|f| f.path.strip_prefix(subtree).is_ok_and(|p| !p.as_os_str().is_empty())).collect();
+    let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
+    let ns = Namespace::build(&paths, request.layout, Some(subtree))?;
+    if served.is_empty() {
+        return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
+    }
+
+    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
+    let mut connection = source.connect()?;
+    let store = Store::open(&request.cache_dir)?;
+
+    let mut files = Vec::with_capacity(served.len());
+    let mut missing = Vec::new();
+    for (index, file) in served.iter().enumerate() {
+        // CRIU records no size for some files (O_APPEND opens): ask the source.
+        let size = match file.size {
+            Some(size) => size,
+            None => match connection.stat(&file.source_path) {
+                Ok(stat) => stat.size,
+                Err(e @ SourceError::NotFound { .. }) => {
+                    log::error!("{e}");
+                    missing.push((index, e));
+                    0
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let spill = store.open_spill(&file.path, size)?;
+        files.push(Arc::new(FetchFile::new(file.source_path.clone(), spill)));
+    }
+    for (index, error) in missing {
+        files[index].fail(0..0, &FetchError(error.to_string().into()), true);
+    }
+
+    let source_name = source.describe();
+    let fetcher = Fetcher::start(source, connection, files);
+    let config = FsConfig {
+        read_only: request.read_only,
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    };
+    let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
+    let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, checkpoint_files: checkpoint.files.len() })
+}
+
+/// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,
+/// then requires an empty directory.
+fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
+    let bad = |reason: String| MountError::Mountpoint { path: mountpoint.to_path_buf(), reason };
+    if let Err(e) = std::fs::metadata(mountpoint) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            log::warn!("{}: clearing a stale mount left by a lazyfs process that died", mountpoint.display());
+            detach(mountpoint).map_err(|e| bad(format!("a stale mount is in the way and could not be cleared: {e}")))?;
+        }
+    }
+    match std::fs::read_dir(mountpoint).map(|mut entries| entries.next().is_none()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(match registry::find(mountpoint) {
+            Some(entry) => bad(format!("already a lazyfs mount (pid {}); `lazyfs umount` it first", entry.pid)),
+            None => bad("not empty: mount on an empty directory".into()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("no such directory: create it first".into())),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+/// Unmounts at once even when busy (open files keep it alive until closed).
+pub fn detach(mountpoint: &Path) -> std::io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
+    } else {
+        fusermount(mountpoint, true)
+    }
+}
+
+/// Unmounts unless busy.
+fn unmount(mountpoint: &Path) -> std::io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        nix::mount::umount(mountpoint).map_err(std::io::Error::from)
+    } else {
+        fusermount(mountpoint, false)
+    }
+}
+
+fn fusermount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
+    let mut command = std::process::Command::new("fusermount3");
+    command.arg(if lazy { "-uz" } else { "-u" }).arg("--").arg(mountpoint);
+    let output = command.output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()))
+    }
+}
+
+enum Event {
+    Signal(i32),
+    Control(ControlEvent),
+    SessionEnded,
+}
+
+/// Mounts, calls `on_ready` once the mount answers, and serves until
+/// unmounted (by `lazyfs umount`, a signal, or `umount`).
+pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), MountError> {
+    let request = &prepared.request;
+    let mountpoint = request.mountpoint.clone();
+    check_mountpoint(&mountpoint)?;
+    let mount_err = |source| MountError::Mount { path: mountpoint.clone(), source };
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("lazyfs:{}", request.source_arg)),
+        fuser::MountOption::Subtype("lazyfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        if request.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+    ];
+    if request.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone()), &mountpoint, &config).map_err(mount_err)?;
+
+    let (events_tx, events) = mpsc::channel();
+    let ended = events_tx.clone();
+    let loop_thread = std::thread::Builder::new()
+        .name("lazyfs-fuse".into())
+        .spawn(move || {
+            if let Err(e) = session.run() {
+                log::error!("FUSE session ended with an error: {e}");
+            }
+            let _ = ended.send(Event::SessionEnded);
+        })
+        .map_err(mount_err)?;
+
+    let answered = nix::sys::statfs::statfs(&mountpoint)
+        .map(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
+        .unwrap_or(false);
+    if !answered {
+        let _ = detach(&mountpoint);
+        return Err(mount_err(std::io::Error::other("the mount did not answer")));
+    }
+
+    let started = Instant::now();
+    let status = {
+        let fs = prepared.fs.clone();
+        let request = request.clone();
+        let source_name = prepared.source_name.clone();
+        Arc::new(move || crate::status::snapshot(&fs, &request, &source_name, started))
+    };
+    let (control_tx, control_rx) = mpsc::channel();
+    let server = control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx).map_err(mount_err)?;
+    let forward = events_tx.clone();
+    std::thread::spawn(move || {
+        for event in control_rx {
+            let _ = forward.send(Event::Control(event));
+        }
+    });
+    registry::register(&registry::Entry {
+        mountpoint: mountpoint.clone(),
+        socket: server.socket().to_path_buf(),
+        pid: std::process::id(),
+    })
+    .map_err(mount_err)?;
+
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
+    let signal_handle = signals.handle();
+    let forward = events_tx;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if forward.send(Event::Signal(signal)).is_err() {
+                return;
+            }
+        }
+    });
+
+    log::info!(
+        "mounted {} files of {} at {} from {}",
+        prepared.fs.fetcher().files().len(),
+        request.imgdir.display(),
+        mountpoint.display(),
+        prepared.source_name
+    );
+    on_ready(&mountpoint);
+
+    let mut umount_clients = Vec::new();
+    for event in &events {
+        match event {
+            Event::SessionEnded => break,
+            Event::Signal(signal) => {
+                log::info!("signal {signal}: unmounting");
+                if unmount(&mountpoint).is_err() {
+                    // Busy: detach now; the session ends when the last file closes.
+                    let _ = detach(&mountpoint);
+                }
+            }
+            Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
+                Ok(()) => umount_clients.push(stream),
+                Err(e) => {
+                    let message = format!("cannot unmount: {e} (close the files open under it first)");
+                    let _ = control::write_message(
+                        &mut stream,
+                        &control::proto::Response { kind: Some(control::proto::response::Kind::Error(message)) },
+                    );
+                }
+            },
+        }
+    }
+    let _ = loop_thread.join();
+    signal_handle.close();
+    registry::unregister(&mountpoint);
+    drop(server);
+    log::info!("unmounted {}", mountpoint.display());
+    for mut stream in umount_clients {
+        control::umount_done(&mut stream);
+    }
+    drop(prepared);
+    Ok(())
+}

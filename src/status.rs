@@ -1,0 +1,112 @@
+//! A mount's state as `lazyfs status` reports it, built from the live
+//! filesystem (the control socket sends it as `control::proto::Status`).
+
+use std::os::unix::ffi::OsStrExt;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::control::proto::{FileStatus, Status};
+use crate::fs::Filesystem;
+use crate::mount::MountRequest;
+use crate::namespace::Layout;
+
+pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: Instant) -> Status {
+    let mut status = Status {
+        mountpoint: request.mountpoint.display().to_string(),
+        source: source.to_string(),
+        imgdir: request.imgdir.display().to_string(),
+        cache_dir: request.cache_dir.display().to_string(),
+        layout: match request.layout {
+            Layout::Tree => "tree".into(),
+            Layout::Flat => "flat".into(),
+        },
+        pid: std::process::id(),
+        prefetch: request.prefetch,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    for (index, file) in fs.fetcher().files().iter().enumerate() {
+        let served = fs.served(index);
+        let size = file.spill.len();
+        let present = file.spill.present_bytes().min(size);
+        let failure = file.failure();
+        let state = if failure.is_some() {
+            "failed"
+        } else if served.is_modified() {
+            "modified"
+        } else if file.spill.is_complete() {
+            "present"
+        } else {
+            "pending"
+        };
+        let mount_path = fs.namespace().file_ino(index).map(|ino| fs.namespace().mount_path(ino)).unwrap_or_default();
+        status.files_total += 1;
+        status.files_present += u64::from(failure.is_none() && file.spill.is_complete());
+        status.files_failed += u64::from(failure.is_some());
+        status.bytes_total += size;
+        status.bytes_present += present;
+        status.files.push(FileStatus {
+            path: served.path.as_os_str().as_bytes().to_vec(),
+            mount_path: mount_path.as_os_str().as_bytes().to_vec(),
+            size,
+            bytes_present: present,
+            state: state.into(),
+            error: failure.map(|f| f.to_string()).unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    status.state = if status.files_present + status.files_failed == status.files_total { "complete" } else { "fetching" }.into();
+    status
+}
+
+/// `lazyfs status --json`: the fields the README documents.
+pub fn to_json(status: &Status) -> Value {
+    let files: Vec<Value> = status
+        .files
+        .iter()
+        .map(|f| {
+            json!({
+                "path": String::from_utf8_lossy(&f.path),
+                "mount_path": String::from_utf8_lossy(&f.mount_path),
+                "size": f.size,
+                "bytes_present": f.bytes_present,
+                "state": f.state,
+                "blake3": non_empty(&f.blake3),
+                "verified_against": non_empty(&f.verified_against),
+                "reads": f.reads,
+                "error": non_empty(&f.error),
+                "bytes_on_demand": f.bytes_on_demand,
+                "bytes_prefetched": f.bytes_prefetched,
+                "first_read_s": f.first_read_s,
+                "completed_s": f.completed_s,
+            })
+        })
+        .collect();
+    json!({
+        "mountpoint": status.mountpoint,
+        "source": status.source,
+        "imgdir": status.imgdir,
+        "cache_dir": status.cache_dir,
+        "layout": status.layout,
+        "pid": status.pid,
+        "prefetch": status.prefetch,
+        "state": status.state,
+        "degraded_reason": non_empty(&status.degraded_reason),
+        "files_total": status.files_total,
+        "files_present": status.files_present,
+        "files_failed": status.files_failed,
+        "bytes_total": status.bytes_total,
+        "bytes_present": status.bytes_present,
+        "bytes_on_demand": status.bytes_on_demand,
+        "bytes_prefetched": status.bytes_prefetched,
+        "rate_bytes_per_s": status.rate_bytes_per_s,
+        "eta_s": status.eta_s,
+        "elapsed_s": status.elapsed_s,
+        "files": files,
+    })
+}
+
+fn non_empty(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { Value::String(s.to_string()) }
+}

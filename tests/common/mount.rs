@@ -1,0 +1,167 @@
+//! Running `lazyfs mount` for a test: an isolated HOME and mount registry,
+//! data sets with their images, and a guard that unmounts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lazyfs::images::write::{DumpFile, write_dump};
+use serde_json::Value;
+
+use super::sshd::Sshd;
+
+/// A test's private world: its HOME (no ~/.ssh/config of the machine's),
+/// its own registry of mounts, and scratch space.
+pub struct TestEnv {
+    pub tmp: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        let tmp = tempfile::Builder::new().prefix("lazyfs-test").tempdir().unwrap();
+        for dir in ["home", "runtime", "mnt", "source"] {
+            std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+        }
+        TestEnv { tmp }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// `lazyfs` with this environment.
+    pub fn lazyfs(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lazyfs"));
+        command
+            .env("HOME", self.path("home"))
+            .env("LAZYFS_RUNTIME_DIR", self.path("runtime"))
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("XDG_CACHE_HOME");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.lazyfs().args(args).output().unwrap()
+    }
+
+    /// Mounts `imgdir` from `source` on `mnt/NAME`; panics if it fails.
+    pub fn mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Mount {
+        let out = self.try_mount(name, imgdir, source, extra);
+        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        Mount { mountpoint: self.path("mnt").join(name), cache: self.path("cache").join(name), env_home: self.tmp.path().into() }
+    }
+
+    pub fn try_mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Output {
+        let mountpoint = self.path("mnt").join(name);
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let mut command = self.lazyfs();
+        command.arg("mount").arg(&mountpoint).arg(imgdir);
+        source.add_args(&mut command);
+        command.arg("--cache-dir").arg(self.path("cache").join(name)).args(extra);
+        command.output().unwrap()
+    }
+}
+
+/// Where a test mount reads from.
+pub enum Source<'a> {
+    Local(PathBuf),
+    /// The test's sshd, reading below `root` on it.
+    Ssh { sshd: &'a Sshd, root: PathBuf },
+}
+
+impl Source<'_> {
+    fn add_args(&self, command: &mut Command) {
+        match self {
+            Source::Local(dir) => {
+                command.arg(dir);
+            }
+            Source::Ssh { sshd, root } => {
+                command
+                    .arg(sshd.target())
+                    .arg("-i")
+                    .arg(sshd.user_key())
+                    .arg("--known-hosts")
+                    .arg(sshd.known_hosts())
+                    .arg("--source-root")
+                    .arg(root);
+            }
+        }
+    }
+}
+
+/// A live mount; unmounted when dropped.
+pub struct Mount {
+    pub mountpoint: PathBuf,
+    pub cache: PathBuf,
+    pub env_home: PathBuf,
+}
+
+impl Mount {
+    fn lazyfs(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lazyfs"));
+        command.env("HOME", self.env_home.join("home")).env("LAZYFS_RUNTIME_DIR", self.env_home.join("runtime"));
+        command
+    }
+
+    /// The mounted path of original file `original` in the tree layout.
+    pub fn at(&self, original: &str) -> PathBuf {
+        self.mountpoint.join(original.trim_start_matches('/'))
+    }
+
+    pub fn status(&self) -> Value {
+        let out = self.lazyfs().arg("status").arg(&self.mountpoint).arg("--json").output().unwrap();
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn umount(&self) -> Output {
+        self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = self.umount();
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Whether anything is mounted at `path` (from /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let wanted = path.to_string_lossy().replace(' ', "\\040").replace('\n', "\\012");
+    mountinfo.lines().any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// Deterministic bytes for a file: the same name always gives the same data.
+pub fn content(seed: &str, len: usize) -> Vec<u8> {
+    let mut state = seed.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |s, b| (s ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes files below `root` (file `/a/b` at `root/a/b`) and a dump recording
+/// them into `imgdir`; returns the dump's records.
+pub fn dataset(root: &Path, imgdir: &Path, files: &[(&str, usize)]) -> Vec<DumpFile> {
+    let records: Vec<DumpFile> = files
+        .iter()
+        .map(|(path, len)| {
+            let on_disk = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+            std::fs::write(&on_disk, content(path, *len)).unwrap();
+            DumpFile::new(*path, *len as u64)
+        })
+        .collect();
+    write_dump(imgdir, &records).unwrap();
+    records
+}
