@@ -18,7 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let criu = protox::compile(criu, ["proto/criu"])?;
     prost_build::Config::new().out_dir(&out).compile_fds(criu)?;
     let control = protox::compile(["proto/lazyfs/control.proto"], ["proto/lazyfs"])?;
-    prost_build::Config::new().out_dir(&out).compile_fds(control)?;
+    prost_build::Config::new()
+        .out_dir(&out)
+        .compile_fds(control)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -41,7 +41,11 @@ fn main() -> ExitCode {
 /// lazyfs.log); other commands only warnings. `LAZYFS_LOG` overrides.
 fn init_logging(command: &Command) {
     // fuser warns about its own second unmount attempt after ours: noise.
-    let default = if matches!(command, Command::Mount(_)) { "info,fuser=error" } else { "warn" };
+    let default = if matches!(command, Command::Mount(_)) {
+        "info,fuser=error"
+    } else {
+        "warn"
+    };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default))
         .format_timestamp_millis()
         .init();
@@ -72,7 +76,11 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
 }
 
 fn mount_failed(e: MountError) -> anyhow::Error {
-    Exit { code: e.exit_code(), message: e.to_string() }.into()
+    Exit {
+        code: e.exit_code(),
+        message: e.to_string(),
+    }
+    .into()
 }
 
 fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
@@ -84,8 +92,13 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
         return spawn_daemon(args, &request);
     }
     let prepared = mount::prepare(request).map_err(mount_failed)?;
-    mount::serve(prepared, |mountpoint| eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display()))
-        .map_err(mount_failed)?;
+    mount::serve(prepared, |mountpoint| {
+        eprintln!(
+            "lazyfs: mounted at {}; Ctrl-C unmounts",
+            mountpoint.display()
+        )
+    })
+    .map_err(mount_failed)?;
     Ok(exit::SUCCESS)
 }
 
@@ -104,7 +117,11 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
             log::error!("{e}");
-            println!("error {} {}", e.exit_code(), e.to_string().replace('\n', " "));
+            println!(
+                "error {} {}",
+                e.exit_code(),
+                e.to_string().replace('\n', " ")
+            );
             e.exit_code()
         }
     }
@@ -124,27 +141,41 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
+    let mut command =
+        std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
     if args.cache_dir.is_none() {
         command.arg("--cache-dir").arg(&request.cache_dir);
     }
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
     // terminal so the shell's Ctrl-C and hangup do not reach it.
     unsafe {
-        command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
     let mut child = command.spawn().context("starting the background process")?;
     let mut line = String::new();
     let stdout = child.stdout.take().expect("piped");
-    std::io::BufReader::new(stdout).read_line(&mut line).context("waiting for the background process")?;
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("waiting for the background process")?;
     match line.trim_end().split_once(' ') {
         _ if line.trim_end() == "ready" => Ok(exit::SUCCESS),
         Some(("error", rest)) => {
             let (code, message) = rest.split_once(' ').unwrap_or(("1", rest));
             let _ = child.wait();
-            Err(Exit { code: code.parse().unwrap_or(exit::RUNTIME), message: message.to_string() }.into())
+            Err(Exit {
+                code: code.parse().unwrap_or(exit::RUNTIME),
+                message: message.to_string(),
+            }
+            .into())
         }
         _ => {
             let status = child.wait().ok();
@@ -171,10 +202,17 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
         }
         Err(ControlError::NotAMount(path)) => {
             // A mount whose process died answers ENOTCONN: clear it.
-            let stale = std::fs::metadata(&path).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
+            let stale = std::fs::metadata(&path)
+                .err()
+                .and_then(|e| e.raw_os_error())
+                == Some(libc::ENOTCONN);
             if stale {
-                mount::detach(&path).with_context(|| format!("clearing the stale mount at {}", path.display()))?;
-                eprintln!("lazyfs: cleared a stale mount at {} (its process had died)", path.display());
+                mount::detach(&path)
+                    .with_context(|| format!("clearing the stale mount at {}", path.display()))?;
+                eprintln!(
+                    "lazyfs: cleared a stale mount at {} (its process had died)",
+                    path.display()
+                );
                 return Ok(exit::SUCCESS);
             }
             Err(ControlError::NotAMount(path).into())
@@ -237,5 +275,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(exit) = err.downcast_ref::<Exit>() {
         return exit.code;
     }
-    if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
+    if err.chain().any(|cause| cause.is::<ImageError>()) {
+        exit::BAD_INPUT
+    } else {
+        exit::RUNTIME
+    }
 }

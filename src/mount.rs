@@ -32,13 +32,18 @@ pub enum MountError {
     #[error("{}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting on {}: {source}", path.display())]
-    Mount { path: PathBuf, source: std::io::Error },
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl MountError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            MountError::Images(_) | MountError::Namespace(_) | MountError::Mountpoint { .. } => exit::BAD_INPUT,
+            MountError::Images(_) | MountError::Namespace(_) | MountError::Mountpoint { .. } => {
+                exit::BAD_INPUT
+            }
             MountError::Source(SourceError::Config(_)) => exit::BAD_INPUT,
             _ => exit::RUNTIME,
         }
@@ -77,7 +82,8 @@ impl MountRequest {
             None => default_cache_dir(&args.imgdir, &args.source, &args.source_root),
         };
         Ok(MountRequest {
-            mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
+            mountpoint: std::path::absolute(&args.mountpoint)
+                .unwrap_or_else(|_| args.mountpoint.clone()),
             imgdir: args.imgdir.clone(),
             source_arg: args.source.clone(),
             source,
@@ -109,7 +115,11 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Pat
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
-    for part in [imgdir.as_os_str().as_bytes(), source.as_bytes(), source_root.as_os_str().as_bytes()] {
+    for part in [
+        imgdir.as_os_str().as_bytes(),
+        source.as_bytes(),
+        source_root.as_os_str().as_bytes(),
+    ] {
         key.extend_from_slice(part);
         key.push(0);
     }
@@ -130,15 +140,22 @@ pub struct Prepared {
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
-    let served: Vec<&RecordedFile> =
-        checkpoint.servable().filter(|f| f.path.strip_prefix(subtree).is_ok_and(|p| !p.as_os_str().is_empty())).collect();
+    let served: Vec<&RecordedFile> = checkpoint
+        .servable()
+        .filter(|f| {
+            f.path
+                .strip_prefix(subtree)
+                .is_ok_and(|p| !p.as_os_str().is_empty())
+        })
+        .collect();
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
     let ns = Namespace::build(&paths, request.layout, Some(subtree))?;
     if served.is_empty() {
         return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
     }
 
-    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
+    let source: Arc<dyn source::Source> =
+        source::open(&request.source, &request.source_root)?.into();
     let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
 
@@ -173,27 +190,54 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         gid: nix::unistd::getegid().as_raw(),
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
-    let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, checkpoint_files: checkpoint.files.len() })
+    let fs = Filesystem::new(
+        ns,
+        served.iter().map(|f| f.path.clone()).collect(),
+        modes,
+        fetcher,
+        config,
+    );
+    Ok(Prepared {
+        request,
+        fs: Arc::new(fs),
+        store,
+        source_name,
+        checkpoint_files: checkpoint.files.len(),
+    })
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,
 /// then requires an empty directory.
 fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
-    let bad = |reason: String| MountError::Mountpoint { path: mountpoint.to_path_buf(), reason };
-    if let Err(e) = std::fs::metadata(mountpoint) {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            log::warn!("{}: clearing a stale mount left by a lazyfs process that died", mountpoint.display());
-            detach(mountpoint).map_err(|e| bad(format!("a stale mount is in the way and could not be cleared: {e}")))?;
-        }
+    let bad = |reason: String| MountError::Mountpoint {
+        path: mountpoint.to_path_buf(),
+        reason,
+    };
+    let stale =
+        std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if stale {
+        log::warn!(
+            "{}: clearing a stale mount left by a lazyfs process that died",
+            mountpoint.display()
+        );
+        detach(mountpoint).map_err(|e| {
+            bad(format!(
+                "a stale mount is in the way and could not be cleared: {e}"
+            ))
+        })?;
     }
     match std::fs::read_dir(mountpoint).map(|mut entries| entries.next().is_none()) {
         Ok(true) => Ok(()),
         Ok(false) => Err(match registry::find(mountpoint) {
-            Some(entry) => bad(format!("already a lazyfs mount (pid {}); `lazyfs umount` it first", entry.pid)),
+            Some(entry) => bad(format!(
+                "already a lazyfs mount (pid {}); `lazyfs umount` it first",
+                entry.pid
+            )),
             None => bad("not empty: mount on an empty directory".into()),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("no such directory: create it first".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(bad("no such directory: create it first".into()))
+        }
         Err(e) => Err(bad(e.to_string())),
     }
 }
@@ -201,7 +245,8 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
 /// Unmounts at once even when busy (open files keep it alive until closed).
 pub fn detach(mountpoint: &Path) -> std::io::Result<()> {
     if nix::unistd::geteuid().is_root() {
-        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
+        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(std::io::Error::from)
     } else {
         fusermount(mountpoint, true)
     }
@@ -218,12 +263,17 @@ fn unmount(mountpoint: &Path) -> std::io::Result<()> {
 
 fn fusermount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     let mut command = std::process::Command::new("fusermount3");
-    command.arg(if lazy { "-uz" } else { "-u" }).arg("--").arg(mountpoint);
+    command
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg("--")
+        .arg(mountpoint);
     let output = command.output()?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()))
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ))
     }
 }
 
@@ -239,7 +289,10 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     let request = &prepared.request;
     let mountpoint = request.mountpoint.clone();
     check_mountpoint(&mountpoint)?;
-    let mount_err = |source| MountError::Mount { path: mountpoint.clone(), source };
+    let mount_err = |source| MountError::Mount {
+        path: mountpoint.clone(),
+        source,
+    };
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -248,14 +301,19 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
-        if request.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+        if request.read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        },
     ];
     if request.allow_other {
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone()), &mountpoint, &config).map_err(mount_err)?;
+    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone()), &mountpoint, &config)
+        .map_err(mount_err)?;
 
     let (events_tx, events) = mpsc::channel();
     let ended = events_tx.clone();
@@ -270,7 +328,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         .map_err(mount_err)?;
 
     let answered = nix::sys::statfs::statfs(&mountpoint)
-        .map(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC)
         .unwrap_or(false);
     if !answered {
         let _ = detach(&mountpoint);
@@ -285,7 +343,9 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         Arc::new(move || crate::status::snapshot(&fs, &request, &source_name, started))
     };
     let (control_tx, control_rx) = mpsc::channel();
-    let server = control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx).map_err(mount_err)?;
+    let server =
+        control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx)
+            .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
         for event in control_rx {
@@ -299,7 +359,9 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     })
     .map_err(mount_err)?;
 
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(mount_err)?;
     let signal_handle = signals.handle();
     let forward = events_tx;
     std::thread::spawn(move || {
@@ -333,10 +395,13 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
                 Ok(()) => umount_clients.push(stream),
                 Err(e) => {
-                    let message = format!("cannot unmount: {e} (close the files open under it first)");
+                    let message =
+                        format!("cannot unmount: {e} (close the files open under it first)");
                     let _ = control::write_message(
                         &mut stream,
-                        &control::proto::Response { kind: Some(control::proto::response::Kind::Error(message)) },
+                        &control::proto::Response {
+                            kind: Some(control::proto::response::Kind::Error(message)),
+                        },
                     );
                 }
             },

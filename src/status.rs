@@ -40,7 +40,11 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         } else {
             "pending"
         };
-        let mount_path = fs.namespace().file_ino(index).map(|ino| fs.namespace().mount_path(ino)).unwrap_or_default();
+        let mount_path = fs
+            .namespace()
+            .file_ino(index)
+            .map(|ino| fs.namespace().mount_path(ino))
+            .unwrap_or_default();
         status.files_total += 1;
         status.files_present += u64::from(failure.is_none() && file.spill.is_complete());
         status.files_failed += u64::from(failure.is_some());
@@ -56,7 +60,12 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
             ..Default::default()
         });
     }
-    status.state = if status.files_present + status.files_failed == status.files_total { "complete" } else { "fetching" }.into();
+    status.state = if status.files_present + status.files_failed == status.files_total {
+        "complete"
+    } else {
+        "fetching"
+    }
+    .into();
     status
 }
 
@@ -108,5 +117,9 @@ pub fn to_json(status: &Status) -> Value {
 }
 
 fn non_empty(s: &str) -> Value {
-    if s.is_empty() { Value::Null } else { Value::String(s.to_string()) }
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::String(s.to_string())
+    }
 }

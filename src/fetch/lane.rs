@@ -20,7 +20,16 @@ pub(super) fn spawn_on_demand(
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("lazyfs-on-demand".into())
-        .spawn(move || OnDemandLane { link: Link { source, connection: Some(connection) }, files }.run(rx))
+        .spawn(move || {
+            OnDemandLane {
+                link: Link {
+                    source,
+                    connection: Some(connection),
+                },
+                files,
+            }
+            .run(rx)
+        })
         .expect("spawning the on-demand thread");
     tx
 }
@@ -34,7 +43,11 @@ pub(super) struct Link {
 impl Link {
     /// Fills the claimed `chunks` of `file` from the source, reconnecting once
     /// if the connection was lost.
-    pub(super) fn fetch(&mut self, file: &FetchFile, chunks: std::ops::Range<u64>) -> Result<(), SourceError> {
+    pub(super) fn fetch(
+        &mut self,
+        file: &FetchFile,
+        chunks: std::ops::Range<u64>,
+    ) -> Result<(), SourceError> {
         let offset = file.spill.chunk_bytes(chunks.clone()).start;
         let mut attempts = 0;
         loop {
@@ -43,7 +56,9 @@ impl Link {
                 Some(c) => c,
                 None => self.connection.insert(self.source.connect()?),
             };
-            let result = file.spill.fill(chunks.clone(), |buf| connection.read_exact_at(&file.source_path, offset, buf));
+            let result = file.spill.fill(chunks.clone(), |buf| {
+                connection.read_exact_at(&file.source_path, offset, buf)
+            });
             match result {
                 Err(e) if e.is_connection_lost() && attempts < 2 => {
                     log::warn!("{e}: reconnecting");
@@ -75,7 +90,10 @@ impl OnDemandLane {
             absorb_adjacent(&mut job, &mut queue);
             let piece_end = job.chunks.end.min(job.chunks.start + MAX_PIECE_CHUNKS);
             if piece_end < job.chunks.end {
-                queue.push_back(Job { file: job.file, chunks: piece_end..job.chunks.end });
+                queue.push_back(Job {
+                    file: job.file,
+                    chunks: piece_end..job.chunks.end,
+                });
             }
             self.fetch(job.file, job.chunks.start..piece_end);
         }
@@ -99,7 +117,10 @@ impl OnDemandLane {
 /// Merges queued jobs of the same file that continue `job`'s range into it.
 fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
     loop {
-        let Some(at) = queue.iter().position(|j| j.file == job.file && j.chunks.start == job.chunks.end) else {
+        let Some(at) = queue
+            .iter()
+            .position(|j| j.file == job.file && j.chunks.start == job.chunks.end)
+        else {
             return;
         };
         let next = queue.remove(at).expect("found above");
@@ -113,9 +134,25 @@ mod tests {
 
     #[test]
     fn adjacent_jobs_merge() {
-        let mut queue: VecDeque<Job> =
-            [Job { file: 1, chunks: 5..6 }, Job { file: 2, chunks: 3..4 }, Job { file: 1, chunks: 4..5 }].into();
-        let mut job = Job { file: 1, chunks: 2..4 };
+        let mut queue: VecDeque<Job> = [
+            Job {
+                file: 1,
+                chunks: 5..6,
+            },
+            Job {
+                file: 2,
+                chunks: 3..4,
+            },
+            Job {
+                file: 1,
+                chunks: 4..5,
+            },
+        ]
+        .into();
+        let mut job = Job {
+            file: 1,
+            chunks: 2..4,
+        };
         absorb_adjacent(&mut job, &mut queue);
         assert_eq!(job.chunks, 2..6);
         assert_eq!(queue.len(), 1);

@@ -47,7 +47,11 @@ struct Waiter {
 
 impl FetchFile {
     pub fn new(source_path: PathBuf, spill: SpillFile) -> Self {
-        FetchFile { source_path, spill, state: Mutex::new(FetchState::default()) }
+        FetchFile {
+            source_path,
+            spill,
+            state: Mutex::new(FetchState::default()),
+        }
     }
 
     pub fn failure(&self) -> Option<Arc<str>> {
@@ -80,8 +84,9 @@ impl FetchFile {
             for chunk in chunks {
                 state.in_flight.remove(&chunk);
             }
-            let (ready, waiting) =
-                std::mem::take(&mut state.waiters).into_iter().partition(|w| self.spill.all_present(w.chunks.clone()));
+            let (ready, waiting) = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .partition(|w| self.spill.all_present(w.chunks.clone()));
             state.waiters = waiting;
             ready
         };
@@ -104,7 +109,9 @@ impl FetchFile {
             }
             let (failed, waiting) = std::mem::take(&mut state.waiters)
                 .into_iter()
-                .partition(|w| whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end));
+                .partition(|w| {
+                    whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end)
+                });
             state.waiters = waiting;
             failed
         };
@@ -128,7 +135,11 @@ pub struct Fetcher {
 impl Fetcher {
     /// Starts the on-demand lane on `connection` (opened at mount time, so a
     /// source that cannot be reached fails the mount, not the first read).
-    pub fn start(source: Arc<dyn Source>, connection: Box<dyn Connection>, files: Vec<Arc<FetchFile>>) -> Fetcher {
+    pub fn start(
+        source: Arc<dyn Source>,
+        connection: Box<dyn Connection>,
+        files: Vec<Arc<FetchFile>>,
+    ) -> Fetcher {
         let files = Arc::new(files);
         let on_demand = lane::spawn_on_demand(source, connection, files.clone());
         Fetcher { files, on_demand }
@@ -162,7 +173,10 @@ impl Fetcher {
             runs
         };
         for chunks in runs {
-            if let Err(lost) = self.on_demand.send(Job { file: index, chunks }) {
+            if let Err(lost) = self.on_demand.send(Job {
+                file: index,
+                chunks,
+            }) {
                 let error = FetchError("lazyfs is shutting down".into());
                 file.fail(lost.0.chunks, &error, false);
             }

@@ -15,8 +15,7 @@ use super::known_hosts::{self, HostKeyCheck, KnownHosts};
 use super::{Connection, Source, SourceError, SourceStat, SshOptions, relative};
 
 /// chacha20 first: libssh2 streams it about twice as fast as AES-GCM here.
-const CIPHERS: &str =
-    "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
+const CIPHERS: &str = "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
 /// OpenSSH's own order, so the key negotiated is the one `ssh` would have recorded.
 const HOST_KEY_ALGORITHMS: [&str; 6] = [
     "ssh-ed25519",
@@ -39,9 +38,15 @@ pub struct SshSource {
 impl SshSource {
     pub fn new(options: SshOptions, root: &Path) -> Result<Self, SourceError> {
         if !root.is_absolute() {
-            return Err(SourceError::Config(format!("--source-root {}: must be absolute", root.display())));
+            return Err(SourceError::Config(format!(
+                "--source-root {}: must be absolute",
+                root.display()
+            )));
         }
-        Ok(SshSource { options, root: root.to_path_buf() })
+        Ok(SshSource {
+            options,
+            root: root.to_path_buf(),
+        })
     }
 
     fn host_label(&self) -> String {
@@ -49,14 +54,26 @@ impl SshSource {
     }
 
     fn session_error(&self, err: impl std::fmt::Display) -> SourceError {
-        SourceError::Session { host: self.host_label(), message: err.to_string() }
+        SourceError::Session {
+            host: self.host_label(),
+            message: err.to_string(),
+        }
     }
 
     fn tcp(&self) -> Result<TcpStream, SourceError> {
         let addr = format!("{}:{}", self.options.host, self.options.port);
-        let connect_err = |source| SourceError::Connect { addr: addr.clone(), source };
-        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
-        for candidate in (self.options.host.as_str(), self.options.port).to_socket_addrs().map_err(connect_err)? {
+        let connect_err = |source| SourceError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolves to no address",
+        );
+        for candidate in (self.options.host.as_str(), self.options.port)
+            .to_socket_addrs()
+            .map_err(connect_err)?
+        {
             match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT) {
                 Ok(stream) => {
                     // Without it, small SFTP requests wait on delayed ACKs.
@@ -69,8 +86,14 @@ impl SshSource {
         Err(connect_err(last))
     }
 
-    fn verify_host_key(&self, session: &Session, known: &mut KnownHosts) -> Result<(), SourceError> {
-        let (blob, _) = session.host_key().ok_or_else(|| self.session_error("the server sent no host key"))?;
+    fn verify_host_key(
+        &self,
+        session: &Session,
+        known: &mut KnownHosts,
+    ) -> Result<(), SourceError> {
+        let (blob, _) = session
+            .host_key()
+            .ok_or_else(|| self.session_error("the server sent no host key"))?;
         let name = self.host_label();
         let key_type = known_hosts::blob_key_type(blob).unwrap_or_else(|| "unknown".into());
         let fingerprint = session
@@ -87,7 +110,10 @@ impl SshSource {
             }),
             HostKeyCheck::NotFound if self.options.accept_new_host_key => {
                 known.append(&name, blob)?;
-                log::warn!("added the host key of {name} ({key_type} {fingerprint}) to {}", known.path().display());
+                log::warn!(
+                    "added the host key of {name} ({key_type} {fingerprint}) to {}",
+                    known.path().display()
+                );
                 Ok(())
             }
             HostKeyCheck::NotFound => Err(SourceError::UnknownHostKey {
@@ -122,7 +148,11 @@ impl SshSource {
         if tried.is_empty() {
             tried.push("nothing: no ssh-agent and no identity file (give one with -i)".into());
         }
-        Err(SourceError::Auth { user: user.clone(), host: self.host_label(), tried: tried.join(", ") })
+        Err(SourceError::Auth {
+            user: user.clone(),
+            host: self.host_label(),
+            tried: tried.join(", "),
+        })
     }
 }
 
@@ -132,15 +162,32 @@ impl Source for SshSource {
         let mut session = Session::new().map_err(|e| self.session_error(e))?;
         session.set_tcp_stream(self.tcp()?);
         session.set_timeout(SESSION_TIMEOUT_MS);
-        let prefer = |method, prefs: &str| session.method_pref(method, prefs).map_err(|e| self.session_error(e));
+        let prefer = |method, prefs: &str| {
+            session
+                .method_pref(method, prefs)
+                .map_err(|e| self.session_error(e))
+        };
         prefer(MethodType::CryptCs, CIPHERS)?;
         prefer(MethodType::CryptSc, CIPHERS)?;
-        prefer(MethodType::HostKey, &host_key_preference(&known.key_types(&self.host_label())))?;
-        session.handshake().map_err(|e| self.session_error(format!("handshake failed: {e}")))?;
+        prefer(
+            MethodType::HostKey,
+            &host_key_preference(&known.key_types(&self.host_label())),
+        )?;
+        session
+            .handshake()
+            .map_err(|e| self.session_error(format!("handshake failed: {e}")))?;
         self.verify_host_key(&session, &mut known)?;
         self.authenticate(&session)?;
-        let sftp = session.sftp().map_err(|e| self.session_error(format!("cannot start SFTP: {e}")))?;
-        Ok(Box::new(SshConnection { session, sftp, root: self.root.clone(), host: self.host_label(), open: None }))
+        let sftp = session
+            .sftp()
+            .map_err(|e| self.session_error(format!("cannot start SFTP: {e}")))?;
+        Ok(Box::new(SshConnection {
+            session,
+            sftp,
+            root: self.root.clone(),
+            host: self.host_label(),
+            open: None,
+        }))
     }
 
     fn describe(&self) -> String {
@@ -157,7 +204,11 @@ fn host_key_preference(known_types: &[String]) -> String {
             "ssh-rsa" => &["rsa-sha2-512", "rsa-sha2-256"],
             other => &[other],
         };
-        order.extend(algorithms.iter().filter(|a| HOST_KEY_ALGORITHMS.contains(a)));
+        order.extend(
+            algorithms
+                .iter()
+                .filter(|a| HOST_KEY_ALGORITHMS.contains(a)),
+        );
     }
     for algorithm in HOST_KEY_ALGORITHMS {
         if !order.contains(&algorithm) {
@@ -190,12 +241,17 @@ impl SshConnection {
 
     fn error(&self, path: &Path, err: ssh2::Error) -> SourceError {
         match err.code() {
-            ErrorCode::SFTP(2 | 10) => SourceError::NotFound { path: path.to_path_buf() },
+            ErrorCode::SFTP(2 | 10) => SourceError::NotFound {
+                path: path.to_path_buf(),
+            },
             ErrorCode::SFTP(code) => SourceError::Io {
                 path: path.to_path_buf(),
                 source: std::io::Error::other(format!("SFTP error {code}: {}", err.message())),
             },
-            ErrorCode::Session(_) => SourceError::Session { host: self.host.clone(), message: err.to_string() },
+            ErrorCode::Session(_) => SourceError::Session {
+                host: self.host.clone(),
+                message: err.to_string(),
+            },
         }
     }
 
@@ -204,22 +260,35 @@ impl SshConnection {
     fn read_error(&self, path: &Path, err: std::io::Error) -> SourceError {
         match ssh2::Error::last_session_error(&self.session) {
             Some(last) if matches!(last.code(), ErrorCode::SFTP(_)) => self.error(path, last),
-            _ => SourceError::Session { host: self.host.clone(), message: format!("reading {}: {err}", path.display()) },
+            _ => SourceError::Session {
+                host: self.host.clone(),
+                message: format!("reading {}: {err}", path.display()),
+            },
         }
     }
 
     fn file_at(&mut self, path: &Path, offset: u64) -> Result<&mut OpenFile, SourceError> {
         if self.open.as_ref().is_none_or(|o| o.path != path) {
             self.open = None;
-            let file = self.sftp.open(self.full(path)).map_err(|e| self.error(path, e))?;
-            self.open = Some(OpenFile { path: path.to_path_buf(), file, position: 0 });
+            let file = self
+                .sftp
+                .open(self.full(path))
+                .map_err(|e| self.error(path, e))?;
+            self.open = Some(OpenFile {
+                path: path.to_path_buf(),
+                file,
+                position: 0,
+            });
         }
         let needs_seek = self.open.as_ref().is_some_and(|o| o.position != offset);
         if needs_seek {
             let open = self.open.as_mut().expect("opened above");
             if let Err(e) = open.file.seek(SeekFrom::Start(offset)) {
                 self.open = None;
-                return Err(SourceError::Io { path: path.to_path_buf(), source: e });
+                return Err(SourceError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
             }
             open.position = offset;
         }
@@ -229,11 +298,22 @@ impl SshConnection {
 
 impl Connection for SshConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let stat = self.sftp.stat(&self.full(path)).map_err(|e| self.error(path, e))?;
-        Ok(SourceStat { size: stat.size.unwrap_or(0), mtime: stat.mtime.unwrap_or(0) as i64 })
+        let stat = self
+            .sftp
+            .stat(&self.full(path))
+            .map_err(|e| self.error(path, e))?;
+        Ok(SourceStat {
+            size: stat.size.unwrap_or(0),
+            mtime: stat.mtime.unwrap_or(0) as i64,
+        })
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+    fn read_exact_at(
+        &mut self,
+        path: &Path,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
         let open = self.file_at(path, offset)?;
         let mut done = 0;
         let failure = loop {
@@ -252,7 +332,11 @@ impl Connection for SshConnection {
         };
         self.open = None;
         Err(match failure {
-            None => SourceError::Short { path: path.to_path_buf(), end: offset + done as u64, wanted: offset + buf.len() as u64 },
+            None => SourceError::Short {
+                path: path.to_path_buf(),
+                end: offset + done as u64,
+                wanted: offset + buf.len() as u64,
+            },
             Some(e) => self.read_error(path, e),
         })
     }
@@ -268,7 +352,10 @@ mod tests {
         let p = host_key_preference(&["ecdsa-sha2-nistp256".into()]);
         assert!(p.starts_with("ecdsa-sha2-nistp256,ssh-ed25519,"), "{p}");
         let p = host_key_preference(&["ssh-rsa".into()]);
-        assert!(p.starts_with("rsa-sha2-512,rsa-sha2-256,ssh-ed25519"), "{p}");
+        assert!(
+            p.starts_with("rsa-sha2-512,rsa-sha2-256,ssh-ed25519"),
+            "{p}"
+        );
         assert_eq!(p.matches("ssh-ed25519").count(), 1);
     }
 }

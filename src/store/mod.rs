@@ -19,13 +19,19 @@ pub const CHUNK_SIZE: u64 = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A cache directory, locked for one lazyfs process at a time.
@@ -41,14 +47,24 @@ impl Store {
         create_private_dir(dir)?;
         create_private_dir(&dir.join("spill"))?;
         let lock_path = dir.join("lock");
-        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
         let flock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
         let lock = match flock {
             Ok(locked) => locked,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StoreError::Busy(dir.to_path_buf())),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(StoreError::Busy(dir.to_path_buf()));
+            }
             Err((_, e)) => return Err(io_err(&lock_path)(e.into())),
         };
-        Ok(Store { dir: dir.to_path_buf(), _lock: lock })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -69,7 +85,11 @@ impl Store {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
-    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) => return Err(io_err(dir)(e)),
     }

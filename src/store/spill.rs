@@ -51,7 +51,12 @@ impl SpillFile {
     fn remap(&self, size: u64) -> Result<(), StoreError> {
         let map = match size {
             0 => None,
-            _ => Some(MmapOptions::new().len(size as usize).map_raw(&self.file).map_err(io_err(&self.path))?),
+            _ => Some(
+                MmapOptions::new()
+                    .len(size as usize)
+                    .map_raw(&self.file)
+                    .map_err(io_err(&self.path))?,
+            ),
         };
         *self.map.write().expect("map lock") = map;
         Ok(())
@@ -128,12 +133,18 @@ impl SpillFile {
         let bytes = self.chunk_bytes(chunks);
         let map = self.map.read().expect("map lock");
         let map = map.as_ref().expect("a file with chunks is mapped");
-        assert!(bytes.end as usize <= map.len(), "chunks past the mapped end");
+        assert!(
+            bytes.end as usize <= map.len(),
+            "chunks past the mapped end"
+        );
         // SAFETY: the range lies inside the live mapping (checked above; the
         // read lock keeps it from being replaced), and the in-flight claim
         // makes this the only reference to these bytes until they are present.
         let slice = unsafe {
-            std::slice::from_raw_parts_mut(map.as_mut_ptr().add(bytes.start as usize), (bytes.end - bytes.start) as usize)
+            std::slice::from_raw_parts_mut(
+                map.as_mut_ptr().add(bytes.start as usize),
+                (bytes.end - bytes.start) as usize,
+            )
         };
         fill(slice)
     }
@@ -156,7 +167,11 @@ impl SpillFile {
 
     /// The current length of the spill file (local writes may change it).
     pub fn len(&self) -> u64 {
-        self.map.read().expect("map lock").as_ref().map_or(0, |m| m.len() as u64)
+        self.map
+            .read()
+            .expect("map lock")
+            .as_ref()
+            .map_or(0, |m| m.len() as u64)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -170,7 +185,9 @@ impl SpillFile {
             self.file.set_len(end).map_err(io_err(&self.path))?;
             self.remap(end)?;
         }
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_err(&self.path))
     }
 
     /// A local truncate (or extension) of a complete file.

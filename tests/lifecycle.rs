@@ -1,0 +1,349 @@
+//! Mount lifecycle: readiness, failures that leave nothing mounted, umount,
+//! signals, stale mounts, and files missing on the source.
+
+mod common;
+
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mount::{Source, TestEnv, content, dataset, is_mounted};
+use common::sshd::Sshd;
+
+fn daemon_pid(env: &TestEnv, mount: &common::mount::Mount) -> i32 {
+    let _ = env;
+    mount.status()["pid"].as_i64().unwrap() as i32
+}
+
+fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn unknown_host_key_is_refused_and_nothing_is_mounted() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/k/file", 10)]);
+    std::fs::write(sshd.known_hosts(), "").unwrap();
+    let out = env.try_mount(
+        "m",
+        &env.path("images"),
+        &Source::Ssh {
+            sshd: &sshd,
+            root: env.path("source"),
+        },
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--accept-new-host-key") && stderr.contains("SHA256:"),
+        "{stderr}"
+    );
+    assert!(!is_mounted(&env.path("mnt/m")));
+
+    let out = env.try_mount(
+        "m",
+        &env.path("images"),
+        &Source::Ssh {
+            sshd: &sshd,
+            root: env.path("source"),
+        },
+        &["--accept-new-host-key"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mount = common::mount::Mount {
+        mountpoint: env.path("mnt/m"),
+        cache: env.path("cache/m"),
+        env_home: env.tmp.path().into(),
+    };
+    assert_eq!(
+        std::fs::read(mount.at("/k/file")).unwrap(),
+        content("/k/file", 10)
+    );
+}
+
+#[test]
+fn failures_before_the_mount_leave_nothing_mounted() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/f/file", 10)]);
+    let local = Source::Local(env.path("source"));
+
+    // Bad images: exit 2, naming the image.
+    let out = env.try_mount("bad-images", &env.path("nonexistent-images"), &local, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent-images"));
+    let malformed = common::fixtures().join("malformed/truncated-entry");
+    let out = env.try_mount("malformed", &malformed, &local, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("files.img"));
+
+    // A mountpoint that is missing, or not empty.
+    let out = env
+        .lazyfs()
+        .arg("mount")
+        .arg(env.path("no-such-dir"))
+        .arg(env.path("images"))
+        .arg(env.path("source"))
+        .arg("--cache-dir")
+        .arg(env.path("cache/x"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::create_dir_all(env.path("mnt/full")).unwrap();
+    std::fs::write(env.path("mnt/full/x"), "").unwrap();
+    let out = env.try_mount("full", &env.path("images"), &local, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+
+    // An unreachable host: exit 1.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = env
+        .lazyfs()
+        .arg("mount")
+        .arg(env.path("mnt/unreachable"))
+        .arg(env.path("images"))
+        .arg(format!("root@127.0.0.1:{port}"))
+        .arg("--cache-dir")
+        .arg(env.path("cache/u"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+
+    for name in ["bad-images", "malformed", "full", "unreachable"] {
+        assert!(!is_mounted(&env.path("mnt").join(name)), "{name}");
+    }
+}
+
+#[test]
+fn umount_stops_the_process_and_leaves_nothing_mounted() {
+    let env = TestEnv::new();
+    dataset(
+        &env.path("source"),
+        &env.path("images"),
+        &[("/u/file", 1000)],
+    );
+    let mount = env.mount(
+        "m",
+        &env.path("images"),
+        &Source::Local(env.path("source")),
+        &[],
+    );
+    let pid = daemon_pid(&env, &mount);
+    let out = mount.umount();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&mount.mountpoint));
+    wait_gone(pid);
+
+    // Status and umount of what is no longer a mount: a clear message, non-zero.
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a lazyfs mount"));
+    let out = env.run(&["umount", mount.mountpoint.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn umount_of_a_busy_mount_says_so_and_keeps_it() {
+    let env = TestEnv::new();
+    dataset(
+        &env.path("source"),
+        &env.path("images"),
+        &[("/b/file", 1000)],
+    );
+    let mount = env.mount(
+        "m",
+        &env.path("images"),
+        &Source::Local(env.path("source")),
+        &[],
+    );
+    let held = std::fs::File::open(mount.at("/b/file")).unwrap();
+    let out = mount.umount();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&mount.mountpoint));
+    drop(held);
+    assert!(mount.umount().status.success());
+}
+
+#[test]
+fn sigterm_and_sigint_unmount_cleanly() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let env = TestEnv::new();
+        dataset(
+            &env.path("source"),
+            &env.path("images"),
+            &[("/s/file", 1000)],
+        );
+        let mount = env.mount(
+            "m",
+            &env.path("images"),
+            &Source::Local(env.path("source")),
+            &[],
+        );
+        let pid = daemon_pid(&env, &mount);
+        unsafe { libc::kill(pid, signal) };
+        wait_gone(pid);
+        assert!(!is_mounted(&mount.mountpoint), "signal {signal}");
+        assert!(env.run(&["status"]).stdout.starts_with(b"no lazyfs mounts"));
+    }
+}
+
+#[test]
+fn a_stale_mount_of_a_killed_process_is_cleared_by_the_next_mount() {
+    let env = TestEnv::new();
+    dataset(
+        &env.path("source"),
+        &env.path("images"),
+        &[("/st/file", 1000)],
+    );
+    let mount = env.mount(
+        "m",
+        &env.path("images"),
+        &Source::Local(env.path("source")),
+        &[],
+    );
+    let pid = daemon_pid(&env, &mount);
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
+    let err = std::fs::metadata(&mount.mountpoint).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "Transport endpoint is not connected"
+    );
+
+    let again = env.mount(
+        "m",
+        &env.path("images"),
+        &Source::Local(env.path("source")),
+        &[],
+    );
+    assert_eq!(
+        std::fs::read(again.at("/st/file")).unwrap(),
+        content("/st/file", 1000)
+    );
+}
+
+#[test]
+fn a_file_missing_on_the_source_is_an_io_error_and_the_others_work() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(
+        &env.path("source"),
+        &env.path("images"),
+        &[("/x/gone", 5000), ("/x/here", 5000)],
+    );
+    std::fs::remove_file(env.path("source/x/gone")).unwrap();
+    let mount = env.mount(
+        "m",
+        &env.path("images"),
+        &Source::Ssh {
+            sshd: &sshd,
+            root: env.path("source"),
+        },
+        &[],
+    );
+
+    let err = std::fs::read(mount.at("/x/gone")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        std::fs::read(mount.at("/x/here")).unwrap(),
+        content("/x/here", 5000)
+    );
+    let log = std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap();
+    assert!(log.contains("/x/gone: not found on the source"), "{log}");
+    let status = mount.status();
+    let gone = status["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/x/gone")
+        .unwrap();
+    assert_eq!(gone["state"], "failed");
+    assert!(gone["error"].as_str().unwrap().contains("not found"));
+}
+
+#[test]
+fn foreground_mount_serves_until_interrupted() {
+    let env = TestEnv::new();
+    dataset(
+        &env.path("source"),
+        &env.path("images"),
+        &[("/fg/file", 100)],
+    );
+    let mountpoint = env.path("mnt/fg");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mut child = env
+        .lazyfs()
+        .arg("mount")
+        .arg("-f")
+        .arg(&mountpoint)
+        .arg(env.path("images"))
+        .arg(env.path("source"))
+        .arg("--cache-dir")
+        .arg(env.path("cache/fg"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8];
+    while !String::from_utf8_lossy(&seen).contains("mounted at") {
+        assert_eq!(
+            stderr.read(&mut byte).unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(byte[0]);
+    }
+    assert_eq!(
+        std::fs::read(mountpoint.join("fg/file")).unwrap(),
+        content("/fg/file", 100)
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    assert!(!is_mounted(&mountpoint));
+    let _ = Command::new("true").status();
+}
