@@ -110,6 +110,10 @@ pub struct MountArgs {
     /// Let other users than the one mounting use the mount.
     #[arg(long)]
     pub allow_other: bool,
+    /// Serve verified files through lazyfs even where the kernel could read
+    /// their cached copies directly (FUSE passthrough, Linux 6.9 and later).
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Internal: run as the background process, reporting readiness on stdout.
     #[arg(long, hide = true)]
     pub daemon: bool,

@@ -84,8 +84,6 @@ struct Meta {
     atime: SystemTime,
     mtime: SystemTime,
     ctime: SystemTime,
-    /// A local write changed it.
-    modified: bool,
 }
 
 /// A file the mount serves.
@@ -93,12 +91,6 @@ pub struct ServedFile {
     /// The path the checkpoint recorded.
     pub path: PathBuf,
     meta: Mutex<Meta>,
-}
-
-impl ServedFile {
-    pub fn is_modified(&self) -> bool {
-        self.meta.lock().expect("meta").modified
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,7 +133,6 @@ impl Filesystem {
                     atime: started,
                     mtime: started,
                     ctime: started,
-                    modified: false,
                 };
                 Arc::new(ServedFile {
                     path,
@@ -256,12 +247,16 @@ impl Filesystem {
         Ok(entries)
     }
 
-    pub fn open(&self, ino: Ino, write: bool) -> Result<(), FsError> {
-        self.file_index(ino)?;
+    /// Checks an open; for a read-only open of a verified file, gives the spill
+    /// file, which the kernel may then read directly (FUSE passthrough).
+    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<&std::fs::File>, FsError> {
+        let index = self.file_index(ino)?;
         if write && self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
-        Ok(())
+        let file = self.fetcher.file(index);
+        let local = !write && matches!(file.phase(), crate::fetch::Phase::Verified { .. });
+        Ok(local.then(|| file.spill.file()))
     }
 
     /// Replies with bytes `offset..offset+size` once their chunks are present.
@@ -270,15 +265,19 @@ impl Filesystem {
             Ok(index) => index,
             Err(e) => return reply(Err(e)),
         };
+        self.fetcher.note_read(index);
         let file = self.fetcher.file(index).clone();
         let chunks = file.spill.chunks_of(offset, u64::from(size));
         self.fetcher.when_present(
             index,
             chunks,
             Box::new(move |present| match present {
-                Ok(()) => file
-                    .spill
-                    .read(offset, u64::from(size), |bytes| reply(Ok(bytes))),
+                Ok(()) => {
+                    file.spill
+                        .read(offset, u64::from(size), |bytes| reply(Ok(bytes)));
+                    // The kernel keeps its own copy in the page cache.
+                    file.spill.release(offset, u64::from(size));
+                }
                 Err(e) => reply(Err(e.into())),
             }),
         );
@@ -293,7 +292,7 @@ impl Filesystem {
         let all = 0..self.fetcher.file(index).spill.chunk_count();
         let result = self.when_present_then(index, all, move |served, spill| {
             spill.write_at(offset, &data)?;
-            served.touch(true);
+            served.touch();
             Ok(data.len() as u32)
         });
         match result {
@@ -335,7 +334,7 @@ impl Filesystem {
             spill.set_len(size)?;
             // What was not fetched is gone: the file is local from here on.
             spill.mark_present(0..spill.chunk_count());
-            served.touch(true);
+            served.touch();
             apply(served);
             Ok(served.attr(ino, spill.len()))
         });
@@ -363,12 +362,15 @@ impl Filesystem {
         let served = self.files[index].clone();
         let file = self.fetcher.file(index).clone();
         Ok(move |reply: Box<dyn FnOnce(Result<T, FsError>) + Send>| {
+            let modified = self.fetcher.modified_marker(index);
             let done = Box::new(move |present: Result<(), FetchError>| {
-                reply(
-                    present
-                        .map_err(FsError::from)
-                        .and_then(|()| change(&served, &file.spill)),
-                )
+                let result = present
+                    .map_err(FsError::from)
+                    .and_then(|()| change(&served, &file.spill));
+                if result.is_ok() {
+                    modified();
+                }
+                reply(result)
             });
             self.fetcher.when_present(index, chunks, done);
         })
@@ -405,11 +407,10 @@ impl ServedFile {
         }
     }
 
-    fn touch(&self, modified: bool) {
+    fn touch(&self) {
         let mut meta = self.meta.lock().expect("meta");
         let now = SystemTime::now();
         meta.mtime = now;
         meta.ctime = now;
-        meta.modified |= modified;
     }
 }

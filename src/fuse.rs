@@ -1,16 +1,18 @@
 //! The thin FUSE adapter: each `fuser` callback calls the filesystem core and
 //! turns its answer into a reply or an errno. No lazyfs logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, FsError, Kind, SetAttr};
@@ -21,13 +23,34 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Concurrent background requests (readahead, async reads) the kernel may send.
 const MAX_BACKGROUND: u16 = 64;
 
+/// File handles say how a file was opened, so `release` knows what to undo.
+const CACHED: FileHandle = FileHandle(0);
+const PASSTHROUGH: FileHandle = FileHandle(1);
+
 pub struct FuseAdapter {
     fs: Arc<crate::fs::Filesystem>,
+    /// Whether to hand the kernel verified files' spill files (FUSE passthrough).
+    passthrough: AtomicBool,
+    opens: Mutex<HashMap<u64, Opens>>,
+}
+
+/// The open handles of one inode. The kernel allows one backing file per
+/// inode and no cached open beside a passthrough one, so a file opened while
+/// it was incomplete stays cached until every such open is closed.
+#[derive(Default)]
+struct Opens {
+    cached: usize,
+    passthrough: usize,
+    backing: Option<BackingId>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<crate::fs::Filesystem>) -> Self {
-        FuseAdapter { fs }
+    pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: bool) -> Self {
+        FuseAdapter {
+            fs,
+            passthrough: AtomicBool::new(passthrough),
+            opens: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -77,6 +100,17 @@ fn namespace_is_fixed(read_only: bool) -> Errno {
 impl fuser::Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Spill files may sit on a stacked filesystem (overlayfs) themselves.
+            let enabled = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            if !enabled {
+                log::info!(
+                    "this kernel has no FUSE passthrough: verified files are served through lazyfs"
+                );
+            }
+            self.passthrough.store(enabled, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -132,11 +166,64 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        match self.fs.open(ino.0, write) {
-            // Contents change only through this mount: keep the page cache across opens.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+        let local = match self.fs.open(ino.0, write) {
+            Ok(local) => local,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut opens = self.opens.lock().expect("opens");
+        let opens = opens.entry(ino.0).or_default();
+        // A verified file read-only: the kernel reads the spill file itself.
+        if let Some(spill) =
+            local.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed))
+        {
+            if opens.backing.is_none() {
+                match reply.open_backing(spill) {
+                    Ok(backing) => opens.backing = Some(backing),
+                    Err(e) => {
+                        log::warn!(
+                            "FUSE passthrough refused ({e}): verified files are served through lazyfs"
+                        );
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+            if let Some(backing) = &opens.backing {
+                opens.passthrough += 1;
+                return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
+            }
         }
+        if opens.passthrough > 0 {
+            // The kernel refuses a cached open beside passthrough ones.
+            return reply.error(Errno::ETXTBSY);
+        }
+        opens.cached += 1;
+        // Contents change only through this mount: keep the page cache across opens.
+        reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut all = self.opens.lock().expect("opens");
+        if let Some(opens) = all.get_mut(&ino.0) {
+            if fh == PASSTHROUGH {
+                opens.passthrough = opens.passthrough.saturating_sub(1);
+            } else {
+                opens.cached = opens.cached.saturating_sub(1);
+            }
+            if opens.passthrough == 0 && opens.cached == 0 {
+                // Dropping the BackingId closes it with the kernel.
+                all.remove(&ino.0);
+            }
+        }
+        reply.ok();
     }
 
     fn read(

@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod fs;
 pub mod fuse;
 pub mod images;
+pub mod manifest;
 pub mod mount;
 pub mod namespace;
 pub mod source;

@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use crate::cli::{LayoutArg, MountArgs, exit};
+use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, exit};
 use crate::control::{self, ControlEvent, registry};
-use crate::fetch::{FetchError, FetchFile, Fetcher};
+use crate::fetch::restore::{FileSpec, open_file};
+use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
 use crate::fs::{Filesystem, FsConfig};
 use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
+use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
 use crate::source::{self, SourceError, SourceSpec, SshOverrides};
+use crate::store::journal::{self, Journal, JournalFile};
 use crate::store::{Store, StoreError};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -29,6 +32,8 @@ pub enum MountError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
     #[error("{}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting on {}: {source}", path.display())]
@@ -41,9 +46,10 @@ pub enum MountError {
 impl MountError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            MountError::Images(_) | MountError::Namespace(_) | MountError::Mountpoint { .. } => {
-                exit::BAD_INPUT
-            }
+            MountError::Images(_)
+            | MountError::Namespace(_)
+            | MountError::Mountpoint { .. }
+            | MountError::Manifest(_) => exit::BAD_INPUT,
             MountError::Source(SourceError::Config(_)) => exit::BAD_INPUT,
             _ => exit::RUNTIME,
         }
@@ -65,6 +71,11 @@ pub struct MountRequest {
     pub read_only: bool,
     pub allow_other: bool,
     pub prefetch: bool,
+    pub passthrough: bool,
+    pub jobs: usize,
+    pub order: Order,
+    /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
+    pub manifest: Option<PathBuf>,
 }
 
 impl MountRequest {
@@ -97,6 +108,17 @@ impl MountRequest {
             read_only: args.read_only,
             allow_other: args.allow_other,
             prefetch: args.prefetch,
+            passthrough: !args.no_passthrough,
+            jobs: usize::from(args.jobs),
+            order: match args.prefetch_order {
+                PrefetchOrder::SmallestFirst => Order::SmallestFirst,
+                PrefetchOrder::LargestFirst => Order::LargestFirst,
+                PrefetchOrder::Image => Order::Image,
+            },
+            manifest: args
+                .manifest
+                .clone()
+                .or_else(|| Some(args.imgdir.join(manifest::DEFAULT_NAME)).filter(|p| p.exists())),
         })
     }
 }
@@ -154,36 +176,85 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
     }
 
+    let manifest = request
+        .manifest
+        .as_deref()
+        .map(Manifest::load)
+        .transpose()?;
     let source: Arc<dyn source::Source> =
         source::open(&request.source, &request.source_root)?.into();
     let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
+    let (records, warning) = journal::load(&store.journal_path())?;
+    if let Some(warning) = warning {
+        log::warn!("{warning}");
+    }
 
     let mut files = Vec::with_capacity(served.len());
-    let mut missing = Vec::new();
-    for (index, file) in served.iter().enumerate() {
-        // CRIU records no size for some files (O_APPEND opens): ask the source.
-        let size = match file.size {
+    for file in &served {
+        let expected = manifest.as_ref().and_then(|m| m.get(&file.path)).cloned();
+        // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
+        let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
             Some(size) => size,
             None => match connection.stat(&file.source_path) {
                 Ok(stat) => stat.size,
                 Err(e @ SourceError::NotFound { .. }) => {
-                    log::error!("{e}");
-                    missing.push((index, e));
-                    0
+                    files.push(Arc::new(failed_file(&store, file, e.to_string())?));
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             },
         };
-        let spill = store.open_spill(&file.path, size)?;
-        files.push(Arc::new(FetchFile::new(file.source_path.clone(), spill)));
+        if let Some(e) = expected.as_ref().filter(|e| e.size != size) {
+            let message = format!(
+                "{}: the manifest records {} bytes, the images {size}: not served",
+                file.path.display(),
+                e.size
+            );
+            files.push(Arc::new(failed_file(&store, file, message)?));
+            continue;
+        }
+        let spec = FileSpec {
+            path: file.path.clone(),
+            source_path: file.source_path.clone(),
+            size,
+            expected,
+        };
+        let record = records.get(file.path.as_os_str().as_bytes());
+        files.push(Arc::new(open_file(&store, spec, record)?));
     }
-    for (index, error) in missing {
-        files[index].fail(0..0, &FetchError(error.to_string().into()), true);
-    }
+    let journal_files = files
+        .iter()
+        .map(|f| {
+            let spill = f.spill.file().try_clone().map_err(|e| StoreError::Io {
+                path: f.spill.path().into(),
+                source: e,
+            })?;
+            Ok(JournalFile {
+                path: f.path.as_os_str().as_bytes().to_vec(),
+                size: f.spill.len(),
+                spill,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let journal = Journal::create(
+        &store.journal_path(),
+        crate::fetch::snapshot(&files),
+        journal_files,
+    )?;
 
     let source_name = source.describe();
-    let fetcher = Fetcher::start(source, connection, files);
+    let jobs = if request.prefetch { request.jobs } else { 0 };
+    let fetcher = Fetcher::start(
+        source,
+        connection,
+        files,
+        journal,
+        FetchConfig {
+            jobs,
+            order: request.order,
+        },
+    );
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
@@ -312,8 +383,12 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     }
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone()), &mountpoint, &config)
-        .map_err(mount_err)?;
+    let session = fuser::Session::new(
+        FuseAdapter::new(prepared.fs.clone(), request.passthrough),
+        &mountpoint,
+        &config,
+    )
+    .map_err(mount_err)?;
 
     let (events_tx, events) = mpsc::channel();
     let ended = events_tx.clone();
@@ -412,9 +487,51 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     registry::unregister(&mountpoint);
     drop(server);
     log::info!("unmounted {}", mountpoint.display());
+    finish(&prepared, started);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
-    drop(prepared);
     Ok(())
+}
+
+/// After the mount is gone: stop fetching, compact the journal to what is
+/// known now, and leave a summary of the mount's life in the cache dir.
+fn finish(prepared: &Prepared, started: Instant) {
+    let fetcher = prepared.fs.fetcher();
+    fetcher.stop();
+    let store = &prepared.store;
+    if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
+        log::error!("compacting the journal: {e}");
+    }
+    let status = crate::status::snapshot(
+        &prepared.fs,
+        &prepared.request,
+        &prepared.source_name,
+        started,
+    );
+    let summary = store.dir().join("summary.json");
+    let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
+        .map_err(std::io::Error::other)
+        .and_then(|json| std::fs::write(&summary, json));
+    if let Err(e) = written {
+        log::error!("{}: {e}", summary.display());
+    }
+}
+
+/// A file that cannot be served at all (missing on the source, or the
+/// manifest disagrees with the images): every read of it fails with `message`.
+fn failed_file(
+    store: &Store,
+    file: &RecordedFile,
+    message: String,
+) -> Result<FetchFile, StoreError> {
+    log::error!("{message}");
+    let spill = store.open_spill(&file.path, Some(0), false)?;
+    Ok(FetchFile::new(
+        file.path.clone(),
+        file.source_path.clone(),
+        spill,
+        None,
+        Phase::Failed(message.into()),
+    ))
 }

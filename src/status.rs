@@ -2,11 +2,13 @@
 //! filesystem (the control socket sends it as `control::proto::Status`).
 
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
 use crate::control::proto::{FileStatus, Status};
+use crate::fetch::Phase;
 use crate::fs::Filesystem;
 use crate::mount::MountRequest;
 use crate::namespace::Layout;
@@ -30,45 +32,70 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         let served = fs.served(index);
         let size = file.spill.len();
         let present = file.spill.present_bytes().min(size);
-        let failure = file.failure();
-        let state = if failure.is_some() {
-            "failed"
-        } else if served.is_modified() {
-            "modified"
-        } else if file.spill.is_complete() {
-            "present"
-        } else {
-            "pending"
+        let phase = file.phase();
+        let (blake3, against) = match &phase {
+            Phase::Verified { hash, against } => (
+                blake3::Hash::from_bytes(*hash).to_hex().to_string(),
+                *against,
+            ),
+            _ => (String::new(), ""),
         };
+        let failed = matches!(phase, Phase::Failed(_));
         let mount_path = fs
             .namespace()
             .file_ino(index)
             .map(|ino| fs.namespace().mount_path(ino))
             .unwrap_or_default();
+        let stats = &file.stats;
         status.files_total += 1;
-        status.files_present += u64::from(failure.is_none() && file.spill.is_complete());
-        status.files_failed += u64::from(failure.is_some());
+        status.files_present += u64::from(!failed && file.spill.is_complete());
+        status.files_failed += u64::from(failed);
         status.bytes_total += size;
         status.bytes_present += present;
+        status.bytes_on_demand += stats.bytes_on_demand.load(Ordering::Relaxed);
+        status.bytes_prefetched += stats.bytes_prefetched.load(Ordering::Relaxed);
         status.files.push(FileStatus {
             path: served.path.as_os_str().as_bytes().to_vec(),
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),
             size,
             bytes_present: present,
-            state: state.into(),
-            error: failure.map(|f| f.to_string()).unwrap_or_default(),
-            ..Default::default()
+            state: phase.name().into(),
+            blake3,
+            verified_against: against.into(),
+            reads: stats.reads.load(Ordering::Relaxed),
+            error: match &phase {
+                Phase::Failed(message) => message.to_string(),
+                _ => String::new(),
+            },
+            bytes_on_demand: stats.bytes_on_demand.load(Ordering::Relaxed),
+            bytes_prefetched: stats.bytes_prefetched.load(Ordering::Relaxed),
+            first_read_s: stats.first_read_s(),
+            completed_s: stats.completed_s(),
         });
     }
-    status.state = if status.files_present + status.files_failed == status.files_total {
+    let settled = fs
+        .fetcher()
+        .files()
+        .iter()
+        .filter(|f| f.phase().is_settled())
+        .count() as u64;
+    status.state = if settled == status.files_total {
         "complete"
     } else {
         "fetching"
     }
     .into();
+    let elapsed = status.elapsed_s.max(1e-3);
+    let fetched = (status.bytes_on_demand + status.bytes_prefetched) as f64;
+    status.rate_bytes_per_s = fetched / elapsed;
+    let remaining = status.bytes_total.saturating_sub(status.bytes_present) as f64;
+    status.eta_s = match (remaining, status.rate_bytes_per_s) {
+        (r, _) if r == 0.0 => Some(0.0),
+        (r, rate) if rate > 0.0 && fs.fetcher().prefetching() => Some(r / rate),
+        _ => None,
+    };
     status
 }
-
 /// `lazyfs status --json`: the fields the README documents.
 pub fn to_json(status: &Status) -> Value {
     let files: Vec<Value> = status

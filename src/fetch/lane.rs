@@ -2,20 +2,27 @@
 //! readers are blocked on, in the order asked, adjacent requests merged.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use super::{FetchError, FetchFile, Job};
+use super::{FetchFile, Lane, Shared, fetch_checked};
 use crate::source::{Connection, Source, SourceError};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
 const MAX_PIECE_CHUNKS: u64 = 16;
 
+/// A request for the on-demand lane: fetch these claimed chunks of a file.
+pub(super) struct Job {
+    pub(super) file: usize,
+    pub(super) chunks: Range<u64>,
+}
+
 pub(super) fn spawn_on_demand(
     source: Arc<dyn Source>,
     connection: Box<dyn Connection>,
-    files: Arc<Vec<Arc<FetchFile>>>,
+    shared: Arc<Shared>,
 ) -> Sender<Job> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -26,7 +33,7 @@ pub(super) fn spawn_on_demand(
                     source,
                     connection: Some(connection),
                 },
-                files,
+                shared,
             }
             .run(rx)
         })
@@ -41,25 +48,30 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// Fills the claimed `chunks` of `file` from the source, reconnecting once
-    /// if the connection was lost.
-    pub(super) fn fetch(
+    pub(super) fn new(source: Arc<dyn Source>) -> Link {
+        Link {
+            source,
+            connection: None,
+        }
+    }
+
+    /// The connection, opened if there is none.
+    pub(super) fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+        if self.connection.is_none() {
+            self.connection = Some(self.source.connect()?);
+        }
+        Ok(self.connection.as_mut().expect("connected above").as_mut())
+    }
+
+    /// Runs `op` on the connection, reconnecting once if the connection was lost.
+    pub(super) fn with_retry<T>(
         &mut self,
-        file: &FetchFile,
-        chunks: std::ops::Range<u64>,
-    ) -> Result<(), SourceError> {
-        let offset = file.spill.chunk_bytes(chunks.clone()).start;
+        mut op: impl FnMut(&mut dyn Connection) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let connection = match &mut self.connection {
-                Some(c) => c,
-                None => self.connection.insert(self.source.connect()?),
-            };
-            let result = file.spill.fill(chunks.clone(), |buf| {
-                connection.read_exact_at(&file.source_path, offset, buf)
-            });
-            match result {
+            match op(self.connection()?) {
                 Err(e) if e.is_connection_lost() && attempts < 2 => {
                     log::warn!("{e}: reconnecting");
                     self.connection = None;
@@ -68,11 +80,25 @@ impl Link {
             }
         }
     }
+
+    /// Fills the claimed `chunks` of `file` from the source.
+    pub(super) fn fetch(
+        &mut self,
+        file: &FetchFile,
+        chunks: Range<u64>,
+    ) -> Result<(), SourceError> {
+        let offset = file.spill.chunk_bytes(chunks.clone()).start;
+        self.with_retry(|connection| {
+            file.spill.fill(chunks.clone(), |buf| {
+                connection.read_exact_at(&file.source_path, offset, buf)
+            })
+        })
+    }
 }
 
 struct OnDemandLane {
     link: Link,
-    files: Arc<Vec<Arc<FetchFile>>>,
+    shared: Arc<Shared>,
 }
 
 impl OnDemandLane {
@@ -95,20 +121,21 @@ impl OnDemandLane {
                     chunks: piece_end..job.chunks.end,
                 });
             }
-            self.fetch(job.file, job.chunks.start..piece_end);
-        }
-    }
-
-    fn fetch(&mut self, index: usize, chunks: std::ops::Range<u64>) {
-        let file = &self.files[index];
-        match self.link.fetch(file, chunks.clone()) {
-            Ok(()) => file.complete(chunks),
-            Err(e) => {
-                // A lost connection may come back; a file that is missing or
-                // shorter than recorded will not.
-                let whole_file = !e.is_connection_lost();
-                log::error!("{e}");
-                file.fail(chunks, &FetchError(e.to_string().into()), whole_file);
+            let chunks = job.chunks.start..piece_end;
+            let result =
+                fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
+            self.shared.finish(job.file, chunks, Lane::OnDemand, result);
+            // After the reader has its bytes: note the source's size and mtime,
+            // to tell later whether the file changed during the transfer.
+            queue.extend(rx.try_iter());
+            if queue.is_empty() {
+                let shared = self.shared.clone();
+                if let Err(e) = self
+                    .link
+                    .with_retry(|connection| shared.check_baseline(job.file, connection))
+                {
+                    log::warn!("{e}");
+                }
             }
         }
     }

@@ -1,18 +1,33 @@
-//! Getting chunks from the source into spill files. A reader asks for the
-//! chunks it covers with [`Fetcher::when_present`]; chunks nobody has asked for
-//! yet are claimed (so one fetch serves every reader of a chunk) and queued
-//! on the on-demand lane, a thread with a source connection of its own.
+//! Getting chunks from the source into spill files, checking them, and
+//! knowing where each file stands.
+//!
+//! A reader asks for the chunks it covers with [`Fetcher::when_present`];
+//! chunks nobody fetches yet are claimed (one fetch serves every reader of a
+//! chunk) and queued on the on-demand lane, a thread with a source connection
+//! of its own. With prefetch, a pool of workers streams whole files in queue
+//! order; a file someone reads jumps the queue. Every chunk that lands is
+//! checked against the manifest if there is one, recorded in the journal once
+//! durable, and a complete file is verified by the verifier thread.
 
 mod lane;
+pub mod prefetch;
+pub mod restore;
+mod verify;
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use crate::source::{Connection, Source};
+use crate::manifest::FileHashes;
+use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::SpillFile;
+use crate::store::journal::{self, Journal, proto::JournalRecord};
+pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
 pub type Done = Box<dyn FnOnce(Result<(), FetchError>) + Send>;
@@ -21,23 +36,119 @@ pub type Done = Box<dyn FnOnce(Result<(), FetchError>) + Send>;
 #[error("{0}")]
 pub struct FetchError(pub Arc<str>);
 
-/// One file as the fetcher sees it: where its bytes are, where they go, and
-/// who waits for which of them.
+impl FetchError {
+    fn new(message: impl Into<Arc<str>>) -> Self {
+        FetchError(message.into())
+    }
+}
+
+/// Where a file stands (`lazyfs status` shows these words).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing of it is here.
+    Pending,
+    /// Some of it is here.
+    Fetching,
+    /// Every byte is here; the check is under way.
+    Present,
+    /// Every byte is here and its blake3 matched.
+    Verified {
+        hash: [u8; 32],
+        against: &'static str,
+    },
+    /// Changed by a local write after it was complete: local from now on.
+    Modified,
+    Failed(Arc<str>),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Fetching => "fetching",
+            Phase::Present => "present",
+            Phase::Verified { .. } => "verified",
+            Phase::Modified => "modified",
+            Phase::Failed(_) => "failed",
+        }
+    }
+
+    /// No more bytes will be fetched for it.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self,
+            Phase::Verified { .. } | Phase::Modified | Phase::Failed(_)
+        )
+    }
+}
+
+/// Which lane brought bytes in (for the per-file counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    OnDemand,
+    Prefetch,
+}
+
+const NEVER: u64 = u64::MAX;
+
+/// Counters harnesses read through `lazyfs status --json`.
+pub struct FileStats {
+    pub reads: AtomicU64,
+    pub bytes_on_demand: AtomicU64,
+    pub bytes_prefetched: AtomicU64,
+    /// Milliseconds since the mount started; `NEVER` until it happens.
+    first_read_ms: AtomicU64,
+    completed_ms: AtomicU64,
+}
+
+impl FileStats {
+    fn new() -> Self {
+        FileStats {
+            reads: AtomicU64::new(0),
+            bytes_on_demand: AtomicU64::new(0),
+            bytes_prefetched: AtomicU64::new(0),
+            first_read_ms: AtomicU64::new(NEVER),
+            completed_ms: AtomicU64::new(NEVER),
+        }
+    }
+
+    fn at(ms: &AtomicU64) -> Option<f64> {
+        match ms.load(Ordering::Relaxed) {
+            NEVER => None,
+            ms => Some(ms as f64 / 1000.0),
+        }
+    }
+
+    pub fn first_read_s(&self) -> Option<f64> {
+        Self::at(&self.first_read_ms)
+    }
+
+    pub fn completed_s(&self) -> Option<f64> {
+        Self::at(&self.completed_ms)
+    }
+}
+
+/// One file as the fetcher sees it.
 pub struct FetchFile {
+    /// The path the images record: the file's name in the journal.
+    pub path: PathBuf,
     /// The path on the source (the source applies its root).
     pub source_path: PathBuf,
     pub spill: SpillFile,
+    /// Its hashes from the manifest, if there is one.
+    pub expected: Option<FileHashes>,
+    pub stats: FileStats,
     state: Mutex<FetchState>,
 }
 
-#[derive(Default)]
 struct FetchState {
-    /// Chunks claimed by a fetch that has not finished.
     in_flight: HashSet<u64>,
     waiters: Vec<Waiter>,
-    /// Set once the file cannot be fetched (missing on the source, changed size):
-    /// every read of it fails with this message.
-    failed: Option<Arc<str>>,
+    phase: Phase,
+    /// The source's size and mtime when the transfer began.
+    baseline: Option<SourceStat>,
+    /// Times the file was fetched again because it changed on the source.
+    restarts: u32,
 }
 
 struct Waiter {
@@ -46,25 +157,61 @@ struct Waiter {
 }
 
 impl FetchFile {
-    pub fn new(source_path: PathBuf, spill: SpillFile) -> Self {
+    pub fn new(
+        path: PathBuf,
+        source_path: PathBuf,
+        spill: SpillFile,
+        expected: Option<FileHashes>,
+        phase: Phase,
+    ) -> Self {
         FetchFile {
+            path,
             source_path,
             spill,
-            state: Mutex::new(FetchState::default()),
+            expected,
+            stats: FileStats::new(),
+            state: Mutex::new(FetchState {
+                in_flight: HashSet::new(),
+                waiters: Vec::new(),
+                phase,
+                baseline: None,
+                restarts: 0,
+            }),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, FetchState> {
+        self.state.lock().expect("fetch state")
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().phase.clone()
+    }
+
     pub fn failure(&self) -> Option<Arc<str>> {
-        self.state.lock().expect("fetch state").failed.clone()
+        match self.phase() {
+            Phase::Failed(message) => Some(message),
+            _ => None,
+        }
+    }
+
+    fn path_bytes(&self) -> &[u8] {
+        self.path.as_os_str().as_bytes()
     }
 
     /// Claims the chunks of `chunks` that are neither present nor in flight,
-    /// as maximal runs. The caller must fetch each run and then call
-    /// [`FetchFile::complete`] or [`FetchFile::fail`] on it.
-    fn claim(state: &mut FetchState, spill: &SpillFile, chunks: Range<u64>) -> Vec<Range<u64>> {
+    /// as maximal runs; each must end in `Shared::finish`.
+    fn claim(&self, chunks: Range<u64>) -> Vec<Range<u64>> {
+        self.claim_locked(&mut self.lock(), chunks)
+    }
+
+    fn claim_locked(&self, state: &mut FetchState, chunks: Range<u64>) -> Vec<Range<u64>> {
+        if state.phase.is_settled() {
+            return Vec::new();
+        }
         let mut runs: Vec<Range<u64>> = Vec::new();
         for chunk in chunks {
-            if spill.is_present(chunk) || !state.in_flight.insert(chunk) {
+            if self.spill.is_present(chunk) || !state.in_flight.insert(chunk) {
                 continue;
             }
             match runs.last_mut() {
@@ -72,40 +219,22 @@ impl FetchFile {
                 _ => runs.push(chunk..chunk + 1),
             }
         }
+        if !runs.is_empty() && state.phase == Phase::Pending {
+            state.phase = Phase::Fetching;
+        }
         runs
     }
 
-    /// The claimed `chunks` have arrived: mark them present and answer every
-    /// reader who now has all it waited for.
-    pub fn complete(&self, chunks: Range<u64>) {
-        self.spill.mark_present(chunks.clone());
-        let ready: Vec<Waiter> = {
-            let mut state = self.state.lock().expect("fetch state");
-            for chunk in chunks {
-                state.in_flight.remove(&chunk);
-            }
-            let (ready, waiting) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| self.spill.all_present(w.chunks.clone()));
-            state.waiters = waiting;
-            ready
-        };
-        for waiter in ready {
-            (waiter.done)(Ok(()));
-        }
-    }
-
     /// The claimed `chunks` could not be fetched. With `whole_file`, the file
-    /// is failed for good (every later read fails too); otherwise only the
-    /// readers waiting on these chunks are told, and a later read retries.
-    pub fn fail(&self, chunks: Range<u64>, error: &FetchError, whole_file: bool) {
+    /// fails for good; otherwise only the readers of these chunks are told.
+    fn fail(&self, chunks: Range<u64>, error: &FetchError, whole_file: bool) {
         let failed: Vec<Waiter> = {
-            let mut state = self.state.lock().expect("fetch state");
+            let mut state = self.lock();
             for chunk in chunks.clone() {
                 state.in_flight.remove(&chunk);
             }
             if whole_file {
-                state.failed = Some(error.0.clone());
+                state.phase = Phase::Failed(error.0.clone());
             }
             let (failed, waiting) = std::mem::take(&mut state.waiters)
                 .into_iter()
@@ -119,67 +248,366 @@ impl FetchFile {
             (waiter.done)(Err(error.clone()));
         }
     }
+
+    /// Ranges of present chunks, for the journal snapshot.
+    fn present_runs(&self) -> Vec<Range<u64>> {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for chunk in (0..self.spill.chunk_count()).filter(|&c| self.spill.is_present(c)) {
+            match runs.last_mut() {
+                Some(run) if run.end == chunk => run.end += 1,
+                _ => runs.push(chunk..chunk + 1),
+            }
+        }
+        runs
+    }
 }
 
-/// A request for the on-demand lane: fetch these claimed chunks of a file.
-struct Job {
-    file: usize,
+/// Settings of the fetcher.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchConfig {
+    /// Prefetch workers (0: no prefetch).
+    pub jobs: usize,
+    pub order: Order,
+}
+
+/// What the lanes share.
+pub(crate) struct Shared {
+    files: Vec<Arc<FetchFile>>,
+    journal: Journal,
+    queue: prefetch::Queue,
+    verify: Mutex<Sender<usize>>,
+    started: Instant,
+}
+
+impl Shared {
+    /// Claimed `chunks` of file `index` are in its spill file and checked:
+    /// mark them present, answer the readers waiting for them, and queue the
+    /// file for verification once it is complete.
+    fn landed(&self, index: usize, chunks: Range<u64>, lane: Lane) {
+        let file = &self.files[index];
+        let bytes = file.spill.chunk_bytes(chunks.clone());
+        let counter = match lane {
+            Lane::OnDemand => &file.stats.bytes_on_demand,
+            Lane::Prefetch => &file.stats.bytes_prefetched,
+        };
+        counter.fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
+        self.journal.present(index, chunks.clone());
+        file.spill.mark_present(chunks.clone());
+        // Written through the map: let go of the pages (they stay in the page cache).
+        file.spill.release(bytes.start, bytes.end - bytes.start);
+        let (ready, complete) = {
+            let mut state = file.lock();
+            for chunk in chunks {
+                state.in_flight.remove(&chunk);
+            }
+            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .partition(|w| file.spill.all_present(w.chunks.clone()));
+            state.waiters = waiting;
+            let complete = file.spill.is_complete() && state.phase == Phase::Fetching;
+            if complete {
+                state.phase = Phase::Present;
+            }
+            (ready, complete)
+        };
+        for waiter in ready {
+            (waiter.done)(Ok(()));
+        }
+        if complete {
+            file.stats
+                .completed_ms
+                .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let _ = self.verify.lock().expect("verify queue").send(index);
+        }
+    }
+
+    /// The file changed on the source: forget its chunks and fetch it again
+    /// (at most twice), or fail it.
+    fn restart(&self, index: usize, reason: &str) {
+        let file = &self.files[index];
+        let again = {
+            let mut state = file.lock();
+            state.restarts += 1;
+            state.baseline = None;
+            if state.restarts > 2 {
+                state.phase = Phase::Failed(
+                    format!("{reason}, and again after fetching it twice more").into(),
+                );
+                false
+            } else {
+                file.spill.clear_present();
+                state.phase = Phase::Pending;
+                true
+            }
+        };
+        self.journal.reset(file.path_bytes());
+        log::warn!(
+            "{}: {reason}: {}",
+            file.path.display(),
+            if again { "fetching it again" } else { "failed" }
+        );
+        if again {
+            self.queue.push(index);
+        }
+    }
+
+    /// The first look at the source's file: its size must be what the images
+    /// record. Keeps the size and mtime to compare with after the transfer.
+    fn check_baseline(
+        &self,
+        index: usize,
+        connection: &mut dyn Connection,
+    ) -> Result<(), SourceError> {
+        let file = &self.files[index];
+        if file.expected.is_some() || file.lock().baseline.is_some() {
+            return Ok(());
+        }
+        let stat = connection.stat(&file.source_path)?;
+        let size = file.spill.chunk_bytes(0..file.spill.chunk_count()).end;
+        if stat.size != size {
+            let message = format!(
+                "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",
+                file.path.display(),
+                stat.size
+            );
+            log::error!("{message}");
+            file.fail(0..0, &FetchError::new(message), true);
+            return Ok(());
+        }
+        file.lock().baseline.get_or_insert(stat);
+        Ok(())
+    }
+}
+
+/// Fetches claimed `chunks` of `file` into its spill file and checks them
+/// against the manifest, fetching a chunk that does not match once more.
+fn fetch_checked(
+    link: &mut lane::Link,
+    file: &FetchFile,
     chunks: Range<u64>,
+) -> Result<(), FetchFailure> {
+    link.fetch(file, chunks.clone())
+        .map_err(FetchFailure::Source)?;
+    let Some(expected) = &file.expected else {
+        return Ok(());
+    };
+    for chunk in chunks {
+        let bytes = file.spill.chunk_bytes(chunk..chunk + 1);
+        let good = |file: &FetchFile| {
+            file.spill.read(bytes.start, bytes.end - bytes.start, |b| {
+                expected.chunk_matches(chunk, b)
+            })
+        };
+        if good(file) {
+            continue;
+        }
+        log::warn!(
+            "{}: chunk {chunk} does not match the manifest: fetching it again",
+            file.path.display()
+        );
+        link.fetch(file, chunk..chunk + 1)
+            .map_err(FetchFailure::Source)?;
+        if !good(file) {
+            return Err(FetchFailure::Mismatch(chunk));
+        }
+    }
+    Ok(())
+}
+
+enum FetchFailure {
+    Source(SourceError),
+    Mismatch(u64),
+}
+
+impl Shared {
+    /// Ends a claimed run however its fetch went.
+    fn finish(
+        &self,
+        index: usize,
+        chunks: Range<u64>,
+        lane: Lane,
+        result: Result<(), FetchFailure>,
+    ) {
+        let file = &self.files[index];
+        match result {
+            Ok(()) => self.landed(index, chunks, lane),
+            Err(FetchFailure::Mismatch(chunk)) => {
+                let message = format!(
+                    "{}: chunk {chunk} does not match the manifest even when fetched again: not served",
+                    file.path.display()
+                );
+                log::error!("{message}");
+                file.fail(chunks, &FetchError::new(message), true);
+            }
+            Err(FetchFailure::Source(e)) => {
+                // A lost connection may come back; a file that is missing or
+                // shorter than recorded will not.
+                let whole_file = !e.is_connection_lost();
+                log::error!("{e}");
+                file.fail(chunks, &FetchError::new(e.to_string()), whole_file);
+                if !whole_file && lane == Lane::Prefetch {
+                    self.queue.push(index);
+                }
+            }
+        }
+    }
 }
 
 pub struct Fetcher {
-    files: Arc<Vec<Arc<FetchFile>>>,
-    on_demand: Sender<Job>,
+    shared: Arc<Shared>,
+    on_demand: Sender<lane::Job>,
+    prefetch: Option<prefetch::Workers>,
 }
 
 impl Fetcher {
-    /// Starts the on-demand lane on `connection` (opened at mount time, so a
-    /// source that cannot be reached fails the mount, not the first read).
+    /// Starts the lanes: the on-demand lane on `connection` (opened at mount
+    /// time, so an unreachable source fails the mount), the verifier, and
+    /// with `config.jobs > 0` the prefetch workers.
     pub fn start(
         source: Arc<dyn Source>,
         connection: Box<dyn Connection>,
         files: Vec<Arc<FetchFile>>,
+        journal: Journal,
+        config: FetchConfig,
     ) -> Fetcher {
-        let files = Arc::new(files);
-        let on_demand = lane::spawn_on_demand(source, connection, files.clone());
-        Fetcher { files, on_demand }
+        let (verify_tx, verify_rx) = std::sync::mpsc::channel();
+        let sizes: Vec<u64> = files.iter().map(|f| f.spill.len()).collect();
+        let shared = Arc::new(Shared {
+            queue: prefetch::Queue::new(&sizes, config.order),
+            files,
+            journal,
+            verify: Mutex::new(verify_tx),
+            started: Instant::now(),
+        });
+        verify::spawn(source.clone(), shared.clone(), verify_rx);
+        for (index, file) in shared.files.iter().enumerate() {
+            if file.phase() == Phase::Present {
+                let _ = shared.verify.lock().expect("verify queue").send(index);
+            }
+        }
+        let on_demand = lane::spawn_on_demand(source.clone(), connection, shared.clone());
+        let prefetch = (config.jobs > 0)
+            .then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
+        Fetcher {
+            shared,
+            on_demand,
+            prefetch,
+        }
     }
 
     pub fn file(&self, index: usize) -> &Arc<FetchFile> {
-        &self.files[index]
+        &self.shared.files[index]
     }
 
     pub fn files(&self) -> &[Arc<FetchFile>] {
-        &self.files
+        &self.shared.files
+    }
+
+    pub fn prefetching(&self) -> bool {
+        self.prefetch.is_some()
     }
 
     /// Calls `done` once every chunk of `chunks` of file `index` is present
     /// (at once if they are), fetching the missing ones nobody fetches yet.
     pub fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
-        let file = &self.files[index];
+        let file = &self.shared.files[index];
+        if file.spill.all_present(chunks.clone()) && file.failure().is_none() {
+            return done(Ok(()));
+        }
         let runs = {
-            let mut state = file.state.lock().expect("fetch state");
-            if let Some(message) = &state.failed {
+            let mut state = file.lock();
+            if let Phase::Failed(message) = &state.phase {
                 let error = FetchError(message.clone());
                 drop(state);
                 return done(Err(error));
             }
+            // Checked under the lock: a run landing now either sees this waiter or was seen here.
             if file.spill.all_present(chunks.clone()) {
                 drop(state);
                 return done(Ok(()));
             }
-            let runs = FetchFile::claim(&mut state, &file.spill, chunks.clone());
+            let runs = file.claim_locked(&mut state, chunks.clone());
             state.waiters.push(Waiter { chunks, done });
             runs
         };
+        // A file someone waits for jumps the prefetch queue.
+        if self.prefetch.is_some() {
+            self.shared.queue.promote(index);
+        }
         for chunks in runs {
-            if let Err(lost) = self.on_demand.send(Job {
+            if let Err(lost) = self.on_demand.send(lane::Job {
                 file: index,
                 chunks,
             }) {
-                let error = FetchError("lazyfs is shutting down".into());
-                file.fail(lost.0.chunks, &error, false);
+                file.fail(
+                    lost.0.chunks,
+                    &FetchError::new("lazyfs is shutting down"),
+                    false,
+                );
             }
         }
     }
+
+    /// A read through the mount (for the counters).
+    pub fn note_read(&self, index: usize) {
+        let stats = &self.shared.files[index].stats;
+        stats.reads.fetch_add(1, Ordering::Relaxed);
+        let now = self.shared.started.elapsed().as_millis() as u64;
+        let _ =
+            stats
+                .first_read_ms
+                .compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// What to call once a local write changed file `index` (complete by
+    /// then): the file is local from then on, and the journal says so.
+    pub fn modified_marker(&self, index: usize) -> impl FnOnce() + Send + 'static {
+        let shared = self.shared.clone();
+        move || {
+            let file = &shared.files[index];
+            let newly = {
+                let mut state = file.lock();
+                let newly = state.phase != Phase::Modified;
+                state.phase = Phase::Modified;
+                newly
+            };
+            if newly {
+                shared.journal.modified(file.path_bytes());
+                shared.journal.flush();
+            }
+        }
+    }
+
+    /// Stops prefetching and makes everything known durable.
+    pub fn stop(&self) {
+        self.shared.queue.close();
+        if let Some(workers) = &self.prefetch {
+            workers.join();
+        }
+        self.shared.journal.flush();
+    }
+
+    /// Everything known now, as journal records (for a compacted journal).
+    pub fn snapshot(&self) -> Vec<JournalRecord> {
+        snapshot(&self.shared.files)
+    }
+}
+
+/// The journal records that say what is known of `files` now.
+pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
+    let mut records = Vec::new();
+    for file in files {
+        let path = file.path_bytes();
+        for run in file.present_runs() {
+            records.push(journal::present_record(path, run, file.spill.len()));
+        }
+        match file.phase() {
+            Phase::Verified { hash, against } => {
+                records.push(journal::verified_record(path, &hash, against))
+            }
+            Phase::Modified => records.push(journal::modified_record(path)),
+            _ => {}
+        }
+    }
+    records
 }

@@ -2,6 +2,7 @@
 //! cache directory, mapped with memmap2, and which of its chunks are present.
 //! Spill files are named by a hash of the original path, never by the path.
 
+pub mod journal;
 mod spill;
 
 use std::fs::File;
@@ -78,9 +79,18 @@ impl Store {
         self.dir.join("spill").join(&hash.to_hex()[..32])
     }
 
-    /// Opens (creating, sparse) the spill file for `original`, `size` bytes long.
-    pub fn open_spill(&self, original: &Path, size: u64) -> Result<SpillFile, StoreError> {
-        SpillFile::create(&self.spill_path(original), size)
+    /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
+    pub fn open_spill(
+        &self,
+        original: &Path,
+        size: Option<u64>,
+        keep: bool,
+    ) -> Result<SpillFile, StoreError> {
+        SpillFile::open(&self.spill_path(original), size, keep)
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal")
     }
 }
 

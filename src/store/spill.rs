@@ -10,6 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
 use super::{CHUNK_SIZE, StoreError, io_err};
 
 pub struct SpillFile {
@@ -26,13 +32,26 @@ pub struct SpillFile {
 impl SpillFile {
     /// Creates the spill file empty and sparse, `size` bytes long.
     pub fn create(path: &Path, size: u64) -> Result<SpillFile, StoreError> {
+        Self::open(path, Some(size), false)
+    }
+
+    /// Opens the spill file for a file of `size` bytes. With `keep`, an
+    /// existing spill file of that size keeps its bytes (a journal says which
+    /// are present); otherwise it starts empty. `size` `None` keeps the
+    /// existing file's length (a file changed locally).
+    pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
         let file = File::options()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(io_err(path))?;
+        let existing = file.metadata().map_err(io_err(path))?.len();
+        let size = size.unwrap_or(existing);
+        if !keep || existing != size {
+            file.set_len(0).map_err(io_err(path))?;
+        }
         file.set_len(size).map_err(io_err(path))?;
         let chunks = size.div_ceil(CHUNK_SIZE);
         let words = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
@@ -112,6 +131,66 @@ impl SpillFile {
                 r.end - r.start
             })
             .sum()
+    }
+
+    /// Forgets one chunk (its bytes failed a check).
+    pub fn unmark(&self, chunk: u64) {
+        let bit = 1 << (chunk % 64);
+        let before = self.present[(chunk / 64) as usize].fetch_and(!bit, Ordering::AcqRel);
+        if before & bit != 0 {
+            self.present_chunks.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Forgets every chunk (the file is fetched again from scratch).
+    pub fn clear_present(&self) {
+        for word in self.present.iter() {
+            word.store(0, Ordering::Release);
+        }
+        self.present_chunks.store(0, Ordering::Release);
+    }
+
+    /// The blake3 of the whole file as it is now. Hashes the mapped bytes a
+    /// window at a time and lets go of each window's pages after: spill data
+    /// is never held in this process's memory.
+    pub fn hash(&self) -> blake3::Hash {
+        const WINDOW: u64 = 8 << 20;
+        let mut hasher = blake3::Hasher::new();
+        let len = self.len();
+        let mut offset = 0;
+        while offset < len {
+            let take = WINDOW.min(len - offset);
+            self.read(offset, take, |bytes| {
+                hasher.update_rayon(bytes);
+            });
+            self.release(offset, take);
+            offset += take;
+        }
+        hasher.finalize()
+    }
+
+    /// Drops this process's mapping of `offset..offset+len` (the bytes stay
+    /// in the file and the page cache), so what was written or read through
+    /// the map does not count against this process's memory.
+    pub fn release(&self, offset: u64, len: u64) {
+        let map = self.map.read().expect("map lock");
+        let Some(map) = map.as_ref() else { return };
+        let page = page_size();
+        let start = offset / page * page;
+        let end = offset.saturating_add(len).min(map.len() as u64);
+        if start >= end {
+            return;
+        }
+        // SAFETY: MADV_DONTNEED on a shared file mapping only unmaps the
+        // pages; the next access maps them again from the page cache, so no
+        // data is lost and concurrent readers see the same bytes.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                (end - start) as usize,
+            )
+        };
     }
 
     /// Marks chunks present once their bytes are fully written.

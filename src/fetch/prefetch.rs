@@ -1,0 +1,210 @@
+//! Prefetch: a rayon pool of workers, each with a source connection of its
+//! own, streaming whole files into their spill files in queue order.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::{Lane, Shared, fetch_checked, lane::Link};
+use crate::source::Source;
+
+/// Chunks a worker claims and fetches at once: 1 MiB per SFTP request keeps
+/// the link busy (libssh2 keeps reading ahead on a sequential stream).
+const WINDOW_CHUNKS: u64 = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Most files complete soonest.
+    SmallestFirst,
+    LargestFirst,
+    /// The order the images list the files in.
+    Image,
+}
+
+/// Files waiting to be prefetched. Promoted files (someone reads them) come
+/// first, most recent promotion first; then the rest in the chosen order.
+pub(super) struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+struct QueueState {
+    /// (band, key, file): band 0 promoted, 1 ordinary.
+    queued: BTreeSet<(u8, u64, usize)>,
+    keys: Vec<Option<(u8, u64)>>,
+    order_keys: Vec<u64>,
+    promotions: u64,
+    closed: bool,
+}
+
+impl Queue {
+    pub(super) fn new(sizes: &[u64], order: Order) -> Queue {
+        let order_keys: Vec<u64> = sizes
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| match order {
+                Order::SmallestFirst => size,
+                Order::LargestFirst => u64::MAX - size,
+                Order::Image => index as u64,
+            })
+            .collect();
+        Queue {
+            state: Mutex::new(QueueState {
+                queued: BTreeSet::new(),
+                keys: vec![None; sizes.len()],
+                order_keys,
+                promotions: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// Queues `file` in its ordinary place (if it is not queued already).
+    pub(super) fn push(&self, file: usize) {
+        let mut state = self.state.lock().expect("queue");
+        if state.keys[file].is_none() {
+            let key = (1, state.order_keys[file]);
+            state.keys[file] = Some(key);
+            state.queued.insert((key.0, key.1, file));
+            self.ready.notify_one();
+        }
+    }
+
+    /// Moves `file` to the front.
+    pub(super) fn promote(&self, file: usize) {
+        let mut state = self.state.lock().expect("queue");
+        if let Some((band, key)) = state.keys[file] {
+            if band == 0 {
+                return;
+            }
+            state.queued.remove(&(band, key, file));
+        }
+        state.promotions += 1;
+        let key = (0, u64::MAX - state.promotions);
+        state.keys[file] = Some(key);
+        state.queued.insert((key.0, key.1, file));
+        self.ready.notify_one();
+    }
+
+    /// The next file, waiting for one; `None` once closed.
+    fn pop(&self) -> Option<usize> {
+        let mut state = self.state.lock().expect("queue");
+        loop {
+            if state.closed {
+                return None;
+            }
+            if let Some(first) = state.queued.pop_first() {
+                state.keys[first.2] = None;
+                return Some(first.2);
+            }
+            state = self.ready.wait(state).expect("queue");
+        }
+    }
+
+    pub(super) fn close(&self) {
+        self.state.lock().expect("queue").closed = true;
+        self.ready.notify_all();
+    }
+
+    /// Files not yet taken by a worker.
+    #[cfg(test)]
+    fn drain(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut state = self.state.lock().expect("queue");
+        while let Some(first) = state.queued.pop_first() {
+            state.keys[first.2] = None;
+            out.push(first.2);
+        }
+        out
+    }
+}
+
+pub(super) struct Workers {
+    pool: rayon::ThreadPool,
+    done: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl Workers {
+    /// Queues every file that is not settled and starts `jobs` workers.
+    pub(super) fn start(source: Arc<dyn Source>, shared: Arc<Shared>, jobs: usize) -> Workers {
+        for (index, file) in shared.files.iter().enumerate() {
+            if !file.phase().is_settled() && !file.spill.is_complete() {
+                shared.queue.push(index);
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(jobs)
+            .thread_name(|i| format!("lazyfs-prefetch-{i}"))
+            .build()
+            .expect("building the prefetch pool");
+        let done = Arc::new((Mutex::new(0), Condvar::new()));
+        for _ in 0..jobs {
+            let (source, shared, done) = (source.clone(), shared.clone(), done.clone());
+            pool.spawn(move || {
+                worker(Link::new(source), &shared);
+                *done.0.lock().expect("workers") += 1;
+                done.1.notify_all();
+            });
+        }
+        Workers { pool, done }
+    }
+
+    /// Waits for every worker to stop (after the queue is closed).
+    pub(super) fn join(&self) {
+        let jobs = self.pool.current_num_threads();
+        let mut stopped = self.done.0.lock().expect("workers");
+        while *stopped < jobs {
+            stopped = self.done.1.wait(stopped).expect("workers");
+        }
+    }
+}
+
+fn worker(mut link: Link, shared: &Shared) {
+    while let Some(index) = shared.queue.pop() {
+        let file = &shared.files[index];
+        if file.phase().is_settled() || file.spill.is_complete() {
+            continue;
+        }
+        if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
+            log::warn!("{e}");
+            if e.is_connection_lost() {
+                shared.queue.push(index);
+                continue;
+            }
+        }
+        let chunk_count = file.spill.chunk_count();
+        let mut window = 0;
+        while window < chunk_count && !file.phase().is_settled() {
+            let end = (window + WINDOW_CHUNKS).min(chunk_count);
+            for run in file.claim(window..end) {
+                let result = fetch_checked(&mut link, file, run.clone());
+                shared.finish(index, run, Lane::Prefetch, result);
+            }
+            window = end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_and_promotion() {
+        let sizes = [30, 10, 20, 5];
+        let queue = Queue::new(&sizes, Order::SmallestFirst);
+        (0..4).for_each(|i| queue.push(i));
+        assert_eq!(queue.drain(), [3, 1, 2, 0]);
+
+        let queue = Queue::new(&sizes, Order::LargestFirst);
+        (0..4).for_each(|i| queue.push(i));
+        queue.promote(3);
+        queue.promote(1);
+        assert_eq!(queue.drain(), [1, 3, 0, 2]);
+
+        let queue = Queue::new(&sizes, Order::Image);
+        (0..4).rev().for_each(|i| queue.push(i));
+        queue.push(2);
+        assert_eq!(queue.drain(), [0, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,236 @@
+//! The manifest: blake3 of every recorded file, whole and per chunk, made on
+//! the old host by `lazyfs manifest` and checked by the mount as chunks arrive.
+//!
+//! Format (version 1): the line `lazyfs-manifest\n`, then one protobuf
+//! `Manifest` message (`proto/lazyfs/cache.proto`): the chunk size, and per
+//! file its recorded path, size, whole-file blake3 and the blake3 of each
+//! chunk (32 bytes each, concatenated).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use rayon::prelude::*;
+
+use crate::images::Checkpoint;
+use crate::source::relative;
+use crate::store::CHUNK_SIZE;
+use crate::store::journal::proto::{Manifest as ManifestProto, ManifestFile};
+
+const MAGIC: &[u8] = b"lazyfs-manifest\n";
+const VERSION: u32 = 1;
+pub const DEFAULT_NAME: &str = "lazyfs.manifest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a lazyfs manifest: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
+}
+
+/// The hashes of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHashes {
+    pub size: u64,
+    pub whole: [u8; 32],
+    pub chunks: Vec<[u8; 32]>,
+}
+
+impl FileHashes {
+    /// Whether `bytes` are chunk `chunk` as the old host had it.
+    pub fn chunk_matches(&self, chunk: u64, bytes: &[u8]) -> bool {
+        self.chunks
+            .get(chunk as usize)
+            .is_some_and(|want| blake3::hash(bytes).as_bytes() == want)
+    }
+}
+
+/// Hashes chunk by chunk what `read_at` gives for a file of `size` bytes.
+pub fn hash_chunks(
+    size: u64,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<FileHashes> {
+    let mut whole = blake3::Hasher::new();
+    let mut chunks = Vec::with_capacity(size.div_ceil(CHUNK_SIZE) as usize);
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(CHUNK_SIZE) as usize;
+        read_at(offset, &mut buf[..len])?;
+        whole.update(&buf[..len]);
+        chunks.push(*blake3::hash(&buf[..len]).as_bytes());
+        offset += len as u64;
+    }
+    Ok(FileHashes {
+        size,
+        whole: *whole.finalize().as_bytes(),
+        chunks,
+    })
+}
+
+pub struct Manifest {
+    files: HashMap<Vec<u8>, FileHashes>,
+}
+
+impl Manifest {
+    pub fn get(&self, path: &Path) -> Option<&FileHashes> {
+        self.files.get(path.as_os_str().as_bytes())
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let bytes = std::fs::read(path).map_err(|source| ManifestError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let bad = |reason: String| ManifestError::Format {
+            path: path.into(),
+            reason,
+        };
+        let body = bytes
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| bad("no `lazyfs-manifest` line".into()))?;
+        let proto = ManifestProto::decode(body).map_err(|e| bad(e.to_string()))?;
+        if proto.version != VERSION || proto.chunk_size != CHUNK_SIZE {
+            return Err(bad(format!(
+                "version {} with {}-byte chunks; this lazyfs reads version {VERSION} with {CHUNK_SIZE}-byte chunks",
+                proto.version, proto.chunk_size
+            )));
+        }
+        let mut files = HashMap::new();
+        for file in proto.files {
+            let whole: [u8; 32] = file
+                .blake3
+                .as_slice()
+                .try_into()
+                .map_err(|_| bad("a hash that is not 32 bytes".into()))?;
+            let expected_chunks = file.size.div_ceil(CHUNK_SIZE) as usize;
+            if file.chunk_blake3.len() != expected_chunks * 32 {
+                return Err(bad(format!(
+                    "{}: wrong number of chunk hashes",
+                    String::from_utf8_lossy(&file.path)
+                )));
+            }
+            let chunks = file
+                .chunk_blake3
+                .chunks_exact(32)
+                .map(|c| c.try_into().expect("32 bytes"))
+                .collect();
+            files.insert(
+                file.path,
+                FileHashes {
+                    size: file.size,
+                    whole,
+                    chunks,
+                },
+            );
+        }
+        Ok(Manifest { files })
+    }
+}
+
+/// What `lazyfs manifest` did.
+pub struct Summary {
+    pub hashed: usize,
+    pub bytes: u64,
+    /// Files left out, and why.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// Hashes every servable file of `checkpoint`, read below `root`, in parallel,
+/// and writes the manifest to `output` (through a temporary file).
+pub fn create(
+    checkpoint: &Checkpoint,
+    root: &Path,
+    output: &Path,
+) -> Result<Summary, ManifestError> {
+    let results: Vec<(PathBuf, Result<FileHashes, String>)> = checkpoint
+        .servable()
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|file| {
+            let on_disk = root.join(relative(&file.source_path));
+            let result = (|| {
+                let handle = File::open(&on_disk).map_err(|e| e.to_string())?;
+                let size = handle.metadata().map_err(|e| e.to_string())?.len();
+                if let Some(recorded) = file.size.filter(|&r| r != size) {
+                    return Err(format!("{size} bytes, but the images record {recorded}: changed since the checkpoint"));
+                }
+                hash_chunks(size, |offset, buf| handle.read_exact_at(buf, offset)).map_err(|e| e.to_string())
+            })();
+            (file.path.clone(), result)
+        })
+        .collect();
+
+    let mut summary = Summary {
+        hashed: 0,
+        bytes: 0,
+        skipped: Vec::new(),
+    };
+    let mut proto = ManifestProto {
+        version: VERSION,
+        chunk_size: CHUNK_SIZE,
+        files: Vec::new(),
+    };
+    for (path, result) in results {
+        match result {
+            Ok(hashes) => {
+                summary.hashed += 1;
+                summary.bytes += hashes.size;
+                proto.files.push(ManifestFile {
+                    path: path.as_os_str().as_bytes().to_vec(),
+                    size: hashes.size,
+                    blake3: hashes.whole.to_vec(),
+                    chunk_blake3: hashes.chunks.concat(),
+                });
+            }
+            Err(reason) => summary.skipped.push((path, reason)),
+        }
+    }
+    let io = |source| ManifestError::Io {
+        path: output.into(),
+        source,
+    };
+    let tmp = output.with_extension("tmp");
+    let mut bytes = MAGIC.to_vec();
+    proto.encode(&mut bytes).expect("Vec grows");
+    std::fs::write(&tmp, &bytes).map_err(io)?;
+    std::fs::rename(&tmp, output).map_err(io)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_hashes_cover_the_file() {
+        let data: Vec<u8> = (0..(2 * CHUNK_SIZE + 10))
+            .map(|i| (i * i % 251) as u8)
+            .collect();
+        let hashes = hash_chunks(data.len() as u64, |offset, buf| {
+            buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(hashes.chunks.len(), 3);
+        assert_eq!(hashes.whole, *blake3::hash(&data).as_bytes());
+        assert!(hashes.chunk_matches(2, &data[2 * CHUNK_SIZE as usize..]));
+        assert!(!hashes.chunk_matches(1, &data[..CHUNK_SIZE as usize]));
+        assert!(!hashes.chunk_matches(9, &data[..1]));
+    }
+}

@@ -1,0 +1,433 @@
+//! The cache dir's state journal: which chunks of which file are present,
+//! which files are verified (and against what), which were changed locally.
+//!
+//! Crash safety: a batch of `Present` records is appended (and the journal
+//! fsynced) only after the spill files it names were fsynced, so a record
+//! never claims bytes that were not fully written. A crash loses at most the
+//! last batch, which is fetched again. A torn record at the end is cut off; a
+//! journal that cannot be read otherwise is set aside, with a warning, and
+//! nothing in it is trusted.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+
+use super::{CHUNK_SIZE, StoreError, io_err};
+
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/lazyfs.cache.rs"));
+}
+
+use proto::{Header, JournalRecord, Modified, Present, Reset, Verified, journal_record::Kind};
+
+const VERSION: u32 = 1;
+/// How long completed chunks may wait before they are made durable.
+const BATCH_TIME: Duration = Duration::from_millis(200);
+
+/// What the journal says of one file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FileRecord {
+    pub size: u64,
+    pub present: Vec<Range<u64>>,
+    pub verified: Option<([u8; 32], String)>,
+    pub modified: bool,
+}
+
+/// Reads the journal at `path`: what it records per original path, and a
+/// warning if it had to be set aside.
+pub fn load(path: &Path) -> Result<(HashMap<Vec<u8>, FileRecord>, Option<String>), StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), None)),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    match parse(&bytes) {
+        Ok(files) => Ok((files, None)),
+        Err(reason) => {
+            let aside = path.with_extension(format!(
+                "bad-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+            std::fs::rename(path, &aside).map_err(io_err(path))?;
+            let warning = format!(
+                "{}: {reason}; set aside as {} and not trusted: everything is fetched again",
+                path.display(),
+                aside.display()
+            );
+            Ok((HashMap::new(), Some(warning)))
+        }
+    }
+}
+
+/// One record on disk: its length (varint), the record, and 4 bytes of its
+/// blake3, so a damaged record is told from a good one.
+fn encode(record: &JournalRecord) -> Vec<u8> {
+    let body = record.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 9);
+    prost::encoding::encode_varint(body.len() as u64, &mut out);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&blake3::hash(&body).as_bytes()[..4]);
+    out
+}
+
+fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
+    let mut files: HashMap<Vec<u8>, FileRecord> = HashMap::new();
+    let mut first = true;
+    while !bytes.is_empty() {
+        let len = prost::encoding::decode_varint(&mut bytes)
+            .map_err(|e| format!("unreadable record length: {e}"))?;
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(4))
+            .filter(|&end| end <= bytes.len())
+        else {
+            // The last append stopped part way (a crash): what came before stands.
+            break;
+        };
+        let (body, check) = (&bytes[..end - 4], &bytes[end - 4..end]);
+        if blake3::hash(body).as_bytes()[..4] != *check {
+            return Err("a damaged record (checksum mismatch)".into());
+        }
+        let record = JournalRecord::decode(body).map_err(|e| format!("unreadable record: {e}"))?;
+        bytes = &bytes[end..];
+        match (first, record.kind) {
+            (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {
+            }
+            (true, Some(Kind::Header(h))) => {
+                return Err(format!(
+                    "version {} with {}-byte chunks, not version {VERSION}",
+                    h.version, h.chunk_size
+                ));
+            }
+            (true, _) => return Err("no header".into()),
+            (false, Some(Kind::Header(_))) | (false, None) => {
+                return Err("a record out of place".into());
+            }
+            (false, Some(Kind::Present(p))) => {
+                if p.first > p.end {
+                    return Err("a reversed chunk range".into());
+                }
+                let file = files.entry(p.path).or_default();
+                file.size = p.size;
+                file.present.push(p.first..p.end);
+            }
+            (false, Some(Kind::Verified(v))) => {
+                let hash: [u8; 32] = v
+                    .blake3
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| "a hash that is not 32 bytes")?;
+                files.entry(v.path).or_default().verified = Some((hash, v.against));
+            }
+            (false, Some(Kind::Modified(m))) => files.entry(m.path).or_default().modified = true,
+            (false, Some(Kind::Reset(r))) => {
+                files.remove(&r.path);
+            }
+        }
+        first = false;
+    }
+    Ok(files)
+}
+
+enum Op {
+    Present { file: usize, chunks: Range<u64> },
+    Record(JournalRecord),
+    Flush(Sender<()>),
+}
+
+/// Appends to the journal from a thread of its own, in durable batches.
+pub struct Journal {
+    tx: Sender<Op>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A file the journal writes `Present` records for: its path, spill size, and
+/// a descriptor to fsync before claiming its chunks.
+pub struct JournalFile {
+    pub path: Vec<u8>,
+    pub size: u64,
+    pub spill: File,
+}
+
+impl Journal {
+    /// Starts a new journal at `path` holding `snapshot` (what is known now),
+    /// written to a temporary file and renamed over the old one.
+    pub fn create(
+        path: &Path,
+        snapshot: Vec<JournalRecord>,
+        files: Vec<JournalFile>,
+    ) -> Result<Journal, StoreError> {
+        let tmp = path.with_extension("tmp");
+        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut bytes = encode(&header());
+        for record in &snapshot {
+            bytes.extend(encode(record));
+        }
+        out.write_all(&bytes).map_err(io_err(&tmp))?;
+        out.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
+        let journal = File::options()
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            path: path.to_path_buf(),
+            journal,
+            files,
+        };
+        let thread = std::thread::Builder::new()
+            .name("lazyfs-journal".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err(path))?;
+        Ok(Journal {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Chunks of file `file` (its index among the `files` given) are written.
+    pub fn present(&self, file: usize, chunks: Range<u64>) {
+        let _ = self.tx.send(Op::Present { file, chunks });
+    }
+
+    pub fn verified(&self, path: &[u8], hash: &blake3::Hash, against: &str) {
+        let record = Kind::Verified(Verified {
+            path: path.to_vec(),
+            blake3: hash.as_bytes().to_vec(),
+            against: against.into(),
+        });
+        let _ = self
+            .tx
+            .send(Op::Record(JournalRecord { kind: Some(record) }));
+    }
+
+    pub fn modified(&self, path: &[u8]) {
+        let _ = self.tx.send(Op::Record(JournalRecord {
+            kind: Some(Kind::Modified(Modified {
+                path: path.to_vec(),
+            })),
+        }));
+    }
+
+    pub fn reset(&self, path: &[u8]) {
+        let _ = self.tx.send(Op::Record(JournalRecord {
+            kind: Some(Kind::Reset(Reset {
+                path: path.to_vec(),
+            })),
+        }));
+    }
+
+    /// Returns once everything sent so far is durable.
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Op::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.flush();
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn header() -> JournalRecord {
+    JournalRecord {
+        kind: Some(Kind::Header(Header {
+            version: VERSION,
+            chunk_size: CHUNK_SIZE,
+        })),
+    }
+}
+
+/// The record saying chunks `chunks` of `path` (spill `size` bytes) are present.
+pub fn present_record(path: &[u8], chunks: Range<u64>, size: u64) -> JournalRecord {
+    JournalRecord {
+        kind: Some(Kind::Present(Present {
+            path: path.to_vec(),
+            first: chunks.start,
+            end: chunks.end,
+            size,
+        })),
+    }
+}
+
+pub fn verified_record(path: &[u8], hash: &[u8; 32], against: &str) -> JournalRecord {
+    JournalRecord {
+        kind: Some(Kind::Verified(Verified {
+            path: path.to_vec(),
+            blake3: hash.to_vec(),
+            against: against.into(),
+        })),
+    }
+}
+
+pub fn modified_record(path: &[u8]) -> JournalRecord {
+    JournalRecord {
+        kind: Some(Kind::Modified(Modified {
+            path: path.to_vec(),
+        })),
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    journal: File,
+    files: Vec<JournalFile>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Op>) {
+        let mut pending: Vec<Op> = Vec::new();
+        let mut oldest: Option<Instant> = None;
+        loop {
+            let op = match oldest {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(since) => rx.recv_timeout(BATCH_TIME.saturating_sub(since.elapsed())),
+            };
+            match op {
+                Ok(op) => {
+                    let flush_now = matches!(op, Op::Flush(_));
+                    pending.push(op);
+                    oldest.get_or_insert_with(Instant::now);
+                    if !flush_now {
+                        continue;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.commit(std::mem::take(&mut pending));
+                    return;
+                }
+            }
+            self.commit(std::mem::take(&mut pending));
+            oldest = None;
+        }
+    }
+
+    /// Syncs the spill files the batch names, then appends and syncs its records.
+    fn commit(&mut self, ops: Vec<Op>) {
+        let mut synced = vec![false; self.files.len()];
+        let mut bytes = Vec::new();
+        let mut waiters = Vec::new();
+        for op in ops {
+            match op {
+                Op::Present { file, chunks } => {
+                    let Some(entry) = self.files.get(file) else {
+                        continue;
+                    };
+                    if !synced[file] {
+                        if let Err(e) = entry.spill.sync_data() {
+                            log::error!(
+                                "syncing the spill file of {}: {e}",
+                                String::from_utf8_lossy(&entry.path)
+                            );
+                            continue;
+                        }
+                        synced[file] = true;
+                    }
+                    bytes.extend(encode(&present_record(&entry.path, chunks, entry.size)));
+                }
+                Op::Record(record) => bytes.extend(encode(&record)),
+                Op::Flush(done) => waiters.push(done),
+            }
+        }
+        if !bytes.is_empty() {
+            if let Err(e) = self
+                .journal
+                .write_all(&bytes)
+                .and_then(|()| self.journal.sync_data())
+            {
+                log::error!("{}: {e}", self.path.display());
+            }
+        }
+        for done in waiters {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal_with(dir: &Path, records: Vec<JournalRecord>) -> PathBuf {
+        let path = dir.join("journal");
+        let spill = dir.join("spill");
+        std::fs::write(&spill, b"x").unwrap();
+        let files = vec![JournalFile {
+            path: b"/a".to_vec(),
+            size: 100,
+            spill: File::open(&spill).unwrap(),
+        }];
+        let journal = Journal::create(&path, records, files).unwrap();
+        journal.present(0, 0..2);
+        journal.present(0, 5..6);
+        journal.verified(b"/b", &blake3::hash(b"b"), "received");
+        journal.modified(b"/c");
+        journal.reset(b"/d");
+        drop(journal);
+        path
+    }
+
+    #[test]
+    fn records_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_with(dir.path(), vec![present_record(b"/d", 0..1, 10)]);
+        let (files, warning) = load(&path).unwrap();
+        assert!(warning.is_none());
+        assert_eq!(files[&b"/a".to_vec()].present, vec![0..2, 5..6]);
+        assert_eq!(files[&b"/a".to_vec()].size, 100);
+        assert_eq!(
+            files[&b"/b".to_vec()].verified.as_ref().unwrap().0,
+            *blake3::hash(b"b").as_bytes()
+        );
+        assert!(files[&b"/c".to_vec()].modified);
+        assert!(!files.contains_key(&b"/d".to_vec()), "reset forgets");
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_garbage_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_with(dir.path(), vec![]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let full = bytes.len();
+        bytes.extend(encode(&present_record(b"/e", 0..9, 10)));
+        bytes.truncate(full + 5);
+        std::fs::write(&path, &bytes).unwrap();
+        let (files, warning) = load(&path).unwrap();
+        assert!(warning.is_none(), "{warning:?}");
+        assert!(!files.contains_key(&b"/e".to_vec()));
+        assert_eq!(files[&b"/a".to_vec()].present.len(), 2);
+
+        let mut garbage = std::fs::read(&path).unwrap();
+        garbage[3] ^= 0xff;
+        garbage[4] ^= 0xff;
+        std::fs::write(&path, &garbage).unwrap();
+        let (files, warning) = load(&path).unwrap();
+        assert!(files.is_empty());
+        assert!(warning.unwrap().contains("set aside"));
+        assert!(!path.exists());
+    }
+}
