@@ -8,7 +8,7 @@ use std::process::{ExitCode, Stdio};
 
 use anyhow::Context;
 use clap::Parser;
-use lazyfs::cli::{Cli, Command, LsArgs, MountArgs, StatusArgs, UmountArgs, exit};
+use lazyfs::cli::{Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, exit};
 use lazyfs::commands::ls;
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
@@ -58,8 +58,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Umount(args) => run_umount(&args),
         Command::Status(args) => run_status(&args),
         Command::Wait(_) => not_built("wait"),
-        Command::Manifest(_) => not_built("manifest"),
-        Command::Verify(_) => not_built("verify"),
+        Command::Manifest(args) => run_manifest(&args),
+        Command::Verify(args) => run_verify(&args),
     }
 }
 
@@ -257,6 +257,44 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::SUCCESS)
+}
+
+fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
+    let checkpoint = Checkpoint::load(&args.imgdir)?;
+    let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
+    let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output)
+        .map_err(|e| Exit { code: exit::RUNTIME, message: e.to_string() })?;
+    for (path, reason) in &summary.skipped {
+        eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
+    }
+    eprintln!(
+        "lazyfs: hashed {} files ({} bytes) into {}{}",
+        summary.hashed,
+        summary.bytes,
+        output.display(),
+        if summary.skipped.is_empty() { String::new() } else { format!("; left out {}", summary.skipped.len()) }
+    );
+    Ok(exit::SUCCESS)
+}
+
+fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
+    let cache_dir = match (&args.cache_dir, &args.mountpoint) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(mountpoint)) => control::Client::connect(mountpoint)?.status()?.cache_dir.into(),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let report = lazyfs::commands::verify::verify_cache(&cache_dir)?;
+    for (path, reason) in &report.mismatched {
+        println!("MISMATCH {}: {reason}", ls::escape_path(path));
+    }
+    println!(
+        "{} verified file(s) checked in {}, {} mismatched{}",
+        report.checked,
+        cache_dir.display(),
+        report.mismatched.len(),
+        if report.mismatched.is_empty() { "" } else { ": a mount of this cache dir fetches them again" }
+    );
+    Ok(if report.mismatched.is_empty() { exit::SUCCESS } else { exit::VERIFY_FAILED })
 }
 
 fn not_built(command: &str) -> anyhow::Result<u8> {

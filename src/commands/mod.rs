@@ -1,3 +1,4 @@
 //! What each subcommand prints, kept apart from argument parsing and exit codes.
 
 pub mod ls;
+pub mod verify;

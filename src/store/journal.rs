@@ -40,22 +40,15 @@ pub struct FileRecord {
     pub modified: bool,
 }
 
-/// Reads the journal at `path`: what it records per original path, and a
-/// warning if it had to be set aside.
+/// Reads the journal at `path`, setting it aside if it cannot be read: what it
+/// records per original path, and a warning if it was set aside.
 pub fn load(path: &Path) -> Result<(HashMap<Vec<u8>, FileRecord>, Option<String>), StoreError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), None)),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    match parse(&bytes) {
+    match read(path)? {
         Ok(files) => Ok((files, None)),
         Err(reason) => {
             let aside = path.with_extension(format!(
                 "bad-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
             ));
             std::fs::rename(path, &aside).map_err(io_err(path))?;
             let warning = format!(
@@ -65,6 +58,16 @@ pub fn load(path: &Path) -> Result<(HashMap<Vec<u8>, FileRecord>, Option<String>
             );
             Ok((HashMap::new(), Some(warning)))
         }
+    }
+}
+
+/// Reads the journal at `path` without changing it (a missing one knows
+/// nothing); the inner error says why it cannot be trusted.
+pub fn read(path: &Path) -> Result<Result<HashMap<Vec<u8>, FileRecord>, String>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(parse(&bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(HashMap::new())),
+        Err(e) => Err(io_err(path)(e)),
     }
 }
 

@@ -74,9 +74,7 @@ impl Store {
 
     /// The spill file of the file recorded at `original`.
     pub fn spill_path(&self, original: &Path) -> PathBuf {
-        use std::os::unix::ffi::OsStrExt;
-        let hash = blake3::hash(original.as_os_str().as_bytes());
-        self.dir.join("spill").join(&hash.to_hex()[..32])
+        spill_path(&self.dir, original)
     }
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
@@ -92,6 +90,14 @@ impl Store {
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join("journal")
     }
+}
+
+/// Where the spill file of the file recorded at `original` is in `cache_dir`:
+/// named by a hash of the path, never by the path.
+pub fn spill_path(cache_dir: &Path, original: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = blake3::hash(original.as_os_str().as_bytes());
+    cache_dir.join("spill").join(&hash.to_hex()[..32])
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StoreError> {

@@ -1,0 +1,49 @@
+//! `lazyfs verify`: hash every verified file's cached copy again and compare
+//! it with the blake3 the journal recorded for it.
+
+use std::path::{Path, PathBuf};
+
+use crate::store::journal;
+
+pub struct Report {
+    pub checked: usize,
+    /// Files whose cached bytes no longer match, with what is wrong.
+    pub mismatched: Vec<(PathBuf, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{}: the journal cannot be trusted ({reason}); a mount of this cache dir fetches everything again", path.display())]
+    Journal { path: PathBuf, reason: String },
+}
+
+/// Re-hashes every file the journal of `cache_dir` says is verified.
+pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
+    let journal_path = cache_dir.join("journal");
+    let records = journal::read(&journal_path)?.map_err(|reason| VerifyError::Journal { path: journal_path, reason })?;
+    let mut report = Report { checked: 0, mismatched: Vec::new() };
+    let mut verified: Vec<_> = records.iter().filter_map(|(path, r)| Some((path, r.verified.as_ref()?))).collect();
+    verified.sort();
+    for (path, (hash, against)) in verified {
+        use std::os::unix::ffi::OsStrExt;
+        let original = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+        let spill = crate::store::spill_path(cache_dir, &original);
+        report.checked += 1;
+        let actual = std::fs::File::open(&spill).and_then(|mut f| {
+            let mut hasher = blake3::Hasher::new();
+            std::io::copy(&mut f, &mut hasher)?;
+            Ok(hasher.finalize())
+        });
+        match actual {
+            Ok(actual) if actual.as_bytes() == hash => {}
+            Ok(actual) => report.mismatched.push((
+                original,
+                format!("blake3 {} where the {against} said {}", actual.to_hex(), blake3::Hash::from_bytes(*hash).to_hex()),
+            )),
+            Err(e) => report.mismatched.push((original, format!("{}: {e}", spill.display()))),
+        }
+    }
+    Ok(report)
+}
