@@ -8,7 +8,9 @@ use std::process::{ExitCode, Stdio};
 
 use anyhow::Context;
 use clap::Parser;
-use lazyfs::cli::{Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, exit};
+use lazyfs::cli::{
+    Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, exit,
+};
 use lazyfs::commands::ls;
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
@@ -261,9 +263,14 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
-    let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
-    let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output)
-        .map_err(|e| Exit { code: exit::RUNTIME, message: e.to_string() })?;
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
+    let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output).map_err(|e| Exit {
+        code: exit::RUNTIME,
+        message: e.to_string(),
+    })?;
     for (path, reason) in &summary.skipped {
         eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
     }
@@ -272,7 +279,11 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
         summary.hashed,
         summary.bytes,
         output.display(),
-        if summary.skipped.is_empty() { String::new() } else { format!("; left out {}", summary.skipped.len()) }
+        if summary.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; left out {}", summary.skipped.len())
+        }
     );
     Ok(exit::SUCCESS)
 }
@@ -280,7 +291,10 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
 fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
     let cache_dir = match (&args.cache_dir, &args.mountpoint) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(mountpoint)) => control::Client::connect(mountpoint)?.status()?.cache_dir.into(),
+        (None, Some(mountpoint)) => control::Client::connect(mountpoint)?
+            .status()?
+            .cache_dir
+            .into(),
         (None, None) => unreachable!("clap requires one"),
     };
     let report = lazyfs::commands::verify::verify_cache(&cache_dir)?;
@@ -292,9 +306,17 @@ fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
         report.checked,
         cache_dir.display(),
         report.mismatched.len(),
-        if report.mismatched.is_empty() { "" } else { ": a mount of this cache dir fetches them again" }
+        if report.mismatched.is_empty() {
+            ""
+        } else {
+            ": a mount of this cache dir fetches them again"
+        }
     );
-    Ok(if report.mismatched.is_empty() { exit::SUCCESS } else { exit::VERIFY_FAILED })
+    Ok(if report.mismatched.is_empty() {
+        exit::SUCCESS
+    } else {
+        exit::VERIFY_FAILED
+    })
 }
 
 fn not_built(command: &str) -> anyhow::Result<u8> {

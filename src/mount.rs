@@ -219,6 +219,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             source_path: file.source_path.clone(),
             size,
             expected,
+            image_order: file.image_order as u64,
         };
         let record = records.get(file.path.as_os_str().as_bytes());
         files.push(Arc::new(open_file(&store, spec, record)?));
@@ -527,11 +528,12 @@ fn failed_file(
 ) -> Result<FetchFile, StoreError> {
     log::error!("{message}");
     let spill = store.open_spill(&file.path, Some(0), false)?;
-    Ok(FetchFile::new(
-        file.path.clone(),
-        file.source_path.clone(),
-        spill,
-        None,
-        Phase::Failed(message.into()),
-    ))
+    let spec = FileSpec {
+        path: file.path.clone(),
+        source_path: file.source_path.clone(),
+        size: 0,
+        expected: None,
+        image_order: file.image_order as u64,
+    };
+    Ok(FetchFile::new(spec, spill, Phase::Failed(message.into())))
 }

@@ -90,7 +90,7 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
     status.rate_bytes_per_s = fetched / elapsed;
     let remaining = status.bytes_total.saturating_sub(status.bytes_present) as f64;
     status.eta_s = match (remaining, status.rate_bytes_per_s) {
-        (r, _) if r == 0.0 => Some(0.0),
+        (0.0, _) => Some(0.0),
         (r, rate) if rate > 0.0 && fs.fetcher().prefetching() => Some(r / rate),
         _ => None,
     };

@@ -137,6 +137,8 @@ pub struct FetchFile {
     pub spill: SpillFile,
     /// Its hashes from the manifest, if there is one.
     pub expected: Option<FileHashes>,
+    /// Where the images first list it.
+    pub image_order: u64,
     pub stats: FileStats,
     state: Mutex<FetchState>,
 }
@@ -157,18 +159,13 @@ struct Waiter {
 }
 
 impl FetchFile {
-    pub fn new(
-        path: PathBuf,
-        source_path: PathBuf,
-        spill: SpillFile,
-        expected: Option<FileHashes>,
-        phase: Phase,
-    ) -> Self {
+    pub fn new(spec: restore::FileSpec, spill: SpillFile, phase: Phase) -> Self {
         FetchFile {
-            path,
-            source_path,
+            path: spec.path,
+            source_path: spec.source_path,
             spill,
-            expected,
+            expected: spec.expected,
+            image_order: spec.image_order,
             stats: FileStats::new(),
             state: Mutex::new(FetchState {
                 in_flight: HashSet::new(),
@@ -471,9 +468,12 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
-        let sizes: Vec<u64> = files.iter().map(|f| f.spill.len()).collect();
+        let order: Vec<(u64, u64)> = files
+            .iter()
+            .map(|f| (f.spill.len(), f.image_order))
+            .collect();
         let shared = Arc::new(Shared {
-            queue: prefetch::Queue::new(&sizes, config.order),
+            queue: prefetch::Queue::new(&order, config.order),
             files,
             journal,
             verify: Mutex::new(verify_tx),

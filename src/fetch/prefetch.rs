@@ -37,20 +37,20 @@ struct QueueState {
 }
 
 impl Queue {
-    pub(super) fn new(sizes: &[u64], order: Order) -> Queue {
-        let order_keys: Vec<u64> = sizes
+    /// `files` are (size, place in the images) of each file.
+    pub(super) fn new(files: &[(u64, u64)], order: Order) -> Queue {
+        let order_keys: Vec<u64> = files
             .iter()
-            .enumerate()
-            .map(|(index, &size)| match order {
+            .map(|&(size, image_order)| match order {
                 Order::SmallestFirst => size,
                 Order::LargestFirst => u64::MAX - size,
-                Order::Image => index as u64,
+                Order::Image => image_order,
             })
             .collect();
         Queue {
             state: Mutex::new(QueueState {
                 queued: BTreeSet::new(),
-                keys: vec![None; sizes.len()],
+                keys: vec![None; files.len()],
                 order_keys,
                 promotions: 0,
                 closed: false,
@@ -191,7 +191,7 @@ mod tests {
 
     #[test]
     fn orders_and_promotion() {
-        let sizes = [30, 10, 20, 5];
+        let sizes = [(30, 3), (10, 2), (20, 1), (5, 0)];
         let queue = Queue::new(&sizes, Order::SmallestFirst);
         (0..4).for_each(|i| queue.push(i));
         assert_eq!(queue.drain(), [3, 1, 2, 0]);
@@ -203,8 +203,8 @@ mod tests {
         assert_eq!(queue.drain(), [1, 3, 0, 2]);
 
         let queue = Queue::new(&sizes, Order::Image);
-        (0..4).rev().for_each(|i| queue.push(i));
+        (0..4).for_each(|i| queue.push(i));
         queue.push(2);
-        assert_eq!(queue.drain(), [0, 1, 2, 3]);
+        assert_eq!(queue.drain(), [3, 2, 1, 0]);
     }
 }

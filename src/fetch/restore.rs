@@ -16,6 +16,8 @@ pub struct FileSpec {
     pub source_path: PathBuf,
     pub size: u64,
     pub expected: Option<FileHashes>,
+    /// Where the images first list it.
+    pub image_order: u64,
 }
 
 pub fn open_file(
@@ -28,13 +30,11 @@ pub fn open_file(
         // Changed locally: the spill file is the file now, whatever its length.
         let spill = store.open_spill(&spec.path, None, true)?;
         spill.mark_present(0..spill.chunk_count());
-        return Ok(FetchFile::new(
-            spec.path,
-            spec.source_path,
-            spill,
-            None,
-            Phase::Modified,
-        ));
+        let spec = FileSpec {
+            expected: None,
+            ..spec
+        };
+        return Ok(FetchFile::new(spec, spill, Phase::Modified));
     }
     let record = record.filter(|r| r.size == spec.size);
     let spill = store.open_spill(&spec.path, Some(spec.size), record.is_some())?;
@@ -67,24 +67,22 @@ pub fn open_file(
             }
         }
     }
-    if phase.is_none() {
-        if let Some(expected) = &spec.expected {
-            let mut dropped = 0;
-            for chunk in (0..chunks).filter(|&c| spill.is_present(c)) {
-                let bytes = spill.chunk_bytes(chunk..chunk + 1);
-                if !spill.read(bytes.start, bytes.end - bytes.start, |b| {
-                    expected.chunk_matches(chunk, b)
-                }) {
-                    spill.unmark(chunk);
-                    dropped += 1;
-                }
+    if let (None, Some(expected)) = (&phase, &spec.expected) {
+        let mut dropped = 0;
+        for chunk in (0..chunks).filter(|&c| spill.is_present(c)) {
+            let bytes = spill.chunk_bytes(chunk..chunk + 1);
+            if !spill.read(bytes.start, bytes.end - bytes.start, |b| {
+                expected.chunk_matches(chunk, b)
+            }) {
+                spill.unmark(chunk);
+                dropped += 1;
             }
-            spill.release(0, spill.len());
-            if dropped > 0 {
-                log::warn!(
-                    "{name}: {dropped} cached chunk(s) no longer match the manifest: fetching them again"
-                );
-            }
+        }
+        spill.release(0, spill.len());
+        if dropped > 0 {
+            log::warn!(
+                "{name}: {dropped} cached chunk(s) no longer match the manifest: fetching them again"
+            );
         }
     }
     let phase = phase.unwrap_or(if spill.is_complete() {
@@ -94,11 +92,5 @@ pub fn open_file(
     } else {
         Phase::Pending
     });
-    Ok(FetchFile::new(
-        spec.path,
-        spec.source_path,
-        spill,
-        spec.expected,
-        phase,
-    ))
+    Ok(FetchFile::new(spec, spill, phase))
 }

@@ -53,6 +53,8 @@ struct Loader<'a> {
 struct Reg {
     entry: RegFileEntry,
     remap: Option<Unservable>,
+    /// Its place among the records, in the order the image lists them.
+    position: usize,
 }
 
 /// The file records of a dump, by file id.
@@ -172,7 +174,19 @@ impl<'a> Loader<'a> {
             others: HashSet::new(),
         };
         let insert = |table: &mut FileTable, name: &str, entry: RegFileEntry, id: u32| {
-            if table.regs.insert(id, Reg { entry, remap: None }).is_some() {
+            let position = table.regs.len();
+            if table
+                .regs
+                .insert(
+                    id,
+                    Reg {
+                        entry,
+                        remap: None,
+                        position,
+                    },
+                )
+                .is_some()
+            {
                 return Err(self.invalid(name, Invalid::DuplicateId(id)));
             }
             Ok(())
@@ -382,12 +396,14 @@ fn merge_by_path(
                 flags: 0,
                 users: Vec::new(),
                 unservable: None,
+                image_order: reg.position,
             };
             (file, mount_reason)
         });
         file.size = file.size.max(entry.size);
         file.mode = file.mode.or(entry.mode);
         file.flags |= entry.flags;
+        file.image_order = file.image_order.min(reg.position);
         file.users.extend(id_users);
         if other_reason.is_none() {
             other_reason.clone_from(&reg.remap);

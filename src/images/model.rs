@@ -40,6 +40,8 @@ pub struct RecordedFile {
     pub users: Vec<User>,
     /// Why lazyfs cannot serve this file, if it cannot.
     pub unservable: Option<Unservable>,
+    /// Where the images first list it (`--prefetch-order image`).
+    pub image_order: usize,
 }
 
 impl RecordedFile {

@@ -40,15 +40,20 @@ pub struct FileRecord {
     pub modified: bool,
 }
 
+/// What the journal records, per original path.
+pub type Records = HashMap<Vec<u8>, FileRecord>;
+
 /// Reads the journal at `path`, setting it aside if it cannot be read: what it
 /// records per original path, and a warning if it was set aside.
-pub fn load(path: &Path) -> Result<(HashMap<Vec<u8>, FileRecord>, Option<String>), StoreError> {
+pub fn load(path: &Path) -> Result<(Records, Option<String>), StoreError> {
     match read(path)? {
         Ok(files) => Ok((files, None)),
         Err(reason) => {
             let aside = path.with_extension(format!(
                 "bad-{}",
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
             ));
             std::fs::rename(path, &aside).map_err(io_err(path))?;
             let warning = format!(
@@ -63,7 +68,7 @@ pub fn load(path: &Path) -> Result<(HashMap<Vec<u8>, FileRecord>, Option<String>
 
 /// Reads the journal at `path` without changing it (a missing one knows
 /// nothing); the inner error says why it cannot be trusted.
-pub fn read(path: &Path) -> Result<Result<HashMap<Vec<u8>, FileRecord>, String>, StoreError> {
+pub fn read(path: &Path) -> Result<Result<Records, String>, StoreError> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(parse(&bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(HashMap::new())),
@@ -356,14 +361,12 @@ impl Writer {
                 Op::Flush(done) => waiters.push(done),
             }
         }
-        if !bytes.is_empty() {
-            if let Err(e) = self
-                .journal
-                .write_all(&bytes)
-                .and_then(|()| self.journal.sync_data())
-            {
-                log::error!("{}: {e}", self.path.display());
-            }
+        let written = self
+            .journal
+            .write_all(&bytes)
+            .and_then(|()| self.journal.sync_data());
+        if let (false, Err(e)) = (bytes.is_empty(), written) {
+            log::error!("{}: {e}", self.path.display());
         }
         for done in waiters {
             let _ = done.send(());
@@ -407,7 +410,7 @@ mod tests {
             *blake3::hash(b"b").as_bytes()
         );
         assert!(files[&b"/c".to_vec()].modified);
-        assert!(!files.contains_key(&b"/d".to_vec()), "reset forgets");
+        assert!(!files.contains_key(b"/d".as_slice()), "reset forgets");
     }
 
     #[test]
@@ -421,7 +424,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (files, warning) = load(&path).unwrap();
         assert!(warning.is_none(), "{warning:?}");
-        assert!(!files.contains_key(&b"/e".to_vec()));
+        assert!(!files.contains_key(b"/e".as_slice()));
         assert_eq!(files[&b"/a".to_vec()].present.len(), 2);
 
         let mut garbage = std::fs::read(&path).unwrap();
