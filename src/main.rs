@@ -203,12 +203,7 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
             Ok(exit::SUCCESS)
         }
         Err(ControlError::NotAMount(path)) => {
-            // A mount whose process died answers ENOTCONN: clear it.
-            let stale = std::fs::metadata(&path)
-                .err()
-                .and_then(|e| e.raw_os_error())
-                == Some(libc::ENOTCONN);
-            if stale {
+            if mount::is_stale(&path) {
                 mount::detach(&path)
                     .with_context(|| format!("clearing the stale mount at {}", path.display()))?;
                 eprintln!(

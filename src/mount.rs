@@ -285,9 +285,7 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
         path: mountpoint.to_path_buf(),
         reason,
     };
-    let stale =
-        std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    if stale {
+    if is_stale(mountpoint) {
         log::warn!(
             "{}: clearing a stale mount left by a lazyfs process that died",
             mountpoint.display()
@@ -312,6 +310,14 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
         }
         Err(e) => Err(bad(e.to_string())),
     }
+}
+
+/// Whether `path` is a FUSE mount whose process died: it answers "Transport
+/// endpoint is not connected" (or, while the kernel tears the connection
+/// down, "Software caused connection abort").
+pub fn is_stale(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
 }
 
 /// Unmounts at once even when busy (open files keep it alive until closed).
