@@ -44,7 +44,19 @@ pub enum Command {
     Ls(LsArgs),
     Manifest(ManifestArgs),
     Verify(VerifyArgs),
+    Completions(CompletionsArgs),
+    Man(ManArgs),
 }
+
+/// Print a shell completion script (e.g. `lazyfs completions bash > /etc/bash_completion.d/lazyfs`).
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+/// Print the man page (roff), e.g. `lazyfs man > /usr/local/share/man/man1/lazyfs.1`.
+#[derive(Debug, Args)]
+pub struct ManArgs {}
 
 /// Mount the files a checkpoint records, fetching contents from SOURCE on demand.
 ///

@@ -1,15 +1,19 @@
 //! The CLI edge: parses arguments, runs a command, and turns its error into a
 //! one-line message and an exit code.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use lazyfs::cli::{
-    Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, exit,
+    Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, WaitArgs,
+    exit,
 };
 use lazyfs::commands::ls;
 use lazyfs::control::{self, ControlError, registry};
@@ -59,7 +63,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Mount(args) => run_mount(&args),
         Command::Umount(args) => run_umount(&args),
         Command::Status(args) => run_status(&args),
-        Command::Wait(_) => not_built("wait"),
+        Command::Wait(args) => run_wait(&args),
+        Command::Completions(args) => {
+            let mut command = Cli::command();
+            clap_complete::generate(args.shell, &mut command, "lazyfs", &mut std::io::stdout());
+            Ok(exit::SUCCESS)
+        }
+        Command::Man(_) => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(exit::SUCCESS)
+        }
         Command::Manifest(args) => run_manifest(&args),
         Command::Verify(args) => run_verify(&args),
     }
@@ -98,10 +111,28 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
         eprintln!(
             "lazyfs: mounted at {}; Ctrl-C unmounts",
             mountpoint.display()
-        )
+        );
+        if std::io::stderr().is_terminal() {
+            show_bars(mountpoint.to_path_buf());
+        }
     })
     .map_err(mount_failed)?;
     Ok(exit::SUCCESS)
+}
+
+/// `lazyfs mount -f` on a terminal: the bars of `lazyfs status --watch`,
+/// drawn from this process's own control socket until it goes away.
+fn show_bars(mountpoint: PathBuf) {
+    std::thread::spawn(move || {
+        let Ok(mut client) = control::Client::connect(&mountpoint) else {
+            return;
+        };
+        let mut bars = lazyfs::ui::Bars::new();
+        while let Ok(status) = client.status() {
+            bars.update(std::slice::from_ref(&status));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
 }
 
 /// The background process: says `ready` or `error CODE MESSAGE` on stdout
@@ -219,41 +250,130 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
 }
 
 fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
-    let mountpoints: Vec<_> = match &args.mountpoint {
+    let mountpoints: Vec<PathBuf> = match &args.mountpoint {
         Some(mp) => vec![mp.clone()],
         None => registry::list().into_iter().map(|e| e.mountpoint).collect(),
     };
-    let mut statuses = Vec::new();
-    for mountpoint in &mountpoints {
-        statuses.push(control::Client::connect(mountpoint)?.status()?);
-    }
+    let mut clients = mountpoints
+        .iter()
+        .map(|mp| control::Client::connect(mp))
+        .collect::<Result<Vec<_>, _>>()?;
+    let terminal = std::io::stdout().is_terminal();
+    let mut bars = (terminal && !args.json).then(lazyfs::ui::Bars::new);
     let mut out = std::io::stdout().lock();
-    if args.json {
-        let values: Vec<_> = statuses.iter().map(lazyfs::status::to_json).collect();
-        let value = match (&args.mountpoint, values.len()) {
-            (Some(_), 1) => values.into_iter().next().expect("one"),
-            _ => serde_json::Value::Array(values),
-        };
-        serde_json::to_writer_pretty(&mut out, &value)?;
-        writeln!(out)?;
-    } else if statuses.is_empty() {
-        writeln!(out, "no lazyfs mounts")?;
-    } else {
-        for status in &statuses {
-            writeln!(
-                out,
-                "{}: {} of {} bytes, {}/{} files present, {} failed ({})",
-                status.mountpoint,
-                status.bytes_present,
-                status.bytes_total,
-                status.files_present,
-                status.files_total,
-                status.files_failed,
-                status.state
-            )?;
+    if clients.is_empty() {
+        writeln!(out, "{}", if args.json { "[]" } else { "no lazyfs mounts" })?;
+        return Ok(exit::SUCCESS);
+    }
+    loop {
+        let mut statuses = Vec::with_capacity(clients.len());
+        for client in &mut clients {
+            match client.status() {
+                Ok(status) => statuses.push(status),
+                Err(e) if args.watch && args.mountpoint.is_none() => log::info!("{e}"),
+                Err(e) => return Err(e.into()),
+            }
         }
+        let values: Vec<_> = statuses.iter().map(lazyfs::status::to_json).collect();
+        match (&mut bars, args.json, args.watch) {
+            (_, true, true) => {
+                for value in &values {
+                    writeln!(out, "{value}")?;
+                }
+                out.flush()?;
+            }
+            (_, true, false) => {
+                let value = match (&args.mountpoint, values.len()) {
+                    (Some(_), 1) => values.into_iter().next().expect("one"),
+                    _ => serde_json::Value::Array(values),
+                };
+                serde_json::to_writer_pretty(&mut out, &value)?;
+                writeln!(out)?;
+            }
+            (Some(bars), false, _) => bars.update(&statuses),
+            (None, false, _) => {
+                for status in &statuses {
+                    writeln!(out, "{}", lazyfs::ui::plain_line(status))?;
+                }
+                out.flush()?;
+            }
+        }
+        let complete = statuses.iter().all(|s| s.state == "complete");
+        if !args.watch || complete || statuses.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if let Some(bars) = bars {
+        bars.finish();
     }
     Ok(exit::SUCCESS)
+}
+
+/// Exit 0 once every file (or each of `args.paths`) is verified (or changed
+/// locally), 4 if one failed, 3 on timeout, 1 if the mount went away.
+fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
+    let mut client = control::Client::connect(&args.mountpoint)?;
+    let deadline = args
+        .timeout
+        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+    let mountpoint = std::path::absolute(&args.mountpoint)?;
+    loop {
+        let status = client.status().map_err(|e| Exit {
+            code: exit::RUNTIME,
+            message: format!(
+                "{}: the mount went away while waiting ({e})",
+                args.mountpoint.display()
+            ),
+        })?;
+        let mut selected = Vec::new();
+        for wanted in &args.paths {
+            let below = wanted.strip_prefix(&mountpoint).unwrap_or(wanted);
+            let found = status.files.iter().find(|f| {
+                Path::new(std::ffi::OsStr::from_bytes(&f.path)) == wanted
+                    || Path::new(std::ffi::OsStr::from_bytes(&f.mount_path)) == below
+            });
+            match found {
+                Some(file) => selected.push(file),
+                None => {
+                    return Err(Exit {
+                        code: exit::BAD_INPUT,
+                        message: format!("{}: not a file of this mount", wanted.display()),
+                    }
+                    .into());
+                }
+            }
+        }
+        if args.paths.is_empty() {
+            selected = status.files.iter().collect();
+        }
+        let failed: Vec<_> = selected.iter().filter(|f| f.state == "failed").collect();
+        if !failed.is_empty() {
+            for file in failed {
+                eprintln!(
+                    "lazyfs: failed: {}: {}",
+                    String::from_utf8_lossy(&file.path),
+                    file.error
+                );
+            }
+            return Ok(exit::VERIFY_FAILED);
+        }
+        let waiting = selected
+            .iter()
+            .filter(|f| f.state != "verified" && f.state != "modified")
+            .count();
+        if waiting == 0 {
+            return Ok(exit::SUCCESS);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            eprintln!(
+                "lazyfs: timed out: {waiting} of {} file(s) not verified yet",
+                selected.len()
+            );
+            return Ok(exit::TIMEOUT);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
@@ -312,11 +432,6 @@ fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
     } else {
         exit::VERIFY_FAILED
     })
-}
-
-fn not_built(command: &str) -> anyhow::Result<u8> {
-    eprintln!("lazyfs {command}: not built yet in this version");
-    Ok(exit::RUNTIME)
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

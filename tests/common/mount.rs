@@ -33,7 +33,12 @@ impl TestEnv {
 
     /// `lazyfs` with this environment.
     pub fn lazyfs(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_lazyfs"));
+        self.lazyfs_with(env!("CARGO_BIN_EXE_lazyfs"))
+    }
+
+    /// Another program with this environment (e.g. `script` running lazyfs).
+    pub fn lazyfs_with(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
         command
             .env("HOME", self.path("home"))
             .env("LAZYFS_RUNTIME_DIR", self.path("runtime"))
