@@ -96,9 +96,9 @@ pub struct FileStats {
     pub reads: AtomicU64,
     pub bytes_on_demand: AtomicU64,
     pub bytes_prefetched: AtomicU64,
-    /// Milliseconds since the mount started; `NEVER` until it happens.
-    first_read_ms: AtomicU64,
-    completed_ms: AtomicU64,
+    /// Microseconds since the mount started; `NEVER` until it happens.
+    first_read_us: AtomicU64,
+    completed_us: AtomicU64,
 }
 
 impl FileStats {
@@ -107,24 +107,24 @@ impl FileStats {
             reads: AtomicU64::new(0),
             bytes_on_demand: AtomicU64::new(0),
             bytes_prefetched: AtomicU64::new(0),
-            first_read_ms: AtomicU64::new(NEVER),
-            completed_ms: AtomicU64::new(NEVER),
+            first_read_us: AtomicU64::new(NEVER),
+            completed_us: AtomicU64::new(NEVER),
         }
     }
 
     fn at(ms: &AtomicU64) -> Option<f64> {
         match ms.load(Ordering::Relaxed) {
             NEVER => None,
-            ms => Some(ms as f64 / 1000.0),
+            us => Some(us as f64 / 1e6),
         }
     }
 
     pub fn first_read_s(&self) -> Option<f64> {
-        Self::at(&self.first_read_ms)
+        Self::at(&self.first_read_us)
     }
 
     pub fn completed_s(&self) -> Option<f64> {
-        Self::at(&self.completed_ms)
+        Self::at(&self.completed_us)
     }
 }
 
@@ -312,8 +312,8 @@ impl Shared {
         }
         if complete {
             file.stats
-                .completed_ms
-                .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                .completed_us
+                .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
             let _ = self.verify.lock().expect("verify queue").send(index);
         }
     }
@@ -552,10 +552,10 @@ impl Fetcher {
     pub fn note_read(&self, index: usize) {
         let stats = &self.shared.files[index].stats;
         stats.reads.fetch_add(1, Ordering::Relaxed);
-        let now = self.shared.started.elapsed().as_millis() as u64;
+        let now = self.shared.started.elapsed().as_micros() as u64;
         let _ =
             stats
-                .first_read_ms
+                .first_read_us
                 .compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
     }
 
