@@ -235,3 +235,26 @@ fn bars_are_drawn_on_a_terminal_and_lines_elsewhere() {
         "{text}"
     );
 }
+
+#[test]
+fn the_readme_harness_example_runs_as_written() {
+    let env = TestEnv::new();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/harness-example");
+    let out = env
+        .lazyfs_with(script.to_str().unwrap())
+        .arg(env.path("harness"))
+        .env("LAZYFS", env!("CARGO_BIN_EXE_lazyfs"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("wait: exit 0"), "{stdout}");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(env.path("harness/cache/summary.json")).unwrap())
+            .unwrap();
+    check_fields(&summary);
+}
