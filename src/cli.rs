@@ -119,6 +119,10 @@ pub struct MountArgs {
     /// Refuse every write.
     #[arg(long)]
     pub read_only: bool,
+    /// When the connection to the source drops, keep reconnecting (0.1 s doubling to 5 s
+    /// between tries) this long before a blocked read answers EIO; status says `degraded` meanwhile.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub reconnect_timeout: f64,
     /// Let other users than the one mounting use the mount.
     #[arg(long)]
     pub allow_other: bool,

@@ -72,6 +72,7 @@ pub struct MountRequest {
     pub allow_other: bool,
     pub prefetch: bool,
     pub passthrough: bool,
+    pub reconnect_timeout: std::time::Duration,
     pub jobs: usize,
     pub order: Order,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
@@ -109,6 +110,9 @@ impl MountRequest {
             allow_other: args.allow_other,
             prefetch: args.prefetch,
             passthrough: !args.no_passthrough,
+            reconnect_timeout: std::time::Duration::from_secs_f64(
+                args.reconnect_timeout.clamp(0.0, 1e6),
+            ),
             jobs: usize::from(args.jobs),
             order: match args.prefetch_order {
                 PrefetchOrder::SmallestFirst => Order::SmallestFirst,
@@ -222,7 +226,11 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             image_order: file.image_order as u64,
         };
         let record = records.get(file.path.as_os_str().as_bytes());
-        files.push(Arc::new(open_file(&store, spec, record)?));
+        let fetch_file = match open_file(&store, spec, record) {
+            Err(e @ StoreError::TooLarge { .. }) => failed_file(&store, file, e.to_string())?,
+            other => other?,
+        };
+        files.push(Arc::new(fetch_file));
     }
     let journal_files = files
         .iter()
@@ -254,6 +262,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         FetchConfig {
             jobs,
             order: request.order,
+            reconnect_timeout: request.reconnect_timeout,
         },
     );
     let config = FsConfig {

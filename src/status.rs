@@ -79,7 +79,10 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         .iter()
         .filter(|f| f.phase().is_settled())
         .count() as u64;
-    status.state = if settled == status.files_total {
+    status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
+    status.state = if !status.degraded_reason.is_empty() {
+        "degraded"
+    } else if settled == status.files_total {
         "complete"
     } else {
         "fetching"

@@ -3,8 +3,9 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{FetchFile, Lane, Shared, fetch_checked};
 use crate::source::{Connection, Source, SourceError};
@@ -19,64 +20,131 @@ pub(super) struct Job {
     pub(super) chunks: Range<u64>,
 }
 
-pub(super) fn spawn_on_demand(
-    source: Arc<dyn Source>,
-    connection: Box<dyn Connection>,
-    shared: Arc<Shared>,
-) -> Sender<Job> {
+pub(super) fn spawn_on_demand(link: Link, shared: Arc<Shared>) -> Sender<Job> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("lazyfs-on-demand".into())
-        .spawn(move || {
-            OnDemandLane {
-                link: Link {
-                    source,
-                    connection: Some(connection),
-                },
-                shared,
-            }
-            .run(rx)
-        })
+        .spawn(move || OnDemandLane { link, shared }.run(rx))
         .expect("spawning the on-demand thread");
     tx
 }
 
-/// A connection that is opened again when it is lost.
+/// Whether the source is reachable, as every lane sees it: `lazyfs status`
+/// says `degraded` (and why) while any lane is reconnecting.
+pub(crate) struct Health {
+    reconnect_timeout: Duration,
+    down: Mutex<(usize, Option<String>)>,
+}
+
+impl Health {
+    pub(crate) fn new(reconnect_timeout: Duration) -> Health {
+        Health {
+            reconnect_timeout,
+            down: Mutex::new((0, None)),
+        }
+    }
+
+    /// Why the mount is degraded, if it is.
+    pub(crate) fn degraded(&self) -> Option<String> {
+        self.down.lock().expect("health").1.clone()
+    }
+}
+
+/// A connection that is opened again, with bounded backoff, when it is lost.
 pub(super) struct Link {
-    pub(super) source: Arc<dyn Source>,
-    pub(super) connection: Option<Box<dyn Connection>>,
+    source: Arc<dyn Source>,
+    connection: Option<Box<dyn Connection>>,
+    health: Arc<Health>,
+    /// This link counts among the lanes that are down.
+    down: bool,
 }
 
 impl Link {
-    pub(super) fn new(source: Arc<dyn Source>) -> Link {
+    pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
         Link {
             source,
             connection: None,
+            health,
+            down: false,
+        }
+    }
+
+    pub(super) fn with_connection(
+        source: Arc<dyn Source>,
+        health: Arc<Health>,
+        connection: Box<dyn Connection>,
+    ) -> Link {
+        Link {
+            source,
+            connection: Some(connection),
+            health,
+            down: false,
         }
     }
 
     /// The connection, opened if there is none.
-    pub(super) fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+    fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
         if self.connection.is_none() {
             self.connection = Some(self.source.connect()?);
         }
         Ok(self.connection.as_mut().expect("connected above").as_mut())
     }
 
-    /// Runs `op` on the connection, reconnecting once if the connection was lost.
+    fn mark(&mut self, down: Option<&SourceError>) {
+        let mut health = self.health.down.lock().expect("health");
+        match down {
+            Some(error) => {
+                if !self.down {
+                    health.0 += 1;
+                    self.down = true;
+                }
+                health.1 = Some(format!("{error}; reconnecting"));
+            }
+            None if self.down => {
+                health.0 -= 1;
+                self.down = false;
+                if health.0 == 0 {
+                    health.1 = None;
+                    log::info!("the source answers again");
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Runs `op` on the connection. A lost connection is opened again with
+    /// growing pauses (0.1 s doubling to 5 s) until `--reconnect-timeout`
+    /// has passed; then the error is returned (readers get EIO).
     pub(super) fn with_retry<T>(
         &mut self,
         mut op: impl FnMut(&mut dyn Connection) -> Result<T, SourceError>,
     ) -> Result<T, SourceError> {
-        let mut attempts = 0;
+        let mut lost_since: Option<Instant> = None;
+        let mut pause = Duration::from_millis(100);
         loop {
-            attempts += 1;
-            match op(self.connection()?) {
-                Err(e) if e.is_connection_lost() && attempts < 2 => {
-                    log::warn!("{e}: reconnecting");
+            let result = self.connection().and_then(&mut op);
+            match result {
+                Err(e) if e.is_connection_lost() => {
                     self.connection = None;
+                    let since = *lost_since.get_or_insert_with(Instant::now);
+                    if !self.down {
+                        log::warn!("{e}: reconnecting");
+                    }
+                    self.mark(Some(&e));
+                    let left = self
+                        .health
+                        .reconnect_timeout
+                        .saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                other => return other,
+                other => {
+                    self.mark(None);
+                    return other;
+                }
             }
         }
     }

@@ -265,6 +265,8 @@ pub struct FetchConfig {
     /// Prefetch workers (0: no prefetch).
     pub jobs: usize,
     pub order: Order,
+    /// How long a lane keeps reconnecting before its readers get EIO.
+    pub reconnect_timeout: std::time::Duration,
 }
 
 /// What the lanes share.
@@ -274,6 +276,7 @@ pub(crate) struct Shared {
     queue: prefetch::Queue,
     verify: Mutex<Sender<usize>>,
     started: Instant,
+    health: Arc<lane::Health>,
 }
 
 impl Shared {
@@ -478,6 +481,7 @@ impl Fetcher {
             journal,
             verify: Mutex::new(verify_tx),
             started: Instant::now(),
+            health: Arc::new(lane::Health::new(config.reconnect_timeout)),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         for (index, file) in shared.files.iter().enumerate() {
@@ -485,7 +489,8 @@ impl Fetcher {
                 let _ = shared.verify.lock().expect("verify queue").send(index);
             }
         }
-        let on_demand = lane::spawn_on_demand(source.clone(), connection, shared.clone());
+        let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
+        let on_demand = lane::spawn_on_demand(link, shared.clone());
         let prefetch = (config.jobs > 0)
             .then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
         Fetcher {
@@ -501,6 +506,11 @@ impl Fetcher {
 
     pub fn files(&self) -> &[Arc<FetchFile>] {
         &self.shared.files
+    }
+
+    /// Why the source is not answering, while lanes reconnect.
+    pub fn degraded(&self) -> Option<String> {
+        self.shared.health.degraded()
     }
 
     pub fn prefetching(&self) -> bool {

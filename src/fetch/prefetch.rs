@@ -141,7 +141,7 @@ impl Workers {
         for _ in 0..jobs {
             let (source, shared, done) = (source.clone(), shared.clone(), done.clone());
             pool.spawn(move || {
-                worker(Link::new(source), &shared);
+                worker(Link::new(source, shared.health.clone()), &shared);
                 *done.0.lock().expect("workers") += 1;
                 done.1.notify_all();
             });

@@ -14,7 +14,7 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
     std::thread::Builder::new()
         .name("lazyfs-verify".into())
         .spawn(move || {
-            let mut link = Link::new(source);
+            let mut link = Link::new(source, shared.health.clone());
             for index in rx {
                 verify(&mut link, &shared, index);
             }

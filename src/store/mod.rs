@@ -26,6 +26,12 @@ pub enum StoreError {
     },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
+    #[error("{}: the images record {size} bytes, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
+    TooLarge {
+        original: PathBuf,
+        size: u64,
+        capacity: u64,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -38,6 +44,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// A cache directory, locked for one lazyfs process at a time.
 pub struct Store {
     dir: PathBuf,
+    /// Bytes the cache dir's filesystem holds: no spill file can be larger.
+    capacity: u64,
     /// Held (flock) for as long as the store is open.
     _lock: nix::fcntl::Flock<File>,
 }
@@ -62,8 +70,11 @@ impl Store {
             }
             Err((_, e)) => return Err(io_err(&lock_path)(e.into())),
         };
+        let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| io_err(dir)(e.into()))?;
+        let capacity = stat.blocks().saturating_mul(stat.fragment_size());
         Ok(Store {
             dir: dir.to_path_buf(),
+            capacity,
             _lock: lock,
         })
     }
@@ -84,6 +95,15 @@ impl Store {
         size: Option<u64>,
         keep: bool,
     ) -> Result<SpillFile, StoreError> {
+        // A recorded size is untrusted: refuse one no disk here could hold
+        // before anything (the presence bitmap) is sized by it.
+        if let Some(size) = size.filter(|&s| s > self.capacity) {
+            return Err(StoreError::TooLarge {
+                original: original.to_path_buf(),
+                size,
+                capacity: self.capacity,
+            });
+        }
         SpillFile::open(&self.spill_path(original), size, keep)
     }
 
