@@ -20,10 +20,7 @@ pub struct FsError {
 
 impl FsError {
     fn new(errno: i32, message: impl Into<String>) -> Self {
-        FsError {
-            errno,
-            message: message.into(),
-        }
+        FsError { errno, message: message.into() }
     }
 }
 
@@ -114,39 +111,18 @@ pub type AttrReply = Box<dyn FnOnce(Result<Attr, FsError>) + Send>;
 
 impl Filesystem {
     /// `modes[i]` is the recorded mode of fetcher file `i`.
-    pub fn new(
-        ns: Namespace,
-        paths: Vec<PathBuf>,
-        modes: Vec<u32>,
-        fetcher: Fetcher,
-        config: FsConfig,
-    ) -> Self {
+    pub fn new(ns: Namespace, paths: Vec<PathBuf>, modes: Vec<u32>, fetcher: Fetcher, config: FsConfig) -> Self {
         let started = SystemTime::now();
         let files = paths
             .into_iter()
             .zip(modes)
             .map(|(path, mode)| {
-                let meta = Meta {
-                    mode,
-                    uid: config.uid,
-                    gid: config.gid,
-                    atime: started,
-                    mtime: started,
-                    ctime: started,
-                };
-                Arc::new(ServedFile {
-                    path,
-                    meta: Mutex::new(meta),
-                })
+                let meta =
+                    Meta { mode, uid: config.uid, gid: config.gid, atime: started, mtime: started, ctime: started };
+                Arc::new(ServedFile { path, meta: Mutex::new(meta) })
             })
             .collect();
-        Filesystem {
-            ns,
-            files,
-            fetcher,
-            config,
-            started,
-        }
+        Filesystem { ns, files, fetcher, config, started }
     }
 
     pub fn read_only(&self) -> bool {
@@ -179,69 +155,43 @@ impl Filesystem {
             Some(NodeKind::File(_)) => return Err(FsError::new(libc::ENOTDIR, "not a directory")),
             None => return Err(FsError::new(libc::ENOENT, format!("no inode {parent}"))),
         }
-        let ino = self
-            .ns
-            .lookup(parent, name)
-            .ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+        let ino = self.ns.lookup(parent, name).ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
         self.getattr(ino)
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
-        let node = self
-            .ns
-            .node(ino)
-            .ok_or_else(|| FsError::new(libc::ENOENT, format!("no inode {ino}")))?;
+        let node = self.ns.node(ino).ok_or_else(|| FsError::new(libc::ENOENT, format!("no inode {ino}")))?;
         Ok(match &node.kind {
             NodeKind::Dir(children) => Attr {
                 ino,
                 kind: Kind::Dir,
                 size: 0,
                 perm: 0o755,
-                nlink: 2 + children
-                    .keys()
-                    .filter(|n| self.is_dir(self.ns.lookup(ino, n)))
-                    .count() as u32,
+                nlink: 2 + children.keys().filter(|n| self.is_dir(self.ns.lookup(ino, n))).count() as u32,
                 uid: self.config.uid,
                 gid: self.config.gid,
                 atime: self.started,
                 mtime: self.started,
                 ctime: self.started,
             },
-            NodeKind::File(index) => {
-                self.files[*index].attr(ino, self.fetcher.file(*index).spill.len())
-            }
+            NodeKind::File(index) => self.files[*index].attr(ino, self.fetcher.file(*index).spill.len()),
         })
     }
 
     fn is_dir(&self, ino: Option<Ino>) -> bool {
-        ino.and_then(|i| self.ns.node(i))
-            .is_some_and(|n| matches!(n.kind, NodeKind::Dir(_)))
+        ino.and_then(|i| self.ns.node(i)).is_some_and(|n| matches!(n.kind, NodeKind::Dir(_)))
     }
 
     /// The entries of a directory, `.` and `..` first.
     pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
-        let node = self
-            .ns
-            .node(ino)
-            .ok_or_else(|| FsError::new(libc::ENOENT, format!("no inode {ino}")))?;
+        let node = self.ns.node(ino).ok_or_else(|| FsError::new(libc::ENOENT, format!("no inode {ino}")))?;
         let NodeKind::Dir(children) = &node.kind else {
             return Err(FsError::new(libc::ENOTDIR, "not a directory"));
         };
-        let parent = if ino == ROOT_INO {
-            ROOT_INO
-        } else {
-            node.parent
-        };
-        let mut entries = vec![
-            (ino, Kind::Dir, OsString::from(".")),
-            (parent, Kind::Dir, OsString::from("..")),
-        ];
+        let parent = if ino == ROOT_INO { ROOT_INO } else { node.parent };
+        let mut entries = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
         for (name, &child) in children {
-            let kind = if self.is_dir(Some(child)) {
-                Kind::Dir
-            } else {
-                Kind::File
-            };
+            let kind = if self.is_dir(Some(child)) { Kind::Dir } else { Kind::File };
             entries.push((child, kind, name.clone()));
         }
         Ok(entries)
@@ -273,8 +223,7 @@ impl Filesystem {
             chunks,
             Box::new(move |present| match present {
                 Ok(()) => {
-                    file.spill
-                        .read(offset, u64::from(size), |bytes| reply(Ok(bytes)));
+                    file.spill.read(offset, u64::from(size), |bytes| reply(Ok(bytes)));
                     // The kernel keeps its own copy in the page cache.
                     file.spill.release(offset, u64::from(size));
                 }
@@ -303,9 +252,7 @@ impl Filesystem {
 
     pub fn setattr(&self, ino: Ino, change: SetAttr, reply: AttrReply) {
         let writes = change.size.is_some();
-        if self.config.read_only
-            && (writes || change.mode.is_some() || change.uid.is_some() || change.gid.is_some())
-        {
+        if self.config.read_only && (writes || change.mode.is_some() || change.uid.is_some() || change.gid.is_some()) {
             return reply(Err(FsError::new(libc::EROFS, "mounted --read-only")));
         }
         let Ok(index) = self.file_index(ino) else {
@@ -352,9 +299,7 @@ impl Filesystem {
         &self,
         index: usize,
         chunks: std::ops::Range<u64>,
-        change: impl FnOnce(&ServedFile, &crate::store::SpillFile) -> Result<T, FsError>
-        + Send
-        + 'static,
+        change: impl FnOnce(&ServedFile, &crate::store::SpillFile) -> Result<T, FsError> + Send + 'static,
     ) -> Result<impl FnOnce(Box<dyn FnOnce(Result<T, FsError>) + Send>), FsError> {
         if self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
@@ -364,9 +309,7 @@ impl Filesystem {
         Ok(move |reply: Box<dyn FnOnce(Result<T, FsError>) + Send>| {
             let modified = self.fetcher.modified_marker(index);
             let done = Box::new(move |present: Result<(), FetchError>| {
-                let result = present
-                    .map_err(FsError::from)
-                    .and_then(|()| change(&served, &file.spill));
+                let result = present.map_err(FsError::from).and_then(|()| change(&served, &file.spill));
                 if result.is_ok() {
                     modified();
                 }
@@ -383,10 +326,7 @@ impl Filesystem {
 
     pub fn statfs(&self) -> StatFs {
         let bytes_total = self.fetcher.files().iter().map(|f| f.spill.len()).sum();
-        StatFs {
-            bytes_total,
-            files: self.ns.len() as u64,
-        }
+        StatFs { bytes_total, files: self.ns.len() as u64 }
     }
 }
 

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, FsError, Kind, SetAttr};
@@ -46,11 +45,7 @@ struct Opens {
 
 impl FuseAdapter {
     pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: bool) -> Self {
-        FuseAdapter {
-            fs,
-            passthrough: AtomicBool::new(passthrough),
-            opens: Mutex::new(HashMap::new()),
-        }
+        FuseAdapter { fs, passthrough: AtomicBool::new(passthrough), opens: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -90,11 +85,7 @@ fn time(t: TimeOrNow) -> SystemTime {
 
 /// The file set is the checkpoint's: lazyfs adds, removes and renames nothing.
 fn namespace_is_fixed(read_only: bool) -> Errno {
-    if read_only {
-        Errno::EROFS
-    } else {
-        Errno::EPERM
-    }
+    if read_only { Errno::EROFS } else { Errno::EPERM }
 }
 
 impl fuser::Filesystem for FuseAdapter {
@@ -102,12 +93,10 @@ impl fuser::Filesystem for FuseAdapter {
         let _ = config.set_max_background(MAX_BACKGROUND);
         if self.passthrough.load(Ordering::Relaxed) {
             // Spill files may sit on a stacked filesystem (overlayfs) themselves.
-            let enabled = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(2).is_ok();
+            let enabled =
+                config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok();
             if !enabled {
-                log::info!(
-                    "this kernel has no FUSE passthrough: verified files are served through lazyfs"
-                );
+                log::info!("this kernel has no FUSE passthrough: verified files are served through lazyfs");
             }
             self.passthrough.store(enabled, Ordering::Relaxed);
         }
@@ -146,14 +135,7 @@ impl fuser::Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: atime.map(time),
-            mtime: mtime.map(time),
-        };
+        let change = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
         self.fs.setattr(
             ino.0,
             change,
@@ -173,16 +155,12 @@ impl fuser::Filesystem for FuseAdapter {
         let mut opens = self.opens.lock().expect("opens");
         let opens = opens.entry(ino.0).or_default();
         // A verified file read-only: the kernel reads the spill file itself.
-        if let Some(spill) =
-            local.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed))
-        {
+        if let Some(spill) = local.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed)) {
             if opens.backing.is_none() {
                 match reply.open_backing(spill) {
                     Ok(backing) => opens.backing = Some(backing),
                     Err(e) => {
-                        log::warn!(
-                            "FUSE passthrough refused ({e}): verified files are served through lazyfs"
-                        );
+                        log::warn!("FUSE passthrough refused ({e}): verified files are served through lazyfs");
                         self.passthrough.store(false, Ordering::Relaxed);
                     }
                 }
@@ -271,40 +249,19 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
         // Writes reach the spill file as they come: nothing is buffered here.
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         match self.fs.fsync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         match self.fs.readdir(ino.0) {
             Ok(entries) => {
                 for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
@@ -322,24 +279,13 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
         // Served files carry no extended attributes.
         reply.error(Errno::ENODATA);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -348,16 +294,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply.statfs(blocks, 0, 0, stats.files, 0, 4096, 255, 4096);
     }
 
-    fn mknod(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
         reply.error(namespace_is_fixed(self.fs.read_only()));
     }
 
@@ -365,16 +302,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply.error(namespace_is_fixed(self.fs.read_only()));
     }
 
-    fn create(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _f: i32,
-        reply: ReplyCreate,
-    ) {
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
         reply.error(namespace_is_fixed(self.fs.read_only()));
     }
 

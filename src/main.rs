@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use lazyfs::cli::{
-    Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, WaitArgs,
-    exit,
-};
+use lazyfs::cli::{Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, WaitArgs, exit};
 use lazyfs::commands::ls;
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
@@ -47,11 +44,7 @@ fn main() -> ExitCode {
 /// lazyfs.log); other commands only warnings. `LAZYFS_LOG` overrides.
 fn init_logging(command: &Command) {
     // fuser warns about its own second unmount attempt after ours: noise.
-    let default = if matches!(command, Command::Mount(_)) {
-        "info,fuser=error"
-    } else {
-        "warn"
-    };
+    let default = if matches!(command, Command::Mount(_)) { "info,fuser=error" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default))
         .format_timestamp_millis()
         .init();
@@ -91,11 +84,7 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
 }
 
 fn mount_failed(e: MountError) -> anyhow::Error {
-    Exit {
-        code: e.exit_code(),
-        message: e.to_string(),
-    }
-    .into()
+    Exit { code: e.exit_code(), message: e.to_string() }.into()
 }
 
 fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
@@ -108,10 +97,7 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     }
     let prepared = mount::prepare(request).map_err(mount_failed)?;
     mount::serve(prepared, |mountpoint| {
-        eprintln!(
-            "lazyfs: mounted at {}; Ctrl-C unmounts",
-            mountpoint.display()
-        );
+        eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         if std::io::stderr().is_terminal() {
             show_bars(mountpoint.to_path_buf());
         }
@@ -150,11 +136,7 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
             log::error!("{e}");
-            println!(
-                "error {} {}",
-                e.exit_code(),
-                e.to_string().replace('\n', " ")
-            );
+            println!("error {} {}", e.exit_code(), e.to_string().replace('\n', " "));
             e.exit_code()
         }
     }
@@ -174,41 +156,27 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut command =
-        std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
+    let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
     if args.cache_dir.is_none() {
         command.arg("--cache-dir").arg(&request.cache_dir);
     }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
     // terminal so the shell's Ctrl-C and hangup do not reach it.
     unsafe {
-        command.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
+        command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
     }
     let mut child = command.spawn().context("starting the background process")?;
     let mut line = String::new();
     let stdout = child.stdout.take().expect("piped");
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("waiting for the background process")?;
+    std::io::BufReader::new(stdout).read_line(&mut line).context("waiting for the background process")?;
     match line.trim_end().split_once(' ') {
         _ if line.trim_end() == "ready" => Ok(exit::SUCCESS),
         Some(("error", rest)) => {
             let (code, message) = rest.split_once(' ').unwrap_or(("1", rest));
             let _ = child.wait();
-            Err(Exit {
-                code: code.parse().unwrap_or(exit::RUNTIME),
-                message: message.to_string(),
-            }
-            .into())
+            Err(Exit { code: code.parse().unwrap_or(exit::RUNTIME), message: message.to_string() }.into())
         }
         _ => {
             let status = child.wait().ok();
@@ -235,12 +203,8 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
         }
         Err(ControlError::NotAMount(path)) => {
             if mount::is_stale(&path) {
-                mount::detach(&path)
-                    .with_context(|| format!("clearing the stale mount at {}", path.display()))?;
-                eprintln!(
-                    "lazyfs: cleared a stale mount at {} (its process had died)",
-                    path.display()
-                );
+                mount::detach(&path).with_context(|| format!("clearing the stale mount at {}", path.display()))?;
+                eprintln!("lazyfs: cleared a stale mount at {} (its process had died)", path.display());
                 return Ok(exit::SUCCESS);
             }
             Err(ControlError::NotAMount(path).into())
@@ -254,10 +218,7 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
         Some(mp) => vec![mp.clone()],
         None => registry::list().into_iter().map(|e| e.mountpoint).collect(),
     };
-    let mut clients = mountpoints
-        .iter()
-        .map(|mp| control::Client::connect(mp))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut clients = mountpoints.iter().map(|mp| control::Client::connect(mp)).collect::<Result<Vec<_>, _>>()?;
     let terminal = std::io::stdout().is_terminal();
     let mut bars = (terminal && !args.json).then(lazyfs::ui::Bars::new);
     let mut out = std::io::stdout().lock();
@@ -314,17 +275,12 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
 /// locally), 4 if one failed, 3 on timeout, 1 if the mount went away.
 fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
     let mut client = control::Client::connect(&args.mountpoint)?;
-    let deadline = args
-        .timeout
-        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+    let deadline = args.timeout.map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
     let mountpoint = std::path::absolute(&args.mountpoint)?;
     loop {
         let status = client.status().map_err(|e| Exit {
             code: exit::RUNTIME,
-            message: format!(
-                "{}: the mount went away while waiting ({e})",
-                args.mountpoint.display()
-            ),
+            message: format!("{}: the mount went away while waiting ({e})", args.mountpoint.display()),
         })?;
         let mut selected = Vec::new();
         for wanted in &args.paths {
@@ -350,26 +306,16 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         let failed: Vec<_> = selected.iter().filter(|f| f.state == "failed").collect();
         if !failed.is_empty() {
             for file in failed {
-                eprintln!(
-                    "lazyfs: failed: {}: {}",
-                    String::from_utf8_lossy(&file.path),
-                    file.error
-                );
+                eprintln!("lazyfs: failed: {}: {}", String::from_utf8_lossy(&file.path), file.error);
             }
             return Ok(exit::VERIFY_FAILED);
         }
-        let waiting = selected
-            .iter()
-            .filter(|f| f.state != "verified" && f.state != "modified")
-            .count();
+        let waiting = selected.iter().filter(|f| f.state != "verified" && f.state != "modified").count();
         if waiting == 0 {
             return Ok(exit::SUCCESS);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            eprintln!(
-                "lazyfs: timed out: {waiting} of {} file(s) not verified yet",
-                selected.len()
-            );
+            eprintln!("lazyfs: timed out: {waiting} of {} file(s) not verified yet", selected.len());
             return Ok(exit::TIMEOUT);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -378,14 +324,9 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
-    let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output).map_err(|e| Exit {
-        code: exit::RUNTIME,
-        message: e.to_string(),
-    })?;
+    let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
+    let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output)
+        .map_err(|e| Exit { code: exit::RUNTIME, message: e.to_string() })?;
     for (path, reason) in &summary.skipped {
         eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
     }
@@ -394,11 +335,7 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
         summary.hashed,
         summary.bytes,
         output.display(),
-        if summary.skipped.is_empty() {
-            String::new()
-        } else {
-            format!("; left out {}", summary.skipped.len())
-        }
+        if summary.skipped.is_empty() { String::new() } else { format!("; left out {}", summary.skipped.len()) }
     );
     Ok(exit::SUCCESS)
 }
@@ -406,10 +343,7 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
 fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
     let cache_dir = match (&args.cache_dir, &args.mountpoint) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(mountpoint)) => control::Client::connect(mountpoint)?
-            .status()?
-            .cache_dir
-            .into(),
+        (None, Some(mountpoint)) => control::Client::connect(mountpoint)?.status()?.cache_dir.into(),
         (None, None) => unreachable!("clap requires one"),
     };
     let report = lazyfs::commands::verify::verify_cache(&cache_dir)?;
@@ -421,17 +355,9 @@ fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
         report.checked,
         cache_dir.display(),
         report.mismatched.len(),
-        if report.mismatched.is_empty() {
-            ""
-        } else {
-            ": a mount of this cache dir fetches them again"
-        }
+        if report.mismatched.is_empty() { "" } else { ": a mount of this cache dir fetches them again" }
     );
-    Ok(if report.mismatched.is_empty() {
-        exit::SUCCESS
-    } else {
-        exit::VERIFY_FAILED
-    })
+    Ok(if report.mismatched.is_empty() { exit::SUCCESS } else { exit::VERIFY_FAILED })
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -445,9 +371,5 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(exit) = err.downcast_ref::<Exit>() {
         return exit.code;
     }
-    if err.chain().any(|cause| cause.is::<ImageError>()) {
-        exit::BAD_INPUT
-    } else {
-        exit::RUNTIME
-    }
+    if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
 }

@@ -27,10 +27,7 @@ pub const DEFAULT_NAME: &str = "lazyfs.manifest";
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: not a lazyfs manifest: {reason}", path.display())]
     Format { path: PathBuf, reason: String },
 }
@@ -46,9 +43,7 @@ pub struct FileHashes {
 impl FileHashes {
     /// Whether `bytes` are chunk `chunk` as the old host had it.
     pub fn chunk_matches(&self, chunk: u64, bytes: &[u8]) -> bool {
-        self.chunks
-            .get(chunk as usize)
-            .is_some_and(|want| blake3::hash(bytes).as_bytes() == want)
+        self.chunks.get(chunk as usize).is_some_and(|want| blake3::hash(bytes).as_bytes() == want)
     }
 }
 
@@ -68,11 +63,7 @@ pub fn hash_chunks(
         chunks.push(*blake3::hash(&buf[..len]).as_bytes());
         offset += len as u64;
     }
-    Ok(FileHashes {
-        size,
-        whole: *whole.finalize().as_bytes(),
-        chunks,
-    })
+    Ok(FileHashes { size, whole: *whole.finalize().as_bytes(), chunks })
 }
 
 pub struct Manifest {
@@ -93,17 +84,9 @@ impl Manifest {
     }
 
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let bytes = std::fs::read(path).map_err(|source| ManifestError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let bad = |reason: String| ManifestError::Format {
-            path: path.into(),
-            reason,
-        };
-        let body = bytes
-            .strip_prefix(MAGIC)
-            .ok_or_else(|| bad("no `lazyfs-manifest` line".into()))?;
+        let bytes = std::fs::read(path).map_err(|source| ManifestError::Io { path: path.into(), source })?;
+        let bad = |reason: String| ManifestError::Format { path: path.into(), reason };
+        let body = bytes.strip_prefix(MAGIC).ok_or_else(|| bad("no `lazyfs-manifest` line".into()))?;
         let proto = ManifestProto::decode(body).map_err(|e| bad(e.to_string()))?;
         if proto.version != VERSION || proto.chunk_size != CHUNK_SIZE {
             return Err(bad(format!(
@@ -113,31 +96,14 @@ impl Manifest {
         }
         let mut files = HashMap::new();
         for file in proto.files {
-            let whole: [u8; 32] = file
-                .blake3
-                .as_slice()
-                .try_into()
-                .map_err(|_| bad("a hash that is not 32 bytes".into()))?;
+            let whole: [u8; 32] =
+                file.blake3.as_slice().try_into().map_err(|_| bad("a hash that is not 32 bytes".into()))?;
             let expected_chunks = file.size.div_ceil(CHUNK_SIZE) as usize;
             if file.chunk_blake3.len() != expected_chunks * 32 {
-                return Err(bad(format!(
-                    "{}: wrong number of chunk hashes",
-                    String::from_utf8_lossy(&file.path)
-                )));
+                return Err(bad(format!("{}: wrong number of chunk hashes", String::from_utf8_lossy(&file.path))));
             }
-            let chunks = file
-                .chunk_blake3
-                .chunks_exact(32)
-                .map(|c| c.try_into().expect("32 bytes"))
-                .collect();
-            files.insert(
-                file.path,
-                FileHashes {
-                    size: file.size,
-                    whole,
-                    chunks,
-                },
-            );
+            let chunks = file.chunk_blake3.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect();
+            files.insert(file.path, FileHashes { size: file.size, whole, chunks });
         }
         Ok(Manifest { files })
     }
@@ -153,11 +119,7 @@ pub struct Summary {
 
 /// Hashes every servable file of `checkpoint`, read below `root`, in parallel,
 /// and writes the manifest to `output` (through a temporary file).
-pub fn create(
-    checkpoint: &Checkpoint,
-    root: &Path,
-    output: &Path,
-) -> Result<Summary, ManifestError> {
+pub fn create(checkpoint: &Checkpoint, root: &Path, output: &Path) -> Result<Summary, ManifestError> {
     let results: Vec<(PathBuf, Result<FileHashes, String>)> = checkpoint
         .servable()
         .collect::<Vec<_>>()
@@ -168,7 +130,9 @@ pub fn create(
                 let handle = File::open(&on_disk).map_err(|e| e.to_string())?;
                 let size = handle.metadata().map_err(|e| e.to_string())?.len();
                 if let Some(recorded) = file.size.filter(|&r| r != size) {
-                    return Err(format!("{size} bytes, but the images record {recorded}: changed since the checkpoint"));
+                    return Err(format!(
+                        "{size} bytes, but the images record {recorded}: changed since the checkpoint"
+                    ));
                 }
                 hash_chunks(size, |offset, buf| handle.read_exact_at(buf, offset)).map_err(|e| e.to_string())
             })();
@@ -176,16 +140,8 @@ pub fn create(
         })
         .collect();
 
-    let mut summary = Summary {
-        hashed: 0,
-        bytes: 0,
-        skipped: Vec::new(),
-    };
-    let mut proto = ManifestProto {
-        version: VERSION,
-        chunk_size: CHUNK_SIZE,
-        files: Vec::new(),
-    };
+    let mut summary = Summary { hashed: 0, bytes: 0, skipped: Vec::new() };
+    let mut proto = ManifestProto { version: VERSION, chunk_size: CHUNK_SIZE, files: Vec::new() };
     for (path, result) in results {
         match result {
             Ok(hashes) => {
@@ -201,10 +157,7 @@ pub fn create(
             Err(reason) => summary.skipped.push((path, reason)),
         }
     }
-    let io = |source| ManifestError::Io {
-        path: output.into(),
-        source,
-    };
+    let io = |source| ManifestError::Io { path: output.into(), source };
     let tmp = output.with_extension("tmp");
     let mut bytes = MAGIC.to_vec();
     proto.encode(&mut bytes).expect("Vec grows");
@@ -219,9 +172,7 @@ mod tests {
 
     #[test]
     fn chunk_hashes_cover_the_file() {
-        let data: Vec<u8> = (0..(2 * CHUNK_SIZE + 10))
-            .map(|i| (i * i % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..(2 * CHUNK_SIZE + 10)).map(|i| (i * i % 251) as u8).collect();
         let hashes = hash_chunks(data.len() as u64, |offset, buf| {
             buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
             Ok(())

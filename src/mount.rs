@@ -37,10 +37,7 @@ pub enum MountError {
     #[error("{}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting on {}: {source}", path.display())]
-    Mount {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Mount { path: PathBuf, source: std::io::Error },
 }
 
 impl MountError {
@@ -94,8 +91,7 @@ impl MountRequest {
             None => default_cache_dir(&args.imgdir, &args.source, &args.source_root),
         };
         Ok(MountRequest {
-            mountpoint: std::path::absolute(&args.mountpoint)
-                .unwrap_or_else(|_| args.mountpoint.clone()),
+            mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
             imgdir: args.imgdir.clone(),
             source_arg: args.source.clone(),
             source,
@@ -110,9 +106,7 @@ impl MountRequest {
             allow_other: args.allow_other,
             prefetch: args.prefetch,
             passthrough: !args.no_passthrough,
-            reconnect_timeout: std::time::Duration::from_secs_f64(
-                args.reconnect_timeout.clamp(0.0, 1e6),
-            ),
+            reconnect_timeout: std::time::Duration::from_secs_f64(args.reconnect_timeout.clamp(0.0, 1e6)),
             jobs: usize::from(args.jobs),
             order: match args.prefetch_order {
                 PrefetchOrder::SmallestFirst => Order::SmallestFirst,
@@ -141,11 +135,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Pat
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
-    for part in [
-        imgdir.as_os_str().as_bytes(),
-        source.as_bytes(),
-        source_root.as_os_str().as_bytes(),
-    ] {
+    for part in [imgdir.as_os_str().as_bytes(), source.as_bytes(), source_root.as_os_str().as_bytes()] {
         key.extend_from_slice(part);
         key.push(0);
     }
@@ -168,11 +158,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
         .servable()
-        .filter(|f| {
-            f.path
-                .strip_prefix(subtree)
-                .is_ok_and(|p| !p.as_os_str().is_empty())
-        })
+        .filter(|f| f.path.strip_prefix(subtree).is_ok_and(|p| !p.as_os_str().is_empty()))
         .collect();
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
     let ns = Namespace::build(&paths, request.layout, Some(subtree))?;
@@ -180,13 +166,8 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
     }
 
-    let manifest = request
-        .manifest
-        .as_deref()
-        .map(Manifest::load)
-        .transpose()?;
-    let source: Arc<dyn source::Source> =
-        source::open(&request.source, &request.source_root)?.into();
+    let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
+    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
     let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
     let (records, warning) = journal::load(&store.journal_path())?;
@@ -235,22 +216,12 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     let journal_files = files
         .iter()
         .map(|f| {
-            let spill = f.spill.file().try_clone().map_err(|e| StoreError::Io {
-                path: f.spill.path().into(),
-                source: e,
-            })?;
-            Ok(JournalFile {
-                path: f.path.as_os_str().as_bytes().to_vec(),
-                size: f.spill.len(),
-                spill,
-            })
+            let spill =
+                f.spill.file().try_clone().map_err(|e| StoreError::Io { path: f.spill.path().into(), source: e })?;
+            Ok(JournalFile { path: f.path.as_os_str().as_bytes().to_vec(), size: f.spill.len(), spill })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let journal = Journal::create(
-        &store.journal_path(),
-        crate::fetch::snapshot(&files),
-        journal_files,
-    )?;
+    let journal = Journal::create(&store.journal_path(), crate::fetch::snapshot(&files), journal_files)?;
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -259,11 +230,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         connection,
         files,
         journal,
-        FetchConfig {
-            jobs,
-            order: request.order,
-            reconnect_timeout: request.reconnect_timeout,
-        },
+        FetchConfig { jobs, order: request.order, reconnect_timeout: request.reconnect_timeout },
     );
     let config = FsConfig {
         read_only: request.read_only,
@@ -271,52 +238,25 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         gid: nix::unistd::getegid().as_raw(),
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
-    let fs = Filesystem::new(
-        ns,
-        served.iter().map(|f| f.path.clone()).collect(),
-        modes,
-        fetcher,
-        config,
-    );
-    Ok(Prepared {
-        request,
-        fs: Arc::new(fs),
-        store,
-        source_name,
-        checkpoint_files: checkpoint.files.len(),
-    })
+    let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, checkpoint_files: checkpoint.files.len() })
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,
 /// then requires an empty directory.
 fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
-    let bad = |reason: String| MountError::Mountpoint {
-        path: mountpoint.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| MountError::Mountpoint { path: mountpoint.to_path_buf(), reason };
     if is_stale(mountpoint) {
-        log::warn!(
-            "{}: clearing a stale mount left by a lazyfs process that died",
-            mountpoint.display()
-        );
-        detach(mountpoint).map_err(|e| {
-            bad(format!(
-                "a stale mount is in the way and could not be cleared: {e}"
-            ))
-        })?;
+        log::warn!("{}: clearing a stale mount left by a lazyfs process that died", mountpoint.display());
+        detach(mountpoint).map_err(|e| bad(format!("a stale mount is in the way and could not be cleared: {e}")))?;
     }
     match std::fs::read_dir(mountpoint).map(|mut entries| entries.next().is_none()) {
         Ok(true) => Ok(()),
         Ok(false) => Err(match registry::find(mountpoint) {
-            Some(entry) => bad(format!(
-                "already a lazyfs mount (pid {}); `lazyfs umount` it first",
-                entry.pid
-            )),
+            Some(entry) => bad(format!("already a lazyfs mount (pid {}); `lazyfs umount` it first", entry.pid)),
             None => bad("not empty: mount on an empty directory".into()),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(bad("no such directory: create it first".into()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("no such directory: create it first".into())),
         Err(e) => Err(bad(e.to_string())),
     }
 }
@@ -325,15 +265,13 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
 /// endpoint is not connected" (or, while the kernel tears the connection
 /// down, "Software caused connection abort").
 pub fn is_stale(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
+    std::fs::metadata(path).is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
 }
 
 /// Unmounts at once even when busy (open files keep it alive until closed).
 pub fn detach(mountpoint: &Path) -> std::io::Result<()> {
     if nix::unistd::geteuid().is_root() {
-        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
-            .map_err(std::io::Error::from)
+        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
     } else {
         fusermount(mountpoint, true)
     }
@@ -350,17 +288,12 @@ fn unmount(mountpoint: &Path) -> std::io::Result<()> {
 
 fn fusermount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     let mut command = std::process::Command::new("fusermount3");
-    command
-        .arg(if lazy { "-uz" } else { "-u" })
-        .arg("--")
-        .arg(mountpoint);
+    command.arg(if lazy { "-uz" } else { "-u" }).arg("--").arg(mountpoint);
     let output = command.output()?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(std::io::Error::other(
-            String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        ))
+        Err(std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()))
     }
 }
 
@@ -376,10 +309,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     let request = &prepared.request;
     let mountpoint = request.mountpoint.clone();
     check_mountpoint(&mountpoint)?;
-    let mount_err = |source| MountError::Mount {
-        path: mountpoint.clone(),
-        source,
-    };
+    let mount_err = |source| MountError::Mount { path: mountpoint.clone(), source };
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -388,23 +318,15 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
-        if request.read_only {
-            fuser::MountOption::RO
-        } else {
-            fuser::MountOption::RW
-        },
+        if request.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
     ];
     if request.allow_other {
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let session = fuser::Session::new(
-        FuseAdapter::new(prepared.fs.clone(), request.passthrough),
-        &mountpoint,
-        &config,
-    )
-    .map_err(mount_err)?;
+    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone(), request.passthrough), &mountpoint, &config)
+        .map_err(mount_err)?;
 
     let (events_tx, events) = mpsc::channel();
     let ended = events_tx.clone();
@@ -418,9 +340,8 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         })
         .map_err(mount_err)?;
 
-    let answered = nix::sys::statfs::statfs(&mountpoint)
-        .map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC)
-        .unwrap_or(false);
+    let answered =
+        nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
     if !answered {
         let _ = detach(&mountpoint);
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
@@ -435,8 +356,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     };
     let (control_tx, control_rx) = mpsc::channel();
     let server =
-        control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx)
-            .map_err(mount_err)?;
+        control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx).map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
         for event in control_rx {
@@ -451,8 +371,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     .map_err(mount_err)?;
 
     let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-            .map_err(mount_err)?;
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
     let signal_handle = signals.handle();
     let forward = events_tx;
     std::thread::spawn(move || {
@@ -486,13 +405,10 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
                 Ok(()) => umount_clients.push(stream),
                 Err(e) => {
-                    let message =
-                        format!("cannot unmount: {e} (close the files open under it first)");
+                    let message = format!("cannot unmount: {e} (close the files open under it first)");
                     let _ = control::write_message(
                         &mut stream,
-                        &control::proto::Response {
-                            kind: Some(control::proto::response::Kind::Error(message)),
-                        },
+                        &control::proto::Response { kind: Some(control::proto::response::Kind::Error(message)) },
                     );
                 }
             },
@@ -519,12 +435,7 @@ fn finish(prepared: &Prepared, started: Instant) {
     if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
         log::error!("compacting the journal: {e}");
     }
-    let status = crate::status::snapshot(
-        &prepared.fs,
-        &prepared.request,
-        &prepared.source_name,
-        started,
-    );
+    let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started);
     let summary = store.dir().join("summary.json");
     let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
         .map_err(std::io::Error::other)
@@ -536,11 +447,7 @@ fn finish(prepared: &Prepared, started: Instant) {
 
 /// A file that cannot be served at all (missing on the source, or the
 /// manifest disagrees with the images): every read of it fails with `message`.
-fn failed_file(
-    store: &Store,
-    file: &RecordedFile,
-    message: String,
-) -> Result<FetchFile, StoreError> {
+fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<FetchFile, StoreError> {
     log::error!("{message}");
     let spill = store.open_spill(&file.path, Some(0), false)?;
     let spec = FileSpec {

@@ -44,11 +44,7 @@ pub struct Namespace {
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
     #[error("--layout flat gives {} and {} the same name {:?}: mount them with --layout tree", first.display(), second.display(), name)]
-    FlatCollision {
-        first: PathBuf,
-        second: PathBuf,
-        name: OsString,
-    },
+    FlatCollision { first: PathBuf, second: PathBuf, name: OsString },
     #[error("{} is recorded as a file and as a directory of {}: the images contradict themselves", file.display(), other.display())]
     TreeConflict { file: PathBuf, other: PathBuf },
     #[error("--subtree {}: must be an absolute path", .0.display())]
@@ -59,31 +55,19 @@ pub enum NamespaceError {
 
 impl Namespace {
     /// `paths` are the original absolute paths of the files to serve, each once.
-    pub fn build(
-        paths: &[&Path],
-        layout: Layout,
-        subtree: Option<&Path>,
-    ) -> Result<Namespace, NamespaceError> {
+    pub fn build(paths: &[&Path], layout: Layout, subtree: Option<&Path>) -> Result<Namespace, NamespaceError> {
         let subtree = subtree.unwrap_or(Path::new("/"));
         if !subtree.is_absolute() {
             return Err(NamespaceError::SubtreeNotAbsolute(subtree.to_path_buf()));
         }
         let mut ns = Namespace {
-            nodes: vec![Node {
-                parent: ROOT_INO,
-                name: OsString::new(),
-                kind: NodeKind::Dir(BTreeMap::new()),
-            }],
+            nodes: vec![Node { parent: ROOT_INO, name: OsString::new(), kind: NodeKind::Dir(BTreeMap::new()) }],
             file_inos: vec![None; paths.len()],
         };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
         for (index, path) in paths.iter().enumerate() {
-            let Some(below) = path
-                .strip_prefix(subtree)
-                .ok()
-                .filter(|p| !p.as_os_str().is_empty())
-            else {
+            let Some(below) = path.strip_prefix(subtree).ok().filter(|p| !p.as_os_str().is_empty()) else {
                 continue;
             };
             let components: Vec<OsString> = match layout {
@@ -98,10 +82,7 @@ impl Namespace {
                         second: path.to_path_buf(),
                         name: components[0].clone(),
                     },
-                    Layout::Tree => NamespaceError::TreeConflict {
-                        file: first.clone(),
-                        other: path.to_path_buf(),
-                    },
+                    Layout::Tree => NamespaceError::TreeConflict { file: first.clone(), other: path.to_path_buf() },
                 });
             }
             owners.insert(mount_path, path.to_path_buf());
@@ -120,9 +101,7 @@ impl Namespace {
         path: &Path,
         owners: &BTreeMap<PathBuf, PathBuf>,
     ) -> Result<Ino, NamespaceError> {
-        let (file_name, dirs) = components
-            .split_last()
-            .expect("a path below the root has a name");
+        let (file_name, dirs) = components.split_last().expect("a path below the root has a name");
         let mut dir = ROOT_INO;
         let mut walked = PathBuf::new();
         for name in dirs {
@@ -133,27 +112,15 @@ impl Namespace {
             };
             let child = *children.entry(name.clone()).or_insert(next);
             if child == next {
-                self.nodes.push(Node {
-                    parent: dir,
-                    name: name.clone(),
-                    kind: NodeKind::Dir(BTreeMap::new()),
-                });
+                self.nodes.push(Node { parent: dir, name: name.clone(), kind: NodeKind::Dir(BTreeMap::new()) });
             } else if matches!(self.nodes[(child - 1) as usize].kind, NodeKind::File(_)) {
-                let file = owners
-                    .get(&walked)
-                    .cloned()
-                    .unwrap_or_else(|| walked.clone());
-                return Err(NamespaceError::TreeConflict {
-                    file,
-                    other: path.to_path_buf(),
-                });
+                let file = owners.get(&walked).cloned().unwrap_or_else(|| walked.clone());
+                return Err(NamespaceError::TreeConflict { file, other: path.to_path_buf() });
             }
             dir = child;
         }
         let ino = Ino::try_from(self.nodes.len()).expect("fits") + 1;
-        let NodeKind::Dir(children) = &mut self.nodes[(dir - 1) as usize].kind else {
-            unreachable!()
-        };
+        let NodeKind::Dir(children) = &mut self.nodes[(dir - 1) as usize].kind else { unreachable!() };
         match children.entry(file_name.clone()) {
             Entry::Vacant(slot) => {
                 slot.insert(ino);
@@ -165,17 +132,10 @@ impl Namespace {
                     .iter()
                     .find(|(mount_path, _)| mount_path.starts_with(&dir) && **mount_path != dir)
                     .map_or(dir.clone(), |(_, original)| original.clone());
-                return Err(NamespaceError::TreeConflict {
-                    file: path.to_path_buf(),
-                    other,
-                });
+                return Err(NamespaceError::TreeConflict { file: path.to_path_buf(), other });
             }
         }
-        self.nodes.push(Node {
-            parent: dir,
-            name: file_name.clone(),
-            kind: NodeKind::File(index),
-        });
+        self.nodes.push(Node { parent: dir, name: file_name.clone(), kind: NodeKind::File(index) });
         Ok(ino)
     }
 
@@ -220,43 +180,26 @@ impl Namespace {
 pub fn flat_name(relative: &Path) -> OsString {
     let bytes = relative.as_os_str().as_bytes();
     let bytes = bytes.strip_prefix(b"/").unwrap_or(bytes);
-    OsString::from_vec(
-        bytes
-            .iter()
-            .map(|&b| if b == b'/' { b'.' } else { b })
-            .collect(),
-    )
+    OsString::from_vec(bytes.iter().map(|&b| if b == b'/' { b'.' } else { b }).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn build(
-        paths: &[&str],
-        layout: Layout,
-        subtree: Option<&str>,
-    ) -> Result<Namespace, NamespaceError> {
+    fn build(paths: &[&str], layout: Layout, subtree: Option<&str>) -> Result<Namespace, NamespaceError> {
         let paths: Vec<&Path> = paths.iter().map(Path::new).collect();
         Namespace::build(&paths, layout, subtree.map(Path::new))
     }
 
     #[test]
     fn tree_synthesises_parents() {
-        let ns = build(
-            &["/srv/app/db", "/srv/app/log", "/etc/x"],
-            Layout::Tree,
-            None,
-        )
-        .unwrap();
+        let ns = build(&["/srv/app/db", "/srv/app/log", "/etc/x"], Layout::Tree, None).unwrap();
         let srv = ns.lookup(ROOT_INO, OsStr::new("srv")).unwrap();
         let app = ns.lookup(srv, OsStr::new("app")).unwrap();
         let db = ns.lookup(app, OsStr::new("db")).unwrap();
         assert!(matches!(ns.node(db).unwrap().kind, NodeKind::File(0)));
-        assert_eq!(
-            ns.file_ino(1).map(|i| ns.mount_path(i)),
-            Some(PathBuf::from("srv/app/log"))
-        );
+        assert_eq!(ns.file_ino(1).map(|i| ns.mount_path(i)), Some(PathBuf::from("srv/app/log")));
         assert_eq!(ns.mount_path(ROOT_INO), PathBuf::new());
         assert_eq!(ns.len(), 7);
     }
@@ -275,24 +218,14 @@ mod tests {
 
     #[test]
     fn subtree_is_the_root() {
-        let ns = build(
-            &["/srv/app/db", "/srv/app/x/y", "/etc/z", "/srv/apple"],
-            Layout::Tree,
-            Some("/srv/app"),
-        )
-        .unwrap();
+        let ns =
+            build(&["/srv/app/db", "/srv/app/x/y", "/etc/z", "/srv/apple"], Layout::Tree, Some("/srv/app")).unwrap();
         assert!(ns.lookup(ROOT_INO, OsStr::new("db")).is_some());
         assert!(ns.file_ino(2).is_none() && ns.file_ino(3).is_none());
         let flat = build(&["/srv/app/x/y"], Layout::Flat, Some("/srv/app")).unwrap();
         assert!(flat.lookup(ROOT_INO, OsStr::new("x.y")).is_some());
-        assert!(matches!(
-            build(&["/etc/z"], Layout::Tree, Some("/srv")),
-            Err(NamespaceError::EmptySubtree(_))
-        ));
-        assert!(matches!(
-            build(&["/etc/z"], Layout::Tree, Some("srv")),
-            Err(NamespaceError::SubtreeNotAbsolute(_))
-        ));
+        assert!(matches!(build(&["/etc/z"], Layout::Tree, Some("/srv")), Err(NamespaceError::EmptySubtree(_))));
+        assert!(matches!(build(&["/etc/z"], Layout::Tree, Some("srv")), Err(NamespaceError::SubtreeNotAbsolute(_))));
     }
 
     #[test]
@@ -310,9 +243,6 @@ mod tests {
         let name = "/d/new\nline $(x);`y` 'q\"";
         let ns = build(&[name], Layout::Tree, None).unwrap();
         let d = ns.lookup(ROOT_INO, OsStr::new("d")).unwrap();
-        assert!(
-            ns.lookup(d, OsStr::new("new\nline $(x);`y` 'q\""))
-                .is_some()
-        );
+        assert!(ns.lookup(d, OsStr::new("new\nline $(x);`y` 'q\"")).is_some());
     }
 }

@@ -34,18 +34,11 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         let present = file.spill.present_bytes().min(size);
         let phase = file.phase();
         let (blake3, against) = match &phase {
-            Phase::Verified { hash, against } => (
-                blake3::Hash::from_bytes(*hash).to_hex().to_string(),
-                *against,
-            ),
+            Phase::Verified { hash, against } => (blake3::Hash::from_bytes(*hash).to_hex().to_string(), *against),
             _ => (String::new(), ""),
         };
         let failed = matches!(phase, Phase::Failed(_));
-        let mount_path = fs
-            .namespace()
-            .file_ino(index)
-            .map(|ino| fs.namespace().mount_path(ino))
-            .unwrap_or_default();
+        let mount_path = fs.namespace().file_ino(index).map(|ino| fs.namespace().mount_path(ino)).unwrap_or_default();
         let stats = &file.stats;
         status.files_total += 1;
         status.files_present += u64::from(!failed && file.spill.is_complete());
@@ -73,12 +66,7 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
             completed_s: stats.completed_s(),
         });
     }
-    let settled = fs
-        .fetcher()
-        .files()
-        .iter()
-        .filter(|f| f.phase().is_settled())
-        .count() as u64;
+    let settled = fs.fetcher().files().iter().filter(|f| f.phase().is_settled()).count() as u64;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
     status.state = if !status.degraded_reason.is_empty() {
         "degraded"
@@ -147,9 +135,5 @@ pub fn to_json(status: &Status) -> Value {
 }
 
 fn non_empty(s: &str) -> Value {
-    if s.is_empty() {
-        Value::Null
-    } else {
-        Value::String(s.to_string())
-    }
+    if s.is_empty() { Value::Null } else { Value::String(s.to_string()) }
 }

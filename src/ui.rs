@@ -40,48 +40,28 @@ fn file_style() -> ProgressStyle {
 impl Bars {
     /// Bars on stderr (the terminal a person watches).
     pub fn new() -> Bars {
-        Bars {
-            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10)),
-            mounts: HashMap::new(),
-        }
+        Bars { multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10)), mounts: HashMap::new() }
     }
 
     pub fn update(&mut self, statuses: &[Status]) {
         for status in statuses {
             let multi = &self.multi;
-            let bars = self
-                .mounts
-                .entry(status.mountpoint.clone())
-                .or_insert_with(|| {
-                    let total =
-                        multi.add(ProgressBar::new(status.bytes_total).with_style(mount_style()));
-                    total.set_prefix(status.mountpoint.clone());
-                    total.enable_steady_tick(Duration::from_millis(200));
-                    MountBars {
-                        total,
-                        files: HashMap::new(),
-                        failures_shown: HashSet::new(),
-                    }
-                });
+            let bars = self.mounts.entry(status.mountpoint.clone()).or_insert_with(|| {
+                let total = multi.add(ProgressBar::new(status.bytes_total).with_style(mount_style()));
+                total.set_prefix(status.mountpoint.clone());
+                total.enable_steady_tick(Duration::from_millis(200));
+                MountBars { total, files: HashMap::new(), failures_shown: HashSet::new() }
+            });
             bars.total.set_length(status.bytes_total);
             bars.total.set_position(status.bytes_present);
             bars.total.set_message(format!(
                 "files {}/{}{} ({})",
                 status.files_present,
                 status.files_total,
-                if status.files_failed > 0 {
-                    format!(", {} failed", status.files_failed)
-                } else {
-                    String::new()
-                },
+                if status.files_failed > 0 { format!(", {} failed", status.files_failed) } else { String::new() },
                 status.state
             ));
-            let in_flight: Vec<_> = status
-                .files
-                .iter()
-                .filter(|f| f.state == "fetching")
-                .take(MAX_FILE_BARS)
-                .collect();
+            let in_flight: Vec<_> = status.files.iter().filter(|f| f.state == "fetching").take(MAX_FILE_BARS).collect();
             let keep: HashSet<&[u8]> = in_flight.iter().map(|f| f.path.as_slice()).collect();
             bars.files.retain(|path, bar| {
                 let stays = keep.contains(path.as_slice());
@@ -101,11 +81,7 @@ impl Bars {
             }
             for file in status.files.iter().filter(|f| f.state == "failed") {
                 if bars.failures_shown.insert(file.path.clone()) {
-                    let _ = multi.println(format!(
-                        "failed: {}: {}",
-                        String::from_utf8_lossy(&file.path),
-                        file.error
-                    ));
+                    let _ = multi.println(format!("failed: {}: {}", String::from_utf8_lossy(&file.path), file.error));
                 }
             }
             if status.state == "complete" {

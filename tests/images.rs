@@ -20,12 +20,7 @@ fn expected_rows(file: &std::path::Path) -> Vec<Row> {
         .unwrap()
         .iter()
         .map(|e| {
-            let mut users: Vec<String> = e["users"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(user_key)
-                .collect();
+            let mut users: Vec<String> = e["users"].as_array().unwrap().iter().map(user_key).collect();
             users.sort();
             (
                 e["path"].as_str().unwrap().to_string(),
@@ -104,21 +99,14 @@ fn layouts_are_told_apart() {
 #[test]
 fn legacy_conversion_lists_the_same_files_as_the_original() {
     let load = |rel: &str| Checkpoint::load(&common::fixtures().join(rel)).unwrap();
-    let (modern, legacy) = (
-        load("real/d1-kill/images"),
-        load("real/d1-kill-legacy/images"),
-    );
+    let (modern, legacy) = (load("real/d1-kill/images"), load("real/d1-kill-legacy/images"));
     assert_eq!(loaded_rows(&modern), loaded_rows(&legacy));
 }
 
 #[test]
 fn hostile_names_are_refused_and_odd_ones_served() {
     let checkpoint = Checkpoint::load(&common::fixtures().join("synthetic/edge")).unwrap();
-    let by_path: BTreeMap<&[u8], _> = checkpoint
-        .files
-        .iter()
-        .map(|f| (f.path.as_os_str().as_bytes(), f))
-        .collect();
+    let by_path: BTreeMap<&[u8], _> = checkpoint.files.iter().map(|f| (f.path.as_os_str().as_bytes(), f)).collect();
     for served in [
         &b"/data/with space.txt"[..],
         b"/data/quote's \"dq\".txt",
@@ -130,9 +118,7 @@ fn hostile_names_are_refused_and_odd_ones_served() {
         b"/data/append.log",
         b"/opt/app/bin/server",
     ] {
-        let file = by_path
-            .get(served)
-            .unwrap_or_else(|| panic!("{:?} missing", OsStr::from_bytes(served)));
+        let file = by_path.get(served).unwrap_or_else(|| panic!("{:?} missing", OsStr::from_bytes(served)));
         assert!(file.is_servable(), "{:?}: {:?}", file.path, file.unservable);
     }
     for (refused, phrase) in [
@@ -149,11 +135,7 @@ fn hostile_names_are_refused_and_odd_ones_served() {
         (b"/", "directory"),
     ] {
         let file = by_path[refused];
-        let reason = file
-            .unservable
-            .as_ref()
-            .unwrap_or_else(|| panic!("{:?} served", file.path))
-            .to_string();
+        let reason = file.unservable.as_ref().unwrap_or_else(|| panic!("{:?} served", file.path)).to_string();
         assert!(reason.contains(phrase), "{:?}: {reason}", file.path);
     }
     // The append-only log has no recorded size: the mount asks the source.
@@ -165,20 +147,9 @@ fn hostile_names_are_refused_and_odd_ones_served() {
 #[test]
 fn bind_mount_files_come_from_the_bind_source() {
     let checkpoint = Checkpoint::load(&common::fixtures().join("real/d4-mntns/images")).unwrap();
-    let deep = checkpoint
-        .files
-        .iter()
-        .find(|f| f.path.ends_with("nested/a/b/c/deep.txt"))
-        .unwrap();
-    assert_eq!(
-        deep.source_path.to_str().unwrap(),
-        "/tmp/criu-work/src-data/d4-mntns-bind-source/a/b/c/deep.txt"
-    );
-    let on_tmpfs = checkpoint
-        .files
-        .iter()
-        .find(|f| f.path.ends_with("on-tmpfs.txt"))
-        .unwrap();
+    let deep = checkpoint.files.iter().find(|f| f.path.ends_with("nested/a/b/c/deep.txt")).unwrap();
+    assert_eq!(deep.source_path.to_str().unwrap(), "/tmp/criu-work/src-data/d4-mntns-bind-source/a/b/c/deep.txt");
+    let on_tmpfs = checkpoint.files.iter().find(|f| f.path.ends_with("on-tmpfs.txt")).unwrap();
     assert_eq!(on_tmpfs.unservable, Some(Unservable::DumpedTmpfs));
 }
 
@@ -186,11 +157,7 @@ fn bind_mount_files_come_from_the_bind_source() {
 fn ls_json_has_the_documented_fields() {
     let dir = common::fixtures().join("real/single/images");
     let out = common::lazyfs(&["ls".as_ref(), dir.as_os_str(), "--json".as_ref()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     let files = list.as_array().unwrap();
     assert_eq!(files.len(), 31);
@@ -200,10 +167,7 @@ fn ls_json_has_the_documented_fields() {
         assert!(file["mode"].is_u64() || file["mode"].is_null());
         assert!(file["flags"].is_u64());
         assert!(file["servable"].is_boolean());
-        assert_eq!(
-            file["reason"].is_null(),
-            file["servable"].as_bool().unwrap()
-        );
+        assert_eq!(file["reason"].is_null(), file["servable"].as_bool().unwrap());
         for user in file["users"].as_array().unwrap() {
             assert!(user["pid"].is_u64());
             let kind = user.get("kind").and_then(Value::as_str);
@@ -213,10 +177,7 @@ fn ls_json_has_the_documented_fields() {
             }
         }
     }
-    let b_bin = files
-        .iter()
-        .find(|f| f["path"] == "/tmp/lazyfs-fixture/data/b.bin")
-        .unwrap();
+    let b_bin = files.iter().find(|f| f["path"] == "/tmp/lazyfs-fixture/data/b.bin").unwrap();
     assert_eq!(b_bin["size"], 3_000_000);
     assert_eq!(b_bin["mode"], 0o100644);
 }
@@ -229,10 +190,7 @@ fn ls_table_lists_every_file() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("12582917"), "{text}");
     assert!(text.contains("/tmp/lazyfs-fixture/data/big.img"));
-    assert!(
-        text.contains("11946: fd 3; 11948: fd 3; 11949: fd 3"),
-        "{text}"
-    );
+    assert!(text.contains("11946: fd 3; 11948: fd 3; 11949: fd 3"), "{text}");
 }
 
 #[test]
@@ -248,16 +206,8 @@ fn every_malformed_image_is_a_one_line_error_naming_it() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: {stderr}", dir.display());
         assert_eq!(stderr.lines().count(), 1, "{}: {stderr}", dir.display());
-        assert!(
-            stderr.contains(&format!("{}/{image}", dir.display())),
-            "{}: {stderr}",
-            dir.display()
-        );
-        assert!(
-            stderr.contains(phrase),
-            "{}: want {phrase:?} in {stderr}",
-            dir.display()
-        );
+        assert!(stderr.contains(&format!("{}/{image}", dir.display())), "{}: {stderr}", dir.display());
+        assert!(stderr.contains(phrase), "{}: want {phrase:?} in {stderr}", dir.display());
         assert!(out.stdout.is_empty());
         seen += 1;
     }

@@ -6,20 +6,12 @@ mod common;
 use std::path::Path;
 
 use lazyfs::images::framing::{self, Magic};
-use lazyfs::images::proto::{
-    FdinfoEntry, FileEntry, FownEntry, MmEntry, PstreeEntry, RegFileEntry,
-};
+use lazyfs::images::proto::{FdinfoEntry, FileEntry, FownEntry, MmEntry, PstreeEntry, RegFileEntry};
 use lazyfs::images::{Checkpoint, names};
 use proptest::prelude::*;
 
-const MAGICS: [Magic; 6] = [
-    framing::FILES,
-    framing::REG_FILES,
-    framing::FDINFO,
-    framing::MM,
-    framing::PSTREE,
-    framing::INVENTORY,
-];
+const MAGICS: [Magic; 6] =
+    [framing::FILES, framing::REG_FILES, framing::FDINFO, framing::MM, framing::PSTREE, framing::INVENTORY];
 
 fn decode_all_kinds(bytes: &[u8]) {
     for magic in MAGICS {
@@ -44,8 +36,7 @@ fn damage() -> impl Strategy<Value = Damage> {
     prop_oneof![
         prop::collection::vec((any::<usize>(), 1u8..=255), 1..8).prop_map(Damage::Flip),
         any::<usize>().prop_map(Damage::Truncate),
-        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..64))
-            .prop_map(|(at, b)| Damage::Insert(at, b)),
+        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..64)).prop_map(|(at, b)| Damage::Insert(at, b)),
         (any::<usize>(), any::<u32>()).prop_map(|(at, len)| Damage::Length(at, len)),
     ]
 }
@@ -84,15 +75,10 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn fixture_images() -> Vec<std::path::PathBuf> {
-    [
-        "real/single/images",
-        "real/d3-fork/images",
-        "synthetic/legacy",
-        "synthetic/edge",
-    ]
-    .iter()
-    .map(|rel| common::fixtures().join(rel))
-    .collect()
+    ["real/single/images", "real/d3-fork/images", "synthetic/legacy", "synthetic/edge"]
+        .iter()
+        .map(|rel| common::fixtures().join(rel))
+        .collect()
 }
 
 proptest! {

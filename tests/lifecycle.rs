@@ -19,10 +19,7 @@ fn wait_gone(pid: i32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        {
+        if state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
             return;
         }
         assert!(Instant::now() < deadline, "process {pid} still running");
@@ -36,47 +33,26 @@ fn unknown_host_key_is_refused_and_nothing_is_mounted() {
     let sshd = Sshd::start();
     dataset(&env.path("source"), &env.path("images"), &[("/k/file", 10)]);
     std::fs::write(sshd.known_hosts(), "").unwrap();
-    let out = env.try_mount(
-        "m",
-        &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
-        &[],
-    );
+    let out = env.try_mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("--accept-new-host-key") && stderr.contains("SHA256:"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--accept-new-host-key") && stderr.contains("SHA256:"), "{stderr}");
     assert!(!is_mounted(&env.path("mnt/m")));
 
     let out = env.try_mount(
         "m",
         &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
+        &Source::Ssh { sshd: &sshd, root: env.path("source") },
         &["--accept-new-host-key"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mount = common::mount::Mount {
         mountpoint: env.path("mnt/m"),
         cache: env.path("cache/m"),
         env_home: env.tmp.path().into(),
     };
-    assert_eq!(
-        std::fs::read(mount.at("/k/file")).unwrap(),
-        content("/k/file", 10)
-    );
+    assert_eq!(std::fs::read(mount.at("/k/file")).unwrap(), content("/k/file", 10));
 }
 
 #[test]
@@ -87,12 +63,7 @@ fn failures_before_the_mount_leave_nothing_mounted() {
 
     // Bad images: exit 2, naming the image.
     let out = env.try_mount("bad-images", &env.path("nonexistent-images"), &local, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent-images"));
     let malformed = common::fixtures().join("malformed/truncated-entry");
     let out = env.try_mount("malformed", &malformed, &local, &[]);
@@ -123,11 +94,7 @@ fn failures_before_the_mount_leave_nothing_mounted() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 
     // An unreachable host: exit 1.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = env
         .lazyfs()
         .arg("mount")
@@ -150,24 +117,11 @@ fn failures_before_the_mount_leave_nothing_mounted() {
 #[test]
 fn umount_stops_the_process_and_leaves_nothing_mounted() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/u/file", 1000)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &[],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/u/file", 1000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
     let pid = daemon_pid(&env, &mount);
     let out = mount.umount();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!is_mounted(&mount.mountpoint));
     wait_gone(pid);
 
@@ -182,25 +136,12 @@ fn umount_stops_the_process_and_leaves_nothing_mounted() {
 #[test]
 fn umount_of_a_busy_mount_says_so_and_keeps_it() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/b/file", 1000)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &[],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/b/file", 1000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
     let held = std::fs::File::open(mount.at("/b/file")).unwrap();
     let out = mount.umount();
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("busy"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(is_mounted(&mount.mountpoint));
     drop(held);
     assert!(mount.umount().status.success());
@@ -210,17 +151,8 @@ fn umount_of_a_busy_mount_says_so_and_keeps_it() {
 fn sigterm_and_sigint_unmount_cleanly() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let env = TestEnv::new();
-        dataset(
-            &env.path("source"),
-            &env.path("images"),
-            &[("/s/file", 1000)],
-        );
-        let mount = env.mount(
-            "m",
-            &env.path("images"),
-            &Source::Local(env.path("source")),
-            &[],
-        );
+        dataset(&env.path("source"), &env.path("images"), &[("/s/file", 1000)]);
+        let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
         let pid = daemon_pid(&env, &mount);
         unsafe { libc::kill(pid, signal) };
         wait_gone(pid);
@@ -232,76 +164,33 @@ fn sigterm_and_sigint_unmount_cleanly() {
 #[test]
 fn a_stale_mount_of_a_killed_process_is_cleared_by_the_next_mount() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/st/file", 1000)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &[],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/st/file", 1000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
     let pid = daemon_pid(&env, &mount);
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_gone(pid);
     let err = std::fs::metadata(&mount.mountpoint).unwrap_err();
-    assert!(
-        matches!(
-            err.raw_os_error(),
-            Some(libc::ENOTCONN | libc::ECONNABORTED)
-        ),
-        "not a stale mount: {err}"
-    );
+    assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)), "not a stale mount: {err}");
 
-    let again = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &[],
-    );
-    assert_eq!(
-        std::fs::read(again.at("/st/file")).unwrap(),
-        content("/st/file", 1000)
-    );
+    let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    assert_eq!(std::fs::read(again.at("/st/file")).unwrap(), content("/st/file", 1000));
 }
 
 #[test]
 fn a_file_missing_on_the_source_is_an_io_error_and_the_others_work() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/x/gone", 5000), ("/x/here", 5000)],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/x/gone", 5000), ("/x/here", 5000)]);
     std::fs::remove_file(env.path("source/x/gone")).unwrap();
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
-        &[],
-    );
+    let mount = env.mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
 
     let err = std::fs::read(mount.at("/x/gone")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert_eq!(
-        std::fs::read(mount.at("/x/here")).unwrap(),
-        content("/x/here", 5000)
-    );
+    assert_eq!(std::fs::read(mount.at("/x/here")).unwrap(), content("/x/here", 5000));
     let log = std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap();
     assert!(log.contains("/x/gone: not found on the source"), "{log}");
     let status = mount.status();
-    let gone = status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == "/x/gone")
-        .unwrap();
+    let gone = status["files"].as_array().unwrap().iter().find(|f| f["path"] == "/x/gone").unwrap();
     assert_eq!(gone["state"], "failed");
     assert!(gone["error"].as_str().unwrap().contains("not found"));
 }
@@ -309,11 +198,7 @@ fn a_file_missing_on_the_source_is_an_io_error_and_the_others_work() {
 #[test]
 fn foreground_mount_serves_until_interrupted() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/fg/file", 100)],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/fg/file", 100)]);
     let mountpoint = env.path("mnt/fg");
     std::fs::create_dir_all(&mountpoint).unwrap();
     let mut child = env
@@ -332,18 +217,10 @@ fn foreground_mount_serves_until_interrupted() {
     let mut seen = Vec::new();
     let mut byte = [0u8];
     while !String::from_utf8_lossy(&seen).contains("mounted at") {
-        assert_eq!(
-            stderr.read(&mut byte).unwrap(),
-            1,
-            "{}",
-            String::from_utf8_lossy(&seen)
-        );
+        assert_eq!(stderr.read(&mut byte).unwrap(), 1, "{}", String::from_utf8_lossy(&seen));
         seen.push(byte[0]);
     }
-    assert_eq!(
-        std::fs::read(mountpoint.join("fg/file")).unwrap(),
-        content("/fg/file", 100)
-    );
+    assert_eq!(std::fs::read(mountpoint.join("fg/file")).unwrap(), content("/fg/file", 100));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     assert!(child.wait().unwrap().success());
     assert!(!is_mounted(&mountpoint));

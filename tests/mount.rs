@@ -21,10 +21,7 @@ fn odd_files() -> Vec<(&'static str, usize)> {
         ("/srv/app/chunk", CHUNK),
         ("/srv/app/chunk-plus-one", CHUNK + 1),
         ("/srv/app/three-megs.bin", 3 << 20),
-        (
-            "/srv/app/dir with space/quote's \"dq\" $(touch x);`id`",
-            5000,
-        ),
+        ("/srv/app/dir with space/quote's \"dq\" $(touch x);`id`", 5000),
         ("/srv/app/new\nline", 300),
         ("/srv/other/ünïcødé", 70_000),
     ]
@@ -53,22 +50,14 @@ fn check_ranges(mounted: &Path, expected: &[u8], count: usize, seed: u64) {
         let mut buf = vec![0; len];
         let n = read_at_most(&file, &mut buf, offset as u64);
         let end = (offset + len).min(expected.len());
-        assert_eq!(
-            &buf[..n],
-            &expected[offset..end],
-            "{} at {offset}+{len}",
-            mounted.display()
-        );
+        assert_eq!(&buf[..n], &expected[offset..end], "{} at {offset}+{len}", mounted.display());
     }
 }
 
 fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> usize {
     let mut done = 0;
     while done < buf.len() {
-        match file
-            .read_at(&mut buf[done..], offset + done as u64)
-            .unwrap()
-        {
+        match file.read_at(&mut buf[done..], offset + done as u64).unwrap() {
             0 => break,
             n => done += n,
         }
@@ -82,15 +71,7 @@ fn every_byte_through_an_ssh_mount_equals_the_source() {
     let sshd = Sshd::start();
     let files = odd_files();
     dataset(&env.path("source"), &env.path("images"), &files);
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
-        &[],
-    );
+    let mount = env.mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
 
     for (path, len) in &files {
         let mounted = mount.at(path);
@@ -107,44 +88,20 @@ fn every_byte_through_an_ssh_mount_equals_the_source() {
 fn a_small_read_fetches_only_a_chunk_or_two() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/data/big.bin", 64 << 20), ("/data/other", 10 << 20)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
-        &[],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/data/big.bin", 64 << 20), ("/data/other", 10 << 20)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
 
     let mut buf = [0u8; 4096];
-    File::open(mount.at("/data/big.bin"))
-        .unwrap()
-        .read_exact(&mut buf)
-        .unwrap();
+    File::open(mount.at("/data/big.bin")).unwrap().read_exact(&mut buf).unwrap();
     assert_eq!(&buf[..], &content("/data/big.bin", 4096)[..]);
 
     let status = mount.status();
     let present = status["bytes_present"].as_u64().unwrap();
-    assert!(
-        (4096..=2 * CHUNK_SIZE).contains(&present),
-        "{present} bytes fetched for a 4 KiB read"
-    );
+    assert!((4096..=2 * CHUNK_SIZE).contains(&present), "{present} bytes fetched for a 4 KiB read");
     // Only the chunks read took space in the cache.
-    let spill_blocks: u64 = std::fs::read_dir(mount.cache.join("spill"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().blocks())
-        .sum();
-    assert!(
-        spill_blocks * 512 <= 2 * CHUNK_SIZE + 65536,
-        "{} bytes allocated",
-        spill_blocks * 512
-    );
+    let spill_blocks: u64 =
+        std::fs::read_dir(mount.cache.join("spill")).unwrap().map(|e| e.unwrap().metadata().unwrap().blocks()).sum();
+    assert!(spill_blocks * 512 <= 2 * CHUNK_SIZE + 65536, "{} bytes allocated", spill_blocks * 512);
     assert_eq!(status["files"].as_array().unwrap().len(), 2);
 }
 
@@ -154,27 +111,14 @@ fn concurrent_readers_get_exact_bytes() {
     let sshd = Sshd::start();
     let files = [("/c/a", 5 << 20), ("/c/b", 3 << 20), ("/c/c", 777_777)];
     dataset(&env.path("source"), &env.path("images"), &files);
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
-        &[],
-    );
+    let mount = env.mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
 
     std::thread::scope(|scope| {
         for reader in 0..8u64 {
             let mount = &mount;
             scope.spawn(move || {
                 for (path, len) in files {
-                    check_ranges(
-                        &mount.at(path),
-                        &content(path, len),
-                        30,
-                        reader * 1000 + len as u64,
-                    );
+                    check_ranges(&mount.at(path), &content(path, len), 30, reader * 1000 + len as u64);
                 }
             });
         }
@@ -185,28 +129,12 @@ fn concurrent_readers_get_exact_bytes() {
 fn writes_stay_local_and_the_source_is_never_written() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/w/file", 200_000), ("/w/trunc", 300_000)],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/w/file", 200_000), ("/w/trunc", 300_000)]);
     let source_file = env.path("source/w/file");
     let before = std::fs::read(&source_file).unwrap();
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
-        &[],
-    );
+    let mount = env.mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
 
-    let mut file = File::options()
-        .read(true)
-        .write(true)
-        .open(mount.at("/w/file"))
-        .unwrap();
+    let mut file = File::options().read(true).write(true).open(mount.at("/w/file")).unwrap();
     file.seek(SeekFrom::Start(150_000)).unwrap();
     file.write_all(b"written locally").unwrap();
     file.write_all_at(b"tail", 199_998).unwrap();
@@ -218,165 +146,73 @@ fn writes_stay_local_and_the_source_is_never_written() {
     expected.truncate(199_998);
     expected.extend_from_slice(b"tail");
     assert!(std::fs::read(mount.at("/w/file")).unwrap() == expected);
-    assert!(
-        std::fs::read(&source_file).unwrap() == before,
-        "the source changed"
-    );
+    assert!(std::fs::read(&source_file).unwrap() == before, "the source changed");
 
     // Truncating keeps what is below the new end.
-    File::options()
-        .write(true)
-        .open(mount.at("/w/trunc"))
-        .unwrap()
-        .set_len(1000)
-        .unwrap();
+    File::options().write(true).open(mount.at("/w/trunc")).unwrap().set_len(1000).unwrap();
     assert!(std::fs::read(mount.at("/w/trunc")).unwrap() == content("/w/trunc", 1000));
-    assert_eq!(
-        std::fs::metadata(env.path("source/w/trunc")).unwrap().len(),
-        300_000
-    );
+    assert_eq!(std::fs::metadata(env.path("source/w/trunc")).unwrap().len(), 300_000);
 
     let status = mount.status();
-    let states: Vec<&str> = status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["state"].as_str().unwrap())
-        .collect();
+    let states: Vec<&str> = status["files"].as_array().unwrap().iter().map(|f| f["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["modified", "modified"]);
 }
 
 #[test]
 fn metadata_locks_and_the_fixed_file_set() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/m/file", 100)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &[],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/m/file", 100)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
     let path = mount.at("/m/file");
 
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-    File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(when)
-        .unwrap();
+    File::options().write(true).open(&path).unwrap().set_modified(when).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().mtime(), 1_000_000);
 
     // flock and fcntl locks are handled by the kernel, per mount.
     let a = File::open(&path).unwrap();
     let b = File::open(&path).unwrap();
-    let _held = nix::fcntl::Flock::lock(a, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| e)
-        .unwrap();
+    let _held = nix::fcntl::Flock::lock(a, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e).unwrap();
     let refused = nix::fcntl::Flock::lock(b, nix::fcntl::FlockArg::LockExclusiveNonblock);
     assert!(matches!(refused, Err((_, nix::errno::Errno::EWOULDBLOCK))));
 
     let dir = mount.at("/m");
-    assert_eq!(
-        File::create(dir.join("new")).unwrap_err().raw_os_error(),
-        Some(libc::EPERM)
-    );
-    assert_eq!(
-        std::fs::create_dir(dir.join("d"))
-            .unwrap_err()
-            .raw_os_error(),
-        Some(libc::EPERM)
-    );
-    assert_eq!(
-        std::fs::remove_file(&path).unwrap_err().raw_os_error(),
-        Some(libc::EPERM)
-    );
-    assert_eq!(
-        std::fs::rename(&path, dir.join("x"))
-            .unwrap_err()
-            .raw_os_error(),
-        Some(libc::EPERM)
-    );
+    assert_eq!(File::create(dir.join("new")).unwrap_err().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(std::fs::create_dir(dir.join("d")).unwrap_err().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(std::fs::remove_file(&path).unwrap_err().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(std::fs::rename(&path, dir.join("x")).unwrap_err().raw_os_error(), Some(libc::EPERM));
 }
 
 #[test]
 fn read_only_refuses_writes() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/r/file", 100)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &["--read-only"],
-    );
-    let err = File::options()
-        .write(true)
-        .open(mount.at("/r/file"))
-        .unwrap_err();
+    dataset(&env.path("source"), &env.path("images"), &[("/r/file", 100)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--read-only"]);
+    let err = File::options().write(true).open(mount.at("/r/file")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    assert_eq!(
-        std::fs::read(mount.at("/r/file")).unwrap(),
-        content("/r/file", 100)
-    );
+    assert_eq!(std::fs::read(mount.at("/r/file")).unwrap(), content("/r/file", 100));
 }
 
 #[test]
 fn flat_layout_uses_the_prototype_names() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/srv/app/db", 10), ("/etc/conf", 20)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &["--layout", "flat"],
-    );
-    let mut names: Vec<String> = std::fs::read_dir(&mount.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    dataset(&env.path("source"), &env.path("images"), &[("/srv/app/db", 10), ("/etc/conf", 20)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--layout", "flat"]);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&mount.mountpoint).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["etc.conf", "srv.app.db"]);
-    assert_eq!(
-        std::fs::read(mount.mountpoint.join("srv.app.db")).unwrap(),
-        content("/srv/app/db", 10)
-    );
+    assert_eq!(std::fs::read(mount.mountpoint.join("srv.app.db")).unwrap(), content("/srv/app/db", 10));
 
     // Two files with one flat name: refused, naming both, nothing mounted.
     let images = env.path("images-collide");
-    dataset(
-        &env.path("source"),
-        &images,
-        &[("/a.b/c", 1), ("/a/b.c", 2)],
-    );
-    let out = env.try_mount(
-        "collide",
-        &images,
-        &Source::Local(env.path("source")),
-        &["--layout", "flat"],
-    );
+    dataset(&env.path("source"), &images, &[("/a.b/c", 1), ("/a/b.c", 2)]);
+    let out = env.try_mount("collide", &images, &Source::Local(env.path("source")), &["--layout", "flat"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("/a.b/c") && stderr.contains("/a/b.c"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("/a.b/c") && stderr.contains("/a/b.c"), "{stderr}");
     assert!(!is_mounted(&env.path("mnt/collide")));
 }
 
@@ -408,11 +244,7 @@ fn subtree_mounted_at_the_original_directory_shows_original_paths() {
         .arg(env.path("cache/subtree"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let guard = common::mount::Mount {
         mountpoint: data.clone(),
         cache: env.path("cache/subtree"),
@@ -421,10 +253,7 @@ fn subtree_mounted_at_the_original_directory_shows_original_paths() {
     for (path, len) in &files[..2] {
         assert_eq!(std::fs::read(path).unwrap(), content(path, *len), "{path}");
     }
-    let names: Vec<_> = std::fs::read_dir(&data)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
     drop(guard);
     assert!(!is_mounted(&data));

@@ -24,80 +24,42 @@ fn wait_complete(mount: &Mount) -> Value {
 }
 
 fn file<'a>(status: &'a Value, path: &str) -> &'a Value {
-    status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == path)
-        .unwrap_or_else(|| panic!("{path}"))
+    status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).unwrap_or_else(|| panic!("{path}"))
 }
 
 fn ssh<'a>(sshd: &'a Sshd, env: &TestEnv) -> Source<'a> {
-    Source::Ssh {
-        sshd,
-        root: env.path("source"),
-    }
+    Source::Ssh { sshd, root: env.path("source") }
 }
 
 #[test]
 fn every_file_arrives_and_verifies_with_and_without_a_manifest() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    let files = [
-        ("/p/a", 0),
-        ("/p/b", 1),
-        ("/p/c", 65_536),
-        ("/p/d", 3_000_001),
-        ("/p/odd name $(x)", 777),
-    ];
+    let files = [("/p/a", 0), ("/p/b", 1), ("/p/c", 65_536), ("/p/d", 3_000_001), ("/p/odd name $(x)", 777)];
     dataset(&env.path("source"), &env.path("images"), &files);
 
-    let plain = env.mount(
-        "plain",
-        &env.path("images"),
-        &ssh(&sshd, &env),
-        &["--prefetch"],
-    );
+    let plain = env.mount("plain", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
     let status = wait_complete(&plain);
     for (path, len) in files {
         let f = file(&status, path);
         assert_eq!(f["state"], "verified", "{f}");
         assert_eq!(f["verified_against"], "received");
-        assert_eq!(
-            f["blake3"],
-            blake3::hash(&content(path, len)).to_hex().as_str()
-        );
+        assert_eq!(f["blake3"], blake3::hash(&content(path, len)).to_hex().as_str());
         assert_eq!(std::fs::read(plain.at(path)).unwrap(), content(path, len));
     }
     assert_eq!(status["bytes_present"], status["bytes_total"]);
     drop(plain);
 
-    let out = env.run(&[
-        "manifest",
-        env.path("images").to_str().unwrap(),
-        "--root",
-        env.path("source").to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        env.run(&["manifest", env.path("images").to_str().unwrap(), "--root", env.path("source").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(env.path("images/lazyfs.manifest").exists());
-    let checked = env.mount(
-        "manifest",
-        &env.path("images"),
-        &ssh(&sshd, &env),
-        &["--prefetch"],
-    );
+    let checked = env.mount("manifest", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
     let status = wait_complete(&checked);
     for (path, len) in files {
         let f = file(&status, path);
         assert_eq!(f["verified_against"], "manifest", "{f}");
-        assert_eq!(
-            f["blake3"],
-            blake3::hash(&content(path, len)).to_hex().as_str()
-        );
+        assert_eq!(f["blake3"], blake3::hash(&content(path, len)).to_hex().as_str());
     }
 }
 
@@ -105,12 +67,7 @@ fn every_file_arrives_and_verifies_with_and_without_a_manifest() {
 fn completion_follows_the_prefetch_order() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    let files = [
-        ("/o/m", 300_000),
-        ("/o/s", 1_000),
-        ("/o/l", 2_000_000),
-        ("/o/xs", 10),
-    ];
+    let files = [("/o/m", 300_000), ("/o/s", 1_000), ("/o/l", 2_000_000), ("/o/xs", 10)];
     dataset(&env.path("source"), &env.path("images"), &files);
     for (order, expected) in [
         ("smallest-first", ["/o/xs", "/o/s", "/o/m", "/o/l"]),
@@ -128,12 +85,7 @@ fn completion_follows_the_prefetch_order() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|f| {
-                (
-                    f["completed_s"].as_f64().unwrap(),
-                    f["path"].as_str().unwrap().to_string(),
-                )
-            })
+            .map(|f| (f["completed_s"].as_f64().unwrap(), f["path"].as_str().unwrap().to_string()))
             .collect();
         done.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let got: Vec<&str> = done.iter().map(|(_, p)| p.as_str()).collect();
@@ -145,56 +97,26 @@ fn completion_follows_the_prefetch_order() {
 fn a_file_being_read_jumps_the_prefetch_queue() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    let mut files: Vec<(String, usize)> = (0..60)
-        .map(|i| (format!("/q/small{i:02}"), 1 << 20))
-        .collect();
+    let mut files: Vec<(String, usize)> = (0..60).map(|i| (format!("/q/small{i:02}"), 1 << 20)).collect();
     files.push(("/q/zbig".into(), 32 << 20));
     let refs: Vec<(&str, usize)> = files.iter().map(|(p, l)| (p.as_str(), *l)).collect();
     dataset(&env.path("source"), &env.path("images"), &refs);
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &ssh(&sshd, &env),
-        &["--prefetch", "-j", "1"],
-    );
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "1"]);
 
     // Smallest first: the big file is last in the queue. A reader of it gets
     // its bytes at once, and the file moves to the front.
     let mut buf = vec![0u8; 4096];
-    File::open(mount.at("/q/zbig"))
-        .unwrap()
-        .read_exact(&mut buf)
-        .unwrap();
+    File::open(mount.at("/q/zbig")).unwrap().read_exact(&mut buf).unwrap();
     assert_eq!(buf, content("/q/zbig", 4096));
     let status = mount.status();
-    let small_done = status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["state"] == "verified")
-        .count();
-    assert!(
-        small_done < 60,
-        "the prefetcher had already finished the small files: {small_done}"
-    );
+    let small_done = status["files"].as_array().unwrap().iter().filter(|f| f["state"] == "verified").count();
+    assert!(small_done < 60, "the prefetcher had already finished the small files: {small_done}");
 
     let status = wait_complete(&mount);
     let big_done = file(&status, "/q/zbig")["completed_s"].as_f64().unwrap();
-    let last_small = (0..60).map(|i| {
-        file(&status, &format!("/q/small{i:02}"))["completed_s"]
-            .as_f64()
-            .unwrap()
-    });
-    assert!(
-        last_small.clone().any(|t| t > big_done),
-        "the big file was not moved ahead"
-    );
-    assert!(
-        file(&status, "/q/zbig")["bytes_on_demand"]
-            .as_u64()
-            .unwrap()
-            >= 4096
-    );
+    let last_small = (0..60).map(|i| file(&status, &format!("/q/small{i:02}"))["completed_s"].as_f64().unwrap());
+    assert!(last_small.clone().any(|t| t > big_done), "the big file was not moved ahead");
+    assert!(file(&status, "/q/zbig")["bytes_on_demand"].as_u64().unwrap() >= 4096);
 }
 
 #[test]
@@ -208,21 +130,12 @@ fn verified_files_are_served_with_the_source_gone() {
     sshd.stop();
 
     for (path, len) in files {
-        assert_eq!(
-            std::fs::read(mount.at(path)).unwrap(),
-            content(path, len),
-            "{path}"
-        );
+        assert_eq!(std::fs::read(mount.at(path)).unwrap(), content(path, len), "{path}");
     }
     // Read-only opens of verified files go to the spill file (FUSE
     // passthrough): lazyfs itself sees no reads of them.
     let status = mount.status();
-    let reads: u64 = status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["reads"].as_u64().unwrap())
-        .sum();
+    let reads: u64 = status["files"].as_array().unwrap().iter().map(|f| f["reads"].as_u64().unwrap()).sum();
     assert_eq!(reads, 0, "reads went through lazyfs: {status}");
 }
 
@@ -233,20 +146,11 @@ fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
     let files = [("/r/big", 48 << 20), ("/r/other", 5 << 20)];
     dataset(&env.path("source"), &env.path("images"), &files);
     let total: u64 = files.iter().map(|(_, l)| *l as u64).sum();
-    let out = env.run(&[
-        "manifest",
-        env.path("images").to_str().unwrap(),
-        "--root",
-        env.path("source").to_str().unwrap(),
-    ]);
+    let out =
+        env.run(&["manifest", env.path("images").to_str().unwrap(), "--root", env.path("source").to_str().unwrap()]);
     assert!(out.status.success());
 
-    let first = env.mount(
-        "m",
-        &env.path("images"),
-        &ssh(&sshd, &env),
-        &["--prefetch", "-j", "1"],
-    );
+    let first = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "1"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while first.status()["bytes_present"].as_u64().unwrap() < total / 3 {
         assert!(Instant::now() < deadline);
@@ -261,24 +165,14 @@ fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
     let restored: u64 = journaled
         .values()
         .flat_map(|r| r.present.iter().map(move |run| (run.clone(), r.size)))
-        .map(|(run, size)| {
-            (run.end * lazyfs::store::CHUNK_SIZE).min(size) - run.start * lazyfs::store::CHUNK_SIZE
-        })
+        .map(|(run, size)| (run.end * lazyfs::store::CHUNK_SIZE).min(size) - run.start * lazyfs::store::CHUNK_SIZE)
         .sum();
-    assert!(
-        restored > 0 && restored < total,
-        "restored {restored} of {total}"
-    );
+    assert!(restored > 0 && restored < total, "restored {restored} of {total}");
 
     let second = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
     let status = wait_complete(&second);
-    let fetched =
-        status["bytes_prefetched"].as_u64().unwrap() + status["bytes_on_demand"].as_u64().unwrap();
-    assert_eq!(
-        fetched,
-        total - restored,
-        "fetched again more than what was missing"
-    );
+    let fetched = status["bytes_prefetched"].as_u64().unwrap() + status["bytes_on_demand"].as_u64().unwrap();
+    assert_eq!(fetched, total - restored, "fetched again more than what was missing");
     for (path, len) in files {
         assert_eq!(file(&status, path)["state"], "verified");
         assert!(std::fs::read(second.at(path)).unwrap() == content(path, len));
@@ -290,17 +184,9 @@ fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
 fn a_source_file_changed_after_the_manifest_is_never_served() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/c/changed", 200_000), ("/c/same", 1000)],
-    );
-    let out = env.run(&[
-        "manifest",
-        env.path("images").to_str().unwrap(),
-        "--root",
-        env.path("source").to_str().unwrap(),
-    ]);
+    dataset(&env.path("source"), &env.path("images"), &[("/c/changed", 200_000), ("/c/same", 1000)]);
+    let out =
+        env.run(&["manifest", env.path("images").to_str().unwrap(), "--root", env.path("source").to_str().unwrap()]);
     assert!(out.status.success());
     // Same size, one byte different.
     let mut bytes = std::fs::read(env.path("source/c/changed")).unwrap();
@@ -321,44 +207,22 @@ fn a_source_file_changed_after_the_manifest_is_never_served() {
 fn without_a_manifest_a_size_change_fails_the_file() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/s/grew", 10_000)],
-    );
+    dataset(&env.path("source"), &env.path("images"), &[("/s/grew", 10_000)]);
     std::fs::write(env.path("source/s/grew"), content("/s/grew", 12_000)).unwrap();
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
     let status = wait_complete(&mount);
     let grew = file(&status, "/s/grew");
     assert_eq!(grew["state"], "failed");
-    assert!(
-        grew["error"]
-            .as_str()
-            .unwrap()
-            .contains("changed since the checkpoint"),
-        "{grew}"
-    );
+    assert!(grew["error"].as_str().unwrap().contains("changed since the checkpoint"), "{grew}");
 }
 
 #[test]
 fn a_write_completes_the_file_first_and_prefetch_never_overwrites_it() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/w/big", 20 << 20), ("/w/other", 8 << 20)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &ssh(&sshd, &env),
-        &["--prefetch", "-j", "2"],
-    );
-    let mut f = File::options()
-        .write(true)
-        .open(mount.at("/w/big"))
-        .unwrap();
+    dataset(&env.path("source"), &env.path("images"), &[("/w/big", 20 << 20), ("/w/other", 8 << 20)]);
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "2"]);
+    let mut f = File::options().write(true).open(mount.at("/w/big")).unwrap();
     std::io::Write::write_all(&mut f, b"LOCAL").unwrap();
     drop(f);
     let status = wait_complete(&mount);
@@ -378,11 +242,7 @@ fn verify_finds_a_damaged_cache_and_a_remount_fetches_it_again() {
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
     wait_complete(&mount);
     let out = env.run(&["verify", mount.mountpoint.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(mount.umount().status.success());
 
     // Flip a byte of one cached file.

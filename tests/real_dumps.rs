@@ -31,23 +31,11 @@ fn old_root(env: &TestEnv) -> PathBuf {
     }
     let data = root.join("tmp/lazyfs-fixture/data");
     std::fs::write(data.join("b.bin"), content("b.bin", 3_000_000)).unwrap();
-    std::fs::write(
-        data.join("big.img"),
-        content("big.img", 12 * 1024 * 1024 + 5),
-    )
-    .unwrap();
+    std::fs::write(data.join("big.img"), content("big.img", 12 * 1024 * 1024 + 5)).unwrap();
     // big-1MiB.bin as the fileholder README describes it: lines "%015x\n" of offset i*16.
-    let big: String = (0..65536u64)
-        .map(|i| format!("{:015x}\n", i * 16))
-        .collect();
+    let big: String = (0..65536u64).map(|i| format!("{:015x}\n", i * 16)).collect();
     for dump in ["d1-kill", "d2-leave-running", "d3-fork", "d4-mntns"] {
-        std::fs::write(
-            root.join("tmp/criu-work/src-data")
-                .join(dump)
-                .join("big-1MiB.bin"),
-            &big,
-        )
-        .unwrap();
+        std::fs::write(root.join("tmp/criu-work/src-data").join(dump).join("big-1MiB.bin"), &big).unwrap();
     }
     root
 }
@@ -57,24 +45,14 @@ fn every_real_dump_mounts_and_reads_back_exactly() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
     let root = old_root(&env);
-    let mut dumps: Vec<PathBuf> = std::fs::read_dir(common::fixtures().join("real"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut dumps: Vec<PathBuf> =
+        std::fs::read_dir(common::fixtures().join("real")).unwrap().map(|e| e.unwrap().path()).collect();
     dumps.sort();
     let (mut compared, mut missing) = (0, 0);
     for dump in &dumps {
         let images = dump.join("images");
         let name = dump.file_name().unwrap().to_str().unwrap();
-        let mount = env.mount(
-            name,
-            &images,
-            &Source::Ssh {
-                sshd: &sshd,
-                root: root.clone(),
-            },
-            &[],
-        );
+        let mount = env.mount(name, &images, &Source::Ssh { sshd: &sshd, root: root.clone() }, &[]);
         let checkpoint = Checkpoint::load(&images).unwrap();
         for file in checkpoint.servable() {
             let mounted = mount.at(file.path.to_str().unwrap());
@@ -86,11 +64,7 @@ fn every_real_dump_mounts_and_reads_back_exactly() {
             assert_eq!(meta.mode(), file.mode.unwrap(), "{}", mounted.display());
             match std::fs::read(&on_source) {
                 Ok(expected) => {
-                    assert!(
-                        std::fs::read(&mounted).unwrap() == expected,
-                        "{} differs",
-                        mounted.display()
-                    );
+                    assert!(std::fs::read(&mounted).unwrap() == expected, "{} differs", mounted.display());
                     compared += 1;
                 }
                 // System files (libc, the interpreter) are not in the fixtures:
@@ -103,21 +77,9 @@ fn every_real_dump_mounts_and_reads_back_exactly() {
             }
         }
         // What cannot be served is not shown: no ghost, no tmpfs file.
-        for file in checkpoint
-            .files
-            .iter()
-            .filter(|f| !f.is_servable() && f.path.starts_with("/tmp"))
-        {
-            if file
-                .unservable
-                .as_ref()
-                .is_some_and(|r| !r.to_string().contains("directory"))
-            {
-                assert!(
-                    !mount.at(file.path.to_str().unwrap()).exists(),
-                    "{} is shown",
-                    file.path.display()
-                );
+        for file in checkpoint.files.iter().filter(|f| !f.is_servable() && f.path.starts_with("/tmp")) {
+            if file.unservable.as_ref().is_some_and(|r| !r.to_string().contains("directory")) {
+                assert!(!mount.at(file.path.to_str().unwrap()).exists(), "{} is shown", file.path.display());
             }
         }
         assert!(mount.umount().status.success());

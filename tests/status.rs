@@ -9,14 +9,7 @@ use common::sshd::Sshd;
 use serde_json::Value;
 
 fn check_fields(status: &Value) {
-    for key in [
-        "mountpoint",
-        "source",
-        "imgdir",
-        "cache_dir",
-        "layout",
-        "state",
-    ] {
+    for key in ["mountpoint", "source", "imgdir", "cache_dir", "layout", "state"] {
         assert!(status[key].is_string(), "{key}: {status}");
     }
     assert!(["fetching", "complete", "degraded"].contains(&status["state"].as_str().unwrap()));
@@ -41,16 +34,11 @@ fn check_fields(status: &Value) {
         assert!(file["mount_path"].is_string());
         assert!(file["size"].is_u64() && file["bytes_present"].is_u64() && file["reads"].is_u64());
         assert!(
-            [
-                "pending", "fetching", "present", "verified", "modified", "failed"
-            ]
-            .contains(&file["state"].as_str().unwrap())
+            ["pending", "fetching", "present", "verified", "modified", "failed"]
+                .contains(&file["state"].as_str().unwrap())
         );
         assert!(file["blake3"].is_string() || file["blake3"].is_null());
-        assert!(
-            ["manifest", "received"]
-                .contains(&file["verified_against"].as_str().unwrap_or("received"))
-        );
+        assert!(["manifest", "received"].contains(&file["verified_against"].as_str().unwrap_or("received")));
         assert!(file["error"].is_string() || file["error"].is_null());
     }
 }
@@ -65,10 +53,7 @@ fn json_fields_hold_during_and_after_a_prefetch() {
     let mount = env.mount(
         "m",
         &env.path("images"),
-        &Source::Ssh {
-            sshd: &sshd,
-            root: env.path("source"),
-        },
+        &Source::Ssh { sshd: &sshd, root: env.path("source") },
         &["--prefetch", "-j", "1"],
     );
 
@@ -78,10 +63,7 @@ fn json_fields_hold_during_and_after_a_prefetch() {
         let status = mount.status();
         check_fields(&status);
         let present = status["bytes_present"].as_u64().unwrap();
-        assert!(
-            present >= last,
-            "bytes_present went down: {last} -> {present}"
-        );
+        assert!(present >= last, "bytes_present went down: {last} -> {present}");
         last = present;
         if status["state"] == "complete" {
             break status;
@@ -95,17 +77,9 @@ fn json_fields_hold_during_and_after_a_prefetch() {
     assert_eq!(status["prefetch"], true);
 
     // --watch --json: one object per line, the last one complete.
-    let out = env.run(&[
-        "status",
-        mount.mountpoint.to_str().unwrap(),
-        "--json",
-        "--watch",
-    ]);
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap(), "--json", "--watch"]);
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.last().unwrap()["state"], "complete");
 
     // Every live mount, as an array.
@@ -115,8 +89,7 @@ fn json_fields_hold_during_and_after_a_prefetch() {
 
     let cache = mount.cache.clone();
     assert!(mount.umount().status.success());
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(cache.join("summary.json")).unwrap()).unwrap();
+    let summary: Value = serde_json::from_slice(&std::fs::read(cache.join("summary.json")).unwrap()).unwrap();
     check_fields(&summary);
     assert_eq!(summary["state"], "complete");
 }
@@ -125,35 +98,18 @@ fn json_fields_hold_during_and_after_a_prefetch() {
 fn wait_exit_codes() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/w/a", 100_000), ("/w/b", 200)],
-    );
-    let ssh = Source::Ssh {
-        sshd: &sshd,
-        root: env.path("source"),
-    };
+    dataset(&env.path("source"), &env.path("images"), &[("/w/a", 100_000), ("/w/b", 200)]);
+    let ssh = Source::Ssh { sshd: &sshd, root: env.path("source") };
 
     // A lazy mount where nothing is read never completes: timeout, 3.
     let lazy = env.mount("lazy", &env.path("images"), &ssh, &[]);
     let mp = lazy.mountpoint.to_str().unwrap().to_string();
     let out = env.run(&["wait", &mp, "--timeout", "0.5"]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     // Reading a file whole makes it present, then verified: waiting for it alone succeeds.
     std::fs::read(lazy.at("/w/b")).unwrap();
     let out = env.run(&["wait", &mp, "/w/b", "--timeout", "10"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let out = env.run(&["wait", &mp, &format!("{mp}/w/b"), "--timeout", "10"]);
     assert_eq!(out.status.code(), Some(0));
     let out = env.run(&["wait", &mp, "/w/nope"]);
@@ -161,28 +117,13 @@ fn wait_exit_codes() {
 
     let full = env.mount("full", &env.path("images"), &ssh, &["--prefetch"]);
     let out = env.run(&["wait", full.mountpoint.to_str().unwrap(), "--timeout", "60"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 
     // A file that fails: 4.
     std::fs::write(env.path("source/w/a"), b"short").unwrap();
     let failing = env.mount("failing", &env.path("images"), &ssh, &["--prefetch"]);
-    let out = env.run(&[
-        "wait",
-        failing.mountpoint.to_str().unwrap(),
-        "--timeout",
-        "60",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.run(&["wait", failing.mountpoint.to_str().unwrap(), "--timeout", "60"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/w/a"));
 
     // Not a mount: 1.
@@ -193,36 +134,14 @@ fn wait_exit_codes() {
 #[test]
 fn bars_are_drawn_on_a_terminal_and_lines_elsewhere() {
     let env = TestEnv::new();
-    dataset(
-        &env.path("source"),
-        &env.path("images"),
-        &[("/t/a", 300_000)],
-    );
-    let mount = env.mount(
-        "m",
-        &env.path("images"),
-        &Source::Local(env.path("source")),
-        &["--prefetch"],
-    );
-    let out = env.run(&[
-        "wait",
-        mount.mountpoint.to_str().unwrap(),
-        "--timeout",
-        "30",
-    ]);
+    dataset(&env.path("source"), &env.path("images"), &[("/t/a", 300_000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--prefetch"]);
+    let out = env.run(&["wait", mount.mountpoint.to_str().unwrap(), "--timeout", "30"]);
     assert!(out.status.success());
 
     // Under a pseudo-terminal (util-linux `script`): an indicatif bar.
-    let command = format!(
-        "{} status {}",
-        env!("CARGO_BIN_EXE_lazyfs"),
-        mount.mountpoint.display()
-    );
-    let out = env
-        .lazyfs_with("script")
-        .args(["-qfec", &command, "/dev/null"])
-        .output()
-        .unwrap();
+    let command = format!("{} status {}", env!("CARGO_BIN_EXE_lazyfs"), mount.mountpoint.display());
+    let out = env.lazyfs_with("script").args(["-qfec", &command, "/dev/null"]).output().unwrap();
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(screen.contains("=========="), "{screen}");
     assert!(screen.contains("files 1/1"), "{screen}");
@@ -230,10 +149,7 @@ fn bars_are_drawn_on_a_terminal_and_lines_elsewhere() {
     // Through a pipe: plain lines.
     let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        text.contains(": complete 300000/300000 bytes, 1/1 files present"),
-        "{text}"
-    );
+    assert!(text.contains(": complete 300000/300000 bytes, 1/1 files present"), "{text}");
 }
 
 #[test]
@@ -247,14 +163,9 @@ fn the_readme_harness_example_runs_as_written() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("wait: exit 0"), "{stdout}");
     let summary: Value =
-        serde_json::from_slice(&std::fs::read(env.path("harness/cache/summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(env.path("harness/cache/summary.json")).unwrap()).unwrap();
     check_fields(&summary);
 }

@@ -37,17 +37,9 @@ pub fn write_table(checkpoint: &Checkpoint, out: &mut impl Write) -> std::io::Re
     for file in &checkpoint.files {
         let size = file.size.map_or_else(|| "?".to_string(), |s| s.to_string());
         let mode = file.mode.map_or_else(|| "?".to_string(), mode_string);
-        let mut line = format!(
-            "{size:>12}  {mode:<10}  {:<24}  {}",
-            users_summary(file),
-            escape_path(&file.path)
-        );
+        let mut line = format!("{size:>12}  {mode:<10}  {:<24}  {}", users_summary(file), escape_path(&file.path));
         if file.source_path != file.path {
-            let _ = write!(
-                line,
-                "  (on the source: {})",
-                escape_path(&file.source_path)
-            );
+            let _ = write!(line, "  (on the source: {})", escape_path(&file.source_path));
         }
         if let Some(reason) = &file.unservable {
             let _ = write!(line, "  [not served: {reason}]");
@@ -73,12 +65,7 @@ fn users_summary(file: &RecordedFile) -> String {
     let mut pids: Vec<u32> = file.users.iter().map(|u| u.pid).collect();
     pids.dedup();
     for pid in pids {
-        let mine: Vec<Usage> = file
-            .users
-            .iter()
-            .filter(|u| u.pid == pid)
-            .map(|u| u.usage)
-            .collect();
+        let mine: Vec<Usage> = file.users.iter().filter(|u| u.pid == pid).map(|u| u.usage).collect();
         let fds: Vec<String> = mine
             .iter()
             .filter_map(|u| match u {

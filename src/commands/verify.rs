@@ -22,18 +22,10 @@ pub enum VerifyError {
 /// Re-hashes every file the journal of `cache_dir` says is verified.
 pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
     let journal_path = cache_dir.join("journal");
-    let records = journal::read(&journal_path)?.map_err(|reason| VerifyError::Journal {
-        path: journal_path,
-        reason,
-    })?;
-    let mut report = Report {
-        checked: 0,
-        mismatched: Vec::new(),
-    };
-    let mut verified: Vec<_> = records
-        .iter()
-        .filter_map(|(path, r)| Some((path, r.verified.as_ref()?)))
-        .collect();
+    let records =
+        journal::read(&journal_path)?.map_err(|reason| VerifyError::Journal { path: journal_path, reason })?;
+    let mut report = Report { checked: 0, mismatched: Vec::new() };
+    let mut verified: Vec<_> = records.iter().filter_map(|(path, r)| Some((path, r.verified.as_ref()?))).collect();
     verified.sort();
     for (path, (hash, against)) in verified {
         use std::os::unix::ffi::OsStrExt;
@@ -55,9 +47,7 @@ pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
                     blake3::Hash::from_bytes(*hash).to_hex()
                 ),
             )),
-            Err(e) => report
-                .mismatched
-                .push((original, format!("{}: {e}", spill.display()))),
+            Err(e) => report.mismatched.push((original, format!("{}: {e}", spill.display()))),
         }
     }
     Ok(report)

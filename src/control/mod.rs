@@ -28,10 +28,7 @@ pub enum ControlError {
     #[error("{}: not a lazyfs mount (no live lazyfs process serves it)", .0.display())]
     NotAMount(PathBuf),
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: the lazyfs process answered: {message}", path.display())]
     Refused { path: PathBuf, message: String },
     #[error("{}: the lazyfs process sent a malformed message: {reason}", path.display())]
@@ -55,10 +52,7 @@ pub fn read_message<M: Message + Default>(stream: &mut impl Read) -> std::io::Re
         len |= usize::from(byte[0] & 0x7f) << (7 * i);
         if byte[0] & 0x80 == 0 {
             if len > MAX_MESSAGE {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "message too large",
-                ));
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "message too large"));
             }
             let mut body = vec![0; len];
             stream.read_exact(&mut body)?;
@@ -67,10 +61,7 @@ pub fn read_message<M: Message + Default>(stream: &mut impl Read) -> std::io::Re
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
         }
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        "bad length prefix",
-    ))
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad length prefix"))
 }
 
 /// A connection to one mount's background process.
@@ -82,14 +73,10 @@ pub struct Client {
 impl Client {
     /// Connects to the process serving `mountpoint`.
     pub fn connect(mountpoint: &Path) -> Result<Client, ControlError> {
-        let entry = registry::find(mountpoint)
-            .ok_or_else(|| ControlError::NotAMount(mountpoint.to_path_buf()))?;
-        let stream = UnixStream::connect(&entry.socket)
-            .map_err(|_| ControlError::NotAMount(mountpoint.to_path_buf()))?;
-        Ok(Client {
-            mountpoint: entry.mountpoint,
-            stream,
-        })
+        let entry = registry::find(mountpoint).ok_or_else(|| ControlError::NotAMount(mountpoint.to_path_buf()))?;
+        let stream =
+            UnixStream::connect(&entry.socket).map_err(|_| ControlError::NotAMount(mountpoint.to_path_buf()))?;
+        Ok(Client { mountpoint: entry.mountpoint, stream })
     }
 
     pub fn mountpoint(&self) -> &Path {
@@ -97,28 +84,22 @@ impl Client {
     }
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
-        |source| ControlError::Io {
-            path: self.mountpoint.clone(),
-            source,
-        }
+        |source| ControlError::Io { path: self.mountpoint.clone(), source }
     }
 
     fn send(&mut self, kind: request::Kind) -> Result<(), ControlError> {
         let request = Request { kind: Some(kind) };
-        write_message(&mut self.stream, &request).map_err(|source| ControlError::Io {
-            path: self.mountpoint.clone(),
-            source,
-        })
+        write_message(&mut self.stream, &request)
+            .map_err(|source| ControlError::Io { path: self.mountpoint.clone(), source })
     }
 
     /// The next response; a process that hung up is not a mount any more.
     pub fn receive(&mut self) -> Result<response::Kind, ControlError> {
         let response: Option<Response> = read_message(&mut self.stream).map_err(self.io())?;
         match response.and_then(|r| r.kind) {
-            Some(response::Kind::Error(message)) => Err(ControlError::Refused {
-                path: self.mountpoint.clone(),
-                message,
-            }),
+            Some(response::Kind::Error(message)) => {
+                Err(ControlError::Refused { path: self.mountpoint.clone(), message })
+            }
             Some(kind) => Ok(kind),
             None => Err(ControlError::NotAMount(self.mountpoint.clone())),
         }
@@ -128,10 +109,7 @@ impl Client {
         self.send(request::Kind::Status(proto::StatusRequest {}))?;
         match self.receive()? {
             response::Kind::Status(status) => Ok(status),
-            other => Err(ControlError::Protocol {
-                path: self.mountpoint.clone(),
-                reason: format!("{other:?}"),
-            }),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }
 
@@ -143,10 +121,7 @@ impl Client {
     pub fn next_status(&mut self) -> Result<proto::Status, ControlError> {
         match self.receive()? {
             response::Kind::Status(status) => Ok(status),
-            other => Err(ControlError::Protocol {
-                path: self.mountpoint.clone(),
-                reason: format!("{other:?}"),
-            }),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }
 
@@ -155,10 +130,7 @@ impl Client {
         self.send(request::Kind::Umount(proto::UmountRequest {}))?;
         match self.receive()? {
             response::Kind::Umount(_) => Ok(()),
-            other => Err(ControlError::Protocol {
-                path: self.mountpoint.clone(),
-                reason: format!("{other:?}"),
-            }),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }
 }

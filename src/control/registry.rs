@@ -31,8 +31,7 @@ pub fn dir() -> PathBuf {
 
 /// Mountpoints are compared as absolute, symlink-free paths.
 pub fn canonical(mountpoint: &Path) -> PathBuf {
-    std::fs::canonicalize(mountpoint)
-        .unwrap_or_else(|_| std::path::absolute(mountpoint).unwrap_or(mountpoint.into()))
+    std::fs::canonicalize(mountpoint).unwrap_or_else(|_| std::path::absolute(mountpoint).unwrap_or(mountpoint.into()))
 }
 
 fn entry_path(mountpoint: &Path) -> PathBuf {
@@ -42,16 +41,10 @@ fn entry_path(mountpoint: &Path) -> PathBuf {
 }
 
 pub fn register(entry: &Entry) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir())?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir())?;
     let path = entry_path(&entry.mountpoint);
     let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(entry).map_err(std::io::Error::other)?,
-    )?;
+    std::fs::write(&tmp, serde_json::to_vec(entry).map_err(std::io::Error::other)?)?;
     std::fs::rename(tmp, path)
 }
 

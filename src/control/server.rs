@@ -30,19 +30,15 @@ impl Server {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-        std::thread::Builder::new()
-            .name("lazyfs-control".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let (status, events) = (status.clone(), events.clone());
-                    let _ = std::thread::Builder::new()
-                        .name("lazyfs-control-client".into())
-                        .spawn(move || serve_client(stream, &*status, &events));
-                }
-            })?;
-        Ok(Server {
-            socket: socket.to_path_buf(),
-        })
+        std::thread::Builder::new().name("lazyfs-control".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (status, events) = (status.clone(), events.clone());
+                let _ = std::thread::Builder::new()
+                    .name("lazyfs-control-client".into())
+                    .spawn(move || serve_client(stream, &*status, &events));
+            }
+        })?;
+        Ok(Server { socket: socket.to_path_buf() })
     }
 
     pub fn socket(&self) -> &Path {
@@ -60,17 +56,12 @@ fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
     write_message(stream, &Response { kind: Some(kind) })
 }
 
-fn serve_client(
-    mut stream: UnixStream,
-    status: &dyn Fn() -> Status,
-    events: &Sender<ControlEvent>,
-) {
+fn serve_client(mut stream: UnixStream, status: &dyn Fn() -> Status, events: &Sender<ControlEvent>) {
     while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
         let sent = match request.kind {
             Some(request::Kind::Status(_)) => reply(&mut stream, response::Kind::Status(status())),
             Some(request::Kind::Watch(watch)) => {
-                let interval =
-                    Duration::from_millis(u64::from(watch.interval_ms.clamp(50, 60_000)));
+                let interval = Duration::from_millis(u64::from(watch.interval_ms.clamp(50, 60_000)));
                 loop {
                     if reply(&mut stream, response::Kind::Status(status())).is_err() {
                         return;
@@ -83,10 +74,7 @@ fn serve_client(
                     return;
                 };
                 if events.send(ControlEvent::Umount(answer)).is_err() {
-                    let _ = reply(
-                        &mut stream,
-                        response::Kind::Error("the mount is already stopping".into()),
-                    );
+                    let _ = reply(&mut stream, response::Kind::Error("the mount is already stopping".into()));
                 }
                 return;
             }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{FetchFile, Lane, Shared, fetch_checked};
-use crate::source::{Connection, Source, SourceError};
+use crate::source::{Connection, Source, SourceError, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -38,10 +38,7 @@ pub(crate) struct Health {
 
 impl Health {
     pub(crate) fn new(reconnect_timeout: Duration) -> Health {
-        Health {
-            reconnect_timeout,
-            down: Mutex::new((0, None)),
-        }
+        Health { reconnect_timeout, down: Mutex::new((0, None)) }
     }
 
     /// Why the mount is degraded, if it is.
@@ -54,6 +51,9 @@ impl Health {
 pub(super) struct Link {
     source: Arc<dyn Source>,
     connection: Option<Box<dyn Connection>>,
+    /// Where fetched bytes land on their way to the spill file (at most a
+    /// prefetch window: a few MiB per lane, reused).
+    buffer: Vec<u8>,
     health: Arc<Health>,
     /// This link counts among the lanes that are down.
     down: bool,
@@ -61,12 +61,7 @@ pub(super) struct Link {
 
 impl Link {
     pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
-        Link {
-            source,
-            connection: None,
-            health,
-            down: false,
-        }
+        Link { source, connection: None, buffer: Vec::new(), health, down: false }
     }
 
     pub(super) fn with_connection(
@@ -74,12 +69,7 @@ impl Link {
         health: Arc<Health>,
         connection: Box<dyn Connection>,
     ) -> Link {
-        Link {
-            source,
-            connection: Some(connection),
-            health,
-            down: false,
-        }
+        Link { source, connection: Some(connection), buffer: Vec::new(), health, down: false }
     }
 
     /// The connection, opened if there is none.
@@ -131,10 +121,7 @@ impl Link {
                         log::warn!("{e}: reconnecting");
                     }
                     self.mark(Some(&e));
-                    let left = self
-                        .health
-                        .reconnect_timeout
-                        .saturating_sub(since.elapsed());
+                    let left = self.health.reconnect_timeout.saturating_sub(since.elapsed());
                     if left.is_zero() {
                         return Err(e);
                     }
@@ -150,17 +137,60 @@ impl Link {
     }
 
     /// Fills the claimed `chunks` of `file` from the source.
-    pub(super) fn fetch(
-        &mut self,
-        file: &FetchFile,
-        chunks: Range<u64>,
-    ) -> Result<(), SourceError> {
-        let offset = file.spill.chunk_bytes(chunks.clone()).start;
-        self.with_retry(|connection| {
-            file.spill.fill(chunks.clone(), |buf| {
-                connection.read_exact_at(&file.source_path, offset, buf)
+    pub(super) fn fetch(&mut self, file: &FetchFile, chunks: Range<u64>) -> Result<(), SourceError> {
+        let bytes = file.spill.chunk_bytes(chunks.clone());
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.resize((bytes.end - bytes.start) as usize, 0);
+        let fetched =
+            self.with_retry(|connection| connection.read_exact_at(&file.source_path, bytes.start, &mut buffer));
+        let written = fetched.and_then(|()| {
+            file.spill.write_fetched(chunks, &buffer).map_err(|e| SourceError::Io {
+                path: file.spill.path().to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
             })
-        })
+        });
+        self.buffer = buffer;
+        written
+    }
+
+    /// Reads many whole small files into their spill files in one pipeline;
+    /// each file's own result is in `results`, the error is the connection's.
+    pub(super) fn fetch_whole(
+        &mut self,
+        files: &[&FetchFile],
+        results: &mut Vec<Result<(), SourceError>>,
+    ) -> Result<(), SourceError> {
+        let total: usize = files.iter().map(|f| f.spill.len() as usize).sum();
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.resize(total, 0);
+        let outcome = {
+            let mut rest = buffer.as_mut_slice();
+            let mut reads: Vec<WholeRead<'_>> = Vec::with_capacity(files.len());
+            for file in files {
+                let (buf, tail) = rest.split_at_mut(file.spill.len() as usize);
+                rest = tail;
+                reads.push(WholeRead { path: &file.source_path, buf, result: Ok(()) });
+            }
+            let outcome = self.with_retry(|connection| connection.read_files(&mut reads));
+            results.clear();
+            results.extend(reads.into_iter().map(|r| r.result));
+            outcome
+        };
+        let mut at = 0;
+        for (file, result) in files.iter().zip(results.iter_mut()) {
+            let len = file.spill.len() as usize;
+            if outcome.is_ok() && result.is_ok() {
+                *result = file.spill.write_fetched(0..file.spill.chunk_count(), &buffer[at..at + len]).map_err(|e| {
+                    SourceError::Io {
+                        path: file.spill.path().to_path_buf(),
+                        source: std::io::Error::other(e.to_string()),
+                    }
+                });
+            }
+            at += len;
+        }
+        self.buffer = buffer;
+        outcome
     }
 }
 
@@ -184,24 +214,19 @@ impl OnDemandLane {
             absorb_adjacent(&mut job, &mut queue);
             let piece_end = job.chunks.end.min(job.chunks.start + MAX_PIECE_CHUNKS);
             if piece_end < job.chunks.end {
-                queue.push_back(Job {
-                    file: job.file,
-                    chunks: piece_end..job.chunks.end,
-                });
+                queue.push_back(Job { file: job.file, chunks: piece_end..job.chunks.end });
             }
             let chunks = job.chunks.start..piece_end;
-            let result =
-                fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
+            let started = Instant::now();
+            let result = fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
+            log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
             self.shared.finish(job.file, chunks, Lane::OnDemand, result);
             // After the reader has its bytes: note the source's size and mtime,
             // to tell later whether the file changed during the transfer.
             queue.extend(rx.try_iter());
             if queue.is_empty() {
                 let shared = self.shared.clone();
-                if let Err(e) = self
-                    .link
-                    .with_retry(|connection| shared.check_baseline(job.file, connection))
-                {
+                if let Err(e) = self.link.with_retry(|connection| shared.check_baseline(job.file, connection)) {
                     log::warn!("{e}");
                 }
             }
@@ -212,10 +237,7 @@ impl OnDemandLane {
 /// Merges queued jobs of the same file that continue `job`'s range into it.
 fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
     loop {
-        let Some(at) = queue
-            .iter()
-            .position(|j| j.file == job.file && j.chunks.start == job.chunks.end)
-        else {
+        let Some(at) = queue.iter().position(|j| j.file == job.file && j.chunks.start == job.chunks.end) else {
             return;
         };
         let next = queue.remove(at).expect("found above");
@@ -229,25 +251,9 @@ mod tests {
 
     #[test]
     fn adjacent_jobs_merge() {
-        let mut queue: VecDeque<Job> = [
-            Job {
-                file: 1,
-                chunks: 5..6,
-            },
-            Job {
-                file: 2,
-                chunks: 3..4,
-            },
-            Job {
-                file: 1,
-                chunks: 4..5,
-            },
-        ]
-        .into();
-        let mut job = Job {
-            file: 1,
-            chunks: 2..4,
-        };
+        let mut queue: VecDeque<Job> =
+            [Job { file: 1, chunks: 5..6 }, Job { file: 2, chunks: 3..4 }, Job { file: 1, chunks: 4..5 }].into();
+        let mut job = Job { file: 1, chunks: 2..4 };
         absorb_adjacent(&mut job, &mut queue);
         assert_eq!(job.chunks, 2..6);
         assert_eq!(queue.len(), 1);

@@ -75,10 +75,7 @@ impl Phase {
 
     /// No more bytes will be fetched for it.
     pub fn is_settled(&self) -> bool {
-        matches!(
-            self,
-            Phase::Verified { .. } | Phase::Modified | Phase::Failed(_)
-        )
+        matches!(self, Phase::Verified { .. } | Phase::Modified | Phase::Failed(_))
     }
 }
 
@@ -235,9 +232,7 @@ impl FetchFile {
             }
             let (failed, waiting) = std::mem::take(&mut state.waiters)
                 .into_iter()
-                .partition(|w| {
-                    whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end)
-                });
+                .partition(|w| whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end));
             state.waiters = waiting;
             failed
         };
@@ -277,6 +272,8 @@ pub(crate) struct Shared {
     verify: Mutex<Sender<usize>>,
     started: Instant,
     health: Arc<lane::Health>,
+    /// How to name the source in messages.
+    source_name: String,
 }
 
 impl Shared {
@@ -293,16 +290,13 @@ impl Shared {
         counter.fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
         self.journal.present(index, chunks.clone());
         file.spill.mark_present(chunks.clone());
-        // Written through the map: let go of the pages (they stay in the page cache).
-        file.spill.release(bytes.start, bytes.end - bytes.start);
         let (ready, complete) = {
             let mut state = file.lock();
             for chunk in chunks {
                 state.in_flight.remove(&chunk);
             }
-            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| file.spill.all_present(w.chunks.clone()));
+            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) =
+                std::mem::take(&mut state.waiters).into_iter().partition(|w| file.spill.all_present(w.chunks.clone()));
             state.waiters = waiting;
             let complete = file.spill.is_complete() && state.phase == Phase::Fetching;
             if complete {
@@ -314,9 +308,7 @@ impl Shared {
             (waiter.done)(Ok(()));
         }
         if complete {
-            file.stats
-                .completed_us
-                .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            file.stats.completed_us.store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
             let _ = self.verify.lock().expect("verify queue").send(index);
         }
     }
@@ -330,9 +322,7 @@ impl Shared {
             state.restarts += 1;
             state.baseline = None;
             if state.restarts > 2 {
-                state.phase = Phase::Failed(
-                    format!("{reason}, and again after fetching it twice more").into(),
-                );
+                state.phase = Phase::Failed(format!("{reason}, and again after fetching it twice more").into());
                 false
             } else {
                 file.spill.clear_present();
@@ -341,11 +331,7 @@ impl Shared {
             }
         };
         self.journal.reset(file.path_bytes());
-        log::warn!(
-            "{}: {reason}: {}",
-            file.path.display(),
-            if again { "fetching it again" } else { "failed" }
-        );
+        log::warn!("{}: {reason}: {}", file.path.display(), if again { "fetching it again" } else { "failed" });
         if again {
             self.queue.push(index);
         }
@@ -353,11 +339,7 @@ impl Shared {
 
     /// The first look at the source's file: its size must be what the images
     /// record. Keeps the size and mtime to compare with after the transfer.
-    fn check_baseline(
-        &self,
-        index: usize,
-        connection: &mut dyn Connection,
-    ) -> Result<(), SourceError> {
+    fn check_baseline(&self, index: usize, connection: &mut dyn Connection) -> Result<(), SourceError> {
         let file = &self.files[index];
         if file.expected.is_some() || file.lock().baseline.is_some() {
             return Ok(());
@@ -381,32 +363,27 @@ impl Shared {
 
 /// Fetches claimed `chunks` of `file` into its spill file and checks them
 /// against the manifest, fetching a chunk that does not match once more.
-fn fetch_checked(
-    link: &mut lane::Link,
-    file: &FetchFile,
-    chunks: Range<u64>,
-) -> Result<(), FetchFailure> {
-    link.fetch(file, chunks.clone())
-        .map_err(FetchFailure::Source)?;
+fn fetch_checked(link: &mut lane::Link, file: &FetchFile, chunks: Range<u64>) -> Result<(), FetchFailure> {
+    link.fetch(file, chunks.clone()).map_err(FetchFailure::Source)?;
+    check_against_manifest(link, file, chunks)
+}
+
+/// Checks fetched `chunks` against the manifest, fetching a chunk that does
+/// not match once more.
+fn check_against_manifest(link: &mut lane::Link, file: &FetchFile, chunks: Range<u64>) -> Result<(), FetchFailure> {
     let Some(expected) = &file.expected else {
         return Ok(());
     };
     for chunk in chunks {
         let bytes = file.spill.chunk_bytes(chunk..chunk + 1);
         let good = |file: &FetchFile| {
-            file.spill.read(bytes.start, bytes.end - bytes.start, |b| {
-                expected.chunk_matches(chunk, b)
-            })
+            file.spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b))
         };
         if good(file) {
             continue;
         }
-        log::warn!(
-            "{}: chunk {chunk} does not match the manifest: fetching it again",
-            file.path.display()
-        );
-        link.fetch(file, chunk..chunk + 1)
-            .map_err(FetchFailure::Source)?;
+        log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
+        link.fetch(file, chunk..chunk + 1).map_err(FetchFailure::Source)?;
         if !good(file) {
             return Err(FetchFailure::Mismatch(chunk));
         }
@@ -421,13 +398,7 @@ enum FetchFailure {
 
 impl Shared {
     /// Ends a claimed run however its fetch went.
-    fn finish(
-        &self,
-        index: usize,
-        chunks: Range<u64>,
-        lane: Lane,
-        result: Result<(), FetchFailure>,
-    ) {
+    fn finish(&self, index: usize, chunks: Range<u64>, lane: Lane, result: Result<(), FetchFailure>) {
         let file = &self.files[index];
         match result {
             Ok(()) => self.landed(index, chunks, lane),
@@ -471,10 +442,7 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
-        let order: Vec<(u64, u64)> = files
-            .iter()
-            .map(|f| (f.spill.len(), f.image_order))
-            .collect();
+        let order: Vec<(u64, u64)> = files.iter().map(|f| (f.spill.len(), f.image_order)).collect();
         let shared = Arc::new(Shared {
             queue: prefetch::Queue::new(&order, config.order),
             files,
@@ -482,6 +450,7 @@ impl Fetcher {
             verify: Mutex::new(verify_tx),
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
+            source_name: source.describe(),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         for (index, file) in shared.files.iter().enumerate() {
@@ -491,13 +460,8 @@ impl Fetcher {
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
         let on_demand = lane::spawn_on_demand(link, shared.clone());
-        let prefetch = (config.jobs > 0)
-            .then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
-        Fetcher {
-            shared,
-            on_demand,
-            prefetch,
-        }
+        let prefetch = (config.jobs > 0).then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
+        Fetcher { shared, on_demand, prefetch }
     }
 
     pub fn file(&self, index: usize) -> &Arc<FetchFile> {
@@ -545,15 +509,8 @@ impl Fetcher {
             self.shared.queue.promote(index);
         }
         for chunks in runs {
-            if let Err(lost) = self.on_demand.send(lane::Job {
-                file: index,
-                chunks,
-            }) {
-                file.fail(
-                    lost.0.chunks,
-                    &FetchError::new("lazyfs is shutting down"),
-                    false,
-                );
+            if let Err(lost) = self.on_demand.send(lane::Job { file: index, chunks }) {
+                file.fail(lost.0.chunks, &FetchError::new("lazyfs is shutting down"), false);
             }
         }
     }
@@ -563,10 +520,7 @@ impl Fetcher {
         let stats = &self.shared.files[index].stats;
         stats.reads.fetch_add(1, Ordering::Relaxed);
         let now = self.shared.started.elapsed().as_micros() as u64;
-        let _ =
-            stats
-                .first_read_us
-                .compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// What to call once a local write changed file `index` (complete by
@@ -612,9 +566,7 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
             records.push(journal::present_record(path, run, file.spill.len()));
         }
         match file.phase() {
-            Phase::Verified { hash, against } => {
-                records.push(journal::verified_record(path, &hash, against))
-            }
+            Phase::Verified { hash, against } => records.push(journal::verified_record(path, &hash, against)),
             Phase::Modified => records.push(journal::modified_record(path)),
             _ => {}
         }

@@ -4,12 +4,18 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::{Lane, Shared, fetch_checked, lane::Link};
-use crate::source::Source;
+use super::{FetchFailure, FetchFile, Lane, Shared, check_against_manifest, fetch_checked, lane::Link};
+use crate::source::{Source, SourceError};
+
+/// Files up to this size are fetched many at a time, whole.
+const SMALL_FILE: u64 = 256 << 10;
+/// Small files in one pipeline, and their bytes at most.
+const BATCH_FILES: usize = 256;
+const BATCH_BYTES: u64 = 8 << 20;
 
 /// Chunks a worker claims and fetches at once: 1 MiB per SFTP request keeps
 /// the link busy (libssh2 keeps reading ahead on a sequential stream).
-const WINDOW_CHUNKS: u64 = 16;
+const WINDOW_CHUNKS: u64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -86,6 +92,24 @@ impl Queue {
         self.ready.notify_one();
     }
 
+    /// Up to `max` more files from the front, as long as `wanted` says so,
+    /// without waiting.
+    fn pop_while(&self, max: usize, mut wanted: impl FnMut(usize) -> bool) -> Vec<usize> {
+        let mut state = self.state.lock().expect("queue");
+        let mut out = Vec::new();
+        while out.len() < max {
+            match state.queued.first() {
+                Some(&(_, _, file)) if wanted(file) => {
+                    state.queued.pop_first();
+                    state.keys[file] = None;
+                    out.push(file);
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// The next file, waiting for one; `None` once closed.
     fn pop(&self) -> Option<usize> {
         let mut state = self.state.lock().expect("queue");
@@ -160,28 +184,83 @@ impl Workers {
 }
 
 fn worker(mut link: Link, shared: &Shared) {
-    while let Some(index) = shared.queue.pop() {
+    while let Some(first) = shared.queue.pop() {
+        let small = |index: usize| shared.files[index].spill.len() <= SMALL_FILE;
+        if small(first) {
+            let mut batch = vec![first];
+            let mut bytes = shared.files[first].spill.len();
+            // Bounded by count and bytes: the batch passes through one buffer.
+            batch.extend(shared.queue.pop_while(BATCH_FILES - 1, |index| {
+                bytes += shared.files[index].spill.len();
+                small(index) && bytes <= BATCH_BYTES
+            }));
+            fetch_small_files(&mut link, shared, &batch);
+        } else {
+            stream(&mut link, shared, first);
+        }
+    }
+}
+
+/// Streams one file, window after window, over one SFTP handle.
+fn stream(link: &mut Link, shared: &Shared, index: usize) {
+    let file = &shared.files[index];
+    if file.phase().is_settled() || file.spill.is_complete() {
+        return;
+    }
+    if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
+        log::warn!("{e}");
+        if e.is_connection_lost() {
+            shared.queue.push(index);
+            return;
+        }
+    }
+    let chunk_count = file.spill.chunk_count();
+    let mut window = 0;
+    while window < chunk_count && !file.phase().is_settled() {
+        let end = (window + WINDOW_CHUNKS).min(chunk_count);
+        for run in file.claim(window..end) {
+            let result = fetch_checked(link, file, run.clone());
+            shared.finish(index, run, Lane::Prefetch, result);
+        }
+        window = end;
+    }
+}
+
+/// Fetches whole small files in one pipeline: small files are where a round
+/// trip per file (open, read, close) costs more than their bytes.
+fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
+    let mut whole: Vec<usize> = Vec::new();
+    for &index in batch {
         let file = &shared.files[index];
         if file.phase().is_settled() || file.spill.is_complete() {
             continue;
         }
-        if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
-            log::warn!("{e}");
-            if e.is_connection_lost() {
-                shared.queue.push(index);
-                continue;
-            }
-        }
-        let chunk_count = file.spill.chunk_count();
-        let mut window = 0;
-        while window < chunk_count && !file.phase().is_settled() {
-            let end = (window + WINDOW_CHUNKS).min(chunk_count);
-            for run in file.claim(window..end) {
-                let result = fetch_checked(&mut link, file, run.clone());
+        let all = 0..file.spill.chunk_count();
+        let runs = file.claim(all.clone());
+        if runs == [all] {
+            whole.push(index);
+        } else {
+            // Partly here already (read on demand): fetch only what is missing.
+            for run in runs {
+                let result = fetch_checked(link, file, run.clone());
                 shared.finish(index, run, Lane::Prefetch, result);
             }
-            window = end;
         }
+    }
+    let files: Vec<&FetchFile> = whole.iter().map(|&i| &*shared.files[i]).collect();
+    let mut results = Vec::new();
+    let outcome = link.fetch_whole(&files, &mut results);
+    for ((&index, file), result) in whole.iter().zip(&files).zip(results) {
+        let all = 0..file.spill.chunk_count();
+        let result = match (&outcome, result) {
+            (Err(lost), _) => Err(FetchFailure::Source(SourceError::Session {
+                host: shared.source_name.clone(),
+                message: lost.to_string(),
+            })),
+            (Ok(()), Err(e)) => Err(FetchFailure::Source(e)),
+            (Ok(()), Ok(())) => check_against_manifest(link, file, all.clone()),
+        };
+        shared.finish(index, all, Lane::Prefetch, result);
     }
 }
 

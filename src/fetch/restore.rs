@@ -20,20 +20,13 @@ pub struct FileSpec {
     pub image_order: u64,
 }
 
-pub fn open_file(
-    store: &Store,
-    spec: FileSpec,
-    record: Option<&FileRecord>,
-) -> Result<FetchFile, StoreError> {
+pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> Result<FetchFile, StoreError> {
     let name = spec.path.display().to_string();
     if record.is_some_and(|r| r.modified) {
         // Changed locally: the spill file is the file now, whatever its length.
         let spill = store.open_spill(&spec.path, None, true)?;
         spill.mark_present(0..spill.chunk_count());
-        let spec = FileSpec {
-            expected: None,
-            ..spec
-        };
+        let spec = FileSpec { expected: None, ..spec };
         return Ok(FetchFile::new(spec, spill, Phase::Modified));
     }
     let record = record.filter(|r| r.size == spec.size);
@@ -44,24 +37,12 @@ pub fn open_file(
     }
     let mut phase = None;
     if let Some((hash, against)) = record.and_then(|r| r.verified.as_ref()) {
-        let still_expected = spec
-            .expected
-            .as_ref()
-            .is_none_or(|e| e.whole == *hash || against != "manifest");
+        let still_expected = spec.expected.as_ref().is_none_or(|e| e.whole == *hash || against != "manifest");
         if still_expected && spill.is_complete() && spill.hash().as_bytes() == hash {
-            let against = if against == "manifest" {
-                "manifest"
-            } else {
-                "received"
-            };
-            phase = Some(Phase::Verified {
-                hash: *hash,
-                against,
-            });
+            let against = if against == "manifest" { "manifest" } else { "received" };
+            phase = Some(Phase::Verified { hash: *hash, against });
         } else {
-            log::warn!(
-                "{name}: the cached bytes no longer match their blake3: fetching what does not match again"
-            );
+            log::warn!("{name}: the cached bytes no longer match their blake3: fetching what does not match again");
             if spec.expected.is_none() {
                 spill.clear_present();
             }
@@ -71,18 +52,14 @@ pub fn open_file(
         let mut dropped = 0;
         for chunk in (0..chunks).filter(|&c| spill.is_present(c)) {
             let bytes = spill.chunk_bytes(chunk..chunk + 1);
-            if !spill.read(bytes.start, bytes.end - bytes.start, |b| {
-                expected.chunk_matches(chunk, b)
-            }) {
+            if !spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)) {
                 spill.unmark(chunk);
                 dropped += 1;
             }
         }
         spill.release(0, spill.len());
         if dropped > 0 {
-            log::warn!(
-                "{name}: {dropped} cached chunk(s) no longer match the manifest: fetching them again"
-            );
+            log::warn!("{name}: {dropped} cached chunk(s) no longer match the manifest: fetching them again");
         }
     }
     let phase = phase.unwrap_or(if spill.is_complete() {

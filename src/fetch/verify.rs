@@ -33,7 +33,17 @@ fn verify(link: &mut Link, shared: &Shared, index: usize) {
             let size = file.spill.len();
             let baseline = file.lock().baseline;
             match link.with_retry(|connection| connection.stat(&file.source_path)) {
-                Ok(now) if now.size != size || baseline.is_some_and(|b| b != now) => {
+                Ok(now) if now.size != size => {
+                    let message = format!(
+                        "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",
+                        file.path.display(),
+                        now.size
+                    );
+                    log::error!("{message}");
+                    file.fail(0..0, &super::FetchError::new(message), true);
+                    return;
+                }
+                Ok(now) if baseline.is_some_and(|b| b != now) => {
                     shared.restart(index, "changed on the source during the transfer");
                     return;
                 }
@@ -56,9 +66,7 @@ fn verify(link: &mut Link, shared: &Shared, index: usize) {
         present
     };
     if settled {
-        shared
-            .journal
-            .verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
+        shared.journal.verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
         log::debug!("{}: verified against the {against}", file.path.display());
     }
 }

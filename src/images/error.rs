@@ -15,22 +15,12 @@ pub enum FrameError {
     WrongMagic { expected: Magic, found: u32 },
     #[error("truncated at byte {offset}: {have} bytes left where a 4-byte entry length should be")]
     TruncatedLength { offset: usize, have: usize },
-    #[error(
-        "entry at byte {offset} claims {len} bytes, more than any entry may have: damaged image"
-    )]
+    #[error("entry at byte {offset} claims {len} bytes, more than any entry may have: damaged image")]
     EntryTooLarge { offset: usize, len: u32 },
     #[error("truncated: entry at byte {offset} claims {len} bytes but only {remaining} follow")]
-    EntryPastEnd {
-        offset: usize,
-        len: usize,
-        remaining: usize,
-    },
+    EntryPastEnd { offset: usize, len: usize, remaining: usize },
     #[error("entry {index} at byte {offset} is not a valid protobuf message: {source}")]
-    Decode {
-        index: usize,
-        offset: usize,
-        source: prost::DecodeError,
-    },
+    Decode { index: usize, offset: usize, source: prost::DecodeError },
 }
 
 /// What went wrong reading a checkpoint.
@@ -77,10 +67,7 @@ impl fmt::Display for Invalid {
                 write!(f, "file id {id} has type REG but no regular-file record")
             }
             Invalid::UnknownFileId { what, id } => {
-                write!(
-                    f,
-                    "{what} refers to file id {id}, which no files image records"
-                )
+                write!(f, "{what} refers to file id {id}, which no files image records")
             }
             Invalid::NoIds => write!(f, "has no `ids` (and there is no ids-PID.img either)"),
         }
@@ -89,10 +76,7 @@ impl fmt::Display for Invalid {
 
 impl ImageError {
     pub fn new(file: &Path, kind: impl Into<ImageErrorKind>) -> Self {
-        ImageError {
-            file: file.to_path_buf(),
-            kind: kind.into(),
-        }
+        ImageError { file: file.to_path_buf(), kind: kind.into() }
     }
 }
 

@@ -20,64 +20,25 @@ pub struct Magic {
     pub value: u32,
 }
 
-pub const INVENTORY: Magic = Magic {
-    name: "INVENTORY",
-    value: 0x5831_3116,
-};
-pub const PSTREE: Magic = Magic {
-    name: "PSTREE",
-    value: 0x5027_3030,
-};
-pub const CORE: Magic = Magic {
-    name: "CORE",
-    value: 0x5505_3847,
-};
-pub const IDS: Magic = Magic {
-    name: "IDS",
-    value: 0x5443_2030,
-};
-pub const FILES: Magic = Magic {
-    name: "FILES",
-    value: 0x5630_3138,
-};
-pub const REG_FILES: Magic = Magic {
-    name: "REG_FILES",
-    value: 0x5036_3636,
-};
-pub const FDINFO: Magic = Magic {
-    name: "FDINFO",
-    value: 0x5621_3732,
-};
-pub const MM: Magic = Magic {
-    name: "MM",
-    value: 0x5749_2820,
-};
-pub const FS: Magic = Magic {
-    name: "FS",
-    value: 0x5140_3912,
-};
-pub const REMAP_FPATH: Magic = Magic {
-    name: "REMAP_FPATH",
-    value: 0x5913_3954,
-};
-pub const MNTS: Magic = Magic {
-    name: "MNTS",
-    value: 0x5556_3928,
-};
+pub const INVENTORY: Magic = Magic { name: "INVENTORY", value: 0x5831_3116 };
+pub const PSTREE: Magic = Magic { name: "PSTREE", value: 0x5027_3030 };
+pub const CORE: Magic = Magic { name: "CORE", value: 0x5505_3847 };
+pub const IDS: Magic = Magic { name: "IDS", value: 0x5443_2030 };
+pub const FILES: Magic = Magic { name: "FILES", value: 0x5630_3138 };
+pub const REG_FILES: Magic = Magic { name: "REG_FILES", value: 0x5036_3636 };
+pub const FDINFO: Magic = Magic { name: "FDINFO", value: 0x5621_3732 };
+pub const MM: Magic = Magic { name: "MM", value: 0x5749_2820 };
+pub const FS: Magic = Magic { name: "FS", value: 0x5140_3912 };
+pub const REMAP_FPATH: Magic = Magic { name: "REMAP_FPATH", value: 0x5913_3954 };
+pub const MNTS: Magic = Magic { name: "MNTS", value: 0x5556_3928 };
 
 /// Checks the magic word(s) and decodes every entry of an image held in memory.
-pub fn decode_entries<M: Message + Default>(
-    bytes: &[u8],
-    magic: Magic,
-) -> Result<Vec<M>, FrameError> {
+pub fn decode_entries<M: Message + Default>(bytes: &[u8], magic: Magic) -> Result<Vec<M>, FrameError> {
     let mut offset = check_magic(bytes, magic)?;
     let mut entries = Vec::new();
     while offset < bytes.len() {
         let Some(word) = read_u32(bytes, offset) else {
-            return Err(FrameError::TruncatedLength {
-                offset,
-                have: bytes.len() - offset,
-            });
+            return Err(FrameError::TruncatedLength { offset, have: bytes.len() - offset });
         };
         let body = offset + 4;
         if word > MAX_ENTRY_LEN {
@@ -86,11 +47,7 @@ pub fn decode_entries<M: Message + Default>(
         let len = word as usize;
         let remaining = bytes.len() - body;
         if len > remaining {
-            return Err(FrameError::EntryPastEnd {
-                offset,
-                len,
-                remaining,
-            });
+            return Err(FrameError::EntryPastEnd { offset, len, remaining });
         }
         let entry = M::decode(&bytes[body..body + len]).map_err(|source| FrameError::Decode {
             index: entries.len(),
@@ -107,21 +64,11 @@ pub fn decode_entries<M: Message + Default>(
 fn check_magic(bytes: &[u8], magic: Magic) -> Result<usize, FrameError> {
     let first = read_u32(bytes, 0).ok_or(FrameError::NoMagic { len: bytes.len() })?;
     let (found, offset) = if first == IMG_COMMON || first == IMG_SERVICE {
-        (
-            read_u32(bytes, 4).ok_or(FrameError::NoMagic { len: bytes.len() })?,
-            8,
-        )
+        (read_u32(bytes, 4).ok_or(FrameError::NoMagic { len: bytes.len() })?, 8)
     } else {
         (first, 4)
     };
-    if found == magic.value {
-        Ok(offset)
-    } else {
-        Err(FrameError::WrongMagic {
-            expected: magic,
-            found,
-        })
-    }
+    if found == magic.value { Ok(offset) } else { Err(FrameError::WrongMagic { expected: magic, found }) }
 }
 
 fn read_u32(bytes: &[u8], offset: usize) -> Option<u32> {
@@ -150,43 +97,27 @@ mod tests {
     use crate::images::proto::PstreeEntry;
 
     fn pstree(pid: u32) -> PstreeEntry {
-        PstreeEntry {
-            pid,
-            ppid: 0,
-            pgid: pid,
-            sid: pid,
-            threads: vec![pid],
-        }
+        PstreeEntry { pid, ppid: 0, pgid: pid, sid: pid, threads: vec![pid] }
     }
 
     #[test]
     fn round_trip() {
         let entries = vec![pstree(1), pstree(42)];
         let bytes = encode_entries(PSTREE, &entries);
-        assert_eq!(
-            decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap(),
-            entries
-        );
+        assert_eq!(decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap(), entries);
     }
 
     #[test]
     fn single_word_magic() {
         let mut bytes = PSTREE.value.to_le_bytes().to_vec();
         bytes.extend_from_slice(&encode_entries(PSTREE, &[pstree(7)])[8..]);
-        assert_eq!(
-            decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap(),
-            vec![pstree(7)]
-        );
+        assert_eq!(decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap(), vec![pstree(7)]);
     }
 
     #[test]
     fn magic_only_has_no_entries() {
         let bytes = encode_entries::<PstreeEntry>(PSTREE, &[]);
-        assert!(
-            decode_entries::<PstreeEntry>(&bytes, PSTREE)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap().is_empty());
     }
 
     #[test]
@@ -201,10 +132,7 @@ mod tests {
     fn wrong_magic() {
         let bytes = encode_entries(FILES, &[pstree(1)]);
         let err = decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "wrong magic 0x56303138, expected PSTREE (0x50273030)"
-        );
+        assert_eq!(err.to_string(), "wrong magic 0x56303138, expected PSTREE (0x50273030)");
     }
 
     #[test]
@@ -213,10 +141,7 @@ mod tests {
         for cut in 9..bytes.len() {
             let err = decode_entries::<PstreeEntry>(&bytes[..cut], PSTREE).unwrap_err();
             assert!(
-                matches!(
-                    err,
-                    FrameError::TruncatedLength { .. } | FrameError::EntryPastEnd { .. }
-                ),
+                matches!(err, FrameError::TruncatedLength { .. } | FrameError::EntryPastEnd { .. }),
                 "cut at {cut}: {err}"
             );
         }
@@ -236,16 +161,6 @@ mod tests {
         bytes.extend_from_slice(&3u32.to_le_bytes());
         bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
         let err = decode_entries::<PstreeEntry>(&bytes, PSTREE).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                FrameError::Decode {
-                    index: 0,
-                    offset: 8,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, FrameError::Decode { index: 0, offset: 8, .. }), "{err}");
     }
 }

@@ -20,8 +20,8 @@ pub use error::{FrameError, ImageError, ImageErrorKind, Invalid};
 use framing::Magic;
 pub use model::{Checkpoint, Layout, RecordedFile, Unservable, Usage, User, non_regular_kind};
 use proto::{
-    CoreEntry, FdinfoEntry, FileEntry, FsEntry, Fstype, InventoryEntry, MmEntry, MntEntry,
-    PstreeEntry, RegFileEntry, RemapFilePathEntry, RemapType, TaskKobjIdsEntry,
+    CoreEntry, FdinfoEntry, FileEntry, FsEntry, Fstype, InventoryEntry, MmEntry, MntEntry, PstreeEntry, RegFileEntry,
+    RemapFilePathEntry, RemapType, TaskKobjIdsEntry,
 };
 
 /// The images lazyfs reads are small (mm images hold a few thousand VMAs at most);
@@ -69,14 +69,10 @@ impl<'a> Loader<'a> {
     fn new(dir: &'a Path) -> Result<Self, ImageError> {
         match std::fs::metadata(dir) {
             Ok(meta) if meta.is_dir() => Ok(Loader { dir }),
-            Ok(_) => Err(ImageError::new(
-                dir,
-                ImageErrorKind::Missing("not a directory".into()),
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ImageError::new(
-                dir,
-                ImageErrorKind::Missing("no such directory".into()),
-            )),
+            Ok(_) => Err(ImageError::new(dir, ImageErrorKind::Missing("not a directory".into()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ImageError::new(dir, ImageErrorKind::Missing("no such directory".into())))
+            }
             Err(e) => Err(ImageError::new(dir, ImageErrorKind::Io(e))),
         }
     }
@@ -111,20 +107,14 @@ impl<'a> Loader<'a> {
                     continue;
                 }
                 let reg = self.reg(regs, &fdinfo_name, format!("fd {}", fd.fd), fd.id.into())?;
-                let usage = Usage::Fd {
-                    fd: fd.fd,
-                    flags: reg.entry.flags,
-                };
+                let usage = Usage::Fd { fd: fd.fd, flags: reg.entry.flags };
                 users.entry(fd.id).or_default().push(User { pid, usage });
             }
 
             let mm_name = format!("mm-{pid}.img");
             let mm: MmEntry = self.read_one(&mm_name, framing::MM)?;
             self.reg(regs, &mm_name, "exe_file_id".into(), mm.exe_file_id.into())?;
-            users.entry(mm.exe_file_id).or_default().push(User {
-                pid,
-                usage: Usage::Exe,
-            });
+            users.entry(mm.exe_file_id).or_default().push(User { pid, usage: Usage::Exe });
             for vma in &mm.vmas {
                 if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) == 0 {
                     continue;
@@ -132,26 +122,16 @@ impl<'a> Loader<'a> {
                 let what = format!("the mapping at {:#x}", vma.start);
                 // A mapped memfd or other non-regular descriptor names a file
                 // id that is not a regular file: it has no path to serve.
-                match u32::try_from(vma.shmid)
-                    .ok()
-                    .filter(|id| regs.contains_key(id))
-                {
-                    Some(id) => users.entry(id).or_default().push(User {
-                        pid,
-                        usage: Usage::Map,
-                    }),
-                    None if u32::try_from(vma.shmid).is_ok_and(|id| table.others.contains(&id)) => {
-                    }
+                match u32::try_from(vma.shmid).ok().filter(|id| regs.contains_key(id)) {
+                    Some(id) => users.entry(id).or_default().push(User { pid, usage: Usage::Map }),
+                    None if u32::try_from(vma.shmid).is_ok_and(|id| table.others.contains(&id)) => {}
                     None => return Err(self.unknown_id(&mm_name, what, vma.shmid)),
                 }
             }
 
             let fs_name = format!("fs-{pid}.img");
             let fs: FsEntry = self.read_one(&fs_name, framing::FS)?;
-            for (id, usage, what) in [
-                (fs.cwd_id, Usage::Cwd, "cwd_id"),
-                (fs.root_id, Usage::Root, "root_id"),
-            ] {
+            for (id, usage, what) in [(fs.cwd_id, Usage::Cwd, "cwd_id"), (fs.root_id, Usage::Root, "root_id")] {
                 self.reg(regs, &fs_name, what.into(), id.into())?;
                 users.entry(id).or_default().push(User { pid, usage });
             }
@@ -168,25 +148,10 @@ impl<'a> Loader<'a> {
 
     /// The file records of either layout.
     fn read_file_table(&self) -> Result<FileTable, ImageError> {
-        let mut table = FileTable {
-            layout: Layout::Modern,
-            regs: HashMap::new(),
-            others: HashSet::new(),
-        };
+        let mut table = FileTable { layout: Layout::Modern, regs: HashMap::new(), others: HashSet::new() };
         let insert = |table: &mut FileTable, name: &str, entry: RegFileEntry, id: u32| {
             let position = table.regs.len();
-            if table
-                .regs
-                .insert(
-                    id,
-                    Reg {
-                        entry,
-                        remap: None,
-                        position,
-                    },
-                )
-                .is_some()
-            {
+            if table.regs.insert(id, Reg { entry, remap: None, position }).is_some() {
                 return Err(self.invalid(name, Invalid::DuplicateId(id)));
             }
             Ok(())
@@ -197,9 +162,7 @@ impl<'a> Loader<'a> {
                     table.others.insert(entry.id);
                     continue;
                 }
-                let reg = entry
-                    .reg
-                    .ok_or_else(|| self.invalid("files.img", Invalid::RegWithoutBody(entry.id)))?;
+                let reg = entry.reg.ok_or_else(|| self.invalid("files.img", Invalid::RegWithoutBody(entry.id)))?;
                 insert(&mut table, "files.img", reg, entry.id)?;
             }
             return Ok(table);
@@ -216,24 +179,19 @@ impl<'a> Loader<'a> {
             None => Err(ImageError::new(
                 &self.path("files.img"),
                 ImageErrorKind::Missing(
-                    "neither files.img nor reg-files.img is here: not a CRIU image directory?"
-                        .into(),
+                    "neither files.img nor reg-files.img is here: not a CRIU image directory?".into(),
                 ),
             )),
         }
     }
 
     fn apply_remaps(&self, regs: &mut HashMap<u32, Reg>) -> Result<(), ImageError> {
-        let Some(remaps) =
-            self.read_optional::<RemapFilePathEntry>("remap-fpath.img", framing::REMAP_FPATH)?
-        else {
+        let Some(remaps) = self.read_optional::<RemapFilePathEntry>("remap-fpath.img", framing::REMAP_FPATH)? else {
             return Ok(());
         };
         for remap in remaps {
             let reason = match RemapType::try_from(remap.remap_type.unwrap_or(0) as i32) {
-                Ok(RemapType::Ghost) => Unservable::Ghost {
-                    image: format!("ghost-file-{}.img", remap.remap_id),
-                },
+                Ok(RemapType::Ghost) => Unservable::Ghost { image: format!("ghost-file-{}.img", remap.remap_id) },
                 Ok(RemapType::Linked) => Unservable::LinkedRemap,
                 Ok(RemapType::Procfs) | Err(_) => Unservable::ProcfsRemap,
             };
@@ -248,8 +206,7 @@ impl<'a> Loader<'a> {
     /// Every mount of every dumped mount namespace, by mount id.
     fn read_mounts(&self) -> Result<HashMap<i32, MntEntry>, ImageError> {
         let mut mounts = HashMap::new();
-        let entries = std::fs::read_dir(self.dir)
-            .map_err(|e| ImageError::new(self.dir, ImageErrorKind::Io(e)))?;
+        let entries = std::fs::read_dir(self.dir).map_err(|e| ImageError::new(self.dir, ImageErrorKind::Io(e)))?;
         for entry in entries {
             let entry = entry.map_err(|e| ImageError::new(self.dir, ImageErrorKind::Io(e)))?;
             let name = entry.file_name();
@@ -283,17 +240,8 @@ impl<'a> Loader<'a> {
         }
     }
 
-    fn reg<'r>(
-        &self,
-        regs: &'r HashMap<u32, Reg>,
-        image: &str,
-        what: String,
-        id: u64,
-    ) -> Result<&'r Reg, ImageError> {
-        u32::try_from(id)
-            .ok()
-            .and_then(|id| regs.get(&id))
-            .ok_or_else(|| self.unknown_id(image, what, id))
+    fn reg<'r>(&self, regs: &'r HashMap<u32, Reg>, image: &str, what: String, id: u64) -> Result<&'r Reg, ImageError> {
+        u32::try_from(id).ok().and_then(|id| regs.get(&id)).ok_or_else(|| self.unknown_id(image, what, id))
     }
 
     fn unknown_id(&self, image: &str, what: String, id: u64) -> ImageError {
@@ -308,29 +256,15 @@ impl<'a> Loader<'a> {
         self.dir.join(name)
     }
 
-    fn read_required<M: prost::Message + Default>(
-        &self,
-        name: &str,
-        magic: Magic,
-    ) -> Result<Vec<M>, ImageError> {
+    fn read_required<M: prost::Message + Default>(&self, name: &str, magic: Magic) -> Result<Vec<M>, ImageError> {
         self.read_optional(name, magic)?.ok_or_else(|| {
-            ImageError::new(
-                &self.path(name),
-                ImageErrorKind::Missing("every CRIU dump has this image".into()),
-            )
+            ImageError::new(&self.path(name), ImageErrorKind::Missing("every CRIU dump has this image".into()))
         })
     }
 
-    fn read_one<M: prost::Message + Default>(
-        &self,
-        name: &str,
-        magic: Magic,
-    ) -> Result<M, ImageError> {
+    fn read_one<M: prost::Message + Default>(&self, name: &str, magic: Magic) -> Result<M, ImageError> {
         self.read_optional_one(name, magic)?.ok_or_else(|| {
-            ImageError::new(
-                &self.path(name),
-                ImageErrorKind::Missing("every CRIU dump has this image".into()),
-            )
+            ImageError::new(&self.path(name), ImageErrorKind::Missing("every CRIU dump has this image".into()))
         })
     }
 
@@ -363,10 +297,7 @@ impl<'a> Loader<'a> {
             Err(e) => return Err(err(ImageErrorKind::Io(e))),
         };
         if meta.len() > MAX_IMAGE_SIZE {
-            return Err(err(ImageErrorKind::TooLarge {
-                size: meta.len(),
-                max: MAX_IMAGE_SIZE,
-            }));
+            return Err(err(ImageErrorKind::TooLarge { size: meta.len(), max: MAX_IMAGE_SIZE }));
         }
         let bytes = std::fs::read(&path).map_err(|e| err(ImageErrorKind::Io(e)))?;
         let entries = framing::decode_entries(&bytes, magic).map_err(|e| err(e.into()))?;
@@ -429,10 +360,7 @@ fn file_kind(file: &RecordedFile) -> Option<&'static str> {
     match file.mode {
         Some(mode) => non_regular_kind(mode),
         None => {
-            let dir_use = file
-                .users
-                .iter()
-                .any(|u| matches!(u.usage, Usage::Cwd | Usage::Root));
+            let dir_use = file.users.iter().any(|u| matches!(u.usage, Usage::Cwd | Usage::Root));
             (dir_use || file.flags & O_DIRECTORY != 0).then_some("a directory")
         }
     }
@@ -441,32 +369,21 @@ fn file_kind(file: &RecordedFile) -> Option<&'static str> {
 /// Where a file of a dumped mount namespace lives on the old host. A bind
 /// mount shows `root` of its filesystem at `mountpoint`, so the host path swaps
 /// that prefix; tmpfs and kernel filesystems have nothing to fetch.
-fn resolve_mount(
-    name: &[u8],
-    mnt_id: Option<i32>,
-    mounts: &HashMap<i32, MntEntry>,
-) -> (PathBuf, Option<Unservable>) {
+fn resolve_mount(name: &[u8], mnt_id: Option<i32>, mounts: &HashMap<i32, MntEntry>) -> (PathBuf, Option<Unservable>) {
     let as_is = PathBuf::from(OsString::from_vec(name.to_vec()));
     let Some(mount) = mnt_id.and_then(|id| mounts.get(&id)) else {
         return (as_is, None);
     };
     match Fstype::try_from(mount.fstype as i32) {
         Ok(Fstype::Tmpfs) => return (as_is, Some(Unservable::DumpedTmpfs)),
-        Ok(
-            Fstype::Unsupported | Fstype::Auto | Fstype::Fuse | Fstype::Overlayfs | Fstype::Aufs,
-        ) => {}
+        Ok(Fstype::Unsupported | Fstype::Auto | Fstype::Fuse | Fstype::Overlayfs | Fstype::Aufs) => {}
         Ok(special) => return (as_is, Some(Unservable::SpecialFs(fstype_name(special)))),
         Err(_) => {}
     }
-    let mountpoint = mount
-        .mountpoint
-        .strip_prefix(b".")
-        .unwrap_or(&mount.mountpoint);
+    let mountpoint = mount.mountpoint.strip_prefix(b".").unwrap_or(&mount.mountpoint);
     let rest = match name.strip_prefix(mountpoint) {
         Some(rest) if mountpoint == b"/" => rest,
-        Some(rest) if rest.is_empty() || rest.starts_with(b"/") => {
-            rest.strip_prefix(b"/").unwrap_or(rest)
-        }
+        Some(rest) if rest.is_empty() || rest.starts_with(b"/") => rest.strip_prefix(b"/").unwrap_or(rest),
         _ => return (as_is, None),
     };
     let mut source = mount.root.clone();

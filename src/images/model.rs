@@ -108,10 +108,7 @@ impl fmt::Display for Unservable {
                 write!(f, "deleted while open: CRIU restores it from {image}")
             }
             Unservable::LinkedRemap => {
-                write!(
-                    f,
-                    "deleted while open but linked elsewhere (CRIU link remap)"
-                )
+                write!(f, "deleted while open but linked elsewhere (CRIU link remap)")
             }
             Unservable::ProcfsRemap => write!(f, "a /proc file (CRIU procfs remap)"),
             Unservable::DumpedTmpfs => {

@@ -33,10 +33,7 @@ impl fmt::Display for NameError {
                 write!(f, "the name has an empty component (`//` or a trailing /)")
             }
             NameError::ComponentTooLong(n) => {
-                write!(
-                    f,
-                    "a component of the name is {n} bytes, more than {NAME_MAX}"
-                )
+                write!(f, "a component of the name is {n} bytes, more than {NAME_MAX}")
             }
             NameError::TooLong(n) => write!(f, "the name is {n} bytes, more than {}", PATH_MAX - 1),
         }
@@ -89,12 +86,7 @@ mod tests {
             b"/a.b/.c",
             b"/\xff\xfe not utf-8",
         ] {
-            assert_eq!(
-                check_absolute(name),
-                Ok(()),
-                "{}",
-                String::from_utf8_lossy(name)
-            );
+            assert_eq!(check_absolute(name), Ok(()), "{}", String::from_utf8_lossy(name));
         }
     }
 
@@ -113,26 +105,15 @@ mod tests {
             (b"//", NameError::EmptyComponent),
         ];
         for (name, want) in cases {
-            assert_eq!(
-                check_absolute(name),
-                Err(want),
-                "{}",
-                String::from_utf8_lossy(name)
-            );
+            assert_eq!(check_absolute(name), Err(want), "{}", String::from_utf8_lossy(name));
         }
     }
 
     #[test]
     fn lengths() {
         let long_component = format!("/{}", "x".repeat(256));
-        assert_eq!(
-            check_absolute(long_component.as_bytes()),
-            Err(NameError::ComponentTooLong(256))
-        );
+        assert_eq!(check_absolute(long_component.as_bytes()), Err(NameError::ComponentTooLong(256)));
         let long_path = "/abc".repeat(1024);
-        assert_eq!(
-            check_absolute(long_path.as_bytes()),
-            Err(NameError::TooLong(4096))
-        );
+        assert_eq!(check_absolute(long_path.as_bytes()), Err(NameError::TooLong(4096)));
     }
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use super::framing::{self, encode_entries};
 use super::proto::{
-    CoreEntry, FdinfoEntry, FileEntry, FownEntry, FsEntry, InventoryEntry, MmEntry, PstreeEntry,
-    RegFileEntry, TaskKobjIdsEntry,
+    CoreEntry, FdinfoEntry, FileEntry, FownEntry, FsEntry, InventoryEntry, MmEntry, PstreeEntry, RegFileEntry,
+    TaskKobjIdsEntry,
 };
 
 /// A file the written dump records as open.
@@ -22,11 +22,7 @@ pub struct DumpFile {
 
 impl DumpFile {
     pub fn new(path: impl Into<PathBuf>, size: u64) -> Self {
-        DumpFile {
-            path: path.into(),
-            size: Some(size),
-            mode: 0o100644,
-        }
+        DumpFile { path: path.into(), size: Some(size), mode: 0o100644 }
     }
 }
 
@@ -52,28 +48,13 @@ pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
         }),
     };
     let root_id = files.len() as u32 + 1;
-    let mut entries: Vec<FileEntry> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| reg(i as u32 + 1, &f.path, f.size, f.mode))
-        .collect();
+    let mut entries: Vec<FileEntry> =
+        files.iter().enumerate().map(|(i, f)| reg(i as u32 + 1, &f.path, f.size, f.mode)).collect();
     entries.push(reg(root_id, Path::new("/"), None, 0o40755));
     let fds: Vec<FdinfoEntry> = (0..files.len() as u32)
-        .map(|i| FdinfoEntry {
-            id: i + 1,
-            flags: 0,
-            r#type: FD_TYPE_REG,
-            fd: i + 3,
-            ..Default::default()
-        })
+        .map(|i| FdinfoEntry { id: i + 1, flags: 0, r#type: FD_TYPE_REG, fd: i + 3, ..Default::default() })
         .collect();
-    let ids = TaskKobjIdsEntry {
-        vm_id: 1,
-        files_id: 1,
-        fs_id: 1,
-        sighand_id: 1,
-        ..Default::default()
-    };
+    let ids = TaskKobjIdsEntry { vm_id: 1, files_id: 1, fs_id: 1, sighand_id: 1, ..Default::default() };
     // The process's executable: the first file, or the root for an empty dump.
     let exe_file_id = if files.is_empty() { root_id } else { 1 };
 
@@ -82,53 +63,18 @@ pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
         "inventory.img",
         encode_entries(
             framing::INVENTORY,
-            &[InventoryEntry {
-                img_version: 2,
-                fdinfo_per_id: Some(true),
-                ..Default::default()
-            }],
+            &[InventoryEntry { img_version: 2, fdinfo_per_id: Some(true), ..Default::default() }],
         ),
     )?;
     write(
         "pstree.img",
-        encode_entries(
-            framing::PSTREE,
-            &[PstreeEntry {
-                pid: PID,
-                ppid: 0,
-                pgid: PID,
-                sid: PID,
-                threads: vec![PID],
-            }],
-        ),
+        encode_entries(framing::PSTREE, &[PstreeEntry { pid: PID, ppid: 0, pgid: PID, sid: PID, threads: vec![PID] }]),
     )?;
-    write(
-        &format!("core-{PID}.img"),
-        encode_entries(framing::CORE, &[CoreEntry { ids: Some(ids) }]),
-    )?;
+    write(&format!("core-{PID}.img"), encode_entries(framing::CORE, &[CoreEntry { ids: Some(ids) }]))?;
     write("files.img", encode_entries(framing::FILES, &entries))?;
     write("fdinfo-1.img", encode_entries(framing::FDINFO, &fds))?;
-    write(
-        &format!("mm-{PID}.img"),
-        encode_entries(
-            framing::MM,
-            &[MmEntry {
-                exe_file_id,
-                ..Default::default()
-            }],
-        ),
-    )?;
-    write(
-        &format!("fs-{PID}.img"),
-        encode_entries(
-            framing::FS,
-            &[FsEntry {
-                cwd_id: root_id,
-                root_id,
-                umask: None,
-            }],
-        ),
-    )?;
+    write(&format!("mm-{PID}.img"), encode_entries(framing::MM, &[MmEntry { exe_file_id, ..Default::default() }]))?;
+    write(&format!("fs-{PID}.img"), encode_entries(framing::FS, &[FsEntry { cwd_id: root_id, root_id, umask: None }]))?;
     Ok(())
 }
 
@@ -140,26 +86,13 @@ mod tests {
     #[test]
     fn written_dumps_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let files = vec![
-            DumpFile::new("/data/a b", 10),
-            DumpFile {
-                path: "/log".into(),
-                size: None,
-                mode: 0o100600,
-            },
-        ];
+        let files = vec![DumpFile::new("/data/a b", 10), DumpFile { path: "/log".into(), size: None, mode: 0o100600 }];
         write_dump(dir.path(), &files).unwrap();
         let checkpoint = Checkpoint::load(dir.path()).unwrap();
-        let servable: Vec<_> = checkpoint
-            .servable()
-            .map(|f| (f.path.clone(), f.size, f.mode))
-            .collect();
+        let servable: Vec<_> = checkpoint.servable().map(|f| (f.path.clone(), f.size, f.mode)).collect();
         assert_eq!(
             servable,
-            vec![
-                (PathBuf::from("/data/a b"), Some(10), Some(0o100644)),
-                (PathBuf::from("/log"), None, Some(0o100600))
-            ]
+            vec![(PathBuf::from("/data/a b"), Some(10), Some(0o100644)), (PathBuf::from("/log"), None, Some(0o100600))]
         );
     }
 }

@@ -45,11 +45,7 @@ pub enum HostKeyCheck {
 
 /// How known_hosts names a host: `host`, or `[host]:port` off port 22.
 pub fn host_name(host: &str, port: u16) -> String {
-    if port == 22 {
-        host.to_string()
-    } else {
-        format!("[{host}]:{port}")
-    }
+    if port == 22 { host.to_string() } else { format!("[{host}]:{port}") }
 }
 
 /// The key type a public key blob starts with (`ssh-ed25519`, ...).
@@ -66,17 +62,11 @@ impl KnownHosts {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(source) => {
-                return Err(SourceError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                });
+                return Err(SourceError::Io { path: path.to_path_buf(), source });
             }
         };
         let entries = text.lines().filter_map(parse_line).collect();
-        Ok(KnownHosts {
-            path: path.to_path_buf(),
-            entries,
-        })
+        Ok(KnownHosts { path: path.to_path_buf(), entries })
     }
 
     pub fn path(&self) -> &Path {
@@ -86,11 +76,7 @@ impl KnownHosts {
     /// The key types recorded for `name`, in file order.
     pub fn key_types(&self, name: &str) -> Vec<String> {
         let mut types: Vec<String> = Vec::new();
-        for entry in self
-            .entries
-            .iter()
-            .filter(|e| !e.revoked && e.matches(name))
-        {
+        for entry in self.entries.iter().filter(|e| !e.revoked && e.matches(name)) {
             if !types.contains(&entry.key_type) {
                 types.push(entry.key_type.clone());
             }
@@ -106,11 +92,7 @@ impl KnownHosts {
             return HostKeyCheck::Revoked;
         }
         let mut result = HostKeyCheck::NotFound;
-        for entry in self
-            .entries
-            .iter()
-            .filter(|e| !e.revoked && e.key_type == key_type && e.matches(name))
-        {
+        for entry in self.entries.iter().filter(|e| !e.revoked && e.key_type == key_type && e.matches(name)) {
             if entry.key == blob {
                 return HostKeyCheck::Match;
             }
@@ -123,27 +105,12 @@ impl KnownHosts {
     pub fn append(&mut self, name: &str, blob: &[u8]) -> Result<(), SourceError> {
         let key_type = blob_key_type(blob).unwrap_or_default();
         let line = format!("{name} {key_type} {}\n", STANDARD.encode(blob));
-        let io = |source| SourceError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(dir) = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-        {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io)?;
+        let io = |source| SourceError::Io { path: self.path.clone(), source };
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(io)?;
+        let mut file =
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path).map_err(io)?;
         file.write_all(line.as_bytes()).map_err(io)?;
         self.entries.extend(parse_line(&line));
         Ok(())
@@ -156,9 +123,7 @@ impl Entry {
         let mut matched = false;
         for pattern in &self.patterns {
             match pattern {
-                Pattern::Hashed { salt, hash } => {
-                    matched |= hashed(salt, name).as_deref() == Some(hash)
-                }
+                Pattern::Hashed { salt, hash } => matched |= hashed(salt, name).as_deref() == Some(hash),
                 Pattern::Plain { glob, negated } => {
                     if wildmatch::WildMatch::new(glob).matches(name) {
                         if *negated {
@@ -202,29 +167,15 @@ fn parse_line(line: &str) -> Option<Entry> {
         .filter_map(|p| {
             if let Some(hashed) = p.strip_prefix("|1|") {
                 let (salt, hash) = hashed.split_once('|')?;
-                Some(Pattern::Hashed {
-                    salt: STANDARD.decode(salt).ok()?,
-                    hash: STANDARD.decode(hash).ok()?,
-                })
+                Some(Pattern::Hashed { salt: STANDARD.decode(salt).ok()?, hash: STANDARD.decode(hash).ok()? })
             } else if let Some(glob) = p.strip_prefix('!') {
-                Some(Pattern::Plain {
-                    glob: glob.to_string(),
-                    negated: true,
-                })
+                Some(Pattern::Plain { glob: glob.to_string(), negated: true })
             } else {
-                Some(Pattern::Plain {
-                    glob: p.to_string(),
-                    negated: false,
-                })
+                Some(Pattern::Plain { glob: p.to_string(), negated: false })
             }
         })
         .collect();
-    Some(Entry {
-        revoked,
-        patterns,
-        key_type,
-        key,
-    })
+    Some(Entry { revoked, patterns, key_type, key })
 }
 
 #[cfg(test)]
@@ -240,11 +191,7 @@ mod tests {
 
     fn hashed_pattern(name: &str) -> String {
         let salt = b"0123456789abcdefghij";
-        format!(
-            "|1|{}|{}",
-            STANDARD.encode(salt),
-            STANDARD.encode(hashed(salt, name).unwrap())
-        )
+        format!("|1|{}|{}", STANDARD.encode(salt), STANDARD.encode(hashed(salt, name).unwrap()))
     }
 
     fn known(text: &str) -> KnownHosts {
@@ -258,21 +205,12 @@ mod tests {
     fn checks_by_key_type() {
         let ed = blob("ssh-ed25519", b"ed-key");
         let ecdsa = blob("ecdsa-sha2-nistp256", b"ec-key");
-        let kh = known(&format!(
-            "# comment\n[127.0.0.1]:2222 ssh-ed25519 {}\n",
-            STANDARD.encode(&ed)
-        ));
+        let kh = known(&format!("# comment\n[127.0.0.1]:2222 ssh-ed25519 {}\n", STANDARD.encode(&ed)));
         assert_eq!(kh.check("[127.0.0.1]:2222", &ed), HostKeyCheck::Match);
         // Another type is unknown, not changed: the session should prefer ed25519.
         assert_eq!(kh.check("[127.0.0.1]:2222", &ecdsa), HostKeyCheck::NotFound);
-        assert_eq!(
-            kh.key_types("[127.0.0.1]:2222"),
-            vec!["ssh-ed25519".to_string()]
-        );
-        assert_eq!(
-            kh.check("[127.0.0.1]:2222", &blob("ssh-ed25519", b"other")),
-            HostKeyCheck::Mismatch
-        );
+        assert_eq!(kh.key_types("[127.0.0.1]:2222"), vec!["ssh-ed25519".to_string()]);
+        assert_eq!(kh.check("[127.0.0.1]:2222", &blob("ssh-ed25519", b"other")), HostKeyCheck::Mismatch);
         assert_eq!(kh.check("127.0.0.1", &ed), HostKeyCheck::NotFound);
     }
 
@@ -289,10 +227,7 @@ mod tests {
         assert_eq!(kh.check("old-host", &key), HostKeyCheck::Match);
         assert_eq!(kh.check("a.example.com", &key), HostKeyCheck::Match);
         assert_eq!(kh.check("bad.example.com", &key), HostKeyCheck::NotFound);
-        assert_eq!(
-            kh.check("old-host", &blob("ssh-ed25519", b"revoked")),
-            HostKeyCheck::Revoked
-        );
+        assert_eq!(kh.check("old-host", &blob("ssh-ed25519", b"revoked")), HostKeyCheck::Revoked);
     }
 
     #[test]
@@ -303,14 +238,8 @@ mod tests {
         let key = blob("ssh-ed25519", b"new");
         assert_eq!(kh.check("h", &key), HostKeyCheck::NotFound);
         kh.append("h", &key).unwrap();
-        assert_eq!(
-            KnownHosts::load(&path).unwrap().check("h", &key),
-            HostKeyCheck::Match
-        );
+        assert_eq!(KnownHosts::load(&path).unwrap().check("h", &key), HostKeyCheck::Match);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -13,27 +13,16 @@ pub struct LocalSource {
 impl LocalSource {
     pub fn new(root: &Path) -> Result<Self, SourceError> {
         match std::fs::metadata(root) {
-            Ok(meta) if meta.is_dir() => Ok(LocalSource {
-                root: root.to_path_buf(),
-            }),
-            Ok(_) => Err(SourceError::Config(format!(
-                "{}: not a directory",
-                root.display()
-            ))),
-            Err(source) => Err(SourceError::Io {
-                path: root.to_path_buf(),
-                source,
-            }),
+            Ok(meta) if meta.is_dir() => Ok(LocalSource { root: root.to_path_buf() }),
+            Ok(_) => Err(SourceError::Config(format!("{}: not a directory", root.display()))),
+            Err(source) => Err(SourceError::Io { path: root.to_path_buf(), source }),
         }
     }
 }
 
 impl Source for LocalSource {
     fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
-        Ok(Box::new(LocalConnection {
-            root: self.root.clone(),
-            open: None,
-        }))
+        Ok(Box::new(LocalConnection { root: self.root.clone(), open: None }))
     }
 
     fn describe(&self) -> String {
@@ -64,18 +53,10 @@ impl LocalConnection {
 impl Connection for LocalConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
         let meta = std::fs::metadata(self.full(path)).map_err(|e| io_error(path, e))?;
-        Ok(SourceStat {
-            size: meta.len(),
-            mtime: meta.mtime(),
-        })
+        Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
-    fn read_exact_at(
-        &mut self,
-        path: &Path,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), SourceError> {
+    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let file = self.file(path)?;
         let mut done = 0;
         while done < buf.len() {
@@ -98,14 +79,9 @@ impl Connection for LocalConnection {
 
 fn io_error(path: &Path, source: std::io::Error) -> SourceError {
     if source.kind() == std::io::ErrorKind::NotFound {
-        SourceError::NotFound {
-            path: path.to_path_buf(),
-        }
+        SourceError::NotFound { path: path.to_path_buf() }
     } else {
-        SourceError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        SourceError::Io { path: path.to_path_buf(), source }
     }
 }
 
@@ -122,23 +98,10 @@ mod tests {
         let mut conn = source.connect().unwrap();
         assert_eq!(conn.stat(Path::new("/a/b c")).unwrap().size, 10);
         let mut buf = [0u8; 4];
-        conn.read_exact_at(Path::new("/a/b c"), 3, &mut buf)
-            .unwrap();
+        conn.read_exact_at(Path::new("/a/b c"), 3, &mut buf).unwrap();
         assert_eq!(&buf, b"3456");
-        let err = conn
-            .read_exact_at(Path::new("/a/b c"), 8, &mut buf)
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                SourceError::Short {
-                    end: 10,
-                    wanted: 12,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let err = conn.read_exact_at(Path::new("/a/b c"), 8, &mut buf).unwrap_err();
+        assert!(matches!(err, SourceError::Short { end: 10, wanted: 12, .. }), "{err}");
         let err = conn.stat(Path::new("/missing")).unwrap_err();
         assert!(matches!(err, SourceError::NotFound { .. }), "{err}");
     }

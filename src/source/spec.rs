@@ -41,11 +41,7 @@ pub struct SshOverrides {
 impl SourceSpec {
     /// `file:///DIR` or any path with a `/` is a local directory; otherwise
     /// `[ssh://][USER@]HOST[:PORT]`, completed from `HOME/.ssh/config`.
-    pub fn parse(
-        arg: &str,
-        overrides: &SshOverrides,
-        home: Option<&Path>,
-    ) -> Result<Self, SourceError> {
+    pub fn parse(arg: &str, overrides: &SshOverrides, home: Option<&Path>) -> Result<Self, SourceError> {
         if let Some(dir) = arg.strip_prefix("file://") {
             if !dir.starts_with('/') {
                 return Err(SourceError::Config(format!(
@@ -62,13 +58,9 @@ impl SourceSpec {
             return Ok(SourceSpec::Local(PathBuf::from(arg)));
         }
         let (user, host, port) = split_target(rest).ok_or_else(|| {
-            SourceError::Config(format!(
-                "{arg}: not a source: expected [USER@]HOST[:PORT], ssh://..., or a directory"
-            ))
+            SourceError::Config(format!("{arg}: not a source: expected [USER@]HOST[:PORT], ssh://..., or a directory"))
         })?;
-        Ok(SourceSpec::Ssh(resolve(
-            &host, user, port, overrides, home,
-        )?))
+        Ok(SourceSpec::Ssh(resolve(&host, user, port, overrides, home)?))
     }
 }
 
@@ -105,32 +97,21 @@ fn resolve(
     home: Option<&Path>,
 ) -> Result<SshOptions, SourceError> {
     let ssh_dir = home.map(|h| h.join(".ssh"));
-    let params = match ssh_dir
-        .as_ref()
-        .map(|d| d.join("config"))
-        .filter(|c| c.exists())
-    {
+    let params = match ssh_dir.as_ref().map(|d| d.join("config")).filter(|c| c.exists()) {
         Some(file) => {
-            let text = std::fs::read(&file).map_err(|e| SourceError::Io {
-                path: file.clone(),
-                source: e,
-            })?;
+            let text = std::fs::read(&file).map_err(|e| SourceError::Io { path: file.clone(), source: e })?;
             let mut config = SshConfig::default();
             if let Some(home) = home {
                 config = config.home_dir(home);
             }
             let config = config
-                .parse(
-                    &mut text.as_slice(),
-                    ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
-                )
+                .parse(&mut text.as_slice(), ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS)
                 .map_err(|e| SourceError::Config(format!("{}: {e}", file.display())))?;
             Some(config.query(alias))
         }
         None => None,
     };
-    let from_config =
-        |f: &dyn Fn(&ssh2_config::HostParams) -> Option<String>| params.as_ref().and_then(f);
+    let from_config = |f: &dyn Fn(&ssh2_config::HostParams) -> Option<String>| params.as_ref().and_then(f);
 
     let mut identities = overrides.identities.clone();
     if let Some(files) = params.as_ref().and_then(|p| p.identity_file.clone()) {
@@ -145,31 +126,17 @@ fn resolve(
         .known_hosts
         .clone()
         .or_else(|| {
-            from_config(&|p| {
-                p.unsupported_fields
-                    .get("userknownhostsfile")
-                    .and_then(|v| v.first().cloned())
-            })
-            .map(|f| expand_tilde(Path::new(&f), home))
+            from_config(&|p| p.unsupported_fields.get("userknownhostsfile").and_then(|v| v.first().cloned()))
+                .map(|f| expand_tilde(Path::new(&f), home))
         })
         .or_else(|| ssh_dir.as_ref().map(|d| d.join("known_hosts")))
-        .ok_or_else(|| {
-            SourceError::Config(
-                "no home directory for ~/.ssh/known_hosts: give --known-hosts".into(),
-            )
-        })?;
+        .ok_or_else(|| SourceError::Config("no home directory for ~/.ssh/known_hosts: give --known-hosts".into()))?;
 
     Ok(SshOptions {
         alias: alias.to_string(),
         host: from_config(&|p| p.host_name.clone()).unwrap_or_else(|| alias.to_string()),
-        port: overrides
-            .port
-            .or(port)
-            .or_else(|| params.as_ref().and_then(|p| p.port))
-            .unwrap_or(22),
-        user: user
-            .or_else(|| from_config(&|p| p.user.clone()))
-            .unwrap_or_else(current_user),
+        port: overrides.port.or(port).or_else(|| params.as_ref().and_then(|p| p.port)).unwrap_or(22),
+        user: user.or_else(|| from_config(&|p| p.user.clone())).unwrap_or_else(current_user),
         identities,
         known_hosts,
         accept_new_host_key: overrides.accept_new_host_key,
@@ -206,10 +173,7 @@ mod tests {
     #[test]
     fn local_forms() {
         let parse = |a: &str| SourceSpec::parse(a, &SshOverrides::default(), None).unwrap();
-        assert_eq!(
-            parse("file:///srv/snap"),
-            SourceSpec::Local("/srv/snap".into())
-        );
+        assert_eq!(parse("file:///srv/snap"), SourceSpec::Local("/srv/snap".into()));
         assert_eq!(parse("./old-root"), SourceSpec::Local("./old-root".into()));
         assert_eq!(parse("/mnt/old"), SourceSpec::Local("/mnt/old".into()));
         assert!(SourceSpec::parse("file://relative", &SshOverrides::default(), None).is_err());
@@ -220,23 +184,14 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let ssh = |arg| ssh(arg, Some(home.path()));
         let o = ssh("alice@old-host:2222");
-        assert_eq!(
-            (o.user.as_str(), o.host.as_str(), o.port),
-            ("alice", "old-host", 2222)
-        );
+        assert_eq!((o.user.as_str(), o.host.as_str(), o.port), ("alice", "old-host", 2222));
         let o = ssh("ssh://bob@10.1.2.3");
-        assert_eq!(
-            (o.user.as_str(), o.host.as_str(), o.port),
-            ("bob", "10.1.2.3", 22)
-        );
+        assert_eq!((o.user.as_str(), o.host.as_str(), o.port), ("bob", "10.1.2.3", 22));
         let o = ssh("[::1]:2200");
         assert_eq!(o.known_hosts, home.path().join(".ssh/known_hosts"));
         assert_eq!((o.host.as_str(), o.port), ("::1", 2200));
         for bad in ["@host", "host:notaport", "", "ssh://"] {
-            assert!(
-                SourceSpec::parse(bad, &SshOverrides::default(), Some(home.path())).is_err(),
-                "{bad}"
-            );
+            assert!(SourceSpec::parse(bad, &SshOverrides::default(), Some(home.path())).is_err(), "{bad}");
         }
     }
 
@@ -250,10 +205,7 @@ mod tests {
         )
         .unwrap();
         let o = ssh("old", Some(home.path()));
-        assert_eq!(
-            (o.alias.as_str(), o.host.as_str(), o.user.as_str(), o.port),
-            ("old", "127.0.0.1", "carol", 2022)
-        );
+        assert_eq!((o.alias.as_str(), o.host.as_str(), o.user.as_str(), o.port), ("old", "127.0.0.1", "carol", 2022));
         assert_eq!(o.identities[0], home.path().join(".ssh/old_key"));
         assert_eq!(o.identities[1], home.path().join(".ssh/id_ed25519"));
         assert_eq!(o.known_hosts, home.path().join(".ssh/old_known"));
@@ -264,9 +216,7 @@ mod tests {
             known_hosts: Some("/kh".into()),
             accept_new_host_key: true,
         };
-        let SourceSpec::Ssh(o) =
-            SourceSpec::parse("dave@old:2023", &overrides, Some(home.path())).unwrap()
-        else {
+        let SourceSpec::Ssh(o) = SourceSpec::parse("dave@old:2023", &overrides, Some(home.path())).unwrap() else {
             panic!()
         };
         assert_eq!((o.user.as_str(), o.port), ("dave", 3000));

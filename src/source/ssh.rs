@@ -2,20 +2,21 @@
 //! known_hosts, ssh-agent then identity files, contents over SFTP ranged reads.
 //! No path ever becomes part of a command line.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
-use ssh2::{ErrorCode, HashType, MethodType, Session, Sftp};
+use ssh2::{HashType, MethodType, Session};
 
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
-use super::{Connection, Source, SourceError, SourceStat, SshOptions, relative};
+use super::sftp::{FileRead, Sftp, SftpError};
+use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// chacha20 first: libssh2 streams it about twice as fast as AES-GCM here.
-const CIPHERS: &str = "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
+const CIPHERS: &str =
+    "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
 /// OpenSSH's own order, so the key negotiated is the one `ssh` would have recorded.
 const HOST_KEY_ALGORITHMS: [&str; 6] = [
     "ssh-ed25519",
@@ -38,15 +39,9 @@ pub struct SshSource {
 impl SshSource {
     pub fn new(options: SshOptions, root: &Path) -> Result<Self, SourceError> {
         if !root.is_absolute() {
-            return Err(SourceError::Config(format!(
-                "--source-root {}: must be absolute",
-                root.display()
-            )));
+            return Err(SourceError::Config(format!("--source-root {}: must be absolute", root.display())));
         }
-        Ok(SshSource {
-            options,
-            root: root.to_path_buf(),
-        })
+        Ok(SshSource { options, root: root.to_path_buf() })
     }
 
     fn host_label(&self) -> String {
@@ -54,26 +49,14 @@ impl SshSource {
     }
 
     fn session_error(&self, err: impl std::fmt::Display) -> SourceError {
-        SourceError::Session {
-            host: self.host_label(),
-            message: err.to_string(),
-        }
+        SourceError::Session { host: self.host_label(), message: err.to_string() }
     }
 
     fn tcp(&self) -> Result<TcpStream, SourceError> {
         let addr = format!("{}:{}", self.options.host, self.options.port);
-        let connect_err = |source| SourceError::Connect {
-            addr: addr.clone(),
-            source,
-        };
-        let mut last = std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "the name resolves to no address",
-        );
-        for candidate in (self.options.host.as_str(), self.options.port)
-            .to_socket_addrs()
-            .map_err(connect_err)?
-        {
+        let connect_err = |source| SourceError::Connect { addr: addr.clone(), source };
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
+        for candidate in (self.options.host.as_str(), self.options.port).to_socket_addrs().map_err(connect_err)? {
             match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT) {
                 Ok(stream) => {
                     // Without it, small SFTP requests wait on delayed ACKs.
@@ -86,14 +69,8 @@ impl SshSource {
         Err(connect_err(last))
     }
 
-    fn verify_host_key(
-        &self,
-        session: &Session,
-        known: &mut KnownHosts,
-    ) -> Result<(), SourceError> {
-        let (blob, _) = session
-            .host_key()
-            .ok_or_else(|| self.session_error("the server sent no host key"))?;
+    fn verify_host_key(&self, session: &Session, known: &mut KnownHosts) -> Result<(), SourceError> {
+        let (blob, _) = session.host_key().ok_or_else(|| self.session_error("the server sent no host key"))?;
         let name = self.host_label();
         let key_type = known_hosts::blob_key_type(blob).unwrap_or_else(|| "unknown".into());
         let fingerprint = session
@@ -110,10 +87,7 @@ impl SshSource {
             }),
             HostKeyCheck::NotFound if self.options.accept_new_host_key => {
                 known.append(&name, blob)?;
-                log::warn!(
-                    "added the host key of {name} ({key_type} {fingerprint}) to {}",
-                    known.path().display()
-                );
+                log::warn!("added the host key of {name} ({key_type} {fingerprint}) to {}", known.path().display());
                 Ok(())
             }
             HostKeyCheck::NotFound => Err(SourceError::UnknownHostKey {
@@ -148,11 +122,7 @@ impl SshSource {
         if tried.is_empty() {
             tried.push("nothing: no ssh-agent and no identity file (give one with -i)".into());
         }
-        Err(SourceError::Auth {
-            user: user.clone(),
-            host: self.host_label(),
-            tried: tried.join(", "),
-        })
+        Err(SourceError::Auth { user: user.clone(), host: self.host_label(), tried: tried.join(", ") })
     }
 }
 
@@ -162,31 +132,20 @@ impl Source for SshSource {
         let mut session = Session::new().map_err(|e| self.session_error(e))?;
         session.set_tcp_stream(self.tcp()?);
         session.set_timeout(SESSION_TIMEOUT_MS);
-        let prefer = |method, prefs: &str| {
-            session
-                .method_pref(method, prefs)
-                .map_err(|e| self.session_error(e))
-        };
+        let prefer = |method, prefs: &str| session.method_pref(method, prefs).map_err(|e| self.session_error(e));
         prefer(MethodType::CryptCs, CIPHERS)?;
         prefer(MethodType::CryptSc, CIPHERS)?;
-        prefer(
-            MethodType::HostKey,
-            &host_key_preference(&known.key_types(&self.host_label())),
-        )?;
-        session
-            .handshake()
-            .map_err(|e| self.session_error(format!("handshake failed: {e}")))?;
+        prefer(MethodType::HostKey, &host_key_preference(&known.key_types(&self.host_label())))?;
+        session.handshake().map_err(|e| self.session_error(format!("handshake failed: {e}")))?;
         self.verify_host_key(&session, &mut known)?;
         self.authenticate(&session)?;
-        let sftp = session
-            .sftp()
-            .map_err(|e| self.session_error(format!("cannot start SFTP: {e}")))?;
+        let sftp = Sftp::start(&session).map_err(|e| self.session_error(format!("cannot start SFTP: {e:?}")))?;
         Ok(Box::new(SshConnection {
-            session,
+            _session: session,
             sftp,
             root: self.root.clone(),
             host: self.host_label(),
-            open: None,
+            open: Vec::new(),
         }))
     }
 
@@ -204,11 +163,7 @@ fn host_key_preference(known_types: &[String]) -> String {
             "ssh-rsa" => &["rsa-sha2-512", "rsa-sha2-256"],
             other => &[other],
         };
-        order.extend(
-            algorithms
-                .iter()
-                .filter(|a| HOST_KEY_ALGORITHMS.contains(a)),
-        );
+        order.extend(algorithms.iter().filter(|a| HOST_KEY_ALGORITHMS.contains(a)));
     }
     for algorithm in HOST_KEY_ALGORITHMS {
         if !order.contains(&algorithm) {
@@ -218,20 +173,18 @@ fn host_key_preference(known_types: &[String]) -> String {
     order.join(",")
 }
 
+/// Open SFTP handles kept per connection: reads that alternate between a few
+/// files do not pay an OPEN and a CLOSE each time.
+const OPEN_HANDLES: usize = 16;
+
 struct SshConnection {
-    session: Session,
+    /// Keeps the session alive for as long as the channel is used.
+    _session: Session,
     sftp: Sftp,
     root: PathBuf,
     host: String,
-    /// The file last read and the position of its SFTP handle. Reading on
-    /// from there keeps libssh2's read-ahead going; a seek would discard it.
-    open: Option<OpenFile>,
-}
-
-struct OpenFile {
-    path: PathBuf,
-    file: ssh2::File,
-    position: u64,
+    /// Open handles, most recently used last.
+    open: Vec<(PathBuf, Vec<u8>)>,
 }
 
 impl SshConnection {
@@ -239,106 +192,63 @@ impl SshConnection {
         self.root.join(relative(path))
     }
 
-    fn error(&self, path: &Path, err: ssh2::Error) -> SourceError {
-        match err.code() {
-            ErrorCode::SFTP(2 | 10) => SourceError::NotFound {
+    fn error(&self, path: &Path, err: SftpError, wanted: u64) -> SourceError {
+        match err {
+            e if e.is_not_found() => SourceError::NotFound { path: path.to_path_buf() },
+            SftpError::Status { code, message } => SourceError::Io {
                 path: path.to_path_buf(),
+                source: std::io::Error::other(format!("SFTP status {code}: {message}")),
             },
-            ErrorCode::SFTP(code) => SourceError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(format!("SFTP error {code}: {}", err.message())),
-            },
-            ErrorCode::Session(_) => SourceError::Session {
-                host: self.host.clone(),
-                message: err.to_string(),
-            },
+            SftpError::Short { end } => SourceError::Short { path: path.to_path_buf(), end, wanted },
+            SftpError::Broken(message) => SourceError::Session { host: self.host.clone(), message },
         }
     }
 
-    /// A read failed with an `io::Error`: the session's last error says whether
-    /// the file or the connection is at fault.
-    fn read_error(&self, path: &Path, err: std::io::Error) -> SourceError {
-        match ssh2::Error::last_session_error(&self.session) {
-            Some(last) if matches!(last.code(), ErrorCode::SFTP(_)) => self.error(path, last),
-            _ => SourceError::Session {
-                host: self.host.clone(),
-                message: format!("reading {}: {err}", path.display()),
-            },
+    fn handle(&mut self, path: &Path) -> Result<Vec<u8>, SourceError> {
+        if let Some(at) = self.open.iter().position(|(p, _)| p == path) {
+            let entry = self.open.remove(at);
+            let handle = entry.1.clone();
+            self.open.push(entry);
+            return Ok(handle);
         }
-    }
-
-    fn file_at(&mut self, path: &Path, offset: u64) -> Result<&mut OpenFile, SourceError> {
-        if self.open.as_ref().is_none_or(|o| o.path != path) {
-            self.open = None;
-            let file = self
-                .sftp
-                .open(self.full(path))
-                .map_err(|e| self.error(path, e))?;
-            self.open = Some(OpenFile {
-                path: path.to_path_buf(),
-                file,
-                position: 0,
-            });
+        if self.open.len() >= OPEN_HANDLES {
+            let (old_path, old) = self.open.remove(0);
+            self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))?;
         }
-        let needs_seek = self.open.as_ref().is_some_and(|o| o.position != offset);
-        if needs_seek {
-            let open = self.open.as_mut().expect("opened above");
-            if let Err(e) = open.file.seek(SeekFrom::Start(offset)) {
-                self.open = None;
-                return Err(SourceError::Io {
-                    path: path.to_path_buf(),
-                    source: e,
-                });
-            }
-            open.position = offset;
-        }
-        Ok(self.open.as_mut().expect("opened above"))
+        let full = self.full(path);
+        let handle = self.sftp.open(&full).map_err(|e| self.error(path, e, 0))?;
+        self.open.push((path.to_path_buf(), handle.clone()));
+        Ok(handle)
     }
 }
 
 impl Connection for SshConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let stat = self
-            .sftp
-            .stat(&self.full(path))
-            .map_err(|e| self.error(path, e))?;
-        Ok(SourceStat {
-            size: stat.size.unwrap_or(0),
-            mtime: stat.mtime.unwrap_or(0) as i64,
-        })
+        let full = self.full(path);
+        let (size, mtime) = self.sftp.stat(&full).map_err(|e| self.error(path, e, 0))?;
+        Ok(SourceStat { size, mtime: i64::from(mtime) })
     }
 
-    fn read_exact_at(
-        &mut self,
-        path: &Path,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), SourceError> {
-        let open = self.file_at(path, offset)?;
-        let mut done = 0;
-        let failure = loop {
-            if done == buf.len() {
-                return Ok(());
-            }
-            match open.file.read(&mut buf[done..]) {
-                Ok(0) => break None,
-                Ok(n) => {
-                    done += n;
-                    open.position += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Some(e),
-            }
-        };
-        self.open = None;
-        Err(match failure {
-            None => SourceError::Short {
-                path: path.to_path_buf(),
-                end: offset + done as u64,
-                wanted: offset + buf.len() as u64,
-            },
-            Some(e) => self.read_error(path, e),
-        })
+    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let handle = self.handle(path)?;
+        let wanted = offset + buf.len() as u64;
+        self.sftp.read_exact_at(&handle, offset, buf).map_err(|e| self.error(path, e, wanted))
+    }
+
+    fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
+        let fulls: Vec<PathBuf> = files.iter().map(|f| self.full(f.path)).collect();
+        let mut reads: Vec<FileRead<'_>> = files
+            .iter_mut()
+            .zip(&fulls)
+            .map(|(f, full)| FileRead { path: full, buf: &mut *f.buf, result: Ok(()) })
+            .collect();
+        let outcome = self.sftp.read_files(&mut reads);
+        let results: Vec<Result<(), SftpError>> = reads.into_iter().map(|r| r.result).collect();
+        for (file, result) in files.iter_mut().zip(results) {
+            let wanted = file.buf.len() as u64;
+            file.result = result.map_err(|e| self.error(file.path, e, wanted));
+        }
+        outcome.map_err(|e| self.error(Path::new("/"), e, 0))
     }
 }
 
@@ -352,10 +262,7 @@ mod tests {
         let p = host_key_preference(&["ecdsa-sha2-nistp256".into()]);
         assert!(p.starts_with("ecdsa-sha2-nistp256,ssh-ed25519,"), "{p}");
         let p = host_key_preference(&["ssh-rsa".into()]);
-        assert!(
-            p.starts_with("rsa-sha2-512,rsa-sha2-256,ssh-ed25519"),
-            "{p}"
-        );
+        assert!(p.starts_with("rsa-sha2-512,rsa-sha2-256,ssh-ed25519"), "{p}");
         assert_eq!(p.matches("ssh-ed25519").count(), 1);
     }
 }

@@ -51,9 +51,7 @@ pub fn load(path: &Path) -> Result<(Records, Option<String>), StoreError> {
         Err(reason) => {
             let aside = path.with_extension(format!(
                 "bad-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
             ));
             std::fs::rename(path, &aside).map_err(io_err(path))?;
             let warning = format!(
@@ -91,12 +89,8 @@ fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
     let mut files: HashMap<Vec<u8>, FileRecord> = HashMap::new();
     let mut first = true;
     while !bytes.is_empty() {
-        let len = prost::encoding::decode_varint(&mut bytes)
-            .map_err(|e| format!("unreadable record length: {e}"))?;
-        let Some(end) = usize::try_from(len)
-            .ok()
-            .and_then(|l| l.checked_add(4))
-            .filter(|&end| end <= bytes.len())
+        let len = prost::encoding::decode_varint(&mut bytes).map_err(|e| format!("unreadable record length: {e}"))?;
+        let Some(end) = usize::try_from(len).ok().and_then(|l| l.checked_add(4)).filter(|&end| end <= bytes.len())
         else {
             // The last append stopped part way (a crash): what came before stands.
             break;
@@ -108,13 +102,9 @@ fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
         let record = JournalRecord::decode(body).map_err(|e| format!("unreadable record: {e}"))?;
         bytes = &bytes[end..];
         match (first, record.kind) {
-            (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {
-            }
+            (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {}
             (true, Some(Kind::Header(h))) => {
-                return Err(format!(
-                    "version {} with {}-byte chunks, not version {VERSION}",
-                    h.version, h.chunk_size
-                ));
+                return Err(format!("version {} with {}-byte chunks, not version {VERSION}", h.version, h.chunk_size));
             }
             (true, _) => return Err("no header".into()),
             (false, Some(Kind::Header(_))) | (false, None) => {
@@ -129,11 +119,7 @@ fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
                 file.present.push(p.first..p.end);
             }
             (false, Some(Kind::Verified(v))) => {
-                let hash: [u8; 32] = v
-                    .blake3
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| "a hash that is not 32 bytes")?;
+                let hash: [u8; 32] = v.blake3.as_slice().try_into().map_err(|_| "a hash that is not 32 bytes")?;
                 files.entry(v.path).or_default().verified = Some((hash, v.against));
             }
             (false, Some(Kind::Modified(m))) => files.entry(m.path).or_default().modified = true,
@@ -169,11 +155,7 @@ pub struct JournalFile {
 impl Journal {
     /// Starts a new journal at `path` holding `snapshot` (what is known now),
     /// written to a temporary file and renamed over the old one.
-    pub fn create(
-        path: &Path,
-        snapshot: Vec<JournalRecord>,
-        files: Vec<JournalFile>,
-    ) -> Result<Journal, StoreError> {
+    pub fn create(path: &Path, snapshot: Vec<JournalRecord>, files: Vec<JournalFile>) -> Result<Journal, StoreError> {
         let tmp = path.with_extension("tmp");
         let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut bytes = encode(&header());
@@ -184,28 +166,16 @@ impl Journal {
         out.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(dir))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
         }
-        let journal = File::options()
-            .append(true)
-            .open(path)
-            .map_err(io_err(path))?;
+        let journal = File::options().append(true).open(path).map_err(io_err(path))?;
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
-            path: path.to_path_buf(),
-            journal,
-            files,
-        };
+        let writer = Writer { path: path.to_path_buf(), journal, files };
         let thread = std::thread::Builder::new()
             .name("lazyfs-journal".into())
             .spawn(move || writer.run(rx))
             .map_err(io_err(path))?;
-        Ok(Journal {
-            tx,
-            thread: Some(thread),
-        })
+        Ok(Journal { tx, thread: Some(thread) })
     }
 
     /// Chunks of file `file` (its index among the `files` given) are written.
@@ -214,30 +184,18 @@ impl Journal {
     }
 
     pub fn verified(&self, path: &[u8], hash: &blake3::Hash, against: &str) {
-        let record = Kind::Verified(Verified {
-            path: path.to_vec(),
-            blake3: hash.as_bytes().to_vec(),
-            against: against.into(),
-        });
-        let _ = self
-            .tx
-            .send(Op::Record(JournalRecord { kind: Some(record) }));
+        let record =
+            Kind::Verified(Verified { path: path.to_vec(), blake3: hash.as_bytes().to_vec(), against: against.into() });
+        let _ = self.tx.send(Op::Record(JournalRecord { kind: Some(record) }));
     }
 
     pub fn modified(&self, path: &[u8]) {
-        let _ = self.tx.send(Op::Record(JournalRecord {
-            kind: Some(Kind::Modified(Modified {
-                path: path.to_vec(),
-            })),
-        }));
+        let _ =
+            self.tx.send(Op::Record(JournalRecord { kind: Some(Kind::Modified(Modified { path: path.to_vec() })) }));
     }
 
     pub fn reset(&self, path: &[u8]) {
-        let _ = self.tx.send(Op::Record(JournalRecord {
-            kind: Some(Kind::Reset(Reset {
-                path: path.to_vec(),
-            })),
-        }));
+        let _ = self.tx.send(Op::Record(JournalRecord { kind: Some(Kind::Reset(Reset { path: path.to_vec() })) }));
     }
 
     /// Returns once everything sent so far is durable.
@@ -261,42 +219,24 @@ impl Drop for Journal {
 }
 
 fn header() -> JournalRecord {
-    JournalRecord {
-        kind: Some(Kind::Header(Header {
-            version: VERSION,
-            chunk_size: CHUNK_SIZE,
-        })),
-    }
+    JournalRecord { kind: Some(Kind::Header(Header { version: VERSION, chunk_size: CHUNK_SIZE })) }
 }
 
 /// The record saying chunks `chunks` of `path` (spill `size` bytes) are present.
 pub fn present_record(path: &[u8], chunks: Range<u64>, size: u64) -> JournalRecord {
     JournalRecord {
-        kind: Some(Kind::Present(Present {
-            path: path.to_vec(),
-            first: chunks.start,
-            end: chunks.end,
-            size,
-        })),
+        kind: Some(Kind::Present(Present { path: path.to_vec(), first: chunks.start, end: chunks.end, size })),
     }
 }
 
 pub fn verified_record(path: &[u8], hash: &[u8; 32], against: &str) -> JournalRecord {
     JournalRecord {
-        kind: Some(Kind::Verified(Verified {
-            path: path.to_vec(),
-            blake3: hash.to_vec(),
-            against: against.into(),
-        })),
+        kind: Some(Kind::Verified(Verified { path: path.to_vec(), blake3: hash.to_vec(), against: against.into() })),
     }
 }
 
 pub fn modified_record(path: &[u8]) -> JournalRecord {
-    JournalRecord {
-        kind: Some(Kind::Modified(Modified {
-            path: path.to_vec(),
-        })),
-    }
+    JournalRecord { kind: Some(Kind::Modified(Modified { path: path.to_vec() })) }
 }
 
 struct Writer {
@@ -347,10 +287,7 @@ impl Writer {
                     };
                     if !synced[file] {
                         if let Err(e) = entry.spill.sync_data() {
-                            log::error!(
-                                "syncing the spill file of {}: {e}",
-                                String::from_utf8_lossy(&entry.path)
-                            );
+                            log::error!("syncing the spill file of {}: {e}", String::from_utf8_lossy(&entry.path));
                             continue;
                         }
                         synced[file] = true;
@@ -361,10 +298,7 @@ impl Writer {
                 Op::Flush(done) => waiters.push(done),
             }
         }
-        let written = self
-            .journal
-            .write_all(&bytes)
-            .and_then(|()| self.journal.sync_data());
+        let written = self.journal.write_all(&bytes).and_then(|()| self.journal.sync_data());
         if let (false, Err(e)) = (bytes.is_empty(), written) {
             log::error!("{}: {e}", self.path.display());
         }
@@ -382,11 +316,7 @@ mod tests {
         let path = dir.join("journal");
         let spill = dir.join("spill");
         std::fs::write(&spill, b"x").unwrap();
-        let files = vec![JournalFile {
-            path: b"/a".to_vec(),
-            size: 100,
-            spill: File::open(&spill).unwrap(),
-        }];
+        let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill: File::open(&spill).unwrap() }];
         let journal = Journal::create(&path, records, files).unwrap();
         journal.present(0, 0..2);
         journal.present(0, 5..6);
@@ -405,10 +335,7 @@ mod tests {
         assert!(warning.is_none());
         assert_eq!(files[&b"/a".to_vec()].present, vec![0..2, 5..6]);
         assert_eq!(files[&b"/a".to_vec()].size, 100);
-        assert_eq!(
-            files[&b"/b".to_vec()].verified.as_ref().unwrap().0,
-            *blake3::hash(b"b").as_bytes()
-        );
+        assert_eq!(files[&b"/b".to_vec()].verified.as_ref().unwrap().0, *blake3::hash(b"b").as_bytes());
         assert!(files[&b"/c".to_vec()].modified);
         assert!(!files.contains_key(b"/d".as_slice()), "reset forgets");
     }

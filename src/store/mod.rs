@@ -20,25 +20,15 @@ pub const CHUNK_SIZE: u64 = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
     #[error("{}: the images record {size} bytes, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
-    TooLarge {
-        original: PathBuf,
-        size: u64,
-        capacity: u64,
-    },
+    TooLarge { original: PathBuf, size: u64, capacity: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
 /// A cache directory, locked for one lazyfs process at a time.
@@ -56,12 +46,8 @@ impl Store {
         create_private_dir(dir)?;
         create_private_dir(&dir.join("spill"))?;
         let lock_path = dir.join("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let lock =
+            File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         let flock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
         let lock = match flock {
             Ok(locked) => locked,
@@ -72,11 +58,7 @@ impl Store {
         };
         let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| io_err(dir)(e.into()))?;
         let capacity = stat.blocks().saturating_mul(stat.fragment_size());
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            capacity,
-            _lock: lock,
-        })
+        Ok(Store { dir: dir.to_path_buf(), capacity, _lock: lock })
     }
 
     pub fn dir(&self) -> &Path {
@@ -89,20 +71,11 @@ impl Store {
     }
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
-    pub fn open_spill(
-        &self,
-        original: &Path,
-        size: Option<u64>,
-        keep: bool,
-    ) -> Result<SpillFile, StoreError> {
+    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
         // A recorded size is untrusted: refuse one no disk here could hold
         // before anything (the presence bitmap) is sized by it.
         if let Some(size) = size.filter(|&s| s > self.capacity) {
-            return Err(StoreError::TooLarge {
-                original: original.to_path_buf(),
-                size,
-                capacity: self.capacity,
-            });
+            return Err(StoreError::TooLarge { original: original.to_path_buf(), size, capacity: self.capacity });
         }
         SpillFile::open(&self.spill_path(original), size, keep)
     }
@@ -121,11 +94,7 @@ pub fn spill_path(cache_dir: &Path, original: &Path) -> PathBuf {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) => return Err(io_err(dir)(e)),
     }

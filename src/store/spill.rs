@@ -40,13 +40,8 @@ impl SpillFile {
     /// are present); otherwise it starts empty. `size` `None` keeps the
     /// existing file's length (a file changed locally).
     pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err(path))?;
+        let file =
+            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
         let existing = file.metadata().map_err(io_err(path))?.len();
         let size = size.unwrap_or(existing);
         if !keep || existing != size {
@@ -70,12 +65,7 @@ impl SpillFile {
     fn remap(&self, size: u64) -> Result<(), StoreError> {
         let map = match size {
             0 => None,
-            _ => Some(
-                MmapOptions::new()
-                    .len(size as usize)
-                    .map_raw(&self.file)
-                    .map_err(io_err(&self.path))?,
-            ),
+            _ => Some(MmapOptions::new().len(size as usize).map_raw(&self.file).map_err(io_err(&self.path))?),
         };
         *self.map.write().expect("map lock") = map;
         Ok(())
@@ -185,11 +175,7 @@ impl SpillFile {
         // pages; the next access maps them again from the page cache, so no
         // data is lost and concurrent readers see the same bytes.
         let _ = unsafe {
-            map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                start as usize,
-                (end - start) as usize,
-            )
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, (end - start) as usize)
         };
     }
 
@@ -204,28 +190,17 @@ impl SpillFile {
         }
     }
 
-    /// Gives `fill` the mapped bytes of `chunks` to write the original's bytes into.
+    /// Writes the fetched bytes of claimed `chunks` (`data` is exactly
+    /// their bytes). Written with pwrite, not through the map: a fresh sparse
+    /// mapping takes a page fault with a block allocation per 4 KiB, which
+    /// cost about 3 ms per 64 KiB chunk here against 0.4 ms for the fetch.
     ///
-    /// The caller must own these chunks (the fetcher's in-flight claim): no one
-    /// else writes them, and no one reads them until they are marked present.
-    pub fn fill<R>(&self, chunks: Range<u64>, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+    /// The caller must own these chunks (the fetcher's in-flight claim): no
+    /// one else writes them, and no one reads them until they are marked present.
+    pub fn write_fetched(&self, chunks: Range<u64>, data: &[u8]) -> Result<(), StoreError> {
         let bytes = self.chunk_bytes(chunks);
-        let map = self.map.read().expect("map lock");
-        let map = map.as_ref().expect("a file with chunks is mapped");
-        assert!(
-            bytes.end as usize <= map.len(),
-            "chunks past the mapped end"
-        );
-        // SAFETY: the range lies inside the live mapping (checked above; the
-        // read lock keeps it from being replaced), and the in-flight claim
-        // makes this the only reference to these bytes until they are present.
-        let slice = unsafe {
-            std::slice::from_raw_parts_mut(
-                map.as_mut_ptr().add(bytes.start as usize),
-                (bytes.end - bytes.start) as usize,
-            )
-        };
-        fill(slice)
+        assert_eq!(data.len() as u64, bytes.end - bytes.start, "fetched bytes cover the chunks");
+        self.file.write_all_at(data, bytes.start).map_err(io_err(&self.path))
     }
 
     /// Gives `read` the bytes `offset..offset+len`, cut at the end of the file.
@@ -246,11 +221,7 @@ impl SpillFile {
 
     /// The current length of the spill file (local writes may change it).
     pub fn len(&self) -> u64 {
-        self.map
-            .read()
-            .expect("map lock")
-            .as_ref()
-            .map_or(0, |m| m.len() as u64)
+        self.map.read().expect("map lock").as_ref().map_or(0, |m| m.len() as u64)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -264,9 +235,7 @@ impl SpillFile {
             self.file.set_len(end).map_err(io_err(&self.path))?;
             self.remap(end)?;
         }
-        self.file
-            .write_all_at(data, offset)
-            .map_err(io_err(&self.path))
+        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
     }
 
     /// A local truncate (or extension) of a complete file.
@@ -300,10 +269,7 @@ mod tests {
         assert_eq!(spill.chunk_bytes(3..4), 3 * CHUNK_SIZE..size);
         assert!(!spill.all_present(0..1));
 
-        spill.fill(3..4, |buf| {
-            assert_eq!(buf.len(), 100);
-            buf.fill(7);
-        });
+        spill.write_fetched(3..4, &[7; 100]).unwrap();
         spill.mark_present(3..4);
         spill.mark_present(3..4);
         assert!(spill.is_present(3) && !spill.is_complete());

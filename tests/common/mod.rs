@@ -17,11 +17,7 @@ pub fn expected_dirs() -> Vec<(PathBuf, PathBuf)> {
     for group in ["real", "synthetic"] {
         for entry in std::fs::read_dir(fixtures().join(group)).unwrap() {
             let dir = entry.unwrap().path();
-            let images = if dir.join("images").is_dir() {
-                dir.join("images")
-            } else {
-                dir.clone()
-            };
+            let images = if dir.join("images").is_dir() { dir.join("images") } else { dir.clone() };
             dirs.push((images, dir.join("expected-files.json")));
         }
     }
@@ -30,8 +26,5 @@ pub fn expected_dirs() -> Vec<(PathBuf, PathBuf)> {
 }
 
 pub fn lazyfs(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lazyfs"))
-        .args(args)
-        .output()
-        .expect("run lazyfs")
+    Command::new(env!("CARGO_BIN_EXE_lazyfs")).args(args).output().expect("run lazyfs")
 }

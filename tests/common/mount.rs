@@ -17,10 +17,7 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new() -> TestEnv {
-        let tmp = tempfile::Builder::new()
-            .prefix("lazyfs-test")
-            .tempdir()
-            .unwrap();
+        let tmp = tempfile::Builder::new().prefix("lazyfs-test").tempdir().unwrap();
         for dir in ["home", "runtime", "mnt", "source"] {
             std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
         }
@@ -54,11 +51,7 @@ impl TestEnv {
     /// Mounts `imgdir` from `source` on `mnt/NAME`; panics if it fails.
     pub fn mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Mount {
         let out = self.try_mount(name, imgdir, source, extra);
-        assert!(
-            out.status.success(),
-            "mount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
         Mount {
             mountpoint: self.path("mnt").join(name),
             cache: self.path("cache").join(name),
@@ -69,18 +62,13 @@ impl TestEnv {
     pub fn try_mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Output {
         let mountpoint = self.path("mnt").join(name);
         // A stale mount answers ENOTCONN but exists: leave it for lazyfs to clear.
-        if std::fs::symlink_metadata(&mountpoint)
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        {
+        if std::fs::symlink_metadata(&mountpoint).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
             std::fs::create_dir_all(&mountpoint).unwrap();
         }
         let mut command = self.lazyfs();
         command.arg("mount").arg(&mountpoint).arg(imgdir);
         source.add_args(&mut command);
-        command
-            .arg("--cache-dir")
-            .arg(self.path("cache").join(name))
-            .args(extra);
+        command.arg("--cache-dir").arg(self.path("cache").join(name)).args(extra);
         command.output().unwrap()
     }
 }
@@ -125,9 +113,7 @@ pub struct Mount {
 impl Mount {
     fn lazyfs(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_lazyfs"));
-        command
-            .env("HOME", self.env_home.join("home"))
-            .env("LAZYFS_RUNTIME_DIR", self.env_home.join("runtime"));
+        command.env("HOME", self.env_home.join("home")).env("LAZYFS_RUNTIME_DIR", self.env_home.join("runtime"));
         command
     }
 
@@ -137,27 +123,13 @@ impl Mount {
     }
 
     pub fn status(&self) -> Value {
-        let out = self
-            .lazyfs()
-            .arg("status")
-            .arg(&self.mountpoint)
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.lazyfs().arg("status").arg(&self.mountpoint).arg("--json").output().unwrap();
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     pub fn umount(&self) -> Output {
-        self.lazyfs()
-            .arg("umount")
-            .arg(&self.mountpoint)
-            .output()
-            .unwrap()
+        self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
     }
 }
 
@@ -175,20 +147,14 @@ impl Drop for Mount {
 /// Whether anything is mounted at `path` (from /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let wanted = path
-        .to_string_lossy()
-        .replace(' ', "\\040")
-        .replace('\n', "\\012");
-    mountinfo
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+    let wanted = path.to_string_lossy().replace(' ', "\\040").replace('\n', "\\012");
+    mountinfo.lines().any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
 /// Deterministic bytes for a file: the same name always gives the same data.
 pub fn content(seed: &str, len: usize) -> Vec<u8> {
-    let mut state = seed.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |s, b| {
-        (s ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
-    });
+    let mut state =
+        seed.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |s, b| (s ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         state ^= state << 13;

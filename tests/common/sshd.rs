@@ -22,39 +22,23 @@ fn keygen(path: &Path, kind: &str) {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Sshd {
     pub fn start() -> Sshd {
-        let dir = tempfile::Builder::new()
-            .prefix("lazyfs-sshd")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("lazyfs-sshd").tempdir().unwrap();
         let d = dir.path();
         keygen(&d.join("host_ed25519"), "ed25519");
         keygen(&d.join("user_ed25519"), "ed25519");
         std::fs::copy(d.join("user_ed25519.pub"), d.join("authorized_keys")).unwrap();
         // sshd refuses to start without its privilege separation directory.
         std::fs::create_dir_all("/run/sshd").unwrap();
-        let mut sshd = Sshd {
-            dir,
-            port: 0,
-            child: None,
-        };
+        let mut sshd = Sshd { dir, port: 0, child: None };
         sshd.launch();
         let host_key = std::fs::read_to_string(sshd.dir.path().join("host_ed25519.pub")).unwrap();
         let mut fields = host_key.split_whitespace();
-        let line = format!(
-            "[127.0.0.1]:{} {} {}\n",
-            sshd.port,
-            fields.next().unwrap(),
-            fields.next().unwrap()
-        );
+        let line = format!("[127.0.0.1]:{} {} {}\n", sshd.port, fields.next().unwrap(), fields.next().unwrap());
         std::fs::write(sshd.known_hosts(), line).unwrap();
         sshd
     }
@@ -93,10 +77,7 @@ impl Sshd {
             }
             self.stop();
         }
-        panic!(
-            "sshd did not start: {}",
-            std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
-        );
+        panic!("sshd did not start: {}", std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default());
     }
 
     pub fn user_key(&self) -> PathBuf {
@@ -144,10 +125,7 @@ impl Sshd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "sshd did not come back on port {port}"
-            );
+            assert!(Instant::now() < deadline, "sshd did not come back on port {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -170,9 +148,7 @@ pub fn children_of(pid: i32) -> Vec<i32> {
             continue;
         };
         // The parent PID is the second field after the parenthesised command name.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
         if parent.and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
             children.push(child);
         }
