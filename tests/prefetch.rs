@@ -143,30 +143,32 @@ fn verified_files_are_served_with_the_source_gone() {
 fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    let files = [("/r/big", 48 << 20), ("/r/other", 5 << 20)];
+    let files = [("/r/big", 160 << 20), ("/r/other", 5 << 20)];
     dataset(&env.path("source"), &env.path("images"), &files);
     let total: u64 = files.iter().map(|(_, l)| *l as u64).sum();
     let out =
         env.run(&["manifest", env.path("images").to_str().unwrap(), "--root", env.path("source").to_str().unwrap()]);
     assert!(out.status.success());
 
+    // What the journal says is durable, in bytes.
+    let journaled = |cache: &std::path::Path| -> u64 {
+        let records = lazyfs::store::journal::read(&cache.join("journal")).unwrap().unwrap_or_default();
+        records
+            .values()
+            .flat_map(|r| r.present.iter().map(move |run| (run.clone(), r.size)))
+            .map(|(run, size)| (run.end * lazyfs::store::CHUNK_SIZE).min(size) - run.start * lazyfs::store::CHUNK_SIZE)
+            .sum()
+    };
     let first = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while first.status()["bytes_present"].as_u64().unwrap() < total / 3 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let pid = first.status()["pid"].as_i64().unwrap() as i32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journaled(&first.cache) < total / 4 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
-
-    // What the journal says survived the crash.
-    let (journaled, _) = lazyfs::store::journal::load(&first.cache.join("journal")).unwrap();
-    let restored: u64 = journaled
-        .values()
-        .flat_map(|r| r.present.iter().map(move |run| (run.clone(), r.size)))
-        .map(|(run, size)| (run.end * lazyfs::store::CHUNK_SIZE).min(size) - run.start * lazyfs::store::CHUNK_SIZE)
-        .sum();
+    let restored = journaled(&first.cache);
     assert!(restored > 0 && restored < total, "restored {restored} of {total}");
 
     let second = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);

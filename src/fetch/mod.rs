@@ -241,6 +241,13 @@ impl FetchFile {
         }
     }
 
+    /// Chunks neither present nor being fetched.
+    fn unclaimed_chunks(&self) -> u64 {
+        let state = self.lock();
+        (0..self.spill.chunk_count()).filter(|&c| !self.spill.is_present(c) && !state.in_flight.contains(&c)).count()
+            as u64
+    }
+
     /// Ranges of present chunks, for the journal snapshot.
     fn present_runs(&self) -> Vec<Range<u64>> {
         let mut runs: Vec<Range<u64>> = Vec::new();

@@ -216,9 +216,16 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
     }
     let chunk_count = file.spill.chunk_count();
     let mut window = 0;
+    let mut shared_out = false;
     while window < chunk_count && !file.phase().is_settled() {
         let end = (window + WINDOW_CHUNKS).min(chunk_count);
         for run in file.claim(window..end) {
+            // A large file is worked on by every idle worker: each claims the
+            // next window nobody has, on its own session.
+            if !shared_out && file.unclaimed_chunks() > 2 * WINDOW_CHUNKS {
+                shared.queue.push(index);
+                shared_out = true;
+            }
             let result = fetch_checked(link, file, run.clone());
             shared.finish(index, run, Lane::Prefetch, result);
         }

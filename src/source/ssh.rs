@@ -16,7 +16,7 @@ use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, 
 
 /// chacha20 first: libssh2 streams it about twice as fast as AES-GCM here.
 const CIPHERS: &str =
-    "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
+    "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
 /// OpenSSH's own order, so the key negotiated is the one `ssh` would have recorded.
 const HOST_KEY_ALGORITHMS: [&str; 6] = [
     "ssh-ed25519",
