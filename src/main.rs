@@ -277,32 +277,25 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
     let mut client = control::Client::connect(&args.mountpoint)?;
     let deadline = args.timeout.map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
     let mountpoint = std::path::absolute(&args.mountpoint)?;
+    let gone = |e: ControlError| Exit {
+        code: exit::RUNTIME,
+        message: format!("{}: the mount went away while waiting ({e})", args.mountpoint.display()),
+    };
     loop {
-        let status = client.status().map_err(|e| Exit {
-            code: exit::RUNTIME,
-            message: format!("{}: the mount went away while waiting ({e})", args.mountpoint.display()),
-        })?;
-        let mut selected = Vec::new();
-        for wanted in &args.paths {
-            let below = wanted.strip_prefix(&mountpoint).unwrap_or(wanted);
-            let found = status.files.iter().find(|f| {
-                Path::new(std::ffi::OsStr::from_bytes(&f.path)) == wanted
-                    || Path::new(std::ffi::OsStr::from_bytes(&f.mount_path)) == below
-            });
-            match found {
-                Some(file) => selected.push(file),
-                None => {
-                    return Err(Exit {
-                        code: exit::BAD_INPUT,
-                        message: format!("{}: not a file of this mount", wanted.display()),
-                    }
-                    .into());
+        // Waiting for everything needs only the totals, cheap enough to poll often.
+        if args.paths.is_empty() {
+            let totals = client.totals().map_err(gone)?;
+            let settled = totals.state == "complete" && totals.files_failed == 0;
+            if settled || (totals.files_failed == 0 && !deadline.is_some_and(|d| Instant::now() >= d)) {
+                if settled {
+                    return Ok(exit::SUCCESS);
                 }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
         }
-        if args.paths.is_empty() {
-            selected = status.files.iter().collect();
-        }
+        let status = client.status().map_err(gone)?;
+        let selected = select_files(&status, &args.paths, &mountpoint)?;
         let failed: Vec<_> = selected.iter().filter(|f| f.state == "failed").collect();
         if !failed.is_empty() {
             for file in failed {
@@ -320,6 +313,35 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The files `wanted` names (all when empty), by original path, path in the
+/// mount, or path under the mountpoint.
+fn select_files<'a>(
+    status: &'a control::proto::Status,
+    wanted: &[PathBuf],
+    mountpoint: &Path,
+) -> anyhow::Result<Vec<&'a control::proto::FileStatus>> {
+    if wanted.is_empty() {
+        return Ok(status.files.iter().collect());
+    }
+    wanted
+        .iter()
+        .map(|wanted| {
+            let below = wanted.strip_prefix(mountpoint).unwrap_or(wanted);
+            status
+                .files
+                .iter()
+                .find(|f| {
+                    Path::new(std::ffi::OsStr::from_bytes(&f.path)) == wanted
+                        || Path::new(std::ffi::OsStr::from_bytes(&f.mount_path)) == below
+                })
+                .ok_or_else(|| {
+                    Exit { code: exit::BAD_INPUT, message: format!("{}: not a file of this mount", wanted.display()) }
+                        .into()
+                })
+        })
+        .collect()
 }
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {

@@ -106,7 +106,16 @@ impl Client {
     }
 
     pub fn status(&mut self) -> Result<proto::Status, ControlError> {
-        self.send(request::Kind::Status(proto::StatusRequest {}))?;
+        self.status_of(false)
+    }
+
+    /// A snapshot without the per-file list.
+    pub fn totals(&mut self) -> Result<proto::Status, ControlError> {
+        self.status_of(true)
+    }
+
+    fn status_of(&mut self, totals_only: bool) -> Result<proto::Status, ControlError> {
+        self.send(request::Kind::Status(proto::StatusRequest { totals_only }))?;
         match self.receive()? {
             response::Kind::Status(status) => Ok(status),
             other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),

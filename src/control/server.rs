@@ -59,7 +59,13 @@ fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
 fn serve_client(mut stream: UnixStream, status: &dyn Fn() -> Status, events: &Sender<ControlEvent>) {
     while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
         let sent = match request.kind {
-            Some(request::Kind::Status(_)) => reply(&mut stream, response::Kind::Status(status())),
+            Some(request::Kind::Status(request)) => {
+                let mut snapshot = status();
+                if request.totals_only {
+                    snapshot.files.clear();
+                }
+                reply(&mut stream, response::Kind::Status(snapshot))
+            }
             Some(request::Kind::Watch(watch)) => {
                 let interval = Duration::from_millis(u64::from(watch.interval_ms.clamp(50, 60_000)));
                 loop {

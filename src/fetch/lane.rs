@@ -12,7 +12,7 @@ use crate::source::{Connection, Source, SourceError, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
-const MAX_PIECE_CHUNKS: u64 = 16;
+const MAX_PIECE_CHUNKS: u64 = 64;
 
 /// A request for the on-demand lane: fetch these claimed chunks of a file.
 pub(super) struct Job {

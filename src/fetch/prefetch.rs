@@ -13,9 +13,10 @@ const SMALL_FILE: u64 = 256 << 10;
 const BATCH_FILES: usize = 256;
 const BATCH_BYTES: u64 = 8 << 20;
 
-/// Chunks a worker claims and fetches at once: 1 MiB per SFTP request keeps
-/// the link busy (libssh2 keeps reading ahead on a sequential stream).
-const WINDOW_CHUNKS: u64 = 64;
+/// Chunks a worker claims and fetches at once (4 MiB): one window is one full
+/// SFTP pipeline, so the link stays busy; a reader waiting for a chunk in a
+/// window being fetched waits at most for that window.
+const WINDOW_CHUNKS: u64 = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {

@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 pub use spill::SpillFile;
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
-/// 64 KiB keeps a small read at one short round trip (a 4 KiB read costs one
-/// 64 KiB SFTP request, about 2x a 4 KiB one on loopback), while a whole file
-/// still streams as large multi-chunk requests.
-pub const CHUNK_SIZE: u64 = 64 << 10;
+/// 16 KiB: a small read costs one request barely dearer than the read itself
+/// (measured here: a fresh 4 KiB read through the mount 0.3-0.5 ms with 16 KiB
+/// chunks, 0.75 ms with 64 KiB ones), while a 1 GiB file's presence bitmap is
+/// 8 KiB and its manifest chunk hashes 0.2% of its size. Whole files still
+/// stream as large multi-chunk requests.
+pub const CHUNK_SIZE: u64 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

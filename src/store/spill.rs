@@ -193,7 +193,7 @@ impl SpillFile {
     /// Writes the fetched bytes of claimed `chunks` (`data` is exactly
     /// their bytes). Written with pwrite, not through the map: a fresh sparse
     /// mapping takes a page fault with a block allocation per 4 KiB, which
-    /// cost about 3 ms per 64 KiB chunk here against 0.4 ms for the fetch.
+    /// cost about 3 ms per 64 KiB here against 0.4 ms for fetching them.
     ///
     /// The caller must own these chunks (the fetcher's in-flight claim): no
     /// one else writes them, and no one reads them until they are marked present.

@@ -1,5 +1,7 @@
 //! A real OpenSSH server for one test: its own port on 127.0.0.1, throw-away
 //! host and user keys in a temporary directory, stopped by its PID.
+//! (Shared by the tests and `benches/transfer.rs`, which each use a part.)
+#![allow(dead_code)]
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -90,11 +92,6 @@ impl Sshd {
 
     pub fn target(&self) -> String {
         format!("{}@127.0.0.1:{}", whoami(), self.port)
-    }
-
-    /// The PID of the listening sshd (each connection has a child of its own).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
     }
 
     /// Stops the listener and every session it started: they are its children.

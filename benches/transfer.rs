@@ -1,0 +1,487 @@
+//! Transfer benchmarks against the ceiling measured in the same run:
+//! `cargo bench --bench transfer [-- --quick]`.
+//!
+//! Sets up its own sshd on loopback, the data sets (one 1 GiB file; 5,000 x
+//! 4 KiB files in 50 directories; 200 x 1 MiB) and their CRIU images, then
+//! measures, each at least 3 times (median, min-max):
+//!   a. the first 4 KiB at the middle of the 1 GiB file through a fresh lazy
+//!      mount, beside one SFTP read of the same bytes on an open session and
+//!      beside `ssh HOST cat` of the whole file;
+//!   b. time until everything is verified with `--prefetch`, beside
+//!      `ssh HOST cat` / `ssh HOST tar cf - DIR` (the OpenSSH ceiling), `scp -r`,
+//!      `rsync -a` and `sshfs` + `cp -r`;
+//!   c. sequential reads of a verified file through the mount beside reading
+//!      its spill file directly, passthrough on and off (page cache dropped);
+//!   d. the daemon's peak RSS and CPU seconds per GiB during (b).
+//! Writes a markdown table to stdout and `target/bench/transfer.{md,json}`.
+
+#[path = "../tests/common/sshd.rs"]
+mod sshd;
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use lazyfs::images::write::{DumpFile, write_dump};
+use serde_json::{Value, json};
+use sshd::Sshd;
+
+const GIB: u64 = 1 << 30;
+
+struct Dataset {
+    name: &'static str,
+    /// Below the source root: a file, or a directory.
+    rel: &'static str,
+    images: PathBuf,
+    bytes: u64,
+    files: usize,
+}
+
+struct Row {
+    group: &'static str,
+    what: String,
+    unit: &'static str,
+    runs: Vec<f64>,
+    /// The row this one is compared with (its median), if any.
+    against: Option<String>,
+}
+
+impl Row {
+    fn median(&self) -> f64 {
+        let mut sorted = self.runs.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        sorted[sorted.len() / 2]
+    }
+}
+
+struct Bench {
+    sshd: Sshd,
+    work: tempfile::TempDir,
+    lazyfs: PathBuf,
+    runs: usize,
+    rows: Vec<Row>,
+}
+
+/// Deterministic pseudo-random bytes, fast to make.
+fn fill(seed: u64, buf: &mut [u8]) {
+    let mut state = seed | 1;
+    for word in buf.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+    }
+}
+
+fn run(command: &mut Command) -> std::process::Output {
+    let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn timed(command: &mut Command) -> f64 {
+    let started = Instant::now();
+    run(command.stdout(Stdio::null()));
+    started.elapsed().as_secs_f64()
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Bench {
+    fn new(runs: usize) -> Bench {
+        let sshd = Sshd::start();
+        let work = tempfile::Builder::new().prefix("lazyfs-bench").tempdir().unwrap();
+        Bench { sshd, work, lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), runs, rows: Vec::new() }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.work.path().join(rel)
+    }
+
+    fn source(&self) -> PathBuf {
+        self.path("source")
+    }
+
+    fn ssh(&self) -> Command {
+        let mut command = Command::new("ssh");
+        command
+            .args(["-p", &self.sshd.port.to_string(), "-i"])
+            .arg(self.sshd.user_key())
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.sshd.known_hosts().display()))
+            .args(["-o", "BatchMode=yes", "root@127.0.0.1"]);
+        command
+    }
+
+    fn lazyfs(&self) -> Command {
+        let mut command = Command::new(&self.lazyfs);
+        command
+            .env("HOME", self.path("home"))
+            .env("LAZYFS_RUNTIME_DIR", self.path("runtime"))
+            .env_remove("SSH_AUTH_SOCK");
+        command
+    }
+
+    fn record(
+        &mut self,
+        group: &'static str,
+        what: impl Into<String>,
+        unit: &'static str,
+        runs: Vec<f64>,
+        against: Option<&str>,
+    ) {
+        let row = Row { group, what: what.into(), unit, runs, against: against.map(String::from) };
+        eprintln!("  {:<52} {:>10.4} {unit}", row.what, row.median());
+        self.rows.push(row);
+    }
+
+    fn make_datasets(&self) -> Vec<Dataset> {
+        let source = self.source();
+        let mut buf = vec![0u8; 1 << 20];
+        let big = source.join("big/file.bin");
+        std::fs::create_dir_all(big.parent().unwrap()).unwrap();
+        let out = std::fs::File::create(&big).unwrap();
+        for i in 0..1024u64 {
+            fill(i + 1, &mut buf);
+            out.write_all_at(&buf, i << 20).unwrap();
+        }
+        let mut sets = Vec::new();
+        let mut dump = |name, rel: &'static str, records: Vec<DumpFile>| {
+            let images = self.path(&format!("images-{name}"));
+            write_dump(&images, &records).unwrap();
+            let bytes = records.iter().map(|r| r.size.unwrap()).sum();
+            sets.push(Dataset { name, rel, images, bytes, files: records.len() });
+        };
+        dump("1 GiB file", "big/file.bin", vec![DumpFile::new("/big/file.bin", GIB)]);
+        let mut small = Vec::new();
+        for i in 0..5000u64 {
+            let rel = format!("small/d{:02}/f{i:04}", i % 50);
+            let path = source.join(&rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fill(i + 7, &mut buf[..4096]);
+            std::fs::write(&path, &buf[..4096]).unwrap();
+            small.push(DumpFile::new(format!("/{rel}"), 4096));
+        }
+        dump("5,000 x 4 KiB", "small", small);
+        let mut medium = Vec::new();
+        for i in 0..200u64 {
+            let rel = format!("medium/m{i:03}");
+            fill(i + 9, &mut buf);
+            std::fs::create_dir_all(source.join("medium")).unwrap();
+            std::fs::write(source.join(&rel), &buf).unwrap();
+            medium.push(DumpFile::new(format!("/{rel}"), 1 << 20));
+        }
+        dump("200 x 1 MiB", "medium", medium);
+        sets
+    }
+
+    /// Mounts `set` (fresh cache), returns the mountpoint and cache dir.
+    fn mount(&self, set: &Dataset, tag: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        let mountpoint = self.path(&format!("mnt-{tag}"));
+        let cache = self.path(&format!("cache-{tag}"));
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        run(self
+            .lazyfs()
+            .arg("mount")
+            .arg(&mountpoint)
+            .arg(&set.images)
+            .arg(self.sshd.target())
+            .arg("-i")
+            .arg(self.sshd.user_key())
+            .arg("--known-hosts")
+            .arg(self.sshd.known_hosts())
+            .arg("--source-root")
+            .arg(self.source())
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra));
+        (mountpoint, cache)
+    }
+
+    fn umount(&self, mountpoint: &Path) {
+        run(self.lazyfs().arg("umount").arg(mountpoint));
+    }
+
+    fn daemon_pid(&self, mountpoint: &Path) -> u32 {
+        let out = run(self.lazyfs().arg("status").arg(mountpoint).arg("--json"));
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        status["pid"].as_u64().unwrap() as u32
+    }
+
+    /// (a) The first 4 KiB at the middle of the 1 GiB file.
+    fn first_byte(&mut self, big: &Dataset) {
+        eprintln!("a. first byte");
+        let middle = GIB / 2;
+        let mut through_mount = Vec::new();
+        for _ in 0..self.runs {
+            let (mountpoint, _) = self.mount(big, "first-byte", &[]);
+            let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
+            let mut buf = [0u8; 4096];
+            let started = Instant::now();
+            file.read_exact_at(&mut buf, middle).unwrap();
+            through_mount.push(started.elapsed().as_secs_f64());
+            drop(file);
+            self.umount(&mountpoint);
+        }
+        let overrides = lazyfs::source::SshOverrides {
+            identities: vec![self.sshd.user_key()],
+            known_hosts: Some(self.sshd.known_hosts()),
+            ..Default::default()
+        };
+        let spec =
+            lazyfs::source::SourceSpec::parse(&self.sshd.target(), &overrides, Some(&self.path("home"))).unwrap();
+        let source = lazyfs::source::open(&spec, &self.source()).unwrap();
+        let mut connection = source.connect().unwrap();
+        let mut one_read = Vec::new();
+        let path = Path::new("/big/file.bin");
+        for i in 0..self.runs.max(5) {
+            let mut buf = [0u8; 4096];
+            connection.read_exact_at(path, 4096 * (i as u64 + 1), &mut buf).unwrap(); // the handle is open
+            let started = Instant::now();
+            connection.read_exact_at(path, middle, &mut buf).unwrap();
+            one_read.push(started.elapsed().as_secs_f64());
+        }
+        let file = self.source().join("big/file.bin");
+        let cat: Vec<f64> = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&file))).collect();
+        self.record("a", "one SFTP read of those 4 KiB, open session", "s", one_read, None);
+        self.record("a", "`ssh HOST cat` of the whole 1 GiB file", "s", cat, None);
+        self.record(
+            "a",
+            "first 4 KiB at the middle, fresh lazy mount",
+            "s",
+            through_mount.clone(),
+            Some("one SFTP read of those 4 KiB, open session"),
+        );
+        self.record(
+            "a",
+            "first 4 KiB at the middle, fresh lazy mount ",
+            "s",
+            through_mount,
+            Some("`ssh HOST cat` of the whole 1 GiB file"),
+        );
+    }
+
+    /// (b) and (d): everything verified with --prefetch, beside the peers.
+    fn bulk(&mut self, set: &Dataset) {
+        eprintln!("b. {}", set.name);
+        let from = self.source().join(set.rel);
+        let ceiling = if set.rel.contains('.') {
+            let runs = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&from))).collect();
+            self.record("b", format!("{}: `ssh HOST cat`", set.name), "s", runs, None);
+            format!("{}: `ssh HOST cat`", set.name)
+        } else {
+            let parent = from.parent().unwrap().to_path_buf();
+            let runs = (0..self.runs)
+                .map(|_| timed(self.ssh().args(["tar", "cf", "-", "-C"]).arg(&parent).arg(set.rel)))
+                .collect();
+            self.record("b", format!("{}: `ssh HOST tar cf - DIR`", set.name), "s", runs, None);
+            format!("{}: `ssh HOST tar cf - DIR`", set.name)
+        };
+
+        let (mut times, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let started = Instant::now();
+            let (mountpoint, _) = self.mount(set, "bulk", &["--prefetch"]);
+            let pid = self.daemon_pid(&mountpoint);
+            run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
+            times.push(started.elapsed().as_secs_f64());
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let hwm_kib: f64 = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+            rss.push(hwm_kib / 1024.0);
+            cpu.push(ticks / 100.0 / (set.bytes as f64 / GIB as f64));
+            self.umount(&mountpoint);
+        }
+        self.record("b", format!("{}: lazyfs --prefetch, until all verified", set.name), "s", times, Some(&ceiling));
+
+        let target = self.path("copy");
+        let key = self.sshd.user_key();
+        let port = self.sshd.port.to_string();
+        let known = format!("UserKnownHostsFile={}", self.sshd.known_hosts().display());
+        let remote = format!("root@127.0.0.1:{}", from.display());
+        let fresh = |target: &Path| {
+            let _ = std::fs::remove_dir_all(target);
+            std::fs::create_dir_all(target).unwrap();
+        };
+        let scp: Vec<f64> = (0..self.runs)
+            .map(|_| {
+                fresh(&target);
+                timed(
+                    Command::new("scp")
+                        .args(["-q", "-r", "-P", &port, "-i"])
+                        .arg(&key)
+                        .args(["-o", &known])
+                        .arg(&remote)
+                        .arg(&target),
+                )
+            })
+            .collect();
+        self.record("b", format!("{}: `scp -r`", set.name), "s", scp, None);
+        if have("rsync") {
+            let ssh = format!("ssh -p {port} -i {} -o {known} -o BatchMode=yes", key.display());
+            let runs = (0..self.runs)
+                .map(|_| {
+                    fresh(&target);
+                    timed(Command::new("rsync").args(["-a", "-e", &ssh]).arg(&remote).arg(&target))
+                })
+                .collect();
+            self.record("b", format!("{}: `rsync -a`", set.name), "s", runs, None);
+        }
+        if have("sshfs") {
+            let mnt = self.path("sshfs");
+            std::fs::create_dir_all(&mnt).unwrap();
+            let runs = (0..self.runs)
+                .map(|_| {
+                    fresh(&target);
+                    let started = Instant::now();
+                    run(Command::new("sshfs")
+                        .arg(format!("root@127.0.0.1:{}", self.source().display()))
+                        .arg(&mnt)
+                        .args(["-p", &port, "-o"])
+                        .arg(format!("IdentityFile={},{known},BatchMode=yes", key.display())));
+                    run(Command::new("cp").arg("-r").arg(mnt.join(set.rel)).arg(&target));
+                    let elapsed = started.elapsed().as_secs_f64();
+                    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+                    elapsed
+                })
+                .collect();
+            self.record("b", format!("{}: `sshfs` + `cp -r`", set.name), "s", runs, None);
+        }
+        self.record("d", format!("{}: daemon peak RSS", set.name), "MiB", rss, None);
+        self.record("d", format!("{}: daemon CPU seconds per GiB", set.name), "s/GiB", cpu, None);
+    }
+
+    /// (c) Sequential reads of the verified 1 GiB file.
+    fn local_reads(&mut self, big: &Dataset) {
+        eprintln!("c. reads of a verified file");
+        let read_all = |path: &Path| -> f64 {
+            drop_caches();
+            let mut file = std::fs::File::open(path).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let started = Instant::now();
+            while file.read(&mut buf).unwrap() > 0 {}
+            (GIB as f64 / (1 << 20) as f64) / started.elapsed().as_secs_f64()
+        };
+        for (tag, extra) in [("passthrough on", &[][..]), ("passthrough off", &["--no-passthrough"][..])] {
+            let (mountpoint, cache) = self.mount(big, "reads", &[&["--prefetch"], extra].concat());
+            run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
+            let spill = lazyfs::store::spill_path(&cache, Path::new("/big/file.bin"));
+            let direct: Vec<f64> = (0..self.runs).map(|_| read_all(&spill)).collect();
+            let through: Vec<f64> = (0..self.runs).map(|_| read_all(&mountpoint.join("big/file.bin"))).collect();
+            let direct_name = format!("read the spill file directly ({tag} run)");
+            self.record("c", direct_name.clone(), "MiB/s", direct, None);
+            self.record("c", format!("read through the mount, {tag}"), "MiB/s", through, Some(&direct_name));
+            self.umount(&mountpoint);
+        }
+    }
+
+    fn report(&self) -> (String, Value) {
+        let mut md = String::from("| | measurement | median | min – max | ratio |\n| --- | --- | --- | --- | --- |\n");
+        let mut rows = Vec::new();
+        for row in &self.rows {
+            let (min, max) = row.runs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let against = row.against.as_ref().and_then(|name| self.rows.iter().find(|r| r.what.trim() == name.trim()));
+            let ratio = against.map(|base| row.median() / base.median());
+            let ratio_text = match (ratio, against) {
+                (Some(r), Some(base)) => format!("{r:.3}x {}", base.what.trim()),
+                _ => String::new(),
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} {} | {} – {} | {ratio_text} |\n",
+                row.group,
+                row.what.trim(),
+                fmt(row.median()),
+                row.unit,
+                fmt(min),
+                fmt(max)
+            ));
+            rows.push(json!({
+                "group": row.group, "measurement": row.what.trim(), "unit": row.unit, "runs": row.runs,
+                "median": row.median(), "min": min, "max": max, "ratio": ratio,
+                "against": against.map(|b| b.what.trim().to_string()),
+            }));
+        }
+        (md, Value::Array(rows))
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores ({cpu}), Linux {}, loopback sshd", kernel.trim())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--wan") {
+        eprintln!("transfer: the --wan profile (two network namespaces and a delaying forwarder) is not built yet");
+        std::process::exit(1);
+    }
+    let runs = if args.iter().any(|a| a == "--quick") { 1 } else { 3 };
+    if nix_is_root() && (!have("rsync") || !have("sshfs")) {
+        let _ = Command::new("apt-get").args(["install", "-y", "-qq", "rsync", "sshfs"]).stdout(Stdio::null()).status();
+    }
+    let mut bench = Bench::new(runs);
+    std::fs::create_dir_all(bench.path("home")).unwrap();
+    eprintln!("making data sets in {}", bench.work.path().display());
+    let sets = bench.make_datasets();
+    bench.first_byte(&sets[0]);
+    for set in &sets {
+        bench.bulk(set);
+    }
+    bench.local_reads(&sets[0]);
+    let (table, json) = bench.report();
+    let header = format!("Measured on {}; {} run(s) each; `cargo bench --bench transfer`.\n\n", machine(), runs);
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("transfer.md"), format!("{header}{table}")).unwrap();
+    let json = json!({ "machine": machine(), "runs": runs, "results": json, "files": sets.iter().map(|s| json!({"dataset": s.name, "files": s.files, "bytes": s.bytes})).collect::<Vec<_>>() });
+    std::fs::write(out_dir.join("transfer.json"), serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    println!("{header}{table}");
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
