@@ -285,14 +285,16 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         // Waiting for everything needs only the totals, cheap enough to poll often.
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
-            let settled = totals.state == "complete" && totals.files_failed == 0;
-            if settled || (totals.files_failed == 0 && !deadline.is_some_and(|d| Instant::now() >= d)) {
-                if settled {
+            if totals.files_failed == 0 {
+                if totals.state == "complete" {
                     return Ok(exit::SUCCESS);
                 }
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+                if deadline.is_none_or(|d| Instant::now() < d) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
             }
+            // A failure or the timeout: the per-file list says which files.
         }
         let status = client.status().map_err(gone)?;
         let selected = select_files(&status, &args.paths, &mountpoint)?;
