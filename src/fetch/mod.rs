@@ -148,6 +148,9 @@ struct FetchState {
     baseline: Option<SourceStat>,
     /// Times the file was fetched again because it changed on the source.
     restarts: u32,
+    /// Every byte came in one SFTP read, which also showed the size matched:
+    /// no mix of versions is possible, so no second look at the source.
+    read_whole: bool,
 }
 
 struct Waiter {
@@ -170,6 +173,7 @@ impl FetchFile {
                 phase,
                 baseline: None,
                 restarts: 0,
+                read_whole: false,
             }),
         }
     }
@@ -239,6 +243,10 @@ impl FetchFile {
         for waiter in failed {
             (waiter.done)(Err(error.clone()));
         }
+    }
+
+    fn mark_read_whole(&self) {
+        self.lock().read_whole = true;
     }
 
     /// Chunks neither present nor being fetched.

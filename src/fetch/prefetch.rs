@@ -266,7 +266,10 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
                 message: lost.to_string(),
             })),
             (Ok(()), Err(e)) => Err(FetchFailure::Source(e)),
-            (Ok(()), Ok(())) => check_against_manifest(link, file, all.clone()),
+            (Ok(()), Ok(())) => {
+                file.mark_read_whole();
+                check_against_manifest(link, file, all.clone())
+            }
         };
         shared.finish(index, all, Lane::Prefetch, result);
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
 use super::{Phase, Shared, lane::Link};
-use crate::source::{Source, SourceError};
+use crate::source::{Source, SourceError, SourceStat};
 
 pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<usize>) {
     std::thread::Builder::new()
@@ -31,8 +31,16 @@ fn verify(link: &mut Link, shared: &Shared, index: usize) {
         Some(expected) => (expected.whole, "manifest"),
         None => {
             let size = file.spill.len();
-            let baseline = file.lock().baseline;
-            match link.with_retry(|connection| connection.stat(&file.source_path)) {
+            let (baseline, read_whole) = {
+                let state = file.lock();
+                (state.baseline, state.read_whole)
+            };
+            let second_look = if read_whole {
+                Ok(SourceStat { size, mtime: baseline.map_or(0, |b| b.mtime) })
+            } else {
+                link.with_retry(|connection| connection.stat(&file.source_path))
+            };
+            match second_look {
                 Ok(now) if now.size != size => {
                     let message = format!(
                         "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",

@@ -64,6 +64,8 @@ pub enum SourceError {
     NotFound { path: PathBuf },
     #[error("{}: the source file ends at byte {end}, before the {wanted} bytes asked for (changed since the checkpoint?)", path.display())]
     Short { path: PathBuf, end: u64, wanted: u64 },
+    #[error("{}: the source file is longer than the {size} bytes the images record: changed since the checkpoint", path.display())]
+    Longer { path: PathBuf, size: u64 },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot connect to {addr}: {source}")]

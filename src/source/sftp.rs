@@ -44,6 +44,8 @@ pub enum SftpError {
     Status { code: u32, message: String },
     /// The file ended at `end` before the bytes asked for.
     Short { end: u64 },
+    /// The file is longer than the bytes asked for (read whole).
+    Longer,
     /// The channel or the protocol broke: the connection is unusable.
     Broken(String),
 }
@@ -369,7 +371,9 @@ impl Sftp {
                         steps.insert(id, Step::Closing);
                     } else {
                         // Small files are read in one request each.
-                        let id = self.read_request(&handle, 0, files[i].buf.len() as u64);
+                        // One byte more than recorded: a file that grew says so
+                        // in the same reply, with no STAT round trip.
+                        let id = self.read_request(&handle, 0, files[i].buf.len() as u64 + 1);
                         steps.insert(id, Step::Reading(i));
                         reads_left[i] = 1;
                     }
@@ -383,6 +387,7 @@ impl Sftp {
                     reads_left[i] -= 1;
                     match reply {
                         Reply::Data(got) if got == files[i].buf.len() => {}
+                        Reply::Data(got) if got > files[i].buf.len() => files[i].result = Err(SftpError::Longer),
                         Reply::Data(got) => files[i].result = Err(SftpError::Short { end: got as u64 }),
                         Reply::Status { code: FX_EOF, .. } => files[i].result = Err(SftpError::Short { end: 0 }),
                         Reply::Status { code, message } => files[i].result = Err(SftpError::Status { code, message }),

@@ -201,6 +201,7 @@ impl SshConnection {
                 source: std::io::Error::other(format!("SFTP status {code}: {message}")),
             },
             SftpError::Short { end } => SourceError::Short { path: path.to_path_buf(), end, wanted },
+            SftpError::Longer => SourceError::Longer { path: path.to_path_buf(), size: wanted },
             SftpError::Broken(message) => SourceError::Session { host: self.host.clone(), message },
         }
     }
