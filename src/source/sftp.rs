@@ -91,11 +91,9 @@ enum Reply {
 }
 
 impl Sftp {
-    /// Starts the `sftp` subsystem on a new channel of `session`.
-    pub fn start(session: &ssh2::Session) -> Result<Sftp, SftpError> {
-        let broken = |e: ssh2::Error| SftpError::Broken(e.to_string());
-        let mut channel = session.channel_session().map_err(broken)?;
-        channel.subsystem("sftp").map_err(broken)?;
+    /// Starts the `sftp` subsystem on `channel`, a new session channel.
+    pub fn start(mut channel: ssh2::Channel) -> Result<Sftp, SftpError> {
+        channel.subsystem("sftp").map_err(|e| SftpError::Broken(e.to_string()))?;
         let mut sftp = Sftp { channel, next_id: 1, out: Vec::new() };
         // INIT carries the version where other requests carry an id.
         sftp.out.extend_from_slice(&5u32.to_be_bytes());
