@@ -406,7 +406,7 @@ impl Bench {
             let against = row.against.as_ref().and_then(|name| self.rows.iter().find(|r| r.what.trim() == name.trim()));
             let ratio = against.map(|base| row.median() / base.median());
             let ratio_text = match (ratio, against) {
-                (Some(r), Some(base)) => format!("{r:.3}x {}", base.what.trim()),
+                (Some(r), Some(base)) => format!("{}x {}", fmt(r), base.what.trim()),
                 _ => String::new(),
             };
             md.push_str(&format!(
@@ -454,6 +454,12 @@ fn machine() -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // `cargo test --all-targets` runs this binary without `--bench`: a
+    // benchmark is not a test, so it only says how to run it.
+    if !args.iter().any(|a| a == "--bench") {
+        println!("transfer: a benchmark; run it with `cargo bench --bench transfer`");
+        return;
+    }
     if args.iter().any(|a| a == "--wan") {
         eprintln!("transfer: the --wan profile (two network namespaces and a delaying forwarder) is not built yet");
         std::process::exit(1);
