@@ -7,11 +7,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::{FetchFailure, FetchFile, Lane, Shared, check_against_manifest, fetch_checked, lane::Link};
 use crate::source::{Source, SourceError};
 
-/// Files up to this size are fetched many at a time, whole.
-const SMALL_FILE: u64 = 256 << 10;
-/// Small files in one pipeline, and their bytes at most.
+/// Files up to this size are fetched many at a time, whole: below a few MiB,
+/// the round trips per file (open, read, close) cost more than the bytes.
+const SMALL_FILE: u64 = 4 << 20;
+/// Files in one pipeline, and their bytes at most (they pass through one buffer).
 const BATCH_FILES: usize = 256;
-const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_BYTES: u64 = 16 << 20;
 
 /// Chunks a worker claims and fetches at once (4 MiB): one window is one full
 /// SFTP pipeline, so the link stays busy; a reader waiting for a chunk in a
@@ -234,8 +235,7 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
     }
 }
 
-/// Fetches whole small files in one pipeline: small files are where a round
-/// trip per file (open, read, close) costs more than their bytes.
+/// Fetches whole small files in one pipeline.
 fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
     let mut whole: Vec<usize> = Vec::new();
     for &index in batch {

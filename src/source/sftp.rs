@@ -32,8 +32,10 @@ const FXF_READ: u32 = 1;
 const REQUEST: u64 = 256 << 10;
 /// READs in flight at once per pipeline: 4 MiB, enough for a 1 Gbit/s link at 20 ms RTT.
 const DEPTH: usize = 16;
-/// Files opened at once when many small files are read together.
+/// Files opened at once when many files are read together, and READs in
+/// flight per file then.
 const FILES_IN_FLIGHT: usize = 64;
+const DEPTH_PER_FILE: usize = 4;
 /// No SFTP reply lazyfs asks for is larger (a DATA of REQUEST bytes and its header).
 const MAX_PACKET: usize = 1 << 20;
 
@@ -332,17 +334,25 @@ impl Sftp {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Reads many whole small files at once: the OPEN of the next files, the
-    /// READs of those open, and the CLOSEs of those done all overlap.
+    /// Reads many whole files at once: the OPEN of the next files, the READs
+    /// of those open (several per file), and the CLOSEs of those done all
+    /// overlap. Each file is read one byte past its expected size, so a file
+    /// that grew says so in the same replies, without a STAT.
     pub fn read_files(&mut self, files: &mut [FileRead<'_>]) -> Result<(), SftpError> {
         enum Step {
             Opening(usize),
-            Reading(usize),
+            /// File, start, bytes asked.
+            Reading(usize, u64, u64),
             Closing,
         }
+        struct Progress {
+            handle: Option<Vec<u8>>,
+            /// Bytes asked for so far (up to size + 1).
+            asked: u64,
+            reads: usize,
+        }
         let mut steps: HashMap<u32, Step> = HashMap::new();
-        let mut handles: Vec<Option<Vec<u8>>> = vec![None; files.len()];
-        let mut reads_left: Vec<usize> = vec![0; files.len()];
+        let mut progress: Vec<Progress> = files.iter().map(|_| Progress { handle: None, asked: 0, reads: 0 }).collect();
         let mut next_file = 0;
         let mut open_files = 0;
         loop {
@@ -357,48 +367,75 @@ impl Sftp {
             }
             self.flush()?;
             let (id, reply) = self.reply(|id| match steps.get(&id) {
-                Some(Step::Reading(i)) => Some(&mut *files[*i].buf),
+                Some(&Step::Reading(i, start, len)) => {
+                    let buf = &mut *files[i].buf;
+                    let end = (start + len).min(buf.len() as u64) as usize;
+                    Some(&mut buf[start as usize..end])
+                }
                 _ => None,
             })?;
             let step =
                 steps.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
-            match (step, reply) {
-                (Step::Opening(i), Reply::Handle(handle)) => {
-                    if files[i].buf.is_empty() {
-                        let id = self.close_request(&handle);
-                        steps.insert(id, Step::Closing);
-                    } else {
-                        // Small files are read in one request each.
-                        // One byte more than recorded: a file that grew says so
-                        // in the same reply, with no STAT round trip.
-                        let id = self.read_request(&handle, 0, files[i].buf.len() as u64 + 1);
-                        steps.insert(id, Step::Reading(i));
-                        reads_left[i] = 1;
-                    }
-                    handles[i] = Some(handle);
-                }
-                (Step::Opening(i), Reply::Status { code, message }) => {
-                    files[i].result = Err(SftpError::Status { code, message });
+            let file = match step {
+                Step::Closing => {
                     open_files -= 1;
+                    continue;
                 }
-                (Step::Reading(i), reply) => {
-                    reads_left[i] -= 1;
+                Step::Opening(i) => {
                     match reply {
-                        Reply::Data(got) if got == files[i].buf.len() => {}
-                        Reply::Data(got) if got > files[i].buf.len() => files[i].result = Err(SftpError::Longer),
-                        Reply::Data(got) => files[i].result = Err(SftpError::Short { end: got as u64 }),
-                        Reply::Status { code: FX_EOF, .. } => files[i].result = Err(SftpError::Short { end: 0 }),
+                        Reply::Handle(handle) => progress[i].handle = Some(handle),
+                        Reply::Status { code, message } => {
+                            files[i].result = Err(SftpError::Status { code, message });
+                            open_files -= 1;
+                            continue;
+                        }
+                        _ => return Err(SftpError::Broken("unexpected reply to OPEN".into())),
+                    }
+                    i
+                }
+                Step::Reading(i, start, len) => {
+                    progress[i].reads -= 1;
+                    let size = files[i].buf.len() as u64;
+                    match reply {
+                        // Past the expected end: the file grew.
+                        Reply::Data(got) if start + got as u64 > size => files[i].result = Err(SftpError::Longer),
+                        Reply::Data(got) if (got as u64) < len && start + (got as u64) < size && got > 0 => {
+                            // A short answer inside the file: ask for the rest.
+                            let (rest, left) = (start + got as u64, len - got as u64);
+                            let handle = progress[i].handle.clone().expect("open");
+                            let id = self.read_request(&handle, rest, left);
+                            steps.insert(id, Step::Reading(i, rest, left));
+                            progress[i].reads += 1;
+                        }
+                        Reply::Data(got) if start + (got as u64) < size && (got as u64) < len => {
+                            files[i].result = Err(SftpError::Short { end: start + got as u64 });
+                        }
+                        Reply::Data(_) => {}
+                        Reply::Status { code: FX_EOF, .. } if start >= size => {}
+                        Reply::Status { code: FX_EOF, .. } => files[i].result = Err(SftpError::Short { end: start }),
                         Reply::Status { code, message } => files[i].result = Err(SftpError::Status { code, message }),
                         _ => return Err(SftpError::Broken("unexpected reply to READ".into())),
                     }
-                    if reads_left[i] == 0 {
-                        let handle = handles[i].take().expect("open");
-                        let id = self.close_request(&handle);
-                        steps.insert(id, Step::Closing);
-                    }
+                    i
                 }
-                (Step::Closing, _) => open_files -= 1,
-                (Step::Opening(_), _) => return Err(SftpError::Broken("unexpected reply to OPEN".into())),
+            };
+            // Keep up to DEPTH_PER_FILE reads in flight for this file, then close it.
+            let size = files[file].buf.len() as u64;
+            let handle = progress[file].handle.clone().expect("open");
+            while files[file].result.is_ok() && progress[file].reads < DEPTH_PER_FILE && progress[file].asked < size + 1
+            {
+                let start = progress[file].asked;
+                let len = REQUEST.min(size + 1 - start);
+                let id = self.read_request(&handle, start, len);
+                steps.insert(id, Step::Reading(file, start, len));
+                progress[file].asked += len;
+                progress[file].reads += 1;
+            }
+            let finished = progress[file].reads == 0 && (files[file].result.is_err() || progress[file].asked > size);
+            if finished && progress[file].handle.is_some() {
+                let handle = progress[file].handle.take().expect("open");
+                let id = self.close_request(&handle);
+                steps.insert(id, Step::Closing);
             }
         }
     }

@@ -1,9 +1,10 @@
-//! A real OpenSSH server for one test: its own port on 127.0.0.1, throw-away
+//! A real OpenSSH server for one test: its own port on 127.0.0.1 (or an address
+//! in a network namespace the benchmark made), throw-away
 //! host and user keys in a temporary directory, stopped by its PID.
 //! (Shared by the tests and `benches/transfer.rs`, which each use a part.)
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct Sshd {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    addr: String,
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -29,6 +32,12 @@ fn free_port() -> u16 {
 
 impl Sshd {
     pub fn start() -> Sshd {
+        Self::start_at("127.0.0.1", None)
+    }
+
+    /// An sshd listening on `addr`, inside network namespace `netns` if given
+    /// (the benchmark's WAN profile).
+    pub fn start_at(addr: &str, netns: Option<&str>) -> Sshd {
         let dir = tempfile::Builder::new().prefix("lazyfs-sshd").tempdir().unwrap();
         let d = dir.path();
         keygen(&d.join("host_ed25519"), "ed25519");
@@ -36,11 +45,11 @@ impl Sshd {
         std::fs::copy(d.join("user_ed25519.pub"), d.join("authorized_keys")).unwrap();
         // sshd refuses to start without its privilege separation directory.
         std::fs::create_dir_all("/run/sshd").unwrap();
-        let mut sshd = Sshd { dir, port: 0, child: None };
+        let mut sshd = Sshd { dir, port: 0, addr: addr.to_string(), netns: netns.map(String::from), child: None };
         sshd.launch();
         let host_key = std::fs::read_to_string(sshd.dir.path().join("host_ed25519.pub")).unwrap();
         let mut fields = host_key.split_whitespace();
-        let line = format!("[127.0.0.1]:{} {} {}\n", sshd.port, fields.next().unwrap(), fields.next().unwrap());
+        let line = format!("[{addr}]:{} {} {}\n", sshd.port, fields.next().unwrap(), fields.next().unwrap());
         std::fs::write(sshd.known_hosts(), line).unwrap();
         sshd
     }
@@ -50,36 +59,57 @@ impl Sshd {
         for _attempt in 0..5 {
             let port = free_port();
             let config = format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+                "Port {port}\nListenAddress {addr}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n\
                  MaxStartups 200\nMaxSessions 200\nLogLevel ERROR\n",
+                addr = self.addr,
                 d = d.display()
             );
             std::fs::write(d.join("sshd_config"), config).unwrap();
-            let child = Command::new("/usr/sbin/sshd")
-                .args(["-D", "-e", "-f"])
-                .arg(d.join("sshd_config"))
-                .stdin(Stdio::null())
-                .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
-                .spawn()
-                .expect("sshd (openssh-server) is needed: scripts/setup installs it");
-            self.child = Some(child);
             self.port = port;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return;
-                }
-                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                    eprintln!("sshd on port {port} exited ({status}): retrying on another port");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if self.spawn() {
+                return;
             }
-            self.stop();
+            eprintln!("sshd on port {port} did not start: retrying on another port");
         }
         panic!("sshd did not start: {}", std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default());
+    }
+
+    /// Starts sshd with the current config; true once it listens (it writes
+    /// its pid file then).
+    fn spawn(&mut self) -> bool {
+        let d = self.dir.path().to_path_buf();
+        let pid_file = d.join("sshd.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, "/usr/sbin/sshd"]);
+                command
+            }
+            None => Command::new("/usr/sbin/sshd"),
+        };
+        let child = command
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("sshd (openssh-server) is needed: scripts/setup installs it");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if pid_file.exists() {
+                return true;
+            }
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.stop();
+        false
     }
 
     pub fn user_key(&self) -> PathBuf {
@@ -91,7 +121,7 @@ impl Sshd {
     }
 
     pub fn target(&self) -> String {
-        format!("{}@127.0.0.1:{}", whoami(), self.port)
+        format!("{}@{}:{}", whoami(), self.addr, self.port)
     }
 
     /// Stops the listener and every session it started: they are its children.
@@ -110,21 +140,7 @@ impl Sshd {
     /// Starts sshd again on the same port, with the same keys.
     pub fn restart(&mut self) {
         self.stop();
-        let port = self.port;
-        let d = self.dir.path().to_path_buf();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not come back on port {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(self.spawn(), "sshd did not come back on port {}", self.port);
     }
 }
 

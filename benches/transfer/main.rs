@@ -13,10 +13,12 @@
 //!   c. sequential reads of a verified file through the mount beside reading
 //!      its spill file directly, passthrough on and off (page cache dropped);
 //!   d. the daemon's peak RSS and CPU seconds per GiB during (b).
-//! Writes a markdown table to stdout and `target/bench/transfer.{md,json}`.
+//! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`).
+//! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
-#[path = "../tests/common/sshd.rs"]
+#[path = "../../tests/common/sshd.rs"]
 mod sshd;
+mod wan;
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -57,7 +59,9 @@ impl Row {
 }
 
 struct Bench {
+    /// Dropped before `wan`: sshd stops before its namespace goes.
     sshd: Sshd,
+    wan: Option<wan::Wan>,
     work: tempfile::TempDir,
     lazyfs: PathBuf,
     runs: usize,
@@ -102,10 +106,26 @@ fn have(program: &str) -> bool {
 }
 
 impl Bench {
-    fn new(runs: usize) -> Bench {
-        let sshd = Sshd::start();
+    fn new(runs: usize, wan: Option<wan::Wan>) -> Bench {
+        let sshd = match &wan {
+            Some(wan) => Sshd::start_at(wan::SERVER_ADDR, Some(&wan.server_ns)),
+            None => Sshd::start(),
+        };
         let work = tempfile::Builder::new().prefix("lazyfs-bench").tempdir().unwrap();
-        Bench { sshd, work, lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), runs, rows: Vec::new() }
+        Bench { sshd, wan, work, lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), runs, rows: Vec::new() }
+    }
+
+    /// A program that talks to the source: in the client's namespace under --wan.
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.wan {
+            Some(wan) => wan.client(program.as_ref().to_str().expect("a UTF-8 program path")),
+            None => Command::new(program),
+        }
+    }
+
+    /// `user@host` of the test's sshd.
+    fn host(&self) -> String {
+        self.sshd.target().rsplit_once(':').expect("host:port").0.to_string()
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -117,18 +137,19 @@ impl Bench {
     }
 
     fn ssh(&self) -> Command {
-        let mut command = Command::new("ssh");
+        let mut command = self.cmd("ssh");
         command
             .args(["-p", &self.sshd.port.to_string(), "-i"])
             .arg(self.sshd.user_key())
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.sshd.known_hosts().display()))
-            .args(["-o", "BatchMode=yes", "root@127.0.0.1"]);
+            .args(["-o", "BatchMode=yes"])
+            .arg(self.host());
         command
     }
 
     fn lazyfs(&self) -> Command {
-        let mut command = Command::new(&self.lazyfs);
+        let mut command = self.cmd(&self.lazyfs);
         command
             .env("HOME", self.path("home"))
             .env("LAZYFS_RUNTIME_DIR", self.path("runtime"))
@@ -238,24 +259,19 @@ impl Bench {
             drop(file);
             self.umount(&mountpoint);
         }
-        let overrides = lazyfs::source::SshOverrides {
-            identities: vec![self.sshd.user_key()],
-            known_hosts: Some(self.sshd.known_hosts()),
-            ..Default::default()
+        let (target, key, known, home, root, runs) = (
+            self.sshd.target(),
+            self.sshd.user_key(),
+            self.sshd.known_hosts(),
+            self.path("home"),
+            self.source(),
+            self.runs.max(5),
+        );
+        let measure = move || one_sftp_read(&target, key, known, &home, &root, middle, runs);
+        let one_read = match &self.wan {
+            Some(wan) => wan.in_client(measure),
+            None => measure(),
         };
-        let spec =
-            lazyfs::source::SourceSpec::parse(&self.sshd.target(), &overrides, Some(&self.path("home"))).unwrap();
-        let source = lazyfs::source::open(&spec, &self.source()).unwrap();
-        let mut connection = source.connect().unwrap();
-        let mut one_read = Vec::new();
-        let path = Path::new("/big/file.bin");
-        for i in 0..self.runs.max(5) {
-            let mut buf = [0u8; 4096];
-            connection.read_exact_at(path, 4096 * (i as u64 + 1), &mut buf).unwrap(); // the handle is open
-            let started = Instant::now();
-            connection.read_exact_at(path, middle, &mut buf).unwrap();
-            one_read.push(started.elapsed().as_secs_f64());
-        }
         let file = self.source().join("big/file.bin");
         let cat: Vec<f64> = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&file))).collect();
         self.record("a", "one SFTP read of those 4 KiB, open session", "s", one_read, None);
@@ -321,16 +337,18 @@ impl Bench {
         let key = self.sshd.user_key();
         let port = self.sshd.port.to_string();
         let known = format!("UserKnownHostsFile={}", self.sshd.known_hosts().display());
-        let remote = format!("root@127.0.0.1:{}", from.display());
+        let remote = format!("{}:{}", self.host(), from.display());
         let fresh = |target: &Path| {
             let _ = std::fs::remove_dir_all(target);
             std::fs::create_dir_all(target).unwrap();
         };
-        let scp: Vec<f64> = (0..self.runs)
+        // Over the WAN, scp and sshfs pay round trips per small file: minutes a run.
+        let slow_peers = self.wan.is_some() && set.files > 1000;
+        let scp: Vec<f64> = (0..if slow_peers { 0 } else { self.runs })
             .map(|_| {
                 fresh(&target);
                 timed(
-                    Command::new("scp")
+                    self.cmd("scp")
                         .args(["-q", "-r", "-P", &port, "-i"])
                         .arg(&key)
                         .args(["-o", &known])
@@ -339,26 +357,29 @@ impl Bench {
                 )
             })
             .collect();
-        self.record("b", format!("{}: `scp -r`", set.name), "s", scp, None);
+        if !scp.is_empty() {
+            self.record("b", format!("{}: `scp -r`", set.name), "s", scp, None);
+        }
         if have("rsync") {
             let ssh = format!("ssh -p {port} -i {} -o {known} -o BatchMode=yes", key.display());
             let runs = (0..self.runs)
                 .map(|_| {
                     fresh(&target);
-                    timed(Command::new("rsync").args(["-a", "-e", &ssh]).arg(&remote).arg(&target))
+                    timed(self.cmd("rsync").args(["-a", "-e", &ssh]).arg(&remote).arg(&target))
                 })
                 .collect();
             self.record("b", format!("{}: `rsync -a`", set.name), "s", runs, None);
         }
-        if have("sshfs") {
+        if have("sshfs") && !slow_peers {
             let mnt = self.path("sshfs");
             std::fs::create_dir_all(&mnt).unwrap();
             let runs = (0..self.runs)
                 .map(|_| {
                     fresh(&target);
                     let started = Instant::now();
-                    run(Command::new("sshfs")
-                        .arg(format!("root@127.0.0.1:{}", self.source().display()))
+                    run(self
+                        .cmd("sshfs")
+                        .arg(format!("{}:{}", self.host(), self.source().display()))
                         .arg(&mnt)
                         .args(["-p", &port, "-o"])
                         .arg(format!("IdentityFile={},{known},BatchMode=yes", key.display())));
@@ -460,15 +481,14 @@ fn main() {
         println!("transfer: a benchmark; run it with `cargo bench --bench transfer`");
         return;
     }
-    if args.iter().any(|a| a == "--wan") {
-        eprintln!("transfer: the --wan profile (two network namespaces and a delaying forwarder) is not built yet");
-        std::process::exit(1);
-    }
+    let wan = args.iter().any(|a| a == "--wan");
     let runs = if args.iter().any(|a| a == "--quick") { 1 } else { 3 };
     if nix_is_root() && (!have("rsync") || !have("sshfs")) {
         let _ = Command::new("apt-get").args(["install", "-y", "-qq", "rsync", "sshfs"]).stdout(Stdio::null()).status();
     }
-    let mut bench = Bench::new(runs);
+    // 20 ms round trip, 1 Gbit/s.
+    let profile = wan.then(|| wan::Wan::start(std::time::Duration::from_millis(20), 125e6));
+    let mut bench = Bench::new(runs, profile);
     std::fs::create_dir_all(bench.path("home")).unwrap();
     eprintln!("making data sets in {}", bench.work.path().display());
     let sets = bench.make_datasets();
@@ -476,15 +496,54 @@ fn main() {
     for set in &sets {
         bench.bulk(set);
     }
-    bench.local_reads(&sets[0]);
+    // Reads of verified files do not touch the network: loopback runs only.
+    if !wan {
+        bench.local_reads(&sets[0]);
+    }
     let (table, json) = bench.report();
-    let header = format!("Measured on {}; {} run(s) each; `cargo bench --bench transfer`.\n\n", machine(), runs);
+    let link = if wan { "WAN profile: 20 ms RTT, 1 Gbit/s through two network namespaces" } else { "loopback sshd" };
+    let header = format!(
+        "Measured on {}, {link}; {runs} run(s) each; `cargo bench --bench transfer{}`.\n\n",
+        machine(),
+        if wan { " -- --wan" } else { "" }
+    );
+    let name = if wan { "transfer-wan" } else { "transfer" };
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
-    std::fs::write(out_dir.join("transfer.md"), format!("{header}{table}")).unwrap();
-    let json = json!({ "machine": machine(), "runs": runs, "results": json, "files": sets.iter().map(|s| json!({"dataset": s.name, "files": s.files, "bytes": s.bytes})).collect::<Vec<_>>() });
-    std::fs::write(out_dir.join("transfer.json"), serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    std::fs::write(out_dir.join(format!("{name}.md")), format!("{header}{table}")).unwrap();
+    let files: Vec<Value> =
+        sets.iter().map(|s| json!({"dataset": s.name, "files": s.files, "bytes": s.bytes})).collect();
+    let json = json!({ "machine": machine(), "link": link, "runs": runs, "results": json, "datasets": files });
+    std::fs::write(out_dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&json).unwrap()).unwrap();
     println!("{header}{table}");
+}
+
+/// Times one 4 KiB SFTP read at `offset` on an open session (its handle
+/// opened by a read just before).
+fn one_sftp_read(
+    target: &str,
+    key: PathBuf,
+    known: PathBuf,
+    home: &Path,
+    root: &Path,
+    offset: u64,
+    runs: usize,
+) -> Vec<f64> {
+    let overrides =
+        lazyfs::source::SshOverrides { identities: vec![key], known_hosts: Some(known), ..Default::default() };
+    let spec = lazyfs::source::SourceSpec::parse(target, &overrides, Some(home)).unwrap();
+    let source = lazyfs::source::open(&spec, root).unwrap();
+    let mut connection = source.connect().unwrap();
+    let path = Path::new("/big/file.bin");
+    (0..runs)
+        .map(|i| {
+            let mut buf = [0u8; 4096];
+            connection.read_exact_at(path, 4096 * (i as u64 + 1), &mut buf).unwrap();
+            let started = Instant::now();
+            connection.read_exact_at(path, offset, &mut buf).unwrap();
+            started.elapsed().as_secs_f64()
+        })
+        .collect()
 }
 
 fn nix_is_root() -> bool {
