@@ -12,7 +12,7 @@ use crate::source::{Source, SourceError};
 const SMALL_FILE: u64 = 4 << 20;
 /// Files in one pipeline, and their bytes at most (they pass through one buffer).
 const BATCH_FILES: usize = 256;
-const BATCH_BYTES: u64 = 16 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
 
 /// Chunks a worker claims and fetches at once (4 MiB): one window is one full
 /// SFTP pipeline, so the link stays busy; a reader waiting for a chunk in a
