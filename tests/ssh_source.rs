@@ -62,12 +62,7 @@ fn unknown_host_key_is_refused_unless_accepted() {
 fn changed_host_key_is_always_refused() {
     let sshd = Sshd::start();
     let other = sshd.dir.path().join("other");
-    let status = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&other)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::sshd::keygen(&other, "ed25519");
     let pubkey = std::fs::read_to_string(other.with_extension("pub")).unwrap();
     let mut fields = pubkey.split_whitespace();
     let kh = sshd.dir.path().join("changed_known_hosts");
@@ -84,12 +79,7 @@ fn changed_host_key_is_always_refused() {
 fn wrong_key_fails_authentication_with_what_was_tried() {
     let sshd = Sshd::start();
     let stranger = sshd.dir.path().join("stranger");
-    let status = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&stranger)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::sshd::keygen(&stranger, "ed25519");
     let mut o = overrides(&sshd);
     o.identities = vec![stranger.clone()];
     let err = open(&sshd, o, Path::new("/")).err().expect("refused");

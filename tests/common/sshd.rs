@@ -17,7 +17,8 @@ pub struct Sshd {
     child: Option<Child>,
 }
 
-fn keygen(path: &Path, kind: &str) {
+/// Makes a throw-away key pair at `path` and `path.pub`.
+pub fn keygen(path: &Path, kind: &str) {
     let status = Command::new("ssh-keygen")
         .args(["-q", "-t", kind, "-N", "", "-C", "lazyfs-test", "-f"])
         .arg(path)
