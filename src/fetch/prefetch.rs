@@ -243,6 +243,16 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
         if file.phase().is_settled() || file.spill.is_complete() {
             continue;
         }
+        // A file read in more than one request could mix versions if it
+        // changes meanwhile: note its size and mtime first, for the verifier.
+        if file.spill.len() > crate::source::ONE_READ {
+            if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
+                log::warn!("{e}");
+            }
+            if file.phase().is_settled() {
+                continue;
+            }
+        }
         let all = 0..file.spill.chunk_count();
         let runs = file.claim(all.clone());
         if runs == [all] {
@@ -267,7 +277,9 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
             })),
             (Ok(()), Err(e)) => Err(FetchFailure::Source(e)),
             (Ok(()), Ok(())) => {
-                file.mark_read_whole();
+                if file.spill.len() <= crate::source::ONE_READ {
+                    file.mark_read_whole();
+                }
                 check_against_manifest(link, file, all.clone())
             }
         };

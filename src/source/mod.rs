@@ -15,6 +15,10 @@ pub use local::LocalSource;
 pub use spec::{SourceSpec, SshOptions, SshOverrides};
 pub use ssh::SshSource;
 
+/// Files up to this size are read by one request (SFTP READ), so their bytes
+/// are one snapshot of the file.
+pub const ONE_READ: u64 = sftp::REQUEST;
+
 /// What the source says of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceStat {

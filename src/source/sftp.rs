@@ -29,7 +29,7 @@ const FX_NO_SUCH_FILE: u32 = 2;
 const FXF_READ: u32 = 1;
 
 /// Bytes asked for by one READ: OpenSSH's sftp-server answers up to 256 KiB.
-const REQUEST: u64 = 256 << 10;
+pub const REQUEST: u64 = 256 << 10;
 /// READs in flight at once per pipeline: 4 MiB, enough for a 1 Gbit/s link at 20 ms RTT.
 const DEPTH: usize = 16;
 /// Files opened at once when many files are read together, and READs in
