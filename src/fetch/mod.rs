@@ -355,11 +355,25 @@ impl Shared {
     /// The first look at the source's file: its size must be what the images
     /// record. Keeps the size and mtime to compare with after the transfer.
     fn check_baseline(&self, index: usize, connection: &mut dyn Connection) -> Result<(), SourceError> {
-        let file = &self.files[index];
-        if file.expected.is_some() || file.lock().baseline.is_some() {
+        if !self.needs_baseline(index) {
             return Ok(());
         }
-        let stat = connection.stat(&file.source_path)?;
+        let stat = connection.stat(&self.files[index].source_path)?;
+        self.set_baseline(index, stat);
+        Ok(())
+    }
+
+    /// Whether the file still needs its first look at the source (with a
+    /// manifest, the chunk hashes say everything).
+    fn needs_baseline(&self, index: usize) -> bool {
+        let file = &self.files[index];
+        file.expected.is_none() && file.lock().baseline.is_none()
+    }
+
+    /// The first look: the size must be what the images record; the size and
+    /// mtime are kept to compare with after the transfer.
+    fn set_baseline(&self, index: usize, stat: SourceStat) {
+        let file = &self.files[index];
         let size = file.spill.chunk_bytes(0..file.spill.chunk_count()).end;
         if stat.size != size {
             let message = format!(
@@ -369,10 +383,9 @@ impl Shared {
             );
             log::error!("{message}");
             file.fail(0..0, &FetchError::new(message), true);
-            return Ok(());
+            return;
         }
         file.lock().baseline.get_or_insert(stat);
-        Ok(())
     }
 }
 

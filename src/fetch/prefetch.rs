@@ -237,21 +237,33 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
 
 /// Fetches whole small files in one pipeline.
 fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
+    // A file read in more than one request could mix versions if it changes
+    // meanwhile: note the sizes and mtimes of those first (one pipeline), for
+    // the verifier to compare with after.
+    let first_looks: Vec<usize> = batch
+        .iter()
+        .copied()
+        .filter(|&i| shared.files[i].spill.len() > crate::source::ONE_READ && shared.needs_baseline(i))
+        .collect();
+    if !first_looks.is_empty() {
+        let paths: Vec<&std::path::Path> = first_looks.iter().map(|&i| shared.files[i].source_path.as_path()).collect();
+        match link.with_retry(|connection| connection.stat_many(&paths)) {
+            Ok(stats) => {
+                for (&index, stat) in first_looks.iter().zip(stats) {
+                    match stat {
+                        Ok(stat) => shared.set_baseline(index, stat),
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+            }
+            Err(e) => log::warn!("{e}"),
+        }
+    }
     let mut whole: Vec<usize> = Vec::new();
     for &index in batch {
         let file = &shared.files[index];
         if file.phase().is_settled() || file.spill.is_complete() {
             continue;
-        }
-        // A file read in more than one request could mix versions if it
-        // changes meanwhile: note its size and mtime first, for the verifier.
-        if file.spill.len() > crate::source::ONE_READ {
-            if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
-                log::warn!("{e}");
-            }
-            if file.phase().is_settled() {
-                continue;
-            }
         }
         let all = 0..file.spill.chunk_count();
         let runs = file.claim(all.clone());

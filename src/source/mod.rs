@@ -41,6 +41,19 @@ pub trait Connection: Send {
     /// Fills `buf` with the bytes at `offset`; a file too short for that is an error.
     fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 
+    /// Stats many files; over SSH in one pipeline. The error returned means
+    /// the connection itself failed.
+    fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
+        let mut stats = Vec::with_capacity(paths.len());
+        for path in paths {
+            match self.stat(path) {
+                Err(e) if e.is_connection_lost() => return Err(e),
+                other => stats.push(other),
+            }
+        }
+        Ok(stats)
+    }
+
     /// Reads many whole small files, each into its buffer, setting each
     /// one's result. Over SSH this is one pipeline instead of a round trip per
     /// step; the error returned means the connection itself failed.

@@ -64,6 +64,9 @@ impl From<std::io::Error> for SftpError {
     }
 }
 
+/// Size and mtime, or why not.
+pub type StatResult = Result<(u64, u32), SftpError>;
+
 /// One file of a batched read: read `buf.len()` bytes from the start of `path`.
 pub struct FileRead<'a> {
     pub path: &'a Path,
@@ -260,6 +263,30 @@ impl Sftp {
             Reply::Status { code, message } => Err(SftpError::Status { code, message }),
             _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
         }
+    }
+
+    /// Size and mtime of each of `paths`, the STATs pipelined.
+    pub fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<StatResult>, SftpError> {
+        let mut results: Vec<Option<StatResult>> = paths.iter().map(|_| None).collect();
+        let mut in_flight: HashMap<u32, usize> = HashMap::new();
+        let mut next = 0;
+        while next < paths.len() || !in_flight.is_empty() {
+            while in_flight.len() < FILES_IN_FLIGHT && next < paths.len() {
+                let name = Self::string(paths[next].as_os_str().as_bytes());
+                in_flight.insert(self.request(STAT, &[&name]), next);
+                next += 1;
+            }
+            self.flush()?;
+            let (id, reply) = self.reply(|_| None)?;
+            let index =
+                in_flight.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
+            results[index] = Some(match reply {
+                Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
+                Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+                _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
+            });
+        }
+        Ok(results.into_iter().map(|r| r.expect("every request answered")).collect())
     }
 
     pub fn open(&mut self, path: &Path) -> Result<Vec<u8>, SftpError> {

@@ -278,6 +278,20 @@ impl Connection for SshConnection {
         Ok(SourceStat { size, mtime: i64::from(mtime) })
     }
 
+    fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
+        let fulls: Vec<PathBuf> = paths.iter().map(|p| self.full(p)).collect();
+        let refs: Vec<&Path> = fulls.iter().map(PathBuf::as_path).collect();
+        let stats = self.sftp.stat_many(&refs).map_err(|e| self.error(Path::new("/"), e, 0))?;
+        Ok(paths
+            .iter()
+            .zip(stats)
+            .map(|(path, stat)| {
+                stat.map(|(size, mtime)| SourceStat { size, mtime: i64::from(mtime) })
+                    .map_err(|e| self.error(path, e, 0))
+            })
+            .collect())
+    }
+
     fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let handle = self.handle(path)?;
         let wanted = offset + buf.len() as u64;
