@@ -121,8 +121,8 @@ pub struct MountArgs {
     pub read_only: bool,
     /// When the connection to the source drops, keep reconnecting (0.1 s doubling to 5 s
     /// between tries) this long before a blocked read answers EIO; status says `degraded` meanwhile.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub reconnect_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = seconds)]
+    pub reconnect_timeout: std::time::Duration,
     /// Let other users than the one mounting use the mount.
     #[arg(long)]
     pub allow_other: bool,
@@ -171,8 +171,8 @@ pub struct WaitArgs {
     /// Files to wait for, as mount paths or original paths; default: all.
     pub paths: Vec<PathBuf>,
     /// Give up after SECS seconds (exit 3).
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// Flush state, unmount and stop the background process; the cache stays.
@@ -213,4 +213,10 @@ pub struct VerifyArgs {
     /// A cache dir, mounted or not.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+/// A number of seconds: finite, not negative (fractions allowed).
+fn seconds(text: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{text}: seconds must be finite and not negative"))
 }

@@ -113,10 +113,12 @@ fn show_bars(mountpoint: PathBuf) {
         let Ok(mut client) = control::Client::connect(&mountpoint) else {
             return;
         };
+        if client.watch(WATCH_INTERVAL_MS).is_err() {
+            return;
+        }
         let mut bars = lazyfs::ui::Bars::new();
-        while let Ok(status) = client.status() {
+        while let Ok(status) = client.next_status() {
             bars.update(std::slice::from_ref(&status));
-            std::thread::sleep(Duration::from_millis(500));
         }
     });
 }
@@ -213,6 +215,9 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// How often `lazyfs status --watch` redraws.
+const WATCH_INTERVAL_MS: u32 = 500;
+
 fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
     let mountpoints: Vec<PathBuf> = match &args.mountpoint {
         Some(mp) => vec![mp.clone()],
@@ -226,10 +231,17 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
         writeln!(out, "{}", if args.json { "[]" } else { "no lazyfs mounts" })?;
         return Ok(exit::SUCCESS);
     }
+    // --watch: each mount streams a snapshot every half second.
+    if args.watch {
+        for client in &mut clients {
+            client.watch(WATCH_INTERVAL_MS)?;
+        }
+    }
     loop {
         let mut statuses = Vec::with_capacity(clients.len());
         for client in &mut clients {
-            match client.status() {
+            let snapshot = if args.watch { client.next_status() } else { client.status() };
+            match snapshot {
                 Ok(status) => statuses.push(status),
                 Err(e) if args.watch && args.mountpoint.is_none() => log::info!("{e}"),
                 Err(e) => return Err(e.into()),
@@ -263,7 +275,6 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
         if !args.watch || complete || statuses.is_empty() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(500));
     }
     if let Some(bars) = bars {
         bars.finish();
@@ -275,7 +286,7 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
 /// locally), 4 if one failed, 3 on timeout, 1 if the mount went away.
 fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
     let mut client = control::Client::connect(&args.mountpoint)?;
-    let deadline = args.timeout.map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+    let deadline = args.timeout.and_then(|timeout| Instant::now().checked_add(timeout));
     let mountpoint = std::path::absolute(&args.mountpoint)?;
     let gone = |e: ControlError| Exit {
         code: exit::RUNTIME,

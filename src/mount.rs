@@ -106,7 +106,7 @@ impl MountRequest {
             allow_other: args.allow_other,
             prefetch: args.prefetch,
             passthrough: !args.no_passthrough,
-            reconnect_timeout: std::time::Duration::from_secs_f64(args.reconnect_timeout.clamp(0.0, 1e6)),
+            reconnect_timeout: args.reconnect_timeout,
             jobs: usize::from(args.jobs),
             order: match args.prefetch_order {
                 PrefetchOrder::SmallestFirst => Order::SmallestFirst,
@@ -148,7 +148,6 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
-    pub checkpoint_files: usize,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -239,7 +238,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
     let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, checkpoint_files: checkpoint.files.len() })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name })
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,
@@ -352,7 +351,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         let fs = prepared.fs.clone();
         let request = request.clone();
         let source_name = prepared.source_name.clone();
-        Arc::new(move || crate::status::snapshot(&fs, &request, &source_name, started))
+        Arc::new(move |per_file| crate::status::snapshot(&fs, &request, &source_name, started, per_file))
     };
     let (control_tx, control_rx) = mpsc::channel();
     let server =
@@ -435,7 +434,7 @@ fn finish(prepared: &Prepared, started: Instant) {
     if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
         log::error!("compacting the journal: {e}");
     }
-    let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started);
+    let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started, true);
     let summary = store.dir().join("summary.json");
     let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
         .map_err(std::io::Error::other)

@@ -13,7 +13,9 @@ use crate::fs::Filesystem;
 use crate::mount::MountRequest;
 use crate::namespace::Layout;
 
-pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: Instant) -> Status {
+/// The mount's state; with `per_file`, also each file's (the totals alone
+/// are cheap enough for `lazyfs wait` to poll often).
+pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: Instant, per_file: bool) -> Status {
     let mut status = Status {
         mountpoint: request.mountpoint.display().to_string(),
         source: source.to_string(),
@@ -47,6 +49,9 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         status.bytes_present += present;
         status.bytes_on_demand += stats.bytes_on_demand.load(Ordering::Relaxed);
         status.bytes_prefetched += stats.bytes_prefetched.load(Ordering::Relaxed);
+        if !per_file {
+            continue;
+        }
         status.files.push(FileStatus {
             path: served.path.as_os_str().as_bytes().to_vec(),
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),

@@ -24,7 +24,7 @@ impl Server {
     /// Listens on `socket` (mode 0600); `status` makes a snapshot on demand.
     pub fn start(
         socket: &Path,
-        status: Arc<dyn Fn() -> Status + Send + Sync>,
+        status: Arc<dyn Fn(bool) -> Status + Send + Sync>,
         events: Sender<ControlEvent>,
     ) -> std::io::Result<Server> {
         let _ = std::fs::remove_file(socket);
@@ -56,20 +56,16 @@ fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
     write_message(stream, &Response { kind: Some(kind) })
 }
 
-fn serve_client(mut stream: UnixStream, status: &dyn Fn() -> Status, events: &Sender<ControlEvent>) {
+fn serve_client(mut stream: UnixStream, status: &dyn Fn(bool) -> Status, events: &Sender<ControlEvent>) {
     while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
         let sent = match request.kind {
             Some(request::Kind::Status(request)) => {
-                let mut snapshot = status();
-                if request.totals_only {
-                    snapshot.files.clear();
-                }
-                reply(&mut stream, response::Kind::Status(snapshot))
+                reply(&mut stream, response::Kind::Status(status(!request.totals_only)))
             }
             Some(request::Kind::Watch(watch)) => {
                 let interval = Duration::from_millis(u64::from(watch.interval_ms.clamp(50, 60_000)));
                 loop {
-                    if reply(&mut stream, response::Kind::Status(status())).is_err() {
+                    if reply(&mut stream, response::Kind::Status(status(true))).is_err() {
                         return;
                     }
                     std::thread::sleep(interval);

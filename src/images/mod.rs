@@ -257,15 +257,15 @@ impl<'a> Loader<'a> {
     }
 
     fn read_required<M: prost::Message + Default>(&self, name: &str, magic: Magic) -> Result<Vec<M>, ImageError> {
-        self.read_optional(name, magic)?.ok_or_else(|| {
-            ImageError::new(&self.path(name), ImageErrorKind::Missing("every CRIU dump has this image".into()))
-        })
+        self.read_optional(name, magic)?.ok_or_else(|| self.missing(name))
     }
 
     fn read_one<M: prost::Message + Default>(&self, name: &str, magic: Magic) -> Result<M, ImageError> {
-        self.read_optional_one(name, magic)?.ok_or_else(|| {
-            ImageError::new(&self.path(name), ImageErrorKind::Missing("every CRIU dump has this image".into()))
-        })
+        self.read_optional_one(name, magic)?.ok_or_else(|| self.missing(name))
+    }
+
+    fn missing(&self, name: &str) -> ImageError {
+        ImageError::new(&self.path(name), ImageErrorKind::Missing("every CRIU dump has this image".into()))
     }
 
     fn read_optional_one<M: prost::Message + Default>(

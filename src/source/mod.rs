@@ -10,10 +10,9 @@ mod ssh;
 
 use std::path::{Path, PathBuf};
 
-pub use known_hosts::{HostKeyCheck, KnownHosts};
-pub use local::LocalSource;
+use local::LocalSource;
 pub use spec::{SourceSpec, SshOptions, SshOverrides};
-pub use ssh::SshSource;
+use ssh::SshSource;
 
 /// Files up to this size are read by one request (SFTP READ), so their bytes
 /// are one snapshot of the file.
