@@ -17,7 +17,8 @@ use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
 use crate::source::{self, SourceError, SourceSpec, SshOverrides};
-use crate::store::journal::{self, Journal, JournalFile};
+use crate::store::Presence;
+use crate::store::journal::{self, Journal, Owner};
 use crate::store::{Store, StoreError};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -148,11 +149,19 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
+    /// Whose files the cache dir holds.
+    owner: Owner,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
 /// failure here happens before anything is mounted.
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
+    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
+    prepare_with(request, source)
+}
+
+/// [`prepare`] with the source already opened.
+pub fn prepare_with(request: MountRequest, source: Arc<dyn source::Source>) -> Result<Prepared, MountError> {
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
@@ -166,16 +175,41 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     }
 
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
-    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
     let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
-    let (records, warning) = journal::load(&store.journal_path())?;
+    let (loaded, warning) = journal::load(&store.journal_path())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
     }
+    let owner = cache_owner(&request)?;
+    let mut records = loaded.records;
+    if loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty()) {
+        let held = match loaded.owner.name.as_str() {
+            "" => "files of an unknown checkpoint".to_string(),
+            name => format!("the files of {name}"),
+        };
+        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().display(), owner.name);
+        store.clear_spills()?;
+        records.clear();
+    }
 
     let mut files = Vec::with_capacity(served.len());
+    // Sizes the images claim, in total: no more than the cache can hold.
+    let mut claimed: u64 = 0;
     for file in &served {
+        let record = records.get(file.path.as_os_str().as_bytes());
+        if let Some(record) = record.filter(|r| r.modified) {
+            // Changed locally: the spill file is the file, whatever the source has now.
+            let spec = FileSpec {
+                path: file.path.clone(),
+                source_path: file.source_path.clone(),
+                size: file.size.unwrap_or(record.size),
+                expected: None,
+                image_order: file.image_order as u64,
+            };
+            files.push(Arc::new(open_file(&store, spec, Some(record))?));
+            continue;
+        }
         let expected = manifest.as_ref().and_then(|m| m.get(&file.path)).cloned();
         // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
         let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
@@ -198,6 +232,16 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             files.push(Arc::new(failed_file(&store, file, message)?));
             continue;
         }
+        claimed = claimed.saturating_add(size);
+        if claimed > store.capacity() {
+            let message = format!(
+                "{}: the images record {claimed} bytes for the files up to this one, more than the cache filesystem holds ({} bytes): not served",
+                file.path.display(),
+                store.capacity()
+            );
+            files.push(Arc::new(failed_file(&store, file, message)?));
+            continue;
+        }
         let spec = FileSpec {
             path: file.path.clone(),
             source_path: file.source_path.clone(),
@@ -205,22 +249,13 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             expected,
             image_order: file.image_order as u64,
         };
-        let record = records.get(file.path.as_os_str().as_bytes());
         let fetch_file = match open_file(&store, spec, record) {
             Err(e @ StoreError::TooLarge { .. }) => failed_file(&store, file, e.to_string())?,
             other => other?,
         };
         files.push(Arc::new(fetch_file));
     }
-    let journal_files = files
-        .iter()
-        .map(|f| {
-            let spill =
-                f.spill.file().try_clone().map_err(|e| StoreError::Io { path: f.spill.path().into(), source: e })?;
-            Ok(JournalFile { path: f.path.as_os_str().as_bytes().to_vec(), size: f.spill.len(), spill })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    let journal = Journal::create(&store.journal_path(), crate::fetch::snapshot(&files), journal_files)?;
+    let journal = crate::fetch::create_journal(&store.journal_path(), &owner, &files)?;
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -238,7 +273,38 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
     let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner })
+}
+
+/// Which checkpoint and source a cache dir is for: a blake3 of every image
+/// file (but the memory pages, which are large and say nothing of files), the
+/// source and its root.
+fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MountError::Store(StoreError::Io { path, source })
+    };
+    let dir = &request.imgdir;
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
+    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
+    names.sort();
+    let mut hasher = blake3::Hasher::new();
+    for name in names {
+        let path = dir.join(&name);
+        hasher.update(name.as_bytes()).update(&[0]);
+        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, &mut hasher).map_err(io(&path))?;
+    }
+    for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
+        hasher.update(&[0]).update(part);
+    }
+    Ok(Owner {
+        id: hasher.finalize().as_bytes().to_vec(),
+        name: format!("{} from {}", dir.display(), request.source_arg),
+    })
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,
@@ -418,29 +484,38 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     registry::unregister(&mountpoint);
     drop(server);
     log::info!("unmounted {}", mountpoint.display());
-    finish(&prepared, started);
+    prepared.finish(started);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
     Ok(())
 }
 
-/// After the mount is gone: stop fetching, compact the journal to what is
-/// known now, and leave a summary of the mount's life in the cache dir.
-fn finish(prepared: &Prepared, started: Instant) {
-    let fetcher = prepared.fs.fetcher();
-    fetcher.stop();
-    let store = &prepared.store;
-    if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
-        log::error!("compacting the journal: {e}");
+impl Prepared {
+    /// After the mount is gone: stop fetching, compact the journal to what is
+    /// known now (spill files synced first), and leave a summary of the
+    /// mount's life in the cache dir.
+    pub fn finish(&self, started: Instant) {
+        let fetcher = self.fs.fetcher();
+        if let Err(e) = fetcher.stop() {
+            log::error!("{e}");
+        }
+        let store = &self.store;
+        if let Err(e) = Journal::create(&store.journal_path(), &self.owner, fetcher.snapshot(), Vec::new()) {
+            log::error!("compacting the journal: {e}");
+        }
+        self.write_summary(started);
     }
-    let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started, true);
-    let summary = store.dir().join("summary.json");
-    let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
-        .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(&summary, json));
-    if let Err(e) = written {
-        log::error!("{}: {e}", summary.display());
+
+    fn write_summary(&self, started: Instant) {
+        let status = crate::status::snapshot(&self.fs, &self.request, &self.source_name, started, true);
+        let summary = self.store.dir().join("summary.json");
+        let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&summary, json));
+        if let Err(e) = written {
+            log::error!("{}: {e}", summary.display());
+        }
     }
 }
 
@@ -448,7 +523,7 @@ fn finish(prepared: &Prepared, started: Instant) {
 /// manifest disagrees with the images): every read of it fails with `message`.
 fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<FetchFile, StoreError> {
     log::error!("{message}");
-    let spill = store.open_spill(&file.path, Some(0), false)?;
+    let (spill, len) = store.open_spill(&file.path, Some(0), false)?;
     let spec = FileSpec {
         path: file.path.clone(),
         source_path: file.source_path.clone(),
@@ -456,5 +531,5 @@ fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<Fe
         expected: None,
         image_order: file.image_order as u64,
     };
-    Ok(FetchFile::new(spec, spill, Phase::Failed(message.into())))
+    Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(message.into())))
 }

@@ -32,9 +32,8 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
     };
     for (index, file) in fs.fetcher().files().iter().enumerate() {
         let served = fs.served(index);
-        let size = file.spill.len();
-        let present = file.spill.present_bytes().min(size);
-        let phase = file.phase();
+        let progress = file.progress();
+        let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
         let (blake3, against) = match &phase {
             Phase::Verified { hash, against } => (blake3::Hash::from_bytes(*hash).to_hex().to_string(), *against),
             _ => (String::new(), ""),
@@ -43,7 +42,7 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         let mount_path = fs.namespace().file_ino(index).map(|ino| fs.namespace().mount_path(ino)).unwrap_or_default();
         let stats = &file.stats;
         status.files_total += 1;
-        status.files_present += u64::from(!failed && file.spill.is_complete());
+        status.files_present += u64::from(!failed && progress.complete);
         status.files_failed += u64::from(failed);
         status.bytes_total += size;
         status.bytes_present += present;

@@ -32,8 +32,9 @@ impl Source for LocalSource {
 
 struct LocalConnection {
     root: PathBuf,
-    /// The last file read: consecutive reads of one file reuse its descriptor.
-    open: Option<(PathBuf, File)>,
+    /// The last file read, and in which generation: consecutive reads of one
+    /// file reuse its descriptor.
+    open: Option<(PathBuf, u64, File)>,
 }
 
 impl LocalConnection {
@@ -41,12 +42,12 @@ impl LocalConnection {
         self.root.join(relative(path))
     }
 
-    fn file(&mut self, path: &Path) -> Result<&File, SourceError> {
-        if self.open.as_ref().is_none_or(|(p, _)| p != path) {
+    fn file(&mut self, path: &Path, generation: u64) -> Result<&File, SourceError> {
+        if self.open.as_ref().is_none_or(|(p, g, _)| p != path || *g != generation) {
             let file = File::open(self.full(path)).map_err(|e| io_error(path, e))?;
-            self.open = Some((path.to_path_buf(), file));
+            self.open = Some((path.to_path_buf(), generation, file));
         }
-        Ok(&self.open.as_ref().expect("just opened").1)
+        Ok(&self.open.as_ref().expect("just opened").2)
     }
 }
 
@@ -56,8 +57,8 @@ impl Connection for LocalConnection {
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let file = self.file(path)?;
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let file = self.file(path, generation)?;
         let mut done = 0;
         while done < buf.len() {
             match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -98,9 +99,9 @@ mod tests {
         let mut conn = source.connect().unwrap();
         assert_eq!(conn.stat(Path::new("/a/b c")).unwrap().size, 10);
         let mut buf = [0u8; 4];
-        conn.read_exact_at(Path::new("/a/b c"), 3, &mut buf).unwrap();
+        conn.read_exact_at(Path::new("/a/b c"), 0, 3, &mut buf).unwrap();
         assert_eq!(&buf, b"3456");
-        let err = conn.read_exact_at(Path::new("/a/b c"), 8, &mut buf).unwrap_err();
+        let err = conn.read_exact_at(Path::new("/a/b c"), 0, 8, &mut buf).unwrap_err();
         assert!(matches!(err, SourceError::Short { end: 10, wanted: 12, .. }), "{err}");
         let err = conn.stat(Path::new("/missing")).unwrap_err();
         assert!(matches!(err, SourceError::NotFound { .. }), "{err}");

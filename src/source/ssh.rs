@@ -231,8 +231,8 @@ struct SshConnection {
     sftp: Sftp,
     root: PathBuf,
     host: String,
-    /// Open handles, most recently used last.
-    open: Vec<(PathBuf, Vec<u8>)>,
+    /// Open handles with the generation they were opened for, most recently used last.
+    open: Vec<(PathBuf, u64, Vec<u8>)>,
 }
 
 impl SshConnection {
@@ -253,20 +253,22 @@ impl SshConnection {
         }
     }
 
-    fn handle(&mut self, path: &Path) -> Result<Vec<u8>, SourceError> {
-        if let Some(at) = self.open.iter().position(|(p, _)| p == path) {
+    fn handle(&mut self, path: &Path, generation: u64) -> Result<Vec<u8>, SourceError> {
+        if let Some(at) = self.open.iter().position(|(p, g, _)| p == path && *g == generation) {
             let entry = self.open.remove(at);
-            let handle = entry.1.clone();
+            let handle = entry.2.clone();
             self.open.push(entry);
             return Ok(handle);
         }
-        if self.open.len() >= OPEN_HANDLES {
-            let (old_path, old) = self.open.remove(0);
+        // A handle of another generation may be of a file replaced since.
+        let stale = self.open.iter().position(|(p, _, _)| p == path);
+        if let Some(at) = stale.or((self.open.len() >= OPEN_HANDLES).then_some(0)) {
+            let (old_path, _, old) = self.open.remove(at);
             self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))?;
         }
         let full = self.full(path);
         let handle = self.sftp.open(&full).map_err(|e| self.error(path, e, 0))?;
-        self.open.push((path.to_path_buf(), handle.clone()));
+        self.open.push((path.to_path_buf(), generation, handle.clone()));
         Ok(handle)
     }
 }
@@ -292,8 +294,8 @@ impl Connection for SshConnection {
             .collect())
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let handle = self.handle(path)?;
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let handle = self.handle(path, generation)?;
         let wanted = offset + buf.len() as u64;
         self.sftp.read_exact_at(&handle, offset, buf).map_err(|e| self.error(path, e, wanted))
     }

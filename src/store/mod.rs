@@ -1,5 +1,6 @@
 //! The local side of every file: a sparse spill file per served file under the
-//! cache directory, mapped with memmap2, and which of its chunks are present.
+//! cache directory, read and written with pread/pwrite, and which of its
+//! chunks are present.
 //! Spill files are named by a hash of the original path, never by the path.
 
 pub mod journal;
@@ -9,7 +10,7 @@ use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use spill::SpillFile;
+pub use spill::{HASH_WINDOW, Presence, SpillFile};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself
@@ -27,6 +28,25 @@ pub enum StoreError {
     Busy(PathBuf),
     #[error("{}: the images record {size} bytes, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
     TooLarge { original: PathBuf, size: u64, capacity: u64 },
+}
+
+impl StoreError {
+    /// The errno a caller should see: ENOSPC and EDQUOT as they are (a
+    /// database treats a full disk differently from a failing one), EIO otherwise.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::Io { source, .. } => match source.raw_os_error() {
+                Some(e @ (libc::ENOSPC | libc::EDQUOT)) => e,
+                _ => libc::EIO,
+            },
+            _ => libc::EIO,
+        }
+    }
+
+    /// The cache filesystem is full: the same write may succeed later.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.errno(), libc::ENOSPC | libc::EDQUOT)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -73,7 +93,7 @@ impl Store {
     }
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
-    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
+    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
         // A recorded size is untrusted: refuse one no disk here could hold
         // before anything (the presence bitmap) is sized by it.
         if let Some(size) = size.filter(|&s| s > self.capacity) {
@@ -84,6 +104,21 @@ impl Store {
 
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join("journal")
+    }
+
+    /// Bytes the cache dir's filesystem holds.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Removes every spill file (the cache held another checkpoint's files).
+    pub fn clear_spills(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("spill");
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        Ok(())
     }
 }
 
