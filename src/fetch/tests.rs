@@ -24,8 +24,13 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
         crate::source::open(&SourceSpec::Local(dir.path().join("root")), Path::new("/")).unwrap().into();
     let size = bytes.len() as u64;
     let (spill, len) = SpillFile::open(&dir.path().join("spill"), Some(size), false).unwrap();
-    let spec =
-        restore::FileSpec { path: PathBuf::from("/f"), source_path: PathBuf::from("/f"), size, expected: None, image_order: 0 };
+    let spec = restore::FileSpec {
+        path: PathBuf::from("/f"),
+        source_path: PathBuf::from("/f"),
+        size,
+        expected: None,
+        image_order: 0,
+    };
     let file = Arc::new(FetchFile::new(spec, spill, len, Presence::new(size), Phase::Pending));
     let journal = journal(dir.path());
     let config = FetchConfig { jobs: 0, order: Order::Image, reconnect_timeout: Duration::from_secs(1) };
