@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::control::proto::{FileStatus, Status};
+use crate::control::proto::{FileStatus, MountState, Status};
 use crate::fetch::Phase;
 use crate::fs::Filesystem;
 use crate::mount::MountRequest;
@@ -56,7 +56,7 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),
             size,
             bytes_present: present,
-            state: phase.name().into(),
+            state: phase.state().into(),
             blake3,
             verified_against: against.into(),
             reads: stats.reads.load(Ordering::Relaxed),
@@ -72,14 +72,14 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
     }
     let settled = fs.fetcher().files().iter().filter(|f| f.phase().is_settled()).count() as u64;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
-    status.state = if !status.degraded_reason.is_empty() {
-        "degraded"
+    let state = if !status.degraded_reason.is_empty() {
+        MountState::Degraded
     } else if settled == status.files_total {
-        "complete"
+        MountState::Complete
     } else {
-        "fetching"
-    }
-    .into();
+        MountState::Fetching
+    };
+    status.set_state(state);
     let elapsed = status.elapsed_s.max(1e-3);
     let fetched = (status.bytes_on_demand + status.bytes_prefetched) as f64;
     status.rate_bytes_per_s = fetched / elapsed;
@@ -102,7 +102,7 @@ pub fn to_json(status: &Status) -> Value {
                 "mount_path": String::from_utf8_lossy(&f.mount_path),
                 "size": f.size,
                 "bytes_present": f.bytes_present,
-                "state": f.state,
+                "state": f.state().word(),
                 "blake3": non_empty(&f.blake3),
                 "verified_against": non_empty(&f.verified_against),
                 "reads": f.reads,
@@ -122,7 +122,7 @@ pub fn to_json(status: &Status) -> Value {
         "layout": status.layout,
         "pid": status.pid,
         "prefetch": status.prefetch,
-        "state": status.state,
+        "state": status.state().word(),
         "degraded_reason": non_empty(&status.degraded_reason),
         "files_total": status.files_total,
         "files_present": status.files_present,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::control::proto::Status;
+use crate::control::proto::{FileState, MountState, Status};
 
 /// Files in flight shown at once, beside the mount's bar.
 const MAX_FILE_BARS: usize = 8;
@@ -59,9 +59,10 @@ impl Bars {
                 status.files_present,
                 status.files_total,
                 if status.files_failed > 0 { format!(", {} failed", status.files_failed) } else { String::new() },
-                status.state
+                status.state().word()
             ));
-            let in_flight: Vec<_> = status.files.iter().filter(|f| f.state == "fetching").take(MAX_FILE_BARS).collect();
+            let in_flight: Vec<_> =
+                status.files.iter().filter(|f| f.state() == FileState::Fetching).take(MAX_FILE_BARS).collect();
             let keep: HashSet<&[u8]> = in_flight.iter().map(|f| f.path.as_slice()).collect();
             bars.files.retain(|path, bar| {
                 let stays = keep.contains(path.as_slice());
@@ -79,12 +80,12 @@ impl Bars {
                 });
                 bar.set_position(file.bytes_present);
             }
-            for file in status.files.iter().filter(|f| f.state == "failed") {
+            for file in status.files.iter().filter(|f| f.state() == FileState::Failed) {
                 if bars.failures_shown.insert(file.path.clone()) {
                     let _ = multi.println(format!("failed: {}: {}", String::from_utf8_lossy(&file.path), file.error));
                 }
             }
-            if status.state == "complete" {
+            if status.state() == MountState::Complete {
                 bars.total.finish();
             }
         }
@@ -114,7 +115,7 @@ pub fn plain_line(status: &Status) -> String {
     format!(
         "{}: {} {}/{} bytes, {}/{} files present, {} failed, {rate:.1} MiB/s, ETA {eta}",
         status.mountpoint,
-        status.state,
+        status.state().word(),
         status.bytes_present,
         status.bytes_total,
         status.files_present,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-use lazyfs::images::{Checkpoint, Layout, Unservable, Usage};
+use lazyfs::images::{Checkpoint, FileRecords, Unservable, Usage};
 use serde_json::Value;
 
 /// (path, size, mode, regular, ghost, sorted users) as expected-files.json has them.
@@ -89,11 +89,11 @@ fn every_fixture_matches_criu_own_decoder() {
 #[test]
 fn layouts_are_told_apart() {
     let load = |rel: &str| Checkpoint::load(&common::fixtures().join(rel)).unwrap();
-    assert_eq!(load("synthetic/legacy").layout, Layout::Legacy);
-    assert_eq!(load("synthetic/legacy-old").layout, Layout::Legacy);
-    assert_eq!(load("real/d1-kill-legacy/images").layout, Layout::Legacy);
-    assert_eq!(load("synthetic/modern").layout, Layout::Modern);
-    assert_eq!(load("real/d1-kill/images").layout, Layout::Modern);
+    assert_eq!(load("synthetic/legacy").file_records, FileRecords::Legacy);
+    assert_eq!(load("synthetic/legacy-old").file_records, FileRecords::Legacy);
+    assert_eq!(load("real/d1-kill-legacy/images").file_records, FileRecords::Legacy);
+    assert_eq!(load("synthetic/modern").file_records, FileRecords::Modern);
+    assert_eq!(load("real/d1-kill/images").file_records, FileRecords::Modern);
 }
 
 #[test]

@@ -31,6 +31,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
@@ -62,7 +63,7 @@ impl From<StoreError> for FetchError {
     }
 }
 
-/// Where a file stands (`lazyfs status` shows these words).
+/// Where a file stands, with what is known of it (`lazyfs status` shows its [`FileState`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
     /// Nothing of it is here.
@@ -82,14 +83,15 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(&self) -> &'static str {
+    /// The state the control protocol and `lazyfs status` report.
+    pub fn state(&self) -> FileState {
         match self {
-            Phase::Pending => "pending",
-            Phase::Fetching => "fetching",
-            Phase::Present => "present",
-            Phase::Verified { .. } => "verified",
-            Phase::Modified => "modified",
-            Phase::Failed(_) => "failed",
+            Phase::Pending => FileState::Pending,
+            Phase::Fetching => FileState::Fetching,
+            Phase::Present => FileState::Present,
+            Phase::Verified { .. } => FileState::Verified,
+            Phase::Modified => FileState::Modified,
+            Phase::Failed(_) => FileState::Failed,
         }
     }
 
@@ -159,10 +161,11 @@ pub struct FetchFile {
     /// The original's size: what the chunks cover.
     size: u64,
     spill: SpillFile,
-    state: Mutex<FileState>,
+    state: Mutex<Owned>,
 }
 
-struct FileState {
+/// What a file's owner keeps under its lock.
+struct Owned {
     presence: Presence,
     /// The file's length now (local writes and truncates change it).
     len: u64,
@@ -213,7 +216,7 @@ impl FetchFile {
             stats: FileStats::new(),
             size: spec.size,
             spill,
-            state: Mutex::new(FileState {
+            state: Mutex::new(Owned {
                 presence,
                 len,
                 generation: 0,
@@ -229,7 +232,7 @@ impl FetchFile {
 
     /// A poisoned lock means a panic elsewhere, already contained: the state
     /// itself is always left consistent, so carry on.
-    fn lock(&self) -> MutexGuard<'_, FileState> {
+    fn lock(&self) -> MutexGuard<'_, Owned> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -303,7 +306,7 @@ impl FetchFile {
         Self::claim_locked(&mut self.lock(), chunks)
     }
 
-    fn claim_locked(state: &mut FileState, chunks: Range<u64>) -> Vec<Claim> {
+    fn claim_locked(state: &mut Owned, chunks: Range<u64>) -> Vec<Claim> {
         if state.phase.is_settled() {
             return Vec::new();
         }
@@ -796,7 +799,7 @@ impl Fetcher {
         let now = self.shared.started.elapsed().as_micros() as u64;
         let _ = stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
         let chunks = self.shared.files[index].chunks_of(offset, u64::from(len));
-        let op = move |file: &FetchFile, state: &mut FileState| {
+        let op = move |file: &FetchFile, state: &mut Owned| {
             let len = u64::from(len).min(state.len.saturating_sub(offset)) as usize;
             let mut buf = vec![0u8; len];
             let got = file.spill.read_at(offset, &mut buf)?;
@@ -812,7 +815,7 @@ impl Fetcher {
     pub fn write(&self, index: usize, offset: u64, data: Vec<u8>, reply: Reply<u32>) {
         let all = 0..self.shared.files[index].chunk_count();
         let shared = self.shared.clone();
-        let op = move |file: &FetchFile, state: &mut FileState| {
+        let op = move |file: &FetchFile, state: &mut Owned| {
             file.spill.write_at(offset, &data)?;
             state.len = state.len.max(offset + data.len() as u64);
             Ok((data.len() as u32, shared.made_local(index, state)))
@@ -829,7 +832,7 @@ impl Fetcher {
     pub fn truncate(&self, index: usize, size: u64, reply: Reply<u64>) {
         let keep = self.shared.files[index].chunks_of(0, size);
         let shared = self.shared.clone();
-        let op = move |file: &FetchFile, state: &mut FileState| {
+        let op = move |file: &FetchFile, state: &mut Owned| {
             file.spill.set_len(size)?;
             state.len = size;
             // What was not fetched is gone: the file is local from here on,
@@ -882,7 +885,7 @@ impl Drop for Fetcher {
 impl Shared {
     /// The file (locked as `state`) was just changed locally: it is local from
     /// now on. Whether it was not before (its journal record is then sent).
-    fn made_local(&self, index: usize, state: &mut FileState) -> bool {
+    fn made_local(&self, index: usize, state: &mut Owned) -> bool {
         let newly = state.phase != Phase::Modified;
         state.phase = Phase::Modified;
         if newly {
@@ -908,7 +911,7 @@ fn with_present<T: Send + 'static>(
     on_demand: &Sender<lane::Job>,
     index: usize,
     chunks: Range<u64>,
-    op: impl FnOnce(&FetchFile, &mut FileState) -> Result<T, FetchError> + Send + 'static,
+    op: impl FnOnce(&FetchFile, &mut Owned) -> Result<T, FetchError> + Send + 'static,
     reply: Reply<T>,
 ) {
     let (again, on_demand_again, shared_again) = (chunks.clone(), on_demand.clone(), shared.clone());

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{FrameError, ImageError, ImageErrorKind, Invalid};
 use framing::Magic;
-pub use model::{Checkpoint, Layout, RecordedFile, Unservable, Usage, User, non_regular_kind};
+pub use model::{Checkpoint, FileRecords, RecordedFile, Unservable, Usage, User, non_regular_kind};
 use proto::{
     CoreEntry, FdinfoEntry, FileEntry, FsEntry, Fstype, InventoryEntry, MmEntry, MntEntry, PstreeEntry, RegFileEntry,
     RemapFilePathEntry, RemapType, TaskKobjIdsEntry,
@@ -59,7 +59,7 @@ struct Reg {
 
 /// The file records of a dump, by file id.
 struct FileTable {
-    layout: Layout,
+    file_records: FileRecords,
     regs: HashMap<u32, Reg>,
     /// Ids of descriptors that are not regular files (sockets, pipes, memfds...).
     others: HashSet<u32>,
@@ -140,15 +140,15 @@ impl<'a> Loader<'a> {
         let files = merge_by_path(regs, users, &mounts);
         Ok(Checkpoint {
             dir: self.dir.to_path_buf(),
-            layout: table.layout,
+            file_records: table.file_records,
             pids: processes.iter().map(|p| p.pid).collect(),
             files,
         })
     }
 
-    /// The file records of either layout.
+    /// The file records, in either format.
     fn read_file_table(&self) -> Result<FileTable, ImageError> {
-        let mut table = FileTable { layout: Layout::Modern, regs: HashMap::new(), others: HashSet::new() };
+        let mut table = FileTable { file_records: FileRecords::Modern, regs: HashMap::new(), others: HashSet::new() };
         let insert = |table: &mut FileTable, name: &str, entry: RegFileEntry, id: u32| {
             let position = table.regs.len();
             if table.regs.insert(id, Reg { entry, remap: None, position }).is_some() {
@@ -169,7 +169,7 @@ impl<'a> Loader<'a> {
         }
         match self.read_optional::<RegFileEntry>("reg-files.img", framing::REG_FILES)? {
             Some(entries) => {
-                table.layout = Layout::Legacy;
+                table.file_records = FileRecords::Legacy;
                 for entry in entries {
                     let id = entry.id;
                     insert(&mut table, "reg-files.img", entry, id)?;

@@ -229,7 +229,7 @@ impl Core {
 
     /// The file's state, as `lazyfs status` says it.
     pub fn state(&self, path: &str) -> String {
-        self.fs().fetcher().file(self.index(path)).phase().name().to_string()
+        self.fs().fetcher().file(self.index(path)).phase().state().word().to_string()
     }
 
     pub fn len(&self, path: &str) -> u64 {
