@@ -461,7 +461,13 @@ pub(crate) struct Shared {
     /// How to name the source in messages.
     source_name: String,
     prefetching: bool,
+    /// Told the index of a file whose bytes start over, so copies of the old
+    /// ones (the kernel's page cache) are dropped.
+    started_over: std::sync::OnceLock<StartedOver>,
 }
+
+/// What is told of a file whose bytes start over.
+pub type StartedOver = Box<dyn Fn(usize) + Send + Sync>;
 
 /// Why fetched bytes did not land.
 enum FetchFailure {
@@ -643,8 +649,15 @@ impl Shared {
             }
         };
         log::warn!("{}: {reason}: {}", file.path.display(), if again { "fetching it again" } else { "failed" });
+        self.tell_started_over(index);
         if again {
             self.queue.push(index);
+        }
+    }
+
+    fn tell_started_over(&self, index: usize) {
+        if let Some(tell) = self.started_over.get() {
+            tell(index);
         }
     }
 
@@ -657,6 +670,11 @@ impl Shared {
             state.phase = Phase::Verified { hash, against };
             self.journal.verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
             log::debug!("{}: verified against the {against}", file.path.display());
+            if state.restarts > 0 {
+                // A reader may have cached old bytes while the restart was under way.
+                drop(state);
+                self.tell_started_over(index);
+            }
         }
     }
 
@@ -754,6 +772,7 @@ impl Fetcher {
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
             prefetching: config.jobs > 0,
+            started_over: std::sync::OnceLock::new(),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         for (index, file) in shared.files.iter().enumerate() {
@@ -782,6 +801,12 @@ impl Fetcher {
 
     pub fn prefetching(&self) -> bool {
         self.prefetch.is_some()
+    }
+
+    /// `tell` hears of every file whose bytes start over (fetched again
+    /// because the source changed), to drop what was cached of the old ones.
+    pub fn on_started_over(&self, tell: StartedOver) {
+        let _ = self.shared.started_over.set(tell);
     }
 
     /// Calls `done` once every chunk of `chunks` of file `index` is present

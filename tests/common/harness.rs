@@ -192,11 +192,16 @@ impl Core {
     /// Prepares the core over the source (prefetch with `jobs` workers, none for 0).
     pub fn mount(&mut self, jobs: usize) -> Result<(), MountError> {
         assert!(self.prepared.is_none(), "mounted already");
-        let inner = lazyfs::source::open(&SourceSpec::Local(self.source.clone()), Path::new("/")).unwrap();
-        let source: Arc<dyn Source> = Arc::new(FaultSource { inner, plan: self.plan.clone() });
-        let prepared = prepare_with(self.request(jobs), source)?;
+        let prepared = self.prepare(jobs)?;
         self.prepared = Some((prepared, Instant::now()));
         Ok(())
+    }
+
+    /// The core, prepared for `mount::serve` (a real FUSE mount).
+    pub fn prepare(&self, jobs: usize) -> Result<Prepared, MountError> {
+        let inner = lazyfs::source::open(&SourceSpec::Local(self.source.clone()), Path::new("/")).unwrap();
+        let source: Arc<dyn Source> = Arc::new(FaultSource { inner, plan: self.plan.clone() });
+        prepare_with(self.request(jobs), source)
     }
 
     /// A clean unmount: the journal is compacted.
