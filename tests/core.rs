@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::harness::{Core, Fault, Gate};
+use common::harness::{Core, Fault, Gate, replace_atomically};
 use common::mount::content;
 
 const CHUNK: u64 = 16 << 10;
@@ -105,11 +105,7 @@ fn a_file_replaced_mid_transfer_is_verified_as_the_new_file_only() {
         let (new_bytes, once) = (new.clone(), replaced.clone());
         core.plan.on_read(move |_, offset, _| {
             if offset >= 4 << 20 && !once.swap(true, Ordering::SeqCst) {
-                let tmp = source.with_extension("tmp");
-                std::fs::write(&tmp, &new_bytes).unwrap();
-                let later = std::time::SystemTime::now() + Duration::from_secs(10);
-                std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(later).unwrap();
-                std::fs::rename(&tmp, &source).unwrap();
+                replace_atomically(&source, &new_bytes);
             }
             Fault::Pass
         });
@@ -119,6 +115,30 @@ fn a_file_replaced_mid_transfer_is_verified_as_the_new_file_only() {
         assert_eq!(state, "verified", "-j {jobs}");
         assert!(core.read("/x/live", 0, len as u32).unwrap() == new, "-j {jobs}: verified bytes not of the new file");
     }
+}
+
+/// Finding 6: the first look at a file read on demand (no manifest) is taken
+/// before its first bytes are read, not after: a look after could see a file
+/// replaced since and vouch for the old bytes.
+#[test]
+fn the_first_look_at_a_file_read_on_demand_comes_before_its_bytes() {
+    let len = 200_000;
+    let mut core = Core::new(&[("/o/file", content("/o/file", len), true)]);
+    let new = content("/o/file-v2", len);
+    let (source, new_bytes) = (core.source.join("o/file"), new.clone());
+    let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = swapped.clone();
+    // The first look at the source finds the file just replaced.
+    core.plan.on_stat(move |_| {
+        if !once.swap(true, Ordering::SeqCst) {
+            replace_atomically(&source, &new_bytes);
+        }
+    });
+    core.mount(0).unwrap();
+    core.read("/o/file", 0, len as u32).unwrap();
+    assert_eq!(core.wait_state("/o/file", |s| s == "verified" || s == "failed"), "verified");
+    assert!(swapped.load(Ordering::SeqCst));
+    assert!(core.read("/o/file", 0, len as u32).unwrap() == new, "verified bytes older than the looks");
 }
 
 /// Finding 7: a panic while fetching (a reply the code did not expect) fails

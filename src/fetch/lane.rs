@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
-use crate::source::{Connection, Source, SourceError, WholeRead};
+use crate::source::{Connection, Source, SourceError, SourceStat, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -199,6 +199,18 @@ impl Link {
         self.with_retry(|connection| connection.read_exact_at(&file.source_path, generation, offset, buf))
     }
 
+    /// [`read`](Link::read), also giving the source's size and mtime as of
+    /// before the read (the first look at the file, taken on the way).
+    pub(super) fn read_first(
+        &mut self,
+        file: &FetchFile,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        self.with_retry(|connection| connection.stat_and_read(&file.source_path, generation, offset, buf))
+    }
+
     /// Reads many whole small files into `buffer` in one pipeline, one after
     /// the other; each file's own result is in `results`, the error is the
     /// connection's.
@@ -251,15 +263,6 @@ impl OnDemandLane {
             let started = Instant::now();
             self.shared.fetch(&mut self.link, job.file, Claim { generation, chunks: chunks.clone() }, Lane::OnDemand);
             log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
-            // After the reader has its bytes: note the source's size and mtime,
-            // to tell later whether the file changed during the transfer.
-            queue.extend(rx.try_iter());
-            if queue.is_empty() {
-                let shared = self.shared.clone();
-                if let Err(e) = self.link.with_retry(|connection| shared.check_baseline(job.file, connection)) {
-                    log::warn!("{e}");
-                }
-            }
         }
     }
 }

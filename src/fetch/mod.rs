@@ -489,7 +489,15 @@ impl Shared {
         let result = lane::contained(link, |link| {
             let bytes = file.chunk_bytes(claim.chunks.clone());
             buffer.resize((bytes.end - bytes.start) as usize, 0);
-            link.read(file, claim.generation, bytes.start, &mut buffer).map_err(FetchFailure::Source)?;
+            if lane == Lane::OnDemand && self.needs_baseline(index) {
+                // The first look goes with the first read (no extra round
+                // trip over SSH), before it: a look after could see a file
+                // replaced since the bytes were read, and vouch for them.
+                let stat = link.read_first(file, claim.generation, bytes.start, &mut buffer);
+                self.set_baseline(index, stat.map_err(FetchFailure::Source)?);
+            } else {
+                link.read(file, claim.generation, bytes.start, &mut buffer).map_err(FetchFailure::Source)?;
+            }
             self.check_and_land(link, index, &claim, &mut buffer, lane)
         });
         link.put_buffer(buffer);

@@ -42,6 +42,21 @@ pub trait Connection: Send {
     /// handle is reused only within one (the file may have been replaced since).
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 
+    /// [`read_exact_at`](Connection::read_exact_at), also giving the file's
+    /// size and mtime as of before the read: the first look at a file fetched
+    /// on demand. Over SSH the STAT goes with the OPEN, in one round trip.
+    fn stat_and_read(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        let stat = self.stat(path)?;
+        self.read_exact_at(path, generation, offset, buf)?;
+        Ok(stat)
+    }
+
     /// Stats many files; over SSH in one pipeline. The error returned means
     /// the connection itself failed.
     fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {

@@ -262,15 +262,48 @@ impl<C: Read + Write> Sftp<C> {
         Ok(reply)
     }
 
-    /// Size and mtime of `path`.
-    pub fn stat(&mut self, path: &Path) -> Result<(u64, u32), SftpError> {
+    fn stat_request(&mut self, path: &Path) -> u32 {
         let name = Self::string(path.as_os_str().as_bytes());
-        let id = self.request(STAT, &[&name]);
-        match self.call(id)? {
+        self.request(STAT, &[&name])
+    }
+
+    fn stat_reply(reply: Reply) -> StatResult {
+        match reply {
             Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
             Reply::Status { code, message } => Err(SftpError::Status { code, message }),
             _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
         }
+    }
+
+    fn open_reply(reply: Reply) -> Result<Vec<u8>, SftpError> {
+        match reply {
+            Reply::Handle(handle) => Ok(handle),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
+        }
+    }
+
+    /// Size and mtime of `path`.
+    pub fn stat(&mut self, path: &Path) -> Result<(u64, u32), SftpError> {
+        let id = self.stat_request(path);
+        Self::stat_reply(self.call(id)?)
+    }
+
+    /// STAT then OPEN of `path` in one round trip (the server answers them
+    /// in order): the size and mtime are the file's as of before the open.
+    pub fn stat_open(&mut self, path: &Path) -> Result<(StatResult, Result<Vec<u8>, SftpError>), SftpError> {
+        let stat_id = self.stat_request(path);
+        let open_id = self.open_request(path);
+        self.flush()?;
+        let (mut stat, mut open) = (None, None);
+        while stat.is_none() || open.is_none() {
+            match self.reply(|_| None)? {
+                (id, reply) if id == stat_id && stat.is_none() => stat = Some(Self::stat_reply(reply)),
+                (id, reply) if id == open_id && open.is_none() => open = Some(Self::open_reply(reply)),
+                (id, _) => return Err(SftpError::Broken(format!("a reply to unknown request {id}"))),
+            }
+        }
+        Ok((stat.expect("answered"), open.expect("answered")))
     }
 
     /// Size and mtime of each of `paths`, the STATs pipelined.
@@ -280,30 +313,22 @@ impl<C: Read + Write> Sftp<C> {
         let mut next = 0;
         while next < paths.len() || !in_flight.is_empty() {
             while in_flight.len() < FILES_IN_FLIGHT && next < paths.len() {
-                let name = Self::string(paths[next].as_os_str().as_bytes());
-                in_flight.insert(self.request(STAT, &[&name]), next);
+                let id = self.stat_request(paths[next]);
+                in_flight.insert(id, next);
                 next += 1;
             }
             self.flush()?;
             let (id, reply) = self.reply(|_| None)?;
             let index =
                 in_flight.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
-            results[index] = Some(match reply {
-                Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
-                Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-                _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
-            });
+            results[index] = Some(Self::stat_reply(reply));
         }
         Ok(results.into_iter().map(|r| r.expect("every request answered")).collect())
     }
 
     pub fn open(&mut self, path: &Path) -> Result<Vec<u8>, SftpError> {
         let id = self.open_request(path);
-        match self.call(id)? {
-            Reply::Handle(handle) => Ok(handle),
-            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-            _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
-        }
+        Self::open_reply(self.call(id)?)
     }
 
     pub fn close(&mut self, handle: &[u8]) -> Result<(), SftpError> {

@@ -52,15 +52,23 @@ impl Gate {
 }
 
 type Hook = Box<dyn FnMut(&Path, u64, usize) -> Fault + Send>;
+type StatHook = Box<dyn FnMut(&Path) + Send>;
 
-/// Decides what each read of the source does; counts them.
+/// Decides what each read of the source does (and what happens before each
+/// stat); counts the reads.
 #[derive(Default)]
 pub struct Plan {
     hook: Mutex<Option<Hook>>,
+    stat_hook: Mutex<Option<StatHook>>,
     pub reads: AtomicUsize,
 }
 
 impl Plan {
+    /// From now on `hook(path)` runs before each stat of the source.
+    pub fn on_stat(&self, hook: impl FnMut(&Path) + Send + 'static) {
+        *self.stat_hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
     /// From now on `hook(path, offset, len)` decides each read.
     pub fn on_read(&self, hook: impl FnMut(&Path, u64, usize) -> Fault + Send + 'static) {
         *self.hook.lock().unwrap() = Some(Box::new(hook));
@@ -102,6 +110,9 @@ struct FaultConnection {
 
 impl Connection for FaultConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
+        if let Some(hook) = self.plan.stat_hook.lock().unwrap().as_mut() {
+            hook(path);
+        }
         self.inner.stat(path)
     }
 
@@ -122,6 +133,16 @@ impl Connection for FaultConnection {
         }
         self.inner.read_exact_at(path, generation, offset, buf)
     }
+}
+
+/// Replaces `path` atomically by a file holding `bytes`, with an mtime 10 s
+/// ahead (a new version, as a rename by an editor or a package manager makes).
+pub fn replace_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("lazyfs-test-tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(10);
+    std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(later).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A checkpoint of some files, their source, a cache dir, and the core
