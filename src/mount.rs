@@ -194,8 +194,6 @@ pub fn prepare_with(request: MountRequest, source: Arc<dyn source::Source>) -> R
     }
 
     let mut files = Vec::with_capacity(served.len());
-    // Sizes the images claim, in total: no more than the cache can hold.
-    let mut claimed: u64 = 0;
     for file in &served {
         let record = records.get(file.path.as_os_str().as_bytes());
         if let Some(record) = record.filter(|r| r.modified) {
@@ -228,16 +226,6 @@ pub fn prepare_with(request: MountRequest, source: Arc<dyn source::Source>) -> R
                 "{}: the manifest records {} bytes, the images {size}: not served",
                 file.path.display(),
                 e.size
-            );
-            files.push(Arc::new(failed_file(&store, file, message)?));
-            continue;
-        }
-        claimed = claimed.saturating_add(size);
-        if claimed > store.capacity() {
-            let message = format!(
-                "{}: the images record {claimed} bytes for the files up to this one, more than the cache filesystem holds ({} bytes): not served",
-                file.path.display(),
-                store.capacity()
             );
             files.push(Arc::new(failed_file(&store, file, message)?));
             continue;

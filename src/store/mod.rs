@@ -26,8 +26,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
-    #[error("{}: the images record {size} bytes, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
-    TooLarge { original: PathBuf, size: u64, capacity: u64 },
+    #[error("{}: the images record {size} bytes for it, {before} for the files before: more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
+    TooLarge { original: PathBuf, size: u64, before: u64, capacity: u64 },
 }
 
 impl StoreError {
@@ -56,8 +56,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// A cache directory, locked for one lazyfs process at a time.
 pub struct Store {
     dir: PathBuf,
-    /// Bytes the cache dir's filesystem holds: no spill file can be larger.
+    /// Bytes the cache dir's filesystem holds: the spill files' sizes cannot
+    /// add up to more.
     capacity: u64,
+    /// What the spill files opened so far add up to.
+    claimed: std::sync::atomic::AtomicU64,
     /// Held (flock) for as long as the store is open.
     _lock: nix::fcntl::Flock<File>,
 }
@@ -80,7 +83,7 @@ impl Store {
         };
         let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| io_err(dir)(e.into()))?;
         let capacity = stat.blocks().saturating_mul(stat.fragment_size());
-        Ok(Store { dir: dir.to_path_buf(), capacity, _lock: lock })
+        Ok(Store { dir: dir.to_path_buf(), capacity, claimed: 0.into(), _lock: lock })
     }
 
     pub fn dir(&self) -> &Path {
@@ -94,21 +97,22 @@ impl Store {
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
     pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
-        // A recorded size is untrusted: refuse one no disk here could hold
-        // before anything (the presence bitmap) is sized by it.
-        if let Some(size) = size.filter(|&s| s > self.capacity) {
-            return Err(StoreError::TooLarge { original: original.to_path_buf(), size, capacity: self.capacity });
+        // Recorded sizes are untrusted: refuse what, with the files before,
+        // no disk here could hold, before anything (a presence bitmap) is sized by it.
+        if let Some(size) = size {
+            use std::sync::atomic::Ordering;
+            let before = self.claimed.load(Ordering::Relaxed);
+            if before.saturating_add(size) > self.capacity {
+                let original = original.to_path_buf();
+                return Err(StoreError::TooLarge { original, size, before, capacity: self.capacity });
+            }
+            self.claimed.fetch_add(size, Ordering::Relaxed);
         }
         SpillFile::open(&self.spill_path(original), size, keep)
     }
 
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join("journal")
-    }
-
-    /// Bytes the cache dir's filesystem holds.
-    pub fn capacity(&self) -> u64 {
-        self.capacity
     }
 
     /// Removes every spill file (the cache held another checkpoint's files).
