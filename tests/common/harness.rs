@@ -263,16 +263,7 @@ impl Core {
     }
 
     pub fn read(&self, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, i32> {
-        let (tx, rx) = mpsc::channel();
-        self.fs().read(
-            self.ino(path),
-            offset,
-            len,
-            Box::new(move |r| {
-                let _ = tx.send(r.map(|b| b.to_vec()).map_err(|e| e.errno));
-            }),
-        );
-        rx.recv_timeout(WAIT).expect("the read was never answered")
+        self.read_later(path, offset, len).recv_timeout(WAIT).expect("the read was never answered")
     }
 
     /// Starts a read and returns where its answer will arrive.
