@@ -347,15 +347,25 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     }
 
     let started = Instant::now();
+    let meter = Arc::new(crate::status::Meter::new());
+    sample_rate(&prepared.fs, &meter);
     let status = {
         let fs = prepared.fs.clone();
         let request = request.clone();
         let source_name = prepared.source_name.clone();
-        Arc::new(move |per_file| crate::status::snapshot(&fs, &request, &source_name, started, per_file))
+        let meter = meter.clone();
+        Arc::new(move |per_file| {
+            let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
+            crate::status::snapshot(&fs, &context, per_file)
+        })
+    };
+    let prefetch: control::PrefetchHook = {
+        let (fs, jobs) = (prepared.fs.clone(), request.jobs);
+        Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
     };
     let (control_tx, control_rx) = mpsc::channel();
-    let server =
-        control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx).map_err(mount_err)?;
+    let server = control::Server::start(&request.cache_dir.join("control.sock"), status, prefetch, control_tx)
+        .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
         for event in control_rx {
@@ -418,23 +428,57 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     registry::unregister(&mountpoint);
     drop(server);
     log::info!("unmounted {}", mountpoint.display());
-    finish(&prepared, started);
+    finish(&prepared, started, &meter);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
     Ok(())
 }
 
+/// `lazyfs prefetch`: background prefetch of the files with these original
+/// paths (every file when none), with `jobs` workers unless it runs already.
+fn start_prefetch(fs: &Filesystem, paths: &[Vec<u8>], jobs: usize) -> Result<u64, String> {
+    let fetcher = fs.fetcher();
+    if paths.is_empty() {
+        return Ok(fetcher.prefetch(None, jobs) as u64);
+    }
+    let files = paths
+        .iter()
+        .map(|path| {
+            fetcher
+                .files()
+                .iter()
+                .position(|f| f.path.as_os_str().as_bytes() == path.as_slice())
+                .ok_or_else(|| format!("{}: not a file of this mount", String::from_utf8_lossy(path)))
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
+    Ok(fetcher.prefetch(Some(&files), jobs) as u64)
+}
+
+/// Samples the byte counters for the rate while the mount lives, so even the
+/// first `lazyfs status` sees a recent rate.
+fn sample_rate(fs: &Arc<Filesystem>, meter: &Arc<crate::status::Meter>) {
+    let (fs, meter) = (Arc::downgrade(fs), Arc::downgrade(meter));
+    std::thread::spawn(move || {
+        while let (Some(fs), Some(meter)) = (fs.upgrade(), meter.upgrade()) {
+            meter.sample(crate::status::fetched_bytes(&fs));
+            drop((fs, meter));
+            std::thread::sleep(crate::status::SAMPLE_EVERY);
+        }
+    });
+}
+
 /// After the mount is gone: stop fetching, compact the journal to what is
 /// known now, and leave a summary of the mount's life in the cache dir.
-fn finish(prepared: &Prepared, started: Instant) {
+fn finish(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
     let fetcher = prepared.fs.fetcher();
     fetcher.stop();
     let store = &prepared.store;
     if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
         log::error!("compacting the journal: {e}");
     }
-    let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started, true);
+    let context = crate::status::Context { request: &prepared.request, source: &prepared.source_name, started, meter };
+    let status = crate::status::snapshot(&prepared.fs, &context, true);
     let summary = store.dir().join("summary.json");
     let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
         .map_err(std::io::Error::other)
