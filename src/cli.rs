@@ -179,6 +179,7 @@ pub struct WaitArgs {
     pub mountpoint: PathBuf,
     /// Files to wait for: original paths (/srv/app/db), paths in the mount (srv/app/db)
     /// or paths under MOUNTPOINT; default: all.
+    #[arg(value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// Give up after SECS seconds (exit 3).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
@@ -203,6 +204,7 @@ pub struct PrefetchArgs {
     pub mountpoint: PathBuf,
     /// Files to fetch: original paths (/srv/app/db), paths in the mount (srv/app/db) or
     /// paths under MOUNTPOINT; default: all.
+    #[arg(value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 }
 

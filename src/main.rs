@@ -138,6 +138,9 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
         return spawn_daemon(args, &request);
     }
     let prepared = mount::prepare(request).map_err(mount_failed)?;
+    for warning in &prepared.warnings {
+        eprintln!("lazyfs: warning: {warning}");
+    }
     mount::serve(prepared, |mountpoint| {
         eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         if std::io::stderr().is_terminal() {
@@ -176,7 +179,13 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
-    match mount::prepare(request).and_then(|prepared| mount::serve(prepared, ready)) {
+    let served = mount::prepare(request).and_then(|prepared| {
+        for warning in &prepared.warnings {
+            println!("warning {}", warning.replace('\n', " "));
+        }
+        mount::serve(prepared, ready)
+    });
+    match served {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -204,8 +213,15 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
     }
     let mut child = command.spawn().context("starting the background process")?;
     let mut line = String::new();
-    let stdout = child.stdout.take().expect("piped");
-    std::io::BufReader::new(stdout).read_line(&mut line).context("waiting for the background process")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    loop {
+        line.clear();
+        stdout.read_line(&mut line).context("waiting for the background process")?;
+        match line.trim_end().strip_prefix("warning ") {
+            Some(warning) => eprintln!("lazyfs: warning: {warning}"),
+            None => break,
+        }
+    }
     match line.trim_end().split_once(' ') {
         _ if line.trim_end() == "ready" => Ok(exit::SUCCESS),
         Some(("error", rest)) => {

@@ -148,11 +148,22 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
+    /// What the person mounting should know (the mount works regardless).
+    pub warnings: Vec<String>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
 /// failure here happens before anything is mounted.
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
+    // Where each attempt starts, in a log that keeps earlier ones.
+    log::info!(
+        "==== lazyfs {} (pid {}): mounting {} at {} from {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        request.imgdir.display(),
+        request.mountpoint.display(),
+        request.source_arg
+    );
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
@@ -164,15 +175,20 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     if served.is_empty() {
         return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
     }
-
+    // What is local is checked before the source is asked anything.
+    check_mountpoint(&request.mountpoint)?;
+    let warnings: Vec<String> = subtree_warning(&request, &paths).into_iter().collect();
+    for warning in &warnings {
+        log::warn!("{warning}");
+    }
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
-    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
-    let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
     let (records, warning) = journal::load(&store.journal_path())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
     }
+    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
+    let mut connection = source.connect()?;
 
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
@@ -238,7 +254,27 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
     let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, warnings })
+}
+
+/// Mounted on a directory the checkpoint's files were in, without `--subtree`
+/// naming it, the files show one level of that directory too deep
+/// (`/srv/data/srv/data/db`), where `criu restore` does not look.
+fn subtree_warning(request: &MountRequest, served: &[&Path]) -> Option<String> {
+    let mountpoint = registry::canonical(&request.mountpoint);
+    let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
+    if request.layout != Layout::Tree || mountpoint == subtree || mountpoint == Path::new("/") {
+        return None;
+    }
+    let inside = served.iter().find(|p| p.starts_with(&mountpoint))?;
+    let shown = mountpoint.join(inside.strip_prefix(subtree).unwrap_or(inside));
+    Some(format!(
+        "{mp} is a directory the checkpoint's files were in: {file} shows as {shown}, where `criu restore` \
+         will not find it; mount with `--subtree {mp}` to show every file below it at its original path",
+        mp = mountpoint.display(),
+        file = inside.display(),
+        shown = shown.display()
+    ))
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,

@@ -24,6 +24,8 @@ pub fn summary(status: &Status) -> String {
         }
         "fetching" => "fetching in the background".to_string(),
         "degraded" => format!("degraded: {}", status.degraded_reason),
+        // Settled, but not every byte is here: say so before the counts do.
+        "complete" if status.files_failed > 0 => format!("complete except {} failed file(s)", status.files_failed),
         other => other.to_string(),
     };
     let mut text = format!(
@@ -33,7 +35,7 @@ pub fn summary(status: &Status) -> String {
         status.files_present,
         status.files_total
     );
-    if status.files_failed > 0 {
+    if status.files_failed > 0 && status.state != "complete" {
         text += &format!(", {} failed", status.files_failed);
     }
     if status.state != "complete" {

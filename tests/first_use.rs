@@ -1,0 +1,208 @@
+//! What a new user meets first: byte counts that agree, failures that say
+//! where they looked, warnings before a mistake costs a restore, man pages,
+//! and commands that do not claim success for what is not there.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mount::{Source, TestEnv, dataset};
+use serde_json::Value;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn file<'a>(status: &'a Value, path: &str) -> &'a Value {
+    status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).unwrap()
+}
+
+fn settled(mount: &common::mount::Mount) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = mount.status();
+        if status["state"] == "complete" {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "not complete: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn byte_counts_agree_and_failures_say_where_they_looked() {
+    let env = TestEnv::new();
+    dataset(
+        &env.path("source"),
+        &env.path("images"),
+        &[("/b/kept", 40_000), ("/b/grew", 50_000), ("/b/empty", 0), ("/b/gone", 30_000)],
+    );
+    // After the checkpoint: one file grew, an empty one and another went away.
+    std::fs::write(env.path("source/b/grew"), vec![7u8; 60_000]).unwrap();
+    std::fs::remove_file(env.path("source/b/empty")).unwrap();
+    std::fs::remove_file(env.path("source/b/gone")).unwrap();
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--prefetch"]);
+    let status = settled(&mount);
+
+    assert_eq!(file(&status, "/b/kept")["state"], "verified");
+    // An empty file missing on the source is not verified: nothing came from the source to say it exists.
+    for path in ["/b/grew", "/b/empty", "/b/gone"] {
+        assert_eq!(file(&status, path)["state"], "failed", "{path}: {status}");
+    }
+    // The totals count what is served: the bytes present are every byte of the files present.
+    assert_eq!(status["files_present"], 1);
+    assert_eq!(status["files_failed"], 3);
+    let present: u64 = status["files"].as_array().unwrap().iter().map(|f| f["bytes_present"].as_u64().unwrap()).sum();
+    assert_eq!(status["bytes_present"].as_u64().unwrap(), present);
+    let bytes_total: u64 = status["files"].as_array().unwrap().iter().map(|f| f["size"].as_u64().unwrap()).sum();
+    assert_eq!(status["bytes_total"].as_u64().unwrap(), bytes_total);
+
+    assert!(file(&status, "/b/grew")["error"].as_str().unwrap().contains("longer than the 50000 bytes"), "{status}");
+    // In words: settled, but not every byte is here, and why the counts fall short.
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains(": complete except 3 failed file(s): 39.06 KiB/117.19 KiB, 1/4 files present"), "{line}");
+
+    let out = env.run(&["wait", mount.mountpoint.to_str().unwrap(), "--timeout", "10"]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = stderr(&out);
+    let looked = env.path("source/b/gone");
+    assert!(
+        text.contains(&format!("failed: /b/gone: not found on the source (looked for {})", looked.display())),
+        "{text}"
+    );
+    // Each failure names its path once.
+    for line in text.lines() {
+        let path = line.split(": ").nth(1).unwrap();
+        assert_eq!(line.matches(path).count(), 1, "{line}");
+    }
+}
+
+#[test]
+fn mounting_on_a_recorded_directory_without_subtree_warns() {
+    let env = TestEnv::new();
+    let data = env.path("mnt/data");
+    let recorded = data.join("db");
+    let recorded = recorded.to_str().unwrap();
+    dataset(&env.path("source"), &env.path("images"), &[(recorded, 1000)]);
+    let source = Source::Local(env.path("source"));
+
+    let out = env.try_mount("data", &env.path("images"), &source, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("warning:") && text.contains(&format!("--subtree {}", data.display())), "{text}");
+    assert!(env.run(&["umount", data.to_str().unwrap()]).status.success());
+
+    let out = env.try_mount("data", &env.path("images"), &source, &["--subtree", data.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    assert_eq!(std::fs::metadata(recorded).unwrap().len(), 1000);
+    assert!(env.run(&["umount", data.to_str().unwrap()]).status.success());
+}
+
+#[test]
+fn the_mountpoint_is_checked_before_the_source() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/c/a", 10)]);
+    // Nothing listens on port 1: had the source been tried first, this would be a connection error.
+    let out = env
+        .lazyfs()
+        .args(["mount", env.path("mnt/missing").to_str().unwrap(), env.path("images").to_str().unwrap()])
+        .args(["root@127.0.0.1:1", "--cache-dir", env.path("cache").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no such directory"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("connect"), "{}", stderr(&out));
+
+    // Each attempt is marked in the cache dir's log, with what was asked.
+    let log = std::fs::read_to_string(env.path("cache/lazyfs.log")).unwrap();
+    assert_eq!(log.matches("==== lazyfs").count(), 1, "{log}");
+    assert!(log.contains(&format!("at {}", env.path("mnt/missing").display())), "{log}");
+}
+
+#[test]
+fn false_successes_are_failures() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/d/a", 10), ("/e/b", 20)]);
+    let images = env.path("images");
+    let manifest = env.path("out.manifest");
+
+    let out = env.run(&["verify", "--cache-dir", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("/nonexistent: not a lazyfs cache dir"), "{}", stderr(&out));
+    let out = env.run(&["verify", "--cache-dir", env.path("source").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let out =
+        env.run(&["manifest", images.to_str().unwrap(), "--root", "/nonexistent", "-o", manifest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!manifest.exists());
+    // A root where none of the files is: nothing to write.
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = env.run(&[
+        "manifest",
+        images.to_str().unwrap(),
+        "--root",
+        elsewhere.to_str().unwrap(),
+        "-o",
+        manifest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no manifest written"), "{}", stderr(&out));
+    assert!(!manifest.exists());
+
+    // --subtree: only what is below it, and no word about the rest.
+    std::fs::remove_file(env.path("source/e/b")).unwrap();
+    let root = env.path("source");
+    let args =
+        ["manifest", images.to_str().unwrap(), "--root", root.to_str().unwrap(), "-o", manifest.to_str().unwrap()];
+    let out = env.lazyfs().args(args).args(["--subtree", "/d"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("left out"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("hashed 1 files"), "{}", stderr(&out));
+    let out = env.lazyfs().args(args).args(["--subtree", "/nowhere"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
+fn man_pages_cover_every_subcommand_and_option() {
+    let env = TestEnv::new();
+    let dir = env.path("man");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(env.run(&["man", "--dir", dir.to_str().unwrap()]).status.success());
+    let main_page = std::fs::read_to_string(dir.join("lazyfs.1")).unwrap();
+    // Every page lazyfs(1) refers to exists.
+    let referred: Vec<&str> =
+        main_page.lines().filter_map(|l| l.strip_suffix("(1)")?.strip_prefix("lazyfs\\-")).collect();
+    assert!(referred.len() >= 9, "{main_page}");
+    for name in &referred {
+        assert!(dir.join(format!("lazyfs-{name}.1")).exists(), "lazyfs-{name}(1) is referred to but missing");
+        let out = env.run(&["man", name]);
+        assert!(out.status.success(), "lazyfs man {name}: {}", stderr(&out));
+        assert_eq!(out.stdout, std::fs::read(dir.join(format!("lazyfs-{name}.1"))).unwrap());
+    }
+    assert!(!main_page.contains("lazyfs\\-help"), "{main_page}");
+
+    // `lazyfs man mount` documents every option `lazyfs mount --help` lists.
+    let page = String::from_utf8(env.run(&["man", "mount"]).stdout).unwrap();
+    let help = String::from_utf8(env.run(&["mount", "--help"]).stdout).unwrap();
+    let options: Vec<&str> =
+        help.split_whitespace().filter(|w| w.starts_with("--")).map(|w| w.trim_end_matches([',', '.'])).collect();
+    assert!(options.len() > 15, "{help}");
+    for option in options {
+        assert!(page.contains(&option.replace('-', "\\-")), "{option} missing from lazyfs-mount(1)");
+    }
+    assert!(!page.contains("daemon"), "the internal flag is not documented");
+
+    // Every positional argument has help.
+    for name in ["wait", "umount", "prefetch", "status", "verify"] {
+        let help = String::from_utf8(env.run(&[name, "-h"]).stdout).unwrap();
+        let arguments = help.split("Arguments:").nth(1).unwrap().split("Options:").next().unwrap();
+        for line in arguments.lines().filter(|l| l.trim_start().starts_with('[') || l.trim_start().starts_with('<')) {
+            assert!(line.trim().contains("  "), "{name}: an argument without help: {line:?}");
+        }
+    }
+    assert_eq!(env.run(&["man", "nope"]).status.code(), Some(2));
+}
