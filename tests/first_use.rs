@@ -206,3 +206,55 @@ fn man_pages_cover_every_subcommand_and_option() {
     }
     assert_eq!(env.run(&["man", "nope"]).status.code(), Some(2));
 }
+
+#[test]
+fn the_log_holds_no_noise_and_stays_off_the_bars() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/l/a", 200_000), ("/l/b", 10)]);
+
+    // `mount -f` on a terminal: bars on the screen, the log in the cache dir.
+    let mountpoint = env.path("mnt/fg");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mp = mountpoint.to_str().unwrap();
+    let command = format!(
+        "{} mount -f --prefetch {mp} {} {} --cache-dir {}",
+        env!("CARGO_BIN_EXE_lazyfs"),
+        env.path("images").display(),
+        env.path("source").display(),
+        env.path("cache/fg").display()
+    );
+    let foreground = env
+        .lazyfs_with("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = env.run(&["wait", mp, "--timeout", "60"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A file held open: the unmount is refused, then a signal detaches the busy mount.
+    let held = std::fs::File::open(mountpoint.join("l/a")).unwrap();
+    let out = env.run(&["umount", mp]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("busy"), "{}", stderr(&out));
+    let pid = env.run(&["status", mp, "--json"]).stdout;
+    let pid: Value = serde_json::from_slice(&pid).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid["pid"].as_i64().unwrap() as i32), nix::sys::signal::SIGTERM)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(held);
+    let out = foreground.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("mounted at"), "{screen}");
+    assert!(!screen.contains(" INFO ") && !screen.contains(" WARN "), "log lines among the bars: {screen}");
+    let log = std::fs::read_to_string(env.path("cache/fg/lazyfs.log")).unwrap();
+    assert!(log.contains("==== lazyfs") && log.contains("signal 15: unmounting"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
