@@ -42,7 +42,7 @@ impl Server {
                 let (status, prefetch, events) = (status.clone(), prefetch.clone(), events.clone());
                 let _ = std::thread::Builder::new()
                     .name("lazyfs-control-client".into())
-                    .spawn(move || serve_client(stream, &*status, &*prefetch, &events));
+                    .spawn(move || serve_client(stream, status, prefetch, &events));
             }
         })?;
         Ok(Server { socket: socket.to_path_buf() })
@@ -63,12 +63,7 @@ fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
     write_message(stream, &Response { kind: Some(kind) })
 }
 
-fn serve_client(
-    mut stream: UnixStream,
-    status: &dyn Fn(bool) -> Status,
-    prefetch: &dyn Fn(&[Vec<u8>]) -> Result<u64, String>,
-    events: &Sender<ControlEvent>,
-) {
+fn serve_client(mut stream: UnixStream, status: StatusHook, prefetch: PrefetchHook, events: &Sender<ControlEvent>) {
     while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
         let sent = match request.kind {
             Some(request::Kind::Status(request)) => {

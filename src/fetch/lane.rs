@@ -239,6 +239,16 @@ fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
     }
 }
 
+/// Writing fetched bytes into `file`'s spill file failed: the error names
+/// the spill file once.
+fn spill_error(file: &FetchFile, e: crate::store::StoreError) -> SourceError {
+    let source = match e {
+        crate::store::StoreError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    };
+    SourceError::Io { path: file.spill.path().to_path_buf(), source }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,14 +262,4 @@ mod tests {
         assert_eq!(job.chunks, 2..6);
         assert_eq!(queue.len(), 1);
     }
-}
-
-/// Writing fetched bytes into `file`'s spill file failed: the error names
-/// the spill file once.
-fn spill_error(file: &FetchFile, e: crate::store::StoreError) -> SourceError {
-    let source = match e {
-        crate::store::StoreError::Io { source, .. } => source,
-        other => std::io::Error::other(other.to_string()),
-    };
-    SourceError::Io { path: file.spill.path().to_path_buf(), source }
 }
