@@ -137,14 +137,17 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     if !args.foreground {
         return spawn_daemon(args, &request);
     }
+    let log = request.cache_dir.join("lazyfs.log");
     let prepared = mount::prepare(request).map_err(mount_failed)?;
     for warning in &prepared.warnings {
         eprintln!("lazyfs: warning: {warning}");
     }
     mount::serve(prepared, |mountpoint| {
-        eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         if std::io::stderr().is_terminal() {
+            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
             show_bars(mountpoint.to_path_buf());
+        } else {
+            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         }
     })
     .map_err(mount_failed)?;
@@ -528,4 +531,18 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         return exit.code;
     }
     if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_says_each_thing_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOTDIR);
+        let err = anyhow::Error::new(io).context("/a/b: Not a directory (os error 20)").context("opening /a/b");
+        assert_eq!(one_line(&err), "opening /a/b: /a/b: Not a directory (os error 20)");
+        let err = anyhow::anyhow!("two\nlines").context("first");
+        assert_eq!(one_line(&err), "first: two lines");
+    }
 }

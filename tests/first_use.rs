@@ -295,3 +295,44 @@ fn the_demo_runs_in_well_under_a_minute() {
         assert!(stdout.contains("criu restore: skipped"), "{stdout}");
     }
 }
+
+/// A cache that fills up: the failure names the spill file once, and the path once.
+#[test]
+fn a_full_cache_is_said_once() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/f/one", 700_000), ("/f/two", 700_000)]);
+    let cache = env.path("small-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let tmpfs = nix::mount::mount(
+        Some("tmpfs"),
+        &cache,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m,mode=0700"),
+    );
+    tmpfs.expect("mounting a 1 MiB tmpfs (tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(cache.clone());
+    let mountpoint = env.path("mnt/full");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let out = env
+        .lazyfs()
+        .args(["mount", "--prefetch", "-j", "1", mountpoint.to_str().unwrap(), env.path("images").to_str().unwrap()])
+        .args([env.path("source").to_str().unwrap(), "--cache-dir", cache.join("c").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.run(&["wait", mountpoint.to_str().unwrap(), "--timeout", "60"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    let line = text.lines().find(|l| l.contains("No space left")).unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(line.matches("/spill/").count(), 1, "{line}");
+    assert_eq!(line.matches("/f/").count(), 1, "{line}");
+    assert!(!line.contains("No space left on device (os error 28): No space"), "{line}");
+    assert!(env.run(&["umount", mountpoint.to_str().unwrap()]).status.success());
+}
