@@ -30,7 +30,6 @@ fn a_file_fetched_again_drops_what_the_kernel_cached_of_it() {
     // own: the registry of live mounts goes to the test's directory.
     unsafe { std::env::set_var("LAZYFS_RUNTIME_DIR", core.dir.path()) };
     let mountpoint = core.dir.path().join("mnt");
-    std::fs::create_dir_all(&mountpoint).unwrap();
     let prepared = core.prepare(4).unwrap();
     let _unmount = Unmount(mountpoint.clone());
     let (ready_tx, ready) = std::sync::mpsc::channel();

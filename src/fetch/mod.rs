@@ -26,9 +26,9 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::control::proto::FileState;
@@ -460,10 +460,11 @@ pub(crate) struct Shared {
     health: Arc<lane::Health>,
     /// How to name the source in messages.
     source_name: String,
-    prefetching: bool,
+    /// Background prefetch runs (from the start, or since `lazyfs prefetch`).
+    prefetching: AtomicBool,
     /// Told the index of a file whose bytes start over, so copies of the old
     /// ones (the kernel's page cache) are dropped.
-    started_over: std::sync::OnceLock<StartedOver>,
+    started_over: OnceLock<StartedOver>,
 }
 
 /// What is told of a file whose bytes start over.
@@ -609,7 +610,7 @@ impl Shared {
                 file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
                 let reason = format!("{e}: the cache filesystem is full; waiting for space");
                 self.health.cache_full(Some(reason.clone()));
-                if self.prefetching {
+                if self.prefetching.load(Ordering::Relaxed) {
                     self.queue.push_later(index, NO_SPACE_RETRY);
                 }
                 log::warn!("{reason}");
@@ -741,7 +742,7 @@ impl Shared {
             claims
         };
         // A file someone waits for jumps the prefetch queue.
-        if self.prefetching {
+        if self.prefetching.load(Ordering::Relaxed) {
             self.queue.promote(index);
         }
         for claim in claims {
@@ -754,8 +755,12 @@ impl Shared {
 
 pub struct Fetcher {
     shared: Arc<Shared>,
+    source: Arc<dyn Source>,
     on_demand: Sender<lane::Job>,
-    prefetch: Option<prefetch::Workers>,
+    /// Started by `--prefetch`, or later by `lazyfs prefetch`.
+    prefetch: OnceLock<prefetch::Workers>,
+    /// The files background prefetch was asked for.
+    prefetch_wanted: Vec<AtomicBool>,
 }
 
 impl Fetcher {
@@ -779,8 +784,8 @@ impl Fetcher {
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
-            prefetching: config.jobs > 0,
-            started_over: std::sync::OnceLock::new(),
+            prefetching: AtomicBool::new(false),
+            started_over: OnceLock::new(),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         for (index, file) in shared.files.iter().enumerate() {
@@ -790,8 +795,43 @@ impl Fetcher {
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
         let on_demand = lane::spawn_on_demand(link, shared.clone());
-        let prefetch = (config.jobs > 0).then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
-        Fetcher { shared, on_demand, prefetch }
+        let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
+        let fetcher = Fetcher { shared, source, on_demand, prefetch: OnceLock::new(), prefetch_wanted };
+        if config.jobs > 0 {
+            fetcher.prefetch(None, config.jobs);
+        }
+        fetcher
+    }
+
+    /// Streams `files` (every file when `None`) in the background, starting
+    /// `jobs` workers unless prefetch runs already. Returns how many of them
+    /// still had bytes to fetch.
+    pub fn prefetch(&self, files: Option<&[usize]>, jobs: usize) -> usize {
+        let shared = &self.shared;
+        self.prefetch.get_or_init(|| prefetch::Workers::start(self.source.clone(), shared.clone(), jobs));
+        shared.prefetching.store(true, Ordering::Relaxed);
+        let all: Vec<usize>;
+        let files = match files {
+            Some(files) => files,
+            None => {
+                all = (0..shared.files.len()).collect();
+                &all
+            }
+        };
+        let mut queued = 0;
+        for &index in files {
+            self.prefetch_wanted[index].store(true, Ordering::Relaxed);
+            if !shared.files[index].needs_nothing() {
+                shared.queue.push(index);
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// Whether background prefetch was asked for file `index`.
+    pub fn prefetch_wanted(&self, index: usize) -> bool {
+        self.prefetch_wanted[index].load(Ordering::Relaxed)
     }
 
     pub fn file(&self, index: usize) -> &Arc<FetchFile> {
@@ -808,7 +848,7 @@ impl Fetcher {
     }
 
     pub fn prefetching(&self) -> bool {
-        self.prefetch.is_some()
+        self.prefetch.get().is_some()
     }
 
     /// `tell` hears of every file whose bytes start over (fetched again
@@ -893,7 +933,7 @@ impl Fetcher {
     /// Stops prefetching and makes everything known durable.
     pub fn stop(&self) -> Result<(), StoreError> {
         self.shared.queue.close();
-        if let Some(workers) = &self.prefetch {
+        if let Some(workers) = self.prefetch.get() {
             workers.join();
         }
         self.shared.journal.flush()
@@ -909,7 +949,7 @@ impl Fetcher {
 
 impl Drop for Fetcher {
     fn drop(&mut self) {
-        if self.prefetch.is_some() {
+        if self.prefetching() {
             self.shared.queue.close();
         }
     }

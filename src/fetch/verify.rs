@@ -88,6 +88,10 @@ fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Re
                     shared.restart(index, generation, "changed on the source during the transfer");
                     return;
                 }
+                // An empty file brought no bytes: only this look says it exists.
+                Some(Err(e @ SourceError::NotFound { .. })) if size == 0 => {
+                    return file.fail_file(e.to_string());
+                }
                 // Every byte arrived and matched the recorded size: keep them.
                 Some(Err(e @ SourceError::NotFound { .. })) => {
                     log::warn!("{e} any more; keeping the bytes received")

@@ -153,7 +153,7 @@ pub struct Core {
     pub cache: PathBuf,
     pub images: PathBuf,
     pub source: PathBuf,
-    prepared: Option<(Prepared, Instant)>,
+    prepared: Option<Prepared>,
 }
 
 impl Core {
@@ -162,6 +162,8 @@ impl Core {
         let dir = tempfile::Builder::new().prefix("lazyfs-core").tempdir().unwrap();
         let (images, source, cache) = (dir.path().join("images"), dir.path().join("source"), dir.path().join("cache"));
         Core::write_checkpoint(&images, &source, files);
+        // The core checks its mountpoint (empty, there), though it mounts nothing.
+        std::fs::create_dir_all(dir.path().join("mnt")).unwrap();
         Core { dir, plan: Arc::default(), cache, images, source, prepared: None }
     }
 
@@ -185,7 +187,7 @@ impl Core {
     pub fn write_manifest(&self) {
         let checkpoint = lazyfs::images::Checkpoint::load(&self.images).unwrap();
         let output = self.images.join(lazyfs::manifest::DEFAULT_NAME);
-        lazyfs::manifest::create(&checkpoint, &self.source, &output).unwrap();
+        lazyfs::manifest::create(&checkpoint, &self.source, None, &output).unwrap();
     }
 
     pub fn request(&self, jobs: usize) -> MountRequest {
@@ -214,31 +216,32 @@ impl Core {
     pub fn mount(&mut self, jobs: usize) -> Result<(), MountError> {
         assert!(self.prepared.is_none(), "mounted already");
         let prepared = self.prepare(jobs)?;
-        self.prepared = Some((prepared, Instant::now()));
+        self.prepared = Some(prepared);
         Ok(())
     }
 
     /// The core, prepared for `mount::serve` (a real FUSE mount).
     pub fn prepare(&self, jobs: usize) -> Result<Prepared, MountError> {
-        let inner = lazyfs::source::open(&SourceSpec::Local(self.source.clone()), Path::new("/")).unwrap();
-        let source: Arc<dyn Source> = Arc::new(FaultSource { inner, plan: self.plan.clone() });
-        prepare_with(self.request(jobs), source)
+        let (root, plan) = (self.source.clone(), self.plan.clone());
+        prepare_with(self.request(jobs), move || {
+            let inner = lazyfs::source::open(&SourceSpec::Local(root), Path::new("/"))?;
+            Ok(Arc::new(FaultSource { inner, plan }) as Arc<dyn Source>)
+        })
     }
 
     /// A clean unmount: the journal is compacted.
     pub fn unmount(&mut self) {
-        let (prepared, started) = self.prepared.take().expect("mounted");
-        prepared.finish(started);
+        self.prepared.take().expect("mounted").finish();
     }
 
     /// The process dies: nothing more is written than the journal had.
     pub fn kill(&mut self) {
-        let (prepared, _) = self.prepared.take().expect("mounted");
+        let prepared = self.prepared.take().expect("mounted");
         let _ = prepared.fs.fetcher().stop();
     }
 
     pub fn fs(&self) -> &Filesystem {
-        &self.prepared.as_ref().expect("mounted").0.fs
+        &self.prepared.as_ref().expect("mounted").fs
     }
 
     pub fn ino(&self, path: &str) -> u64 {
