@@ -608,7 +608,7 @@ impl Shared {
                 // Not the file's fault: give the blocks back, tell the readers
                 // waiting, and try again once there may be room.
                 file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
-                let reason = format!("{e}: the cache filesystem is full; waiting for space");
+                let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
                 self.health.cache_full(Some(reason.clone()));
                 if self.prefetching.load(Ordering::Relaxed) {
                     self.queue.push_later(index, NO_SPACE_RETRY);
