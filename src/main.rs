@@ -73,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &ls::to_json(&checkpoint))?;
@@ -81,6 +82,12 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
         ls::write_table(&checkpoint, &mut out).context("writing the listing")?;
     }
     Ok(exit::SUCCESS)
+}
+
+fn warn_incomplete(warning: Option<String>) {
+    if let Some(warning) = warning {
+        eprintln!("lazyfs: warning: {warning}");
+    }
 }
 
 fn mount_failed(e: MountError) -> anyhow::Error {
@@ -96,6 +103,7 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
         return spawn_daemon(args, &request);
     }
     let prepared = mount::prepare(request).map_err(mount_failed)?;
+    warn_incomplete(prepared.warning.clone());
     mount::serve(prepared, |mountpoint| {
         eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         if std::io::stderr().is_terminal() {
@@ -123,8 +131,9 @@ fn show_bars(mountpoint: PathBuf) {
     });
 }
 
-/// The background process: says `ready` or `error CODE MESSAGE` on stdout
-/// (read by the `lazyfs mount` that started it), then serves.
+/// The background process: says `warning MESSAGE` (images not a whole dump),
+/// then `ready` or `error CODE MESSAGE` on stdout (read by the `lazyfs mount`
+/// that started it), then serves.
 fn serve_as_daemon(request: MountRequest) -> u8 {
     let ready = |_: &Path| {
         println!("ready");
@@ -134,7 +143,12 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
-    match mount::prepare(request).and_then(|prepared| mount::serve(prepared, ready)) {
+    let prepared = mount::prepare(request).inspect(|prepared| {
+        if let Some(warning) = &prepared.warning {
+            println!("warning {}", warning.replace('\n', " "));
+        }
+    });
+    match prepared.and_then(|prepared| mount::serve(prepared, ready)) {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -171,8 +185,15 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
     }
     let mut child = command.spawn().context("starting the background process")?;
     let mut line = String::new();
-    let stdout = child.stdout.take().expect("piped");
-    std::io::BufReader::new(stdout).read_line(&mut line).context("waiting for the background process")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    loop {
+        line.clear();
+        stdout.read_line(&mut line).context("waiting for the background process")?;
+        match line.trim_end().strip_prefix("warning ") {
+            Some(warning) => warn_incomplete(Some(warning.to_string())),
+            None => break,
+        }
+    }
     match line.trim_end().split_once(' ') {
         _ if line.trim_end() == "ready" => Ok(exit::SUCCESS),
         Some(("error", rest)) => {

@@ -148,12 +148,18 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
+    /// What to tell the user before mounting (images that are not a whole dump).
+    pub warning: Option<String>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
 /// failure here happens before anything is mounted.
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     let checkpoint = Checkpoint::load(&request.imgdir)?;
+    let images_warning = checkpoint.warning();
+    if let Some(warning) = &images_warning {
+        log::warn!("{warning}");
+    }
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
         .servable()
@@ -238,7 +244,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
     let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, warning: images_warning })
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,

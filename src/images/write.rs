@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::framing::{self, encode_entries};
 use super::proto::{
     CoreEntry, FdinfoEntry, FileEntry, FownEntry, FsEntry, InventoryEntry, MmEntry, PstreeEntry, RegFileEntry,
-    TaskKobjIdsEntry,
+    TaskCoreEntry, TaskKobjIdsEntry,
 };
 
 /// A file the written dump records as open.
@@ -70,7 +70,10 @@ pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
         "pstree.img",
         encode_entries(framing::PSTREE, &[PstreeEntry { pid: PID, ppid: 0, pgid: PID, sid: PID, threads: vec![PID] }]),
     )?;
-    write(&format!("core-{PID}.img"), encode_entries(framing::CORE, &[CoreEntry { ids: Some(ids) }]))?;
+    write(
+        &format!("core-{PID}.img"),
+        encode_entries(framing::CORE, &[CoreEntry { tc: Some(TaskCoreEntry { task_state: Some(1) }), ids: Some(ids) }]),
+    )?;
     write("files.img", encode_entries(framing::FILES, &entries))?;
     write("fdinfo-1.img", encode_entries(framing::FDINFO, &fds))?;
     write(&format!("mm-{PID}.img"), encode_entries(framing::MM, &[MmEntry { exe_file_id, ..Default::default() }]))?;

@@ -14,7 +14,7 @@ pub fn fixtures() -> PathBuf {
 /// The image directories with an `expected-files.json` made by CRIU's own decoder.
 pub fn expected_dirs() -> Vec<(PathBuf, PathBuf)> {
     let mut dirs = Vec::new();
-    for group in ["real", "synthetic"] {
+    for group in ["real", "synthetic", "incomplete"] {
         for entry in std::fs::read_dir(fixtures().join(group)).unwrap() {
             let dir = entry.unwrap().path();
             let images = if dir.join("images").is_dir() { dir.join("images") } else { dir.clone() };
