@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::mount::{Mount, TestEnv, content, is_mounted};
+use common::mount::{Mount, TestEnv, is_mounted};
 use common::sshd::Sshd;
 use serde_json::Value;
 
@@ -221,15 +221,10 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     let criu = build_criu();
     let env = TestEnv::new();
     let (data, run, img) = (env.path("data"), env.path("run"), env.path("img"));
-    for dir in [data.join("sub"), run.clone(), img.clone()] {
+    for dir in [run.clone(), img.clone()] {
         std::fs::create_dir_all(dir).unwrap();
     }
-    std::fs::write(data.join("data.bin"), content("data.bin", 3_000_000)).unwrap();
-    std::fs::write(data.join("big.bin"), content("big.bin", 8 << 20)).unwrap();
-    std::fs::write(data.join("twice.txt"), "twice original\n").unwrap();
-    std::fs::write(data.join("sub/mapped.bin"), content("mapped.bin", 100_000)).unwrap();
-    std::fs::write(data.join("opath.txt"), "opath\n").unwrap();
-    std::fs::write(data.join("app.log"), "first line, before the dump\n").unwrap();
+    common::write_workload_files(&data);
 
     // The tree, dumped: CRIU kills it once its images are written.
     start_pids_high();

@@ -37,6 +37,10 @@ fn old_root(env: &TestEnv) -> PathBuf {
     for dump in ["d1-kill", "d2-leave-running", "d3-fork", "d4-mntns"] {
         std::fs::write(root.join("tmp/criu-work/src-data").join(dump).join("big-1MiB.bin"), &big).unwrap();
     }
+    // The workload dump's data directory, where tests/criu_restore.rs had it.
+    let workload = Checkpoint::load(&common::fixtures().join("real/workload/images")).unwrap();
+    let data_bin = workload.files.iter().find(|f| f.path.ends_with("data/data.bin")).expect("data.bin recorded");
+    common::write_workload_files(&root.join(data_bin.path.parent().unwrap().strip_prefix("/").unwrap()));
     root
 }
 

@@ -28,3 +28,26 @@ pub fn expected_dirs() -> Vec<(PathBuf, PathBuf)> {
 pub fn lazyfs(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lazyfs")).args(args).output().expect("run lazyfs")
 }
+
+/// The files of tests/criu/workload.py's data directory, by relative path:
+/// what tests/criu_restore.rs dumps, and what tests/fixtures/real/workload
+/// (a dump it kept) recorded.
+pub fn workload_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("data.bin", mount::content("data.bin", 3_000_000)),
+        ("big.bin", mount::content("big.bin", 8 << 20)),
+        ("twice.txt", b"twice original\n".to_vec()),
+        ("sub/mapped.bin", mount::content("mapped.bin", 100_000)),
+        ("opath.txt", b"opath\n".to_vec()),
+        ("app.log", b"first line, before the dump\n".to_vec()),
+    ]
+}
+
+/// Writes [`workload_files`] below `dir`.
+pub fn write_workload_files(dir: &Path) {
+    for (rel, bytes) in workload_files() {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
