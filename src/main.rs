@@ -380,6 +380,7 @@ fn select_files<'a>(
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
     let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output)
         .map_err(|e| Exit { code: exit::RUNTIME, message: e.to_string() })?;
