@@ -361,7 +361,8 @@ impl<'a> Loader<'a> {
         let io = |e| ImageError::new(self.dir, ImageErrorKind::Io(e));
         let mut names = Vec::new();
         for entry in std::fs::read_dir(self.dir).map_err(io)? {
-            let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+            // CRIU names its images in ASCII: nothing else is one.
+            let Ok(name) = entry.map_err(io)?.file_name().into_string() else { continue };
             if name.starts_with(prefix) && name.ends_with(".img") {
                 names.push(name);
             }
