@@ -57,13 +57,16 @@ fn build_criu() -> PathBuf {
 /// keeps its pids clear of everything started before, and processes started
 /// after the dump (sshd sessions, lazyfs) take the pids after the tree's.
 fn start_pids_high() {
+    let write = |file: &str, value: u64| {
+        std::fs::write(file, value.to_string())
+            .unwrap_or_else(|e| panic!("writing {value} to {file} (needs root): {e}"))
+    };
     let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
     if pid_max < 1 << 22 {
-        std::fs::write("/proc/sys/kernel/pid_max", (1u64 << 22).to_string()).unwrap();
+        write("/proc/sys/kernel/pid_max", 1 << 22);
     }
     let noise = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    let base = 3_000_000 + (noise ^ std::process::id()) % 1_000_000;
-    std::fs::write("/proc/sys/kernel/ns_last_pid", base.to_string()).unwrap();
+    write("/proc/sys/kernel/ns_last_pid", 3_000_000 + u64::from((noise ^ std::process::id()) % 1_000_000));
 }
 
 /// tests/criu/reaper.py running a command: its `pid N` and `exit N` lines.
