@@ -259,6 +259,15 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
             }
         }
     }
+    // A core image per task and per thread (the root's two threads beside
+    // its main one); the zombie has nothing else.
+    let cores = std::fs::read_dir(&img)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("core-"));
+    assert_eq!(cores.count(), 6, "4 processes and 2 more threads");
+    for image in ["ids", "mm", "fs"] {
+        assert!(!img.join(format!("{image}-{}.img", pids["zombie"])).exists());
+    }
     check_listing(&env, &img, &data, &pids);
 
     // The old host: the data moves under the sshd's --source-root; the
