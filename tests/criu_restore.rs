@@ -361,6 +361,7 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
         let file = status["files"].as_array().unwrap().iter().find(|f| f["path"] == path.to_str().unwrap()).cloned();
         file.unwrap_or_else(|| panic!("{rel} not in status"))["state"].clone()
     };
+    assert_eq!(status["files_total"], common::workload_files().len(), "the data directory's files, served");
     assert_eq!(state_of("twice.txt"), "modified");
     assert_eq!(state_of("data.bin"), "verified");
 
