@@ -23,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::listing::{expected_rows, loaded_rows};
 use common::mount::{Mount, TestEnv, is_mounted};
 use common::sshd::Sshd;
 use serde_json::Value;
@@ -225,6 +226,26 @@ fn check_listing(env: &TestEnv, img: &Path, data: &Path, pids: &Value) {
     assert!(ghost.is_some_and(|g| g["servable"] == false), "the deleted file is CRIU's to restore");
 }
 
+/// The fresh dump's listing equals what CRIU's own decoder finds: pycriu of
+/// the very CRIU that wrote it (tests/criu/make-pycriu builds it from the
+/// source build-criu built), read by tests/fixtures/tools/expected_from_pycriu.py.
+fn compare_with_pycriu(env: &TestEnv, criu: &Path, img: &Path) {
+    let source = criu.parent().and_then(Path::parent).expect("build-criu's binary is SRC/criu/criu");
+    let python_path = env.path("pycriu");
+    let made = Command::new(criu_dir().join("make-pycriu")).arg(source).arg(&python_path).output().unwrap();
+    assert!(made.status.success(), "make-pycriu: {}", String::from_utf8_lossy(&made.stderr));
+    let decoded = Command::new(PYTHON)
+        .arg(common::fixtures().join("tools/expected_from_pycriu.py"))
+        .arg(img)
+        .env("PYTHONPATH", &python_path)
+        .output()
+        .unwrap();
+    assert!(decoded.status.success(), "expected_from_pycriu.py: {}", String::from_utf8_lossy(&decoded.stderr));
+    let expected: Value = serde_json::from_slice(&decoded.stdout).unwrap();
+    let checkpoint = lazyfs::images::Checkpoint::load(img).unwrap();
+    assert_eq!(loaded_rows(&checkpoint), expected_rows(&expected), "lazyfs and pycriu differ on {}", img.display());
+}
+
 #[test]
 fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     let criu = build_criu();
@@ -275,6 +296,7 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
         assert!(!img.join(format!("{image}-{}.img", pids["zombie"])).exists());
     }
     check_listing(&env, &img, &data, &pids);
+    compare_with_pycriu(&env, &criu, &img);
 
     // The old host: the data moves under the sshd's --source-root; the
     // original directory stays, empty, as the mountpoint.

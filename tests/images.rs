@@ -7,73 +7,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
+use common::listing::{expected_rows, loaded_rows};
 use lazyfs::images::{Checkpoint, Layout, Unservable, Usage};
 use serde_json::Value;
-
-/// (path, size, mode, regular, ghost, sorted users) as expected-files.json has them.
-type Row = (String, Option<u64>, Option<u64>, bool, bool, Vec<String>);
-
-fn expected_rows(file: &std::path::Path) -> Vec<Row> {
-    let list: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
-    let mut rows: Vec<Row> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let mut users: Vec<String> = e["users"].as_array().unwrap().iter().map(user_key).collect();
-            users.sort();
-            (
-                e["path"].as_str().unwrap().to_string(),
-                e["size"].as_u64(),
-                e["mode"].as_u64(),
-                e["regular"].as_bool().unwrap(),
-                e["ghost"].as_bool().unwrap(),
-                users,
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
-
-fn user_key(user: &Value) -> String {
-    match user.get("fd") {
-        Some(fd) => format!("{} fd {}", user["pid"], fd),
-        None => format!("{} {}", user["pid"], user["kind"].as_str().unwrap()),
-    }
-}
-
-fn loaded_rows(checkpoint: &Checkpoint) -> Vec<Row> {
-    let mut rows: Vec<Row> = checkpoint
-        .files
-        .iter()
-        .map(|f| {
-            let regular = !matches!(f.unservable, Some(Unservable::NotRegular(_)));
-            let mut users: Vec<String> = f
-                .users
-                .iter()
-                .map(|u| {
-                    let pid = u.pid.map_or_else(|| "null".to_string(), |pid| pid.to_string());
-                    match u.usage {
-                        Usage::Fd { fd, .. } => format!("{pid} fd {fd}"),
-                        other => format!("{pid} {}", other.kind()),
-                    }
-                })
-                .collect();
-            users.sort();
-            (
-                f.path.to_string_lossy().into_owned(),
-                if regular { f.size } else { None },
-                f.mode.map(u64::from),
-                regular,
-                matches!(f.unservable, Some(Unservable::Ghost { .. })),
-                users,
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
 
 #[test]
 fn every_fixture_matches_criu_own_decoder() {
@@ -81,6 +17,7 @@ fn every_fixture_matches_criu_own_decoder() {
     assert!(dirs.len() >= 18, "fixtures missing: {dirs:?}");
     for (images, expected) in dirs {
         let checkpoint = Checkpoint::load(&images).unwrap_or_else(|e| panic!("{e}"));
+        let expected: Value = serde_json::from_slice(&std::fs::read(&expected).unwrap()).unwrap();
         let (want, got) = (expected_rows(&expected), loaded_rows(&checkpoint));
         for (w, g) in want.iter().zip(&got) {
             assert_eq!(w, g, "in {}", images.display());
