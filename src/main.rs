@@ -116,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &ls::to_json(&checkpoint))?;
@@ -124,6 +125,12 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
         ls::write_table(&checkpoint, &mut out).context("writing the listing")?;
     }
     Ok(exit::SUCCESS)
+}
+
+fn warn_incomplete(warning: Option<String>) {
+    if let Some(warning) = warning {
+        eprintln!("lazyfs: warning: {warning}");
+    }
 }
 
 fn mount_failed(e: MountError) -> anyhow::Error {
@@ -172,8 +179,9 @@ fn show_bars(mountpoint: PathBuf) {
     });
 }
 
-/// The background process: says `ready` or `error CODE MESSAGE` on stdout
-/// (read by the `lazyfs mount` that started it), then serves.
+/// The background process: says `warning MESSAGE` (images not a whole dump),
+/// then `ready` or `error CODE MESSAGE` on stdout (read by the `lazyfs mount`
+/// that started it), then serves.
 fn serve_as_daemon(request: MountRequest) -> u8 {
     let ready = |_: &Path| {
         println!("ready");
@@ -476,6 +484,7 @@ fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
     use lazyfs::manifest::ManifestError;
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
     let summary =
         lazyfs::manifest::create(&checkpoint, &args.root, args.subtree.as_deref(), &output).map_err(|e| Exit {

@@ -11,7 +11,7 @@ use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, exit};
 use crate::control::{self, ControlEvent, registry};
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
-use crate::fs::{Filesystem, FsConfig};
+use crate::fs::{Filesystem, FsConfig, ServedSpec};
 use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
@@ -190,7 +190,7 @@ pub fn prepare_with(
     }
     // What is local is checked before the source is asked anything.
     check_mountpoint(&request.mountpoint)?;
-    let warnings: Vec<String> = subtree_warning(&request, &paths).into_iter().collect();
+    let warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
     for warning in &warnings {
         log::warn!("{warning}");
     }
@@ -280,8 +280,15 @@ pub fn prepare_with(
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
     };
-    let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
-    let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
+    let specs = served
+        .iter()
+        .map(|f| ServedSpec {
+            path: f.path.clone(),
+            mode: f.mode.unwrap_or(0o100644),
+            written: f.flags & libc::O_ACCMODE as u32 != 0,
+        })
+        .collect();
+    let fs = Filesystem::new(ns, specs, fetcher, config);
     Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings })
 }
 
