@@ -2,13 +2,18 @@
 //! namespace, the fetcher and the spill files. Knows nothing of FUSE: the
 //! adapter in `fuse.rs` turns these results into replies and errnos.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime};
 
 use crate::fetch::{FetchError, Fetcher};
-use crate::namespace::{Ino, Namespace, NodeKind, ROOT_INO};
+use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, ROOT_INO};
+use crate::store::journal::proto::{Local, LocalOp};
+use crate::store::local::LocalFiles;
 
 /// An operation's failure: the errno the caller gets, and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -40,6 +45,8 @@ impl From<crate::store::StoreError> for FsError {
 pub enum Kind {
     Dir,
     File,
+    Symlink,
+    Fifo,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,21 +80,10 @@ pub struct StatFs {
     pub files: u64,
 }
 
-/// One served file's attributes that may change locally.
-struct Meta {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    atime: SystemTime,
-    mtime: SystemTime,
-    ctime: SystemTime,
-}
-
-/// A file the mount serves.
+/// A file of the checkpoint the mount serves.
 pub struct ServedFile {
     /// The path the checkpoint recorded.
     pub path: PathBuf,
-    meta: Mutex<Meta>,
     /// Whether a process of the checkpoint had it open for writing.
     written: bool,
 }
@@ -108,39 +104,119 @@ pub struct FsConfig {
     pub gid: u32,
 }
 
+/// Who makes a new node: its owner.
+#[derive(Debug, Clone, Copy)]
+pub struct Creator {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+const XATTR_CREATE: i32 = libc::XATTR_CREATE;
+const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
+
+/// The checkpoint's files plus the local layer: names, attributes and new
+/// files changed through the mount, each change journaled (and the journal
+/// fsynced) before it is acknowledged. The source is never written.
 pub struct Filesystem {
-    ns: Namespace,
-    files: Vec<Arc<ServedFile>>,
+    ns: Arc<RwLock<Namespace>>,
+    /// The local changes made so far (replayed and new), in order.
+    changes: Mutex<Vec<Local>>,
+    files: Vec<ServedFile>,
+    local: LocalFiles,
+    /// Open handles per inode: an unlinked file lives until its last close.
+    opens: Mutex<HashMap<Ino, u32>>,
     fetcher: Fetcher,
     config: FsConfig,
-    started: SystemTime,
 }
 
 pub type ReadReply = Box<dyn FnOnce(Result<&[u8], FsError>) + Send>;
 pub type WriteReply = Box<dyn FnOnce(Result<u32, FsError>) + Send>;
 pub type AttrReply = Box<dyn FnOnce(Result<Attr, FsError>) + Send>;
 
+fn not_found(ino: Ino) -> FsError {
+    FsError::new(libc::ENOENT, format!("no inode {ino}"))
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+fn from_nanos(ns: i64) -> SystemTime {
+    match u64::try_from(ns) {
+        Ok(n) => SystemTime::UNIX_EPOCH + Duration::from_nanos(n),
+        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs()),
+    }
+}
+
+fn bytes(path: &Path) -> Vec<u8> {
+    path.as_os_str().as_bytes().to_vec()
+}
+
+fn os(bytes: &[u8]) -> &OsStr {
+    OsStr::from_bytes(bytes)
+}
+
 impl Filesystem {
-    /// `modes[i]` is the recorded mode of fetcher file `i`.
-    pub fn new(ns: Namespace, specs: Vec<ServedSpec>, fetcher: Fetcher, config: FsConfig) -> Self {
+    /// `specs[i]` describes fetcher file `i`; `replay` are the local changes a
+    /// journal holds, made again in order over the checkpoint's tree.
+    pub fn new(
+        mut ns: Namespace,
+        specs: Vec<ServedSpec>,
+        fetcher: Fetcher,
+        local: LocalFiles,
+        replay: &[Local],
+        config: FsConfig,
+    ) -> Result<Self, crate::store::StoreError> {
         let started = SystemTime::now();
-        let files = specs
-            .into_iter()
-            .map(|ServedSpec { path, mode, written }| {
-                let meta =
-                    Meta { mode, uid: config.uid, gid: config.gid, atime: started, mtime: started, ctime: started };
-                Arc::new(ServedFile { path, meta: Mutex::new(meta), written })
-            })
-            .collect();
-        Filesystem { ns, files, fetcher, config, started }
+        for node in ns.nodes_mut() {
+            node.meta = Meta {
+                uid: config.uid,
+                gid: config.gid,
+                atime: started,
+                mtime: started,
+                ctime: started,
+                ..Meta::default()
+            };
+            if let NodeKind::File(index) = node.kind {
+                node.meta.perm = specs[index].mode & 0o7777;
+            }
+        }
+        let files = specs.into_iter().map(|ServedSpec { path, written, .. }| ServedFile { path, written }).collect();
+        let fs = Filesystem { ns: Arc::new(RwLock::new(ns)), changes: Mutex::new(replay.to_vec()), files, local, opens: Mutex::new(HashMap::new()), fetcher, config };
+        {
+            let mut ns = fs.ns_mut();
+            for change in replay {
+                if change.op() == LocalOp::File {
+                    fs.local.reopen(change.id)?;
+                }
+                if let Err(e) = fs.apply(&mut ns, change) {
+                    log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
+                }
+            }
+        }
+        fs.local.sweep()?;
+        Ok(fs)
     }
 
     pub fn read_only(&self) -> bool {
         self.config.read_only
     }
 
-    pub fn namespace(&self) -> &Namespace {
-        &self.ns
+    pub fn namespace(&self) -> RwLockReadGuard<'_, Namespace> {
+        self.ns.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ns_mut(&self) -> RwLockWriteGuard<'_, Namespace> {
+        self.ns.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn opens(&self) -> MutexGuard<'_, HashMap<Ino, u32>> {
+        self.opens.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn fetcher(&self) -> &Fetcher {
@@ -151,192 +227,689 @@ impl Filesystem {
         &self.files[index]
     }
 
-    fn file_index(&self, ino: Ino) -> Result<usize, FsError> {
-        match self.ns.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::File(index)) => Ok(*index),
-            Some(NodeKind::Dir(_)) => Err(FsError::new(libc::EISDIR, "a directory")),
-            None => Err(FsError::new(libc::ENOENT, format!("no inode {ino}"))),
-        }
+    /// What the local layer changed, in order, for a compacted journal.
+    pub fn local_changes(&self) -> Vec<Local> {
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
-        match self.ns.node(parent).map(|n| &n.kind) {
-            Some(NodeKind::Dir(_)) => {}
-            Some(NodeKind::File(_)) => return Err(FsError::new(libc::ENOTDIR, "not a directory")),
-            None => return Err(FsError::new(libc::ENOENT, format!("no inode {parent}"))),
+        let ns = self.namespace();
+        let ino = Self::child(&ns, parent, name)?.ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+        self.attr(&ns, ino)
+    }
+
+    /// The entry `name` of directory `parent`, if any.
+    fn child(ns: &Namespace, parent: Ino, name: &OsStr) -> Result<Option<Ino>, FsError> {
+        match ns.node(parent).map(|n| &n.kind) {
+            Some(NodeKind::Dir(children)) => Ok(children.get(name).copied()),
+            Some(_) => Err(FsError::new(libc::ENOTDIR, "not a directory")),
+            None => Err(not_found(parent)),
         }
-        let ino = self.ns.lookup(parent, name).ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
-        self.getattr(ino)
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
-        let node = self.ns.node(ino).ok_or_else(|| FsError::new(libc::ENOENT, format!("no inode {ino}")))?;
-        Ok(match &node.kind {
-            NodeKind::Dir(children) => Attr {
-                ino,
-                kind: Kind::Dir,
-                size: 0,
-                perm: 0o755,
-                nlink: 2 + children.keys().filter(|n| self.is_dir(self.ns.lookup(ino, n))).count() as u32,
-                uid: self.config.uid,
-                gid: self.config.gid,
-                atime: self.started,
-                mtime: self.started,
-                ctime: self.started,
-            },
-            NodeKind::File(index) => self.files[*index].attr(ino, self.fetcher.file(*index).len()),
-        })
+        self.attr(&self.namespace(), ino)
     }
 
-    fn is_dir(&self, ino: Option<Ino>) -> bool {
-        ino.and_then(|i| self.ns.node(i)).is_some_and(|n| matches!(n.kind, NodeKind::Dir(_)))
-    }
-
-    /// The entries of a directory, `.` and `..` first.
-    pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
-        let node = self.ns.node(ino).ok_or_else(|| FsError::new(libc::ENOENT, format!("no inode {ino}")))?;
-        let NodeKind::Dir(children) = &node.kind else {
-            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
-        };
-        let parent = if ino == ROOT_INO { ROOT_INO } else { node.parent };
-        let mut entries = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
-        for (name, &child) in children {
-            let kind = if self.is_dir(Some(child)) { Kind::Dir } else { Kind::File };
-            entries.push((child, kind, name.clone()));
-        }
-        Ok(entries)
-    }
-
-    /// Checks an open; for a read-only open of a verified file, gives the spill
-    /// file, which the kernel may then read directly (FUSE passthrough). Not
-    /// for a file the checkpoint had open for writing: the kernel refuses a
-    /// cached open beside passthrough ones, and `criu restore` opens such a
-    /// file for writing too, after or before its read-only opens.
-    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<&std::fs::File>, FsError> {
-        let index = self.file_index(ino)?;
-        if write && self.config.read_only {
-            return Err(FsError::new(libc::EROFS, "mounted --read-only"));
-        }
-        Ok(self.fetcher.file(index).verified_file().filter(|_| !write && !self.files[index].written))
-    }
-
-    /// Replies with bytes `offset..offset+size` once their chunks are present.
-    pub fn read(&self, ino: Ino, offset: u64, size: u32, reply: ReadReply) {
-        let index = match self.file_index(ino) {
-            Ok(index) => index,
-            Err(e) => return reply(Err(e)),
-        };
-        self.fetcher.read(
-            index,
-            offset,
-            size,
-            Box::new(move |bytes| match bytes {
-                Ok(bytes) => reply(Ok(&bytes)),
-                // A read that cannot be served is an I/O error, whatever the cause.
-                Err(e) => reply(Err(FsError::new(libc::EIO, e.message.to_string()))),
-            }),
-        );
-    }
-
-    /// Writes locally once the whole file is present: the source is never written.
-    pub fn write(&self, ino: Ino, offset: u64, data: Vec<u8>, reply: WriteReply) {
-        let index = match self.writable(ino) {
-            Ok(index) => index,
-            Err(e) => return reply(Err(e)),
-        };
-        let served = self.files[index].clone();
-        self.fetcher.write(
-            index,
-            offset,
-            data,
-            Box::new(move |written| {
-                if written.is_ok() {
-                    served.touch();
-                }
-                reply(written.map_err(FsError::from))
-            }),
-        );
-    }
-
-    pub fn setattr(&self, ino: Ino, change: SetAttr, reply: AttrReply) {
-        let writes = change.size.is_some();
-        if self.config.read_only && (writes || change.mode.is_some() || change.uid.is_some() || change.gid.is_some()) {
-            return reply(Err(FsError::new(libc::EROFS, "mounted --read-only")));
-        }
-        let Ok(index) = self.file_index(ino) else {
-            // Directories are synthesised: their attributes stay as they are.
-            return reply(self.getattr(ino));
-        };
-        let served = self.files[index].clone();
-        let apply = move |served: &ServedFile| {
-            let mut meta = served.meta.lock().expect("meta");
-            if let Some(mode) = change.mode {
-                meta.mode = (meta.mode & !0o7777) | (mode & 0o7777);
+    fn attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
+        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        let (kind, size, nlink) = match &node.kind {
+            NodeKind::Dir(children) => {
+                let dirs = children.values().filter(|&&c| Self::is_dir(ns, c)).count() as u32;
+                (Kind::Dir, 0, 2 + dirs)
             }
-            meta.uid = change.uid.unwrap_or(meta.uid);
-            meta.gid = change.gid.unwrap_or(meta.gid);
-            meta.atime = change.atime.unwrap_or(meta.atime);
-            meta.mtime = change.mtime.unwrap_or(meta.mtime);
-            meta.ctime = SystemTime::now();
+            NodeKind::File(index) => (Kind::File, self.fetcher.file(*index).len(), node.links.len() as u32),
+            NodeKind::Local(id) => {
+                let size = self.local_file(*id)?.metadata().map_err(|e| FsError::new(libc::EIO, e.to_string()))?.len();
+                (Kind::File, size, node.links.len() as u32)
+            }
+            NodeKind::Symlink(target) => (Kind::Symlink, target.len() as u64, node.links.len() as u32),
+            NodeKind::Fifo => (Kind::Fifo, 0, node.links.len() as u32),
         };
-        let Some(size) = change.size else {
-            apply(&served);
-            return reply(self.getattr(ino));
-        };
-        self.fetcher.truncate(
-            index,
-            size,
-            Box::new(move |truncated| {
-                reply(truncated.map_err(FsError::from).map(|len| {
-                    served.touch();
-                    apply(&served);
-                    served.attr(ino, len)
-                }))
-            }),
-        );
-    }
-
-    /// The file of `ino`, if it may be changed.
-    fn writable(&self, ino: Ino) -> Result<usize, FsError> {
-        let index = self.file_index(ino)?;
-        if self.config.read_only {
-            return Err(FsError::new(libc::EROFS, "mounted --read-only"));
-        }
-        Ok(index)
-    }
-
-    pub fn fsync(&self, ino: Ino) -> Result<(), FsError> {
-        let index = self.file_index(ino)?;
-        Ok(self.fetcher.file(index).sync()?)
-    }
-
-    pub fn statfs(&self) -> StatFs {
-        let bytes_total = self.fetcher.files().iter().map(|f| f.len()).sum();
-        StatFs { bytes_total, files: self.ns.len() as u64 }
-    }
-}
-
-impl ServedFile {
-    fn attr(&self, ino: Ino, size: u64) -> Attr {
-        let meta = self.meta.lock().expect("meta");
-        Attr {
+        let meta = &node.meta;
+        Ok(Attr {
             ino,
-            kind: Kind::File,
+            kind,
             size,
-            perm: (meta.mode & 0o7777) as u16,
-            nlink: 1,
+            perm: (meta.perm & 0o7777) as u16,
+            nlink,
             uid: meta.uid,
             gid: meta.gid,
             atime: meta.atime,
             mtime: meta.mtime,
             ctime: meta.ctime,
+        })
+    }
+
+    fn is_dir(ns: &Namespace, ino: Ino) -> bool {
+        ns.node(ino).is_some_and(|n| matches!(n.kind, NodeKind::Dir(_)))
+    }
+
+    fn kind(ns: &Namespace, ino: Ino) -> Kind {
+        match ns.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::Dir(_)) => Kind::Dir,
+            Some(NodeKind::Symlink(_)) => Kind::Symlink,
+            Some(NodeKind::Fifo) => Kind::Fifo,
+            _ => Kind::File,
         }
     }
 
-    fn touch(&self) {
-        let mut meta = self.meta.lock().expect("meta");
+    fn local_file(&self, id: u64) -> Result<Arc<std::fs::File>, FsError> {
+        self.local.get(id).ok_or_else(|| FsError::new(libc::EIO, format!("local file {id} is not open")))
+    }
+
+    /// The entries of a directory, `.` and `..` first.
+    pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
+        let ns = self.namespace();
+        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        let NodeKind::Dir(children) = &node.kind else {
+            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
+        };
+        let parent = node.links.first().map_or(ROOT_INO, |l| l.0);
+        let mut entries = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
+        for (name, &child) in children {
+            entries.push((child, Self::kind(&ns, child), name.clone()));
+        }
+        Ok(entries)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>, FsError> {
+        match self.namespace().node(ino).map(|n| &n.kind) {
+            Some(NodeKind::Symlink(target)) => Ok(target.as_bytes().to_vec()),
+            Some(_) => Err(FsError::new(libc::EINVAL, "not a symbolic link")),
+            None => Err(not_found(ino)),
+        }
+    }
+
+    /// Checks an open and counts it (until [`Filesystem::release`]); for a
+    /// read-only open of a verified file, gives the spill file, which the
+    /// kernel may then read directly (FUSE passthrough). Not for a file the
+    /// checkpoint had open for writing: the kernel refuses a cached open
+    /// beside passthrough ones, and `criu restore` opens such a file for
+    /// writing too, after or before its read-only opens.
+    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<&std::fs::File>, FsError> {
+        if write && self.config.read_only {
+            return Err(FsError::new(libc::EROFS, "mounted --read-only"));
+        }
+        let ns = self.namespace();
+        let passthrough = match ns.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::File(index)) => {
+                let index = *index;
+                self.fetcher.file(index).verified_file().filter(|_| !write && !self.files[index].written)
+            }
+            Some(NodeKind::Local(_)) => None,
+            Some(NodeKind::Dir(_)) => return Err(FsError::new(libc::EISDIR, "a directory")),
+            Some(_) => return Err(FsError::new(libc::EINVAL, "not a regular file")),
+            None => return Err(not_found(ino)),
+        };
+        *self.opens().entry(ino).or_default() += 1;
+        Ok(passthrough)
+    }
+
+    /// An open of `ino` is closed: an unlinked file goes with its last close.
+    pub fn release(&self, ino: Ino) {
+        let mut ns = self.ns_mut();
+        {
+            let mut opens = self.opens();
+            match opens.get_mut(&ino) {
+                Some(1) => {
+                    opens.remove(&ino);
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+        }
+        self.drop_if_gone(&mut ns, ino);
+    }
+
+    /// Drops `ino` if no name and no open is left of it.
+    fn drop_if_gone(&self, ns: &mut Namespace, ino: Ino) {
+        let gone = ns.node(ino).is_some_and(|n| n.links.is_empty()) && !self.opens().contains_key(&ino);
+        if !gone || ino == ROOT_INO {
+            return;
+        }
+        match ns.remove(ino).map(|n| n.kind) {
+            Some(NodeKind::Local(id)) => self.local.remove(id),
+            // Nobody can reach it: what is not fetched yet never will be.
+            Some(NodeKind::File(index)) => self.fetcher.file(index).forget(),
+            _ => {}
+        }
+    }
+
+    /// Replies with bytes `offset..offset+size` once their chunks are present.
+    pub fn read(&self, ino: Ino, offset: u64, size: u32, reply: ReadReply) {
+        let kind = self.namespace().node(ino).map(|n| match n.kind {
+            NodeKind::File(index) => Ok(index),
+            NodeKind::Local(id) => Err(Some(id)),
+            _ => Err(None),
+        });
+        match kind {
+            Some(Ok(index)) => self.fetcher.read(
+                index,
+                offset,
+                size,
+                Box::new(move |bytes| match bytes {
+                    Ok(bytes) => reply(Ok(&bytes)),
+                    // A read that cannot be served is an I/O error, whatever the cause.
+                    Err(e) => reply(Err(FsError::new(libc::EIO, e.message.to_string()))),
+                }),
+            ),
+            Some(Err(Some(id))) => {
+                let mut buf = vec![0u8; size as usize];
+                let read = self.local_file(id).and_then(|f| read_full(&f, offset, &mut buf));
+                reply(read.map(|n| &buf[..n]))
+            }
+            Some(Err(None)) => reply(Err(FsError::new(libc::EINVAL, "not a regular file"))),
+            None => reply(Err(not_found(ino))),
+        }
+    }
+
+    /// Writes locally (a checkpoint's file once it is all present): the source is never written.
+    pub fn write(&self, ino: Ino, offset: u64, data: Vec<u8>, reply: WriteReply) {
+        if self.config.read_only {
+            return reply(Err(FsError::new(libc::EROFS, "mounted --read-only")));
+        }
+        let kind = match self.namespace().node(ino) {
+            Some(node) => match node.kind {
+                NodeKind::File(index) => Ok(index),
+                NodeKind::Local(id) => Err(id),
+                _ => return reply(Err(FsError::new(libc::EINVAL, "not a regular file"))),
+            },
+            None => return reply(Err(not_found(ino))),
+        };
+        match kind {
+            Ok(index) => self.fetcher.write(index, offset, data, self.touch_after(ino, reply)),
+            Err(id) => {
+                let written = self
+                    .local_file(id)
+                    .and_then(|f| f.write_all_at(&data, offset).map_err(|e| io_error(&e)))
+                    .map(|()| data.len() as u32);
+                if written.is_ok() {
+                    self.touch(ino);
+                }
+                reply(written)
+            }
+        }
+    }
+
+    /// A reply that stamps `ino`'s mtime first if the change was made.
+    fn touch_after<T: Send + 'static>(
+        &self,
+        ino: Ino,
+        reply: Box<dyn FnOnce(Result<T, FsError>) + Send>,
+    ) -> crate::fetch::Reply<T> {
+        let ns = self.ns.clone();
+        Box::new(move |result: Result<T, FetchError>| {
+            if result.is_ok() {
+                touch(&mut ns.write().unwrap_or_else(PoisonError::into_inner), ino);
+            }
+            reply(result.map_err(FsError::from))
+        })
+    }
+
+    fn touch(&self, ino: Ino) {
+        touch(&mut self.ns_mut(), ino);
+    }
+}
+
+fn touch(ns: &mut Namespace, ino: Ino) {
+    if let Some(node) = ns.node_mut(ino) {
         let now = SystemTime::now();
-        meta.mtime = now;
-        meta.ctime = now;
+        node.meta.mtime = now;
+        node.meta.ctime = now;
+    }
+}
+
+fn io_error(e: &std::io::Error) -> FsError {
+    FsError::new(e.raw_os_error().filter(|&n| n == libc::ENOSPC || n == libc::EDQUOT).unwrap_or(libc::EIO), e.to_string())
+}
+
+fn read_full(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(&e)),
+        }
+    }
+    Ok(done)
+}
+
+/// The local layer's changes: each made in memory, then journaled and the
+/// journal fsynced, before it is acknowledged.
+impl Filesystem {
+    fn writable(&self) -> Result<(), FsError> {
+        match self.config.read_only {
+            true => Err(FsError::new(libc::EROFS, "mounted --read-only")),
+            false => Ok(()),
+        }
+    }
+
+    pub fn setattr(self: &Arc<Self>, ino: Ino, change: SetAttr, reply: AttrReply) {
+        let meta = change.mode.is_some()
+            || change.uid.is_some()
+            || change.gid.is_some()
+            || change.atime.is_some()
+            || change.mtime.is_some();
+        if (meta || change.size.is_some())
+            && let Err(e) = self.writable()
+        {
+            return reply(Err(e));
+        }
+        if meta {
+            let mut ns = self.ns_mut();
+            let record = Local {
+                op: LocalOp::Setattr.into(),
+                path: ns.node(ino).filter(|n| !n.links.is_empty()).map(|_| bytes(&ns.mount_path(ino))).unwrap_or_default(),
+                mode: change.mode,
+                uid: change.uid,
+                gid: change.gid,
+                atime_ns: change.atime.map(nanos),
+                mtime_ns: change.mtime.map(nanos),
+                ..Local::default()
+            };
+            let changed = match (ino, record.path.is_empty()) {
+                // Unlinked but open: nothing to journal, no name to journal it by.
+                (ROOT_INO, _) | (_, false) => self.change(&mut ns, record),
+                (_, true) => Self::set_meta(&mut ns, ino, &record).map(|_| None),
+            };
+            if let Err(e) = changed {
+                return reply(Err(e));
+            }
+        }
+        let Some(size) = change.size else {
+            return reply(self.getattr(ino));
+        };
+        let kind = self.namespace().node(ino).map(|n| match n.kind {
+            NodeKind::File(index) => Ok(index),
+            NodeKind::Local(id) => Err(Some(id)),
+            _ => Err(None),
+        });
+        match kind {
+            Some(Ok(index)) => {
+                let fs = self.clone();
+                self.fetcher.truncate(
+                    index,
+                    size,
+                    Box::new(move |truncated| {
+                        reply(truncated.map_err(FsError::from).and_then(|_| {
+                            fs.touch(ino);
+                            fs.getattr(ino)
+                        }))
+                    }),
+                )
+            }
+            Some(Err(Some(id))) => {
+                let truncated = self.local_file(id).and_then(|f| f.set_len(size).map_err(|e| io_error(&e)));
+                reply(truncated.and_then(|()| {
+                    self.touch(ino);
+                    self.getattr(ino)
+                }))
+            }
+            Some(Err(None)) => reply(Err(FsError::new(libc::EISDIR, "not a regular file"))),
+            None => reply(Err(not_found(ino))),
+        }
+    }
+
+    /// Makes a file's written bytes durable.
+    pub fn fsync(&self, ino: Ino) -> Result<(), FsError> {
+        let kind = self.namespace().node(ino).map(|n| match n.kind {
+            NodeKind::File(index) => Ok(index),
+            NodeKind::Local(id) => Err(Some(id)),
+            _ => Err(None),
+        });
+        match kind {
+            Some(Ok(index)) => Ok(self.fetcher.file(index).sync()?),
+            Some(Err(Some(id))) => self.local_file(id)?.sync_data().map_err(|e| io_error(&e)),
+            Some(Err(None)) => Ok(()),
+            None => Err(not_found(ino)),
+        }
+    }
+
+    /// A directory's changes are durable once acknowledged: nothing waits.
+    pub fn fsyncdir(&self, ino: Ino) -> Result<(), FsError> {
+        match Self::is_dir(&self.namespace(), ino) {
+            true => Ok(()),
+            false => Err(FsError::new(libc::ENOTDIR, "not a directory")),
+        }
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        let bytes_total = self.fetcher.files().iter().map(|f| f.len()).sum();
+        StatFs { bytes_total, files: self.namespace().len() as u64 }
+    }
+
+    /// The path (from the mount's root) of `name` in directory `parent`.
+    fn entry_path(ns: &Namespace, parent: Ino, name: &OsStr) -> Result<Vec<u8>, FsError> {
+        Self::child(ns, parent, name)?;
+        Ok(bytes(&ns.mount_path(parent).join(name)))
+    }
+
+    fn new_node(&self, parent: Ino, name: &OsStr, record: Local) -> Result<Attr, FsError> {
+        self.writable()?;
+        let mut ns = self.ns_mut();
+        let path = Self::entry_path(&ns, parent, name)?;
+        if Self::child(&ns, parent, name)?.is_some() {
+            return Err(FsError::new(libc::EEXIST, "exists"));
+        }
+        let now = Some(nanos(SystemTime::now()));
+        let record = Local { path, atime_ns: now, mtime_ns: now, ..record };
+        let ino = self.change(&mut ns, record)?.expect("a new node");
+        self.attr(&ns, ino)
+    }
+
+    /// Creates a regular file, opened once (released by [`Filesystem::release`]).
+    pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
+        self.writable()?;
+        let id = self.local.create()?;
+        let record = Self::node_record(LocalOp::File, mode, by);
+        match self.new_node(parent, name, Local { id, ..record }) {
+            Ok(attr) => {
+                *self.opens().entry(attr.ino).or_default() += 1;
+                Ok(attr)
+            }
+            Err(e) => {
+                self.local.remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    fn node_record(op: LocalOp, mode: u32, by: Creator) -> Local {
+        Local {
+            op: op.into(),
+            mode: Some(mode & 0o7777),
+            uid: Some(by.uid),
+            gid: Some(by.gid),
+            ..Local::default()
+        }
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
+        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by))
+    }
+
+    pub fn symlink(&self, parent: Ino, name: &OsStr, target: &Path, by: Creator) -> Result<Attr, FsError> {
+        let record = Local { to: bytes(target), ..Self::node_record(LocalOp::Symlink, 0o777, by) };
+        self.new_node(parent, name, record)
+    }
+
+    /// Only FIFOs: device nodes and sockets have no place in a data mount.
+    pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
+        match mode & libc::S_IFMT {
+            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by)),
+            libc::S_IFREG => {
+                let attr = self.create(parent, name, mode, by)?;
+                self.release(attr.ino);
+                Ok(attr)
+            }
+            _ => {
+                self.writable()?;
+                Err(FsError::new(libc::EPERM, "only regular files and FIFOs can be made here"))
+            }
+        }
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
+        self.writable()?;
+        let mut ns = self.ns_mut();
+        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        if node.links.is_empty() {
+            return Err(FsError::new(libc::ENOENT, "unlinked"));
+        }
+        let record = Local {
+            op: LocalOp::Link.into(),
+            path: bytes(&ns.mount_path(ino)),
+            to: Self::entry_path(&ns, parent, name)?,
+            ..Local::default()
+        };
+        self.change(&mut ns, record)?;
+        self.attr(&ns, ino)
+    }
+
+    fn remove_entry(&self, parent: Ino, name: &OsStr, op: LocalOp) -> Result<(), FsError> {
+        self.writable()?;
+        let mut ns = self.ns_mut();
+        let record = Local { op: op.into(), path: Self::entry_path(&ns, parent, name)?, ..Local::default() };
+        self.change(&mut ns, record).map(drop)
+    }
+
+    /// Removes a name; an open file keeps working until its last close.
+    pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<(), FsError> {
+        self.remove_entry(parent, name, LocalOp::Unlink)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<(), FsError> {
+        self.remove_entry(parent, name, LocalOp::Rmdir)
+    }
+
+    /// `flags`: [`RENAME_NOREPLACE`], [`RENAME_EXCHANGE`] or none.
+    pub fn rename(&self, parent: Ino, name: &OsStr, to_parent: Ino, to_name: &OsStr, flags: u32) -> Result<(), FsError> {
+        self.writable()?;
+        let mut ns = self.ns_mut();
+        let record = Local {
+            op: LocalOp::Rename.into(),
+            path: Self::entry_path(&ns, parent, name)?,
+            to: Self::entry_path(&ns, to_parent, to_name)?,
+            flags,
+            ..Local::default()
+        };
+        self.change(&mut ns, record).map(drop)
+    }
+
+    /// `flags`: XATTR_CREATE, XATTR_REPLACE or none.
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<(), FsError> {
+        self.xattr(ino, LocalOp::Setxattr, name, value.to_vec(), flags as u32)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<(), FsError> {
+        self.xattr(ino, LocalOp::Removexattr, name, Vec::new(), 0)
+    }
+
+    fn xattr(&self, ino: Ino, op: LocalOp, name: &OsStr, value: Vec<u8>, flags: u32) -> Result<(), FsError> {
+        self.writable()?;
+        let mut ns = self.ns_mut();
+        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        let path = match node.links.is_empty() && ino != ROOT_INO {
+            true => Vec::new(),
+            false => bytes(&ns.mount_path(ino)),
+        };
+        let record = Local { op: op.into(), path, name: name.as_bytes().to_vec(), value, flags, ..Local::default() };
+        match record.path.is_empty() && ino != ROOT_INO {
+            true => Self::set_xattr(&mut ns, ino, &record),
+            false => self.change(&mut ns, record).map(drop),
+        }
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>, FsError> {
+        let ns = self.namespace();
+        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        node.meta.xattrs.get(name).cloned().ok_or_else(|| FsError::new(libc::ENODATA, "no such attribute"))
+    }
+
+    /// The attribute names, each followed by a NUL.
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>, FsError> {
+        let ns = self.namespace();
+        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        Ok(node.meta.xattrs.keys().flat_map(|k| k.as_bytes().iter().copied().chain([0])).collect())
+    }
+
+    /// Applies `record`, then makes it durable in the journal.
+    fn change(&self, ns: &mut Namespace, record: Local) -> Result<Option<Ino>, FsError> {
+        let ino = self.apply(ns, &record)?;
+        let journal = self.fetcher.journal();
+        journal.local(record.clone());
+        journal.flush()?;
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(record);
+        Ok(ino)
+    }
+
+    /// Makes the change `record` says, resolving its paths: the same live and
+    /// when a journal is replayed. A new node's inode is returned.
+    fn apply(&self, ns: &mut Namespace, record: &Local) -> Result<Option<Ino>, FsError> {
+        let path = Path::new(os(&record.path));
+        let op = record.op();
+        if matches!(op, LocalOp::Setattr | LocalOp::Setxattr | LocalOp::Removexattr) {
+            let ino = ns.resolve(path).ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+            return match op {
+                LocalOp::Setattr => Self::set_meta(ns, ino, record).map(|_| None),
+                _ => Self::set_xattr(ns, ino, record).map(|_| None),
+            };
+        }
+        let (parent, name) = Self::split(ns, path)?;
+        let existing = Self::child(ns, parent, name)?;
+        let new_kind = match op {
+            LocalOp::File => Some(NodeKind::Local(record.id)),
+            LocalOp::Dir => Some(NodeKind::Dir(Default::default())),
+            LocalOp::Symlink => Some(NodeKind::Symlink(OsString::from_vec(record.to.clone()))),
+            LocalOp::Fifo => Some(NodeKind::Fifo),
+            _ => None,
+        };
+        if let Some(kind) = new_kind {
+            if existing.is_some() {
+                return Err(FsError::new(libc::EEXIST, "exists"));
+            }
+            let time = from_nanos(record.mtime_ns.unwrap_or_default());
+            let meta = Meta {
+                perm: record.mode.unwrap_or(0o644),
+                uid: record.uid.unwrap_or(self.config.uid),
+                gid: record.gid.unwrap_or(self.config.gid),
+                atime: time,
+                mtime: time,
+                ctime: time,
+                xattrs: Default::default(),
+            };
+            let ino = ns.add(parent, name, kind, meta);
+            touch(ns, parent);
+            return Ok(Some(ino));
+        }
+        let ino = existing.ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+        match op {
+            LocalOp::Link => {
+                if Self::is_dir(ns, ino) {
+                    return Err(FsError::new(libc::EPERM, "a directory cannot be hard-linked"));
+                }
+                let (to_parent, to_name) = Self::split(ns, Path::new(os(&record.to)))?;
+                if Self::child(ns, to_parent, to_name)?.is_some() {
+                    return Err(FsError::new(libc::EEXIST, "exists"));
+                }
+                ns.link(ino, to_parent, to_name);
+                touch(ns, to_parent);
+            }
+            LocalOp::Unlink | LocalOp::Rmdir => {
+                Self::check_removable(ns, ino, op == LocalOp::Rmdir)?;
+                ns.unlink(parent, name);
+                touch(ns, parent);
+                self.drop_if_gone(ns, ino);
+            }
+            LocalOp::Rename => {
+                let (to_parent, to_name) = Self::split(ns, Path::new(os(&record.to)))?;
+                let target = Self::child(ns, to_parent, to_name)?;
+                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags)?;
+            }
+            _ => return Err(FsError::new(libc::EINVAL, format!("unknown local change {}", record.op))),
+        }
+        Ok(None)
+    }
+
+    /// The directory and name of `path`.
+    fn split<'a>(ns: &Namespace, path: &'a Path) -> Result<(Ino, &'a OsStr), FsError> {
+        let name = path.file_name().ok_or_else(|| FsError::new(libc::EINVAL, "no name"))?;
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let parent = ns.resolve(parent).ok_or_else(|| FsError::new(libc::ENOENT, "no such directory"))?;
+        Ok((parent, name))
+    }
+
+    /// Whether `ino` may be removed by rmdir (`dir`) or unlink.
+    fn check_removable(ns: &Namespace, ino: Ino, dir: bool) -> Result<(), FsError> {
+        match (&ns.node(ino).ok_or_else(|| not_found(ino))?.kind, dir) {
+            (NodeKind::Dir(children), true) if children.is_empty() => Ok(()),
+            (NodeKind::Dir(_), true) => Err(FsError::new(libc::ENOTEMPTY, "not empty")),
+            (NodeKind::Dir(_), false) => Err(FsError::new(libc::EISDIR, "a directory")),
+            (_, true) => Err(FsError::new(libc::ENOTDIR, "not a directory")),
+            (_, false) => Ok(()),
+        }
+    }
+
+    fn rename_in(
+        &self,
+        ns: &mut Namespace,
+        (parent, name, ino): (Ino, &OsStr, Ino),
+        (to_parent, to_name, target): (Ino, &OsStr, Option<Ino>),
+        flags: u32,
+    ) -> Result<(), FsError> {
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
+            return Err(FsError::new(libc::EINVAL, "unsupported rename flags"));
+        }
+        // A directory cannot move below itself.
+        let into_itself = |moved: Ino, dir: Ino| Self::is_dir(ns, moved) && ns.is_within(dir, moved);
+        if into_itself(ino, to_parent) || target.is_some_and(|t| into_itself(t, parent)) && flags == RENAME_EXCHANGE {
+            return Err(FsError::new(libc::EINVAL, "a directory cannot move below itself"));
+        }
+        if flags == RENAME_EXCHANGE {
+            let target = target.ok_or_else(|| FsError::new(libc::ENOENT, "nothing to exchange with"))?;
+            ns.unlink(parent, name);
+            ns.unlink(to_parent, to_name);
+            ns.link(ino, to_parent, to_name);
+            ns.link(target, parent, name);
+        } else {
+            if let Some(target) = target {
+                if flags == RENAME_NOREPLACE {
+                    return Err(FsError::new(libc::EEXIST, "exists"));
+                }
+                if target == ino {
+                    return Ok(());
+                }
+                Self::check_removable(ns, target, Self::is_dir(ns, ino))?;
+                ns.unlink(to_parent, to_name);
+                self.drop_if_gone(ns, target);
+            }
+            ns.unlink(parent, name);
+            ns.link(ino, to_parent, to_name);
+        }
+        touch(ns, parent);
+        touch(ns, to_parent);
+        Ok(())
+    }
+
+    fn node_mut(ns: &mut Namespace, ino: Ino) -> Result<&mut Node, FsError> {
+        ns.node_mut(ino).ok_or_else(|| not_found(ino))
+    }
+
+    fn set_meta(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
+        let meta = &mut Self::node_mut(ns, ino)?.meta;
+        if let Some(mode) = record.mode {
+            meta.perm = mode & 0o7777;
+        }
+        meta.uid = record.uid.unwrap_or(meta.uid);
+        meta.gid = record.gid.unwrap_or(meta.gid);
+        meta.atime = record.atime_ns.map_or(meta.atime, from_nanos);
+        meta.mtime = record.mtime_ns.map_or(meta.mtime, from_nanos);
+        meta.ctime = SystemTime::now();
+        Ok(())
+    }
+
+    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
+        let xattrs = &mut Self::node_mut(ns, ino)?.meta.xattrs;
+        let name = OsString::from_vec(record.name.clone());
+        let exists = xattrs.contains_key(&name);
+        match record.op() {
+            LocalOp::Removexattr if !exists => return Err(FsError::new(libc::ENODATA, "no such attribute")),
+            LocalOp::Removexattr => {
+                xattrs.remove(&name);
+            }
+            _ if exists && record.flags as i32 & XATTR_CREATE != 0 => {
+                return Err(FsError::new(libc::EEXIST, "the attribute exists"));
+            }
+            _ if !exists && record.flags as i32 & XATTR_REPLACE != 0 => {
+                return Err(FsError::new(libc::ENODATA, "no such attribute"));
+            }
+            _ => {
+                xattrs.insert(name, record.value.clone());
+            }
+        }
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, FsError, Kind, SetAttr};
+use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
 /// The file set and its sizes come from the checkpoint and change only through
 /// this mount: the kernel may cache names and attributes for long.
@@ -62,10 +62,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         mtime: attr.mtime,
         ctime: attr.ctime,
         crtime: attr.ctime,
-        kind: match attr.kind {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-        },
+        kind: file_type(attr.kind),
         perm: attr.perm,
         nlink: attr.nlink,
         uid: attr.uid,
@@ -76,16 +73,20 @@ fn file_attr(attr: &Attr) -> FileAttr {
     }
 }
 
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
 fn time(t: TimeOrNow) -> SystemTime {
     match t {
         TimeOrNow::SpecificTime(t) => t,
         TimeOrNow::Now => SystemTime::now(),
     }
-}
-
-/// The file set is the checkpoint's: lazyfs adds, removes and renames nothing.
-fn namespace_is_fixed(read_only: bool) -> Errno {
-    if read_only { Errno::EROFS } else { Errno::EPERM }
 }
 
 impl fuser::Filesystem for FuseAdapter {
@@ -172,6 +173,7 @@ impl fuser::Filesystem for FuseAdapter {
         }
         if opens.passthrough > 0 {
             // The kernel refuses a cached open beside passthrough ones.
+            self.fs.release(ino.0);
             return reply.error(Errno::ETXTBSY);
         }
         opens.cached += 1;
@@ -201,6 +203,8 @@ impl fuser::Filesystem for FuseAdapter {
                 all.remove(&ino.0);
             }
         }
+        drop(all);
+        self.fs.release(ino.0);
         reply.ok();
     }
 
@@ -265,11 +269,7 @@ impl fuser::Filesystem for FuseAdapter {
         match self.fs.readdir(ino.0) {
             Ok(entries) => {
                 for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-                    let kind = match kind {
-                        Kind::Dir => FileType::Directory,
-                        Kind::File => FileType::RegularFile,
-                    };
-                    if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+                    if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
                         break;
                     }
                 }
@@ -279,59 +279,130 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        // Served files carry no extended attributes.
-        reply.error(Errno::ENODATA);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
-    }
-
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let stats = self.fs.statfs();
         let blocks = stats.bytes_total.div_ceil(4096);
         reply.statfs(blocks, 0, 0, stats.files, 0, 4096, 255, 4096);
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+        entry(self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
     }
 
-    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        entry(self.fs.mkdir(parent.0, name, mode & !umask, creator(req)), reply)
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.fs.create(parent.0, name, mode & !umask, creator(req)) {
+            Ok(attr) => {
+                self.opens.lock().expect("opens").entry(attr.ino).or_default().cached += 1;
+                reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.unlink(parent.0, name), reply)
     }
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.rmdir(parent.0, name), reply)
     }
 
-    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
+        entry(self.fs.symlink(parent.0, name, target, creator(req)), reply)
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+        empty(self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()), reply)
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(namespace_is_fixed(self.fs.read_only()));
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        entry(self.fs.link(ino.0, newparent.0, newname), reply)
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(self.fs.fsyncdir(ino.0), reply)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.fs.setxattr(ino.0, name, value, flags), reply)
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        xattr(self.fs.getxattr(ino.0, name), size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        xattr(self.fs.listxattr(ino.0), size, reply)
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.removexattr(ino.0, name), reply)
+    }
+}
+
+fn creator(req: &Request) -> Creator {
+    Creator { uid: req.uid(), gid: req.gid() }
+}
+
+fn entry(result: Result<Attr, FsError>, reply: ReplyEntry) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn empty(result: Result<(), FsError>, reply: ReplyEmpty) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// An attribute value or name list: its size when asked with size 0, ERANGE
+/// if it does not fit.
+fn xattr(result: Result<Vec<u8>, FsError>, size: u32, reply: fuser::ReplyXattr) {
+    match result {
+        Ok(value) if size == 0 => reply.size(value.len() as u32),
+        Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(value) => reply.data(&value),
+        Err(e) => reply.error(errno(&e)),
     }
 }

@@ -202,6 +202,7 @@ pub fn prepare_with(
     }
     let owner = cache_owner(&request)?;
     let mut records = loaded.records;
+    let mut local_changes = loaded.local;
     if loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty()) {
         let held = match loaded.owner.name.as_str() {
             "" => "files of an unknown checkpoint".to_string(),
@@ -210,6 +211,7 @@ pub fn prepare_with(
         log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().display(), owner.name);
         store.clear_spills()?;
         records.clear();
+        local_changes.clear();
     }
     let source = open_source()?;
     let mut connection = source.connect()?;
@@ -264,7 +266,8 @@ pub fn prepare_with(
         };
         files.push(Arc::new(fetch_file));
     }
-    let journal = crate::fetch::create_journal(&store.journal_path(), &owner, &files)?;
+    let kept = local_changes.iter().cloned().map(journal::local_record).collect();
+    let journal = crate::fetch::create_journal(&store.journal_path(), &owner, &files, kept)?;
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -288,7 +291,8 @@ pub fn prepare_with(
             written: f.flags & libc::O_ACCMODE as u32 != 0,
         })
         .collect();
-    let fs = Filesystem::new(ns, specs, fetcher, config);
+    let local = crate::store::local::LocalFiles::open(store.dir())?;
+    let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config)?;
     Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings })
 }
 
@@ -557,7 +561,9 @@ impl Prepared {
         if let Err(e) = fetcher.stop() {
             log::error!("{e}");
         }
-        if let Err(e) = Journal::create(&self.store.journal_path(), &self.owner, fetcher.snapshot(), Vec::new()) {
+        let mut snapshot = fetcher.snapshot();
+        snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
+        if let Err(e) = Journal::create(&self.store.journal_path(), &self.owner, snapshot, Vec::new()) {
             log::error!("compacting the journal: {e}");
         }
     }

@@ -1,12 +1,13 @@
 //! The names a mount shows: each served file's original path (`tree`) or the
 //! Go prototype's flat name (`flat`), below an optional `--subtree`, with an
-//! inode number for every file and synthesised directory.
+//! inode number for every file and synthesised directory; then whatever the
+//! local layer changed (files, directories, links made, renamed, removed).
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -21,9 +22,11 @@ pub enum Layout {
 
 #[derive(Debug)]
 pub struct Node {
-    pub parent: Ino,
-    pub name: OsString,
+    /// Where it appears: (directory, name). A directory has one; a file one
+    /// per hard link, none once unlinked while still open.
+    pub links: Vec<(Ino, OsString)>,
     pub kind: NodeKind,
+    pub meta: Meta,
 }
 
 #[derive(Debug)]
@@ -31,12 +34,36 @@ pub enum NodeKind {
     Dir(BTreeMap<OsString, Ino>),
     /// Index into the list of files the namespace was built from.
     File(usize),
+    /// A file made through the mount: its bytes are in local data file `id`.
+    Local(u64),
+    Symlink(OsString),
+    Fifo,
+}
+
+/// The attributes a node keeps (its size is its bytes').
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// Permission bits only.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub xattrs: BTreeMap<OsString, Vec<u8>>,
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        let t = SystemTime::UNIX_EPOCH;
+        Meta { perm: 0o755, uid: 0, gid: 0, atime: t, mtime: t, ctime: t, xattrs: BTreeMap::new() }
+    }
 }
 
 #[derive(Debug)]
 pub struct Namespace {
-    /// `nodes[ino - 1]`.
-    nodes: Vec<Node>,
+    nodes: HashMap<Ino, Node>,
+    next_ino: Ino,
     /// Inode of each file, by index; `None` for files outside the subtree.
     file_inos: Vec<Option<Ino>>,
 }
@@ -60,8 +87,10 @@ impl Namespace {
         if !subtree.is_absolute() {
             return Err(NamespaceError::SubtreeNotAbsolute(subtree.to_path_buf()));
         }
+        let root = Node { links: Vec::new(), kind: NodeKind::Dir(BTreeMap::new()), meta: Meta::default() };
         let mut ns = Namespace {
-            nodes: vec![Node { parent: ROOT_INO, name: OsString::new(), kind: NodeKind::Dir(BTreeMap::new()) }],
+            nodes: HashMap::from([(ROOT_INO, root)]),
+            next_ino: ROOT_INO + 1,
             file_inos: vec![None; paths.len()],
         };
         // Which original path owns each name, for error messages.
@@ -106,47 +135,98 @@ impl Namespace {
         let mut walked = PathBuf::new();
         for name in dirs {
             walked.push(name);
-            let next = Ino::try_from(self.nodes.len()).expect("fits") + 1;
-            let NodeKind::Dir(children) = &mut self.nodes[(dir - 1) as usize].kind else {
-                unreachable!("only directories are walked into")
+            let child = match self.lookup(dir, name) {
+                Some(child) => child,
+                None => self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default()),
             };
-            let child = *children.entry(name.clone()).or_insert(next);
-            if child == next {
-                self.nodes.push(Node { parent: dir, name: name.clone(), kind: NodeKind::Dir(BTreeMap::new()) });
-            } else if matches!(self.nodes[(child - 1) as usize].kind, NodeKind::File(_)) {
+            if matches!(self.nodes[&child].kind, NodeKind::File(_)) {
                 let file = owners.get(&walked).cloned().unwrap_or_else(|| walked.clone());
                 return Err(NamespaceError::TreeConflict { file, other: path.to_path_buf() });
             }
             dir = child;
         }
-        let ino = Ino::try_from(self.nodes.len()).expect("fits") + 1;
-        let NodeKind::Dir(children) = &mut self.nodes[(dir - 1) as usize].kind else { unreachable!() };
-        match children.entry(file_name.clone()) {
-            Entry::Vacant(slot) => {
-                slot.insert(ino);
-            }
-            Entry::Occupied(_) => {
+        match self.lookup(dir, file_name) {
+            None => Ok(self.add(dir, file_name, NodeKind::File(index), Meta::default())),
+            Some(_) => {
                 // A directory synthesised for deeper files already has this name.
                 let dir = walked.join(file_name);
                 let other = owners
                     .iter()
                     .find(|(mount_path, _)| mount_path.starts_with(&dir) && **mount_path != dir)
                     .map_or(dir.clone(), |(_, original)| original.clone());
-                return Err(NamespaceError::TreeConflict { file: path.to_path_buf(), other });
+                Err(NamespaceError::TreeConflict { file: path.to_path_buf(), other })
             }
         }
-        self.nodes.push(Node { parent: dir, name: file_name.clone(), kind: NodeKind::File(index) });
-        Ok(ino)
     }
 
     pub fn node(&self, ino: Ino) -> Option<&Node> {
-        self.nodes.get(usize::try_from(ino.checked_sub(1)?).ok()?)
+        self.nodes.get(&ino)
+    }
+
+    pub fn node_mut(&mut self, ino: Ino) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
+    }
+
+    pub fn nodes_mut(&mut self) -> impl Iterator<Item = &mut Node> {
+        self.nodes.values_mut()
     }
 
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
         match &self.node(parent)?.kind {
             NodeKind::Dir(children) => children.get(name).copied(),
-            NodeKind::File(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The inode at `path` (relative to the root), if any.
+    pub fn resolve(&self, path: &Path) -> Option<Ino> {
+        path.iter().try_fold(ROOT_INO, |dir, name| self.lookup(dir, name))
+    }
+
+    /// A new node named `name` in directory `parent` (which must not hold the name yet).
+    pub fn add(&mut self, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.nodes.insert(ino, Node { links: Vec::new(), kind, meta });
+        self.link(ino, parent, name);
+        ino
+    }
+
+    /// Names `ino` `name` in directory `parent` too (which must not hold the name yet).
+    pub fn link(&mut self, ino: Ino, parent: Ino, name: &OsStr) {
+        if let Some(NodeKind::Dir(children)) = self.nodes.get_mut(&parent).map(|n| &mut n.kind) {
+            children.insert(name.to_os_string(), ino);
+        }
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.links.push((parent, name.to_os_string()));
+        }
+    }
+
+    /// Takes `name` out of directory `parent`; returns the inode it named.
+    /// The node stays (with one link fewer) until [`Namespace::remove`].
+    pub fn unlink(&mut self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        let Some(NodeKind::Dir(children)) = self.nodes.get_mut(&parent).map(|n| &mut n.kind) else { return None };
+        let ino = children.remove(name)?;
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.links.retain(|(dir, n)| !(*dir == parent && n == name));
+        }
+        Some(ino)
+    }
+
+    pub fn remove(&mut self, ino: Ino) -> Option<Node> {
+        self.nodes.remove(&ino)
+    }
+
+    /// Whether `ino` is `dir` or below it.
+    pub fn is_within(&self, mut ino: Ino, dir: Ino) -> bool {
+        loop {
+            if ino == dir {
+                return true;
+            }
+            match self.node(ino).and_then(|n| n.links.first()) {
+                Some(&(parent, _)) if ino != ROOT_INO => ino = parent,
+                _ => return false,
+            }
         }
     }
 
@@ -160,9 +240,9 @@ impl Namespace {
         let mut names = Vec::new();
         let mut at = ino;
         while at != ROOT_INO {
-            let Some(node) = self.node(at) else { break };
-            names.push(node.name.as_os_str());
-            at = node.parent;
+            let Some((parent, name)) = self.node(at).and_then(|n| n.links.first()) else { break };
+            names.push(name.as_os_str());
+            at = *parent;
         }
         names.iter().rev().collect()
     }

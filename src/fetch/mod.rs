@@ -182,6 +182,9 @@ struct Owned {
     /// Every byte came in one SFTP read, which also showed the size matched:
     /// no mix of versions is possible, so no second look at the source.
     read_whole: bool,
+    /// Removed through the mount and closed: nobody can reach it, so nothing
+    /// more of it is fetched.
+    removed: bool,
 }
 
 struct Waiter {
@@ -226,6 +229,7 @@ impl FetchFile {
                 baseline: None,
                 restarts: 0,
                 read_whole: false,
+                removed: false,
             }),
         }
     }
@@ -307,7 +311,7 @@ impl FetchFile {
     }
 
     fn claim_locked(state: &mut Owned, chunks: Range<u64>) -> Vec<Claim> {
-        if state.phase.is_settled() {
+        if state.phase.is_settled() || state.removed {
             return Vec::new();
         }
         let mut runs: Vec<Range<u64>> = Vec::new();
@@ -374,7 +378,13 @@ impl FetchFile {
     /// Whether prefetch has nothing to do for it.
     fn needs_nothing(&self) -> bool {
         let state = self.lock();
-        state.phase.is_settled() || state.presence.is_complete()
+        state.phase.is_settled() || state.presence.is_complete() || state.removed
+    }
+
+    /// Nobody can reach the file any more (removed through the mount, and
+    /// closed): stop fetching it.
+    pub fn forget(&self) {
+        self.lock().removed = true;
     }
 
     /// The file's generation while it is complete and waiting for its check.
@@ -930,6 +940,11 @@ impl Fetcher {
         with_present(&self.shared, &self.on_demand, index, keep, op, done)
     }
 
+    /// The state journal, for the local layer's records.
+    pub fn journal(&self) -> &Journal {
+        &self.shared.journal
+    }
+
     /// Stops prefetching and makes everything known durable.
     pub fn stop(&self) -> Result<(), StoreError> {
         self.shared.queue.close();
@@ -1015,8 +1030,14 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
     files.iter().flat_map(|file| file.snapshot()).collect()
 }
 
-/// Makes the journal for `files`, owned by `owner`, holding what is known now.
-pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchFile>]) -> Result<Journal, StoreError> {
+/// Makes the journal for `files`, owned by `owner`, holding what is known now
+/// (and the records `kept`).
+pub fn create_journal(
+    path: &std::path::Path,
+    owner: &Owner,
+    files: &[Arc<FetchFile>],
+    kept: Vec<JournalRecord>,
+) -> Result<Journal, StoreError> {
     let journal_files = files
         .iter()
         .map(|f| {
@@ -1025,7 +1046,9 @@ pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchF
             Ok(journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    Journal::create(path, owner, snapshot(files), journal_files)
+    let mut records = snapshot(files);
+    records.extend(kept);
+    Journal::create(path, owner, records, journal_files)
 }
 
 #[cfg(test)]

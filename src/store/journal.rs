@@ -25,7 +25,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/lazyfs.cache.rs"));
 }
 
-use proto::{Header, JournalRecord, Modified, Present, Reset, Verified, journal_record::Kind};
+use proto::{Header, JournalRecord, Local, Modified, Present, Reset, Verified, journal_record::Kind};
 
 const VERSION: u32 = 1;
 /// How long completed chunks may wait before they are made durable.
@@ -57,6 +57,8 @@ pub struct Owner {
 pub struct Loaded {
     pub owner: Owner,
     pub records: Records,
+    /// The local changes to names and attributes, in the order they were made.
+    pub local: Vec<Local>,
 }
 
 /// Reads the journal at `path`, setting it aside if it cannot be read: what it
@@ -108,6 +110,7 @@ fn encode(record: &JournalRecord) -> Vec<u8> {
 fn parse(mut bytes: &[u8]) -> Result<Loaded, String> {
     let mut owner = Owner::default();
     let mut files: HashMap<Vec<u8>, FileRecord> = HashMap::new();
+    let mut local = Vec::new();
     let mut first = true;
     while !bytes.is_empty() {
         let len = prost::encoding::decode_varint(&mut bytes).map_err(|e| format!("unreadable record length: {e}"))?;
@@ -154,10 +157,11 @@ fn parse(mut bytes: &[u8]) -> Result<Loaded, String> {
             (false, Some(Kind::Reset(r))) => {
                 files.remove(&r.path);
             }
+            (false, Some(Kind::Local(l))) => local.push(l),
         }
         first = false;
     }
-    Ok(Loaded { owner, records: files })
+    Ok(Loaded { owner, records: files, local })
 }
 
 enum Op {
@@ -236,6 +240,11 @@ impl Journal {
         let _ = self.tx.send(Op::Record(JournalRecord { kind: Some(Kind::Reset(Reset { path: path.to_vec() })) }));
     }
 
+    /// A local change to names or attributes; durable once [`Journal::flush`] returns.
+    pub fn local(&self, change: Local) {
+        let _ = self.tx.send(Op::Record(local_record(change)));
+    }
+
     /// Returns once everything sent so far is durable, or says why it is not.
     pub fn flush(&self) -> Result<(), StoreError> {
         let (done, wait) = mpsc::channel();
@@ -291,6 +300,10 @@ pub fn verified_record(path: &[u8], hash: &[u8; 32], against: &str) -> JournalRe
     JournalRecord {
         kind: Some(Kind::Verified(Verified { path: path.to_vec(), blake3: hash.to_vec(), against: against.into() })),
     }
+}
+
+pub fn local_record(change: Local) -> JournalRecord {
+    JournalRecord { kind: Some(Kind::Local(change)) }
 }
 
 pub fn modified_record(path: &[u8]) -> JournalRecord {

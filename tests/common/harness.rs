@@ -240,7 +240,7 @@ impl Core {
         let _ = prepared.fs.fetcher().stop();
     }
 
-    pub fn fs(&self) -> &Filesystem {
+    pub fn fs(&self) -> &std::sync::Arc<Filesystem> {
         &self.prepared.as_ref().expect("mounted").fs
     }
 
