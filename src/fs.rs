@@ -187,7 +187,15 @@ impl Filesystem {
             }
         }
         let files = specs.into_iter().map(|ServedSpec { path, written, .. }| ServedFile { path, written }).collect();
-        let fs = Filesystem { ns: Arc::new(RwLock::new(ns)), changes: Mutex::new(replay.to_vec()), files, local, opens: Mutex::new(HashMap::new()), fetcher, config };
+        let fs = Filesystem {
+            ns: Arc::new(RwLock::new(ns)),
+            changes: Mutex::new(replay.to_vec()),
+            files,
+            local,
+            opens: Mutex::new(HashMap::new()),
+            fetcher,
+            config,
+        };
         {
             let mut ns = fs.ns_mut();
             for change in replay {
@@ -461,7 +469,10 @@ fn touch(ns: &mut Namespace, ino: Ino) {
 }
 
 fn io_error(e: &std::io::Error) -> FsError {
-    FsError::new(e.raw_os_error().filter(|&n| n == libc::ENOSPC || n == libc::EDQUOT).unwrap_or(libc::EIO), e.to_string())
+    FsError::new(
+        e.raw_os_error().filter(|&n| n == libc::ENOSPC || n == libc::EDQUOT).unwrap_or(libc::EIO),
+        e.to_string(),
+    )
 }
 
 fn read_full(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
@@ -502,7 +513,11 @@ impl Filesystem {
             let mut ns = self.ns_mut();
             let record = Local {
                 op: LocalOp::Setattr.into(),
-                path: ns.node(ino).filter(|n| !n.links.is_empty()).map(|_| bytes(&ns.mount_path(ino))).unwrap_or_default(),
+                path: ns
+                    .node(ino)
+                    .filter(|n| !n.links.is_empty())
+                    .map(|_| bytes(&ns.mount_path(ino)))
+                    .unwrap_or_default(),
                 mode: change.mode,
                 uid: change.uid,
                 gid: change.gid,
@@ -618,13 +633,7 @@ impl Filesystem {
     }
 
     fn node_record(op: LocalOp, mode: u32, by: Creator) -> Local {
-        Local {
-            op: op.into(),
-            mode: Some(mode & 0o7777),
-            uid: Some(by.uid),
-            gid: Some(by.gid),
-            ..Local::default()
-        }
+        Local { op: op.into(), mode: Some(mode & 0o7777), uid: Some(by.uid), gid: Some(by.gid), ..Local::default() }
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
@@ -686,7 +695,14 @@ impl Filesystem {
     }
 
     /// `flags`: [`RENAME_NOREPLACE`], [`RENAME_EXCHANGE`] or none.
-    pub fn rename(&self, parent: Ino, name: &OsStr, to_parent: Ino, to_name: &OsStr, flags: u32) -> Result<(), FsError> {
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        to_parent: Ino,
+        to_name: &OsStr,
+        flags: u32,
+    ) -> Result<(), FsError> {
         self.writable()?;
         let mut ns = self.ns_mut();
         let record = Local {
@@ -843,6 +859,13 @@ impl Filesystem {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "unsupported rename flags"));
         }
+        if target == Some(ino) {
+            // Onto itself (or another name of the same file): nothing changes.
+            return match flags {
+                RENAME_NOREPLACE => Err(FsError::new(libc::EEXIST, "exists")),
+                _ => Ok(()),
+            };
+        }
         // A directory cannot move below itself.
         let into_itself = |moved: Ino, dir: Ino| Self::is_dir(ns, moved) && ns.is_within(dir, moved);
         if into_itself(ino, to_parent) || target.is_some_and(|t| into_itself(t, parent)) && flags == RENAME_EXCHANGE {
@@ -858,9 +881,6 @@ impl Filesystem {
             if let Some(target) = target {
                 if flags == RENAME_NOREPLACE {
                     return Err(FsError::new(libc::EEXIST, "exists"));
-                }
-                if target == ino {
-                    return Ok(());
                 }
                 Self::check_removable(ns, target, Self::is_dir(ns, ino))?;
                 ns.unlink(to_parent, to_name);

@@ -285,7 +285,16 @@ impl fuser::Filesystem for FuseAdapter {
         reply.statfs(blocks, 0, 0, stats.files, 0, 4096, 255, 4096);
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         entry(self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
     }
 

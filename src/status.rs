@@ -103,7 +103,10 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             _ => (String::new(), ""),
         };
         let failed = matches!(phase, Phase::Failed(_));
-        let mount_path = fs.namespace().file_ino(index).map(|ino| fs.namespace().mount_path(ino)).unwrap_or_default();
+        let mount_path = {
+            let ns = fs.namespace();
+            ns.file_ino(index).map(|ino| ns.mount_path(ino)).unwrap_or_default()
+        };
         let stats = &file.stats;
         status.files_total += 1;
         status.files_present += u64::from(!failed && progress.complete);

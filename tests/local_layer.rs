@@ -105,7 +105,10 @@ fn applications_write_through_the_mount_and_it_survives_kill_and_remount() {
     drop(open);
 
     let expect = |app: &Path| {
-        assert_eq!(sqlite(&app.join("data.db"), "select group_concat(x, ',') from t"), "old,rollback 1,rollback 2,wal 1,wal 2");
+        assert_eq!(
+            sqlite(&app.join("data.db"), "select group_concat(x, ',') from t"),
+            "old,rollback 1,rollback 2,wal 1,wal 2"
+        );
         assert_eq!(std::fs::read(app.join("app.log.1")).unwrap(), content("/app/app.log", 3000));
         assert_eq!(std::fs::read(app.join("app.log")).unwrap(), b"new log\n");
         assert_eq!(std::fs::read(app.join("app.log.hard")).unwrap(), b"new log\n");
