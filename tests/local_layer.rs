@@ -95,7 +95,7 @@ fn applications_write_through_the_mount_and_it_survives_kill_and_remount() {
     nix::unistd::mkfifo(&app.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     xattr_set(&app.join("app.log.1"), "user.rotated", b"yes");
     // An unlinked open file keeps working until closed.
-    let mut open = std::fs::File::options().read(true).write(true).create(true).open(app.join("scratch")).unwrap();
+    let mut open = std::fs::File::options().read(true).write(true).create_new(true).open(app.join("scratch")).unwrap();
     std::fs::remove_file(app.join("scratch")).unwrap();
     open.write_all(b"still here").unwrap();
     open.rewind().unwrap();

@@ -38,13 +38,13 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let (i, n) = (any::<usize>(), 0..NAMES.len());
     prop_oneof![
-        3 => (i.clone(), n.clone()).prop_map(|(dir, name)| Op::Create { dir, name }),
-        2 => (i.clone(), n.clone()).prop_map(|(dir, name)| Op::Mkdir { dir, name }),
-        1 => (i.clone(), n.clone()).prop_map(|(dir, name)| Op::Symlink { dir, name }),
-        1 => (i.clone(), i.clone(), n.clone()).prop_map(|(from, dir, name)| Op::Link { from, dir, name }),
-        2 => i.clone().prop_map(|target| Op::Unlink { target }),
-        1 => i.clone().prop_map(|target| Op::Rmdir { target }),
-        3 => (i.clone(), i.clone(), n, prop_oneof![Just(0), Just(RENAME_NOREPLACE), Just(RENAME_EXCHANGE)])
+        3 => (i, n.clone()).prop_map(|(dir, name)| Op::Create { dir, name }),
+        2 => (i, n.clone()).prop_map(|(dir, name)| Op::Mkdir { dir, name }),
+        1 => (i, n.clone()).prop_map(|(dir, name)| Op::Symlink { dir, name }),
+        1 => (i, i, n.clone()).prop_map(|(from, dir, name)| Op::Link { from, dir, name }),
+        2 => i.prop_map(|target| Op::Unlink { target }),
+        1 => i.prop_map(|target| Op::Rmdir { target }),
+        3 => (i, i, n, prop_oneof![Just(0), Just(RENAME_NOREPLACE), Just(RENAME_EXCHANGE)])
             .prop_map(|(from, dir, name, flags)| Op::Rename { from, dir, name, flags }),
         2 => (i, 1..3000usize, any::<u8>()).prop_map(|(target, len, byte)| Op::Write { target, len, byte }),
         1 => Just(Op::Remount),
