@@ -591,6 +591,16 @@ impl Filesystem {
         }
     }
 
+    /// The files made through the mount, and their bytes.
+    pub fn local_usage(&self) -> (u64, u64) {
+        let ns = self.namespace();
+        let sizes = ns.nodes().filter_map(|n| match n.kind {
+            NodeKind::Local(id) => Some(self.local.get(id).and_then(|f| f.metadata().ok()).map_or(0, |m| m.len())),
+            _ => None,
+        });
+        sizes.fold((0, 0), |(files, bytes), size| (files + 1, bytes + size))
+    }
+
     pub fn statfs(&self) -> StatFs {
         let bytes_total = self.fetcher.files().iter().map(|f| f.len()).sum();
         StatFs { bytes_total, files: self.namespace().len() as u64 }

@@ -95,6 +95,10 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     // Bytes background prefetch has yet to bring in: what the ETA is for.
     let mut prefetch_left = 0;
     for (index, file) in fs.fetcher().files().iter().enumerate() {
+        if file.is_removed() {
+            // Removed through the mount: no longer one of its files.
+            continue;
+        }
         let served = fs.served(index);
         let progress = file.progress();
         let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
@@ -111,8 +115,14 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
         status.files_total += 1;
         status.files_present += u64::from(!failed && progress.complete);
         status.files_failed += u64::from(failed);
-        status.bytes_total += size;
-        status.bytes_present += present;
+        if phase == Phase::Modified {
+            // Local now: its bytes are no longer the checkpoint's.
+            status.local_files += 1;
+            status.local_bytes += size;
+        } else {
+            status.bytes_total += size;
+            status.bytes_present += present;
+        }
         status.bytes_on_demand += stats.bytes_on_demand.load(Ordering::Relaxed);
         status.bytes_prefetched += stats.bytes_prefetched.load(Ordering::Relaxed);
         if fs.fetcher().prefetch_wanted(index) && !phase.is_settled() {
@@ -140,7 +150,10 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             completed_s: stats.completed_s(),
         });
     }
-    let settled = fs.fetcher().files().iter().filter(|f| f.phase().is_settled()).count() as u64;
+    let (local_files, local_bytes) = fs.local_usage();
+    status.local_files += local_files;
+    status.local_bytes += local_bytes;
+    let settled = fs.fetcher().files().iter().filter(|f| !f.is_removed() && f.phase().is_settled()).count() as u64;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
         MountState::Degraded
@@ -198,6 +211,8 @@ pub fn to_json(status: &Status) -> Value {
         "bytes_present": status.bytes_present,
         "bytes_on_demand": status.bytes_on_demand,
         "bytes_prefetched": status.bytes_prefetched,
+        "local_files": status.local_files,
+        "local_bytes": status.local_bytes,
         "rate_bytes_per_s": status.rate_bytes_per_s,
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,

@@ -38,6 +38,9 @@ pub fn summary(status: &Status) -> String {
         status.files_present,
         status.files_total
     );
+    if status.local_files > 0 {
+        text += &format!("; {} local file(s), {}", status.local_files, BinaryBytes(status.local_bytes));
+    }
     if status.files_failed > 0 && state != MountState::Complete {
         text += &format!(", {} failed", status.files_failed);
     }

@@ -123,6 +123,13 @@ fn applications_write_through_the_mount_and_it_survives_kill_and_remount() {
     };
     expect(&app);
     assert_eq!(tree(&source), before, "the source is never written");
+    // New app.log (two names, one file), the saved config, the changed
+    // database are local; the replaced config is no longer a file of the mount.
+    let status = mount.status();
+    assert_eq!(status["local_files"], 3, "{status}");
+    assert_eq!(status["local_bytes"], 8 + 5 + std::fs::metadata(&db).unwrap().len(), "{status}");
+    assert_eq!(status["files_total"], 2, "{status}");
+    assert_eq!(status["bytes_total"], 3000, "{status}");
 
     // Acknowledged changes survive kill -9 and a remount.
     kill9(&mount);

@@ -387,6 +387,10 @@ impl FetchFile {
         self.lock().removed = true;
     }
 
+    pub fn is_removed(&self) -> bool {
+        self.lock().removed
+    }
+
     /// The file's generation while it is complete and waiting for its check.
     fn present_generation(&self) -> Option<u64> {
         let state = self.lock();
