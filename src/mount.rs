@@ -533,7 +533,13 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
                 Ok(()) => umount_clients.push(stream),
                 Err(e) => {
-                    let message = format!("cannot unmount: {e} (close the files open under it first)");
+                    let message = match holders(&mountpoint).as_slice() {
+                        [] => format!("cannot unmount: {e} (close the files open under it first)"),
+                        held => format!(
+                            "cannot unmount: {e}: used by {}; close the files open under it first",
+                            held.join(", ")
+                        ),
+                    };
                     let _ = control::write_message(
                         &mut stream,
                         &control::proto::Response { kind: Some(control::proto::response::Kind::Error(message)) },
@@ -553,6 +559,34 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         control::umount_done(&mut stream);
     }
     Ok(())
+}
+
+/// The processes using files below `mountpoint` (open, mapped, or as their
+/// working directory, root or executable), as `PID (COMMAND)`, the way
+/// `fuser -m` finds them: from `/proc/*/{fd,maps,cwd,root,exe}`.
+fn holders(mountpoint: &Path) -> Vec<String> {
+    let below = |path: &Path| path.starts_with(mountpoint);
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids: Vec<u32> = procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    pids.sort_unstable();
+    pids.into_iter()
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            let dir = PathBuf::from(format!("/proc/{pid}"));
+            let links = ["cwd", "root", "exe"].map(|l| dir.join(l));
+            let fds = std::fs::read_dir(dir.join("fd")).into_iter().flatten().filter_map(|e| Some(e.ok()?.path()));
+            let maps = std::fs::read_to_string(dir.join("maps")).unwrap_or_default();
+            links.into_iter().chain(fds).any(|l| std::fs::read_link(l).is_ok_and(|t| below(&t)))
+                || maps
+                    .lines()
+                    .filter_map(|line| line.split_once('/').map(|(_, p)| Path::new("/").join(p)))
+                    .any(|p| below(&p))
+        })
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} ({})", comm.trim_end())
+        })
+        .collect()
 }
 
 impl Prepared {

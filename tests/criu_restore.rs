@@ -222,7 +222,7 @@ fn check_listing(env: &TestEnv, img: &Path, data: &Path, pids: &Value) {
     // The zombie has only its core image; the stopped child has everything.
     assert!(!all.iter().any(|u| u["pid"] == pids["zombie"]));
     assert!(all.iter().any(|u| u["pid"] == pids["stopped"] && u["kind"] == "exe"));
-    let ghost = list.as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().ends_with("/run/ghost.bin"));
+    let ghost = list.as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().ends_with("/data/ghost.bin"));
     assert!(ghost.is_some_and(|g| g["servable"] == false), "the deleted file is CRIU's to restore");
 }
 

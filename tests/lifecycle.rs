@@ -142,7 +142,11 @@ fn umount_of_a_busy_mount_says_so_and_keeps_it() {
     let held = std::fs::File::open(mount.at("/b/file")).unwrap();
     let out = mount.umount();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("busy"), "{stderr}");
+    // Who holds it, as `fuser -m` would say: this test's process.
+    let me = format!("{} (", std::process::id());
+    assert!(stderr.contains(&me), "{stderr}");
     assert!(is_mounted(&mount.mountpoint));
     drop(held);
     assert!(mount.umount().status.success());

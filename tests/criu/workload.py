@@ -5,13 +5,14 @@ lazyfs mount.
     workload.py DATA RUN
 
 DATA is the directory lazyfs serves after the dump; RUN stays on the host
-(the FIFO, the reports, the deleted-but-mapped file). The tree: this process
+(the FIFO, the reports). The tree: this process
 (a session leader, two threads ticking), an unreaped child (a zombie), a
 child that stopped itself, and a child appending a line to DATA/app.log every
 50 ms. This process holds DATA/data.bin, DATA/big.bin, DATA/twice.txt twice (read-only and
 read-write), DATA/sub/mapped.bin mapped (by Python's mmap, which keeps a duplicate descriptor), DATA/opath.txt
 as O_PATH, a memfd, an eventfd, RUN/fifo, a socketpair with a message queued,
-and RUN/ghost.bin mapped and deleted.
+and DATA/ghost.bin mapped and deleted (CRIU recreates it inside the mount from
+its ghost image at restore, then removes it again).
 
 Each line `check N` on RUN/fifo makes it read everything again through its
 descriptors and mappings and write RUN/report-N.json; `write N` also writes
@@ -91,7 +92,7 @@ def main(data, run):
     os.mkfifo(fifo_path)
     fifo = os.open(fifo_path, os.O_RDWR)
     left, right = socket.socketpair()
-    ghost_path = os.path.join(run, "ghost.bin")
+    ghost_path = os.path.join(data, "ghost.bin")
     with open(ghost_path, "wb+") as f:
         f.write(GHOST)
         f.flush()
