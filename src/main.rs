@@ -16,6 +16,7 @@ use lazyfs::commands::ls;
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
 use lazyfs::mount::{self, MountError, MountRequest};
+use lazyfs::store::CacheDir;
 
 /// An error that carries its own exit code (mount failures do).
 #[derive(Debug, thiserror::Error)]
@@ -147,17 +148,9 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
 /// Starts the background process and returns once the mount answers (0) or
 /// the process gave up (its reason and exit code).
 fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&request.cache_dir)
-        .with_context(|| format!("creating the cache dir {}", request.cache_dir.display()))?;
-    let log_path = request.cache_dir.join("lazyfs.log");
-    let log = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    let cache_dir = CacheDir::open_cache(&request.cache_dir).map_err(|e| mount_failed(e.into()))?;
+    let log_path = cache_dir.join("lazyfs.log");
+    let log = cache_dir.open_append("lazyfs.log")?;
     let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
     if args.cache_dir.is_none() {
@@ -194,8 +187,6 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
         }
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     match control::Client::connect(&args.mountpoint) {

@@ -34,6 +34,8 @@ pub enum MountError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("no HOME, XDG_CACHE_HOME or XDG_RUNTIME_DIR to keep a private cache in: give --cache-dir DIR")]
+    NoCacheDir,
     #[error("{}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting on {}: {source}", path.display())]
@@ -46,8 +48,11 @@ impl MountError {
             MountError::Images(_)
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
+            | MountError::NoCacheDir
             | MountError::Manifest(_) => exit::BAD_INPUT,
-            MountError::Source(SourceError::Config(_)) => exit::BAD_INPUT,
+            MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
+                exit::BAD_INPUT
+            }
             _ => exit::RUNTIME,
         }
     }
@@ -88,7 +93,7 @@ impl MountRequest {
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
         let cache_dir = match &args.cache_dir {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root),
+            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root)?,
         };
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
@@ -121,17 +126,19 @@ impl MountRequest {
     }
 }
 
-/// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`), where ID names
-/// the images and the source, so mounting them again resumes.
-pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> PathBuf {
+/// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`; without a
+/// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
+/// where ID names the images and the source, so mounting them again resumes.
+pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Result<PathBuf, MountError> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/cache/lazyfs")
+    } else if let Some(base) = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache"))) {
+        base.join("lazyfs")
+    } else if let Some(runtime) = var("XDG_RUNTIME_DIR") {
+        runtime.join("lazyfs-cache")
     } else {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from("/tmp"))
-            .join("lazyfs")
+        return Err(MountError::NoCacheDir);
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
@@ -139,7 +146,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Pat
         key.extend_from_slice(part);
         key.push(0);
     }
-    base.join(&blake3::hash(&key).to_hex()[..16])
+    Ok(base.join(&blake3::hash(&key).to_hex()[..16]))
 }
 
 /// A filesystem ready to mount: images read, source reached, cache open.
@@ -169,7 +176,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
     let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
-    let (records, warning) = journal::load(&store.journal_path())?;
+    let (records, warning) = journal::load(store.dir())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
     }
@@ -220,7 +227,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             Ok(JournalFile { path: f.path.as_os_str().as_bytes().to_vec(), size: f.spill.len(), spill })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let journal = Journal::create(&store.journal_path(), crate::fetch::snapshot(&files), journal_files)?;
+    let journal = Journal::create(store.dir(), crate::fetch::snapshot(&files), journal_files)?;
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -354,8 +361,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         Arc::new(move |per_file| crate::status::snapshot(&fs, &request, &source_name, started, per_file))
     };
     let (control_tx, control_rx) = mpsc::channel();
-    let server =
-        control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx).map_err(mount_err)?;
+    let server = control::Server::start(prepared.store.dir(), "control.sock", status, control_tx).map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
         for event in control_rx {
@@ -364,10 +370,9 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     });
     registry::register(&registry::Entry {
         mountpoint: mountpoint.clone(),
-        socket: server.socket().to_path_buf(),
+        socket: server.socket(),
         pid: std::process::id(),
-    })
-    .map_err(mount_err)?;
+    })?;
 
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
@@ -431,16 +436,17 @@ fn finish(prepared: &Prepared, started: Instant) {
     let fetcher = prepared.fs.fetcher();
     fetcher.stop();
     let store = &prepared.store;
-    if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
+    if let Err(e) = Journal::create(store.dir(), fetcher.snapshot(), Vec::new()) {
         log::error!("compacting the journal: {e}");
     }
     let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started, true);
-    let summary = store.dir().join("summary.json");
-    let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
-        .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(&summary, json));
-    if let Err(e) = written {
-        log::error!("{}: {e}", summary.display());
+    match serde_json::to_vec_pretty(&crate::status::to_json(&status)) {
+        Ok(json) => {
+            if let Err(e) = store.dir().write_atomic("summary.json", &json) {
+                log::error!("{e}");
+            }
+        }
+        Err(e) => log::error!("summary.json: {e}"),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::store::journal;
+use crate::store::{CacheDir, journal};
 
 pub struct Report {
     pub checked: usize,
@@ -21,18 +21,19 @@ pub enum VerifyError {
 
 /// Re-hashes every file the journal of `cache_dir` says is verified.
 pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
-    let journal_path = cache_dir.join("journal");
+    let dir = CacheDir::open_existing_cache(cache_dir)?;
     let records =
-        journal::read(&journal_path)?.map_err(|reason| VerifyError::Journal { path: journal_path, reason })?;
+        journal::read(&dir)?.map_err(|reason| VerifyError::Journal { path: dir.join(journal::NAME), reason })?;
+    let spills = dir.subdir("spill")?;
     let mut report = Report { checked: 0, mismatched: Vec::new() };
     let mut verified: Vec<_> = records.iter().filter_map(|(path, r)| Some((path, r.verified.as_ref()?))).collect();
     verified.sort();
     for (path, (hash, against)) in verified {
         use std::os::unix::ffi::OsStrExt;
         let original = PathBuf::from(std::ffi::OsStr::from_bytes(path));
-        let spill = crate::store::spill_path(cache_dir, &original);
+        let name = crate::store::spill_name(&original);
         report.checked += 1;
-        let actual = std::fs::File::open(&spill).and_then(|mut f| {
+        let actual = spills.open_read(&name).and_then(|mut f| {
             let mut hasher = blake3::Hasher::new();
             std::io::copy(&mut f, &mut hasher)?;
             Ok(hasher.finalize())
@@ -47,7 +48,7 @@ pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
                     blake3::Hash::from_bytes(*hash).to_hex()
                 ),
             )),
-            Err(e) => report.mismatched.push((original, format!("{}: {e}", spill.display()))),
+            Err(e) => report.mismatched.push((original, format!("{}: {e}", spills.join(&name).display()))),
         }
     }
     Ok(report)

@@ -2,13 +2,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use super::proto::{Request, Response, Status, UmountDone, request, response};
 use super::{read_message, write_message};
+use crate::store::CacheDir;
 
 /// What the control socket asks of the mount's main loop.
 pub enum ControlEvent {
@@ -17,19 +18,24 @@ pub enum ControlEvent {
 }
 
 pub struct Server {
-    socket: PathBuf,
+    dir: CacheDir,
+    name: &'static str,
 }
 
 impl Server {
-    /// Listens on `socket` (mode 0600); `status` makes a snapshot on demand.
+    /// Listens on `name` (mode 0600) in `dir`, bound through the directory's
+    /// descriptor; `status` makes a snapshot on demand.
     pub fn start(
-        socket: &Path,
+        dir: &CacheDir,
+        name: &'static str,
         status: Arc<dyn Fn(bool) -> Status + Send + Sync>,
         events: Sender<ControlEvent>,
     ) -> std::io::Result<Server> {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        let dir = dir.try_clone()?;
+        dir.remove(name)?;
+        let pinned = dir.pinned(name);
+        let listener = UnixListener::bind(&pinned)?;
+        std::fs::set_permissions(&pinned, std::fs::Permissions::from_mode(0o600))?;
         std::thread::Builder::new().name("lazyfs-control".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (status, events) = (status.clone(), events.clone());
@@ -38,17 +44,17 @@ impl Server {
                     .spawn(move || serve_client(stream, &*status, &events));
             }
         })?;
-        Ok(Server { socket: socket.to_path_buf() })
+        Ok(Server { dir, name })
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(self.name)
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
+        let _ = self.dir.remove(self.name);
     }
 }
 

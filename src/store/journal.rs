@@ -12,13 +12,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use prost::Message;
 
-use super::{CHUNK_SIZE, StoreError, io_err};
+use super::{CHUNK_SIZE, CacheDir, StoreError, io_err};
 
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
@@ -43,34 +43,37 @@ pub struct FileRecord {
 /// What the journal records, per original path.
 pub type Records = HashMap<Vec<u8>, FileRecord>;
 
-/// Reads the journal at `path`, setting it aside if it cannot be read: what it
+/// The journal's name in the cache dir.
+pub const NAME: &str = "journal";
+
+/// Reads the journal of `dir`, setting it aside if it cannot be read: what it
 /// records per original path, and a warning if it was set aside.
-pub fn load(path: &Path) -> Result<(Records, Option<String>), StoreError> {
-    match read(path)? {
+pub fn load(dir: &CacheDir) -> Result<(Records, Option<String>), StoreError> {
+    match read(dir)? {
         Ok(files) => Ok((files, None)),
         Err(reason) => {
-            let aside = path.with_extension(format!(
-                "bad-{}",
+            let aside = format!(
+                "{NAME}.bad-{}",
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-            ));
-            std::fs::rename(path, &aside).map_err(io_err(path))?;
+            );
+            dir.rename(NAME, &aside)?;
             let warning = format!(
                 "{}: {reason}; set aside as {} and not trusted: everything is fetched again",
-                path.display(),
-                aside.display()
+                dir.join(NAME).display(),
+                dir.join(&aside).display()
             );
             Ok((HashMap::new(), Some(warning)))
         }
     }
 }
 
-/// Reads the journal at `path` without changing it (a missing one knows
+/// Reads the journal of `dir` without changing it (a missing one knows
 /// nothing); the inner error says why it cannot be trusted.
-pub fn read(path: &Path) -> Result<Result<Records, String>, StoreError> {
-    match std::fs::read(path) {
+pub fn read(dir: &CacheDir) -> Result<Result<Records, String>, StoreError> {
+    match dir.read(NAME) {
         Ok(bytes) => Ok(parse(&bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(HashMap::new())),
-        Err(e) => Err(io_err(path)(e)),
+        Err(e) => Err(io_err(&dir.join(NAME))(e)),
     }
 }
 
@@ -153,28 +156,26 @@ pub struct JournalFile {
 }
 
 impl Journal {
-    /// Starts a new journal at `path` holding `snapshot` (what is known now),
+    /// Starts a new journal in `dir` holding `snapshot` (what is known now),
     /// written to a temporary file and renamed over the old one.
-    pub fn create(path: &Path, snapshot: Vec<JournalRecord>, files: Vec<JournalFile>) -> Result<Journal, StoreError> {
-        let tmp = path.with_extension("tmp");
-        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+    pub fn create(
+        dir: &CacheDir,
+        snapshot: Vec<JournalRecord>,
+        files: Vec<JournalFile>,
+    ) -> Result<Journal, StoreError> {
         let mut bytes = encode(&header());
         for record in &snapshot {
             bytes.extend(encode(record));
         }
-        out.write_all(&bytes).map_err(io_err(&tmp))?;
-        out.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-        }
-        let journal = File::options().append(true).open(path).map_err(io_err(path))?;
+        dir.write_atomic(NAME, &bytes)?;
+        let journal = dir.open_append(NAME)?;
+        let path = dir.join(NAME);
         let (tx, rx) = mpsc::channel();
-        let writer = Writer { path: path.to_path_buf(), journal, files };
+        let writer = Writer { path: path.clone(), journal, files };
         let thread = std::thread::Builder::new()
             .name("lazyfs-journal".into())
             .spawn(move || writer.run(rx))
-            .map_err(io_err(path))?;
+            .map_err(io_err(&path))?;
         Ok(Journal { tx, thread: Some(thread) })
     }
 
@@ -312,26 +313,30 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn journal_with(dir: &Path, records: Vec<JournalRecord>) -> PathBuf {
-        let path = dir.join("journal");
+    fn journal_with(dir: &CacheDir, records: Vec<JournalRecord>) {
         let spill = dir.join("spill");
         std::fs::write(&spill, b"x").unwrap();
         let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill: File::open(&spill).unwrap() }];
-        let journal = Journal::create(&path, records, files).unwrap();
+        let journal = Journal::create(dir, records, files).unwrap();
         journal.present(0, 0..2);
         journal.present(0, 5..6);
         journal.verified(b"/b", &blake3::hash(b"b"), "received");
         journal.modified(b"/c");
         journal.reset(b"/d");
         drop(journal);
-        path
+    }
+
+    fn cache() -> (tempfile::TempDir, CacheDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CacheDir::open_cache(&tmp.path().join("c")).unwrap();
+        (tmp, dir)
     }
 
     #[test]
     fn records_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = journal_with(dir.path(), vec![present_record(b"/d", 0..1, 10)]);
-        let (files, warning) = load(&path).unwrap();
+        let (_tmp, dir) = cache();
+        journal_with(&dir, vec![present_record(b"/d", 0..1, 10)]);
+        let (files, warning) = load(&dir).unwrap();
         assert!(warning.is_none());
         assert_eq!(files[&b"/a".to_vec()].present, vec![0..2, 5..6]);
         assert_eq!(files[&b"/a".to_vec()].size, 100);
@@ -342,14 +347,15 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_and_garbage_is_set_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = journal_with(dir.path(), vec![]);
+        let (_tmp, dir) = cache();
+        journal_with(&dir, vec![]);
+        let path = dir.join(NAME);
         let mut bytes = std::fs::read(&path).unwrap();
         let full = bytes.len();
         bytes.extend(encode(&present_record(b"/e", 0..9, 10)));
         bytes.truncate(full + 5);
         std::fs::write(&path, &bytes).unwrap();
-        let (files, warning) = load(&path).unwrap();
+        let (files, warning) = load(&dir).unwrap();
         assert!(warning.is_none(), "{warning:?}");
         assert!(!files.contains_key(b"/e".as_slice()));
         assert_eq!(files[&b"/a".to_vec()].present.len(), 2);
@@ -358,7 +364,7 @@ mod tests {
         garbage[3] ^= 0xff;
         garbage[4] ^= 0xff;
         std::fs::write(&path, &garbage).unwrap();
-        let (files, warning) = load(&path).unwrap();
+        let (files, warning) = load(&dir).unwrap();
         assert!(files.is_empty());
         assert!(warning.unwrap().contains("set aside"));
         assert!(!path.exists());

@@ -32,16 +32,15 @@ pub struct SpillFile {
 impl SpillFile {
     /// Creates the spill file empty and sparse, `size` bytes long.
     pub fn create(path: &Path, size: u64) -> Result<SpillFile, StoreError> {
-        Self::open(path, Some(size), false)
+        let file = File::options().read(true).write(true).create_new(true).open(path).map_err(io_err(path))?;
+        Self::open(file, path, Some(size), false)
     }
 
-    /// Opens the spill file for a file of `size` bytes. With `keep`, an
+    /// Takes the spill file `file` (at `path`) for a file of `size` bytes. With `keep`, an
     /// existing spill file of that size keeps its bytes (a journal says which
     /// are present); otherwise it starts empty. `size` `None` keeps the
     /// existing file's length (a file changed locally).
-    pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
-        let file =
-            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+    pub fn open(file: File, path: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
         let existing = file.metadata().map_err(io_err(path))?.len();
         let size = size.unwrap_or(existing);
         if !keep || existing != size {
