@@ -189,7 +189,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             Some(size) => size,
             None => match connection.stat(&file.source_path) {
                 Ok(stat) => stat.size,
-                Err(e @ SourceError::NotFound { .. }) => {
+                Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));
                     continue;
                 }

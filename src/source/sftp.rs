@@ -9,18 +9,21 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 const INIT: u8 = 1;
 const VERSION: u8 = 2;
 const OPEN: u8 = 3;
 const CLOSE: u8 = 4;
 const READ: u8 = 5;
-const STAT: u8 = 17;
+const LSTAT: u8 = 7;
+const FSTAT: u8 = 8;
+const REALPATH: u8 = 16;
 const STATUS: u8 = 101;
 const HANDLE: u8 = 102;
 const DATA: u8 = 103;
+const NAME: u8 = 104;
 const ATTRS: u8 = 105;
 
 const FX_OK: u32 = 0;
@@ -48,6 +51,9 @@ pub enum SftpError {
     Short { end: u64 },
     /// The file is longer than the bytes asked for (read whole).
     Longer,
+    /// The path is not the regular file it was: a symlink on the way, another
+    /// kind of file, or a file swapped while it was opened.
+    Changed(String),
     /// The channel or the protocol broke: the connection is unusable.
     Broken(String),
 }
@@ -64,8 +70,80 @@ impl From<std::io::Error> for SftpError {
     }
 }
 
-/// Size and mtime, or why not.
-pub type StatResult = Result<(u64, u32), SftpError>;
+/// What the server says of a file (SFTP v3 ATTRS), as far as it says it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attrs {
+    pub size: Option<u64>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// `st_mode`, file type bits included (OpenSSH sends them).
+    pub mode: Option<u32>,
+    pub mtime: Option<u32>,
+}
+
+impl Attrs {
+    fn parse(body: &[u8]) -> Option<Attrs> {
+        let word = |at: usize| body.get(at..at + 4).map(|w| u32::from_be_bytes(w.try_into().expect("4")));
+        let flags = word(0)?;
+        let mut attrs = Attrs::default();
+        let mut at = 4;
+        if flags & 1 != 0 {
+            attrs.size = Some(u64::from_be_bytes(body.get(at..at + 8)?.try_into().ok()?));
+            at += 8;
+        }
+        if flags & 2 != 0 {
+            (attrs.uid, attrs.gid) = (Some(word(at)?), Some(word(at + 4)?));
+            at += 8;
+        }
+        if flags & 4 != 0 {
+            attrs.mode = Some(word(at)?);
+            at += 4;
+        }
+        if flags & 8 != 0 {
+            attrs.mtime = Some(word(at + 4)?);
+        }
+        Some(attrs)
+    }
+
+    /// What kind of file this is, if it is not a regular file.
+    fn irregular(&self) -> Option<&'static str> {
+        match self.mode.map(|m| m & libc::S_IFMT) {
+            Some(libc::S_IFREG) => None,
+            Some(libc::S_IFLNK) => Some("a symbolic link"),
+            Some(libc::S_IFDIR) => Some("a directory"),
+            Some(libc::S_IFIFO) => Some("a FIFO"),
+            Some(libc::S_IFSOCK) => Some("a socket"),
+            Some(libc::S_IFCHR | libc::S_IFBLK) => Some("a device"),
+            Some(_) => Some("not a regular file"),
+            None => Some("of a kind the server does not tell"),
+        }
+    }
+}
+
+/// Checks what LSTAT and REALPATH said of `path`: it must be a regular file
+/// reached without a symlink (REALPATH gives back `path` itself).
+fn check_lookup(path: &Path, real: &[u8], lstat: &Attrs) -> Result<(), SftpError> {
+    if let Some(kind) = lstat.irregular() {
+        return Err(SftpError::Changed(format!("now {kind}")));
+    }
+    if real != path.as_os_str().as_bytes() {
+        return Err(SftpError::Changed(format!(
+            "reached through a symbolic link (it resolves to {})",
+            String::from_utf8_lossy(real)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks FSTAT of the opened handle against LSTAT of the path before the
+/// OPEN: a file swapped in between (a symlink there only while it was
+/// opened) shows as another owner, mode, size or time.
+fn check_opened(lstat: &Attrs, fstat: &Attrs) -> Result<(), SftpError> {
+    if fstat.irregular().is_some() || fstat != lstat {
+        return Err(SftpError::Changed("replaced while it was being opened".into()));
+    }
+    Ok(())
+}
 
 /// One file of a batched read: read `buf.len()` bytes from the start of `path`.
 pub struct FileRead<'a> {
@@ -89,10 +167,27 @@ enum Reply {
     Handle(Vec<u8>),
     /// DATA: how many bytes were placed in the request's destination.
     Data(usize),
-    Attrs {
-        size: Option<u64>,
-        mtime: Option<u32>,
-    },
+    Attrs(Attrs),
+    /// NAME: the first name (REALPATH answers with one).
+    Name(Vec<u8>),
+}
+
+impl Reply {
+    fn attrs(self, what: &str) -> Result<Attrs, SftpError> {
+        match self {
+            Reply::Attrs(attrs) => Ok(attrs),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken(format!("unexpected reply to {what}"))),
+        }
+    }
+
+    fn name(self) -> Result<Vec<u8>, SftpError> {
+        match self {
+            Reply::Name(name) => Ok(name),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken("unexpected reply to REALPATH".into())),
+        }
+    }
 }
 
 impl Sftp {
@@ -234,7 +329,13 @@ impl Sftp {
             }
             ATTRS => {
                 let body = self.read_body(rest)?;
-                Reply::Attrs { size: attrs_size(&body), mtime: attrs_mtime(&body) }
+                Reply::Attrs(Attrs::parse(&body).ok_or_else(|| SftpError::Broken("truncated ATTRS".into()))?)
+            }
+            NAME => {
+                let body = self.read_body(rest)?;
+                let len = body.get(4..8).map(|l| u32::from_be_bytes(l.try_into().expect("4")) as usize);
+                let name = len.and_then(|l| body.get(8..8usize.checked_add(l)?));
+                Reply::Name(name.ok_or_else(|| SftpError::Broken("a NAME without a name".into()))?.to_vec())
             }
             other => {
                 self.skip(rest)?;
@@ -254,45 +355,57 @@ impl Sftp {
         Ok(reply)
     }
 
-    /// Size and mtime of `path`.
-    pub fn stat(&mut self, path: &Path) -> Result<(u64, u32), SftpError> {
+    fn path_request(&mut self, kind: u8, path: &Path) -> u32 {
         let name = Self::string(path.as_os_str().as_bytes());
-        let id = self.request(STAT, &[&name]);
-        match self.call(id)? {
-            Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
-            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-            _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
-        }
+        self.request(kind, &[&name])
     }
 
-    /// Size and mtime of each of `paths`, the STATs pipelined.
-    pub fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<StatResult>, SftpError> {
-        let mut results: Vec<Option<StatResult>> = paths.iter().map(|_| None).collect();
-        let mut in_flight: HashMap<u32, usize> = HashMap::new();
+    /// LSTAT and REALPATH of each of `paths`, pipelined: the attributes of
+    /// each, or why it is not the regular file it was (see [`check_lookup`]).
+    pub fn lookup_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<Attrs, SftpError>>, SftpError> {
+        type Half = Option<Result<Reply, SftpError>>;
+        let mut replies: Vec<(Half, Half)> = paths.iter().map(|_| (None, None)).collect();
+        // Request id -> (path index, whether it is the REALPATH).
+        let mut in_flight: HashMap<u32, (usize, bool)> = HashMap::new();
         let mut next = 0;
         while next < paths.len() || !in_flight.is_empty() {
-            while in_flight.len() < FILES_IN_FLIGHT && next < paths.len() {
-                let name = Self::string(paths[next].as_os_str().as_bytes());
-                in_flight.insert(self.request(STAT, &[&name]), next);
+            while in_flight.len() < 2 * FILES_IN_FLIGHT && next < paths.len() {
+                in_flight.insert(self.path_request(LSTAT, paths[next]), (next, false));
+                in_flight.insert(self.path_request(REALPATH, paths[next]), (next, true));
                 next += 1;
             }
             self.flush()?;
             let (id, reply) = self.reply(|_| None)?;
-            let index =
+            let (index, real) =
                 in_flight.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
-            results[index] = Some(match reply {
-                Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
-                Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-                _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
-            });
+            let slot = if real { &mut replies[index].1 } else { &mut replies[index].0 };
+            *slot = Some(Ok(reply));
         }
-        Ok(results.into_iter().map(|r| r.expect("every request answered")).collect())
+        Ok(paths
+            .iter()
+            .zip(replies)
+            .map(|(path, (lstat, real))| {
+                let lstat = lstat.expect("answered")?.attrs("LSTAT")?;
+                check_lookup(path, &real.expect("answered")?.name()?, &lstat)?;
+                Ok(lstat)
+            })
+            .collect())
     }
 
-    pub fn open(&mut self, path: &Path) -> Result<Vec<u8>, SftpError> {
+    /// The path the server resolves `path` to (no symlink on the way).
+    pub fn realpath(&mut self, path: &Path) -> Result<PathBuf, SftpError> {
+        let id = self.path_request(REALPATH, path);
+        Ok(PathBuf::from(std::ffi::OsString::from_vec(self.call(id)?.name()?)))
+    }
+
+    /// Opens `path` for reading once LSTAT and REALPATH say it is the regular
+    /// file it was (a FIFO is never opened: the server would block on it).
+    /// Returns the handle and the attributes to check FSTAT against.
+    pub fn open_checked(&mut self, path: &Path) -> Result<(Vec<u8>, Attrs), SftpError> {
+        let lstat = self.lookup_many(&[path])?.pop().expect("one path")?;
         let id = self.open_request(path);
         match self.call(id)? {
-            Reply::Handle(handle) => Ok(handle),
+            Reply::Handle(handle) => Ok((handle, lstat)),
             Reply::Status { code, message } => Err(SftpError::Status { code, message }),
             _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
         }
@@ -308,13 +421,26 @@ impl Sftp {
     }
 
     /// Fills `buf` from `offset` of the open file `handle`, with up to DEPTH
-    /// requests of REQUEST bytes in flight.
-    pub fn read_exact_at(&mut self, handle: &[u8], offset: u64, buf: &mut [u8]) -> Result<(), SftpError> {
+    /// requests of REQUEST bytes in flight. With `check`, the LSTAT of a
+    /// handle just opened, FSTAT goes along with the first READs and must
+    /// agree with it ([`check_opened`]).
+    pub fn read_exact_at(
+        &mut self,
+        handle: &[u8],
+        offset: u64,
+        buf: &mut [u8],
+        check: Option<&Attrs>,
+    ) -> Result<(), SftpError> {
         let total = buf.len() as u64;
         // Request id -> (start within buf, bytes asked).
         let mut in_flight: HashMap<u32, (u64, u64)> = HashMap::new();
         let mut next = 0u64;
         let mut failure: Option<SftpError> = None;
+        let fstat = check.map(|_| {
+            let handle = Self::string(handle);
+            self.request(FSTAT, &[&handle])
+        });
+        let mut opened: Option<Reply> = None;
         loop {
             while failure.is_none() && in_flight.len() < DEPTH && next < total {
                 let len = REQUEST.min(total - next);
@@ -322,7 +448,7 @@ impl Sftp {
                 in_flight.insert(id, (next, len));
                 next += len;
             }
-            if in_flight.is_empty() {
+            if in_flight.is_empty() && (fstat.is_none() || opened.is_some()) {
                 break;
             }
             self.flush()?;
@@ -332,6 +458,10 @@ impl Sftp {
                     &mut buf[start..start + len as usize]
                 })
             })?;
+            if Some(id) == fstat {
+                opened = Some(reply);
+                continue;
+            }
             let Some((start, len)) = in_flight.remove(&id) else {
                 return Err(SftpError::Broken(format!("a reply to unknown request {id}")));
             };
@@ -358,38 +488,58 @@ impl Sftp {
                 _ => return Err(SftpError::Broken("unexpected reply to READ".into())),
             }
         }
+        if let (Some(lstat), Some(reply)) = (check, opened) {
+            check_opened(lstat, &reply.attrs("FSTAT")?)?;
+        }
         failure.map_or(Ok(()), Err)
     }
 
-    /// Reads many whole files at once: the OPEN of the next files, the READs
-    /// of those open (several per file), and the CLOSEs of those done all
-    /// overlap. Each file is read one byte past its expected size, so a file
-    /// that grew says so in the same replies, without a STAT.
+    /// Reads many whole files at once: the LSTAT and REALPATH, OPEN, FSTAT
+    /// of the next files (checked as in [`Sftp::open_checked`] and
+    /// [`Sftp::read_exact_at`]), the READs of those open (several per file),
+    /// and the CLOSEs of those done all overlap. Each file is read one byte
+    /// past its expected size, so a file that grew says so in the same
+    /// replies, without a STAT.
     pub fn read_files(&mut self, files: &mut [FileRead<'_>]) -> Result<(), SftpError> {
         enum Step {
+            /// File, and whether this is its REALPATH (else its LSTAT).
+            Looking(usize, bool),
             Opening(usize),
+            Fstat(usize),
             /// File, start, bytes asked.
             Reading(usize, u64, u64),
             Closing,
         }
+        #[derive(Default)]
         struct Progress {
+            lstat: Option<Reply>,
+            real: Option<Reply>,
+            /// What LSTAT said, for FSTAT to agree with.
+            looked: Attrs,
+            checking: bool,
             handle: Option<Vec<u8>>,
             /// Bytes asked for so far (up to size + 1).
             asked: u64,
             reads: usize,
         }
         let mut steps: HashMap<u32, Step> = HashMap::new();
-        let mut progress: Vec<Progress> = files.iter().map(|_| Progress { handle: None, asked: 0, reads: 0 }).collect();
+        let mut progress: Vec<Progress> = files.iter().map(|_| Progress::default()).collect();
         let mut next_file = 0;
         let mut open_files = 0;
         loop {
             while open_files < FILES_IN_FLIGHT && next_file < files.len() {
-                let id = self.open_request(files[next_file].path);
-                steps.insert(id, Step::Opening(next_file));
+                steps.insert(self.path_request(LSTAT, files[next_file].path), Step::Looking(next_file, false));
+                steps.insert(self.path_request(REALPATH, files[next_file].path), Step::Looking(next_file, true));
                 next_file += 1;
                 open_files += 1;
             }
             if steps.is_empty() {
+                // A file is never taken as read unless every byte was asked for.
+                for (file, progress) in files.iter_mut().zip(&progress) {
+                    if file.result.is_ok() && progress.asked <= file.buf.len() as u64 {
+                        file.result = Err(SftpError::Broken("the pipeline ended before the file was read".into()));
+                    }
+                }
                 return Ok(());
             }
             self.flush()?;
@@ -408,9 +558,47 @@ impl Sftp {
                     open_files -= 1;
                     continue;
                 }
+                Step::Looking(i, real) => {
+                    let p = &mut progress[i];
+                    *(if real { &mut p.real } else { &mut p.lstat }) = Some(reply);
+                    let looked = match (p.lstat.take(), p.real.take()) {
+                        (Some(lstat), Some(real)) => lstat.attrs("LSTAT").and_then(|lstat| {
+                            check_lookup(files[i].path, &real.name()?, &lstat)?;
+                            Ok(lstat)
+                        }),
+                        // The other half is still to come.
+                        (lstat, real) => {
+                            (p.lstat, p.real) = (lstat, real);
+                            continue;
+                        }
+                    };
+                    match looked {
+                        Ok(lstat) => {
+                            p.looked = lstat;
+                            steps.insert(self.open_request(files[i].path), Step::Opening(i));
+                        }
+                        Err(e) => {
+                            files[i].result = Err(e);
+                            open_files -= 1;
+                        }
+                    }
+                    continue;
+                }
+                Step::Fstat(i) => {
+                    progress[i].checking = false;
+                    if let Err(e) = reply.attrs("FSTAT").and_then(|fstat| check_opened(&progress[i].looked, &fstat)) {
+                        files[i].result = Err(e);
+                    }
+                    i
+                }
                 Step::Opening(i) => {
                     match reply {
-                        Reply::Handle(handle) => progress[i].handle = Some(handle),
+                        Reply::Handle(handle) => {
+                            let id = self.request(FSTAT, &[&Self::string(&handle)]);
+                            steps.insert(id, Step::Fstat(i));
+                            progress[i].checking = true;
+                            progress[i].handle = Some(handle);
+                        }
                         Reply::Status { code, message } => {
                             files[i].result = Err(SftpError::Status { code, message });
                             open_files -= 1;
@@ -458,7 +646,9 @@ impl Sftp {
                 progress[file].asked += len;
                 progress[file].reads += 1;
             }
-            let finished = progress[file].reads == 0 && (files[file].result.is_err() || progress[file].asked > size);
+            let finished = progress[file].reads == 0
+                && !progress[file].checking
+                && (files[file].result.is_err() || progress[file].asked > size);
             if finished && progress[file].handle.is_some() {
                 let handle = progress[file].handle.take().expect("open");
                 let id = self.close_request(&handle);
@@ -466,30 +656,4 @@ impl Sftp {
             }
         }
     }
-}
-
-fn attrs_size(body: &[u8]) -> Option<u64> {
-    let flags = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    if flags & 1 == 0 {
-        return None;
-    }
-    Some(u64::from_be_bytes(body.get(4..12)?.try_into().ok()?))
-}
-
-fn attrs_mtime(body: &[u8]) -> Option<u32> {
-    let flags = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    let mut at = 4;
-    if flags & 1 != 0 {
-        at += 8;
-    }
-    if flags & 2 != 0 {
-        at += 8;
-    }
-    if flags & 4 != 0 {
-        at += 4;
-    }
-    if flags & 8 == 0 {
-        return None;
-    }
-    Some(u32::from_be_bytes(body.get(at + 4..at + 8)?.try_into().ok()?))
 }

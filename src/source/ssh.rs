@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use ssh2::{HashType, MethodType, Session};
 
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
-use super::sftp::{FileRead, Sftp, SftpError};
+use super::sftp::{Attrs, FileRead, Sftp, SftpError};
 use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
@@ -147,19 +147,22 @@ impl Source for SshSource {
         let authenticated = started.elapsed();
         let channel = with_quick_acks(&session, fd, || session.channel_session())
             .map_err(|e| self.session_error(format!("cannot open a channel: {e}")))?;
-        let sftp = Sftp::start(channel).map_err(|e| self.session_error(format!("cannot start SFTP: {e:?}")))?;
+        let mut sftp = Sftp::start(channel).map_err(|e| self.session_error(format!("cannot start SFTP: {e:?}")))?;
+        // Paths below the root are checked against REALPATH, so the root is
+        // taken as the server resolves it.
+        let root = sftp.realpath(&self.root).map_err(|e| match e {
+            SftpError::Broken(message) => self.session_error(message),
+            SftpError::Status { message, .. } => {
+                SourceError::Config(format!("--source-root {}: {message} on the source", self.root.display()))
+            }
+            e => SourceError::Config(format!("--source-root {}: {e:?}", self.root.display())),
+        })?;
         log::debug!(
             "connected to {}: handshake {handshake:?}, authenticated at {authenticated:?}, SFTP at {:?}",
             self.host_label(),
             started.elapsed()
         );
-        Ok(Box::new(SshConnection {
-            _session: session,
-            sftp,
-            root: self.root.clone(),
-            host: self.host_label(),
-            open: Vec::new(),
-        }))
+        Ok(Box::new(SshConnection { _session: session, sftp, root, host: self.host_label(), open: Vec::new() }))
     }
 
     fn describe(&self) -> String {
@@ -229,10 +232,12 @@ struct SshConnection {
     /// Keeps the session alive for as long as the channel is used.
     _session: Session,
     sftp: Sftp,
+    /// The source root as the server resolves it.
     root: PathBuf,
     host: String,
-    /// Open handles, most recently used last.
-    open: Vec<(PathBuf, Vec<u8>)>,
+    /// Open handles, most recently used last, each with the LSTAT its FSTAT
+    /// is still to be checked against (until its first read).
+    open: Vec<(PathBuf, Vec<u8>, Option<Attrs>)>,
 }
 
 impl SshConnection {
@@ -249,53 +254,71 @@ impl SshConnection {
             },
             SftpError::Short { end } => SourceError::Short { path: path.to_path_buf(), end, wanted },
             SftpError::Longer => SourceError::Longer { path: path.to_path_buf(), size: wanted },
+            SftpError::Changed(reason) => SourceError::Changed { path: path.to_path_buf(), reason },
             SftpError::Broken(message) => SourceError::Session { host: self.host.clone(), message },
         }
     }
 
-    fn handle(&mut self, path: &Path) -> Result<Vec<u8>, SourceError> {
-        if let Some(at) = self.open.iter().position(|(p, _)| p == path) {
+    /// An open handle for `path`, and the LSTAT to check its FSTAT against
+    /// when it was just opened.
+    fn handle(&mut self, path: &Path) -> Result<(Vec<u8>, Option<Attrs>), SourceError> {
+        if let Some(at) = self.open.iter().position(|(p, _, _)| p == path) {
             let entry = self.open.remove(at);
-            let handle = entry.1.clone();
+            let handle = (entry.1.clone(), entry.2);
             self.open.push(entry);
             return Ok(handle);
         }
         if self.open.len() >= OPEN_HANDLES {
-            let (old_path, old) = self.open.remove(0);
-            self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))?;
+            self.close(0)?;
         }
         let full = self.full(path);
-        let handle = self.sftp.open(&full).map_err(|e| self.error(path, e, 0))?;
-        self.open.push((path.to_path_buf(), handle.clone()));
-        Ok(handle)
+        let (handle, looked) = self.sftp.open_checked(&full).map_err(|e| self.error(path, e, 0))?;
+        self.open.push((path.to_path_buf(), handle.clone(), Some(looked)));
+        Ok((handle, Some(looked)))
+    }
+
+    fn close(&mut self, at: usize) -> Result<(), SourceError> {
+        let (old_path, old, _) = self.open.remove(at);
+        self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))
     }
 }
 
 impl Connection for SshConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let full = self.full(path);
-        let (size, mtime) = self.sftp.stat(&full).map_err(|e| self.error(path, e, 0))?;
-        Ok(SourceStat { size, mtime: i64::from(mtime) })
+        self.stat_many(&[path])?.pop().expect("one path")
     }
 
     fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
         let fulls: Vec<PathBuf> = paths.iter().map(|p| self.full(p)).collect();
         let refs: Vec<&Path> = fulls.iter().map(PathBuf::as_path).collect();
-        let stats = self.sftp.stat_many(&refs).map_err(|e| self.error(Path::new("/"), e, 0))?;
+        let stats = self.sftp.lookup_many(&refs).map_err(|e| self.error(Path::new("/"), e, 0))?;
         Ok(paths
             .iter()
             .zip(stats)
             .map(|(path, stat)| {
-                stat.map(|(size, mtime)| SourceStat { size, mtime: i64::from(mtime) })
+                stat.map(|a| SourceStat { size: a.size.unwrap_or(0), mtime: i64::from(a.mtime.unwrap_or(0)) })
                     .map_err(|e| self.error(path, e, 0))
             })
             .collect())
     }
 
     fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let handle = self.handle(path)?;
+        let (handle, check) = self.handle(path)?;
         let wanted = offset + buf.len() as u64;
-        self.sftp.read_exact_at(&handle, offset, buf).map_err(|e| self.error(path, e, wanted))
+        match self.sftp.read_exact_at(&handle, offset, buf, check.as_ref()) {
+            Err(SftpError::Changed(reason)) => {
+                // Not this file any more: never read through this handle again.
+                let at = self.open.iter().position(|(p, _, _)| p == path).expect("just used");
+                self.close(at)?;
+                Err(self.error(path, SftpError::Changed(reason), wanted))
+            }
+            result => {
+                if let Some(entry) = self.open.last_mut().filter(|(p, _, _)| p == path) {
+                    entry.2 = None;
+                }
+                result.map_err(|e| self.error(path, e, wanted))
+            }
+        }
     }
 
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
