@@ -314,6 +314,7 @@ enum Event {
 pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), MountError> {
     let request = &prepared.request;
     let mountpoint = request.mountpoint.clone();
+    registry::check()?;
     check_mountpoint(&mountpoint)?;
     let mount_err = |source| MountError::Mount { path: mountpoint.clone(), source };
 

@@ -47,6 +47,11 @@ fn open_dir() -> Option<CacheDir> {
     CacheDir::open_private(&dir()).map_err(|e| log::warn!("{e}")).ok()
 }
 
+/// Whether the registry directory may be used (before anything is mounted).
+pub fn check() -> Result<(), StoreError> {
+    CacheDir::open_private(&dir()).map(drop)
+}
+
 pub fn register(entry: &Entry) -> Result<(), StoreError> {
     let json = serde_json::to_vec(entry).map_err(|e| StoreError::Io { path: dir(), source: e.into() })?;
     CacheDir::open_private(&dir())?.write_atomic(&entry_name(&entry.mountpoint), &json)
