@@ -525,13 +525,24 @@ impl Sftp {
         let mut steps: HashMap<u32, Step> = HashMap::new();
         let mut progress: Vec<Progress> = files.iter().map(|_| Progress::default()).collect();
         let mut next_file = 0;
+        // Files open (OPEN sent, not yet closed); files being looked at, and
+        // those that passed, waiting for an open slot: the looks of the next
+        // files overlap the reads of those open, so they add no round trip.
         let mut open_files = 0;
+        let mut looking = 0;
+        let mut ready: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
         loop {
-            while open_files < FILES_IN_FLIGHT && next_file < files.len() {
+            while open_files < FILES_IN_FLIGHT
+                && let Some(i) = ready.pop_front()
+            {
+                steps.insert(self.open_request(files[i].path), Step::Opening(i));
+                open_files += 1;
+            }
+            while looking + ready.len() < FILES_IN_FLIGHT && next_file < files.len() {
                 steps.insert(self.path_request(LSTAT, files[next_file].path), Step::Looking(next_file, false));
                 steps.insert(self.path_request(REALPATH, files[next_file].path), Step::Looking(next_file, true));
                 next_file += 1;
-                open_files += 1;
+                looking += 1;
             }
             if steps.is_empty() {
                 // A file is never taken as read unless every byte was asked for.
@@ -572,15 +583,13 @@ impl Sftp {
                             continue;
                         }
                     };
+                    looking -= 1;
                     match looked {
                         Ok(lstat) => {
                             p.looked = lstat;
-                            steps.insert(self.open_request(files[i].path), Step::Opening(i));
+                            ready.push_back(i);
                         }
-                        Err(e) => {
-                            files[i].result = Err(e);
-                            open_files -= 1;
-                        }
+                        Err(e) => files[i].result = Err(e),
                     }
                     continue;
                 }
