@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::store::{CacheDir, journal};
+use crate::store::{CacheDir, StoreError, journal};
 
 pub struct Report {
     pub checked: usize,
@@ -17,11 +17,24 @@ pub enum VerifyError {
     Store(#[from] crate::store::StoreError),
     #[error("{}: the journal cannot be trusted ({reason}); a mount of this cache dir fetches everything again", path.display())]
     Journal { path: PathBuf, reason: String },
+    #[error("{}: not a lazyfs cache dir ({reason})", path.display())]
+    NotACache { path: PathBuf, reason: String },
 }
 
 /// Re-hashes every file the journal of `cache_dir` says is verified.
 pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
-    let dir = CacheDir::open_existing_cache(cache_dir)?;
+    let not_a_cache = |reason: String| VerifyError::NotACache { path: cache_dir.into(), reason };
+    let dir = match CacheDir::open_existing_cache(cache_dir) {
+        Ok(dir) => dir,
+        Err(StoreError::Unsafe { reason, .. }) => return Err(not_a_cache(reason)),
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_a_cache("no such directory".into()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !dir.exists(journal::NAME) {
+        return Err(not_a_cache("it has no `journal`".into()));
+    }
     let records =
         journal::read(&dir)?.map_err(|reason| VerifyError::Journal { path: dir.join(journal::NAME), reason })?;
     let spills = dir.subdir("spill")?;

@@ -78,7 +78,12 @@ fn verify(shared: &Shared, index: usize, second_look: Option<Result<SourceStat, 
                     shared.restart(index, "changed on the source during the transfer");
                     return;
                 }
-                Some(Err(e @ SourceError::Changed { .. })) => {
+                // A symlink or another kind of file there now; or an empty
+                // file, which brought no bytes: only this look says it exists.
+                Some(Err(e))
+                    if matches!(e, SourceError::Changed { .. })
+                        || (matches!(e, SourceError::NotFound { .. }) && size == 0) =>
+                {
                     log::error!("{e}");
                     file.fail(0..0, &super::FetchError::new(e.to_string()), true);
                     return;

@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
-use super::{Connection, Source, SourceError, SourceStat, relative};
+use super::{Connection, Source, SourceError, SourceStat, WholeRead, relative};
 
 pub struct LocalSource {
     root: PathBuf,
@@ -32,7 +32,7 @@ impl LocalSource {
 
 impl Source for LocalSource {
     fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
-        Ok(Box::new(LocalConnection { root: self.fd.clone(), open: None }))
+        Ok(Box::new(LocalConnection { root: self.root.clone(), fd: self.fd.clone(), open: None }))
     }
 
     fn describe(&self) -> String {
@@ -41,23 +41,29 @@ impl Source for LocalSource {
 }
 
 struct LocalConnection {
-    root: Arc<OwnedFd>,
+    /// The root, for messages; paths are resolved below `fd`.
+    root: PathBuf,
+    fd: Arc<OwnedFd>,
     /// The last file read: consecutive reads of one file reuse its descriptor.
     open: Option<(PathBuf, File)>,
 }
 
 impl LocalConnection {
+    fn full(&self, path: &Path) -> PathBuf {
+        self.root.join(relative(path))
+    }
+
     /// `path` below the root, never through a symlink, with `flags`.
     fn resolve(&self, path: &Path, flags: OFlag) -> Result<File, SourceError> {
         let how = OpenHow::new()
             .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        match nix::fcntl::openat2(&*self.root, relative(path), how) {
+        match nix::fcntl::openat2(&*self.fd, relative(path), how) {
             Ok(fd) => Ok(File::from(fd)),
             Err(Errno::ELOOP | Errno::EXDEV) => {
                 Err(SourceError::Changed { path: path.to_path_buf(), reason: "reached through a symbolic link".into() })
             }
-            Err(e) => Err(io_error(path, e.into())),
+            Err(e) => Err(io_error(path, &self.full(path), e.into())),
         }
     }
 
@@ -66,9 +72,9 @@ impl LocalConnection {
     /// same file.
     fn open_regular(&self, path: &Path) -> Result<(File, std::fs::Metadata), SourceError> {
         let looked = self.resolve(path, OFlag::O_PATH)?;
-        let meta = regular(path, &looked)?;
+        let meta = self.regular(path, &looked)?;
         let file = self.resolve(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
-        let opened = regular(path, &file)?;
+        let opened = self.regular(path, &file)?;
         if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
             let reason = "replaced while it was being opened".into();
             return Err(SourceError::Changed { path: path.to_path_buf(), reason });
@@ -83,28 +89,40 @@ impl LocalConnection {
         }
         Ok(&self.open.as_ref().expect("just opened").1)
     }
-}
 
-/// The metadata of `file`, a regular file.
-fn regular(path: &Path, file: &File) -> Result<std::fs::Metadata, SourceError> {
-    let meta = file.metadata().map_err(|e| io_error(path, e))?;
-    let kind = meta.file_type();
-    use std::os::unix::fs::FileTypeExt;
-    let irregular = match () {
-        _ if kind.is_file() => return Ok(meta),
-        _ if kind.is_symlink() => "a symbolic link",
-        _ if kind.is_dir() => "a directory",
-        _ if kind.is_fifo() => "a FIFO",
-        _ if kind.is_socket() => "a socket",
-        _ if kind.is_char_device() || kind.is_block_device() => "a device",
-        _ => "not a regular file",
-    };
-    Err(SourceError::Changed { path: path.to_path_buf(), reason: format!("now {irregular}") })
+    /// The metadata of `file`, a regular file.
+    fn regular(&self, path: &Path, file: &File) -> Result<std::fs::Metadata, SourceError> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata().map_err(|e| io_error(path, &self.full(path), e))?;
+        let kind = meta.file_type();
+        let irregular = match () {
+            _ if kind.is_file() => return Ok(meta),
+            _ if kind.is_symlink() => "a symbolic link",
+            _ if kind.is_dir() => "a directory",
+            _ if kind.is_fifo() => "a FIFO",
+            _ if kind.is_socket() => "a socket",
+            _ if kind.is_char_device() || kind.is_block_device() => "a device",
+            _ => "not a regular file",
+        };
+        Err(SourceError::Changed { path: path.to_path_buf(), reason: format!("now {irregular}") })
+    }
+
+    /// Whether the file has a byte at `offset` (it grew past a recorded size).
+    fn has_byte_at(&mut self, path: &Path, offset: u64) -> Result<bool, SourceError> {
+        let file = self.file(path)?;
+        loop {
+            match file.read_at(&mut [0u8], offset) {
+                Ok(n) => return Ok(n > 0),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(path, &self.full(path), e)),
+            }
+        }
+    }
 }
 
 impl Connection for LocalConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let meta = regular(path, &self.resolve(path, OFlag::O_PATH)?)?;
+        let meta = self.regular(path, &self.resolve(path, OFlag::O_PATH)?)?;
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
@@ -122,16 +140,29 @@ impl Connection for LocalConnection {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(path, e)),
+                Err(e) => return Err(io_error(path, &self.full(path), e)),
             }
+        }
+        Ok(())
+    }
+
+    /// Like SSH's pipeline, each whole read also shows a file that grew.
+    fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
+        for file in files.iter_mut() {
+            let size = file.buf.len() as u64;
+            file.result =
+                self.read_exact_at(file.path, 0, file.buf).and_then(|()| match self.has_byte_at(file.path, size)? {
+                    true => Err(SourceError::Longer { path: file.path.to_path_buf(), size }),
+                    false => Ok(()),
+                });
         }
         Ok(())
     }
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> SourceError {
+fn io_error(path: &Path, full: &Path, source: std::io::Error) -> SourceError {
     if source.kind() == std::io::ErrorKind::NotFound {
-        SourceError::NotFound { path: path.to_path_buf() }
+        SourceError::NotFound { path: path.to_path_buf(), looked: full.display().to_string() }
     } else {
         SourceError::Io { path: path.to_path_buf(), source }
     }
