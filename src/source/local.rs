@@ -44,8 +44,9 @@ struct LocalConnection {
     /// The root, for messages; paths are resolved below `fd`.
     root: PathBuf,
     fd: Arc<OwnedFd>,
-    /// The last file read: consecutive reads of one file reuse its descriptor.
-    open: Option<(PathBuf, File)>,
+    /// The last file read, and in which generation: consecutive reads of one
+    /// file reuse its descriptor.
+    open: Option<(PathBuf, u64, File)>,
 }
 
 impl LocalConnection {
@@ -82,12 +83,12 @@ impl LocalConnection {
         Ok((file, opened))
     }
 
-    fn file(&mut self, path: &Path) -> Result<&File, SourceError> {
-        if self.open.as_ref().is_none_or(|(p, _)| p != path) {
+    fn file(&mut self, path: &Path, generation: u64) -> Result<&File, SourceError> {
+        if self.open.as_ref().is_none_or(|(p, g, _)| p != path || *g != generation) {
             let (file, _) = self.open_regular(path)?;
-            self.open = Some((path.to_path_buf(), file));
+            self.open = Some((path.to_path_buf(), generation, file));
         }
-        Ok(&self.open.as_ref().expect("just opened").1)
+        Ok(&self.open.as_ref().expect("just opened").2)
     }
 
     /// The metadata of `file`, a regular file.
@@ -109,7 +110,7 @@ impl LocalConnection {
 
     /// Whether the file has a byte at `offset` (it grew past a recorded size).
     fn has_byte_at(&mut self, path: &Path, offset: u64) -> Result<bool, SourceError> {
-        let file = self.file(path)?;
+        let file = self.file(path, 0)?;
         loop {
             match file.read_at(&mut [0u8], offset) {
                 Ok(n) => return Ok(n > 0),
@@ -126,8 +127,8 @@ impl Connection for LocalConnection {
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let file = self.file(path)?;
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let file = self.file(path, generation)?;
         let mut done = 0;
         while done < buf.len() {
             match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -150,11 +151,12 @@ impl Connection for LocalConnection {
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
         for file in files.iter_mut() {
             let size = file.buf.len() as u64;
-            file.result =
-                self.read_exact_at(file.path, 0, file.buf).and_then(|()| match self.has_byte_at(file.path, size)? {
+            file.result = self.read_exact_at(file.path, 0, 0, file.buf).and_then(|()| {
+                match self.has_byte_at(file.path, size)? {
                     true => Err(SourceError::Longer { path: file.path.to_path_buf(), size }),
                     false => Ok(()),
-                });
+                }
+            });
         }
         Ok(())
     }
@@ -181,9 +183,9 @@ mod tests {
         let mut conn = source.connect().unwrap();
         assert_eq!(conn.stat(Path::new("/a/b c")).unwrap().size, 10);
         let mut buf = [0u8; 4];
-        conn.read_exact_at(Path::new("/a/b c"), 3, &mut buf).unwrap();
+        conn.read_exact_at(Path::new("/a/b c"), 0, 3, &mut buf).unwrap();
         assert_eq!(&buf, b"3456");
-        let err = conn.read_exact_at(Path::new("/a/b c"), 8, &mut buf).unwrap_err();
+        let err = conn.read_exact_at(Path::new("/a/b c"), 0, 8, &mut buf).unwrap_err();
         assert!(matches!(err, SourceError::Short { end: 10, wanted: 12, .. }), "{err}");
         let err = conn.stat(Path::new("/missing")).unwrap_err();
         assert!(matches!(err, SourceError::NotFound { .. }), "{err}");
@@ -212,14 +214,15 @@ mod tests {
             ("/fifo", "now a FIFO"),
             ("/d", "now a directory"),
         ] {
-            for err in
-                [conn.stat(Path::new(path)).unwrap_err(), conn.read_exact_at(Path::new(path), 0, &mut buf).unwrap_err()]
-            {
+            for err in [
+                conn.stat(Path::new(path)).unwrap_err(),
+                conn.read_exact_at(Path::new(path), 0, 0, &mut buf).unwrap_err(),
+            ] {
                 assert!(matches!(err, SourceError::Changed { .. }), "{path}: {err}");
                 assert!(err.to_string().contains(reason), "{path}: {err}");
             }
         }
-        conn.read_exact_at(Path::new("/d/real"), 0, &mut buf).unwrap();
+        conn.read_exact_at(Path::new("/d/real"), 0, 0, &mut buf).unwrap();
         assert_eq!(&buf, b"real");
     }
 }

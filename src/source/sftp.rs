@@ -152,8 +152,9 @@ pub struct FileRead<'a> {
     pub result: Result<(), SftpError>,
 }
 
-pub struct Sftp {
-    channel: ssh2::Channel,
+/// An SFTP session over `C`: an SSH channel, or a scripted stream in tests.
+pub struct Sftp<C = ssh2::Channel> {
+    channel: C,
     next_id: u32,
     out: Vec<u8>,
 }
@@ -194,6 +195,13 @@ impl Sftp {
     /// Starts the `sftp` subsystem on `channel`, a new session channel.
     pub fn start(mut channel: ssh2::Channel) -> Result<Sftp, SftpError> {
         channel.subsystem("sftp").map_err(|e| SftpError::Broken(e.to_string()))?;
+        Sftp::init(channel)
+    }
+}
+
+impl<C: Read + Write> Sftp<C> {
+    /// Says hello (INIT, VERSION) on a channel already speaking SFTP.
+    fn init(channel: C) -> Result<Sftp<C>, SftpError> {
         let mut sftp = Sftp { channel, next_id: 1, out: Vec::new() };
         // INIT carries the version where other requests carry an id.
         sftp.out.extend_from_slice(&5u32.to_be_bytes());
@@ -466,6 +474,9 @@ impl Sftp {
                 return Err(SftpError::Broken(format!("a reply to unknown request {id}")));
             };
             match reply {
+                Reply::Data(got) if got as u64 > len => {
+                    return Err(SftpError::Broken(format!("a DATA reply of {got} bytes to a READ of {len}")));
+                }
                 Reply::Data(got) if got as u64 == len => {}
                 // A short answer: ask again for the rest.
                 Reply::Data(got) if got > 0 && failure.is_none() => {
@@ -621,6 +632,9 @@ impl Sftp {
                     progress[i].reads -= 1;
                     let size = files[i].buf.len() as u64;
                     match reply {
+                        Reply::Data(got) if got as u64 > len => {
+                            return Err(SftpError::Broken(format!("a DATA reply of {got} bytes to a READ of {len}")));
+                        }
                         // Past the expected end: the file grew.
                         Reply::Data(got) if start + got as u64 > size => files[i].result = Err(SftpError::Longer),
                         Reply::Data(got) if (got as u64) < len && start + (got as u64) < size && got > 0 => {
@@ -664,5 +678,142 @@ impl Sftp {
                 steps.insert(id, Step::Closing);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that says what it is told to: its replies are scripted, what
+    /// it is sent is ignored.
+    struct Scripted(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        out.push(kind);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn data(id: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        body.extend_from_slice(bytes);
+        packet(DATA, &body)
+    }
+
+    /// ATTRS of a file of `mode` (type bits included), 10 bytes, owned by root.
+    fn attrs(id: u32, mode: u32) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&15u32.to_be_bytes());
+        body.extend_from_slice(&10u64.to_be_bytes());
+        body.extend_from_slice(&[0; 8]);
+        body.extend_from_slice(&mode.to_be_bytes());
+        body.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2]);
+        packet(ATTRS, &body)
+    }
+
+    /// A NAME reply with one name (what REALPATH answers).
+    fn name(id: u32, name: &str) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&1u32.to_be_bytes());
+        for part in [name, ""] {
+            body.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            body.extend_from_slice(part.as_bytes());
+        }
+        body.extend_from_slice(&0u32.to_be_bytes());
+        packet(NAME, &body)
+    }
+
+    fn handle(id: u32) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.push(b'h');
+        packet(HANDLE, &body)
+    }
+
+    const REGULAR: u32 = 0o100644;
+
+    fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {
+        let mut script = packet(VERSION, &3u32.to_be_bytes());
+        replies.iter().for_each(|r| script.extend_from_slice(r));
+        Sftp::init(Scripted(std::io::Cursor::new(script))).unwrap()
+    }
+
+    /// Finding 7: a DATA reply longer than the READ asked for is a broken
+    /// session, not an arithmetic overflow (a panic in a lane).
+    #[test]
+    fn a_data_reply_longer_than_asked_is_a_broken_session() {
+        // Requests are numbered from 2 (INIT carries no id).
+        let mut sftp = session(&[data(2, &[7; 20])]);
+        let mut buf = [0u8; 10];
+        let err = sftp.read_exact_at(b"h", 0, &mut buf, None).unwrap_err();
+        assert!(matches!(&err, SftpError::Broken(m) if m.contains("20 bytes")), "{err:?}");
+    }
+
+    #[test]
+    fn a_longer_reply_in_a_batch_is_a_broken_session_too() {
+        // LSTAT 2, REALPATH 3, OPEN 4, FSTAT 5, the first READ (11 bytes: one past the size) 6.
+        let (lstat, real, open, fstat) = (attrs(2, REGULAR), name(3, "/f"), handle(4), attrs(5, REGULAR));
+        let mut sftp = session(&[lstat, real, open, fstat, data(6, &[7; 64])]);
+        let mut buf = [0u8; 10];
+        let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
+        let err = sftp.read_files(&mut files).unwrap_err();
+        assert!(matches!(&err, SftpError::Broken(m) if m.contains("64 bytes")), "{err:?}");
+    }
+
+    #[test]
+    fn short_replies_are_asked_again() {
+        let mut sftp = session(&[data(2, b"abcd"), data(3, b"efghij")]);
+        let mut buf = [0u8; 10];
+        sftp.read_exact_at(b"h", 0, &mut buf, None).unwrap();
+        assert_eq!(&buf, b"abcdefghij");
+    }
+
+    /// What LSTAT and REALPATH say fails a file before any OPEN is sent
+    /// (the script has no answer to one: an OPEN would end the session).
+    #[test]
+    fn a_symlink_or_a_fifo_is_never_opened() {
+        for (lstat, real, reason) in [
+            (0o120777, "/f", "now a symbolic link"),
+            (0o010644, "/f", "now a FIFO"),
+            (REGULAR, "/elsewhere/f", "reached through a symbolic link (it resolves to /elsewhere/f)"),
+        ] {
+            let mut sftp = session(&[attrs(2, lstat), name(3, real)]);
+            let err = sftp.open_checked(Path::new("/f")).unwrap_err();
+            assert!(matches!(&err, SftpError::Changed(m) if m == reason), "{err:?}");
+            let mut sftp = session(&[attrs(2, lstat), name(3, real)]);
+            let mut buf = [0u8; 10];
+            let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
+            sftp.read_files(&mut files).unwrap();
+            assert!(matches!(&files[0].result, Err(SftpError::Changed(m)) if m == reason), "{:?}", files[0].result);
+        }
+    }
+
+    /// A file swapped between the LSTAT and the OPEN: FSTAT disagrees.
+    #[test]
+    fn a_file_swapped_while_opened_is_refused() {
+        let (lstat, real, open) = (attrs(2, REGULAR), name(3, "/f"), handle(4));
+        let mut sftp = session(&[lstat, real, open, attrs(5, 0o100600), data(6, &[7; 10])]);
+        let (handle, looked) = sftp.open_checked(Path::new("/f")).unwrap();
+        let mut buf = [0u8; 10];
+        let err = sftp.read_exact_at(&handle, 0, &mut buf, Some(&looked)).unwrap_err();
+        assert!(matches!(&err, SftpError::Changed(m) if m.contains("replaced")), "{err:?}");
     }
 }

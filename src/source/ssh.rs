@@ -235,9 +235,10 @@ struct SshConnection {
     /// The source root as the server resolves it.
     root: PathBuf,
     host: String,
-    /// Open handles, most recently used last, each with the LSTAT its FSTAT
-    /// is still to be checked against (until its first read).
-    open: Vec<(PathBuf, Vec<u8>, Option<Attrs>)>,
+    /// Open handles with the generation they were opened for, most recently
+    /// used last, each with the LSTAT its FSTAT is still to be checked
+    /// against (until its first read).
+    open: Vec<(PathBuf, u64, Vec<u8>, Option<Attrs>)>,
 }
 
 impl SshConnection {
@@ -262,26 +263,34 @@ impl SshConnection {
         }
     }
 
-    /// An open handle for `path`, and the LSTAT to check its FSTAT against
-    /// when it was just opened.
-    fn handle(&mut self, path: &Path) -> Result<(Vec<u8>, Option<Attrs>), SourceError> {
-        if let Some(at) = self.open.iter().position(|(p, _, _)| p == path) {
-            let entry = self.open.remove(at);
-            let handle = (entry.1.clone(), entry.2);
-            self.open.push(entry);
-            return Ok(handle);
-        }
-        if self.open.len() >= OPEN_HANDLES {
-            self.close(0)?;
+    /// The handle open for `path` in `generation`, if there is one (it
+    /// becomes the most recently used), and the LSTAT to check its FSTAT
+    /// against if it has not been read yet.
+    fn cached(&mut self, path: &Path, generation: u64) -> Option<(Vec<u8>, Option<Attrs>)> {
+        let at = self.open.iter().position(|(p, g, _, _)| p == path && *g == generation)?;
+        let entry = self.open.remove(at);
+        let cached = (entry.2.clone(), entry.3);
+        self.open.push(entry);
+        Some(cached)
+    }
+
+    /// Opens `path` once it is seen to be the regular file it was
+    /// ([`Sftp::open_checked`]) and keeps the handle, closing one of another
+    /// generation of the same file (it may be of a file replaced since) or the
+    /// least recently used. Returns the handle and what LSTAT said.
+    fn open(&mut self, path: &Path, generation: u64) -> Result<(Vec<u8>, Attrs), SourceError> {
+        let stale = self.open.iter().position(|(p, _, _, _)| p == path);
+        if let Some(at) = stale.or((self.open.len() >= OPEN_HANDLES).then_some(0)) {
+            self.close(at)?;
         }
         let full = self.full(path);
         let (handle, looked) = self.sftp.open_checked(&full).map_err(|e| self.error(path, e, 0))?;
-        self.open.push((path.to_path_buf(), handle.clone(), Some(looked)));
-        Ok((handle, Some(looked)))
+        self.open.push((path.to_path_buf(), generation, handle.clone(), Some(looked)));
+        Ok((handle, looked))
     }
 
     fn close(&mut self, at: usize) -> Result<(), SourceError> {
-        let (old_path, old, _) = self.open.remove(at);
+        let (old_path, _, old, _) = self.open.remove(at);
         self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))
     }
 }
@@ -298,30 +307,45 @@ impl Connection for SshConnection {
         Ok(paths
             .iter()
             .zip(stats)
-            .map(|(path, stat)| {
-                stat.map(|a| SourceStat { size: a.size.unwrap_or(0), mtime: i64::from(a.mtime.unwrap_or(0)) })
-                    .map_err(|e| self.error(path, e, 0))
-            })
+            .map(|(path, stat)| stat.map(source_stat).map_err(|e| self.error(path, e, 0)))
             .collect())
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let (handle, check) = self.handle(path)?;
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let (handle, check) = match self.cached(path, generation) {
+            Some(cached) => cached,
+            None => self.open(path, generation).map(|(handle, looked)| (handle, Some(looked)))?,
+        };
         let wanted = offset + buf.len() as u64;
         match self.sftp.read_exact_at(&handle, offset, buf, check.as_ref()) {
             Err(SftpError::Changed(reason)) => {
                 // Not this file any more: never read through this handle again.
-                let at = self.open.iter().position(|(p, _, _)| p == path).expect("just used");
+                let at = self.open.len() - 1;
                 self.close(at)?;
                 Err(self.error(path, SftpError::Changed(reason), wanted))
             }
             result => {
-                if let Some(entry) = self.open.last_mut().filter(|(p, _, _)| p == path) {
-                    entry.2 = None;
-                }
+                self.open.last_mut().expect("just used").3 = None;
                 result.map_err(|e| self.error(path, e, wanted))
             }
         }
+    }
+
+    fn stat_and_read(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        let stat = match self.cached(path, generation) {
+            // Open already (not by a first look): the look costs a round trip of its own.
+            Some(_) => self.stat(path)?,
+            // The LSTAT made before the OPEN is the first look.
+            None => source_stat(self.open(path, generation)?.1),
+        };
+        self.read_exact_at(path, generation, offset, buf)?;
+        Ok(stat)
     }
 
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
@@ -339,6 +363,10 @@ impl Connection for SshConnection {
         }
         outcome.map_err(|e| self.error(Path::new("/"), e, 0))
     }
+}
+
+fn source_stat(attrs: Attrs) -> SourceStat {
+    SourceStat { size: attrs.size.unwrap_or(0), mtime: i64::from(attrs.mtime.unwrap_or(0)) }
 }
 
 #[cfg(test)]

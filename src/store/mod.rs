@@ -1,5 +1,6 @@
 //! The local side of every file: a sparse spill file per served file under the
-//! cache directory, mapped with memmap2, and which of its chunks are present.
+//! cache directory, read and written with pread/pwrite, and which of its
+//! chunks are present.
 //! Spill files are named by a hash of the original path, never by the path.
 
 mod cache_dir;
@@ -10,7 +11,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use cache_dir::CacheDir;
-pub use spill::SpillFile;
+pub use spill::{HASH_WINDOW, Presence, SpillFile};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself
@@ -28,8 +29,27 @@ pub enum StoreError {
     Unsafe { path: PathBuf, reason: String },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
-    #[error("{}: the images record {size} bytes, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
-    TooLarge { original: PathBuf, size: u64, capacity: u64 },
+    #[error("{}: the images record {size} bytes for it, {before} for the files before: more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
+    TooLarge { original: PathBuf, size: u64, before: u64, capacity: u64 },
+}
+
+impl StoreError {
+    /// The errno a caller should see: ENOSPC and EDQUOT as they are (a
+    /// database treats a full disk differently from a failing one), EIO otherwise.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::Io { source, .. } => match source.raw_os_error() {
+                Some(e @ (libc::ENOSPC | libc::EDQUOT)) => e,
+                _ => libc::EIO,
+            },
+            _ => libc::EIO,
+        }
+    }
+
+    /// The cache filesystem is full: the same write may succeed later.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.errno(), libc::ENOSPC | libc::EDQUOT)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -40,8 +60,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 pub struct Store {
     dir: CacheDir,
     spill: CacheDir,
-    /// Bytes the cache dir's filesystem holds: no spill file can be larger.
+    /// Bytes the cache dir's filesystem holds: the spill files' sizes cannot
+    /// add up to more.
     capacity: u64,
+    /// What the spill files opened so far add up to.
+    claimed: std::sync::atomic::AtomicU64,
     /// Held (flock) for as long as the store is open.
     _lock: nix::fcntl::Flock<File>,
 }
@@ -61,7 +84,7 @@ impl Store {
             Err((_, e)) => return Err(io_err(&dir.join("lock"))(e.into())),
         };
         let capacity = dir.capacity()?;
-        Ok(Store { dir, spill, capacity, _lock: lock })
+        Ok(Store { dir, spill, capacity, claimed: 0.into(), _lock: lock })
     }
 
     pub fn dir(&self) -> &CacheDir {
@@ -69,14 +92,28 @@ impl Store {
     }
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
-    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
-        // A recorded size is untrusted: refuse one no disk here could hold
-        // before anything (the presence bitmap) is sized by it.
-        if let Some(size) = size.filter(|&s| s > self.capacity) {
-            return Err(StoreError::TooLarge { original: original.to_path_buf(), size, capacity: self.capacity });
+    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+        // Recorded sizes are untrusted: refuse what, with the files before,
+        // no disk here could hold, before anything (a presence bitmap) is sized by it.
+        if let Some(size) = size {
+            use std::sync::atomic::Ordering;
+            let before = self.claimed.load(Ordering::Relaxed);
+            if before.saturating_add(size) > self.capacity {
+                let original = original.to_path_buf();
+                return Err(StoreError::TooLarge { original, size, before, capacity: self.capacity });
+            }
+            self.claimed.fetch_add(size, Ordering::Relaxed);
         }
         let name = spill_name(original);
         SpillFile::open(self.spill.open_rw(&name)?, &self.spill.join(&name), size, keep)
+    }
+
+    /// Removes every spill file (the cache held another checkpoint's files).
+    pub fn clear_spills(&self) -> Result<(), StoreError> {
+        for name in self.spill.names()? {
+            self.spill.remove(&name).map_err(io_err(&self.spill.join(&name)))?;
+        }
+        Ok(())
     }
 }
 
