@@ -366,3 +366,32 @@ fn allow_other_still_honours_file_modes() {
     let out = as_nobody(&["cat", shared.at("/m/closed").to_str().unwrap()]);
     assert!(!out.status.success() && stderr(&out).contains("Permission denied"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_socket_another_user_serves_is_not_taken_for_a_mount() {
+    let env = open_env();
+    let mountpoint = env.path("mnt/fake");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    std::fs::create_dir_all(env.path("shared")).unwrap();
+    std::fs::set_permissions(env.path("shared"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = env.path("shared/fake.sock");
+    // nobody listens where a registry entry says a mount of root's answers.
+    let listen = format!(
+        "import socket, time; s = socket.socket(socket.AF_UNIX); s.bind({:?}); s.listen(); time.sleep(20)",
+        socket.to_str().unwrap()
+    );
+    let mut server = Command::new("runuser").args(["-u", "nobody", "--", "python3", "-c", &listen]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "the fake server never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let name = &blake3::hash(mountpoint.as_os_str().as_encoded_bytes()).to_hex()[..16];
+    let entry = serde_json::json!({ "mountpoint": mountpoint, "socket": socket, "pid": 1 });
+    std::fs::write(env.path("runtime").join(name), entry.to_string()).unwrap();
+    let out = env.run(&["status", mountpoint.to_str().unwrap()]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("served by uid {NOBODY}")), "{}", stderr(&out));
+}
