@@ -35,7 +35,7 @@ use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
-use crate::store::{CHUNK_SIZE, Presence, SpillFile, StoreError};
+use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
 pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
@@ -1037,7 +1037,7 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
 /// Makes the journal for `files`, owned by `owner`, holding what is known now
 /// (and the records `kept`).
 pub fn create_journal(
-    path: &std::path::Path,
+    dir: &CacheDir,
     owner: &Owner,
     files: &[Arc<FetchFile>],
     kept: Vec<JournalRecord>,
@@ -1052,7 +1052,7 @@ pub fn create_journal(
         .collect::<Result<Vec<_>, StoreError>>()?;
     let mut records = snapshot(files);
     records.extend(kept);
-    Journal::create(path, owner, records, journal_files)
+    Journal::create(dir, owner, records, journal_files)
 }
 
 #[cfg(test)]

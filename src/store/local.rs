@@ -1,61 +1,45 @@
 //! Files made through the mount: one data file each, `CACHE/local/<id>`,
-//! opened without following links and never by a path the mount shows.
+//! opened through the cache dir's descriptor (never following a link) and
+//! never by a path the mount shows.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{StoreError, create_private_dir, io_err};
+use super::{CacheDir, StoreError};
 
 pub struct LocalFiles {
-    dir: PathBuf,
+    dir: CacheDir,
     open: Mutex<HashMap<u64, Arc<File>>>,
-    next: std::sync::atomic::AtomicU64,
+    next: AtomicU64,
 }
 
 impl LocalFiles {
     /// The local files of the cache dir `cache_dir` (none are open yet).
-    pub fn open(cache_dir: &std::path::Path) -> Result<LocalFiles, StoreError> {
-        let dir = cache_dir.join("local");
-        create_private_dir(&dir)?;
-        Ok(LocalFiles { dir, open: Mutex::new(HashMap::new()), next: 0.into() })
+    pub fn open(cache_dir: &CacheDir) -> Result<LocalFiles, StoreError> {
+        Ok(LocalFiles { dir: cache_dir.subdir("local")?, open: Mutex::new(HashMap::new()), next: 0.into() })
     }
 
-    fn path(&self, id: u64) -> PathBuf {
-        self.dir.join(id.to_string())
+    fn open_file(&self, id: u64) -> Result<(), StoreError> {
+        let file = Arc::new(self.dir.open_rw(id.to_string())?);
+        self.open.lock().unwrap_or_else(PoisonError::into_inner).insert(id, file);
+        self.next.fetch_max(id + 1, Ordering::Relaxed);
+        Ok(())
     }
 
-    fn open_file(&self, id: u64, create_new: bool) -> Result<Arc<File>, StoreError> {
-        let path = self.path(id);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(!create_new)
-            .create_new(create_new)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        let file = Arc::new(file);
-        self.open.lock().unwrap_or_else(PoisonError::into_inner).insert(id, file.clone());
-        self.next.fetch_max(id + 1, std::sync::atomic::Ordering::Relaxed);
-        Ok(file)
-    }
-
-    /// A new, empty data file, its name durable: its id.
+    /// A new, empty data file, its name durable: its id. (Data files no
+    /// journal names were swept at mount: a new id names no file yet.)
     pub fn create(&self) -> Result<u64, StoreError> {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.open_file(id, true)?;
-        self.sync_dir()?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open_file(id)?;
+        self.dir.sync()?;
         Ok(id)
     }
 
-    /// The data file `id` a journal names (empty if it is missing: it was
-    /// made but never written before a crash).
+    /// The data file `id` a journal names (empty if it is missing).
     pub fn reopen(&self, id: u64) -> Result<(), StoreError> {
-        self.open_file(id, false).map(drop)
+        self.open_file(id)
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<File>> {
@@ -65,9 +49,8 @@ impl LocalFiles {
     /// Data file `id` is no one's any more.
     pub fn remove(&self, id: u64) {
         self.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-        let path = self.path(id);
-        if let Err(e) = std::fs::remove_file(&path) {
-            log::warn!("{}: {e}", path.display());
+        if let Err(e) = self.dir.remove(id.to_string()) {
+            log::warn!("{}: {e}", self.dir.join(id.to_string()).display());
         }
     }
 
@@ -76,17 +59,11 @@ impl LocalFiles {
     pub fn sweep(&self) -> Result<(), StoreError> {
         let keep: HashSet<String> =
             self.open.lock().unwrap_or_else(PoisonError::into_inner).keys().map(u64::to_string).collect();
-        for entry in std::fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
-            let entry = entry.map_err(io_err(&self.dir))?;
-            if !keep.contains(entry.file_name().to_string_lossy().as_ref()) {
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(io_err(&path))?;
+        for name in self.dir.names()? {
+            if !keep.contains(name.to_string_lossy().as_ref()) {
+                self.dir.remove(&name).map_err(|source| StoreError::Io { path: self.dir.join(&name), source })?;
             }
         }
         Ok(())
-    }
-
-    fn sync_dir(&self) -> Result<(), StoreError> {
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
     }
 }
