@@ -150,6 +150,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             completed_s: stats.completed_s(),
         });
     }
+    status.source_needed = fs.fetcher().source_needed();
     let (local_files, local_bytes) = fs.local_usage();
     status.local_files += local_files;
     status.local_bytes += local_bytes;
@@ -213,6 +214,7 @@ pub fn to_json(status: &Status) -> Value {
         "bytes_prefetched": status.bytes_prefetched,
         "local_files": status.local_files,
         "local_bytes": status.local_bytes,
+        "source_needed": status.source_needed,
         "rate_bytes_per_s": status.rate_bytes_per_s,
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,

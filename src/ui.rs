@@ -50,6 +50,9 @@ pub fn summary(status: &Status) -> String {
     if let Some(eta) = status.eta_s {
         text += &format!(", ETA {}", duration(eta));
     }
+    if !status.source_needed {
+        text += "; every file is here: the old host is no longer needed";
+    }
     text
 }
 
@@ -220,6 +223,7 @@ mod tests {
             files_present: 3,
             rate_bytes_per_s: 6.5 * 1024.0 * 1024.0,
             eta_s: eta,
+            source_needed: state != MountState::Complete,
             ..Default::default()
         }
     }
@@ -233,6 +237,16 @@ mod tests {
         );
         let line = plain_line(&status(MountState::Complete, true, 218_112_400, None));
         assert_eq!(line, "/mnt: complete: 208.01 MiB/208.01 MiB, 3/40 files present");
+        let gone = Status {
+            source_needed: false,
+            local_files: 2,
+            local_bytes: 3 << 20,
+            ..status(MountState::Complete, true, 218_112_400, None)
+        };
+        assert_eq!(
+            plain_line(&gone),
+            "/mnt: complete: 208.01 MiB/208.01 MiB, 3/40 files present; 2 local file(s), 3.00 MiB; every file is here: the old host is no longer needed"
+        );
     }
 
     #[test]

@@ -33,6 +33,10 @@ fn check_fields(status: &Value) {
         assert!(status[key].is_f64(), "{key}: {status}");
     }
     assert!(status["eta_s"].is_f64() || status["eta_s"].is_null());
+    assert!(status["local_files"].is_u64() && status["local_bytes"].is_u64(), "{status}");
+    // The old host is needed until every file is here (a failed one is not).
+    let settled_well = status["state"] == "complete" && status["files_failed"] == 0;
+    assert!(status["source_needed"] == !settled_well, "{status}");
     for file in status["files"].as_array().unwrap() {
         assert!(file["path"].as_str().unwrap().starts_with('/'));
         assert!(file["mount_path"].is_string());
@@ -48,9 +52,9 @@ fn check_fields(status: &Value) {
 }
 
 #[test]
-fn json_fields_hold_during_and_after_a_prefetch() {
+fn json_fields_hold_during_and_after_a_prefetch_and_then_the_old_host_can_go() {
     let env = TestEnv::new();
-    let sshd = Sshd::start();
+    let mut sshd = Sshd::start();
     let files: Vec<(String, usize)> = (0..40).map(|i| (format!("/j/f{i:02}"), 700_000)).collect();
     let refs: Vec<(&str, usize)> = files.iter().map(|(p, l)| (p.as_str(), *l)).collect();
     dataset(&env.path("source"), &env.path("images"), &refs);
@@ -79,6 +83,23 @@ fn json_fields_hold_during_and_after_a_prefetch() {
     assert_eq!(status["bytes_prefetched"], 40 * 700_000);
     assert_eq!(status["files_present"], 40);
     assert_eq!(status["prefetch"], true);
+    assert_eq!(status["local_files"], 0);
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("the old host is no longer needed"), "{text}");
+
+    // The SSH sessions close; once the old host is gone the mount serves on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sshd.sessions().is_empty() {
+        assert!(Instant::now() < deadline, "SSH sessions still open: {:?}", sshd.sessions());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sshd.stop();
+    for (path, len) in &refs {
+        assert_eq!(std::fs::read(mount.at(path)).unwrap(), common::mount::content(path, *len), "{path}");
+    }
+    std::fs::write(mount.at("/j/new"), b"after the old host").unwrap();
+    assert_eq!(mount.status()["state"], "complete");
 
     // --watch --json: one object per line, the last one complete.
     let out = env.run(&["status", mount.mountpoint.to_str().unwrap(), "--json", "--watch"]);
@@ -163,7 +184,9 @@ fn bars_are_drawn_on_a_terminal_and_lines_elsewhere() {
     // Through a pipe: plain lines.
     let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(text, format!("{}: complete: 292.97 KiB/292.97 KiB, 1/1 files present\n", mount.mountpoint.display()));
+    let line =
+        "complete: 292.97 KiB/292.97 KiB, 1/1 files present; every file is here: the old host is no longer needed";
+    assert_eq!(text, format!("{}: {line}\n", mount.mountpoint.display()));
 }
 
 /// The mount's rate covers the last few seconds, not the whole mount: idle

@@ -2,7 +2,7 @@
 //! readers are blocked on, in the order asked, adjacent requests merged.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,23 @@ use crate::source::{Connection, Source, SourceError, SourceStat, WholeRead};
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
 const MAX_PIECE_CHUNKS: u64 = 64;
+
+/// How often an idle holder of a connection looks whether the source is still needed.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// The next item on `rx` (`None` once it is closed). While none comes, the
+/// link's connection is closed once no file needs the source any more: the
+/// old host can go.
+pub(super) fn next_or_release<T>(rx: &Receiver<T>, link: &mut Link, shared: &Shared) -> Option<T> {
+    loop {
+        match rx.recv_timeout(IDLE_CHECK) {
+            Ok(item) => return Some(item),
+            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Timeout) if !shared.source_needed() => link.reset(),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
 
 /// A request for the on-demand lane: fetch these claimed chunks of a file.
 pub(super) struct Job {
@@ -172,7 +189,7 @@ impl Link {
         }
     }
 
-    /// Drops the connection (it is in an unknown state); the next use opens another.
+    /// Drops the connection (in an unknown state, or not needed); the next use opens another.
     pub(super) fn reset(&mut self) {
         self.connection = None;
     }
@@ -246,9 +263,9 @@ impl OnDemandLane {
         let mut queue: VecDeque<Job> = VecDeque::new();
         loop {
             if queue.is_empty() {
-                match rx.recv() {
-                    Ok(job) => queue.push_back(job),
-                    Err(_) => return,
+                match next_or_release(&rx, &mut self.link, &self.shared) {
+                    Some(job) => queue.push_back(job),
+                    None => return,
                 }
             }
             queue.extend(rx.try_iter());

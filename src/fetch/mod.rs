@@ -944,6 +944,12 @@ impl Fetcher {
         with_present(&self.shared, &self.on_demand, index, keep, op, done)
     }
 
+    /// Whether any file still needs the source: one neither verified,
+    /// changed locally nor removed.
+    pub fn source_needed(&self) -> bool {
+        self.shared.source_needed()
+    }
+
     /// The state journal, for the local layer's records.
     pub fn journal(&self) -> &Journal {
         &self.shared.journal
@@ -975,6 +981,13 @@ impl Drop for Fetcher {
 }
 
 impl Shared {
+    fn source_needed(&self) -> bool {
+        self.files.iter().any(|f| {
+            let state = f.lock();
+            !state.removed && !matches!(state.phase, Phase::Verified { .. } | Phase::Modified)
+        })
+    }
+
     /// The file (locked as `state`) was just changed locally: it is local from
     /// now on. Whether it was not before (its journal record is then sent).
     fn made_local(&self, index: usize, state: &mut Owned) -> bool {

@@ -127,6 +127,12 @@ impl Queue {
     }
 
     /// The next file, waiting for one; `None` once closed.
+    /// Nothing is queued, now or for later.
+    fn is_idle(&self) -> bool {
+        let state = self.lock();
+        state.queued.is_empty() && state.later.is_empty()
+    }
+
     fn pop(&self) -> Option<usize> {
         let mut state = self.lock();
         loop {
@@ -211,7 +217,12 @@ impl Workers {
 }
 
 fn worker(mut link: Link, shared: &Shared) {
-    while let Some(first) = shared.queue.pop() {
+    loop {
+        if shared.queue.is_idle() {
+            // Nothing more to prefetch: no connection kept open for it.
+            link.reset();
+        }
+        let Some(first) = shared.queue.pop() else { break };
         let small = |index: usize| shared.files[index].size <= SMALL_FILE;
         let mut batch = vec![first];
         if small(first) {

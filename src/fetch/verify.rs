@@ -20,7 +20,7 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
         .name("lazyfs-verify".into())
         .spawn(move || {
             let mut link = Link::new(source, shared.health.clone());
-            while let Ok(first) = rx.recv() {
+            while let Some(first) = super::lane::next_or_release(&rx, &mut link, &shared) {
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter().take(BATCH - 1));
                 let checked =

@@ -125,6 +125,11 @@ impl Sshd {
         format!("{}@{}:{}", whoami(), self.addr, self.port)
     }
 
+    /// The sessions open now: the listener's children.
+    pub fn sessions(&self) -> Vec<i32> {
+        self.child.as_ref().map(|c| children_of(c.id() as i32)).unwrap_or_default()
+    }
+
     /// Stops the listener and every session it started: they are its children.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
