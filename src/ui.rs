@@ -223,7 +223,7 @@ mod tests {
             files_present: 3,
             rate_bytes_per_s: 6.5 * 1024.0 * 1024.0,
             eta_s: eta,
-            source_needed: state != MountState::Complete,
+            source_needed: true,
             ..Default::default()
         }
     }
