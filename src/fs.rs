@@ -329,13 +329,16 @@ impl Filesystem {
         }
     }
 
-    /// Checks an open and counts it (until [`Filesystem::release`]); for a
-    /// read-only open of a verified file, gives the spill file, which the
-    /// kernel may then read directly (FUSE passthrough). Not for a file the
-    /// checkpoint had open for writing: the kernel refuses a cached open
-    /// beside passthrough ones, and `criu restore` opens such a file for
-    /// writing too, after or before its read-only opens.
-    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<&std::fs::File>, FsError> {
+    /// Checks an open and counts it (until [`Filesystem::release`]). Gives
+    /// the file the kernel may then read and write directly (FUSE
+    /// passthrough), if any: a file made through the mount (its data file),
+    /// or, for a read-only open, a verified file of the checkpoint (its spill
+    /// file). Not for a file the checkpoint had open for writing: the kernel
+    /// refuses a cached open beside passthrough ones, and `criu restore` opens
+    /// such a file for writing too, after or before its read-only opens. Not
+    /// for writing a checkpoint file either: its writes go through lazyfs,
+    /// which marks it local.
+    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<std::fs::File>, FsError> {
         if write && self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
@@ -343,13 +346,15 @@ impl Filesystem {
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
             Some(NodeKind::File(index)) => {
                 let index = *index;
-                self.fetcher.file(index).verified_file().filter(|_| !write && !self.files[index].written)
+                let spill = self.fetcher.file(index).verified_file().filter(|_| !write && !self.files[index].written);
+                spill.map(std::fs::File::try_clone).transpose()
             }
-            Some(NodeKind::Local(_)) => None,
+            Some(NodeKind::Local(id)) => self.local_file(*id)?.try_clone().map(Some),
             Some(NodeKind::Dir(_)) => return Err(FsError::new(libc::EISDIR, "a directory")),
             Some(_) => return Err(FsError::new(libc::EINVAL, "not a regular file")),
             None => return Err(not_found(ino)),
         };
+        let passthrough = passthrough.map_err(|e| io_error(&e))?;
         *self.opens().entry(ino).or_default() += 1;
         Ok(passthrough)
     }
@@ -625,15 +630,19 @@ impl Filesystem {
         self.attr(&ns, ino)
     }
 
-    /// Creates a regular file, opened once (released by [`Filesystem::release`]).
-    pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
+    /// Creates a regular file, opened once (released by [`Filesystem::release`]);
+    /// gives its data file too, for FUSE passthrough.
+    pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<(Attr, std::fs::File), FsError> {
         self.writable()?;
         let id = self.local.create()?;
         let record = Self::node_record(LocalOp::File, mode, by);
-        match self.new_node(parent, name, Local { id, ..record }) {
-            Ok(attr) => {
-                *self.opens().entry(attr.ino).or_default() += 1;
-                Ok(attr)
+        let made = self
+            .new_node(parent, name, Local { id, ..record })
+            .and_then(|attr| Ok((attr, self.local_file(id)?.try_clone().map_err(|e| io_error(&e))?)));
+        match made {
+            Ok(made) => {
+                *self.opens().entry(made.0.ino).or_default() += 1;
+                Ok(made)
             }
             Err(e) => {
                 self.local.remove(id);
@@ -660,7 +669,7 @@ impl Filesystem {
         match mode & libc::S_IFMT {
             libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by)),
             libc::S_IFREG => {
-                let attr = self.create(parent, name, mode, by)?;
+                let (attr, _) = self.create(parent, name, mode, by)?;
                 self.release(attr.ino);
                 Ok(attr)
             }

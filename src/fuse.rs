@@ -44,6 +44,29 @@ struct Opens {
 }
 
 impl FuseAdapter {
+    /// The backing id for a passthrough open of `file` (counted as one), if
+    /// passthrough is on and no cached open of the inode is live.
+    fn backing<'a>(
+        &self,
+        opens: &'a mut Opens,
+        file: Option<std::fs::File>,
+        open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<&'a BackingId> {
+        let file = file.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed))?;
+        if opens.backing.is_none() {
+            match open_backing(&file) {
+                Ok(backing) => opens.backing = Some(backing),
+                Err(e) => {
+                    log::warn!("FUSE passthrough refused ({e}): files are served through lazyfs");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        opens.passthrough += 1;
+        opens.backing.as_ref()
+    }
+
     pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: bool) -> Self {
         FuseAdapter { fs, passthrough: AtomicBool::new(passthrough), opens: Mutex::new(HashMap::new()) }
     }
@@ -149,30 +172,19 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        let local = match self.fs.open(ino.0, write) {
-            Ok(local) => local,
+        let backing_file = match self.fs.open(ino.0, write) {
+            Ok(backing_file) => backing_file,
             Err(e) => return reply.error(errno(&e)),
         };
-        let mut opens = self.opens.lock().expect("opens");
-        let opens = opens.entry(ino.0).or_default();
-        // A verified file read-only: the kernel reads the spill file itself.
-        if let Some(spill) = local.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed)) {
-            if opens.backing.is_none() {
-                match reply.open_backing(spill) {
-                    Ok(backing) => opens.backing = Some(backing),
-                    Err(e) => {
-                        log::warn!("FUSE passthrough refused ({e}): verified files are served through lazyfs");
-                        self.passthrough.store(false, Ordering::Relaxed);
-                    }
-                }
-            }
-            if let Some(backing) = &opens.backing {
-                opens.passthrough += 1;
-                return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
-            }
+        let mut all = self.opens.lock().expect("opens");
+        let opens = all.entry(ino.0).or_default();
+        // The kernel reads (and writes) the local file itself.
+        if let Some(backing) = self.backing(opens, backing_file, |f| reply.open_backing(f)) {
+            return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
         }
         if opens.passthrough > 0 {
             // The kernel refuses a cached open beside passthrough ones.
+            drop(all);
             self.fs.release(ino.0);
             return reply.error(Errno::ETXTBSY);
         }
@@ -312,13 +324,24 @@ impl fuser::Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(parent.0, name, mode & !umask, creator(req)) {
-            Ok(attr) => {
-                self.opens.lock().expect("opens").entry(attr.ino).or_default().cached += 1;
-                reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            Err(e) => reply.error(errno(&e)),
+        let (attr, file) = match self.fs.create(parent.0, name, mode & !umask, creator(req)) {
+            Ok(created) => created,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut all = self.opens.lock().expect("opens");
+        let opens = all.entry(attr.ino).or_default();
+        if let Some(backing) = self.backing(opens, Some(file), |f| reply.open_backing(f)) {
+            return reply.created_passthrough(
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+                PASSTHROUGH,
+                FopenFlags::empty(),
+                backing,
+            );
         }
+        opens.cached += 1;
+        reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
