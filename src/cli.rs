@@ -116,6 +116,14 @@ pub struct MountArgs {
     /// always refused.
     #[arg(long)]
     pub accept_new_host_key: bool,
+    /// This ssh config file instead of ~/.ssh/config (as `ssh -F`).
+    #[arg(short = 'F', value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+    /// Which SSH client carries the session: `openssh`, the system's `ssh` (the ssh config
+    /// applies as it is: ProxyJump, certificates, ControlMaster, ...); `libssh2`, in process;
+    /// `auto`, openssh when `ssh` is installed.
+    #[arg(long, value_enum, default_value_t = SshArg::Auto)]
+    pub ssh: SshArg,
     /// Refuse every write.
     #[arg(long)]
     pub read_only: bool,
@@ -133,6 +141,13 @@ pub struct MountArgs {
     /// Internal: run as the background process, reporting readiness on stdout.
     #[arg(long, hide = true)]
     pub daemon: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SshArg {
+    Openssh,
+    Libssh2,
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

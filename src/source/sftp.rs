@@ -74,8 +74,10 @@ pub struct FileRead<'a> {
     pub result: Result<(), SftpError>,
 }
 
-pub struct Sftp {
-    channel: ssh2::Channel,
+/// The client over any byte stream that carries the `sftp` subsystem: an
+/// ssh2 channel, or the pipes of an `ssh -s HOST sftp` child.
+pub struct Sftp<S> {
+    channel: S,
     next_id: u32,
     out: Vec<u8>,
 }
@@ -95,10 +97,9 @@ enum Reply {
     },
 }
 
-impl Sftp {
-    /// Starts the `sftp` subsystem on `channel`, a new session channel.
-    pub fn start(mut channel: ssh2::Channel) -> Result<Sftp, SftpError> {
-        channel.subsystem("sftp").map_err(|e| SftpError::Broken(e.to_string()))?;
+impl<S: Read + Write> Sftp<S> {
+    /// Speaks SFTP on `channel`, a stream the `sftp` subsystem answers on.
+    pub fn start(channel: S) -> Result<Sftp<S>, SftpError> {
         let mut sftp = Sftp { channel, next_id: 1, out: Vec::new() };
         // INIT carries the version where other requests carry an id.
         sftp.out.extend_from_slice(&5u32.to_be_bytes());
