@@ -216,6 +216,9 @@ fn small_files_through_tar_or_sftp_where_commands_are_refused(transport: Transpo
     read_batch(conn.as_mut(), &root);
     let log = sshd.log();
     assert_eq!(log.matches("Starting session: command").count(), 1, "one tar: {log}");
+    // The tar session rides the SFTP session's connection (a multiplexed
+    // session of its `ssh`, or a channel of the libssh2 session): one login.
+    assert_eq!(log.matches("Accepted publickey").count(), 1, "one login: {log}");
 
     // `ForceCommand internal-sftp`: tar is tried once, then SFTP does all.
     let sshd = Sshd::start_with("LogLevel VERBOSE\nForceCommand internal-sftp");

@@ -31,6 +31,40 @@ pub struct OpensshSource {
     /// `user@host:port` as `ssh -G` resolves it, for messages.
     label: String,
     tar: Arc<TarUse>,
+    /// Where each connection's `ssh` listens for the extra sessions (tar) it
+    /// carries; None where the user's config has a ControlPath of its own.
+    mux: Option<Arc<Mux>>,
+}
+
+/// A private directory (0700) of control sockets, one per connection: the
+/// `ssh` of a connection's SFTP session is the master of its tar sessions,
+/// which then cost a channel open instead of a new SSH connection (key
+/// exchange and authentication). Bulk SFTP sessions stay separate connections,
+/// so their encryption runs in parallel.
+struct Mux {
+    dir: PathBuf,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Mux {
+    fn new() -> Option<Mux> {
+        use std::os::unix::fs::DirBuilderExt;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.subsec_nanos();
+        let dir = std::env::temp_dir().join(format!("lazyfs-ssh-{}-{stamp:x}", std::process::id()));
+        // Fails if the name exists: the directory is ours alone.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
+        Some(Mux { dir, next: Default::default() })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string())
+    }
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl OpensshSource {
@@ -56,7 +90,9 @@ impl OpensshSource {
                 get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port)
             )
         );
-        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, tar: Arc::default() })
+        // `ssh -G` prints no controlpath where none is set.
+        let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
+        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, tar: Arc::default(), mux })
     }
 
     fn command(&self) -> Command {
@@ -65,9 +101,14 @@ impl OpensshSource {
         command
     }
 
-    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged.
-    fn start_sftp(&self) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
+    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged; the master of
+    /// `socket` if given.
+    fn start_sftp(&self, socket: Option<&Path>) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
         let mut command = self.command();
+        if let Some(socket) = socket {
+            command.args(["-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-o"]);
+            command.arg(control_path(socket));
+        }
         command.args(["-s", "--", &self.options.alias, "sftp"]);
         let child = Piped::spawn(command, &self.label)?;
         let stderr = child.stderr.clone();
@@ -152,9 +193,16 @@ impl OpensshSource {
 impl Source for OpensshSource {
     fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
         let started = std::time::Instant::now();
-        let sftp = self.start_sftp()?;
+        let socket = self.mux.as_ref().map(|mux| mux.socket());
+        let sftp = self.start_sftp(socket.as_deref())?;
         log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
-        let remote = Exec { base: self.command(), alias: self.options.alias.clone(), label: self.label.clone() };
+        let mut base = self.command();
+        if let Some(socket) = &socket {
+            // Without the master's socket, ssh connects on its own.
+            base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(socket));
+        }
+        let remote =
+            Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
         Ok(Box::new(SshConnection::new(sftp, Box::new(remote), self.tar.clone(), &self.root, self.label.clone())))
     }
 
@@ -198,6 +246,13 @@ fn base_args(options: &SshOptions) -> Vec<OsString> {
     args
 }
 
+fn control_path(socket: &Path) -> OsString {
+    let mut option = OsString::from("ControlPath=\"");
+    option.push(socket);
+    option.push("\"");
+    option
+}
+
 fn passwd_ssh_dir() -> Option<PathBuf> {
     let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten()?;
     Some(user.dir.join(".ssh"))
@@ -224,6 +279,8 @@ struct Exec {
     base: Command,
     alias: String,
     label: String,
+    /// Its control socket's directory stays while the connection does.
+    _mux: Option<Arc<Mux>>,
 }
 
 impl Remote for Exec {
