@@ -300,4 +300,26 @@ mod tests {
         assert_eq!(o.identities[0], PathBuf::from("/k"));
         assert_eq!(o.known_hosts, PathBuf::from("/kh"));
     }
+
+    #[test]
+    fn dash_f_replaces_the_ssh_config_and_what_only_openssh_follows_is_named() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".ssh")).unwrap();
+        std::fs::write(home.path().join(".ssh/config"), "Host old\n  HostName 10.0.0.1\n").unwrap();
+        let other = home.path().join("other_config");
+        std::fs::write(&other, "Host old\n  HostName 10.0.0.2\n  HostKeyAlias old-db\n  ProxyJump gw\n").unwrap();
+        let o = ssh("old", Some(home.path()));
+        assert_eq!(
+            (o.host.as_str(), o.host_key_alias.as_deref(), o.needs_openssh.as_deref()),
+            ("10.0.0.1", None, None)
+        );
+        let overrides = SshOverrides { config_file: Some(other.clone()), ..Default::default() };
+        let SourceSpec::Ssh(o) = SourceSpec::parse("old", &overrides, Some(home.path())).unwrap() else { panic!() };
+        assert_eq!(o.host, "10.0.0.2");
+        assert_eq!(o.host_key_alias.as_deref(), Some("old-db"));
+        assert_eq!(o.needs_openssh.as_deref(), Some("ProxyJump"));
+        assert_eq!(o.given.config_file, Some(other));
+        let missing = SshOverrides { config_file: Some(home.path().join("nope")), ..Default::default() };
+        assert!(SourceSpec::parse("old", &missing, Some(home.path())).is_err());
+    }
 }
