@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::sshd::{Sshd, keygen};
-use lazyfs::source::{self, SourceError, SourceSpec, SshOverrides, Transport, WholeRead};
+use lazyfs::source::{self, SourceError, SourceSpec, SshOverrides, TarPolicy, Transport, WholeRead};
 
 /// Runs each test once per transport: `openssh::NAME` and `libssh2::NAME`.
 macro_rules! both_transports {
@@ -212,7 +212,8 @@ fn small_files_through_tar_or_sftp_where_commands_are_refused(transport: Transpo
     // An account that may run commands: one tar stream per batch.
     let sshd = Sshd::start_with("LogLevel VERBOSE");
     let root = sshd.dir.path().join("data");
-    let mut conn = open(&sshd, overrides(&sshd, transport), &root).unwrap();
+    let tar = SshOverrides { tar: TarPolicy::Always, ..overrides(&sshd, transport) };
+    let mut conn = open(&sshd, tar.clone(), &root).unwrap();
     read_batch(conn.as_mut(), &root);
     let log = sshd.log();
     assert_eq!(log.matches("Starting session: command").count(), 1, "one tar: {log}");
@@ -222,10 +223,17 @@ fn small_files_through_tar_or_sftp_where_commands_are_refused(transport: Transpo
 
     // `ForceCommand internal-sftp`: tar is tried once, then SFTP does all.
     let sshd = Sshd::start_with("LogLevel VERBOSE\nForceCommand internal-sftp");
-    let mut conn = open(&sshd, overrides(&sshd, transport), &root).unwrap();
+    let tar = SshOverrides { tar: TarPolicy::Always, ..overrides(&sshd, transport) };
+    let mut conn = open(&sshd, tar, &root).unwrap();
     read_batch(conn.as_mut(), &root);
     let tried = command_sessions(&sshd);
     read_batch(conn.as_mut(), &root);
     assert_eq!(command_sessions(&sshd), tried, "tar is not asked again: {}", sshd.log());
     assert!(tried >= 2, "the SFTP session and one try of tar: {}", sshd.log());
+
+    // On loopback a round trip is far below 2 ms: `auto` keeps to SFTP.
+    let sshd = Sshd::start_with("LogLevel VERBOSE");
+    let mut conn = open(&sshd, overrides(&sshd, transport), &root).unwrap();
+    read_batch(conn.as_mut(), &root);
+    assert_eq!(command_sessions(&sshd), 0, "{}", sshd.log());
 }

@@ -203,7 +203,8 @@ impl Source for OpensshSource {
         }
         let remote =
             Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
-        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), self.tar.clone(), &self.root, self.label.clone())))
+        let tar = (self.tar.clone(), self.options.tar);
+        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), tar, &self.root, self.label.clone())))
     }
 
     fn describe(&self) -> String {

@@ -30,6 +30,7 @@ pub struct SshOptions {
     pub host_key_alias: Option<String>,
     pub accept_new_host_key: bool,
     pub transport: Transport,
+    pub tar: TarPolicy,
     /// A setting of the ssh config that only OpenSSH's `ssh` follows (`ProxyJump`, ...).
     pub needs_openssh: Option<String>,
     /// What the command line itself said: the system `ssh` resolves the rest from
@@ -62,6 +63,17 @@ pub enum Transport {
     Auto,
 }
 
+/// When a batch of small files goes through one `tar` rather than SFTP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TarPolicy {
+    /// Where a round trip takes 2 ms or more: tar saves round trips but costs
+    /// a process on the host per batch, which a fast link does not win back.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
 /// The SSH settings of `lazyfs mount`'s command line.
 #[derive(Debug, Clone, Default)]
 pub struct SshOverrides {
@@ -72,6 +84,7 @@ pub struct SshOverrides {
     /// `-F FILE`: this ssh config instead of `~/.ssh/config`.
     pub config_file: Option<PathBuf>,
     pub transport: Transport,
+    pub tar: TarPolicy,
 }
 
 /// Settings of an ssh config that libssh2 cannot follow.
@@ -189,6 +202,7 @@ fn resolve(
         host_key_alias: unsupported("hostkeyalias"),
         accept_new_host_key: overrides.accept_new_host_key,
         transport: overrides.transport,
+        tar: overrides.tar,
         needs_openssh: needs_openssh(params.as_ref()),
         given: Given {
             user,

@@ -15,7 +15,7 @@ use ssh2::{HashType, MethodType, Session};
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
 use super::sftp::{FileRead, Sftp, SftpError};
 use super::tar::{self, TarUse};
-use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
+use super::{Connection, Source, SourceError, SourceStat, SshOptions, TarPolicy, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
 /// is portable C and took half the daemon's CPU in a perf profile of a bulk transfer.
@@ -164,7 +164,8 @@ impl Source for SshSource {
             self.host_label(),
             started.elapsed()
         );
-        Ok(Box::new(SshConnection::new(sftp, Box::new(session), self.tar.clone(), &self.root, self.host_label())))
+        let tar = (self.tar.clone(), self.options.tar);
+        Ok(Box::new(SshConnection::new(sftp, Box::new(session), tar, &self.root, self.host_label())))
     }
 
     fn describe(&self) -> String {
@@ -230,6 +231,11 @@ fn host_key_preference(known_types: &[String]) -> String {
 /// files do not pay an OPEN and a CLOSE each time.
 const OPEN_HANDLES: usize = 16;
 
+/// From this round trip on, `TarPolicy::Auto` reads small files through tar:
+/// a batch of 256 files costs SFTP about a dozen round trips, tar one or two
+/// and a process started on the host (10-30 ms, more on a loaded host).
+const TAR_MIN_ROUND_TRIP: Duration = Duration::from_millis(2);
+
 /// The byte stream the SFTP client speaks over: an ssh2 channel, or the pipes
 /// of an `ssh` child.
 pub(super) trait Stream: Read + Write + Send {}
@@ -276,6 +282,8 @@ pub(super) struct SshConnection {
     sftp: Sftp<Box<dyn Stream>>,
     remote: Box<dyn Remote>,
     tar: Arc<TarUse>,
+    /// Whether this connection reads small files through tar (if the host lets it).
+    use_tar: bool,
     root: PathBuf,
     host: String,
     /// Open handles, most recently used last.
@@ -284,13 +292,25 @@ pub(super) struct SshConnection {
 
 impl SshConnection {
     pub(super) fn new(
-        sftp: Sftp<Box<dyn Stream>>,
+        mut sftp: Sftp<Box<dyn Stream>>,
         remote: Box<dyn Remote>,
-        tar: Arc<TarUse>,
+        (tar, policy): (Arc<TarUse>, TarPolicy),
         root: &Path,
         host: String,
     ) -> Self {
-        SshConnection { sftp, remote, tar, root: root.to_path_buf(), host, open: Vec::new() }
+        let use_tar = match policy {
+            TarPolicy::Always => true,
+            TarPolicy::Never => false,
+            TarPolicy::Auto => {
+                // One round trip, timed.
+                let started = std::time::Instant::now();
+                let _ = sftp.stat(Path::new("/"));
+                let round_trip = started.elapsed();
+                log::debug!("{host}: a round trip takes {round_trip:?}");
+                round_trip >= TAR_MIN_ROUND_TRIP
+            }
+        };
+        SshConnection { sftp, remote, tar, use_tar, root: root.to_path_buf(), host, open: Vec::new() }
     }
 
     fn full(&self, path: &Path) -> PathBuf {
@@ -331,7 +351,7 @@ impl SshConnection {
     /// then the rest (all of them where it does not) through SFTP.
     fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> Result<Vec<Result<(), SftpError>>, SftpError> {
         let mut reads: Vec<(usize, FileRead<'_>)> = reads.into_iter().enumerate().collect();
-        let left = if self.tar.allowed() && reads.len() > 1 {
+        let left = if self.use_tar && self.tar.allowed() && reads.len() > 1 {
             tar::read_files(self.remote.as_mut(), &self.tar, &self.host, &mut reads)?
         } else {
             reads.iter().map(|(i, _)| *i).collect()
