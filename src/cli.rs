@@ -37,7 +37,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     Status(StatusArgs),
     Wait(WaitArgs),
     Umount(UmountArgs),
