@@ -18,9 +18,9 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::manifest::FileHashes;
@@ -454,8 +454,12 @@ impl Shared {
 
 pub struct Fetcher {
     shared: Arc<Shared>,
+    source: Arc<dyn Source>,
     on_demand: Sender<lane::Job>,
-    prefetch: Option<prefetch::Workers>,
+    /// Started by `--prefetch`, or later by `lazyfs prefetch`.
+    prefetch: OnceLock<prefetch::Workers>,
+    /// The files background prefetch was asked for.
+    prefetch_wanted: Vec<AtomicBool>,
 }
 
 impl Fetcher {
@@ -488,8 +492,43 @@ impl Fetcher {
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
         let on_demand = lane::spawn_on_demand(link, shared.clone());
-        let prefetch = (config.jobs > 0).then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
-        Fetcher { shared, on_demand, prefetch }
+        let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
+        let fetcher = Fetcher { shared, source, on_demand, prefetch: OnceLock::new(), prefetch_wanted };
+        if config.jobs > 0 {
+            fetcher.prefetch(None, config.jobs);
+        }
+        fetcher
+    }
+
+    /// Streams `files` (every file when `None`) in the background, starting
+    /// `jobs` workers unless prefetch runs already. Returns how many of them
+    /// still had bytes to fetch.
+    pub fn prefetch(&self, files: Option<&[usize]>, jobs: usize) -> usize {
+        let shared = &self.shared;
+        self.prefetch.get_or_init(|| prefetch::Workers::start(self.source.clone(), shared.clone(), jobs));
+        let all: Vec<usize>;
+        let files = match files {
+            Some(files) => files,
+            None => {
+                all = (0..shared.files.len()).collect();
+                &all
+            }
+        };
+        let mut queued = 0;
+        for &index in files {
+            self.prefetch_wanted[index].store(true, Ordering::Relaxed);
+            let file = &shared.files[index];
+            if !file.phase().is_settled() && !file.spill.is_complete() {
+                shared.queue.push(index);
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// Whether background prefetch was asked for file `index`.
+    pub fn prefetch_wanted(&self, index: usize) -> bool {
+        self.prefetch_wanted[index].load(Ordering::Relaxed)
     }
 
     pub fn file(&self, index: usize) -> &Arc<FetchFile> {
@@ -506,7 +545,7 @@ impl Fetcher {
     }
 
     pub fn prefetching(&self) -> bool {
-        self.prefetch.is_some()
+        self.prefetch.get().is_some()
     }
 
     /// Calls `done` once every chunk of `chunks` of file `index` is present
@@ -533,7 +572,7 @@ impl Fetcher {
             runs
         };
         // A file someone waits for jumps the prefetch queue.
-        if self.prefetch.is_some() {
+        if self.prefetching() {
             self.shared.queue.promote(index);
         }
         for chunks in runs {
@@ -573,7 +612,7 @@ impl Fetcher {
     /// Stops prefetching and makes everything known durable.
     pub fn stop(&self) {
         self.shared.queue.close();
-        if let Some(workers) = &self.prefetch {
+        if let Some(workers) = self.prefetch.get() {
             workers.join();
         }
         self.shared.journal.flush();
