@@ -174,7 +174,7 @@ fn host_key_alias_is_honoured_and_never_duplicated(transport: Transport) {
 
 /// Reads files through `read_files` and checks each result.
 fn read_batch(conn: &mut dyn source::Connection, root: &Path) {
-    let files: Vec<(String, usize)> = (0..40).map(|i| (format!("/d/f {i};$(x)"), 1 + i * 3000)).collect();
+    let files: Vec<(String, usize)> = (0..80).map(|i| (format!("/d/f {i};$(x)"), 1 + i * 1500)).collect();
     for (path, len) in &files {
         std::fs::create_dir_all(root.join("d")).unwrap();
         std::fs::write(root.join(&path[1..]), common::mount::content(path, *len)).unwrap();
@@ -193,7 +193,7 @@ fn read_batch(conn: &mut dyn source::Connection, root: &Path) {
         match i {
             3 => assert!(matches!(result, Err(SourceError::Short { .. })), "{path:?}: {result:?}"),
             4 => assert!(matches!(result, Err(SourceError::Longer { .. })), "{path:?}: {result:?}"),
-            40 => assert!(matches!(result, Err(SourceError::NotFound { .. })), "{path:?}: {result:?}"),
+            80 => assert!(matches!(result, Err(SourceError::NotFound { .. })), "{path:?}: {result:?}"),
             _ => {
                 assert!(result.is_ok(), "{path:?}: {result:?}");
                 assert!(bufs[i] == common::mount::content(&path.to_string_lossy(), *len), "{path:?}");

@@ -380,11 +380,17 @@ impl Bench {
             (format!("{}: `ssh HOST tar cf - DIR > /dev/null`", set.name), name)
         };
 
-        for (transport, label) in TRANSPORTS {
+        // Small files also with tar off, to show what it changes.
+        let mut variants: Vec<(&str, String, &[&str])> =
+            TRANSPORTS.iter().map(|(t, label)| (*t, label.to_string(), &[][..])).collect();
+        if set.files > 1 {
+            variants.push(("openssh", "ssh, --tar never".into(), &["--tar", "never"]));
+        }
+        for (transport, label, tar) in variants {
             let (mut times, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..self.runs {
                 let started = Instant::now();
-                let (mountpoint, _) = self.mount(set, "bulk", &["--prefetch", "--ssh", transport]);
+                let (mountpoint, _) = self.mount(set, "bulk", &[&["--prefetch", "--ssh", transport], tar].concat());
                 let pid = self.daemon_pid(&mountpoint);
                 run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
                 times.push(started.elapsed().as_secs_f64());

@@ -236,6 +236,10 @@ const OPEN_HANDLES: usize = 16;
 /// and a process started on the host (10-30 ms, more on a loaded host).
 const TAR_MIN_ROUND_TRIP: Duration = Duration::from_millis(2);
 
+/// Fewer files than this are read through SFTP: they fit in one pipeline's
+/// window, so tar would save no round trip.
+const TAR_MIN_FILES: usize = 64;
+
 /// The byte stream the SFTP client speaks over: an ssh2 channel, or the pipes
 /// of an `ssh` child.
 pub(super) trait Stream: Read + Write + Send {}
@@ -359,7 +363,7 @@ impl SshConnection {
     /// then the rest (all of them where it does not) through SFTP.
     fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> Result<Vec<Result<(), SftpError>>, SftpError> {
         let mut reads: Vec<(usize, FileRead<'_>)> = reads.into_iter().enumerate().collect();
-        let left = if self.use_tar && self.tar.allowed() && reads.len() > 1 {
+        let left = if self.use_tar && self.tar.allowed() && reads.len() >= TAR_MIN_FILES {
             tar::read_files(self.remote.as_mut(), &self.tar, &self.host, &mut reads)?
         } else {
             reads.iter().map(|(i, _)| *i).collect()
