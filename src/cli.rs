@@ -132,11 +132,10 @@ pub struct MountArgs {
     /// `auto`, openssh when `ssh` is installed.
     #[arg(long, value_enum, default_value_t = SshArg::Auto)]
     pub ssh: SshArg,
-    /// When batches of small files are read through one `tar` on the old host (names on its
-    /// stdin) instead of SFTP: `auto`, where a round trip takes 2 ms or more; `always`; `never`.
-    /// Accounts that may not run commands fall back to SFTP by themselves.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = TarArg::Auto)]
-    pub tar: TarArg,
+    /// Read batches of small files (64 or more) through one `tar` on the old host (names on
+    /// its stdin), not SFTP. Accounts that may not run commands fall back to SFTP by themselves.
+    #[arg(long)]
+    pub tar: bool,
     /// Refuse every write.
     #[arg(long)]
     pub read_only: bool,
@@ -154,13 +153,6 @@ pub struct MountArgs {
     /// Internal: run as the background process, reporting readiness on stdout.
     #[arg(long, hide = true)]
     pub daemon: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TarArg {
-    Auto,
-    Always,
-    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

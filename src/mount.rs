@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, TarArg, exit};
+use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
 use crate::control::{self, ControlEvent, registry};
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
@@ -16,7 +16,7 @@ use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
-use crate::source::{self, SourceError, SourceSpec, SshOverrides, TarPolicy, Transport};
+use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::journal::{self, Journal, JournalFile};
 use crate::store::{Store, StoreError};
 
@@ -90,11 +90,7 @@ impl MountRequest {
                 SshArg::Libssh2 => Transport::Libssh2,
                 SshArg::Auto => Transport::Auto,
             },
-            tar: match args.tar {
-                TarArg::Auto => TarPolicy::Auto,
-                TarArg::Always => TarPolicy::Always,
-                TarArg::Never => TarPolicy::Never,
-            },
+            tar: args.tar,
         };
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
         let cache_dir = match &args.cache_dir {

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::sshd::{Sshd, keygen};
-use lazyfs::source::{self, SourceError, SourceSpec, SshOverrides, TarPolicy, Transport, WholeRead};
+use lazyfs::source::{self, SourceError, SourceSpec, SshOverrides, Transport, WholeRead};
 
 /// Runs each test once per transport: `openssh::NAME` and `libssh2::NAME`.
 macro_rules! both_transports {
@@ -212,7 +212,7 @@ fn small_files_through_tar_or_sftp_where_commands_are_refused(transport: Transpo
     // An account that may run commands: one tar stream per batch.
     let sshd = Sshd::start_with("LogLevel VERBOSE");
     let root = sshd.dir.path().join("data");
-    let tar = SshOverrides { tar: TarPolicy::Always, ..overrides(&sshd, transport) };
+    let tar = SshOverrides { tar: true, ..overrides(&sshd, transport) };
     let mut conn = open(&sshd, tar.clone(), &root).unwrap();
     read_batch(conn.as_mut(), &root);
     let log = sshd.log();
@@ -223,11 +223,17 @@ fn small_files_through_tar_or_sftp_where_commands_are_refused(transport: Transpo
 
     // `ForceCommand internal-sftp`: tar is tried once, then SFTP does all.
     let sshd = Sshd::start_with("LogLevel VERBOSE\nForceCommand internal-sftp");
-    let tar = SshOverrides { tar: TarPolicy::Always, ..overrides(&sshd, transport) };
+    let tar = SshOverrides { tar: true, ..overrides(&sshd, transport) };
     let mut conn = open(&sshd, tar, &root).unwrap();
     read_batch(conn.as_mut(), &root);
     let tried = command_sessions(&sshd);
     read_batch(conn.as_mut(), &root);
     assert_eq!(command_sessions(&sshd), tried, "tar is not asked again: {}", sshd.log());
     assert!(tried >= 2, "the SFTP session and one try of tar: {}", sshd.log());
+
+    // Without --tar, SFTP only.
+    let sshd = Sshd::start_with("LogLevel VERBOSE");
+    let mut conn = open(&sshd, overrides(&sshd, transport), &root).unwrap();
+    read_batch(conn.as_mut(), &root);
+    assert_eq!(sshd.log().matches("Starting session: command").count(), 0, "{}", sshd.log());
 }

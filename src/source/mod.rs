@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use local::LocalSource;
 use openssh::OpensshSource;
-pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, TarPolicy, Transport};
+pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use ssh::SshSource;
 
 /// Files up to this size are read by one request (SFTP READ), so their bytes

@@ -30,7 +30,8 @@ pub struct SshOptions {
     pub host_key_alias: Option<String>,
     pub accept_new_host_key: bool,
     pub transport: Transport,
-    pub tar: TarPolicy,
+    /// Batches of small files through one `tar` on the host (`--tar`).
+    pub tar: bool,
     /// A setting of the ssh config that only OpenSSH's `ssh` follows (`ProxyJump`, ...).
     pub needs_openssh: Option<String>,
     /// What the command line itself said: the system `ssh` resolves the rest from
@@ -63,17 +64,6 @@ pub enum Transport {
     Auto,
 }
 
-/// When a batch of small files goes through one `tar` rather than SFTP.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum TarPolicy {
-    /// Where a round trip takes 2 ms or more: tar saves round trips but costs
-    /// a process on the host per batch, which a fast link does not win back.
-    #[default]
-    Auto,
-    Always,
-    Never,
-}
-
 /// The SSH settings of `lazyfs mount`'s command line.
 #[derive(Debug, Clone, Default)]
 pub struct SshOverrides {
@@ -84,7 +74,7 @@ pub struct SshOverrides {
     /// `-F FILE`: this ssh config instead of `~/.ssh/config`.
     pub config_file: Option<PathBuf>,
     pub transport: Transport,
-    pub tar: TarPolicy,
+    pub tar: bool,
 }
 
 /// Settings of an ssh config that libssh2 cannot follow.

@@ -15,7 +15,7 @@ use ssh2::{HashType, MethodType, Session};
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
 use super::sftp::{FileRead, Sftp, SftpError};
 use super::tar::{self, TarUse};
-use super::{Connection, Source, SourceError, SourceStat, SshOptions, TarPolicy, WholeRead, relative};
+use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
 /// is portable C and took half the daemon's CPU in a perf profile of a bulk transfer.
@@ -231,11 +231,6 @@ fn host_key_preference(known_types: &[String]) -> String {
 /// files do not pay an OPEN and a CLOSE each time.
 const OPEN_HANDLES: usize = 16;
 
-/// From this round trip on, `TarPolicy::Auto` reads small files through tar:
-/// a batch of 256 files costs SFTP about a dozen round trips, tar one or two
-/// and a process started on the host (10-30 ms, more on a loaded host).
-const TAR_MIN_ROUND_TRIP: Duration = Duration::from_millis(2);
-
 /// Fewer files than this are read through SFTP: they fit in one pipeline's
 /// window, so tar would save no round trip.
 const TAR_MIN_FILES: usize = 64;
@@ -286,7 +281,7 @@ pub(super) struct SshConnection {
     sftp: Sftp<Box<dyn Stream>>,
     remote: Box<dyn Remote>,
     tar: Arc<TarUse>,
-    /// Whether this connection reads small files through tar (if the host lets it).
+    /// Whether small files go through tar (`--tar`, and if the host lets it).
     use_tar: bool,
     root: PathBuf,
     host: String,
@@ -296,29 +291,12 @@ pub(super) struct SshConnection {
 
 impl SshConnection {
     pub(super) fn new(
-        mut sftp: Sftp<Box<dyn Stream>>,
+        sftp: Sftp<Box<dyn Stream>>,
         remote: Box<dyn Remote>,
-        (tar, policy): (Arc<TarUse>, TarPolicy),
+        (tar, use_tar): (Arc<TarUse>, bool),
         root: &Path,
         host: String,
     ) -> Self {
-        let use_tar = match policy {
-            TarPolicy::Always => true,
-            TarPolicy::Never => false,
-            TarPolicy::Auto => {
-                // The quickest of three round trips: a busy moment is not the link.
-                let round_trip = (0..3)
-                    .map(|_| {
-                        let started = std::time::Instant::now();
-                        let _ = sftp.stat(Path::new("/"));
-                        started.elapsed()
-                    })
-                    .min()
-                    .unwrap_or_default();
-                log::debug!("{host}: a round trip takes {round_trip:?}");
-                round_trip >= TAR_MIN_ROUND_TRIP
-            }
-        };
         SshConnection { sftp, remote, tar, use_tar, root: root.to_path_buf(), host, open: Vec::new() }
     }
 
