@@ -90,8 +90,9 @@ impl OpensshSource {
                 get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port)
             )
         );
-        // `ssh -G` prints no controlpath where none is set.
-        let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
+        // Only tar sessions ride on a connection; `ssh -G` prints no controlpath where none is set.
+        let own_mux = options.tar && !resolved.contains_key("controlpath");
+        let mux = if own_mux { Mux::new().map(Arc::new) } else { None };
         Ok(OpensshSource { options, root: root.to_path_buf(), args, label, tar: Arc::default(), mux })
     }
 
