@@ -31,19 +31,23 @@ pub struct OpensshSource {
     /// `user@host:port` as `ssh -G` resolves it, for messages.
     label: String,
     tar: Arc<TarUse>,
-    /// Where each connection's `ssh` listens for the extra sessions (tar) it
-    /// carries; None where the user's config has a ControlPath of its own.
+    /// The master every connection's session rides on; None where the user's
+    /// config has a ControlPath of its own (that one then serves).
     mux: Option<Arc<Mux>>,
 }
 
-/// A private directory (0700) of control sockets, one per connection: the
-/// `ssh` of a connection's SFTP session is the master of its tar sessions,
-/// which then cost a channel open instead of a new SSH connection (key
-/// exchange and authentication). Bulk SFTP sessions stay separate connections,
-/// so their encryption runs in parallel.
+/// A master `ssh` of the source's own (`-M -N`), its socket in a private
+/// directory (0700): each further session costs a channel open instead of a
+/// new SSH connection (process start, key exchange, authentication: 0.3-0.6 s
+/// each on the loaded test machine, against 50-100 ms for libssh2). Started
+/// by the first connection; a session whose master is gone connects on its own.
+/// The master's own session is an idle SFTP session (the subsystem every
+/// account has), so that it ends when lazyfs does.
 struct Mux {
     dir: PathBuf,
-    next: std::sync::atomic::AtomicUsize,
+    /// The master, and its stdin: when lazyfs ends however it ends, the pipe
+    /// closes, the master's own SFTP session ends, and so does the master.
+    master: Mutex<Option<(Child, Option<ChildStdin>)>>,
 }
 
 impl Mux {
@@ -51,18 +55,55 @@ impl Mux {
         use std::os::unix::fs::DirBuilderExt;
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.subsec_nanos();
         let dir = std::env::temp_dir().join(format!("lazyfs-ssh-{}-{stamp:x}", std::process::id()));
+        remove_stale_dirs();
         // Fails if the name exists: the directory is ours alone.
         std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
-        Some(Mux { dir, next: Default::default() })
+        Some(Mux { dir, master: Mutex::new(None) })
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string())
+        self.dir.join("master")
+    }
+
+    /// The master's socket, the master started first if it is not running.
+    fn ready(&self, source: &OpensshSource) -> Option<PathBuf> {
+        let socket = self.socket();
+        let mut master = self.master.lock().expect("mux lock");
+        if let Some((child, _)) = master.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) && socket.exists() {
+                return Some(socket);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            *master = None;
+        }
+        let mut child = Command::new("ssh")
+            .args(&source.args)
+            .args(["-M", "-o", "ControlPersist=no", "-o"])
+            .arg(control_path(&socket))
+            .args(["-s", "--", &source.options.alias, "sftp"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdin = child.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let up = socket.exists();
+        *master = Some((child, stdin));
+        up.then_some(socket)
     }
 }
 
 impl Drop for Mux {
     fn drop(&mut self) {
+        if let Some((mut child, _)) = self.master.lock().expect("mux lock").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -90,9 +131,8 @@ impl OpensshSource {
                 get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port)
             )
         );
-        // Only tar sessions ride on a connection; `ssh -G` prints no controlpath where none is set.
-        let own_mux = options.tar && !resolved.contains_key("controlpath");
-        let mux = if own_mux { Mux::new().map(Arc::new) } else { None };
+        // `ssh -G` prints no controlpath where none is set.
+        let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
         Ok(OpensshSource { options, root: root.to_path_buf(), args, label, tar: Arc::default(), mux })
     }
 
@@ -102,14 +142,8 @@ impl OpensshSource {
         command
     }
 
-    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged; the master of
-    /// `socket` if given.
-    fn start_sftp(&self, socket: Option<&Path>) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
-        let mut command = self.command();
-        if let Some(socket) = socket {
-            command.args(["-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-o"]);
-            command.arg(control_path(socket));
-        }
+    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged.
+    fn start_sftp(&self, mut command: Command) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
         command.args(["-s", "--", &self.options.alias, "sftp"]);
         let child = Piped::spawn(command, &self.label)?;
         let stderr = child.stderr.clone();
@@ -194,14 +228,13 @@ impl OpensshSource {
 impl Source for OpensshSource {
     fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
         let started = std::time::Instant::now();
-        let socket = self.mux.as_ref().map(|mux| mux.socket());
-        let sftp = self.start_sftp(socket.as_deref())?;
-        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
         let mut base = self.command();
-        if let Some(socket) = &socket {
+        if let Some(socket) = self.mux.as_ref().and_then(|mux| mux.ready(self)) {
             // Without the master's socket, ssh connects on its own.
-            base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(socket));
+            base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(&socket));
         }
+        let sftp = self.start_sftp(clone_command(&base))?;
+        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
         let remote =
             Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
         let tar = (self.tar.clone(), self.options.tar);
@@ -248,6 +281,33 @@ fn base_args(options: &SshOptions) -> Vec<OsString> {
     args
 }
 
+/// Removes the socket directories of lazyfs processes that ended without
+/// removing theirs (their masters ended with them).
+fn remove_stale_dirs() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("lazyfs-ssh-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::getuid().as_raw());
+        if ours && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The same program and arguments, stdio piped.
+fn clone_command(command: &Command) -> Command {
+    let mut clone = Command::new(command.get_program());
+    clone.args(command.get_args()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    clone
+}
+
 fn control_path(socket: &Path) -> OsString {
     let mut option = OsString::from("ControlPath=\"");
     option.push(socket);
@@ -281,15 +341,14 @@ struct Exec {
     base: Command,
     alias: String,
     label: String,
-    /// Its control socket's directory stays while the connection does.
+    /// The master stays while a connection may use it.
     _mux: Option<Arc<Mux>>,
 }
 
 impl Remote for Exec {
     fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
-        let mut ssh = Command::new(self.base.get_program());
-        ssh.args(self.base.get_args()).args(["--", &self.alias, command]);
-        ssh.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut ssh = clone_command(&self.base);
+        ssh.args(["--", &self.alias, command]);
         Ok(Box::new(Piped::spawn(ssh, &self.label).map_err(|e| e.to_string())?))
     }
 }
