@@ -17,6 +17,7 @@ use lazyfs::cli::{
 };
 use lazyfs::commands::ls;
 use lazyfs::commands::verify::VerifyError;
+use lazyfs::control::proto::{FileState, MountState};
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
 use lazyfs::mount::{self, MountError, MountRequest};
@@ -115,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &ls::to_json(&checkpoint))?;
@@ -123,6 +125,12 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
         ls::write_table(&checkpoint, &mut out).context("writing the listing")?;
     }
     Ok(exit::SUCCESS)
+}
+
+fn warn_incomplete(warning: Option<String>) {
+    if let Some(warning) = warning {
+        eprintln!("lazyfs: warning: {warning}");
+    }
 }
 
 fn mount_failed(e: MountError) -> anyhow::Error {
@@ -171,8 +179,9 @@ fn show_bars(mountpoint: PathBuf) {
     });
 }
 
-/// The background process: says `ready` or `error CODE MESSAGE` on stdout
-/// (read by the `lazyfs mount` that started it), then serves.
+/// The background process: says `warning MESSAGE` (images not a whole dump),
+/// then `ready` or `error CODE MESSAGE` on stdout (read by the `lazyfs mount`
+/// that started it), then serves.
 fn serve_as_daemon(request: MountRequest) -> u8 {
     let ready = |_: &Path| {
         println!("ready");
@@ -330,7 +339,7 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
                 out.flush()?;
             }
         }
-        let complete = statuses.iter().all(|s| s.state == "complete");
+        let complete = statuses.iter().all(|s| s.state() == MountState::Complete);
         if !args.watch || complete || statuses.is_empty() {
             break;
         }
@@ -356,7 +365,7 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
             if totals.files_failed == 0 {
-                if totals.state == "complete" {
+                if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
                 }
                 if deadline.is_none_or(|d| Instant::now() < d) {
@@ -368,14 +377,15 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         }
         let status = client.status().map_err(gone)?;
         let selected = select_files(&status, &args.paths, &mountpoint)?;
-        let failed: Vec<_> = selected.iter().filter(|f| f.state == "failed").collect();
+        let failed: Vec<_> = selected.iter().filter(|f| f.state() == FileState::Failed).collect();
         if !failed.is_empty() {
             for file in failed {
                 eprintln!("lazyfs: {}", lazyfs::ui::failure_line(file));
             }
             return Ok(exit::VERIFY_FAILED);
         }
-        let waiting = selected.iter().filter(|f| f.state != "verified" && f.state != "modified").count();
+        let waiting =
+            selected.iter().filter(|f| !matches!(f.state(), FileState::Verified | FileState::Modified)).count();
         if waiting == 0 {
             return Ok(exit::SUCCESS);
         }
@@ -474,6 +484,7 @@ fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
     use lazyfs::manifest::ManifestError;
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
     let summary =
         lazyfs::manifest::create(&checkpoint, &args.root, args.subtree.as_deref(), &output).map_err(|e| Exit {
