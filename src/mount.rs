@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, exit};
+use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
 use crate::control::{self, ControlEvent, registry};
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
@@ -16,7 +16,7 @@ use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
-use crate::source::{self, SourceError, SourceSpec, SshOverrides};
+use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
 use crate::store::journal::{self, Journal, Owner};
 use crate::store::{Store, StoreError};
@@ -90,6 +90,13 @@ impl MountRequest {
             port: args.port,
             known_hosts: args.known_hosts.clone(),
             accept_new_host_key: args.accept_new_host_key,
+            config_file: args.ssh_config.clone(),
+            transport: match args.ssh {
+                SshArg::Openssh => Transport::Openssh,
+                SshArg::Libssh2 => Transport::Libssh2,
+                SshArg::Auto => Transport::Auto,
+            },
+            tar: args.tar,
         };
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
         let cache_dir = match &args.cache_dir {

@@ -152,8 +152,10 @@ pub struct FileRead<'a> {
     pub result: Result<(), SftpError>,
 }
 
-/// An SFTP session over `C`: an SSH channel, or a scripted stream in tests.
-pub struct Sftp<C = ssh2::Channel> {
+/// The client over any byte stream that carries the `sftp` subsystem: an
+/// ssh2 channel, the pipes of an `ssh -s HOST sftp` child, or a scripted
+/// stream in tests.
+pub struct Sftp<C> {
     channel: C,
     next_id: u32,
     out: Vec<u8>,
@@ -191,17 +193,9 @@ impl Reply {
     }
 }
 
-impl Sftp {
-    /// Starts the `sftp` subsystem on `channel`, a new session channel.
-    pub fn start(mut channel: ssh2::Channel) -> Result<Sftp, SftpError> {
-        channel.subsystem("sftp").map_err(|e| SftpError::Broken(e.to_string()))?;
-        Sftp::init(channel)
-    }
-}
-
 impl<C: Read + Write> Sftp<C> {
-    /// Says hello (INIT, VERSION) on a channel already speaking SFTP.
-    fn init(channel: C) -> Result<Sftp<C>, SftpError> {
+    /// Speaks SFTP on `channel`, a stream the `sftp` subsystem answers on.
+    pub fn start(channel: C) -> Result<Sftp<C>, SftpError> {
         let mut sftp = Sftp { channel, next_id: 1, out: Vec::new() };
         // INIT carries the version where other requests carry an id.
         sftp.out.extend_from_slice(&5u32.to_be_bytes());
@@ -753,7 +747,7 @@ mod tests {
     fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {
         let mut script = packet(VERSION, &3u32.to_be_bytes());
         replies.iter().for_each(|r| script.extend_from_slice(r));
-        Sftp::init(Scripted(std::io::Cursor::new(script))).unwrap()
+        Sftp::start(Scripted(std::io::Cursor::new(script))).unwrap()
     }
 
     /// Finding 7: a DATA reply longer than the READ asked for is a broken
