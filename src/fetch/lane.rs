@@ -24,7 +24,7 @@ pub(super) fn next_or_release<T>(rx: &Receiver<T>, link: &mut Link, shared: &Sha
         match rx.recv_timeout(IDLE_CHECK) {
             Ok(item) => return Some(item),
             Err(RecvTimeoutError::Disconnected) => return None,
-            Err(RecvTimeoutError::Timeout) if !shared.source_needed() => link.reset(),
+            Err(RecvTimeoutError::Timeout) if !shared.source_needed() => link.release(),
             Err(RecvTimeoutError::Timeout) => {}
         }
     }
@@ -192,6 +192,13 @@ impl Link {
     /// Drops the connection (in an unknown state, or not needed); the next use opens another.
     pub(super) fn reset(&mut self) {
         self.connection = None;
+    }
+
+    /// No file needs the source: the connection closes, and so does what the
+    /// source keeps open for further ones.
+    pub(super) fn release(&mut self) {
+        self.connection = None;
+        self.source.idle();
     }
 
     /// The lane's buffer for fetched bytes (at most a window), to give back

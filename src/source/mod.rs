@@ -34,6 +34,9 @@ pub trait Source: Send + Sync {
     fn connect(&self) -> Result<Box<dyn Connection>, SourceError>;
     /// How to name this source to a person: `root@host:22`, `/srv/snapshot`.
     fn describe(&self) -> String;
+    /// Nothing needs the source any more: close whatever is kept open for
+    /// further connections (a new connection opens it again).
+    fn idle(&self) {}
 }
 
 /// One lane's view of the source. Paths are absolute paths on the source

@@ -98,12 +98,19 @@ impl Mux {
     }
 }
 
-impl Drop for Mux {
-    fn drop(&mut self) {
+impl Mux {
+    /// Ends the master (the next connection starts another).
+    fn stop(&self) {
         if let Some((mut child, _)) = self.master.lock().expect("mux lock").take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -243,6 +250,12 @@ impl Source for OpensshSource {
 
     fn describe(&self) -> String {
         self.label.clone()
+    }
+
+    fn idle(&self) {
+        if let Some(mux) = &self.mux {
+            mux.stop();
+        }
     }
 }
 
