@@ -209,7 +209,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         let (got, want) = match *op {
             Op::Create { dir, name } => {
                 let dir = model.dir(dir);
-                let got = fs.create(ino(&core, &dir), OsStr::new(NAMES[name]), 0o644, BY).map(|a| fs.release(a.ino));
+                let got =
+                    fs.create(ino(&core, &dir), OsStr::new(NAMES[name]), 0o644, BY).map(|(a, _)| fs.release(a.ino));
                 let node = model.bytes.len();
                 let want = model.add(join(&dir, NAMES[name]), Entry::File(node));
                 if want {
