@@ -41,6 +41,7 @@ pub enum Command {
     Status(StatusArgs),
     Wait(WaitArgs),
     Umount(UmountArgs),
+    Export(ExportArgs),
     Prefetch(PrefetchArgs),
     Ls(LsArgs),
     Manifest(ManifestArgs),
@@ -203,6 +204,17 @@ pub struct WaitArgs {
     /// Give up after SECS seconds (exit 3).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     pub timeout: Option<std::time::Duration>,
+}
+
+/// Copy a mount's current tree (checkpoint files with their local changes, and the files made
+/// through it) into a plain directory, holes kept: the next start of the application needs no
+/// lazyfs.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A live lazyfs mount.
+    pub mountpoint: PathBuf,
+    /// Where to copy it: a directory that does not exist yet.
+    pub dir: PathBuf,
 }
 
 /// Flush state, unmount and stop the background process; the cache stays.

@@ -480,6 +480,11 @@ fn io_error(e: &std::io::Error) -> FsError {
     )
 }
 
+/// An error with its own errno (ENXIO past the end of the data).
+fn io_error_errno(e: &std::io::Error) -> FsError {
+    FsError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+}
+
 fn read_full(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
     let mut done = 0;
     while done < buf.len() {
@@ -585,6 +590,34 @@ impl Filesystem {
             Some(Err(Some(id))) => self.local_file(id)?.sync_data().map_err(|e| io_error(&e)),
             Some(Err(None)) => Ok(()),
             None => Err(not_found(ino)),
+        }
+    }
+
+    /// `lseek` with SEEK_DATA or SEEK_HOLE: where data or a hole starts at or
+    /// after `offset`, as the local file says (a checkpoint file not yet
+    /// complete is all data: its holes may still be fetched).
+    pub fn seek(&self, ino: Ino, offset: u64, whence: i32) -> Result<u64, FsError> {
+        use std::os::fd::AsRawFd;
+        let local = match self.namespace().node(ino).map(|n| &n.kind) {
+            Some(NodeKind::Local(id)) => Some(self.local_file(*id)?),
+            Some(NodeKind::File(_)) => None,
+            Some(_) => return Err(FsError::new(libc::EINVAL, "not a regular file")),
+            None => return Err(not_found(ino)),
+        };
+        let Some(file) = local else {
+            let len = self.getattr(ino)?.size;
+            return match whence {
+                _ if offset >= len => Err(FsError::new(libc::ENXIO, "past the end")),
+                libc::SEEK_DATA => Ok(offset),
+                _ => Ok(len),
+            };
+        };
+        let offset = libc::off_t::try_from(offset).map_err(|_| FsError::new(libc::EINVAL, "offset too large"))?;
+        // SAFETY: lseek on a descriptor we own; its file position is never
+        // used (only pread/pwrite), and the answer comes back whole.
+        match unsafe { libc::lseek(file.as_raw_fd(), offset, whence) } {
+            -1 => Err(io_error_errno(&std::io::Error::last_os_error())),
+            at => Ok(at as u64),
         }
     }
 

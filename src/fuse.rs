@@ -380,6 +380,14 @@ impl fuser::Filesystem for FuseAdapter {
         entry(self.fs.link(ino.0, newparent.0, newname), reply)
     }
 
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::EINVAL) };
+        match self.fs.seek(ino.0, offset, whence) {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         empty(self.fs.fsyncdir(ino.0), reply)
     }

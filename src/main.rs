@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use lazyfs::cli::{
-    Cli, Command, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, StatusArgs, UmountArgs, VerifyArgs, WaitArgs,
-    exit,
+    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, StatusArgs, UmountArgs,
+    VerifyArgs, WaitArgs, exit,
 };
 use lazyfs::commands::ls;
 use lazyfs::commands::verify::VerifyError;
@@ -91,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Ls(args) => run_ls(&args),
         Command::Mount(args) => run_mount(&args),
         Command::Umount(args) => run_umount(&args),
+        Command::Export(args) => run_export(&args),
         Command::Prefetch(args) => run_prefetch(&args),
         Command::Status(args) => run_status(&args),
         Command::Wait(args) => run_wait(&args),
@@ -245,6 +246,14 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
             .into())
         }
     }
+}
+
+fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
+    // A live mount: a stale or foreign one would copy nothing, or the wrong thing.
+    control::Client::connect(&args.mountpoint)?;
+    let done = lazyfs::commands::export::export(&args.mountpoint, &args.dir)?;
+    eprintln!("lazyfs: exported {} files ({} bytes) to {}", done.files, done.bytes, args.dir.display());
+    Ok(exit::SUCCESS)
 }
 
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {

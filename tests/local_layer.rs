@@ -147,6 +147,21 @@ fn applications_write_through_the_mount_and_it_survives_kill_and_remount() {
     assert!(!mount.at("/app/app.log.hard").exists());
     assert_eq!(std::fs::metadata(mount.at("/app/app.log")).unwrap().nlink(), 1);
     assert_eq!(tree(&source), before, "the source is never written");
+
+    // `lazyfs export`: the tree as it is now, holes kept, in a plain directory.
+    let sparse = std::fs::File::create(mount.at("/app/sparse")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"end", (64 << 20) - 3).unwrap();
+    drop(sparse);
+    let exported = env.path("exported");
+    let out = env.run(&["export", mount.mountpoint.to_str().unwrap(), exported.to_str().unwrap()]);
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tree(&exported), tree(&mount.mountpoint));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(exported.join("app/fifo")).unwrap().file_type().is_fifo());
+    let blocks = std::fs::metadata(exported.join("app/sparse")).unwrap().blocks();
+    assert!(blocks < 1024, "the hole was written out: {blocks} blocks");
+    assert_eq!(sqlite(&exported.join("app/data.db"), "select count(*) from t"), "6");
 }
 
 #[test]
