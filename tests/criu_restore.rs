@@ -374,6 +374,9 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     // the appending child's lines.
     let later = ask(&run, "write", 2);
     assert_eq!(later["twice.txt ro"], "LOCAL original\n");
+    // It writes SQLite in the mount: a new database, its WAL and shared memory.
+    assert_eq!(later["sqlite rows"], 1);
+    assert_eq!(ask(&run, "write", 3)["sqlite rows"], 2);
     let ticks = |r: &Value| r["ticks"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect::<Vec<_>>();
     assert!(ticks(&later).iter().zip(ticks(&after)).all(|(l, a)| *l > a), "threads tick after the restore");
     let deadline = Instant::now() + PATIENCE;

@@ -16,7 +16,9 @@ its ghost image at restore, then removes it again).
 
 Each line `check N` on RUN/fifo makes it read everything again through its
 descriptors and mappings and write RUN/report-N.json; `write N` also writes
-to DATA/twice.txt through its read-write descriptor first. report-0.json is
+to DATA/twice.txt through its read-write descriptor first, and inserts a row
+into the SQLite database DATA/app.db (WAL mode: it and its -wal and -shm files
+are made in the mount), reporting the rows it holds. report-0.json is
 written before anything is queued on the socketpair; then RUN/ready appears.
 """
 import hashlib
@@ -25,6 +27,7 @@ import mmap
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -99,7 +102,7 @@ def main(data, run):
         ghost = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
     os.unlink(ghost_path)
 
-    def report(n):
+    def report(n, sqlite_rows=None):
         size = os.fstat(data_fd).st_size
         ev = os.eventfd_read(efd)
         os.eventfd_write(efd, ev)
@@ -124,6 +127,7 @@ def main(data, run):
             "eventfd": ev,
             "ghost.bin": ghost[:] == GHOST,
             "socketpair": queued,
+            "sqlite rows": sqlite_rows,
         }
         tmp = os.path.join(run, "report-%d.json.tmp" % n)
         with open(tmp, "w") as f:
@@ -142,9 +146,17 @@ def main(data, run):
         while b"\n" in lines:
             line, lines = lines.split(b"\n", 1)
             word, n = line.decode().split()
+            rows = None
             if word == "write":
                 os.pwrite(rw_fd, b"LOCAL", 0)
-            report(int(n))
+                db = sqlite3.connect(os.path.join(data, "app.db"))
+                db.execute("pragma journal_mode=wal")
+                db.execute("create table if not exists t(n)")
+                db.execute("insert into t values (?)", (int(n),))
+                db.commit()
+                rows = db.execute("select count(*) from t").fetchone()[0]
+                db.close()
+            report(int(n), rows)
 
 
 if __name__ == "__main__":
