@@ -229,9 +229,9 @@ impl Filesystem {
             Ok(index) => index,
             Err(e) => return reply(Err(e)),
         };
-        self.fetcher.note_read(index);
         let file = self.fetcher.file(index).clone();
         let chunks = file.spill.chunks_of(offset, u64::from(size));
+        self.fetcher.note_read(index, chunks.clone());
         self.fetcher.when_present(
             index,
             chunks,

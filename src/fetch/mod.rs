@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::manifest::FileHashes;
+use crate::recording::{self, Recorder, Recording, Touch};
 use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::SpillFile;
 use crate::store::journal::{self, Journal, proto::JournalRecord};
@@ -270,7 +271,7 @@ impl FetchFile {
 }
 
 /// Settings of the fetcher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FetchConfig {
     /// Prefetch workers (0: no prefetch).
     pub jobs: usize,
@@ -460,6 +461,8 @@ pub struct Fetcher {
     prefetch: OnceLock<prefetch::Workers>,
     /// The files background prefetch was asked for.
     prefetch_wanted: Vec<AtomicBool>,
+    /// The order readers first touched chunks in.
+    recorder: Recorder,
 }
 
 impl Fetcher {
@@ -476,7 +479,7 @@ impl Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
         let order: Vec<(u64, u64)> = files.iter().map(|f| (f.spill.len(), f.image_order)).collect();
         let shared = Arc::new(Shared {
-            queue: prefetch::Queue::new(&order, config.order),
+            queue: prefetch::Queue::new(&order, &config.order),
             files,
             journal,
             verify: Mutex::new(verify_tx),
@@ -493,7 +496,8 @@ impl Fetcher {
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
         let on_demand = lane::spawn_on_demand(link, shared.clone());
         let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
-        let fetcher = Fetcher { shared, source, on_demand, prefetch: OnceLock::new(), prefetch_wanted };
+        let recorder = Recorder::new(shared.files.len());
+        let fetcher = Fetcher { shared, source, on_demand, prefetch: OnceLock::new(), prefetch_wanted, recorder };
         if config.jobs > 0 {
             fetcher.prefetch(None, config.jobs);
         }
@@ -582,12 +586,24 @@ impl Fetcher {
         }
     }
 
-    /// A read through the mount (for the counters).
-    pub fn note_read(&self, index: usize) {
-        let stats = &self.shared.files[index].stats;
-        stats.reads.fetch_add(1, Ordering::Relaxed);
+    /// A read of `chunks` through the mount (for the counters and the recording).
+    pub fn note_read(&self, index: usize, chunks: Range<u64>) {
+        let file = &self.shared.files[index];
+        file.stats.reads.fetch_add(1, Ordering::Relaxed);
         let now = self.shared.started.elapsed().as_micros() as u64;
-        let _ = stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = file.stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+        self.recorder.note(index, chunks, file.spill.chunk_count(), now);
+    }
+
+    /// The order readers first touched chunks in so far.
+    pub fn recording(&self) -> Recording {
+        let touches = self.recorder.runs().into_iter().map(|(index, chunks, at_us)| Touch {
+            path: self.shared.files[index].path_bytes().to_vec(),
+            first: chunks.start,
+            end: chunks.end,
+            at_us,
+        });
+        recording::new(touches.collect())
     }
 
     /// What to call once a local write changed file `index` (complete by

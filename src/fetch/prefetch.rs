@@ -2,6 +2,7 @@
 //! own, streaming whole files into their spill files in queue order.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::{FetchFailure, FetchFile, Lane, Shared, check_against_manifest, fetch_checked, lane::Link};
@@ -19,13 +20,28 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// window being fetched waits at most for that window.
 const WINDOW_CHUNKS: u64 = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Order {
     /// Most files complete soonest.
     SmallestFirst,
     LargestFirst,
     /// The order the images list the files in.
     Image,
+    /// What a recording says readers touched first, in that order, as
+    /// (file, chunks) (see [`crate::recording::plan`]); then the rest
+    /// smallest-first. A small file comes whole at its first run; a large
+    /// one's runs come one by one, its other chunks with the rest.
+    Recorded(Arc<[(usize, Range<u64>)]>),
+}
+
+/// Keys of files no recording names: after every recorded run.
+const AFTER_RECORDED: u64 = 1 << 62;
+
+/// What a worker is given: a whole file, or a recorded run of a large one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Job {
+    File(usize),
+    Run(usize, Range<u64>),
 }
 
 /// Files waiting to be prefetched. Promoted files (someone reads them) come
@@ -40,26 +56,72 @@ struct QueueState {
     queued: BTreeSet<(u8, u64, usize)>,
     keys: Vec<Option<(u8, u64)>>,
     order_keys: Vec<u64>,
+    /// Recorded runs of large files, (key, file, first, end): queued with
+    /// band 1 and ordered among its files by key.
+    runs: BTreeSet<(u64, usize, u64, u64)>,
+    /// Each file's recorded runs, until the file is first queued.
+    pending_runs: Vec<Vec<(u64, Range<u64>)>>,
     promotions: u64,
     closed: bool,
 }
 
+impl QueueState {
+    /// The job at the front, without taking it.
+    fn front(&self) -> Option<Job> {
+        let file = self.queued.first();
+        let run = self.runs.first();
+        match (file, run) {
+            (Some(&(band, key, f)), run) if band == 0 || run.is_none_or(|r| key < r.0) => Some(Job::File(f)),
+            (_, Some(&(_, f, first, end))) => Some(Job::Run(f, first..end)),
+            _ => None,
+        }
+    }
+
+    fn take_front(&mut self) -> Option<Job> {
+        let job = self.front()?;
+        match &job {
+            Job::File(_) => {
+                let (_, _, file) = self.queued.pop_first().expect("front");
+                self.keys[file] = None;
+            }
+            Job::Run(..) => {
+                self.runs.pop_first();
+            }
+        }
+        Some(job)
+    }
+}
+
 impl Queue {
     /// `files` are (size, place in the images) of each file.
-    pub(super) fn new(files: &[(u64, u64)], order: Order) -> Queue {
-        let order_keys: Vec<u64> = files
+    pub(super) fn new(files: &[(u64, u64)], order: &Order) -> Queue {
+        let mut order_keys: Vec<u64> = files
             .iter()
             .map(|&(size, image_order)| match order {
                 Order::SmallestFirst => size,
                 Order::LargestFirst => u64::MAX - size,
                 Order::Image => image_order,
+                Order::Recorded(_) => AFTER_RECORDED.saturating_add(size),
             })
             .collect();
+        let mut pending_runs = vec![Vec::new(); files.len()];
+        if let Order::Recorded(plan) = order {
+            for (rank, (file, chunks)) in plan.iter().enumerate() {
+                let rank = rank as u64;
+                if files[*file].0 > SMALL_FILE {
+                    pending_runs[*file].push((rank, chunks.clone()));
+                } else {
+                    order_keys[*file] = order_keys[*file].min(rank);
+                }
+            }
+        }
         Queue {
             state: Mutex::new(QueueState {
                 queued: BTreeSet::new(),
                 keys: vec![None; files.len()],
                 order_keys,
+                runs: BTreeSet::new(),
+                pending_runs,
                 promotions: 0,
                 closed: false,
             }),
@@ -67,9 +129,14 @@ impl Queue {
         }
     }
 
-    /// Queues `file` in its ordinary place (if it is not queued already).
+    /// Queues `file` in its ordinary place (if it is not queued already),
+    /// and its recorded runs the first time.
     pub(super) fn push(&self, file: usize) {
         let mut state = self.state.lock().expect("queue");
+        for (key, chunks) in std::mem::take(&mut state.pending_runs[file]) {
+            state.runs.insert((key, file, chunks.start, chunks.end));
+            self.ready.notify_one();
+        }
         if state.keys[file].is_none() {
             let key = (1, state.order_keys[file]);
             state.keys[file] = Some(key);
@@ -94,16 +161,15 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// Up to `max` more files from the front, as long as `wanted` says so,
-    /// without waiting.
+    /// Up to `max` more whole files from the front, as long as `wanted` says
+    /// so, without waiting.
     fn pop_while(&self, max: usize, mut wanted: impl FnMut(usize) -> bool) -> Vec<usize> {
         let mut state = self.state.lock().expect("queue");
         let mut out = Vec::new();
         while out.len() < max {
-            match state.queued.first() {
-                Some(&(_, _, file)) if wanted(file) => {
-                    state.queued.pop_first();
-                    state.keys[file] = None;
+            match state.front() {
+                Some(Job::File(file)) if wanted(file) => {
+                    state.take_front();
                     out.push(file);
                 }
                 _ => break,
@@ -112,16 +178,15 @@ impl Queue {
         out
     }
 
-    /// The next file, waiting for one; `None` once closed.
-    fn pop(&self) -> Option<usize> {
+    /// The next job, waiting for one; `None` once closed.
+    fn pop(&self) -> Option<Job> {
         let mut state = self.state.lock().expect("queue");
         loop {
             if state.closed {
                 return None;
             }
-            if let Some(first) = state.queued.pop_first() {
-                state.keys[first.2] = None;
-                return Some(first.2);
+            if let Some(job) = state.take_front() {
+                return Some(job);
             }
             state = self.ready.wait(state).expect("queue");
         }
@@ -132,16 +197,11 @@ impl Queue {
         self.ready.notify_all();
     }
 
-    /// Files not yet taken by a worker.
+    /// Jobs not yet taken by a worker.
     #[cfg(test)]
-    fn drain(&self) -> Vec<usize> {
-        let mut out = Vec::new();
+    fn drain(&self) -> Vec<Job> {
         let mut state = self.state.lock().expect("queue");
-        while let Some(first) = state.queued.pop_first() {
-            state.keys[first.2] = None;
-            out.push(first.2);
-        }
-        out
+        std::iter::from_fn(|| state.take_front()).collect()
     }
 }
 
@@ -181,7 +241,14 @@ impl Workers {
 }
 
 fn worker(mut link: Link, shared: &Shared) {
-    while let Some(first) = shared.queue.pop() {
+    while let Some(job) = shared.queue.pop() {
+        let first = match job {
+            Job::File(first) => first,
+            Job::Run(index, chunks) => {
+                fetch_run(&mut link, shared, index, chunks);
+                continue;
+            }
+        };
         let small = |index: usize| shared.files[index].spill.len() <= SMALL_FILE;
         if small(first) {
             let mut batch = vec![first];
@@ -201,15 +268,8 @@ fn worker(mut link: Link, shared: &Shared) {
 /// Streams one file, window after window, over one SFTP handle.
 fn stream(link: &mut Link, shared: &Shared, index: usize) {
     let file = &shared.files[index];
-    if file.phase().is_settled() || file.spill.is_complete() {
+    if file.phase().is_settled() || file.spill.is_complete() || !first_look(link, shared, index) {
         return;
-    }
-    if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
-        log::warn!("{e}");
-        if e.is_connection_lost() {
-            shared.queue.push(index);
-            return;
-        }
     }
     let chunk_count = file.spill.chunk_count();
     let mut window = 0;
@@ -227,6 +287,36 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
             shared.finish(index, run, Lane::Prefetch, result);
         }
         window = end;
+    }
+}
+
+/// Fetches a recorded run of a large file.
+fn fetch_run(link: &mut Link, shared: &Shared, index: usize, chunks: Range<u64>) {
+    let file = &shared.files[index];
+    if file.phase().is_settled() || file.spill.all_present(chunks.clone()) || !first_look(link, shared, index) {
+        return;
+    }
+    for run in file.claim(chunks) {
+        let result = fetch_checked(link, file, run.clone());
+        shared.finish(index, run, Lane::Prefetch, result);
+    }
+}
+
+/// The look at the source before the first bytes of a large file (see
+/// `Shared::check_baseline`); false when the connection is lost, with the file
+/// queued again.
+fn first_look(link: &mut Link, shared: &Shared, index: usize) -> bool {
+    match link.with_retry(|connection| shared.check_baseline(index, connection)) {
+        Err(e) if e.is_connection_lost() => {
+            log::warn!("{e}");
+            shared.queue.push(index);
+            false
+        }
+        Err(e) => {
+            log::warn!("{e}");
+            true
+        }
+        Ok(()) => true,
     }
 }
 
@@ -301,19 +391,41 @@ mod tests {
     #[test]
     fn orders_and_promotion() {
         let sizes = [(30, 3), (10, 2), (20, 1), (5, 0)];
-        let queue = Queue::new(&sizes, Order::SmallestFirst);
+        let files = |jobs: &[usize]| jobs.iter().map(|&f| Job::File(f)).collect::<Vec<_>>();
+        let queue = Queue::new(&sizes, &Order::SmallestFirst);
         (0..4).for_each(|i| queue.push(i));
-        assert_eq!(queue.drain(), [3, 1, 2, 0]);
+        assert_eq!(queue.drain(), files(&[3, 1, 2, 0]));
 
-        let queue = Queue::new(&sizes, Order::LargestFirst);
+        let queue = Queue::new(&sizes, &Order::LargestFirst);
         (0..4).for_each(|i| queue.push(i));
         queue.promote(3);
         queue.promote(1);
-        assert_eq!(queue.drain(), [1, 3, 0, 2]);
+        assert_eq!(queue.drain(), files(&[1, 3, 0, 2]));
 
-        let queue = Queue::new(&sizes, Order::Image);
+        let queue = Queue::new(&sizes, &Order::Image);
         (0..4).for_each(|i| queue.push(i));
         queue.push(2);
-        assert_eq!(queue.drain(), [3, 2, 1, 0]);
+        assert_eq!(queue.drain(), files(&[3, 2, 1, 0]));
+    }
+
+    #[test]
+    fn recorded_runs_first_then_smallest_first() {
+        let big = SMALL_FILE + 1;
+        // 0: small, unrecorded; 1: large, two runs recorded; 2, 3: small, recorded.
+        let sizes = [(5, 0), (big, 1), (20, 2), (30, 3)];
+        let plan: Arc<[(usize, Range<u64>)]> = vec![(3, 0..1), (1, 0..4), (2, 0..1), (3, 1..2), (1, 9..10)].into();
+        let queue = Queue::new(&sizes, &Order::Recorded(plan));
+        (0..4).for_each(|i| queue.push(i));
+        queue.push(1); // queued again (a lost connection): its runs are not repeated
+        let expected =
+            [Job::File(3), Job::Run(1, 0..4), Job::File(2), Job::Run(1, 9..10), Job::File(0), Job::File(1)];
+        assert_eq!(queue.drain(), expected);
+
+        // A file someone reads still goes first.
+        let plan: Arc<[(usize, Range<u64>)]> = vec![(1, 0..4)].into();
+        let queue = Queue::new(&sizes, &Order::Recorded(plan));
+        (0..4).for_each(|i| queue.push(i));
+        queue.promote(3);
+        assert_eq!(queue.drain()[..2], [Job::File(3), Job::Run(1, 0..4)]);
     }
 }
