@@ -166,9 +166,7 @@ fn prefetch_order(text: &str) -> Result<PrefetchOrder, String> {
         _ => match text.strip_prefix("recorded:") {
             Some(file) if !file.is_empty() => PrefetchOrder::Recorded(Some(file.into())),
             _ => {
-                return Err(format!(
-                    "{text:?}: one of smallest-first, largest-first, image, recorded, recorded:FILE"
-                ));
+                return Err(format!("{text:?}: one of smallest-first, largest-first, image, recorded, recorded:FILE"));
             }
         },
     })

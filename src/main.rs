@@ -491,14 +491,13 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
         .transpose()
         .map_err(|e| Exit { code: exit::BAD_INPUT, message: format!("--recording {e}") })?;
     let subtree = args.subtree.as_deref();
-    let summary =
-        lazyfs::manifest::create(&checkpoint, &args.root, subtree, recording, &output).map_err(|e| Exit {
-            code: match e {
-                ManifestError::Root { .. } | ManifestError::EmptySubtree(_) => exit::BAD_INPUT,
-                _ => exit::RUNTIME,
-            },
-            message: e.to_string(),
-        })?;
+    let summary = lazyfs::manifest::create(&checkpoint, &args.root, subtree, recording, &output).map_err(|e| Exit {
+        code: match e {
+            ManifestError::Root { .. } | ManifestError::EmptySubtree(_) => exit::BAD_INPUT,
+            _ => exit::RUNTIME,
+        },
+        message: e.to_string(),
+    })?;
     for (path, reason) in &summary.skipped {
         eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
     }

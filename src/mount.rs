@@ -177,8 +177,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     }
     // What is local is checked before the source is asked anything.
     check_mountpoint(&request.mountpoint)?;
-    let mut warnings: Vec<String> =
-        checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
+    let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),

@@ -417,8 +417,7 @@ mod tests {
         let queue = Queue::new(&sizes, &Order::Recorded(plan));
         (0..4).for_each(|i| queue.push(i));
         queue.push(1); // queued again (a lost connection): its runs are not repeated
-        let expected =
-            [Job::File(3), Job::Run(1, 0..4), Job::File(2), Job::Run(1, 9..10), Job::File(0), Job::File(1)];
+        let expected = [Job::File(3), Job::Run(1, 0..4), Job::File(2), Job::Run(1, 9..10), Job::File(0), Job::File(1)];
         assert_eq!(queue.drain(), expected);
 
         // A file someone reads still goes first.
