@@ -568,10 +568,10 @@ fn finish(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
     }
     // A mount nobody read through keeps the recording of the one before.
     let recording = fetcher.recording();
-    if !recording.touches.is_empty() {
-        if let Err(e) = recording::save(store.dir(), &recording) {
-            log::error!("{e}");
-        }
+    if !recording.touches.is_empty()
+        && let Err(e) = recording::save(store.dir(), &recording)
+    {
+        log::error!("{e}");
     }
     let context = crate::status::Context { request: &prepared.request, source: &prepared.source_name, started, meter };
     let status = crate::status::snapshot(&prepared.fs, &context, true);
