@@ -3,12 +3,17 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{FetchFile, Lane, Shared, fetch_checked};
 use crate::source::{Connection, Source, SourceError, WholeRead};
+
+/// How long the lane waits for another reader before it takes the first looks
+/// at the files it served (one pipelined STAT each): a reader that reads file
+/// after file asks again well within this.
+const LOOK_WHEN_IDLE: Duration = Duration::from_millis(5);
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -196,11 +201,23 @@ struct OnDemandLane {
 impl OnDemandLane {
     fn run(mut self, rx: Receiver<Job>) {
         let mut queue: VecDeque<Job> = VecDeque::new();
+        // Files served that still need their first look at the source.
+        let mut unlooked: Vec<usize> = Vec::new();
         loop {
             if queue.is_empty() {
-                match rx.recv() {
+                let next = if unlooked.is_empty() {
+                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                } else {
+                    rx.recv_timeout(LOOK_WHEN_IDLE)
+                };
+                match next {
                     Ok(job) => queue.push_back(job),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let files: Vec<usize> = std::mem::take(&mut unlooked);
+                        self.shared.first_looks(&mut self.link, &files);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             queue.extend(rx.try_iter());
@@ -215,14 +232,13 @@ impl OnDemandLane {
             let result = fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
             log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
             self.shared.finish(job.file, chunks, Lane::OnDemand, result);
-            // After the reader has its bytes: note the source's size and mtime,
-            // to tell later whether the file changed during the transfer.
-            queue.extend(rx.try_iter());
-            if queue.is_empty() {
-                let shared = self.shared.clone();
-                if let Err(e) = self.link.with_retry(|connection| shared.check_baseline(job.file, connection)) {
-                    log::warn!("{e}");
-                }
+            // After the reader has its bytes, and once no reader waits: note
+            // the source's size and mtime (to tell later whether the file
+            // changed during the transfer), for every file served since in one
+            // pipeline, so a reader going from file to file never waits a
+            // round trip for a look between two reads.
+            if self.shared.needs_baseline(job.file) && !unlooked.contains(&job.file) {
+                unlooked.push(job.file);
             }
         }
     }

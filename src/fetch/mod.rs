@@ -371,6 +371,26 @@ impl Shared {
         file.expected.is_none() && file.lock().baseline.is_none()
     }
 
+    /// The first looks at those of `files` that still need one, in one pipeline.
+    fn first_looks(&self, link: &mut lane::Link, files: &[usize]) {
+        let files: Vec<usize> = files.iter().copied().filter(|&i| self.needs_baseline(i)).collect();
+        if files.is_empty() {
+            return;
+        }
+        let paths: Vec<&std::path::Path> = files.iter().map(|&i| self.files[i].source_path.as_path()).collect();
+        match link.with_retry(|connection| connection.stat_many(&paths)) {
+            Ok(stats) => {
+                for (&index, stat) in files.iter().zip(stats) {
+                    match stat {
+                        Ok(stat) => self.set_baseline(index, stat),
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+            }
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+
     /// The first look: the size must be what the images record; the size and
     /// mtime are kept to compare with after the transfer.
     fn set_baseline(&self, index: usize, stat: SourceStat) {

@@ -325,25 +325,9 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
     // A file read in more than one request could mix versions if it changes
     // meanwhile: note the sizes and mtimes of those first (one pipeline), for
     // the verifier to compare with after.
-    let first_looks: Vec<usize> = batch
-        .iter()
-        .copied()
-        .filter(|&i| shared.files[i].spill.len() > crate::source::ONE_READ && shared.needs_baseline(i))
-        .collect();
-    if !first_looks.is_empty() {
-        let paths: Vec<&std::path::Path> = first_looks.iter().map(|&i| shared.files[i].source_path.as_path()).collect();
-        match link.with_retry(|connection| connection.stat_many(&paths)) {
-            Ok(stats) => {
-                for (&index, stat) in first_looks.iter().zip(stats) {
-                    match stat {
-                        Ok(stat) => shared.set_baseline(index, stat),
-                        Err(e) => log::warn!("{e}"),
-                    }
-                }
-            }
-            Err(e) => log::warn!("{e}"),
-        }
-    }
+    let first_looks: Vec<usize> =
+        batch.iter().copied().filter(|&i| shared.files[i].spill.len() > crate::source::ONE_READ).collect();
+    shared.first_looks(link, &first_looks);
     let mut whole: Vec<usize> = Vec::new();
     for &index in batch {
         let file = &shared.files[index];
