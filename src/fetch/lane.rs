@@ -2,18 +2,12 @@
 //! readers are blocked on, in the order asked, adjacent requests merged.
 
 use std::collections::VecDeque;
-use std::ops::Range;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{FetchFile, Lane, Shared, fetch_checked};
-use crate::source::{Connection, Source, SourceError, WholeRead};
-
-/// How long the lane waits for another reader before it takes the first looks
-/// at the files it served (one pipelined STAT each): a reader that reads file
-/// after file asks again well within this.
-const LOOK_WHEN_IDLE: Duration = Duration::from_millis(5);
+use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
+use crate::source::{Connection, Source, SourceError, SourceStat, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -22,7 +16,7 @@ const MAX_PIECE_CHUNKS: u64 = 64;
 /// A request for the on-demand lane: fetch these claimed chunks of a file.
 pub(super) struct Job {
     pub(super) file: usize,
-    pub(super) chunks: Range<u64>,
+    pub(super) claim: Claim,
 }
 
 pub(super) fn spawn_on_demand(link: Link, shared: Arc<Shared>) -> Sender<Job> {
@@ -34,22 +28,59 @@ pub(super) fn spawn_on_demand(link: Link, shared: Arc<Shared>) -> Sender<Job> {
     tx
 }
 
-/// Whether the source is reachable, as every lane sees it: `lazyfs status`
-/// says `degraded` (and why) while any lane is reconnecting.
+/// Whether the source is reachable, as every lane sees it, and whether the
+/// cache has room: `lazyfs status` says `degraded` (and why) while any lane
+/// is reconnecting or the cache filesystem is full.
 pub(crate) struct Health {
     reconnect_timeout: Duration,
     down: Mutex<(usize, Option<String>)>,
+    cache_full: Mutex<Option<String>>,
 }
 
 impl Health {
     pub(crate) fn new(reconnect_timeout: Duration) -> Health {
-        Health { reconnect_timeout, down: Mutex::new((0, None)) }
+        Health { reconnect_timeout, down: Mutex::new((0, None)), cache_full: Mutex::new(None) }
     }
 
     /// Why the mount is degraded, if it is.
     pub(crate) fn degraded(&self) -> Option<String> {
-        self.down.lock().expect("health").1.clone()
+        let down = self.down.lock().unwrap_or_else(PoisonError::into_inner).1.clone();
+        down.or_else(|| self.cache_full.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
+
+    /// The cache filesystem is full (and why), or bytes land again.
+    pub(crate) fn cache_full(&self, reason: Option<String>) {
+        let mut full = self.cache_full.lock().unwrap_or_else(PoisonError::into_inner);
+        if full.is_some() && reason.is_none() {
+            log::info!("the cache has room again");
+        }
+        *full = reason;
+    }
+}
+
+/// Runs `op` (a fetch) so that a panic in it becomes a failure of what it
+/// fetched, not a dead lane with chunks claimed forever; the connection,
+/// left in an unknown state, is dropped.
+pub(super) fn contained<T>(
+    link: &mut Link,
+    op: impl FnOnce(&mut Link) -> Result<T, FetchFailure>,
+) -> Result<T, FetchFailure> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&mut *link))) {
+        Ok(result) => result,
+        Err(panic) => {
+            link.reset();
+            Err(FetchFailure::Panic(panic_message(panic.as_ref())))
+        }
+    }
+}
+
+/// What a caught panic said.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// A connection that is opened again, with bounded backoff, when it is lost.
@@ -86,7 +117,7 @@ impl Link {
     }
 
     fn mark(&mut self, down: Option<&SourceError>) {
-        let mut health = self.health.down.lock().expect("health");
+        let mut health = self.health.down.lock().unwrap_or_else(PoisonError::into_inner);
         match down {
             Some(error) => {
                 if !self.down {
@@ -141,54 +172,66 @@ impl Link {
         }
     }
 
-    /// Fills the claimed `chunks` of `file` from the source.
-    pub(super) fn fetch(&mut self, file: &FetchFile, chunks: Range<u64>) -> Result<(), SourceError> {
-        let bytes = file.spill.chunk_bytes(chunks.clone());
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.resize((bytes.end - bytes.start) as usize, 0);
-        let fetched =
-            self.with_retry(|connection| connection.read_exact_at(&file.source_path, bytes.start, &mut buffer));
-        let written =
-            fetched.and_then(|()| file.spill.write_fetched(chunks, &buffer).map_err(|e| spill_error(file, e)));
-        self.buffer = buffer;
-        written
+    /// Drops the connection (it is in an unknown state); the next use opens another.
+    pub(super) fn reset(&mut self) {
+        self.connection = None;
     }
 
-    /// Reads many whole small files into their spill files in one pipeline;
-    /// each file's own result is in `results`, the error is the connection's.
-    pub(super) fn fetch_whole(
+    /// The lane's buffer for fetched bytes (at most a window), to give back
+    /// with `put_buffer`.
+    pub(super) fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
+    pub(super) fn put_buffer(&mut self, buffer: Vec<u8>) {
+        self.buffer = buffer;
+    }
+
+    /// Fills `buf` with the source's bytes of `file` at `offset`, as the
+    /// file's generation `generation` (a handle kept from an older one is not used).
+    pub(super) fn read(
+        &mut self,
+        file: &FetchFile,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
+        self.with_retry(|connection| connection.read_exact_at(&file.source_path, generation, offset, buf))
+    }
+
+    /// [`read`](Link::read), also giving the source's size and mtime as of
+    /// before the read (the first look at the file, taken on the way).
+    pub(super) fn read_first(
+        &mut self,
+        file: &FetchFile,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        self.with_retry(|connection| connection.stat_and_read(&file.source_path, generation, offset, buf))
+    }
+
+    /// Reads many whole small files into `buffer` in one pipeline, one after
+    /// the other; each file's own result is in `results`, the error is the
+    /// connection's.
+    pub(super) fn read_whole(
         &mut self,
         files: &[&FetchFile],
+        buffer: &mut Vec<u8>,
         results: &mut Vec<Result<(), SourceError>>,
     ) -> Result<(), SourceError> {
-        let total: usize = files.iter().map(|f| f.spill.len() as usize).sum();
-        let mut buffer = std::mem::take(&mut self.buffer);
+        let total: usize = files.iter().map(|f| f.size as usize).sum();
         buffer.resize(total, 0);
-        let outcome = {
-            let mut rest = buffer.as_mut_slice();
-            let mut reads: Vec<WholeRead<'_>> = Vec::with_capacity(files.len());
-            for file in files {
-                let (buf, tail) = rest.split_at_mut(file.spill.len() as usize);
-                rest = tail;
-                reads.push(WholeRead { path: &file.source_path, buf, result: Ok(()) });
-            }
-            let outcome = self.with_retry(|connection| connection.read_files(&mut reads));
-            results.clear();
-            results.extend(reads.into_iter().map(|r| r.result));
-            outcome
-        };
-        let mut at = 0;
-        for (file, result) in files.iter().zip(results.iter_mut()) {
-            let len = file.spill.len() as usize;
-            if outcome.is_ok() && result.is_ok() {
-                *result = file
-                    .spill
-                    .write_fetched(0..file.spill.chunk_count(), &buffer[at..at + len])
-                    .map_err(|e| spill_error(file, e));
-            }
-            at += len;
+        let mut rest = buffer.as_mut_slice();
+        let mut reads: Vec<WholeRead<'_>> = Vec::with_capacity(files.len());
+        for file in files {
+            let (buf, tail) = rest.split_at_mut(file.size as usize);
+            rest = tail;
+            reads.push(WholeRead { path: &file.source_path, buf, result: Ok(()) });
         }
-        self.buffer = buffer;
+        let outcome = self.with_retry(|connection| connection.read_files(&mut reads));
+        results.clear();
+        results.extend(reads.into_iter().map(|r| r.result));
         outcome
     }
 }
@@ -201,45 +244,25 @@ struct OnDemandLane {
 impl OnDemandLane {
     fn run(mut self, rx: Receiver<Job>) {
         let mut queue: VecDeque<Job> = VecDeque::new();
-        // Files served that still need their first look at the source.
-        let mut unlooked: Vec<usize> = Vec::new();
         loop {
             if queue.is_empty() {
-                let next = if unlooked.is_empty() {
-                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-                } else {
-                    rx.recv_timeout(LOOK_WHEN_IDLE)
-                };
-                match next {
+                match rx.recv() {
                     Ok(job) => queue.push_back(job),
-                    Err(RecvTimeoutError::Timeout) => {
-                        let files: Vec<usize> = std::mem::take(&mut unlooked);
-                        self.shared.first_looks(&mut self.link, &files);
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(_) => return,
                 }
             }
             queue.extend(rx.try_iter());
             let mut job = queue.pop_front().expect("queue not empty");
             absorb_adjacent(&mut job, &mut queue);
-            let piece_end = job.chunks.end.min(job.chunks.start + MAX_PIECE_CHUNKS);
-            if piece_end < job.chunks.end {
-                queue.push_back(Job { file: job.file, chunks: piece_end..job.chunks.end });
+            let Claim { generation, chunks } = job.claim;
+            let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
+            if piece_end < chunks.end {
+                queue.push_back(Job { file: job.file, claim: Claim { generation, chunks: piece_end..chunks.end } });
             }
-            let chunks = job.chunks.start..piece_end;
+            let chunks = chunks.start..piece_end;
             let started = Instant::now();
-            let result = fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
+            self.shared.fetch(&mut self.link, job.file, Claim { generation, chunks: chunks.clone() }, Lane::OnDemand);
             log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
-            self.shared.finish(job.file, chunks, Lane::OnDemand, result);
-            // After the reader has its bytes, and once no reader waits: note
-            // the source's size and mtime (to tell later whether the file
-            // changed during the transfer), for every file served since in one
-            // pipeline, so a reader going from file to file never waits a
-            // round trip for a look between two reads.
-            if self.shared.needs_baseline(job.file) && !unlooked.contains(&job.file) {
-                unlooked.push(job.file);
-            }
         }
     }
 }
@@ -247,35 +270,32 @@ impl OnDemandLane {
 /// Merges queued jobs of the same file that continue `job`'s range into it.
 fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
     loop {
-        let Some(at) = queue.iter().position(|j| j.file == job.file && j.chunks.start == job.chunks.end) else {
+        let Some(at) = queue.iter().position(|j| {
+            j.file == job.file
+                && j.claim.generation == job.claim.generation
+                && j.claim.chunks.start == job.claim.chunks.end
+        }) else {
             return;
         };
         let next = queue.remove(at).expect("found above");
-        job.chunks.end = next.chunks.end;
+        job.claim.chunks.end = next.claim.chunks.end;
     }
-}
-
-/// Writing fetched bytes into `file`'s spill file failed: the error names
-/// the spill file once.
-fn spill_error(file: &FetchFile, e: crate::store::StoreError) -> SourceError {
-    let source = match e {
-        crate::store::StoreError::Io { source, .. } => source,
-        other => std::io::Error::other(other.to_string()),
-    };
-    SourceError::Io { path: file.spill.path().to_path_buf(), source }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn job(file: usize, generation: u64, chunks: std::ops::Range<u64>) -> Job {
+        Job { file, claim: Claim { generation, chunks } }
+    }
+
     #[test]
-    fn adjacent_jobs_merge() {
-        let mut queue: VecDeque<Job> =
-            [Job { file: 1, chunks: 5..6 }, Job { file: 2, chunks: 3..4 }, Job { file: 1, chunks: 4..5 }].into();
-        let mut job = Job { file: 1, chunks: 2..4 };
-        absorb_adjacent(&mut job, &mut queue);
-        assert_eq!(job.chunks, 2..6);
-        assert_eq!(queue.len(), 1);
+    fn adjacent_jobs_of_one_generation_merge() {
+        let mut queue: VecDeque<Job> = [job(1, 0, 5..6), job(2, 0, 3..4), job(1, 0, 4..5), job(1, 1, 6..7)].into();
+        let mut first = job(1, 0, 2..4);
+        absorb_adjacent(&mut first, &mut queue);
+        assert_eq!(first.claim.chunks, 2..6);
+        assert_eq!(queue.len(), 2);
     }
 }

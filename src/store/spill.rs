@@ -1,45 +1,29 @@
-//! One spill file: a sparse local file as long as the original, mapped, with a
-//! bit per chunk saying whether those bytes have arrived.
+//! One spill file: a sparse local file holding a served file's bytes, read
+//! and written with `pread`/`pwrite` only. Nothing maps it: a mapping would
+//! hand out slices of memory another writer changes underneath, and turn a
+//! spill file truncated from outside, or a failing disk, into SIGBUS.
+//!
+//! A spill file knows nothing of chunks or of who may write where: the file's
+//! owner (`fetch::FetchFile`) decides, under its lock.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use memmap2::{MmapOptions, MmapRaw};
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
-}
 
 use super::{CHUNK_SIZE, StoreError, io_err};
 
 pub struct SpillFile {
     path: PathBuf,
     file: File,
-    /// `None` while the file is empty (a zero-length map is not allowed).
-    map: RwLock<Option<MmapRaw>>,
-    /// The size the chunks cover: the original's size.
-    fetched_size: u64,
-    present: Box<[AtomicU64]>,
-    present_chunks: AtomicU64,
 }
 
 impl SpillFile {
-    /// Creates the spill file empty and sparse, `size` bytes long.
-    pub fn create(path: &Path, size: u64) -> Result<SpillFile, StoreError> {
-        Self::open(path, Some(size), false)
-    }
-
-    /// Opens the spill file for a file of `size` bytes. With `keep`, an
-    /// existing spill file of that size keeps its bytes (a journal says which
-    /// are present); otherwise it starts empty. `size` `None` keeps the
-    /// existing file's length (a file changed locally).
-    pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
+    /// Opens the spill file for a file of `size` bytes, returning it and its
+    /// length. With `keep`, an existing spill file of that size keeps its bytes
+    /// (a journal says which are present); otherwise it starts empty. `size`
+    /// `None` keeps the existing file's length (a file changed locally).
+    pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
         let file =
             File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
         let existing = file.metadata().map_err(io_err(path))?.len();
@@ -48,58 +32,107 @@ impl SpillFile {
             file.set_len(0).map_err(io_err(path))?;
         }
         file.set_len(size).map_err(io_err(path))?;
-        let chunks = size.div_ceil(CHUNK_SIZE);
-        let words = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
-        let spill = SpillFile {
-            path: path.to_path_buf(),
-            map: RwLock::new(None),
-            file,
-            fetched_size: size,
-            present: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            present_chunks: AtomicU64::new(0),
-        };
-        spill.remap(size)?;
-        Ok(spill)
-    }
-
-    fn remap(&self, size: u64) -> Result<(), StoreError> {
-        let map = match size {
-            0 => None,
-            _ => Some(MmapOptions::new().len(size as usize).map_raw(&self.file).map_err(io_err(&self.path))?),
-        };
-        *self.map.write().expect("map lock") = map;
-        Ok(())
+        Ok((SpillFile { path: path.to_path_buf(), file }, size))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The descriptor, for the journal's fsyncs and FUSE passthrough.
     pub fn file(&self) -> &File {
         &self.file
     }
 
-    pub fn chunk_count(&self) -> u64 {
-        self.fetched_size.div_ceil(CHUNK_SIZE)
-    }
-
-    /// The byte range chunk `chunk` covers in the original.
-    pub fn chunk_bytes(&self, chunks: Range<u64>) -> Range<u64> {
-        chunks.start * CHUNK_SIZE..(chunks.end * CHUNK_SIZE).min(self.fetched_size)
-    }
-
-    /// The chunks holding bytes `offset..offset+len` of the original.
-    pub fn chunks_of(&self, offset: u64, len: u64) -> Range<u64> {
-        let end = offset.saturating_add(len).min(self.fetched_size);
-        if offset >= end {
-            return 0..0;
+    /// Fills as much of `buf` as the file holds from `offset`; returns how
+    /// many bytes that is (fewer only at the end of the file).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, StoreError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(&self.path)(e)),
+            }
         }
-        offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE)
+        Ok(done)
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
+    }
+
+    pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
+        self.file.set_len(size).map_err(io_err(&self.path))
+    }
+
+    /// Gives back the disk blocks of `bytes`, which hold nothing anyone may
+    /// read (a fetch that failed part way): they read as zeros after.
+    pub fn discard(&self, bytes: Range<u64>) {
+        use std::os::fd::AsRawFd;
+        let len = bytes.end.saturating_sub(bytes.start);
+        if len == 0 {
+            return;
+        }
+        let (Ok(start), Ok(len)) = (libc::off_t::try_from(bytes.start), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: fallocate on a descriptor we own; punching a hole only frees blocks.
+        let punched = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, start, len)
+        };
+        if punched != 0 {
+            log::debug!("{}: freeing bytes {bytes:?}: {}", self.path.display(), std::io::Error::last_os_error());
+        }
+    }
+
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+
+    /// The blake3 of the first `len` bytes, read a window at a time.
+    pub fn hash(&self, len: u64) -> Result<blake3::Hash, StoreError> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; HASH_WINDOW.min(len) as usize];
+        let mut offset = 0;
+        while offset < len {
+            let take = HASH_WINDOW.min(len - offset) as usize;
+            let got = self.read_at(offset, &mut buf[..take])?;
+            hasher.update(&buf[..got]);
+            if got < take {
+                break;
+            }
+            offset += take as u64;
+        }
+        Ok(hasher.finalize())
+    }
+}
+
+/// Bytes hashed per read.
+pub const HASH_WINDOW: u64 = 1 << 20;
+
+/// Which chunks of a file are here: a bit per chunk.
+pub struct Presence {
+    words: Vec<u64>,
+    chunks: u64,
+    present: u64,
+}
+
+impl Presence {
+    /// Nothing present of a file of `size` bytes.
+    pub fn new(size: u64) -> Presence {
+        let chunks = size.div_ceil(CHUNK_SIZE);
+        let words = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
+        Presence { words: vec![0; words], chunks, present: 0 }
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks
     }
 
     pub fn is_present(&self, chunk: u64) -> bool {
-        let word = &self.present[(chunk / 64) as usize];
-        word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+        chunk < self.chunks && self.words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
     }
 
     pub fn all_present(&self, chunks: Range<u64>) -> bool {
@@ -107,148 +140,45 @@ impl SpillFile {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.present_chunks.load(Ordering::Acquire) == self.chunk_count()
+        self.present == self.chunks
     }
 
-    pub fn present_bytes(&self) -> u64 {
-        if self.is_complete() {
-            return self.fetched_size;
-        }
-        (0..self.chunk_count())
-            .filter(|&c| self.is_present(c))
-            .map(|c| {
-                let r = self.chunk_bytes(c..c + 1);
-                r.end - r.start
-            })
-            .sum()
+    pub fn any(&self) -> bool {
+        self.present > 0
     }
 
-    /// Forgets one chunk (its bytes failed a check).
-    pub fn unmark(&self, chunk: u64) {
-        let bit = 1 << (chunk % 64);
-        let before = self.present[(chunk / 64) as usize].fetch_and(!bit, Ordering::AcqRel);
-        if before & bit != 0 {
-            self.present_chunks.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Forgets every chunk (the file is fetched again from scratch).
-    pub fn clear_present(&self) {
-        for word in self.present.iter() {
-            word.store(0, Ordering::Release);
-        }
-        self.present_chunks.store(0, Ordering::Release);
-    }
-
-    /// The blake3 of the whole file as it is now. Hashes the mapped bytes a
-    /// window at a time and lets go of each window's pages after: spill data
-    /// is never held in this process's memory.
-    pub fn hash(&self) -> blake3::Hash {
-        const WINDOW: u64 = 8 << 20;
-        let mut hasher = blake3::Hasher::new();
-        let len = self.len();
-        let mut offset = 0;
-        while offset < len {
-            let take = WINDOW.min(len - offset);
-            self.read(offset, take, |bytes| {
-                hasher.update_rayon(bytes);
-            });
-            self.release(offset, take);
-            offset += take;
-        }
-        hasher.finalize()
-    }
-
-    /// Drops this process's mapping of `offset..offset+len` (the bytes stay
-    /// in the file and the page cache), so what was written or read through
-    /// the map does not count against this process's memory.
-    pub fn release(&self, offset: u64, len: u64) {
-        let map = self.map.read().expect("map lock");
-        let Some(map) = map.as_ref() else { return };
-        let page = page_size();
-        let start = offset / page * page;
-        let end = offset.saturating_add(len).min(map.len() as u64);
-        if start >= end {
-            return;
-        }
-        // SAFETY: MADV_DONTNEED on a shared file mapping only unmaps the
-        // pages; the next access maps them again from the page cache, so no
-        // data is lost and concurrent readers see the same bytes.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, (end - start) as usize)
-        };
-    }
-
-    /// Marks chunks present once their bytes are fully written.
-    pub fn mark_present(&self, chunks: Range<u64>) {
-        for chunk in chunks {
-            let bit = 1 << (chunk % 64);
-            let before = self.present[(chunk / 64) as usize].fetch_or(bit, Ordering::AcqRel);
-            if before & bit == 0 {
-                self.present_chunks.fetch_add(1, Ordering::AcqRel);
+    pub fn mark(&mut self, chunks: Range<u64>) {
+        for chunk in chunks.start..chunks.end.min(self.chunks) {
+            let (word, bit) = ((chunk / 64) as usize, 1 << (chunk % 64));
+            if self.words[word] & bit == 0 {
+                self.words[word] |= bit;
+                self.present += 1;
             }
         }
     }
 
-    /// Writes the fetched bytes of claimed `chunks` (`data` is exactly
-    /// their bytes). Written with pwrite, not through the map: a fresh sparse
-    /// mapping takes a page fault with a block allocation per 4 KiB, which
-    /// cost about 3 ms per 64 KiB here against 0.4 ms for fetching them.
-    ///
-    /// The caller must own these chunks (the fetcher's in-flight claim): no
-    /// one else writes them, and no one reads them until they are marked present.
-    pub fn write_fetched(&self, chunks: Range<u64>, data: &[u8]) -> Result<(), StoreError> {
-        let bytes = self.chunk_bytes(chunks);
-        assert_eq!(data.len() as u64, bytes.end - bytes.start, "fetched bytes cover the chunks");
-        self.file.write_all_at(data, bytes.start).map_err(io_err(&self.path))
-    }
-
-    /// Gives `read` the bytes `offset..offset+len`, cut at the end of the file.
-    pub fn read<R>(&self, offset: u64, len: u64, read: impl FnOnce(&[u8]) -> R) -> R {
-        let map = self.map.read().expect("map lock");
-        let Some(map) = map.as_ref() else {
-            return read(&[]);
-        };
-        let start = (offset as usize).min(map.len());
-        let end = (offset.saturating_add(len) as usize).min(map.len());
-        // SAFETY: inside the live mapping (the read lock keeps it in place).
-        // Bytes read are present: written once and no longer changed by the
-        // fetcher; a local write may change them concurrently, as any file's
-        // bytes may change under a reader.
-        let slice = unsafe { std::slice::from_raw_parts(map.as_ptr().add(start), end - start) };
-        read(slice)
-    }
-
-    /// The current length of the spill file (local writes may change it).
-    pub fn len(&self) -> u64 {
-        self.map.read().expect("map lock").as_ref().map_or(0, |m| m.len() as u64)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// A local write to a complete file.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        let end = offset.saturating_add(data.len() as u64);
-        if end > self.len() {
-            self.file.set_len(end).map_err(io_err(&self.path))?;
-            self.remap(end)?;
+    pub fn unmark(&mut self, chunk: u64) {
+        if self.is_present(chunk) {
+            self.words[(chunk / 64) as usize] &= !(1 << (chunk % 64));
+            self.present -= 1;
         }
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
     }
 
-    /// A local truncate (or extension) of a complete file.
-    pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
-        let mut map = self.map.write().expect("map lock");
-        *map = None;
-        self.file.set_len(size).map_err(io_err(&self.path))?;
-        drop(map);
-        self.remap(size)
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+        self.present = 0;
     }
 
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(io_err(&self.path))
+    /// The present chunks as maximal runs.
+    pub fn runs(&self) -> Vec<Range<u64>> {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for chunk in (0..self.chunks).filter(|&c| self.is_present(c)) {
+            match runs.last_mut() {
+                Some(run) if run.end == chunk => run.end += 1,
+                _ => runs.push(chunk..chunk + 1),
+            }
+        }
+        runs
     }
 }
 
@@ -257,43 +187,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_presence_and_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let size = 3 * CHUNK_SIZE + 100;
-        let spill = SpillFile::create(&dir.path().join("s"), size).unwrap();
-        assert_eq!(spill.chunk_count(), 4);
-        assert_eq!(spill.chunks_of(0, 1), 0..1);
-        assert_eq!(spill.chunks_of(CHUNK_SIZE - 1, 2), 0..2);
-        assert_eq!(spill.chunks_of(size - 1, 4096), 3..4);
-        assert_eq!(spill.chunks_of(size, 10), 0..0);
-        assert_eq!(spill.chunk_bytes(3..4), 3 * CHUNK_SIZE..size);
-        assert!(!spill.all_present(0..1));
-
-        spill.write_fetched(3..4, &[7; 100]).unwrap();
-        spill.mark_present(3..4);
-        spill.mark_present(3..4);
-        assert!(spill.is_present(3) && !spill.is_complete());
-        assert_eq!(spill.present_bytes(), 100);
-        spill.read(size - 10, 100, |b| assert_eq!(b, &[7; 10]));
-        spill.mark_present(0..3);
-        assert!(spill.is_complete());
-        assert_eq!(spill.present_bytes(), size);
-        // Sparse: only the written chunk took space.
-        use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(spill.path()).unwrap().blocks() * 512 <= 8192);
+    fn presence_counts_and_runs() {
+        let mut presence = Presence::new(3 * CHUNK_SIZE + 100);
+        assert_eq!(presence.chunk_count(), 4);
+        assert!(!presence.all_present(0..1) && !presence.any());
+        presence.mark(3..4);
+        presence.mark(3..4);
+        presence.mark(0..1);
+        assert_eq!(presence.runs(), [0..1, 3..4]);
+        presence.mark(1..9);
+        assert!(presence.is_complete());
+        presence.unmark(2);
+        assert_eq!(presence.runs(), [0..2, 3..4]);
+        presence.clear();
+        assert!(!presence.any() && !presence.is_present(99));
     }
 
     #[test]
-    fn local_writes_grow_and_shrink() {
+    fn reads_stop_at_the_end_and_discarded_bytes_free_their_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = SpillFile::create(&dir.path().join("s"), 10).unwrap();
-        spill.mark_present(0..1);
-        spill.write_at(8, b"abcdef").unwrap();
-        assert_eq!(spill.len(), 14);
-        spill.read(8, 100, |b| assert_eq!(b, b"abcdef"));
-        spill.set_len(2).unwrap();
-        assert_eq!(spill.len(), 2);
-        spill.set_len(0).unwrap();
-        spill.read(0, 10, |b| assert!(b.is_empty()));
+        let (spill, len) = SpillFile::open(&dir.path().join("s"), Some(3 * 4096), false).unwrap();
+        assert_eq!(len, 3 * 4096);
+        spill.write_at(4096, &[7; 4096]).unwrap();
+        let mut buf = vec![9u8; 5 * 4096];
+        assert_eq!(spill.read_at(4090, &mut buf).unwrap(), 3 * 4096 - 4090);
+        assert_eq!(&buf[..8], &[0, 0, 0, 0, 0, 0, 7, 7]);
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(spill.path()).unwrap().blocks() > 0);
+        spill.discard(4096..8192);
+        assert_eq!(std::fs::metadata(spill.path()).unwrap().blocks(), 0, "nothing is left on disk");
+        assert_eq!(spill.hash(3 * 4096).unwrap(), blake3::hash(&[0; 3 * 4096]));
     }
 }
