@@ -62,8 +62,12 @@ struct QueueState {
     /// Recorded runs of large files, (key, file, first, end): queued with
     /// band 1 and ordered among its files by key.
     runs: BTreeSet<(u64, usize, u64, u64)>,
-    /// Each file's recorded runs, until the file is first queued.
+    /// Each file's recorded runs, until the file is first queued (empty
+    /// unless the order is a recording).
     pending_runs: Vec<Vec<(u64, Range<u64>)>>,
+    /// Recorded runs taken by a worker and not yet done: what no recording
+    /// names waits for them, so bulk transfers do not hold them up.
+    runs_active: usize,
     promotions: u64,
     closed: bool,
 }
@@ -72,7 +76,10 @@ impl QueueState {
     /// The job at the front, without taking it.
     fn front(&self) -> Option<Job> {
         match (self.queued.first(), self.runs.first()) {
-            (Some(&(band, key, f)), run) if band == 0 || run.is_none_or(|r| key < r.0) => Some(Job::File(f)),
+            (Some(&(band, key, f)), run) if band == 0 || run.is_none_or(|r| key < r.0) => {
+                let unrecorded = band == 1 && key >= AFTER_RECORDED && !self.pending_runs.is_empty();
+                (!unrecorded || self.runs_active == 0).then_some(Job::File(f))
+            }
             (_, Some(&(_, f, first, end))) => Some(Job::Run(f, first..end)),
             _ => None,
         }
@@ -87,6 +94,7 @@ impl QueueState {
             }
             Job::Run(..) => {
                 self.runs.pop_first();
+                self.runs_active += 1;
             }
         }
         Some(job)
@@ -105,8 +113,9 @@ impl Queue {
                 Order::Recorded(_) => AFTER_RECORDED.saturating_add(size),
             })
             .collect();
-        let mut pending_runs = vec![Vec::new(); files.len()];
+        let mut pending_runs = Vec::new();
         if let Order::Recorded(plan) = order {
+            pending_runs = vec![Vec::new(); files.len()];
             for (rank, (file, chunks)) in plan.iter().enumerate() {
                 let rank = rank as u64;
                 if files[*file].0 > SMALL_FILE {
@@ -124,6 +133,7 @@ impl Queue {
                 later: Vec::new(),
                 runs: BTreeSet::new(),
                 pending_runs,
+                runs_active: 0,
                 promotions: 0,
                 closed: false,
             }),
@@ -139,7 +149,8 @@ impl Queue {
     /// and its recorded runs the first time.
     pub(super) fn push(&self, file: usize) {
         let mut state = self.lock();
-        for (key, chunks) in std::mem::take(&mut state.pending_runs[file]) {
+        let runs = state.pending_runs.get_mut(file).map(std::mem::take).unwrap_or_default();
+        for (key, chunks) in runs {
             state.runs.insert((key, file, chunks.start, chunks.end));
             self.ready.notify_one();
         }
@@ -148,6 +159,15 @@ impl Queue {
             state.keys[file] = Some(key);
             state.queued.insert((key.0, key.1, file));
             self.ready.notify_one();
+        }
+    }
+
+    /// A recorded run a worker took is done (fetched, or given up).
+    fn run_done(&self) {
+        let mut state = self.lock();
+        state.runs_active -= 1;
+        if state.runs_active == 0 {
+            self.ready.notify_all();
         }
     }
 
@@ -273,7 +293,13 @@ fn worker(mut link: Link, shared: &Shared) {
         let first = match job {
             Job::File(first) => first,
             Job::Run(index, chunks) => {
-                fetch_run(&mut link, shared, index, chunks);
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fetch_run(&mut link, shared, index, chunks);
+                }));
+                shared.queue.run_done();
+                if outcome.is_err() {
+                    link.reset();
+                }
                 continue;
             }
         };
@@ -468,8 +494,13 @@ mod tests {
         let queue = Queue::new(&sizes, &Order::Recorded(plan));
         (0..4).for_each(|i| queue.push(i));
         queue.push(1); // queued again (a lost connection): its runs are not repeated
-        let expected = [Job::File(3), Job::Run(1, 0..4), Job::File(2), Job::Run(1, 9..10), Job::File(0), Job::File(1)];
+        let expected = [Job::File(3), Job::Run(1, 0..4), Job::File(2), Job::Run(1, 9..10)];
         assert_eq!(queue.drain(), expected);
+        // The rest waits until the recorded runs are done.
+        queue.run_done();
+        assert_eq!(queue.drain(), []);
+        queue.run_done();
+        assert_eq!(queue.drain(), [Job::File(0), Job::File(1)]);
 
         // A file someone reads still goes first.
         let plan: Arc<[(usize, Range<u64>)]> = vec![(1, 0..4)].into();
