@@ -37,7 +37,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     Status(StatusArgs),
     Wait(WaitArgs),
     Umount(UmountArgs),
@@ -128,6 +128,18 @@ pub struct MountArgs {
     /// always refused.
     #[arg(long)]
     pub accept_new_host_key: bool,
+    /// This ssh config file instead of ~/.ssh/config (as `ssh -F`).
+    #[arg(short = 'F', value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+    /// Which SSH client carries the session: `openssh`, the system's `ssh` (the ssh config
+    /// applies as it is: ProxyJump, certificates, ControlMaster, ...); `libssh2`, in process;
+    /// `auto`, openssh when `ssh` is installed.
+    #[arg(long, value_enum, default_value_t = SshArg::Auto)]
+    pub ssh: SshArg,
+    /// Read batches of small files (64 or more) through one `tar` on the old host (names on
+    /// its stdin), not SFTP. Accounts that may not run commands fall back to SFTP by themselves.
+    #[arg(long)]
+    pub tar: bool,
     /// Refuse every write.
     #[arg(long)]
     pub read_only: bool,
@@ -145,6 +157,13 @@ pub struct MountArgs {
     /// Internal: run as the background process, reporting readiness on stdout.
     #[arg(long, hide = true)]
     pub daemon: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SshArg {
+    Openssh,
+    Libssh2,
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

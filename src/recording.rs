@@ -8,16 +8,15 @@
 //! Format (version 1): the line `lazyfs-recording\n`, then one protobuf
 //! `Recording` message (`proto/lazyfs/cache.proto`).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use prost::Message;
 
-use crate::store::CHUNK_SIZE;
 pub use crate::store::journal::proto::{Recording, Touch};
+use crate::store::{CHUNK_SIZE, CacheDir};
 
 const MAGIC: &[u8] = b"lazyfs-recording\n";
 const VERSION: u32 = 1;
@@ -63,51 +62,37 @@ pub fn check(recording: &Recording) -> Result<(), String> {
 /// Reads the recording at `path`: a recording file, or a cache dir holding one.
 pub fn load(path: &Path) -> Result<Recording, RecordingError> {
     let file = if path.is_dir() { path.join(FILE_NAME) } else { path.to_path_buf() };
-    read(&file, false)
+    let io = |source| RecordingError::Io { path: file.clone(), source };
+    let handle = std::fs::File::open(&file).map_err(io)?;
+    let mut bytes = Vec::new();
+    // One byte past the limit tells a file that is too large.
+    handle.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    decode(&bytes, &file)
 }
 
 /// The recording a cache dir holds, if any.
-pub fn load_cached(cache_dir: &Path) -> Result<Option<Recording>, RecordingError> {
-    match read(&cache_dir.join(FILE_NAME), true) {
-        Err(RecordingError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        other => other.map(Some),
+pub fn load_cached(cache_dir: &CacheDir) -> Result<Option<Recording>, RecordingError> {
+    match cache_dir.read(FILE_NAME) {
+        Ok(bytes) => decode(&bytes, &cache_dir.join(FILE_NAME)).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RecordingError::Io { path: cache_dir.join(FILE_NAME), source }),
     }
 }
 
 /// Writes `recording` into `cache_dir` (through a temporary file, so a crash
 /// leaves the old one or the new one).
-pub fn save(cache_dir: &Path, recording: &Recording) -> Result<(), RecordingError> {
-    let path = cache_dir.join(FILE_NAME);
-    let tmp = cache_dir.join(format!("{FILE_NAME}.tmp"));
-    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordingError + '_ {
-        move |source| RecordingError::Io { path: path.to_path_buf(), source }
-    }
+pub fn save(cache_dir: &CacheDir, recording: &Recording) -> Result<(), crate::store::StoreError> {
     let mut bytes = MAGIC.to_vec();
     recording.encode(&mut bytes).expect("Vec grows");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))
+    cache_dir.write_atomic(FILE_NAME, &bytes)
 }
 
-/// Opens and decodes one recording file; in a cache dir, never through a symlink.
-fn read(path: &Path, in_cache_dir: bool) -> Result<Recording, RecordingError> {
-    let io = |source| RecordingError::Io { path: path.to_path_buf(), source };
+/// Decodes a recording file's bytes (`path` names it in errors).
+fn decode(bytes: &[u8], path: &Path) -> Result<Recording, RecordingError> {
     let bad = |reason: String| RecordingError::Format { path: path.to_path_buf(), reason };
-    let flags = if in_cache_dir { libc::O_NOFOLLOW } else { 0 };
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
-    if len > MAX_FILE_BYTES {
-        return Err(bad(format!("{len} bytes, more than the {MAX_FILE_BYTES} a recording may have")));
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(bad(format!("more than the {MAX_FILE_BYTES} bytes a recording may have")));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(MAX_FILE_BYTES).read_to_end(&mut bytes).map_err(io)?;
     let body = bytes.strip_prefix(MAGIC).ok_or_else(|| bad("no `lazyfs-recording` line".into()))?;
     let recording = Recording::decode(body).map_err(|e| bad(e.to_string()))?;
     check(&recording).map_err(bad)?;
@@ -194,12 +179,14 @@ mod tests {
 
     #[test]
     fn saves_loads_and_refuses_garbage() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(load_cached(dir.path()).unwrap().is_none());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CacheDir::open_cache(&tmp.path().join("cache")).unwrap();
+        assert!(load_cached(&dir).unwrap().is_none());
         let touch = Touch { path: b"/srv/model".to_vec(), first: 0, end: 2, at_us: 7 };
-        save(dir.path(), &new(vec![touch.clone()])).unwrap();
-        assert_eq!(load(dir.path()).unwrap().touches, [touch]);
-        let garbage = dir.path().join("garbage");
+        save(&dir, &new(vec![touch.clone()])).unwrap();
+        assert_eq!(load(dir.path()).unwrap().touches, std::slice::from_ref(&touch));
+        assert_eq!(load_cached(&dir).unwrap().unwrap().touches, [touch]);
+        let garbage = tmp.path().join("garbage");
         std::fs::write(&garbage, b"lazyfs-recording\n\xff\xff\xff").unwrap();
         let message = load(&garbage).unwrap_err().to_string();
         assert!(message.contains("not a lazyfs recording"), "{message}");

@@ -32,6 +32,9 @@ use sshd::Sshd;
 
 const GIB: u64 = 1 << 30;
 
+/// lazyfs's two SSH transports, each measured: `--ssh VALUE` and its label.
+const TRANSPORTS: [(&str, &str); 2] = [("openssh", "ssh"), ("libssh2", "libssh2")];
+
 struct Dataset {
     name: &'static str,
     /// Below the source root: a file, or a directory.
@@ -89,6 +92,35 @@ fn timed(command: &mut Command) -> f64 {
     let started = Instant::now();
     run(command.stdout(Stdio::null()));
     started.elapsed().as_secs_f64()
+}
+
+/// CPU seconds of the waited-for children of this process so far.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// CPU seconds of `pid`, the children it waited for, and its live descendants.
+fn tree_cpu(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11..15].iter().map(|f| f.parse::<f64>().unwrap()).sum();
+    ticks / 100.0 + sshd::children_of(pid).into_iter().map(tree_cpu).sum::<f64>()
+}
+
+/// Runs `command`, returning its wall time and the CPU seconds of what it ran.
+fn timed_cpu(command: &mut Command) -> (f64, f64) {
+    let cpu = children_cpu();
+    let wall = timed(command);
+    (wall, children_cpu() - cpu)
 }
 
 fn drop_caches() {
@@ -249,15 +281,19 @@ impl Bench {
         eprintln!("a. first byte");
         let middle = GIB / 2;
         let mut through_mount = Vec::new();
-        for _ in 0..self.runs {
-            let (mountpoint, _) = self.mount(big, "first-byte", &[]);
-            let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
-            let mut buf = [0u8; 4096];
-            let started = Instant::now();
-            file.read_exact_at(&mut buf, middle).unwrap();
-            through_mount.push(started.elapsed().as_secs_f64());
-            drop(file);
-            self.umount(&mountpoint);
+        for (transport, _) in TRANSPORTS {
+            let mut runs = Vec::new();
+            for _ in 0..self.runs {
+                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport]);
+                let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
+                let mut buf = [0u8; 4096];
+                let started = Instant::now();
+                file.read_exact_at(&mut buf, middle).unwrap();
+                runs.push(started.elapsed().as_secs_f64());
+                drop(file);
+                self.umount(&mountpoint);
+            }
+            through_mount.push(runs);
         }
         let (target, key, known, home, root, runs) = (
             self.sshd.target(),
@@ -276,123 +312,177 @@ impl Bench {
         let cat: Vec<f64> = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&file))).collect();
         self.record("a", "one SFTP read of those 4 KiB, open session", "s", one_read, None);
         self.record("a", "`ssh HOST cat` of the whole 1 GiB file", "s", cat, None);
-        self.record(
-            "a",
-            "first 4 KiB at the middle, fresh lazy mount",
-            "s",
-            through_mount.clone(),
-            Some("one SFTP read of those 4 KiB, open session"),
-        );
-        self.record(
-            "a",
-            "first 4 KiB at the middle, fresh lazy mount ",
-            "s",
-            through_mount,
-            Some("`ssh HOST cat` of the whole 1 GiB file"),
-        );
+        for ((_, label), runs) in TRANSPORTS.iter().zip(through_mount) {
+            let what = format!("first 4 KiB at the middle, fresh lazy mount, {label}");
+            self.record("a", what.clone(), "s", runs.clone(), Some("one SFTP read of those 4 KiB, open session"));
+            self.record("a", format!("{what} "), "s", runs, Some("`ssh HOST cat` of the whole 1 GiB file"));
+        }
     }
 
     /// (b) and (d): everything verified with --prefetch, beside the peers.
     fn bulk(&mut self, set: &Dataset) {
         eprintln!("b. {}", set.name);
         let from = self.source().join(set.rel);
-        let ceiling = if set.rel.contains('.') {
+        let gib = set.bytes as f64 / GIB as f64;
+        let landed = self.path("landed");
+        let fresh = |target: &Path| {
+            let _ = std::fs::remove_dir_all(target);
+            let _ = std::fs::remove_file(target);
+            std::fs::create_dir_all(target).unwrap();
+        };
+        let (ceiling, landing) = if set.rel.contains('.') {
             let runs = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&from))).collect();
-            self.record("b", format!("{}: `ssh HOST cat`", set.name), "s", runs, None);
-            format!("{}: `ssh HOST cat`", set.name)
+            self.record("b", format!("{}: `ssh HOST cat > /dev/null`", set.name), "s", runs, None);
+            // The bytes landed on the cache's filesystem and synced, as lazyfs lands them.
+            let (mut runs, mut cpu) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                let _ = std::fs::remove_file(&landed);
+                let out = std::fs::File::create(&landed).unwrap();
+                let (started, cpu_before) = (Instant::now(), children_cpu());
+                run(self.ssh().arg("cat").arg(&from).stdout(out));
+                std::fs::File::open(&landed).unwrap().sync_all().unwrap();
+                let secs = children_cpu() - cpu_before;
+                runs.push(started.elapsed().as_secs_f64());
+                cpu.push(secs / gib);
+            }
+            let name = format!("{}: `ssh HOST cat > file`", set.name);
+            self.record("b", name.clone(), "s", runs, None);
+            self.record("d", format!("{name}: CPU seconds per GiB"), "s/GiB", cpu, None);
+            (format!("{}: `ssh HOST cat > /dev/null`", set.name), name)
         } else {
             let parent = from.parent().unwrap().to_path_buf();
             let runs = (0..self.runs)
                 .map(|_| timed(self.ssh().args(["tar", "cf", "-", "-C"]).arg(&parent).arg(set.rel)))
                 .collect();
-            self.record("b", format!("{}: `ssh HOST tar cf - DIR`", set.name), "s", runs, None);
-            format!("{}: `ssh HOST tar cf - DIR`", set.name)
+            self.record("b", format!("{}: `ssh HOST tar cf - DIR > /dev/null`", set.name), "s", runs, None);
+            let (mut runs, mut cpu) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                fresh(&landed);
+                let mut ssh = self.ssh();
+                ssh.args(["tar", "cf", "-", "-C"]).arg(&parent).arg(set.rel);
+                let words: Vec<String> = std::iter::once(ssh.get_program())
+                    .chain(ssh.get_args())
+                    .map(|a| format!("'{}'", a.to_string_lossy()))
+                    .collect();
+                let script = format!(
+                    "{} | tar xf - -C '{}' && sync -f '{}'",
+                    words.join(" "),
+                    landed.display(),
+                    landed.display()
+                );
+                let (wall, secs) = timed_cpu(Command::new("sh").arg("-c").arg(script));
+                runs.push(wall);
+                cpu.push(secs / gib);
+            }
+            let name = format!("{}: `ssh HOST tar cf - DIR | tar xf -`", set.name);
+            self.record("b", name.clone(), "s", runs, None);
+            self.record("d", format!("{name}: CPU seconds per GiB"), "s/GiB", cpu, None);
+            (format!("{}: `ssh HOST tar cf - DIR > /dev/null`", set.name), name)
         };
 
-        let (mut times, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..self.runs {
-            let started = Instant::now();
-            let (mountpoint, _) = self.mount(set, "bulk", &["--prefetch"]);
-            let pid = self.daemon_pid(&mountpoint);
-            run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
-            times.push(started.elapsed().as_secs_f64());
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-            let hwm_kib: f64 = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .unwrap()
-                .parse()
-                .unwrap();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-            let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-            rss.push(hwm_kib / 1024.0);
-            cpu.push(ticks / 100.0 / (set.bytes as f64 / GIB as f64));
-            self.umount(&mountpoint);
+        // Small files also through tar, to show what it changes.
+        let mut variants: Vec<(&str, String, &[&str])> =
+            TRANSPORTS.iter().map(|(t, label)| (*t, label.to_string(), &[][..])).collect();
+        if set.files > 1 {
+            variants.push(("openssh", "ssh, --tar".into(), &["--tar"]));
         }
-        self.record("b", format!("{}: lazyfs --prefetch, until all verified", set.name), "s", times, Some(&ceiling));
+        for (transport, label, tar) in variants {
+            let (mut times, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                let started = Instant::now();
+                let (mountpoint, _) = self.mount(set, "bulk", &[&["--prefetch", "--ssh", transport], tar].concat());
+                let pid = self.daemon_pid(&mountpoint);
+                run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
+                times.push(started.elapsed().as_secs_f64());
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                let hwm_kib: f64 = status
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                rss.push(hwm_kib / 1024.0);
+                // The daemon with its `ssh` children: they do the crypto.
+                cpu.push(tree_cpu(pid as i32) / gib);
+                self.umount(&mountpoint);
+            }
+            let what = format!("{}: lazyfs --prefetch ({label}), until all verified", set.name);
+            self.record("b", what.clone(), "s", times.clone(), Some(&ceiling));
+            self.record("b", format!("{what} "), "s", times, Some(&landing));
+            self.record("d", format!("{}: daemon peak RSS ({label})", set.name), "MiB", rss, None);
+            self.record("d", format!("{}: daemon CPU seconds per GiB ({label})", set.name), "s/GiB", cpu, None);
+        }
 
         let target = self.path("copy");
         let key = self.sshd.user_key();
         let port = self.sshd.port.to_string();
         let known = format!("UserKnownHostsFile={}", self.sshd.known_hosts().display());
         let remote = format!("{}:{}", self.host(), from.display());
-        let fresh = |target: &Path| {
-            let _ = std::fs::remove_dir_all(target);
-            std::fs::create_dir_all(target).unwrap();
-        };
         // Over the WAN, scp and sshfs pay round trips per small file: minutes a run.
         let slow_peers = self.wan.is_some() && set.files > 1000;
-        let scp: Vec<f64> = (0..if slow_peers { 0 } else { self.runs })
-            .map(|_| {
-                fresh(&target);
-                timed(
-                    self.cmd("scp")
-                        .args(["-q", "-r", "-P", &port, "-i"])
-                        .arg(&key)
-                        .args(["-o", &known])
-                        .arg(&remote)
-                        .arg(&target),
-                )
-            })
-            .collect();
+        let (mut scp, mut scp_cpu) = (Vec::new(), Vec::new());
+        for _ in 0..if slow_peers { 0 } else { self.runs } {
+            fresh(&target);
+            let (wall, secs) = timed_cpu(
+                self.cmd("scp")
+                    .args(["-q", "-r", "-P", &port, "-i"])
+                    .arg(&key)
+                    .args(["-o", &known])
+                    .arg(&remote)
+                    .arg(&target),
+            );
+            scp.push(wall);
+            scp_cpu.push(secs / gib);
+        }
         if !scp.is_empty() {
             self.record("b", format!("{}: `scp -r`", set.name), "s", scp, None);
+            self.record("d", format!("{}: `scp -r`: CPU seconds per GiB", set.name), "s/GiB", scp_cpu, None);
         }
         if have("rsync") {
             let ssh = format!("ssh -p {port} -i {} -o {known} -o BatchMode=yes", key.display());
-            let runs = (0..self.runs)
-                .map(|_| {
-                    fresh(&target);
-                    timed(self.cmd("rsync").args(["-a", "-e", &ssh]).arg(&remote).arg(&target))
-                })
-                .collect();
+            let (mut runs, mut cpu) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                fresh(&target);
+                let (wall, secs) = timed_cpu(self.cmd("rsync").args(["-a", "-e", &ssh]).arg(&remote).arg(&target));
+                runs.push(wall);
+                cpu.push(secs / gib);
+            }
             self.record("b", format!("{}: `rsync -a`", set.name), "s", runs, None);
+            self.record("d", format!("{}: `rsync -a`: CPU seconds per GiB", set.name), "s/GiB", cpu, None);
         }
         if have("sshfs") && !slow_peers {
             let mnt = self.path("sshfs");
             std::fs::create_dir_all(&mnt).unwrap();
-            let runs = (0..self.runs)
-                .map(|_| {
-                    fresh(&target);
-                    let started = Instant::now();
-                    run(self
-                        .cmd("sshfs")
-                        .arg(format!("{}:{}", self.host(), self.source().display()))
-                        .arg(&mnt)
-                        .args(["-p", &port, "-o"])
-                        .arg(format!("IdentityFile={},{known},BatchMode=yes", key.display())));
-                    run(Command::new("cp").arg("-r").arg(mnt.join(set.rel)).arg(&target));
-                    let elapsed = started.elapsed().as_secs_f64();
-                    run(Command::new("fusermount3").arg("-u").arg(&mnt));
-                    elapsed
-                })
-                .collect();
+            let (mut runs, mut cpu) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                fresh(&target);
+                let started = Instant::now();
+                // In the foreground, so its CPU (and its ssh's) can be read.
+                let mut sshfs = self
+                    .cmd("sshfs")
+                    .arg("-f")
+                    .arg(format!("{}:{}", self.host(), self.source().display()))
+                    .arg(&mnt)
+                    .args(["-p", &port, "-o"])
+                    .arg(format!("IdentityFile={},{known},BatchMode=yes", key.display()))
+                    .spawn()
+                    .unwrap();
+                while !is_mount(&mnt) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let cpu_before = children_cpu();
+                run(Command::new("cp").arg("-r").arg(mnt.join(set.rel)).arg(&target));
+                let elapsed = started.elapsed().as_secs_f64();
+                let secs = tree_cpu(sshfs.id() as i32) + children_cpu() - cpu_before;
+                run(Command::new("fusermount3").arg("-u").arg(&mnt));
+                let _ = sshfs.wait();
+                runs.push(elapsed);
+                cpu.push(secs / gib);
+            }
             self.record("b", format!("{}: `sshfs` + `cp -r`", set.name), "s", runs, None);
+            self.record("d", format!("{}: `sshfs` + `cp -r`: CPU seconds per GiB", set.name), "s/GiB", cpu, None);
         }
-        self.record("d", format!("{}: daemon peak RSS", set.name), "MiB", rss, None);
-        self.record("d", format!("{}: daemon CPU seconds per GiB", set.name), "s/GiB", cpu, None);
     }
 
     /// (c) Sequential reads of the verified 1 GiB file.
@@ -544,6 +634,12 @@ fn one_sftp_read(
             started.elapsed().as_secs_f64()
         })
         .collect()
+}
+
+/// Whether a filesystem is mounted at `path` (from /proc/self/mountinfo).
+fn is_mount(path: &Path) -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo.lines().any(|line| line.split(' ').nth(4) == Some(&*path.to_string_lossy()))
 }
 
 fn nix_is_root() -> bool {

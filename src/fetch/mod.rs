@@ -36,7 +36,7 @@ use crate::manifest::FileHashes;
 use crate::recording::{self, Recorder, Recording, Touch};
 use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
-use crate::store::{CHUNK_SIZE, Presence, SpillFile, StoreError};
+use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
 pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
@@ -1032,7 +1032,7 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now.
-pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchFile>]) -> Result<Journal, StoreError> {
+pub fn create_journal(dir: &CacheDir, owner: &Owner, files: &[Arc<FetchFile>]) -> Result<Journal, StoreError> {
     let journal_files = files
         .iter()
         .map(|f| {
@@ -1041,7 +1041,7 @@ pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchF
             Ok(journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    Journal::create(path, owner, snapshot(files), journal_files)
+    Journal::create(dir, owner, snapshot(files), journal_files)
 }
 
 #[cfg(test)]

@@ -4,14 +4,17 @@
 
 mod known_hosts;
 mod local;
+mod openssh;
 mod sftp;
 mod spec;
 mod ssh;
+mod tar;
 
 use std::path::{Path, PathBuf};
 
 use local::LocalSource;
-pub use spec::{SourceSpec, SshOptions, SshOverrides};
+use openssh::OpensshSource;
+pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use ssh::SshSource;
 
 /// Files up to this size are read by one request (SFTP READ), so their bytes
@@ -100,6 +103,8 @@ pub enum SourceError {
     Short { path: PathBuf, end: u64, wanted: u64 },
     #[error("{}: the source file is longer than the {size} bytes the images record: changed since the checkpoint", path.display())]
     Longer { path: PathBuf, size: u64 },
+    #[error("{}: {reason} on the source: changed since the checkpoint, not served", path.display())]
+    Changed { path: PathBuf, reason: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot connect to {addr}: {source}")]
@@ -113,7 +118,8 @@ pub enum SourceError {
     )]
     UnknownHostKey { host: String, key_type: String, fingerprint: String, known_hosts: PathBuf },
     #[error(
-        "the host key of {host} ({key_type} {fingerprint}) differs from the one in {}: refusing to connect (possible man-in-the-middle); if the host was reinstalled, remove the old key with `ssh-keygen -R '{host}'`",
+        "the host key of {host} ({key_type} {fingerprint}) differs from the one in {}: refusing to connect (possible man-in-the-middle); if the host was reinstalled, remove the old key with `ssh-keygen -f '{}' -R '{host}'`",
+        known_hosts.display(),
         known_hosts.display()
     )]
     ChangedHostKey { host: String, key_type: String, fingerprint: String, known_hosts: PathBuf },
@@ -134,8 +140,30 @@ impl SourceError {
 pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, SourceError> {
     match spec {
         SourceSpec::Local(dir) => Ok(Box::new(LocalSource::new(&dir.join(relative(source_root)))?)),
-        SourceSpec::Ssh(options) => Ok(Box::new(SshSource::new(options.clone(), source_root)?)),
+        SourceSpec::Ssh(options) => match (options.transport, which_ssh()) {
+            (Transport::Openssh, _) | (Transport::Auto, true) => {
+                Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?))
+            }
+            (Transport::Libssh2, _) | (Transport::Auto, false) => {
+                if let Some(setting) = &options.needs_openssh {
+                    let fix = match options.transport {
+                        Transport::Auto => "install openssh-client",
+                        _ => "give --ssh openssh",
+                    };
+                    return Err(SourceError::Config(format!(
+                        "the ssh config of {} sets {setting}, which only OpenSSH's ssh follows: {fix}",
+                        options.alias
+                    )));
+                }
+                Ok(Box::new(SshSource::new((**options).clone(), source_root)?))
+            }
+        },
     }
+}
+
+/// Whether the system's `ssh` client is installed (on PATH).
+fn which_ssh() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("ssh").is_file()))
 }
 
 /// `/a/b` as `a/b`, to join below a root.

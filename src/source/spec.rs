@@ -11,7 +11,7 @@ use super::SourceError;
 pub enum SourceSpec {
     /// A directory holding the old host's root.
     Local(PathBuf),
-    Ssh(SshOptions),
+    Ssh(Box<SshOptions>),
 }
 
 /// Everything needed to open an SSH session, resolved.
@@ -26,7 +26,42 @@ pub struct SshOptions {
     /// Tried in order after the ssh-agent.
     pub identities: Vec<PathBuf>,
     pub known_hosts: PathBuf,
+    /// The name known_hosts lists the host under (`HostKeyAlias`), if not the host's own.
+    pub host_key_alias: Option<String>,
     pub accept_new_host_key: bool,
+    pub transport: Transport,
+    /// Batches of small files through one `tar` on the host (`--tar`).
+    pub tar: bool,
+    /// A setting of the ssh config that only OpenSSH's `ssh` follows (`ProxyJump`, ...).
+    pub needs_openssh: Option<String>,
+    /// What the command line itself said: the system `ssh` resolves the rest from
+    /// the config as it always does.
+    pub given: Given,
+}
+
+/// The parts of the SSH settings the command line gave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Given {
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    pub identities: Vec<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    /// `-F FILE`.
+    pub config_file: Option<PathBuf>,
+    /// `$HOME/.ssh`, where lazyfs looks for the config, keys and known_hosts.
+    pub ssh_dir: Option<PathBuf>,
+}
+
+/// Which SSH implementation carries the session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// The system `ssh` client (`ssh -s HOST sftp`): the user's ssh config as it is.
+    Openssh,
+    /// libssh2, in process.
+    Libssh2,
+    /// OpenSSH when `ssh` is installed, otherwise libssh2.
+    #[default]
+    Auto,
 }
 
 /// The SSH settings of `lazyfs mount`'s command line.
@@ -36,7 +71,15 @@ pub struct SshOverrides {
     pub port: Option<u16>,
     pub known_hosts: Option<PathBuf>,
     pub accept_new_host_key: bool,
+    /// `-F FILE`: this ssh config instead of `~/.ssh/config`.
+    pub config_file: Option<PathBuf>,
+    pub transport: Transport,
+    pub tar: bool,
 }
+
+/// Settings of an ssh config that libssh2 cannot follow.
+const OPENSSH_ONLY: [&str; 6] =
+    ["ProxyCommand", "PKCS11Provider", "ControlPath", "SecurityKeyProvider", "Match", "KnownHostsCommand"];
 
 impl SourceSpec {
     /// `file:///DIR` or any path with a `/` is a local directory; otherwise
@@ -60,7 +103,7 @@ impl SourceSpec {
         let (user, host, port) = split_target(rest).ok_or_else(|| {
             SourceError::Config(format!("{arg}: not a source: expected [USER@]HOST[:PORT], ssh://..., or a directory"))
         })?;
-        Ok(SourceSpec::Ssh(resolve(&host, user, port, overrides, home)?))
+        Ok(SourceSpec::Ssh(Box::new(resolve(&host, user, port, overrides, home)?)))
     }
 }
 
@@ -97,7 +140,14 @@ fn resolve(
     home: Option<&Path>,
 ) -> Result<SshOptions, SourceError> {
     let ssh_dir = home.map(|h| h.join(".ssh"));
-    let params = match ssh_dir.as_ref().map(|d| d.join("config")).filter(|c| c.exists()) {
+    let config_file = match &overrides.config_file {
+        Some(file) if !file.exists() => {
+            return Err(SourceError::Config(format!("-F {}: no such ssh config file", file.display())));
+        }
+        Some(file) => Some(file.clone()),
+        None => ssh_dir.as_ref().map(|d| d.join("config")).filter(|c| c.exists()),
+    };
+    let params = match config_file {
         Some(file) => {
             let text = std::fs::read(&file).map_err(|e| SourceError::Io { path: file.clone(), source: e })?;
             let mut config = SshConfig::default();
@@ -112,6 +162,9 @@ fn resolve(
         None => None,
     };
     let from_config = |f: &dyn Fn(&ssh2_config::HostParams) -> Option<String>| params.as_ref().and_then(f);
+    let unsupported = |key: &str| {
+        from_config(&|p| p.unsupported_fields.get(key).or_else(|| p.ignored_fields.get(key))?.first().cloned())
+    };
 
     let mut identities = overrides.identities.clone();
     if let Some(files) = params.as_ref().and_then(|p| p.identity_file.clone()) {
@@ -125,10 +178,7 @@ fn resolve(
     let known_hosts = overrides
         .known_hosts
         .clone()
-        .or_else(|| {
-            from_config(&|p| p.unsupported_fields.get("userknownhostsfile").and_then(|v| v.first().cloned()))
-                .map(|f| expand_tilde(Path::new(&f), home))
-        })
+        .or_else(|| unsupported("userknownhostsfile").map(|f| expand_tilde(Path::new(&f), home)))
         .or_else(|| ssh_dir.as_ref().map(|d| d.join("known_hosts")))
         .ok_or_else(|| SourceError::Config("no home directory for ~/.ssh/known_hosts: give --known-hosts".into()))?;
 
@@ -136,11 +186,41 @@ fn resolve(
         alias: alias.to_string(),
         host: from_config(&|p| p.host_name.clone()).unwrap_or_else(|| alias.to_string()),
         port: overrides.port.or(port).or_else(|| params.as_ref().and_then(|p| p.port)).unwrap_or(22),
-        user: user.or_else(|| from_config(&|p| p.user.clone())).unwrap_or_else(current_user),
+        user: user.clone().or_else(|| from_config(&|p| p.user.clone())).unwrap_or_else(current_user),
         identities,
         known_hosts,
+        host_key_alias: unsupported("hostkeyalias"),
         accept_new_host_key: overrides.accept_new_host_key,
+        transport: overrides.transport,
+        tar: overrides.tar,
+        needs_openssh: needs_openssh(params.as_ref()),
+        given: Given {
+            user,
+            port: overrides.port.or(port),
+            identities: overrides.identities.clone(),
+            known_hosts: overrides.known_hosts.clone(),
+            config_file: overrides.config_file.clone(),
+            ssh_dir: ssh_dir.clone(),
+        },
     })
+}
+
+/// The first setting of the host's config that only OpenSSH follows.
+fn needs_openssh(params: Option<&ssh2_config::HostParams>) -> Option<String> {
+    let params = params?;
+    if params.proxy_jump.is_some() {
+        return Some("ProxyJump".into());
+    }
+    if params.certificate_file.is_some() {
+        return Some("CertificateFile".into());
+    }
+    OPENSSH_ONLY
+        .iter()
+        .find(|key| {
+            let key = key.to_lowercase();
+            params.unsupported_fields.contains_key(&key) || params.ignored_fields.contains_key(&key)
+        })
+        .map(|key| key.to_string())
 }
 
 fn expand_tilde(path: &Path, home: Option<&Path>) -> PathBuf {
@@ -165,7 +245,7 @@ mod tests {
 
     fn ssh(arg: &str, home: Option<&Path>) -> SshOptions {
         match SourceSpec::parse(arg, &SshOverrides::default(), home).unwrap() {
-            SourceSpec::Ssh(o) => o,
+            SourceSpec::Ssh(o) => *o,
             other => panic!("{other:?}"),
         }
     }
@@ -215,6 +295,7 @@ mod tests {
             port: Some(3000),
             known_hosts: Some("/kh".into()),
             accept_new_host_key: true,
+            ..Default::default()
         };
         let SourceSpec::Ssh(o) = SourceSpec::parse("dave@old:2023", &overrides, Some(home.path())).unwrap() else {
             panic!()
@@ -222,5 +303,27 @@ mod tests {
         assert_eq!((o.user.as_str(), o.port), ("dave", 3000));
         assert_eq!(o.identities[0], PathBuf::from("/k"));
         assert_eq!(o.known_hosts, PathBuf::from("/kh"));
+    }
+
+    #[test]
+    fn dash_f_replaces_the_ssh_config_and_what_only_openssh_follows_is_named() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".ssh")).unwrap();
+        std::fs::write(home.path().join(".ssh/config"), "Host old\n  HostName 10.0.0.1\n").unwrap();
+        let other = home.path().join("other_config");
+        std::fs::write(&other, "Host old\n  HostName 10.0.0.2\n  HostKeyAlias old-db\n  ProxyJump gw\n").unwrap();
+        let o = ssh("old", Some(home.path()));
+        assert_eq!(
+            (o.host.as_str(), o.host_key_alias.as_deref(), o.needs_openssh.as_deref()),
+            ("10.0.0.1", None, None)
+        );
+        let overrides = SshOverrides { config_file: Some(other.clone()), ..Default::default() };
+        let SourceSpec::Ssh(o) = SourceSpec::parse("old", &overrides, Some(home.path())).unwrap() else { panic!() };
+        assert_eq!(o.host, "10.0.0.2");
+        assert_eq!(o.host_key_alias.as_deref(), Some("old-db"));
+        assert_eq!(o.needs_openssh.as_deref(), Some("ProxyJump"));
+        assert_eq!(o.given.config_file, Some(other));
+        let missing = SshOverrides { config_file: Some(home.path().join("nope")), ..Default::default() };
+        assert!(SourceSpec::parse("old", &missing, Some(home.path())).is_err());
     }
 }

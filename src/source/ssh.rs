@@ -2,8 +2,10 @@
 //! known_hosts, ssh-agent then identity files, contents over SFTP ranged reads.
 //! No path ever becomes part of a command line.
 
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -11,7 +13,8 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use ssh2::{HashType, MethodType, Session};
 
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
-use super::sftp::{FileRead, Sftp, SftpError};
+use super::sftp::{Attrs, FileRead, Sftp, SftpError};
+use super::tar::{self, TarUse};
 use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
@@ -35,6 +38,7 @@ pub struct SshSource {
     options: SshOptions,
     /// Prefixed to every path: `/a/b` is read from `root/a/b`.
     root: PathBuf,
+    tar: Arc<TarUse>,
 }
 
 impl SshSource {
@@ -42,11 +46,16 @@ impl SshSource {
         if !root.is_absolute() {
             return Err(SourceError::Config(format!("--source-root {}: must be absolute", root.display())));
         }
-        Ok(SshSource { options, root: root.to_path_buf() })
+        Ok(SshSource { options, root: root.to_path_buf(), tar: Arc::default() })
     }
 
     fn host_label(&self) -> String {
         known_hosts::host_name(&self.options.host, self.options.port)
+    }
+
+    /// The name known_hosts lists the host under: its `HostKeyAlias`, or `[host]:port`.
+    fn known_hosts_name(&self) -> String {
+        self.options.host_key_alias.clone().unwrap_or_else(|| self.host_label())
     }
 
     fn session_error(&self, err: impl std::fmt::Display) -> SourceError {
@@ -72,7 +81,7 @@ impl SshSource {
 
     fn verify_host_key(&self, session: &Session, known: &mut KnownHosts) -> Result<(), SourceError> {
         let (blob, _) = session.host_key().ok_or_else(|| self.session_error("the server sent no host key"))?;
-        let name = self.host_label();
+        let name = self.known_hosts_name();
         let key_type = known_hosts::blob_key_type(blob).unwrap_or_else(|| "unknown".into());
         let fingerprint = session
             .host_key_hash(HashType::Sha256)
@@ -138,28 +147,25 @@ impl Source for SshSource {
         let prefer = |method, prefs: &str| session.method_pref(method, prefs).map_err(|e| self.session_error(e));
         prefer(MethodType::CryptCs, CIPHERS)?;
         prefer(MethodType::CryptSc, CIPHERS)?;
-        prefer(MethodType::HostKey, &host_key_preference(&known.key_types(&self.host_label())))?;
+        prefer(MethodType::HostKey, &host_key_preference(&known.key_types(&self.known_hosts_name())))?;
         let started = std::time::Instant::now();
         session.handshake().map_err(|e| self.session_error(format!("handshake failed: {e}")))?;
         self.verify_host_key(&session, &mut known)?;
         let handshake = started.elapsed();
         self.authenticate(&session)?;
         let authenticated = started.elapsed();
-        let channel = with_quick_acks(&session, fd, || session.channel_session())
+        let mut channel = with_quick_acks(&session, fd, || session.channel_session())
             .map_err(|e| self.session_error(format!("cannot open a channel: {e}")))?;
-        let sftp = Sftp::start(channel).map_err(|e| self.session_error(format!("cannot start SFTP: {e:?}")))?;
+        channel.subsystem("sftp").map_err(|e| self.session_error(format!("cannot start SFTP: {e}")))?;
+        let sftp = Sftp::start(Box::new(channel) as Box<dyn Stream>)
+            .map_err(|e| self.session_error(format!("cannot start SFTP: {e:?}")))?;
         log::debug!(
             "connected to {}: handshake {handshake:?}, authenticated at {authenticated:?}, SFTP at {:?}",
             self.host_label(),
             started.elapsed()
         );
-        Ok(Box::new(SshConnection {
-            _session: session,
-            sftp,
-            root: self.root.clone(),
-            host: self.host_label(),
-            open: Vec::new(),
-        }))
+        let tar = (self.tar.clone(), self.options.tar);
+        Ok(Box::new(SshConnection::new(sftp, Box::new(session), tar, &self.root, self.host_label())?))
     }
 
     fn describe(&self) -> String {
@@ -225,17 +231,88 @@ fn host_key_preference(known_types: &[String]) -> String {
 /// files do not pay an OPEN and a CLOSE each time.
 const OPEN_HANDLES: usize = 16;
 
-struct SshConnection {
-    /// Keeps the session alive for as long as the channel is used.
-    _session: Session,
-    sftp: Sftp,
+/// Fewer files than this are read through SFTP: they fit in one pipeline's
+/// window, so tar would save no round trip.
+const TAR_MIN_FILES: usize = 64;
+
+/// The byte stream the SFTP client speaks over: an ssh2 channel, or the pipes
+/// of an `ssh` child.
+pub(super) trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Starts commands on the host (the session itself, or a way to open
+/// another); holding it keeps the connection's session alive.
+pub(super) trait Remote: Send {
+    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String>;
+}
+
+/// A command running on the host: reading gives its stdout.
+pub(super) trait RemoteCommand: Read {
+    /// Writes `input` to its stdin, then closes it.
+    fn send_all_and_close(&mut self, input: &[u8]) -> std::io::Result<()>;
+    /// Once its stdout has ended: its exit status (None if it was killed or unknown).
+    fn exit_status(self: Box<Self>) -> std::io::Result<Option<i32>>;
+}
+
+impl Remote for Session {
+    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
+        let mut channel = self.channel_session().map_err(|e| e.to_string())?;
+        channel.handle_extended_data(ssh2::ExtendedData::Ignore).map_err(|e| e.to_string())?;
+        channel.exec(command).map_err(|e| e.to_string())?;
+        Ok(Box::new(channel))
+    }
+}
+
+impl RemoteCommand for ssh2::Channel {
+    fn send_all_and_close(&mut self, input: &[u8]) -> std::io::Result<()> {
+        self.write_all(input)?;
+        self.send_eof().map_err(std::io::Error::other)
+    }
+
+    fn exit_status(mut self: Box<Self>) -> std::io::Result<Option<i32>> {
+        self.wait_close().map_err(std::io::Error::other)?;
+        ssh2::Channel::exit_status(&self).map(Some).map_err(std::io::Error::other)
+    }
+}
+
+/// One lane's SFTP session over either transport, with small files read
+/// through `tar` where the account may run it.
+pub(super) struct SshConnection {
+    sftp: Sftp<Box<dyn Stream>>,
+    remote: Box<dyn Remote>,
+    tar: Arc<TarUse>,
+    /// Whether small files go through tar (`--tar`, and if the host lets it).
+    use_tar: bool,
+    /// The source root as the server resolves it.
     root: PathBuf,
     host: String,
-    /// Open handles with the generation they were opened for, most recently used last.
-    open: Vec<(PathBuf, u64, Vec<u8>)>,
+    /// Open handles with the generation they were opened for, most recently
+    /// used last, each with the LSTAT its FSTAT is still to be checked
+    /// against (until its first read).
+    open: Vec<(PathBuf, u64, Vec<u8>, Option<Attrs>)>,
 }
 
 impl SshConnection {
+    pub(super) fn new(
+        sftp: Sftp<Box<dyn Stream>>,
+        remote: Box<dyn Remote>,
+        (tar, use_tar): (Arc<TarUse>, bool),
+        root: &Path,
+        host: String,
+    ) -> Result<Self, SourceError> {
+        // Paths below the root are checked against REALPATH, so the root is
+        // taken as the server resolves it.
+        let mut sftp = sftp;
+        let root = sftp.realpath(root).map_err(|e| match e {
+            SftpError::Broken(message) => SourceError::Session { host: host.clone(), message },
+            SftpError::Status { message, .. } => {
+                SourceError::Config(format!("--source-root {}: {message} on the source", root.display()))
+            }
+            e => SourceError::Config(format!("--source-root {}: {e:?}", root.display())),
+        })?;
+        Ok(SshConnection { sftp, remote, tar, use_tar, root, host, open: Vec::new() })
+    }
+
     fn full(&self, path: &Path) -> PathBuf {
         self.root.join(relative(path))
     }
@@ -252,68 +329,100 @@ impl SshConnection {
             },
             SftpError::Short { end } => SourceError::Short { path: path.to_path_buf(), end, wanted },
             SftpError::Longer => SourceError::Longer { path: path.to_path_buf(), size: wanted },
+            SftpError::Changed(reason) => SourceError::Changed { path: path.to_path_buf(), reason },
             SftpError::Broken(message) => SourceError::Session { host: self.host.clone(), message },
         }
     }
 
     /// The handle open for `path` in `generation`, if there is one (it
-    /// becomes the most recently used).
-    fn cached(&mut self, path: &Path, generation: u64) -> Option<Vec<u8>> {
-        let at = self.open.iter().position(|(p, g, _)| p == path && *g == generation)?;
+    /// becomes the most recently used), and the LSTAT to check its FSTAT
+    /// against if it has not been read yet.
+    fn cached(&mut self, path: &Path, generation: u64) -> Option<(Vec<u8>, Option<Attrs>)> {
+        let at = self.open.iter().position(|(p, g, _, _)| p == path && *g == generation)?;
         let entry = self.open.remove(at);
-        let handle = entry.2.clone();
+        let cached = (entry.2.clone(), entry.3);
         self.open.push(entry);
-        Some(handle)
+        Some(cached)
     }
 
-    /// Keeps `handle`, closing one of another generation of the same file
-    /// (it may be of a file replaced since) or the least recently used.
-    fn keep(&mut self, path: &Path, generation: u64, handle: &[u8]) -> Result<(), SourceError> {
-        let stale = self.open.iter().position(|(p, _, _)| p == path);
+    /// Opens `path` once it is seen to be the regular file it was
+    /// ([`Sftp::open_checked`]) and keeps the handle, closing one of another
+    /// generation of the same file (it may be of a file replaced since) or the
+    /// least recently used. Returns the handle and what LSTAT said.
+    fn open(&mut self, path: &Path, generation: u64) -> Result<(Vec<u8>, Attrs), SourceError> {
+        let stale = self.open.iter().position(|(p, _, _, _)| p == path);
         if let Some(at) = stale.or((self.open.len() >= OPEN_HANDLES).then_some(0)) {
-            let (old_path, _, old) = self.open.remove(at);
-            self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))?;
-        }
-        self.open.push((path.to_path_buf(), generation, handle.to_vec()));
-        Ok(())
-    }
-
-    fn handle(&mut self, path: &Path, generation: u64) -> Result<Vec<u8>, SourceError> {
-        if let Some(handle) = self.cached(path, generation) {
-            return Ok(handle);
+            self.close(at)?;
         }
         let full = self.full(path);
-        let handle = self.sftp.open(&full).map_err(|e| self.error(path, e, 0))?;
-        self.keep(path, generation, &handle)?;
-        Ok(handle)
+        let (handle, looked) = self.sftp.open_checked(&full).map_err(|e| self.error(path, e, 0))?;
+        self.open.push((path.to_path_buf(), generation, handle.clone(), Some(looked)));
+        Ok((handle, looked))
+    }
+
+    fn close(&mut self, at: usize) -> Result<(), SourceError> {
+        let (old_path, _, old, _) = self.open.remove(at);
+        self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))
+    }
+
+    /// Reads the files through `tar` if the host lets this account run it,
+    /// then the rest (all of them where it does not) through SFTP.
+    fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> Result<Vec<Result<(), SftpError>>, SftpError> {
+        let mut reads: Vec<(usize, FileRead<'_>)> = reads.into_iter().enumerate().collect();
+        let left = if self.use_tar && self.tar.allowed() && reads.len() >= TAR_MIN_FILES {
+            tar::read_files(self.remote.as_mut(), &self.tar, &self.host, &mut reads)?
+        } else {
+            reads.iter().map(|(i, _)| *i).collect()
+        };
+        let (mut rest, done): (Vec<_>, Vec<_>) = reads.into_iter().partition(|(i, _)| left.contains(i));
+        let mut results: Vec<Option<Result<(), SftpError>>> = (0..rest.len() + done.len()).map(|_| None).collect();
+        for (i, read) in done {
+            results[i] = Some(read.result);
+        }
+        let indices: Vec<usize> = rest.iter().map(|(i, _)| *i).collect();
+        let mut sftp_reads: Vec<FileRead<'_>> = rest.drain(..).map(|(_, r)| r).collect();
+        self.sftp.read_files(&mut sftp_reads)?;
+        for (i, read) in indices.into_iter().zip(sftp_reads) {
+            results[i] = Some(read.result);
+        }
+        Ok(results.into_iter().map(|r| r.expect("every file read")).collect())
     }
 }
 
 impl Connection for SshConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let full = self.full(path);
-        let (size, mtime) = self.sftp.stat(&full).map_err(|e| self.error(path, e, 0))?;
-        Ok(SourceStat { size, mtime: i64::from(mtime) })
+        self.stat_many(&[path])?.pop().expect("one path")
     }
 
     fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
         let fulls: Vec<PathBuf> = paths.iter().map(|p| self.full(p)).collect();
         let refs: Vec<&Path> = fulls.iter().map(PathBuf::as_path).collect();
-        let stats = self.sftp.stat_many(&refs).map_err(|e| self.error(Path::new("/"), e, 0))?;
+        let stats = self.sftp.lookup_many(&refs).map_err(|e| self.error(Path::new("/"), e, 0))?;
         Ok(paths
             .iter()
             .zip(stats)
-            .map(|(path, stat)| {
-                stat.map(|(size, mtime)| SourceStat { size, mtime: i64::from(mtime) })
-                    .map_err(|e| self.error(path, e, 0))
-            })
+            .map(|(path, stat)| stat.map(source_stat).map_err(|e| self.error(path, e, 0)))
             .collect())
     }
 
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let handle = self.handle(path, generation)?;
+        let (handle, check) = match self.cached(path, generation) {
+            Some(cached) => cached,
+            None => self.open(path, generation).map(|(handle, looked)| (handle, Some(looked)))?,
+        };
         let wanted = offset + buf.len() as u64;
-        self.sftp.read_exact_at(&handle, offset, buf).map_err(|e| self.error(path, e, wanted))
+        match self.sftp.read_exact_at(&handle, offset, buf, check.as_ref()) {
+            Err(SftpError::Changed(reason)) => {
+                // Not this file any more: never read through this handle again.
+                let at = self.open.len() - 1;
+                self.close(at)?;
+                Err(self.error(path, SftpError::Changed(reason), wanted))
+            }
+            result => {
+                self.open.last_mut().expect("just used").3 = None;
+                result.map_err(|e| self.error(path, e, wanted))
+            }
+        }
     }
 
     fn stat_and_read(
@@ -324,16 +433,10 @@ impl Connection for SshConnection {
         buf: &mut [u8],
     ) -> Result<SourceStat, SourceError> {
         let stat = match self.cached(path, generation) {
-            // Open already (not by a first look): the STAT costs a round trip of its own.
+            // Open already (not by a first look): the look costs a round trip of its own.
             Some(_) => self.stat(path)?,
-            None => {
-                let full = self.full(path);
-                let (stat, open) = self.sftp.stat_open(&full).map_err(|e| self.error(path, e, 0))?;
-                let handle = open.map_err(|e| self.error(path, e, 0))?;
-                self.keep(path, generation, &handle)?;
-                let (size, mtime) = stat.map_err(|e| self.error(path, e, 0))?;
-                SourceStat { size, mtime: i64::from(mtime) }
-            }
+            // The LSTAT made before the OPEN is the first look.
+            None => source_stat(self.open(path, generation)?.1),
         };
         self.read_exact_at(path, generation, offset, buf)?;
         Ok(stat)
@@ -341,19 +444,22 @@ impl Connection for SshConnection {
 
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
         let fulls: Vec<PathBuf> = files.iter().map(|f| self.full(f.path)).collect();
-        let mut reads: Vec<FileRead<'_>> = files
+        let reads: Vec<FileRead<'_>> = files
             .iter_mut()
             .zip(&fulls)
             .map(|(f, full)| FileRead { path: full, buf: &mut *f.buf, result: Ok(()) })
             .collect();
-        let outcome = self.sftp.read_files(&mut reads);
-        let results: Vec<Result<(), SftpError>> = reads.into_iter().map(|r| r.result).collect();
+        let results = self.read_whole(reads).map_err(|e| self.error(Path::new("/"), e, 0))?;
         for (file, result) in files.iter_mut().zip(results) {
             let wanted = file.buf.len() as u64;
             file.result = result.map_err(|e| self.error(file.path, e, wanted));
         }
-        outcome.map_err(|e| self.error(Path::new("/"), e, 0))
+        Ok(())
     }
+}
+
+fn source_stat(attrs: Attrs) -> SourceStat {
+    SourceStat { size: attrs.size.unwrap_or(0), mtime: i64::from(attrs.mtime.unwrap_or(0)) }
 }
 
 #[cfg(test)]

@@ -19,13 +19,12 @@ pub struct SpillFile {
 }
 
 impl SpillFile {
-    /// Opens the spill file for a file of `size` bytes, returning it and its
-    /// length. With `keep`, an existing spill file of that size keeps its bytes
-    /// (a journal says which are present); otherwise it starts empty. `size`
-    /// `None` keeps the existing file's length (a file changed locally).
-    pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
-        let file =
-            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+    /// Takes the spill file `file` (at `path`) for a file of `size` bytes,
+    /// returning it and its length. With `keep`, an existing spill file of
+    /// that size keeps its bytes (a journal says which are present); otherwise
+    /// it starts empty. `size` `None` keeps the existing file's length (a file
+    /// changed locally).
+    pub fn open(file: File, path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
         let existing = file.metadata().map_err(io_err(path))?.len();
         let size = size.unwrap_or(existing);
         if !keep || existing != size {
@@ -33,6 +32,14 @@ impl SpillFile {
         }
         file.set_len(size).map_err(io_err(path))?;
         Ok((SpillFile { path: path.to_path_buf(), file }, size))
+    }
+
+    /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
+    #[cfg(test)]
+    pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+        let file =
+            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+        Self::open(file, path, size, keep)
     }
 
     pub fn path(&self) -> &Path {
@@ -206,7 +213,7 @@ mod tests {
     #[test]
     fn reads_stop_at_the_end_and_discarded_bytes_free_their_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let (spill, len) = SpillFile::open(&dir.path().join("s"), Some(3 * 4096), false).unwrap();
+        let (spill, len) = SpillFile::open_path(&dir.path().join("s"), Some(3 * 4096), false).unwrap();
         assert_eq!(len, 3 * 4096);
         spill.write_at(4096, &[7; 4096]).unwrap();
         let mut buf = vec![9u8; 5 * 4096];

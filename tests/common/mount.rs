@@ -90,6 +90,10 @@ impl Source<'_> {
                 command.arg(dir);
             }
             Source::Ssh { sshd, root } => {
+                // CI runs the SSH tests once more with `LAZYFS_TEST_SSH=libssh2`.
+                if let Some(transport) = std::env::var_os("LAZYFS_TEST_SSH") {
+                    command.arg("--ssh").arg(transport);
+                }
                 command
                     .arg(sshd.target())
                     .arg("-i")

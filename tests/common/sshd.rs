@@ -13,6 +13,8 @@ pub struct Sshd {
     pub dir: tempfile::TempDir,
     pub port: u16,
     addr: String,
+    /// Lines added to the generated sshd_config.
+    extra: String,
     netns: Option<String>,
     child: Option<Child>,
 }
@@ -36,17 +38,34 @@ impl Sshd {
         Self::start_at("127.0.0.1", None)
     }
 
+    /// An sshd on 127.0.0.1 with these lines added to its config.
+    pub fn start_with(extra: &str) -> Sshd {
+        Self::start_full("127.0.0.1", None, extra)
+    }
+
     /// An sshd listening on `addr`, inside network namespace `netns` if given
     /// (the benchmark's WAN profile).
     pub fn start_at(addr: &str, netns: Option<&str>) -> Sshd {
+        Self::start_full(addr, netns, "")
+    }
+
+    fn start_full(addr: &str, netns: Option<&str>, extra: &str) -> Sshd {
         let dir = tempfile::Builder::new().prefix("lazyfs-sshd").tempdir().unwrap();
         let d = dir.path();
         keygen(&d.join("host_ed25519"), "ed25519");
         keygen(&d.join("user_ed25519"), "ed25519");
         std::fs::copy(d.join("user_ed25519.pub"), d.join("authorized_keys")).unwrap();
+        // Lines given first win: sshd keeps the first value of each setting.
         // sshd refuses to start without its privilege separation directory.
         std::fs::create_dir_all("/run/sshd").unwrap();
-        let mut sshd = Sshd { dir, port: 0, addr: addr.to_string(), netns: netns.map(String::from), child: None };
+        let mut sshd = Sshd {
+            dir,
+            port: 0,
+            addr: addr.to_string(),
+            extra: extra.to_string(),
+            netns: netns.map(String::from),
+            child: None,
+        };
         sshd.launch();
         let host_key = std::fs::read_to_string(sshd.dir.path().join("host_ed25519.pub")).unwrap();
         let mut fields = host_key.split_whitespace();
@@ -60,12 +79,13 @@ impl Sshd {
         for _attempt in 0..5 {
             let port = free_port();
             let config = format!(
-                "Port {port}\nListenAddress {addr}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+                "{extra}\nPort {port}\nListenAddress {addr}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n\
                  MaxStartups 200\nMaxSessions 200\nLogLevel ERROR\n",
                 addr = self.addr,
-                d = d.display()
+                d = d.display(),
+                extra = self.extra
             );
             std::fs::write(d.join("sshd_config"), config).unwrap();
             self.port = port;
@@ -119,6 +139,17 @@ impl Sshd {
 
     pub fn known_hosts(&self) -> PathBuf {
         self.dir.path().join("known_hosts")
+    }
+
+    /// The host's public key, `TYPE BASE64`.
+    pub fn host_key(&self) -> String {
+        let line = std::fs::read_to_string(self.dir.path().join("host_ed25519.pub")).unwrap();
+        line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    }
+
+    /// What sshd logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
     pub fn target(&self) -> String {

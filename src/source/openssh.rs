@@ -1,0 +1,470 @@
+//! The old host through the system's OpenSSH client, as sshfs, rsync and git
+//! reach hosts: `ssh -s HOST sftp`, lazyfs's own SFTP client over its pipes.
+//! Everything in the user's ssh config applies as it does for `ssh` itself
+//! (ProxyJump, HostKeyAlias, certificates, Match, PKCS#11, ControlMaster); the
+//! command line adds only BatchMode (never a prompt in the background), the
+//! host key policy and what lazyfs's own options say. No path is ever part of
+//! a command line.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::sftp::Sftp;
+use super::ssh::{Remote, RemoteCommand, SshConnection, Stream};
+use super::tar::TarUse;
+use super::{Connection, Source, SourceError, SshOptions};
+
+/// What `ssh` writes to stderr is kept up to this much, for messages.
+const STDERR_KEPT: usize = 16 << 10;
+
+pub struct OpensshSource {
+    options: SshOptions,
+    root: PathBuf,
+    /// Options before the host: config file, policy, what the command line gave.
+    args: Vec<OsString>,
+    /// `user@host:port` as `ssh -G` resolves it, for messages.
+    label: String,
+    tar: Arc<TarUse>,
+    /// The master every connection's session rides on; None where the user's
+    /// config has a ControlPath of its own (that one then serves).
+    mux: Option<Arc<Mux>>,
+}
+
+/// A master `ssh` of the source's own (`-M -N`), its socket in a private
+/// directory (0700): each further session costs a channel open instead of a
+/// new SSH connection (process start, key exchange, authentication: 0.3-0.6 s
+/// each on the loaded test machine, against 50-100 ms for libssh2). Started
+/// by the first connection; a session whose master is gone connects on its own.
+/// The master's own session is an idle SFTP session (the subsystem every
+/// account has), so that it ends when lazyfs does.
+struct Mux {
+    dir: PathBuf,
+    /// The master, and its stdin: when lazyfs ends however it ends, the pipe
+    /// closes, the master's own SFTP session ends, and so does the master.
+    master: Mutex<Option<(Child, Option<ChildStdin>)>>,
+}
+
+impl Mux {
+    fn new() -> Option<Mux> {
+        use std::os::unix::fs::DirBuilderExt;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.subsec_nanos();
+        let dir = std::env::temp_dir().join(format!("lazyfs-ssh-{}-{stamp:x}", std::process::id()));
+        remove_stale_dirs();
+        // Fails if the name exists: the directory is ours alone.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
+        Some(Mux { dir, master: Mutex::new(None) })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("master")
+    }
+
+    /// The master's socket, the master started first if it is not running.
+    fn ready(&self, source: &OpensshSource) -> Option<PathBuf> {
+        let socket = self.socket();
+        let mut master = self.master.lock().expect("mux lock");
+        if let Some((child, _)) = master.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) && socket.exists() {
+                return Some(socket);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            *master = None;
+        }
+        let mut child = Command::new("ssh")
+            .args(&source.args)
+            .args(["-M", "-o", "ControlPersist=no", "-o"])
+            .arg(control_path(&socket))
+            .args(["-s", "--", &source.options.alias, "sftp"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdin = child.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let up = socket.exists();
+        *master = Some((child, stdin));
+        up.then_some(socket)
+    }
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        if let Some((mut child, _)) = self.master.lock().expect("mux lock").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl OpensshSource {
+    pub fn new(options: SshOptions, root: &Path) -> Result<Self, SourceError> {
+        if !root.is_absolute() {
+            return Err(SourceError::Config(format!("--source-root {}: must be absolute", root.display())));
+        }
+        let mut args = base_args(&options);
+        let resolved = resolve(&args, &options.alias)?;
+        let get = |key: &str| resolved.get(key).map(String::as_str);
+        if get("connecttimeout") == Some("none") {
+            args.extend(["-o".into(), "ConnectTimeout=10".into()]);
+        }
+        // A lost connection must show as one, not as a read that never returns.
+        if get("serveraliveinterval") == Some("0") {
+            args.extend(["-o".into(), "ServerAliveInterval=5".into(), "-o".into(), "ServerAliveCountMax=4".into()]);
+        }
+        let label = format!(
+            "{}@{}",
+            get("user").unwrap_or(&options.user),
+            super::known_hosts::host_name(
+                get("hostname").unwrap_or(&options.host),
+                get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port)
+            )
+        );
+        // `ssh -G` prints no controlpath where none is set.
+        let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
+        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, tar: Arc::default(), mux })
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("ssh");
+        command.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+    }
+
+    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged.
+    fn start_sftp(&self, mut command: Command) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
+        command.args(["-s", "--", &self.options.alias, "sftp"]);
+        let child = Piped::spawn(command, &self.label)?;
+        let stderr = child.stderr.clone();
+        // On failure the child is dropped, so waited for: its stderr is complete.
+        Sftp::start(Box::new(child) as Box<dyn Stream>).map_err(|e| self.failure(&stderr.finish(), &format!("{e:?}")))
+    }
+
+    /// The type and fingerprint of the key the host offers, from `ssh`'s debug
+    /// output (it names them nowhere else when it refuses an unknown key).
+    fn offered_key(&self) -> Option<(String, String)> {
+        let mut command = Command::new("ssh");
+        command.args(["-o", "LogLevel=DEBUG1"]).args(&self.args).args(["-s", "--", &self.options.alias, "sftp"]);
+        let out = command.stdin(Stdio::null()).stdout(Stdio::null()).output().ok()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The last key offered before the refusal: a ProxyJump host's comes earlier.
+        let before = stderr.split("host key is known for").next()?;
+        let offered = before.rsplit("Server host key: ").next().filter(|_| before.contains("Server host key: "))?;
+        let mut fields = offered.split_whitespace();
+        Some((fields.next()?.to_string(), fields.next()?.to_string()))
+    }
+
+    /// Turns what `ssh` said on failing into the error a person can act on.
+    fn failure(&self, stderr: &str, fallback: &str) -> SourceError {
+        log::debug!("ssh to {} failed: {stderr}", self.label);
+        let line = |needle: &str| stderr.lines().find(|l| l.contains(needle)).map(str::trim);
+        let known_hosts = || self.options.given.known_hosts.clone().unwrap_or_else(|| self.options.known_hosts.clone());
+        if let Some(unknown) = line("host key is known for") {
+            // "No ED25519 host key is known for NAME and you have requested strict checking."
+            let host = unknown.split(" is known for ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or_default();
+            let (key_type, fingerprint) = self.offered_key().unwrap_or_else(|| {
+                let key_type = unknown.split_whitespace().nth(1).unwrap_or("?");
+                (key_type.to_string(), "fingerprint unknown".into())
+            });
+            return SourceError::UnknownHostKey {
+                host: host.to_string(),
+                key_type,
+                fingerprint,
+                known_hosts: known_hosts(),
+            };
+        }
+        if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || stderr.contains("HOST KEY HAS CHANGED") {
+            // `  ssh-keygen -f "/root/.ssh/known_hosts" -R "[127.0.0.1]:2222"`
+            let quoted = |after: &str| {
+                let rest = stderr.split(after).nth(1)?.trim_start();
+                let quote = rest.chars().next().filter(|c| *c == '"' || *c == '\'')?;
+                Some(rest[1..].split(quote).next()?.to_string())
+            };
+            // "The fingerprint for the ED25519 key sent by the remote host is\nSHA256:..."
+            let sent = "key sent by the remote host is";
+            let fingerprint = stderr.split(sent).nth(1).and_then(|r| r.split_whitespace().next());
+            let key_type = line(sent).and_then(|l| l.split_whitespace().nth(4));
+            return SourceError::ChangedHostKey {
+                host: quoted(" -R ").unwrap_or_else(|| self.label.clone()),
+                key_type: key_type.unwrap_or("?").to_string(),
+                fingerprint: fingerprint.unwrap_or_default().trim_end_matches('.').to_string(),
+                known_hosts: quoted("ssh-keygen -f").map(PathBuf::from).unwrap_or_else(known_hosts),
+            };
+        }
+        if let Some(denied) = line("Permission denied") {
+            let mut tried: Vec<String> =
+                self.options.given.identities.iter().map(|i| i.display().to_string()).collect();
+            tried.push(format!("what the ssh config and ssh-agent offer ({denied})"));
+            return SourceError::Auth {
+                user: self.options.user.clone(),
+                host: self.label.clone(),
+                tried: tried.join(", "),
+            };
+        }
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim);
+        for refused in ["Connection refused", "Could not resolve", "Connection timed out", "No route to host"] {
+            if let Some(line) = line(refused) {
+                return SourceError::Connect {
+                    addr: self.label.clone(),
+                    source: std::io::Error::other(line.to_string()),
+                };
+            }
+        }
+        SourceError::Session { host: self.label.clone(), message: last.unwrap_or(fallback).to_string() }
+    }
+}
+
+impl Source for OpensshSource {
+    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
+        let started = std::time::Instant::now();
+        let mut base = self.command();
+        if let Some(socket) = self.mux.as_ref().and_then(|mux| mux.ready(self)) {
+            // Without the master's socket, ssh connects on its own.
+            base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(&socket));
+        }
+        let sftp = self.start_sftp(clone_command(&base))?;
+        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
+        let remote =
+            Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
+        let tar = (self.tar.clone(), self.options.tar);
+        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), tar, &self.root, self.label.clone())?))
+    }
+
+    fn describe(&self) -> String {
+        self.label.clone()
+    }
+}
+
+/// The options every `ssh` of this source gets.
+fn base_args(options: &SshOptions) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut option = |text: String| args.extend(["-o".into(), text.into()]);
+    option("BatchMode=yes".into());
+    option(format!("StrictHostKeyChecking={}", if options.accept_new_host_key { "accept-new" } else { "yes" }));
+    let given = &options.given;
+    // `ssh` finds its config, keys and known_hosts in the passwd entry's home;
+    // lazyfs in $HOME. Where they differ, point `ssh` at $HOME's.
+    let moved_home = given.ssh_dir.as_ref().filter(|dir| Some(dir.as_path()) != passwd_ssh_dir().as_deref());
+    let known_hosts = given.known_hosts.clone().or_else(|| moved_home.map(|_| options.known_hosts.clone()));
+    if let Some(file) = known_hosts {
+        option(format!("UserKnownHostsFile={}", file.display()));
+    }
+    let config = given.config_file.clone().or_else(|| {
+        moved_home.map(|dir| Some(dir.join("config")).filter(|c| c.exists()).unwrap_or_else(|| "none".into()))
+    });
+    if let Some(config) = config {
+        args.extend(["-F".into(), config.into()]);
+    }
+    let defaults = moved_home.map(|dir| ["id_ed25519", "id_ecdsa", "id_rsa"].map(|n| dir.join(n)));
+    for identity in given.identities.iter().chain(defaults.iter().flatten().filter(|p| p.exists())) {
+        args.extend(["-i".into(), identity.into()]);
+    }
+    if let Some(port) = given.port {
+        args.extend(["-p".into(), port.to_string().into()]);
+    }
+    if let Some(user) = &given.user {
+        args.extend(["-l".into(), user.into()]);
+    }
+    // No terminal, no X11 or agent forwarding: a byte stream only.
+    args.extend(["-T", "-x", "-a"].map(OsString::from));
+    args
+}
+
+/// Removes the socket directories of lazyfs processes that ended without
+/// removing theirs (their masters ended with them).
+fn remove_stale_dirs() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("lazyfs-ssh-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::getuid().as_raw());
+        if ours && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The same program and arguments, stdio piped.
+fn clone_command(command: &Command) -> Command {
+    let mut clone = Command::new(command.get_program());
+    clone.args(command.get_args()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    clone
+}
+
+fn control_path(socket: &Path) -> OsString {
+    let mut option = OsString::from("ControlPath=\"");
+    option.push(socket);
+    option.push("\"");
+    option
+}
+
+fn passwd_ssh_dir() -> Option<PathBuf> {
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten()?;
+    Some(user.dir.join(".ssh"))
+}
+
+/// The host's settings as `ssh -G` resolves them from the config.
+fn resolve(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
+    let out = Command::new("ssh").args(args).args(["-G", "--", alias]).stdin(Stdio::null()).output().map_err(|e| {
+        SourceError::Config(format!("cannot run ssh ({e}): install openssh-client, or give --ssh libssh2"))
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(SourceError::Config(format!("ssh -G {alias}: {}", stderr.trim().replace('\n', " "))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// Runs commands on the host, each through an `ssh` of its own.
+struct Exec {
+    base: Command,
+    alias: String,
+    label: String,
+    /// The master stays while a connection may use it.
+    _mux: Option<Arc<Mux>>,
+}
+
+impl Remote for Exec {
+    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
+        let mut ssh = clone_command(&self.base);
+        ssh.args(["--", &self.alias, command]);
+        Ok(Box::new(Piped::spawn(ssh, &self.label).map_err(|e| e.to_string())?))
+    }
+}
+
+/// An `ssh` child: writes go to its stdin, reads come from its stdout, its
+/// stderr is kept for messages. Dropping it ends the child.
+struct Piped {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    stderr: Stderr,
+}
+
+impl Piped {
+    fn spawn(mut command: Command, label: &str) -> Result<Piped, SourceError> {
+        let mut child = command.spawn().map_err(|e| {
+            SourceError::Config(format!("cannot run ssh ({e}): install openssh-client, or give --ssh libssh2"))
+        })?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::with_capacity(256 << 10, child.stdout.take().expect("piped"));
+        let stderr = Stderr::collect(child.stderr.take().expect("piped"), label);
+        Ok(Piped { child, stdin, stdout, stderr })
+    }
+}
+
+impl Read for Piped {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stdout.read(buf)
+    }
+}
+
+impl Write for Piped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.stdin {
+            Some(stdin) => stdin.write(buf),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl RemoteCommand for Piped {
+    fn send_all_and_close(&mut self, input: &[u8]) -> std::io::Result<()> {
+        let written = self.write_all(input);
+        self.stdin = None;
+        written
+    }
+
+    fn exit_status(mut self: Box<Self>) -> std::io::Result<Option<i32>> {
+        self.stdin = None;
+        let status = self.child.wait()?;
+        let stderr = self.stderr.clone().finish();
+        if !status.success() {
+            log::debug!("ssh {status}: {stderr}");
+        }
+        Ok(status.code())
+    }
+}
+
+impl Drop for Piped {
+    /// Closing stdin ends the session; a child still there after a second is killed.
+    fn drop(&mut self) {
+        self.stdin = None;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(None) = self.child.try_wait() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `ssh`'s stderr, read by a thread of its own so it never blocks `ssh`.
+#[derive(Clone)]
+struct Stderr {
+    text: Arc<Mutex<String>>,
+    reader: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Stderr {
+    fn collect(mut pipe: std::process::ChildStderr, label: &str) -> Stderr {
+        let text = Arc::new(Mutex::new(String::new()));
+        let kept = text.clone();
+        let label = label.to_string();
+        let reader = std::thread::Builder::new()
+            .name("ssh-stderr".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    let chunk = String::from_utf8_lossy(&buf[..n]);
+                    log::debug!("ssh {label}: {}", chunk.trim_end());
+                    let mut text = kept.lock().expect("stderr lock");
+                    if text.len() < STDERR_KEPT {
+                        text.push_str(&chunk);
+                    }
+                }
+            })
+            .ok();
+        Stderr { text, reader: Arc::new(Mutex::new(reader)) }
+    }
+
+    /// Everything `ssh` wrote, once it closed its stderr (or two seconds passed:
+    /// a process it started may hold the pipe).
+    fn finish(self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        if let Some(reader) = self.reader.lock().expect("stderr lock").take() {
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.text.lock().expect("stderr lock").clone()
+    }
+}
