@@ -229,6 +229,8 @@ fn a_spill_file_truncated_from_outside_reads_short_not_sigbus() {
     let mut core = Core::new(&[("/m", bytes.clone(), true)]);
     core.mount(0).unwrap();
     assert_eq!(core.read("/m", 0, 200_000).unwrap(), bytes);
+    // Settled first: a verifier hashing it while it is cut would fail it.
+    core.wait_state("/m", |s| s == "verified");
     let spill = std::fs::read_dir(core.cache.join("spill")).unwrap().next().unwrap().unwrap().path();
     std::fs::File::options().write(true).open(spill).unwrap().set_len(1000).unwrap();
     assert_eq!(core.read("/m", 0, 200_000).unwrap(), bytes[..1000]);

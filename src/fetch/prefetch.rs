@@ -447,6 +447,15 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
         FetchFailure::Source(e) => (false, e.to_string()),
         FetchFailure::Mismatch(_) | FetchFailure::Store(_) => (false, "no bytes read".to_string()),
     });
+    if matches!(outcome, Err((true, _))) && whole.len() > 1 {
+        // Which file the panic came from is unknown: fetch each alone, so
+        // only that one fails.
+        link.put_buffer(buffer);
+        for (index, claim) in whole {
+            shared.fetch(link, index, claim, Lane::Prefetch);
+        }
+        return;
+    }
     let mut at = 0;
     for (i, (index, claim)) in whole.iter().enumerate() {
         let file = &shared.files[*index];
