@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
 use crate::control::{self, ControlEvent, registry};
@@ -443,6 +443,11 @@ pub fn detach(mountpoint: &Path) -> std::io::Result<()> {
     }
 }
 
+/// How long after a successful unmount the FUSE session may take to end
+/// before lazyfs stops waiting for it (it ends within milliseconds unless a
+/// copy of the mount lives on in another mount namespace).
+const SESSION_END_GRACE: Duration = Duration::from_secs(3);
+
 /// Unmounts unless busy.
 fn unmount(mountpoint: &Path) -> std::io::Result<()> {
     if nix::unistd::geteuid().is_root() {
@@ -580,18 +585,47 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     on_ready(&mountpoint);
 
     let mut umount_clients = Vec::new();
-    for event in &events {
+    // Once unmounted, the session ends unless another mount namespace copied
+    // the mount (a private-propagation `unshare`): its copy keeps the
+    // connection alive. Past a grace period lazyfs ends anyway; closing
+    // /dev/fuse then leaves the copy answering ENOTCONN.
+    let mut unmounted_at: Option<Instant> = None;
+    let mut session_ended = false;
+    loop {
+        let event = match unmounted_at {
+            None => events.recv().ok(),
+            Some(at) => match events.recv_timeout(SESSION_END_GRACE.saturating_sub(at.elapsed())) {
+                Ok(event) => Some(event),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    log::warn!(
+                        "{}: unmounted, but another mount namespace still holds a copy of it: ending anyway",
+                        mountpoint.display()
+                    );
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            },
+        };
+        let Some(event) = event else { break };
         match event {
-            Event::SessionEnded => break,
+            Event::SessionEnded => {
+                session_ended = true;
+                break;
+            }
             Event::Signal(signal) => {
                 log::info!("signal {signal}: unmounting");
-                if unmount(&mountpoint).is_err() {
+                if unmount(&mountpoint).is_ok() {
+                    unmounted_at.get_or_insert_with(Instant::now);
+                } else {
                     // Busy: detach now; the session ends when the last file closes.
                     let _ = detach(&mountpoint);
                 }
             }
             Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
-                Ok(()) => umount_clients.push(stream),
+                Ok(()) => {
+                    umount_clients.push(stream);
+                    unmounted_at.get_or_insert_with(Instant::now);
+                }
                 Err(e) => {
                     let message = match holders(&mountpoint).as_slice() {
                         [] => format!("cannot unmount: {e} (close the files open under it first)"),
@@ -608,7 +642,9 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             },
         }
     }
-    let _ = loop_thread.join();
+    if session_ended {
+        let _ = loop_thread.join();
+    }
     signal_handle.close();
     registry::unregister(&mountpoint);
     drop(server);

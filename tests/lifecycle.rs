@@ -231,3 +231,52 @@ fn foreground_mount_serves_until_interrupted() {
     assert!(!is_mounted(&mountpoint));
     let _ = Command::new("true").status();
 }
+
+/// A process that copied the mount namespace (here `unshare -m` with private
+/// propagation, as `ip netns exec` and many sandboxes do) keeps a copy of the
+/// mount that the unmount does not reach: `lazyfs umount` still ends in
+/// bounded time, and the copy answers ENOTCONN instead of hanging.
+#[test]
+fn umount_ends_even_when_another_mount_namespace_holds_a_copy() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/ns/file", 1000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let pid = daemon_pid(&env, &mount);
+    let file = mount.at("/ns/file");
+    // The copy: a shell in a new mount namespace that waits, then tries the file.
+    let mut copy = Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            r#"read _; cat "$1" >/dev/null 2>&1; echo "cat=$?""#,
+            "sh",
+        ])
+        .arg(&file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The namespace exists once the shell runs: wait for it to differ from ours.
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{}/ns/mnt", copy.id())).ok().is_none_or(|ns| ns == ours) {
+        assert!(Instant::now() < deadline, "unshare did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let out = mount.umount();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_gone(pid);
+    assert!(started.elapsed() < Duration::from_secs(20), "umount took {:?}", started.elapsed());
+    assert!(!is_mounted(&mount.mountpoint));
+    // The copy's file no longer answers, and nothing hangs.
+    use std::io::Write;
+    copy.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = copy.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.trim().starts_with("cat=") && said.trim() != "cat=0", "the copy still served the file: {said}");
+}
