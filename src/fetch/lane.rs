@@ -1,44 +1,182 @@
-//! The on-demand lane: one thread, one source connection, serving the chunks
-//! readers are blocked on, in the order asked, adjacent requests merged.
+//! The on-demand lanes: threads with a source connection each, serving the
+//! chunks readers are blocked on, in the order asked, adjacent requests
+//! merged. The first lane serves every request; a request that waits longer
+//! than [`RELIEF_AFTER`] (the first lane is busy, or stuck on a file the
+//! source cannot answer for) is taken by a relief lane on a session of its own.
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{FetchFile, Lane, Shared, fetch_checked};
-use crate::source::{Connection, Source, SourceError, WholeRead};
+use crate::source::{Connection, Limits, Source, SourceError, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
 const MAX_PIECE_CHUNKS: u64 = 64;
+/// A request queued this long is taken by a relief lane.
+const RELIEF_AFTER: Duration = Duration::from_millis(200);
+/// Lanes besides the first; each connects when it is first needed.
+const RELIEF_LANES: usize = 3;
+/// The longest the source may say nothing to a prefetch or verifier request
+/// (and the time a probe has to connect) when `--reconnect-timeout` is longer.
+const MAX_STALL: Duration = Duration::from_secs(5);
+/// After a request timed out: the time a new connection has to show that
+/// the source still answers (the request was stuck on its file).
+const PROBE_TIME: Duration = Duration::from_secs(2);
+/// Pause between probes of a source that does not answer.
+const PROBE_PAUSE: Duration = Duration::from_secs(1);
 
-/// A request for the on-demand lane: fetch these claimed chunks of a file.
+/// A request for the on-demand lanes: fetch these claimed chunks of a file.
 pub(super) struct Job {
     pub(super) file: usize,
     pub(super) chunks: Range<u64>,
+    /// When the reader asked: its answer is due `--reconnect-timeout` later.
+    pub(super) asked: Instant,
+    /// When it was queued (a relief lane takes it after `RELIEF_AFTER`).
+    queued: Instant,
 }
 
-pub(super) fn spawn_on_demand(link: Link, shared: Arc<Shared>) -> Sender<Job> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("lazyfs-on-demand".into())
-        .spawn(move || OnDemandLane { link, shared }.run(rx))
-        .expect("spawning the on-demand thread");
-    tx
+impl Job {
+    pub(super) fn new(file: usize, chunks: Range<u64>, asked: Instant) -> Job {
+        Job { file, chunks, asked, queued: Instant::now() }
+    }
+}
+
+/// The on-demand lanes' queue.
+pub(super) struct Requests {
+    state: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Requests {
+    pub(super) fn new() -> Requests {
+        Requests { state: Mutex::new((VecDeque::new(), false)), ready: Condvar::new() }
+    }
+
+    /// Queues `job`; false once the lanes are stopped.
+    pub(super) fn push(&self, job: Job) -> bool {
+        let mut state = self.state.lock().expect("requests");
+        if state.1 {
+            return false;
+        }
+        state.0.push_back(job);
+        self.ready.notify_all();
+        true
+    }
+
+    pub(super) fn close(&self) {
+        self.state.lock().expect("requests").1 = true;
+        self.ready.notify_all();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.state.lock().expect("requests").0.is_empty()
+    }
+
+    /// The next job with the queued jobs that continue it merged in, waiting
+    /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago.
+    /// `None` once closed.
+    fn take(&self, relief: bool) -> Option<Job> {
+        let mut state = self.state.lock().expect("requests");
+        loop {
+            if state.1 {
+                return None;
+            }
+            let wait = match state.0.front() {
+                Some(_) if !relief => None,
+                Some(front) => Some(RELIEF_AFTER.saturating_sub(front.queued.elapsed())),
+                None => Some(Duration::MAX),
+            };
+            match wait {
+                Some(wait) if !wait.is_zero() => {
+                    state = match wait {
+                        Duration::MAX => self.ready.wait(state).expect("requests"),
+                        wait => self.ready.wait_timeout(state, wait).expect("requests").0,
+                    };
+                }
+                _ => {
+                    let mut job = state.0.pop_front().expect("a job");
+                    absorb_adjacent(&mut job, &mut state.0);
+                    return Some(job);
+                }
+            }
+        }
+    }
+
+    /// Puts the rest of a job cut into pieces back at the end of the queue.
+    fn push_rest(&self, job: Job) {
+        self.state.lock().expect("requests").0.push_back(job);
+        self.ready.notify_all();
+    }
+}
+
+/// Starts the first on-demand lane on `link` and the relief lanes.
+pub(super) fn spawn_on_demand(link: Link, source: &Arc<dyn Source>, shared: &Arc<Shared>) {
+    let mut links = vec![link];
+    links.extend((0..RELIEF_LANES).map(|_| Link::new(source.clone(), shared.health.clone())));
+    for (number, link) in links.into_iter().enumerate() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("lazyfs-on-demand-{number}"))
+            .spawn(move || OnDemandLane { link, shared }.run(number > 0))
+            .expect("spawning an on-demand thread");
+    }
 }
 
 /// Whether the source is reachable, as every lane sees it: `lazyfs status`
 /// says `degraded` (and why) while any lane is reconnecting.
 pub(crate) struct Health {
     reconnect_timeout: Duration,
-    down: Mutex<(usize, Option<String>)>,
+    /// Lanes down, why, and since when the source may be silent (a request
+    /// went unanswered, and nothing answered since).
+    down: Mutex<(usize, Option<String>, Option<Instant>)>,
+    /// The fetcher is stopping: lanes give up at once instead of reconnecting.
+    stopping: AtomicBool,
 }
 
 impl Health {
     pub(crate) fn new(reconnect_timeout: Duration) -> Health {
-        Health { reconnect_timeout, down: Mutex::new((0, None)) }
+        Health { reconnect_timeout, down: Mutex::new((0, None, None)), stopping: AtomicBool::new(false) }
+    }
+
+    /// How long the source may say nothing before a request without a
+    /// reader waiting on it (prefetch, verifier) is given up.
+    pub(crate) fn stall(&self) -> Duration {
+        self.reconnect_timeout.min(MAX_STALL)
+    }
+
+    /// The limits of a request no reader waits on.
+    pub(super) fn background(&self) -> Limits {
+        Limits { deadline: None, stall: self.stall() }
+    }
+
+    /// The limits of a request a reader has waited on since `asked`. While
+    /// the source may be silent, the time it has been is counted too: a
+    /// silent source costs a reader about `--reconnect-timeout`, however
+    /// many requests its read takes.
+    pub(super) fn reader(&self, asked: Instant) -> Limits {
+        let mut deadline = asked + self.reconnect_timeout;
+        if let Some(since) = self.down.lock().expect("health").2 {
+            deadline = deadline.min(since + self.reconnect_timeout + PROBE_TIME);
+        }
+        Limits { deadline: Some(deadline), stall: self.reconnect_timeout }
+    }
+
+    /// A request sent at `since` went unanswered: the source may be silent.
+    /// True if it was not suspected already (the caller finds out).
+    pub(super) fn suspect(&self, since: Instant) -> bool {
+        let mut down = self.down.lock().expect("health");
+        let first = down.2.is_none();
+        down.2.get_or_insert(since);
+        first
+    }
+
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Why the mount is degraded, if it is.
@@ -57,11 +195,14 @@ pub(super) struct Link {
     health: Arc<Health>,
     /// This link counts among the lanes that are down.
     down: bool,
+    /// The bounds of the requests made now.
+    limits: Limits,
 }
 
 impl Link {
     pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
-        Link { source, connection: None, buffer: Vec::new(), health, down: false }
+        let limits = health.background();
+        Link { source, connection: None, buffer: Vec::new(), health, down: false, limits }
     }
 
     pub(super) fn with_connection(
@@ -69,19 +210,63 @@ impl Link {
         health: Arc<Health>,
         connection: Box<dyn Connection>,
     ) -> Link {
-        Link { source, connection: Some(connection), buffer: Vec::new(), health, down: false }
+        Link { connection: Some(connection), ..Link::new(source, health) }
     }
 
-    /// The connection, opened if there is none.
-    fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+    /// Bounds the requests from now on.
+    pub(super) fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The connection, opened (within `time`) if there is none.
+    fn connection(&mut self, time: Duration) -> Result<&mut dyn Connection, SourceError> {
         if self.connection.is_none() {
-            self.connection = Some(self.source.connect()?);
+            if time.is_zero() {
+                return Err(SourceError::TimedOut { host: self.source.describe(), waited: time, path: None });
+            }
+            self.connection = Some(self.source.connect_within(time)?);
         }
-        Ok(self.connection.as_mut().expect("connected above").as_mut())
+        let connection = self.connection.as_mut().expect("connected above").as_mut();
+        connection.set_limits(self.limits);
+        Ok(connection)
+    }
+
+    /// After a request for `path` timed out: whether the source answers a
+    /// new connection, so the request was stuck on that file (a FIFO, a hung
+    /// mount on the old host), not on a silent source.
+    pub(super) fn source_answers(&mut self) -> bool {
+        self.answers_within(PROBE_TIME)
+    }
+
+    /// Probes the source until it answers (or the fetcher stops).
+    pub(super) fn wait_for_source(&mut self) {
+        while !self.health.stopping.load(Ordering::Relaxed) && !self.answers_within(self.health.stall()) {
+            std::thread::sleep(PROBE_PAUSE);
+        }
+    }
+
+    fn answers_within(&mut self, time: Duration) -> bool {
+        self.connection = None;
+        match self.source.connect_within(time) {
+            Ok(connection) => {
+                self.connection = Some(connection);
+                self.mark(None);
+                true
+            }
+            Err(e) => {
+                if e.is_connection_lost() {
+                    self.mark(Some(&e));
+                }
+                false
+            }
+        }
     }
 
     fn mark(&mut self, down: Option<&SourceError>) {
         let mut health = self.health.down.lock().expect("health");
+        if down.is_none() {
+            health.2 = None;
+        }
         match down {
             Some(error) => {
                 if !self.down {
@@ -102,9 +287,12 @@ impl Link {
         }
     }
 
-    /// Runs `op` on the connection. A lost connection is opened again with
-    /// growing pauses (0.1 s doubling to 5 s) until `--reconnect-timeout`
-    /// has passed; then the error is returned (readers get EIO).
+    /// Runs `op` on the connection, within the link's limits. A lost
+    /// connection is opened again with growing pauses (0.1 s doubling to 5 s)
+    /// until the deadline, or without one until `--reconnect-timeout` has
+    /// passed; then the error is returned (readers get EIO). A request the
+    /// source did not answer in time is not tried again here: it may be
+    /// stuck on its file (see [`Link::source_answers`]).
     pub(super) fn with_retry<T>(
         &mut self,
         mut op: impl FnMut(&mut dyn Connection) -> Result<T, SourceError>,
@@ -112,27 +300,38 @@ impl Link {
         let mut lost_since: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = self.connection().and_then(&mut op);
-            match result {
-                Err(e) if e.is_connection_lost() => {
-                    self.connection = None;
-                    let since = *lost_since.get_or_insert_with(Instant::now);
-                    if !self.down {
-                        log::warn!("{e}: reconnecting");
-                    }
-                    self.mark(Some(&e));
-                    let left = self.health.reconnect_timeout.saturating_sub(since.elapsed());
-                    if left.is_zero() {
+            let give_up = self
+                .limits
+                .deadline
+                .unwrap_or_else(|| lost_since.unwrap_or_else(Instant::now) + self.health.reconnect_timeout);
+            let error = match self.connection(give_up.saturating_duration_since(Instant::now())) {
+                Ok(connection) => match op(connection) {
+                    Err(e) if e.is_timeout() => {
+                        self.connection = None;
                         return Err(e);
                     }
-                    std::thread::sleep(pause.min(left));
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                other => {
-                    self.mark(None);
-                    return other;
-                }
+                    Err(e) if e.is_connection_lost() => e,
+                    other => {
+                        self.mark(None);
+                        return other;
+                    }
+                },
+                Err(e) if e.is_connection_lost() => e,
+                Err(e) => return Err(e),
+            };
+            self.connection = None;
+            let since = *lost_since.get_or_insert_with(Instant::now);
+            if !self.down {
+                log::warn!("{error}: reconnecting");
             }
+            self.mark(Some(&error));
+            let give_up = self.limits.deadline.unwrap_or(since + self.health.reconnect_timeout);
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.health.stopping.load(Ordering::Relaxed) {
+                return Err(error);
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -200,37 +399,47 @@ struct OnDemandLane {
 }
 
 impl OnDemandLane {
-    fn run(mut self, rx: Receiver<Job>) {
-        let mut queue: VecDeque<Job> = VecDeque::new();
-        loop {
-            if queue.is_empty() {
-                match rx.recv() {
-                    Ok(job) => queue.push_back(job),
-                    Err(_) => return,
-                }
-            }
-            queue.extend(rx.try_iter());
-            let mut job = queue.pop_front().expect("queue not empty");
-            absorb_adjacent(&mut job, &mut queue);
+    fn run(mut self, relief: bool) {
+        let requests = &self.shared.requests;
+        while let Some(job) = requests.take(relief) {
             let piece_end = job.chunks.end.min(job.chunks.start + MAX_PIECE_CHUNKS);
             if piece_end < job.chunks.end {
-                queue.push_back(Job { file: job.file, chunks: piece_end..job.chunks.end });
+                requests.push_rest(Job::new(job.file, piece_end..job.chunks.end, job.asked));
             }
             let chunks = job.chunks.start..piece_end;
             let started = Instant::now();
+            self.link.set_limits(self.shared.health.reader(job.asked));
             let result = fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
+            self.link.set_limits(self.shared.health.background());
             log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
+            let stuck = stuck_on(&result, &self.shared.files[job.file].source_path);
             self.shared.finish(job.file, chunks, Lane::OnDemand, result);
+            if let Some(error) = stuck {
+                self.shared.timed_out(&mut self.link, job.file, &error);
+                continue;
+            }
             // After the reader has its bytes: note the source's size and mtime,
             // to tell later whether the file changed during the transfer.
-            queue.extend(rx.try_iter());
-            if queue.is_empty() {
+            if requests.is_empty() {
                 let shared = self.shared.clone();
                 if let Err(e) = self.link.with_retry(|connection| shared.check_baseline(job.file, connection)) {
                     log::warn!("{e}");
                 }
             }
         }
+    }
+}
+
+/// The timeout in `result`, if it names the file at `source_path`: the
+/// request for that file went unanswered.
+pub(super) fn stuck_on(result: &Result<(), super::FetchFailure>, source_path: &Path) -> Option<SourceError> {
+    match result {
+        Err(super::FetchFailure::Source(SourceError::TimedOut { host, waited, path: Some(path) }))
+            if path == source_path =>
+        {
+            Some(SourceError::TimedOut { host: host.clone(), waited: *waited, path: Some(path.clone()) })
+        }
+        _ => None,
     }
 }
 
@@ -242,6 +451,7 @@ fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
         };
         let next = queue.remove(at).expect("found above");
         job.chunks.end = next.chunks.end;
+        job.asked = job.asked.min(next.asked);
     }
 }
 
@@ -251,11 +461,31 @@ mod tests {
 
     #[test]
     fn adjacent_jobs_merge() {
+        let now = Instant::now();
+        let earlier = now - Duration::from_secs(1);
         let mut queue: VecDeque<Job> =
-            [Job { file: 1, chunks: 5..6 }, Job { file: 2, chunks: 3..4 }, Job { file: 1, chunks: 4..5 }].into();
-        let mut job = Job { file: 1, chunks: 2..4 };
+            [Job::new(1, 5..6, now), Job::new(2, 3..4, now), Job::new(1, 4..5, earlier)].into();
+        let mut job = Job::new(1, 2..4, now);
         absorb_adjacent(&mut job, &mut queue);
         assert_eq!(job.chunks, 2..6);
+        assert_eq!(job.asked, earlier);
         assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn relief_lanes_take_only_requests_that_waited() {
+        let requests = Requests::new();
+        assert!(requests.push(Job::new(1, 0..1, Instant::now())));
+        let started = Instant::now();
+        let job = requests.take(true).expect("a job");
+        assert_eq!(job.file, 1);
+        assert!(started.elapsed() >= RELIEF_AFTER - Duration::from_millis(20), "{:?}", started.elapsed());
+        assert!(requests.push(Job::new(2, 0..1, Instant::now())));
+        let started = Instant::now();
+        assert_eq!(requests.take(false).expect("a job").file, 2);
+        assert!(started.elapsed() < RELIEF_AFTER);
+        requests.close();
+        assert!(requests.take(false).is_none());
+        assert!(!requests.push(Job::new(3, 0..1, Instant::now())));
     }
 }

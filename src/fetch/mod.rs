@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use crate::manifest::FileHashes;
@@ -151,6 +152,8 @@ struct FetchState {
     /// Every byte came in one SFTP read, which also showed the size matched:
     /// no mix of versions is possible, so no second look at the source.
     read_whole: bool,
+    /// Requests for it the source left unanswered while answering others.
+    timeouts: u32,
 }
 
 struct Waiter {
@@ -174,6 +177,7 @@ impl FetchFile {
                 baseline: None,
                 restarts: 0,
                 read_whole: false,
+                timeouts: 0,
             }),
         }
     }
@@ -285,6 +289,8 @@ pub(crate) struct Shared {
     journal: Journal,
     queue: prefetch::Queue,
     verify: Mutex<Sender<usize>>,
+    /// What the on-demand lanes are asked.
+    requests: lane::Requests,
     started: Instant,
     health: Arc<lane::Health>,
     /// How to name the source in messages.
@@ -442,19 +448,90 @@ impl Shared {
                 // A lost connection may come back; a file that is missing or
                 // shorter than recorded will not.
                 let whole_file = !e.is_connection_lost();
+                let stuck_here = matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
                 log::error!("{e}");
-                file.fail(chunks, &FetchError::new(e.to_string()), whole_file);
+                if lane == Lane::Prefetch && !whole_file && !stuck_here {
+                    // Readers of these chunks are not this failure's hostages:
+                    // the on-demand lanes serve them.
+                    self.release(index, chunks);
+                } else {
+                    file.fail(chunks, &FetchError::new(e.to_string()), whole_file);
+                }
                 if !whole_file && lane == Lane::Prefetch {
                     self.queue.push(index);
                 }
             }
         }
     }
+
+    /// Claimed `chunks` of file `index` were not fetched, through no fault
+    /// of the file: drop the claim, and hand its waiting readers' chunks to
+    /// the on-demand lanes.
+    fn release(&self, index: usize, chunks: Range<u64>) {
+        let file = &self.files[index];
+        let runs: Vec<Range<u64>> = {
+            let mut state = file.lock();
+            for chunk in chunks {
+                state.in_flight.remove(&chunk);
+            }
+            let wanted: Vec<Range<u64>> = state.waiters.iter().map(|w| w.chunks.clone()).collect();
+            wanted.into_iter().flat_map(|c| file.claim_locked(&mut state, c)).collect()
+        };
+        self.ask_on_demand(index, runs, Instant::now());
+    }
+
+    /// Queues claimed `runs` of file `index` on the on-demand lanes.
+    fn ask_on_demand(&self, index: usize, runs: Vec<Range<u64>>, asked: Instant) {
+        for chunks in runs {
+            if !self.requests.push(lane::Job::new(index, chunks.clone(), asked)) {
+                self.files[index].fail(chunks, &FetchError::new("lazyfs is shutting down"), false);
+            }
+        }
+    }
+
+    /// A request for file `index` went unanswered (`error`). If the source
+    /// answers a new connection, the file is to blame (a FIFO, a hung mount
+    /// on the old host): it is tried again later, and fails on the second time.
+    fn timed_out(&self, link: &mut lane::Link, index: usize, error: &SourceError) {
+        let waited = match error {
+            SourceError::TimedOut { waited, .. } => *waited,
+            _ => Duration::ZERO,
+        };
+        if !self.health.suspect(Instant::now() - waited) {
+            // Another lane is finding out whether the source is silent.
+            return;
+        }
+        if !link.source_answers() {
+            log::warn!("{error}, and no new connection is answered: probing it until it is");
+            link.wait_for_source();
+            return;
+        }
+        let file = &self.files[index];
+        let message = format!(
+            "{}: {error}, twice, while it answered other requests: not served (a FIFO or a hung mount on the old host?)",
+            file.path.display()
+        );
+        let failed = {
+            let mut state = file.lock();
+            state.timeouts += 1;
+            state.timeouts >= STUCK_TIMEOUTS
+        };
+        if failed {
+            log::error!("{message}");
+            file.fail(0..0, &FetchError::new(message), true);
+        } else {
+            log::warn!("{}: {error}, while it answers other requests: trying it again later", file.path.display());
+        }
+    }
 }
+
+/// Unanswered requests (while the source answered others) after which a file fails.
+const STUCK_TIMEOUTS: u32 = 2;
+/// How long stopping waits for prefetch workers still waiting on the source.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Fetcher {
     shared: Arc<Shared>,
-    on_demand: Sender<lane::Job>,
     prefetch: Option<prefetch::Workers>,
 }
 
@@ -476,6 +553,7 @@ impl Fetcher {
             files,
             journal,
             verify: Mutex::new(verify_tx),
+            requests: lane::Requests::new(),
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
@@ -487,9 +565,9 @@ impl Fetcher {
             }
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
-        let on_demand = lane::spawn_on_demand(link, shared.clone());
+        lane::spawn_on_demand(link, &source, &shared);
         let prefetch = (config.jobs > 0).then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
-        Fetcher { shared, on_demand, prefetch }
+        Fetcher { shared, prefetch }
     }
 
     pub fn file(&self, index: usize) -> &Arc<FetchFile> {
@@ -536,11 +614,7 @@ impl Fetcher {
         if self.prefetch.is_some() {
             self.shared.queue.promote(index);
         }
-        for chunks in runs {
-            if let Err(lost) = self.on_demand.send(lane::Job { file: index, chunks }) {
-                file.fail(lost.0.chunks, &FetchError::new("lazyfs is shutting down"), false);
-            }
-        }
+        self.shared.ask_on_demand(index, runs, Instant::now());
     }
 
     /// A read through the mount (for the counters).
@@ -570,11 +644,18 @@ impl Fetcher {
         }
     }
 
-    /// Stops prefetching and makes everything known durable.
+    /// Stops fetching and makes everything known durable. Workers still
+    /// waiting on the source after `STOP_WAIT` are left behind (their
+    /// requests end at their own deadlines), so this ends whatever the source does.
     pub fn stop(&self) {
+        self.shared.health.stop();
+        self.shared.requests.close();
         self.shared.queue.close();
         if let Some(workers) = &self.prefetch {
-            workers.join();
+            let left = workers.join_within(STOP_WAIT);
+            if left > 0 {
+                log::warn!("{left} prefetch worker(s) still wait on the source: not waiting for them");
+            }
         }
         self.shared.journal.flush();
     }

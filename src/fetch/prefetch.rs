@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::{FetchFailure, FetchFile, Lane, Shared, check_against_manifest, fetch_checked, lane::Link};
+use super::lane::{Link, stuck_on};
+use super::{FetchFailure, FetchFile, Lane, Shared, check_against_manifest, fetch_checked};
 use crate::source::{Source, SourceError};
 
 /// Files up to this size are fetched many at a time, whole: below a few MiB,
@@ -175,13 +176,13 @@ impl Workers {
         Workers { pool, done }
     }
 
-    /// Waits for every worker to stop (after the queue is closed).
-    pub(super) fn join(&self) {
+    /// Waits up to `time` for every worker to stop (after the queue is
+    /// closed); returns how many still run.
+    pub(super) fn join_within(&self, time: std::time::Duration) -> usize {
         let jobs = self.pool.current_num_threads();
-        let mut stopped = self.done.0.lock().expect("workers");
-        while *stopped < jobs {
-            stopped = self.done.1.wait(stopped).expect("workers");
-        }
+        let stopped = self.done.0.lock().expect("workers");
+        let (stopped, _) = self.done.1.wait_timeout_while(stopped, time, |stopped| *stopped < jobs).expect("workers");
+        jobs - *stopped
     }
 }
 
@@ -229,7 +230,12 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
                 shared_out = true;
             }
             let result = fetch_checked(link, file, run.clone());
+            let stuck = stuck_on(&result, &file.source_path);
             shared.finish(index, run, Lane::Prefetch, result);
+            if let Some(error) = stuck {
+                shared.timed_out(link, index, &error);
+                return;
+            }
         }
         window = end;
     }
@@ -273,16 +279,23 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
             // Partly here already (read on demand): fetch only what is missing.
             for run in runs {
                 let result = fetch_checked(link, file, run.clone());
+                let stuck = stuck_on(&result, &file.source_path);
                 shared.finish(index, run, Lane::Prefetch, result);
+                if let Some(error) = stuck {
+                    shared.timed_out(link, index, &error);
+                }
             }
         }
     }
     let files: Vec<&FetchFile> = whole.iter().map(|&i| &*shared.files[i]).collect();
     let mut results = Vec::new();
     let outcome = link.fetch_whole(&files, &mut results);
+    let mut stuck = None;
     for ((&index, file), result) in whole.iter().zip(&files).zip(results) {
         let all = 0..file.spill.chunk_count();
         let result = match (&outcome, result) {
+            // The pipeline stalled on this file: the others in it are released.
+            (Err(_), Err(e)) if e.is_timeout() => Err(FetchFailure::Source(e)),
             (Err(lost), _) => Err(FetchFailure::Source(SourceError::Session {
                 host: shared.source_name.clone(),
                 message: lost.to_string(),
@@ -295,7 +308,11 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
                 check_against_manifest(link, file, all.clone())
             }
         };
+        stuck = stuck.or_else(|| stuck_on(&result, &file.source_path).map(|e| (index, e)));
         shared.finish(index, all, Lane::Prefetch, result);
+    }
+    if let Some((index, error)) = stuck {
+        shared.timed_out(link, index, &error);
     }
 }
 

@@ -1,7 +1,7 @@
 //! A local directory holding the old host's root (a snapshot, a mounted disk).
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{Connection, Source, SourceError, SourceStat, relative};
@@ -21,7 +21,7 @@ impl LocalSource {
 }
 
 impl Source for LocalSource {
-    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
+    fn connect_within(&self, _time: std::time::Duration) -> Result<Box<dyn Connection>, SourceError> {
         Ok(Box::new(LocalConnection { root: self.root.clone(), open: None }))
     }
 
@@ -43,7 +43,16 @@ impl LocalConnection {
 
     fn file(&mut self, path: &Path) -> Result<&File, SourceError> {
         if self.open.as_ref().is_none_or(|(p, _)| p != path) {
-            let file = File::open(self.full(path)).map_err(|e| io_error(path, e))?;
+            // O_NONBLOCK: a FIFO where the file was must not block the open
+            // (it has no effect on a regular file's reads).
+            let file = File::options()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(self.full(path))
+                .map_err(|e| io_error(path, e))?;
+            if !file.metadata().map_err(|e| io_error(path, e))?.is_file() {
+                return Err(io_error(path, std::io::Error::other("not a regular file on the source")));
+            }
             self.open = Some((path.to_path_buf(), file));
         }
         Ok(&self.open.as_ref().expect("just opened").1)

@@ -11,6 +11,9 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::Limits;
 
 const INIT: u8 = 1;
 const VERSION: u8 = 2;
@@ -50,6 +53,8 @@ pub enum SftpError {
     Longer,
     /// The channel or the protocol broke: the connection is unusable.
     Broken(String),
+    /// The server did not answer within the limits: the connection is unusable.
+    TimedOut,
 }
 
 impl SftpError {
@@ -60,7 +65,10 @@ impl SftpError {
 
 impl From<std::io::Error> for SftpError {
     fn from(e: std::io::Error) -> Self {
-        SftpError::Broken(e.to_string())
+        match e.kind() {
+            std::io::ErrorKind::TimedOut => SftpError::TimedOut,
+            _ => SftpError::Broken(e.to_string()),
+        }
     }
 }
 
@@ -76,6 +84,11 @@ pub struct FileRead<'a> {
 
 pub struct Sftp {
     channel: ssh2::Channel,
+    /// The channel's session, whose timeout bounds each wait.
+    session: ssh2::Session,
+    limits: Limits,
+    /// When the current limits were set.
+    since: Instant,
     next_id: u32,
     out: Vec<u8>,
 }
@@ -97,9 +110,12 @@ enum Reply {
 
 impl Sftp {
     /// Starts the `sftp` subsystem on `channel`, a new session channel.
-    pub fn start(mut channel: ssh2::Channel) -> Result<Sftp, SftpError> {
-        channel.subsystem("sftp").map_err(|e| SftpError::Broken(e.to_string()))?;
-        let mut sftp = Sftp { channel, next_id: 1, out: Vec::new() };
+    pub fn start(mut channel: ssh2::Channel, session: ssh2::Session, limits: Limits) -> Result<Sftp, SftpError> {
+        channel.subsystem("sftp").map_err(|e| match std::io::Error::from(e) {
+            e if e.kind() == std::io::ErrorKind::TimedOut => SftpError::TimedOut,
+            e => SftpError::Broken(e.to_string()),
+        })?;
+        let mut sftp = Sftp { channel, session, limits, since: Instant::now(), next_id: 1, out: Vec::new() };
         // INIT carries the version where other requests carry an id.
         sftp.out.extend_from_slice(&5u32.to_be_bytes());
         sftp.out.push(INIT);
@@ -111,6 +127,28 @@ impl Sftp {
         }
         sftp.skip(len)?;
         Ok(sftp)
+    }
+
+    /// Bounds the requests from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.since = Instant::now();
+        self.arm().ok();
+    }
+
+    /// How long the requests under the current limits have taken.
+    pub fn waited(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// Bounds the next wait on the server by what the limits leave.
+    fn arm(&self) -> Result<(), SftpError> {
+        let wait = self.limits.next_wait();
+        if wait.is_zero() {
+            return Err(SftpError::TimedOut);
+        }
+        self.session.set_timeout(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1));
+        Ok(())
     }
 
     fn id(&mut self) -> u32 {
@@ -133,6 +171,7 @@ impl Sftp {
 
     fn flush(&mut self) -> Result<(), SftpError> {
         if !self.out.is_empty() {
+            self.arm()?;
             self.channel.write_all(&self.out)?;
             self.out.clear();
         }
@@ -163,6 +202,7 @@ impl Sftp {
     /// The next packet's type and the length of what follows the type byte.
     fn header(&mut self) -> Result<(u8, usize), SftpError> {
         let mut head = [0u8; 5];
+        self.arm()?;
         self.channel.read_exact(&mut head)?;
         let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         if len == 0 || len > MAX_PACKET {
@@ -392,15 +432,35 @@ impl Sftp {
             if steps.is_empty() {
                 return Ok(());
             }
-            self.flush()?;
-            let (id, reply) = self.reply(|id| match steps.get(&id) {
-                Some(&Step::Reading(i, start, len)) => {
-                    let buf = &mut *files[i].buf;
-                    let end = (start + len).min(buf.len() as u64) as usize;
-                    Some(&mut buf[start as usize..end])
+            let answered = self.flush().and_then(|()| {
+                self.reply(|id| match steps.get(&id) {
+                    Some(&Step::Reading(i, start, len)) => {
+                        let buf = &mut *files[i].buf;
+                        let end = (start + len).min(buf.len() as u64) as usize;
+                        Some(&mut buf[start as usize..end])
+                    }
+                    _ => None,
+                })
+            });
+            let (id, reply) = match answered {
+                Ok(answer) => answer,
+                Err(SftpError::TimedOut) => {
+                    // The server answers in order: the file of the oldest
+                    // request unanswered is the one it is stuck on.
+                    let stuck = steps
+                        .iter()
+                        .filter_map(|(&id, step)| match *step {
+                            Step::Opening(i) | Step::Reading(i, ..) => Some((id, i)),
+                            Step::Closing => None,
+                        })
+                        .min();
+                    if let Some((_, i)) = stuck {
+                        files[i].result = Err(SftpError::TimedOut);
+                    }
+                    return Err(SftpError::TimedOut);
                 }
-                _ => None,
-            })?;
+                Err(e) => return Err(e),
+            };
             let step =
                 steps.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
             let file = match step {
