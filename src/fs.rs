@@ -199,14 +199,14 @@ impl Filesystem {
 
     /// Checks an open; for a read-only open of a verified file, gives the spill
     /// file, which the kernel may then read directly (FUSE passthrough).
-    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<&std::fs::File>, FsError> {
+    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<std::fs::File>, FsError> {
         let index = self.file_index(ino)?;
         if write && self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
         let file = self.fetcher.file(index);
         let local = !write && matches!(file.phase(), crate::fetch::Phase::Verified { .. });
-        Ok(local.then(|| file.spill.file()))
+        Ok(if local { Some(file.spill.open_file()?) } else { None })
     }
 
     /// Replies with bytes `offset..offset+size` once their chunks are present.
@@ -223,7 +223,11 @@ impl Filesystem {
             chunks,
             Box::new(move |present| match present {
                 Ok(()) => {
-                    file.spill.read(offset, u64::from(size), |bytes| reply(Ok(bytes)));
+                    let mut reply = Some(reply);
+                    let read = file.spill.read(offset, u64::from(size), |bytes| reply.take().expect("once")(Ok(bytes)));
+                    if let (Err(e), Some(reply)) = (read, reply) {
+                        reply(Err(e.into()));
+                    }
                     // The kernel keeps its own copy in the page cache.
                     file.spill.release(offset, u64::from(size));
                 }

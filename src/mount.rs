@@ -214,12 +214,12 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     }
     let journal_files = files
         .iter()
-        .map(|f| {
-            let spill =
-                f.spill.file().try_clone().map_err(|e| StoreError::Io { path: f.spill.path().into(), source: e })?;
-            Ok(JournalFile { path: f.path.as_os_str().as_bytes().to_vec(), size: f.spill.len(), spill })
+        .map(|f| JournalFile {
+            path: f.path.as_os_str().as_bytes().to_vec(),
+            size: f.spill.len(),
+            spill: f.spill.path().to_path_buf(),
         })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        .collect();
     let journal = Journal::create(&store.journal_path(), crate::fetch::snapshot(&files), journal_files)?;
 
     let source_name = source.describe();

@@ -410,8 +410,9 @@ fn check_against_manifest(link: &mut lane::Link, file: &FetchFile, chunks: Range
     };
     for chunk in chunks {
         let bytes = file.spill.chunk_bytes(chunk..chunk + 1);
+        // A spill file that cannot be read counts as not matching.
         let good = |file: &FetchFile| {
-            file.spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b))
+            file.spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)).unwrap_or(false)
         };
         if good(file) {
             continue;

@@ -38,7 +38,7 @@ pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> 
     let mut phase = None;
     if let Some((hash, against)) = record.and_then(|r| r.verified.as_ref()) {
         let still_expected = spec.expected.as_ref().is_none_or(|e| e.whole == *hash || against != "manifest");
-        if still_expected && spill.is_complete() && spill.hash().as_bytes() == hash {
+        if still_expected && spill.is_complete() && spill.hash().is_ok_and(|h| h.as_bytes() == hash) {
             let against = if against == "manifest" { "manifest" } else { "received" };
             phase = Some(Phase::Verified { hash: *hash, against });
         } else {
@@ -52,7 +52,7 @@ pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> 
         let mut dropped = 0;
         for chunk in (0..chunks).filter(|&c| spill.is_present(c)) {
             let bytes = spill.chunk_bytes(chunk..chunk + 1);
-            if !spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)) {
+            if !spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)).unwrap_or(false) {
                 spill.unmark(chunk);
                 dropped += 1;
             }

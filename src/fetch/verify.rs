@@ -85,7 +85,14 @@ fn verify(shared: &Shared, index: usize, second_look: Option<Result<SourceStat, 
                 Some(Err(e)) => log::warn!("{e}: could not re-check the source after the transfer"),
                 Some(Ok(_)) | None => {}
             }
-            (*file.spill.hash().as_bytes(), "received")
+            match file.spill.hash() {
+                Ok(hash) => (*hash.as_bytes(), "received"),
+                Err(e) => {
+                    log::error!("{e}");
+                    file.fail(0..0, &super::FetchError::new(e.to_string()), true);
+                    return;
+                }
+            }
         }
     };
     let settled = {

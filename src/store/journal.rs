@@ -145,11 +145,12 @@ pub struct Journal {
 }
 
 /// A file the journal writes `Present` records for: its path, spill size, and
-/// a descriptor to fsync before claiming its chunks.
+/// the spill file to fsync before claiming its chunks (opened for that: only
+/// a bounded set of spill files is open at a time).
 pub struct JournalFile {
     pub path: Vec<u8>,
     pub size: u64,
-    pub spill: File,
+    pub spill: PathBuf,
 }
 
 impl Journal {
@@ -286,7 +287,7 @@ impl Writer {
                         continue;
                     };
                     if !synced[file] {
-                        if let Err(e) = entry.spill.sync_data() {
+                        if let Err(e) = super::sync_path(&entry.spill) {
                             log::error!("syncing the spill file of {}: {e}", String::from_utf8_lossy(&entry.path));
                             continue;
                         }
@@ -316,7 +317,7 @@ mod tests {
         let path = dir.join("journal");
         let spill = dir.join("spill");
         std::fs::write(&spill, b"x").unwrap();
-        let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill: File::open(&spill).unwrap() }];
+        let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill }];
         let journal = Journal::create(&path, records, files).unwrap();
         journal.present(0, 0..2);
         journal.present(0, 5..6);

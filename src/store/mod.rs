@@ -3,13 +3,16 @@
 //! Spill files are named by a hash of the original path, never by the path.
 
 pub mod journal;
+mod open;
 mod spill;
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-pub use spill::SpillFile;
+pub use open::OpenSpills;
+pub use spill::{SpillFile, sync_path};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself
@@ -40,6 +43,8 @@ pub struct Store {
     capacity: u64,
     /// Held (flock) for as long as the store is open.
     _lock: nix::fcntl::Flock<File>,
+    /// The spill files open at one time: as many as the descriptor limit allows.
+    spills: Arc<OpenSpills>,
 }
 
 impl Store {
@@ -60,7 +65,8 @@ impl Store {
         };
         let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| io_err(dir)(e.into()))?;
         let capacity = stat.blocks().saturating_mul(stat.fragment_size());
-        Ok(Store { dir: dir.to_path_buf(), capacity, _lock: lock })
+        let spills = Arc::new(OpenSpills::new(open::capacity_for(open::raise_fd_limit())));
+        Ok(Store { dir: dir.to_path_buf(), capacity, _lock: lock, spills })
     }
 
     pub fn dir(&self) -> &Path {
@@ -79,7 +85,7 @@ impl Store {
         if let Some(size) = size.filter(|&s| s > self.capacity) {
             return Err(StoreError::TooLarge { original: original.to_path_buf(), size, capacity: self.capacity });
         }
-        SpillFile::open(&self.spill_path(original), size, keep)
+        SpillFile::open(&self.spill_path(original), size, keep, &self.spills)
     }
 
     pub fn journal_path(&self) -> PathBuf {

@@ -1,14 +1,15 @@
-//! One spill file: a sparse local file as long as the original, mapped, with a
-//! bit per chunk saying whether those bytes have arrived.
+//! One spill file: a sparse local file as long as the original, mapped while
+//! open (see `open.rs`: only a bounded set is), with a bit per chunk saying
+//! whether those bytes have arrived.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLockReadGuard};
 
-use memmap2::{MmapOptions, MmapRaw};
+use super::open::{Handle, OpenSpills, Slot};
 
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -20,9 +21,11 @@ use super::{CHUNK_SIZE, StoreError, io_err};
 
 pub struct SpillFile {
     path: PathBuf,
-    file: File,
-    /// `None` while the file is empty (a zero-length map is not allowed).
-    map: RwLock<Option<MmapRaw>>,
+    /// Its descriptor and map while open.
+    slot: Arc<Slot>,
+    spills: Arc<OpenSpills>,
+    /// Its length now (local writes may change it).
+    len: AtomicU64,
     /// The size the chunks cover: the original's size.
     fetched_size: u64,
     present: Box<[AtomicU64]>,
@@ -31,17 +34,19 @@ pub struct SpillFile {
 
 impl SpillFile {
     /// Creates the spill file empty and sparse, `size` bytes long.
+    #[cfg(test)]
     pub fn create(path: &Path, size: u64) -> Result<SpillFile, StoreError> {
-        Self::open(path, Some(size), false)
+        Self::open(path, Some(size), false, &Arc::new(OpenSpills::new(16)))
     }
 
-    /// Opens the spill file for a file of `size` bytes. With `keep`, an
-    /// existing spill file of that size keeps its bytes (a journal says which
-    /// are present); otherwise it starts empty. `size` `None` keeps the
-    /// existing file's length (a file changed locally).
-    pub fn open(path: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
+    /// Makes the spill file for a file of `size` bytes; it is opened when
+    /// first used, as one of `spills`. With `keep`, an existing spill file of
+    /// that size keeps its bytes (a journal says which are present);
+    /// otherwise it starts empty. `size` `None` keeps the existing file's
+    /// length (a file changed locally).
+    pub fn open(path: &Path, size: Option<u64>, keep: bool, spills: &Arc<OpenSpills>) -> Result<SpillFile, StoreError> {
         let file =
-            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+            File::options().write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
         let existing = file.metadata().map_err(io_err(path))?.len();
         let size = size.unwrap_or(existing);
         if !keep || existing != size {
@@ -50,33 +55,44 @@ impl SpillFile {
         file.set_len(size).map_err(io_err(path))?;
         let chunks = size.div_ceil(CHUNK_SIZE);
         let words = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
-        let spill = SpillFile {
+        Ok(SpillFile {
             path: path.to_path_buf(),
-            map: RwLock::new(None),
-            file,
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+            len: AtomicU64::new(size),
             fetched_size: size,
             present: (0..words).map(|_| AtomicU64::new(0)).collect(),
             present_chunks: AtomicU64::new(0),
-        };
-        spill.remap(size)?;
-        Ok(spill)
+        })
     }
 
-    fn remap(&self, size: u64) -> Result<(), StoreError> {
-        let map = match size {
-            0 => None,
-            _ => Some(MmapOptions::new().len(size as usize).map_raw(&self.file).map_err(io_err(&self.path))?),
-        };
-        *self.map.write().expect("map lock") = map;
-        Ok(())
+    /// The open handle (opened, and mapped, if it is not), read-locked:
+    /// it stays open and its length stays put while the guard lives.
+    fn handle(&self) -> Result<RwLockReadGuard<'_, Option<Handle>>, StoreError> {
+        loop {
+            let handle = self.slot.handle.read().expect("spill handle");
+            if handle.is_some() {
+                self.slot.touch();
+                return Ok(handle);
+            }
+            drop(handle);
+            let mut handle = self.slot.handle.write().expect("spill handle");
+            if handle.is_none() {
+                *handle = Some(Handle::open(&self.path, self.len())?);
+                drop(handle);
+                self.spills.opened(&self.slot);
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// A descriptor of its own for the spill file (FUSE passthrough).
+    pub fn open_file(&self) -> Result<File, StoreError> {
+        let handle = self.handle()?;
+        handle.as_ref().expect("open").file.try_clone().map_err(io_err(&self.path))
     }
 
     pub fn chunk_count(&self) -> u64 {
@@ -143,7 +159,7 @@ impl SpillFile {
     /// The blake3 of the whole file as it is now. Hashes the mapped bytes a
     /// window at a time and lets go of each window's pages after: spill data
     /// is never held in this process's memory.
-    pub fn hash(&self) -> blake3::Hash {
+    pub fn hash(&self) -> Result<blake3::Hash, StoreError> {
         const WINDOW: u64 = 8 << 20;
         let mut hasher = blake3::Hasher::new();
         let len = self.len();
@@ -152,19 +168,20 @@ impl SpillFile {
             let take = WINDOW.min(len - offset);
             self.read(offset, take, |bytes| {
                 hasher.update_rayon(bytes);
-            });
+            })?;
             self.release(offset, take);
             offset += take;
         }
-        hasher.finalize()
+        Ok(hasher.finalize())
     }
 
     /// Drops this process's mapping of `offset..offset+len` (the bytes stay
     /// in the file and the page cache), so what was written or read through
     /// the map does not count against this process's memory.
     pub fn release(&self, offset: u64, len: u64) {
-        let map = self.map.read().expect("map lock");
-        let Some(map) = map.as_ref() else { return };
+        // Not open: nothing of it is mapped.
+        let handle = self.slot.handle.read().expect("spill handle");
+        let Some(map) = handle.as_ref().and_then(|h| h.map.as_ref()) else { return };
         let page = page_size();
         let start = offset / page * page;
         let end = offset.saturating_add(len).min(map.len() as u64);
@@ -200,14 +217,18 @@ impl SpillFile {
     pub fn write_fetched(&self, chunks: Range<u64>, data: &[u8]) -> Result<(), StoreError> {
         let bytes = self.chunk_bytes(chunks);
         assert_eq!(data.len() as u64, bytes.end - bytes.start, "fetched bytes cover the chunks");
-        self.file.write_all_at(data, bytes.start).map_err(io_err(&self.path))
+        let handle = self.handle()?;
+        handle.as_ref().expect("open").file.write_all_at(data, bytes.start).map_err(io_err(&self.path))
     }
 
     /// Gives `read` the bytes `offset..offset+len`, cut at the end of the file.
-    pub fn read<R>(&self, offset: u64, len: u64, read: impl FnOnce(&[u8]) -> R) -> R {
-        let map = self.map.read().expect("map lock");
-        let Some(map) = map.as_ref() else {
-            return read(&[]);
+    pub fn read<R>(&self, offset: u64, len: u64, read: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
+        if self.is_empty() {
+            return Ok(read(&[]));
+        }
+        let handle = self.handle()?;
+        let Some(map) = handle.as_ref().and_then(|h| h.map.as_ref()) else {
+            return Ok(read(&[]));
         };
         let start = (offset as usize).min(map.len());
         let end = (offset.saturating_add(len) as usize).min(map.len());
@@ -216,12 +237,12 @@ impl SpillFile {
         // fetcher; a local write may change them concurrently, as any file's
         // bytes may change under a reader.
         let slice = unsafe { std::slice::from_raw_parts(map.as_ptr().add(start), end - start) };
-        read(slice)
+        Ok(read(slice))
     }
 
     /// The current length of the spill file (local writes may change it).
     pub fn len(&self) -> u64 {
-        self.map.read().expect("map lock").as_ref().map_or(0, |m| m.len() as u64)
+        self.len.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -232,24 +253,44 @@ impl SpillFile {
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let end = offset.saturating_add(data.len() as u64);
         if end > self.len() {
-            self.file.set_len(end).map_err(io_err(&self.path))?;
-            self.remap(end)?;
+            self.set_len(end)?;
         }
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
+        let handle = self.handle()?;
+        handle.as_ref().expect("open").file.write_all_at(data, offset).map_err(io_err(&self.path))
     }
 
-    /// A local truncate (or extension) of a complete file.
+    /// A local truncate (or extension) of a complete file. No reader holds
+    /// the map meanwhile (the write lock), so none reads past a new end.
     pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
-        let mut map = self.map.write().expect("map lock");
-        *map = None;
-        self.file.set_len(size).map_err(io_err(&self.path))?;
-        drop(map);
-        self.remap(size)
+        drop(self.handle()?);
+        let mut handle = self.slot.handle.write().expect("spill handle");
+        match handle.as_mut() {
+            Some(open) => {
+                open.map = None;
+                open.file.set_len(size).map_err(io_err(&self.path))?;
+                self.len.store(size, Ordering::Release);
+                open.remap(&self.path, size)
+            }
+            // Closed in between: the next use maps the new length.
+            None => {
+                let file = File::options().write(true).open(&self.path).map_err(io_err(&self.path))?;
+                file.set_len(size).map_err(io_err(&self.path))?;
+                self.len.store(size, Ordering::Release);
+                Ok(())
+            }
+        }
     }
 
+    /// Makes what was written durable (a closed spill file is opened for
+    /// it: fsync covers every write to the file, through any descriptor).
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(io_err(&self.path))
+        sync_path(&self.path)
     }
+}
+
+/// fsyncs the data of the file at `path`.
+pub fn sync_path(path: &Path) -> Result<(), StoreError> {
+    File::open(path).and_then(|f| f.sync_data()).map_err(io_err(path))
 }
 
 #[cfg(test)]
@@ -274,7 +315,7 @@ mod tests {
         spill.mark_present(3..4);
         assert!(spill.is_present(3) && !spill.is_complete());
         assert_eq!(spill.present_bytes(), 100);
-        spill.read(size - 10, 100, |b| assert_eq!(b, &[7; 10]));
+        spill.read(size - 10, 100, |b| assert_eq!(b, &[7; 10])).unwrap();
         spill.mark_present(0..3);
         assert!(spill.is_complete());
         assert_eq!(spill.present_bytes(), size);
@@ -290,10 +331,10 @@ mod tests {
         spill.mark_present(0..1);
         spill.write_at(8, b"abcdef").unwrap();
         assert_eq!(spill.len(), 14);
-        spill.read(8, 100, |b| assert_eq!(b, b"abcdef"));
+        spill.read(8, 100, |b| assert_eq!(b, b"abcdef")).unwrap();
         spill.set_len(2).unwrap();
         assert_eq!(spill.len(), 2);
         spill.set_len(0).unwrap();
-        spill.read(0, 10, |b| assert!(b.is_empty()));
+        spill.read(0, 10, |b| assert!(b.is_empty())).unwrap();
     }
 }
