@@ -148,11 +148,14 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
+    /// The mountpoint is this process's until it exits.
+    _claim: registry::Claim,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
 /// failure here happens before anything is mounted.
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
+    let claim = claim_mountpoint(&request.mountpoint)?;
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
@@ -238,7 +241,23 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     };
     let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
     let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, _claim: claim })
+}
+
+/// Claims `mountpoint` for this process before anything else is done: of
+/// racing mounts of one mountpoint, the losers stop here, leaving nothing.
+fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
+    match registry::claim(mountpoint) {
+        Ok(Ok(claim)) => Ok(claim),
+        Ok(Err(pid)) => Err(MountError::Mountpoint {
+            path: mountpoint.to_path_buf(),
+            reason: format!(
+                "another lazyfs process{} is mounting or serving it; `lazyfs umount` it first",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+        }),
+        Err(source) => Err(MountError::Mount { path: mountpoint.to_path_buf(), source }),
+    }
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::mount::{Mount, TestEnv, content};
 use lazyfs::images::write::{DumpFile, write_dump};
@@ -47,6 +47,7 @@ fn a_hundred_thousand_files_mount_and_prefetch_under_ulimit_n_1024() {
     let env = TestEnv::new();
     let source = env.path("source");
     let mut records = Vec::with_capacity(FILES);
+    let t0 = Instant::now();
     for i in 0..FILES {
         let path = name(i);
         let on_disk = source.join(path.trim_start_matches('/'));
@@ -57,7 +58,9 @@ fn a_hundred_thousand_files_mount_and_prefetch_under_ulimit_n_1024() {
         std::fs::write(&on_disk, content(&path, len)).unwrap();
         records.push(DumpFile::new(path, len as u64));
     }
+    eprintln!("{FILES} files written in {:.2} s", t0.elapsed().as_secs_f64());
     write_dump(&env.path("images"), &records).unwrap();
+    eprintln!("their images written in {:.2} s", t0.elapsed().as_secs_f64());
 
     let mountpoint = env.path("mnt").join("m");
     std::fs::create_dir_all(&mountpoint).unwrap();
@@ -92,6 +95,8 @@ fn a_hundred_thousand_files_mount_and_prefetch_under_ulimit_n_1024() {
     for i in (0..FILES).step_by(7_919) {
         assert!(std::fs::read(mount.at(&name(i))).unwrap() == content(&name(i), 1 + i % 200), "{}", name(i));
     }
+    let unmounting = Instant::now();
     let out = mount.umount();
     assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("unmounted in {:.2} s", unmounting.elapsed().as_secs_f64());
 }

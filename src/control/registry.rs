@@ -2,6 +2,8 @@
 //! `/run/lazyfs` for root, `$XDG_RUNTIME_DIR/lazyfs` or `/tmp/lazyfs-UID` for
 //! others. An entry whose socket no longer answers is a dead mount and is removed.
 
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,35 @@ fn entry_path(mountpoint: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     let hash = blake3::hash(canonical(mountpoint).as_os_str().as_bytes());
     dir().join(&hash.to_hex()[..16])
+}
+
+/// A mountpoint claimed by this process: held (a lock on a file next to the
+/// entries) from before anything is prepared until the process exits, so of
+/// two `lazyfs mount` of one mountpoint exactly one goes ahead.
+pub struct Claim {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Claims `mountpoint`; when another process holds it, `Err` with its pid
+/// (if it said).
+pub fn claim(mountpoint: &Path) -> std::io::Result<Result<Claim, Option<u32>>> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir())?;
+    let path = entry_path(mountpoint).with_extension("lock");
+    let file = File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut locked) => {
+            locked.set_len(0)?;
+            locked.rewind()?;
+            write!(locked, "{}", std::process::id())?;
+            Ok(Ok(Claim { _lock: locked }))
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            file.read_to_string(&mut pid)?;
+            Ok(Err(pid.trim().parse().ok()))
+        }
+        Err((_, e)) => Err(e.into()),
+    }
 }
 
 pub fn register(entry: &Entry) -> std::io::Result<()> {

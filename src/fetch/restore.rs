@@ -52,7 +52,8 @@ pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> 
         let mut dropped = 0;
         for chunk in (0..chunks).filter(|&c| spill.is_present(c)) {
             let bytes = spill.chunk_bytes(chunk..chunk + 1);
-            if !spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)).unwrap_or(false) {
+            if !spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)).unwrap_or(false)
+            {
                 spill.unmark(chunk);
                 dropped += 1;
             }

@@ -45,8 +45,7 @@ impl SpillFile {
     /// otherwise it starts empty. `size` `None` keeps the existing file's
     /// length (a file changed locally).
     pub fn open(path: &Path, size: Option<u64>, keep: bool, spills: &Arc<OpenSpills>) -> Result<SpillFile, StoreError> {
-        let file =
-            File::options().write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+        let file = File::options().write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
         let existing = file.metadata().map_err(io_err(path))?.len();
         let size = size.unwrap_or(existing);
         if !keep || existing != size {
