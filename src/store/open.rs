@@ -47,8 +47,14 @@ pub(super) struct Handle {
 }
 
 impl Handle {
+    /// Opens the spill file at `path`, `len` bytes long (created sparse if
+    /// it is not there yet).
     pub(super) fn open(path: &Path, len: u64) -> Result<Handle, StoreError> {
-        let file = File::options().read(true).write(true).open(path).map_err(io_err(path))?;
+        let file =
+            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+        if file.metadata().map_err(io_err(path))?.len() != len {
+            file.set_len(len).map_err(io_err(path))?;
+        }
         let mut handle = Handle { file, map: None };
         handle.remap(path, len)?;
         Ok(handle)

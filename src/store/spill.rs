@@ -39,19 +39,24 @@ impl SpillFile {
         Self::open(path, Some(size), false, &Arc::new(OpenSpills::new(16)))
     }
 
-    /// Makes the spill file for a file of `size` bytes; it is opened when
-    /// first used, as one of `spills`. With `keep`, an existing spill file of
+    /// The spill file for a file of `size` bytes; it is created (if need
+    /// be) and opened when first used, as one of `spills`: a mount of many
+    /// files creates none up front. With `keep`, an existing spill file of
     /// that size keeps its bytes (a journal says which are present);
     /// otherwise it starts empty. `size` `None` keeps the existing file's
     /// length (a file changed locally).
     pub fn open(path: &Path, size: Option<u64>, keep: bool, spills: &Arc<OpenSpills>) -> Result<SpillFile, StoreError> {
-        let file = File::options().write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
-        let existing = file.metadata().map_err(io_err(path))?.len();
-        let size = size.unwrap_or(existing);
-        if !keep || existing != size {
-            file.set_len(0).map_err(io_err(path))?;
+        let existing = match std::fs::metadata(path) {
+            Ok(meta) => Some(meta.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let size = size.or(existing).unwrap_or(0);
+        // An empty file is complete at once: its (empty) spill file must exist.
+        if existing.is_some_and(|existing| !keep || existing != size) || (existing.is_none() && size == 0) {
+            let file = File::options().write(true).create(true).truncate(true).open(path).map_err(io_err(path))?;
+            file.set_len(size).map_err(io_err(path))?;
         }
-        file.set_len(size).map_err(io_err(path))?;
         let chunks = size.div_ceil(CHUNK_SIZE);
         let words = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
         Ok(SpillFile {
@@ -289,7 +294,12 @@ impl SpillFile {
 
 /// fsyncs the data of the file at `path`.
 pub fn sync_path(path: &Path) -> Result<(), StoreError> {
-    File::open(path).and_then(|f| f.sync_data()).map_err(io_err(path))
+    match File::open(path) {
+        Ok(file) => file.sync_data().map_err(io_err(path)),
+        // Never written, never created: nothing to make durable.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
 }
 
 #[cfg(test)]
