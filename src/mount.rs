@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, exit};
 use crate::control::{self, ControlEvent, registry};
+use crate::detached::Attachment;
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
 use crate::fs::{Filesystem, FsConfig};
@@ -295,6 +296,14 @@ pub fn detach(mountpoint: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Unmounts the mount `attachment` describes unless busy; why not, if not.
+fn unmount_attached(mountpoint: &Path, attachment: &Attachment) -> Result<(), String> {
+    if attachment.is_detached() {
+        return Err(crate::detached::umount_answer(mountpoint, &attachment.holders()));
+    }
+    unmount(mountpoint).map_err(|e| format!("cannot unmount: {e} (close the files open under it first)"))
+}
+
 /// Unmounts unless busy.
 fn unmount(mountpoint: &Path) -> std::io::Result<()> {
     if nix::unistd::geteuid().is_root() {
@@ -365,12 +374,21 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
     }
 
+    let attachment = Arc::new(Attachment::of(&mountpoint).map_err(mount_err)?);
     let started = Instant::now();
     let status = {
         let fs = prepared.fs.clone();
         let request = request.clone();
         let source_name = prepared.source_name.clone();
-        Arc::new(move |per_file| crate::status::snapshot(&fs, &request, &source_name, started, per_file))
+        let attachment = attachment.clone();
+        Arc::new(move |per_file| {
+            let mut status = crate::status::snapshot(&fs, &request, &source_name, started, per_file);
+            if attachment.is_detached() {
+                status.detached = true;
+                status.holders = attachment.holders();
+            }
+            status
+        })
     };
     let (control_tx, control_rx) = mpsc::channel();
     let server =
@@ -415,15 +433,19 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             Event::SessionEnded => break,
             Event::Signal(signal) => {
                 log::info!("signal {signal}: unmounting");
+                if attachment.is_detached() {
+                    continue;
+                }
                 if unmount(&mountpoint).is_err() {
                     // Busy: detach now; the session ends when the last file closes.
+                    log::info!("busy: detaching; lazyfs ends once the files open under it are closed");
+                    attachment.set_detached();
                     let _ = detach(&mountpoint);
                 }
             }
-            Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
+            Event::Control(ControlEvent::Umount(mut stream)) => match unmount_attached(&mountpoint, &attachment) {
                 Ok(()) => umount_clients.push(stream),
-                Err(e) => {
-                    let message = format!("cannot unmount: {e} (close the files open under it first)");
+                Err(message) => {
                     let _ = control::write_message(
                         &mut stream,
                         &control::proto::Response { kind: Some(control::proto::response::Kind::Error(message)) },

@@ -55,11 +55,12 @@ impl Bars {
             bars.total.set_length(status.bytes_total);
             bars.total.set_position(status.bytes_present);
             bars.total.set_message(format!(
-                "files {}/{}{} ({})",
+                "files {}/{}{} ({}{})",
                 status.files_present,
                 status.files_total,
                 if status.files_failed > 0 { format!(", {} failed", status.files_failed) } else { String::new() },
-                status.state
+                status.state,
+                detached_note(status),
             ));
             let in_flight: Vec<_> = status.files.iter().filter(|f| f.state == "fetching").take(MAX_FILE_BARS).collect();
             let keep: HashSet<&[u8]> = in_flight.iter().map(|f| f.path.as_slice()).collect();
@@ -112,7 +113,7 @@ pub fn plain_line(status: &Status) -> String {
     let rate = status.rate_bytes_per_s / (1024.0 * 1024.0);
     let eta = status.eta_s.map_or("?".to_string(), |s| format!("{s:.0}s"));
     format!(
-        "{}: {} {}/{} bytes, {}/{} files present, {} failed, {rate:.1} MiB/s, ETA {eta}",
+        "{}: {} {}/{} bytes, {}/{} files present, {} failed, {rate:.1} MiB/s, ETA {eta}{}",
         status.mountpoint,
         status.state,
         status.bytes_present,
@@ -120,5 +121,15 @@ pub fn plain_line(status: &Status) -> String {
         status.files_present,
         status.files_total,
         status.files_failed,
+        detached_note(status),
     )
+}
+
+/// ", detached (held open by PIDs ...)" for a detached mount.
+fn detached_note(status: &Status) -> String {
+    if !status.detached {
+        return String::new();
+    }
+    let pids: Vec<String> = status.holders.iter().map(u32::to_string).collect();
+    format!(", detached (held open by PIDs {})", pids.join(", "))
 }

@@ -79,3 +79,70 @@ fn of_twenty_racing_mounts_exactly_one_wins_and_the_others_leave_nothing() {
     let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
     assert!(std::fs::read(again.at("/r/file")).is_ok());
 }
+
+/// A process holding `path` open (as its stdin) until killed.
+fn holder(path: &Path) -> std::process::Child {
+    std::process::Command::new("sleep").arg("600").stdin(std::fs::File::open(path).unwrap()).spawn().unwrap()
+}
+
+/// Waits for `done` to hold of `lazyfs status --json` (all mounts).
+fn wait_listed(env: &TestEnv, done: impl Fn(&serde_json::Value) -> bool, what: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.run(&["status", "--json"]);
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if done(&listed) {
+            return listed;
+        }
+        assert!(Instant::now() < deadline, "{what}: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn detached_mount_shows_until_its_holders_close(detach: impl FnOnce(&Mount)) {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/d/file", 10_000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mut held = holder(&mount.at("/d/file"));
+    let pid = mount.status()["pid"].as_u64().unwrap();
+    detach(&mount);
+
+    let listed = wait_listed(&env, |l| l[0]["detached"] == true, "never shown as detached");
+    assert_eq!(listed[0]["pid"], pid);
+    let holders: Vec<u64> = listed[0]["holders"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+    assert_eq!(holders, [u64::from(held.id())], "{listed}");
+    let plain = env.run(&["status"]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains(&format!("detached (held open by PIDs {})", held.id())));
+
+    let out = mount.umount();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already unmounted (detached)") && stderr.contains(&held.id().to_string()), "{stderr}");
+    assert!(!stderr.contains("Invalid argument"), "{stderr}");
+
+    held.kill().unwrap();
+    held.wait().unwrap();
+    wait_listed(&env, |l| l.as_array().is_some_and(Vec::is_empty), "the detached daemon did not end");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the detached daemon {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_mount_detached_by_umount_l_shows_as_detached_with_its_holders() {
+    detached_mount_shows_until_its_holders_close(|mount| {
+        let out = std::process::Command::new("umount").arg("-l").arg(&mount.mountpoint).output().unwrap();
+        assert!(out.status.success(), "umount -l: {}", String::from_utf8_lossy(&out.stderr));
+    });
+}
+
+#[test]
+fn a_busy_mount_detached_on_sigterm_shows_as_detached_with_its_holders() {
+    detached_mount_shows_until_its_holders_close(|mount| {
+        let pid = mount.status()["pid"].as_i64().unwrap() as i32;
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    });
+}
