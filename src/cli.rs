@@ -41,6 +41,7 @@ pub enum Command {
     Status(StatusArgs),
     Wait(WaitArgs),
     Umount(UmountArgs),
+    Prefetch(PrefetchArgs),
     Ls(LsArgs),
     Manifest(ManifestArgs),
     Verify(VerifyArgs),
@@ -54,9 +55,16 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
-/// Print the man page (roff), e.g. `lazyfs man > /usr/local/share/man/man1/lazyfs.1`.
+/// Print a man page (roff): `lazyfs man > lazyfs.1`, `lazyfs man mount > lazyfs-mount.1`,
+/// or write them all with --dir.
 #[derive(Debug, Args)]
-pub struct ManArgs {}
+pub struct ManArgs {
+    /// The subcommand whose page to print (lazyfs-COMMAND(1)); default: lazyfs(1).
+    pub command: Option<String>,
+    /// Write every page (lazyfs.1 and one lazyfs-COMMAND.1 per subcommand) into DIR instead.
+    #[arg(long, value_name = "DIR", conflicts_with = "command")]
+    pub dir: Option<PathBuf>,
+}
 
 /// Mount the files a checkpoint records, fetching contents from SOURCE on demand.
 ///
@@ -168,8 +176,11 @@ pub struct StatusArgs {
 /// Exit 0 when they are, 3 on timeout, 4 if one failed verification, 1 if the mount went away.
 #[derive(Debug, Args)]
 pub struct WaitArgs {
+    /// A live lazyfs mount.
     pub mountpoint: PathBuf,
-    /// Files to wait for, as mount paths or original paths; default: all.
+    /// Files to wait for: original paths (/srv/app/db), paths in the mount (srv/app/db)
+    /// or paths under MOUNTPOINT; default: all.
+    #[arg(value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// Give up after SECS seconds (exit 3).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
@@ -179,7 +190,23 @@ pub struct WaitArgs {
 /// Flush state, unmount and stop the background process; the cache stays.
 #[derive(Debug, Args)]
 pub struct UmountArgs {
+    /// A lazyfs mount (a stale one, whose process died, is cleared too).
     pub mountpoint: PathBuf,
+}
+
+/// Start fetching files in the background on a live mount (one mounted without --prefetch
+/// fetches only what is read); each PATH, or every file.
+///
+/// Returns at once; `lazyfs status` shows the progress, `lazyfs wait` waits for it. Files
+/// someone reads still come first.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// A live lazyfs mount.
+    pub mountpoint: PathBuf,
+    /// Files to fetch: original paths (/srv/app/db), paths in the mount (srv/app/db) or
+    /// paths under MOUNTPOINT; default: all.
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
 }
 
 /// List the files the images record: path, size, mode, users, and why any cannot be served.
@@ -200,6 +227,9 @@ pub struct ManifestArgs {
     /// Read file /a/b from DIR/a/b.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: PathBuf,
+    /// Hash only the recorded files below DIR (the --subtree the mount will use).
+    #[arg(long, value_name = "DIR")]
+    pub subtree: Option<PathBuf>,
     /// Where to write it [default: IMGDIR/lazyfs.manifest].
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<PathBuf>,

@@ -88,6 +88,17 @@ pub struct ServedFile {
     /// The path the checkpoint recorded.
     pub path: PathBuf,
     meta: Mutex<Meta>,
+    /// Whether a process of the checkpoint had it open for writing.
+    written: bool,
+}
+
+/// What the checkpoint says of a file the mount serves.
+pub struct ServedSpec {
+    pub path: PathBuf,
+    pub mode: u32,
+    /// A process had it open for writing (or mapped it shared and writable):
+    /// `criu restore` will open it for writing too.
+    pub written: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,15 +122,14 @@ pub type AttrReply = Box<dyn FnOnce(Result<Attr, FsError>) + Send>;
 
 impl Filesystem {
     /// `modes[i]` is the recorded mode of fetcher file `i`.
-    pub fn new(ns: Namespace, paths: Vec<PathBuf>, modes: Vec<u32>, fetcher: Fetcher, config: FsConfig) -> Self {
+    pub fn new(ns: Namespace, specs: Vec<ServedSpec>, fetcher: Fetcher, config: FsConfig) -> Self {
         let started = SystemTime::now();
-        let files = paths
+        let files = specs
             .into_iter()
-            .zip(modes)
-            .map(|(path, mode)| {
+            .map(|ServedSpec { path, mode, written }| {
                 let meta =
                     Meta { mode, uid: config.uid, gid: config.gid, atime: started, mtime: started, ctime: started };
-                Arc::new(ServedFile { path, meta: Mutex::new(meta) })
+                Arc::new(ServedFile { path, meta: Mutex::new(meta), written })
             })
             .collect();
         Filesystem { ns, files, fetcher, config, started }
@@ -198,14 +208,18 @@ impl Filesystem {
     }
 
     /// Checks an open; for a read-only open of a verified file, gives the spill
-    /// file, which the kernel may then read directly (FUSE passthrough).
+    /// file, which the kernel may then read directly (FUSE passthrough). Not
+    /// for a file the checkpoint had open for writing: the kernel refuses a
+    /// cached open beside passthrough ones, and `criu restore` opens such a
+    /// file for writing too, after or before its read-only opens.
     pub fn open(&self, ino: Ino, write: bool) -> Result<Option<std::fs::File>, FsError> {
         let index = self.file_index(ino)?;
         if write && self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
         let file = self.fetcher.file(index);
-        let local = !write && matches!(file.phase(), crate::fetch::Phase::Verified { .. });
+        let local =
+            !write && !self.files[index].written && matches!(file.phase(), crate::fetch::Phase::Verified { .. });
         Ok(if local { Some(file.spill.open_file()?) } else { None })
     }
 

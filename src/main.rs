@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use lazyfs::cli::{Cli, Command, LsArgs, ManifestArgs, MountArgs, StatusArgs, UmountArgs, VerifyArgs, WaitArgs, exit};
+use lazyfs::cli::{
+    Cli, Command, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, StatusArgs, UmountArgs, VerifyArgs, WaitArgs,
+    exit,
+};
 use lazyfs::commands::ls;
+use lazyfs::commands::verify::VerifyError;
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
 use lazyfs::mount::{self, MountError, MountRequest};
@@ -33,21 +37,61 @@ fn main() -> ExitCode {
         // A reader that stopped early (`lazyfs ls | head`) is not a failure.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            let message = format!("{err:#}").replace('\n', " ");
-            eprintln!("lazyfs: {message}");
+            eprintln!("lazyfs: {}", one_line(&err));
             ExitCode::from(exit_code(&err))
         }
     }
 }
 
+/// The error and its causes as one line, each said once: a cause whose text
+/// its effect already includes is left out.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line += ": ";
+            }
+            line += &text;
+        }
+    }
+    line
+}
+
 /// Mounts log what they do (the background process into its cache dir's
 /// lazyfs.log); other commands only warnings. `LAZYFS_LOG` overrides.
 fn init_logging(command: &Command) {
-    // fuser warns about its own second unmount attempt after ours: noise.
-    let default = if matches!(command, Command::Mount(_)) { "info,fuser=error" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default))
-        .format_timestamp_millis()
-        .init();
+    // fuser warns about its own second unmount attempt after ours, and fails
+    // to answer requests the kernel dropped when a busy mount is detached: noise.
+    let default = if matches!(command, Command::Mount(_)) { "info,fuser=error,fuser::reply=off" } else { "warn" };
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default));
+    builder.format_timestamp_millis();
+    // `mount -f` draws bars on the terminal: its log goes to the cache dir, like a background mount's.
+    if let Command::Mount(args) = command
+        && args.foreground
+        && std::io::stderr().is_terminal()
+        && let Ok(request) = MountRequest::from_args(args)
+        && let Ok(log) = open_log(&request.cache_dir)
+    {
+        builder.target(env_logger::Target::Pipe(Box::new(log)));
+    }
+    builder.init();
+}
+
+/// The cache dir's `lazyfs.log` (made with the dir if need be), to append to.
+fn open_log(cache_dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(cache_dir)
+        .with_context(|| format!("creating the cache dir {}", cache_dir.display()))?;
+    let log_path = cache_dir.join("lazyfs.log");
+    std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -55,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Ls(args) => run_ls(&args),
         Command::Mount(args) => run_mount(&args),
         Command::Umount(args) => run_umount(&args),
+        Command::Prefetch(args) => run_prefetch(&args),
         Command::Status(args) => run_status(&args),
         Command::Wait(args) => run_wait(&args),
         Command::Completions(args) => {
@@ -62,10 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             clap_complete::generate(args.shell, &mut command, "lazyfs", &mut std::io::stdout());
             Ok(exit::SUCCESS)
         }
-        Command::Man(_) => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(exit::SUCCESS)
-        }
+        Command::Man(args) => run_man(&args),
         Command::Manifest(args) => run_manifest(&args),
         Command::Verify(args) => run_verify(&args),
     }
@@ -73,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &ls::to_json(&checkpoint))?;
@@ -81,6 +124,12 @@ fn run_ls(args: &LsArgs) -> anyhow::Result<u8> {
         ls::write_table(&checkpoint, &mut out).context("writing the listing")?;
     }
     Ok(exit::SUCCESS)
+}
+
+fn warn_incomplete(warning: Option<String>) {
+    if let Some(warning) = warning {
+        eprintln!("lazyfs: warning: {warning}");
+    }
 }
 
 fn mount_failed(e: MountError) -> anyhow::Error {
@@ -95,11 +144,17 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     if !args.foreground {
         return spawn_daemon(args, &request);
     }
+    let log = request.cache_dir.join("lazyfs.log");
     let prepared = mount::prepare(request).map_err(mount_failed)?;
+    for warning in &prepared.warnings {
+        eprintln!("lazyfs: warning: {warning}");
+    }
     mount::serve(prepared, |mountpoint| {
-        eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         if std::io::stderr().is_terminal() {
+            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
             show_bars(mountpoint.to_path_buf());
+        } else {
+            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         }
     })
     .map_err(mount_failed)?;
@@ -123,8 +178,9 @@ fn show_bars(mountpoint: PathBuf) {
     });
 }
 
-/// The background process: says `ready` or `error CODE MESSAGE` on stdout
-/// (read by the `lazyfs mount` that started it), then serves.
+/// The background process: says `warning MESSAGE` (images not a whole dump),
+/// then `ready` or `error CODE MESSAGE` on stdout (read by the `lazyfs mount`
+/// that started it), then serves.
 fn serve_as_daemon(request: MountRequest) -> u8 {
     let ready = |_: &Path| {
         println!("ready");
@@ -134,7 +190,13 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
-    match mount::prepare(request).and_then(|prepared| mount::serve(prepared, ready)) {
+    let served = mount::prepare(request).and_then(|prepared| {
+        for warning in &prepared.warnings {
+            println!("warning {}", warning.replace('\n', " "));
+        }
+        mount::serve(prepared, ready)
+    });
+    match served {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -147,17 +209,8 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
 /// Starts the background process and returns once the mount answers (0) or
 /// the process gave up (its reason and exit code).
 fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&request.cache_dir)
-        .with_context(|| format!("creating the cache dir {}", request.cache_dir.display()))?;
+    let log = open_log(&request.cache_dir)?;
     let log_path = request.cache_dir.join("lazyfs.log");
-    let log = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
     let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
     if args.cache_dir.is_none() {
@@ -171,8 +224,15 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
     }
     let mut child = command.spawn().context("starting the background process")?;
     let mut line = String::new();
-    let stdout = child.stdout.take().expect("piped");
-    std::io::BufReader::new(stdout).read_line(&mut line).context("waiting for the background process")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    loop {
+        line.clear();
+        stdout.read_line(&mut line).context("waiting for the background process")?;
+        match line.trim_end().strip_prefix("warning ") {
+            Some(warning) => eprintln!("lazyfs: warning: {warning}"),
+            None => break,
+        }
+    }
     match line.trim_end().split_once(' ') {
         _ if line.trim_end() == "ready" => Ok(exit::SUCCESS),
         Some(("error", rest)) => {
@@ -225,7 +285,8 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
     };
     let mut clients = mountpoints.iter().map(|mp| control::Client::connect(mp)).collect::<Result<Vec<_>, _>>()?;
     let terminal = std::io::stdout().is_terminal();
-    let mut bars = (terminal && !args.json).then(lazyfs::ui::Bars::new);
+    // Watching on a terminal: bars redrawn in place; once: drawn once.
+    let mut bars = (terminal && !args.json && args.watch).then(lazyfs::ui::Bars::new);
     let mut out = std::io::stdout().lock();
     if clients.is_empty() {
         writeln!(out, "{}", if args.json { "[]" } else { "no lazyfs mounts" })?;
@@ -266,7 +327,13 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
             (Some(bars), false, _) => bars.update(&statuses),
             (None, false, _) => {
                 for status in &statuses {
-                    writeln!(out, "{}", lazyfs::ui::plain_line(status))?;
+                    if terminal {
+                        for line in lazyfs::ui::bars_once(status) {
+                            writeln!(out, "{line}")?;
+                        }
+                    } else {
+                        writeln!(out, "{}", lazyfs::ui::plain_line(status))?;
+                    }
                 }
                 out.flush()?;
             }
@@ -312,7 +379,7 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         let failed: Vec<_> = selected.iter().filter(|f| f.state == "failed").collect();
         if !failed.is_empty() {
             for file in failed {
-                eprintln!("lazyfs: failed: {}: {}", String::from_utf8_lossy(&file.path), file.error);
+                eprintln!("lazyfs: {}", lazyfs::ui::failure_line(file));
             }
             return Ok(exit::VERIFY_FAILED);
         }
@@ -321,7 +388,15 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
             return Ok(exit::SUCCESS);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            eprintln!("lazyfs: timed out: {waiting} of {} file(s) not verified yet", selected.len());
+            let why = if status.prefetch {
+                String::new()
+            } else {
+                format!(
+                    "; this mount fetches only what is read: `lazyfs prefetch {}` fetches the rest in the background",
+                    args.mountpoint.display()
+                )
+            };
+            eprintln!("lazyfs: timed out: {waiting} of {} file(s) not verified yet{why}", selected.len());
             return Ok(exit::TIMEOUT);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -357,11 +432,66 @@ fn select_files<'a>(
         .collect()
 }
 
+/// `lazyfs prefetch`: starts background prefetch on a live mount, returns at once.
+fn run_prefetch(args: &PrefetchArgs) -> anyhow::Result<u8> {
+    let mut client = control::Client::connect(&args.mountpoint)?;
+    let paths = if args.paths.is_empty() {
+        Vec::new()
+    } else {
+        let status = client.status()?;
+        let mountpoint = std::path::absolute(&args.mountpoint)?;
+        select_files(&status, &args.paths, &mountpoint)?.into_iter().map(|f| f.path.clone()).collect()
+    };
+    let queued = client.prefetch(paths)?;
+    eprintln!(
+        "lazyfs: prefetching {queued} file(s) in the background; `lazyfs status {0}` shows the progress, `lazyfs wait {0}` waits for it",
+        args.mountpoint.display()
+    );
+    Ok(exit::SUCCESS)
+}
+
+/// `lazyfs man [COMMAND]`: lazyfs(1) or lazyfs-COMMAND(1); `--dir`: all of them.
+fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
+    // Built, every subcommand is named lazyfs-COMMAND, as lazyfs(1) refers to it.
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    let man = |page: &clap::Command| {
+        clap_mangen::Man::new(page.clone()).source(concat!("lazyfs ", env!("CARGO_PKG_VERSION")))
+    };
+    if let Some(dir) = &args.dir {
+        for page in std::iter::once(&command).chain(command.get_subcommands().filter(|c| !c.is_hide_set())) {
+            man(page).generate_to(dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
+        }
+        return Ok(exit::SUCCESS);
+    }
+    let page = match &args.command {
+        None => &command,
+        Some(name) => match command.find_subcommand(name).filter(|c| !c.is_hide_set()) {
+            Some(sub) => sub,
+            None => {
+                let known: Vec<&str> = command.get_subcommands().map(|c| c.get_name()).collect();
+                let message = format!("no man page for {name:?}: one of {}", known.join(", "));
+                return Err(Exit { code: exit::BAD_INPUT, message }.into());
+            }
+        },
+    };
+    man(page).render(&mut std::io::stdout())?;
+    Ok(exit::SUCCESS)
+}
+
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
+    use lazyfs::manifest::ManifestError;
     let checkpoint = Checkpoint::load(&args.imgdir)?;
+    warn_incomplete(checkpoint.warning());
     let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
-    let summary = lazyfs::manifest::create(&checkpoint, &args.root, &output)
-        .map_err(|e| Exit { code: exit::RUNTIME, message: e.to_string() })?;
+    let summary =
+        lazyfs::manifest::create(&checkpoint, &args.root, args.subtree.as_deref(), &output).map_err(|e| Exit {
+            code: match e {
+                ManifestError::Root { .. } | ManifestError::EmptySubtree(_) => exit::BAD_INPUT,
+                _ => exit::RUNTIME,
+            },
+            message: e.to_string(),
+        })?;
     for (path, reason) in &summary.skipped {
         eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
     }
@@ -381,7 +511,10 @@ fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
         (None, Some(mountpoint)) => control::Client::connect(mountpoint)?.status()?.cache_dir.into(),
         (None, None) => unreachable!("clap requires one"),
     };
-    let report = lazyfs::commands::verify::verify_cache(&cache_dir)?;
+    let report = lazyfs::commands::verify::verify_cache(&cache_dir).map_err(|e| match e {
+        VerifyError::NotACache { .. } => Exit { code: exit::BAD_INPUT, message: e.to_string() }.into(),
+        e => anyhow::Error::from(e),
+    })?;
     for (path, reason) in &report.mismatched {
         println!("MISMATCH {}: {reason}", ls::escape_path(path));
     }
@@ -407,4 +540,18 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         return exit.code;
     }
     if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_says_each_thing_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOTDIR);
+        let err = anyhow::Error::new(io).context("/a/b: Not a directory (os error 20)").context("opening /a/b");
+        assert_eq!(one_line(&err), "opening /a/b: /a/b: Not a directory (os error 20)");
+        let err = anyhow::anyhow!("two\nlines").context("first");
+        assert_eq!(one_line(&err), "first: two lines");
+    }
 }

@@ -30,6 +30,12 @@ pub enum ManifestError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: not a lazyfs manifest: {reason}", path.display())]
     Format { path: PathBuf, reason: String },
+    #[error("--root {}: {reason}", path.display())]
+    Root { path: PathBuf, reason: String },
+    #[error("no servable file is recorded below --subtree {} (`lazyfs ls IMGDIR` lists them)", .0.display())]
+    EmptySubtree(PathBuf),
+    #[error("none of the {count} recorded files could be hashed ({example}): no manifest written; is --root right?")]
+    NothingHashed { count: usize, example: String },
 }
 
 /// The hashes of one file.
@@ -117,17 +123,33 @@ pub struct Summary {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
-/// Hashes every servable file of `checkpoint`, read below `root`, in parallel,
-/// and writes the manifest to `output` (through a temporary file).
-pub fn create(checkpoint: &Checkpoint, root: &Path, output: &Path) -> Result<Summary, ManifestError> {
-    let results: Vec<(PathBuf, Result<FileHashes, String>)> = checkpoint
+/// Hashes every servable file of `checkpoint` (below `subtree`, if given),
+/// read below `root`, in parallel, and writes the manifest to `output`
+/// (through a temporary file). Writes nothing when no file could be hashed.
+pub fn create(
+    checkpoint: &Checkpoint,
+    root: &Path,
+    subtree: Option<&Path>,
+    output: &Path,
+) -> Result<Summary, ManifestError> {
+    match std::fs::metadata(root) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(ManifestError::Root { path: root.into(), reason: "not a directory".into() }),
+        Err(e) => return Err(ManifestError::Root { path: root.into(), reason: e.to_string() }),
+    }
+    let files: Vec<_> = checkpoint
         .servable()
-        .collect::<Vec<_>>()
+        .filter(|f| subtree.is_none_or(|dir| f.path.strip_prefix(dir).is_ok_and(|p| !p.as_os_str().is_empty())))
+        .collect();
+    if let (Some(dir), true) = (subtree, files.is_empty()) {
+        return Err(ManifestError::EmptySubtree(dir.into()));
+    }
+    let results: Vec<(PathBuf, Result<FileHashes, String>)> = files
         .par_iter()
         .map(|file| {
             let on_disk = root.join(relative(&file.source_path));
             let result = (|| {
-                let handle = File::open(&on_disk).map_err(|e| e.to_string())?;
+                let handle = File::open(&on_disk).map_err(|e| format!("{}: {e}", on_disk.display()))?;
                 let size = handle.metadata().map_err(|e| e.to_string())?.len();
                 if let Some(recorded) = file.size.filter(|&r| r != size) {
                     return Err(format!(
@@ -156,6 +178,10 @@ pub fn create(checkpoint: &Checkpoint, root: &Path, output: &Path) -> Result<Sum
             }
             Err(reason) => summary.skipped.push((path, reason)),
         }
+    }
+    if let (0, Some((path, reason))) = (summary.hashed, summary.skipped.first()) {
+        let example = format!("{}: {reason}", path.display());
+        return Err(ManifestError::NothingHashed { count: summary.skipped.len(), example });
     }
     let io = |source| ManifestError::Io { path: output.into(), source };
     let tmp = output.with_extension("tmp");

@@ -12,7 +12,7 @@ use crate::control::{self, ControlEvent, registry};
 use crate::detached::Attachment;
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
-use crate::fs::{Filesystem, FsConfig};
+use crate::fs::{Filesystem, FsConfig, ServedSpec};
 use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
@@ -149,6 +149,8 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
+    /// What the person mounting should know (the mount works regardless).
+    pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits.
     _claim: registry::Claim,
 }
@@ -156,6 +158,15 @@ pub struct Prepared {
 /// Reads the images, connects to the source and opens the cache: every
 /// failure here happens before anything is mounted.
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
+    // Where each attempt starts, in a log that keeps earlier ones.
+    log::info!(
+        "==== lazyfs {} (pid {}): mounting {} at {} from {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        request.imgdir.display(),
+        request.mountpoint.display(),
+        request.source_arg
+    );
     let claim = claim_mountpoint(&request.mountpoint)?;
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
@@ -168,15 +179,20 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     if served.is_empty() {
         return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
     }
-
+    // What is local is checked before the source is asked anything.
+    check_mountpoint(&request.mountpoint)?;
+    let warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
+    for warning in &warnings {
+        log::warn!("{warning}");
+    }
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
-    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
-    let mut connection = source.connect()?;
     let store = Store::open(&request.cache_dir)?;
     let (records, warning) = journal::load(&store.journal_path())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
     }
+    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
+    let mut connection = source.connect()?;
 
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
@@ -240,9 +256,16 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
     };
-    let modes = served.iter().map(|f| f.mode.unwrap_or(0o100644)).collect();
-    let fs = Filesystem::new(ns, served.iter().map(|f| f.path.clone()).collect(), modes, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, _claim: claim })
+    let specs = served
+        .iter()
+        .map(|f| ServedSpec {
+            path: f.path.clone(),
+            mode: f.mode.unwrap_or(0o100644),
+            written: f.flags & libc::O_ACCMODE as u32 != 0,
+        })
+        .collect();
+    let fs = Filesystem::new(ns, specs, fetcher, config);
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, warnings, _claim: claim })
 }
 
 /// Claims `mountpoint` for this process before anything else is done: of
@@ -259,6 +282,26 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
         }),
         Err(source) => Err(MountError::Mount { path: mountpoint.to_path_buf(), source }),
     }
+}
+
+/// Mounted on a directory the checkpoint's files were in, without `--subtree`
+/// naming it, the files show one level of that directory too deep
+/// (`/srv/data/srv/data/db`), where `criu restore` does not look.
+fn subtree_warning(request: &MountRequest, served: &[&Path]) -> Option<String> {
+    let mountpoint = registry::canonical(&request.mountpoint);
+    let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
+    if request.layout != Layout::Tree || mountpoint == subtree || mountpoint == Path::new("/") {
+        return None;
+    }
+    let inside = served.iter().find(|p| p.starts_with(&mountpoint))?;
+    let shown = mountpoint.join(inside.strip_prefix(subtree).unwrap_or(inside));
+    Some(format!(
+        "{mp} is a directory the checkpoint's files were in: {file} shows as {shown}, where `criu restore` \
+         will not find it; mount with `--subtree {mp}` to show every file below it at its original path",
+        mp = mountpoint.display(),
+        file = inside.display(),
+        shown = shown.display()
+    ))
 }
 
 /// Makes `mountpoint` usable: clears a stale mount a killed lazyfs left there,
@@ -376,13 +419,17 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
 
     let attachment = Arc::new(Attachment::of(&mountpoint).map_err(mount_err)?);
     let started = Instant::now();
+    let meter = Arc::new(crate::status::Meter::new());
+    sample_rate(&prepared.fs, &meter);
     let status = {
         let fs = prepared.fs.clone();
         let request = request.clone();
         let source_name = prepared.source_name.clone();
+        let meter = meter.clone();
         let attachment = attachment.clone();
         Arc::new(move |per_file| {
-            let mut status = crate::status::snapshot(&fs, &request, &source_name, started, per_file);
+            let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
+            let mut status = crate::status::snapshot(&fs, &context, per_file);
             if attachment.is_detached() {
                 status.detached = true;
                 status.holders = attachment.holders();
@@ -390,9 +437,13 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             status
         })
     };
+    let prefetch: control::PrefetchHook = {
+        let (fs, jobs) = (prepared.fs.clone(), request.jobs);
+        Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
+    };
     let (control_tx, control_rx) = mpsc::channel();
-    let server =
-        control::Server::start(&request.cache_dir.join("control.sock"), status, control_tx).map_err(mount_err)?;
+    let server = control::Server::start(&request.cache_dir.join("control.sock"), status, prefetch, control_tx)
+        .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
         for event in control_rx {
@@ -459,23 +510,57 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     registry::unregister(&mountpoint);
     drop(server);
     log::info!("unmounted {}", mountpoint.display());
-    finish(&prepared, started);
+    finish(&prepared, started, &meter);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
     Ok(())
 }
 
+/// `lazyfs prefetch`: background prefetch of the files with these original
+/// paths (every file when none), with `jobs` workers unless it runs already.
+fn start_prefetch(fs: &Filesystem, paths: &[Vec<u8>], jobs: usize) -> Result<u64, String> {
+    let fetcher = fs.fetcher();
+    if paths.is_empty() {
+        return Ok(fetcher.prefetch(None, jobs) as u64);
+    }
+    let files = paths
+        .iter()
+        .map(|path| {
+            fetcher
+                .files()
+                .iter()
+                .position(|f| f.path.as_os_str().as_bytes() == path.as_slice())
+                .ok_or_else(|| format!("{}: not a file of this mount", String::from_utf8_lossy(path)))
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
+    Ok(fetcher.prefetch(Some(&files), jobs) as u64)
+}
+
+/// Samples the byte counters for the rate while the mount lives, so even the
+/// first `lazyfs status` sees a recent rate.
+fn sample_rate(fs: &Arc<Filesystem>, meter: &Arc<crate::status::Meter>) {
+    let (fs, meter) = (Arc::downgrade(fs), Arc::downgrade(meter));
+    std::thread::spawn(move || {
+        while let (Some(fs), Some(meter)) = (fs.upgrade(), meter.upgrade()) {
+            meter.sample(crate::status::fetched_bytes(&fs));
+            drop((fs, meter));
+            std::thread::sleep(crate::status::SAMPLE_EVERY);
+        }
+    });
+}
+
 /// After the mount is gone: stop fetching, compact the journal to what is
 /// known now, and leave a summary of the mount's life in the cache dir.
-fn finish(prepared: &Prepared, started: Instant) {
+fn finish(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
     let fetcher = prepared.fs.fetcher();
     fetcher.stop();
     let store = &prepared.store;
     if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
         log::error!("compacting the journal: {e}");
     }
-    let status = crate::status::snapshot(&prepared.fs, &prepared.request, &prepared.source_name, started, true);
+    let context = crate::status::Context { request: &prepared.request, source: &prepared.source_name, started, meter };
+    let status = crate::status::snapshot(&prepared.fs, &context, true);
     let summary = store.dir().join("summary.json");
     let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
         .map_err(std::io::Error::other)

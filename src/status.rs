@@ -1,9 +1,11 @@
 //! A mount's state as `lazyfs status` reports it, built from the live
 //! filesystem (the control socket sends it as `control::proto::Status`).
 
+use std::collections::VecDeque;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -13,9 +15,69 @@ use crate::fs::Filesystem;
 use crate::mount::MountRequest;
 use crate::namespace::Layout;
 
+/// The span the rate is measured over: recent enough to follow a change of
+/// pace, long enough to smooth out the bursts of a pipelined transfer.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// How often the mount samples its byte counters for the rate.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// The one transfer rate every form of `lazyfs status` shows: bytes fetched
+/// (on demand and by prefetch) over the last [`RATE_WINDOW`], from samples
+/// of the mount's counters (taken every [`SAMPLE_EVERY`] and at each snapshot).
+pub struct Meter {
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl Meter {
+    pub fn new() -> Meter {
+        Meter { samples: Mutex::new(VecDeque::new()) }
+    }
+
+    /// Records that `fetched` bytes have been fetched so far; returns the
+    /// rate over the window (0 until two samples span a tenth of a second).
+    pub fn sample(&self, fetched: u64) -> f64 {
+        let now = Instant::now();
+        let mut samples = self.samples.lock().expect("rate samples");
+        samples.push_back((now, fetched));
+        // Keep one sample at or past the window's edge.
+        while samples.len() > 2 && now.duration_since(samples[1].0) >= RATE_WINDOW {
+            samples.pop_front();
+        }
+        let (since, before) = samples[0];
+        let span = now.duration_since(since).as_secs_f64();
+        if span < 0.1 { 0.0 } else { fetched.saturating_sub(before) as f64 / span }
+    }
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Bytes fetched from the source since the mount started.
+pub fn fetched_bytes(fs: &Filesystem) -> u64 {
+    fs.fetcher()
+        .files()
+        .iter()
+        .map(|f| f.stats.bytes_on_demand.load(Ordering::Relaxed) + f.stats.bytes_prefetched.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// Where a live mount is and how it got there.
+pub struct Context<'a> {
+    pub request: &'a MountRequest,
+    /// How the source is named.
+    pub source: &'a str,
+    pub started: Instant,
+    pub meter: &'a Meter,
+}
+
 /// The mount's state; with `per_file`, also each file's (the totals alone
 /// are cheap enough for `lazyfs wait` to poll often).
-pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: Instant, per_file: bool) -> Status {
+pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Status {
+    let Context { request, source, started, meter } = *context;
     let mut status = Status {
         mountpoint: request.mountpoint.display().to_string(),
         source: source.to_string(),
@@ -26,10 +88,12 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
             Layout::Flat => "flat".into(),
         },
         pid: std::process::id(),
-        prefetch: request.prefetch,
+        prefetch: fs.fetcher().prefetching(),
         elapsed_s: started.elapsed().as_secs_f64(),
         ..Default::default()
     };
+    // Bytes background prefetch has yet to bring in: what the ETA is for.
+    let mut prefetch_left = 0;
     for (index, file) in fs.fetcher().files().iter().enumerate() {
         let served = fs.served(index);
         let size = file.spill.len();
@@ -49,6 +113,9 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         status.bytes_present += present;
         status.bytes_on_demand += stats.bytes_on_demand.load(Ordering::Relaxed);
         status.bytes_prefetched += stats.bytes_prefetched.load(Ordering::Relaxed);
+        if fs.fetcher().prefetch_wanted(index) && !phase.is_settled() {
+            prefetch_left += size - present;
+        }
         if !per_file {
             continue;
         }
@@ -81,15 +148,11 @@ pub fn snapshot(fs: &Filesystem, request: &MountRequest, source: &str, started: 
         "fetching"
     }
     .into();
-    let elapsed = status.elapsed_s.max(1e-3);
-    let fetched = (status.bytes_on_demand + status.bytes_prefetched) as f64;
-    status.rate_bytes_per_s = fetched / elapsed;
-    let remaining = status.bytes_total.saturating_sub(status.bytes_present) as f64;
-    status.eta_s = match (remaining, status.rate_bytes_per_s) {
-        (0.0, _) => Some(0.0),
-        (r, rate) if rate > 0.0 && fs.fetcher().prefetching() => Some(r / rate),
-        _ => None,
-    };
+    let rate = meter.sample(status.bytes_on_demand + status.bytes_prefetched);
+    // Nothing more is fetched once complete: no rate decaying towards zero.
+    status.rate_bytes_per_s = if status.state == "complete" { 0.0 } else { rate };
+    // An ETA only for what is being fetched in the background; reads come when they come.
+    status.eta_s = (status.state == "fetching" && prefetch_left > 0 && rate > 0.0).then(|| prefetch_left as f64 / rate);
     status
 }
 /// `lazyfs status --json`: the fields the README documents.

@@ -1,17 +1,116 @@
-//! What `lazyfs status` (and `lazyfs mount -f`) draws on a terminal:
-//! indicatif bars, one per mount (bytes present of total, rate, ETA, files
-//! done) and one per file in flight; a line per failed file.
+//! What `lazyfs status` (and `lazyfs mount -f`) prints for a person: one
+//! plain line per mount when not on a terminal; on a terminal a bar per mount
+//! and one per file in flight, and a line per failed file: drawn once, or
+//! redrawn in place (indicatif) while watching. Sizes and rates are in
+//! binary units here, exact in `--json`; the rate and ETA are the mount's own
+//! (see `status::Meter`), the same in every form.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{BinaryBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::control::proto::Status;
+use crate::control::proto::{FileStatus, Status};
 
 /// Files in flight shown at once, beside the mount's bar.
 const MAX_FILE_BARS: usize = 8;
+const MOUNT_BAR: usize = 30;
+const FILE_BAR: usize = 20;
 
+/// What a mount is doing, its bytes, files, rate and ETA, in words.
+pub fn summary(status: &Status) -> String {
+    let doing = match status.state.as_str() {
+        "fetching" if !status.prefetch => {
+            format!("lazy: fetches only what is read (`lazyfs prefetch {}` fetches the rest)", status.mountpoint)
+        }
+        "fetching" => "fetching in the background".to_string(),
+        "degraded" => format!("degraded: {}", status.degraded_reason),
+        // Settled, but not every byte is here: say so before the counts do.
+        "complete" if status.files_failed > 0 => format!("complete except {} failed file(s)", status.files_failed),
+        other => other.to_string(),
+    };
+    let mut text = format!(
+        "{doing}: {}/{}, {}/{} files present",
+        BinaryBytes(status.bytes_present),
+        BinaryBytes(status.bytes_total),
+        status.files_present,
+        status.files_total
+    );
+    if status.files_failed > 0 && status.state != "complete" {
+        text += &format!(", {} failed", status.files_failed);
+    }
+    if status.state != "complete" {
+        text += &format!(", {}/s", BinaryBytes(status.rate_bytes_per_s as u64));
+    }
+    if let Some(eta) = status.eta_s {
+        text += &format!(", ETA {}", duration(eta));
+    }
+    if status.detached {
+        let pids: Vec<String> = status.holders.iter().map(u32::to_string).collect();
+        text += &format!(", detached (held open by PIDs {})", pids.join(", "));
+    }
+    text
+}
+
+/// `42s`, `3m05s`, `2h07m`.
+fn duration(seconds: f64) -> String {
+    let s = seconds.ceil() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// One line per mount, for a reader that is not a terminal.
+pub fn plain_line(status: &Status) -> String {
+    format!("{}: {}", status.mountpoint, summary(status))
+}
+
+/// `failed: PATH: WHY`, without saying the path twice when the reason
+/// starts with it.
+pub fn failure_line(file: &FileStatus) -> String {
+    let path = String::from_utf8_lossy(&file.path);
+    let reason = file.error.strip_prefix(&format!("{path}: ")).unwrap_or(&file.error);
+    format!("failed: {path}: {reason}")
+}
+
+fn in_flight(status: &Status) -> impl Iterator<Item = &FileStatus> {
+    status.files.iter().filter(|f| f.state == "fetching").take(MAX_FILE_BARS)
+}
+
+fn failures(status: &Status) -> impl Iterator<Item = &FileStatus> {
+    status.files.iter().filter(|f| f.state == "failed")
+}
+
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 { width } else { (done as u128 * width as u128 / total as u128) as usize };
+    let head = usize::from(filled < width);
+    format!("{}{}{}", "=".repeat(filled), ">".repeat(head), " ".repeat(width - filled - head))
+}
+
+fn file_line(file: &FileStatus, bar_text: &str) -> String {
+    format!(
+        "  {:40} [{bar_text}] {}/{}",
+        String::from_utf8_lossy(&file.mount_path),
+        BinaryBytes(file.bytes_present),
+        BinaryBytes(file.size)
+    )
+}
+
+/// `lazyfs status` on a terminal, once: the bars as they stand now.
+pub fn bars_once(status: &Status) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{} [{}] {}",
+        status.mountpoint,
+        bar(status.bytes_present, status.bytes_total, MOUNT_BAR),
+        summary(status)
+    )];
+    lines.extend(in_flight(status).map(|f| file_line(f, &bar(f.bytes_present, f.size, FILE_BAR))));
+    lines.extend(failures(status).map(failure_line));
+    lines
+}
+
+/// Bars redrawn in place as snapshots come (`status --watch`, `mount -f`).
 pub struct Bars {
     multi: MultiProgress,
     mounts: HashMap<String, MountBars>,
@@ -24,15 +123,13 @@ struct MountBars {
 }
 
 fn mount_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{prefix:.bold} [{bar:30.cyan/blue}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ")
+    ProgressStyle::with_template(&format!("{{prefix:.bold}} [{{bar:{MOUNT_BAR}.cyan/blue}}] {{msg}}"))
+        .expect("valid template")
+        .progress_chars("=> ")
 }
 
 fn file_style() -> ProgressStyle {
-    ProgressStyle::with_template("  {prefix:40!} [{bar:20}] {binary_bytes}/{binary_total_bytes}")
+    ProgressStyle::with_template(&format!("  {{prefix:40!}} [{{bar:{FILE_BAR}}}] {{msg}}"))
         .expect("valid template")
         .progress_chars("=> ")
 }
@@ -43,26 +140,23 @@ impl Bars {
         Bars { multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10)), mounts: HashMap::new() }
     }
 
+    /// Lines printed above the bars (instead of through them).
+    pub fn println(&self, line: &str) {
+        let _ = self.multi.println(line);
+    }
+
     pub fn update(&mut self, statuses: &[Status]) {
         for status in statuses {
             let multi = &self.multi;
             let bars = self.mounts.entry(status.mountpoint.clone()).or_insert_with(|| {
                 let total = multi.add(ProgressBar::new(status.bytes_total).with_style(mount_style()));
                 total.set_prefix(status.mountpoint.clone());
-                total.enable_steady_tick(Duration::from_millis(200));
                 MountBars { total, files: HashMap::new(), failures_shown: HashSet::new() }
             });
             bars.total.set_length(status.bytes_total);
             bars.total.set_position(status.bytes_present);
-            bars.total.set_message(format!(
-                "files {}/{}{} ({}{})",
-                status.files_present,
-                status.files_total,
-                if status.files_failed > 0 { format!(", {} failed", status.files_failed) } else { String::new() },
-                status.state,
-                detached_note(status),
-            ));
-            let in_flight: Vec<_> = status.files.iter().filter(|f| f.state == "fetching").take(MAX_FILE_BARS).collect();
+            bars.total.set_message(summary(status));
+            let in_flight: Vec<_> = in_flight(status).collect();
             let keep: HashSet<&[u8]> = in_flight.iter().map(|f| f.path.as_slice()).collect();
             bars.files.retain(|path, bar| {
                 let stays = keep.contains(path.as_slice());
@@ -79,10 +173,11 @@ impl Bars {
                     bar
                 });
                 bar.set_position(file.bytes_present);
+                bar.set_message(format!("{}/{}", BinaryBytes(file.bytes_present), BinaryBytes(file.size)));
             }
-            for file in status.files.iter().filter(|f| f.state == "failed") {
+            for file in failures(status) {
                 if bars.failures_shown.insert(file.path.clone()) {
-                    let _ = multi.println(format!("failed: {}: {}", String::from_utf8_lossy(&file.path), file.error));
+                    let _ = multi.println(failure_line(file));
                 }
             }
             if status.state == "complete" {
@@ -108,28 +203,64 @@ impl Default for Bars {
     }
 }
 
-/// One line per mount, for a reader that is not a terminal.
-pub fn plain_line(status: &Status) -> String {
-    let rate = status.rate_bytes_per_s / (1024.0 * 1024.0);
-    let eta = status.eta_s.map_or("?".to_string(), |s| format!("{s:.0}s"));
-    format!(
-        "{}: {} {}/{} bytes, {}/{} files present, {} failed, {rate:.1} MiB/s, ETA {eta}{}",
-        status.mountpoint,
-        status.state,
-        status.bytes_present,
-        status.bytes_total,
-        status.files_present,
-        status.files_total,
-        status.files_failed,
-        detached_note(status),
-    )
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// ", detached (held open by PIDs ...)" for a detached mount.
-fn detached_note(status: &Status) -> String {
-    if !status.detached {
-        return String::new();
+    fn status(state: &str, prefetch: bool, present: u64, eta: Option<f64>) -> Status {
+        Status {
+            mountpoint: "/mnt".into(),
+            state: state.into(),
+            prefetch,
+            bytes_total: 218_112_400,
+            bytes_present: present,
+            files_total: 40,
+            files_present: 3,
+            rate_bytes_per_s: 6.5 * 1024.0 * 1024.0,
+            eta_s: eta,
+            ..Default::default()
+        }
     }
-    let pids: Vec<String> = status.holders.iter().map(u32::to_string).collect();
-    format!(", detached (held open by PIDs {})", pids.join(", "))
+
+    #[test]
+    fn text_is_in_human_units() {
+        let line = plain_line(&status("fetching", true, 50_864_491, Some(24.2)));
+        assert_eq!(
+            line,
+            "/mnt: fetching in the background: 48.51 MiB/208.01 MiB, 3/40 files present, 6.50 MiB/s, ETA 25s"
+        );
+        let line = plain_line(&status("complete", true, 218_112_400, None));
+        assert_eq!(line, "/mnt: complete: 208.01 MiB/208.01 MiB, 3/40 files present");
+    }
+
+    #[test]
+    fn a_lazy_mount_says_it_waits_for_reads() {
+        let line = plain_line(&status("fetching", false, 0, None));
+        assert!(line.contains("lazy: fetches only what is read (`lazyfs prefetch /mnt` fetches the rest)"), "{line}");
+        assert!(!line.contains("ETA"), "{line}");
+    }
+
+    #[test]
+    fn durations_and_bars() {
+        assert_eq!(duration(0.0), "0s");
+        assert_eq!(duration(185.0), "3m05s");
+        assert_eq!(duration(7620.0), "2h07m");
+        assert_eq!(bar(0, 10, 4), ">   ");
+        assert_eq!(bar(5, 10, 4), "==> ");
+        assert_eq!(bar(10, 10, 4), "====");
+        assert_eq!(bar(0, 0, 4), "====");
+    }
+
+    #[test]
+    fn a_failure_names_its_path_once() {
+        let file = FileStatus {
+            path: b"/usr/lib/libz.so".to_vec(),
+            error: "/usr/lib/libz.so: not found on the source (looked for /srv/old/usr/lib/libz.so)".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            failure_line(&file),
+            "failed: /usr/lib/libz.so: not found on the source (looked for /srv/old/usr/lib/libz.so)"
+        );
+    }
 }

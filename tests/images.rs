@@ -7,83 +7,94 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
+use common::listing::{expected_rows, loaded_rows};
 use lazyfs::images::{Checkpoint, Layout, Unservable, Usage};
 use serde_json::Value;
-
-/// (path, size, mode, regular, ghost, sorted users) as expected-files.json has them.
-type Row = (String, Option<u64>, Option<u64>, bool, bool, Vec<String>);
-
-fn expected_rows(file: &std::path::Path) -> Vec<Row> {
-    let list: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
-    let mut rows: Vec<Row> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let mut users: Vec<String> = e["users"].as_array().unwrap().iter().map(user_key).collect();
-            users.sort();
-            (
-                e["path"].as_str().unwrap().to_string(),
-                e["size"].as_u64(),
-                e["mode"].as_u64(),
-                e["regular"].as_bool().unwrap(),
-                e["ghost"].as_bool().unwrap(),
-                users,
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
-
-fn user_key(user: &Value) -> String {
-    match user.get("fd") {
-        Some(fd) => format!("{} fd {}", user["pid"], fd),
-        None => format!("{} {}", user["pid"], user["kind"].as_str().unwrap()),
-    }
-}
-
-fn loaded_rows(checkpoint: &Checkpoint) -> Vec<Row> {
-    let mut rows: Vec<Row> = checkpoint
-        .files
-        .iter()
-        .map(|f| {
-            let regular = !matches!(f.unservable, Some(Unservable::NotRegular(_)));
-            let mut users: Vec<String> = f
-                .users
-                .iter()
-                .map(|u| match u.usage {
-                    Usage::Fd { fd, .. } => format!("{} fd {}", u.pid, fd),
-                    other => format!("{} {}", u.pid, other.kind()),
-                })
-                .collect();
-            users.sort();
-            (
-                f.path.to_string_lossy().into_owned(),
-                if regular { f.size } else { None },
-                f.mode.map(u64::from),
-                regular,
-                matches!(f.unservable, Some(Unservable::Ghost { .. })),
-                users,
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
 
 #[test]
 fn every_fixture_matches_criu_own_decoder() {
     let dirs = common::expected_dirs();
-    assert!(dirs.len() >= 11, "fixtures missing: {dirs:?}");
+    assert!(dirs.len() >= 18, "fixtures missing: {dirs:?}");
     for (images, expected) in dirs {
         let checkpoint = Checkpoint::load(&images).unwrap_or_else(|e| panic!("{e}"));
+        let expected: Value = serde_json::from_slice(&std::fs::read(&expected).unwrap()).unwrap();
         let (want, got) = (expected_rows(&expected), loaded_rows(&checkpoint));
         for (w, g) in want.iter().zip(&got) {
             assert_eq!(w, g, "in {}", images.display());
         }
         assert_eq!(want.len(), got.len(), "in {}", images.display());
     }
+}
+
+/// `lazyfs ls --json DIR`: exit code, stderr, the listing.
+fn ls_json(dir: &std::path::Path) -> (Option<i32>, String, Value) {
+    let out = common::lazyfs(&["ls".as_ref(), dir.as_os_str(), "--json".as_ref()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let list = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code(), stderr, list)
+}
+
+/// Every user's pid in a `--json` listing.
+fn pids(list: &Value) -> Vec<Value> {
+    list.as_array().unwrap().iter().flat_map(|f| f["users"].as_array().unwrap()).map(|u| u["pid"].clone()).collect()
+}
+
+#[test]
+fn task_states_decide_which_images_are_read() {
+    // Zombies 4051770 and 4051771 have only core-PID.img; 4051772 is stopped and has everything.
+    let zombie = common::fixtures().join("real/zombie/images");
+    let (code, stderr, list) = ls_json(&zombie);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "a whole dump has no warning: {stderr}");
+    let checkpoint = Checkpoint::load(&zombie).unwrap();
+    assert_eq!(checkpoint.pids, [4051769, 4051770, 4051771, 4051772]);
+    let users_of = |checkpoint: &Checkpoint, pid: u32| -> Vec<Usage> {
+        checkpoint.files.iter().flat_map(|f| &f.users).filter(|u| u.pid == Some(pid)).map(|u| u.usage).collect()
+    };
+    for dead in [4051770, 4051771] {
+        assert!(users_of(&checkpoint, dead).is_empty());
+    }
+    let stopped = users_of(&checkpoint, 4051772);
+    for usage in [Usage::Exe, Usage::Cwd, Usage::Root, Usage::Map] {
+        assert!(stopped.contains(&usage), "{usage:?} of the stopped task");
+    }
+    assert!(pids(&list).iter().all(Value::is_u64));
+
+    // The same dump with the stopped task as a helper (0x80) without mm or fs
+    // images, and a zombie as a pre-3.0 helper (4) with nothing but its core.
+    let helper = Checkpoint::load(&common::fixtures().join("synthetic/helper")).unwrap();
+    assert!(helper.incomplete.is_none());
+    let helper_users = users_of(&helper, 4051772);
+    assert!(helper_users.iter().all(|u| matches!(u, Usage::Fd { .. })) && !helper_users.is_empty());
+    assert!(users_of(&helper, 4051770).is_empty());
+}
+
+#[test]
+fn incomplete_dirs_list_what_the_fdinfo_images_refer_to_with_one_warning() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(common::fixtures().join("incomplete")).unwrap() {
+        let dir = entry.unwrap().path();
+        let images = dir.join("images");
+        let missing = std::fs::read_to_string(dir.join("expected-warning")).unwrap();
+        let (code, stderr, list) = ls_json(&images);
+        assert_eq!(code, Some(0), "{}: {stderr}", dir.display());
+        assert_eq!(stderr.lines().count(), 1, "{}: {stderr}", dir.display());
+        let warning = format!("lazyfs: warning: {}: {} is missing", images.display(), missing.trim());
+        assert!(stderr.starts_with(&warning), "{}: want {warning:?}, got {stderr}", dir.display());
+        assert!(stderr.contains("every regular file an fdinfo-*.img refers to"), "{stderr}");
+        // Users without invented pids, and only descriptors.
+        let files = list.as_array().unwrap();
+        assert!(files.iter().any(|f| f["servable"] == true), "{}: nothing servable", dir.display());
+        assert!(pids(&list).iter().all(Value::is_null), "{}: {list}", dir.display());
+        assert!(files.iter().flat_map(|f| f["users"].as_array().unwrap()).all(|u| u["fd"].is_u64()));
+
+        let table = common::lazyfs(&["ls".as_ref(), images.as_os_str()]);
+        let text = String::from_utf8(table.stdout).unwrap();
+        assert!(text.contains("?: fd "), "{text}");
+        assert!(text.contains("recorded by the fdinfo images"), "{text}");
+        seen += 1;
+    }
+    assert!(seen >= 5, "only {seen} incomplete fixtures");
 }
 
 #[test]

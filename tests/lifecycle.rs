@@ -93,7 +93,8 @@ fn failures_before_the_mount_leave_nothing_mounted() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 
-    // An unreachable host: exit 1.
+    // An unreachable host: exit 1 (the mountpoint is fine: it is checked first).
+    std::fs::create_dir_all(env.path("mnt/unreachable")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = env
         .lazyfs()

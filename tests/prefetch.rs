@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::mount::{Mount, Source, TestEnv, content, dataset};
 use common::sshd::Sshd;
+use lazyfs::images::write::{DumpFile, write_dump};
 use serde_json::Value;
 
 /// Polls status until every file is settled (verified, modified or failed).
@@ -137,6 +138,31 @@ fn verified_files_are_served_with_the_source_gone() {
     let status = mount.status();
     let reads: u64 = status["files"].as_array().unwrap().iter().map(|f| f["reads"].as_u64().unwrap()).sum();
     assert_eq!(reads, 0, "reads went through lazyfs: {status}");
+}
+
+/// `criu restore` opens a file the checkpoint had open read-write both
+/// read-only and read-write: once it is verified, the second open must not
+/// meet a passthrough open (the kernel answers ETXTBSY to a cached open beside
+/// one).
+#[test]
+fn a_verified_file_the_checkpoint_had_open_for_writing_opens_both_ways() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    let path = "/w/state.db";
+    let on_disk = env.path("source/w/state.db");
+    std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+    std::fs::write(&on_disk, content(path, 70_000)).unwrap();
+    let record = DumpFile { flags: libc::O_RDWR as u32, ..DumpFile::new(path, 70_000) };
+    write_dump(&env.path("images"), &[record]).unwrap();
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
+    wait_complete(&mount);
+
+    let mut read_only = File::open(mount.at(path)).unwrap();
+    let read_write = std::fs::OpenOptions::new().read(true).write(true).open(mount.at(path));
+    assert!(read_write.is_ok(), "{read_write:?}");
+    let mut bytes = Vec::new();
+    read_only.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, content(path, 70_000));
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::mount::{Source, TestEnv, content, is_mounted};
+use common::mount::{Mount, Source, TestEnv, content, is_mounted};
 use common::sshd::Sshd;
 use lazyfs::images::Checkpoint;
 
@@ -26,7 +26,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// fixtures leave out, made again at their recorded sizes.
 fn old_root(env: &TestEnv) -> PathBuf {
     let root = env.path("source");
-    for tree in ["lazyfs-fixture", "fileholder"] {
+    for tree in ["lazyfs-fixture", "fileholder", "zombie"] {
         copy_tree(&common::fixtures().join("sources").join(tree), &root);
     }
     let data = root.join("tmp/lazyfs-fixture/data");
@@ -37,6 +37,10 @@ fn old_root(env: &TestEnv) -> PathBuf {
     for dump in ["d1-kill", "d2-leave-running", "d3-fork", "d4-mntns"] {
         std::fs::write(root.join("tmp/criu-work/src-data").join(dump).join("big-1MiB.bin"), &big).unwrap();
     }
+    // The workload dump's data directory, where tests/criu_restore.rs had it.
+    let workload = Checkpoint::load(&common::fixtures().join("real/workload/images")).unwrap();
+    let data_bin = workload.files.iter().find(|f| f.path.ends_with("data/data.bin")).expect("data.bin recorded");
+    common::write_workload_files(&root.join(data_bin.path.parent().unwrap().strip_prefix("/").unwrap()));
     root
 }
 
@@ -90,3 +94,23 @@ fn every_real_dump_mounts_and_reads_back_exactly() {
 }
 
 use std::os::unix::fs::MetadataExt;
+
+/// A directory the original prototype read (only fdinfo-*.img and files.img)
+/// mounts with one warning, and serves what the fdinfo images refer to.
+#[test]
+fn a_prototype_style_dir_mounts_with_one_warning() {
+    let env = TestEnv::new();
+    let root = old_root(&env);
+    let images = common::fixtures().join("incomplete/prototype-files/images");
+    let data = "/tmp/criu-work/src-data/d1-kill";
+    let out = env.try_mount("proto", &images, &Source::Local(root.clone()), &["--subtree", data]);
+    let mount = Mount { mountpoint: env.path("mnt/proto"), cache: env.path("cache/proto"), env_home: env.path("") };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("lazyfs: warning: ") && stderr.contains("inventory.img is missing"), "{stderr}");
+    let rel = "nested/a/b/c/deep.txt";
+    let expected = std::fs::read(root.join(data.trim_start_matches('/')).join(rel)).unwrap();
+    assert_eq!(std::fs::read(mount.mountpoint.join(rel)).unwrap(), expected);
+    assert!(mount.umount().status.success());
+}

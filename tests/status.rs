@@ -13,6 +13,10 @@ fn check_fields(status: &Value) {
         assert!(status[key].is_string(), "{key}: {status}");
     }
     assert!(["fetching", "complete", "degraded"].contains(&status["state"].as_str().unwrap()));
+    // An ETA only while prefetch runs and something is left.
+    if !status["eta_s"].is_null() {
+        assert!(status["prefetch"] == true && status["state"] == "fetching", "{status}");
+    }
     assert!(status["pid"].is_u64() && status["prefetch"].is_boolean());
     for key in [
         "files_total",
@@ -139,17 +143,94 @@ fn bars_are_drawn_on_a_terminal_and_lines_elsewhere() {
     let out = env.run(&["wait", mount.mountpoint.to_str().unwrap(), "--timeout", "30"]);
     assert!(out.status.success());
 
-    // Under a pseudo-terminal (util-linux `script`): an indicatif bar.
+    // Under a pseudo-terminal (util-linux `script`): the bars, drawn once, in binary units.
     let command = format!("{} status {}", env!("CARGO_BIN_EXE_lazyfs"), mount.mountpoint.display());
     let out = env.lazyfs_with("script").args(["-qfec", &command, "/dev/null"]).output().unwrap();
     let screen = String::from_utf8_lossy(&out.stdout);
-    assert!(screen.contains("=========="), "{screen}");
-    assert!(screen.contains("files 1/1"), "{screen}");
+    assert!(screen.contains("[=============================="), "{screen}");
+    assert!(screen.contains("complete: 292.97 KiB/292.97 KiB, 1/1 files present"), "{screen}");
+    assert_eq!(screen.matches(mount.mountpoint.to_str().unwrap()).count(), 1, "drawn more than once: {screen:?}");
+    // Once complete, no rate and no ETA.
+    assert!(!screen.contains("/s") && !screen.contains("ETA"), "{screen}");
+
+    // --watch on a terminal: redrawn in place until complete, with the same words.
+    let command = format!("{} status --watch {}", env!("CARGO_BIN_EXE_lazyfs"), mount.mountpoint.display());
+    let out = env.lazyfs_with("script").args(["-qfec", &command, "/dev/null"]).output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains("complete: 292.97 KiB/292.97 KiB, 1/1 files present"), "{screen}");
 
     // Through a pipe: plain lines.
     let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains(": complete 300000/300000 bytes, 1/1 files present"), "{text}");
+    assert_eq!(text, format!("{}: complete: 292.97 KiB/292.97 KiB, 1/1 files present\n", mount.mountpoint.display()));
+}
+
+/// The mount's rate covers the last few seconds, not the whole mount: idle
+/// for longer than that, it is 0, whatever came before.
+#[test]
+fn the_rate_is_recent_and_the_eta_is_for_background_prefetch_only() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/r/a", 2_000_000), ("/r/b", 3_000_000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    std::fs::read(mount.at("/r/a")).unwrap();
+    let status = mount.status();
+    assert_eq!(status["bytes_on_demand"], 2_000_000);
+    // Reads are not background work: no ETA on a lazy mount.
+    assert!(status["eta_s"].is_null(), "{status}");
+    assert_eq!(status["prefetch"], false);
+    std::thread::sleep(Duration::from_secs(6));
+    let status = mount.status();
+    assert_eq!(status["rate_bytes_per_s"], 0.0, "an idle mount fetches nothing: {status}");
+    assert_eq!(status["state"], "fetching");
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.contains(": lazy: fetches only what is read"), "{line}");
+    assert!(line.contains("1.91 MiB/4.77 MiB, 1/2 files present, 0 B/s"), "{line}");
+    assert!(!line.contains("ETA"), "{line}");
+}
+
+#[test]
+fn prefetch_starts_on_a_live_lazy_mount() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/p/a", 500_000), ("/p/b", 700_000), ("/p/c", 100)]);
+    let ssh = Source::Ssh { sshd: &sshd, root: env.path("source") };
+    let mount = env.mount("m", &env.path("images"), &ssh, &[]);
+    let mp = mount.mountpoint.to_str().unwrap();
+
+    // Nothing is read: waiting times out, and says why and what to do.
+    let out = env.run(&["wait", mp, "--timeout", "0.3"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(&format!("fetches only what is read: `lazyfs prefetch {mp}`")), "{text}");
+
+    // Some files: those arrive, the others stay where they were.
+    let out = env.run(&["prefetch", mp, "/p/a", &format!("{mp}/p/c")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prefetching 2 file(s)"));
+    let out = env.run(&["wait", mp, "/p/a", "/p/c", "--timeout", "60"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = mount.status();
+    assert_eq!(status["prefetch"], true);
+    let b = status["files"].as_array().unwrap().iter().find(|f| f["path"] == "/p/b").unwrap();
+    assert_eq!(b["bytes_present"], 0, "{status}");
+    assert_eq!(status["bytes_prefetched"], 500_100);
+
+    // A path the mount does not serve: 2, nothing started.
+    assert_eq!(env.run(&["prefetch", mp, "/p/nope"]).status.code(), Some(2));
+    // Then everything.
+    assert!(env.run(&["prefetch", mp]).status.success());
+    let out = env.run(&["wait", mp, "--timeout", "60"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = mount.status();
+    assert_eq!(status["bytes_prefetched"], 1_200_100);
+    assert_eq!(status["rate_bytes_per_s"], 0.0, "complete: nothing is being fetched");
+    assert!(status["eta_s"].is_null());
+    assert!(std::fs::read(mount.at("/p/b")).unwrap() == common::mount::content("/p/b", 700_000));
+
+    // Not a mount: 1.
+    assert_eq!(env.run(&["prefetch", env.path("source").to_str().unwrap()]).status.code(), Some(1));
 }
 
 #[test]

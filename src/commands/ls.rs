@@ -48,21 +48,25 @@ pub fn write_table(checkpoint: &Checkpoint, out: &mut impl Write) -> std::io::Re
     }
     let servable: Vec<_> = checkpoint.servable().collect();
     let known: u64 = servable.iter().filter_map(|f| f.size).sum();
+    let by = match checkpoint.incomplete {
+        Some(_) => "the fdinfo images".to_string(),
+        None => format!("{} process(es)", checkpoint.pids.len()),
+    };
     writeln!(
         out,
-        "{} files recorded by {} process(es); {} servable ({} bytes known), {} not",
+        "{} files recorded by {by}; {} servable ({} bytes known), {} not",
         checkpoint.files.len(),
-        checkpoint.pids.len(),
         servable.len(),
         known,
         checkpoint.files.len() - servable.len()
     )
 }
 
-/// `1234: fd 3,4 map×5 exe` for each process, joined with `; `.
+/// `1234: fd 3,4 map×5 exe` for each process, joined with `; ` (`?: fd 3`
+/// where the images do not say which process).
 fn users_summary(file: &RecordedFile) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut pids: Vec<u32> = file.users.iter().map(|u| u.pid).collect();
+    let mut pids: Vec<Option<u32>> = file.users.iter().map(|u| u.pid).collect();
     pids.dedup();
     for pid in pids {
         let mine: Vec<Usage> = file.users.iter().filter(|u| u.pid == pid).map(|u| u.usage).collect();
@@ -84,6 +88,7 @@ fn users_summary(file: &RecordedFile) -> String {
                 n => words.push(format!("{}×{n}", kind.kind())),
             }
         }
+        let pid = pid.map_or_else(|| "?".to_string(), |pid| pid.to_string());
         parts.push(format!("{pid}: {}", words.join(" ")));
     }
     parts.join("; ")

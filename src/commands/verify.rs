@@ -17,11 +17,23 @@ pub enum VerifyError {
     Store(#[from] crate::store::StoreError),
     #[error("{}: the journal cannot be trusted ({reason}); a mount of this cache dir fetches everything again", path.display())]
     Journal { path: PathBuf, reason: String },
+    #[error("{}: not a lazyfs cache dir ({reason})", path.display())]
+    NotACache { path: PathBuf, reason: String },
 }
 
 /// Re-hashes every file the journal of `cache_dir` says is verified.
 pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
     let journal_path = cache_dir.join("journal");
+    let not_a_cache = |reason: String| VerifyError::NotACache { path: cache_dir.into(), reason };
+    match std::fs::metadata(&journal_path) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Err(not_a_cache("its `journal` is not a file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !cache_dir.is_dir() => {
+            return Err(not_a_cache("no such directory".into()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_cache("it has no `journal`".into())),
+        Err(e) => return Err(not_a_cache(e.to_string())),
+    }
     let records =
         journal::read(&journal_path)?.map_err(|reason| VerifyError::Journal { path: journal_path, reason })?;
     let mut report = Report { checked: 0, mismatched: Vec::new() };

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-pub use server::{ControlEvent, Server, umount_done};
+pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done};
 
 use proto::{Request, Response, request, response};
 
@@ -130,6 +130,16 @@ impl Client {
     pub fn next_status(&mut self) -> Result<proto::Status, ControlError> {
         match self.receive()? {
             response::Kind::Status(status) => Ok(status),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+
+    /// Starts background prefetch of the files with these original paths
+    /// (every file when empty); returns how many still had bytes to fetch.
+    pub fn prefetch(&mut self, paths: Vec<Vec<u8>>) -> Result<u64, ControlError> {
+        self.send(request::Kind::Prefetch(proto::PrefetchRequest { paths }))?;
+        match self.receive()? {
+            response::Kind::Prefetch(started) => Ok(started.files_queued),
             other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }

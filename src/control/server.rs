@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use super::proto::{Request, Response, Status, UmountDone, request, response};
+use super::proto::{PrefetchStarted, Request, Response, Status, UmountDone, request, response};
 use super::{read_message, write_message};
 
 /// What the control socket asks of the mount's main loop.
@@ -20,11 +20,18 @@ pub struct Server {
     socket: PathBuf,
 }
 
+/// Makes a snapshot of the mount (per file, or only its totals).
+pub type StatusHook = Arc<dyn Fn(bool) -> Status + Send + Sync>;
+/// Starts background prefetch of the files with these original paths (all
+/// when empty): how many were queued, or why not.
+pub type PrefetchHook = Arc<dyn Fn(&[Vec<u8>]) -> Result<u64, String> + Send + Sync>;
+
 impl Server {
     /// Listens on `socket` (mode 0600); `status` makes a snapshot on demand.
     pub fn start(
         socket: &Path,
-        status: Arc<dyn Fn(bool) -> Status + Send + Sync>,
+        status: StatusHook,
+        prefetch: PrefetchHook,
         events: Sender<ControlEvent>,
     ) -> std::io::Result<Server> {
         let _ = std::fs::remove_file(socket);
@@ -32,10 +39,10 @@ impl Server {
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
         std::thread::Builder::new().name("lazyfs-control".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (status, events) = (status.clone(), events.clone());
+                let (status, prefetch, events) = (status.clone(), prefetch.clone(), events.clone());
                 let _ = std::thread::Builder::new()
                     .name("lazyfs-control-client".into())
-                    .spawn(move || serve_client(stream, &*status, &events));
+                    .spawn(move || serve_client(stream, status, prefetch, &events));
             }
         })?;
         Ok(Server { socket: socket.to_path_buf() })
@@ -56,7 +63,7 @@ fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
     write_message(stream, &Response { kind: Some(kind) })
 }
 
-fn serve_client(mut stream: UnixStream, status: &dyn Fn(bool) -> Status, events: &Sender<ControlEvent>) {
+fn serve_client(mut stream: UnixStream, status: StatusHook, prefetch: PrefetchHook, events: &Sender<ControlEvent>) {
     while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
         let sent = match request.kind {
             Some(request::Kind::Status(request)) => {
@@ -80,6 +87,10 @@ fn serve_client(mut stream: UnixStream, status: &dyn Fn(bool) -> Status, events:
                 }
                 return;
             }
+            Some(request::Kind::Prefetch(request)) => match prefetch(&request.paths) {
+                Ok(files_queued) => reply(&mut stream, response::Kind::Prefetch(PrefetchStarted { files_queued })),
+                Err(message) => reply(&mut stream, response::Kind::Error(message)),
+            },
             None => reply(&mut stream, response::Kind::Error("unknown request".into())),
         };
         if sent.is_err() {

@@ -342,12 +342,8 @@ impl Link {
         buffer.resize((bytes.end - bytes.start) as usize, 0);
         let fetched =
             self.with_retry(|connection| connection.read_exact_at(&file.source_path, bytes.start, &mut buffer));
-        let written = fetched.and_then(|()| {
-            file.spill.write_fetched(chunks, &buffer).map_err(|e| SourceError::Io {
-                path: file.spill.path().to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
+        let written =
+            fetched.and_then(|()| file.spill.write_fetched(chunks, &buffer).map_err(|e| spill_error(file, e)));
         self.buffer = buffer;
         written
     }
@@ -379,12 +375,10 @@ impl Link {
         for (file, result) in files.iter().zip(results.iter_mut()) {
             let len = file.spill.len() as usize;
             if outcome.is_ok() && result.is_ok() {
-                *result = file.spill.write_fetched(0..file.spill.chunk_count(), &buffer[at..at + len]).map_err(|e| {
-                    SourceError::Io {
-                        path: file.spill.path().to_path_buf(),
-                        source: std::io::Error::other(e.to_string()),
-                    }
-                });
+                *result = file
+                    .spill
+                    .write_fetched(0..file.spill.chunk_count(), &buffer[at..at + len])
+                    .map_err(|e| spill_error(file, e));
             }
             at += len;
         }
@@ -453,6 +447,16 @@ fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
         job.chunks.end = next.chunks.end;
         job.asked = job.asked.min(next.asked);
     }
+}
+
+/// Writing fetched bytes into `file`'s spill file failed: the error names
+/// the spill file once.
+fn spill_error(file: &FetchFile, e: crate::store::StoreError) -> SourceError {
+    let source = match e {
+        crate::store::StoreError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    };
+    SourceError::Io { path: file.spill.path().to_path_buf(), source }
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use std::time::Instant;
 
@@ -533,7 +533,11 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Fetcher {
     shared: Arc<Shared>,
-    prefetch: Option<prefetch::Workers>,
+    source: Arc<dyn Source>,
+    /// Started by `--prefetch`, or later by `lazyfs prefetch`.
+    prefetch: OnceLock<prefetch::Workers>,
+    /// The files background prefetch was asked for.
+    prefetch_wanted: Vec<AtomicBool>,
 }
 
 impl Fetcher {
@@ -567,8 +571,43 @@ impl Fetcher {
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
         lane::spawn_on_demand(link, &source, &shared);
-        let prefetch = (config.jobs > 0).then(|| prefetch::Workers::start(source, shared.clone(), config.jobs));
-        Fetcher { shared, prefetch }
+        let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
+        let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), prefetch_wanted };
+        if config.jobs > 0 {
+            fetcher.prefetch(None, config.jobs);
+        }
+        fetcher
+    }
+
+    /// Streams `files` (every file when `None`) in the background, starting
+    /// `jobs` workers unless prefetch runs already. Returns how many of them
+    /// still had bytes to fetch.
+    pub fn prefetch(&self, files: Option<&[usize]>, jobs: usize) -> usize {
+        let shared = &self.shared;
+        self.prefetch.get_or_init(|| prefetch::Workers::start(self.source.clone(), shared.clone(), jobs));
+        let all: Vec<usize>;
+        let files = match files {
+            Some(files) => files,
+            None => {
+                all = (0..shared.files.len()).collect();
+                &all
+            }
+        };
+        let mut queued = 0;
+        for &index in files {
+            self.prefetch_wanted[index].store(true, Ordering::Relaxed);
+            let file = &shared.files[index];
+            if !file.phase().is_settled() && !file.spill.is_complete() {
+                shared.queue.push(index);
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// Whether background prefetch was asked for file `index`.
+    pub fn prefetch_wanted(&self, index: usize) -> bool {
+        self.prefetch_wanted[index].load(Ordering::Relaxed)
     }
 
     pub fn file(&self, index: usize) -> &Arc<FetchFile> {
@@ -585,7 +624,7 @@ impl Fetcher {
     }
 
     pub fn prefetching(&self) -> bool {
-        self.prefetch.is_some()
+        self.prefetch.get().is_some()
     }
 
     /// Calls `done` once every chunk of `chunks` of file `index` is present
@@ -612,7 +651,7 @@ impl Fetcher {
             runs
         };
         // A file someone waits for jumps the prefetch queue.
-        if self.prefetch.is_some() {
+        if self.prefetching() {
             self.shared.queue.promote(index);
         }
         self.shared.ask_on_demand(index, runs, Instant::now());
@@ -652,7 +691,7 @@ impl Fetcher {
         self.shared.health.stop();
         self.shared.requests.close();
         self.shared.queue.close();
-        if let Some(workers) = &self.prefetch {
+        if let Some(workers) = self.prefetch.get() {
             let left = workers.join_within(STOP_WAIT);
             if left > 0 {
                 log::warn!("{left} prefetch worker(s) still wait on the source: not waiting for them");

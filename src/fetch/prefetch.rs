@@ -152,13 +152,8 @@ pub(super) struct Workers {
 }
 
 impl Workers {
-    /// Queues every file that is not settled and starts `jobs` workers.
+    /// Starts `jobs` workers on the queue (the caller queues the files).
     pub(super) fn start(source: Arc<dyn Source>, shared: Arc<Shared>, jobs: usize) -> Workers {
-        for (index, file) in shared.files.iter().enumerate() {
-            if !file.phase().is_settled() && !file.spill.is_complete() {
-                shared.queue.push(index);
-            }
-        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(jobs)
             .thread_name(|i| format!("lazyfs-prefetch-{i}"))

@@ -78,6 +78,12 @@ fn verify(shared: &Shared, index: usize, second_look: Option<Result<SourceStat, 
                     shared.restart(index, "changed on the source during the transfer");
                     return;
                 }
+                // An empty file brought no bytes: only this look says it exists.
+                Some(Err(e @ SourceError::NotFound { .. })) if size == 0 => {
+                    log::error!("{e}");
+                    file.fail(0..0, &super::FetchError::new(e.to_string()), true);
+                    return;
+                }
                 // Every byte arrived and matched the recorded size: keep them.
                 Some(Err(e @ SourceError::NotFound { .. })) => {
                     log::warn!("{e} any more; keeping the bytes received")

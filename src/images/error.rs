@@ -54,7 +54,7 @@ pub enum Invalid {
     DuplicateId(u32),
     RegWithoutBody(u32),
     UnknownFileId { what: String, id: u64 },
-    NoIds,
+    UnknownTaskState(u32),
 }
 
 impl fmt::Display for Invalid {
@@ -69,7 +69,9 @@ impl fmt::Display for Invalid {
             Invalid::UnknownFileId { what, id } => {
                 write!(f, "{what} refers to file id {id}, which no files image records")
             }
-            Invalid::NoIds => write!(f, "has no `ids` (and there is no ids-PID.img either)"),
+            Invalid::UnknownTaskState(state) => {
+                write!(f, "task_state {state} is none CRIU restores (1 alive, 2 dead, 3 stopped, 4 or 128 helper)")
+            }
         }
     }
 }

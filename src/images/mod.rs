@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{FrameError, ImageError, ImageErrorKind, Invalid};
 use framing::Magic;
-pub use model::{Checkpoint, Layout, RecordedFile, Unservable, Usage, User, non_regular_kind};
+pub use model::{Checkpoint, Incomplete, Layout, RecordedFile, Unservable, Usage, User, non_regular_kind};
 use proto::{
     CoreEntry, FdinfoEntry, FileEntry, FsEntry, Fstype, InventoryEntry, MmEntry, MntEntry, PstreeEntry, RegFileEntry,
     RemapFilePathEntry, RemapType, TaskKobjIdsEntry,
@@ -40,6 +40,11 @@ impl Checkpoint {
         Loader::new(dir)?.load()
     }
 
+    /// The one line to show when the directory is not a whole dump.
+    pub fn warning(&self) -> Option<String> {
+        self.incomplete.as_ref().map(|incomplete| format!("{}: {incomplete}", self.dir.display()))
+    }
+
     pub fn servable(&self) -> impl Iterator<Item = &RecordedFile> {
         self.files.iter().filter(|f| f.is_servable())
     }
@@ -47,6 +52,54 @@ impl Checkpoint {
 
 struct Loader<'a> {
     dir: &'a Path,
+}
+
+/// `core.tc.task_state` (criu/include/pid.h): which images a task has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskState {
+    Alive,
+    /// A zombie: CRIU writes only its core-PID.img.
+    Dead,
+    Stopped,
+    /// A task CRIU made up for a session or process group: its images are optional.
+    Helper,
+}
+
+impl TaskState {
+    fn from_image(value: u32) -> Option<TaskState> {
+        match value {
+            1 => Some(TaskState::Alive),
+            2 => Some(TaskState::Dead),
+            3 => Some(TaskState::Stopped),
+            // TASK_HELPER was 4 before CRIU 3.0 and is 0x80 (COMPEL_TASK_MAX + 1) since.
+            4 | 0x80 => Some(TaskState::Helper),
+            _ => None,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            TaskState::Alive => "a live task",
+            TaskState::Dead => "a dead task",
+            TaskState::Stopped => "a stopped task",
+            TaskState::Helper => "a helper task",
+        }
+    }
+}
+
+/// What the walk over the tasks found: the users, and the first image a
+/// task's state requires that is missing.
+#[derive(Default)]
+struct Walk {
+    users: BTreeMap<u32, Vec<User>>,
+    fdinfo_cache: HashMap<String, Option<Vec<FdinfoEntry>>>,
+    incomplete: Option<Incomplete>,
+}
+
+impl Walk {
+    fn missing(&mut self, image: &str, why: String) {
+        self.incomplete.get_or_insert_with(|| Incomplete { image: image.to_string(), why });
+    }
 }
 
 /// A file id's record, with the file id's remap if it has one.
@@ -78,72 +131,161 @@ impl<'a> Loader<'a> {
     }
 
     fn load(&self) -> Result<Checkpoint, ImageError> {
-        let inventory: InventoryEntry = self.read_one("inventory.img", framing::INVENTORY)?;
-        let processes: Vec<PstreeEntry> = self.read_required("pstree.img", framing::PSTREE)?;
-        if processes.is_empty() {
+        let inventory: Option<InventoryEntry> = self.read_optional_one("inventory.img", framing::INVENTORY)?;
+        let processes: Option<Vec<PstreeEntry>> = self.read_optional("pstree.img", framing::PSTREE)?;
+        if processes.as_ref().is_some_and(Vec::is_empty) {
             return Err(self.invalid("pstree.img", Invalid::NoEntries));
         }
         let mut table = self.read_file_table()?;
         self.apply_remaps(&mut table.regs)?;
-        let regs = &table.regs;
         let mounts = self.read_mounts()?;
 
-        let mut users: BTreeMap<u32, Vec<User>> = BTreeMap::new();
-        let mut fdinfo_cache: HashMap<String, Vec<FdinfoEntry>> = HashMap::new();
-        for process in &processes {
-            let pid = process.pid;
-            let ids = self.read_ids(pid)?;
-            let fdinfo_name = if inventory.fdinfo_per_id.unwrap_or(false) {
-                format!("fdinfo-{}.img", ids.files_id)
-            } else {
-                format!("fdinfo-{pid}.img")
-            };
-            if !fdinfo_cache.contains_key(&fdinfo_name) {
-                let entries = self.read_required(&fdinfo_name, framing::FDINFO)?;
-                fdinfo_cache.insert(fdinfo_name.clone(), entries);
-            }
-            for fd in &fdinfo_cache[&fdinfo_name] {
-                if fd.r#type != FD_TYPE_REG {
-                    continue;
+        let mut walk = Walk::default();
+        match (&inventory, &processes) {
+            (None, _) => walk.missing("inventory.img", "every CRIU dump has it".into()),
+            (_, None) => walk.missing("pstree.img", "every CRIU dump has it".into()),
+            (Some(inventory), Some(processes)) => {
+                for process in processes {
+                    self.read_task(process.pid, inventory, &table, &mut walk)?;
                 }
-                let reg = self.reg(regs, &fdinfo_name, format!("fd {}", fd.fd), fd.id.into())?;
-                let usage = Usage::Fd { fd: fd.fd, flags: reg.entry.flags };
-                users.entry(fd.id).or_default().push(User { pid, usage });
-            }
-
-            let mm_name = format!("mm-{pid}.img");
-            let mm: MmEntry = self.read_one(&mm_name, framing::MM)?;
-            self.reg(regs, &mm_name, "exe_file_id".into(), mm.exe_file_id.into())?;
-            users.entry(mm.exe_file_id).or_default().push(User { pid, usage: Usage::Exe });
-            for vma in &mm.vmas {
-                if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) == 0 {
-                    continue;
-                }
-                let what = format!("the mapping at {:#x}", vma.start);
-                // A mapped memfd or other non-regular descriptor names a file
-                // id that is not a regular file: it has no path to serve.
-                match u32::try_from(vma.shmid).ok().filter(|id| regs.contains_key(id)) {
-                    Some(id) => users.entry(id).or_default().push(User { pid, usage: Usage::Map }),
-                    None if u32::try_from(vma.shmid).is_ok_and(|id| table.others.contains(&id)) => {}
-                    None => return Err(self.unknown_id(&mm_name, what, vma.shmid)),
-                }
-            }
-
-            let fs_name = format!("fs-{pid}.img");
-            let fs: FsEntry = self.read_one(&fs_name, framing::FS)?;
-            for (id, usage, what) in [(fs.cwd_id, Usage::Cwd, "cwd_id"), (fs.root_id, Usage::Root, "root_id")] {
-                self.reg(regs, &fs_name, what.into(), id.into())?;
-                users.entry(id).or_default().push(User { pid, usage });
             }
         }
-
-        let files = merge_by_path(regs, users, &mounts);
+        // Every image that is here has been read (a damaged one is an error
+        // even when another is missing); only then the fallback.
+        let (users, incomplete) = match walk.incomplete {
+            None => (walk.users, None),
+            Some(incomplete) => (self.fdinfo_users(&table)?, Some(incomplete)),
+        };
+        let files = merge_by_path(&table.regs, users, &mounts);
         Ok(Checkpoint {
             dir: self.dir.to_path_buf(),
             layout: table.layout,
-            pids: processes.iter().map(|p| p.pid).collect(),
+            pids: processes.unwrap_or_default().iter().map(|p| p.pid).collect(),
+            incomplete,
             files,
         })
+    }
+
+    /// The users of one task, read from the images its state says it has
+    /// (criu/cr-restore.c): a dead task has only core-PID.img; a helper may
+    /// lack the others; a live or stopped one has them all. A core image
+    /// without a task state (images made by hand) is read as a live task's.
+    fn read_task(
+        &self,
+        pid: u32,
+        inventory: &InventoryEntry,
+        table: &FileTable,
+        walk: &mut Walk,
+    ) -> Result<(), ImageError> {
+        let core_name = format!("core-{pid}.img");
+        let core: Option<CoreEntry> = self.read_optional_one(&core_name, framing::CORE)?;
+        let state = match core.as_ref().and_then(|c| c.tc.as_ref()).and_then(|tc| tc.task_state) {
+            None => TaskState::Alive,
+            Some(value) => TaskState::from_image(value)
+                .ok_or_else(|| self.invalid(&core_name, Invalid::UnknownTaskState(value)))?,
+        };
+        let required = match state {
+            TaskState::Dead => return Ok(()),
+            TaskState::Helper => false,
+            TaskState::Alive | TaskState::Stopped => true,
+        };
+        let missing = |walk: &mut Walk, image: &str| {
+            if required {
+                walk.missing(image, format!("pstree.img lists process {pid}, {}", state.describe()));
+            }
+        };
+        let regs = &table.regs;
+
+        let ids_name = format!("ids-{pid}.img");
+        let ids = match core.and_then(|c| c.ids) {
+            Some(ids) => Some(ids),
+            None => self.read_optional_one::<TaskKobjIdsEntry>(&ids_name, framing::IDS)?,
+        };
+        match ids {
+            None => missing(walk, &ids_name),
+            Some(ids) => {
+                let fdinfo_name = if inventory.fdinfo_per_id.unwrap_or(false) {
+                    format!("fdinfo-{}.img", ids.files_id)
+                } else {
+                    format!("fdinfo-{pid}.img")
+                };
+                match self.fdinfo(&mut walk.fdinfo_cache, &fdinfo_name)? {
+                    None => missing(walk, &fdinfo_name),
+                    Some(fds) => {
+                        for fd in fds.iter().filter(|fd| fd.r#type == FD_TYPE_REG) {
+                            let reg = self.reg(regs, &fdinfo_name, format!("fd {}", fd.fd), fd.id.into())?;
+                            let usage = Usage::Fd { fd: fd.fd, flags: reg.entry.flags };
+                            walk.users.entry(fd.id).or_default().push(User { pid: Some(pid), usage });
+                        }
+                    }
+                }
+            }
+        }
+
+        let mm_name = format!("mm-{pid}.img");
+        match self.read_optional_one::<MmEntry>(&mm_name, framing::MM)? {
+            None => missing(walk, &mm_name),
+            Some(mm) => {
+                self.reg(regs, &mm_name, "exe_file_id".into(), mm.exe_file_id.into())?;
+                walk.users.entry(mm.exe_file_id).or_default().push(User { pid: Some(pid), usage: Usage::Exe });
+                for vma in &mm.vmas {
+                    if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) == 0 {
+                        continue;
+                    }
+                    let what = format!("the mapping at {:#x}", vma.start);
+                    // A mapped memfd or other non-regular descriptor names a file
+                    // id that is not a regular file: it has no path to serve.
+                    match u32::try_from(vma.shmid).ok().filter(|id| regs.contains_key(id)) {
+                        Some(id) => walk.users.entry(id).or_default().push(User { pid: Some(pid), usage: Usage::Map }),
+                        None if u32::try_from(vma.shmid).is_ok_and(|id| table.others.contains(&id)) => {}
+                        None => return Err(self.unknown_id(&mm_name, what, vma.shmid)),
+                    }
+                }
+            }
+        }
+
+        let fs_name = format!("fs-{pid}.img");
+        match self.read_optional_one::<FsEntry>(&fs_name, framing::FS)? {
+            None => missing(walk, &fs_name),
+            Some(fs) => {
+                for (id, usage, what) in [(fs.cwd_id, Usage::Cwd, "cwd_id"), (fs.root_id, Usage::Root, "root_id")] {
+                    self.reg(regs, &fs_name, what.into(), id.into())?;
+                    walk.users.entry(id).or_default().push(User { pid: Some(pid), usage });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An fdinfo image, read once however many processes share it.
+    fn fdinfo<'c>(
+        &self,
+        cache: &'c mut HashMap<String, Option<Vec<FdinfoEntry>>>,
+        name: &str,
+    ) -> Result<Option<&'c [FdinfoEntry]>, ImageError> {
+        if !cache.contains_key(name) {
+            let entries = self.read_optional(name, framing::FDINFO)?;
+            cache.insert(name.to_string(), entries);
+        }
+        Ok(cache[name].as_deref())
+    }
+
+    /// What the original prototype listed: every regular file any
+    /// `fdinfo-*.img` refers to, with its descriptors but no pid (nothing
+    /// says which process an fdinfo image belongs to without the rest).
+    fn fdinfo_users(&self, table: &FileTable) -> Result<BTreeMap<u32, Vec<User>>, ImageError> {
+        let mut users: BTreeMap<u32, Vec<User>> = BTreeMap::new();
+        for name in self.image_names("fdinfo-")? {
+            for fd in self.read_required::<FdinfoEntry>(&name, framing::FDINFO)? {
+                if fd.r#type != FD_TYPE_REG {
+                    continue;
+                }
+                let reg = self.reg(&table.regs, &name, format!("fd {}", fd.fd), fd.id.into())?;
+                let usage = Usage::Fd { fd: fd.fd, flags: reg.entry.flags };
+                users.entry(fd.id).or_default().push(User { pid: None, usage });
+            }
+        }
+        Ok(users)
     }
 
     /// The file records of either layout.
@@ -206,38 +348,27 @@ impl<'a> Loader<'a> {
     /// Every mount of every dumped mount namespace, by mount id.
     fn read_mounts(&self) -> Result<HashMap<i32, MntEntry>, ImageError> {
         let mut mounts = HashMap::new();
-        let entries = std::fs::read_dir(self.dir).map_err(|e| ImageError::new(self.dir, ImageErrorKind::Io(e)))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| ImageError::new(self.dir, ImageErrorKind::Io(e)))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("mountpoints-") && name.ends_with(".img") {
-                for mount in self.read_required::<MntEntry>(&name, framing::MNTS)? {
-                    mounts.insert(mount.mnt_id as i32, mount);
-                }
+        for name in self.image_names("mountpoints-")? {
+            for mount in self.read_required::<MntEntry>(&name, framing::MNTS)? {
+                mounts.insert(mount.mnt_id as i32, mount);
             }
         }
         Ok(mounts)
     }
 
-    /// A process's kernel object ids: in core-PID.img, or ids-PID.img in old dumps.
-    fn read_ids(&self, pid: u32) -> Result<TaskKobjIdsEntry, ImageError> {
-        let core_name = format!("core-{pid}.img");
-        let core: Option<CoreEntry> = self.read_optional_one(&core_name, framing::CORE)?;
-        if let Some(ids) = core.as_ref().and_then(|c| c.ids) {
-            return Ok(ids);
+    /// The names of the images `PREFIX*.img` here, sorted.
+    fn image_names(&self, prefix: &str) -> Result<Vec<String>, ImageError> {
+        let io = |e| ImageError::new(self.dir, ImageErrorKind::Io(e));
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(self.dir).map_err(io)? {
+            // CRIU names its images in ASCII: nothing else is one.
+            let Ok(name) = entry.map_err(io)?.file_name().into_string() else { continue };
+            if name.starts_with(prefix) && name.ends_with(".img") {
+                names.push(name);
+            }
         }
-        let ids_name = format!("ids-{pid}.img");
-        match self.read_optional_one(&ids_name, framing::IDS)? {
-            Some(ids) => Ok(ids),
-            None if core.is_some() => Err(self.invalid(&core_name, Invalid::NoIds)),
-            None => Err(ImageError::new(
-                &self.path(&core_name),
-                ImageErrorKind::Missing(format!(
-                    "pstree.img lists process {pid}, but neither this nor {ids_name} exists"
-                )),
-            )),
-        }
+        names.sort();
+        Ok(names)
     }
 
     fn reg<'r>(&self, regs: &'r HashMap<u32, Reg>, image: &str, what: String, id: u64) -> Result<&'r Reg, ImageError> {
@@ -258,10 +389,6 @@ impl<'a> Loader<'a> {
 
     fn read_required<M: prost::Message + Default>(&self, name: &str, magic: Magic) -> Result<Vec<M>, ImageError> {
         self.read_optional(name, magic)?.ok_or_else(|| self.missing(name))
-    }
-
-    fn read_one<M: prost::Message + Default>(&self, name: &str, magic: Magic) -> Result<M, ImageError> {
-        self.read_optional_one(name, magic)?.ok_or_else(|| self.missing(name))
     }
 
     fn missing(&self, name: &str) -> ImageError {

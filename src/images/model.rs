@@ -13,6 +13,9 @@ pub struct Checkpoint {
     pub layout: Layout,
     /// Every process of the dump, as pstree.img lists them.
     pub pids: Vec<u32>,
+    /// Set when an image that ties descriptors to processes is missing: then
+    /// `files` is what every `fdinfo-*.img` refers to, and users have no pid.
+    pub incomplete: Option<Incomplete>,
     /// Each path once, sorted by path.
     pub files: Vec<RecordedFile>,
 }
@@ -50,9 +53,28 @@ impl RecordedFile {
     }
 }
 
+/// The first image missing from a directory that is not a whole dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incomplete {
+    pub image: String,
+    /// Why it should be there.
+    pub why: String,
+}
+
+impl fmt::Display for Incomplete {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is missing ({}): listing every regular file an fdinfo-*.img refers to, without the processes using it",
+            self.image, self.why
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct User {
-    pub pid: u32,
+    /// `None` when the images do not say which process it is.
+    pub pid: Option<u32>,
     pub usage: Usage,
 }
 

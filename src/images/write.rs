@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::framing::{self, encode_entries};
 use super::proto::{
     CoreEntry, FdinfoEntry, FileEntry, FownEntry, FsEntry, InventoryEntry, MmEntry, PstreeEntry, RegFileEntry,
-    TaskKobjIdsEntry,
+    TaskCoreEntry, TaskKobjIdsEntry,
 };
 
 /// A file the written dump records as open.
@@ -18,11 +18,13 @@ pub struct DumpFile {
     /// `None` as CRIU writes for O_APPEND opens: the mount asks the source.
     pub size: Option<u64>,
     pub mode: u32,
+    /// The open flags recorded for it (`O_RDWR`: the process could write it).
+    pub flags: u32,
 }
 
 impl DumpFile {
     pub fn new(path: impl Into<PathBuf>, size: u64) -> Self {
-        DumpFile { path: path.into(), size: Some(size), mode: 0o100644 }
+        DumpFile { path: path.into(), size: Some(size), mode: 0o100644, flags: 0 }
     }
 }
 
@@ -33,12 +35,12 @@ const FD_TYPE_REG: u32 = 1;
 /// 3, 4, ... into `dir`, in the modern layout (`files.img`).
 pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let reg = |id: u32, path: &Path, size: Option<u64>, mode: u32| FileEntry {
+    let reg = |id: u32, path: &Path, size: Option<u64>, mode: u32, flags: u32| FileEntry {
         r#type: FD_TYPE_REG,
         id,
         reg: Some(RegFileEntry {
             id,
-            flags: 0,
+            flags,
             pos: 0,
             fown: FownEntry::default(),
             name: path.as_os_str().as_bytes().to_vec(),
@@ -49,8 +51,8 @@ pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
     };
     let root_id = files.len() as u32 + 1;
     let mut entries: Vec<FileEntry> =
-        files.iter().enumerate().map(|(i, f)| reg(i as u32 + 1, &f.path, f.size, f.mode)).collect();
-    entries.push(reg(root_id, Path::new("/"), None, 0o40755));
+        files.iter().enumerate().map(|(i, f)| reg(i as u32 + 1, &f.path, f.size, f.mode, f.flags)).collect();
+    entries.push(reg(root_id, Path::new("/"), None, 0o40755, 0));
     let fds: Vec<FdinfoEntry> = (0..files.len() as u32)
         .map(|i| FdinfoEntry { id: i + 1, flags: 0, r#type: FD_TYPE_REG, fd: i + 3, ..Default::default() })
         .collect();
@@ -70,7 +72,10 @@ pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
         "pstree.img",
         encode_entries(framing::PSTREE, &[PstreeEntry { pid: PID, ppid: 0, pgid: PID, sid: PID, threads: vec![PID] }]),
     )?;
-    write(&format!("core-{PID}.img"), encode_entries(framing::CORE, &[CoreEntry { ids: Some(ids) }]))?;
+    write(
+        &format!("core-{PID}.img"),
+        encode_entries(framing::CORE, &[CoreEntry { tc: Some(TaskCoreEntry { task_state: Some(1) }), ids: Some(ids) }]),
+    )?;
     write("files.img", encode_entries(framing::FILES, &entries))?;
     write("fdinfo-1.img", encode_entries(framing::FDINFO, &fds))?;
     write(&format!("mm-{PID}.img"), encode_entries(framing::MM, &[MmEntry { exe_file_id, ..Default::default() }]))?;
@@ -86,7 +91,10 @@ mod tests {
     #[test]
     fn written_dumps_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let files = vec![DumpFile::new("/data/a b", 10), DumpFile { path: "/log".into(), size: None, mode: 0o100600 }];
+        let files = vec![
+            DumpFile::new("/data/a b", 10),
+            DumpFile { path: "/log".into(), size: None, mode: 0o100600, flags: 0 },
+        ];
         write_dump(dir.path(), &files).unwrap();
         let checkpoint = Checkpoint::load(dir.path()).unwrap();
         let servable: Vec<_> = checkpoint.servable().map(|f| (f.path.clone(), f.size, f.mode)).collect();

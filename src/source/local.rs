@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Connection, Source, SourceError, SourceStat, relative};
+use super::{Connection, Source, SourceError, SourceStat, WholeRead, relative};
 
 pub struct LocalSource {
     root: PathBuf,
@@ -45,13 +45,14 @@ impl LocalConnection {
         if self.open.as_ref().is_none_or(|(p, _)| p != path) {
             // O_NONBLOCK: a FIFO where the file was must not block the open
             // (it has no effect on a regular file's reads).
+            let full = self.full(path);
             let file = File::options()
                 .read(true)
                 .custom_flags(libc::O_NONBLOCK)
-                .open(self.full(path))
-                .map_err(|e| io_error(path, e))?;
-            if !file.metadata().map_err(|e| io_error(path, e))?.is_file() {
-                return Err(io_error(path, std::io::Error::other("not a regular file on the source")));
+                .open(&full)
+                .map_err(|e| io_error(path, &full, e))?;
+            if !file.metadata().map_err(|e| io_error(path, &full, e))?.is_file() {
+                return Err(io_error(path, &full, std::io::Error::other("not a regular file on the source")));
             }
             self.open = Some((path.to_path_buf(), file));
         }
@@ -61,7 +62,8 @@ impl LocalConnection {
 
 impl Connection for LocalConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let meta = std::fs::metadata(self.full(path)).map_err(|e| io_error(path, e))?;
+        let full = self.full(path);
+        let meta = std::fs::metadata(&full).map_err(|e| io_error(path, &full, e))?;
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
@@ -79,16 +81,43 @@ impl Connection for LocalConnection {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(path, e)),
+                Err(e) => return Err(io_error(path, &self.full(path), e)),
             }
+        }
+        Ok(())
+    }
+
+    /// Like SSH's pipeline, each whole read also shows a file that grew.
+    fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
+        for file in files.iter_mut() {
+            let size = file.buf.len() as u64;
+            file.result =
+                self.read_exact_at(file.path, 0, file.buf).and_then(|()| match self.has_byte_at(file.path, size)? {
+                    true => Err(SourceError::Longer { path: file.path.to_path_buf(), size }),
+                    false => Ok(()),
+                });
         }
         Ok(())
     }
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> SourceError {
+impl LocalConnection {
+    /// Whether the file has a byte at `offset` (it grew past a recorded size).
+    fn has_byte_at(&mut self, path: &Path, offset: u64) -> Result<bool, SourceError> {
+        let file = self.file(path)?;
+        loop {
+            match file.read_at(&mut [0u8], offset) {
+                Ok(n) => return Ok(n > 0),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(path, &self.full(path), e)),
+            }
+        }
+    }
+}
+
+fn io_error(path: &Path, full: &Path, source: std::io::Error) -> SourceError {
     if source.kind() == std::io::ErrorKind::NotFound {
-        SourceError::NotFound { path: path.to_path_buf() }
+        SourceError::NotFound { path: path.to_path_buf(), looked: full.display().to_string() }
     } else {
         SourceError::Io { path: path.to_path_buf(), source }
     }

@@ -105,8 +105,9 @@ pub struct WholeRead<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{}: not found on the source", path.display())]
-    NotFound { path: PathBuf },
+    /// `looked` is where: the path below the source's root, on which host.
+    #[error("{}: not found on the source (looked for {looked})", path.display())]
+    NotFound { path: PathBuf, looked: String },
     #[error("{}: the source file ends at byte {end}, before the {wanted} bytes asked for (changed since the checkpoint?)", path.display())]
     Short { path: PathBuf, end: u64, wanted: u64 },
     #[error("{}: the source file is longer than the {size} bytes the images record: changed since the checkpoint", path.display())]

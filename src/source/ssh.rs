@@ -316,7 +316,10 @@ impl SshConnection {
 
     fn error(&self, path: &Path, err: SftpError, wanted: u64) -> SourceError {
         match err {
-            e if e.is_not_found() => SourceError::NotFound { path: path.to_path_buf() },
+            e if e.is_not_found() => SourceError::NotFound {
+                path: path.to_path_buf(),
+                looked: format!("{}:{}", self.host, self.full(path).display()),
+            },
             SftpError::Status { code, message } => SourceError::Io {
                 path: path.to_path_buf(),
                 source: std::io::Error::other(format!("SFTP status {code}: {message}")),
