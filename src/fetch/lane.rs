@@ -300,6 +300,12 @@ impl Link {
         let mut lost_since: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
         loop {
+            // Past its deadline before it is sent (it waited in the queue):
+            // no request, and no blame on the connection or the file.
+            if self.limits.deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+                let waited = Duration::ZERO;
+                return Err(SourceError::TimedOut { host: self.source.describe(), waited, path: None });
+            }
             let give_up = self
                 .limits
                 .deadline

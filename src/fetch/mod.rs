@@ -498,6 +498,10 @@ impl Shared {
             SourceError::TimedOut { waited, .. } => *waited,
             _ => Duration::ZERO,
         };
+        // A request sent with little time left says little about its file.
+        if waited < self.health.stall() / 2 {
+            return;
+        }
         if !self.health.suspect(Instant::now() - waited) {
             // Another lane is finding out whether the source is silent.
             return;
