@@ -69,18 +69,6 @@ fn file_status(status: &Value, path: &str) -> Value {
     status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).cloned().unwrap()
 }
 
-fn wait_for(mount: &Mount, done: impl Fn(&Value) -> bool, what: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = mount.status();
-        if done(&status) {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{what}: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Reads `path` whole in a thread; the result and how long it took.
 fn read_timed(path: PathBuf) -> std::thread::JoinHandle<(std::io::Result<Vec<u8>>, Duration)> {
     std::thread::spawn(move || {
@@ -121,7 +109,7 @@ fn a_silent_source_answers_readers_eio_within_the_reconnect_timeout_then_bytes_a
             Err(e) => assert!(Instant::now() < deadline, "no bytes after the source woke: {e}"),
         }
     }
-    wait_for(&mount, |s| file_status(s, "/s/second")["state"] == "verified", "not verified after the source woke");
+    mount.wait_for(|s| file_status(s, "/s/second")["state"] == "verified", "not verified after the source woke");
 }
 
 /// A FIFO at `path` below `root`, unblocked (opened for writing, so a
@@ -187,7 +175,7 @@ fn a_fifo_on_the_source_costs_only_its_own_file() {
     // Tried again on the next read, then failed for good with the reason.
     let (result, _) = read_timed(mount.at("/f/stuck")).join().unwrap();
     assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EIO));
-    let status = wait_for(&mount, |s| file_status(s, "/f/stuck")["state"] == "failed", "the stuck file never failed");
+    let status = mount.wait_for(|s| file_status(s, "/f/stuck")["state"] == "failed", "the stuck file never failed");
     let reason = file_status(&status, "/f/stuck")["error"].to_string();
     assert!(reason.contains("did not answer"), "{reason}");
     let started = Instant::now();
@@ -212,8 +200,7 @@ fn a_fifo_in_a_prefetch_batch_holds_no_other_file_hostage() {
     eprintln!("fine.txt next to a stuck FIFO in a prefetch batch: read in {:.2} s", waited.as_secs_f64());
     assert!(waited < Duration::from_secs(8), "fine.txt waited {waited:?} behind the stuck file");
 
-    let status = wait_for(
-        &mount,
+    let status = mount.wait_for(
         |s| {
             s["files"].as_array().unwrap().iter().all(|f| f["state"] == "verified" || f["path"] == "/f/stuck")
                 && file_status(s, "/f/stuck")["state"] == "failed"
@@ -234,7 +221,7 @@ fn umount_ends_in_bounded_time_while_the_source_is_silent() {
     let sshd = Sshd::start();
     dataset(&env.path("source"), &env.path("images"), &[("/u/big", 64 << 20), ("/u/small", 1_000)]);
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "2"]);
-    wait_for(&mount, |s| s["bytes_present"].as_u64().unwrap() > 0, "no progress");
+    mount.wait_for(|s| s["bytes_present"].as_u64().unwrap() > 0, "no progress");
     let _silenced = Silenced::new(&sshd);
     std::thread::sleep(Duration::from_millis(500));
     bounded_umount(&mount);
