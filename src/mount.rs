@@ -325,9 +325,12 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
 
 /// Whether `path` is a FUSE mount whose process died: it answers "Transport
 /// endpoint is not connected" (or, while the kernel tears the connection
-/// down, "Software caused connection abort").
+/// down, "Software caused connection abort"). Listed, not only stat'ed: the
+/// kernel may answer a stat from its cache.
 pub fn is_stale(path: &Path) -> bool {
-    std::fs::metadata(path).is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
+    std::fs::metadata(path)
+        .and_then(|_| std::fs::read_dir(path).map(drop))
+        .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
 }
 
 /// Unmounts at once even when busy (open files keep it alive until closed).
