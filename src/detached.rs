@@ -14,9 +14,39 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    /// The mount now at `mountpoint` (just mounted, answering).
+    /// The mount now at `mountpoint` (just mounted, answering), found in the
+    /// mount table: a stat through the mount would make the kernel cache the
+    /// root's attributes, and a stale mount then look alive.
     pub fn of(mountpoint: &Path) -> std::io::Result<Attachment> {
-        Ok(Attachment { dev: std::fs::metadata(mountpoint)?.dev(), detached: AtomicBool::new(false) })
+        use std::os::unix::ffi::OsStrExt;
+        // As the table writes it: symlink-free (the parent resolved, not the
+        // mount itself), some bytes escaped in octal.
+        let path = match (mountpoint.parent(), mountpoint.file_name()) {
+            (Some(parent), Some(name)) => std::fs::canonicalize(parent).map(|p| p.join(name)),
+            _ => Ok(mountpoint.to_path_buf()),
+        }?;
+        let mut wanted = Vec::new();
+        for &byte in path.as_os_str().as_bytes() {
+            match byte {
+                b' ' | b'\t' | b'\n' | b'\\' => wanted.extend(format!("\\{byte:03o}").bytes()),
+                other => wanted.push(other),
+            }
+        }
+        let info = std::fs::read("/proc/self/mountinfo")?;
+        // The last line for the path is the mount on top.
+        let dev = info
+            .split(|&b| b == b'\n')
+            .filter_map(|line| {
+                let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+                (fields.get(4) == Some(&wanted.as_slice())).then(|| fields.get(2).copied()).flatten()
+            })
+            .next_back()
+            .and_then(|dev| {
+                let (major, minor) = std::str::from_utf8(dev).ok()?.split_once(':')?;
+                Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+            })
+            .ok_or_else(|| std::io::Error::other("not in the mount table"))?;
+        Ok(Attachment { dev, detached: AtomicBool::new(false) })
     }
 
     /// lazyfs detached it itself.
