@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// A live mount, known by its device number.
 pub struct Attachment {
     dev: u64,
+    /// Its mount ID (what `/proc/PID/fdinfo` says of each open file).
+    mount_id: String,
     detached: AtomicBool,
 }
 
@@ -34,19 +36,20 @@ impl Attachment {
         }
         let info = std::fs::read("/proc/self/mountinfo")?;
         // The last line for the path is the mount on top.
-        let dev = info
+        let (mount_id, dev) = info
             .split(|&b| b == b'\n')
             .filter_map(|line| {
-                let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-                (fields.get(4) == Some(&wanted.as_slice())).then(|| fields.get(2).copied()).flatten()
+                let fields: Vec<&str> = std::str::from_utf8(line).ok()?.split(' ').collect();
+                (fields.get(4).map(|f| f.as_bytes()) == Some(wanted.as_slice()))
+                    .then(|| Some((fields[0], fields[2])))?
             })
             .next_back()
-            .and_then(|dev| {
-                let (major, minor) = std::str::from_utf8(dev).ok()?.split_once(':')?;
-                Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+            .and_then(|(id, dev)| {
+                let (major, minor) = dev.split_once(':')?;
+                Some((id.to_string(), libc::makedev(major.parse().ok()?, minor.parse().ok()?)))
             })
             .ok_or_else(|| std::io::Error::other("not in the mount table"))?;
-        Ok(Attachment { dev, detached: AtomicBool::new(false) })
+        Ok(Attachment { dev, mount_id, detached: AtomicBool::new(false) })
     }
 
     /// lazyfs detached it itself.
@@ -89,8 +92,11 @@ impl Attachment {
         if on_mount(&proc.join("cwd")) || on_mount(&proc.join("root")) {
             return true;
         }
-        let fds = std::fs::read_dir(proc.join("fd")).into_iter().flatten().flatten();
-        if fds.into_iter().any(|fd| on_mount(&fd.path())) {
+        // Open files by their mount ID: no stat that could hang on another mount.
+        let wanted_id = format!("mnt_id:\t{}", self.mount_id);
+        let fds = std::fs::read_dir(proc.join("fdinfo")).into_iter().flatten().flatten();
+        if fds.into_iter().any(|fd| std::fs::read_to_string(fd.path()).is_ok_and(|i| i.lines().any(|l| l == wanted_id)))
+        {
             return true;
         }
         // Mapped files: the fourth field is the device, "major:minor" in hex.
