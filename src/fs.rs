@@ -26,13 +26,13 @@ impl FsError {
 
 impl From<FetchError> for FsError {
     fn from(e: FetchError) -> Self {
-        FsError::new(libc::EIO, e.0.to_string())
+        FsError::new(e.errno, e.message.to_string())
     }
 }
 
 impl From<crate::store::StoreError> for FsError {
     fn from(e: crate::store::StoreError) -> Self {
-        FsError::new(libc::EIO, e.to_string())
+        FsError::new(e.errno(), e.to_string())
     }
 }
 
@@ -184,7 +184,7 @@ impl Filesystem {
                 mtime: self.started,
                 ctime: self.started,
             },
-            NodeKind::File(index) => self.files[*index].attr(ino, self.fetcher.file(*index).spill.len()),
+            NodeKind::File(index) => self.files[*index].attr(ino, self.fetcher.file(*index).len()),
         })
     }
 
@@ -217,10 +217,10 @@ impl Filesystem {
         if write && self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
-        let file = self.fetcher.file(index);
-        let local =
-            !write && !self.files[index].written && matches!(file.phase(), crate::fetch::Phase::Verified { .. });
-        Ok(if local { Some(file.spill.open_file()?) } else { None })
+        if write || self.files[index].written {
+            return Ok(None);
+        }
+        Ok(self.fetcher.file(index).verified_file()?)
     }
 
     /// Replies with bytes `offset..offset+size` once their chunks are present.
@@ -229,43 +229,36 @@ impl Filesystem {
             Ok(index) => index,
             Err(e) => return reply(Err(e)),
         };
-        self.fetcher.note_read(index);
-        let file = self.fetcher.file(index).clone();
-        let chunks = file.spill.chunks_of(offset, u64::from(size));
-        self.fetcher.when_present(
+        self.fetcher.read(
             index,
-            chunks,
-            Box::new(move |present| match present {
-                Ok(()) => {
-                    let mut reply = Some(reply);
-                    let read = file.spill.read(offset, u64::from(size), |bytes| reply.take().expect("once")(Ok(bytes)));
-                    if let (Err(e), Some(reply)) = (read, reply) {
-                        reply(Err(e.into()));
-                    }
-                    // The kernel keeps its own copy in the page cache.
-                    file.spill.release(offset, u64::from(size));
-                }
-                Err(e) => reply(Err(e.into())),
+            offset,
+            size,
+            Box::new(move |bytes| match bytes {
+                Ok(bytes) => reply(Ok(&bytes)),
+                // A read that cannot be served is an I/O error, whatever the cause.
+                Err(e) => reply(Err(FsError::new(libc::EIO, e.message.to_string()))),
             }),
         );
     }
 
     /// Writes locally once the whole file is present: the source is never written.
     pub fn write(&self, ino: Ino, offset: u64, data: Vec<u8>, reply: WriteReply) {
-        let index = match self.file_index(ino) {
+        let index = match self.writable(ino) {
             Ok(index) => index,
             Err(e) => return reply(Err(e)),
         };
-        let all = 0..self.fetcher.file(index).spill.chunk_count();
-        let result = self.when_present_then(index, all, move |served, spill| {
-            spill.write_at(offset, &data)?;
-            served.touch();
-            Ok(data.len() as u32)
-        });
-        match result {
-            Ok(pending) => pending(reply),
-            Err(e) => reply(Err(e)),
-        }
+        let served = self.files[index].clone();
+        self.fetcher.write(
+            index,
+            offset,
+            data,
+            Box::new(move |written| {
+                if written.is_ok() {
+                    served.touch();
+                }
+                reply(written.map_err(FsError::from))
+            }),
+        );
     }
 
     pub fn setattr(&self, ino: Ino, change: SetAttr, reply: AttrReply) {
@@ -293,57 +286,35 @@ impl Filesystem {
             apply(&served);
             return reply(self.getattr(ino));
         };
-        // Bytes past the new end are discarded: only those below it must be present.
-        let keep = self.fetcher.file(index).spill.chunks_of(0, size);
-        let result = self.when_present_then(index, keep, move |served, spill| {
-            spill.set_len(size)?;
-            // What was not fetched is gone: the file is local from here on.
-            spill.mark_present(0..spill.chunk_count());
-            served.touch();
-            apply(served);
-            Ok(served.attr(ino, spill.len()))
-        });
-        match result {
-            Ok(pending) => pending(reply),
-            Err(e) => reply(Err(e)),
-        }
+        self.fetcher.truncate(
+            index,
+            size,
+            Box::new(move |truncated| {
+                reply(truncated.map_err(FsError::from).map(|len| {
+                    served.touch();
+                    apply(&served);
+                    served.attr(ino, len)
+                }))
+            }),
+        );
     }
 
-    /// Prepares a local change of file `index`: once `chunks` are present
-    /// (fetched first if need be), `change` runs and its result goes to the
-    /// reply the returned function is given.
-    #[allow(clippy::type_complexity)]
-    fn when_present_then<T: Send + 'static>(
-        &self,
-        index: usize,
-        chunks: std::ops::Range<u64>,
-        change: impl FnOnce(&ServedFile, &crate::store::SpillFile) -> Result<T, FsError> + Send + 'static,
-    ) -> Result<impl FnOnce(Box<dyn FnOnce(Result<T, FsError>) + Send>), FsError> {
+    /// The file of `ino`, if it may be changed.
+    fn writable(&self, ino: Ino) -> Result<usize, FsError> {
+        let index = self.file_index(ino)?;
         if self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
-        let served = self.files[index].clone();
-        let file = self.fetcher.file(index).clone();
-        Ok(move |reply: Box<dyn FnOnce(Result<T, FsError>) + Send>| {
-            let modified = self.fetcher.modified_marker(index);
-            let done = Box::new(move |present: Result<(), FetchError>| {
-                let result = present.map_err(FsError::from).and_then(|()| change(&served, &file.spill));
-                if result.is_ok() {
-                    modified();
-                }
-                reply(result)
-            });
-            self.fetcher.when_present(index, chunks, done);
-        })
+        Ok(index)
     }
 
     pub fn fsync(&self, ino: Ino) -> Result<(), FsError> {
         let index = self.file_index(ino)?;
-        Ok(self.fetcher.file(index).spill.sync()?)
+        Ok(self.fetcher.file(index).sync()?)
     }
 
     pub fn statfs(&self) -> StatFs {
-        let bytes_total = self.fetcher.files().iter().map(|f| f.spill.len()).sum();
+        let bytes_total = self.fetcher.files().iter().map(|f| f.len()).sum();
         StatFs { bytes_total, files: self.ns.len() as u64 }
     }
 }

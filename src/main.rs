@@ -17,6 +17,7 @@ use lazyfs::cli::{
 };
 use lazyfs::commands::ls;
 use lazyfs::commands::verify::VerifyError;
+use lazyfs::control::proto::{FileState, MountState};
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
 use lazyfs::mount::{self, MountError, MountRequest};
@@ -338,7 +339,7 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
                 out.flush()?;
             }
         }
-        let complete = statuses.iter().all(|s| s.state == "complete");
+        let complete = statuses.iter().all(|s| s.state() == MountState::Complete);
         if !args.watch || complete || statuses.is_empty() {
             break;
         }
@@ -364,7 +365,7 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
             if totals.files_failed == 0 {
-                if totals.state == "complete" {
+                if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
                 }
                 if deadline.is_none_or(|d| Instant::now() < d) {
@@ -376,14 +377,15 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         }
         let status = client.status().map_err(gone)?;
         let selected = select_files(&status, &args.paths, &mountpoint)?;
-        let failed: Vec<_> = selected.iter().filter(|f| f.state == "failed").collect();
+        let failed: Vec<_> = selected.iter().filter(|f| f.state() == FileState::Failed).collect();
         if !failed.is_empty() {
             for file in failed {
                 eprintln!("lazyfs: {}", lazyfs::ui::failure_line(file));
             }
             return Ok(exit::VERIFY_FAILED);
         }
-        let waiting = selected.iter().filter(|f| f.state != "verified" && f.state != "modified").count();
+        let waiting =
+            selected.iter().filter(|f| !matches!(f.state(), FileState::Verified | FileState::Modified)).count();
         if waiting == 0 {
             return Ok(exit::SUCCESS);
         }

@@ -18,7 +18,8 @@ use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
 use crate::source::{self, SourceError, SourceSpec, SshOverrides};
-use crate::store::journal::{self, Journal, JournalFile};
+use crate::store::Presence;
+use crate::store::journal::{self, Journal, Owner};
 use crate::store::{Store, StoreError};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -149,6 +150,8 @@ pub struct Prepared {
     pub fs: Arc<Filesystem>,
     pub store: Store,
     pub source_name: String,
+    /// Whose files the cache dir holds.
+    owner: Owner,
     /// What the person mounting should know (the mount works regardless).
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits.
@@ -158,6 +161,16 @@ pub struct Prepared {
 /// Reads the images, connects to the source and opens the cache: every
 /// failure here happens before anything is mounted.
 pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
+    let (spec, root) = (request.source.clone(), request.source_root.clone());
+    prepare_with(request, move || Ok(source::open(&spec, &root)?.into()))
+}
+
+/// [`prepare`] with the source made by `open_source`, called once what is
+/// local was checked.
+pub fn prepare_with(
+    request: MountRequest,
+    open_source: impl FnOnce() -> Result<Arc<dyn source::Source>, SourceError>,
+) -> Result<Prepared, MountError> {
     // Where each attempt starts, in a log that keeps earlier ones.
     log::info!(
         "==== lazyfs {} (pid {}): mounting {} at {} from {}",
@@ -187,15 +200,39 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
     }
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
     let store = Store::open(&request.cache_dir)?;
-    let (records, warning) = journal::load(&store.journal_path())?;
+    let (loaded, warning) = journal::load(&store.journal_path())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
     }
-    let source: Arc<dyn source::Source> = source::open(&request.source, &request.source_root)?.into();
+    let owner = cache_owner(&request)?;
+    let mut records = loaded.records;
+    if loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty()) {
+        let held = match loaded.owner.name.as_str() {
+            "" => "files of an unknown checkpoint".to_string(),
+            name => format!("the files of {name}"),
+        };
+        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().display(), owner.name);
+        store.clear_spills()?;
+        records.clear();
+    }
+    let source = open_source()?;
     let mut connection = source.connect()?;
 
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
+        let record = records.get(file.path.as_os_str().as_bytes());
+        if let Some(record) = record.filter(|r| r.modified) {
+            // Changed locally: the spill file is the file, whatever the source has now.
+            let spec = FileSpec {
+                path: file.path.clone(),
+                source_path: file.source_path.clone(),
+                size: file.size.unwrap_or(record.size),
+                expected: None,
+                image_order: file.image_order as u64,
+            };
+            files.push(Arc::new(open_file(&store, spec, Some(record))?));
+            continue;
+        }
         let expected = manifest.as_ref().and_then(|m| m.get(&file.path)).cloned();
         // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
         let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
@@ -225,22 +262,13 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
             expected,
             image_order: file.image_order as u64,
         };
-        let record = records.get(file.path.as_os_str().as_bytes());
         let fetch_file = match open_file(&store, spec, record) {
             Err(e @ StoreError::TooLarge { .. }) => failed_file(&store, file, e.to_string())?,
             other => other?,
         };
         files.push(Arc::new(fetch_file));
     }
-    let journal_files = files
-        .iter()
-        .map(|f| JournalFile {
-            path: f.path.as_os_str().as_bytes().to_vec(),
-            size: f.spill.len(),
-            spill: f.spill.path().to_path_buf(),
-        })
-        .collect();
-    let journal = Journal::create(&store.journal_path(), crate::fetch::snapshot(&files), journal_files)?;
+    let journal = crate::fetch::create_journal(&store.journal_path(), &owner, &files)?;
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -265,7 +293,7 @@ pub fn prepare(request: MountRequest) -> Result<Prepared, MountError> {
         })
         .collect();
     let fs = Filesystem::new(ns, specs, fetcher, config);
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, warnings, _claim: claim })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
 }
 
 /// Claims `mountpoint` for this process before anything else is done: of
@@ -282,6 +310,37 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
         }),
         Err(source) => Err(MountError::Mount { path: mountpoint.to_path_buf(), source }),
     }
+}
+
+/// Which checkpoint and source a cache dir is for: a blake3 of every image
+/// file (but the memory pages, which are large and say nothing of files), the
+/// source and its root.
+fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MountError::Store(StoreError::Io { path, source })
+    };
+    let dir = &request.imgdir;
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
+    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
+    names.sort();
+    let mut hasher = blake3::Hasher::new();
+    for name in names {
+        let path = dir.join(&name);
+        hasher.update(name.as_bytes()).update(&[0]);
+        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, &mut hasher).map_err(io(&path))?;
+    }
+    for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
+        hasher.update(&[0]).update(part);
+    }
+    Ok(Owner {
+        id: hasher.finalize().as_bytes().to_vec(),
+        name: format!("{} from {}", dir.display(), request.source_arg),
+    })
 }
 
 /// Mounted on a directory the checkpoint's files were in, without `--subtree`
@@ -400,6 +459,17 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     config.clone_fd = true;
     let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone(), request.passthrough), &mountpoint, &config)
         .map_err(mount_err)?;
+    // The kernel keeps pages across opens: a file fetched again must drop them.
+    let notifier = session.notifier();
+    let ns = prepared.fs.namespace();
+    let inos: Vec<Option<u64>> = (0..prepared.fs.fetcher().files().len()).map(|i| ns.file_ino(i)).collect();
+    prepared.fs.fetcher().on_started_over(Box::new(move |index| {
+        if let Some(ino) = inos.get(index).copied().flatten()
+            && let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
+        {
+            log::debug!("invalidating inode {ino}: {e}");
+        }
+    }));
 
     let (events_tx, events) = mpsc::channel();
     let ended = events_tx.clone();
@@ -513,11 +583,26 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     registry::unregister(&mountpoint);
     drop(server);
     log::info!("unmounted {}", mountpoint.display());
-    finish(&prepared, started, &meter);
+    prepared.finish();
+    write_summary(&prepared, started, &meter);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
     Ok(())
+}
+
+impl Prepared {
+    /// After the mount is gone: stop fetching, and compact the journal to
+    /// what is known now (spill files synced first).
+    pub fn finish(&self) {
+        let fetcher = self.fs.fetcher();
+        if let Err(e) = fetcher.stop() {
+            log::error!("{e}");
+        }
+        if let Err(e) = Journal::create(&self.store.journal_path(), &self.owner, fetcher.snapshot(), Vec::new()) {
+            log::error!("compacting the journal: {e}");
+        }
+    }
 }
 
 /// `lazyfs prefetch`: background prefetch of the files with these original
@@ -553,18 +638,11 @@ fn sample_rate(fs: &Arc<Filesystem>, meter: &Arc<crate::status::Meter>) {
     });
 }
 
-/// After the mount is gone: stop fetching, compact the journal to what is
-/// known now, and leave a summary of the mount's life in the cache dir.
-fn finish(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
-    let fetcher = prepared.fs.fetcher();
-    fetcher.stop();
-    let store = &prepared.store;
-    if let Err(e) = Journal::create(&store.journal_path(), fetcher.snapshot(), Vec::new()) {
-        log::error!("compacting the journal: {e}");
-    }
+/// Leaves a summary of the mount's life in the cache dir.
+fn write_summary(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
     let context = crate::status::Context { request: &prepared.request, source: &prepared.source_name, started, meter };
     let status = crate::status::snapshot(&prepared.fs, &context, true);
-    let summary = store.dir().join("summary.json");
+    let summary = prepared.store.dir().join("summary.json");
     let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
         .map_err(std::io::Error::other)
         .and_then(|json| std::fs::write(&summary, json));
@@ -577,7 +655,7 @@ fn finish(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
 /// manifest disagrees with the images): every read of it fails with `message`.
 fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<FetchFile, StoreError> {
     log::error!("{message}");
-    let spill = store.open_spill(&file.path, Some(0), false)?;
+    let (spill, len) = store.open_spill(&file.path, Some(0), false)?;
     let spec = FileSpec {
         path: file.path.clone(),
         source_path: file.source_path.clone(),
@@ -585,5 +663,5 @@ fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<Fe
         expected: None,
         image_order: file.image_order as u64,
     };
-    Ok(FetchFile::new(spec, spill, Phase::Failed(message.into())))
+    Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(message.into())))
 }

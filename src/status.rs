@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::control::proto::{FileStatus, Status};
+use crate::control::proto::{FileStatus, MountState, Status};
 use crate::fetch::Phase;
 use crate::fs::Filesystem;
 use crate::mount::MountRequest;
@@ -96,9 +96,8 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     let mut prefetch_left = 0;
     for (index, file) in fs.fetcher().files().iter().enumerate() {
         let served = fs.served(index);
-        let size = file.spill.len();
-        let present = file.spill.present_bytes().min(size);
-        let phase = file.phase();
+        let progress = file.progress();
+        let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
         let (blake3, against) = match &phase {
             Phase::Verified { hash, against } => (blake3::Hash::from_bytes(*hash).to_hex().to_string(), *against),
             _ => (String::new(), ""),
@@ -107,7 +106,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
         let mount_path = fs.namespace().file_ino(index).map(|ino| fs.namespace().mount_path(ino)).unwrap_or_default();
         let stats = &file.stats;
         status.files_total += 1;
-        status.files_present += u64::from(!failed && file.spill.is_complete());
+        status.files_present += u64::from(!failed && progress.complete);
         status.files_failed += u64::from(failed);
         status.bytes_total += size;
         status.bytes_present += present;
@@ -124,7 +123,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),
             size,
             bytes_present: present,
-            state: phase.name().into(),
+            state: phase.state().into(),
             blake3,
             verified_against: against.into(),
             reads: stats.reads.load(Ordering::Relaxed),
@@ -140,19 +139,20 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     }
     let settled = fs.fetcher().files().iter().filter(|f| f.phase().is_settled()).count() as u64;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
-    status.state = if !status.degraded_reason.is_empty() {
-        "degraded"
+    let state = if !status.degraded_reason.is_empty() {
+        MountState::Degraded
     } else if settled == status.files_total {
-        "complete"
+        MountState::Complete
     } else {
-        "fetching"
-    }
-    .into();
+        MountState::Fetching
+    };
+    status.set_state(state);
     let rate = meter.sample(status.bytes_on_demand + status.bytes_prefetched);
     // Nothing more is fetched once complete: no rate decaying towards zero.
-    status.rate_bytes_per_s = if status.state == "complete" { 0.0 } else { rate };
+    status.rate_bytes_per_s = if state == MountState::Complete { 0.0 } else { rate };
     // An ETA only for what is being fetched in the background; reads come when they come.
-    status.eta_s = (status.state == "fetching" && prefetch_left > 0 && rate > 0.0).then(|| prefetch_left as f64 / rate);
+    status.eta_s =
+        (state == MountState::Fetching && prefetch_left > 0 && rate > 0.0).then(|| prefetch_left as f64 / rate);
     status
 }
 /// `lazyfs status --json`: the fields the README documents.
@@ -166,7 +166,7 @@ pub fn to_json(status: &Status) -> Value {
                 "mount_path": String::from_utf8_lossy(&f.mount_path),
                 "size": f.size,
                 "bytes_present": f.bytes_present,
-                "state": f.state,
+                "state": f.state().word(),
                 "blake3": non_empty(&f.blake3),
                 "verified_against": non_empty(&f.verified_against),
                 "reads": f.reads,
@@ -186,7 +186,7 @@ pub fn to_json(status: &Status) -> Value {
         "layout": status.layout,
         "pid": status.pid,
         "prefetch": status.prefetch,
-        "state": status.state,
+        "state": status.state().word(),
         "degraded_reason": non_empty(&status.degraded_reason),
         "detached": status.detached,
         "holders": status.holders,

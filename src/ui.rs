@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use indicatif::{BinaryBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::control::proto::{FileStatus, Status};
+use crate::control::proto::{FileState, FileStatus, MountState, Status};
 
 /// Files in flight shown at once, beside the mount's bar.
 const MAX_FILE_BARS: usize = 8;
@@ -18,15 +18,18 @@ const FILE_BAR: usize = 20;
 
 /// What a mount is doing, its bytes, files, rate and ETA, in words.
 pub fn summary(status: &Status) -> String {
-    let doing = match status.state.as_str() {
-        "fetching" if !status.prefetch => {
+    let state = status.state();
+    let doing = match state {
+        MountState::Fetching if !status.prefetch => {
             format!("lazy: fetches only what is read (`lazyfs prefetch {}` fetches the rest)", status.mountpoint)
         }
-        "fetching" => "fetching in the background".to_string(),
-        "degraded" => format!("degraded: {}", status.degraded_reason),
+        MountState::Fetching => "fetching in the background".to_string(),
+        MountState::Degraded => format!("degraded: {}", status.degraded_reason),
         // Settled, but not every byte is here: say so before the counts do.
-        "complete" if status.files_failed > 0 => format!("complete except {} failed file(s)", status.files_failed),
-        other => other.to_string(),
+        MountState::Complete if status.files_failed > 0 => {
+            format!("complete except {} failed file(s)", status.files_failed)
+        }
+        MountState::Complete => state.word().to_string(),
     };
     let mut text = format!(
         "{doing}: {}/{}, {}/{} files present",
@@ -35,10 +38,10 @@ pub fn summary(status: &Status) -> String {
         status.files_present,
         status.files_total
     );
-    if status.files_failed > 0 && status.state != "complete" {
+    if status.files_failed > 0 && state != MountState::Complete {
         text += &format!(", {} failed", status.files_failed);
     }
-    if status.state != "complete" {
+    if state != MountState::Complete {
         text += &format!(", {}/s", BinaryBytes(status.rate_bytes_per_s as u64));
     }
     if let Some(eta) = status.eta_s {
@@ -75,11 +78,11 @@ pub fn failure_line(file: &FileStatus) -> String {
 }
 
 fn in_flight(status: &Status) -> impl Iterator<Item = &FileStatus> {
-    status.files.iter().filter(|f| f.state == "fetching").take(MAX_FILE_BARS)
+    status.files.iter().filter(|f| f.state() == FileState::Fetching).take(MAX_FILE_BARS)
 }
 
 fn failures(status: &Status) -> impl Iterator<Item = &FileStatus> {
-    status.files.iter().filter(|f| f.state == "failed")
+    status.files.iter().filter(|f| f.state() == FileState::Failed)
 }
 
 fn bar(done: u64, total: u64, width: usize) -> String {
@@ -180,7 +183,7 @@ impl Bars {
                     let _ = multi.println(failure_line(file));
                 }
             }
-            if status.state == "complete" {
+            if status.state() == MountState::Complete {
                 bars.total.finish();
             }
         }
@@ -207,7 +210,7 @@ impl Default for Bars {
 mod tests {
     use super::*;
 
-    fn status(state: &str, prefetch: bool, present: u64, eta: Option<f64>) -> Status {
+    fn status(state: MountState, prefetch: bool, present: u64, eta: Option<f64>) -> Status {
         Status {
             mountpoint: "/mnt".into(),
             state: state.into(),
@@ -224,18 +227,18 @@ mod tests {
 
     #[test]
     fn text_is_in_human_units() {
-        let line = plain_line(&status("fetching", true, 50_864_491, Some(24.2)));
+        let line = plain_line(&status(MountState::Fetching, true, 50_864_491, Some(24.2)));
         assert_eq!(
             line,
             "/mnt: fetching in the background: 48.51 MiB/208.01 MiB, 3/40 files present, 6.50 MiB/s, ETA 25s"
         );
-        let line = plain_line(&status("complete", true, 218_112_400, None));
+        let line = plain_line(&status(MountState::Complete, true, 218_112_400, None));
         assert_eq!(line, "/mnt: complete: 208.01 MiB/208.01 MiB, 3/40 files present");
     }
 
     #[test]
     fn a_lazy_mount_says_it_waits_for_reads() {
-        let line = plain_line(&status("fetching", false, 0, None));
+        let line = plain_line(&status(MountState::Fetching, false, 0, None));
         assert!(line.contains("lazy: fetches only what is read (`lazyfs prefetch /mnt` fetches the rest)"), "{line}");
         assert!(!line.contains("ETA"), "{line}");
     }

@@ -1,5 +1,5 @@
 //! The image reader against real CRIU dumps, crit-encoded fixtures of both
-//! layouts, and damaged images.
+//! file record formats, and damaged images.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use common::listing::{expected_rows, loaded_rows};
-use lazyfs::images::{Checkpoint, Layout, Unservable, Usage};
+use lazyfs::images::{Checkpoint, FileRecords, Unservable, Usage};
 use serde_json::Value;
 
 #[test]
@@ -98,13 +98,13 @@ fn incomplete_dirs_list_what_the_fdinfo_images_refer_to_with_one_warning() {
 }
 
 #[test]
-fn layouts_are_told_apart() {
+fn file_record_formats_are_told_apart() {
     let load = |rel: &str| Checkpoint::load(&common::fixtures().join(rel)).unwrap();
-    assert_eq!(load("synthetic/legacy").layout, Layout::Legacy);
-    assert_eq!(load("synthetic/legacy-old").layout, Layout::Legacy);
-    assert_eq!(load("real/d1-kill-legacy/images").layout, Layout::Legacy);
-    assert_eq!(load("synthetic/modern").layout, Layout::Modern);
-    assert_eq!(load("real/d1-kill/images").layout, Layout::Modern);
+    assert_eq!(load("synthetic/legacy").file_records, FileRecords::Legacy);
+    assert_eq!(load("synthetic/legacy-old").file_records, FileRecords::Legacy);
+    assert_eq!(load("real/d1-kill-legacy/images").file_records, FileRecords::Legacy);
+    assert_eq!(load("synthetic/modern").file_records, FileRecords::Modern);
+    assert_eq!(load("real/d1-kill/images").file_records, FileRecords::Modern);
 }
 
 #[test]

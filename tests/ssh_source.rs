@@ -31,11 +31,11 @@ fn reads_ranges_over_sftp() {
     assert_eq!(conn.stat(path).unwrap().size, 3_000_000);
     for (offset, len) in [(0usize, 10usize), (1_000_000, 1 << 20), (2_999_990, 10), (5, 100_000)] {
         let mut buf = vec![0; len];
-        conn.read_exact_at(path, offset as u64, &mut buf).unwrap();
+        conn.read_exact_at(path, 0, offset as u64, &mut buf).unwrap();
         assert!(buf == bytes[offset..offset + len], "range {offset}+{len}");
     }
     let mut buf = vec![0; 20];
-    let err = conn.read_exact_at(path, 2_999_990, &mut buf).unwrap_err();
+    let err = conn.read_exact_at(path, 0, 2_999_990, &mut buf).unwrap_err();
     assert!(matches!(err, SourceError::Short { end: 3_000_000, .. }), "{err}");
     let err = conn.stat(Path::new("/missing")).unwrap_err();
     assert!(matches!(err, SourceError::NotFound { .. }), "{err}");

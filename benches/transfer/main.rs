@@ -608,9 +608,9 @@ fn one_sftp_read(
     (0..runs)
         .map(|i| {
             let mut buf = [0u8; 4096];
-            connection.read_exact_at(path, 4096 * (i as u64 + 1), &mut buf).unwrap();
+            connection.read_exact_at(path, 0, 4096 * (i as u64 + 1), &mut buf).unwrap();
             let started = Instant::now();
-            connection.read_exact_at(path, offset, &mut buf).unwrap();
+            connection.read_exact_at(path, 0, offset, &mut buf).unwrap();
             started.elapsed().as_secs_f64()
         })
         .collect()

@@ -18,7 +18,32 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done};
 
-use proto::{Request, Response, request, response};
+use proto::{FileState, MountState, Request, Response, request, response};
+
+impl MountState {
+    /// The word `lazyfs status` shows.
+    pub fn word(self) -> &'static str {
+        match self {
+            MountState::Fetching => "fetching",
+            MountState::Complete => "complete",
+            MountState::Degraded => "degraded",
+        }
+    }
+}
+
+impl FileState {
+    /// The word `lazyfs status` shows.
+    pub fn word(self) -> &'static str {
+        match self {
+            FileState::Pending => "pending",
+            FileState::Fetching => "fetching",
+            FileState::Present => "present",
+            FileState::Verified => "verified",
+            FileState::Modified => "modified",
+            FileState::Failed => "failed",
+        }
+    }
+}
 
 /// No control message comes near this; a larger length is a broken peer.
 const MAX_MESSAGE: usize = 64 << 20;

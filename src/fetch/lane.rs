@@ -5,14 +5,12 @@
 //! source cannot answer for) is taken by a relief lane on a session of its own.
 
 use std::collections::VecDeque;
-use std::ops::Range;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{FetchFile, Lane, Shared, fetch_checked};
-use crate::source::{Connection, Limits, Source, SourceError, WholeRead};
+use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
+use crate::source::{Connection, Limits, Source, SourceError, SourceStat, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -33,7 +31,7 @@ const PROBE_PAUSE: Duration = Duration::from_secs(1);
 /// A request for the on-demand lanes: fetch these claimed chunks of a file.
 pub(super) struct Job {
     pub(super) file: usize,
-    pub(super) chunks: Range<u64>,
+    pub(super) claim: Claim,
     /// When the reader asked: its answer is due `--reconnect-timeout` later.
     pub(super) asked: Instant,
     /// When it was queued (a relief lane takes it after `RELIEF_AFTER`).
@@ -41,8 +39,8 @@ pub(super) struct Job {
 }
 
 impl Job {
-    pub(super) fn new(file: usize, chunks: Range<u64>, asked: Instant) -> Job {
-        Job { file, chunks, asked, queued: Instant::now() }
+    pub(super) fn new(file: usize, claim: Claim, asked: Instant) -> Job {
+        Job { file, claim, asked, queued: Instant::now() }
     }
 }
 
@@ -57,60 +55,50 @@ impl Requests {
         Requests { state: Mutex::new((VecDeque::new(), false)), ready: Condvar::new() }
     }
 
-    /// Queues `job`; false once the lanes are stopped.
-    pub(super) fn push(&self, job: Job) -> bool {
-        let mut state = self.state.lock().expect("requests");
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Job>, bool)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`; gives it back once the lanes are stopped.
+    pub(super) fn push(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.lock();
         if state.1 {
-            return false;
+            return Err(job);
         }
         state.0.push_back(job);
         self.ready.notify_all();
-        true
+        Ok(())
     }
 
     pub(super) fn close(&self) {
-        self.state.lock().expect("requests").1 = true;
+        self.lock().1 = true;
         self.ready.notify_all();
-    }
-
-    fn is_empty(&self) -> bool {
-        self.state.lock().expect("requests").0.is_empty()
     }
 
     /// The next job with the queued jobs that continue it merged in, waiting
     /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago.
     /// `None` once closed.
     fn take(&self, relief: bool) -> Option<Job> {
-        let mut state = self.state.lock().expect("requests");
+        let mut state = self.lock();
         loop {
             if state.1 {
                 return None;
             }
             let wait = match state.0.front() {
-                Some(_) if !relief => None,
-                Some(front) => Some(RELIEF_AFTER.saturating_sub(front.queued.elapsed())),
-                None => Some(Duration::MAX),
+                Some(_) if !relief => Duration::ZERO,
+                Some(front) => RELIEF_AFTER.saturating_sub(front.queued.elapsed()),
+                None => Duration::MAX,
             };
-            match wait {
-                Some(wait) if !wait.is_zero() => {
-                    state = match wait {
-                        Duration::MAX => self.ready.wait(state).expect("requests"),
-                        wait => self.ready.wait_timeout(state, wait).expect("requests").0,
-                    };
-                }
-                _ => {
-                    let mut job = state.0.pop_front().expect("a job");
-                    absorb_adjacent(&mut job, &mut state.0);
-                    return Some(job);
-                }
+            if wait.is_zero() {
+                let mut job = state.0.pop_front().expect("a job");
+                absorb_adjacent(&mut job, &mut state.0);
+                return Some(job);
             }
+            state = match wait {
+                Duration::MAX => self.ready.wait(state).unwrap_or_else(PoisonError::into_inner),
+                wait => self.ready.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner).0,
+            };
         }
-    }
-
-    /// Puts the rest of a job cut into pieces back at the end of the queue.
-    fn push_rest(&self, job: Job) {
-        self.state.lock().expect("requests").0.push_back(job);
-        self.ready.notify_all();
     }
 }
 
@@ -127,20 +115,27 @@ pub(super) fn spawn_on_demand(link: Link, source: &Arc<dyn Source>, shared: &Arc
     }
 }
 
-/// Whether the source is reachable, as every lane sees it: `lazyfs status`
-/// says `degraded` (and why) while any lane is reconnecting.
+/// Whether the source is reachable, as every lane sees it, and whether the
+/// cache has room: `lazyfs status` says `degraded` (and why) while any lane
+/// is reconnecting or the cache filesystem is full.
 pub(crate) struct Health {
     reconnect_timeout: Duration,
     /// Lanes down, why, and since when the source may be silent (a request
     /// went unanswered, and nothing answered since).
     down: Mutex<(usize, Option<String>, Option<Instant>)>,
+    cache_full: Mutex<Option<String>>,
     /// The fetcher is stopping: lanes give up at once instead of reconnecting.
     stopping: AtomicBool,
 }
 
 impl Health {
     pub(crate) fn new(reconnect_timeout: Duration) -> Health {
-        Health { reconnect_timeout, down: Mutex::new((0, None, None)), stopping: AtomicBool::new(false) }
+        Health {
+            reconnect_timeout,
+            down: Mutex::new((0, None, None)),
+            cache_full: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        }
     }
 
     /// How long the source may say nothing before a request without a
@@ -160,7 +155,7 @@ impl Health {
     /// many requests its read takes.
     pub(super) fn reader(&self, asked: Instant) -> Limits {
         let mut deadline = asked + self.reconnect_timeout;
-        if let Some(since) = self.down.lock().expect("health").2 {
+        if let Some(since) = self.down.lock().unwrap_or_else(PoisonError::into_inner).2 {
             deadline = deadline.min(since + self.reconnect_timeout + PROBE_TIME);
         }
         Limits { deadline: Some(deadline), stall: self.reconnect_timeout }
@@ -169,7 +164,7 @@ impl Health {
     /// A request sent at `since` went unanswered: the source may be silent.
     /// True if it was not suspected already (the caller finds out).
     pub(super) fn suspect(&self, since: Instant) -> bool {
-        let mut down = self.down.lock().expect("health");
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
         let first = down.2.is_none();
         down.2.get_or_insert(since);
         first
@@ -181,8 +176,43 @@ impl Health {
 
     /// Why the mount is degraded, if it is.
     pub(crate) fn degraded(&self) -> Option<String> {
-        self.down.lock().expect("health").1.clone()
+        let down = self.down.lock().unwrap_or_else(PoisonError::into_inner).1.clone();
+        down.or_else(|| self.cache_full.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
+
+    /// The cache filesystem is full (and why), or bytes land again.
+    pub(crate) fn cache_full(&self, reason: Option<String>) {
+        let mut full = self.cache_full.lock().unwrap_or_else(PoisonError::into_inner);
+        if full.is_some() && reason.is_none() {
+            log::info!("the cache has room again");
+        }
+        *full = reason;
+    }
+}
+
+/// Runs `op` (a fetch) so that a panic in it becomes a failure of what it
+/// fetched, not a dead lane with chunks claimed forever; the connection,
+/// left in an unknown state, is dropped.
+pub(super) fn contained<T>(
+    link: &mut Link,
+    op: impl FnOnce(&mut Link) -> Result<T, FetchFailure>,
+) -> Result<T, FetchFailure> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&mut *link))) {
+        Ok(result) => result,
+        Err(panic) => {
+            link.reset();
+            Err(FetchFailure::Panic(panic_message(panic.as_ref())))
+        }
+    }
+}
+
+/// What a caught panic said.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// A connection that is opened again, with bounded backoff, when it is lost.
@@ -231,8 +261,8 @@ impl Link {
         Ok(connection)
     }
 
-    /// After a request for `path` timed out: whether the source answers a
-    /// new connection, so the request was stuck on that file (a FIFO, a hung
+    /// After a request timed out: whether the source answers a new
+    /// connection, so the request was stuck on its file (a FIFO, a hung
     /// mount on the old host), not on a silent source.
     pub(super) fn source_answers(&mut self) -> bool {
         self.answers_within(PROBE_TIME)
@@ -263,7 +293,7 @@ impl Link {
     }
 
     fn mark(&mut self, down: Option<&SourceError>) {
-        let mut health = self.health.down.lock().expect("health");
+        let mut health = self.health.down.lock().unwrap_or_else(PoisonError::into_inner);
         if down.is_none() {
             health.2 = None;
         }
@@ -341,54 +371,66 @@ impl Link {
         }
     }
 
-    /// Fills the claimed `chunks` of `file` from the source.
-    pub(super) fn fetch(&mut self, file: &FetchFile, chunks: Range<u64>) -> Result<(), SourceError> {
-        let bytes = file.spill.chunk_bytes(chunks.clone());
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.resize((bytes.end - bytes.start) as usize, 0);
-        let fetched =
-            self.with_retry(|connection| connection.read_exact_at(&file.source_path, bytes.start, &mut buffer));
-        let written =
-            fetched.and_then(|()| file.spill.write_fetched(chunks, &buffer).map_err(|e| spill_error(file, e)));
-        self.buffer = buffer;
-        written
+    /// Drops the connection (it is in an unknown state); the next use opens another.
+    pub(super) fn reset(&mut self) {
+        self.connection = None;
     }
 
-    /// Reads many whole small files into their spill files in one pipeline;
-    /// each file's own result is in `results`, the error is the connection's.
-    pub(super) fn fetch_whole(
+    /// The lane's buffer for fetched bytes (at most a window), to give back
+    /// with `put_buffer`.
+    pub(super) fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
+    pub(super) fn put_buffer(&mut self, buffer: Vec<u8>) {
+        self.buffer = buffer;
+    }
+
+    /// Fills `buf` with the source's bytes of `file` at `offset`, as the
+    /// file's generation `generation` (a handle kept from an older one is not used).
+    pub(super) fn read(
+        &mut self,
+        file: &FetchFile,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
+        self.with_retry(|connection| connection.read_exact_at(&file.source_path, generation, offset, buf))
+    }
+
+    /// [`read`](Link::read), also giving the source's size and mtime as of
+    /// before the read (the first look at the file, taken on the way).
+    pub(super) fn read_first(
+        &mut self,
+        file: &FetchFile,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        self.with_retry(|connection| connection.stat_and_read(&file.source_path, generation, offset, buf))
+    }
+
+    /// Reads many whole small files into `buffer` in one pipeline, one after
+    /// the other; each file's own result is in `results`, the error is the
+    /// connection's.
+    pub(super) fn read_whole(
         &mut self,
         files: &[&FetchFile],
+        buffer: &mut Vec<u8>,
         results: &mut Vec<Result<(), SourceError>>,
     ) -> Result<(), SourceError> {
-        let total: usize = files.iter().map(|f| f.spill.len() as usize).sum();
-        let mut buffer = std::mem::take(&mut self.buffer);
+        let total: usize = files.iter().map(|f| f.size as usize).sum();
         buffer.resize(total, 0);
-        let outcome = {
-            let mut rest = buffer.as_mut_slice();
-            let mut reads: Vec<WholeRead<'_>> = Vec::with_capacity(files.len());
-            for file in files {
-                let (buf, tail) = rest.split_at_mut(file.spill.len() as usize);
-                rest = tail;
-                reads.push(WholeRead { path: &file.source_path, buf, result: Ok(()) });
-            }
-            let outcome = self.with_retry(|connection| connection.read_files(&mut reads));
-            results.clear();
-            results.extend(reads.into_iter().map(|r| r.result));
-            outcome
-        };
-        let mut at = 0;
-        for (file, result) in files.iter().zip(results.iter_mut()) {
-            let len = file.spill.len() as usize;
-            if outcome.is_ok() && result.is_ok() {
-                *result = file
-                    .spill
-                    .write_fetched(0..file.spill.chunk_count(), &buffer[at..at + len])
-                    .map_err(|e| spill_error(file, e));
-            }
-            at += len;
+        let mut rest = buffer.as_mut_slice();
+        let mut reads: Vec<WholeRead<'_>> = Vec::with_capacity(files.len());
+        for file in files {
+            let (buf, tail) = rest.split_at_mut(file.size as usize);
+            rest = tail;
+            reads.push(WholeRead { path: &file.source_path, buf, result: Ok(()) });
         }
-        self.buffer = buffer;
+        let outcome = self.with_retry(|connection| connection.read_files(&mut reads));
+        results.clear();
+        results.extend(reads.into_iter().map(|r| r.result));
         outcome
     }
 }
@@ -402,29 +444,27 @@ impl OnDemandLane {
     fn run(mut self, relief: bool) {
         let requests = &self.shared.requests;
         while let Some(job) = requests.take(relief) {
-            let piece_end = job.chunks.end.min(job.chunks.start + MAX_PIECE_CHUNKS);
-            if piece_end < job.chunks.end {
-                requests.push_rest(Job::new(job.file, piece_end..job.chunks.end, job.asked));
+            let Claim { generation, chunks } = job.claim;
+            let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
+            if piece_end < chunks.end {
+                let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
+                if let Err(rest) = requests.push(rest) {
+                    self.shared.files[job.file].fail(
+                        &rest.claim,
+                        &super::FetchError::new("lazyfs is shutting down"),
+                        false,
+                    );
+                }
             }
-            let chunks = job.chunks.start..piece_end;
+            let chunks = chunks.start..piece_end;
             let started = Instant::now();
             self.link.set_limits(self.shared.health.reader(job.asked));
-            let result = fetch_checked(&mut self.link, &self.shared.files[job.file], chunks.clone());
+            let claim = Claim { generation, chunks: chunks.clone() };
+            let stuck = self.shared.fetch(&mut self.link, job.file, claim, Lane::OnDemand);
             self.link.set_limits(self.shared.health.background());
             log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
-            let stuck = stuck_on(&result, &self.shared.files[job.file].source_path);
-            self.shared.finish(job.file, chunks, Lane::OnDemand, result);
             if let Some(error) = stuck {
                 self.shared.timed_out(&mut self.link, job.file, &error);
-                continue;
-            }
-            // After the reader has its bytes: note the source's size and mtime,
-            // to tell later whether the file changed during the transfer.
-            if requests.is_empty() {
-                let shared = self.shared.clone();
-                if let Err(e) = self.link.with_retry(|connection| shared.check_baseline(job.file, connection)) {
-                    log::warn!("{e}");
-                }
             }
         }
     }
@@ -432,11 +472,9 @@ impl OnDemandLane {
 
 /// The timeout in `result`, if it names the file at `source_path`: the
 /// request for that file went unanswered.
-pub(super) fn stuck_on(result: &Result<(), super::FetchFailure>, source_path: &Path) -> Option<SourceError> {
+pub(super) fn stuck_on<T>(result: &Result<T, FetchFailure>, source_path: &std::path::Path) -> Option<SourceError> {
     match result {
-        Err(super::FetchFailure::Source(SourceError::TimedOut { host, waited, path: Some(path) }))
-            if path == source_path =>
-        {
+        Err(FetchFailure::Source(SourceError::TimedOut { host, waited, path: Some(path) })) if path == source_path => {
             Some(SourceError::TimedOut { host: host.clone(), waited: *waited, path: Some(path.clone()) })
         }
         _ => None,
@@ -446,56 +484,49 @@ pub(super) fn stuck_on(result: &Result<(), super::FetchFailure>, source_path: &P
 /// Merges queued jobs of the same file that continue `job`'s range into it.
 fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
     loop {
-        let Some(at) = queue.iter().position(|j| j.file == job.file && j.chunks.start == job.chunks.end) else {
+        let Some(at) = queue.iter().position(|j| {
+            j.file == job.file
+                && j.claim.generation == job.claim.generation
+                && j.claim.chunks.start == job.claim.chunks.end
+        }) else {
             return;
         };
         let next = queue.remove(at).expect("found above");
-        job.chunks.end = next.chunks.end;
+        job.claim.chunks.end = next.claim.chunks.end;
         job.asked = job.asked.min(next.asked);
     }
-}
-
-/// Writing fetched bytes into `file`'s spill file failed: the error names
-/// the spill file once.
-fn spill_error(file: &FetchFile, e: crate::store::StoreError) -> SourceError {
-    let source = match e {
-        crate::store::StoreError::Io { source, .. } => source,
-        other => std::io::Error::other(other.to_string()),
-    };
-    SourceError::Io { path: file.spill.path().to_path_buf(), source }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn adjacent_jobs_merge() {
-        let now = Instant::now();
-        let earlier = now - Duration::from_secs(1);
-        let mut queue: VecDeque<Job> =
-            [Job::new(1, 5..6, now), Job::new(2, 3..4, now), Job::new(1, 4..5, earlier)].into();
-        let mut job = Job::new(1, 2..4, now);
-        absorb_adjacent(&mut job, &mut queue);
-        assert_eq!(job.chunks, 2..6);
-        assert_eq!(job.asked, earlier);
-        assert_eq!(queue.len(), 1);
+    fn job(file: usize, generation: u64, chunks: std::ops::Range<u64>) -> Job {
+        Job::new(file, Claim { generation, chunks }, Instant::now())
     }
 
     #[test]
     fn relief_lanes_take_only_requests_that_waited() {
         let requests = Requests::new();
-        assert!(requests.push(Job::new(1, 0..1, Instant::now())));
+        assert!(requests.push(job(1, 0, 0..1)).is_ok());
         let started = Instant::now();
-        let job = requests.take(true).expect("a job");
-        assert_eq!(job.file, 1);
+        assert_eq!(requests.take(true).expect("a job").file, 1);
         assert!(started.elapsed() >= RELIEF_AFTER - Duration::from_millis(20), "{:?}", started.elapsed());
-        assert!(requests.push(Job::new(2, 0..1, Instant::now())));
+        assert!(requests.push(job(2, 0, 0..1)).is_ok());
         let started = Instant::now();
         assert_eq!(requests.take(false).expect("a job").file, 2);
         assert!(started.elapsed() < RELIEF_AFTER);
         requests.close();
         assert!(requests.take(false).is_none());
-        assert!(!requests.push(Job::new(3, 0..1, Instant::now())));
+        assert!(requests.push(job(3, 0, 0..1)).is_err());
+    }
+
+    #[test]
+    fn adjacent_jobs_of_one_generation_merge() {
+        let mut queue: VecDeque<Job> = [job(1, 0, 5..6), job(2, 0, 3..4), job(1, 0, 4..5), job(1, 1, 6..7)].into();
+        let mut first = job(1, 0, 2..4);
+        absorb_adjacent(&mut first, &mut queue);
+        assert_eq!(first.claim.chunks, 2..6);
+        assert_eq!(queue.len(), 2);
     }
 }

@@ -1,13 +1,21 @@
 //! Getting chunks from the source into spill files, checking them, and
 //! knowing where each file stands.
 //!
-//! A reader asks for the chunks it covers with [`Fetcher::when_present`];
-//! chunks nobody fetches yet are claimed (one fetch serves every reader of a
-//! chunk) and queued on the on-demand lane, a thread with a source connection
-//! of its own. With prefetch, a pool of workers streams whole files in queue
-//! order; a file someone reads jumps the queue. Every chunk that lands is
-//! checked against the manifest if there is one, recorded in the journal once
-//! durable, and a complete file is verified by the verifier thread.
+//! Each served file has one owner, its [`FetchFile`]: only it reads, writes,
+//! truncates, restarts and marks chunks present, each under its lock. A
+//! generation number, bumped whenever the file's bytes start over (fetched
+//! again because the source changed, or truncated locally), stamps every
+//! claim: fetched bytes land only if their claim's generation is still the
+//! file's, so a fetch that began before a restart or a truncate never writes.
+//!
+//! A reader asks for the chunks it covers; chunks nobody fetches yet are
+//! claimed (one fetch serves every reader of a chunk) and queued on the
+//! on-demand lane, a thread with a source connection of its own. With
+//! prefetch, a pool of workers streams whole files in queue order; a file
+//! someone reads jumps the queue. Every chunk is checked against the manifest
+//! (if there is one) before it lands, recorded in the journal once durable,
+//! and a complete file is verified by the verifier thread. A panic while
+//! fetching fails that file; the lanes keep going.
 
 mod lane;
 pub mod prefetch;
@@ -20,30 +28,42 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
+use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::source::{Connection, Source, SourceError, SourceStat};
-use crate::store::SpillFile;
-use crate::store::journal::{self, Journal, proto::JournalRecord};
+use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
+use crate::store::{CHUNK_SIZE, Presence, SpillFile, StoreError};
 pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
 pub type Done = Box<dyn FnOnce(Result<(), FetchError>) + Send>;
+/// What an operation on a file's bytes answers.
+pub type Reply<T> = Box<dyn FnOnce(Result<T, FetchError>) + Send>;
 
+/// Why bytes cannot be had, and the errno that says so to a writer.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct FetchError(pub Arc<str>);
+#[error("{message}")]
+pub struct FetchError {
+    pub message: Arc<str>,
+    pub errno: i32,
+}
 
 impl FetchError {
     fn new(message: impl Into<Arc<str>>) -> Self {
-        FetchError(message.into())
+        FetchError { message: message.into(), errno: libc::EIO }
     }
 }
 
-/// Where a file stands (`lazyfs status` shows these words).
+impl From<StoreError> for FetchError {
+    fn from(e: StoreError) -> Self {
+        FetchError { errno: e.errno(), message: e.to_string().into() }
+    }
+}
+
+/// Where a file stands, with what is known of it (`lazyfs status` shows its [`FileState`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
     /// Nothing of it is here.
@@ -63,14 +83,15 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(&self) -> &'static str {
+    /// The state the control protocol and `lazyfs status` report.
+    pub fn state(&self) -> FileState {
         match self {
-            Phase::Pending => "pending",
-            Phase::Fetching => "fetching",
-            Phase::Present => "present",
-            Phase::Verified { .. } => "verified",
-            Phase::Modified => "modified",
-            Phase::Failed(_) => "failed",
+            Phase::Pending => FileState::Pending,
+            Phase::Fetching => FileState::Fetching,
+            Phase::Present => FileState::Present,
+            Phase::Verified { .. } => FileState::Verified,
+            Phase::Modified => FileState::Modified,
+            Phase::Failed(_) => FileState::Failed,
         }
     }
 
@@ -110,8 +131,8 @@ impl FileStats {
         }
     }
 
-    fn at(ms: &AtomicU64) -> Option<f64> {
-        match ms.load(Ordering::Relaxed) {
+    fn at(us: &AtomicU64) -> Option<f64> {
+        match us.load(Ordering::Relaxed) {
             NEVER => None,
             us => Some(us as f64 / 1e6),
         }
@@ -126,22 +147,31 @@ impl FileStats {
     }
 }
 
-/// One file as the fetcher sees it.
+/// One served file and the only way to its bytes: its owner.
 pub struct FetchFile {
     /// The path the images record: the file's name in the journal.
     pub path: PathBuf,
     /// The path on the source (the source applies its root).
     pub source_path: PathBuf,
-    pub spill: SpillFile,
     /// Its hashes from the manifest, if there is one.
     pub expected: Option<FileHashes>,
     /// Where the images first list it.
     pub image_order: u64,
     pub stats: FileStats,
-    state: Mutex<FetchState>,
+    /// The original's size: what the chunks cover.
+    size: u64,
+    spill: SpillFile,
+    state: Mutex<Owned>,
 }
 
-struct FetchState {
+/// What a file's owner keeps under its lock.
+struct Owned {
+    presence: Presence,
+    /// The file's length now (local writes and truncates change it).
+    len: u64,
+    /// Bumped whenever the bytes start over: fetched bytes of an older
+    /// generation never land.
+    generation: u64,
     in_flight: HashSet<u64>,
     waiters: Vec<Waiter>,
     phase: Phase,
@@ -161,59 +191,134 @@ struct Waiter {
     done: Done,
 }
 
+/// Chunks claimed for fetching, in the generation they were claimed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claim {
+    pub(crate) generation: u64,
+    pub(crate) chunks: Range<u64>,
+}
+
+/// Where a file stands, all read at one moment.
+pub struct Progress {
+    pub len: u64,
+    pub present_bytes: u64,
+    pub complete: bool,
+    pub phase: Phase,
+}
+
 impl FetchFile {
-    pub fn new(spec: restore::FileSpec, spill: SpillFile, phase: Phase) -> Self {
+    /// The owner of `spill` (`len` bytes long now), with `presence` saying
+    /// which chunks of the original are in it.
+    pub fn new(spec: restore::FileSpec, spill: SpillFile, len: u64, presence: Presence, phase: Phase) -> Self {
         FetchFile {
             path: spec.path,
             source_path: spec.source_path,
-            spill,
             expected: spec.expected,
             image_order: spec.image_order,
             stats: FileStats::new(),
-            state: Mutex::new(FetchState {
+            size: spec.size,
+            spill,
+            state: Mutex::new(Owned {
+                presence,
+                len,
+                generation: 0,
                 in_flight: HashSet::new(),
                 waiters: Vec::new(),
                 phase,
                 baseline: None,
                 restarts: 0,
-                read_whole: false,
                 timeouts: 0,
+                read_whole: false,
             }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FetchState> {
-        self.state.lock().expect("fetch state")
+    /// A poisoned lock means a panic elsewhere, already contained: the state
+    /// itself is always left consistent, so carry on.
+    fn lock(&self) -> MutexGuard<'_, Owned> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn phase(&self) -> Phase {
         self.lock().phase.clone()
     }
 
-    pub fn failure(&self) -> Option<Arc<str>> {
-        match self.phase() {
-            Phase::Failed(message) => Some(message),
-            _ => None,
+    pub fn progress(&self) -> Progress {
+        let state = self.lock();
+        let present_bytes = match state.presence.is_complete() {
+            true => self.size,
+            false => state.presence.runs().into_iter().map(|r| self.chunk_len(r)).sum(),
+        };
+        Progress {
+            len: state.len,
+            present_bytes: present_bytes.min(state.len),
+            complete: state.presence.is_complete(),
+            phase: state.phase.clone(),
         }
+    }
+
+    /// The file's length now.
+    pub fn len(&self) -> u64 {
+        self.lock().len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The spill file's descriptor once the file is verified (its bytes no
+    /// longer change but by a writable open, which passthrough never gets).
+    pub fn verified_file(&self) -> Result<Option<std::fs::File>, StoreError> {
+        match self.lock().phase {
+            Phase::Verified { .. } => self.spill.open_file().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.spill.sync()
     }
 
     fn path_bytes(&self) -> &[u8] {
         self.path.as_os_str().as_bytes()
     }
 
-    /// Claims the chunks of `chunks` that are neither present nor in flight,
-    /// as maximal runs; each must end in `Shared::finish`.
-    fn claim(&self, chunks: Range<u64>) -> Vec<Range<u64>> {
-        self.claim_locked(&mut self.lock(), chunks)
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(CHUNK_SIZE)
     }
 
-    fn claim_locked(&self, state: &mut FetchState, chunks: Range<u64>) -> Vec<Range<u64>> {
+    /// The bytes of the original that `chunks` cover.
+    pub fn chunk_bytes(&self, chunks: Range<u64>) -> Range<u64> {
+        (chunks.start * CHUNK_SIZE).min(self.size)..(chunks.end.saturating_mul(CHUNK_SIZE)).min(self.size)
+    }
+
+    fn chunk_len(&self, chunks: Range<u64>) -> u64 {
+        let bytes = self.chunk_bytes(chunks);
+        bytes.end - bytes.start
+    }
+
+    /// The chunks holding bytes `offset..offset+len` of the original.
+    pub fn chunks_of(&self, offset: u64, len: u64) -> Range<u64> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return 0..0;
+        }
+        offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE)
+    }
+
+    /// Claims the chunks of `chunks` that are neither present nor in flight,
+    /// as maximal runs; each must end in `Shared::finish`.
+    fn claim(&self, chunks: Range<u64>) -> Vec<Claim> {
+        Self::claim_locked(&mut self.lock(), chunks)
+    }
+
+    fn claim_locked(state: &mut Owned, chunks: Range<u64>) -> Vec<Claim> {
         if state.phase.is_settled() {
             return Vec::new();
         }
         let mut runs: Vec<Range<u64>> = Vec::new();
         for chunk in chunks {
-            if self.spill.is_present(chunk) || !state.in_flight.insert(chunk) {
+            if state.presence.is_present(chunk) || !state.in_flight.insert(chunk) {
                 continue;
             }
             match runs.last_mut() {
@@ -224,20 +329,25 @@ impl FetchFile {
         if !runs.is_empty() && state.phase == Phase::Pending {
             state.phase = Phase::Fetching;
         }
-        runs
+        runs.into_iter().map(|chunks| Claim { generation: state.generation, chunks }).collect()
     }
 
-    /// The claimed `chunks` could not be fetched. With `whole_file`, the file
-    /// fails for good; otherwise only the readers of these chunks are told.
-    fn fail(&self, chunks: Range<u64>, error: &FetchError, whole_file: bool) {
+    /// The claim could not be fetched. With `whole_file`, the file fails for
+    /// good; otherwise only the readers of these chunks are told. A claim of
+    /// an older generation was dropped with it: nothing to do.
+    fn fail(&self, claim: &Claim, error: &FetchError, whole_file: bool) {
         let failed: Vec<Waiter> = {
             let mut state = self.lock();
-            for chunk in chunks.clone() {
+            if state.generation != claim.generation {
+                return;
+            }
+            for chunk in claim.chunks.clone() {
                 state.in_flight.remove(&chunk);
             }
             if whole_file {
-                state.phase = Phase::Failed(error.0.clone());
+                state.phase = Phase::Failed(error.message.clone());
             }
+            let chunks = &claim.chunks;
             let (failed, waiting) = std::mem::take(&mut state.waiters)
                 .into_iter()
                 .partition(|w| whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end));
@@ -249,6 +359,13 @@ impl FetchFile {
         }
     }
 
+    /// Fails the file for good (nothing was claimed).
+    fn fail_file(&self, message: String) {
+        log::error!("{message}");
+        let generation = self.lock().generation;
+        self.fail(&Claim { generation, chunks: 0..0 }, &FetchError::new(message), true);
+    }
+
     fn mark_read_whole(&self) {
         self.lock().read_whole = true;
     }
@@ -256,20 +373,72 @@ impl FetchFile {
     /// Chunks neither present nor being fetched.
     fn unclaimed_chunks(&self) -> u64 {
         let state = self.lock();
-        (0..self.spill.chunk_count()).filter(|&c| !self.spill.is_present(c) && !state.in_flight.contains(&c)).count()
+        (0..self.chunk_count()).filter(|&c| !state.presence.is_present(c) && !state.in_flight.contains(&c)).count()
             as u64
     }
 
-    /// Ranges of present chunks, for the journal snapshot.
-    fn present_runs(&self) -> Vec<Range<u64>> {
-        let mut runs: Vec<Range<u64>> = Vec::new();
-        for chunk in (0..self.spill.chunk_count()).filter(|&c| self.spill.is_present(c)) {
-            match runs.last_mut() {
-                Some(run) if run.end == chunk => run.end += 1,
-                _ => runs.push(chunk..chunk + 1),
+    /// Whether prefetch has nothing to do for it.
+    fn needs_nothing(&self) -> bool {
+        let state = self.lock();
+        state.phase.is_settled() || state.presence.is_complete()
+    }
+
+    /// The file's generation while it is complete and waiting for its check.
+    fn present_generation(&self) -> Option<u64> {
+        let state = self.lock();
+        (state.phase == Phase::Present).then_some(state.generation)
+    }
+
+    /// The blake3 of the file as generation `generation` has it; `None` if
+    /// the bytes started over or changed locally meanwhile. Read a window at a
+    /// time, each under the lock.
+    fn hash(&self, generation: u64) -> Option<Result<blake3::Hash, StoreError>> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; crate::store::HASH_WINDOW.min(self.size) as usize];
+        let mut offset = 0;
+        while offset < self.size {
+            let take = (self.size - offset).min(buf.len() as u64) as usize;
+            let state = self.lock();
+            if state.generation != generation || state.phase != Phase::Present {
+                return None;
             }
+            match self.spill.read_at(offset, &mut buf[..take]) {
+                Ok(got) if got == take => {}
+                Ok(got) => {
+                    let message = format!("ends at byte {} while {} were fetched", offset + got as u64, self.size);
+                    let error = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, message);
+                    return Some(Err(StoreError::Io { path: self.spill.path().into(), source: error }));
+                }
+                Err(e) => return Some(Err(e)),
+            }
+            drop(state);
+            hasher.update(&buf[..take]);
+            offset += take as u64;
         }
-        runs
+        Some(Ok(hasher.finalize()))
+    }
+
+    /// Journal records saying what is known of the file now. Present chunks
+    /// are claimed only after the spill file is synced.
+    fn snapshot(&self) -> Vec<JournalRecord> {
+        let (runs, phase) = {
+            let state = self.lock();
+            (state.presence.runs(), state.phase.clone())
+        };
+        let path = self.path_bytes();
+        let mut records = Vec::new();
+        match self.spill.sync() {
+            Ok(()) => records.extend(runs.into_iter().map(|run| journal::present_record(path, run, self.size))),
+            Err(e) => log::error!("{e}: its chunks will be fetched again"),
+        }
+        match phase {
+            Phase::Verified { hash, against } if !records.is_empty() || self.size == 0 => {
+                records.push(journal::verified_record(path, &hash, against))
+            }
+            Phase::Modified => records.push(journal::modified_record(path)),
+            _ => {}
+        }
+        records
     }
 }
 
@@ -280,8 +449,12 @@ pub struct FetchConfig {
     pub jobs: usize,
     pub order: Order,
     /// How long a lane keeps reconnecting before its readers get EIO.
-    pub reconnect_timeout: std::time::Duration,
+    pub reconnect_timeout: Duration,
 }
+
+/// How long a file that found the cache filesystem full waits before its
+/// prefetch is tried again.
+const NO_SPACE_RETRY: Duration = Duration::from_secs(2);
 
 /// What the lanes share.
 pub(crate) struct Shared {
@@ -295,66 +468,307 @@ pub(crate) struct Shared {
     health: Arc<lane::Health>,
     /// How to name the source in messages.
     source_name: String,
+    /// Background prefetch runs (from the start, or since `lazyfs prefetch`).
+    prefetching: AtomicBool,
+    /// Told the index of a file whose bytes start over, so copies of the old
+    /// ones (the kernel's page cache) are dropped.
+    started_over: OnceLock<StartedOver>,
+}
+
+/// What is told of a file whose bytes start over.
+pub type StartedOver = Box<dyn Fn(usize) + Send + Sync>;
+
+/// Why fetched bytes did not land.
+enum FetchFailure {
+    Source(SourceError),
+    Mismatch(u64),
+    Store(StoreError),
+    /// A bug met while fetching (a malformed reply the code did not expect):
+    /// contained, the file fails.
+    Panic(String),
 }
 
 impl Shared {
-    /// Claimed `chunks` of file `index` are in its spill file and checked:
-    /// mark them present, answer the readers waiting for them, and queue the
-    /// file for verification once it is complete.
-    fn landed(&self, index: usize, chunks: Range<u64>, lane: Lane) {
+    /// Fetches the claimed chunks of file `index`, checks them against the
+    /// manifest (fetching a bad chunk once more), lands them, and ends the
+    /// claim however that went. A panic on the way fails the file.
+    /// Returns the timeout if the source left the request for this file
+    /// unanswered (see [`Shared::timed_out`]).
+    fn fetch(&self, link: &mut lane::Link, index: usize, claim: Claim, lane: Lane) -> Option<SourceError> {
         let file = &self.files[index];
-        let bytes = file.spill.chunk_bytes(chunks.clone());
-        let counter = match lane {
-            Lane::OnDemand => &file.stats.bytes_on_demand,
-            Lane::Prefetch => &file.stats.bytes_prefetched,
-        };
-        counter.fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
-        self.journal.present(index, chunks.clone());
-        file.spill.mark_present(chunks.clone());
+        let mut buffer = link.take_buffer();
+        let result = lane::contained(link, |link| {
+            let bytes = file.chunk_bytes(claim.chunks.clone());
+            buffer.resize((bytes.end - bytes.start) as usize, 0);
+            if lane == Lane::OnDemand && self.needs_baseline(index) {
+                // The first look goes with the first read (no extra round
+                // trip over SSH), before it: a look after could see a file
+                // replaced since the bytes were read, and vouch for them.
+                let stat = link.read_first(file, claim.generation, bytes.start, &mut buffer);
+                self.set_baseline(index, stat.map_err(FetchFailure::Source)?);
+            } else {
+                link.read(file, claim.generation, bytes.start, &mut buffer).map_err(FetchFailure::Source)?;
+            }
+            self.check_and_land(link, index, &claim, &mut buffer, lane)
+        });
+        link.put_buffer(buffer);
+        let stuck = lane::stuck_on(&result, &file.source_path);
+        self.finish(index, &claim, lane, result);
+        stuck
+    }
+
+    /// Checks fetched `data` of a claim against the manifest, fetching a chunk
+    /// that does not match once more, then lands it.
+    fn check_and_land(
+        &self,
+        link: &mut lane::Link,
+        index: usize,
+        claim: &Claim,
+        data: &mut [u8],
+        lane: Lane,
+    ) -> Result<(), FetchFailure> {
+        let file = &self.files[index];
+        if let Some(expected) = &file.expected {
+            let base = file.chunk_bytes(claim.chunks.clone()).start;
+            for chunk in claim.chunks.clone() {
+                let bytes = file.chunk_bytes(chunk..chunk + 1);
+                let at = (bytes.start - base) as usize..(bytes.end - base) as usize;
+                if expected.chunk_matches(chunk, &data[at.clone()]) {
+                    continue;
+                }
+                log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
+                link.read(file, claim.generation, bytes.start, &mut data[at.clone()]).map_err(FetchFailure::Source)?;
+                if !expected.chunk_matches(chunk, &data[at]) {
+                    return Err(FetchFailure::Mismatch(chunk));
+                }
+            }
+        }
+        self.land(index, claim, data, lane).map_err(FetchFailure::Store)
+    }
+
+    /// Writes a claim's checked bytes into the spill file, if the claim still
+    /// holds (same generation), marks them present, answers the readers
+    /// waiting for them, and queues the file for verification once complete.
+    fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<(), StoreError> {
+        let file = &self.files[index];
         let (ready, complete) = {
             let mut state = file.lock();
-            for chunk in chunks {
+            if state.generation != claim.generation || state.phase.is_settled() {
+                // Restarted or truncated meanwhile: these bytes are of no use.
+                return Ok(());
+            }
+            let bytes = file.chunk_bytes(claim.chunks.clone());
+            file.spill.write_at(bytes.start, data)?;
+            // Sent under the lock: a Reset of a restart is always journaled after it.
+            self.journal.present(index, claim.chunks.clone());
+            state.presence.mark(claim.chunks.clone());
+            for chunk in claim.chunks.clone() {
                 state.in_flight.remove(&chunk);
             }
-            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) =
-                std::mem::take(&mut state.waiters).into_iter().partition(|w| file.spill.all_present(w.chunks.clone()));
+            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .partition(|w| state.presence.all_present(w.chunks.clone()));
             state.waiters = waiting;
-            let complete = file.spill.is_complete() && state.phase == Phase::Fetching;
+            let complete = state.presence.is_complete() && state.phase == Phase::Fetching;
             if complete {
                 state.phase = Phase::Present;
             }
             (ready, complete)
         };
+        self.health.cache_full(None);
+        let counter = match lane {
+            Lane::OnDemand => &file.stats.bytes_on_demand,
+            Lane::Prefetch => &file.stats.bytes_prefetched,
+        };
+        counter.fetch_add(file.chunk_len(claim.chunks.clone()), Ordering::Relaxed);
         for waiter in ready {
             (waiter.done)(Ok(()));
         }
         if complete {
             file.stats.completed_us.store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            let _ = self.verify.lock().expect("verify queue").send(index);
+            self.send_to_verifier(index);
+        }
+        Ok(())
+    }
+
+    fn send_to_verifier(&self, index: usize) {
+        let _ = self.verify.lock().unwrap_or_else(PoisonError::into_inner).send(index);
+    }
+
+    /// Ends a claim however its fetch went.
+    fn finish(&self, index: usize, claim: &Claim, lane: Lane, result: Result<(), FetchFailure>) {
+        let file = &self.files[index];
+        let (message, whole_file) = match result {
+            Ok(()) => return,
+            Err(FetchFailure::Mismatch(chunk)) => (
+                format!(
+                    "{}: chunk {chunk} does not match the manifest even when fetched again: not served",
+                    file.path.display()
+                ),
+                true,
+            ),
+            Err(FetchFailure::Source(e)) => {
+                // A lost connection may come back; a file that is missing or
+                // shorter than recorded will not.
+                let whole_file = !e.is_connection_lost();
+                if !whole_file && lane == Lane::Prefetch {
+                    self.queue.push(index);
+                    let stuck_here =
+                        matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
+                    if !stuck_here {
+                        // Readers of these chunks are not this failure's
+                        // hostages: the on-demand lanes serve them.
+                        log::warn!("{e}");
+                        return self.release(index, claim);
+                    }
+                }
+                (e.to_string(), whole_file)
+            }
+            Err(FetchFailure::Store(e)) if e.is_no_space() => {
+                // Not the file's fault: give the blocks back, tell the readers
+                // waiting, and try again once there may be room.
+                file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
+                let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
+                self.health.cache_full(Some(reason.clone()));
+                if self.prefetching.load(Ordering::Relaxed) {
+                    self.queue.push_later(index, NO_SPACE_RETRY);
+                }
+                log::warn!("{reason}");
+                let error = FetchError::from(e);
+                file.fail(claim, &error, false);
+                return;
+            }
+            Err(FetchFailure::Store(e)) => (e.to_string(), true),
+            Err(FetchFailure::Panic(panic)) => (
+                format!(
+                    "{}: an internal error while fetching it ({panic}): not served; please report it",
+                    file.path.display()
+                ),
+                true,
+            ),
+        };
+        log::error!("{message}");
+        file.fail(claim, &FetchError::new(message), whole_file);
+    }
+
+    /// A claim of file `index` was not fetched, through no fault of the
+    /// file: drop it, and hand its waiting readers' chunks to the on-demand lanes.
+    fn release(&self, index: usize, claim: &Claim) {
+        let file = &self.files[index];
+        let claims: Vec<Claim> = {
+            let mut state = file.lock();
+            if state.generation != claim.generation {
+                return;
+            }
+            for chunk in claim.chunks.clone() {
+                state.in_flight.remove(&chunk);
+            }
+            let wanted: Vec<Range<u64>> = state.waiters.iter().map(|w| w.chunks.clone()).collect();
+            wanted.into_iter().flat_map(|chunks| FetchFile::claim_locked(&mut state, chunks)).collect()
+        };
+        self.ask_on_demand(index, claims, Instant::now());
+    }
+
+    /// Queues `claims` of file `index` on the on-demand lanes.
+    fn ask_on_demand(&self, index: usize, claims: Vec<Claim>, asked: Instant) {
+        for claim in claims {
+            if let Err(lost) = self.requests.push(lane::Job::new(index, claim, asked)) {
+                self.files[index].fail(&lost.claim, &FetchError::new("lazyfs is shutting down"), false);
+            }
         }
     }
 
-    /// The file changed on the source: forget its chunks and fetch it again
-    /// (at most twice), or fail it.
-    fn restart(&self, index: usize, reason: &str) {
+    /// A request for file `index` went unanswered (`error`). If the source
+    /// answers a new connection, the file is to blame (a FIFO, a hung mount
+    /// on the old host): it is tried again later, and fails the second time.
+    /// If not, the source is silent: this lane probes it until it answers.
+    fn timed_out(&self, link: &mut lane::Link, index: usize, error: &SourceError) {
+        let waited = match error {
+            SourceError::TimedOut { waited, .. } => *waited,
+            _ => Duration::ZERO,
+        };
+        // A request sent with little time left says little about its file.
+        if waited < self.health.stall() / 2 {
+            return;
+        }
+        if !self.health.suspect(Instant::now() - waited) {
+            // Another lane is finding out whether the source is silent.
+            return;
+        }
+        if !link.source_answers() {
+            log::warn!("{error}, and no new connection is answered: probing it until it is");
+            link.wait_for_source();
+            return;
+        }
+        let file = &self.files[index];
+        let failed = {
+            let mut state = file.lock();
+            state.timeouts += 1;
+            state.timeouts >= STUCK_TIMEOUTS
+        };
+        if failed {
+            file.fail_file(format!(
+                "{}: {error}, twice, while it answered other requests: not served (a FIFO or a hung mount on the old host?)",
+                file.path.display()
+            ));
+        } else {
+            log::warn!("{}: {error}, while it answers other requests: trying it again later", file.path.display());
+        }
+    }
+
+    /// The file changed on the source while generation `generation` was
+    /// fetched: forget its chunks and fetch it again (at most twice), or fail
+    /// it. Nothing happens if the file is no longer complete and unchecked in
+    /// that generation (a local write made it local, or it already started over).
+    fn restart(&self, index: usize, generation: u64, reason: &str) {
         let file = &self.files[index];
         let again = {
             let mut state = file.lock();
+            if state.generation != generation || state.phase != Phase::Present {
+                return;
+            }
+            state.generation += 1;
             state.restarts += 1;
             state.baseline = None;
+            state.read_whole = false;
+            state.in_flight.clear();
+            self.journal.reset(file.path_bytes());
             if state.restarts > 2 {
                 state.phase = Phase::Failed(format!("{reason}, and again after fetching it twice more").into());
                 false
             } else {
-                file.spill.clear_present();
+                state.presence.clear();
                 state.phase = Phase::Pending;
                 true
             }
         };
-        self.journal.reset(file.path_bytes());
         log::warn!("{}: {reason}: {}", file.path.display(), if again { "fetching it again" } else { "failed" });
+        self.tell_started_over(index);
         if again {
             self.queue.push(index);
+        }
+    }
+
+    fn tell_started_over(&self, index: usize) {
+        if let Some(tell) = self.started_over.get() {
+            tell(index);
+        }
+    }
+
+    /// The file is complete and checked: verified, if generation
+    /// `generation` is still complete and unchecked.
+    fn settle(&self, index: usize, generation: u64, hash: [u8; 32], against: &'static str) {
+        let file = &self.files[index];
+        let mut state = file.lock();
+        if state.generation == generation && state.phase == Phase::Present {
+            state.phase = Phase::Verified { hash, against };
+            self.journal.verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
+            log::debug!("{}: verified against the {against}", file.path.display());
+            if state.restarts > 0 {
+                // A reader may have cached old bytes while the restart was under way.
+                drop(state);
+                self.tell_started_over(index);
+            }
         }
     }
 
@@ -380,153 +794,43 @@ impl Shared {
     /// mtime are kept to compare with after the transfer.
     fn set_baseline(&self, index: usize, stat: SourceStat) {
         let file = &self.files[index];
-        let size = file.spill.chunk_bytes(0..file.spill.chunk_count()).end;
-        if stat.size != size {
-            let message = format!(
-                "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",
+        if stat.size != file.size {
+            file.fail_file(format!(
+                "{}: changed since the checkpoint: the source has {} bytes, the images record {}",
                 file.path.display(),
-                stat.size
-            );
-            log::error!("{message}");
-            file.fail(0..0, &FetchError::new(message), true);
+                stat.size,
+                file.size
+            ));
             return;
         }
         file.lock().baseline.get_or_insert(stat);
     }
-}
 
-/// Fetches claimed `chunks` of `file` into its spill file and checks them
-/// against the manifest, fetching a chunk that does not match once more.
-fn fetch_checked(link: &mut lane::Link, file: &FetchFile, chunks: Range<u64>) -> Result<(), FetchFailure> {
-    link.fetch(file, chunks.clone()).map_err(FetchFailure::Source)?;
-    check_against_manifest(link, file, chunks)
-}
-
-/// Checks fetched `chunks` against the manifest, fetching a chunk that does
-/// not match once more.
-fn check_against_manifest(link: &mut lane::Link, file: &FetchFile, chunks: Range<u64>) -> Result<(), FetchFailure> {
-    let Some(expected) = &file.expected else {
-        return Ok(());
-    };
-    for chunk in chunks {
-        let bytes = file.spill.chunk_bytes(chunk..chunk + 1);
-        // A spill file that cannot be read counts as not matching.
-        let good = |file: &FetchFile| {
-            file.spill.read(bytes.start, bytes.end - bytes.start, |b| expected.chunk_matches(chunk, b)).unwrap_or(false)
-        };
-        if good(file) {
-            continue;
-        }
-        log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
-        link.fetch(file, chunk..chunk + 1).map_err(FetchFailure::Source)?;
-        if !good(file) {
-            return Err(FetchFailure::Mismatch(chunk));
-        }
-    }
-    Ok(())
-}
-
-enum FetchFailure {
-    Source(SourceError),
-    Mismatch(u64),
-}
-
-impl Shared {
-    /// Ends a claimed run however its fetch went.
-    fn finish(&self, index: usize, chunks: Range<u64>, lane: Lane, result: Result<(), FetchFailure>) {
+    /// Calls `done` once every chunk of `chunks` of file `index` is present
+    /// (at once if they are), fetching the missing ones nobody fetches yet.
+    fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
         let file = &self.files[index];
-        match result {
-            Ok(()) => self.landed(index, chunks, lane),
-            Err(FetchFailure::Mismatch(chunk)) => {
-                let message = format!(
-                    "{}: chunk {chunk} does not match the manifest even when fetched again: not served",
-                    file.path.display()
-                );
-                log::error!("{message}");
-                file.fail(chunks, &FetchError::new(message), true);
-            }
-            Err(FetchFailure::Source(e)) => {
-                // A lost connection may come back; a file that is missing or
-                // shorter than recorded will not.
-                let whole_file = !e.is_connection_lost();
-                let stuck_here = matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
-                log::error!("{e}");
-                if lane == Lane::Prefetch && !whole_file && !stuck_here {
-                    // Readers of these chunks are not this failure's hostages:
-                    // the on-demand lanes serve them.
-                    self.release(index, chunks);
-                } else {
-                    file.fail(chunks, &FetchError::new(e.to_string()), whole_file);
-                }
-                if !whole_file && lane == Lane::Prefetch {
-                    self.queue.push(index);
-                }
-            }
-        }
-    }
-
-    /// Claimed `chunks` of file `index` were not fetched, through no fault
-    /// of the file: drop the claim, and hand its waiting readers' chunks to
-    /// the on-demand lanes.
-    fn release(&self, index: usize, chunks: Range<u64>) {
-        let file = &self.files[index];
-        let runs: Vec<Range<u64>> = {
+        let claims = {
             let mut state = file.lock();
-            for chunk in chunks {
-                state.in_flight.remove(&chunk);
+            if let Phase::Failed(message) = &state.phase {
+                let error = FetchError::new(message.clone());
+                drop(state);
+                return done(Err(error));
             }
-            let wanted: Vec<Range<u64>> = state.waiters.iter().map(|w| w.chunks.clone()).collect();
-            wanted.into_iter().flat_map(|c| file.claim_locked(&mut state, c)).collect()
-        };
-        self.ask_on_demand(index, runs, Instant::now());
-    }
-
-    /// Queues claimed `runs` of file `index` on the on-demand lanes.
-    fn ask_on_demand(&self, index: usize, runs: Vec<Range<u64>>, asked: Instant) {
-        for chunks in runs {
-            if !self.requests.push(lane::Job::new(index, chunks.clone(), asked)) {
-                self.files[index].fail(chunks, &FetchError::new("lazyfs is shutting down"), false);
+            // Checked under the lock: a run landing now either sees this waiter or was seen here.
+            if state.presence.all_present(chunks.clone()) {
+                drop(state);
+                return done(Ok(()));
             }
-        }
-    }
-
-    /// A request for file `index` went unanswered (`error`). If the source
-    /// answers a new connection, the file is to blame (a FIFO, a hung mount
-    /// on the old host): it is tried again later, and fails on the second time.
-    fn timed_out(&self, link: &mut lane::Link, index: usize, error: &SourceError) {
-        let waited = match error {
-            SourceError::TimedOut { waited, .. } => *waited,
-            _ => Duration::ZERO,
+            let claims = FetchFile::claim_locked(&mut state, chunks.clone());
+            state.waiters.push(Waiter { chunks, done });
+            claims
         };
-        // A request sent with little time left says little about its file.
-        if waited < self.health.stall() / 2 {
-            return;
+        // A file someone waits for jumps the prefetch queue.
+        if self.prefetching.load(Ordering::Relaxed) {
+            self.queue.promote(index);
         }
-        if !self.health.suspect(Instant::now() - waited) {
-            // Another lane is finding out whether the source is silent.
-            return;
-        }
-        if !link.source_answers() {
-            log::warn!("{error}, and no new connection is answered: probing it until it is");
-            link.wait_for_source();
-            return;
-        }
-        let file = &self.files[index];
-        let message = format!(
-            "{}: {error}, twice, while it answered other requests: not served (a FIFO or a hung mount on the old host?)",
-            file.path.display()
-        );
-        let failed = {
-            let mut state = file.lock();
-            state.timeouts += 1;
-            state.timeouts >= STUCK_TIMEOUTS
-        };
-        if failed {
-            log::error!("{message}");
-            file.fail(0..0, &FetchError::new(message), true);
-        } else {
-            log::warn!("{}: {error}, while it answers other requests: trying it again later", file.path.display());
-        }
+        self.ask_on_demand(index, claims, Instant::now());
     }
 }
 
@@ -556,7 +860,7 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
-        let order: Vec<(u64, u64)> = files.iter().map(|f| (f.spill.len(), f.image_order)).collect();
+        let order: Vec<(u64, u64)> = files.iter().map(|f| (f.size, f.image_order)).collect();
         let shared = Arc::new(Shared {
             queue: prefetch::Queue::new(&order, config.order),
             files,
@@ -566,11 +870,13 @@ impl Fetcher {
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
+            prefetching: AtomicBool::new(false),
+            started_over: OnceLock::new(),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         for (index, file) in shared.files.iter().enumerate() {
             if file.phase() == Phase::Present {
-                let _ = shared.verify.lock().expect("verify queue").send(index);
+                shared.send_to_verifier(index);
             }
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
@@ -589,6 +895,7 @@ impl Fetcher {
     pub fn prefetch(&self, files: Option<&[usize]>, jobs: usize) -> usize {
         let shared = &self.shared;
         self.prefetch.get_or_init(|| prefetch::Workers::start(self.source.clone(), shared.clone(), jobs));
+        shared.prefetching.store(true, Ordering::Relaxed);
         let all: Vec<usize>;
         let files = match files {
             Some(files) => files,
@@ -600,8 +907,7 @@ impl Fetcher {
         let mut queued = 0;
         for &index in files {
             self.prefetch_wanted[index].store(true, Ordering::Relaxed);
-            let file = &shared.files[index];
-            if !file.phase().is_settled() && !file.spill.is_complete() {
+            if !shared.files[index].needs_nothing() {
                 shared.queue.push(index);
                 queued += 1;
             }
@@ -622,7 +928,7 @@ impl Fetcher {
         &self.shared.files
     }
 
-    /// Why the source is not answering, while lanes reconnect.
+    /// Why the mount is degraded (the source not answering, the cache full).
     pub fn degraded(&self) -> Option<String> {
         self.shared.health.degraded()
     }
@@ -631,67 +937,89 @@ impl Fetcher {
         self.prefetch.get().is_some()
     }
 
+    /// `tell` hears of every file whose bytes start over (fetched again
+    /// because the source changed), to drop what was cached of the old ones.
+    pub fn on_started_over(&self, tell: StartedOver) {
+        let _ = self.shared.started_over.set(tell);
+    }
+
     /// Calls `done` once every chunk of `chunks` of file `index` is present
     /// (at once if they are), fetching the missing ones nobody fetches yet.
     pub fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
-        let file = &self.shared.files[index];
-        if file.spill.all_present(chunks.clone()) && file.failure().is_none() {
-            return done(Ok(()));
-        }
-        let runs = {
-            let mut state = file.lock();
-            if let Phase::Failed(message) = &state.phase {
-                let error = FetchError(message.clone());
-                drop(state);
-                return done(Err(error));
-            }
-            // Checked under the lock: a run landing now either sees this waiter or was seen here.
-            if file.spill.all_present(chunks.clone()) {
-                drop(state);
-                return done(Ok(()));
-            }
-            let runs = file.claim_locked(&mut state, chunks.clone());
-            state.waiters.push(Waiter { chunks, done });
-            runs
-        };
-        // A file someone waits for jumps the prefetch queue.
-        if self.prefetching() {
-            self.shared.queue.promote(index);
-        }
-        self.shared.ask_on_demand(index, runs, Instant::now());
+        self.shared.when_present(index, chunks, done)
     }
 
-    /// A read through the mount (for the counters).
-    pub fn note_read(&self, index: usize) {
+    /// Replies with bytes `offset..offset+len` of file `index` (cut at its
+    /// end) once their chunks are present. Read with `pread` under the
+    /// owner's lock: never torn by a write or a truncate.
+    pub fn read(&self, index: usize, offset: u64, len: u32, reply: Reply<Vec<u8>>) {
         let stats = &self.shared.files[index].stats;
         stats.reads.fetch_add(1, Ordering::Relaxed);
         let now = self.shared.started.elapsed().as_micros() as u64;
         let _ = stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+        let chunks = self.shared.files[index].chunks_of(offset, u64::from(len));
+        let op = move |file: &FetchFile, state: &mut Owned| {
+            let len = u64::from(len).min(state.len.saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; len];
+            let got = file.spill.read_at(offset, &mut buf)?;
+            buf.truncate(got);
+            Ok(buf)
+        };
+        with_present(&self.shared, index, chunks, op, reply)
     }
 
-    /// What to call once a local write changed file `index` (complete by
-    /// then): the file is local from then on, and the journal says so.
-    pub fn modified_marker(&self, index: usize) -> impl FnOnce() + Send + 'static {
+    /// Writes `data` at `offset` of file `index`, locally, once the whole
+    /// file is present: the source is never written. Answered once the
+    /// journal durably says the file is local (EIO if it cannot).
+    pub fn write(&self, index: usize, offset: u64, data: Vec<u8>, reply: Reply<u32>) {
+        let all = 0..self.shared.files[index].chunk_count();
         let shared = self.shared.clone();
-        move || {
-            let file = &shared.files[index];
-            let newly = {
-                let mut state = file.lock();
-                let newly = state.phase != Phase::Modified;
-                state.phase = Phase::Modified;
-                newly
-            };
-            if newly {
-                shared.journal.modified(file.path_bytes());
-                shared.journal.flush();
-            }
-        }
+        let op = move |file: &FetchFile, state: &mut Owned| {
+            file.spill.write_at(offset, &data)?;
+            state.len = state.len.max(offset + data.len() as u64);
+            Ok((data.len() as u32, shared.made_local(index, state)))
+        };
+        let shared = self.shared.clone();
+        let done = Box::new(move |result: Result<(u32, bool), FetchError>| {
+            reply(result.and_then(|(written, newly)| shared.durable(newly, written)))
+        });
+        with_present(&self.shared, index, all, op, done)
+    }
+
+    /// Truncates (or extends) file `index` to `size`, locally, once the bytes
+    /// below `size` are present. Fetches still in flight for it are dropped.
+    pub fn truncate(&self, index: usize, size: u64, reply: Reply<u64>) {
+        let keep = self.shared.files[index].chunks_of(0, size);
+        let shared = self.shared.clone();
+        let op = move |file: &FetchFile, state: &mut Owned| {
+            file.spill.set_len(size)?;
+            state.len = size;
+            // What was not fetched is gone: the file is local from here on,
+            // and what was being fetched for it never lands.
+            state.generation += 1;
+            state.in_flight.clear();
+            state.presence.mark(0..file.chunk_count());
+            let newly = shared.made_local(index, state);
+            Ok((size, newly, std::mem::take(&mut state.waiters)))
+        };
+        let shared = self.shared.clone();
+        let done = Box::new(move |result: Result<(u64, bool, Vec<Waiter>), FetchError>| {
+            let result = result.and_then(|(size, newly, waiters)| {
+                // Every chunk is "present" now: whoever waited reads the new length.
+                for waiter in waiters {
+                    (waiter.done)(Ok(()));
+                }
+                shared.durable(newly, size)
+            });
+            reply(result)
+        });
+        with_present(&self.shared, index, keep, op, done)
     }
 
     /// Stops fetching and makes everything known durable. Workers still
     /// waiting on the source after `STOP_WAIT` are left behind (their
     /// requests end at their own deadlines), so this ends whatever the source does.
-    pub fn stop(&self) {
+    pub fn stop(&self) -> Result<(), StoreError> {
         self.shared.health.stop();
         self.shared.requests.close();
         self.shared.queue.close();
@@ -701,28 +1029,96 @@ impl Fetcher {
                 log::warn!("{left} prefetch worker(s) still wait on the source: not waiting for them");
             }
         }
-        self.shared.journal.flush();
+        self.shared.journal.flush()
     }
 
     /// Everything known now, as journal records (for a compacted journal).
+    /// Spill files are synced first, so no record claims bytes still in flight
+    /// to the disk.
     pub fn snapshot(&self) -> Vec<JournalRecord> {
         snapshot(&self.shared.files)
     }
 }
 
-/// The journal records that say what is known of `files` now.
-pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
-    let mut records = Vec::new();
-    for file in files {
-        let path = file.path_bytes();
-        for run in file.present_runs() {
-            records.push(journal::present_record(path, run, file.spill.len()));
-        }
-        match file.phase() {
-            Phase::Verified { hash, against } => records.push(journal::verified_record(path, &hash, against)),
-            Phase::Modified => records.push(journal::modified_record(path)),
-            _ => {}
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        if self.prefetching() {
+            self.shared.queue.close();
         }
     }
-    records
 }
+
+impl Shared {
+    /// The file (locked as `state`) was just changed locally: it is local from
+    /// now on. Whether it was not before (its journal record is then sent).
+    fn made_local(&self, index: usize, state: &mut Owned) -> bool {
+        let newly = state.phase != Phase::Modified;
+        state.phase = Phase::Modified;
+        if newly {
+            self.journal.modified(self.files[index].path_bytes());
+        }
+        newly
+    }
+
+    /// `value`, once the journal has on disk what a local change sent it.
+    fn durable<T>(&self, newly: bool, value: T) -> Result<T, FetchError> {
+        if newly {
+            self.journal.flush().map_err(|e| FetchError::new(e.to_string()))?;
+        }
+        Ok(value)
+    }
+}
+
+/// Runs `op` on file `index` under its lock once `chunks` are present
+/// (waiting for them again if they went away before the lock was taken: the
+/// file started over), and replies with what it returns.
+fn with_present<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    index: usize,
+    chunks: Range<u64>,
+    op: impl FnOnce(&FetchFile, &mut Owned) -> Result<T, FetchError> + Send + 'static,
+    reply: Reply<T>,
+) {
+    let (again, shared_again) = (chunks.clone(), shared.clone());
+    let done = Box::new(move |present: Result<(), FetchError>| {
+        if let Err(e) = present {
+            return reply(Err(e));
+        }
+        let file = &shared_again.files[index];
+        let mut state = file.lock();
+        if let Phase::Failed(message) = &state.phase {
+            let error = FetchError::new(message.clone());
+            drop(state);
+            return reply(Err(error));
+        }
+        if !state.presence.all_present(again.clone()) {
+            drop(state);
+            return with_present(&shared_again, index, again, op, reply);
+        }
+        let result = op(file, &mut state);
+        drop(state);
+        reply(result)
+    });
+    shared.when_present(index, chunks, done);
+}
+
+/// The journal records that say what is known of `files` now.
+pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
+    files.iter().flat_map(|file| file.snapshot()).collect()
+}
+
+/// Makes the journal for `files`, owned by `owner`, holding what is known now.
+pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchFile>]) -> Result<Journal, StoreError> {
+    let journal_files = files
+        .iter()
+        .map(|f| journal::JournalFile {
+            path: f.path_bytes().to_vec(),
+            size: f.size,
+            spill: f.spill.path().to_path_buf(),
+        })
+        .collect();
+    Journal::create(path, owner, snapshot(files), journal_files)
+}
+
+#[cfg(test)]
+mod tests;

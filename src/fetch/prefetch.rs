@@ -2,10 +2,10 @@
 //! own, streaming whole files into their spill files in queue order.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use super::lane::{Link, stuck_on};
-use super::{FetchFailure, FetchFile, Lane, Shared, check_against_manifest, fetch_checked};
+use super::{Claim, FetchFailure, FetchFile, Lane, Shared, lane::Link};
 use crate::source::{Source, SourceError};
 
 /// Files up to this size are fetched many at a time, whole: below a few MiB,
@@ -41,6 +41,8 @@ struct QueueState {
     queued: BTreeSet<(u8, u64, usize)>,
     keys: Vec<Option<(u8, u64)>>,
     order_keys: Vec<u64>,
+    /// Files to queue again once their time comes (the cache was full).
+    later: Vec<(Instant, usize)>,
     promotions: u64,
     closed: bool,
 }
@@ -61,6 +63,7 @@ impl Queue {
                 queued: BTreeSet::new(),
                 keys: vec![None; files.len()],
                 order_keys,
+                later: Vec::new(),
                 promotions: 0,
                 closed: false,
             }),
@@ -68,9 +71,13 @@ impl Queue {
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Queues `file` in its ordinary place (if it is not queued already).
     pub(super) fn push(&self, file: usize) {
-        let mut state = self.state.lock().expect("queue");
+        let mut state = self.lock();
         if state.keys[file].is_none() {
             let key = (1, state.order_keys[file]);
             state.keys[file] = Some(key);
@@ -79,9 +86,15 @@ impl Queue {
         }
     }
 
+    /// Queues `file` again after `delay`.
+    pub(super) fn push_later(&self, file: usize, delay: Duration) {
+        self.lock().later.push((Instant::now() + delay, file));
+        self.ready.notify_all();
+    }
+
     /// Moves `file` to the front.
     pub(super) fn promote(&self, file: usize) {
-        let mut state = self.state.lock().expect("queue");
+        let mut state = self.lock();
         if let Some((band, key)) = state.keys[file] {
             if band == 0 {
                 return;
@@ -98,7 +111,7 @@ impl Queue {
     /// Up to `max` more files from the front, as long as `wanted` says so,
     /// without waiting.
     fn pop_while(&self, max: usize, mut wanted: impl FnMut(usize) -> bool) -> Vec<usize> {
-        let mut state = self.state.lock().expect("queue");
+        let mut state = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
             match state.queued.first() {
@@ -115,21 +128,37 @@ impl Queue {
 
     /// The next file, waiting for one; `None` once closed.
     fn pop(&self) -> Option<usize> {
-        let mut state = self.state.lock().expect("queue");
+        let mut state = self.lock();
         loop {
             if state.closed {
                 return None;
+            }
+            let now = Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) = state.later.drain(..).partition(|&(at, _)| at <= now);
+            state.later = later;
+            for (_, file) in due {
+                if state.keys[file].is_none() {
+                    let key = (1, state.order_keys[file]);
+                    state.keys[file] = Some(key);
+                    state.queued.insert((key.0, key.1, file));
+                }
             }
             if let Some(first) = state.queued.pop_first() {
                 state.keys[first.2] = None;
                 return Some(first.2);
             }
-            state = self.ready.wait(state).expect("queue");
+            state = match state.later.iter().map(|&(at, _)| at).min() {
+                Some(next) => {
+                    let wait = next.saturating_duration_since(now);
+                    self.ready.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner).0
+                }
+                None => self.ready.wait(state).unwrap_or_else(PoisonError::into_inner),
+            };
         }
     }
 
     pub(super) fn close(&self) {
-        self.state.lock().expect("queue").closed = true;
+        self.lock().closed = true;
         self.ready.notify_all();
     }
 
@@ -137,7 +166,7 @@ impl Queue {
     #[cfg(test)]
     fn drain(&self) -> Vec<usize> {
         let mut out = Vec::new();
-        let mut state = self.state.lock().expect("queue");
+        let mut state = self.lock();
         while let Some(first) = state.queued.pop_first() {
             state.keys[first.2] = None;
             out.push(first.2);
@@ -164,7 +193,7 @@ impl Workers {
             let (source, shared, done) = (source.clone(), shared.clone(), done.clone());
             pool.spawn(move || {
                 worker(Link::new(source, shared.health.clone()), &shared);
-                *done.0.lock().expect("workers") += 1;
+                *done.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
                 done.1.notify_all();
             });
         }
@@ -175,26 +204,42 @@ impl Workers {
     /// closed); returns how many still run.
     pub(super) fn join_within(&self, time: std::time::Duration) -> usize {
         let jobs = self.pool.current_num_threads();
-        let stopped = self.done.0.lock().expect("workers");
-        let (stopped, _) = self.done.1.wait_timeout_while(stopped, time, |stopped| *stopped < jobs).expect("workers");
+        let stopped = self.done.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (stopped, _) = self
+            .done
+            .1
+            .wait_timeout_while(stopped, time, |stopped| *stopped < jobs)
+            .unwrap_or_else(PoisonError::into_inner);
         jobs - *stopped
     }
 }
 
 fn worker(mut link: Link, shared: &Shared) {
     while let Some(first) = shared.queue.pop() {
-        let small = |index: usize| shared.files[index].spill.len() <= SMALL_FILE;
+        let small = |index: usize| shared.files[index].size <= SMALL_FILE;
+        let mut batch = vec![first];
         if small(first) {
-            let mut batch = vec![first];
-            let mut bytes = shared.files[first].spill.len();
+            let mut bytes = shared.files[first].size;
             // Bounded by count and bytes: the batch passes through one buffer.
             batch.extend(shared.queue.pop_while(BATCH_FILES - 1, |index| {
-                bytes += shared.files[index].spill.len();
+                bytes += shared.files[index].size;
                 small(index) && bytes <= BATCH_BYTES
             }));
-            fetch_small_files(&mut link, shared, &batch);
-        } else {
-            stream(&mut link, shared, first);
+        }
+        // Fetches contain their own panics; one anywhere else fails the files
+        // at hand and the worker goes on (a panic must not abort the daemon).
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match small(first) {
+            true => fetch_small_files(&mut link, shared, &batch),
+            false => stream(&mut link, shared, first),
+        }));
+        if let Err(panic) = outcome {
+            let what = super::lane::panic_message(panic.as_ref());
+            for &index in &batch {
+                let path = shared.files[index].path.display();
+                shared.files[index]
+                    .fail_file(format!("{path}: an internal error while fetching it ({what}): not served"));
+            }
+            link.reset();
         }
     }
 }
@@ -202,7 +247,7 @@ fn worker(mut link: Link, shared: &Shared) {
 /// Streams one file, window after window, over one SFTP handle.
 fn stream(link: &mut Link, shared: &Shared, index: usize) {
     let file = &shared.files[index];
-    if file.phase().is_settled() || file.spill.is_complete() {
+    if file.needs_nothing() {
         return;
     }
     if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
@@ -212,24 +257,20 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
             return;
         }
     }
-    let chunk_count = file.spill.chunk_count();
+    let chunk_count = file.chunk_count();
     let mut window = 0;
     let mut shared_out = false;
     while window < chunk_count && !file.phase().is_settled() {
         let end = (window + WINDOW_CHUNKS).min(chunk_count);
-        for run in file.claim(window..end) {
+        for claim in file.claim(window..end) {
             // A large file is worked on by every idle worker: each claims the
             // next window nobody has, on its own session.
             if !shared_out && file.unclaimed_chunks() > 2 * WINDOW_CHUNKS {
                 shared.queue.push(index);
                 shared_out = true;
             }
-            let result = fetch_checked(link, file, run.clone());
-            let stuck = stuck_on(&result, &file.source_path);
-            shared.finish(index, run, Lane::Prefetch, result);
-            if let Some(error) = stuck {
-                shared.timed_out(link, index, &error);
-                return;
+            if let Some(error) = shared.fetch(link, index, claim, Lane::Prefetch) {
+                return shared.timed_out(link, index, &error);
             }
         }
         window = end;
@@ -244,7 +285,7 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
     let first_looks: Vec<usize> = batch
         .iter()
         .copied()
-        .filter(|&i| shared.files[i].spill.len() > crate::source::ONE_READ && shared.needs_baseline(i))
+        .filter(|&i| shared.files[i].size > crate::source::ONE_READ && shared.needs_baseline(i))
         .collect();
     if !first_looks.is_empty() {
         let paths: Vec<&std::path::Path> = first_looks.iter().map(|&i| shared.files[i].source_path.as_path()).collect();
@@ -260,52 +301,63 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
             Err(e) => log::warn!("{e}"),
         }
     }
-    let mut whole: Vec<usize> = Vec::new();
+    let mut whole: Vec<(usize, Claim)> = Vec::new();
     for &index in batch {
         let file = &shared.files[index];
-        if file.phase().is_settled() || file.spill.is_complete() {
+        if file.needs_nothing() {
             continue;
         }
-        let all = 0..file.spill.chunk_count();
-        let runs = file.claim(all.clone());
-        if runs == [all] {
-            whole.push(index);
+        let all = 0..file.chunk_count();
+        let mut claims = file.claim(all.clone());
+        if claims.len() == 1 && claims[0].chunks == all {
+            whole.push((index, claims.remove(0)));
         } else {
             // Partly here already (read on demand): fetch only what is missing.
-            for run in runs {
-                let result = fetch_checked(link, file, run.clone());
-                let stuck = stuck_on(&result, &file.source_path);
-                shared.finish(index, run, Lane::Prefetch, result);
-                if let Some(error) = stuck {
+            for claim in claims {
+                if let Some(error) = shared.fetch(link, index, claim, Lane::Prefetch) {
                     shared.timed_out(link, index, &error);
                 }
             }
         }
     }
-    let files: Vec<&FetchFile> = whole.iter().map(|&i| &*shared.files[i]).collect();
+    let files: Vec<&FetchFile> = whole.iter().map(|(i, _)| &*shared.files[*i]).collect();
+    let mut buffer = link.take_buffer();
     let mut results = Vec::new();
-    let outcome = link.fetch_whole(&files, &mut results);
+    let outcome = super::lane::contained(link, |link| {
+        link.read_whole(&files, &mut buffer, &mut results).map_err(FetchFailure::Source)
+    })
+    .map_err(|failure| match failure {
+        FetchFailure::Panic(panic) => (true, panic),
+        FetchFailure::Source(e) => (false, e.to_string()),
+        FetchFailure::Mismatch(_) | FetchFailure::Store(_) => (false, "no bytes read".to_string()),
+    });
+    let mut at = 0;
     let mut stuck = None;
-    for ((&index, file), result) in whole.iter().zip(&files).zip(results) {
-        let all = 0..file.spill.chunk_count();
-        let result = match (&outcome, result) {
+    for (i, (index, claim)) in whole.iter().enumerate() {
+        let file = &shared.files[*index];
+        let data = &mut buffer[at..at + file.size as usize];
+        at += file.size as usize;
+        let own = results.get_mut(i).map(|r| std::mem::replace(r, Ok(())));
+        let result = match (&outcome, own) {
+            (Err((true, panic)), _) => Err(FetchFailure::Panic(panic.clone())),
             // The pipeline stalled on this file: the others in it are released.
-            (Err(_), Err(e)) if e.is_timeout() => Err(FetchFailure::Source(e)),
-            (Err(lost), _) => Err(FetchFailure::Source(SourceError::Session {
+            (Err(_), Some(Err(e))) if e.is_timeout() => Err(FetchFailure::Source(e)),
+            (Err((false, lost)), _) => Err(FetchFailure::Source(SourceError::Session {
                 host: shared.source_name.clone(),
-                message: lost.to_string(),
+                message: lost.clone(),
             })),
-            (Ok(()), Err(e)) => Err(FetchFailure::Source(e)),
-            (Ok(()), Ok(())) => {
-                if file.spill.len() <= crate::source::ONE_READ {
+            (Ok(()), Some(Err(e))) => Err(FetchFailure::Source(e)),
+            (Ok(()), _) => {
+                if file.size <= crate::source::ONE_READ {
                     file.mark_read_whole();
                 }
-                check_against_manifest(link, file, all.clone())
+                super::lane::contained(link, |link| shared.check_and_land(link, *index, claim, data, Lane::Prefetch))
             }
         };
-        stuck = stuck.or_else(|| stuck_on(&result, &file.source_path).map(|e| (index, e)));
-        shared.finish(index, all, Lane::Prefetch, result);
+        stuck = stuck.or_else(|| super::lane::stuck_on(&result, &file.source_path).map(|e| (*index, e)));
+        shared.finish(*index, claim, Lane::Prefetch, result);
     }
+    link.put_buffer(buffer);
     if let Some((index, error)) = stuck {
         shared.timed_out(link, index, &error);
     }

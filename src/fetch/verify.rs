@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
-use super::{Phase, Shared, lane::Link};
+use super::{Shared, lane::Link};
 use crate::source::{Source, SourceError, SourceStat};
 
 /// Files settled together: their second looks at the source go in one pipeline.
@@ -23,19 +23,31 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter().take(BATCH - 1));
-                verify_batch(&mut link, &shared, &batch);
+                let checked =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify_batch(&mut link, &shared, &batch)));
+                if let Err(panic) = checked {
+                    // Contained: these files fail, the verifier goes on.
+                    let what = super::lane::panic_message(panic.as_ref());
+                    for &index in &batch {
+                        let path = shared.files[index].path.display();
+                        shared.files[index].fail_file(format!("{path}: an internal error while checking it ({what})"));
+                    }
+                    link.reset();
+                }
             }
         })
         .expect("spawning the verifier");
 }
 
 fn verify_batch(link: &mut Link, shared: &Shared, batch: &[usize]) {
-    let ready: Vec<usize> = batch.iter().copied().filter(|&i| shared.files[i].phase() == Phase::Present).collect();
+    // Each file in the generation it is complete in: what is found applies to it only.
+    let ready: Vec<(usize, u64)> =
+        batch.iter().filter_map(|&i| Some((i, shared.files[i].present_generation()?))).collect();
     // The files whose source must be looked at again (no manifest, read in
     // more than one request).
     let looks: Vec<usize> = ready
         .iter()
-        .copied()
+        .map(|&(i, _)| i)
         .filter(|&i| {
             let file = &shared.files[i];
             file.expected.is_none() && !file.lock().read_whole
@@ -49,40 +61,36 @@ fn verify_batch(link: &mut Link, shared: &Shared, batch: &[usize]) {
             Err(e) => log::warn!("{e}: could not re-check the source after the transfer"),
         }
     }
-    for index in ready {
-        verify(shared, index, second_looks.remove(&index));
+    for (index, generation) in ready {
+        verify(shared, index, generation, second_looks.remove(&index));
     }
 }
 
 /// Settles one complete file, given the source's state after the transfer
 /// (`None` when there was no need, or no way, to look).
-fn verify(shared: &Shared, index: usize, second_look: Option<Result<SourceStat, SourceError>>) {
+fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Result<SourceStat, SourceError>>) {
     let file = &shared.files[index];
     let (hash, against) = match &file.expected {
         Some(expected) => (expected.whole, "manifest"),
         None => {
-            let size = file.spill.len();
+            let size = file.size;
             let baseline = file.lock().baseline;
             match second_look {
                 Some(Ok(now)) if now.size != size => {
-                    let message = format!(
+                    file.fail_file(format!(
                         "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",
                         file.path.display(),
                         now.size
-                    );
-                    log::error!("{message}");
-                    file.fail(0..0, &super::FetchError::new(message), true);
+                    ));
                     return;
                 }
                 Some(Ok(now)) if baseline.is_some_and(|b| b != now) => {
-                    shared.restart(index, "changed on the source during the transfer");
+                    shared.restart(index, generation, "changed on the source during the transfer");
                     return;
                 }
                 // An empty file brought no bytes: only this look says it exists.
                 Some(Err(e @ SourceError::NotFound { .. })) if size == 0 => {
-                    log::error!("{e}");
-                    file.fail(0..0, &super::FetchError::new(e.to_string()), true);
-                    return;
+                    return file.fail_file(e.to_string());
                 }
                 // Every byte arrived and matched the recorded size: keep them.
                 Some(Err(e @ SourceError::NotFound { .. })) => {
@@ -91,26 +99,13 @@ fn verify(shared: &Shared, index: usize, second_look: Option<Result<SourceStat, 
                 Some(Err(e)) => log::warn!("{e}: could not re-check the source after the transfer"),
                 Some(Ok(_)) | None => {}
             }
-            match file.spill.hash() {
-                Ok(hash) => (*hash.as_bytes(), "received"),
-                Err(e) => {
-                    log::error!("{e}");
-                    file.fail(0..0, &super::FetchError::new(e.to_string()), true);
-                    return;
-                }
+            match file.hash(generation) {
+                Some(Ok(hash)) => (*hash.as_bytes(), "received"),
+                Some(Err(e)) => return file.fail_file(format!("{}: {e}", file.path.display())),
+                // Started over or changed locally meanwhile: nothing to settle.
+                None => return,
             }
         }
     };
-    let settled = {
-        let mut state = file.lock();
-        let present = state.phase == Phase::Present;
-        if present {
-            state.phase = Phase::Verified { hash, against };
-        }
-        present
-    };
-    if settled {
-        shared.journal.verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
-        log::debug!("{}: verified against the {against}", file.path.display());
-    }
+    shared.settle(index, generation, hash, against);
 }

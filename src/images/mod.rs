@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{FrameError, ImageError, ImageErrorKind, Invalid};
 use framing::Magic;
-pub use model::{Checkpoint, Incomplete, Layout, RecordedFile, Unservable, Usage, User, non_regular_kind};
+pub use model::{Checkpoint, FileRecords, Incomplete, RecordedFile, Unservable, Usage, User, non_regular_kind};
 use proto::{
     CoreEntry, FdinfoEntry, FileEntry, FsEntry, Fstype, InventoryEntry, MmEntry, MntEntry, PstreeEntry, RegFileEntry,
     RemapFilePathEntry, RemapType, TaskKobjIdsEntry,
@@ -112,7 +112,7 @@ struct Reg {
 
 /// The file records of a dump, by file id.
 struct FileTable {
-    layout: Layout,
+    file_records: FileRecords,
     regs: HashMap<u32, Reg>,
     /// Ids of descriptors that are not regular files (sockets, pipes, memfds...).
     others: HashSet<u32>,
@@ -159,7 +159,7 @@ impl<'a> Loader<'a> {
         let files = merge_by_path(&table.regs, users, &mounts);
         Ok(Checkpoint {
             dir: self.dir.to_path_buf(),
-            layout: table.layout,
+            file_records: table.file_records,
             pids: processes.unwrap_or_default().iter().map(|p| p.pid).collect(),
             incomplete,
             files,
@@ -288,9 +288,9 @@ impl<'a> Loader<'a> {
         Ok(users)
     }
 
-    /// The file records of either layout.
+    /// The file records, in either format.
     fn read_file_table(&self) -> Result<FileTable, ImageError> {
-        let mut table = FileTable { layout: Layout::Modern, regs: HashMap::new(), others: HashSet::new() };
+        let mut table = FileTable { file_records: FileRecords::Modern, regs: HashMap::new(), others: HashSet::new() };
         let insert = |table: &mut FileTable, name: &str, entry: RegFileEntry, id: u32| {
             let position = table.regs.len();
             if table.regs.insert(id, Reg { entry, remap: None, position }).is_some() {
@@ -311,7 +311,7 @@ impl<'a> Loader<'a> {
         }
         match self.read_optional::<RegFileEntry>("reg-files.img", framing::REG_FILES)? {
             Some(entries) => {
-                table.layout = Layout::Legacy;
+                table.file_records = FileRecords::Legacy;
                 for entry in entries {
                     let id = entry.id;
                     insert(&mut table, "reg-files.img", entry, id)?;

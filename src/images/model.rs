@@ -10,7 +10,7 @@ use super::names::NameError;
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub dir: PathBuf,
-    pub layout: Layout,
+    pub file_records: FileRecords,
     /// Every process of the dump, as pstree.img lists them.
     pub pids: Vec<u32>,
     /// Set when an image that ties descriptors to processes is missing: then
@@ -22,7 +22,7 @@ pub struct Checkpoint {
 
 /// Where the file records live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
+pub enum FileRecords {
     /// `reg-files.img`, written up to CRIU 3.3.
     Legacy,
     /// `files.img`, CRIU 3.4 and later.

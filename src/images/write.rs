@@ -32,7 +32,7 @@ const PID: u32 = 4242;
 const FD_TYPE_REG: u32 = 1;
 
 /// Writes the images of one process (pid 4242) holding `files` open as fds
-/// 3, 4, ... into `dir`, in the modern layout (`files.img`).
+/// 3, 4, ... into `dir`, in the modern format (`files.img`).
 pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let reg = |id: u32, path: &Path, size: Option<u64>, mode: u32, flags: u32| FileEntry {

@@ -32,8 +32,9 @@ impl Source for LocalSource {
 
 struct LocalConnection {
     root: PathBuf,
-    /// The last file read: consecutive reads of one file reuse its descriptor.
-    open: Option<(PathBuf, File)>,
+    /// The last file read, and in which generation: consecutive reads of one
+    /// file reuse its descriptor.
+    open: Option<(PathBuf, u64, File)>,
 }
 
 impl LocalConnection {
@@ -41,8 +42,8 @@ impl LocalConnection {
         self.root.join(relative(path))
     }
 
-    fn file(&mut self, path: &Path) -> Result<&File, SourceError> {
-        if self.open.as_ref().is_none_or(|(p, _)| p != path) {
+    fn file(&mut self, path: &Path, generation: u64) -> Result<&File, SourceError> {
+        if self.open.as_ref().is_none_or(|(p, g, _)| p != path || *g != generation) {
             // O_NONBLOCK: a FIFO where the file was must not block the open
             // (it has no effect on a regular file's reads).
             let full = self.full(path);
@@ -54,9 +55,9 @@ impl LocalConnection {
             if !file.metadata().map_err(|e| io_error(path, &full, e))?.is_file() {
                 return Err(io_error(path, &full, std::io::Error::other("not a regular file on the source")));
             }
-            self.open = Some((path.to_path_buf(), file));
+            self.open = Some((path.to_path_buf(), generation, file));
         }
-        Ok(&self.open.as_ref().expect("just opened").1)
+        Ok(&self.open.as_ref().expect("just opened").2)
     }
 }
 
@@ -67,8 +68,8 @@ impl Connection for LocalConnection {
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let file = self.file(path)?;
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let file = self.file(path, generation)?;
         let mut done = 0;
         while done < buf.len() {
             match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -91,11 +92,12 @@ impl Connection for LocalConnection {
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
         for file in files.iter_mut() {
             let size = file.buf.len() as u64;
-            file.result =
-                self.read_exact_at(file.path, 0, file.buf).and_then(|()| match self.has_byte_at(file.path, size)? {
+            file.result = self.read_exact_at(file.path, 0, 0, file.buf).and_then(|()| {
+                match self.has_byte_at(file.path, size)? {
                     true => Err(SourceError::Longer { path: file.path.to_path_buf(), size }),
                     false => Ok(()),
-                });
+                }
+            });
         }
         Ok(())
     }
@@ -104,7 +106,7 @@ impl Connection for LocalConnection {
 impl LocalConnection {
     /// Whether the file has a byte at `offset` (it grew past a recorded size).
     fn has_byte_at(&mut self, path: &Path, offset: u64) -> Result<bool, SourceError> {
-        let file = self.file(path)?;
+        let file = self.file(path, 0)?;
         loop {
             match file.read_at(&mut [0u8], offset) {
                 Ok(n) => return Ok(n > 0),
@@ -136,9 +138,9 @@ mod tests {
         let mut conn = source.connect().unwrap();
         assert_eq!(conn.stat(Path::new("/a/b c")).unwrap().size, 10);
         let mut buf = [0u8; 4];
-        conn.read_exact_at(Path::new("/a/b c"), 3, &mut buf).unwrap();
+        conn.read_exact_at(Path::new("/a/b c"), 0, 3, &mut buf).unwrap();
         assert_eq!(&buf, b"3456");
-        let err = conn.read_exact_at(Path::new("/a/b c"), 8, &mut buf).unwrap_err();
+        let err = conn.read_exact_at(Path::new("/a/b c"), 0, 8, &mut buf).unwrap_err();
         assert!(matches!(err, SourceError::Short { end: 10, wanted: 12, .. }), "{err}");
         let err = conn.stat(Path::new("/missing")).unwrap_err();
         assert!(matches!(err, SourceError::NotFound { .. }), "{err}");

@@ -66,8 +66,25 @@ pub trait Connection: Send {
     /// Bounds every request from now on (a local directory has none).
     fn set_limits(&mut self, _limits: Limits) {}
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError>;
-    /// Fills `buf` with the bytes at `offset`; a file too short for that is an error.
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+    /// Fills `buf` with the bytes at `offset`; a file too short for that is
+    /// an error. `generation` is the file's generation in lazyfs: an open
+    /// handle is reused only within one (the file may have been replaced since).
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// [`read_exact_at`](Connection::read_exact_at), also giving the file's
+    /// size and mtime as of before the read: the first look at a file fetched
+    /// on demand. Over SSH the STAT goes with the OPEN, in one round trip.
+    fn stat_and_read(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        let stat = self.stat(path)?;
+        self.read_exact_at(path, generation, offset, buf)?;
+        Ok(stat)
+    }
 
     /// Stats many files; over SSH in one pipeline. The error returned means
     /// the connection itself failed.
@@ -87,7 +104,7 @@ pub trait Connection: Send {
     /// step; the error returned means the connection itself failed.
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
         for file in files.iter_mut() {
-            file.result = match self.read_exact_at(file.path, 0, file.buf) {
+            file.result = match self.read_exact_at(file.path, 0, 0, file.buf) {
                 Err(e) if e.is_connection_lost() => return Err(e),
                 other => other,
             };

@@ -82,10 +82,12 @@ pub struct FileRead<'a> {
     pub result: Result<(), SftpError>,
 }
 
-pub struct Sftp {
-    channel: ssh2::Channel,
-    /// The channel's session, whose timeout bounds each wait.
-    session: ssh2::Session,
+/// An SFTP session over `C`: an SSH channel, or a scripted stream in tests.
+pub struct Sftp<C = ssh2::Channel> {
+    channel: C,
+    /// The channel's session, whose timeout bounds each wait (none for a
+    /// scripted stream).
+    session: Option<ssh2::Session>,
     limits: Limits,
     /// When the current limits were set.
     since: Instant,
@@ -115,6 +117,13 @@ impl Sftp {
             e if e.kind() == std::io::ErrorKind::TimedOut => SftpError::TimedOut,
             e => SftpError::Broken(e.to_string()),
         })?;
+        Sftp::init(channel, Some(session), limits)
+    }
+}
+
+impl<C: Read + Write> Sftp<C> {
+    /// Says hello (INIT, VERSION) on a channel already speaking SFTP.
+    fn init(channel: C, session: Option<ssh2::Session>, limits: Limits) -> Result<Sftp<C>, SftpError> {
         let mut sftp = Sftp { channel, session, limits, since: Instant::now(), next_id: 1, out: Vec::new() };
         // INIT carries the version where other requests carry an id.
         sftp.out.extend_from_slice(&5u32.to_be_bytes());
@@ -147,7 +156,9 @@ impl Sftp {
         if wait.is_zero() {
             return Err(SftpError::TimedOut);
         }
-        self.session.set_timeout(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1));
+        if let Some(session) = &self.session {
+            session.set_timeout(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1));
+        }
         Ok(())
     }
 
@@ -294,15 +305,48 @@ impl Sftp {
         Ok(reply)
     }
 
-    /// Size and mtime of `path`.
-    pub fn stat(&mut self, path: &Path) -> Result<(u64, u32), SftpError> {
+    fn stat_request(&mut self, path: &Path) -> u32 {
         let name = Self::string(path.as_os_str().as_bytes());
-        let id = self.request(STAT, &[&name]);
-        match self.call(id)? {
+        self.request(STAT, &[&name])
+    }
+
+    fn stat_reply(reply: Reply) -> StatResult {
+        match reply {
             Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
             Reply::Status { code, message } => Err(SftpError::Status { code, message }),
             _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
         }
+    }
+
+    fn open_reply(reply: Reply) -> Result<Vec<u8>, SftpError> {
+        match reply {
+            Reply::Handle(handle) => Ok(handle),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
+        }
+    }
+
+    /// Size and mtime of `path`.
+    pub fn stat(&mut self, path: &Path) -> Result<(u64, u32), SftpError> {
+        let id = self.stat_request(path);
+        Self::stat_reply(self.call(id)?)
+    }
+
+    /// STAT then OPEN of `path` in one round trip (the server answers them
+    /// in order): the size and mtime are the file's as of before the open.
+    pub fn stat_open(&mut self, path: &Path) -> Result<(StatResult, Result<Vec<u8>, SftpError>), SftpError> {
+        let stat_id = self.stat_request(path);
+        let open_id = self.open_request(path);
+        self.flush()?;
+        let (mut stat, mut open) = (None, None);
+        while stat.is_none() || open.is_none() {
+            match self.reply(|_| None)? {
+                (id, reply) if id == stat_id && stat.is_none() => stat = Some(Self::stat_reply(reply)),
+                (id, reply) if id == open_id && open.is_none() => open = Some(Self::open_reply(reply)),
+                (id, _) => return Err(SftpError::Broken(format!("a reply to unknown request {id}"))),
+            }
+        }
+        Ok((stat.expect("answered"), open.expect("answered")))
     }
 
     /// Size and mtime of each of `paths`, the STATs pipelined.
@@ -312,30 +356,22 @@ impl Sftp {
         let mut next = 0;
         while next < paths.len() || !in_flight.is_empty() {
             while in_flight.len() < FILES_IN_FLIGHT && next < paths.len() {
-                let name = Self::string(paths[next].as_os_str().as_bytes());
-                in_flight.insert(self.request(STAT, &[&name]), next);
+                let id = self.stat_request(paths[next]);
+                in_flight.insert(id, next);
                 next += 1;
             }
             self.flush()?;
             let (id, reply) = self.reply(|_| None)?;
             let index =
                 in_flight.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
-            results[index] = Some(match reply {
-                Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
-                Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-                _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
-            });
+            results[index] = Some(Self::stat_reply(reply));
         }
         Ok(results.into_iter().map(|r| r.expect("every request answered")).collect())
     }
 
     pub fn open(&mut self, path: &Path) -> Result<Vec<u8>, SftpError> {
         let id = self.open_request(path);
-        match self.call(id)? {
-            Reply::Handle(handle) => Ok(handle),
-            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-            _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
-        }
+        Self::open_reply(self.call(id)?)
     }
 
     pub fn close(&mut self, handle: &[u8]) -> Result<(), SftpError> {
@@ -376,6 +412,9 @@ impl Sftp {
                 return Err(SftpError::Broken(format!("a reply to unknown request {id}")));
             };
             match reply {
+                Reply::Data(got) if got as u64 > len => {
+                    return Err(SftpError::Broken(format!("a DATA reply of {got} bytes to a READ of {len}")));
+                }
                 Reply::Data(got) if got as u64 == len => {}
                 // A short answer: ask again for the rest.
                 Reply::Data(got) if got > 0 && failure.is_none() => {
@@ -484,6 +523,9 @@ impl Sftp {
                     progress[i].reads -= 1;
                     let size = files[i].buf.len() as u64;
                     match reply {
+                        Reply::Data(got) if got as u64 > len => {
+                            return Err(SftpError::Broken(format!("a DATA reply of {got} bytes to a READ of {len}")));
+                        }
                         // Past the expected end: the file grew.
                         Reply::Data(got) if start + got as u64 > size => files[i].result = Err(SftpError::Longer),
                         Reply::Data(got) if (got as u64) < len && start + (got as u64) < size && got > 0 => {
@@ -552,4 +594,81 @@ fn attrs_mtime(body: &[u8]) -> Option<u32> {
         return None;
     }
     Some(u32::from_be_bytes(body.get(at + 4..at + 8)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that says what it is told to: its replies are scripted, what
+    /// it is sent is ignored.
+    struct Scripted(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        out.push(kind);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn data(id: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        body.extend_from_slice(bytes);
+        packet(DATA, &body)
+    }
+
+    fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {
+        let mut script = packet(VERSION, &3u32.to_be_bytes());
+        replies.iter().for_each(|r| script.extend_from_slice(r));
+        let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
+        Sftp::init(Scripted(std::io::Cursor::new(script)), None, limits).unwrap()
+    }
+
+    /// Finding 7: a DATA reply longer than the READ asked for is a broken
+    /// session, not an arithmetic overflow (a panic in a lane).
+    #[test]
+    fn a_data_reply_longer_than_asked_is_a_broken_session() {
+        // Requests are numbered from 2 (INIT carries no id).
+        let mut sftp = session(&[data(2, &[7; 20])]);
+        let mut buf = [0u8; 10];
+        let err = sftp.read_exact_at(b"h", 0, &mut buf).unwrap_err();
+        assert!(matches!(&err, SftpError::Broken(m) if m.contains("20 bytes")), "{err:?}");
+    }
+
+    #[test]
+    fn a_longer_reply_in_a_batch_is_a_broken_session_too() {
+        let mut handle = 2u32.to_be_bytes().to_vec();
+        handle.extend_from_slice(&1u32.to_be_bytes());
+        handle.push(b'h');
+        // OPEN is request 2, the first READ (11 bytes: one past the size) request 3.
+        let mut sftp = session(&[packet(HANDLE, &handle), data(3, &[7; 64])]);
+        let mut buf = [0u8; 10];
+        let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
+        let err = sftp.read_files(&mut files).unwrap_err();
+        assert!(matches!(&err, SftpError::Broken(m) if m.contains("64 bytes")), "{err:?}");
+    }
+
+    #[test]
+    fn short_replies_are_asked_again() {
+        let mut sftp = session(&[data(2, b"abcd"), data(3, b"efghij")]);
+        let mut buf = [0u8; 10];
+        sftp.read_exact_at(b"h", 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"abcdefghij");
+    }
 }

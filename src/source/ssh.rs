@@ -305,8 +305,8 @@ struct SshConnection {
     sftp: Sftp,
     root: PathBuf,
     host: String,
-    /// Open handles, most recently used last.
-    open: Vec<(PathBuf, Vec<u8>)>,
+    /// Open handles with the generation they were opened for, most recently used last.
+    open: Vec<(PathBuf, u64, Vec<u8>)>,
 }
 
 impl SshConnection {
@@ -348,20 +348,35 @@ impl SshConnection {
         }
     }
 
-    fn handle(&mut self, path: &Path) -> Result<Vec<u8>, SourceError> {
-        if let Some(at) = self.open.iter().position(|(p, _)| p == path) {
-            let entry = self.open.remove(at);
-            let handle = entry.1.clone();
-            self.open.push(entry);
-            return Ok(handle);
-        }
-        if self.open.len() >= OPEN_HANDLES {
-            let (old_path, old) = self.open.remove(0);
+    /// The handle open for `path` in `generation`, if there is one (it
+    /// becomes the most recently used).
+    fn cached(&mut self, path: &Path, generation: u64) -> Option<Vec<u8>> {
+        let at = self.open.iter().position(|(p, g, _)| p == path && *g == generation)?;
+        let entry = self.open.remove(at);
+        let handle = entry.2.clone();
+        self.open.push(entry);
+        Some(handle)
+    }
+
+    /// Keeps `handle`, closing one of another generation of the same file
+    /// (it may be of a file replaced since) or the least recently used.
+    fn keep(&mut self, path: &Path, generation: u64, handle: &[u8]) -> Result<(), SourceError> {
+        let stale = self.open.iter().position(|(p, _, _)| p == path);
+        if let Some(at) = stale.or((self.open.len() >= OPEN_HANDLES).then_some(0)) {
+            let (old_path, _, old) = self.open.remove(at);
             self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))?;
+        }
+        self.open.push((path.to_path_buf(), generation, handle.to_vec()));
+        Ok(())
+    }
+
+    fn handle(&mut self, path: &Path, generation: u64) -> Result<Vec<u8>, SourceError> {
+        if let Some(handle) = self.cached(path, generation) {
+            return Ok(handle);
         }
         let full = self.full(path);
         let handle = self.sftp.open(&full).map_err(|e| self.error(path, e, 0))?;
-        self.open.push((path.to_path_buf(), handle.clone()));
+        self.keep(path, generation, &handle)?;
         Ok(handle)
     }
 }
@@ -393,10 +408,33 @@ impl Connection for SshConnection {
             .collect())
     }
 
-    fn read_exact_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let handle = self.handle(path)?;
+    fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let handle = self.handle(path, generation)?;
         let wanted = offset + buf.len() as u64;
         self.sftp.read_exact_at(&handle, offset, buf).map_err(|e| self.error(path, e, wanted))
+    }
+
+    fn stat_and_read(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<SourceStat, SourceError> {
+        let stat = match self.cached(path, generation) {
+            // Open already (not by a first look): the STAT costs a round trip of its own.
+            Some(_) => self.stat(path)?,
+            None => {
+                let full = self.full(path);
+                let (stat, open) = self.sftp.stat_open(&full).map_err(|e| self.error(path, e, 0))?;
+                let handle = open.map_err(|e| self.error(path, e, 0))?;
+                self.keep(path, generation, &handle)?;
+                let (size, mtime) = stat.map_err(|e| self.error(path, e, 0))?;
+                SourceStat { size, mtime: i64::from(mtime) }
+            }
+        };
+        self.read_exact_at(path, generation, offset, buf)?;
+        Ok(stat)
     }
 
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {

@@ -43,11 +43,27 @@ pub struct FileRecord {
 /// What the journal records, per original path.
 pub type Records = HashMap<Vec<u8>, FileRecord>;
 
+/// Which checkpoint and source a cache dir holds the files of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// A blake3 of the images and the source.
+    pub id: Vec<u8>,
+    /// "IMGDIR from SOURCE", for messages.
+    pub name: String,
+}
+
+/// A journal as read: whose files it records, and what it records of them.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub owner: Owner,
+    pub records: Records,
+}
+
 /// Reads the journal at `path`, setting it aside if it cannot be read: what it
-/// records per original path, and a warning if it was set aside.
-pub fn load(path: &Path) -> Result<(Records, Option<String>), StoreError> {
-    match read(path)? {
-        Ok(files) => Ok((files, None)),
+/// records, and a warning if it was set aside.
+pub fn load(path: &Path) -> Result<(Loaded, Option<String>), StoreError> {
+    match read_all(path)? {
+        Ok(loaded) => Ok((loaded, None)),
         Err(reason) => {
             let aside = path.with_extension(format!(
                 "bad-{}",
@@ -59,7 +75,7 @@ pub fn load(path: &Path) -> Result<(Records, Option<String>), StoreError> {
                 path.display(),
                 aside.display()
             );
-            Ok((HashMap::new(), Some(warning)))
+            Ok((Loaded::default(), Some(warning)))
         }
     }
 }
@@ -67,9 +83,13 @@ pub fn load(path: &Path) -> Result<(Records, Option<String>), StoreError> {
 /// Reads the journal at `path` without changing it (a missing one knows
 /// nothing); the inner error says why it cannot be trusted.
 pub fn read(path: &Path) -> Result<Result<Records, String>, StoreError> {
+    Ok(read_all(path)?.map(|loaded| loaded.records))
+}
+
+fn read_all(path: &Path) -> Result<Result<Loaded, String>, StoreError> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(parse(&bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(HashMap::new())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(Loaded::default())),
         Err(e) => Err(io_err(path)(e)),
     }
 }
@@ -85,7 +105,8 @@ fn encode(record: &JournalRecord) -> Vec<u8> {
     out
 }
 
-fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
+fn parse(mut bytes: &[u8]) -> Result<Loaded, String> {
+    let mut owner = Owner::default();
     let mut files: HashMap<Vec<u8>, FileRecord> = HashMap::new();
     let mut first = true;
     while !bytes.is_empty() {
@@ -102,7 +123,9 @@ fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
         let record = JournalRecord::decode(body).map_err(|e| format!("unreadable record: {e}"))?;
         bytes = &bytes[end..];
         match (first, record.kind) {
-            (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {}
+            (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {
+                owner = Owner { id: h.owner, name: h.owner_name };
+            }
             (true, Some(Kind::Header(h))) => {
                 return Err(format!("version {} with {}-byte chunks, not version {VERSION}", h.version, h.chunk_size));
             }
@@ -122,24 +145,30 @@ fn parse(mut bytes: &[u8]) -> Result<HashMap<Vec<u8>, FileRecord>, String> {
                 let hash: [u8; 32] = v.blake3.as_slice().try_into().map_err(|_| "a hash that is not 32 bytes")?;
                 files.entry(v.path).or_default().verified = Some((hash, v.against));
             }
-            (false, Some(Kind::Modified(m))) => files.entry(m.path).or_default().modified = true,
+            (false, Some(Kind::Modified(m))) => {
+                // Changed locally: what was verified before no longer holds.
+                let file = files.entry(m.path).or_default();
+                file.modified = true;
+                file.verified = None;
+            }
             (false, Some(Kind::Reset(r))) => {
                 files.remove(&r.path);
             }
         }
         first = false;
     }
-    Ok(files)
+    Ok(Loaded { owner, records: files })
 }
 
 enum Op {
     Present { file: usize, chunks: Range<u64> },
     Record(JournalRecord),
-    Flush(Sender<()>),
+    Flush(Sender<Result<(), String>>),
 }
 
 /// Appends to the journal from a thread of its own, in durable batches.
 pub struct Journal {
+    path: PathBuf,
     tx: Sender<Op>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -159,10 +188,15 @@ pub struct JournalFile {
 impl Journal {
     /// Starts a new journal at `path` holding `snapshot` (what is known now),
     /// written to a temporary file and renamed over the old one.
-    pub fn create(path: &Path, snapshot: Vec<JournalRecord>, files: Vec<JournalFile>) -> Result<Journal, StoreError> {
+    pub fn create(
+        path: &Path,
+        owner: &Owner,
+        snapshot: Vec<JournalRecord>,
+        files: Vec<JournalFile>,
+    ) -> Result<Journal, StoreError> {
         let tmp = path.with_extension("tmp");
         let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut bytes = encode(&header());
+        let mut bytes = encode(&header(owner));
         for record in &snapshot {
             bytes.extend(encode(record));
         }
@@ -173,13 +207,17 @@ impl Journal {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
         }
         let journal = File::options().append(true).open(path).map_err(io_err(path))?;
+        Self::start(path, journal, files)
+    }
+
+    fn start(path: &Path, journal: File, files: Vec<JournalFile>) -> Result<Journal, StoreError> {
         let (tx, rx) = mpsc::channel();
         let writer = Writer { path: path.to_path_buf(), journal, files };
         let thread = std::thread::Builder::new()
             .name("lazyfs-journal".into())
             .spawn(move || writer.run(rx))
             .map_err(io_err(path))?;
-        Ok(Journal { tx, thread: Some(thread) })
+        Ok(Journal { path: path.to_path_buf(), tx, thread: Some(thread) })
     }
 
     /// Chunks of file `file` (its index among the `files` given) are written.
@@ -202,18 +240,31 @@ impl Journal {
         let _ = self.tx.send(Op::Record(JournalRecord { kind: Some(Kind::Reset(Reset { path: path.to_vec() })) }));
     }
 
-    /// Returns once everything sent so far is durable.
-    pub fn flush(&self) {
+    /// Returns once everything sent so far is durable, or says why it is not.
+    pub fn flush(&self) -> Result<(), StoreError> {
         let (done, wait) = mpsc::channel();
-        if self.tx.send(Op::Flush(done)).is_ok() {
-            let _ = wait.recv();
-        }
+        let answer = match self.tx.send(Op::Flush(done)) {
+            Ok(()) => wait.recv().unwrap_or_else(|_| Err("the journal thread stopped".into())),
+            Err(_) => Err("the journal thread stopped".into()),
+        };
+        answer.map_err(|message| StoreError::Io { path: self.path.clone(), source: std::io::Error::other(message) })
+    }
+
+    /// A journal whose appends all fail (the disk refuses them).
+    #[cfg(test)]
+    pub(crate) fn failing(dir: &Path) -> Journal {
+        let path = dir.join("journal");
+        std::fs::write(&path, b"").unwrap();
+        let read_only = File::open(&path).unwrap();
+        Self::start(&path, read_only, Vec::new()).unwrap()
     }
 }
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        self.flush();
+        if let Err(e) = self.flush() {
+            log::error!("{e}");
+        }
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(thread) = self.thread.take() {
@@ -222,8 +273,15 @@ impl Drop for Journal {
     }
 }
 
-fn header() -> JournalRecord {
-    JournalRecord { kind: Some(Kind::Header(Header { version: VERSION, chunk_size: CHUNK_SIZE })) }
+fn header(owner: &Owner) -> JournalRecord {
+    JournalRecord {
+        kind: Some(Kind::Header(Header {
+            version: VERSION,
+            chunk_size: CHUNK_SIZE,
+            owner: owner.id.clone(),
+            owner_name: owner.name.clone(),
+        })),
+    }
 }
 
 /// The record saying chunks `chunks` of `path` (spill `size` bytes) are present.
@@ -321,12 +379,18 @@ impl Writer {
                 Op::Flush(done) => waiters.push(done),
             }
         }
-        let written = self.journal.write_all(&bytes).and_then(|()| self.journal.sync_data());
-        if let (false, Err(e)) = (bytes.is_empty(), written) {
+        let written = match bytes.is_empty() {
+            true => Ok(()),
+            false => self.journal.write_all(&bytes).and_then(|()| self.journal.sync_data()),
+        };
+        // Nothing of this batch is known to be on disk: its records are
+        // dropped, and whoever waits for them is told.
+        let answer = written.map_err(|e| {
             log::error!("{}: {e}", self.path.display());
-        }
+            format!("the state journal could not be written: {e}")
+        });
         for done in waiters {
-            let _ = done.send(());
+            let _ = done.send(answer.clone());
         }
     }
 }
@@ -340,7 +404,8 @@ mod tests {
         let spill = dir.join("spill");
         std::fs::write(&spill, b"x").unwrap();
         let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill }];
-        let journal = Journal::create(&path, records, files).unwrap();
+        let owner = Owner { id: b"id".to_vec(), name: "images from here".into() };
+        let journal = Journal::create(&path, &owner, records, files).unwrap();
         journal.present(0, 0..2);
         journal.present(0, 5..6);
         journal.verified(b"/b", &blake3::hash(b"b"), "received");
@@ -354,8 +419,10 @@ mod tests {
     fn records_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = journal_with(dir.path(), vec![present_record(b"/d", 0..1, 10)]);
-        let (files, warning) = load(&path).unwrap();
+        let (loaded, warning) = load(&path).unwrap();
         assert!(warning.is_none());
+        assert_eq!(loaded.owner.id, b"id");
+        let files = loaded.records;
         assert_eq!(files[&b"/a".to_vec()].present, vec![0..2, 5..6]);
         assert_eq!(files[&b"/a".to_vec()].size, 100);
         assert_eq!(files[&b"/b".to_vec()].verified.as_ref().unwrap().0, *blake3::hash(b"b").as_bytes());
@@ -372,7 +439,8 @@ mod tests {
         bytes.extend(encode(&present_record(b"/e", 0..9, 10)));
         bytes.truncate(full + 5);
         std::fs::write(&path, &bytes).unwrap();
-        let (files, warning) = load(&path).unwrap();
+        let (loaded, warning) = load(&path).unwrap();
+        let files = loaded.records;
         assert!(warning.is_none(), "{warning:?}");
         assert!(!files.contains_key(b"/e".as_slice()));
         assert_eq!(files[&b"/a".to_vec()].present.len(), 2);
@@ -381,9 +449,30 @@ mod tests {
         garbage[3] ^= 0xff;
         garbage[4] ^= 0xff;
         std::fs::write(&path, &garbage).unwrap();
-        let (files, warning) = load(&path).unwrap();
-        assert!(files.is_empty());
+        let (loaded, warning) = load(&path).unwrap();
+        assert!(loaded.records.is_empty());
         assert!(warning.unwrap().contains("set aside"));
         assert!(!path.exists());
+    }
+
+    /// Finding 3: a file verified, then changed locally, is not verified.
+    #[test]
+    fn a_modified_record_ends_what_was_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_with(dir.path(), vec![verified_record(b"/c", &[1; 32], "manifest")]);
+        let files = read(&path).unwrap().unwrap();
+        assert!(files[&b"/c".to_vec()].modified);
+        assert_eq!(files[&b"/c".to_vec()].verified, None);
+    }
+
+    /// Finding 8: a flush whose records did not reach the disk says so.
+    #[test]
+    fn a_failed_append_reaches_the_flusher() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::failing(dir.path());
+        assert!(journal.flush().is_ok(), "nothing to write");
+        journal.modified(b"/a");
+        let err = journal.flush().unwrap_err();
+        assert!(err.to_string().contains("could not be written"), "{err}");
     }
 }

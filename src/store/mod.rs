@@ -1,5 +1,6 @@
 //! The local side of every file: a sparse spill file per served file under the
-//! cache directory, mapped with memmap2, and which of its chunks are present.
+//! cache directory, read and written with pread/pwrite, and which of its
+//! chunks are present.
 //! Spill files are named by a hash of the original path, never by the path.
 
 pub mod journal;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use open::OpenSpills;
-pub use spill::{SpillFile, sync_path};
+pub use spill::{HASH_WINDOW, Presence, SpillFile, sync_path};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself
@@ -28,8 +29,27 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
-    #[error("{}: the images record {size} bytes, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
-    TooLarge { original: PathBuf, size: u64, capacity: u64 },
+    #[error("{}: the images record {size} bytes for it, {before} for the files before: more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
+    TooLarge { original: PathBuf, size: u64, before: u64, capacity: u64 },
+}
+
+impl StoreError {
+    /// The errno a caller should see: ENOSPC and EDQUOT as they are (a
+    /// database treats a full disk differently from a failing one), EIO otherwise.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::Io { source, .. } => match source.raw_os_error() {
+                Some(e @ (libc::ENOSPC | libc::EDQUOT)) => e,
+                _ => libc::EIO,
+            },
+            _ => libc::EIO,
+        }
+    }
+
+    /// The cache filesystem is full: the same write may succeed later.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.errno(), libc::ENOSPC | libc::EDQUOT)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -39,8 +59,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// A cache directory, locked for one lazyfs process at a time.
 pub struct Store {
     dir: PathBuf,
-    /// Bytes the cache dir's filesystem holds: no spill file can be larger.
+    /// Bytes the cache dir's filesystem holds: the spill files' sizes cannot
+    /// add up to more.
     capacity: u64,
+    /// What the spill files opened so far add up to.
+    claimed: std::sync::atomic::AtomicU64,
     /// Held (flock) for as long as the store is open.
     _lock: nix::fcntl::Flock<File>,
     /// The spill files open at one time: as many as the descriptor limit allows.
@@ -66,7 +89,7 @@ impl Store {
         let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| io_err(dir)(e.into()))?;
         let capacity = stat.blocks().saturating_mul(stat.fragment_size());
         let spills = Arc::new(OpenSpills::new(open::capacity_for(open::raise_fd_limit())));
-        Ok(Store { dir: dir.to_path_buf(), capacity, _lock: lock, spills })
+        Ok(Store { dir: dir.to_path_buf(), capacity, claimed: 0.into(), _lock: lock, spills })
     }
 
     pub fn dir(&self) -> &Path {
@@ -79,17 +102,33 @@ impl Store {
     }
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
-    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<SpillFile, StoreError> {
-        // A recorded size is untrusted: refuse one no disk here could hold
-        // before anything (the presence bitmap) is sized by it.
-        if let Some(size) = size.filter(|&s| s > self.capacity) {
-            return Err(StoreError::TooLarge { original: original.to_path_buf(), size, capacity: self.capacity });
+    pub fn open_spill(&self, original: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+        // Recorded sizes are untrusted: refuse what, with the files before,
+        // no disk here could hold, before anything (a presence bitmap) is sized by it.
+        if let Some(size) = size {
+            use std::sync::atomic::Ordering;
+            let before = self.claimed.load(Ordering::Relaxed);
+            if before.saturating_add(size) > self.capacity {
+                let original = original.to_path_buf();
+                return Err(StoreError::TooLarge { original, size, before, capacity: self.capacity });
+            }
+            self.claimed.fetch_add(size, Ordering::Relaxed);
         }
         SpillFile::open(&self.spill_path(original), size, keep, &self.spills)
     }
 
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join("journal")
+    }
+
+    /// Removes every spill file (the cache held another checkpoint's files).
+    pub fn clear_spills(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("spill");
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        Ok(())
     }
 }
 

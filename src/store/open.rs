@@ -7,13 +7,8 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-
-use memmap2::{MmapOptions, MmapRaw};
-
-use super::{StoreError, io_err};
 
 /// How many spill files may be open at once when the descriptor limit is
 /// `fd_limit`: half of it (the rest is for connections, FUSE, the journal),
@@ -39,42 +34,10 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-/// An open spill file: its descriptor and its mapping (none while empty:
-/// a zero-length map is not allowed).
-pub(super) struct Handle {
-    pub(super) file: File,
-    pub(super) map: Option<MmapRaw>,
-}
-
-impl Handle {
-    /// Opens the spill file at `path`, `len` bytes long (created sparse if
-    /// it is not there yet).
-    pub(super) fn open(path: &Path, len: u64) -> Result<Handle, StoreError> {
-        let file =
-            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
-        if file.metadata().map_err(io_err(path))?.len() != len {
-            file.set_len(len).map_err(io_err(path))?;
-        }
-        let mut handle = Handle { file, map: None };
-        handle.remap(path, len)?;
-        Ok(handle)
-    }
-
-    /// Maps the first `len` bytes (the file's length).
-    pub(super) fn remap(&mut self, path: &Path, len: u64) -> Result<(), StoreError> {
-        self.map = None;
-        if len > 0 {
-            let len = usize::try_from(len).map_err(|_| io_err(path)(std::io::Error::other("too large to map")))?;
-            self.map = Some(MmapOptions::new().len(len).map_raw(&self.file).map_err(io_err(path))?);
-        }
-        Ok(())
-    }
-}
-
-/// Where one spill file keeps its handle while open.
+/// Where one spill file keeps its descriptor while open.
 #[derive(Default)]
 pub(super) struct Slot {
-    pub(super) handle: RwLock<Option<Handle>>,
+    pub(super) file: RwLock<Option<File>>,
     /// Used since eviction last looked at it.
     used: AtomicBool,
 }
@@ -112,8 +75,8 @@ impl OpenSpills {
                 continue;
             }
             // In use right now (a read, a resize): spare it this time.
-            match candidate.handle.try_write() {
-                Ok(mut handle) => *handle = None,
+            match candidate.file.try_write() {
+                Ok(mut file) => *file = None,
                 Err(_) => ring.push_back(Arc::downgrade(&candidate)),
             }
         }
@@ -122,7 +85,7 @@ impl OpenSpills {
     /// Spill files open now (at most the capacity, give or take those in use).
     pub fn open_count(&self) -> usize {
         let ring = self.ring.lock().expect("open spills");
-        ring.iter().filter_map(Weak::upgrade).filter(|s| s.handle.read().map(|h| h.is_some()).unwrap_or(false)).count()
+        ring.iter().filter_map(Weak::upgrade).filter(|s| s.file.read().map(|f| f.is_some()).unwrap_or(false)).count()
     }
 }
 
@@ -145,10 +108,10 @@ mod tests {
         let open = |i: usize| {
             let path = dir.path().join(i.to_string());
             std::fs::write(&path, b"bytes").unwrap();
-            *slots[i].handle.write().unwrap() = Some(Handle::open(&path, 5).unwrap());
+            *slots[i].file.write().unwrap() = Some(File::open(&path).unwrap());
             spills.opened(&slots[i]);
         };
-        let is_open = |i: usize| slots[i].handle.read().unwrap().is_some();
+        let is_open = |i: usize| slots[i].file.read().unwrap().is_some();
         open(0);
         open(1);
         slots[0].touch();

@@ -1,0 +1,136 @@
+//! The file owner's rules, tested on the fetcher itself over a local source.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::*;
+use crate::source::SourceSpec;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    fetcher: Fetcher,
+}
+
+/// A fetcher serving one file `/f` holding `bytes`, without prefetch, with
+/// `journal` (made in the given dir) as its journal.
+fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("root")).unwrap();
+    std::fs::write(dir.path().join("root/f"), bytes).unwrap();
+    let source: Arc<dyn Source> =
+        crate::source::open(&SourceSpec::Local(dir.path().join("root")), Path::new("/")).unwrap().into();
+    let size = bytes.len() as u64;
+    let spills = Arc::new(crate::store::OpenSpills::new(16));
+    let (spill, len) = SpillFile::open(&dir.path().join("spill"), Some(size), false, &spills).unwrap();
+    let spec = restore::FileSpec {
+        path: PathBuf::from("/f"),
+        source_path: PathBuf::from("/f"),
+        size,
+        expected: None,
+        image_order: 0,
+    };
+    let file = Arc::new(FetchFile::new(spec, spill, len, Presence::new(size), Phase::Pending));
+    let journal = journal(dir.path());
+    let config = FetchConfig { jobs: 0, order: Order::Image, reconnect_timeout: Duration::from_secs(1) };
+    let connection = source.connect().unwrap();
+    let fetcher = Fetcher::start(source, connection, vec![file], journal, config);
+    Setup { _dir: dir, fetcher }
+}
+
+fn plain_journal(dir: &Path) -> Journal {
+    Journal::create(&dir.join("journal"), &Owner::default(), Vec::new(), Vec::new()).unwrap()
+}
+
+fn wait<T: Send + 'static>(op: impl FnOnce(Reply<T>)) -> Result<T, FetchError> {
+    let (tx, rx) = mpsc::channel();
+    op(Box::new(move |result| {
+        let _ = tx.send(result);
+    }));
+    rx.recv_timeout(WAIT).expect("an answer")
+}
+
+fn settled(fetcher: &Fetcher) -> Phase {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let phase = fetcher.file(0).phase();
+        if phase.is_settled() || Instant::now() > deadline {
+            return phase;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Finding 4: the verifier decided to fetch a file again (the source changed)
+/// while a local write made it local: the restart must not clear it.
+#[test]
+fn a_restart_decided_before_a_local_write_leaves_the_write_alone() {
+    let setup = setup(&[1; 40_000], plain_journal);
+    let fetcher = &setup.fetcher;
+    wait(|reply| fetcher.read(0, 0, 40_000, reply)).unwrap();
+    // The verifier takes the generation the file was complete in...
+    let generation = {
+        let state = fetcher.file(0).lock();
+        assert!(state.presence.is_complete());
+        state.generation
+    };
+    // ...a write finishes meanwhile...
+    wait(|reply| fetcher.write(0, 10, b"local".to_vec(), reply)).unwrap();
+    // ...and then the verifier asks to start over.
+    fetcher.shared.restart(0, generation, "changed on the source during the transfer");
+    assert_eq!(fetcher.file(0).phase(), Phase::Modified);
+    let bytes = wait(|reply| fetcher.read(0, 0, 20, reply)).unwrap();
+    assert_eq!(&bytes[8..17], b"\x01\x01local\x01\x01");
+}
+
+/// A restart of the generation the verifier saw bumps it: a fetch claimed
+/// before never lands, and the bytes come again.
+#[test]
+fn bytes_of_an_older_generation_never_land() {
+    let setup = setup(&[2; 3 * CHUNK_SIZE as usize], plain_journal);
+    let fetcher = &setup.fetcher;
+    let shared = &fetcher.shared;
+    let file = fetcher.file(0);
+    let claim = file.claim(1..2).remove(0);
+    assert_eq!(claim.generation, 0);
+    // Complete the rest, then pretend the verifier found the source changed.
+    file.lock().in_flight.clear();
+    file.lock().phase = Phase::Present;
+    file.lock().presence.mark(0..3);
+    shared.restart(0, 0, "changed");
+    assert_eq!(file.lock().generation, 1);
+    shared.land(0, &claim, &[9; CHUNK_SIZE as usize], Lane::OnDemand).unwrap();
+    assert!(!file.lock().presence.is_present(1), "a claim of generation 0 landed in generation 1");
+    let bytes = wait(|reply| fetcher.read(0, CHUNK_SIZE, 8, reply)).unwrap();
+    assert_eq!(bytes, [2; 8]);
+}
+
+/// Finding 8: a write whose Modified record did not reach the disk is not
+/// acknowledged.
+#[test]
+fn a_write_the_journal_cannot_record_answers_eio() {
+    let setup = setup(&[3; 1000], Journal::failing);
+    let fetcher = &setup.fetcher;
+    let err = wait(|reply| fetcher.write(0, 0, b"x".to_vec(), reply)).unwrap_err();
+    assert_eq!(err.errno, libc::EIO);
+    assert!(err.message.contains("journal"), "{err}");
+}
+
+/// A file complete without a manifest is verified from the bytes received,
+/// read under the owner's lock.
+#[test]
+fn a_complete_file_is_verified_from_what_arrived() {
+    let bytes: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+    let setup = setup(&bytes, plain_journal);
+    wait(|reply| setup.fetcher.read(0, 0, 1, reply)).unwrap();
+    wait(|reply| setup.fetcher.read(0, 0, 70_000, reply)).unwrap();
+    match settled(&setup.fetcher) {
+        Phase::Verified { hash, against } => {
+            assert_eq!(against, "received");
+            assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
+        }
+        other => panic!("{other:?}"),
+    }
+}
