@@ -611,16 +611,20 @@ impl Shared {
                 // A lost connection may come back; a file that is missing or
                 // shorter than recorded will not.
                 let whole_file = !e.is_connection_lost();
+                let stuck_here = matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
                 if !whole_file && lane == Lane::Prefetch {
-                    self.queue.push(index);
-                    let stuck_here =
-                        matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
-                    if !stuck_here {
+                    if stuck_here {
+                        log::error!("{e}");
+                        file.fail(claim, &FetchError::new(e.to_string()), false);
+                    } else {
                         // Readers of these chunks are not this failure's
                         // hostages: the on-demand lanes serve them.
                         log::warn!("{e}");
-                        return self.release(index, claim);
+                        self.release(index, claim);
                     }
+                    // Queued again only once its claim is dropped: a worker
+                    // taking it at once must find its chunks unclaimed.
+                    return self.queue.push(index);
                 }
                 (e.to_string(), whole_file)
             }
