@@ -21,6 +21,7 @@ use lazyfs::control::proto::{FileState, MountState};
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
 use lazyfs::mount::{self, MountError, MountRequest};
+use lazyfs::store::{CacheDir, StoreError};
 
 /// An error that carries its own exit code (mount failures do).
 #[derive(Debug, thiserror::Error)]
@@ -80,19 +81,9 @@ fn init_logging(command: &Command) {
     builder.init();
 }
 
-/// The cache dir's `lazyfs.log` (made with the dir if need be), to append to.
-fn open_log(cache_dir: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(cache_dir)
-        .with_context(|| format!("creating the cache dir {}", cache_dir.display()))?;
-    let log_path = cache_dir.join("lazyfs.log");
-    std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))
+/// The cache dir's `lazyfs.log` (the dir made, or checked, as a cache first), to append to.
+fn open_log(cache_dir: &Path) -> Result<std::fs::File, StoreError> {
+    CacheDir::open_cache(cache_dir)?.open_append("lazyfs.log")
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -210,7 +201,7 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
 /// Starts the background process and returns once the mount answers (0) or
 /// the process gave up (its reason and exit code).
 fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> {
-    let log = open_log(&request.cache_dir)?;
+    let log = open_log(&request.cache_dir).map_err(|e| mount_failed(e.into()))?;
     let log_path = request.cache_dir.join("lazyfs.log");
     let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
@@ -255,8 +246,6 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
         }
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     match control::Client::connect(&args.mountpoint) {

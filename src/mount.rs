@@ -36,6 +36,8 @@ pub enum MountError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("no HOME, XDG_CACHE_HOME or XDG_RUNTIME_DIR to keep a private cache in: give --cache-dir DIR")]
+    NoCacheDir,
     #[error("{}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting on {}: {source}", path.display())]
@@ -48,8 +50,11 @@ impl MountError {
             MountError::Images(_)
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
+            | MountError::NoCacheDir
             | MountError::Manifest(_) => exit::BAD_INPUT,
-            MountError::Source(SourceError::Config(_)) => exit::BAD_INPUT,
+            MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
+                exit::BAD_INPUT
+            }
             _ => exit::RUNTIME,
         }
     }
@@ -90,7 +95,7 @@ impl MountRequest {
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
         let cache_dir = match &args.cache_dir {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root),
+            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root)?,
         };
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
@@ -123,17 +128,19 @@ impl MountRequest {
     }
 }
 
-/// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`), where ID names
-/// the images and the source, so mounting them again resumes.
-pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> PathBuf {
+/// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`; without a
+/// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
+/// where ID names the images and the source, so mounting them again resumes.
+pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Result<PathBuf, MountError> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/cache/lazyfs")
+    } else if let Some(base) = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache"))) {
+        base.join("lazyfs")
+    } else if let Some(runtime) = var("XDG_RUNTIME_DIR") {
+        runtime.join("lazyfs-cache")
     } else {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from("/tmp"))
-            .join("lazyfs")
+        return Err(MountError::NoCacheDir);
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
@@ -141,7 +148,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Pat
         key.extend_from_slice(part);
         key.push(0);
     }
-    base.join(&blake3::hash(&key).to_hex()[..16])
+    Ok(base.join(&blake3::hash(&key).to_hex()[..16]))
 }
 
 /// A filesystem ready to mount: images read, source reached, cache open.
@@ -194,13 +201,14 @@ pub fn prepare_with(
     }
     // What is local is checked before the source is asked anything.
     check_mountpoint(&request.mountpoint)?;
+    registry::check()?;
     let warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
     for warning in &warnings {
         log::warn!("{warning}");
     }
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
     let store = Store::open(&request.cache_dir)?;
-    let (loaded, warning) = journal::load(&store.journal_path())?;
+    let (loaded, warning) = journal::load(store.dir())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
     }
@@ -211,7 +219,7 @@ pub fn prepare_with(
             "" => "files of an unknown checkpoint".to_string(),
             name => format!("the files of {name}"),
         };
-        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().display(), owner.name);
+        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().path().display(), owner.name);
         store.clear_spills()?;
         records.clear();
     }
@@ -239,7 +247,7 @@ pub fn prepare_with(
             Some(size) => size,
             None => match connection.stat(&file.source_path) {
                 Ok(stat) => stat.size,
-                Err(e @ SourceError::NotFound { .. }) => {
+                Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));
                     continue;
                 }
@@ -268,7 +276,7 @@ pub fn prepare_with(
         };
         files.push(Arc::new(fetch_file));
     }
-    let journal = crate::fetch::create_journal(&store.journal_path(), &owner, &files)?;
+    let journal = crate::fetch::create_journal(store.dir(), &owner, &files)?;
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -308,7 +316,7 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
                 pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
             ),
         }),
-        Err(source) => Err(MountError::Mount { path: mountpoint.to_path_buf(), source }),
+        Err(e) => Err(MountError::Store(e)),
     }
 }
 
@@ -515,7 +523,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
     };
     let (control_tx, control_rx) = mpsc::channel();
-    let server = control::Server::start(&request.cache_dir.join("control.sock"), status, prefetch, control_tx)
+    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, control_tx)
         .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
@@ -525,10 +533,9 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     });
     registry::register(&registry::Entry {
         mountpoint: mountpoint.clone(),
-        socket: server.socket().to_path_buf(),
+        socket: server.socket(),
         pid: std::process::id(),
-    })
-    .map_err(mount_err)?;
+    })?;
 
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
@@ -599,7 +606,7 @@ impl Prepared {
         if let Err(e) = fetcher.stop() {
             log::error!("{e}");
         }
-        if let Err(e) = Journal::create(&self.store.journal_path(), &self.owner, fetcher.snapshot(), Vec::new()) {
+        if let Err(e) = Journal::create(self.store.dir(), &self.owner, fetcher.snapshot(), Vec::new()) {
             log::error!("compacting the journal: {e}");
         }
     }
@@ -642,12 +649,13 @@ fn sample_rate(fs: &Arc<Filesystem>, meter: &Arc<crate::status::Meter>) {
 fn write_summary(prepared: &Prepared, started: Instant, meter: &crate::status::Meter) {
     let context = crate::status::Context { request: &prepared.request, source: &prepared.source_name, started, meter };
     let status = crate::status::snapshot(&prepared.fs, &context, true);
-    let summary = prepared.store.dir().join("summary.json");
-    let written = serde_json::to_vec_pretty(&crate::status::to_json(&status))
-        .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(&summary, json));
-    if let Err(e) = written {
-        log::error!("{}: {e}", summary.display());
+    match serde_json::to_vec_pretty(&crate::status::to_json(&status)) {
+        Ok(json) => {
+            if let Err(e) = prepared.store.dir().write_atomic("summary.json", &json) {
+                log::error!("{e}");
+            }
+        }
+        Err(e) => log::error!("summary.json: {e}"),
     }
 }
 

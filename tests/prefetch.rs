@@ -178,7 +178,9 @@ fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
 
     // What the journal says is durable, in bytes.
     let journaled = |cache: &std::path::Path| -> u64 {
-        let records = lazyfs::store::journal::read(&cache.join("journal")).unwrap().unwrap_or_default();
+        let records = lazyfs::store::journal::read(&lazyfs::store::CacheDir::open_existing_cache(cache).unwrap())
+            .unwrap()
+            .unwrap_or_default();
         records
             .values()
             .flat_map(|r| r.present.iter().map(move |run| (run.clone(), r.size)))

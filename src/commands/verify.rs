@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::store::journal;
+use crate::store::{CacheDir, StoreError, journal};
 
 pub struct Report {
     pub checked: usize,
@@ -23,28 +23,30 @@ pub enum VerifyError {
 
 /// Re-hashes every file the journal of `cache_dir` says is verified.
 pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
-    let journal_path = cache_dir.join("journal");
     let not_a_cache = |reason: String| VerifyError::NotACache { path: cache_dir.into(), reason };
-    match std::fs::metadata(&journal_path) {
-        Ok(meta) if meta.is_file() => {}
-        Ok(_) => return Err(not_a_cache("its `journal` is not a file".into())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !cache_dir.is_dir() => {
+    let dir = match CacheDir::open_existing_cache(cache_dir) {
+        Ok(dir) => dir,
+        Err(StoreError::Unsafe { reason, .. }) => return Err(not_a_cache(reason)),
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(not_a_cache("no such directory".into()));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_cache("it has no `journal`".into())),
-        Err(e) => return Err(not_a_cache(e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    if !dir.exists(journal::NAME) {
+        return Err(not_a_cache("it has no `journal`".into()));
     }
     let records =
-        journal::read(&journal_path)?.map_err(|reason| VerifyError::Journal { path: journal_path, reason })?;
+        journal::read(&dir)?.map_err(|reason| VerifyError::Journal { path: dir.join(journal::NAME), reason })?;
+    let spills = dir.subdir("spill")?;
     let mut report = Report { checked: 0, mismatched: Vec::new() };
     let mut verified: Vec<_> = records.iter().filter_map(|(path, r)| Some((path, r.verified.as_ref()?))).collect();
     verified.sort();
     for (path, (hash, against)) in verified {
         use std::os::unix::ffi::OsStrExt;
         let original = PathBuf::from(std::ffi::OsStr::from_bytes(path));
-        let spill = crate::store::spill_path(cache_dir, &original);
+        let name = crate::store::spill_name(&original);
         report.checked += 1;
-        let actual = std::fs::File::open(&spill).and_then(|mut f| {
+        let actual = spills.open_read(&name).and_then(|mut f| {
             let mut hasher = blake3::Hasher::new();
             std::io::copy(&mut f, &mut hasher)?;
             Ok(hasher.finalize())
@@ -59,7 +61,7 @@ pub fn verify_cache(cache_dir: &Path) -> Result<Report, VerifyError> {
                     blake3::Hash::from_bytes(*hash).to_hex()
                 ),
             )),
-            Err(e) => report.mismatched.push((original, format!("{}: {e}", spill.display()))),
+            Err(e) => report.mismatched.push((original, format!("{}: {e}", spills.join(&name).display()))),
         }
     }
     Ok(report)

@@ -54,6 +54,8 @@ pub enum ControlError {
     NotAMount(PathBuf),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: served by uid {uid}, not by this user: refused (not a lazyfs process of yours)", path.display())]
+    Impostor { path: PathBuf, uid: u32 },
     #[error("{}: the lazyfs process answered: {message}", path.display())]
     Refused { path: PathBuf, message: String },
     #[error("{}: the lazyfs process sent a malformed message: {reason}", path.display())]
@@ -101,6 +103,12 @@ impl Client {
         let entry = registry::find(mountpoint).ok_or_else(|| ControlError::NotAMount(mountpoint.to_path_buf()))?;
         let stream =
             UnixStream::connect(&entry.socket).map_err(|_| ControlError::NotAMount(mountpoint.to_path_buf()))?;
+        // Only a process of this user speaks for a mount of this user.
+        let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(|e| ControlError::Io { path: entry.socket.clone(), source: e.into() })?;
+        if peer.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(ControlError::Impostor { path: entry.socket, uid: peer.uid() });
+        }
         Ok(Client { mountpoint: entry.mountpoint, stream })
     }
 

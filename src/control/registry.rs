@@ -1,14 +1,17 @@
 //! Live mounts of this user, one small file each in a runtime directory:
 //! `/run/lazyfs` for root, `$XDG_RUNTIME_DIR/lazyfs` or `/tmp/lazyfs-UID` for
 //! others. An entry whose socket no longer answers is a dead mount and is removed.
+//! The directory is private to its user ([`CacheDir::open_private`]): one
+//! another user made, or others may write to, is refused.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::store::{CacheDir, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
@@ -36,10 +39,24 @@ pub fn canonical(mountpoint: &Path) -> PathBuf {
     std::fs::canonicalize(mountpoint).unwrap_or_else(|_| std::path::absolute(mountpoint).unwrap_or(mountpoint.into()))
 }
 
-fn entry_path(mountpoint: &Path) -> PathBuf {
+fn entry_name(mountpoint: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
-    let hash = blake3::hash(canonical(mountpoint).as_os_str().as_bytes());
-    dir().join(&hash.to_hex()[..16])
+    blake3::hash(canonical(mountpoint).as_os_str().as_bytes()).to_hex()[..16].to_string()
+}
+
+/// The registry directory, or none (with a warning) when it is not safe to use.
+fn open_dir() -> Option<CacheDir> {
+    CacheDir::open_private(&dir()).map_err(|e| log::warn!("{e}")).ok()
+}
+
+/// Whether the registry directory may be used (before anything is mounted).
+pub fn check() -> Result<(), StoreError> {
+    CacheDir::open_private(&dir()).map(drop)
+}
+
+pub fn register(entry: &Entry) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(entry).map_err(|e| StoreError::Io { path: dir(), source: e.into() })?;
+    CacheDir::open_private(&dir())?.write_atomic(&entry_name(&entry.mountpoint), &json)
 }
 
 /// A mountpoint claimed by this process: held (a lock on a file next to the
@@ -51,59 +68,58 @@ pub struct Claim {
 
 /// Claims `mountpoint`; when another process holds it, `Err` with its pid
 /// (if it said).
-pub fn claim(mountpoint: &Path) -> std::io::Result<Result<Claim, Option<u32>>> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir())?;
-    let path = entry_path(mountpoint).with_extension("lock");
-    let file = File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
+pub fn claim(mountpoint: &Path) -> Result<Result<Claim, Option<u32>>, StoreError> {
+    let name = format!("{}.lock", entry_name(mountpoint));
+    let file = CacheDir::open_private(&dir())?.open_rw(&name)?;
+    let io = |source| StoreError::Io { path: dir().join(&name), source };
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(mut locked) => {
-            locked.set_len(0)?;
-            locked.rewind()?;
-            write!(locked, "{}", std::process::id())?;
+            locked.set_len(0).map_err(io)?;
+            locked.rewind().map_err(io)?;
+            write!(locked, "{}", std::process::id()).map_err(io)?;
             Ok(Ok(Claim { _lock: locked }))
         }
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut pid = String::new();
-            file.read_to_string(&mut pid)?;
+            file.read_to_string(&mut pid).map_err(io)?;
             Ok(Err(pid.trim().parse().ok()))
         }
-        Err((_, e)) => Err(e.into()),
+        Err((_, e)) => Err(io(e.into())),
     }
 }
 
-pub fn register(entry: &Entry) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir())?;
-    let path = entry_path(&entry.mountpoint);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(entry).map_err(std::io::Error::other)?)?;
-    std::fs::rename(tmp, path)
-}
-
 pub fn unregister(mountpoint: &Path) {
-    let _ = std::fs::remove_file(entry_path(mountpoint));
+    if let Some(dir) = open_dir() {
+        let _ = dir.remove(entry_name(mountpoint));
+    }
 }
 
 /// The live entry for `mountpoint`, if a process answers on its socket.
 pub fn find(mountpoint: &Path) -> Option<Entry> {
-    let path = entry_path(mountpoint);
-    let entry: Entry = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+    find_in(&open_dir()?, entry_name(mountpoint).as_ref())
+}
+
+fn find_in(dir: &CacheDir, name: &std::ffi::OsStr) -> Option<Entry> {
+    let entry: Entry = serde_json::from_slice(&dir.read(name).ok()?).ok()?;
     if UnixStream::connect(&entry.socket).is_ok() {
         Some(entry)
     } else {
-        let _ = std::fs::remove_file(path);
+        let _ = dir.remove(name);
         None
     }
 }
 
 /// Every live mount; dead entries are removed on the way.
 pub fn list() -> Vec<Entry> {
-    let Ok(entries) = std::fs::read_dir(dir()) else {
+    let Some(dir) = open_dir() else {
         return Vec::new();
     };
-    let mut live: Vec<Entry> = entries
-        .flatten()
-        .filter_map(|e| serde_json::from_slice::<Entry>(&std::fs::read(e.path()).ok()?).ok())
-        .filter_map(|entry| find(&entry.mountpoint))
+    let mut live: Vec<Entry> = dir
+        .names()
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| Path::new(n).extension().is_none())
+        .filter_map(|name| find_in(&dir, name))
         .collect();
     live.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
     live

@@ -2,13 +2,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use super::proto::{PrefetchStarted, Request, Response, Status, UmountDone, request, response};
 use super::{read_message, write_message};
+use crate::store::CacheDir;
 
 /// What the control socket asks of the mount's main loop.
 pub enum ControlEvent {
@@ -17,7 +18,8 @@ pub enum ControlEvent {
 }
 
 pub struct Server {
-    socket: PathBuf,
+    dir: CacheDir,
+    name: &'static str,
 }
 
 /// Makes a snapshot of the mount (per file, or only its totals).
@@ -27,16 +29,20 @@ pub type StatusHook = Arc<dyn Fn(bool) -> Status + Send + Sync>;
 pub type PrefetchHook = Arc<dyn Fn(&[Vec<u8>]) -> Result<u64, String> + Send + Sync>;
 
 impl Server {
-    /// Listens on `socket` (mode 0600); `status` makes a snapshot on demand.
+    /// Listens on `name` (mode 0600) in `dir`, bound through the directory's
+    /// descriptor; `status` makes a snapshot on demand.
     pub fn start(
-        socket: &Path,
+        dir: &CacheDir,
+        name: &'static str,
         status: StatusHook,
         prefetch: PrefetchHook,
         events: Sender<ControlEvent>,
     ) -> std::io::Result<Server> {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        let dir = dir.try_clone()?;
+        dir.remove(name)?;
+        let pinned = dir.pinned(name);
+        let listener = UnixListener::bind(&pinned)?;
+        std::fs::set_permissions(&pinned, std::fs::Permissions::from_mode(0o600))?;
         std::thread::Builder::new().name("lazyfs-control".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (status, prefetch, events) = (status.clone(), prefetch.clone(), events.clone());
@@ -45,17 +51,17 @@ impl Server {
                     .spawn(move || serve_client(stream, status, prefetch, &events));
             }
         })?;
-        Ok(Server { socket: socket.to_path_buf() })
+        Ok(Server { dir, name })
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(self.name)
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
+        let _ = self.dir.remove(self.name);
     }
 }
 

@@ -35,7 +35,7 @@ use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
-use crate::store::{CHUNK_SIZE, Presence, SpillFile, StoreError};
+use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
 pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
@@ -1112,7 +1112,7 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now.
-pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchFile>]) -> Result<Journal, StoreError> {
+pub fn create_journal(dir: &CacheDir, owner: &Owner, files: &[Arc<FetchFile>]) -> Result<Journal, StoreError> {
     let journal_files = files
         .iter()
         .map(|f| journal::JournalFile {
@@ -1121,7 +1121,7 @@ pub fn create_journal(path: &std::path::Path, owner: &Owner, files: &[Arc<FetchF
             spill: f.spill.path().to_path_buf(),
         })
         .collect();
-    Journal::create(path, owner, snapshot(files), journal_files)
+    Journal::create(dir, owner, snapshot(files), journal_files)
 }
 
 #[cfg(test)]

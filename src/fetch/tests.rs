@@ -23,8 +23,7 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
     let source: Arc<dyn Source> =
         crate::source::open(&SourceSpec::Local(dir.path().join("root")), Path::new("/")).unwrap().into();
     let size = bytes.len() as u64;
-    let spills = Arc::new(crate::store::OpenSpills::new(16));
-    let (spill, len) = SpillFile::open(&dir.path().join("spill"), Some(size), false, &spills).unwrap();
+    let (spill, len) = SpillFile::open_path(&dir.path().join("spill"), Some(size), false).unwrap();
     let spec = restore::FileSpec {
         path: PathBuf::from("/f"),
         source_path: PathBuf::from("/f"),
@@ -41,7 +40,8 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
 }
 
 fn plain_journal(dir: &Path) -> Journal {
-    Journal::create(&dir.join("journal"), &Owner::default(), Vec::new(), Vec::new()).unwrap()
+    let cache = crate::store::CacheDir::open_cache(&dir.join("cache")).unwrap();
+    Journal::create(&cache, &Owner::default(), Vec::new(), Vec::new()).unwrap()
 }
 
 fn wait<T: Send + 'static>(op: impl FnOnce(Reply<T>)) -> Result<T, FetchError> {

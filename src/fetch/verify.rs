@@ -88,8 +88,12 @@ fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Re
                     shared.restart(index, generation, "changed on the source during the transfer");
                     return;
                 }
-                // An empty file brought no bytes: only this look says it exists.
-                Some(Err(e @ SourceError::NotFound { .. })) if size == 0 => {
+                // A symlink or another kind of file there now; or an empty
+                // file, which brought no bytes: only this look says it exists.
+                Some(Err(e))
+                    if matches!(e, SourceError::Changed { .. })
+                        || (matches!(e, SourceError::NotFound { .. }) && size == 0) =>
+                {
                     return file.fail_file(e.to_string());
                 }
                 // Every byte arrived and matched the recorded size: keep them.

@@ -1,28 +1,38 @@
 //! A local directory holding the old host's root (a snapshot, a mounted disk).
+//! Every path is resolved below the root's descriptor without following a
+//! symlink (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so nothing
+//! resolves outside the root, and only regular files are opened for reading.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 
 use super::{Connection, Source, SourceError, SourceStat, WholeRead, relative};
 
 pub struct LocalSource {
     root: PathBuf,
+    fd: Arc<OwnedFd>,
 }
 
 impl LocalSource {
     pub fn new(root: &Path) -> Result<Self, SourceError> {
-        match std::fs::metadata(root) {
-            Ok(meta) if meta.is_dir() => Ok(LocalSource { root: root.to_path_buf() }),
-            Ok(_) => Err(SourceError::Config(format!("{}: not a directory", root.display()))),
-            Err(source) => Err(SourceError::Io { path: root.to_path_buf(), source }),
+        match nix::fcntl::open(root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) {
+            Ok(fd) => Ok(LocalSource { root: root.to_path_buf(), fd: Arc::new(fd) }),
+            Err(Errno::ENOTDIR) => Err(SourceError::Config(format!("{}: not a directory", root.display()))),
+            Err(e) => Err(SourceError::Io { path: root.to_path_buf(), source: e.into() }),
         }
     }
 }
 
 impl Source for LocalSource {
     fn connect_within(&self, _time: std::time::Duration) -> Result<Box<dyn Connection>, SourceError> {
-        Ok(Box::new(LocalConnection { root: self.root.clone(), open: None }))
+        Ok(Box::new(LocalConnection { root: self.root.clone(), fd: self.fd.clone(), open: None }))
     }
 
     fn describe(&self) -> String {
@@ -31,7 +41,9 @@ impl Source for LocalSource {
 }
 
 struct LocalConnection {
+    /// The root, for messages; paths are resolved below `fd`.
     root: PathBuf,
+    fd: Arc<OwnedFd>,
     /// The last file read, and in which generation: consecutive reads of one
     /// file reuse its descriptor.
     open: Option<(PathBuf, u64, File)>,
@@ -42,29 +54,76 @@ impl LocalConnection {
         self.root.join(relative(path))
     }
 
+    /// `path` below the root, never through a symlink, with `flags`.
+    fn resolve(&self, path: &Path, flags: OFlag) -> Result<File, SourceError> {
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        match nix::fcntl::openat2(&*self.fd, relative(path), how) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(Errno::ELOOP | Errno::EXDEV) => {
+                Err(SourceError::Changed { path: path.to_path_buf(), reason: "reached through a symbolic link".into() })
+            }
+            Err(e) => Err(io_error(path, &self.full(path), e.into())),
+        }
+    }
+
+    /// The regular file at `path`: looked at first without opening it (a
+    /// FIFO or a device is never opened), then opened and checked to be the
+    /// same file.
+    fn open_regular(&self, path: &Path) -> Result<(File, std::fs::Metadata), SourceError> {
+        let looked = self.resolve(path, OFlag::O_PATH)?;
+        let meta = self.regular(path, &looked)?;
+        let file = self.resolve(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
+        let opened = self.regular(path, &file)?;
+        if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+            let reason = "replaced while it was being opened".into();
+            return Err(SourceError::Changed { path: path.to_path_buf(), reason });
+        }
+        Ok((file, opened))
+    }
+
     fn file(&mut self, path: &Path, generation: u64) -> Result<&File, SourceError> {
         if self.open.as_ref().is_none_or(|(p, g, _)| p != path || *g != generation) {
-            // O_NONBLOCK: a FIFO where the file was must not block the open
-            // (it has no effect on a regular file's reads).
-            let full = self.full(path);
-            let file = File::options()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&full)
-                .map_err(|e| io_error(path, &full, e))?;
-            if !file.metadata().map_err(|e| io_error(path, &full, e))?.is_file() {
-                return Err(io_error(path, &full, std::io::Error::other("not a regular file on the source")));
-            }
+            let (file, _) = self.open_regular(path)?;
             self.open = Some((path.to_path_buf(), generation, file));
         }
         Ok(&self.open.as_ref().expect("just opened").2)
+    }
+
+    /// The metadata of `file`, a regular file.
+    fn regular(&self, path: &Path, file: &File) -> Result<std::fs::Metadata, SourceError> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata().map_err(|e| io_error(path, &self.full(path), e))?;
+        let kind = meta.file_type();
+        let irregular = match () {
+            _ if kind.is_file() => return Ok(meta),
+            _ if kind.is_symlink() => "a symbolic link",
+            _ if kind.is_dir() => "a directory",
+            _ if kind.is_fifo() => "a FIFO",
+            _ if kind.is_socket() => "a socket",
+            _ if kind.is_char_device() || kind.is_block_device() => "a device",
+            _ => "not a regular file",
+        };
+        Err(SourceError::Changed { path: path.to_path_buf(), reason: format!("now {irregular}") })
+    }
+
+    /// Whether the file has a byte at `offset` (it grew past a recorded size).
+    fn has_byte_at(&mut self, path: &Path, offset: u64) -> Result<bool, SourceError> {
+        let file = self.file(path, 0)?;
+        loop {
+            match file.read_at(&mut [0u8], offset) {
+                Ok(n) => return Ok(n > 0),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(path, &self.full(path), e)),
+            }
+        }
     }
 }
 
 impl Connection for LocalConnection {
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let full = self.full(path);
-        let meta = std::fs::metadata(&full).map_err(|e| io_error(path, &full, e))?;
+        let meta = self.regular(path, &self.resolve(path, OFlag::O_PATH)?)?;
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
     }
 
@@ -103,20 +162,6 @@ impl Connection for LocalConnection {
     }
 }
 
-impl LocalConnection {
-    /// Whether the file has a byte at `offset` (it grew past a recorded size).
-    fn has_byte_at(&mut self, path: &Path, offset: u64) -> Result<bool, SourceError> {
-        let file = self.file(path, 0)?;
-        loop {
-            match file.read_at(&mut [0u8], offset) {
-                Ok(n) => return Ok(n > 0),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(path, &self.full(path), e)),
-            }
-        }
-    }
-}
-
 fn io_error(path: &Path, full: &Path, source: std::io::Error) -> SourceError {
     if source.kind() == std::io::ErrorKind::NotFound {
         SourceError::NotFound { path: path.to_path_buf(), looked: full.display().to_string() }
@@ -144,5 +189,40 @@ mod tests {
         assert!(matches!(err, SourceError::Short { end: 10, wanted: 12, .. }), "{err}");
         let err = conn.stat(Path::new("/missing")).unwrap_err();
         assert!(matches!(err, SourceError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn symlinks_and_irregular_files_are_changed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+        std::fs::create_dir_all(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/real"), b"real").unwrap();
+        // An absolute link out of the root, a relative one inside it, a link
+        // on the way, and a FIFO (which would block an open for reading).
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("d/real", dir.path().join("rel")).unwrap();
+        std::os::unix::fs::symlink("d", dir.path().join("via")).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("fifo"), Mode::S_IRWXU).unwrap();
+        let source = LocalSource::new(dir.path()).unwrap();
+        let mut conn = source.connect().unwrap();
+        let mut buf = [0u8; 4];
+        for (path, reason) in [
+            ("/abs", "symbolic link"),
+            ("/rel", "symbolic link"),
+            ("/via/real", "symbolic link"),
+            ("/fifo", "now a FIFO"),
+            ("/d", "now a directory"),
+        ] {
+            for err in [
+                conn.stat(Path::new(path)).unwrap_err(),
+                conn.read_exact_at(Path::new(path), 0, 0, &mut buf).unwrap_err(),
+            ] {
+                assert!(matches!(err, SourceError::Changed { .. }), "{path}: {err}");
+                assert!(err.to_string().contains(reason), "{path}: {err}");
+            }
+        }
+        conn.read_exact_at(Path::new("/d/real"), 0, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"real");
     }
 }

@@ -129,6 +129,8 @@ pub enum SourceError {
     Short { path: PathBuf, end: u64, wanted: u64 },
     #[error("{}: the source file is longer than the {size} bytes the images record: changed since the checkpoint", path.display())]
     Longer { path: PathBuf, size: u64 },
+    #[error("{}: {reason} on the source: changed since the checkpoint, not served", path.display())]
+    Changed { path: PathBuf, reason: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot connect to {addr}: {source}")]

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::Limits;
@@ -20,10 +20,13 @@ const VERSION: u8 = 2;
 const OPEN: u8 = 3;
 const CLOSE: u8 = 4;
 const READ: u8 = 5;
-const STAT: u8 = 17;
+const LSTAT: u8 = 7;
+const FSTAT: u8 = 8;
+const REALPATH: u8 = 16;
 const STATUS: u8 = 101;
 const HANDLE: u8 = 102;
 const DATA: u8 = 103;
+const NAME: u8 = 104;
 const ATTRS: u8 = 105;
 
 const FX_OK: u32 = 0;
@@ -51,6 +54,9 @@ pub enum SftpError {
     Short { end: u64 },
     /// The file is longer than the bytes asked for (read whole).
     Longer,
+    /// The path is not the regular file it was: a symlink on the way, another
+    /// kind of file, or a file swapped while it was opened.
+    Changed(String),
     /// The channel or the protocol broke: the connection is unusable.
     Broken(String),
     /// The server did not answer within the limits: the connection is unusable.
@@ -72,8 +78,80 @@ impl From<std::io::Error> for SftpError {
     }
 }
 
-/// Size and mtime, or why not.
-pub type StatResult = Result<(u64, u32), SftpError>;
+/// What the server says of a file (SFTP v3 ATTRS), as far as it says it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attrs {
+    pub size: Option<u64>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// `st_mode`, file type bits included (OpenSSH sends them).
+    pub mode: Option<u32>,
+    pub mtime: Option<u32>,
+}
+
+impl Attrs {
+    fn parse(body: &[u8]) -> Option<Attrs> {
+        let word = |at: usize| body.get(at..at + 4).map(|w| u32::from_be_bytes(w.try_into().expect("4")));
+        let flags = word(0)?;
+        let mut attrs = Attrs::default();
+        let mut at = 4;
+        if flags & 1 != 0 {
+            attrs.size = Some(u64::from_be_bytes(body.get(at..at + 8)?.try_into().ok()?));
+            at += 8;
+        }
+        if flags & 2 != 0 {
+            (attrs.uid, attrs.gid) = (Some(word(at)?), Some(word(at + 4)?));
+            at += 8;
+        }
+        if flags & 4 != 0 {
+            attrs.mode = Some(word(at)?);
+            at += 4;
+        }
+        if flags & 8 != 0 {
+            attrs.mtime = Some(word(at + 4)?);
+        }
+        Some(attrs)
+    }
+
+    /// What kind of file this is, if it is not a regular file.
+    fn irregular(&self) -> Option<&'static str> {
+        match self.mode.map(|m| m & libc::S_IFMT) {
+            Some(libc::S_IFREG) => None,
+            Some(libc::S_IFLNK) => Some("a symbolic link"),
+            Some(libc::S_IFDIR) => Some("a directory"),
+            Some(libc::S_IFIFO) => Some("a FIFO"),
+            Some(libc::S_IFSOCK) => Some("a socket"),
+            Some(libc::S_IFCHR | libc::S_IFBLK) => Some("a device"),
+            Some(_) => Some("not a regular file"),
+            None => Some("of a kind the server does not tell"),
+        }
+    }
+}
+
+/// Checks what LSTAT and REALPATH said of `path`: it must be a regular file
+/// reached without a symlink (REALPATH gives back `path` itself).
+fn check_lookup(path: &Path, real: &[u8], lstat: &Attrs) -> Result<(), SftpError> {
+    if let Some(kind) = lstat.irregular() {
+        return Err(SftpError::Changed(format!("now {kind}")));
+    }
+    if real != path.as_os_str().as_bytes() {
+        return Err(SftpError::Changed(format!(
+            "reached through a symbolic link (it resolves to {})",
+            String::from_utf8_lossy(real)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks FSTAT of the opened handle against LSTAT of the path before the
+/// OPEN: a file swapped in between (a symlink there only while it was
+/// opened) shows as another owner, mode, size or time.
+fn check_opened(lstat: &Attrs, fstat: &Attrs) -> Result<(), SftpError> {
+    if fstat.irregular().is_some() || fstat != lstat {
+        return Err(SftpError::Changed("replaced while it was being opened".into()));
+    }
+    Ok(())
+}
 
 /// One file of a batched read: read `buf.len()` bytes from the start of `path`.
 pub struct FileRead<'a> {
@@ -104,10 +182,27 @@ enum Reply {
     Handle(Vec<u8>),
     /// DATA: how many bytes were placed in the request's destination.
     Data(usize),
-    Attrs {
-        size: Option<u64>,
-        mtime: Option<u32>,
-    },
+    Attrs(Attrs),
+    /// NAME: the first name (REALPATH answers with one).
+    Name(Vec<u8>),
+}
+
+impl Reply {
+    fn attrs(self, what: &str) -> Result<Attrs, SftpError> {
+        match self {
+            Reply::Attrs(attrs) => Ok(attrs),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken(format!("unexpected reply to {what}"))),
+        }
+    }
+
+    fn name(self) -> Result<Vec<u8>, SftpError> {
+        match self {
+            Reply::Name(name) => Ok(name),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken("unexpected reply to REALPATH".into())),
+        }
+    }
 }
 
 impl Sftp {
@@ -285,7 +380,13 @@ impl<C: Read + Write> Sftp<C> {
             }
             ATTRS => {
                 let body = self.read_body(rest)?;
-                Reply::Attrs { size: attrs_size(&body), mtime: attrs_mtime(&body) }
+                Reply::Attrs(Attrs::parse(&body).ok_or_else(|| SftpError::Broken("truncated ATTRS".into()))?)
+            }
+            NAME => {
+                let body = self.read_body(rest)?;
+                let len = body.get(4..8).map(|l| u32::from_be_bytes(l.try_into().expect("4")) as usize);
+                let name = len.and_then(|l| body.get(8..8usize.checked_add(l)?));
+                Reply::Name(name.ok_or_else(|| SftpError::Broken("a NAME without a name".into()))?.to_vec())
             }
             other => {
                 self.skip(rest)?;
@@ -305,73 +406,60 @@ impl<C: Read + Write> Sftp<C> {
         Ok(reply)
     }
 
-    fn stat_request(&mut self, path: &Path) -> u32 {
+    fn path_request(&mut self, kind: u8, path: &Path) -> u32 {
         let name = Self::string(path.as_os_str().as_bytes());
-        self.request(STAT, &[&name])
+        self.request(kind, &[&name])
     }
 
-    fn stat_reply(reply: Reply) -> StatResult {
-        match reply {
-            Reply::Attrs { size, mtime } => Ok((size.unwrap_or(0), mtime.unwrap_or(0))),
-            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-            _ => Err(SftpError::Broken("unexpected reply to STAT".into())),
-        }
-    }
-
-    fn open_reply(reply: Reply) -> Result<Vec<u8>, SftpError> {
-        match reply {
-            Reply::Handle(handle) => Ok(handle),
-            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-            _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
-        }
-    }
-
-    /// Size and mtime of `path`.
-    pub fn stat(&mut self, path: &Path) -> Result<(u64, u32), SftpError> {
-        let id = self.stat_request(path);
-        Self::stat_reply(self.call(id)?)
-    }
-
-    /// STAT then OPEN of `path` in one round trip (the server answers them
-    /// in order): the size and mtime are the file's as of before the open.
-    pub fn stat_open(&mut self, path: &Path) -> Result<(StatResult, Result<Vec<u8>, SftpError>), SftpError> {
-        let stat_id = self.stat_request(path);
-        let open_id = self.open_request(path);
-        self.flush()?;
-        let (mut stat, mut open) = (None, None);
-        while stat.is_none() || open.is_none() {
-            match self.reply(|_| None)? {
-                (id, reply) if id == stat_id && stat.is_none() => stat = Some(Self::stat_reply(reply)),
-                (id, reply) if id == open_id && open.is_none() => open = Some(Self::open_reply(reply)),
-                (id, _) => return Err(SftpError::Broken(format!("a reply to unknown request {id}"))),
-            }
-        }
-        Ok((stat.expect("answered"), open.expect("answered")))
-    }
-
-    /// Size and mtime of each of `paths`, the STATs pipelined.
-    pub fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<StatResult>, SftpError> {
-        let mut results: Vec<Option<StatResult>> = paths.iter().map(|_| None).collect();
-        let mut in_flight: HashMap<u32, usize> = HashMap::new();
+    /// LSTAT and REALPATH of each of `paths`, pipelined: the attributes of
+    /// each, or why it is not the regular file it was (see [`check_lookup`]).
+    pub fn lookup_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<Attrs, SftpError>>, SftpError> {
+        type Half = Option<Result<Reply, SftpError>>;
+        let mut replies: Vec<(Half, Half)> = paths.iter().map(|_| (None, None)).collect();
+        // Request id -> (path index, whether it is the REALPATH).
+        let mut in_flight: HashMap<u32, (usize, bool)> = HashMap::new();
         let mut next = 0;
         while next < paths.len() || !in_flight.is_empty() {
-            while in_flight.len() < FILES_IN_FLIGHT && next < paths.len() {
-                let id = self.stat_request(paths[next]);
-                in_flight.insert(id, next);
+            while in_flight.len() < 2 * FILES_IN_FLIGHT && next < paths.len() {
+                in_flight.insert(self.path_request(LSTAT, paths[next]), (next, false));
+                in_flight.insert(self.path_request(REALPATH, paths[next]), (next, true));
                 next += 1;
             }
             self.flush()?;
             let (id, reply) = self.reply(|_| None)?;
-            let index =
+            let (index, real) =
                 in_flight.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
-            results[index] = Some(Self::stat_reply(reply));
+            let slot = if real { &mut replies[index].1 } else { &mut replies[index].0 };
+            *slot = Some(Ok(reply));
         }
-        Ok(results.into_iter().map(|r| r.expect("every request answered")).collect())
+        Ok(paths
+            .iter()
+            .zip(replies)
+            .map(|(path, (lstat, real))| {
+                let lstat = lstat.expect("answered")?.attrs("LSTAT")?;
+                check_lookup(path, &real.expect("answered")?.name()?, &lstat)?;
+                Ok(lstat)
+            })
+            .collect())
     }
 
-    pub fn open(&mut self, path: &Path) -> Result<Vec<u8>, SftpError> {
+    /// The path the server resolves `path` to (no symlink on the way).
+    pub fn realpath(&mut self, path: &Path) -> Result<PathBuf, SftpError> {
+        let id = self.path_request(REALPATH, path);
+        Ok(PathBuf::from(std::ffi::OsString::from_vec(self.call(id)?.name()?)))
+    }
+
+    /// Opens `path` for reading once LSTAT and REALPATH say it is the regular
+    /// file it was (a FIFO is never opened: the server would block on it).
+    /// Returns the handle and the attributes to check FSTAT against.
+    pub fn open_checked(&mut self, path: &Path) -> Result<(Vec<u8>, Attrs), SftpError> {
+        let lstat = self.lookup_many(&[path])?.pop().expect("one path")?;
         let id = self.open_request(path);
-        Self::open_reply(self.call(id)?)
+        match self.call(id)? {
+            Reply::Handle(handle) => Ok((handle, lstat)),
+            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
+            _ => Err(SftpError::Broken("unexpected reply to OPEN".into())),
+        }
     }
 
     pub fn close(&mut self, handle: &[u8]) -> Result<(), SftpError> {
@@ -384,13 +472,26 @@ impl<C: Read + Write> Sftp<C> {
     }
 
     /// Fills `buf` from `offset` of the open file `handle`, with up to DEPTH
-    /// requests of REQUEST bytes in flight.
-    pub fn read_exact_at(&mut self, handle: &[u8], offset: u64, buf: &mut [u8]) -> Result<(), SftpError> {
+    /// requests of REQUEST bytes in flight. With `check`, the LSTAT of a
+    /// handle just opened, FSTAT goes along with the first READs and must
+    /// agree with it ([`check_opened`]).
+    pub fn read_exact_at(
+        &mut self,
+        handle: &[u8],
+        offset: u64,
+        buf: &mut [u8],
+        check: Option<&Attrs>,
+    ) -> Result<(), SftpError> {
         let total = buf.len() as u64;
         // Request id -> (start within buf, bytes asked).
         let mut in_flight: HashMap<u32, (u64, u64)> = HashMap::new();
         let mut next = 0u64;
         let mut failure: Option<SftpError> = None;
+        let fstat = check.map(|_| {
+            let handle = Self::string(handle);
+            self.request(FSTAT, &[&handle])
+        });
+        let mut opened: Option<Reply> = None;
         loop {
             while failure.is_none() && in_flight.len() < DEPTH && next < total {
                 let len = REQUEST.min(total - next);
@@ -398,7 +499,7 @@ impl<C: Read + Write> Sftp<C> {
                 in_flight.insert(id, (next, len));
                 next += len;
             }
-            if in_flight.is_empty() {
+            if in_flight.is_empty() && (fstat.is_none() || opened.is_some()) {
                 break;
             }
             self.flush()?;
@@ -408,6 +509,10 @@ impl<C: Read + Write> Sftp<C> {
                     &mut buf[start..start + len as usize]
                 })
             })?;
+            if Some(id) == fstat {
+                opened = Some(reply);
+                continue;
+            }
             let Some((start, len)) = in_flight.remove(&id) else {
                 return Err(SftpError::Broken(format!("a reply to unknown request {id}")));
             };
@@ -437,38 +542,69 @@ impl<C: Read + Write> Sftp<C> {
                 _ => return Err(SftpError::Broken("unexpected reply to READ".into())),
             }
         }
+        if let (Some(lstat), Some(reply)) = (check, opened) {
+            check_opened(lstat, &reply.attrs("FSTAT")?)?;
+        }
         failure.map_or(Ok(()), Err)
     }
 
-    /// Reads many whole files at once: the OPEN of the next files, the READs
-    /// of those open (several per file), and the CLOSEs of those done all
-    /// overlap. Each file is read one byte past its expected size, so a file
-    /// that grew says so in the same replies, without a STAT.
+    /// Reads many whole files at once: the LSTAT and REALPATH, OPEN, FSTAT
+    /// of the next files (checked as in [`Sftp::open_checked`] and
+    /// [`Sftp::read_exact_at`]), the READs of those open (several per file),
+    /// and the CLOSEs of those done all overlap. Each file is read one byte
+    /// past its expected size, so a file that grew says so in the same
+    /// replies, without a STAT.
     pub fn read_files(&mut self, files: &mut [FileRead<'_>]) -> Result<(), SftpError> {
         enum Step {
+            /// File, and whether this is its REALPATH (else its LSTAT).
+            Looking(usize, bool),
             Opening(usize),
+            Fstat(usize),
             /// File, start, bytes asked.
             Reading(usize, u64, u64),
             Closing,
         }
+        #[derive(Default)]
         struct Progress {
+            lstat: Option<Reply>,
+            real: Option<Reply>,
+            /// What LSTAT said, for FSTAT to agree with.
+            looked: Attrs,
+            checking: bool,
             handle: Option<Vec<u8>>,
             /// Bytes asked for so far (up to size + 1).
             asked: u64,
             reads: usize,
         }
         let mut steps: HashMap<u32, Step> = HashMap::new();
-        let mut progress: Vec<Progress> = files.iter().map(|_| Progress { handle: None, asked: 0, reads: 0 }).collect();
+        let mut progress: Vec<Progress> = files.iter().map(|_| Progress::default()).collect();
         let mut next_file = 0;
+        // Files open (OPEN sent, not yet closed); files being looked at, and
+        // those that passed, waiting for an open slot: the looks of the next
+        // files overlap the reads of those open, so they add no round trip.
         let mut open_files = 0;
+        let mut looking = 0;
+        let mut ready: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
         loop {
-            while open_files < FILES_IN_FLIGHT && next_file < files.len() {
-                let id = self.open_request(files[next_file].path);
-                steps.insert(id, Step::Opening(next_file));
-                next_file += 1;
+            while open_files < FILES_IN_FLIGHT
+                && let Some(i) = ready.pop_front()
+            {
+                steps.insert(self.open_request(files[i].path), Step::Opening(i));
                 open_files += 1;
             }
+            while looking + ready.len() < FILES_IN_FLIGHT && next_file < files.len() {
+                steps.insert(self.path_request(LSTAT, files[next_file].path), Step::Looking(next_file, false));
+                steps.insert(self.path_request(REALPATH, files[next_file].path), Step::Looking(next_file, true));
+                next_file += 1;
+                looking += 1;
+            }
             if steps.is_empty() {
+                // A file is never taken as read unless every byte was asked for.
+                for (file, progress) in files.iter_mut().zip(&progress) {
+                    if file.result.is_ok() && progress.asked <= file.buf.len() as u64 {
+                        file.result = Err(SftpError::Broken("the pipeline ended before the file was read".into()));
+                    }
+                }
                 return Ok(());
             }
             let answered = self.flush().and_then(|()| {
@@ -489,7 +625,9 @@ impl<C: Read + Write> Sftp<C> {
                     let stuck = steps
                         .iter()
                         .filter_map(|(&id, step)| match *step {
-                            Step::Opening(i) | Step::Reading(i, ..) => Some((id, i)),
+                            Step::Looking(i, _) | Step::Opening(i) | Step::Fstat(i) | Step::Reading(i, ..) => {
+                                Some((id, i))
+                            }
                             Step::Closing => None,
                         })
                         .min();
@@ -507,9 +645,45 @@ impl<C: Read + Write> Sftp<C> {
                     open_files -= 1;
                     continue;
                 }
+                Step::Looking(i, real) => {
+                    let p = &mut progress[i];
+                    *(if real { &mut p.real } else { &mut p.lstat }) = Some(reply);
+                    let looked = match (p.lstat.take(), p.real.take()) {
+                        (Some(lstat), Some(real)) => lstat.attrs("LSTAT").and_then(|lstat| {
+                            check_lookup(files[i].path, &real.name()?, &lstat)?;
+                            Ok(lstat)
+                        }),
+                        // The other half is still to come.
+                        (lstat, real) => {
+                            (p.lstat, p.real) = (lstat, real);
+                            continue;
+                        }
+                    };
+                    looking -= 1;
+                    match looked {
+                        Ok(lstat) => {
+                            p.looked = lstat;
+                            ready.push_back(i);
+                        }
+                        Err(e) => files[i].result = Err(e),
+                    }
+                    continue;
+                }
+                Step::Fstat(i) => {
+                    progress[i].checking = false;
+                    if let Err(e) = reply.attrs("FSTAT").and_then(|fstat| check_opened(&progress[i].looked, &fstat)) {
+                        files[i].result = Err(e);
+                    }
+                    i
+                }
                 Step::Opening(i) => {
                     match reply {
-                        Reply::Handle(handle) => progress[i].handle = Some(handle),
+                        Reply::Handle(handle) => {
+                            let id = self.request(FSTAT, &[&Self::string(&handle)]);
+                            steps.insert(id, Step::Fstat(i));
+                            progress[i].checking = true;
+                            progress[i].handle = Some(handle);
+                        }
                         Reply::Status { code, message } => {
                             files[i].result = Err(SftpError::Status { code, message });
                             open_files -= 1;
@@ -560,7 +734,9 @@ impl<C: Read + Write> Sftp<C> {
                 progress[file].asked += len;
                 progress[file].reads += 1;
             }
-            let finished = progress[file].reads == 0 && (files[file].result.is_err() || progress[file].asked > size);
+            let finished = progress[file].reads == 0
+                && !progress[file].checking
+                && (files[file].result.is_err() || progress[file].asked > size);
             if finished && progress[file].handle.is_some() {
                 let handle = progress[file].handle.take().expect("open");
                 let id = self.close_request(&handle);
@@ -568,32 +744,6 @@ impl<C: Read + Write> Sftp<C> {
             }
         }
     }
-}
-
-fn attrs_size(body: &[u8]) -> Option<u64> {
-    let flags = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    if flags & 1 == 0 {
-        return None;
-    }
-    Some(u64::from_be_bytes(body.get(4..12)?.try_into().ok()?))
-}
-
-fn attrs_mtime(body: &[u8]) -> Option<u32> {
-    let flags = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    let mut at = 4;
-    if flags & 1 != 0 {
-        at += 8;
-    }
-    if flags & 2 != 0 {
-        at += 8;
-    }
-    if flags & 4 != 0 {
-        at += 4;
-    }
-    if flags & 8 == 0 {
-        return None;
-    }
-    Some(u32::from_be_bytes(body.get(at + 4..at + 8)?.try_into().ok()?))
 }
 
 #[cfg(test)]
@@ -633,6 +783,38 @@ mod tests {
         packet(DATA, &body)
     }
 
+    /// ATTRS of a file of `mode` (type bits included), 10 bytes, owned by root.
+    fn attrs(id: u32, mode: u32) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&15u32.to_be_bytes());
+        body.extend_from_slice(&10u64.to_be_bytes());
+        body.extend_from_slice(&[0; 8]);
+        body.extend_from_slice(&mode.to_be_bytes());
+        body.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2]);
+        packet(ATTRS, &body)
+    }
+
+    /// A NAME reply with one name (what REALPATH answers).
+    fn name(id: u32, name: &str) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&1u32.to_be_bytes());
+        for part in [name, ""] {
+            body.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            body.extend_from_slice(part.as_bytes());
+        }
+        body.extend_from_slice(&0u32.to_be_bytes());
+        packet(NAME, &body)
+    }
+
+    fn handle(id: u32) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.push(b'h');
+        packet(HANDLE, &body)
+    }
+
+    const REGULAR: u32 = 0o100644;
+
     fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {
         let mut script = packet(VERSION, &3u32.to_be_bytes());
         replies.iter().for_each(|r| script.extend_from_slice(r));
@@ -647,17 +829,15 @@ mod tests {
         // Requests are numbered from 2 (INIT carries no id).
         let mut sftp = session(&[data(2, &[7; 20])]);
         let mut buf = [0u8; 10];
-        let err = sftp.read_exact_at(b"h", 0, &mut buf).unwrap_err();
+        let err = sftp.read_exact_at(b"h", 0, &mut buf, None).unwrap_err();
         assert!(matches!(&err, SftpError::Broken(m) if m.contains("20 bytes")), "{err:?}");
     }
 
     #[test]
     fn a_longer_reply_in_a_batch_is_a_broken_session_too() {
-        let mut handle = 2u32.to_be_bytes().to_vec();
-        handle.extend_from_slice(&1u32.to_be_bytes());
-        handle.push(b'h');
-        // OPEN is request 2, the first READ (11 bytes: one past the size) request 3.
-        let mut sftp = session(&[packet(HANDLE, &handle), data(3, &[7; 64])]);
+        // LSTAT 2, REALPATH 3, OPEN 4, FSTAT 5, the first READ (11 bytes: one past the size) 6.
+        let (lstat, real, open, fstat) = (attrs(2, REGULAR), name(3, "/f"), handle(4), attrs(5, REGULAR));
+        let mut sftp = session(&[lstat, real, open, fstat, data(6, &[7; 64])]);
         let mut buf = [0u8; 10];
         let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
         let err = sftp.read_files(&mut files).unwrap_err();
@@ -668,7 +848,38 @@ mod tests {
     fn short_replies_are_asked_again() {
         let mut sftp = session(&[data(2, b"abcd"), data(3, b"efghij")]);
         let mut buf = [0u8; 10];
-        sftp.read_exact_at(b"h", 0, &mut buf).unwrap();
+        sftp.read_exact_at(b"h", 0, &mut buf, None).unwrap();
         assert_eq!(&buf, b"abcdefghij");
+    }
+
+    /// What LSTAT and REALPATH say fails a file before any OPEN is sent
+    /// (the script has no answer to one: an OPEN would end the session).
+    #[test]
+    fn a_symlink_or_a_fifo_is_never_opened() {
+        for (lstat, real, reason) in [
+            (0o120777, "/f", "now a symbolic link"),
+            (0o010644, "/f", "now a FIFO"),
+            (REGULAR, "/elsewhere/f", "reached through a symbolic link (it resolves to /elsewhere/f)"),
+        ] {
+            let mut sftp = session(&[attrs(2, lstat), name(3, real)]);
+            let err = sftp.open_checked(Path::new("/f")).unwrap_err();
+            assert!(matches!(&err, SftpError::Changed(m) if m == reason), "{err:?}");
+            let mut sftp = session(&[attrs(2, lstat), name(3, real)]);
+            let mut buf = [0u8; 10];
+            let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
+            sftp.read_files(&mut files).unwrap();
+            assert!(matches!(&files[0].result, Err(SftpError::Changed(m)) if m == reason), "{:?}", files[0].result);
+        }
+    }
+
+    /// A file swapped between the LSTAT and the OPEN: FSTAT disagrees.
+    #[test]
+    fn a_file_swapped_while_opened_is_refused() {
+        let (lstat, real, open) = (attrs(2, REGULAR), name(3, "/f"), handle(4));
+        let mut sftp = session(&[lstat, real, open, attrs(5, 0o100600), data(6, &[7; 10])]);
+        let (handle, looked) = sftp.open_checked(Path::new("/f")).unwrap();
+        let mut buf = [0u8; 10];
+        let err = sftp.read_exact_at(&handle, 0, &mut buf, Some(&looked)).unwrap_err();
+        assert!(matches!(&err, SftpError::Changed(m) if m.contains("replaced")), "{err:?}");
     }
 }

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use ssh2::{HashType, MethodType, Session};
 
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
-use super::sftp::{FileRead, Sftp, SftpError};
+use super::sftp::{Attrs, FileRead, Sftp, SftpError};
 use super::{Connection, Limits, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
@@ -220,23 +220,27 @@ impl Source for SshSource {
         let channel = with_quick_acks(&session, fd, deadline, || session.channel_session())
             .map_err(|e| self.step_error("cannot open a channel", e, time))?;
         let limits = Limits { deadline: Some(deadline), stall: SESSION_TIMEOUT };
-        let sftp = Sftp::start(channel, session.clone(), limits).map_err(|e| match e {
-            SftpError::TimedOut => SourceError::TimedOut { host: self.host_label(), waited: time, path: None },
+        let timed_out = || SourceError::TimedOut { host: self.host_label(), waited: time, path: None };
+        let mut sftp = Sftp::start(channel, session.clone(), limits).map_err(|e| match e {
+            SftpError::TimedOut => timed_out(),
             e => self.session_error(format!("cannot start SFTP: {e:?}")),
+        })?;
+        // Paths below the root are checked against REALPATH, so the root is
+        // taken as the server resolves it.
+        let root = sftp.realpath(&self.root).map_err(|e| match e {
+            SftpError::TimedOut => timed_out(),
+            SftpError::Broken(message) => self.session_error(message),
+            SftpError::Status { message, .. } => {
+                SourceError::Config(format!("--source-root {}: {message} on the source", self.root.display()))
+            }
+            e => SourceError::Config(format!("--source-root {}: {e:?}", self.root.display())),
         })?;
         log::debug!(
             "connected to {}: handshake {handshake:?}, authenticated at {authenticated:?}, SFTP at {:?}",
             self.host_label(),
             started.elapsed()
         );
-        Ok(Box::new(SshConnection {
-            session,
-            fd,
-            sftp,
-            root: self.root.clone(),
-            host: self.host_label(),
-            open: Vec::new(),
-        }))
+        Ok(Box::new(SshConnection { session, fd, sftp, root, host: self.host_label(), open: Vec::new() }))
     }
 
     fn describe(&self) -> String {
@@ -303,10 +307,13 @@ struct SshConnection {
     /// waits on it again (not even the channel's close when it is dropped).
     fd: RawFd,
     sftp: Sftp,
+    /// The source root as the server resolves it.
     root: PathBuf,
     host: String,
-    /// Open handles with the generation they were opened for, most recently used last.
-    open: Vec<(PathBuf, u64, Vec<u8>)>,
+    /// Open handles with the generation they were opened for, most recently
+    /// used last, each with the LSTAT its FSTAT is still to be checked
+    /// against (until its first read).
+    open: Vec<(PathBuf, u64, Vec<u8>, Option<Attrs>)>,
 }
 
 impl SshConnection {
@@ -326,6 +333,7 @@ impl SshConnection {
             },
             SftpError::Short { end } => SourceError::Short { path: path.to_path_buf(), end, wanted },
             SftpError::Longer => SourceError::Longer { path: path.to_path_buf(), size: wanted },
+            SftpError::Changed(reason) => SourceError::Changed { path: path.to_path_buf(), reason },
             SftpError::Broken(message) => SourceError::Session { host: self.host.clone(), message },
             SftpError::TimedOut => self.timed_out(Some(path)),
         }
@@ -349,35 +357,34 @@ impl SshConnection {
     }
 
     /// The handle open for `path` in `generation`, if there is one (it
-    /// becomes the most recently used).
-    fn cached(&mut self, path: &Path, generation: u64) -> Option<Vec<u8>> {
-        let at = self.open.iter().position(|(p, g, _)| p == path && *g == generation)?;
+    /// becomes the most recently used), and the LSTAT to check its FSTAT
+    /// against if it has not been read yet.
+    fn cached(&mut self, path: &Path, generation: u64) -> Option<(Vec<u8>, Option<Attrs>)> {
+        let at = self.open.iter().position(|(p, g, _, _)| p == path && *g == generation)?;
         let entry = self.open.remove(at);
-        let handle = entry.2.clone();
+        let cached = (entry.2.clone(), entry.3);
         self.open.push(entry);
-        Some(handle)
+        Some(cached)
     }
 
-    /// Keeps `handle`, closing one of another generation of the same file
-    /// (it may be of a file replaced since) or the least recently used.
-    fn keep(&mut self, path: &Path, generation: u64, handle: &[u8]) -> Result<(), SourceError> {
-        let stale = self.open.iter().position(|(p, _, _)| p == path);
+    /// Opens `path` once it is seen to be the regular file it was
+    /// ([`Sftp::open_checked`]) and keeps the handle, closing one of another
+    /// generation of the same file (it may be of a file replaced since) or the
+    /// least recently used. Returns the handle and what LSTAT said.
+    fn open(&mut self, path: &Path, generation: u64) -> Result<(Vec<u8>, Attrs), SourceError> {
+        let stale = self.open.iter().position(|(p, _, _, _)| p == path);
         if let Some(at) = stale.or((self.open.len() >= OPEN_HANDLES).then_some(0)) {
-            let (old_path, _, old) = self.open.remove(at);
-            self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))?;
-        }
-        self.open.push((path.to_path_buf(), generation, handle.to_vec()));
-        Ok(())
-    }
-
-    fn handle(&mut self, path: &Path, generation: u64) -> Result<Vec<u8>, SourceError> {
-        if let Some(handle) = self.cached(path, generation) {
-            return Ok(handle);
+            self.close(at)?;
         }
         let full = self.full(path);
-        let handle = self.sftp.open(&full).map_err(|e| self.error(path, e, 0))?;
-        self.keep(path, generation, &handle)?;
-        Ok(handle)
+        let (handle, looked) = self.sftp.open_checked(&full).map_err(|e| self.error(path, e, 0))?;
+        self.open.push((path.to_path_buf(), generation, handle.clone(), Some(looked)));
+        Ok((handle, looked))
+    }
+
+    fn close(&mut self, at: usize) -> Result<(), SourceError> {
+        let (old_path, _, old, _) = self.open.remove(at);
+        self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))
     }
 }
 
@@ -389,29 +396,38 @@ impl Connection for SshConnection {
     }
 
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
-        let full = self.full(path);
-        let (size, mtime) = self.sftp.stat(&full).map_err(|e| self.error(path, e, 0))?;
-        Ok(SourceStat { size, mtime: i64::from(mtime) })
+        self.stat_many(&[path])?.pop().expect("one path")
     }
 
     fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
         let fulls: Vec<PathBuf> = paths.iter().map(|p| self.full(p)).collect();
         let refs: Vec<&Path> = fulls.iter().map(PathBuf::as_path).collect();
-        let stats = self.sftp.stat_many(&refs).map_err(|e| self.pipeline_error(e))?;
+        let stats = self.sftp.lookup_many(&refs).map_err(|e| self.pipeline_error(e))?;
         Ok(paths
             .iter()
             .zip(stats)
-            .map(|(path, stat)| {
-                stat.map(|(size, mtime)| SourceStat { size, mtime: i64::from(mtime) })
-                    .map_err(|e| self.error(path, e, 0))
-            })
+            .map(|(path, stat)| stat.map(source_stat).map_err(|e| self.error(path, e, 0)))
             .collect())
     }
 
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let handle = self.handle(path, generation)?;
+        let (handle, check) = match self.cached(path, generation) {
+            Some(cached) => cached,
+            None => self.open(path, generation).map(|(handle, looked)| (handle, Some(looked)))?,
+        };
         let wanted = offset + buf.len() as u64;
-        self.sftp.read_exact_at(&handle, offset, buf).map_err(|e| self.error(path, e, wanted))
+        match self.sftp.read_exact_at(&handle, offset, buf, check.as_ref()) {
+            Err(SftpError::Changed(reason)) => {
+                // Not this file any more: never read through this handle again.
+                let at = self.open.len() - 1;
+                self.close(at)?;
+                Err(self.error(path, SftpError::Changed(reason), wanted))
+            }
+            result => {
+                self.open.last_mut().expect("just used").3 = None;
+                result.map_err(|e| self.error(path, e, wanted))
+            }
+        }
     }
 
     fn stat_and_read(
@@ -422,16 +438,10 @@ impl Connection for SshConnection {
         buf: &mut [u8],
     ) -> Result<SourceStat, SourceError> {
         let stat = match self.cached(path, generation) {
-            // Open already (not by a first look): the STAT costs a round trip of its own.
+            // Open already (not by a first look): the look costs a round trip of its own.
             Some(_) => self.stat(path)?,
-            None => {
-                let full = self.full(path);
-                let (stat, open) = self.sftp.stat_open(&full).map_err(|e| self.error(path, e, 0))?;
-                let handle = open.map_err(|e| self.error(path, e, 0))?;
-                self.keep(path, generation, &handle)?;
-                let (size, mtime) = stat.map_err(|e| self.error(path, e, 0))?;
-                SourceStat { size, mtime: i64::from(mtime) }
-            }
+            // The LSTAT made before the OPEN is the first look.
+            None => source_stat(self.open(path, generation)?.1),
         };
         self.read_exact_at(path, generation, offset, buf)?;
         Ok(stat)
@@ -452,6 +462,10 @@ impl Connection for SshConnection {
         }
         outcome.map_err(|e| self.pipeline_error(e))
     }
+}
+
+fn source_stat(attrs: Attrs) -> SourceStat {
+    SourceStat { size: attrs.size.unwrap_or(0), mtime: i64::from(attrs.mtime.unwrap_or(0)) }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
-use super::{CHUNK_SIZE, StoreError, io_err};
+use super::{CHUNK_SIZE, CacheDir, StoreError, io_err};
 
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
@@ -59,38 +59,41 @@ pub struct Loaded {
     pub records: Records,
 }
 
-/// Reads the journal at `path`, setting it aside if it cannot be read: what it
+/// The journal's name in the cache dir.
+pub const NAME: &str = "journal";
+
+/// Reads the journal of `dir`, setting it aside if it cannot be read: what it
 /// records, and a warning if it was set aside.
-pub fn load(path: &Path) -> Result<(Loaded, Option<String>), StoreError> {
-    match read_all(path)? {
+pub fn load(dir: &CacheDir) -> Result<(Loaded, Option<String>), StoreError> {
+    match read_all(dir)? {
         Ok(loaded) => Ok((loaded, None)),
         Err(reason) => {
-            let aside = path.with_extension(format!(
-                "bad-{}",
+            let aside = format!(
+                "{NAME}.bad-{}",
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-            ));
-            std::fs::rename(path, &aside).map_err(io_err(path))?;
+            );
+            dir.rename(NAME, &aside)?;
             let warning = format!(
                 "{}: {reason}; set aside as {} and not trusted: everything is fetched again",
-                path.display(),
-                aside.display()
+                dir.join(NAME).display(),
+                dir.join(&aside).display()
             );
             Ok((Loaded::default(), Some(warning)))
         }
     }
 }
 
-/// Reads the journal at `path` without changing it (a missing one knows
+/// Reads the journal of `dir` without changing it (a missing one knows
 /// nothing); the inner error says why it cannot be trusted.
-pub fn read(path: &Path) -> Result<Result<Records, String>, StoreError> {
-    Ok(read_all(path)?.map(|loaded| loaded.records))
+pub fn read(dir: &CacheDir) -> Result<Result<Records, String>, StoreError> {
+    Ok(read_all(dir)?.map(|loaded| loaded.records))
 }
 
-fn read_all(path: &Path) -> Result<Result<Loaded, String>, StoreError> {
-    match std::fs::read(path) {
+fn read_all(dir: &CacheDir) -> Result<Result<Loaded, String>, StoreError> {
+    match dir.read(NAME) {
         Ok(bytes) => Ok(parse(&bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(Loaded::default())),
-        Err(e) => Err(io_err(path)(e)),
+        Err(e) => Err(io_err(&dir.join(NAME))(e)),
     }
 }
 
@@ -186,28 +189,21 @@ pub struct JournalFile {
 }
 
 impl Journal {
-    /// Starts a new journal at `path` holding `snapshot` (what is known now),
+    /// Starts a new journal in `dir` holding `snapshot` (what is known now),
     /// written to a temporary file and renamed over the old one.
     pub fn create(
-        path: &Path,
+        dir: &CacheDir,
         owner: &Owner,
         snapshot: Vec<JournalRecord>,
         files: Vec<JournalFile>,
     ) -> Result<Journal, StoreError> {
-        let tmp = path.with_extension("tmp");
-        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut bytes = encode(&header(owner));
         for record in &snapshot {
             bytes.extend(encode(record));
         }
-        out.write_all(&bytes).map_err(io_err(&tmp))?;
-        out.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-        }
-        let journal = File::options().append(true).open(path).map_err(io_err(path))?;
-        Self::start(path, journal, files)
+        dir.write_atomic(NAME, &bytes)?;
+        let journal = dir.open_append(NAME)?;
+        Self::start(&dir.join(NAME), journal, files)
     }
 
     fn start(path: &Path, journal: File, files: Vec<JournalFile>) -> Result<Journal, StoreError> {
@@ -399,27 +395,32 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn journal_with(dir: &Path, records: Vec<JournalRecord>) -> PathBuf {
-        let path = dir.join("journal");
+    fn journal_with(dir: &CacheDir, records: Vec<JournalRecord>) -> PathBuf {
         let spill = dir.join("spill");
         std::fs::write(&spill, b"x").unwrap();
         let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill }];
         let owner = Owner { id: b"id".to_vec(), name: "images from here".into() };
-        let journal = Journal::create(&path, &owner, records, files).unwrap();
+        let journal = Journal::create(dir, &owner, records, files).unwrap();
         journal.present(0, 0..2);
         journal.present(0, 5..6);
         journal.verified(b"/b", &blake3::hash(b"b"), "received");
         journal.modified(b"/c");
         journal.reset(b"/d");
         drop(journal);
-        path
+        dir.join(NAME)
+    }
+
+    fn cache() -> (tempfile::TempDir, CacheDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CacheDir::open_cache(&tmp.path().join("c")).unwrap();
+        (tmp, dir)
     }
 
     #[test]
     fn records_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = journal_with(dir.path(), vec![present_record(b"/d", 0..1, 10)]);
-        let (loaded, warning) = load(&path).unwrap();
+        let (_tmp, dir) = cache();
+        journal_with(&dir, vec![present_record(b"/d", 0..1, 10)]);
+        let (loaded, warning) = load(&dir).unwrap();
         assert!(warning.is_none());
         assert_eq!(loaded.owner.id, b"id");
         let files = loaded.records;
@@ -432,14 +433,14 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_and_garbage_is_set_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = journal_with(dir.path(), vec![]);
+        let (_tmp, dir) = cache();
+        let path = journal_with(&dir, vec![]);
         let mut bytes = std::fs::read(&path).unwrap();
         let full = bytes.len();
         bytes.extend(encode(&present_record(b"/e", 0..9, 10)));
         bytes.truncate(full + 5);
         std::fs::write(&path, &bytes).unwrap();
-        let (loaded, warning) = load(&path).unwrap();
+        let (loaded, warning) = load(&dir).unwrap();
         let files = loaded.records;
         assert!(warning.is_none(), "{warning:?}");
         assert!(!files.contains_key(b"/e".as_slice()));
@@ -449,7 +450,7 @@ mod tests {
         garbage[3] ^= 0xff;
         garbage[4] ^= 0xff;
         std::fs::write(&path, &garbage).unwrap();
-        let (loaded, warning) = load(&path).unwrap();
+        let (loaded, warning) = load(&dir).unwrap();
         assert!(loaded.records.is_empty());
         assert!(warning.unwrap().contains("set aside"));
         assert!(!path.exists());
@@ -458,9 +459,9 @@ mod tests {
     /// Finding 3: a file verified, then changed locally, is not verified.
     #[test]
     fn a_modified_record_ends_what_was_verified() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = journal_with(dir.path(), vec![verified_record(b"/c", &[1; 32], "manifest")]);
-        let files = read(&path).unwrap().unwrap();
+        let (_tmp, dir) = cache();
+        journal_with(&dir, vec![verified_record(b"/c", &[1; 32], "manifest")]);
+        let files = read(&dir).unwrap().unwrap();
         assert!(files[&b"/c".to_vec()].modified);
         assert_eq!(files[&b"/c".to_vec()].verified, None);
     }

@@ -3,15 +3,16 @@
 //! chunks are present.
 //! Spill files are named by a hash of the original path, never by the path.
 
+mod cache_dir;
 pub mod journal;
 mod open;
 mod spill;
 
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use cache_dir::CacheDir;
 pub use open::OpenSpills;
 pub use spill::{HASH_WINDOW, Presence, SpillFile, sync_path};
 
@@ -27,6 +28,8 @@ pub const CHUNK_SIZE: u64 = 16 << 10;
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: refused as a cache or runtime directory: {reason}", path.display())]
+    Unsafe { path: PathBuf, reason: String },
     #[error("{}: another lazyfs process uses this cache dir; unmount it first, or give another --cache-dir", .0.display())]
     Busy(PathBuf),
     #[error("{}: the images record {size} bytes for it, {before} for the files before: more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
@@ -58,7 +61,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 
 /// A cache directory, locked for one lazyfs process at a time.
 pub struct Store {
-    dir: PathBuf,
+    dir: CacheDir,
+    spill: Arc<CacheDir>,
     /// Bytes the cache dir's filesystem holds: the spill files' sizes cannot
     /// add up to more.
     capacity: u64,
@@ -71,34 +75,26 @@ pub struct Store {
 }
 
 impl Store {
-    /// Creates `dir` (mode 0700) if needed and locks it.
+    /// Opens the cache dir `dir` (see [`CacheDir::open_cache`]) and locks it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        create_private_dir(dir)?;
-        create_private_dir(&dir.join("spill"))?;
-        let lock_path = dir.join("lock");
-        let lock =
-            File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let dir = CacheDir::open_cache(dir)?;
+        let spill = dir.subdir("spill")?;
+        let lock = dir.open_rw("lock")?;
         let flock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
         let lock = match flock {
             Ok(locked) => locked,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(StoreError::Busy(dir.to_path_buf()));
+                return Err(StoreError::Busy(dir.path().to_path_buf()));
             }
-            Err((_, e)) => return Err(io_err(&lock_path)(e.into())),
+            Err((_, e)) => return Err(io_err(&dir.join("lock"))(e.into())),
         };
-        let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| io_err(dir)(e.into()))?;
-        let capacity = stat.blocks().saturating_mul(stat.fragment_size());
+        let capacity = dir.capacity()?;
         let spills = Arc::new(OpenSpills::new(open::capacity_for(open::raise_fd_limit())));
-        Ok(Store { dir: dir.to_path_buf(), capacity, claimed: 0.into(), _lock: lock, spills })
+        Ok(Store { dir, spill: Arc::new(spill), capacity, claimed: 0.into(), _lock: lock, spills })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub fn dir(&self) -> &CacheDir {
         &self.dir
-    }
-
-    /// The spill file of the file recorded at `original`.
-    pub fn spill_path(&self, original: &Path) -> PathBuf {
-        spill_path(&self.dir, original)
     }
 
     /// Opens the spill file for `original`, `size` bytes long (see [`SpillFile::open`]).
@@ -114,37 +110,26 @@ impl Store {
             }
             self.claimed.fetch_add(size, Ordering::Relaxed);
         }
-        SpillFile::open(&self.spill_path(original), size, keep, &self.spills)
-    }
-
-    pub fn journal_path(&self) -> PathBuf {
-        self.dir.join("journal")
+        SpillFile::open(&self.spill, spill_name(original), size, keep, &self.spills)
     }
 
     /// Removes every spill file (the cache held another checkpoint's files).
     pub fn clear_spills(&self) -> Result<(), StoreError> {
-        let dir = self.dir.join("spill");
-        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = entry.map_err(io_err(&dir))?.path();
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        for name in self.spill.names()? {
+            self.spill.remove(&name).map_err(io_err(&self.spill.join(&name)))?;
         }
         Ok(())
     }
 }
 
-/// Where the spill file of the file recorded at `original` is in `cache_dir`:
-/// named by a hash of the path, never by the path.
-pub fn spill_path(cache_dir: &Path, original: &Path) -> PathBuf {
+/// The name of the spill file of the file recorded at `original`: a hash of
+/// the path, never the path.
+pub fn spill_name(original: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
-    let hash = blake3::hash(original.as_os_str().as_bytes());
-    cache_dir.join("spill").join(&hash.to_hex()[..32])
+    blake3::hash(original.as_os_str().as_bytes()).to_hex()[..32].to_string()
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
-    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) => return Err(io_err(dir)(e)),
-    }
-    // An existing directory keeps its mode from before: make it private.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+/// Where the spill file of the file recorded at `original` is in `cache_dir`.
+pub fn spill_path(cache_dir: &Path, original: &Path) -> PathBuf {
+    cache_dir.join("spill").join(spill_name(original))
 }

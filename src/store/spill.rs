@@ -5,59 +5,82 @@
 //!
 //! A spill file knows nothing of chunks or of who may write where: the file's
 //! owner (`fetch::FetchFile`) decides, under its lock.
-//!
-//! Only a bounded set of spill files is open at a time (`open.rs`): a spill
-//! file is created and opened when first used, and may be closed again
-//! between uses.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::open::{OpenSpills, Slot};
-use super::{CHUNK_SIZE, StoreError, io_err};
+use super::{CHUNK_SIZE, CacheDir, StoreError, io_err};
 
+/// Only a bounded set of spill files is open at a time (`open.rs`): a spill
+/// file is created and opened when first used, through its directory's
+/// descriptor, and may be closed again between uses.
 pub struct SpillFile {
+    /// The spill directory, and the file's name in it.
+    dir: Arc<CacheDir>,
+    name: String,
     path: PathBuf,
     /// Its length when it is created (on first use).
     initial_len: u64,
+    /// It exists (with its initial length) on disk.
+    created: AtomicBool,
     /// Its descriptor while open.
     slot: Arc<Slot>,
     spills: Arc<OpenSpills>,
 }
 
 impl SpillFile {
-    /// The spill file for a file of `size` bytes, and its length; created
-    /// (if need be) and opened when first used, as one of `spills`: a mount
-    /// of many files creates none up front. With `keep`, an existing spill
-    /// file of that size keeps its bytes (a journal says which are present);
-    /// otherwise it starts empty. `size` `None` keeps the existing file's
-    /// length (a file changed locally).
+    /// The spill file `name` in `dir` for a file of `size` bytes, and its
+    /// length; created (if need be) and opened when first used, as one of
+    /// `spills`: a mount of many files creates none up front. With `keep`, an
+    /// existing spill file of that size keeps its bytes (a journal says which
+    /// are present); otherwise it starts empty. `size` `None` keeps the
+    /// existing file's length (a file changed locally).
     pub fn open(
-        path: &Path,
+        dir: &Arc<CacheDir>,
+        name: String,
         size: Option<u64>,
         keep: bool,
         spills: &Arc<OpenSpills>,
     ) -> Result<(SpillFile, u64), StoreError> {
-        let existing = match std::fs::metadata(path) {
-            Ok(meta) => Some(meta.len()),
+        let path = dir.join(&name);
+        let existing = match dir.open_read(&name) {
+            Ok(file) => Some(file.metadata().map_err(io_err(&path))?.len()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err(path)(e)),
+            Err(e) => return Err(io_err(&path)(e)),
         };
         let size = size.or(existing).unwrap_or(0);
         if existing.is_some_and(|existing| !keep || existing != size) {
-            let file = File::options().write(true).truncate(true).open(path).map_err(io_err(path))?;
-            file.set_len(size).map_err(io_err(path))?;
+            let file = dir.open_rw(&name)?;
+            file.set_len(0).map_err(io_err(&path))?;
+            file.set_len(size).map_err(io_err(&path))?;
         }
-        let slot = Arc::new(Slot::default());
-        let spill = SpillFile { path: path.to_path_buf(), initial_len: size, slot, spills: spills.clone() };
+        let spill = SpillFile {
+            dir: dir.clone(),
+            name,
+            path,
+            initial_len: size,
+            created: AtomicBool::new(existing.is_some()),
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+        };
         // An empty file is complete at once: its (empty) spill file must exist.
         if size == 0 {
             spill.with_file(|_| Ok(()))?;
         }
         Ok((spill, size))
+    }
+
+    /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
+    #[cfg(test)]
+    pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+        let dir = Arc::new(CacheDir::open_private(path.parent().expect("a parent"))?);
+        let name = path.file_name().expect("a name").to_string_lossy().into_owned();
+        Self::open(&dir, name, size, keep, &Arc::new(OpenSpills::new(16)))
     }
 
     /// Runs `op` on the open descriptor (opening it, and creating the file
@@ -72,14 +95,13 @@ impl SpillFile {
             drop(handle);
             let mut handle = self.slot.file.write().expect("spill slot");
             if handle.is_none() {
-                let io = io_err(&self.path);
-                let file = match File::options().read(true).write(true).create_new(true).open(&self.path) {
-                    Ok(file) => file.set_len(self.initial_len).map(|()| file).map_err(io)?,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        File::options().read(true).write(true).open(&self.path).map_err(io)?
+                let file = self.dir.open_rw(&self.name)?;
+                if !self.created.swap(true, Ordering::Relaxed) {
+                    let io = io_err(&self.path);
+                    if file.metadata().map_err(io)?.len() < self.initial_len {
+                        file.set_len(self.initial_len).map_err(io_err(&self.path))?;
                     }
-                    Err(e) => return Err(io(e)),
-                };
+                }
                 *handle = Some(file);
                 drop(handle);
                 self.spills.opened(&self.slot);
@@ -166,9 +188,12 @@ impl SpillFile {
     }
 }
 
-/// fsyncs the data of the file at `path` (one never created holds nothing to sync).
+/// fsyncs the data of the spill file at `path`, never through a symbolic
+/// link (one never created holds nothing to sync).
 pub fn sync_path(path: &Path) -> Result<(), StoreError> {
-    match File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    match File::options().read(true).custom_flags(flags).open(path) {
         Ok(file) => file.sync_data().map_err(io_err(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(path)(e)),
@@ -272,8 +297,7 @@ mod tests {
     #[test]
     fn reads_stop_at_the_end_and_discarded_bytes_free_their_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let spills = Arc::new(OpenSpills::new(16));
-        let (spill, len) = SpillFile::open(&dir.path().join("s"), Some(3 * 4096), false, &spills).unwrap();
+        let (spill, len) = SpillFile::open_path(&dir.path().join("s"), Some(3 * 4096), false).unwrap();
         assert_eq!(len, 3 * 4096);
         spill.write_at(4096, &[7; 4096]).unwrap();
         let mut buf = vec![9u8; 5 * 4096];
