@@ -1,11 +1,10 @@
 //! Deadlines: a source that goes silent (its sshd stopped, not killed), a
-//! source path that never answers (a FIFO), and unmounting whatever the
-//! source does. Bounds are generous (a loaded machine); they mean "no hang".
+//! source path that never answers (a file on a hung mount on the old host),
+//! and unmounting whatever the source does. Bounds are generous (a loaded machine); they mean "no hang".
 
 mod common;
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::mount::{Mount, Source, TestEnv, content, dataset, is_mounted};
@@ -112,37 +111,35 @@ fn a_silent_source_answers_readers_eio_within_the_reconnect_timeout_then_bytes_a
     mount.wait_for(|s| file_status(s, "/s/second")["state"] == "verified", "not verified after the source woke");
 }
 
-/// A FIFO at `path` below `root`, unblocked (opened for writing, so a
-/// reader stuck opening it returns) when dropped.
-struct Fifo(PathBuf);
-
-impl Fifo {
-    fn new(root: &Path, path: &str) -> Fifo {
-        let at = root.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-        nix::unistd::mkfifo(&at, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        Fifo(at)
-    }
+/// A hung mount on the old host: below the source root, `/h` is a lazyfs
+/// mount whose own source (a second sshd) is silenced, so reading `/h/stuck`
+/// there blocks while its look (LSTAT) and OPEN are answered. Dropped in
+/// order: the silence ends, then the inner mount goes.
+struct HungMount {
+    _inner: Mount,
+    _silenced: Silenced,
+    _sshd: Sshd,
 }
 
-impl Drop for Fifo {
-    fn drop(&mut self) {
-        // Each open for writing releases the readers blocked in open() then.
-        for _ in 0..20 {
-            let _ = std::fs::File::options().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// A source with good files and a FIFO the images record as a small regular file.
-fn fifo_world(env: &TestEnv, fine: &[(&str, usize)]) -> Fifo {
-    let source = env.path("source");
-    let mut records = dataset(&source, &env.path("scratch"), fine);
-    let fifo = Fifo::new(&source, "/f/stuck");
-    records.push(DumpFile::new("/f/stuck", 10));
+/// A source with good files and a file on a hung mount (`/h/stuck`, 10 bytes).
+fn hung_world(env: &TestEnv, fine: &[(&str, usize)]) -> HungMount {
+    let sshd = Sshd::start();
+    dataset(&env.path("inner"), &env.path("inner-images"), &[("/stuck", 10)]);
+    let mountpoint = env.path("source/h");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let cache = env.path("cache/inner");
+    let mut command = env.lazyfs();
+    command.arg("mount").arg(&mountpoint).arg(env.path("inner-images")).arg(sshd.target());
+    command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
+    command.arg("--source-root").arg(env.path("inner")).arg("--cache-dir").arg(&cache);
+    let out = command.args(["--reconnect-timeout", "600"]).output().unwrap();
+    assert!(out.status.success(), "inner mount: {}", String::from_utf8_lossy(&out.stderr));
+    let inner = Mount { mountpoint, cache, env_home: env.tmp.path().into() };
+    let mut records = dataset(&env.path("source"), &env.path("scratch"), fine);
+    records.push(DumpFile::new("/h/stuck", 10));
     write_dump(&env.path("images"), &records).unwrap();
-    fifo
+    let silenced = Silenced::new(&sshd);
+    HungMount { _inner: inner, _silenced: silenced, _sshd: sshd }
 }
 
 fn bounded_umount(mount: &Mount) {
@@ -154,14 +151,14 @@ fn bounded_umount(mount: &Mount) {
 }
 
 #[test]
-fn a_fifo_on_the_source_costs_only_its_own_file() {
+fn a_hung_source_path_costs_only_its_own_file() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
     let fine = [("/f/fine.txt", 5_000), ("/f/other", 200_000)];
-    let _fifo = fifo_world(&env, &fine);
+    let _hung = hung_world(&env, &fine);
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--reconnect-timeout", "4"]);
 
-    let stuck = read_timed(mount.at("/f/stuck"));
+    let stuck = read_timed(mount.at("/h/stuck"));
     std::thread::sleep(Duration::from_millis(300));
     for (path, len) in fine {
         let (result, waited) = read_timed(mount.at(path)).join().unwrap();
@@ -173,41 +170,41 @@ fn a_fifo_on_the_source_costs_only_its_own_file() {
     assert!(waited < Duration::from_secs(20), "the stuck read took {waited:?}");
 
     // Tried again on the next read, then failed for good with the reason.
-    let (result, _) = read_timed(mount.at("/f/stuck")).join().unwrap();
+    let (result, _) = read_timed(mount.at("/h/stuck")).join().unwrap();
     assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EIO));
-    let status = mount.wait_for(|s| file_status(s, "/f/stuck")["state"] == "failed", "the stuck file never failed");
-    let reason = file_status(&status, "/f/stuck")["error"].to_string();
+    let status = mount.wait_for(|s| file_status(s, "/h/stuck")["state"] == "failed", "the stuck file never failed");
+    let reason = file_status(&status, "/h/stuck")["error"].to_string();
     assert!(reason.contains("did not answer"), "{reason}");
     let started = Instant::now();
-    assert_eq!(std::fs::read(mount.at("/f/stuck")).unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(std::fs::read(mount.at("/h/stuck")).unwrap_err().raw_os_error(), Some(libc::EIO));
     assert!(started.elapsed() < Duration::from_secs(2), "a failed file still waits");
     bounded_umount(&mount);
 }
 
 #[test]
-fn a_fifo_in_a_prefetch_batch_holds_no_other_file_hostage() {
+fn a_hung_path_in_a_prefetch_batch_holds_no_other_file_hostage() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
-    // Smallest first: the FIFO's 10 bytes open the first batch, the rest follow it.
+    // Smallest first: the hung file's 10 bytes open the first batch, the rest follow it.
     let fine: Vec<(String, usize)> = (0..40).map(|i| (format!("/f/small-{i:02}"), 1_000 + i)).collect();
     let mut fine_refs: Vec<(&str, usize)> = fine.iter().map(|(p, l)| (p.as_str(), *l)).collect();
     fine_refs.push(("/f/fine.txt", 3_000));
-    let _fifo = fifo_world(&env, &fine_refs);
+    let _hung = hung_world(&env, &fine_refs);
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "--reconnect-timeout", "4"]);
 
     let (result, waited) = read_timed(mount.at("/f/fine.txt")).join().unwrap();
     assert!(result.unwrap() == content("/f/fine.txt", 3_000));
-    eprintln!("fine.txt next to a stuck FIFO in a prefetch batch: read in {:.2} s", waited.as_secs_f64());
+    eprintln!("fine.txt next to a hung file in a prefetch batch: read in {:.2} s", waited.as_secs_f64());
     assert!(waited < Duration::from_secs(8), "fine.txt waited {waited:?} behind the stuck file");
 
     let status = mount.wait_for(
         |s| {
-            s["files"].as_array().unwrap().iter().all(|f| f["state"] == "verified" || f["path"] == "/f/stuck")
-                && file_status(s, "/f/stuck")["state"] == "failed"
+            s["files"].as_array().unwrap().iter().all(|f| f["state"] == "verified" || f["path"] == "/h/stuck")
+                && file_status(s, "/h/stuck")["state"] == "failed"
         },
         "not every fine file verified, or the stuck one not failed",
     );
-    let reason = file_status(&status, "/f/stuck")["error"].to_string();
+    let reason = file_status(&status, "/h/stuck")["error"].to_string();
     assert!(reason.contains("did not answer"), "{reason}");
     for (path, len) in &fine_refs {
         assert!(std::fs::read(mount.at(path)).unwrap() == content(path, *len), "{path}");
