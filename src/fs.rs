@@ -212,12 +212,15 @@ impl Filesystem {
     /// for a file the checkpoint had open for writing: the kernel refuses a
     /// cached open beside passthrough ones, and `criu restore` opens such a
     /// file for writing too, after or before its read-only opens.
-    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<&std::fs::File>, FsError> {
+    pub fn open(&self, ino: Ino, write: bool) -> Result<Option<std::fs::File>, FsError> {
         let index = self.file_index(ino)?;
         if write && self.config.read_only {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
-        Ok(self.fetcher.file(index).verified_file().filter(|_| !write && !self.files[index].written))
+        if write || self.files[index].written {
+            return Ok(None);
+        }
+        Ok(self.fetcher.file(index).verified_file()?)
     }
 
     /// Replies with bytes `offset..offset+size` once their chunks are present.
