@@ -372,10 +372,12 @@ struct Exec {
 }
 
 impl Remote for Exec {
-    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
+    fn exec(&mut self, command: &str, wait: Duration) -> Result<Box<dyn RemoteCommand>, String> {
         let mut ssh = clone_command(&self.base);
         ssh.args(["--", &self.alias, command]);
-        Ok(Box::new(Piped::spawn(ssh, &self.label).map_err(|e| e.to_string())?))
+        let mut piped = Piped::spawn(ssh, &self.label).map_err(|e| e.to_string())?;
+        piped.bound(wait);
+        Ok(Box::new(piped))
     }
 }
 
@@ -494,6 +496,10 @@ impl RemoteCommand for Piped {
         }
         Ok(status.code())
     }
+
+    fn cut(&self) {
+        Wire::cut(self);
+    }
 }
 
 impl Drop for Piped {
@@ -551,5 +557,40 @@ impl Stderr {
             }
         }
         self.text.lock().expect("stderr lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child that neither reads its stdin nor writes its stdout: a silent `ssh`.
+    fn silent() -> Piped {
+        let mut command = Command::new("sleep");
+        command.arg("60").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        Piped::spawn(command, "test").unwrap()
+    }
+
+    #[test]
+    fn a_bounded_read_of_a_silent_child_times_out_and_cut_ends_the_child() {
+        let mut child = silent();
+        child.bound(Duration::from_millis(200));
+        let started = Instant::now();
+        let err = child.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+        Wire::cut(&child);
+        let status = child.child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_bounded_write_to_a_child_that_reads_nothing_times_out() {
+        let mut child = silent();
+        child.bound(Duration::from_millis(200));
+        // More than a pipe holds: the rest waits for a reader that never comes.
+        let err = child.write_all(&vec![0u8; 4 << 20]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        Wire::cut(&child);
     }
 }

@@ -258,6 +258,11 @@ impl<C: Wire> Sftp<C> {
         self.arm().ok();
     }
 
+    /// How long the next wait on the server may last.
+    pub fn next_wait(&self) -> Duration {
+        self.limits.next_wait()
+    }
+
     /// How long the requests under the current limits have taken.
     pub fn waited(&self) -> Duration {
         self.since.elapsed()
@@ -772,12 +777,16 @@ mod tests {
     use super::*;
 
     /// A server that says what it is told to: its replies are scripted, what
-    /// it is sent is ignored.
+    /// it is sent is ignored. At the end of its script it says nothing more:
+    /// the wait runs out.
     struct Scripted(std::io::Cursor<Vec<u8>>);
 
     impl Read for Scripted {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.read(buf)
+            match self.0.read(buf)? {
+                0 if !buf.is_empty() => Err(std::io::ErrorKind::TimedOut.into()),
+                n => Ok(n),
+            }
         }
     }
 
@@ -869,6 +878,23 @@ mod tests {
         let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
         let err = sftp.read_files(&mut files).unwrap_err();
         assert!(matches!(&err, SftpError::Broken(m) if m.contains("64 bytes")), "{err:?}");
+    }
+
+    /// A batch the server stops answering names the file of its oldest
+    /// unanswered request, and only that one.
+    #[test]
+    fn a_stalled_batch_names_the_file_it_is_stuck_on() {
+        // LSTAT and REALPATH of /f (2, 3) and of /g (4, 5) go out first; /f's
+        // are answered, then nothing: /g's LSTAT is the oldest unanswered.
+        let mut sftp = session(&[attrs(2, REGULAR), name(3, "/f")]);
+        let (mut f, mut g) = ([0u8; 10], [0u8; 10]);
+        let mut files = [
+            FileRead { path: Path::new("/f"), buf: &mut f, result: Ok(()) },
+            FileRead { path: Path::new("/g"), buf: &mut g, result: Ok(()) },
+        ];
+        assert!(matches!(sftp.read_files(&mut files), Err(SftpError::TimedOut)));
+        assert!(files[0].result.is_ok(), "{:?}", files[0].result);
+        assert!(matches!(files[1].result, Err(SftpError::TimedOut)), "{:?}", files[1].result);
     }
 
     #[test]

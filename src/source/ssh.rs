@@ -350,7 +350,8 @@ impl Wire for Channel {
 /// Starts commands on the host (the session itself, or a way to open
 /// another); holding it keeps the connection's session alive.
 pub(super) trait Remote: Send {
-    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String>;
+    /// Starts `command`, each wait on it bounded by `wait`.
+    fn exec(&mut self, command: &str, wait: Duration) -> Result<Box<dyn RemoteCommand>, String>;
     /// Keeps an idle connection known to be alive, where the transport
     /// does not do so itself.
     fn keepalive(&mut self) {}
@@ -362,10 +363,13 @@ pub(super) trait RemoteCommand: Read {
     fn send_all_and_close(&mut self, input: &[u8]) -> std::io::Result<()>;
     /// Once its stdout has ended: its exit status (None if it was killed or unknown).
     fn exit_status(self: Box<Self>) -> std::io::Result<Option<i32>>;
+    /// Ends it after a wait on it ran out, so nothing waits on it again.
+    fn cut(&self);
 }
 
 impl Remote for Session {
-    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
+    fn exec(&mut self, command: &str, wait: Duration) -> Result<Box<dyn RemoteCommand>, String> {
+        self.set_timeout(timeout_ms(wait));
         let mut channel = self.channel_session().map_err(|e| e.to_string())?;
         channel.handle_extended_data(ssh2::ExtendedData::Ignore).map_err(|e| e.to_string())?;
         channel.exec(command).map_err(|e| e.to_string())?;
@@ -388,6 +392,10 @@ impl RemoteCommand for ssh2::Channel {
         self.wait_close().map_err(std::io::Error::other)?;
         ssh2::Channel::exit_status(&self).map(Some).map_err(std::io::Error::other)
     }
+
+    /// Nothing of its own: the connection's session (its socket) is cut on
+    /// the `TimedOut` this leads to.
+    fn cut(&self) {}
 }
 
 /// One lane's SFTP session over either transport, with small files read
@@ -508,7 +516,8 @@ impl SshConnection {
     fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> (Vec<Result<(), SftpError>>, Result<(), SftpError>) {
         let mut reads: Vec<(usize, FileRead<'_>)> = reads.into_iter().enumerate().collect();
         let left = if self.use_tar && self.tar.allowed() && reads.len() >= TAR_MIN_FILES {
-            match tar::read_files(self.remote.as_mut(), &self.tar, &self.host, &mut reads) {
+            let wait = self.sftp.next_wait();
+            match tar::read_files(self.remote.as_mut(), wait, &self.tar, &self.host, &mut reads) {
                 Ok(left) => left,
                 Err(e) => return (reads.into_iter().map(|(_, r)| r.result).collect(), Err(e)),
             }
