@@ -155,7 +155,7 @@ impl OpensshSource {
         let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64().ceil() as u64;
         let mut command = Command::new("ssh");
         // The first value given for an option is the one ssh uses.
-        command.arg("-o").arg(format!("ConnectTimeout={}", left.clamp(1, self.connect_timeout)));
+        command.arg("-o").arg(format!("ConnectTimeout={}", left.min(self.connect_timeout).max(1)));
         command.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         command
     }
