@@ -83,8 +83,12 @@ pub struct MountArgs {
     /// Stream every file in the background until all are present.
     #[arg(long)]
     pub prefetch: bool,
-    /// Queue order for --prefetch; what a reader waits for always goes first.
-    #[arg(long, value_enum, default_value_t = PrefetchOrder::SmallestFirst)]
+    /// Queue order for --prefetch: `smallest-first`, `largest-first`, `image` (the order the
+    /// images list the files in), or `recorded[:FILE]`: the chunks the last restore of this
+    /// checkpoint touched first come first, in that order, then the rest smallest-first (FILE:
+    /// a recording or a cache dir; default: this cache dir's recording, else the manifest's).
+    /// What a reader waits for always goes first.
+    #[arg(long, value_name = "ORDER", default_value = "smallest-first", value_parser = prefetch_order)]
     pub prefetch_order: PrefetchOrder,
     /// Parallel transfers (one SSH session each).
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -163,12 +167,29 @@ pub enum SshArg {
     Auto,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrefetchOrder {
     SmallestFirst,
     LargestFirst,
     /// The order the images list the files in.
     Image,
+    /// The order a recording gives (this file, or the cache dir's or the manifest's).
+    Recorded(Option<PathBuf>),
+}
+
+fn prefetch_order(text: &str) -> Result<PrefetchOrder, String> {
+    Ok(match text {
+        "smallest-first" => PrefetchOrder::SmallestFirst,
+        "largest-first" => PrefetchOrder::LargestFirst,
+        "image" => PrefetchOrder::Image,
+        "recorded" => PrefetchOrder::Recorded(None),
+        _ => match text.strip_prefix("recorded:") {
+            Some(file) if !file.is_empty() => PrefetchOrder::Recorded(Some(file.into())),
+            _ => {
+                return Err(format!("{text:?}: one of smallest-first, largest-first, image, recorded, recorded:FILE"));
+            }
+        },
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -252,6 +273,11 @@ pub struct ManifestArgs {
     /// Where to write it [default: IMGDIR/lazyfs.manifest].
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Ship the access order a restore recorded with the images: a lazyfs `recording`
+    /// file, or the cache dir of the mount the process ran on. A mount with
+    /// `--prefetch-order recorded` fetches in that order.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub recording: Option<PathBuf>,
 }
 
 /// Re-hash every present file; exit 4 if one no longer matches.

@@ -475,14 +475,20 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
     let checkpoint = Checkpoint::load(&args.imgdir)?;
     warn_incomplete(checkpoint.warning());
     let output = args.output.clone().unwrap_or_else(|| args.imgdir.join(lazyfs::manifest::DEFAULT_NAME));
-    let summary =
-        lazyfs::manifest::create(&checkpoint, &args.root, args.subtree.as_deref(), &output).map_err(|e| Exit {
-            code: match e {
-                ManifestError::Root { .. } | ManifestError::EmptySubtree(_) => exit::BAD_INPUT,
-                _ => exit::RUNTIME,
-            },
-            message: e.to_string(),
-        })?;
+    let recording = args
+        .recording
+        .as_deref()
+        .map(lazyfs::recording::load)
+        .transpose()
+        .map_err(|e| Exit { code: exit::BAD_INPUT, message: format!("--recording {e}") })?;
+    let subtree = args.subtree.as_deref();
+    let summary = lazyfs::manifest::create(&checkpoint, &args.root, subtree, recording, &output).map_err(|e| Exit {
+        code: match e {
+            ManifestError::Root { .. } | ManifestError::EmptySubtree(_) => exit::BAD_INPUT,
+            _ => exit::RUNTIME,
+        },
+        message: e.to_string(),
+    })?;
     for (path, reason) in &summary.skipped {
         eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
     }

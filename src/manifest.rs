@@ -4,7 +4,8 @@
 //! Format (version 1): the line `lazyfs-manifest\n`, then one protobuf
 //! `Manifest` message (`proto/lazyfs/cache.proto`): the chunk size, and per
 //! file its recorded path, size, whole-file blake3 and the blake3 of each
-//! chunk (32 bytes each, concatenated).
+//! chunk (32 bytes each, concatenated); optionally, the access order a
+//! restore recorded (`--recording`), for `--prefetch-order recorded`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,6 +17,7 @@ use prost::Message;
 use rayon::prelude::*;
 
 use crate::images::Checkpoint;
+use crate::recording::{self, Recording};
 use crate::source::relative;
 use crate::store::CHUNK_SIZE;
 use crate::store::journal::proto::{Manifest as ManifestProto, ManifestFile};
@@ -74,6 +76,8 @@ pub fn hash_chunks(
 
 pub struct Manifest {
     files: HashMap<Vec<u8>, FileHashes>,
+    /// The access order shipped with the images, if any.
+    pub recording: Option<Recording>,
 }
 
 impl Manifest {
@@ -111,7 +115,10 @@ impl Manifest {
             let chunks = file.chunk_blake3.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect();
             files.insert(file.path, FileHashes { size: file.size, whole, chunks });
         }
-        Ok(Manifest { files })
+        if let Some(recording) = &proto.recording {
+            recording::check(recording).map_err(|reason| bad(format!("its recording: {reason}")))?;
+        }
+        Ok(Manifest { files, recording: proto.recording })
     }
 }
 
@@ -124,12 +131,14 @@ pub struct Summary {
 }
 
 /// Hashes every servable file of `checkpoint` (below `subtree`, if given),
-/// read below `root`, in parallel, and writes the manifest to `output`
-/// (through a temporary file). Writes nothing when no file could be hashed.
+/// read below `root`, in parallel, and writes the manifest, with `recording`
+/// if given, to `output` (through a temporary file). Writes nothing when no
+/// file could be hashed.
 pub fn create(
     checkpoint: &Checkpoint,
     root: &Path,
     subtree: Option<&Path>,
+    recording: Option<Recording>,
     output: &Path,
 ) -> Result<Summary, ManifestError> {
     match std::fs::metadata(root) {
@@ -163,7 +172,7 @@ pub fn create(
         .collect();
 
     let mut summary = Summary { hashed: 0, bytes: 0, skipped: Vec::new() };
-    let mut proto = ManifestProto { version: VERSION, chunk_size: CHUNK_SIZE, files: Vec::new() };
+    let mut proto = ManifestProto { version: VERSION, chunk_size: CHUNK_SIZE, files: Vec::new(), recording };
     for (path, result) in results {
         match result {
             Ok(hashes) => {

@@ -17,6 +17,7 @@ use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
+use crate::recording::{self, Recording, RecordingError};
 use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
 use crate::store::journal::{self, Journal, Owner};
@@ -42,6 +43,8 @@ pub enum MountError {
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting on {}: {source}", path.display())]
     Mount { path: PathBuf, source: std::io::Error },
+    #[error("--prefetch-order recorded:{0}")]
+    Recording(#[from] RecordingError),
 }
 
 impl MountError {
@@ -51,7 +54,8 @@ impl MountError {
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
-            | MountError::Manifest(_) => exit::BAD_INPUT,
+            | MountError::Manifest(_)
+            | MountError::Recording(_) => exit::BAD_INPUT,
             MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
                 exit::BAD_INPUT
             }
@@ -78,7 +82,7 @@ pub struct MountRequest {
     pub passthrough: bool,
     pub reconnect_timeout: std::time::Duration,
     pub jobs: usize,
-    pub order: Order,
+    pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
     pub manifest: Option<PathBuf>,
 }
@@ -122,11 +126,7 @@ impl MountRequest {
             passthrough: !args.no_passthrough,
             reconnect_timeout: args.reconnect_timeout,
             jobs: usize::from(args.jobs),
-            order: match args.prefetch_order {
-                PrefetchOrder::SmallestFirst => Order::SmallestFirst,
-                PrefetchOrder::LargestFirst => Order::LargestFirst,
-                PrefetchOrder::Image => Order::Image,
-            },
+            order: args.prefetch_order.clone(),
             manifest: args
                 .manifest
                 .clone()
@@ -209,12 +209,25 @@ pub fn prepare_with(
     // What is local is checked before the source is asked anything.
     check_mountpoint(&request.mountpoint)?;
     registry::check()?;
-    let warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
+    let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
+    let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
+    let given_recording = match &request.order {
+        PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
+        _ => None,
+    };
+    let store = Store::open(&request.cache_dir)?;
+    let recording = match (&request.order, given_recording) {
+        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
+        (PrefetchOrder::Recorded(None), None) => {
+            let (found, warning) = find_recording(&store, manifest.as_ref());
+            warnings.extend(warning);
+            found
+        }
+        _ => None,
+    };
     for warning in &warnings {
         log::warn!("{warning}");
     }
-    let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
-    let store = Store::open(&request.cache_dir)?;
     let (loaded, warning) = journal::load(store.dir())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
@@ -287,12 +300,18 @@ pub fn prepare_with(
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
+    let order = match (&request.order, recording) {
+        (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
+        (PrefetchOrder::LargestFirst, _) => Order::LargestFirst,
+        (PrefetchOrder::Image, _) => Order::Image,
+        (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
+    };
     let fetcher = Fetcher::start(
         source,
         connection,
         files,
         journal,
-        FetchConfig { jobs, order: request.order, reconnect_timeout: request.reconnect_timeout },
+        FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
     );
     let config = FsConfig {
         read_only: request.read_only,
@@ -356,6 +375,33 @@ fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
         id: hasher.finalize().as_bytes().to_vec(),
         name: format!("{} from {}", dir.display(), request.source_arg),
     })
+}
+
+/// `--prefetch-order recorded` without a file: the cache dir's recording (the
+/// last restore of these images from this source, here), else the one the
+/// manifest ships; a warning when there is none (prefetch goes smallest-first).
+fn find_recording(store: &Store, manifest: Option<&Manifest>) -> (Option<Recording>, Option<String>) {
+    let (cached, damaged) = match recording::load_cached(store.dir()) {
+        Ok(cached) => (cached, None),
+        Err(e) => (None, Some(format!("{e}: ignored"))),
+    };
+    let found = cached.or_else(|| manifest.and_then(|m| m.recording.clone()));
+    let none = found.is_none().then(|| {
+        "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
+         smallest-first (`lazyfs manifest --recording` ships one with the images)"
+            .to_string()
+    });
+    (found, damaged.into_iter().chain(none).reduce(|a, b| format!("{a}; {b}")))
+}
+
+/// The recording's runs on this mount's files, in order.
+fn recorded_plan(recording: Option<&Recording>, files: &[Arc<FetchFile>]) -> Arc<[(usize, std::ops::Range<u64>)]> {
+    let Some(recording) = recording else {
+        return Arc::new([]);
+    };
+    let index: std::collections::HashMap<&[u8], usize> =
+        files.iter().enumerate().map(|(i, f)| (f.path.as_os_str().as_bytes(), i)).collect();
+    recording::plan(recording, |path| index.get(path).map(|&i| (i, files[i].chunk_count()))).into()
 }
 
 /// Mounted on a directory the checkpoint's files were in, without `--subtree`
@@ -615,6 +661,13 @@ impl Prepared {
         }
         if let Err(e) = Journal::create(self.store.dir(), &self.owner, fetcher.snapshot(), Vec::new()) {
             log::error!("compacting the journal: {e}");
+        }
+        // A mount nobody read through keeps the recording of the one before.
+        let recording = fetcher.recording();
+        if !recording.touches.is_empty()
+            && let Err(e) = recording::save(self.store.dir(), &recording)
+        {
+            log::error!("{e}");
         }
     }
 }

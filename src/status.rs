@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::control::proto::{FileStatus, MountState, Status};
+use crate::control::proto::{FileStatus, MountState, RecordedRange, Status};
 use crate::fetch::Phase;
 use crate::fs::Filesystem;
 use crate::mount::MountRequest;
@@ -137,6 +137,15 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             completed_s: stats.completed_s(),
         });
     }
+    if per_file {
+        status.recording = fs
+            .fetcher()
+            .recording()
+            .touches
+            .into_iter()
+            .map(|t| RecordedRange { path: t.path, first_chunk: t.first, end_chunk: t.end, at_s: t.at_us as f64 / 1e6 })
+            .collect();
+    }
     let settled = fs.fetcher().files().iter().filter(|f| f.phase().is_settled()).count() as u64;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
@@ -178,6 +187,18 @@ pub fn to_json(status: &Status) -> Value {
             })
         })
         .collect();
+    let recording: Vec<Value> = status
+        .recording
+        .iter()
+        .map(|r| {
+            json!({
+                "path": String::from_utf8_lossy(&r.path),
+                "first_chunk": r.first_chunk,
+                "end_chunk": r.end_chunk,
+                "at_s": r.at_s,
+            })
+        })
+        .collect();
     json!({
         "mountpoint": status.mountpoint,
         "source": status.source,
@@ -201,6 +222,8 @@ pub fn to_json(status: &Status) -> Value {
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,
         "files": files,
+        "chunk_size": crate::store::CHUNK_SIZE,
+        "recording": recording,
     })
 }
 

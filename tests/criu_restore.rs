@@ -15,131 +15,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::criu::{PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, log_tail, start_pids_high};
 use common::listing::{expected_rows, loaded_rows};
 use common::mount::{Mount, TestEnv, is_mounted};
 use common::sshd::Sshd;
 use serde_json::Value;
-
-const PYTHON: &str = "/usr/bin/python3";
-/// Generous: 2 cores shared with other builds.
-const PATIENCE: Duration = Duration::from_secs(120);
-
-fn criu_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/criu")
-}
-
-/// The path of a working CRIU 4.2, built here if needed.
-fn build_criu() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vendor/build-criu");
-    let out = Command::new(&script).stdin(Stdio::null()).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}; this test needs CRIU 4.2 built from ../shared/vendor", script.display())
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "CRIU 4.2 cannot be built here, so a real dump and restore cannot be tested: {} exited with {}:\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
-}
-
-/// CRIU restores each task with its original pid. Starting the tree high up
-/// (pid_max raised to 2^22, ns_last_pid at a random point above 3 million)
-/// keeps its pids clear of everything started before, and processes started
-/// after the dump (sshd sessions, lazyfs) take the pids after the tree's.
-fn start_pids_high() {
-    let write = |file: &str, value: u64| {
-        std::fs::write(file, value.to_string())
-            .unwrap_or_else(|e| panic!("writing {value} to {file} (needs root): {e}"))
-    };
-    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
-    if pid_max < 1 << 22 {
-        write("/proc/sys/kernel/pid_max", 1 << 22);
-    }
-    let noise = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    write("/proc/sys/kernel/ns_last_pid", 3_000_000 + u64::from((noise ^ std::process::id()) % 1_000_000));
-}
-
-/// tests/criu/reaper.py running a command: its `pid N` and `exit N` lines.
-struct Reaper {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Reaper {
-    fn start(args: &[&OsStr]) -> Reaper {
-        let mut child = Command::new(PYTHON)
-            .arg(criu_dir().join("reaper.py"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 (scripts/setup installs it)");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Reaper { child, lines }
-    }
-
-    /// The number on the next line, which must be `WORD N`.
-    fn expect(&self, word: &str) -> i32 {
-        let line = self.lines.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("reaper.py: no `{word}` line"));
-        let n = line.strip_prefix(word).and_then(|n| n.trim().parse().ok());
-        n.unwrap_or_else(|| panic!("reaper.py said {line:?}, expected `{word} N`"))
-    }
-
-    /// Waits until every process of its tree is gone (the reaper then exits).
-    fn finish(&mut self) -> bool {
-        let deadline = Instant::now() + PATIENCE;
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if !self.finish() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The workload's processes, by the pids it reported: killed when the test
-/// ends, however it ends (only while they still run the workload).
-struct Tree {
-    pids: Vec<i32>,
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        for &pid in &self.pids {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline.windows(11).any(|w| w == b"workload.py") {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
 
 /// The state letter of /proc/PID/stat.
 fn state_of(pid: i64) -> Option<char> {
@@ -170,12 +56,6 @@ fn ask(run: &Path, word: &str, n: u32) -> Value {
         .unwrap_or_else(|e| panic!("nobody reads the workload's FIFO ({e}): the restored tree is not running"));
     fifo.write_all(format!("{word} {n}\n").as_bytes()).unwrap();
     report(run, n)
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// Every file below `dir`, by path relative to it, with its bytes.
@@ -260,7 +140,7 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     start_pids_high();
     let workload = criu_dir().join("workload.py");
     let original = Reaper::start(&[PYTHON.as_ref(), workload.as_os_str(), data.as_os_str(), run.as_os_str()]);
-    let mut tree = Tree { pids: vec![original.expect("pid")] };
+    let mut tree = Tree { pids: vec![original.expect("pid")], script: "workload.py" };
     let before = report(&run, 0);
     wait_for(&run.join("ready"));
     let pids = before["pids"].clone();
@@ -342,7 +222,7 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
         "-v4".as_ref(),
     ]);
     let _criu_pid = restore.expect("pid");
-    let restored = Tree { pids: tree.pids.clone() };
+    let restored = Tree { pids: tree.pids.clone(), script: "workload.py" };
     let code = restore.expect("exit");
     assert_eq!(code, 0, "criu restore failed:\n{}", log_tail(&img.join("restore.log")));
     eprintln!("criu restore over lazyfs: {:.2} s", started.elapsed().as_secs_f64());

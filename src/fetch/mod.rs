@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
+use crate::recording::{self, Recorder, Recording, Touch};
 use crate::source::{Connection, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
 use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
@@ -443,7 +444,7 @@ impl FetchFile {
 }
 
 /// Settings of the fetcher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FetchConfig {
     /// Prefetch workers (0: no prefetch).
     pub jobs: usize,
@@ -850,6 +851,8 @@ pub struct Fetcher {
     prefetch: OnceLock<prefetch::Workers>,
     /// The files background prefetch was asked for.
     prefetch_wanted: Vec<AtomicBool>,
+    /// The order readers first touched chunks in.
+    recorder: Recorder,
 }
 
 impl Fetcher {
@@ -866,7 +869,7 @@ impl Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
         let order: Vec<(u64, u64)> = files.iter().map(|f| (f.size, f.image_order)).collect();
         let shared = Arc::new(Shared {
-            queue: prefetch::Queue::new(&order, config.order),
+            queue: prefetch::Queue::new(&order, &config.order),
             files,
             journal,
             verify: Mutex::new(verify_tx),
@@ -886,7 +889,8 @@ impl Fetcher {
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
         lane::spawn_on_demand(link, &source, &shared);
         let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
-        let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), prefetch_wanted };
+        let recorder = Recorder::new(shared.files.len());
+        let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), prefetch_wanted, recorder };
         if config.jobs > 0 {
             fetcher.prefetch(None, config.jobs);
         }
@@ -962,6 +966,7 @@ impl Fetcher {
         let now = self.shared.started.elapsed().as_micros() as u64;
         let _ = stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
         let chunks = self.shared.files[index].chunks_of(offset, u64::from(len));
+        self.recorder.note(index, chunks.clone(), self.shared.files[index].chunk_count(), now);
         let op = move |file: &FetchFile, state: &mut Owned| {
             let len = u64::from(len).min(state.len.saturating_sub(offset)) as usize;
             let mut buf = vec![0u8; len];
@@ -970,6 +975,17 @@ impl Fetcher {
             Ok(buf)
         };
         with_present(&self.shared, index, chunks, op, reply)
+    }
+
+    /// The order readers first touched chunks in so far.
+    pub fn recording(&self) -> Recording {
+        let touches = self.recorder.runs().into_iter().map(|(index, chunks, at_us)| Touch {
+            path: self.shared.files[index].path_bytes().to_vec(),
+            first: chunks.start,
+            end: chunks.end,
+            at_us,
+        });
+        recording::new(touches.collect())
     }
 
     /// Writes `data` at `offset` of file `index`, locally, once the whole

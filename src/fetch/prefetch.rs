@@ -2,6 +2,7 @@
 //! own, streaming whole files into their spill files in queue order.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -20,13 +21,28 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// window being fetched waits at most for that window.
 const WINDOW_CHUNKS: u64 = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Order {
     /// Most files complete soonest.
     SmallestFirst,
     LargestFirst,
     /// The order the images list the files in.
     Image,
+    /// What a recording says readers touched first, in that order, as
+    /// (file, chunks) (see [`crate::recording::plan`]); then the rest
+    /// smallest-first. A small file comes whole at its first run; a large
+    /// one's runs come one by one, its other chunks with the rest.
+    Recorded(Arc<[(usize, Range<u64>)]>),
+}
+
+/// Keys of files no recording names: after every recorded run.
+const AFTER_RECORDED: u64 = 1 << 62;
+
+/// What a worker is given: a whole file, or a recorded run of a large one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Job {
+    File(usize),
+    Run(usize, Range<u64>),
 }
 
 /// Files waiting to be prefetched. Promoted files (someone reads them) come
@@ -43,27 +59,81 @@ struct QueueState {
     order_keys: Vec<u64>,
     /// Files to queue again once their time comes (the cache was full).
     later: Vec<(Instant, usize)>,
+    /// Recorded runs of large files, (key, file, first, end): queued with
+    /// band 1 and ordered among its files by key.
+    runs: BTreeSet<(u64, usize, u64, u64)>,
+    /// Each file's recorded runs, until the file is first queued (empty
+    /// unless the order is a recording).
+    pending_runs: Vec<Vec<(u64, Range<u64>)>>,
+    /// Recorded runs taken by a worker and not yet done: what no recording
+    /// names waits for them, so bulk transfers do not hold them up.
+    runs_active: usize,
     promotions: u64,
     closed: bool,
 }
 
+impl QueueState {
+    /// The job at the front, without taking it.
+    fn front(&self) -> Option<Job> {
+        match (self.queued.first(), self.runs.first()) {
+            (Some(&(band, key, f)), run) if band == 0 || run.is_none_or(|r| key < r.0) => {
+                let unrecorded = band == 1 && key >= AFTER_RECORDED && !self.pending_runs.is_empty();
+                (!unrecorded || self.runs_active == 0).then_some(Job::File(f))
+            }
+            (_, Some(&(_, f, first, end))) => Some(Job::Run(f, first..end)),
+            _ => None,
+        }
+    }
+
+    fn take_front(&mut self) -> Option<Job> {
+        let job = self.front()?;
+        match &job {
+            Job::File(_) => {
+                let (_, _, file) = self.queued.pop_first().expect("front");
+                self.keys[file] = None;
+            }
+            Job::Run(..) => {
+                self.runs.pop_first();
+                self.runs_active += 1;
+            }
+        }
+        Some(job)
+    }
+}
+
 impl Queue {
     /// `files` are (size, place in the images) of each file.
-    pub(super) fn new(files: &[(u64, u64)], order: Order) -> Queue {
-        let order_keys: Vec<u64> = files
+    pub(super) fn new(files: &[(u64, u64)], order: &Order) -> Queue {
+        let mut order_keys: Vec<u64> = files
             .iter()
             .map(|&(size, image_order)| match order {
                 Order::SmallestFirst => size,
                 Order::LargestFirst => u64::MAX - size,
                 Order::Image => image_order,
+                Order::Recorded(_) => AFTER_RECORDED.saturating_add(size),
             })
             .collect();
+        let mut pending_runs = Vec::new();
+        if let Order::Recorded(plan) = order {
+            pending_runs = vec![Vec::new(); files.len()];
+            for (rank, (file, chunks)) in plan.iter().enumerate() {
+                let rank = rank as u64;
+                if files[*file].0 > SMALL_FILE {
+                    pending_runs[*file].push((rank, chunks.clone()));
+                } else {
+                    order_keys[*file] = order_keys[*file].min(rank);
+                }
+            }
+        }
         Queue {
             state: Mutex::new(QueueState {
                 queued: BTreeSet::new(),
                 keys: vec![None; files.len()],
                 order_keys,
                 later: Vec::new(),
+                runs: BTreeSet::new(),
+                pending_runs,
+                runs_active: 0,
                 promotions: 0,
                 closed: false,
             }),
@@ -75,14 +145,29 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `file` in its ordinary place (if it is not queued already).
+    /// Queues `file` in its ordinary place (if it is not queued already),
+    /// and its recorded runs the first time.
     pub(super) fn push(&self, file: usize) {
         let mut state = self.lock();
+        let runs = state.pending_runs.get_mut(file).map(std::mem::take).unwrap_or_default();
+        for (key, chunks) in runs {
+            state.runs.insert((key, file, chunks.start, chunks.end));
+            self.ready.notify_one();
+        }
         if state.keys[file].is_none() {
             let key = (1, state.order_keys[file]);
             state.keys[file] = Some(key);
             state.queued.insert((key.0, key.1, file));
             self.ready.notify_one();
+        }
+    }
+
+    /// A recorded run a worker took is done (fetched, or given up).
+    fn run_done(&self) {
+        let mut state = self.lock();
+        state.runs_active -= 1;
+        if state.runs_active == 0 {
+            self.ready.notify_all();
         }
     }
 
@@ -108,16 +193,15 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// Up to `max` more files from the front, as long as `wanted` says so,
-    /// without waiting.
+    /// Up to `max` more whole files from the front, as long as `wanted` says
+    /// so, without waiting.
     fn pop_while(&self, max: usize, mut wanted: impl FnMut(usize) -> bool) -> Vec<usize> {
         let mut state = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
-            match state.queued.first() {
-                Some(&(_, _, file)) if wanted(file) => {
-                    state.queued.pop_first();
-                    state.keys[file] = None;
+            match state.front() {
+                Some(Job::File(file)) if wanted(file) => {
+                    state.take_front();
                     out.push(file);
                 }
                 _ => break,
@@ -126,8 +210,8 @@ impl Queue {
         out
     }
 
-    /// The next file, waiting for one; `None` once closed.
-    fn pop(&self) -> Option<usize> {
+    /// The next job, waiting for one; `None` once closed.
+    fn pop(&self) -> Option<Job> {
         let mut state = self.lock();
         loop {
             if state.closed {
@@ -143,9 +227,8 @@ impl Queue {
                     state.queued.insert((key.0, key.1, file));
                 }
             }
-            if let Some(first) = state.queued.pop_first() {
-                state.keys[first.2] = None;
-                return Some(first.2);
+            if let Some(job) = state.take_front() {
+                return Some(job);
             }
             state = match state.later.iter().map(|&(at, _)| at).min() {
                 Some(next) => {
@@ -162,16 +245,11 @@ impl Queue {
         self.ready.notify_all();
     }
 
-    /// Files not yet taken by a worker.
+    /// Jobs not yet taken by a worker.
     #[cfg(test)]
-    fn drain(&self) -> Vec<usize> {
-        let mut out = Vec::new();
+    fn drain(&self) -> Vec<Job> {
         let mut state = self.lock();
-        while let Some(first) = state.queued.pop_first() {
-            state.keys[first.2] = None;
-            out.push(first.2);
-        }
-        out
+        std::iter::from_fn(|| state.take_front()).collect()
     }
 }
 
@@ -215,7 +293,20 @@ impl Workers {
 }
 
 fn worker(mut link: Link, shared: &Shared) {
-    while let Some(first) = shared.queue.pop() {
+    while let Some(job) = shared.queue.pop() {
+        let first = match job {
+            Job::File(first) => first,
+            Job::Run(index, chunks) => {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fetch_run(&mut link, shared, index, chunks);
+                }));
+                shared.queue.run_done();
+                if outcome.is_err() {
+                    link.reset();
+                }
+                continue;
+            }
+        };
         let small = |index: usize| shared.files[index].size <= SMALL_FILE;
         let mut batch = vec![first];
         if small(first) {
@@ -247,15 +338,8 @@ fn worker(mut link: Link, shared: &Shared) {
 /// Streams one file, window after window, over one SFTP handle.
 fn stream(link: &mut Link, shared: &Shared, index: usize) {
     let file = &shared.files[index];
-    if file.needs_nothing() {
+    if file.needs_nothing() || !first_look(link, shared, index) {
         return;
-    }
-    if let Err(e) = link.with_retry(|connection| shared.check_baseline(index, connection)) {
-        log::warn!("{e}");
-        if e.is_connection_lost() {
-            shared.queue.push(index);
-            return;
-        }
     }
     let chunk_count = file.chunk_count();
     let mut window = 0;
@@ -274,6 +358,35 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
             }
         }
         window = end;
+    }
+}
+
+/// Fetches a recorded run of a large file.
+fn fetch_run(link: &mut Link, shared: &Shared, index: usize, chunks: Range<u64>) {
+    let file = &shared.files[index];
+    if file.needs_nothing() || !first_look(link, shared, index) {
+        return;
+    }
+    for claim in file.claim(chunks) {
+        shared.fetch(link, index, claim, Lane::Prefetch);
+    }
+}
+
+/// The look at the source before the first bytes of a large file (see
+/// `Shared::check_baseline`); false when the connection is lost, with the file
+/// queued again.
+fn first_look(link: &mut Link, shared: &Shared, index: usize) -> bool {
+    match link.with_retry(|connection| shared.check_baseline(index, connection)) {
+        Err(e) if e.is_connection_lost() => {
+            log::warn!("{e}");
+            shared.queue.push(index);
+            false
+        }
+        Err(e) => {
+            log::warn!("{e}");
+            true
+        }
+        Ok(()) => true,
     }
 }
 
@@ -370,19 +483,45 @@ mod tests {
     #[test]
     fn orders_and_promotion() {
         let sizes = [(30, 3), (10, 2), (20, 1), (5, 0)];
-        let queue = Queue::new(&sizes, Order::SmallestFirst);
+        let files = |jobs: &[usize]| jobs.iter().map(|&f| Job::File(f)).collect::<Vec<_>>();
+        let queue = Queue::new(&sizes, &Order::SmallestFirst);
         (0..4).for_each(|i| queue.push(i));
-        assert_eq!(queue.drain(), [3, 1, 2, 0]);
+        assert_eq!(queue.drain(), files(&[3, 1, 2, 0]));
 
-        let queue = Queue::new(&sizes, Order::LargestFirst);
+        let queue = Queue::new(&sizes, &Order::LargestFirst);
         (0..4).for_each(|i| queue.push(i));
         queue.promote(3);
         queue.promote(1);
-        assert_eq!(queue.drain(), [1, 3, 0, 2]);
+        assert_eq!(queue.drain(), files(&[1, 3, 0, 2]));
 
-        let queue = Queue::new(&sizes, Order::Image);
+        let queue = Queue::new(&sizes, &Order::Image);
         (0..4).for_each(|i| queue.push(i));
         queue.push(2);
-        assert_eq!(queue.drain(), [3, 2, 1, 0]);
+        assert_eq!(queue.drain(), files(&[3, 2, 1, 0]));
+    }
+
+    #[test]
+    fn recorded_runs_first_then_smallest_first() {
+        let big = SMALL_FILE + 1;
+        // 0: small, unrecorded; 1: large, two runs recorded; 2, 3: small, recorded.
+        let sizes = [(5, 0), (big, 1), (20, 2), (30, 3)];
+        let plan: Arc<[(usize, Range<u64>)]> = vec![(3, 0..1), (1, 0..4), (2, 0..1), (3, 1..2), (1, 9..10)].into();
+        let queue = Queue::new(&sizes, &Order::Recorded(plan));
+        (0..4).for_each(|i| queue.push(i));
+        queue.push(1); // queued again (a lost connection): its runs are not repeated
+        let expected = [Job::File(3), Job::Run(1, 0..4), Job::File(2), Job::Run(1, 9..10)];
+        assert_eq!(queue.drain(), expected);
+        // The rest waits until the recorded runs are done.
+        queue.run_done();
+        assert_eq!(queue.drain(), []);
+        queue.run_done();
+        assert_eq!(queue.drain(), [Job::File(0), Job::File(1)]);
+
+        // A file someone reads still goes first.
+        let plan: Arc<[(usize, Range<u64>)]> = vec![(1, 0..4)].into();
+        let queue = Queue::new(&sizes, &Order::Recorded(plan));
+        (0..4).for_each(|i| queue.push(i));
+        queue.promote(3);
+        assert_eq!(queue.drain()[..2], [Job::File(3), Job::Run(1, 0..4)]);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use lazyfs::fetch::Order;
+use lazyfs::cli::PrefetchOrder;
 use lazyfs::fs::{Filesystem, SetAttr};
 use lazyfs::images::write::{DumpFile, write_dump};
 use lazyfs::mount::{MountError, MountRequest, Prepared, prepare_with};
@@ -187,7 +187,7 @@ impl Core {
     pub fn write_manifest(&self) {
         let checkpoint = lazyfs::images::Checkpoint::load(&self.images).unwrap();
         let output = self.images.join(lazyfs::manifest::DEFAULT_NAME);
-        lazyfs::manifest::create(&checkpoint, &self.source, None, &output).unwrap();
+        lazyfs::manifest::create(&checkpoint, &self.source, None, None, &output).unwrap();
     }
 
     pub fn request(&self, jobs: usize) -> MountRequest {
@@ -207,7 +207,7 @@ impl Core {
             passthrough: false,
             reconnect_timeout: Duration::from_secs(2),
             jobs,
-            order: Order::SmallestFirst,
+            order: PrefetchOrder::SmallestFirst,
             manifest,
         }
     }
