@@ -144,8 +144,9 @@ pub struct MountArgs {
     /// Refuse every write.
     #[arg(long)]
     pub read_only: bool,
-    /// When the connection to the source drops, keep reconnecting (0.1 s doubling to 5 s
-    /// between tries) this long before a blocked read answers EIO; status says `degraded` meanwhile.
+    /// How long a read may wait on the source (from its arrival; reconnects, with 0.1 s doubling
+    /// to 5 s between tries, and a silent source included) before it answers EIO; status says
+    /// `degraded` meanwhile.
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = seconds)]
     pub reconnect_timeout: std::time::Duration,
     /// Let other users than the one mounting use the mount.

@@ -344,17 +344,15 @@ impl Filesystem {
         }
         let ns = self.namespace();
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::File(index)) => {
-                let index = *index;
-                let spill = self.fetcher.file(index).verified_file().filter(|_| !write && !self.files[index].written);
-                spill.map(std::fs::File::try_clone).transpose()
-            }
-            Some(NodeKind::Local(id)) => self.local_file(*id)?.try_clone().map(Some),
+            Some(NodeKind::File(index)) => match *index {
+                index if write || self.files[index].written => None,
+                index => self.fetcher.file(index).verified_file()?,
+            },
+            Some(NodeKind::Local(id)) => Some(self.local_file(*id)?.try_clone().map_err(|e| io_error(&e))?),
             Some(NodeKind::Dir(_)) => return Err(FsError::new(libc::EISDIR, "a directory")),
             Some(_) => return Err(FsError::new(libc::EINVAL, "not a regular file")),
             None => return Err(not_found(ino)),
         };
-        let passthrough = passthrough.map_err(|e| io_error(&e))?;
         *self.opens().entry(ino).or_default() += 1;
         Ok(passthrough)
     }

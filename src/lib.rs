@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod detached;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;

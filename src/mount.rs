@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
 use crate::control::{self, ControlEvent, registry};
+use crate::detached::Attachment;
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
 use crate::fs::{Filesystem, FsConfig, ServedSpec};
@@ -167,6 +168,8 @@ pub struct Prepared {
     owner: Owner,
     /// What the person mounting should know (the mount works regardless).
     pub warnings: Vec<String>,
+    /// The mountpoint is this process's until it exits.
+    _claim: registry::Claim,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -191,6 +194,7 @@ pub fn prepare_with(
         request.mountpoint.display(),
         request.source_arg
     );
+    let claim = claim_mountpoint(&request.mountpoint)?;
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
@@ -327,7 +331,23 @@ pub fn prepare_with(
         .collect();
     let local = crate::store::local::LocalFiles::open(store.dir())?;
     let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config)?;
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
+}
+
+/// Claims `mountpoint` for this process before anything else is done: of
+/// racing mounts of one mountpoint, the losers stop here, leaving nothing.
+fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
+    match registry::claim(mountpoint) {
+        Ok(Ok(claim)) => Ok(claim),
+        Ok(Err(pid)) => Err(MountError::Mountpoint {
+            path: mountpoint.to_path_buf(),
+            reason: format!(
+                "another lazyfs process{} is mounting or serving it; `lazyfs umount` it first",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+        }),
+        Err(e) => Err(MountError::Store(e)),
+    }
 }
 
 /// Which checkpoint and source a cache dir is for: a blake3 of every image
@@ -429,9 +449,12 @@ fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
 
 /// Whether `path` is a FUSE mount whose process died: it answers "Transport
 /// endpoint is not connected" (or, while the kernel tears the connection
-/// down, "Software caused connection abort").
+/// down, "Software caused connection abort"). Listed, not only stat'ed: the
+/// kernel may answer a stat from its cache.
 pub fn is_stale(path: &Path) -> bool {
-    std::fs::metadata(path).is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
+    std::fs::metadata(path)
+        .and_then(|_| std::fs::read_dir(path).map(drop))
+        .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)))
 }
 
 /// Unmounts at once even when busy (open files keep it alive until closed).
@@ -447,6 +470,18 @@ pub fn detach(mountpoint: &Path) -> std::io::Result<()> {
 /// before lazyfs stops waiting for it (it ends within milliseconds unless a
 /// copy of the mount lives on in another mount namespace).
 const SESSION_END_GRACE: Duration = Duration::from_secs(3);
+
+/// Unmounts the mount `attachment` describes unless busy; why not, if not
+/// (naming the processes that keep it busy).
+fn unmount_attached(mountpoint: &Path, attachment: &Attachment) -> Result<(), String> {
+    if attachment.is_detached() {
+        return Err(crate::detached::umount_answer(mountpoint, &attachment.holders()));
+    }
+    unmount(mountpoint).map_err(|e| match holders(mountpoint).as_slice() {
+        [] => format!("cannot unmount: {e} (close the files open under it first)"),
+        held => format!("cannot unmount: {e}: used by {}; close the files open under it first", held.join(", ")),
+    })
+}
 
 /// Unmounts unless busy.
 fn unmount(mountpoint: &Path) -> std::io::Result<()> {
@@ -531,6 +566,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
     }
 
+    let attachment = Arc::new(Attachment::of(&mountpoint).map_err(mount_err)?);
     let started = Instant::now();
     let meter = Arc::new(crate::status::Meter::new());
     sample_rate(&prepared.fs, &meter);
@@ -539,9 +575,15 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         let request = request.clone();
         let source_name = prepared.source_name.clone();
         let meter = meter.clone();
+        let attachment = attachment.clone();
         Arc::new(move |per_file| {
             let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
-            crate::status::snapshot(&fs, &context, per_file)
+            let mut status = crate::status::snapshot(&fs, &context, per_file);
+            if attachment.is_detached() {
+                status.detached = true;
+                status.holders = attachment.holders();
+            }
+            status
         })
     };
     let prefetch: control::PrefetchHook = {
@@ -614,26 +656,24 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             }
             Event::Signal(signal) => {
                 log::info!("signal {signal}: unmounting");
+                if attachment.is_detached() {
+                    continue;
+                }
                 if unmount(&mountpoint).is_ok() {
                     unmounted_at.get_or_insert_with(Instant::now);
                 } else {
                     // Busy: detach now; the session ends when the last file closes.
+                    log::info!("busy: detaching; lazyfs ends once the files open under it are closed");
+                    attachment.set_detached();
                     let _ = detach(&mountpoint);
                 }
             }
-            Event::Control(ControlEvent::Umount(mut stream)) => match unmount(&mountpoint) {
+            Event::Control(ControlEvent::Umount(mut stream)) => match unmount_attached(&mountpoint, &attachment) {
                 Ok(()) => {
                     umount_clients.push(stream);
                     unmounted_at.get_or_insert_with(Instant::now);
                 }
-                Err(e) => {
-                    let message = match holders(&mountpoint).as_slice() {
-                        [] => format!("cannot unmount: {e} (close the files open under it first)"),
-                        held => format!(
-                            "cannot unmount: {e}: used by {}; close the files open under it first",
-                            held.join(", ")
-                        ),
-                    };
+                Err(message) => {
                     let _ = control::write_message(
                         &mut stream,
                         &control::proto::Response { kind: Some(control::proto::response::Kind::Error(message)) },

@@ -226,6 +226,8 @@ pub fn to_json(status: &Status) -> Value {
         "prefetch": status.prefetch,
         "state": status.state().word(),
         "degraded_reason": non_empty(&status.degraded_reason),
+        "detached": status.detached,
+        "holders": status.holders,
         "files_total": status.files_total,
         "files_present": status.files_present,
         "files_failed": status.files_failed,

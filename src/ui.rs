@@ -50,6 +50,10 @@ pub fn summary(status: &Status) -> String {
     if let Some(eta) = status.eta_s {
         text += &format!(", ETA {}", duration(eta));
     }
+    if status.detached {
+        let pids: Vec<String> = status.holders.iter().map(u32::to_string).collect();
+        text += &format!(", detached (held open by PIDs {})", pids.join(", "));
+    }
     if !status.source_needed {
         text += "; every file is here: the old host is no longer needed";
     }

@@ -13,15 +13,7 @@ use common::sshd::Sshd;
 use serde_json::Value;
 
 fn wait_state(mount: &Mount, done: impl Fn(&Value) -> bool, what: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = mount.status();
-        if done(&status) {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{what}: {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    mount.wait_for(done, what)
 }
 
 fn complete(mount: &Mount) -> Value {

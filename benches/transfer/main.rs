@@ -12,8 +12,12 @@
 //!      `rsync -a` and `sshfs` + `cp -r`;
 //!   c. sequential reads of a verified file through the mount beside reading
 //!      its spill file directly, passthrough on and off (page cache dropped);
-//!   d. the daemon's peak RSS and CPU seconds per GiB during (b).
-//! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`).
+//!   d. the daemon's peak RSS and CPU seconds per GiB during (b);
+//!   e. a checkpoint of 100,000 files (1 KiB each) under `ulimit -n 1024`:
+//!      time until `lazyfs mount` returns, until all verified with
+//!      `--prefetch`, and the daemon's peak RSS.
+//! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
+//! `-- --many` runs only e.
 //! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
 #[path = "../../tests/common/sshd.rs"]
@@ -22,6 +26,7 @@ mod wan;
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -244,12 +249,24 @@ impl Bench {
 
     /// Mounts `set` (fresh cache), returns the mountpoint and cache dir.
     fn mount(&self, set: &Dataset, tag: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        self.mount_with(set, tag, extra, |_| {})
+    }
+
+    /// Mounts `set` (fresh cache) with `adjust` applied to the command.
+    fn mount_with(
+        &self,
+        set: &Dataset,
+        tag: &str,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> (PathBuf, PathBuf) {
         let mountpoint = self.path(&format!("mnt-{tag}"));
         let cache = self.path(&format!("cache-{tag}"));
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::create_dir_all(&mountpoint).unwrap();
-        run(self
-            .lazyfs()
+        let mut command = self.lazyfs();
+        adjust(&mut command);
+        run(command
             .arg("mount")
             .arg(&mountpoint)
             .arg(&set.images)
@@ -274,6 +291,53 @@ impl Bench {
         let out = run(self.lazyfs().arg("status").arg(mountpoint).arg("--json"));
         let status: Value = serde_json::from_slice(&out.stdout).unwrap();
         status["pid"].as_u64().unwrap() as u32
+    }
+
+    /// (e) 100,000 files of 1 KiB under `ulimit -n 1024`: mount time, time
+    /// until all verified with --prefetch, peak RSS.
+    fn many_files(&mut self) {
+        const FILES: u64 = 100_000;
+        eprintln!("e. {FILES} files");
+        let mut records = Vec::new();
+        let mut buf = [0u8; 1024];
+        for i in 0..FILES {
+            let rel = format!("many/d{:03}/f{i:06}", i / 1000);
+            let path = self.source().join(&rel);
+            if i % 1000 == 0 {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            }
+            fill(i + 11, &mut buf);
+            std::fs::write(&path, buf).unwrap();
+            records.push(DumpFile::new(format!("/{rel}"), 1024));
+        }
+        let images = self.path("images-many");
+        write_dump(&images, &records).unwrap();
+        let set = Dataset { name: "100,000 x 1 KiB", rel: "many", images, bytes: FILES * 1024, files: FILES as usize };
+        let (mut mounted, mut verified, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let started = Instant::now();
+            let (mountpoint, _) = self.mount_with(&set, "many", &["--prefetch"], |command| {
+                // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        let limit = libc::rlimit { rlim_cur: 1024, rlim_max: 1024 };
+                        match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                            0 => Ok(()),
+                            _ => Err(std::io::Error::last_os_error()),
+                        }
+                    });
+                }
+            });
+            mounted.push(started.elapsed().as_secs_f64());
+            let pid = self.daemon_pid(&mountpoint);
+            run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
+            verified.push(started.elapsed().as_secs_f64());
+            rss.push(peak_rss_mib(pid));
+            self.umount(&mountpoint);
+        }
+        self.record("e", format!("{}, ulimit -n 1024: `lazyfs mount` returns", set.name), "s", mounted, None);
+        self.record("e", format!("{}: lazyfs --prefetch, until all verified", set.name), "s", verified, None);
+        self.record("e", format!("{}: daemon peak RSS", set.name), "MiB", rss, None);
     }
 
     /// (a) The first 4 KiB at the middle of the 1 GiB file.
@@ -394,15 +458,7 @@ impl Bench {
                 let pid = self.daemon_pid(&mountpoint);
                 run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
                 times.push(started.elapsed().as_secs_f64());
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-                let hwm_kib: f64 = status
-                    .lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                rss.push(hwm_kib / 1024.0);
+                rss.push(peak_rss_mib(pid));
                 // The daemon with its `ssh` children: they do the crypto.
                 cpu.push(tree_cpu(pid as i32) / gib);
                 self.umount(&mountpoint);
@@ -581,23 +637,37 @@ fn main() {
     let mut bench = Bench::new(runs, profile);
     std::fs::create_dir_all(bench.path("home")).unwrap();
     eprintln!("making data sets in {}", bench.work.path().display());
-    let sets = bench.make_datasets();
-    bench.first_byte(&sets[0]);
-    for set in &sets {
-        bench.bulk(set);
+    let many_only = args.iter().any(|a| a == "--many");
+    let sets = if many_only { Vec::new() } else { bench.make_datasets() };
+    if !many_only {
+        bench.first_byte(&sets[0]);
+        for set in &sets {
+            bench.bulk(set);
+        }
+        // Reads of verified files do not touch the network: loopback runs only.
+        if !wan {
+            bench.local_reads(&sets[0]);
+        }
     }
-    // Reads of verified files do not touch the network: loopback runs only.
     if !wan {
-        bench.local_reads(&sets[0]);
+        bench.many_files();
     }
     let (table, json) = bench.report();
     let link = if wan { "WAN profile: 20 ms RTT, 1 Gbit/s through two network namespaces" } else { "loopback sshd" };
     let header = format!(
         "Measured on {}, {link}; {runs} run(s) each; `cargo bench --bench transfer{}`.\n\n",
         machine(),
-        if wan { " -- --wan" } else { "" }
+        match (wan, many_only) {
+            (true, _) => " -- --wan",
+            (false, true) => " -- --many",
+            (false, false) => "",
+        }
     );
-    let name = if wan { "transfer-wan" } else { "transfer" };
+    let name = match (wan, many_only) {
+        (true, _) => "transfer-wan",
+        (false, true) => "transfer-many",
+        (false, false) => "transfer",
+    };
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     std::fs::write(out_dir.join(format!("{name}.md")), format!("{header}{table}")).unwrap();
@@ -640,6 +710,19 @@ fn one_sftp_read(
 fn is_mount(path: &Path) -> bool {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     mountinfo.lines().any(|line| line.split(' ').nth(4) == Some(&*path.to_string_lossy()))
+}
+
+/// The peak resident set of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    hwm_kib / 1024.0
 }
 
 fn nix_is_root() -> bool {

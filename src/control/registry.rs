@@ -4,6 +4,8 @@
 //! The directory is private to its user ([`CacheDir::open_private`]): one
 //! another user made, or others may write to, is refused.
 
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -55,6 +57,35 @@ pub fn check() -> Result<(), StoreError> {
 pub fn register(entry: &Entry) -> Result<(), StoreError> {
     let json = serde_json::to_vec(entry).map_err(|e| StoreError::Io { path: dir(), source: e.into() })?;
     CacheDir::open_private(&dir())?.write_atomic(&entry_name(&entry.mountpoint), &json)
+}
+
+/// A mountpoint claimed by this process: held (a lock on a file next to the
+/// entries) from before anything is prepared until the process exits, so of
+/// two `lazyfs mount` of one mountpoint exactly one goes ahead.
+pub struct Claim {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Claims `mountpoint`; when another process holds it, `Err` with its pid
+/// (if it said).
+pub fn claim(mountpoint: &Path) -> Result<Result<Claim, Option<u32>>, StoreError> {
+    let name = format!("{}.lock", entry_name(mountpoint));
+    let file = CacheDir::open_private(&dir())?.open_rw(&name)?;
+    let io = |source| StoreError::Io { path: dir().join(&name), source };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut locked) => {
+            locked.set_len(0).map_err(io)?;
+            locked.rewind().map_err(io)?;
+            write!(locked, "{}", std::process::id()).map_err(io)?;
+            Ok(Ok(Claim { _lock: locked }))
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            file.read_to_string(&mut pid).map_err(io)?;
+            Ok(Err(pid.trim().parse().ok()))
+        }
+        Err((_, e)) => Err(io(e.into())),
+    }
 }
 
 pub fn unregister(mountpoint: &Path) {

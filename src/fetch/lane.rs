@@ -1,17 +1,33 @@
-//! The on-demand lane: one thread, one source connection, serving the chunks
-//! readers are blocked on, in the order asked, adjacent requests merged.
+//! The on-demand lanes: threads with a source connection each, serving the
+//! chunks readers are blocked on, in the order asked, adjacent requests
+//! merged. The first lane serves every request; a request that waits longer
+//! than [`RELIEF_AFTER`] (the first lane is busy, or stuck on a file the
+//! source cannot answer for) is taken by a relief lane on a session of its own.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
-use crate::source::{Connection, Source, SourceError, SourceStat, WholeRead};
+use crate::source::{Connection, Limits, Source, SourceError, SourceStat, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
 const MAX_PIECE_CHUNKS: u64 = 64;
+/// A request queued this long is taken by a relief lane.
+const RELIEF_AFTER: Duration = Duration::from_millis(200);
+/// Lanes besides the first; each connects when it is first needed.
+const RELIEF_LANES: usize = 3;
+/// The longest the source may say nothing to a prefetch or verifier request
+/// (and the time a probe has to connect) when `--reconnect-timeout` is longer.
+const MAX_STALL: Duration = Duration::from_secs(5);
+/// After a request timed out: the time a new connection has to show that
+/// the source still answers (the request was stuck on its file).
+const PROBE_TIME: Duration = Duration::from_secs(2);
+/// Pause between probes of a source that does not answer.
+const PROBE_PAUSE: Duration = Duration::from_secs(1);
 
 /// How often an idle holder of a connection looks whether the source is still needed.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -30,19 +46,101 @@ pub(super) fn next_or_release<T>(rx: &Receiver<T>, link: &mut Link, shared: &Sha
     }
 }
 
-/// A request for the on-demand lane: fetch these claimed chunks of a file.
+/// A request for the on-demand lanes: fetch these claimed chunks of a file.
 pub(super) struct Job {
     pub(super) file: usize,
     pub(super) claim: Claim,
+    /// When the reader asked: its answer is due `--reconnect-timeout` later.
+    pub(super) asked: Instant,
+    /// When it was queued (a relief lane takes it after `RELIEF_AFTER`).
+    queued: Instant,
 }
 
-pub(super) fn spawn_on_demand(link: Link, shared: Arc<Shared>) -> Sender<Job> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("lazyfs-on-demand".into())
-        .spawn(move || OnDemandLane { link, shared }.run(rx))
-        .expect("spawning the on-demand thread");
-    tx
+impl Job {
+    pub(super) fn new(file: usize, claim: Claim, asked: Instant) -> Job {
+        Job { file, claim, asked, queued: Instant::now() }
+    }
+}
+
+/// The on-demand lanes' queue.
+pub(super) struct Requests {
+    state: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Requests {
+    pub(super) fn new() -> Requests {
+        Requests { state: Mutex::new((VecDeque::new(), false)), ready: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Job>, bool)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`; gives it back once the lanes are stopped.
+    pub(super) fn push(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.lock();
+        if state.1 {
+            return Err(job);
+        }
+        state.0.push_back(job);
+        self.ready.notify_all();
+        Ok(())
+    }
+
+    pub(super) fn close(&self) {
+        self.lock().1 = true;
+        self.ready.notify_all();
+    }
+
+    /// The next job with the queued jobs that continue it merged in, waiting
+    /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago.
+    /// `None` once closed. While there is none, `idle` is called every `IDLE_CHECK`.
+    fn take(&self, relief: bool, idle: &mut dyn FnMut()) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if state.1 {
+                return None;
+            }
+            let wait = match state.0.front() {
+                Some(_) if !relief => Duration::ZERO,
+                Some(front) => RELIEF_AFTER.saturating_sub(front.queued.elapsed()),
+                None => Duration::MAX,
+            };
+            if wait.is_zero() {
+                let mut job = state.0.pop_front().expect("a job");
+                absorb_adjacent(&mut job, &mut state.0);
+                return Some(job);
+            }
+            state = match wait {
+                Duration::MAX => {
+                    let (state, waited) =
+                        self.ready.wait_timeout(state, IDLE_CHECK).unwrap_or_else(PoisonError::into_inner);
+                    if !waited.timed_out() || !state.0.is_empty() {
+                        state
+                    } else {
+                        drop(state);
+                        idle();
+                        self.lock()
+                    }
+                }
+                wait => self.ready.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner).0,
+            };
+        }
+    }
+}
+
+/// Starts the first on-demand lane on `link` and the relief lanes.
+pub(super) fn spawn_on_demand(link: Link, source: &Arc<dyn Source>, shared: &Arc<Shared>) {
+    let mut links = vec![link];
+    links.extend((0..RELIEF_LANES).map(|_| Link::new(source.clone(), shared.health.clone())));
+    for (number, link) in links.into_iter().enumerate() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("lazyfs-on-demand-{number}"))
+            .spawn(move || OnDemandLane { link, shared }.run(number > 0))
+            .expect("spawning an on-demand thread");
+    }
 }
 
 /// Whether the source is reachable, as every lane sees it, and whether the
@@ -50,13 +148,58 @@ pub(super) fn spawn_on_demand(link: Link, shared: Arc<Shared>) -> Sender<Job> {
 /// is reconnecting or the cache filesystem is full.
 pub(crate) struct Health {
     reconnect_timeout: Duration,
-    down: Mutex<(usize, Option<String>)>,
+    /// Lanes down, why, and since when the source may be silent (a request
+    /// went unanswered, and nothing answered since).
+    down: Mutex<(usize, Option<String>, Option<Instant>)>,
     cache_full: Mutex<Option<String>>,
+    /// The fetcher is stopping: lanes give up at once instead of reconnecting.
+    stopping: AtomicBool,
 }
 
 impl Health {
     pub(crate) fn new(reconnect_timeout: Duration) -> Health {
-        Health { reconnect_timeout, down: Mutex::new((0, None)), cache_full: Mutex::new(None) }
+        Health {
+            reconnect_timeout,
+            down: Mutex::new((0, None, None)),
+            cache_full: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// How long the source may say nothing before a request without a
+    /// reader waiting on it (prefetch, verifier) is given up.
+    pub(crate) fn stall(&self) -> Duration {
+        self.reconnect_timeout.min(MAX_STALL)
+    }
+
+    /// The limits of a request no reader waits on.
+    pub(super) fn background(&self) -> Limits {
+        Limits { deadline: None, stall: self.stall() }
+    }
+
+    /// The limits of a request a reader has waited on since `asked`. While
+    /// the source may be silent, the time it has been is counted too: a
+    /// silent source costs a reader about `--reconnect-timeout`, however
+    /// many requests its read takes.
+    pub(super) fn reader(&self, asked: Instant) -> Limits {
+        let mut deadline = asked + self.reconnect_timeout;
+        if let Some(since) = self.down.lock().unwrap_or_else(PoisonError::into_inner).2 {
+            deadline = deadline.min(since + self.reconnect_timeout + PROBE_TIME);
+        }
+        Limits { deadline: Some(deadline), stall: self.reconnect_timeout }
+    }
+
+    /// A request sent at `since` went unanswered: the source may be silent.
+    /// True if it was not suspected already (the caller finds out).
+    pub(super) fn suspect(&self, since: Instant) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = down.2.is_none();
+        down.2.get_or_insert(since);
+        first
+    }
+
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Why the mount is degraded, if it is.
@@ -110,11 +253,14 @@ pub(super) struct Link {
     health: Arc<Health>,
     /// This link counts among the lanes that are down.
     down: bool,
+    /// The bounds of the requests made now.
+    limits: Limits,
 }
 
 impl Link {
     pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
-        Link { source, connection: None, buffer: Vec::new(), health, down: false }
+        let limits = health.background();
+        Link { source, connection: None, buffer: Vec::new(), health, down: false, limits }
     }
 
     pub(super) fn with_connection(
@@ -122,19 +268,63 @@ impl Link {
         health: Arc<Health>,
         connection: Box<dyn Connection>,
     ) -> Link {
-        Link { source, connection: Some(connection), buffer: Vec::new(), health, down: false }
+        Link { connection: Some(connection), ..Link::new(source, health) }
     }
 
-    /// The connection, opened if there is none.
-    fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+    /// Bounds the requests from now on.
+    pub(super) fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The connection, opened (within `time`) if there is none.
+    fn connection(&mut self, time: Duration) -> Result<&mut dyn Connection, SourceError> {
         if self.connection.is_none() {
-            self.connection = Some(self.source.connect()?);
+            if time.is_zero() {
+                return Err(SourceError::TimedOut { host: self.source.describe(), waited: time, path: None });
+            }
+            self.connection = Some(self.source.connect_within(time)?);
         }
-        Ok(self.connection.as_mut().expect("connected above").as_mut())
+        let connection = self.connection.as_mut().expect("connected above").as_mut();
+        connection.set_limits(self.limits);
+        Ok(connection)
+    }
+
+    /// After a request timed out: whether the source answers a new
+    /// connection, so the request was stuck on its file (a FIFO, a hung
+    /// mount on the old host), not on a silent source.
+    pub(super) fn source_answers(&mut self) -> bool {
+        self.answers_within(PROBE_TIME)
+    }
+
+    /// Probes the source until it answers (or the fetcher stops).
+    pub(super) fn wait_for_source(&mut self) {
+        while !self.health.stopping.load(Ordering::Relaxed) && !self.answers_within(self.health.stall()) {
+            std::thread::sleep(PROBE_PAUSE);
+        }
+    }
+
+    fn answers_within(&mut self, time: Duration) -> bool {
+        self.connection = None;
+        match self.source.connect_within(time) {
+            Ok(connection) => {
+                self.connection = Some(connection);
+                self.mark(None);
+                true
+            }
+            Err(e) => {
+                if e.is_connection_lost() {
+                    self.mark(Some(&e));
+                }
+                false
+            }
+        }
     }
 
     fn mark(&mut self, down: Option<&SourceError>) {
         let mut health = self.health.down.lock().unwrap_or_else(PoisonError::into_inner);
+        if down.is_none() {
+            health.2 = None;
+        }
         match down {
             Some(error) => {
                 if !self.down {
@@ -155,9 +345,12 @@ impl Link {
         }
     }
 
-    /// Runs `op` on the connection. A lost connection is opened again with
-    /// growing pauses (0.1 s doubling to 5 s) until `--reconnect-timeout`
-    /// has passed; then the error is returned (readers get EIO).
+    /// Runs `op` on the connection, within the link's limits. A lost
+    /// connection is opened again with growing pauses (0.1 s doubling to 5 s)
+    /// until the deadline, or without one until `--reconnect-timeout` has
+    /// passed; then the error is returned (readers get EIO). A request the
+    /// source did not answer in time is not tried again here: it may be
+    /// stuck on its file (see [`Link::source_answers`]).
     pub(super) fn with_retry<T>(
         &mut self,
         mut op: impl FnMut(&mut dyn Connection) -> Result<T, SourceError>,
@@ -165,27 +358,44 @@ impl Link {
         let mut lost_since: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = self.connection().and_then(&mut op);
-            match result {
-                Err(e) if e.is_connection_lost() => {
-                    self.connection = None;
-                    let since = *lost_since.get_or_insert_with(Instant::now);
-                    if !self.down {
-                        log::warn!("{e}: reconnecting");
-                    }
-                    self.mark(Some(&e));
-                    let left = self.health.reconnect_timeout.saturating_sub(since.elapsed());
-                    if left.is_zero() {
+            // Past its deadline before it is sent (it waited in the queue):
+            // no request, and no blame on the connection or the file.
+            if self.limits.deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+                let waited = Duration::ZERO;
+                return Err(SourceError::TimedOut { host: self.source.describe(), waited, path: None });
+            }
+            let give_up = self
+                .limits
+                .deadline
+                .unwrap_or_else(|| lost_since.unwrap_or_else(Instant::now) + self.health.reconnect_timeout);
+            let error = match self.connection(give_up.saturating_duration_since(Instant::now())) {
+                Ok(connection) => match op(connection) {
+                    Err(e) if e.is_timeout() => {
+                        self.connection = None;
                         return Err(e);
                     }
-                    std::thread::sleep(pause.min(left));
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                other => {
-                    self.mark(None);
-                    return other;
-                }
+                    Err(e) if e.is_connection_lost() => e,
+                    other => {
+                        self.mark(None);
+                        return other;
+                    }
+                },
+                Err(e) if e.is_connection_lost() => e,
+                Err(e) => return Err(e),
+            };
+            self.connection = None;
+            let since = *lost_since.get_or_insert_with(Instant::now);
+            if !self.down {
+                log::warn!("{error}: reconnecting");
             }
+            self.mark(Some(&error));
+            let give_up = self.limits.deadline.unwrap_or(since + self.health.reconnect_timeout);
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.health.stopping.load(Ordering::Relaxed) {
+                return Err(error);
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -266,28 +476,48 @@ struct OnDemandLane {
 }
 
 impl OnDemandLane {
-    fn run(mut self, rx: Receiver<Job>) {
-        let mut queue: VecDeque<Job> = VecDeque::new();
-        loop {
-            if queue.is_empty() {
-                match next_or_release(&rx, &mut self.link, &self.shared) {
-                    Some(job) => queue.push_back(job),
-                    None => return,
-                }
+    fn run(mut self, relief: bool) {
+        let requests = &self.shared.requests;
+        // Idle, a lane closes its connection once no file needs the source.
+        while let Some(job) = requests.take(relief, &mut || {
+            if !self.shared.source_needed() {
+                self.link.release();
             }
-            queue.extend(rx.try_iter());
-            let mut job = queue.pop_front().expect("queue not empty");
-            absorb_adjacent(&mut job, &mut queue);
+        }) {
             let Claim { generation, chunks } = job.claim;
             let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
             if piece_end < chunks.end {
-                queue.push_back(Job { file: job.file, claim: Claim { generation, chunks: piece_end..chunks.end } });
+                let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
+                if let Err(rest) = requests.push(rest) {
+                    self.shared.files[job.file].fail(
+                        &rest.claim,
+                        &super::FetchError::new("lazyfs is shutting down"),
+                        false,
+                    );
+                }
             }
             let chunks = chunks.start..piece_end;
             let started = Instant::now();
-            self.shared.fetch(&mut self.link, job.file, Claim { generation, chunks: chunks.clone() }, Lane::OnDemand);
+            self.link.set_limits(self.shared.health.reader(job.asked));
+            let claim = Claim { generation, chunks: chunks.clone() };
+            let stuck = self.shared.fetch(&mut self.link, job.file, claim, Lane::OnDemand);
+            self.link.set_limits(self.shared.health.background());
             log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
+            if let Some(error) = stuck {
+                self.shared.timed_out(&mut self.link, job.file, &error);
+            }
         }
+    }
+}
+
+/// The timeout in `result`, if it names the file at `source_path`: the
+/// request for that file went unanswered.
+pub(super) fn stuck_on<T>(result: &Result<T, FetchFailure>, source_path: &std::path::Path) -> Option<SourceError> {
+    match result {
+        Err(FetchFailure::Source(SourceError::TimedOut { host, waited, path: Some(path) })) if path == source_path => {
+            Some(SourceError::TimedOut { host: host.clone(), waited: *waited, path: Some(path.clone()) })
+        }
+        _ => None,
     }
 }
 
@@ -303,6 +533,7 @@ fn absorb_adjacent(job: &mut Job, queue: &mut VecDeque<Job>) {
         };
         let next = queue.remove(at).expect("found above");
         job.claim.chunks.end = next.claim.chunks.end;
+        job.asked = job.asked.min(next.asked);
     }
 }
 
@@ -311,7 +542,23 @@ mod tests {
     use super::*;
 
     fn job(file: usize, generation: u64, chunks: std::ops::Range<u64>) -> Job {
-        Job { file, claim: Claim { generation, chunks } }
+        Job::new(file, Claim { generation, chunks }, Instant::now())
+    }
+
+    #[test]
+    fn relief_lanes_take_only_requests_that_waited() {
+        let requests = Requests::new();
+        assert!(requests.push(job(1, 0, 0..1)).is_ok());
+        let started = Instant::now();
+        assert_eq!(requests.take(true, &mut || {}).expect("a job").file, 1);
+        assert!(started.elapsed() >= RELIEF_AFTER - Duration::from_millis(20), "{:?}", started.elapsed());
+        assert!(requests.push(job(2, 0, 0..1)).is_ok());
+        let started = Instant::now();
+        assert_eq!(requests.take(false, &mut || {}).expect("a job").file, 2);
+        assert!(started.elapsed() < RELIEF_AFTER);
+        requests.close();
+        assert!(requests.take(false, &mut || {}).is_none());
+        assert!(requests.push(job(3, 0, 0..1)).is_err());
     }
 
     #[test]

@@ -186,6 +186,8 @@ struct Owned {
     /// Removed through the mount and closed: nobody can reach it, so nothing
     /// more of it is fetched.
     removed: bool,
+    /// Requests for it the source left unanswered while answering others.
+    timeouts: u32,
 }
 
 struct Waiter {
@@ -229,6 +231,7 @@ impl FetchFile {
                 phase,
                 baseline: None,
                 restarts: 0,
+                timeouts: 0,
                 read_whole: false,
                 removed: false,
             }),
@@ -270,8 +273,11 @@ impl FetchFile {
 
     /// The spill file's descriptor once the file is verified (its bytes no
     /// longer change but by a writable open, which passthrough never gets).
-    pub fn verified_file(&self) -> Option<&std::fs::File> {
-        matches!(self.lock().phase, Phase::Verified { .. }).then(|| self.spill.file())
+    pub fn verified_file(&self) -> Result<Option<std::fs::File>, StoreError> {
+        match self.lock().phase {
+            Phase::Verified { .. } => self.spill.open_file().map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -471,6 +477,8 @@ pub(crate) struct Shared {
     journal: Journal,
     queue: prefetch::Queue,
     verify: Mutex<Sender<usize>>,
+    /// What the on-demand lanes are asked.
+    requests: lane::Requests,
     started: Instant,
     health: Arc<lane::Health>,
     /// How to name the source in messages.
@@ -499,7 +507,9 @@ impl Shared {
     /// Fetches the claimed chunks of file `index`, checks them against the
     /// manifest (fetching a bad chunk once more), lands them, and ends the
     /// claim however that went. A panic on the way fails the file.
-    fn fetch(&self, link: &mut lane::Link, index: usize, claim: Claim, lane: Lane) {
+    /// Returns the timeout if the source left the request for this file
+    /// unanswered (see [`Shared::timed_out`]).
+    fn fetch(&self, link: &mut lane::Link, index: usize, claim: Claim, lane: Lane) -> Option<SourceError> {
         let file = &self.files[index];
         let mut buffer = link.take_buffer();
         let result = lane::contained(link, |link| {
@@ -517,7 +527,9 @@ impl Shared {
             self.check_and_land(link, index, &claim, &mut buffer, lane)
         });
         link.put_buffer(buffer);
+        let stuck = lane::stuck_on(&result, &file.source_path);
         self.finish(index, &claim, lane, result);
+        stuck
     }
 
     /// Checks fetched `data` of a claim against the manifest, fetching a chunk
@@ -614,8 +626,20 @@ impl Shared {
                 // A lost connection may come back; a file that is missing or
                 // shorter than recorded will not.
                 let whole_file = !e.is_connection_lost();
+                let stuck_here = matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
                 if !whole_file && lane == Lane::Prefetch {
-                    self.queue.push(index);
+                    if stuck_here {
+                        log::error!("{e}");
+                        file.fail(claim, &FetchError::new(e.to_string()), false);
+                    } else {
+                        // Readers of these chunks are not this failure's
+                        // hostages: the on-demand lanes serve them.
+                        log::warn!("{e}");
+                        self.release(index, claim);
+                    }
+                    // Queued again only once its claim is dropped: a worker
+                    // taking it at once must find its chunks unclaimed.
+                    return self.queue.push(index);
                 }
                 (e.to_string(), whole_file)
             }
@@ -644,6 +668,71 @@ impl Shared {
         };
         log::error!("{message}");
         file.fail(claim, &FetchError::new(message), whole_file);
+    }
+
+    /// A claim of file `index` was not fetched, through no fault of the
+    /// file: drop it, and hand its waiting readers' chunks to the on-demand lanes.
+    fn release(&self, index: usize, claim: &Claim) {
+        let file = &self.files[index];
+        let claims: Vec<Claim> = {
+            let mut state = file.lock();
+            if state.generation != claim.generation {
+                return;
+            }
+            for chunk in claim.chunks.clone() {
+                state.in_flight.remove(&chunk);
+            }
+            let wanted: Vec<Range<u64>> = state.waiters.iter().map(|w| w.chunks.clone()).collect();
+            wanted.into_iter().flat_map(|chunks| FetchFile::claim_locked(&mut state, chunks)).collect()
+        };
+        self.ask_on_demand(index, claims, Instant::now());
+    }
+
+    /// Queues `claims` of file `index` on the on-demand lanes.
+    fn ask_on_demand(&self, index: usize, claims: Vec<Claim>, asked: Instant) {
+        for claim in claims {
+            if let Err(lost) = self.requests.push(lane::Job::new(index, claim, asked)) {
+                self.files[index].fail(&lost.claim, &FetchError::new("lazyfs is shutting down"), false);
+            }
+        }
+    }
+
+    /// A request for file `index` went unanswered (`error`). If the source
+    /// answers a new connection, the file is to blame (a FIFO, a hung mount
+    /// on the old host): it is tried again later, and fails the second time.
+    /// If not, the source is silent: this lane probes it until it answers.
+    fn timed_out(&self, link: &mut lane::Link, index: usize, error: &SourceError) {
+        let waited = match error {
+            SourceError::TimedOut { waited, .. } => *waited,
+            _ => Duration::ZERO,
+        };
+        // A request sent with little time left says little about its file.
+        if waited < self.health.stall() / 2 {
+            return;
+        }
+        if !self.health.suspect(Instant::now() - waited) {
+            // Another lane is finding out whether the source is silent.
+            return;
+        }
+        if !link.source_answers() {
+            log::warn!("{error}, and no new connection is answered: probing it until it is");
+            link.wait_for_source();
+            return;
+        }
+        let file = &self.files[index];
+        let failed = {
+            let mut state = file.lock();
+            state.timeouts += 1;
+            state.timeouts >= STUCK_TIMEOUTS
+        };
+        if failed {
+            file.fail_file(format!(
+                "{}: {error}, twice, while it answered other requests: not served (a FIFO or a hung mount on the old host?)",
+                file.path.display()
+            ));
+        } else {
+            log::warn!("{}: {error}, while it answers other requests: trying it again later", file.path.display());
+        }
     }
 
     /// The file changed on the source while generation `generation` was
@@ -738,7 +827,7 @@ impl Shared {
 
     /// Calls `done` once every chunk of `chunks` of file `index` is present
     /// (at once if they are), fetching the missing ones nobody fetches yet.
-    fn when_present(&self, on_demand: &Sender<lane::Job>, index: usize, chunks: Range<u64>, done: Done) {
+    fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
         let file = &self.files[index];
         let claims = {
             let mut state = file.lock();
@@ -760,18 +849,18 @@ impl Shared {
         if self.prefetching.load(Ordering::Relaxed) {
             self.queue.promote(index);
         }
-        for claim in claims {
-            if let Err(lost) = on_demand.send(lane::Job { file: index, claim }) {
-                file.fail(&lost.0.claim, &FetchError::new("lazyfs is shutting down"), false);
-            }
-        }
+        self.ask_on_demand(index, claims, Instant::now());
     }
 }
+
+/// Unanswered requests (while the source answered others) after which a file fails.
+const STUCK_TIMEOUTS: u32 = 2;
+/// How long stopping waits for prefetch workers still waiting on the source.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Fetcher {
     shared: Arc<Shared>,
     source: Arc<dyn Source>,
-    on_demand: Sender<lane::Job>,
     /// Started by `--prefetch`, or later by `lazyfs prefetch`.
     prefetch: OnceLock<prefetch::Workers>,
     /// The files background prefetch was asked for.
@@ -798,6 +887,7 @@ impl Fetcher {
             files,
             journal,
             verify: Mutex::new(verify_tx),
+            requests: lane::Requests::new(),
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
@@ -811,10 +901,10 @@ impl Fetcher {
             }
         }
         let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
-        let on_demand = lane::spawn_on_demand(link, shared.clone());
+        lane::spawn_on_demand(link, &source, &shared);
         let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
         let recorder = Recorder::new(shared.files.len());
-        let fetcher = Fetcher { shared, source, on_demand, prefetch: OnceLock::new(), prefetch_wanted, recorder };
+        let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), prefetch_wanted, recorder };
         if config.jobs > 0 {
             fetcher.prefetch(None, config.jobs);
         }
@@ -878,7 +968,7 @@ impl Fetcher {
     /// Calls `done` once every chunk of `chunks` of file `index` is present
     /// (at once if they are), fetching the missing ones nobody fetches yet.
     pub fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
-        self.shared.when_present(&self.on_demand, index, chunks, done)
+        self.shared.when_present(index, chunks, done)
     }
 
     /// Replies with bytes `offset..offset+len` of file `index` (cut at its
@@ -898,7 +988,7 @@ impl Fetcher {
             buf.truncate(got);
             Ok(buf)
         };
-        with_present(&self.shared, &self.on_demand, index, chunks, op, reply)
+        with_present(&self.shared, index, chunks, op, reply)
     }
 
     /// The order readers first touched chunks in so far.
@@ -927,7 +1017,7 @@ impl Fetcher {
         let done = Box::new(move |result: Result<(u32, bool), FetchError>| {
             reply(result.and_then(|(written, newly)| shared.durable(newly, written)))
         });
-        with_present(&self.shared, &self.on_demand, index, all, op, done)
+        with_present(&self.shared, index, all, op, done)
     }
 
     /// Truncates (or extends) file `index` to `size`, locally, once the bytes
@@ -957,7 +1047,7 @@ impl Fetcher {
             });
             reply(result)
         });
-        with_present(&self.shared, &self.on_demand, index, keep, op, done)
+        with_present(&self.shared, index, keep, op, done)
     }
 
     /// Whether any file still needs the source: one neither verified,
@@ -971,11 +1061,18 @@ impl Fetcher {
         &self.shared.journal
     }
 
-    /// Stops prefetching and makes everything known durable.
+    /// Stops fetching and makes everything known durable. Workers still
+    /// waiting on the source after `STOP_WAIT` are left behind (their
+    /// requests end at their own deadlines), so this ends whatever the source does.
     pub fn stop(&self) -> Result<(), StoreError> {
+        self.shared.health.stop();
+        self.shared.requests.close();
         self.shared.queue.close();
         if let Some(workers) = self.prefetch.get() {
-            workers.join();
+            let left = workers.join_within(STOP_WAIT);
+            if left > 0 {
+                log::warn!("{left} prefetch worker(s) still wait on the source: not waiting for them");
+            }
         }
         self.shared.journal.flush()
     }
@@ -1029,13 +1126,12 @@ impl Shared {
 /// file started over), and replies with what it returns.
 fn with_present<T: Send + 'static>(
     shared: &Arc<Shared>,
-    on_demand: &Sender<lane::Job>,
     index: usize,
     chunks: Range<u64>,
     op: impl FnOnce(&FetchFile, &mut Owned) -> Result<T, FetchError> + Send + 'static,
     reply: Reply<T>,
 ) {
-    let (again, on_demand_again, shared_again) = (chunks.clone(), on_demand.clone(), shared.clone());
+    let (again, shared_again) = (chunks.clone(), shared.clone());
     let done = Box::new(move |present: Result<(), FetchError>| {
         if let Err(e) = present {
             return reply(Err(e));
@@ -1049,13 +1145,13 @@ fn with_present<T: Send + 'static>(
         }
         if !state.presence.all_present(again.clone()) {
             drop(state);
-            return with_present(&shared_again, &on_demand_again, index, again, op, reply);
+            return with_present(&shared_again, index, again, op, reply);
         }
         let result = op(file, &mut state);
         drop(state);
         reply(result)
     });
-    shared.when_present(on_demand, index, chunks, done);
+    shared.when_present(index, chunks, done);
 }
 
 /// The journal records that say what is known of `files` now.
@@ -1073,12 +1169,12 @@ pub fn create_journal(
 ) -> Result<Journal, StoreError> {
     let journal_files = files
         .iter()
-        .map(|f| {
-            let spill =
-                f.spill.file().try_clone().map_err(|e| StoreError::Io { path: f.spill.path().into(), source: e })?;
-            Ok(journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill })
+        .map(|f| journal::JournalFile {
+            path: f.path_bytes().to_vec(),
+            size: f.size,
+            spill: f.spill.path().to_path_buf(),
         })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        .collect();
     let mut records = snapshot(files);
     records.extend(kept);
     Journal::create(dir, owner, records, journal_files)

@@ -284,13 +284,17 @@ impl Workers {
         Workers { pool, done }
     }
 
-    /// Waits for every worker to stop (after the queue is closed).
-    pub(super) fn join(&self) {
+    /// Waits up to `time` for every worker to stop (after the queue is
+    /// closed); returns how many still run.
+    pub(super) fn join_within(&self, time: std::time::Duration) -> usize {
         let jobs = self.pool.current_num_threads();
-        let mut stopped = self.done.0.lock().unwrap_or_else(PoisonError::into_inner);
-        while *stopped < jobs {
-            stopped = self.done.1.wait(stopped).unwrap_or_else(PoisonError::into_inner);
-        }
+        let stopped = self.done.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (stopped, _) = self
+            .done
+            .1
+            .wait_timeout_while(stopped, time, |stopped| *stopped < jobs)
+            .unwrap_or_else(PoisonError::into_inner);
+        jobs - *stopped
     }
 }
 
@@ -360,7 +364,9 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
                 shared.queue.push(index);
                 shared_out = true;
             }
-            shared.fetch(link, index, claim, Lane::Prefetch);
+            if let Some(error) = shared.fetch(link, index, claim, Lane::Prefetch) {
+                return shared.timed_out(link, index, &error);
+            }
         }
         window = end;
     }
@@ -432,7 +438,9 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
         } else {
             // Partly here already (read on demand): fetch only what is missing.
             for claim in claims {
-                shared.fetch(link, index, claim, Lane::Prefetch);
+                if let Some(error) = shared.fetch(link, index, claim, Lane::Prefetch) {
+                    shared.timed_out(link, index, &error);
+                }
             }
         }
     }
@@ -457,6 +465,7 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
         return;
     }
     let mut at = 0;
+    let mut stuck = None;
     for (i, (index, claim)) in whole.iter().enumerate() {
         let file = &shared.files[*index];
         let data = &mut buffer[at..at + file.size as usize];
@@ -464,6 +473,8 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
         let own = results.get_mut(i).map(|r| std::mem::replace(r, Ok(())));
         let result = match (&outcome, own) {
             (Err((true, panic)), _) => Err(FetchFailure::Panic(panic.clone())),
+            // The pipeline stalled on this file: the others in it are released.
+            (Err(_), Some(Err(e))) if e.is_timeout() => Err(FetchFailure::Source(e)),
             (Err((false, lost)), _) => Err(FetchFailure::Source(SourceError::Session {
                 host: shared.source_name.clone(),
                 message: lost.clone(),
@@ -476,9 +487,13 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
                 super::lane::contained(link, |link| shared.check_and_land(link, *index, claim, data, Lane::Prefetch))
             }
         };
+        stuck = stuck.or_else(|| super::lane::stuck_on(&result, &file.source_path).map(|e| (*index, e)));
         shared.finish(*index, claim, Lane::Prefetch, result);
     }
     link.put_buffer(buffer);
+    if let Some((index, error)) = stuck {
+        shared.timed_out(link, index, &error);
+    }
 }
 
 #[cfg(test)]

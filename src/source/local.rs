@@ -31,7 +31,7 @@ impl LocalSource {
 }
 
 impl Source for LocalSource {
-    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
+    fn connect_within(&self, _time: std::time::Duration) -> Result<Box<dyn Connection>, SourceError> {
         Ok(Box::new(LocalConnection { root: self.root.clone(), fd: self.fd.clone(), open: None }))
     }
 

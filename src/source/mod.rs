@@ -11,6 +11,7 @@ mod ssh;
 mod tar;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use local::LocalSource;
 use openssh::OpensshSource;
@@ -31,7 +32,11 @@ pub struct SourceStat {
 
 pub trait Source: Send + Sync {
     /// A new, independent connection (an SSH session with its own SFTP channel).
-    fn connect(&self) -> Result<Box<dyn Connection>, SourceError>;
+    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
+        self.connect_within(CONNECT_TIME)
+    }
+    /// A new connection, given up (`TimedOut`) if it is not ready within `time`.
+    fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError>;
     /// How to name this source to a person: `root@host:22`, `/srv/snapshot`.
     fn describe(&self) -> String;
     /// Nothing needs the source any more: close whatever is kept open for
@@ -39,9 +44,33 @@ pub trait Source: Send + Sync {
     fn idle(&self) {}
 }
 
+/// How long a connection may take when no reader waits for it (at mount time).
+const CONNECT_TIME: Duration = Duration::from_secs(30);
+
+/// Bounds on a connection's requests: each one fails with
+/// [`SourceError::TimedOut`] once `deadline` has passed, or when the source
+/// has said nothing for `stall`. A timed-out connection is unusable.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub deadline: Option<Instant>,
+    pub stall: Duration,
+}
+
+impl Limits {
+    /// How long the next wait on the source may last; zero once past the deadline.
+    pub fn next_wait(&self) -> Duration {
+        match self.deadline {
+            Some(deadline) => self.stall.min(deadline.saturating_duration_since(Instant::now())),
+            None => self.stall,
+        }
+    }
+}
+
 /// One lane's view of the source. Paths are absolute paths on the source
 /// (the source root already applied).
 pub trait Connection: Send {
+    /// Bounds every request from now on (a local directory has none).
+    fn set_limits(&mut self, _limits: Limits) {}
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError>;
     /// Fills `buf` with the bytes at `offset`; a file too short for that is
     /// an error. `generation` is the file's generation in lazyfs: an open
@@ -115,6 +144,10 @@ pub enum SourceError {
     /// The session failed (network, protocol, timeout): a reconnect may help.
     #[error("SSH session to {host}: {message}")]
     Session { host: String, message: String },
+    /// The source did not answer in time; `path` is the file whose request
+    /// was the oldest unanswered (if a file's).
+    #[error("{host} did not answer within {:.1} s{}", waited.as_secs_f64(), path.as_ref().map(|p| format!(" (reading {})", p.display())).unwrap_or_default())]
+    TimedOut { host: String, waited: Duration, path: Option<PathBuf> },
     #[error(
         "the host key of {host} ({key_type} {fingerprint}) is not in {}: check the fingerprint, then mount again with --accept-new-host-key to trust it",
         known_hosts.display()
@@ -135,7 +168,11 @@ pub enum SourceError {
 impl SourceError {
     /// Whether retrying on a new connection could succeed.
     pub fn is_connection_lost(&self) -> bool {
-        matches!(self, SourceError::Session { .. } | SourceError::Connect { .. })
+        matches!(self, SourceError::Session { .. } | SourceError::Connect { .. } | SourceError::TimedOut { .. })
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, SourceError::TimedOut { .. })
     }
 }
 

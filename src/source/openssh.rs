@@ -9,19 +9,28 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::sftp::Sftp;
-use super::ssh::{Remote, RemoteCommand, SshConnection, Stream};
+use super::sftp::{Sftp, SftpError, Wire};
+use super::ssh::{Remote, RemoteCommand, SESSION_TIMEOUT, SshConnection, Stream};
 use super::tar::TarUse;
-use super::{Connection, Source, SourceError, SshOptions};
+use super::{Connection, Limits, Source, SourceError, SshOptions};
 
 /// What `ssh` writes to stderr is kept up to this much, for messages.
 const STDERR_KEPT: usize = 16 << 10;
+/// `ConnectTimeout` where the user's config sets none (a connection's
+/// deadline may shorten it).
+const CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Server alive messages where the user's config sets none: a peer silent for
+/// interval * count seconds (15, like the libssh2 transport's TCP_USER_TIMEOUT)
+/// ends the connection, the master's included.
+const SERVER_ALIVE_INTERVAL_SECS: u32 = 5;
+const SERVER_ALIVE_COUNT_MAX: u32 = 3;
 
 pub struct OpensshSource {
     options: SshOptions,
@@ -30,6 +39,8 @@ pub struct OpensshSource {
     args: Vec<OsString>,
     /// `user@host:port` as `ssh -G` resolves it, for messages.
     label: String,
+    /// `ConnectTimeout` in seconds, as the config sets it or ours.
+    connect_timeout: u64,
     tar: Arc<TarUse>,
     /// The master every connection's session rides on; None where the user's
     /// config has a ControlPath of its own (that one then serves).
@@ -65,36 +76,35 @@ impl Mux {
         self.dir.join("master")
     }
 
-    /// The master's socket, the master started first if it is not running.
-    fn ready(&self, source: &OpensshSource) -> Option<PathBuf> {
+    /// The master's socket, the master started first if it is not running;
+    /// None if it is not up by `deadline`. A master still connecting (one an
+    /// earlier connection gave up waiting for) is waited for, not restarted.
+    fn ready(&self, source: &OpensshSource, deadline: Instant) -> Option<PathBuf> {
         let socket = self.socket();
         let mut master = self.master.lock().expect("mux lock");
-        if let Some((child, _)) = master.as_mut() {
-            if matches!(child.try_wait(), Ok(None)) && socket.exists() {
-                return Some(socket);
+        let running = master.as_mut().is_some_and(|(child, _)| matches!(child.try_wait(), Ok(None)));
+        if !running {
+            if let Some((mut child, _)) = master.take() {
+                let _ = child.kill();
+                let _ = child.wait();
             }
-            let _ = child.kill();
-            let _ = child.wait();
-            *master = None;
+            let mut child = source
+                .command(deadline)
+                .args(["-M", "-o", "ControlPersist=no", "-o"])
+                .arg(control_path(&socket))
+                .args(["-s", "--", &source.options.alias, "sftp"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let stdin = child.stdin.take();
+            *master = Some((child, stdin));
         }
-        let mut child = Command::new("ssh")
-            .args(&source.args)
-            .args(["-M", "-o", "ControlPersist=no", "-o"])
-            .arg(control_path(&socket))
-            .args(["-s", "--", &source.options.alias, "sftp"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let stdin = child.stdin.take();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let (child, _) = master.as_mut()?;
         while !socket.exists() && matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let up = socket.exists();
-        *master = Some((child, stdin));
-        up.then_some(socket)
+        socket.exists().then_some(socket)
     }
 }
 
@@ -123,12 +133,15 @@ impl OpensshSource {
         let mut args = base_args(&options);
         let resolved = resolve(&args, &options.alias)?;
         let get = |key: &str| resolved.get(key).map(String::as_str);
-        if get("connecttimeout") == Some("none") {
-            args.extend(["-o".into(), "ConnectTimeout=10".into()]);
-        }
+        let connect_timeout = get("connecttimeout").and_then(|t| t.parse().ok()).unwrap_or(CONNECT_TIMEOUT_SECS);
         // A lost connection must show as one, not as a read that never returns.
         if get("serveraliveinterval") == Some("0") {
-            args.extend(["-o".into(), "ServerAliveInterval=5".into(), "-o".into(), "ServerAliveCountMax=4".into()]);
+            args.extend([
+                "-o".into(),
+                format!("ServerAliveInterval={SERVER_ALIVE_INTERVAL_SECS}").into(),
+                "-o".into(),
+                format!("ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}").into(),
+            ]);
         }
         let label = format!(
             "{}@{}",
@@ -140,29 +153,40 @@ impl OpensshSource {
         );
         // `ssh -G` prints no controlpath where none is set.
         let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
-        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, tar: Arc::default(), mux })
+        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, connect_timeout, tar: Arc::default(), mux })
     }
 
-    fn command(&self) -> Command {
+    /// `ssh` with this source's options, given up connecting by `deadline`
+    /// (the config's `ConnectTimeout` if that is sooner).
+    fn command(&self, deadline: Instant) -> Command {
+        let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64().ceil() as u64;
         let mut command = Command::new("ssh");
+        // The first value given for an option is the one ssh uses.
+        command.arg("-o").arg(format!("ConnectTimeout={}", left.min(self.connect_timeout).max(1)));
         command.args(&self.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         command
     }
 
-    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged.
-    fn start_sftp(&self, mut command: Command) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
+    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged within `limits`.
+    fn start_sftp(&self, mut command: Command, limits: Limits) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
         command.args(["-s", "--", &self.options.alias, "sftp"]);
         let child = Piped::spawn(command, &self.label)?;
         let stderr = child.stderr.clone();
+        let started = Instant::now();
         // On failure the child is dropped, so waited for: its stderr is complete.
-        Sftp::start(Box::new(child) as Box<dyn Stream>).map_err(|e| self.failure(&stderr.finish(), &format!("{e:?}")))
+        Sftp::start(Box::new(child) as Box<dyn Stream>, limits).map_err(|e| match e {
+            SftpError::TimedOut => {
+                SourceError::TimedOut { host: self.label.clone(), waited: started.elapsed(), path: None }
+            }
+            e => self.failure(&stderr.finish(), &format!("{e:?}")),
+        })
     }
 
     /// The type and fingerprint of the key the host offers, from `ssh`'s debug
     /// output (it names them nowhere else when it refuses an unknown key).
     fn offered_key(&self) -> Option<(String, String)> {
-        let mut command = Command::new("ssh");
-        command.args(["-o", "LogLevel=DEBUG1"]).args(&self.args).args(["-s", "--", &self.options.alias, "sftp"]);
+        let mut command = self.command(Instant::now() + Duration::from_secs(self.connect_timeout));
+        command.args(["-o", "LogLevel=DEBUG1", "-s", "--", &self.options.alias, "sftp"]);
         let out = command.stdin(Stdio::null()).stdout(Stdio::null()).output().ok()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         // The last key offered before the refusal: a ProxyJump host's comes earlier.
@@ -233,14 +257,16 @@ impl OpensshSource {
 }
 
 impl Source for OpensshSource {
-    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
-        let started = std::time::Instant::now();
-        let mut base = self.command();
-        if let Some(socket) = self.mux.as_ref().and_then(|mux| mux.ready(self)) {
+    fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        let started = Instant::now();
+        let deadline = started + time;
+        let mut base = self.command(deadline);
+        if let Some(socket) = self.mux.as_ref().and_then(|mux| mux.ready(self, deadline)) {
             // Without the master's socket, ssh connects on its own.
             base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(&socket));
         }
-        let sftp = self.start_sftp(clone_command(&base))?;
+        let limits = Limits { deadline: Some(deadline), stall: SESSION_TIMEOUT };
+        let sftp = self.start_sftp(clone_command(&base), limits)?;
         log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
         let remote =
             Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
@@ -359,10 +385,12 @@ struct Exec {
 }
 
 impl Remote for Exec {
-    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
+    fn exec(&mut self, command: &str, wait: Duration) -> Result<Box<dyn RemoteCommand>, String> {
         let mut ssh = clone_command(&self.base);
         ssh.args(["--", &self.alias, command]);
-        Ok(Box::new(Piped::spawn(ssh, &self.label).map_err(|e| e.to_string())?))
+        let mut piped = Piped::spawn(ssh, &self.label).map_err(|e| e.to_string())?;
+        piped.bound(wait);
+        Ok(Box::new(piped))
     }
 }
 
@@ -370,9 +398,12 @@ impl Remote for Exec {
 /// stderr is kept for messages. Dropping it ends the child.
 struct Piped {
     child: Child,
+    /// Non-blocking: a write that would wait is waited for in `poll`, bounded.
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     stderr: Stderr,
+    /// How long one read or write may wait (`Wire::bound`); None: no bound.
+    wait: Option<Duration>,
 }
 
 impl Piped {
@@ -381,28 +412,84 @@ impl Piped {
             SourceError::Config(format!("cannot run ssh ({e}): install openssh-client, or give --ssh libssh2"))
         })?;
         let stdin = child.stdin.take();
+        if let Some(stdin) = &stdin {
+            // SAFETY: fcntl on the open pipe to the child's stdin (our end only).
+            unsafe {
+                let flags = libc::fcntl(stdin.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(stdin.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
         let stdout = BufReader::with_capacity(256 << 10, child.stdout.take().expect("piped"));
         let stderr = Stderr::collect(child.stderr.take().expect("piped"), label);
-        Ok(Piped { child, stdin, stdout, stderr })
+        Ok(Piped { child, stdin, stdout, stderr, wait: None })
+    }
+}
+
+/// Waits until `fd` is ready for `events` (or hung up), at most `wait`.
+fn poll_fd(fd: RawFd, events: libc::c_short, wait: Option<Duration>) -> std::io::Result<()> {
+    let until = wait.map(|wait| Instant::now() + wait);
+    loop {
+        let timeout = match until {
+            Some(until) => {
+                let left = until.saturating_duration_since(Instant::now());
+                // Rounded up: a wait of under a millisecond is not "no wait".
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            }
+            None => -1,
+        };
+        let mut poll = libc::pollfd { fd, events, revents: 0 };
+        // SAFETY: one valid pollfd for a pipe this Piped owns.
+        match unsafe { libc::poll(&mut poll, 1, timeout) } {
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "ssh said nothing in time")),
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
 impl Read for Piped {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.stdout.buffer().is_empty() {
+            poll_fd(self.stdout.get_ref().as_raw_fd(), libc::POLLIN, self.wait)?;
+        }
         self.stdout.read(buf)
     }
 }
 
 impl Write for Piped {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match &mut self.stdin {
-            Some(stdin) => stdin.write(buf),
-            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        let Some(stdin) = &mut self.stdin else {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        };
+        loop {
+            match stdin.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    poll_fd(stdin.as_raw_fd(), libc::POLLOUT, self.wait)?;
+                }
+                other => return other,
+            }
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl Wire for Piped {
+    fn bound(&mut self, wait: Duration) {
+        self.wait = Some(wait);
+    }
+
+    /// Kills the child (this `ssh`, which it started, never another process).
+    fn cut(&self) {
+        // SAFETY: the child is not waited for until `drop`, so its PID is still its own.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
     }
 }
 
@@ -421,6 +508,10 @@ impl RemoteCommand for Piped {
             log::debug!("ssh {status}: {stderr}");
         }
         Ok(status.code())
+    }
+
+    fn cut(&self) {
+        Wire::cut(self);
     }
 }
 
@@ -479,5 +570,40 @@ impl Stderr {
             }
         }
         self.text.lock().expect("stderr lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child that neither reads its stdin nor writes its stdout: a silent `ssh`.
+    fn silent() -> Piped {
+        let mut command = Command::new("sleep");
+        command.arg("60").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        Piped::spawn(command, "test").unwrap()
+    }
+
+    #[test]
+    fn a_bounded_read_of_a_silent_child_times_out_and_cut_ends_the_child() {
+        let mut child = silent();
+        child.bound(Duration::from_millis(200));
+        let started = Instant::now();
+        let err = child.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+        Wire::cut(&child);
+        let status = child.child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_bounded_write_to_a_child_that_reads_nothing_times_out() {
+        let mut child = silent();
+        child.bound(Duration::from_millis(200));
+        // More than a pipe holds: the rest waits for a reader that never comes.
+        let err = child.write_all(&vec![0u8; 4 << 20]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        Wire::cut(&child);
     }
 }

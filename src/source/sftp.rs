@@ -11,6 +11,9 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::Limits;
 
 const INIT: u8 = 1;
 const VERSION: u8 = 2;
@@ -56,6 +59,8 @@ pub enum SftpError {
     Changed(String),
     /// The channel or the protocol broke: the connection is unusable.
     Broken(String),
+    /// The server did not answer within the limits: the connection is unusable.
+    TimedOut,
 }
 
 impl SftpError {
@@ -66,7 +71,10 @@ impl SftpError {
 
 impl From<std::io::Error> for SftpError {
     fn from(e: std::io::Error) -> Self {
-        SftpError::Broken(e.to_string())
+        match e.kind() {
+            std::io::ErrorKind::TimedOut => SftpError::TimedOut,
+            _ => SftpError::Broken(e.to_string()),
+        }
     }
 }
 
@@ -152,11 +160,34 @@ pub struct FileRead<'a> {
     pub result: Result<(), SftpError>,
 }
 
+/// The byte stream the client speaks over, whose waits it bounds.
+pub trait Wire: Read + Write {
+    /// Bounds each wait on the other end from now on: a read or write that
+    /// waits longer fails with [`std::io::ErrorKind::TimedOut`].
+    fn bound(&mut self, wait: Duration);
+    /// Shuts the transport down after a timeout, so nothing waits on it again
+    /// (not even its close when it is dropped).
+    fn cut(&self);
+}
+
+impl<W: Wire + ?Sized> Wire for Box<W> {
+    fn bound(&mut self, wait: Duration) {
+        (**self).bound(wait);
+    }
+
+    fn cut(&self) {
+        (**self).cut();
+    }
+}
+
 /// The client over any byte stream that carries the `sftp` subsystem: an
 /// ssh2 channel, the pipes of an `ssh -s HOST sftp` child, or a scripted
 /// stream in tests.
 pub struct Sftp<C> {
     channel: C,
+    limits: Limits,
+    /// When the current limits were set.
+    since: Instant,
     next_id: u32,
     out: Vec<u8>,
 }
@@ -193,21 +224,63 @@ impl Reply {
     }
 }
 
-impl<C: Read + Write> Sftp<C> {
-    /// Speaks SFTP on `channel`, a stream the `sftp` subsystem answers on.
-    pub fn start(channel: C) -> Result<Sftp<C>, SftpError> {
-        let mut sftp = Sftp { channel, next_id: 1, out: Vec::new() };
+impl<C: Wire> Sftp<C> {
+    /// Speaks SFTP on `channel`, a stream the `sftp` subsystem answers on,
+    /// each wait bounded by `limits`. A handshake that times out leaves the
+    /// channel cut ([`Wire::cut`]).
+    pub fn start(channel: C, limits: Limits) -> Result<Sftp<C>, SftpError> {
+        let mut sftp = Sftp { channel, limits, since: Instant::now(), next_id: 1, out: Vec::new() };
+        let said = sftp.hello();
+        if let Err(SftpError::TimedOut) = said {
+            sftp.cut();
+        }
+        said.map(|()| sftp)
+    }
+
+    /// INIT, and the server's VERSION.
+    fn hello(&mut self) -> Result<(), SftpError> {
         // INIT carries the version where other requests carry an id.
-        sftp.out.extend_from_slice(&5u32.to_be_bytes());
-        sftp.out.push(INIT);
-        sftp.out.extend_from_slice(&3u32.to_be_bytes());
-        sftp.flush()?;
-        let (kind, len) = sftp.header()?;
+        self.out.extend_from_slice(&5u32.to_be_bytes());
+        self.out.push(INIT);
+        self.out.extend_from_slice(&3u32.to_be_bytes());
+        self.flush()?;
+        let (kind, len) = self.header()?;
         if kind != VERSION || len < 4 {
             return Err(SftpError::Broken(format!("unexpected reply {kind} to INIT")));
         }
-        sftp.skip(len)?;
-        Ok(sftp)
+        self.skip(len)
+    }
+
+    /// Bounds the requests from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.since = Instant::now();
+        self.arm().ok();
+    }
+
+    /// How long the next wait on the server may last.
+    pub fn next_wait(&self) -> Duration {
+        self.limits.next_wait()
+    }
+
+    /// How long the requests under the current limits have taken.
+    pub fn waited(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// Shuts the channel down after a timeout: nothing waits on it again.
+    pub fn cut(&self) {
+        self.channel.cut();
+    }
+
+    /// Bounds the next wait on the server by what the limits leave.
+    fn arm(&mut self) -> Result<(), SftpError> {
+        let wait = self.limits.next_wait();
+        if wait.is_zero() {
+            return Err(SftpError::TimedOut);
+        }
+        self.channel.bound(wait);
+        Ok(())
     }
 
     fn id(&mut self) -> u32 {
@@ -230,6 +303,7 @@ impl<C: Read + Write> Sftp<C> {
 
     fn flush(&mut self) -> Result<(), SftpError> {
         if !self.out.is_empty() {
+            self.arm()?;
             self.channel.write_all(&self.out)?;
             self.out.clear();
         }
@@ -260,6 +334,7 @@ impl<C: Read + Write> Sftp<C> {
     /// The next packet's type and the length of what follows the type byte.
     fn header(&mut self) -> Result<(u8, usize), SftpError> {
         let mut head = [0u8; 5];
+        self.arm()?;
         self.channel.read_exact(&mut head)?;
         let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         if len == 0 || len > MAX_PACKET {
@@ -558,15 +633,37 @@ impl<C: Read + Write> Sftp<C> {
                 }
                 return Ok(());
             }
-            self.flush()?;
-            let (id, reply) = self.reply(|id| match steps.get(&id) {
-                Some(&Step::Reading(i, start, len)) => {
-                    let buf = &mut *files[i].buf;
-                    let end = (start + len).min(buf.len() as u64) as usize;
-                    Some(&mut buf[start as usize..end])
+            let answered = self.flush().and_then(|()| {
+                self.reply(|id| match steps.get(&id) {
+                    Some(&Step::Reading(i, start, len)) => {
+                        let buf = &mut *files[i].buf;
+                        let end = (start + len).min(buf.len() as u64) as usize;
+                        Some(&mut buf[start as usize..end])
+                    }
+                    _ => None,
+                })
+            });
+            let (id, reply) = match answered {
+                Ok(answer) => answer,
+                Err(SftpError::TimedOut) => {
+                    // The server answers in order: the file of the oldest
+                    // request unanswered is the one it is stuck on.
+                    let stuck = steps
+                        .iter()
+                        .filter_map(|(&id, step)| match *step {
+                            Step::Looking(i, _) | Step::Opening(i) | Step::Fstat(i) | Step::Reading(i, ..) => {
+                                Some((id, i))
+                            }
+                            Step::Closing => None,
+                        })
+                        .min();
+                    if let Some((_, i)) = stuck {
+                        files[i].result = Err(SftpError::TimedOut);
+                    }
+                    return Err(SftpError::TimedOut);
                 }
-                _ => None,
-            })?;
+                Err(e) => return Err(e),
+            };
             let step =
                 steps.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
             let file = match step {
@@ -680,12 +777,16 @@ mod tests {
     use super::*;
 
     /// A server that says what it is told to: its replies are scripted, what
-    /// it is sent is ignored.
+    /// it is sent is ignored. At the end of its script it says nothing more:
+    /// the wait runs out.
     struct Scripted(std::io::Cursor<Vec<u8>>);
 
     impl Read for Scripted {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.read(buf)
+            match self.0.read(buf)? {
+                0 if !buf.is_empty() => Err(std::io::ErrorKind::TimedOut.into()),
+                n => Ok(n),
+            }
         }
     }
 
@@ -696,6 +797,12 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// It answers at once: nothing to bound.
+    impl Wire for Scripted {
+        fn bound(&mut self, _wait: Duration) {}
+        fn cut(&self) {}
     }
 
     fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -747,7 +854,8 @@ mod tests {
     fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {
         let mut script = packet(VERSION, &3u32.to_be_bytes());
         replies.iter().for_each(|r| script.extend_from_slice(r));
-        Sftp::start(Scripted(std::io::Cursor::new(script))).unwrap()
+        let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
+        Sftp::start(Scripted(std::io::Cursor::new(script)), limits).unwrap()
     }
 
     /// Finding 7: a DATA reply longer than the READ asked for is a broken
@@ -770,6 +878,23 @@ mod tests {
         let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
         let err = sftp.read_files(&mut files).unwrap_err();
         assert!(matches!(&err, SftpError::Broken(m) if m.contains("64 bytes")), "{err:?}");
+    }
+
+    /// A batch the server stops answering names the file of its oldest
+    /// unanswered request, and only that one.
+    #[test]
+    fn a_stalled_batch_names_the_file_it_is_stuck_on() {
+        // LSTAT and REALPATH of /f (2, 3) and of /g (4, 5) go out first; /f's
+        // are answered, then nothing: /g's LSTAT is the oldest unanswered.
+        let mut sftp = session(&[attrs(2, REGULAR), name(3, "/f")]);
+        let (mut f, mut g) = ([0u8; 10], [0u8; 10]);
+        let mut files = [
+            FileRead { path: Path::new("/f"), buf: &mut f, result: Ok(()) },
+            FileRead { path: Path::new("/g"), buf: &mut g, result: Ok(()) },
+        ];
+        assert!(matches!(sftp.read_files(&mut files), Err(SftpError::TimedOut)));
+        assert!(files[0].result.is_ok(), "{:?}", files[0].result);
+        assert!(matches!(files[1].result, Err(SftpError::TimedOut)), "{:?}", files[1].result);
     }
 
     #[test]

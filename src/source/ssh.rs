@@ -4,18 +4,19 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use ssh2::{HashType, MethodType, Session};
 
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
-use super::sftp::{Attrs, FileRead, Sftp, SftpError};
+use super::sftp::{Attrs, FileRead, Sftp, SftpError, Wire};
 use super::tar::{self, TarUse};
-use super::{Connection, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
+use super::{Connection, Limits, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
 /// is portable C and took half the daemon's CPU in a perf profile of a bulk transfer.
@@ -31,8 +32,44 @@ const HOST_KEY_ALGORITHMS: [&str; 6] = [
     "rsa-sha2-256",
 ];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest any single SSH operation may block before the session counts as lost.
-const SESSION_TIMEOUT_MS: u32 = 20_000;
+/// Longest any single SSH operation may block before the session counts as
+/// lost, when the caller set no shorter bound.
+pub(super) const SESSION_TIMEOUT: Duration = Duration::from_secs(20);
+/// SSH keepalives (sent before a request on a connection idle this long) keep
+/// NAT state and the server's ClientAliveInterval satisfied.
+const KEEPALIVE_SECS: u32 = 10;
+/// TCP keepalive probes on an idle connection: a host that is gone (power,
+/// network) is noticed after idle + interval * count seconds.
+const TCP_KEEPIDLE_SECS: libc::c_int = 5;
+const TCP_KEEPINTVL_SECS: libc::c_int = 2;
+const TCP_KEEPCNT: libc::c_int = 3;
+/// Sent bytes unacknowledged this long close the connection (TCP_USER_TIMEOUT).
+const TCP_USER_TIMEOUT_MS: libc::c_int = 15_000;
+/// libssh2's code for a blocking call that waited past the session timeout.
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+
+/// Whether a libssh2 error is a wait that ran out of time.
+fn is_timeout(e: &ssh2::Error) -> bool {
+    e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT)
+}
+
+/// A duration as libssh2's timeout in milliseconds (0 would mean "forever").
+fn timeout_ms(time: Duration) -> u32 {
+    u32::try_from(time.as_millis()).unwrap_or(u32::MAX).max(1)
+}
+
+fn set_socket_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: `fd` is an open socket; the option value is a c_int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
 
 pub struct SshSource {
     options: SshOptions,
@@ -62,21 +99,41 @@ impl SshSource {
         SourceError::Session { host: self.host_label(), message: err.to_string() }
     }
 
-    fn tcp(&self) -> Result<TcpStream, SourceError> {
+    /// The TCP connection, tried until `deadline`.
+    fn tcp(&self, deadline: Instant) -> Result<TcpStream, SourceError> {
         let addr = format!("{}:{}", self.options.host, self.options.port);
         let connect_err = |source| SourceError::Connect { addr: addr.clone(), source };
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
         for candidate in (self.options.host.as_str(), self.options.port).to_socket_addrs().map_err(connect_err)? {
-            match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT.min(left)) {
                 Ok(stream) => {
                     // Without it, small SFTP requests wait on delayed ACKs.
                     stream.set_nodelay(true).map_err(connect_err)?;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                    set_socket_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+                    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, TCP_KEEPIDLE_SECS);
+                    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, TCP_KEEPINTVL_SECS);
+                    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, TCP_KEEPCNT);
+                    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS);
                     return Ok(stream);
                 }
                 Err(e) => last = e,
             }
         }
         Err(connect_err(last))
+    }
+
+    /// A libssh2 error during `what`: a timeout, or a broken session.
+    fn step_error(&self, what: &str, e: ssh2::Error, time: Duration) -> SourceError {
+        if is_timeout(&e) {
+            SourceError::TimedOut { host: self.host_label(), waited: time, path: None }
+        } else {
+            self.session_error(format!("{what}: {e}"))
+        }
     }
 
     fn verify_host_key(&self, session: &Session, known: &mut KnownHosts) -> Result<(), SourceError> {
@@ -109,14 +166,21 @@ impl SshSource {
         }
     }
 
-    fn authenticate(&self, session: &Session) -> Result<(), SourceError> {
+    fn authenticate(&self, session: &Session, time: Duration) -> Result<(), SourceError> {
         let user = &self.options.user;
         let mut tried = Vec::new();
+        // A server that stops answering is not a refused key.
+        let timed_out = |e: &ssh2::Error| {
+            is_timeout(e).then(|| SourceError::TimedOut { host: self.host_label(), waited: time, path: None })
+        };
         if std::env::var_os("SSH_AUTH_SOCK").is_some() {
             match session.userauth_agent(user) {
                 Ok(()) if session.authenticated() => return Ok(()),
                 Ok(()) => tried.push("ssh-agent (no key accepted)".to_string()),
-                Err(e) => tried.push(format!("ssh-agent ({})", e.message())),
+                Err(e) => match timed_out(&e) {
+                    Some(timeout) => return Err(timeout),
+                    None => tried.push(format!("ssh-agent ({})", e.message())),
+                },
             }
         }
         for identity in &self.options.identities {
@@ -126,7 +190,10 @@ impl SshSource {
             match session.userauth_pubkey_file(user, None, identity, None) {
                 Ok(()) if session.authenticated() => return Ok(()),
                 Ok(()) => tried.push(format!("{} (not accepted)", identity.display())),
-                Err(e) => tried.push(format!("{} ({})", identity.display(), e.message())),
+                Err(e) => match timed_out(&e) {
+                    Some(timeout) => return Err(timeout),
+                    None => tried.push(format!("{} ({})", identity.display(), e.message())),
+                },
             }
         }
         if tried.is_empty() {
@@ -137,28 +204,37 @@ impl SshSource {
 }
 
 impl Source for SshSource {
-    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
+    fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        let started = Instant::now();
+        let deadline = started + time;
         let mut known = KnownHosts::load(&self.options.known_hosts)?;
         let mut session = Session::new().map_err(|e| self.session_error(e))?;
-        let stream = self.tcp()?;
+        let stream = self.tcp(deadline)?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         session.set_tcp_stream(stream);
-        session.set_timeout(SESSION_TIMEOUT_MS);
+        // Every step below waits at most until the deadline: a server that
+        // accepts the connection and then says nothing is given up on in time.
+        session.set_timeout(timeout_ms(time.min(SESSION_TIMEOUT)));
         let prefer = |method, prefs: &str| session.method_pref(method, prefs).map_err(|e| self.session_error(e));
         prefer(MethodType::CryptCs, CIPHERS)?;
         prefer(MethodType::CryptSc, CIPHERS)?;
         prefer(MethodType::HostKey, &host_key_preference(&known.key_types(&self.known_hosts_name())))?;
-        let started = std::time::Instant::now();
-        session.handshake().map_err(|e| self.session_error(format!("handshake failed: {e}")))?;
+        session.handshake().map_err(|e| self.step_error("handshake failed", e, time))?;
         self.verify_host_key(&session, &mut known)?;
+        session.set_keepalive(true, KEEPALIVE_SECS);
         let handshake = started.elapsed();
-        self.authenticate(&session)?;
+        session.set_timeout(timeout_ms(deadline.saturating_duration_since(Instant::now())));
+        self.authenticate(&session, time)?;
         let authenticated = started.elapsed();
-        let mut channel = with_quick_acks(&session, fd, || session.channel_session())
-            .map_err(|e| self.session_error(format!("cannot open a channel: {e}")))?;
-        channel.subsystem("sftp").map_err(|e| self.session_error(format!("cannot start SFTP: {e}")))?;
-        let sftp = Sftp::start(Box::new(channel) as Box<dyn Stream>)
-            .map_err(|e| self.session_error(format!("cannot start SFTP: {e:?}")))?;
+        let mut channel = with_quick_acks(&session, fd, deadline, || session.channel_session())
+            .map_err(|e| self.step_error("cannot open a channel", e, time))?;
+        channel.subsystem("sftp").map_err(|e| self.step_error("cannot start SFTP", e, time))?;
+        let limits = Limits { deadline: Some(deadline), stall: SESSION_TIMEOUT };
+        let channel = Channel { channel, session: session.clone(), fd };
+        let sftp = Sftp::start(Box::new(channel) as Box<dyn Stream>, limits).map_err(|e| match e {
+            SftpError::TimedOut => SourceError::TimedOut { host: self.host_label(), waited: time, path: None },
+            e => self.session_error(format!("cannot start SFTP: {e:?}")),
+        })?;
         log::debug!(
             "connected to {}: handshake {handshake:?}, authenticated at {authenticated:?}, SFTP at {:?}",
             self.host_label(),
@@ -179,27 +255,21 @@ impl Source for SshSource {
 /// acknowledged; a delayed ACK made every connection wait 40 ms here.
 fn with_quick_acks<T>(
     session: &Session,
-    fd: std::os::fd::RawFd,
+    fd: RawFd,
+    deadline: Instant,
     mut op: impl FnMut() -> Result<T, ssh2::Error>,
 ) -> Result<T, ssh2::Error> {
     session.set_blocking(false);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(u64::from(SESSION_TIMEOUT_MS));
     let result = loop {
         match op() {
-            Err(e) if e.code() == ssh2::ErrorCode::Session(-37) && std::time::Instant::now() < deadline => {
-                let on: libc::c_int = 1;
-                let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: `fd` is the session's open socket; the option value is a c_int.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::IPPROTO_TCP,
-                        libc::TCP_QUICKACK,
-                        (&on as *const libc::c_int).cast(),
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    );
-                    libc::poll(&mut poll, 1, 100);
+            Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {
+                if Instant::now() >= deadline {
+                    break Err(ssh2::Error::new(ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT), "timed out"));
                 }
+                set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+                let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: `poll` is one valid pollfd for the session's open socket.
+                unsafe { libc::poll(&mut poll, 1, 100) };
             }
             other => break other,
         }
@@ -237,13 +307,54 @@ const TAR_MIN_FILES: usize = 64;
 
 /// The byte stream the SFTP client speaks over: an ssh2 channel, or the pipes
 /// of an `ssh` child.
-pub(super) trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+pub(super) trait Stream: Wire + Send {}
+impl<T: Wire + Send> Stream for T {}
+
+/// An ssh2 channel whose waits the session's timeout bounds.
+struct Channel {
+    channel: ssh2::Channel,
+    session: Session,
+    /// The session's socket, shut down by `cut`.
+    fd: RawFd,
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.channel.read(buf)
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.channel.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.channel.flush()
+    }
+}
+
+impl Wire for Channel {
+    /// libssh2 gives up a blocking call after the session's timeout
+    /// (an `io::ErrorKind::TimedOut` through the channel's `Read`/`Write`).
+    fn bound(&mut self, wait: Duration) {
+        self.session.set_timeout(timeout_ms(wait));
+    }
+
+    fn cut(&self) {
+        // SAFETY: `fd` is the session's socket, open while the session lives.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+    }
+}
 
 /// Starts commands on the host (the session itself, or a way to open
 /// another); holding it keeps the connection's session alive.
 pub(super) trait Remote: Send {
-    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String>;
+    /// Starts `command`, each wait on it bounded by `wait`.
+    fn exec(&mut self, command: &str, wait: Duration) -> Result<Box<dyn RemoteCommand>, String>;
+    /// Keeps an idle connection known to be alive, where the transport
+    /// does not do so itself.
+    fn keepalive(&mut self) {}
 }
 
 /// A command running on the host: reading gives its stdout.
@@ -252,14 +363,22 @@ pub(super) trait RemoteCommand: Read {
     fn send_all_and_close(&mut self, input: &[u8]) -> std::io::Result<()>;
     /// Once its stdout has ended: its exit status (None if it was killed or unknown).
     fn exit_status(self: Box<Self>) -> std::io::Result<Option<i32>>;
+    /// Ends it after a wait on it ran out, so nothing waits on it again.
+    fn cut(&self);
 }
 
 impl Remote for Session {
-    fn exec(&mut self, command: &str) -> Result<Box<dyn RemoteCommand>, String> {
+    fn exec(&mut self, command: &str, wait: Duration) -> Result<Box<dyn RemoteCommand>, String> {
+        self.set_timeout(timeout_ms(wait));
         let mut channel = self.channel_session().map_err(|e| e.to_string())?;
         channel.handle_extended_data(ssh2::ExtendedData::Ignore).map_err(|e| e.to_string())?;
         channel.exec(command).map_err(|e| e.to_string())?;
         Ok(Box::new(channel))
+    }
+
+    fn keepalive(&mut self) {
+        // Sent only when the connection was idle for KEEPALIVE_SECS.
+        let _ = self.keepalive_send();
     }
 }
 
@@ -273,6 +392,10 @@ impl RemoteCommand for ssh2::Channel {
         self.wait_close().map_err(std::io::Error::other)?;
         ssh2::Channel::exit_status(&self).map(Some).map_err(std::io::Error::other)
     }
+
+    /// Nothing of its own: the connection's session (its socket) is cut on
+    /// the `TimedOut` this leads to.
+    fn cut(&self) {}
 }
 
 /// One lane's SFTP session over either transport, with small files read
@@ -304,6 +427,10 @@ impl SshConnection {
         // taken as the server resolves it.
         let mut sftp = sftp;
         let root = sftp.realpath(root).map_err(|e| match e {
+            SftpError::TimedOut => {
+                sftp.cut();
+                SourceError::TimedOut { host: host.clone(), waited: sftp.waited(), path: None }
+            }
             SftpError::Broken(message) => SourceError::Session { host: host.clone(), message },
             SftpError::Status { message, .. } => {
                 SourceError::Config(format!("--source-root {}: {message} on the source", root.display()))
@@ -331,6 +458,23 @@ impl SshConnection {
             SftpError::Longer => SourceError::Longer { path: path.to_path_buf(), size: wanted },
             SftpError::Changed(reason) => SourceError::Changed { path: path.to_path_buf(), reason },
             SftpError::Broken(message) => SourceError::Session { host: self.host.clone(), message },
+            SftpError::TimedOut => self.timed_out(Some(path)),
+        }
+    }
+
+    /// The server did not answer in time (stuck on `path`, if known). The
+    /// transport is cut ([`Wire::cut`]): nothing waits on it again, not even
+    /// the channel's close when it is dropped.
+    fn timed_out(&self, path: Option<&Path>) -> SourceError {
+        self.sftp.cut();
+        SourceError::TimedOut { host: self.host.clone(), waited: self.sftp.waited(), path: path.map(Path::to_path_buf) }
+    }
+
+    /// An error of a whole pipeline (not of one file in it).
+    fn pipeline_error(&self, err: SftpError) -> SourceError {
+        match err {
+            SftpError::TimedOut => self.timed_out(None),
+            e => self.error(Path::new("/"), e, 0),
         }
     }
 
@@ -366,11 +510,17 @@ impl SshConnection {
     }
 
     /// Reads the files through `tar` if the host lets this account run it,
-    /// then the rest (all of them where it does not) through SFTP.
-    fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> Result<Vec<Result<(), SftpError>>, SftpError> {
+    /// then the rest (all of them where it does not) through SFTP. Gives each
+    /// file's result, and the pipeline's: an error there means the connection
+    /// failed (a file's result then tells if the SFTP server was stuck on it).
+    fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> (Vec<Result<(), SftpError>>, Result<(), SftpError>) {
         let mut reads: Vec<(usize, FileRead<'_>)> = reads.into_iter().enumerate().collect();
         let left = if self.use_tar && self.tar.allowed() && reads.len() >= TAR_MIN_FILES {
-            tar::read_files(self.remote.as_mut(), &self.tar, &self.host, &mut reads)?
+            let wait = self.sftp.next_wait();
+            match tar::read_files(self.remote.as_mut(), wait, &self.tar, &self.host, &mut reads) {
+                Ok(left) => left,
+                Err(e) => return (reads.into_iter().map(|(_, r)| r.result).collect(), Err(e)),
+            }
         } else {
             reads.iter().map(|(i, _)| *i).collect()
         };
@@ -381,15 +531,20 @@ impl SshConnection {
         }
         let indices: Vec<usize> = rest.iter().map(|(i, _)| *i).collect();
         let mut sftp_reads: Vec<FileRead<'_>> = rest.drain(..).map(|(_, r)| r).collect();
-        self.sftp.read_files(&mut sftp_reads)?;
+        let outcome = self.sftp.read_files(&mut sftp_reads);
         for (i, read) in indices.into_iter().zip(sftp_reads) {
             results[i] = Some(read.result);
         }
-        Ok(results.into_iter().map(|r| r.expect("every file read")).collect())
+        (results.into_iter().map(|r| r.expect("every file read")).collect(), outcome)
     }
 }
 
 impl Connection for SshConnection {
+    fn set_limits(&mut self, limits: Limits) {
+        self.sftp.set_limits(limits);
+        self.remote.keepalive();
+    }
+
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
         self.stat_many(&[path])?.pop().expect("one path")
     }
@@ -397,7 +552,7 @@ impl Connection for SshConnection {
     fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
         let fulls: Vec<PathBuf> = paths.iter().map(|p| self.full(p)).collect();
         let refs: Vec<&Path> = fulls.iter().map(PathBuf::as_path).collect();
-        let stats = self.sftp.lookup_many(&refs).map_err(|e| self.error(Path::new("/"), e, 0))?;
+        let stats = self.sftp.lookup_many(&refs).map_err(|e| self.pipeline_error(e))?;
         Ok(paths
             .iter()
             .zip(stats)
@@ -449,12 +604,12 @@ impl Connection for SshConnection {
             .zip(&fulls)
             .map(|(f, full)| FileRead { path: full, buf: &mut *f.buf, result: Ok(()) })
             .collect();
-        let results = self.read_whole(reads).map_err(|e| self.error(Path::new("/"), e, 0))?;
+        let (results, outcome) = self.read_whole(reads);
         for (file, result) in files.iter_mut().zip(results) {
             let wanted = file.buf.len() as u64;
             file.result = result.map_err(|e| self.error(file.path, e, wanted));
         }
-        Ok(())
+        outcome.map_err(|e| self.pipeline_error(e))
     }
 }
 

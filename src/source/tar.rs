@@ -9,6 +9,7 @@
 use std::io::{BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use super::sftp::{FileRead, SftpError};
 use super::ssh::Remote;
@@ -46,17 +47,20 @@ impl TarUse {
     }
 }
 
-/// Reads what it can of `reads` through one `tar`; returns the indices (the
-/// first of each pair) of the files left for SFTP: those not in the stream
-/// (missing, unreadable, not regular files), or all of them.
+/// Reads what it can of `reads` through one `tar`, each wait on the host
+/// bounded by `wait`; returns the indices (the first of each pair) of the
+/// files left for SFTP: those not in the stream (missing, unreadable, not
+/// regular files), or all of them. A wait that runs out is `TimedOut`: the
+/// connection is lost.
 pub(super) fn read_files(
     remote: &mut dyn Remote,
+    wait: Duration,
     tar: &TarUse,
     host: &str,
     reads: &mut [(usize, FileRead<'_>)],
 ) -> Result<Vec<usize>, SftpError> {
     let all: Vec<usize> = reads.iter().map(|(i, _)| *i).collect();
-    let mut command = match remote.exec(COMMAND) {
+    let mut command = match remote.exec(COMMAND, wait) {
         Ok(command) => command,
         Err(why) => {
             tar.refuse(host, &why);
@@ -73,6 +77,11 @@ pub(super) fn read_files(
     }
     let mut stream = BufReader::with_capacity(256 << 10, command);
     let parsed = parse(&mut stream, reads);
+    if let Err(Parse::TimedOut) = parsed {
+        stream.get_ref().cut();
+        reset(reads, all);
+        return Err(SftpError::TimedOut);
+    }
     // Whatever is left (the end-of-archive padding) goes unread.
     let _ = std::io::copy(&mut stream, &mut std::io::sink());
     let status = stream.into_inner().exit_status();
@@ -111,11 +120,16 @@ enum Parse {
     NotTar,
     /// The stream broke or made no sense after it began.
     Bad(String),
+    /// The host said nothing for longer than the wait allowed.
+    TimedOut,
 }
 
 impl From<std::io::Error> for Parse {
     fn from(e: std::io::Error) -> Self {
-        Parse::Bad(e.to_string())
+        match e.kind() {
+            std::io::ErrorKind::TimedOut => Parse::TimedOut,
+            _ => Parse::Bad(e.to_string()),
+        }
     }
 }
 
@@ -373,5 +387,48 @@ mod tests {
         assert_eq!(number(b"00000001750\0"), Some(1000));
         assert_eq!(number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00]), Some(256));
         assert_eq!(number(b"zz"), None);
+    }
+
+    /// A host that runs the command, then says nothing: every wait runs out.
+    struct Silent(std::sync::Arc<AtomicBool>);
+
+    impl Read for Silent {
+        fn read(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
+
+    impl super::super::ssh::RemoteCommand for Silent {
+        fn send_all_and_close(&mut self, _input: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn exit_status(self: Box<Self>) -> std::io::Result<Option<i32>> {
+            unreachable!("a command that timed out is not waited for")
+        }
+        fn cut(&self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    impl Remote for Silent {
+        fn exec(
+            &mut self,
+            _command: &str,
+            _wait: Duration,
+        ) -> Result<Box<dyn super::super::ssh::RemoteCommand>, String> {
+            Ok(Box::new(Silent(self.0.clone())))
+        }
+    }
+
+    #[test]
+    fn a_silent_tar_is_a_timeout_and_is_cut_not_a_refusal() {
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let mut buf = [0u8; 4];
+        let mut reads = [(0, FileRead { path: Path::new("/a"), buf: &mut buf, result: Ok(()) })];
+        let tar = TarUse::default();
+        let result = read_files(&mut Silent(cut.clone()), Duration::from_secs(1), &tar, "host", &mut reads);
+        assert!(matches!(result, Err(SftpError::TimedOut)), "{result:?}");
+        assert!(cut.load(Ordering::Relaxed), "the command was not cut");
+        assert!(tar.allowed(), "a silent host is not one that refuses tar");
     }
 }

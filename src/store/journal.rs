@@ -180,12 +180,16 @@ pub struct Journal {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Batches naming more spill files than this sync the filesystem instead.
+const SYNC_EACH_UP_TO: usize = 16;
+
 /// A file the journal writes `Present` records for: its path, spill size, and
-/// a descriptor to fsync before claiming its chunks.
+/// the spill file to fsync before claiming its chunks (opened for that: only
+/// a bounded set of spill files is open at a time).
 pub struct JournalFile {
     pub path: Vec<u8>,
     pub size: u64,
-    pub spill: File,
+    pub spill: PathBuf,
 }
 
 impl Journal {
@@ -341,24 +345,43 @@ impl Writer {
         }
     }
 
-    /// Syncs the spill files the batch names, then appends and syncs its records.
+    /// Syncs the spill files the batch names, then appends and syncs its
+    /// records. A batch naming many files syncs the cache's filesystem once
+    /// (syncfs) instead of each file (100,000 small files were 100,000 fsyncs).
     fn commit(&mut self, ops: Vec<Op>) {
+        let mut named: Vec<usize> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Present { file, .. } if *file < self.files.len() => Some(*file),
+                _ => None,
+            })
+            .collect();
+        named.sort_unstable();
+        named.dedup();
         let mut synced = vec![false; self.files.len()];
+        if named.len() > SYNC_EACH_UP_TO {
+            // SAFETY: syncfs on the journal's open descriptor (the cache's filesystem).
+            match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&self.journal)) } {
+                0 => named.iter().for_each(|&file| synced[file] = true),
+                _ => log::error!("syncing the cache dir's filesystem: {}", std::io::Error::last_os_error()),
+            }
+        } else {
+            for file in named {
+                let entry = &self.files[file];
+                match super::sync_path(&entry.spill) {
+                    Ok(()) => synced[file] = true,
+                    Err(e) => log::error!("syncing the spill file of {}: {e}", String::from_utf8_lossy(&entry.path)),
+                }
+            }
+        }
         let mut bytes = Vec::new();
         let mut waiters = Vec::new();
         for op in ops {
             match op {
                 Op::Present { file, chunks } => {
-                    let Some(entry) = self.files.get(file) else {
+                    let Some(entry) = self.files.get(file).filter(|_| synced[file]) else {
                         continue;
                     };
-                    if !synced[file] {
-                        if let Err(e) = entry.spill.sync_data() {
-                            log::error!("syncing the spill file of {}: {e}", String::from_utf8_lossy(&entry.path));
-                            continue;
-                        }
-                        synced[file] = true;
-                    }
                     bytes.extend(encode(&present_record(&entry.path, chunks, entry.size)));
                 }
                 Op::Record(record) => bytes.extend(encode(&record)),
@@ -388,7 +411,7 @@ mod tests {
     fn journal_with(dir: &CacheDir, records: Vec<JournalRecord>) -> PathBuf {
         let spill = dir.join("spill");
         std::fs::write(&spill, b"x").unwrap();
-        let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill: File::open(&spill).unwrap() }];
+        let files = vec![JournalFile { path: b"/a".to_vec(), size: 100, spill }];
         let owner = Owner { id: b"id".to_vec(), name: "images from here".into() };
         let journal = Journal::create(dir, &owner, records, files).unwrap();
         journal.present(0, 0..2);

@@ -6,13 +6,16 @@
 mod cache_dir;
 pub mod journal;
 pub mod local;
+mod open;
 mod spill;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use cache_dir::CacheDir;
-pub use spill::{HASH_WINDOW, Presence, SpillFile};
+pub use open::OpenSpills;
+pub use spill::{HASH_WINDOW, Presence, SpillFile, sync_path};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself
@@ -60,7 +63,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// A cache directory, locked for one lazyfs process at a time.
 pub struct Store {
     dir: CacheDir,
-    spill: CacheDir,
+    spill: Arc<CacheDir>,
     /// Bytes the cache dir's filesystem holds: the spill files' sizes cannot
     /// add up to more.
     capacity: u64,
@@ -68,6 +71,8 @@ pub struct Store {
     claimed: std::sync::atomic::AtomicU64,
     /// Held (flock) for as long as the store is open.
     _lock: nix::fcntl::Flock<File>,
+    /// The spill files open at one time: as many as the descriptor limit allows.
+    spills: Arc<OpenSpills>,
 }
 
 impl Store {
@@ -85,7 +90,8 @@ impl Store {
             Err((_, e)) => return Err(io_err(&dir.join("lock"))(e.into())),
         };
         let capacity = dir.capacity()?;
-        Ok(Store { dir, spill, capacity, claimed: 0.into(), _lock: lock })
+        let spills = Arc::new(OpenSpills::new(open::capacity_for(open::raise_fd_limit())));
+        Ok(Store { dir, spill: Arc::new(spill), capacity, claimed: 0.into(), _lock: lock, spills })
     }
 
     pub fn dir(&self) -> &CacheDir {
@@ -105,8 +111,7 @@ impl Store {
             }
             self.claimed.fetch_add(size, Ordering::Relaxed);
         }
-        let name = spill_name(original);
-        SpillFile::open(self.spill.open_rw(&name)?, &self.spill.join(&name), size, keep)
+        SpillFile::open(&self.spill, spill_name(original), size, keep, &self.spills)
     }
 
     /// Removes every spill file (the cache held another checkpoint's files).

@@ -10,68 +10,137 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{CHUNK_SIZE, StoreError, io_err};
+use super::open::{OpenSpills, Slot};
+use super::{CHUNK_SIZE, CacheDir, StoreError, io_err};
 
+/// Only a bounded set of spill files is open at a time (`open.rs`): a spill
+/// file is created and opened when first used, through its directory's
+/// descriptor, and may be closed again between uses.
 pub struct SpillFile {
+    /// The spill directory, and the file's name in it.
+    dir: Arc<CacheDir>,
+    name: String,
     path: PathBuf,
-    file: File,
+    /// Its length when it is created (on first use).
+    initial_len: u64,
+    /// It exists (with its initial length) on disk.
+    created: AtomicBool,
+    /// Its descriptor while open.
+    slot: Arc<Slot>,
+    spills: Arc<OpenSpills>,
 }
 
 impl SpillFile {
-    /// Takes the spill file `file` (at `path`) for a file of `size` bytes,
-    /// returning it and its length. With `keep`, an existing spill file of
-    /// that size keeps its bytes (a journal says which are present); otherwise
-    /// it starts empty. `size` `None` keeps the existing file's length (a file
-    /// changed locally).
-    pub fn open(file: File, path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
-        let existing = file.metadata().map_err(io_err(path))?.len();
-        let size = size.unwrap_or(existing);
-        if !keep || existing != size {
-            file.set_len(0).map_err(io_err(path))?;
+    /// The spill file `name` in `dir` for a file of `size` bytes, and its
+    /// length; created (if need be) and opened when first used, as one of
+    /// `spills`: a mount of many files creates none up front. With `keep`, an
+    /// existing spill file of that size keeps its bytes (a journal says which
+    /// are present); otherwise it starts empty. `size` `None` keeps the
+    /// existing file's length (a file changed locally).
+    pub fn open(
+        dir: &Arc<CacheDir>,
+        name: String,
+        size: Option<u64>,
+        keep: bool,
+        spills: &Arc<OpenSpills>,
+    ) -> Result<(SpillFile, u64), StoreError> {
+        let path = dir.join(&name);
+        let existing = match dir.open_read(&name) {
+            Ok(file) => Some(file.metadata().map_err(io_err(&path))?.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let size = size.or(existing).unwrap_or(0);
+        if existing.is_some_and(|existing| !keep || existing != size) {
+            let file = dir.open_rw(&name)?;
+            file.set_len(0).map_err(io_err(&path))?;
+            file.set_len(size).map_err(io_err(&path))?;
         }
-        file.set_len(size).map_err(io_err(path))?;
-        Ok((SpillFile { path: path.to_path_buf(), file }, size))
+        let spill = SpillFile {
+            dir: dir.clone(),
+            name,
+            path,
+            initial_len: size,
+            created: AtomicBool::new(existing.is_some()),
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+        };
+        // An empty file is complete at once: its (empty) spill file must exist.
+        if size == 0 {
+            spill.with_file(|_| Ok(()))?;
+        }
+        Ok((spill, size))
     }
 
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
     pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
-        let file =
-            File::options().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
-        Self::open(file, path, size, keep)
+        let dir = Arc::new(CacheDir::open_private(path.parent().expect("a parent"))?);
+        let name = path.file_name().expect("a name").to_string_lossy().into_owned();
+        Self::open(&dir, name, size, keep, &Arc::new(OpenSpills::new(16)))
+    }
+
+    /// Runs `op` on the open descriptor (opening it, and creating the file
+    /// sparse, if need be); it stays open while `op` runs.
+    fn with_file<T>(&self, op: impl FnOnce(&File) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        loop {
+            let handle = self.slot.file.read().expect("spill slot");
+            if let Some(file) = handle.as_ref() {
+                self.slot.touch();
+                return op(file);
+            }
+            drop(handle);
+            let mut handle = self.slot.file.write().expect("spill slot");
+            if handle.is_none() {
+                let file = self.dir.open_rw(&self.name)?;
+                if !self.created.swap(true, Ordering::Relaxed) {
+                    let io = io_err(&self.path);
+                    if file.metadata().map_err(io)?.len() < self.initial_len {
+                        file.set_len(self.initial_len).map_err(io_err(&self.path))?;
+                    }
+                }
+                *handle = Some(file);
+                drop(handle);
+                self.spills.opened(&self.slot);
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The descriptor, for the journal's fsyncs and FUSE passthrough.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// A descriptor of its own (FUSE passthrough).
+    pub fn open_file(&self) -> Result<File, StoreError> {
+        self.with_file(|file| file.try_clone().map_err(io_err(&self.path)))
     }
 
     /// Fills as much of `buf` as the file holds from `offset`; returns how
     /// many bytes that is (fewer only at the end of the file).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, StoreError> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(&self.path)(e)),
+        self.with_file(|file| {
+            let mut done = 0;
+            while done < buf.len() {
+                match file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err(&self.path)(e)),
+                }
             }
-        }
-        Ok(done)
+            Ok(done)
+        })
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
+        self.with_file(|file| file.write_all_at(data, offset).map_err(io_err(&self.path)))
     }
 
     pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
-        self.file.set_len(size).map_err(io_err(&self.path))
+        self.with_file(|file| file.set_len(size).map_err(io_err(&self.path)))
     }
 
     /// Gives back the disk blocks of `bytes`, which hold nothing anyone may
@@ -85,17 +154,20 @@ impl SpillFile {
         let (Ok(start), Ok(len)) = (libc::off_t::try_from(bytes.start), libc::off_t::try_from(len)) else {
             return;
         };
-        // SAFETY: fallocate on a descriptor we own; punching a hole only frees blocks.
-        let punched = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, start, len)
-        };
-        if punched != 0 {
+        let punched = self.with_file(|file| {
+            // SAFETY: fallocate on a descriptor we own; punching a hole only frees blocks.
+            let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            Ok(unsafe { libc::fallocate(file.as_raw_fd(), flags, start, len) })
+        });
+        if punched.is_ok_and(|punched| punched != 0) {
             log::debug!("{}: freeing bytes {bytes:?}: {}", self.path.display(), std::io::Error::last_os_error());
         }
     }
 
+    /// Makes what was written durable (a closed spill file is opened for
+    /// it: fsync covers every write to the file, through any descriptor).
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(io_err(&self.path))
+        sync_path(&self.path)
     }
 
     /// The blake3 of the first `len` bytes, read a window at a time.
@@ -113,6 +185,18 @@ impl SpillFile {
             offset += take as u64;
         }
         Ok(hasher.finalize())
+    }
+}
+
+/// fsyncs the data of the spill file at `path`, never through a symbolic
+/// link (one never created holds nothing to sync).
+pub fn sync_path(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    match File::options().read(true).custom_flags(flags).open(path) {
+        Ok(file) => file.sync_data().map_err(io_err(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
     }
 }
 

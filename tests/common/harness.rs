@@ -94,8 +94,8 @@ pub struct FaultSource {
 }
 
 impl Source for FaultSource {
-    fn connect(&self) -> Result<Box<dyn Connection>, SourceError> {
-        Ok(Box::new(FaultConnection { inner: self.inner.connect()?, plan: self.plan.clone() }))
+    fn connect_within(&self, time: std::time::Duration) -> Result<Box<dyn Connection>, SourceError> {
+        Ok(Box::new(FaultConnection { inner: self.inner.connect_within(time)?, plan: self.plan.clone() }))
     }
 
     fn describe(&self) -> String {

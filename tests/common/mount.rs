@@ -132,6 +132,19 @@ impl Mount {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `status --json` once `done` holds of it (panics with `what` after 120 s).
+    pub fn wait_for(&self, done: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {status}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn umount(&self) -> Output {
         self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
     }

@@ -133,6 +133,11 @@ impl Sshd {
         false
     }
 
+    /// The listener's PID (its sessions are its children).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("sshd runs").id() as i32
+    }
+
     pub fn user_key(&self) -> PathBuf {
         self.dir.path().join("user_ed25519")
     }
