@@ -94,6 +94,9 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     };
     // Bytes background prefetch has yet to bring in: what the ETA is for.
     let mut prefetch_left = 0;
+    // Counted from the same look at each file as the rest, so a snapshot
+    // never says complete while listing a file that is not settled.
+    let mut settled = 0;
     for (index, file) in fs.fetcher().files().iter().enumerate() {
         if file.is_removed() {
             // Removed through the mount: no longer one of its files.
@@ -115,6 +118,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
         status.files_total += 1;
         status.files_present += u64::from(!failed && progress.complete);
         status.files_failed += u64::from(failed);
+        settled += u64::from(phase.is_settled());
         if phase == Phase::Modified {
             // Local now: its bytes are no longer the checkpoint's.
             status.local_files += 1;
@@ -163,7 +167,6 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     let (local_files, local_bytes) = fs.local_usage();
     status.local_files += local_files;
     status.local_bytes += local_bytes;
-    let settled = fs.fetcher().files().iter().filter(|f| !f.is_removed() && f.phase().is_settled()).count() as u64;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
         MountState::Degraded
