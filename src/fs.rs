@@ -407,7 +407,9 @@ impl Filesystem {
             ),
             Some(Err(Some(id))) => {
                 let mut buf = vec![0u8; size as usize];
-                let read = self.local_file(id).and_then(|f| read_full(&f, offset, &mut buf));
+                let read = self
+                    .local_file(id)
+                    .and_then(|f| crate::store::read_full(&f, offset, &mut buf).map_err(|e| io_error(&e)));
                 reply(read.map(|n| &buf[..n]))
             }
             Some(Err(None)) => reply(Err(FsError::new(libc::EINVAL, "not a regular file"))),
@@ -481,19 +483,6 @@ fn io_error(e: &std::io::Error) -> FsError {
 /// An error with its own errno (ENXIO past the end of the data).
 fn io_error_errno(e: &std::io::Error) -> FsError {
     FsError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
-}
-
-fn read_full(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(&e)),
-        }
-    }
-    Ok(done)
 }
 
 /// The local layer's changes: each made in memory, then journaled and the

@@ -17,18 +17,6 @@ fn file<'a>(status: &'a Value, path: &str) -> &'a Value {
     status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).unwrap()
 }
 
-fn settled(mount: &common::mount::Mount) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = mount.status();
-        if status["state"] == "complete" {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "not complete: {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn byte_counts_agree_and_failures_say_where_they_looked() {
     let env = TestEnv::new();
@@ -42,7 +30,7 @@ fn byte_counts_agree_and_failures_say_where_they_looked() {
     std::fs::remove_file(env.path("source/b/empty")).unwrap();
     std::fs::remove_file(env.path("source/b/gone")).unwrap();
     let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--prefetch"]);
-    let status = settled(&mount);
+    let status = mount.wait_complete();
 
     assert_eq!(file(&status, "/b/kept")["state"], "verified");
     // An empty file missing on the source is not verified: nothing came from the source to say it exists.

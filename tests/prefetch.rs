@@ -6,23 +6,10 @@ use std::fs::File;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::mount::{Mount, Source, TestEnv, content, dataset};
+use common::mount::{Source, TestEnv, content, dataset};
 use common::sshd::Sshd;
 use lazyfs::images::write::{DumpFile, write_dump};
 use serde_json::Value;
-
-/// Polls status until every file is settled (verified, modified or failed).
-fn wait_complete(mount: &Mount) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = mount.status();
-        if status["state"] == "complete" {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "not complete: {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn file<'a>(status: &'a Value, path: &str) -> &'a Value {
     status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).unwrap_or_else(|| panic!("{path}"))
@@ -40,7 +27,7 @@ fn every_file_arrives_and_verifies_with_and_without_a_manifest() {
     dataset(&env.path("source"), &env.path("images"), &files);
 
     let plain = env.mount("plain", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = wait_complete(&plain);
+    let status = plain.wait_complete();
     for (path, len) in files {
         let f = file(&status, path);
         assert_eq!(f["state"], "verified", "{f}");
@@ -56,7 +43,7 @@ fn every_file_arrives_and_verifies_with_and_without_a_manifest() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(env.path("images/lazyfs.manifest").exists());
     let checked = env.mount("manifest", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = wait_complete(&checked);
+    let status = checked.wait_complete();
     for (path, len) in files {
         let f = file(&status, path);
         assert_eq!(f["verified_against"], "manifest", "{f}");
@@ -81,7 +68,7 @@ fn completion_follows_the_prefetch_order() {
             &ssh(&sshd, &env),
             &["--prefetch", "-j", "1", "--prefetch-order", order],
         );
-        let status = wait_complete(&mount);
+        let status = mount.wait_complete();
         let mut done: Vec<(f64, String)> = status["files"]
             .as_array()
             .unwrap()
@@ -113,7 +100,7 @@ fn a_file_being_read_jumps_the_prefetch_queue() {
     let small_done = status["files"].as_array().unwrap().iter().filter(|f| f["state"] == "verified").count();
     assert!(small_done < 60, "the prefetcher had already finished the small files: {small_done}");
 
-    let status = wait_complete(&mount);
+    let status = mount.wait_complete();
     let big_done = file(&status, "/q/zbig")["completed_s"].as_f64().unwrap();
     let last_small = (0..60).map(|i| file(&status, &format!("/q/small{i:02}"))["completed_s"].as_f64().unwrap());
     assert!(last_small.clone().any(|t| t > big_done), "the big file was not moved ahead");
@@ -127,7 +114,7 @@ fn verified_files_are_served_with_the_source_gone() {
     let files = [("/v/a", 5_000_000), ("/v/b", 123_456)];
     dataset(&env.path("source"), &env.path("images"), &files);
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    wait_complete(&mount);
+    mount.wait_complete();
     sshd.stop();
 
     for (path, len) in files {
@@ -155,7 +142,7 @@ fn a_verified_file_the_checkpoint_had_open_for_writing_opens_both_ways() {
     let record = DumpFile { flags: libc::O_RDWR as u32, ..DumpFile::new(path, 70_000) };
     write_dump(&env.path("images"), &[record]).unwrap();
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    wait_complete(&mount);
+    mount.wait_complete();
 
     let mut read_only = File::open(mount.at(path)).unwrap();
     let read_write = std::fs::OpenOptions::new().read(true).write(true).open(mount.at(path));
@@ -200,7 +187,7 @@ fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
     assert!(restored > 0 && restored < total, "restored {restored} of {total}");
 
     let second = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = wait_complete(&second);
+    let status = second.wait_complete();
     let fetched = status["bytes_prefetched"].as_u64().unwrap() + status["bytes_on_demand"].as_u64().unwrap();
     assert_eq!(fetched, total - restored, "fetched again more than what was missing");
     for (path, len) in files {
@@ -224,7 +211,7 @@ fn a_source_file_changed_after_the_manifest_is_never_served() {
     std::fs::write(env.path("source/c/changed"), &bytes).unwrap();
 
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = wait_complete(&mount);
+    let status = mount.wait_complete();
     let changed = file(&status, "/c/changed");
     assert_eq!(changed["state"], "failed", "{changed}");
     assert!(changed["error"].as_str().unwrap().contains("manifest"));
@@ -240,7 +227,7 @@ fn without_a_manifest_a_size_change_fails_the_file() {
     dataset(&env.path("source"), &env.path("images"), &[("/s/grew", 10_000)]);
     std::fs::write(env.path("source/s/grew"), content("/s/grew", 12_000)).unwrap();
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = wait_complete(&mount);
+    let status = mount.wait_complete();
     let grew = file(&status, "/s/grew");
     assert_eq!(grew["state"], "failed");
     assert!(grew["error"].as_str().unwrap().contains("changed since the checkpoint"), "{grew}");
@@ -255,7 +242,7 @@ fn a_write_completes_the_file_first_and_prefetch_never_overwrites_it() {
     let mut f = File::options().write(true).open(mount.at("/w/big")).unwrap();
     std::io::Write::write_all(&mut f, b"LOCAL").unwrap();
     drop(f);
-    let status = wait_complete(&mount);
+    let status = mount.wait_complete();
     assert_eq!(file(&status, "/w/big")["state"], "modified");
     let mut expected = content("/w/big", 20 << 20);
     expected[..5].copy_from_slice(b"LOCAL");
@@ -270,7 +257,7 @@ fn verify_finds_a_damaged_cache_and_a_remount_fetches_it_again() {
     let files = [("/d/one", 300_000), ("/d/two", 70_000)];
     dataset(&env.path("source"), &env.path("images"), &files);
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    wait_complete(&mount);
+    mount.wait_complete();
     let out = env.run(&["verify", mount.mountpoint.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(mount.umount().status.success());
@@ -286,7 +273,7 @@ fn verify_finds_a_damaged_cache_and_a_remount_fetches_it_again() {
     assert!(stdout.contains("MISMATCH /d/one"), "{stdout}");
 
     let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = wait_complete(&again);
+    let status = again.wait_complete();
     assert_eq!(file(&status, "/d/one")["bytes_prefetched"], 300_000);
     assert_eq!(file(&status, "/d/two")["bytes_prefetched"], 0);
     assert!(std::fs::read(again.at("/d/one")).unwrap() == content("/d/one", 300_000));

@@ -7,7 +7,6 @@ mod common;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::mount::{Mount, Source, TestEnv, content, dataset};
 use common::sshd::Sshd;
@@ -22,18 +21,6 @@ const BIG_OFFSET: u64 = 5 << 20;
 
 fn ssh<'a>(sshd: &'a Sshd, env: &TestEnv) -> Source<'a> {
     Source::Ssh { sshd, root: env.path("source") }
-}
-
-fn wait_complete(mount: &Mount) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = mount.status();
-        if status["state"] == "complete" {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "not complete: {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The files in the order they completed (ties by path).
@@ -98,7 +85,7 @@ fn prefetch(env: &TestEnv, sshd: &Sshd, name: &str, order: &str) -> (Vec<String>
         cache: env.path("cache").join(name),
         env_home: env.tmp.path().into(),
     };
-    let status = wait_complete(&mount);
+    let status = mount.wait_complete();
     for (path, len) in FILES {
         assert_eq!(std::fs::read(mount.at(path)).unwrap(), content(path, len), "{path}");
     }

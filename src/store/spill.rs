@@ -121,18 +121,7 @@ impl SpillFile {
     /// Fills as much of `buf` as the file holds from `offset`; returns how
     /// many bytes that is (fewer only at the end of the file).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, StoreError> {
-        self.with_file(|file| {
-            let mut done = 0;
-            while done < buf.len() {
-                match file.read_at(&mut buf[done..], offset + done as u64) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io_err(&self.path)(e)),
-                }
-            }
-            Ok(done)
-        })
+        self.with_file(|file| read_full(file, offset, buf).map_err(io_err(&self.path)))
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
@@ -271,6 +260,21 @@ impl Presence {
         }
         runs
     }
+}
+
+/// Fills as much of `buf` as `file` holds from `offset` (pread, retried on
+/// EINTR); returns how many bytes that is (fewer only at the end of the file).
+pub fn read_full(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

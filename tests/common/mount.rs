@@ -145,6 +145,11 @@ impl Mount {
         }
     }
 
+    /// `status --json` once every file is settled (verified, modified or failed).
+    pub fn wait_complete(&self) -> Value {
+        self.wait_for(|s| s["state"] == "complete", "not complete")
+    }
+
     pub fn umount(&self) -> Output {
         self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
     }
