@@ -104,6 +104,18 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// Ask the kernel to send again every request this connection's
+    /// readers took but never answered (lazyfs patch; Linux 6.9+): a
+    /// successor serving the connection after its predecessor died answers
+    /// them instead of leaving their callers waiting forever. The resent
+    /// requests carry `FUSE_UNIQUE_RESEND` (bit 63) in their unique id.
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification (older
+    /// kernels answer `EINVAL`).
+    pub fn resend(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_RESEND, &Notification::Bare(Default::default()))
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

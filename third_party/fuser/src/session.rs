@@ -221,6 +221,40 @@ impl<FS: Filesystem> Session<FS> {
         Ok(session)
     }
 
+    /// Serve a `/dev/fuse` connection whose INIT another process answered
+    /// (lazyfs patch: a successor taking over a live mount after its
+    /// predecessor died or handed over). No handshake: the kernel sent INIT
+    /// once, long ago; `Filesystem::init` is not called, so the caller
+    /// restores what it negotiated then. `proto_version` is the version that
+    /// INIT carried (kept for parity with a handshaken session).
+    pub fn resume(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+        proto_version: Version,
+    ) -> Self {
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch: Channel::new(Arc::new(DevFuse(File::from(fd)))),
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: Some(proto_version),
+            config,
+        }
+    }
+
+    /// The FUSE protocol version the kernel's INIT carried (lazyfs patch:
+    /// a successor given the connection through [`Session::resume`] needs it).
+    pub fn proto_version(&self) -> Option<Version> {
+        self.proto_version
+    }
+
     /// Run the session loop in a background thread. If the returned handle is dropped,
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {

@@ -20,6 +20,10 @@
 //!
 //! Items without a version annotation are valid with ABI 7.8 and later
 
+// lazyfs patch: ABI structs fuser defines but never builds warn once vendored
+// (a registry dependency's warnings are capped, a path dependency's are not).
+#![allow(dead_code)]
+
 #![warn(missing_debug_implementations)]
 #![allow(missing_docs)]
 
@@ -182,6 +186,8 @@ pub(crate) enum fuse_notify_code {
     FUSE_NOTIFY_STORE = 4,
     FUSE_NOTIFY_RETRIEVE = 5,
     FUSE_NOTIFY_DELETE = 6,
+    // lazyfs patch: Linux 6.9 (protocol 7.40).
+    FUSE_NOTIFY_RESEND = 7,
 }
 
 #[repr(C)]
