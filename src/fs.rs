@@ -163,13 +163,16 @@ fn os(bytes: &[u8]) -> &OsStr {
 
 impl Filesystem {
     /// `specs[i]` describes fetcher file `i`; `replay` are the local changes a
-    /// journal holds, made again in order over the checkpoint's tree.
+    /// journal holds, made again in order over the checkpoint's tree;
+    /// `held_open` the open handles per inode the kernel holds already (a
+    /// successor's predecessor opened them): a file unlinked but open stays.
     pub fn new(
         mut ns: Namespace,
         specs: Vec<ServedSpec>,
         fetcher: Fetcher,
         local: LocalFiles,
         replay: &[Local],
+        held_open: &HashMap<Ino, u32>,
         config: FsConfig,
     ) -> Result<Self, crate::store::StoreError> {
         let started = SystemTime::now();
@@ -192,7 +195,7 @@ impl Filesystem {
             changes: Mutex::new(replay.to_vec()),
             files,
             local,
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new(held_open.clone()),
             fetcher,
             config,
         };
@@ -791,9 +794,11 @@ impl Filesystem {
         Ok(node.meta.xattrs.keys().flat_map(|k| k.as_bytes().iter().copied().chain([0])).collect())
     }
 
-    /// Applies `record`, then makes it durable in the journal.
-    fn change(&self, ns: &mut Namespace, record: Local) -> Result<Option<Ino>, FsError> {
+    /// Applies `record`, then makes it durable in the journal (with the
+    /// number of the node it made, if any).
+    fn change(&self, ns: &mut Namespace, mut record: Local) -> Result<Option<Ino>, FsError> {
         let ino = self.apply(ns, &record)?;
+        record.ino = ino.unwrap_or_default();
         let journal = self.fetcher.journal();
         journal.local(record.clone());
         journal.flush()?;
@@ -836,7 +841,7 @@ impl Filesystem {
                 ctime: time,
                 xattrs: Default::default(),
             };
-            let ino = ns.add(parent, name, kind, meta);
+            let ino = ns.add_as(Some(record.ino).filter(|&i| i != 0), parent, name, kind, meta);
             touch(ns, parent);
             return Ok(Some(ino));
         }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::failover::opens::{Held, OpenTable};
 use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
 /// The file set and its sizes come from the checkpoint and change only through
@@ -29,8 +31,18 @@ const PASSTHROUGH: FileHandle = FileHandle(1);
 pub struct FuseAdapter {
     fs: Arc<crate::fs::Filesystem>,
     /// Whether to hand the kernel verified files' spill files (FUSE passthrough).
-    passthrough: AtomicBool,
-    opens: Mutex<HashMap<u64, Opens>>,
+    passthrough: Arc<AtomicBool>,
+    opens: Mutex<OpenState>,
+}
+
+/// The open handles the kernel holds, per inode, and where a successor
+/// finds them (a supervised mount's open table).
+#[derive(Default)]
+struct OpenState {
+    by_ino: HashMap<u64, Opens>,
+    table: Option<OpenTable>,
+    /// The connection, to close backing files a predecessor registered.
+    connection: Option<OwnedFd>,
 }
 
 /// The open handles of one inode. The kernel allows one backing file per
@@ -38,37 +50,114 @@ pub struct FuseAdapter {
 /// it was incomplete stays cached until every such open is closed.
 #[derive(Default)]
 struct Opens {
-    cached: usize,
-    passthrough: usize,
-    backing: Option<BackingId>,
+    cached: u32,
+    passthrough: u32,
+    backing: Option<Backing>,
+}
+
+enum Backing {
+    /// Registered by this process; closed when dropped.
+    Ours(BackingId, u32),
+    /// Registered by a predecessor: its id, until an open of ours needs it.
+    Inherited(u32),
+}
+
+impl Opens {
+    fn held(&self) -> Held {
+        let backing = self.backing.as_ref().map(|b| match b {
+            Backing::Ours(_, id) | Backing::Inherited(id) => *id,
+        });
+        Held { cached: self.cached, passthrough: self.passthrough, backing }
+    }
+}
+
+// FUSE_DEV_IOC_BACKING_CLOSE: _IOW(229, 2, uint32_t).
+nix::ioctl_write_ptr!(backing_close, 229, 2, u32);
+
+impl OpenState {
+    /// The backing file this process registered for `ino`.
+    fn ours(&self, ino: u64) -> Option<&BackingId> {
+        match self.by_ino.get(&ino)?.backing.as_ref()? {
+            Backing::Ours(backing, _) => Some(backing),
+            Backing::Inherited(_) => None,
+        }
+    }
+
+    /// Writes what is held of `ino` to the open table, and forgets an inode
+    /// with nothing open any more (closing its backing file).
+    fn settle(&mut self, ino: u64) {
+        let Some(opens) = self.by_ino.get(&ino) else { return };
+        let gone = opens.cached == 0 && opens.passthrough == 0;
+        let held = if gone { Held::default() } else { opens.held() };
+        if let Some(table) = &mut self.table
+            && let Err(e) = table.record(ino, &held)
+        {
+            log::error!("recording the open handles of inode {ino}: {e}");
+        }
+        // Dropping our BackingId closes it with the kernel; an inherited one is closed by number.
+        if gone && let Some(Backing::Inherited(id)) = self.by_ino.remove(&ino).and_then(|o| o.backing) {
+            // SAFETY: the ioctl reads one u32 the kernel is given a pointer to.
+            let closed = self.connection.as_ref().map(|fd| unsafe { backing_close(fd.as_raw_fd(), &id) });
+            if let Some(Err(e)) = closed {
+                log::debug!("closing inherited backing file {id}: {e}");
+            }
+        }
+    }
 }
 
 impl FuseAdapter {
-    /// The backing id for a passthrough open of `file` (counted as one), if
-    /// passthrough is on and no cached open of the inode is live.
-    fn backing<'a>(
+    /// Whether an open of `file` goes through passthrough (counted as one,
+    /// its backing file registered): passthrough is on and no cached open of
+    /// the inode is live.
+    fn backing(
         &self,
-        opens: &'a mut Opens,
+        opens: &mut Opens,
         file: Option<std::fs::File>,
         open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
-    ) -> Option<&'a BackingId> {
-        let file = file.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed))?;
-        if opens.backing.is_none() {
-            match open_backing(&file) {
-                Ok(backing) => opens.backing = Some(backing),
+        wrap: impl Fn(u32) -> BackingId,
+    ) -> bool {
+        let Some(file) = file.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        match opens.backing.take() {
+            Some(Backing::Inherited(id)) => opens.backing = Some(Backing::Ours(wrap(id), id)),
+            Some(ours) => opens.backing = Some(ours),
+            None => match open_backing(&file) {
+                Ok(backing) => {
+                    // Its number goes into the open table, for a successor.
+                    let id = backing.into_raw();
+                    opens.backing = Some(Backing::Ours(wrap(id), id));
+                }
                 Err(e) => {
                     log::warn!("FUSE passthrough refused ({e}): files are served through lazyfs");
                     self.passthrough.store(false, Ordering::Relaxed);
-                    return None;
+                    return false;
                 }
-            }
+            },
         }
         opens.passthrough += 1;
-        opens.backing.as_ref()
+        true
     }
 
-    pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: bool) -> Self {
-        FuseAdapter { fs, passthrough: AtomicBool::new(passthrough), opens: Mutex::new(HashMap::new()) }
+    /// `passthrough`: whether to use FUSE passthrough (if the kernel agrees
+    /// at INIT); it says afterwards whether it is on.
+    pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: Arc<AtomicBool>) -> Self {
+        FuseAdapter { fs, passthrough, opens: Mutex::new(OpenState::default()) }
+    }
+
+    /// Keeps the open handles in `table` for a successor; `held` (and
+    /// `connection`) when this process is that successor: what its
+    /// predecessor left open.
+    pub fn with_open_table(self, table: OpenTable, held: &HashMap<u64, Held>, connection: Option<OwnedFd>) -> Self {
+        let by_ino = held
+            .iter()
+            .map(|(&ino, held)| {
+                let backing = held.backing.map(Backing::Inherited);
+                (ino, Opens { cached: held.cached, passthrough: held.passthrough, backing })
+            })
+            .collect();
+        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection };
+        self
     }
 }
 
@@ -113,6 +202,8 @@ fn time(t: TimeOrNow) -> SystemTime {
 }
 
 impl fuser::Filesystem for FuseAdapter {
+    /// Only the first serving process of a mount is asked: a successor keeps
+    /// to what was agreed here (see `failover::link::Negotiated`).
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
         if self.passthrough.load(Ordering::Relaxed) {
@@ -176,19 +267,26 @@ impl fuser::Filesystem for FuseAdapter {
             Ok(backing_file) => backing_file,
             Err(e) => return reply.error(errno(&e)),
         };
-        let mut all = self.opens.lock().expect("opens");
-        let opens = all.entry(ino.0).or_default();
+        let mut state = self.opens.lock().expect("opens");
+        let opens = state.by_ino.entry(ino.0).or_default();
         // The kernel reads (and writes) the local file itself.
-        if let Some(backing) = self.backing(opens, backing_file, |f| reply.open_backing(f)) {
+        // SAFETY (wrap_backing): the id is registered with this connection and
+        // owned by this inode's entry alone.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
+        if self.backing(opens, backing_file, |f| reply.open_backing(f), wrap) {
+            // Recorded before the kernel hears of it: a successor must know every open.
+            state.settle(ino.0);
+            let backing = state.ours(ino.0).expect("registered above");
             return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
         }
         if opens.passthrough > 0 {
             // The kernel refuses a cached open beside passthrough ones.
-            drop(all);
+            drop(state);
             self.fs.release(ino.0);
             return reply.error(Errno::ETXTBSY);
         }
         opens.cached += 1;
+        state.settle(ino.0);
         // Contents change only through this mount: keep the page cache across opens.
         reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
@@ -203,19 +301,16 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut all = self.opens.lock().expect("opens");
-        if let Some(opens) = all.get_mut(&ino.0) {
+        let mut state = self.opens.lock().expect("opens");
+        if let Some(opens) = state.by_ino.get_mut(&ino.0) {
             if fh == PASSTHROUGH {
                 opens.passthrough = opens.passthrough.saturating_sub(1);
             } else {
                 opens.cached = opens.cached.saturating_sub(1);
             }
-            if opens.passthrough == 0 && opens.cached == 0 {
-                // Dropping the BackingId closes it with the kernel.
-                all.remove(&ino.0);
-            }
+            state.settle(ino.0);
         }
-        drop(all);
+        drop(state);
         self.fs.release(ino.0);
         reply.ok();
     }
@@ -328,9 +423,13 @@ impl fuser::Filesystem for FuseAdapter {
             Ok(created) => created,
             Err(e) => return reply.error(errno(&e)),
         };
-        let mut all = self.opens.lock().expect("opens");
-        let opens = all.entry(attr.ino).or_default();
-        if let Some(backing) = self.backing(opens, Some(file), |f| reply.open_backing(f)) {
+        let mut state = self.opens.lock().expect("opens");
+        let opens = state.by_ino.entry(attr.ino).or_default();
+        // SAFETY: as in `open`.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
+        if self.backing(opens, Some(file), |f| reply.open_backing(f), wrap) {
+            state.settle(attr.ino);
+            let backing = state.ours(attr.ino).expect("registered above");
             return reply.created_passthrough(
                 &TTL,
                 &file_attr(&attr),
@@ -341,6 +440,7 @@ impl fuser::Filesystem for FuseAdapter {
             );
         }
         opens.cached += 1;
+        state.settle(attr.ino);
         reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 

@@ -189,8 +189,17 @@ impl Namespace {
 
     /// A new node named `name` in directory `parent` (which must not hold the name yet).
     pub fn add(&mut self, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
-        let ino = self.next_ino;
-        self.next_ino += 1;
+        self.add_as(None, parent, name, kind, meta)
+    }
+
+    /// [`Namespace::add`], numbered `wanted` when that number is free (a
+    /// journal replayed gives each node the number it had).
+    pub fn add_as(&mut self, wanted: Option<Ino>, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
+        let ino = match wanted.filter(|&ino| ino > ROOT_INO && !self.nodes.contains_key(&ino)) {
+            Some(ino) => ino,
+            None => self.next_ino,
+        };
+        self.next_ino = self.next_ino.max(ino + 1);
         self.nodes.insert(ino, Node { links: Vec::new(), kind, meta });
         self.link(ino, parent, name);
         ino

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done};
+pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done, upgrade_answer};
 
 use proto::{FileState, MountState, Request, Response, request, response};
 
@@ -27,6 +27,7 @@ impl MountState {
             MountState::Fetching => "fetching",
             MountState::Complete => "complete",
             MountState::Degraded => "degraded",
+            MountState::Failed => "failed",
         }
     }
 }
@@ -173,6 +174,17 @@ impl Client {
         self.send(request::Kind::Prefetch(proto::PrefetchRequest { paths }))?;
         match self.receive()? {
             response::Kind::Prefetch(started) => Ok(started.files_queued),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+
+    /// Asks the mount to hand over to `binary`; returns once its supervisor agreed.
+    pub fn upgrade(&mut self, binary: &Path) -> Result<(), ControlError> {
+        use std::os::unix::ffi::OsStrExt;
+        let binary = binary.as_os_str().as_bytes().to_vec();
+        self.send(request::Kind::Upgrade(proto::UpgradeRequest { binary }))?;
+        match self.receive()? {
+            response::Kind::Upgrade(_) => Ok(()),
             other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }
