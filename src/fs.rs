@@ -238,6 +238,13 @@ impl Filesystem {
         &self.files[index]
     }
 
+    /// The requests of kernel connection `connection` whose changes the
+    /// journal holds.
+    pub fn requests_made(&self, connection: u64) -> std::collections::HashSet<u64> {
+        let changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        changes.iter().filter(|c| c.connection == connection && connection != 0).map(|c| c.request).collect()
+    }
+
     /// What the local layer changed, in order, for a compacted journal.
     pub fn local_changes(&self) -> Vec<Local> {
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -799,6 +806,9 @@ impl Filesystem {
     fn change(&self, ns: &mut Namespace, mut record: Local) -> Result<Option<Ino>, FsError> {
         let ino = self.apply(ns, &record)?;
         record.ino = ino.unwrap_or_default();
+        if let Some((connection, request)) = crate::failover::request::current() {
+            (record.connection, record.request) = (connection, request);
+        }
         let journal = self.fetcher.journal();
         journal.local(record.clone());
         journal.flush()?;

@@ -1,7 +1,7 @@
 //! The thin FUSE adapter: each `fuser` callback calls the filesystem core and
 //! turns its answer into a reply or an errno. No lazyfs logic lives here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -16,6 +16,7 @@ use fuser::{
 };
 
 use crate::failover::opens::{Held, OpenTable};
+use crate::failover::request;
 use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
 /// The file set and its sizes come from the checkpoint and change only through
@@ -33,6 +34,10 @@ pub struct FuseAdapter {
     /// Whether to hand the kernel verified files' spill files (FUSE passthrough).
     passthrough: Arc<AtomicBool>,
     opens: Mutex<OpenState>,
+    /// Names the kernel connection in journal records (0: unsupervised, not named).
+    connection: u64,
+    /// Requests of this connection a predecessor made the change of.
+    made: HashSet<u64>,
 }
 
 /// The open handles the kernel holds, per inode, and where a successor
@@ -139,16 +144,62 @@ impl FuseAdapter {
         true
     }
 
+    /// Whether `req` comes again (its first taker died before answering) and
+    /// the change it asks for was made then (the journal says so).
+    fn made_before(&self, req: &Request) -> bool {
+        resent(req) && self.made.contains(&(req.unique().0 & !FUSE_UNIQUE_RESEND))
+    }
+
+    /// Makes a change on behalf of `req`: its journal record names the request.
+    fn on_behalf<T>(&self, req: &Request, change: impl FnOnce() -> T) -> T {
+        match self.connection {
+            0 => change(),
+            connection => request::on_behalf_of(connection, req.unique().0 & !FUSE_UNIQUE_RESEND, change),
+        }
+    }
+
+    /// A change of names: made once, however often the kernel asks.
+    fn made_empty(&self, req: &Request, change: impl FnOnce() -> Result<(), FsError>, reply: ReplyEmpty) {
+        if self.made_before(req) {
+            return reply.ok();
+        }
+        empty(self.on_behalf(req, change), reply)
+    }
+
+    /// A new name `name` in `parent`: made once; sent again, the entry as it is.
+    fn made_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        make: impl FnOnce() -> Result<Attr, FsError>,
+        reply: ReplyEntry,
+    ) {
+        if self.made_before(req) {
+            return entry(self.fs.lookup(parent.0, name), reply);
+        }
+        entry(self.on_behalf(req, make), reply)
+    }
+
     /// `passthrough`: whether to use FUSE passthrough (if the kernel agrees
     /// at INIT); it says afterwards whether it is on.
     pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: Arc<AtomicBool>) -> Self {
-        FuseAdapter { fs, passthrough, opens: Mutex::new(OpenState::default()) }
+        FuseAdapter { fs, passthrough, opens: Mutex::new(OpenState::default()), connection: 0, made: HashSet::new() }
     }
 
-    /// Keeps the open handles in `table` for a successor; `held` (and
-    /// `connection`) when this process is that successor: what its
-    /// predecessor left open.
-    pub fn with_open_table(self, table: OpenTable, held: &HashMap<u64, Held>, connection: Option<OwnedFd>) -> Self {
+    /// Serves kernel connection `connection` for a supervisor: keeps the open
+    /// handles in `table` and names the requests in journal records, for a
+    /// successor. For that successor: `held`, what its predecessor left open,
+    /// and `device`, the connection (to close the predecessor's backing files).
+    pub fn supervised(
+        mut self,
+        connection: u64,
+        table: OpenTable,
+        held: &HashMap<u64, Held>,
+        device: Option<OwnedFd>,
+    ) -> Self {
+        self.connection = connection;
+        self.made = self.fs.requests_made(connection);
         let by_ino = held
             .iter()
             .map(|(&ino, held)| {
@@ -156,7 +207,7 @@ impl FuseAdapter {
                 (ino, Opens { cached: held.cached, passthrough: held.passthrough, backing })
             })
             .collect();
-        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection };
+        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device };
         self
     }
 }
@@ -402,11 +453,11 @@ impl fuser::Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
+        self.made_entry(req, parent, name, || self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        entry(self.fs.mkdir(parent.0, name, mode & !umask, creator(req)), reply)
+        self.made_entry(req, parent, name, || self.fs.mkdir(parent.0, name, mode & !umask, creator(req)), reply)
     }
 
     fn create(
@@ -416,18 +467,32 @@ impl fuser::Filesystem for FuseAdapter {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        let (attr, file) = match self.fs.create(parent.0, name, mode & !umask, creator(req)) {
+        let made_before = self.made_before(req);
+        let created = match made_before {
+            false => self
+                .on_behalf(req, || self.fs.create(parent.0, name, mode & !umask, creator(req)))
+                .map(|(attr, file)| (attr, Some(file))),
+            true => Err(FsError { errno: libc::EEXIST, message: "made before".into() }),
+        };
+        let (attr, file) = match created {
             Ok(created) => created,
+            // Sent again after the predecessor made it: open what is there.
+            Err(e) if e.errno == libc::EEXIST && resent(req) && (made_before || flags & libc::O_EXCL == 0) => {
+                match self.fs.lookup(parent.0, name).and_then(|attr| Ok((attr, self.fs.open(attr.ino, true)?))) {
+                    Ok(opened) => opened,
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
             Err(e) => return reply.error(errno(&e)),
         };
         let mut state = self.opens.lock().expect("opens");
         let opens = state.by_ino.entry(attr.ino).or_default();
         // SAFETY: as in `open`.
         let wrap = |id| unsafe { reply.wrap_backing(id) };
-        if self.backing(opens, Some(file), |f| reply.open_backing(f), wrap) {
+        if self.backing(opens, file, |f| reply.open_backing(f), wrap) {
             state.settle(attr.ino);
             let backing = state.ours(attr.ino).expect("registered above");
             return reply.created_passthrough(
@@ -444,16 +509,16 @@ impl fuser::Filesystem for FuseAdapter {
         reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.fs.unlink(parent.0, name), reply)
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.made_empty(req, || self.fs.unlink(parent.0, name), reply)
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.fs.rmdir(parent.0, name), reply)
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.made_empty(req, || self.fs.rmdir(parent.0, name), reply)
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
-        entry(self.fs.symlink(parent.0, name, target, creator(req)), reply)
+        self.made_entry(req, parent, name, || self.fs.symlink(parent.0, name, target, creator(req)), reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -465,7 +530,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -473,11 +538,11 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()), reply)
+        self.made_empty(req, || self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()), reply)
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        entry(self.fs.link(ino.0, newparent.0, newname), reply)
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.made_entry(req, newparent, newname, || self.fs.link(ino.0, newparent.0, newname), reply)
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
@@ -494,7 +559,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -502,7 +567,7 @@ impl fuser::Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(self.fs.setxattr(ino.0, name, value, flags), reply)
+        self.made_empty(req, || self.fs.setxattr(ino.0, name, value, flags), reply)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
@@ -513,9 +578,16 @@ impl fuser::Filesystem for FuseAdapter {
         xattr(self.fs.listxattr(ino.0), size, reply)
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.fs.removexattr(ino.0, name), reply)
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.made_empty(req, || self.fs.removexattr(ino.0, name), reply)
     }
+}
+
+/// The kernel marks a request it sends again (`FUSE_NOTIFY_RESEND`).
+const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
+fn resent(req: &Request) -> bool {
+    req.unique().0 & FUSE_UNIQUE_RESEND != 0
 }
 
 fn creator(req: &Request) -> Creator {

@@ -600,7 +600,7 @@ pub fn serve(
     let mut restarts = Restarts::default();
     if let Some(supervised) = supervised {
         let connection = resume.as_ref().map(|(fd, _)| fd.try_clone()).transpose().map_err(mount_err)?;
-        adapter = adapter.with_open_table(supervised.table, &supervised.held, connection);
+        adapter = adapter.supervised(supervised.connection, supervised.table, &supervised.held, connection);
         link = Some(supervised.link);
         restarts = supervised.restarts;
     }

@@ -31,11 +31,12 @@ pub struct Restarts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// Supervisor → the first serving process: mount, and say `Mounted`.
+    /// `connection` names the mount's kernel connection in journal records.
     /// Descriptor: the connection's open table.
-    Start { restarts: Restarts },
+    Start { connection: u64, restarts: Restarts },
     /// Supervisor → a successor: serve the live connection. Descriptors:
     /// the open table, `/dev/fuse`.
-    Resume { restarts: Restarts, negotiated: Negotiated },
+    Resume { connection: u64, restarts: Restarts, negotiated: Negotiated },
     /// Serving process → supervisor, once the kernel's INIT is answered.
     /// Descriptor: `/dev/fuse`.
     Mounted { negotiated: Negotiated },

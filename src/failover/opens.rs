@@ -57,8 +57,10 @@ impl OpenTable {
     /// Opens the table in `fd` and reads what it holds.
     pub fn open(fd: OwnedFd) -> std::io::Result<(OpenTable, HashMap<Ino, Held>)> {
         let file = File::from(fd);
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes)?;
+        // By position: the descriptor's offset is shared with its predecessor's.
+        let mut bytes = vec![0; file.metadata()?.len() as usize];
+        let read = crate::store::read_full(&file, 0, &mut bytes)?;
+        bytes.truncate(read);
         let mut table = OpenTable { file, slots: HashMap::new(), free: Vec::new(), end: 0 };
         let mut held = HashMap::new();
         for (index, slot) in bytes.chunks_exact(SLOT).enumerate() {

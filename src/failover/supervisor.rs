@@ -66,6 +66,8 @@ struct Supervisor<'a> {
     max_restarts: u32,
     events: Sender<Event>,
     table: OwnedFd,
+    /// Names the connection in journal records: random, never 0.
+    connection_id: u64,
     /// The connection, once the first serving process mounted.
     connection: Option<(OwnedFd, Negotiated)>,
     restarts: Restarts,
@@ -109,6 +111,7 @@ pub fn run(request: &MountRequest, args: Vec<OsString>, max_restarts: u32) -> u8
         max_restarts,
         events,
         table,
+        connection_id: connection_id(),
         connection: None,
         restarts: Restarts { supervisor_pid: std::process::id(), ..Restarts::default() },
         consecutive: 0,
@@ -120,11 +123,18 @@ pub fn run(request: &MountRequest, args: Vec<OsString>, max_restarts: u32) -> u8
         up: false,
         stopping: false,
     };
-    let first = Message::Start { restarts: supervisor.restarts.clone() };
+    let first = Message::Start { connection: supervisor.connection_id, restarts: supervisor.restarts.clone() };
     if let Err(e) = supervisor.spawn(first) {
         return say_error(exit::RUNTIME, &format!("starting the serving process: {e}"));
     }
     supervisor.supervise(&receiver)
+}
+
+/// A number no other connection of this cache dir had (as good as).
+fn connection_id() -> u64 {
+    let seed = format!("{} {:?} {:?}", std::process::id(), std::time::SystemTime::now(), Instant::now());
+    let hash = blake3::hash(seed.as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes")).max(1)
 }
 
 /// `error CODE MESSAGE` for the `lazyfs mount` waiting on stdout.
@@ -397,7 +407,7 @@ impl Supervisor<'_> {
     /// Starts a successor on the live connection.
     fn resume(&mut self) -> std::io::Result<()> {
         let negotiated = self.connection.as_ref().expect("resumed after a mount").1;
-        self.spawn(Message::Resume { restarts: self.restarts.clone(), negotiated })
+        self.spawn(Message::Resume { connection: self.connection_id, restarts: self.restarts.clone(), negotiated })
     }
 
     /// Unmounts what nobody serves any more (lazily: the application's files

@@ -1,0 +1,247 @@
+//! Failover through real mounts over the tests' sshd: the process serving a
+//! mount is killed (`kill -9`) while an application keeps its files open,
+//! reading, appending with fsync and writing a new file; a new process takes
+//! the mount over and the application notices nothing. Also: the crash limit,
+//! `lazyfs upgrade` between two builds, umount and SIGTERM ending everything.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::mount::{Mount, Source, TestEnv, content, dataset};
+use common::sshd::Sshd;
+use serde_json::Value;
+
+fn ssh<'a>(sshd: &'a Sshd, env: &TestEnv) -> Source<'a> {
+    Source::Ssh { sshd, root: env.path("source") }
+}
+
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+fn wait_gone(pid: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills the serving process and waits for its successor to answer; its status.
+fn kill_serving(mount: &Mount) -> Value {
+    let before = mount.status();
+    let pid = before["pid"].as_i64().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid);
+    mount.wait_for(
+        |s| s["pid"].as_i64() != Some(pid) && s["restarts"].as_u64() > before["restarts"].as_u64(),
+        "no successor",
+    )
+}
+
+/// What the application did and saw.
+#[derive(Default)]
+struct App {
+    stop: AtomicBool,
+    errors: std::sync::Mutex<Vec<String>>,
+    /// Lines appended and fsynced.
+    appended: AtomicU64,
+    /// Bytes of the new file written and fsynced.
+    written: AtomicU64,
+    /// Renames answered (the storm's last state: `storm/k{i}` for i < renamed).
+    renamed: AtomicU64,
+    reads: AtomicU64,
+    /// The longest any one operation waited, in µs.
+    longest_us: AtomicU64,
+}
+
+impl App {
+    fn error(&self, what: String) {
+        self.errors.lock().unwrap().push(what);
+    }
+
+    fn timed<T>(&self, op: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        let started = Instant::now();
+        let result = op();
+        self.longest_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        result
+    }
+
+    fn progress(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
+            + self.written.load(Ordering::Relaxed)
+            + self.renamed.load(Ordering::Relaxed)
+            + self.reads.load(Ordering::Relaxed)
+    }
+}
+
+const MODEL: usize = 48 << 20;
+const BLOCK: usize = 64 << 10;
+
+/// The application: descriptors opened once, before any crash, used for the
+/// whole run: random reads of the model, appends with fsync, a new file
+/// written block by block, and a storm of renames.
+fn run_app(app: &Arc<App>, root: &Path) -> Vec<std::thread::JoinHandle<()>> {
+    let model = std::fs::File::open(root.join("app/model.bin")).unwrap();
+    let log = std::fs::OpenOptions::new().append(true).open(root.join("app/app.log")).unwrap();
+    let new =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(root.join("app/new.dat")).unwrap();
+    std::fs::create_dir(root.join("app/storm")).unwrap();
+    let expected = content("/app/model.bin", MODEL);
+    let mut threads = Vec::new();
+    let a = app.clone();
+    threads.push(std::thread::spawn(move || {
+        let mut state = 0x9E37_79B9u64;
+        let mut buf = vec![0u8; BLOCK];
+        while !a.stop.load(Ordering::Relaxed) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = (state as usize % (MODEL - BLOCK)) & !4095;
+            match a.timed(|| model.read_exact_at(&mut buf, at as u64)) {
+                Ok(()) if buf == expected[at..at + BLOCK] => a.reads.fetch_add(1, Ordering::Relaxed),
+                Ok(()) => return a.error(format!("model.bin at {at}: wrong bytes")),
+                Err(e) => return a.error(format!("reading model.bin at {at}: {e}")),
+            };
+        }
+    }));
+    let a = app.clone();
+    threads.push(std::thread::spawn(move || {
+        let mut log = log;
+        let mut n = 0u64;
+        while !a.stop.load(Ordering::Relaxed) {
+            let line = format!("line {n}\n");
+            if let Err(e) = a.timed(|| log.write_all(line.as_bytes()).and_then(|()| log.sync_data())) {
+                return a.error(format!("appending line {n}: {e}"));
+            }
+            n += 1;
+            a.appended.store(n, Ordering::Relaxed);
+        }
+    }));
+    let a = app.clone();
+    threads.push(std::thread::spawn(move || {
+        let mut at = 0u64;
+        while !a.stop.load(Ordering::Relaxed) && at < 32 << 20 {
+            let block = content(&format!("new {at}"), 16 << 10);
+            if let Err(e) = a.timed(|| new.write_all_at(&block, at).and_then(|()| new.sync_data())) {
+                return a.error(format!("writing new.dat at {at}: {e}"));
+            }
+            at += block.len() as u64;
+            a.written.store(at, Ordering::Relaxed);
+        }
+    }));
+    let a = app.clone();
+    let storm = root.join("app/storm");
+    threads.push(std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !a.stop.load(Ordering::Relaxed) {
+            // A file saved atomically: written, then renamed over its name.
+            let (tmp, name) = (storm.join(format!(".k{i}.tmp")), storm.join(format!("k{}", i % 16)));
+            let saved = a.timed(|| {
+                std::fs::write(&tmp, i.to_string())?;
+                std::fs::rename(&tmp, &name)
+            });
+            if let Err(e) = saved {
+                return a.error(format!("saving {}: {e}", name.display()));
+            }
+            i += 1;
+            a.renamed.store(i, Ordering::Relaxed);
+        }
+    }));
+    threads
+}
+
+fn file<'a>(status: &'a Value, path: &str) -> &'a Value {
+    status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).unwrap()
+}
+
+/// Waits until the application made `more` operations of progress.
+fn progressed(app: &App, more: u64) {
+    let from = app.progress();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.progress() < from + more && app.errors.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the application is stuck");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/app/model.bin", MODEL), ("/app/app.log", 1000)]);
+    let before = std::fs::read(env.path("source/app/app.log")).unwrap();
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "1"]);
+    let app = Arc::new(App::default());
+    // The log is written locally once whole: wait for it first.
+    mount.wait_for(|s| file(s, "/app/app.log")["state"] == "verified", "app.log not verified");
+    let threads = run_app(&app, &mount.mountpoint);
+    progressed(&app, 50);
+
+    // During prefetch of the model (mid-transfer).
+    let status = kill_serving(&mount);
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert!(status["last_restart_reason"].as_str().unwrap().contains("SIGKILL"), "{status}");
+    progressed(&app, 50);
+    let moment = mount.status();
+    let model = file(&moment, "/app/model.bin");
+    let prefetching = model["state"] != "verified";
+    // During verification: as soon as the model is all here, before its check is done.
+    mount
+        .wait_for(|s| file(s, "/app/model.bin")["bytes_present"].as_u64() == Some(MODEL as u64), "model never arrives");
+    kill_serving(&mount);
+    progressed(&app, 50);
+    // During the rename storm (it never stops), three more times.
+    for _ in 0..3 {
+        kill_serving(&mount);
+        progressed(&app, 50);
+    }
+    app.stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let errors = app.errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "the application saw errors: {errors:?}");
+    let status = mount.wait_complete();
+    assert_eq!(status["restarts"], 5);
+    eprintln!(
+        "5 crashes, {} ops, longest wait {} ms, kill during prefetch: {prefetching}",
+        app.progress(),
+        app.longest_us.load(Ordering::Relaxed) / 1000
+    );
+
+    // Every acknowledged write is there after a remount.
+    assert!(mount.umount().status.success());
+    let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &[]);
+    let log = std::fs::read(again.at("/app/app.log")).unwrap();
+    let mut expected = before.clone();
+    for n in 0..app.appended.load(Ordering::Relaxed) {
+        expected.extend(format!("line {n}\n").bytes());
+    }
+    assert!(log.starts_with(&expected), "acknowledged lines lost from app.log");
+    let new = std::fs::read(again.at("/app/new.dat")).unwrap();
+    let written = app.written.load(Ordering::Relaxed);
+    assert!(new.len() as u64 >= written);
+    for at in (0..written).step_by(16 << 10) {
+        assert!(
+            new[at as usize..at as usize + (16 << 10)] == content(&format!("new {at}"), 16 << 10),
+            "new.dat at {at}"
+        );
+    }
+    let renamed = app.renamed.load(Ordering::Relaxed);
+    for k in 0..16.min(renamed) {
+        let last = (0..renamed).rev().find(|i| i % 16 == k).unwrap();
+        let saved = std::fs::read_to_string(again.at(&format!("/app/storm/k{k}"))).unwrap();
+        assert_eq!(saved, last.to_string(), "storm/k{k}");
+    }
+    assert!(std::fs::read(again.at("/app/model.bin")).unwrap() == content("/app/model.bin", MODEL));
+    // The source is never written.
+    assert_eq!(std::fs::read(env.path("source/app/app.log")).unwrap(), before);
+}
