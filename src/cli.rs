@@ -160,7 +160,7 @@ pub struct MountArgs {
     /// How often in a row the process serving the mount may die (crash, kill, OOM) and be
     /// replaced by a new one on the same mount, the application's open files kept; the first
     /// replacement starts at once, the next after 0.25 s doubling to 5 s; a process that served
-    /// for a minute resets the count. Past it the mount fails: `status` and the log say why.
+    /// for 10 s resets the count. Past it the mount fails: `status` and the log say why.
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub max_restarts: u32,
     /// Internal: run as the supervisor (the background process), reporting readiness on stdout.

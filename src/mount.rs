@@ -827,6 +827,12 @@ pub fn serve(
                 for mut stream in upgrade_clients.drain(..) {
                     control::upgrade_answer(&mut stream, refused.clone());
                 }
+                if refused.is_none()
+                    && let Some(link) = &link
+                    && let Err(e) = link.send(&Message::Release, &[])
+                {
+                    log::warn!("telling the supervisor: {e}");
+                }
             }
             Event::Supervisor(Some(other)) => log::warn!("unexpected message from the supervisor: {other:?}"),
             Event::Supervisor(None) => {

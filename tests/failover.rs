@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -217,6 +217,9 @@ fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
         app.longest_us.load(Ordering::Relaxed) / 1000
     );
 
+    if std::env::var_os("LAZYFS_TEST_SHOW_LOG").is_some() {
+        eprintln!("{}", std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap());
+    }
     // Every acknowledged write is there after a remount.
     assert!(mount.umount().status.success());
     let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &[]);
@@ -244,4 +247,133 @@ fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
     assert!(std::fs::read(again.at("/app/model.bin")).unwrap() == content("/app/model.bin", MODEL));
     // The source is never written.
     assert_eq!(std::fs::read(env.path("source/app/app.log")).unwrap(), before);
+}
+
+fn supervisor_of(mount: &Mount) -> i64 {
+    mount.status()["supervisor_pid"].as_i64().unwrap()
+}
+
+#[test]
+fn past_the_crash_limit_the_mount_fails_cleanly_and_umount_ends_it() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/c/file", 100_000)]);
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--max-restarts", "2"]);
+    let file = std::fs::File::open(mount.at("/c/file")).unwrap();
+    let supervisor = supervisor_of(&mount);
+    kill_serving(&mount);
+    kill_serving(&mount);
+    let pid = mount.status()["pid"].as_i64().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid);
+    let status = mount.wait_for(|s| s["state"] == "failed", "never failed");
+    let failure = status["failure"].as_str().unwrap();
+    assert!(failure.contains("crashed 3 times in a row") && failure.contains("SIGKILL"), "{failure}");
+    assert_eq!(status["pid"].as_i64(), Some(supervisor), "the supervisor answers for the failed mount");
+    let plain = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("failed: the serving process crashed 3 times"));
+    let log = std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap();
+    assert!(log.contains("lazyfs gave up"), "{log}");
+    // Nothing serves it: the application gets an error, not a hang.
+    let err = file.read_at(&mut [0u8; 10], 0).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)), "{err}");
+    drop(file);
+    assert!(mount.umount().status.success());
+    wait_gone(supervisor);
+    assert!(!common::mount::is_mounted(&mount.mountpoint));
+    // Mounting again resumes from the cache.
+    let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &[]);
+    assert!(std::fs::read(again.at("/c/file")).unwrap() == content("/c/file", 100_000));
+}
+
+#[test]
+fn umount_and_sigterm_end_the_supervisor_too() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/u/file", 1000)]);
+    for by_signal in [false, true] {
+        let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+        let status = kill_serving(&mount);
+        let (supervisor, pid) = (status["supervisor_pid"].as_i64().unwrap(), status["pid"].as_i64().unwrap());
+        if by_signal {
+            unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
+        } else {
+            assert!(mount.umount().status.success());
+        }
+        wait_gone(pid);
+        wait_gone(supervisor);
+        assert!(!common::mount::is_mounted(&mount.mountpoint), "signal: {by_signal}");
+        assert!(env.run(&["status"]).stdout.starts_with(b"no lazyfs mounts"));
+    }
+}
+
+/// A copy of this lazyfs, as a second build would be installed next to the first.
+fn second_build(env: &TestEnv) -> std::path::PathBuf {
+    let copy = env.path("lazyfs-new");
+    std::fs::copy(env!("CARGO_BIN_EXE_lazyfs"), &copy).unwrap();
+    copy
+}
+
+#[test]
+fn upgrade_hands_a_live_mount_to_another_build_and_a_broken_one_is_refused_or_rolled_back() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/g/model", 8 << 20), ("/g/log", 10)]);
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "1"]);
+    mount.wait_for(|s| file(s, "/g/log")["state"] == "verified", "log not verified");
+    let app = Arc::new(App::default());
+    let model = std::fs::File::open(mount.at("/g/model")).unwrap();
+    let mut log = std::fs::OpenOptions::new().append(true).open(mount.at("/g/log")).unwrap();
+    let a = app.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let expected = content("/g/model", 8 << 20);
+        let mut at = 0usize;
+        while !a.stop.load(Ordering::Relaxed) {
+            match model.read_exact_at(&mut buf, at as u64) {
+                Ok(()) if buf == expected[at..at + 4096] => a.reads.fetch_add(1, Ordering::Relaxed),
+                other => return a.error(format!("model at {at}: {other:?}")),
+            };
+            at = (at + 1_052_672) % ((8 << 20) - 4096);
+        }
+    });
+    let new = second_build(&env);
+    let before = mount.status();
+    let out = env.run(&["upgrade", mount.mountpoint.to_str().unwrap(), "--binary", new.to_str().unwrap()]);
+    assert!(out.status.success(), "upgrade: {}", String::from_utf8_lossy(&out.stderr));
+    let after = mount.status();
+    assert_ne!(after["pid"], before["pid"]);
+    assert_eq!(after["binary"], new.to_str().unwrap());
+    assert_eq!(after["supervisor_pid"], before["supervisor_pid"]);
+    assert!(after["last_restart_reason"].as_str().unwrap().starts_with("upgrade to "), "{after}");
+    writeln!(log, "after the upgrade").unwrap();
+    log.sync_data().unwrap();
+
+    // Not a lazyfs: refused before anything is stopped.
+    let out = env.run(&["upgrade", mount.mountpoint.to_str().unwrap(), "--binary", "/bin/true"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a lazyfs binary"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mount.status()["pid"], after["pid"]);
+
+    // A build that answers --version but cannot serve: the previous one serves again.
+    let broken = env.path("lazyfs-broken");
+    std::fs::write(&broken, "#!/bin/sh\n[ \"$1\" = --version ] && echo 'lazyfs 9.9.9' && exit 0\nexit 70\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = env.run(&["upgrade", mount.mountpoint.to_str().unwrap(), "--binary", broken.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("the upgrade to") && stderr.contains("failed"), "{stderr}");
+    let rolled = mount.wait_for(|s| s["binary"] == new.to_str().unwrap() && s["pid"] != after["pid"], "no rollback");
+    assert!(rolled["restarts"].as_u64().unwrap() >= 3);
+    writeln!(log, "after the rollback").unwrap();
+    log.sync_data().unwrap();
+
+    app.stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let errors = app.errors.lock().unwrap().clone();
+    assert!(errors.is_empty() && app.reads.load(Ordering::Relaxed) > 0, "{errors:?}");
+    let text = std::fs::read(mount.at("/g/log")).unwrap();
+    assert!(text.ends_with(b"after the upgrade\nafter the rollback\n"), "{}", String::from_utf8_lossy(&text));
 }

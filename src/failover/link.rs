@@ -44,9 +44,11 @@ pub enum Message {
     Serving,
     /// Serving process → supervisor: `lazyfs upgrade` asks `binary` to take over.
     Upgrade { binary: PathBuf },
-    /// Supervisor → serving process: the upgrade goes ahead (it is killed
-    /// next), or why not.
+    /// Supervisor → serving process: the upgrade goes ahead, or why not.
     UpgradeAnswer { refused: Option<String> },
+    /// Serving process → supervisor, after an upgrade was agreed: its
+    /// clients have their answer; it may be killed now.
+    Release,
 }
 
 /// What the kernel and the first serving process agreed on at INIT, which a

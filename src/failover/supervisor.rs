@@ -28,7 +28,7 @@ use crate::store::CacheDir;
 
 /// A serving process that ran this long had recovered: crashes count from
 /// zero again.
-const STABLE: Duration = Duration::from_secs(60);
+const STABLE: Duration = Duration::from_secs(10);
 /// The longest pause between two restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -332,11 +332,14 @@ impl Supervisor<'_> {
                     log::warn!("answering the upgrade request: {e}");
                 }
                 if refused.is_none() && self.connection.is_some() {
-                    log::info!("upgrade: {} takes over from pid {}", binary.display(), server.pid);
                     self.upgrade = Some(binary);
-                    // The successor answers what it was doing (FUSE_NOTIFY_RESEND).
-                    let _ = kill(server.pid, Signal::SIGKILL);
                 }
+            }
+            Message::Release => {
+                let (Some(server), Some(binary)) = (&self.server, &self.upgrade) else { return };
+                log::info!("upgrade: {} takes over from pid {}", binary.display(), server.pid);
+                // The successor answers what it was doing (FUSE_NOTIFY_RESEND).
+                let _ = kill(server.pid, Signal::SIGKILL);
             }
             other => log::warn!("unexpected message from the serving process: {other:?}"),
         }
@@ -495,6 +498,8 @@ impl Supervisor<'_> {
 fn failed_status(request: &MountRequest, restarts: &Restarts, failure: &str) -> Status {
     let mut status = Status {
         mountpoint: request.mountpoint.display().to_string(),
+        // The supervisor answers for it.
+        pid: restarts.supervisor_pid,
         source: request.source_arg.clone(),
         imgdir: request.imgdir.display().to_string(),
         cache_dir: request.cache_dir.display().to_string(),
