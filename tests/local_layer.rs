@@ -10,7 +10,6 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::mount::{Mount, Source, TestEnv, content, dataset};
 use common::sshd::Sshd;

@@ -61,7 +61,7 @@ fn application(root: &Path, stop: Arc<AtomicBool>, samples: Samples, began: Inst
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 log.write_all(format!("line {n}\n").as_bytes()).unwrap();
                 log.sync_data().unwrap();
             } else {
