@@ -24,6 +24,7 @@ use crate::namespace::{Ino, Layout, Namespace, NamespaceError};
 use crate::recording::{self, Recording, RecordingError};
 use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
+use crate::store::inodes::InodeTable;
 use crate::store::journal::{self, Journal, Owner};
 use crate::store::{Store, StoreError};
 
@@ -367,6 +368,17 @@ fn prepare_inner(
         })
         .collect();
     let local = crate::store::local::LocalFiles::open(store.dir())?;
+    let ns = match &takeover {
+        // Taken over, the mount must keep the numbers the kernel knows.
+        Some(_) => {
+            let numbers = match resuming {
+                true => InodeTable::load(store.dir())?,
+                false => InodeTable::create(store.dir(), local_changes.iter().map(|c| c.ino).filter(|&i| i != 0))?,
+            };
+            Namespace::build_numbered(&paths, request.layout, Some(subtree), Box::new(numbers))?
+        }
+        None => ns,
+    };
     let held_open = takeover.map(|t| t.held_open).unwrap_or_default();
     let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, &held_open, config)?;
     Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })

@@ -60,10 +60,52 @@ impl Default for Meta {
     }
 }
 
+/// Where a namespace's inode numbers come from. Numbers are never given
+/// twice; a node with an origin gets the number that origin had before.
+pub trait Numbers: std::fmt::Debug + Send + Sync {
+    /// The number for a new node of `origin` (none: a node the local layer makes).
+    fn number(&mut self, origin: Option<&[u8]>) -> Ino;
+    /// Gives `ino` (a number the journal recorded); false if it cannot be.
+    fn reserve(&mut self, ino: Ino) -> bool;
+}
+
+/// Numbers in order, for a namespace nobody takes over (and tests).
+#[derive(Debug)]
+pub struct Counter(Ino, std::collections::HashSet<Ino>);
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter(ROOT_INO + 1, Default::default())
+    }
+}
+
+impl Numbers for Counter {
+    fn number(&mut self, _origin: Option<&[u8]>) -> Ino {
+        self.0 += 1;
+        self.1.insert(self.0 - 1);
+        self.0 - 1
+    }
+
+    fn reserve(&mut self, ino: Ino) -> bool {
+        self.0 = self.0.max(ino + 1);
+        ino > ROOT_INO && self.1.insert(ino)
+    }
+}
+
+/// What a checkpoint file's node is known by, whatever its number.
+fn file_origin(original: &Path) -> Vec<u8> {
+    [b"file\0".as_slice(), original.as_os_str().as_bytes()].concat()
+}
+
+/// What a directory made up for the checkpoint's files is known by.
+fn dir_origin(in_mount: &Path) -> Vec<u8> {
+    [b"dir\0".as_slice(), in_mount.as_os_str().as_bytes()].concat()
+}
+
 #[derive(Debug)]
 pub struct Namespace {
     nodes: HashMap<Ino, Node>,
-    next_ino: Ino,
+    numbers: Box<dyn Numbers>,
     /// Inode of each file, by index; `None` for files outside the subtree.
     file_inos: Vec<Option<Ino>>,
 }
@@ -83,16 +125,23 @@ pub enum NamespaceError {
 impl Namespace {
     /// `paths` are the original absolute paths of the files to serve, each once.
     pub fn build(paths: &[&Path], layout: Layout, subtree: Option<&Path>) -> Result<Namespace, NamespaceError> {
+        Self::build_numbered(paths, layout, subtree, Box::new(Counter::default()))
+    }
+
+    /// [`Namespace::build`], each node numbered by `numbers`.
+    pub fn build_numbered(
+        paths: &[&Path],
+        layout: Layout,
+        subtree: Option<&Path>,
+        numbers: Box<dyn Numbers>,
+    ) -> Result<Namespace, NamespaceError> {
         let subtree = subtree.unwrap_or(Path::new("/"));
         if !subtree.is_absolute() {
             return Err(NamespaceError::SubtreeNotAbsolute(subtree.to_path_buf()));
         }
         let root = Node { links: Vec::new(), kind: NodeKind::Dir(BTreeMap::new()), meta: Meta::default() };
-        let mut ns = Namespace {
-            nodes: HashMap::from([(ROOT_INO, root)]),
-            next_ino: ROOT_INO + 1,
-            file_inos: vec![None; paths.len()],
-        };
+        let mut ns =
+            Namespace { nodes: HashMap::from([(ROOT_INO, root)]), numbers, file_inos: vec![None; paths.len()] };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
         for (index, path) in paths.iter().enumerate() {
@@ -137,7 +186,10 @@ impl Namespace {
             walked.push(name);
             let child = match self.lookup(dir, name) {
                 Some(child) => child,
-                None => self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default()),
+                None => {
+                    let ino = self.numbers.number(Some(&dir_origin(&walked)));
+                    self.insert_node(ino, dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default())
+                }
             };
             if matches!(self.nodes[&child].kind, NodeKind::File(_)) {
                 let file = owners.get(&walked).cloned().unwrap_or_else(|| walked.clone());
@@ -146,7 +198,10 @@ impl Namespace {
             dir = child;
         }
         match self.lookup(dir, file_name) {
-            None => Ok(self.add(dir, file_name, NodeKind::File(index), Meta::default())),
+            None => {
+                let ino = self.numbers.number(Some(&file_origin(path)));
+                Ok(self.insert_node(ino, dir, file_name, NodeKind::File(index), Meta::default()))
+            }
             Some(_) => {
                 // A directory synthesised for deeper files already has this name.
                 let dir = walked.join(file_name);
@@ -195,11 +250,15 @@ impl Namespace {
     /// [`Namespace::add`], numbered `wanted` when that number is free (a
     /// journal replayed gives each node the number it had).
     pub fn add_as(&mut self, wanted: Option<Ino>, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
-        let ino = match wanted.filter(|&ino| ino > ROOT_INO && !self.nodes.contains_key(&ino)) {
-            Some(ino) => ino,
-            None => self.next_ino,
+        let free = |ino: &Ino| !self.nodes.contains_key(ino);
+        let ino = match wanted.filter(free) {
+            Some(ino) if self.numbers.reserve(ino) => ino,
+            _ => self.numbers.number(None),
         };
-        self.next_ino = self.next_ino.max(ino + 1);
+        self.insert_node(ino, parent, name, kind, meta)
+    }
+
+    fn insert_node(&mut self, ino: Ino, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
         self.nodes.insert(ino, Node { links: Vec::new(), kind, meta });
         self.link(ino, parent, name);
         ino
