@@ -15,7 +15,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::failover::opens::{Held, OpenTable};
+use crate::failover::opens::{Count, Held, OpenTable};
 use crate::failover::request;
 use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
@@ -58,6 +58,8 @@ struct Opens {
     cached: u32,
     passthrough: u32,
     backing: Option<Backing>,
+    /// The last request that changed the counts, and how.
+    last: Option<(u64, Count)>,
 }
 
 enum Backing {
@@ -72,7 +74,7 @@ impl Opens {
         let backing = self.backing.as_ref().map(|b| match b {
             Backing::Ours(_, id) | Backing::Inherited(id) => *id,
         });
-        Held { cached: self.cached, passthrough: self.passthrough, backing }
+        Held { cached: self.cached, passthrough: self.passthrough, backing, last: self.last }
     }
 }
 
@@ -80,18 +82,31 @@ impl Opens {
 nix::ioctl_write_ptr!(backing_close, 229, 2, u32);
 
 impl OpenState {
-    /// The backing file this process registered for `ino`.
-    fn ours(&self, ino: u64) -> Option<&BackingId> {
-        match self.by_ino.get(&ino)?.backing.as_ref()? {
+    /// The backing file registered for `ino`, ours from now on (`wrap` takes
+    /// over one a predecessor registered).
+    fn ours(&mut self, ino: u64, wrap: impl FnOnce(u32) -> BackingId) -> Option<&BackingId> {
+        let opens = self.by_ino.get_mut(&ino)?;
+        if let Some(Backing::Inherited(id)) = opens.backing {
+            opens.backing = Some(Backing::Ours(wrap(id), id));
+        }
+        match opens.backing.as_ref()? {
             Backing::Ours(backing, _) => Some(backing),
             Backing::Inherited(_) => None,
         }
     }
 
+    /// How `req` changed the counts of `ino`, if it did before (it is sent
+    /// again: its first taker died between counting and answering).
+    fn counted(&self, req: &Request, ino: u64) -> Option<Count> {
+        let (request, count) = self.by_ino.get(&ino)?.last?;
+        (resent(req) && request == req.unique().0 & !FUSE_UNIQUE_RESEND).then_some(count)
+    }
+
     /// Writes what is held of `ino` to the open table, and forgets an inode
     /// with nothing open any more (closing its backing file).
-    fn settle(&mut self, ino: u64) {
-        let Some(opens) = self.by_ino.get(&ino) else { return };
+    fn settle(&mut self, ino: u64, req: &Request, count: Count) {
+        let Some(opens) = self.by_ino.get_mut(&ino) else { return };
+        opens.last = Some((req.unique().0 & !FUSE_UNIQUE_RESEND, count));
         let gone = opens.cached == 0 && opens.passthrough == 0;
         let held = if gone { Held::default() } else { opens.held() };
         if let Some(table) = &mut self.table
@@ -147,7 +162,15 @@ impl FuseAdapter {
     /// Whether `req` comes again (its first taker died before answering) and
     /// the change it asks for was made then (the journal says so).
     fn made_before(&self, req: &Request) -> bool {
-        resent(req) && self.made.contains(&(req.unique().0 & !FUSE_UNIQUE_RESEND))
+        let made = resent(req) && self.made.contains(&(req.unique().0 & !FUSE_UNIQUE_RESEND));
+        if resent(req) {
+            log::debug!(
+                "request {} sent again: {}",
+                req.unique().0 & !FUSE_UNIQUE_RESEND,
+                if made { "made before" } else { "not made yet" }
+            );
+        }
+        made
     }
 
     /// Makes a change on behalf of `req`: its journal record names the request.
@@ -204,7 +227,7 @@ impl FuseAdapter {
             .iter()
             .map(|(&ino, held)| {
                 let backing = held.backing.map(Backing::Inherited);
-                (ino, Opens { cached: held.cached, passthrough: held.passthrough, backing })
+                (ino, Opens { cached: held.cached, passthrough: held.passthrough, backing, last: held.last })
             })
             .collect();
         *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device };
@@ -312,7 +335,20 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // SAFETY (wrap_backing): the id is registered with this connection and
+        // owned by this inode's entry alone.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
+        {
+            let mut state = self.opens.lock().expect("opens");
+            match state.counted(req, ino.0) {
+                Some(Count::PassthroughOpen) if let Some(backing) = state.ours(ino.0, wrap) => {
+                    return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
+                }
+                Some(Count::CachedOpen) => return reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE),
+                _ => {}
+            }
+        }
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let backing_file = match self.fs.open(ino.0, write) {
             Ok(backing_file) => backing_file,
@@ -321,13 +357,10 @@ impl fuser::Filesystem for FuseAdapter {
         let mut state = self.opens.lock().expect("opens");
         let opens = state.by_ino.entry(ino.0).or_default();
         // The kernel reads (and writes) the local file itself.
-        // SAFETY (wrap_backing): the id is registered with this connection and
-        // owned by this inode's entry alone.
-        let wrap = |id| unsafe { reply.wrap_backing(id) };
         if self.backing(opens, backing_file, |f| reply.open_backing(f), wrap) {
             // Recorded before the kernel hears of it: a successor must know every open.
-            state.settle(ino.0);
-            let backing = state.ours(ino.0).expect("registered above");
+            state.settle(ino.0, req, Count::PassthroughOpen);
+            let backing = state.ours(ino.0, wrap).expect("registered above");
             return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
         }
         if opens.passthrough > 0 {
@@ -337,14 +370,14 @@ impl fuser::Filesystem for FuseAdapter {
             return reply.error(Errno::ETXTBSY);
         }
         opens.cached += 1;
-        state.settle(ino.0);
+        state.settle(ino.0, req, Count::CachedOpen);
         // Contents change only through this mount: keep the page cache across opens.
         reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -353,13 +386,16 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let mut state = self.opens.lock().expect("opens");
+        if state.counted(req, ino.0) == Some(Count::Release) {
+            return reply.ok();
+        }
         if let Some(opens) = state.by_ino.get_mut(&ino.0) {
             if fh == PASSTHROUGH {
                 opens.passthrough = opens.passthrough.saturating_sub(1);
             } else {
                 opens.cached = opens.cached.saturating_sub(1);
             }
-            state.settle(ino.0);
+            state.settle(ino.0, req, Count::Release);
         }
         drop(state);
         self.fs.release(ino.0);
@@ -477,12 +513,32 @@ impl fuser::Filesystem for FuseAdapter {
                 .map(|(attr, file)| (attr, Some(file))),
             true => Err(FsError { errno: libc::EEXIST, message: "made before".into() }),
         };
+        // SAFETY: as in `open`.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
         let (attr, file) = match created {
             Ok(created) => created,
             // Sent again after the predecessor made it: open what is there.
             Err(e) if e.errno == libc::EEXIST && resent(req) && (made_before || flags & libc::O_EXCL == 0) => {
-                match self.fs.lookup(parent.0, name).and_then(|attr| Ok((attr, self.fs.open(attr.ino, true)?))) {
-                    Ok(opened) => opened,
+                let attr = match self.fs.lookup(parent.0, name) {
+                    Ok(attr) => attr,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                let mut state = self.opens.lock().expect("opens");
+                match state.counted(req, attr.ino) {
+                    // Counted then too: answered as it was counted.
+                    Some(Count::PassthroughOpen) if let Some(backing) = state.ours(attr.ino, wrap) => {
+                        let (fh, flags) = (PASSTHROUGH, FopenFlags::empty());
+                        return reply.created_passthrough(&TTL, &file_attr(&attr), Generation(0), fh, flags, backing);
+                    }
+                    Some(Count::CachedOpen) => {
+                        let (fh, flags) = (CACHED, FopenFlags::FOPEN_KEEP_CACHE);
+                        return reply.created(&TTL, &file_attr(&attr), Generation(0), fh, flags);
+                    }
+                    _ => {}
+                }
+                drop(state);
+                match self.fs.open(attr.ino, true) {
+                    Ok(file) => (attr, file),
                     Err(e) => return reply.error(errno(&e)),
                 }
             }
@@ -490,11 +546,9 @@ impl fuser::Filesystem for FuseAdapter {
         };
         let mut state = self.opens.lock().expect("opens");
         let opens = state.by_ino.entry(attr.ino).or_default();
-        // SAFETY: as in `open`.
-        let wrap = |id| unsafe { reply.wrap_backing(id) };
         if self.backing(opens, file, |f| reply.open_backing(f), wrap) {
-            state.settle(attr.ino);
-            let backing = state.ours(attr.ino).expect("registered above");
+            state.settle(attr.ino, req, Count::PassthroughOpen);
+            let backing = state.ours(attr.ino, wrap).expect("registered above");
             return reply.created_passthrough(
                 &TTL,
                 &file_attr(&attr),
@@ -505,7 +559,7 @@ impl fuser::Filesystem for FuseAdapter {
             );
         }
         opens.cached += 1;
-        state.settle(attr.ino);
+        state.settle(attr.ino, req, Count::CachedOpen);
         reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 

@@ -144,12 +144,11 @@ fn run_app(app: &Arc<App>, root: &Path) -> Vec<std::thread::JoinHandle<()>> {
         while !a.stop.load(Ordering::Relaxed) {
             // A file saved atomically: written, then renamed over its name.
             let (tmp, name) = (storm.join(format!(".k{i}.tmp")), storm.join(format!("k{}", i % 16)));
-            let saved = a.timed(|| {
-                std::fs::write(&tmp, i.to_string())?;
-                std::fs::rename(&tmp, &name)
-            });
-            if let Err(e) = saved {
-                return a.error(format!("saving {}: {e}", name.display()));
+            if let Err(e) = a.timed(|| std::fs::write(&tmp, i.to_string())) {
+                return a.error(format!("writing {}: {e}", tmp.display()));
+            }
+            if let Err(e) = a.timed(|| std::fs::rename(&tmp, &name)) {
+                return a.error(format!("renaming {} to {}: {e}", tmp.display(), name.display()));
             }
             i += 1;
             a.renamed.store(i, Ordering::Relaxed);
@@ -208,6 +207,9 @@ fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
         thread.join().unwrap();
     }
     let errors = app.errors.lock().unwrap().clone();
+    if std::env::var_os("LAZYFS_TEST_SHOW_LOG").is_some() {
+        eprintln!("{}", std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap());
+    }
     assert!(errors.is_empty(), "the application saw errors: {errors:?}");
     let status = mount.wait_complete();
     assert_eq!(status["restarts"], 5);
@@ -217,9 +219,6 @@ fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
         app.longest_us.load(Ordering::Relaxed) / 1000
     );
 
-    if std::env::var_os("LAZYFS_TEST_SHOW_LOG").is_some() {
-        eprintln!("{}", std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap());
-    }
     // Every acknowledged write is there after a remount.
     assert!(mount.umount().status.success());
     let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &[]);

@@ -16,8 +16,9 @@ use std::os::unix::fs::FileExt;
 
 use crate::namespace::Ino;
 
-/// ino, cached opens, passthrough opens, backing id (0: none), reserved.
-const SLOT: usize = 24;
+/// ino, cached opens, passthrough opens, backing id (0: none), what the last
+/// request did (0: none), that request's id.
+const SLOT: usize = 32;
 
 /// What the kernel holds open of one inode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,11 +27,29 @@ pub struct Held {
     pub passthrough: u32,
     /// The passthrough backing id registered with the connection, if any.
     pub backing: Option<u32>,
+    /// The last request that changed the counts (recorded before it is
+    /// answered): sent again to a successor, it is answered as counted.
+    pub last: Option<(u64, Count)>,
+}
+
+/// What a request did to an inode's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    CachedOpen = 1,
+    PassthroughOpen = 2,
+    Release = 3,
+}
+
+impl Count {
+    fn from_word(word: u32) -> Option<Count> {
+        [Count::CachedOpen, Count::PassthroughOpen, Count::Release].into_iter().find(|c| *c as u32 == word)
+    }
 }
 
 impl Held {
+    /// Nothing open: the inode needs no slot.
     pub fn is_empty(&self) -> bool {
-        self.cached == 0 && self.passthrough == 0 && self.backing.is_none()
+        self.cached == 0 && self.passthrough == 0
     }
 
     /// Open handles, of either kind.
@@ -66,7 +85,13 @@ impl OpenTable {
         for (index, slot) in bytes.chunks_exact(SLOT).enumerate() {
             let word = |at: usize| u32::from_le_bytes(slot[at..at + 4].try_into().expect("4 bytes"));
             let ino = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
-            let entry = Held { cached: word(8), passthrough: word(12), backing: Some(word(16)).filter(|&id| id != 0) };
+            let request = u64::from_le_bytes(slot[24..32].try_into().expect("8 bytes"));
+            let entry = Held {
+                cached: word(8),
+                passthrough: word(12),
+                backing: Some(word(16)).filter(|&id| id != 0),
+                last: Count::from_word(word(20)).map(|count| (request, count)),
+            };
             let index = index as u64;
             table.end = index + 1;
             if ino == 0 || entry.is_empty() || held.contains_key(&ino) {
@@ -99,6 +124,10 @@ impl OpenTable {
             slot[8..12].copy_from_slice(&held.cached.to_le_bytes());
             slot[12..16].copy_from_slice(&held.passthrough.to_le_bytes());
             slot[16..20].copy_from_slice(&held.backing.unwrap_or(0).to_le_bytes());
+            if let Some((request, count)) = held.last {
+                slot[20..24].copy_from_slice(&(count as u32).to_le_bytes());
+                slot[24..32].copy_from_slice(&request.to_le_bytes());
+            }
         }
         let written = self.file.write_all_at(&slot, index * SLOT as u64);
         if held.is_empty() {
@@ -123,8 +152,8 @@ mod tests {
         let fd = OpenTable::create().unwrap();
         let (mut table, held) = reopen(&fd);
         assert!(held.is_empty());
-        let file = Held { cached: 2, passthrough: 0, backing: None };
-        let verified = Held { cached: 0, passthrough: 1, backing: Some(7) };
+        let file = Held { cached: 2, passthrough: 0, backing: None, last: Some((40, Count::Release)) };
+        let verified = Held { cached: 0, passthrough: 1, backing: Some(7), last: Some((41, Count::PassthroughOpen)) };
         table.record(10, &file).unwrap();
         table.record(11, &verified).unwrap();
         table.record(12, &file).unwrap();
