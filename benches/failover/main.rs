@@ -86,7 +86,10 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    // `cargo test --all-targets` runs this binary without `--bench`: a
+    // benchmark is not a test, so it only says how to run it.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("failover: a benchmark; run it with `cargo bench --bench failover`");
         return;
     }
     let crashes: usize = std::env::var("LAZYFS_BENCH_CRASHES").ok().and_then(|n| n.parse().ok()).unwrap_or(6);
