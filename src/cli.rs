@@ -256,8 +256,9 @@ pub struct UmountArgs {
     pub mountpoint: PathBuf,
 }
 
-/// Hand a live mount over to another lazyfs binary, without unmounting: a new serving process
-/// (BINARY, by default this `lazyfs`) takes the mount over from the running one, which is
+/// Hand a live mount over to another lazyfs binary, without unmounting.
+///
+/// A new serving process (BINARY, by default this `lazyfs`) takes the mount over from the running one, which is
 /// stopped; the application's open files keep working, and requests in flight are answered by
 /// the new process. Run it with the newly installed binary after an upgrade. If the new process
 /// does not come up, the old binary serves again and this command fails.

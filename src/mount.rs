@@ -638,7 +638,18 @@ pub fn serve(
         let ns = prepared.fs.namespace();
         (0..prepared.fs.fetcher().files().len()).map(|i| ns.file_ino(i)).collect()
     };
-    let resend = resumed.then(|| session.notifier());
+    if resumed {
+        // What the predecessor read but never answered comes again, to us.
+        // Before any thread of ours reads: the kernel resends every request
+        // read and not answered, and one of ours would be made twice.
+        match session.notifier().resend() {
+            Ok(()) => log::info!("took over the mount; the kernel resends what was in flight"),
+            Err(e) => log::warn!(
+                "the kernel cannot resend the requests in flight (FUSE_NOTIFY_RESEND, Linux 6.9): {e}; \
+                 their callers wait until the mount ends"
+            ),
+        }
+    }
     prepared.fs.fetcher().on_started_over(Box::new(move |index| {
         if let Some(ino) = inos.get(index).copied().flatten()
             && let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
@@ -658,17 +669,6 @@ pub fn serve(
             let _ = ended.send(Event::SessionEnded);
         })
         .map_err(mount_err)?;
-    if let Some(resend) = resend {
-        // What the predecessor read but never answered comes again, to us.
-        match resend.resend() {
-            Ok(()) => log::info!("took over the mount; the kernel resends what was in flight"),
-            Err(e) => log::warn!(
-                "the kernel cannot resend the requests in flight (FUSE_NOTIFY_RESEND, Linux 6.9): {e}; \
-                 their callers wait until the mount ends"
-            ),
-        }
-    }
-
     let answered =
         nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
     if !answered {

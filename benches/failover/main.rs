@@ -8,7 +8,9 @@
 //! `kill -9` of the serving process, once every 11 s (a process that served
 //! for 10 s restarts with no backoff). Reported: each crash's pause (the
 //! longest operation around it), p99 and max of all operations, and the
-//! pause as a multiple of the quiet p99. `LAZYFS_BENCH_CRASHES=N` (default 6).
+//! pause as a multiple of the quiet p99. `LAZYFS_BENCH_CRASHES=N` (default 6);
+//! `LAZYFS_BENCH_SAVES=0`: appends only (every save adds two changes to the
+//! journal a successor replays, so saves make each pause longer than the last).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -53,7 +55,13 @@ impl Bench {
 type Samples = Arc<Mutex<Vec<(Duration, Duration)>>>;
 
 /// The application: appends with fsync, and small files saved atomically.
-fn application(root: &Path, stop: Arc<AtomicBool>, samples: Samples, began: Instant) -> std::thread::JoinHandle<()> {
+fn application(
+    root: &Path,
+    saves: bool,
+    stop: Arc<AtomicBool>,
+    samples: Samples,
+    began: Instant,
+) -> std::thread::JoinHandle<()> {
     let mut log = std::fs::OpenOptions::new().append(true).open(root.join("app/app.log")).unwrap();
     let dir = root.join("app/saved");
     std::fs::create_dir_all(&dir).unwrap();
@@ -61,7 +69,7 @@ fn application(root: &Path, stop: Arc<AtomicBool>, samples: Samples, began: Inst
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
-            if n.is_multiple_of(2) {
+            if !saves || n.is_multiple_of(2) {
                 log.write_all(format!("line {n}\n").as_bytes()).unwrap();
                 log.sync_data().unwrap();
             } else {
@@ -113,7 +121,8 @@ fn main() {
     let samples: Samples = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let began = Instant::now();
-    let app = application(&mnt, stop.clone(), samples.clone(), began);
+    let saves = std::env::var("LAZYFS_BENCH_SAVES").map_or(true, |v| v != "0");
+    let app = application(&mnt, saves, stop.clone(), samples.clone(), began);
     std::thread::sleep(QUIET);
     let quiet_until = began.elapsed();
     let mut kills = Vec::new();
