@@ -277,7 +277,10 @@ fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     match control::Client::connect(&args.mountpoint) {
         Ok(mut client) => {
+            let supervisor = client.totals()?.supervisor_pid;
             client.umount()?;
+            // Done once nothing of the mount runs: its mountpoint is free again.
+            wait_ended(supervisor);
             Ok(exit::SUCCESS)
         }
         Err(ControlError::NotAMount(path)) => {
@@ -339,6 +342,18 @@ fn run_upgrade(args: &UpgradeArgs) -> anyhow::Result<u8> {
             }
             .into());
         }
+    }
+}
+
+/// Waits (10 s at most) until process `pid` has ended (0: none).
+fn wait_ended(pid: u32) {
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid != 0 && running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
