@@ -758,12 +758,13 @@ pub fn serve(
         mountpoint.display(),
         prepared.source_name
     );
-    on_ready(&mountpoint);
+    // The supervisor first: once `lazyfs mount` has returned, a crash is one to recover from.
     if let Some(link) = &link
         && let Err(e) = link.send(&Message::Serving, &[])
     {
         log::warn!("telling the supervisor: {e}");
     }
+    on_ready(&mountpoint);
 
     let mut umount_clients = Vec::new();
     let mut upgrade_clients = Vec::new();

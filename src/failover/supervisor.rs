@@ -42,8 +42,8 @@ pub fn backoff(consecutive: u32) -> Duration {
 }
 
 enum Event {
-    /// A message from serving process `generation`; `None` once its end closed.
-    Link(u64, Option<(Message, Vec<OwnedFd>)>),
+    /// A message from serving process `generation`.
+    Link(u64, (Message, Vec<OwnedFd>)),
     Exited(u64, ExitStatus),
     Signal(i32),
     Control(ControlEvent),
@@ -195,10 +195,8 @@ impl Supervisor<'_> {
             };
             let Some(event) = event else { return exit::RUNTIME };
             match event {
-                Event::Link(generation, message) if self.is_current(generation) => {
-                    if let Some((message, fds)) = message {
-                        self.on_message(message, fds);
-                    }
+                Event::Link(generation, (message, fds)) if self.is_current(generation) => {
+                    self.on_message(message, fds);
                 }
                 Event::Exited(generation, status) if self.is_current(generation) => {
                     let server = self.server.take().expect("current");
@@ -362,6 +360,7 @@ impl Supervisor<'_> {
                 if done < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
             });
         }
+        let reader = ours.try_clone()?;
         let mut child = command.spawn()?;
         drop(theirs);
         let fds: Vec<BorrowedFd<'_>> = match &message {
@@ -375,21 +374,18 @@ impl Supervisor<'_> {
         self.generation += 1;
         let generation = self.generation;
         let pid = Pid::from_raw(child.id() as i32);
+        // One thread per serving process: its messages, then its end, in
+        // that order (the exit must not overtake the `Mounted` before it).
         let events = self.events.clone();
         std::thread::spawn(move || {
-            let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
-            let _ = events.send(Event::Exited(generation, status));
-        });
-        let reader = ours.try_clone()?;
-        let events = self.events.clone();
-        std::thread::spawn(move || {
-            loop {
-                let message = reader.recv().unwrap_or(None);
-                let end = message.is_none();
-                if events.send(Event::Link(generation, message)).is_err() || end {
-                    return;
+            while let Ok(Some(message)) = reader.recv() {
+                if events.send(Event::Link(generation, message)).is_err() {
+                    break;
                 }
             }
+            // The link closes when the process ends (its end is close-on-exec).
+            let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+            let _ = events.send(Event::Exited(generation, status));
         });
         self.server = Some(Server {
             generation,
