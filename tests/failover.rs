@@ -220,7 +220,7 @@ fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
     );
 
     // Every acknowledged write is there after a remount.
-    assert!(mount.umount().status.success());
+    umount(&mount);
     let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &[]);
     let log = std::fs::read(again.at("/app/app.log")).unwrap();
     let mut expected = before.clone();
@@ -246,6 +246,11 @@ fn an_application_keeps_running_across_kill_9_of_the_serving_process() {
     assert!(std::fs::read(again.at("/app/model.bin")).unwrap() == content("/app/model.bin", MODEL));
     // The source is never written.
     assert_eq!(std::fs::read(env.path("source/app/app.log")).unwrap(), before);
+}
+
+fn umount(mount: &Mount) {
+    let out = mount.umount();
+    assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn supervisor_of(mount: &Mount) -> i64 {
@@ -277,7 +282,7 @@ fn past_the_crash_limit_the_mount_fails_cleanly_and_umount_ends_it() {
     let err = file.read_at(&mut [0u8; 10], 0).unwrap_err();
     assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)), "{err}");
     drop(file);
-    assert!(mount.umount().status.success());
+    umount(&mount);
     wait_gone(supervisor);
     assert!(!common::mount::is_mounted(&mount.mountpoint));
     // Mounting again resumes from the cache.
@@ -296,7 +301,7 @@ fn umount_and_sigterm_end_the_supervisor_too() {
         if by_signal {
             unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
         } else {
-            assert!(mount.umount().status.success());
+            umount(&mount);
         }
         wait_gone(pid);
         wait_gone(supervisor);
