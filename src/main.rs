@@ -277,7 +277,7 @@ fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     match control::Client::connect(&args.mountpoint) {
         Ok(mut client) => {
-            let supervisor = client.totals()?.supervisor_pid;
+            let supervisor = client.supervisor();
             client.umount()?;
             // Done once nothing of the mount runs: its mountpoint is free again.
             wait_ended(supervisor);

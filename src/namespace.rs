@@ -67,6 +67,9 @@ pub trait Numbers: std::fmt::Debug + Send + Sync {
     fn number(&mut self, origin: Option<&[u8]>) -> Ino;
     /// Gives `ino` (a number the journal recorded); false if it cannot be.
     fn reserve(&mut self, ino: Ino) -> bool;
+    /// Keeps every number given so far where a successor finds it (the
+    /// namespace is built: from now on each is kept as it is given).
+    fn settle(&mut self) {}
 }
 
 /// Numbers in order, for a namespace nobody takes over (and tests).
@@ -169,6 +172,7 @@ impl Namespace {
         if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
             return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()));
         }
+        ns.numbers.settle();
         Ok(ns)
     }
 

@@ -96,6 +96,8 @@ pub fn read_message<M: Message + Default>(stream: &mut impl Read) -> std::io::Re
 pub struct Client {
     mountpoint: PathBuf,
     stream: UnixStream,
+    /// The mount's supervisor, as its registry entry says (0: none).
+    supervisor: u32,
 }
 
 impl Client {
@@ -110,11 +112,16 @@ impl Client {
         if peer.uid() != nix::unistd::geteuid().as_raw() {
             return Err(ControlError::Impostor { path: entry.socket, uid: peer.uid() });
         }
-        Ok(Client { mountpoint: entry.mountpoint, stream })
+        Ok(Client { mountpoint: entry.mountpoint, stream, supervisor: entry.supervisor })
     }
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The pid of the mount's supervisor (0: none, `mount -f`).
+    pub fn supervisor(&self) -> u32 {
+        self.supervisor
     }
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> ControlError + '_ {

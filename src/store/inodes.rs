@@ -26,6 +26,9 @@ pub struct InodeTable {
     /// Numbers given to an origin: never the local layer's.
     named: HashSet<Ino>,
     next: Ino,
+    /// Records not written yet: a namespace being built writes them at once
+    /// when done ([`Numbers::settle`]), before the kernel knows any number.
+    pending: Option<Vec<u8>>,
 }
 
 impl InodeTable {
@@ -51,6 +54,7 @@ impl InodeTable {
             given: HashSet::new(),
             named: HashSet::new(),
             next: ROOT_INO + 1,
+            pending: Some(Vec::new()),
         };
         let mut at = 0;
         while let Some(header) = bytes.get(at..at + 12) {
@@ -82,11 +86,18 @@ impl InodeTable {
         record.extend_from_slice(&ino.to_le_bytes());
         record.extend_from_slice(&(origin_bytes.len() as u32).to_le_bytes());
         record.extend_from_slice(origin_bytes);
-        if let Err(e) = self.file.write_all(&record) {
-            // The mount goes on; only a successor could number this node otherwise.
-            log::error!("recording inode {ino} in the inode table: {e}");
+        match &mut self.pending {
+            Some(pending) => pending.extend(record),
+            None => self.write(&record),
         }
         self.note(ino, origin);
+    }
+
+    fn write(&mut self, records: &[u8]) {
+        if let Err(e) = self.file.write_all(records) {
+            // The mount goes on; only a successor could number these nodes otherwise.
+            log::error!("recording inode numbers in the inode table: {e}");
+        }
     }
 }
 
@@ -98,6 +109,12 @@ impl Numbers for InodeTable {
         let ino = self.next;
         self.append(ino, origin);
         ino
+    }
+
+    fn settle(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.write(&pending);
+        }
     }
 
     fn reserve(&mut self, ino: Ino) -> bool {
@@ -125,6 +142,10 @@ mod tests {
         let b = first.number(Some(b"file\0/b"));
         let made = first.number(None);
         assert!(a > 40 && b > a && made > b, "reserved numbers are never given again");
+        assert_eq!(InodeTable::load(&dir).unwrap().next, ROOT_INO + 1, "written only once settled");
+        first.settle();
+        let later = first.number(None);
+        assert_eq!(InodeTable::load(&dir).unwrap().next, later + 1, "settled, each number is written at once");
         // A torn last record (a kill mid-write) is cut off.
         std::fs::OpenOptions::new().append(true).open(dir.join(NAME)).unwrap().write_all(&[9, 9, 9]).unwrap();
         let mut successor = InodeTable::load(&dir).unwrap();
@@ -132,10 +153,12 @@ mod tests {
         assert_eq!(successor.number(Some(b"file\0/a")), a);
         assert!(successor.reserve(40) && successor.reserve(made) && !successor.reserve(a));
         let new = successor.number(Some(b"dir\0/c"));
-        assert!(new > made);
+        successor.settle();
+        assert!(new > later);
         assert_eq!(InodeTable::load(&dir).unwrap().number(Some(b"dir\0/c")), new);
         // A fresh mount starts anew.
         let mut fresh = InodeTable::create(&dir, []).unwrap();
+        fresh.settle();
         assert_eq!(fresh.number(Some(b"file\0/b")), ROOT_INO + 1);
     }
 }
