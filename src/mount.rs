@@ -259,6 +259,8 @@ pub fn prepare_with(
                 size: file.size.unwrap_or(record.size),
                 expected: None,
                 image_order: file.image_order as u64,
+                listed: None,
+                written: is_written(file),
             };
             files.push(Arc::new(open_file(&store, spec, Some(record))?));
             continue;
@@ -291,6 +293,8 @@ pub fn prepare_with(
             size,
             expected,
             image_order: file.image_order as u64,
+            listed: None,
+            written: is_written(file),
         };
         let fetch_file = match open_file(&store, spec, record) {
             Err(e @ StoreError::TooLarge { .. }) => failed_file(&store, file, e.to_string())?,
@@ -806,6 +810,14 @@ fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<Fe
         size: 0,
         expected: None,
         image_order: file.image_order as u64,
+        listed: None,
+        written: is_written(file),
     };
     Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(message.into())))
+}
+
+/// Whether a process of the checkpoint had `file` open for writing (or
+/// mapped it shared and writable): `criu restore` will open it for writing too.
+fn is_written(file: &RecordedFile) -> bool {
+    file.flags & libc::O_ACCMODE as u32 != 0
 }

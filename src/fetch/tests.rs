@@ -30,6 +30,8 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
         size,
         expected: None,
         image_order: 0,
+        listed: None,
+        written: false,
     };
     let file = Arc::new(FetchFile::new(spec, spill, len, Presence::new(size), Phase::Pending));
     let journal = journal(dir.path());

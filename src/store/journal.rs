@@ -168,6 +168,8 @@ fn parse(mut bytes: &[u8]) -> Result<Loaded, String> {
 }
 
 enum Op {
+    /// File number `file` is `JournalFile` (a file of the tree found after the mount began).
+    File(usize, JournalFile),
     Present { file: usize, chunks: Range<u64> },
     Record(JournalRecord),
     Flush(Sender<Result<(), String>>),
@@ -186,6 +188,7 @@ const SYNC_EACH_UP_TO: usize = 16;
 /// A file the journal writes `Present` records for: its path, spill size, and
 /// the spill file to fsync before claiming its chunks (opened for that: only
 /// a bounded set of spill files is open at a time).
+#[derive(Default)]
 pub struct JournalFile {
     pub path: Vec<u8>,
     pub size: u64,
@@ -218,6 +221,11 @@ impl Journal {
             .spawn(move || writer.run(rx))
             .map_err(io_err(path))?;
         Ok(Journal { path: path.to_path_buf(), tx, thread: Some(thread) })
+    }
+
+    /// File number `index` (after those given at creation) is `file`.
+    pub fn add_file(&self, index: usize, file: JournalFile) {
+        let _ = self.tx.send(Op::File(index, file));
     }
 
     /// Chunks of file `file` (its index among the `files` given) are written.
@@ -326,6 +334,12 @@ impl Writer {
                 Some(since) => rx.recv_timeout(BATCH_TIME.saturating_sub(since.elapsed())),
             };
             match op {
+                Ok(Op::File(index, file)) => {
+                    if self.files.len() <= index {
+                        self.files.resize_with(index + 1, JournalFile::default);
+                    }
+                    self.files[index] = file;
+                }
                 Ok(op) => {
                     let flush_now = matches!(op, Op::Flush(_));
                     pending.push(op);
@@ -386,6 +400,7 @@ impl Writer {
                 }
                 Op::Record(record) => bytes.extend(encode(&record)),
                 Op::Flush(done) => waiters.push(done),
+                Op::File(..) => {}
             }
         }
         let written = match bytes.is_empty() {
