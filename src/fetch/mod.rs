@@ -18,6 +18,7 @@
 //! fetching fails that file; the lanes keep going.
 
 mod lane;
+mod listing;
 pub mod prefetch;
 pub mod restore;
 mod verify;
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::recording::{self, Recorder, Recording, Touch};
-use crate::source::{Connection, Source, SourceError, SourceStat};
+use crate::source::{Connection, Listings, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
 use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
 pub use prefetch::Order;
@@ -525,6 +526,8 @@ pub(crate) struct Shared {
     verify: Mutex<Sender<usize>>,
     /// What the on-demand lanes are asked.
     requests: lane::Requests,
+    /// What the listing lane is asked.
+    list: Mutex<Sender<listing::ListJob>>,
     started: Instant,
     health: Arc<lane::Health>,
     /// How to name the source in messages.
@@ -931,6 +934,7 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
+        let (list_tx, list_rx) = std::sync::mpsc::channel();
         let order: Vec<(u64, u64)> = files.iter().map(|f| (f.size, f.image_order)).collect();
         let shared = Arc::new(Shared {
             queue: prefetch::Queue::new(&order, &config.order),
@@ -939,6 +943,7 @@ impl Fetcher {
             journal,
             verify: Mutex::new(verify_tx),
             requests: lane::Requests::new(),
+            list: Mutex::new(list_tx),
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
@@ -947,6 +952,7 @@ impl Fetcher {
             started_over: OnceLock::new(),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
+        listing::spawn(source.clone(), shared.clone(), list_rx);
         for (index, file) in shared.files.all().iter().enumerate() {
             if file.phase() == Phase::Present {
                 shared.send_to_verifier(index);
@@ -983,6 +989,18 @@ impl Fetcher {
             self.want(index);
         }
         index
+    }
+
+    /// Lists `dirs` on the source (paths on it), on the listing lane: for a
+    /// reader (its deadline counts from now), or for a walk nobody waits on.
+    /// Blocks until the source answers or the deadline passes.
+    pub fn list_dirs(&self, dirs: Vec<PathBuf>, for_reader: bool) -> Result<Listings, SourceError> {
+        let (done, answer) = std::sync::mpsc::channel();
+        let job = listing::ListJob { dirs, asked: for_reader.then(Instant::now), done };
+        let sent = self.shared.list.lock().unwrap_or_else(PoisonError::into_inner).send(job);
+        let stopped = || SourceError::Session { host: self.shared.source_name.clone(), message: "lazyfs is shutting down".into() };
+        sent.map_err(|_| stopped())?;
+        answer.recv().map_err(|_| stopped())?
     }
 
     /// How many directories of the tree are still to be listed (the tree

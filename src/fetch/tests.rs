@@ -74,7 +74,8 @@ fn a_restart_decided_before_a_local_write_leaves_the_write_alone() {
     wait(|reply| fetcher.read(0, 0, 40_000, reply)).unwrap();
     // The verifier takes the generation the file was complete in...
     let generation = {
-        let state = fetcher.file(0).lock();
+        let file = fetcher.file(0);
+        let state = file.lock();
         assert!(state.presence.is_complete());
         state.generation
     };
