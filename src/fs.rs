@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 use crate::fetch::{FetchError, Fetcher};
 use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
 use crate::source::{DirEntry, SourceAttrs};
-use crate::tree::{Listed, Tree};
 use crate::store::journal::proto::{Local, LocalOp};
 use crate::store::local::LocalFiles;
+use crate::tree::{Listed, Tree};
 
 /// An operation's failure: the errno the caller gets, and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -298,7 +298,8 @@ impl Filesystem {
         let Some(tree) = &self.tree else { return Ok(0) };
         let mut unlisted: Vec<Ino> = {
             let ns = self.namespace();
-            let holds_nodes = |dir: Ino| matches!(ns.node(dir).map(|n| &n.kind), Some(NodeKind::Dir(c)) if !c.is_empty());
+            let holds_nodes =
+                |dir: Ino| matches!(ns.node(dir).map(|n| &n.kind), Some(NodeKind::Dir(c)) if !c.is_empty());
             ns.unlisted().filter(|&dir| !images_only || holds_nodes(dir)).collect()
         };
         // Found first, listed first: the walk goes breadth first.
@@ -330,7 +331,8 @@ impl Filesystem {
             return Ok(());
         }
         let on_source = from_source.iter().map(|(_, path)| tree.subtree.join(path)).collect();
-        let listings = self.fetcher.list_dirs(on_source, for_reader).map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
+        let listings =
+            self.fetcher.list_dirs(on_source, for_reader).map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
         let mut failed = None;
         for ((dir, path), listing) in from_source.into_iter().zip(listings) {
             let listed = match listing {
@@ -387,9 +389,9 @@ impl Filesystem {
                 let new_file = attrs.kind() == libc::S_IFREG
                     && !existing.contains(&entry.name)
                     && tree.hard_link(attrs, None).is_none();
-                new_file.then(|| tree.make_file(&path.join(&entry.name), attrs, from_log)).and_then(|made| {
-                    made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok()
-                })
+                new_file
+                    .then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
+                    .and_then(|made| made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok())
             })
             .collect();
         let mut ns = self.ns_mut();

@@ -15,6 +15,6 @@ pub mod namespace;
 pub mod recording;
 pub mod source;
 pub mod status;
-pub mod tree;
 pub mod store;
+pub mod tree;
 pub mod ui;

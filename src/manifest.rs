@@ -18,9 +18,9 @@ use rayon::prelude::*;
 
 use crate::images::Checkpoint;
 use crate::recording::{self, Recording};
+use crate::source::SourceAttrs;
 use crate::source::relative;
 use crate::store::CHUNK_SIZE;
-use crate::source::SourceAttrs;
 use crate::store::journal::proto::{Manifest as ManifestProto, ManifestEntry, ManifestFile};
 
 const MAGIC: &[u8] = b"lazyfs-manifest\n";
@@ -276,7 +276,12 @@ fn attrs_of(meta: &std::fs::Metadata) -> SourceAttrs {
 /// Every regular file below `dir` (read below `root`) into `files`, and
 /// every other entry (directories, `dir` itself included, symlinks, FIFOs)
 /// with its attributes into `entries`. Symlinks are not followed.
-fn walk(root: &Path, dir: &Path, files: &mut Vec<PathBuf>, entries: &mut Vec<ManifestEntry>) -> Result<(), ManifestError> {
+fn walk(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    entries: &mut Vec<ManifestEntry>,
+) -> Result<(), ManifestError> {
     let on_disk = root.join(relative(dir));
     let io = |source| ManifestError::Io { path: on_disk.clone(), source };
     let meta = std::fs::symlink_metadata(&on_disk).map_err(io)?;
@@ -285,8 +290,11 @@ fn walk(root: &Path, dir: &Path, files: &mut Vec<PathBuf>, entries: &mut Vec<Man
         attrs: Some(crate::tree::to_attrs(&attrs_of(&meta))),
         target: Vec::new(),
     });
-    let mut names: Vec<std::ffi::OsString> =
-        std::fs::read_dir(&on_disk).map_err(io)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>().map_err(io)?;
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&on_disk)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
     names.sort();
     for name in names {
         let path = dir.join(&name);

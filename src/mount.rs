@@ -14,7 +14,6 @@ use crate::detached::Attachment;
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
 use crate::fs::{Filesystem, FsConfig, ServedSpec};
-use crate::tree::{Tree, TreeFiles};
 use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
@@ -24,6 +23,7 @@ use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
 use crate::store::journal::{self, Journal, Owner};
 use crate::store::{Store, StoreError};
+use crate::tree::{Tree, TreeFiles};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
@@ -329,7 +329,8 @@ pub fn prepare_with(
     let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
     let tree = match tree_root {
         Some(root) => {
-            let files = TreeFiles { store: store.clone(), records: Mutex::new(records.clone()), manifest: manifest.clone() };
+            let files =
+                TreeFiles { store: store.clone(), records: Mutex::new(records.clone()), manifest: manifest.clone() };
             let mut tree = Tree::open(store.dir(), &owner, afresh, root, files)?;
             // The root's own attributes: the manifest's (exact), the log's, else the source's.
             match manifest.as_deref().and_then(|m| m.attrs(root)) {

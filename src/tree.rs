@@ -85,7 +85,10 @@ impl Tree {
             match dir.read(LOG_NAME) {
                 Ok(bytes) => {
                     if let Err(why) = read_log(&bytes, owner, &mut kept) {
-                        log::warn!("{}: {why}: the directories after it are listed again", dir.join(LOG_NAME).display());
+                        log::warn!(
+                            "{}: {why}: the directories after it are listed again",
+                            dir.join(LOG_NAME).display()
+                        );
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -234,7 +237,9 @@ impl Tree {
         let original = self.subtree.join(path);
         let files = &self.files;
         let record = match from_log {
-            true => files.records.lock().unwrap_or_else(PoisonError::into_inner).remove(original.as_os_str().as_bytes()),
+            true => {
+                files.records.lock().unwrap_or_else(PoisonError::into_inner).remove(original.as_os_str().as_bytes())
+            }
             false => None,
         };
         let expected = files.manifest.as_ref().and_then(|m| m.get(&original)).cloned();

@@ -998,7 +998,10 @@ impl Fetcher {
         let (done, answer) = std::sync::mpsc::channel();
         let job = listing::ListJob { dirs, asked: for_reader.then(Instant::now), done };
         let sent = self.shared.list.lock().unwrap_or_else(PoisonError::into_inner).send(job);
-        let stopped = || SourceError::Session { host: self.shared.source_name.clone(), message: "lazyfs is shutting down".into() };
+        let stopped = || SourceError::Session {
+            host: self.shared.source_name.clone(),
+            message: "lazyfs is shutting down".into(),
+        };
         sent.map_err(|_| stopped())?;
         answer.recv().map_err(|_| stopped())?
     }

@@ -354,7 +354,10 @@ fn worker(mut link: Link, shared: &Shared) {
             let what = super::lane::panic_message(panic.as_ref());
             for &index in &batch {
                 let file = shared.files.get(index);
-                file.fail_file(format!("{}: an internal error while fetching it ({what}): not served", file.path.display()));
+                file.fail_file(format!(
+                    "{}: an internal error while fetching it ({what}): not served",
+                    file.path.display()
+                ));
             }
             link.reset();
         }

@@ -110,8 +110,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let spec =
-            FileSpec {
+        let spec = FileSpec {
             path: path.clone(),
             source_path: path,
             size: 9,

@@ -30,7 +30,10 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
                     let what = super::lane::panic_message(panic.as_ref());
                     for &index in &batch {
                         let file = shared.files.get(index);
-                        file.fail_file(format!("{}: an internal error while checking it ({what})", file.path.display()));
+                        file.fail_file(format!(
+                            "{}: an internal error while checking it ({what})",
+                            file.path.display()
+                        ));
                     }
                     link.reset();
                 }

@@ -152,13 +152,13 @@ impl LocalConnection {
                 log::warn!("{}: an entry named {name:?} is left out", path.display());
                 continue;
             }
-            let stat = match nix::sys::stat::fstatat(dir.as_fd(), name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-            {
-                Ok(stat) => stat,
-                // Gone since the directory was read.
-                Err(Errno::ENOENT) => continue,
-                Err(e) => return Err(io(e)),
-            };
+            let stat =
+                match nix::sys::stat::fstatat(dir.as_fd(), name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(stat) => stat,
+                    // Gone since the directory was read.
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(io(e)),
+                };
             let attrs = local_attrs(&stat);
             let target = match attrs.kind() {
                 libc::S_IFLNK => match nix::fcntl::readlinkat(dir.as_fd(), name.as_c_str()) {

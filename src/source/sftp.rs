@@ -624,7 +624,8 @@ impl<C: Wire> Sftp<C> {
             }
             self.flush()?;
             let (id, reply) = self.reply(|_| None)?;
-            let step = steps.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
+            let step =
+                steps.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
             let at = match step {
                 Step::Lstat(i) => {
                     state[i].lstat = Some(reply.attrs("LSTAT"));

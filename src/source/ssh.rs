@@ -18,7 +18,8 @@ use super::known_hosts::{self, HostKeyCheck, KnownHosts};
 use super::sftp::{Attrs, FileRead, Sftp, SftpError, Wire};
 use super::tar::{self, TarUse};
 use super::{
-    Connection, DirEntry, Limits, Listings, Source, SourceAttrs, SourceError, SourceStat, SshOptions, WholeRead, relative,
+    Connection, DirEntry, Limits, Listings, Source, SourceAttrs, SourceError, SourceStat, SshOptions, WholeRead,
+    relative,
 };
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305

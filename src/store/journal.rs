@@ -183,7 +183,10 @@ fn parse(bytes: &[u8]) -> Result<Loaded, String> {
 enum Op {
     /// File number `file` is `JournalFile` (a file of the tree found after the mount began).
     File(usize, JournalFile),
-    Present { file: usize, chunks: Range<u64> },
+    Present {
+        file: usize,
+        chunks: Range<u64>,
+    },
     Record(JournalRecord),
     Flush(Sender<Result<(), String>>),
 }
