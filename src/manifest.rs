@@ -197,7 +197,8 @@ pub fn create(
     if let (Some(dir), true) = (subtree, files.is_empty() && recorded.is_empty() && entries.is_empty()) {
         return Err(ManifestError::EmptySubtree(dir.into()));
     }
-    let results: Vec<(PathBuf, Result<(FileHashes, SourceAttrs), String>)> = files
+    type Hashed = Result<(FileHashes, SourceAttrs), String>;
+    let results: Vec<(PathBuf, Hashed)> = files
         .par_iter()
         .map(|(path, recorded_size)| {
             let on_disk = root.join(relative(path));
