@@ -19,8 +19,9 @@ use crate::failover::opens::{Count, Held, OpenTable};
 use crate::failover::request;
 use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
-/// The file set and its sizes come from the checkpoint and change only through
-/// this mount: the kernel may cache names and attributes for long.
+/// The file set and its sizes come from the checkpoint and the source's
+/// listings, and change only through this mount: the kernel may cache names
+/// and attributes for long (but provisional ones: see [`ttl`]).
 const TTL: Duration = Duration::from_secs(3600);
 /// Concurrent background requests (readahead, async reads) the kernel may send.
 const MAX_BACKGROUND: u16 = 64;
@@ -293,15 +294,12 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.fs.lookup_then(parent.0, name, Box::new(move |result| entry(result, reply)));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -329,7 +327,7 @@ impl fuser::Filesystem for FuseAdapter {
             ino.0,
             change,
             Box::new(move |result| match result {
-                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
                 Err(e) => reply.error(errno(&e)),
             }),
         );
@@ -460,17 +458,20 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.fs.readdir(ino.0) {
-            Ok(entries) => {
-                for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
-                        break;
+        self.fs.readdir_then(
+            ino.0,
+            Box::new(move |result| match result {
+                Ok(entries) => {
+                    for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+                        if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+                Err(e) => reply.error(errno(&e)),
+            }),
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -511,34 +512,43 @@ impl fuser::Filesystem for FuseAdapter {
             false => self
                 .on_behalf(req, || self.fs.create(parent.0, name, mode & !umask, creator(req)))
                 .map(|(attr, file)| (attr, Some(file))),
-            true => Err(FsError { errno: libc::EEXIST, message: "made before".into() }),
+            true => self.fs.lookup(parent.0, name).map(|attr| (attr, None)),
         };
         // SAFETY: as in `open`.
         let wrap = |id| unsafe { reply.wrap_backing(id) };
         let (attr, file) = match created {
-            Ok(created) => created,
-            // Sent again after the predecessor made it: open what is there.
-            Err(e) if e.errno == libc::EEXIST && resent(req) && (made_before || flags & libc::O_EXCL == 0) => {
-                let attr = match self.fs.lookup(parent.0, name) {
-                    Ok(attr) => attr,
-                    Err(e) => return reply.error(errno(&e)),
-                };
+            Ok((attr, Some(file))) => (attr, Some(file)),
+            // Sent again: made before (or, without O_EXCL, made at all), what is there is opened.
+            Ok((attr, None)) => {
                 let mut state = self.opens.lock().expect("opens");
                 match state.counted(req, attr.ino) {
                     // Counted then too: answered as it was counted.
                     Some(Count::PassthroughOpen) if let Some(backing) = state.ours(attr.ino, wrap) => {
                         let (fh, flags) = (PASSTHROUGH, FopenFlags::empty());
-                        return reply.created_passthrough(&TTL, &file_attr(&attr), Generation(0), fh, flags, backing);
+                        return reply.created_passthrough(
+                            &ttl(&attr),
+                            &file_attr(&attr),
+                            Generation(0),
+                            fh,
+                            flags,
+                            backing,
+                        );
                     }
                     Some(Count::CachedOpen) => {
                         let (fh, flags) = (CACHED, FopenFlags::FOPEN_KEEP_CACHE);
-                        return reply.created(&TTL, &file_attr(&attr), Generation(0), fh, flags);
+                        return reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), fh, flags);
                     }
                     _ => {}
                 }
                 drop(state);
                 match self.fs.open(attr.ino, true) {
                     Ok(file) => (attr, file),
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
+            Err(e) if e.errno == libc::EEXIST && resent(req) && flags & libc::O_EXCL == 0 => {
+                match self.fs.lookup(parent.0, name).and_then(|attr| Ok((attr, self.fs.open(attr.ino, true)?))) {
+                    Ok(opened) => opened,
                     Err(e) => return reply.error(errno(&e)),
                 }
             }
@@ -550,7 +560,7 @@ impl fuser::Filesystem for FuseAdapter {
             state.settle(attr.ino, req, Count::PassthroughOpen);
             let backing = state.ours(attr.ino, wrap).expect("registered above");
             return reply.created_passthrough(
-                &TTL,
+                &ttl(&attr),
                 &file_attr(&attr),
                 Generation(0),
                 PASSTHROUGH,
@@ -560,7 +570,7 @@ impl fuser::Filesystem for FuseAdapter {
         }
         opens.cached += 1;
         state.settle(attr.ino, req, Count::CachedOpen);
-        reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
+        reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -650,9 +660,15 @@ fn creator(req: &Request) -> Creator {
 
 fn entry(result: Result<Attr, FsError>, reply: ReplyEntry) {
     match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Ok(attr) => reply.entry(&ttl(&attr), &file_attr(&attr), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
+}
+
+/// How long the kernel may keep a node's name and attributes: not at all
+/// while they are provisional (its directory of the tree not listed yet).
+fn ttl(attr: &Attr) -> Duration {
+    if attr.provisional { Duration::ZERO } else { TTL }
 }
 
 fn empty(result: Result<(), FsError>, reply: ReplyEmpty) {

@@ -3,7 +3,7 @@
 //! inode number for every file and synthesised directory; then whatever the
 //! local layer changed (files, directories, links made, renamed, removed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,24 @@ pub struct Node {
     pub links: Vec<(Ino, OsString)>,
     pub kind: NodeKind,
     pub meta: Meta,
+    pub origin: Origin,
+}
+
+/// Where a node comes from: what a remount, or a process taking over the
+/// mount, finds it again by (the namespace is rebuilt the same way from the
+/// images, the persisted listings and the journal).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// A file of the images or of the tree: the fetcher's file its
+    /// [`NodeKind::File`] names (whose path says where).
+    File,
+    /// The root, or a directory, symlink or FIFO of the images or the source:
+    /// its path below the mount's root where it first appeared (empty for
+    /// the root).
+    Source(Box<Path>),
+    /// Made through the mount by the local change with this number (counted
+    /// from 0 in the order the journal keeps them).
+    Local(u64),
 }
 
 #[derive(Debug)]
@@ -51,58 +69,65 @@ pub struct Meta {
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
+    /// A directory's size as the source reports it.
+    pub dir_size: u64,
+    /// Changed through the mount (chmod, chown, utimens): a listing of its
+    /// directory leaves these attributes as they are.
+    pub changed_locally: bool,
 }
 
 impl Default for Meta {
     fn default() -> Self {
         let t = SystemTime::UNIX_EPOCH;
-        Meta { perm: 0o755, uid: 0, gid: 0, atime: t, mtime: t, ctime: t, xattrs: BTreeMap::new() }
+        Meta {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            xattrs: BTreeMap::new(),
+            dir_size: 0,
+            changed_locally: false,
+        }
     }
 }
 
-/// Where a namespace's inode numbers come from. Numbers are never given
-/// twice; a node with an origin gets the number that origin had before.
+/// Where a namespace's inode numbers come from. A number is never given
+/// twice; a node whose origin had a number gets it again.
 pub trait Numbers: std::fmt::Debug + Send + Sync {
-    /// The number for a new node of `origin` (none: a node the local layer makes).
-    fn number(&mut self, origin: Option<&[u8]>) -> Ino;
-    /// Gives `ino` (a number the journal recorded); false if it cannot be.
-    fn reserve(&mut self, ino: Ino) -> bool;
-    /// Keeps every number given so far where a successor finds it (the
-    /// namespace is built: from now on each is kept as it is given).
+    /// The number for a new node known by `key` (none: it has no stable key).
+    fn number(&mut self, key: Option<&[u8]>) -> Ino;
+    /// Numbers up to `max` are not to be given (a manifest gives them).
+    fn reserve_up_to(&mut self, max: Ino);
+    /// The namespace is built: from now on each number is kept where a
+    /// successor finds it as it is given (until now, in one go).
     fn settle(&mut self) {}
+    /// Keeps the numbers in cache dir `dir` from now on (a fresh mount's).
+    fn keep_in(&mut self, _dir: &crate::store::CacheDir) -> Result<(), crate::store::StoreError> {
+        Ok(())
+    }
 }
 
-/// Numbers in order, for a namespace nobody takes over (and tests).
+/// Numbers in order, for a mount nobody takes over (`mount -f`, tests).
 #[derive(Debug)]
-pub struct Counter(Ino, std::collections::HashSet<Ino>);
+pub struct Counter(Ino);
 
 impl Default for Counter {
     fn default() -> Self {
-        Counter(ROOT_INO + 1, Default::default())
+        Counter(ROOT_INO + 1)
     }
 }
 
 impl Numbers for Counter {
-    fn number(&mut self, _origin: Option<&[u8]>) -> Ino {
+    fn number(&mut self, _key: Option<&[u8]>) -> Ino {
         self.0 += 1;
-        self.1.insert(self.0 - 1);
         self.0 - 1
     }
 
-    fn reserve(&mut self, ino: Ino) -> bool {
-        self.0 = self.0.max(ino + 1);
-        ino > ROOT_INO && self.1.insert(ino)
+    fn reserve_up_to(&mut self, max: Ino) {
+        self.0 = self.0.max(max.saturating_add(1));
     }
-}
-
-/// What a checkpoint file's node is known by, whatever its number.
-fn file_origin(original: &Path) -> Vec<u8> {
-    [b"file\0".as_slice(), original.as_os_str().as_bytes()].concat()
-}
-
-/// What a directory made up for the checkpoint's files is known by.
-fn dir_origin(in_mount: &Path) -> Vec<u8> {
-    [b"dir\0".as_slice(), in_mount.as_os_str().as_bytes()].concat()
 }
 
 #[derive(Debug)]
@@ -111,6 +136,14 @@ pub struct Namespace {
     numbers: Box<dyn Numbers>,
     /// Inode of each file, by index; `None` for files outside the subtree.
     file_inos: Vec<Option<Ino>>,
+    /// Directories of the source whose entries are not listed yet (with
+    /// `--subtree`, every directory at first): the images' names in them
+    /// are served at once, any other name waits for the listing.
+    unlisted: HashSet<Ino>,
+    /// Directories whose mode the images record (a process's working
+    /// directory or root, one opened `O_DIRECTORY` or `O_PATH`): CRIU checks
+    /// it, so a listing keeps it.
+    pinned: HashSet<Ino>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,13 +171,55 @@ impl Namespace {
         subtree: Option<&Path>,
         numbers: Box<dyn Numbers>,
     ) -> Result<Namespace, NamespaceError> {
+        let ns = Self::build_files(paths, layout, subtree, &HashMap::new(), numbers)?;
+        if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
+            return Err(NamespaceError::EmptySubtree(subtree.unwrap_or(Path::new("/")).to_path_buf()));
+        }
+        Ok(ns)
+    }
+
+    /// The names of `--subtree` (tree layout): the recorded files below it,
+    /// in directories not listed yet, the root and every directory made for
+    /// them included. `inos` are inode numbers to give files (those a
+    /// manifest made on the old host records); a subtree with no recorded
+    /// file is a valid mount.
+    pub fn build_tree(
+        paths: &[&Path],
+        subtree: &Path,
+        inos: &HashMap<&Path, Ino>,
+        numbers: Box<dyn Numbers>,
+    ) -> Result<Namespace, NamespaceError> {
+        let mut ns = Self::build_files(paths, Layout::Tree, Some(subtree), inos, numbers)?;
+        ns.unlisted = ns.nodes.iter().filter(|(_, n)| matches!(n.kind, NodeKind::Dir(_))).map(|(&i, _)| i).collect();
+        Ok(ns)
+    }
+
+    fn build_files(
+        paths: &[&Path],
+        layout: Layout,
+        subtree: Option<&Path>,
+        inos: &HashMap<&Path, Ino>,
+        mut numbers: Box<dyn Numbers>,
+    ) -> Result<Namespace, NamespaceError> {
         let subtree = subtree.unwrap_or(Path::new("/"));
         if !subtree.is_absolute() {
             return Err(NamespaceError::SubtreeNotAbsolute(subtree.to_path_buf()));
         }
-        let root = Node { links: Vec::new(), kind: NodeKind::Dir(BTreeMap::new()), meta: Meta::default() };
-        let mut ns =
-            Namespace { nodes: HashMap::from([(ROOT_INO, root)]), numbers, file_inos: vec![None; paths.len()] };
+        let root = Node {
+            links: Vec::new(),
+            kind: NodeKind::Dir(BTreeMap::new()),
+            meta: Meta::default(),
+            origin: Origin::Source(Path::new("").into()),
+        };
+        // Inode numbers the manifest gives stay free for their files.
+        numbers.reserve_up_to(inos.values().max().map_or(ROOT_INO, |&max| max.max(ROOT_INO)));
+        let mut ns = Namespace {
+            nodes: HashMap::from([(ROOT_INO, root)]),
+            numbers,
+            file_inos: vec![None; paths.len()],
+            unlisted: HashSet::new(),
+            pinned: HashSet::new(),
+        };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
         for (index, path) in paths.iter().enumerate() {
@@ -167,19 +242,49 @@ impl Namespace {
                 });
             }
             owners.insert(mount_path, path.to_path_buf());
-            ns.file_inos[index] = Some(ns.insert(&components, index, path, &owners)?);
+            let ino = inos.get(path).copied();
+            ns.file_inos[index] = Some(ns.insert(&components, index, ino, path, &owners)?);
         }
-        if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
-            return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()));
-        }
-        ns.numbers.settle();
         Ok(ns)
+    }
+
+    /// Makes the directories the images record below `subtree` (those
+    /// missing), each with the mode recorded: CRIU checks it at restore.
+    pub fn add_recorded_dirs(&mut self, dirs: &[(&Path, u32)], subtree: &Path) {
+        for &(path, perm) in dirs {
+            let Ok(below) = path.strip_prefix(subtree) else { continue };
+            let mut dir = ROOT_INO;
+            let mut walked = PathBuf::new();
+            for name in below.iter() {
+                walked.push(name);
+                dir = match self.lookup(dir, name) {
+                    Some(child) if matches!(self.nodes[&child].kind, NodeKind::Dir(_)) => child,
+                    // A recorded file has that name: the images contradict themselves; the file stays.
+                    Some(_) => break,
+                    None => {
+                        let origin = Origin::Source(walked.clone().into_boxed_path());
+                        let child = self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin);
+                        if self.unlisted.contains(&dir) {
+                            self.unlisted.insert(child);
+                        }
+                        child
+                    }
+                };
+            }
+            if walked == below
+                && let Some(node) = self.nodes.get_mut(&dir)
+            {
+                node.meta.perm = perm & 0o7777;
+                self.pinned.insert(dir);
+            }
+        }
     }
 
     fn insert(
         &mut self,
         components: &[OsString],
         index: usize,
+        ino: Option<Ino>,
         path: &Path,
         owners: &BTreeMap<PathBuf, PathBuf>,
     ) -> Result<Ino, NamespaceError> {
@@ -191,8 +296,8 @@ impl Namespace {
             let child = match self.lookup(dir, name) {
                 Some(child) => child,
                 None => {
-                    let ino = self.numbers.number(Some(&dir_origin(&walked)));
-                    self.insert_node(ino, dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default())
+                    let origin = Origin::Source(walked.clone().into_boxed_path());
+                    self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin)
                 }
             };
             if matches!(self.nodes[&child].kind, NodeKind::File(_)) {
@@ -202,10 +307,7 @@ impl Namespace {
             dir = child;
         }
         match self.lookup(dir, file_name) {
-            None => {
-                let ino = self.numbers.number(Some(&file_origin(path)));
-                Ok(self.insert_node(ino, dir, file_name, NodeKind::File(index), Meta::default()))
-            }
+            None => Ok(self.add_as(ino, dir, file_name, NodeKind::File(index), Meta::default(), Origin::File)),
             Some(_) => {
                 // A directory synthesised for deeper files already has this name.
                 let dir = walked.join(file_name);
@@ -247,25 +349,101 @@ impl Namespace {
     }
 
     /// A new node named `name` in directory `parent` (which must not hold the name yet).
-    pub fn add(&mut self, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
-        self.add_as(None, parent, name, kind, meta)
+    pub fn add(&mut self, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta, origin: Origin) -> Ino {
+        self.add_as(None, parent, name, kind, meta, origin)
     }
 
-    /// [`Namespace::add`], numbered `wanted` when that number is free (a
-    /// journal replayed gives each node the number it had).
-    pub fn add_as(&mut self, wanted: Option<Ino>, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
-        let free = |ino: &Ino| !self.nodes.contains_key(ino);
-        let ino = match wanted.filter(free) {
-            Some(ino) if self.numbers.reserve(ino) => ino,
-            _ => self.numbers.number(None),
+    /// [`Namespace::add`], with inode number `wanted` if it is free (the
+    /// number the old host gave it, from a manifest).
+    pub fn add_as(
+        &mut self,
+        wanted: Option<Ino>,
+        parent: Ino,
+        name: &OsStr,
+        kind: NodeKind,
+        meta: Meta,
+        origin: Origin,
+    ) -> Ino {
+        let ino = match wanted.filter(|&i| i > ROOT_INO && !self.nodes.contains_key(&i)) {
+            Some(ino) => ino,
+            None => {
+                let key = self.origin_key(&origin, parent, name);
+                match self.numbers.number(key.as_deref()) {
+                    // Its origin's number, still taken (a node of that origin unlinked but open).
+                    ino if ino <= ROOT_INO || self.nodes.contains_key(&ino) => self.numbers.number(None),
+                    ino => ino,
+                }
+            }
         };
-        self.insert_node(ino, parent, name, kind, meta)
-    }
-
-    fn insert_node(&mut self, ino: Ino, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
-        self.nodes.insert(ino, Node { links: Vec::new(), kind, meta });
+        self.nodes.insert(ino, Node { links: Vec::new(), kind, meta, origin });
         self.link(ino, parent, name);
         ino
+    }
+
+    /// Inode numbers up to `max` are left to the nodes a manifest numbers.
+    pub fn reserve_inos(&mut self, max: Ino) {
+        self.numbers.reserve_up_to(max);
+    }
+
+    /// Where the numbers are kept; see [`Numbers`].
+    pub fn numbers_mut(&mut self) -> &mut dyn Numbers {
+        self.numbers.as_mut()
+    }
+
+    /// What a node of `origin` named `name` in `parent` is known by, in
+    /// every process serving the mount: a file by the path it first appears
+    /// at, a node of the source by its path, a local one by its change.
+    fn origin_key(&self, origin: &Origin, parent: Ino, name: &OsStr) -> Option<Vec<u8>> {
+        let key = |tag: &[u8], bytes: &[u8]| [tag, bytes].concat();
+        match origin {
+            Origin::File => Some(key(b"file\0", self.mount_path(parent).join(name).as_os_str().as_bytes())),
+            Origin::Source(path) => Some(key(b"source\0", path.as_os_str().as_bytes())),
+            Origin::Local(change) => Some(key(b"local\0", &change.to_le_bytes())),
+        }
+    }
+
+    /// File `index` (of the fetcher's) is node `ino`.
+    pub fn set_file_ino(&mut self, index: usize, ino: Ino) {
+        if self.file_inos.len() <= index {
+            self.file_inos.resize(index + 1, None);
+        }
+        self.file_inos[index] = Some(ino);
+    }
+
+    /// Whether directory `ino` is still to be listed.
+    pub fn is_unlisted(&self, ino: Ino) -> bool {
+        self.unlisted.contains(&ino)
+    }
+
+    /// Directory `ino` is a directory of the source not listed yet (or no longer to be listed).
+    pub fn set_unlisted(&mut self, ino: Ino, unlisted: bool) {
+        if unlisted {
+            self.unlisted.insert(ino);
+        } else {
+            self.unlisted.remove(&ino);
+        }
+    }
+
+    /// Directories still to be listed.
+    pub fn unlisted(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.unlisted.iter().copied()
+    }
+
+    pub fn unlisted_count(&self) -> usize {
+        self.unlisted.len()
+    }
+
+    /// Whether the images record directory `ino`'s mode.
+    pub fn is_pinned(&self, ino: Ino) -> bool {
+        self.pinned.contains(&ino)
+    }
+
+    /// Where the source has directory (or symlink, FIFO) `ino`, below the mount's root.
+    pub fn source_path(&self, ino: Ino) -> Option<&Path> {
+        match &self.node(ino)?.origin {
+            Origin::Source(path) => Some(path),
+            _ => None,
+        }
     }
 
     /// Names `ino` `name` in directory `parent` too (which must not hold the name yet).

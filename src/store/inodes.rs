@@ -20,7 +20,8 @@ const NAME: &str = "inodes";
 
 #[derive(Debug)]
 pub struct InodeTable {
-    file: File,
+    /// None until [`Numbers::keep_in`] (a fresh mount numbers before its cache dir is open).
+    file: Option<File>,
     by_origin: HashMap<Vec<u8>, Ino>,
     given: HashSet<Ino>,
     /// Numbers given to an origin: never the local layer's.
@@ -32,15 +33,16 @@ pub struct InodeTable {
 }
 
 impl InodeTable {
-    /// A new table for a new connection, with `reserved` given already (the
-    /// numbers the journal's local records hold).
-    pub fn create(dir: &CacheDir, reserved: impl IntoIterator<Item = Ino>) -> Result<InodeTable, StoreError> {
-        dir.write_atomic(NAME, &[])?;
-        let mut table = InodeTable::load(dir)?;
-        for ino in reserved {
-            table.reserve(ino);
+    /// A new table for a new connection, kept nowhere yet.
+    pub fn fresh() -> InodeTable {
+        InodeTable {
+            file: None,
+            by_origin: HashMap::new(),
+            given: HashSet::new(),
+            named: HashSet::new(),
+            next: ROOT_INO + 1,
+            pending: Some(Vec::new()),
         }
-        Ok(table)
     }
 
     /// The table of a live connection, as its last process left it (a torn
@@ -48,14 +50,7 @@ impl InodeTable {
     pub fn load(dir: &CacheDir) -> Result<InodeTable, StoreError> {
         let io = |source| StoreError::Io { path: dir.join(NAME), source };
         let bytes = dir.read(NAME).map_err(io)?;
-        let mut table = InodeTable {
-            file: dir.open_append(NAME)?,
-            by_origin: HashMap::new(),
-            given: HashSet::new(),
-            named: HashSet::new(),
-            next: ROOT_INO + 1,
-            pending: Some(Vec::new()),
-        };
+        let mut table = InodeTable { file: Some(dir.open_append(NAME)?), ..InodeTable::fresh() };
         let mut at = 0;
         while let Some(header) = bytes.get(at..at + 12) {
             let ino = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
@@ -64,8 +59,10 @@ impl InodeTable {
             table.note(ino, Some(origin).filter(|o| !o.is_empty()));
             at += 12 + len;
         }
-        if at < bytes.len() {
-            table.file.set_len(at as u64).map_err(io)?;
+        if at < bytes.len()
+            && let Some(file) = &table.file
+        {
+            file.set_len(at as u64).map_err(io)?;
         }
         Ok(table)
     }
@@ -81,11 +78,7 @@ impl InodeTable {
 
     /// Records `ino` as given (to `origin`).
     fn append(&mut self, ino: Ino, origin: Option<&[u8]>) {
-        let origin_bytes = origin.unwrap_or_default();
-        let mut record = Vec::with_capacity(12 + origin_bytes.len());
-        record.extend_from_slice(&ino.to_le_bytes());
-        record.extend_from_slice(&(origin_bytes.len() as u32).to_le_bytes());
-        record.extend_from_slice(origin_bytes);
+        let record = record(ino, origin);
         match &mut self.pending {
             Some(pending) => pending.extend(record),
             None => self.write(&record),
@@ -94,7 +87,8 @@ impl InodeTable {
     }
 
     fn write(&mut self, records: &[u8]) {
-        if let Err(e) = self.file.write_all(records) {
+        let Some(file) = &mut self.file else { return };
+        if let Err(e) = file.write_all(records) {
             // The mount goes on; only a successor could number these nodes otherwise.
             log::error!("recording inode numbers in the inode table: {e}");
         }
@@ -102,31 +96,53 @@ impl InodeTable {
 }
 
 impl Numbers for InodeTable {
-    fn number(&mut self, origin: Option<&[u8]>) -> Ino {
-        if let Some(&ino) = origin.and_then(|o| self.by_origin.get(o)) {
+    fn number(&mut self, key: Option<&[u8]>) -> Ino {
+        if let Some(&ino) = key.and_then(|k| self.by_origin.get(k)) {
             return ino;
         }
         let ino = self.next;
-        self.append(ino, origin);
+        self.append(ino, key);
         ino
     }
 
+    fn reserve_up_to(&mut self, max: Ino) {
+        self.next = self.next.max(max.saturating_add(1));
+    }
+
     fn settle(&mut self) {
-        if let Some(pending) = self.pending.take() {
+        if self.file.is_some()
+            && let Some(pending) = self.pending.take()
+        {
             self.write(&pending);
         }
     }
 
-    fn reserve(&mut self, ino: Ino) -> bool {
-        if ino <= ROOT_INO || self.named.contains(&ino) {
-            return false;
+    fn keep_in(&mut self, dir: &CacheDir) -> Result<(), StoreError> {
+        dir.write_atomic(NAME, &[])?;
+        self.file = Some(dir.open_append(NAME)?);
+        // Everything given so far, in one go.
+        let given: Vec<(Ino, Option<Vec<u8>>)> = {
+            let mut named: Vec<(Ino, Option<Vec<u8>>)> =
+                self.by_origin.iter().map(|(origin, &ino)| (ino, Some(origin.clone()))).collect();
+            named.extend(self.given.iter().filter(|i| !self.named.contains(i)).map(|&i| (i, None)));
+            named
+        };
+        let records: Vec<u8> = given.iter().flat_map(|(ino, origin)| record(*ino, origin.as_deref())).collect();
+        match &mut self.pending {
+            Some(pending) => *pending = records,
+            None => self.write(&records),
         }
-        if self.given.contains(&ino) {
-            return true;
-        }
-        self.append(ino, None);
-        true
+        Ok(())
     }
+}
+
+fn record(ino: Ino, origin: Option<&[u8]>) -> Vec<u8> {
+    let origin = origin.unwrap_or_default();
+    let mut record = Vec::with_capacity(12 + origin.len());
+    record.extend_from_slice(&ino.to_le_bytes());
+    record.extend_from_slice(&(origin.len() as u32).to_le_bytes());
+    record.extend_from_slice(origin);
+    record
 }
 
 #[cfg(test)]
@@ -137,28 +153,23 @@ mod tests {
     fn a_successor_numbers_origins_as_its_predecessor_did_in_any_order() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = CacheDir::open_cache(&tmp.path().join("c")).unwrap();
-        let mut first = InodeTable::create(&dir, [40]).unwrap();
+        let mut first = InodeTable::fresh();
+        first.reserve_up_to(40);
         let a = first.number(Some(b"file\0/a"));
         let b = first.number(Some(b"file\0/b"));
-        let made = first.number(None);
-        assert!(a > 40 && b > a && made > b, "reserved numbers are never given again");
-        assert_eq!(InodeTable::load(&dir).unwrap().next, ROOT_INO + 1, "written only once settled");
+        assert!(a > 40 && b > a, "reserved numbers are never given");
         first.settle();
-        let later = first.number(None);
-        assert_eq!(InodeTable::load(&dir).unwrap().next, later + 1, "settled, each number is written at once");
+        first.keep_in(&dir).unwrap();
+        let made = first.number(None);
+        assert_eq!(InodeTable::load(&dir).unwrap().next, made + 1, "kept, each number is written as it is given");
         // A torn last record (a kill mid-write) is cut off.
         std::fs::OpenOptions::new().append(true).open(dir.join(NAME)).unwrap().write_all(&[9, 9, 9]).unwrap();
         let mut successor = InodeTable::load(&dir).unwrap();
         assert_eq!(successor.number(Some(b"file\0/b")), b);
         assert_eq!(successor.number(Some(b"file\0/a")), a);
-        assert!(successor.reserve(40) && successor.reserve(made) && !successor.reserve(a));
-        let new = successor.number(Some(b"dir\0/c"));
         successor.settle();
-        assert!(new > later);
-        assert_eq!(InodeTable::load(&dir).unwrap().number(Some(b"dir\0/c")), new);
-        // A fresh mount starts anew.
-        let mut fresh = InodeTable::create(&dir, []).unwrap();
-        fresh.settle();
-        assert_eq!(fresh.number(Some(b"file\0/b")), ROOT_INO + 1);
+        let new = successor.number(Some(b"source\0c"));
+        assert!(new > made);
+        assert_eq!(InodeTable::load(&dir).unwrap().number(Some(b"source\0c")), new);
     }
 }
