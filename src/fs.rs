@@ -266,6 +266,34 @@ impl Filesystem {
         Err(FsError::new(libc::EIO, "the directory could not be listed"))
     }
 
+    /// For a process taking a live mount over: lists again, from the
+    /// listings the cache dir kept (never the source), every directory its
+    /// predecessor listed, so every node the kernel may ask for by number
+    /// exists (numbered by its origin, as it was).
+    pub fn relist_kept(&self) {
+        let Some(tree) = &self.tree else { return };
+        loop {
+            let unlisted: Vec<(Ino, PathBuf)> = {
+                let ns = self.namespace();
+                ns.unlisted().filter_map(|dir| Some((dir, ns.source_path(dir)?.to_path_buf()))).collect()
+            };
+            let mut merged = 0;
+            for (dir, path) in unlisted {
+                if tree.begin(dir) {
+                    if let Some(listed) = tree.take_persisted(&path) {
+                        self.merge(tree, dir, &path, listed, true);
+                        merged += 1;
+                    }
+                    tree.end(dir);
+                }
+            }
+            // A listing shows directories of its own: their listings next.
+            if merged == 0 {
+                return;
+            }
+        }
+    }
+
     /// Directories of the tree not listed yet.
     pub fn unlisted_dirs(&self) -> usize {
         match self.tree {

@@ -418,6 +418,9 @@ fn prepare_inner(
     let held_open = takeover.map(|t| t.held_open).unwrap_or_default();
     let replay = Replay { changes: &local_changes, held_open: &held_open };
     let fs = Filesystem::new(ns, specs, fetcher, local, replay, config, tree)?;
+    if resuming {
+        fs.relist_kept();
+    }
     let mut request = request;
     request.allow_other = allow_other;
     Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })

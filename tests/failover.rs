@@ -381,3 +381,55 @@ fn upgrade_hands_a_live_mount_to_another_build_and_a_broken_one_is_refused_or_ro
     let text = std::fs::read(mount.at("/g/log")).unwrap();
     assert!(text.ends_with(b"after the upgrade\nafter the rollback\n"), "{}", String::from_utf8_lossy(&text));
 }
+
+#[test]
+fn a_successor_gives_a_lazily_listed_tree_the_numbers_the_kernel_holds() {
+    use std::os::unix::fs::MetadataExt;
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    let top = env.path("source/srv/app");
+    let dirs = ["a", "b", "c", "d", "e"];
+    for dir in dirs {
+        std::fs::create_dir_all(top.join(dir)).unwrap();
+        for f in 0..3 {
+            std::fs::write(top.join(format!("{dir}/f{f}")), content(&format!("{dir}/f{f}"), 5000 + f)).unwrap();
+        }
+    }
+    std::fs::write(top.join("rec.db"), content("rec.db", 9000)).unwrap();
+    lazyfs::images::write::write_dump(
+        &env.path("images"),
+        &[lazyfs::images::write::DumpFile::new("/srv/app/rec.db", 9000)],
+    )
+    .unwrap();
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--subtree", "/srv/app"]);
+    // Listed in an order a successor has no reason to follow.
+    let mut opened = Vec::new();
+    for dir in dirs.iter().rev() {
+        let listed: Vec<_> = std::fs::read_dir(mount.mountpoint.join(dir)).unwrap().collect();
+        assert_eq!(listed.len(), 3);
+        let path = mount.mountpoint.join(format!("{dir}/f1"));
+        let file = std::fs::File::open(&path).unwrap();
+        let ino = file.metadata().unwrap().ino();
+        let dir_fd = std::fs::File::open(mount.mountpoint.join(dir)).unwrap();
+        opened.push((dir.to_string(), file, ino, dir_fd));
+    }
+    kill_serving(&mount);
+    // The kernel asks by the numbers it holds: each must still mean its node.
+    for (dir, file, ino, dir_fd) in opened.iter().rev() {
+        assert_eq!(file.metadata().unwrap().ino(), *ino);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &*file, &mut bytes).unwrap();
+        assert!(bytes == content(&format!("{dir}/f1"), 5001), "{dir}/f1 read through its old descriptor");
+        let through_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(dir_fd));
+        let mut names: Vec<String> =
+            std::fs::read_dir(through_fd).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["f0", "f1", "f2"], "{dir} listed through its old descriptor");
+        let again = std::fs::File::open(mount.mountpoint.join(format!("{dir}/f2"))).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &again, &mut bytes).unwrap();
+        assert!(bytes == content(&format!("{dir}/f2"), 5002), "{dir}/f2");
+    }
+    drop(opened);
+    umount(&mount);
+}

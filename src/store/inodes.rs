@@ -110,10 +110,11 @@ impl Numbers for InodeTable {
     }
 
     fn settle(&mut self) {
-        if self.file.is_some()
-            && let Some(pending) = self.pending.take()
-        {
-            self.write(&pending);
+        let Some(pending) = self.pending.take() else { return };
+        match self.file {
+            Some(_) => self.write(&pending),
+            // Kept nowhere yet: `keep_in` writes everything.
+            None => self.pending = None,
         }
     }
 
