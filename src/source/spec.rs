@@ -12,6 +12,8 @@ pub enum SourceSpec {
     /// A directory holding the old host's root.
     Local(PathBuf),
     Ssh(Box<SshOptions>),
+    /// What `lazyfs push` put in an object store.
+    S3(crate::s3::S3Url),
 }
 
 /// Everything needed to open an SSH session, resolved.
@@ -85,6 +87,9 @@ impl SourceSpec {
     /// `file:///DIR` or any path with a `/` is a local directory; otherwise
     /// `[ssh://][USER@]HOST[:PORT]`, completed from `HOME/.ssh/config`.
     pub fn parse(arg: &str, overrides: &SshOverrides, home: Option<&Path>) -> Result<Self, SourceError> {
+        if arg.starts_with("s3://") {
+            return crate::s3::S3Url::parse(arg).map(SourceSpec::S3).map_err(|e| SourceError::Config(e.to_string()));
+        }
         if let Some(dir) = arg.strip_prefix("file://") {
             if !dir.starts_with('/') {
                 return Err(SourceError::Config(format!(
