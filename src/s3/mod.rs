@@ -11,6 +11,7 @@
 pub mod index;
 mod profile;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -124,9 +125,21 @@ impl Bucket {
     /// The bucket `url` names, as the `AWS_*` variables and the profile say
     /// to reach it. Nothing is sent yet.
     pub fn open(url: &S3Url) -> Result<Bucket, S3Error> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::open_with(url, &std::env::vars().collect())
+    }
+
+    /// [`open`](Bucket::open), with `vars` for the environment.
+    pub fn open_with(url: &S3Url, vars: &HashMap<String, String>) -> Result<Bucket, S3Error> {
+        let env = |name: &str| vars.get(name).filter(|v| !v.is_empty()).cloned();
         let settings = profile::settings(&env)?;
-        let mut builder = AmazonS3Builder::from_env()
+        let mut builder = AmazonS3Builder::new();
+        // What `AmazonS3Builder::from_env` takes from the process's environment.
+        for (name, value) in vars.iter().filter(|(name, value)| name.starts_with("AWS_") && !value.is_empty()) {
+            if let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                builder = builder.with_config(key, value);
+            }
+        }
+        let mut builder = builder
             .with_bucket_name(&url.bucket)
             .with_client_options(
                 ClientOptions::new()

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod criu;
+pub mod garage;
 pub mod harness;
 pub mod listing;
 pub mod mount;
