@@ -1,8 +1,9 @@
 //! A real S3 server for one test: Garage (built once per machine by
 //! `third_party/build-garage`), one node or a cluster of several on
-//! 127.0.0.1, each with a throw-away config and data dir in a temporary
-//! directory and ports of its own, stopped by PID however the test ends.
-//! (Shared by the tests and `benches/s3`.)
+//! 127.0.0.1 (or an address in a network namespace the benchmark made), each
+//! with a throw-away config and data dir in a temporary directory and ports
+//! of its own, stopped by PID however the test ends. (Shared by the tests and
+//! `benches/s3`.)
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -20,6 +21,8 @@ pub struct Garage {
     pub dir: tempfile::TempDir,
     binary: PathBuf,
     pub nodes: Vec<Node>,
+    addr: String,
+    netns: Option<String>,
 }
 
 pub struct Node {
@@ -50,6 +53,22 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Whether `addr:port` takes a connection, seen from network namespace `netns`.
+fn answers(addr: &str, port: u16, netns: Option<&str>) -> bool {
+    let (addr, netns) = (addr.to_string(), netns.map(String::from));
+    std::thread::spawn(move || {
+        if let Some(ns) = netns {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
+            // SAFETY: setns on this short-lived thread only.
+            let entered = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns {ns}");
+        }
+        std::net::TcpStream::connect((addr.as_str(), port)).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
 impl Garage {
     /// One node (replication 1) with bucket [`BUCKET`] and the test key.
     pub fn start() -> Garage {
@@ -58,8 +77,20 @@ impl Garage {
 
     /// `count` nodes, each in a zone of its own, replication `count`.
     pub fn start_cluster(count: usize) -> Garage {
+        Self::start_at(count, "127.0.0.1", None)
+    }
+
+    /// [`start_cluster`](Garage::start_cluster), listening on `addr` inside
+    /// network namespace `netns` if given.
+    pub fn start_at(count: usize, addr: &str, netns: Option<&str>) -> Garage {
         let dir = tempfile::Builder::new().prefix("lazyfs-garage").tempdir().unwrap();
-        let mut garage = Garage { dir, binary: build_garage(), nodes: Vec::new() };
+        let mut garage = Garage {
+            dir,
+            binary: build_garage(),
+            nodes: Vec::new(),
+            addr: addr.to_string(),
+            netns: netns.map(String::from),
+        };
         let secret = blake3::hash(garage.dir.path().as_os_str().as_encoded_bytes()).to_hex().to_string();
         for i in 0..count {
             let node_dir = garage.dir.path().join(format!("node{i}"));
@@ -74,7 +105,7 @@ impl Garage {
         }
         let ids: Vec<String> = (0..count).map(|i| garage.node_id(i)).collect();
         for (i, id) in ids.iter().enumerate().skip(1) {
-            let address = format!("{id}@127.0.0.1:{}", garage.nodes[i].rpc_port);
+            let address = format!("{id}@{}:{}", garage.addr, garage.nodes[i].rpc_port);
             garage.cli_ok(0, &["node", "connect", &address]);
         }
         for (i, id) in ids.iter().enumerate() {
@@ -96,12 +127,13 @@ impl Garage {
             let config = format!(
                 "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
                  replication_factor = {count}\nmetadata_fsync = false\ndata_fsync = false\n\
-                 rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\nrpc_public_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 rpc_bind_addr = \"{a}:{rpc_port}\"\nrpc_public_addr = \"{a}:{rpc_port}\"\n\
                  rpc_secret = \"{secret}\"\nbootstrap_peers = []\n\n\
-                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"{a}:{s3_port}\"\n\
                  root_domain = \".s3.garage.localhost\"\n\n\
-                 [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\n",
-                d = node_dir.display()
+                 [admin]\napi_bind_addr = \"{a}:{admin_port}\"\n",
+                d = node_dir.display(),
+                a = self.addr
             );
             std::fs::write(&self.nodes[i].config, config).unwrap();
             self.nodes[i].s3_port = s3_port;
@@ -114,11 +146,25 @@ impl Garage {
         panic!("garage did not start: {}", self.log(i));
     }
 
+    /// Garage, run in the namespace if there is one (and the machine's mount namespace).
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        }
+    }
+
     /// Starts node `i`; true once its S3 port answers.
     fn spawn(&mut self, i: usize) -> bool {
+        let mut command = self.command();
+        let (addr, netns) = (self.addr.clone(), self.netns.clone());
         let node = &mut self.nodes[i];
         let log = node.config.with_file_name("garage.log");
-        let child = Command::new(&self.binary)
+        let child = command
             .arg("-c")
             .arg(&node.config)
             .arg("server")
@@ -131,7 +177,7 @@ impl Garage {
         node.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", node.s3_port)).is_ok() {
+            if answers(&addr, node.s3_port, netns.as_deref()) {
                 return true;
             }
             if node.child.as_mut().unwrap().try_wait().unwrap().is_some() {
@@ -151,7 +197,7 @@ impl Garage {
 
     /// `garage -c NODE_CONFIG ARGS`.
     pub fn cli(&self, node: usize, args: &[&str]) -> Output {
-        Command::new(&self.binary).arg("-c").arg(&self.nodes[node].config).args(args).output().unwrap()
+        self.command().arg("-c").arg(&self.nodes[node].config).args(args).output().unwrap()
     }
 
     fn cli_ok(&self, node: usize, args: &[&str]) -> String {
@@ -181,7 +227,7 @@ impl Garage {
     /// The `AWS_*` variables that reach node `node` as the test key.
     pub fn env_of(&self, node: usize) -> Vec<(String, String)> {
         [
-            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.nodes[node].s3_port)),
+            ("AWS_ENDPOINT_URL", format!("http://{}:{}", self.addr, self.nodes[node].s3_port)),
             ("AWS_ACCESS_KEY_ID", KEY_ID.to_string()),
             ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
             ("AWS_REGION", "garage".to_string()),
