@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use lazyfs::cli::{
-    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, PushArgs, StatusArgs,
-    UmountArgs, VerifyArgs, WaitArgs, exit,
+    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, PushArgs, StatusArgs, UmountArgs,
+    VerifyArgs, WaitArgs, exit,
 };
 use lazyfs::commands::ls;
 use lazyfs::commands::verify::VerifyError;

@@ -245,7 +245,8 @@ pub fn prepare_with(
         (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
         (PrefetchOrder::Recorded(None), None) => {
             let shipped = source.pushed().and_then(|p| p.recording.as_ref());
-            let (found, warning) = find_recording(&store, shipped.or(manifest.as_ref().and_then(|m| m.recording.as_ref())));
+            let (found, warning) =
+                find_recording(&store, shipped.or(manifest.as_ref().and_then(|m| m.recording.as_ref())));
             if let Some(warning) = &warning {
                 log::warn!("{warning}");
             }

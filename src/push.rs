@@ -208,7 +208,9 @@ fn hash_all(
                 let path = &file.source_path;
                 let size = connection.stat(path).map_err(|e| e.to_string())?.size;
                 if let Some(recorded) = file.size.filter(|&r| r != size) {
-                    return Err(format!("{size} bytes, but the images record {recorded}: changed since the checkpoint"));
+                    return Err(format!(
+                        "{size} bytes, but the images record {recorded}: changed since the checkpoint"
+                    ));
                 }
                 let on_disk = request.source_root.join(relative(path));
                 let meta = std::fs::symlink_metadata(&on_disk).map_err(|e| format!("{}: {e}", on_disk.display()))?;
@@ -280,8 +282,7 @@ fn plan(hashed: &[Hashed], recording: Option<&Recording>, object_size: u64) -> V
             uploads.push(Upload { name, source_path: file.source_path.clone(), offset, len });
         }
     };
-    let by_recorded: HashMap<&[u8], &Hashed> =
-        hashed.iter().map(|h| (h.recorded.as_os_str().as_bytes(), h)).collect();
+    let by_recorded: HashMap<&[u8], &Hashed> = hashed.iter().map(|h| (h.recorded.as_os_str().as_bytes(), h)).collect();
     for touch in recording.map(|r| r.touches.as_slice()).unwrap_or_default() {
         let Some(file) = by_recorded.get(touch.path.as_slice()) else { continue };
         let objects = file.entry.objects.len() as u64;

@@ -104,9 +104,8 @@ fn push_then_the_source_goes_and_several_mounts_of_the_prefix_read_every_byte() 
     assert!(big["bytes_present"].as_u64().unwrap() <= 32_768, "a 4 KiB read fetched {big}");
 
     // Three more mounts of the same prefix, prefetching.
-    let mounts: Vec<Mount> = (0..3)
-        .map(|i| env.mount(&format!("m{i}"), &env.path("images"), &s3(&garage, &url), &["--prefetch"]))
-        .collect();
+    let mounts: Vec<Mount> =
+        (0..3).map(|i| env.mount(&format!("m{i}"), &env.path("images"), &s3(&garage, &url), &["--prefetch"])).collect();
     for mount in &mounts {
         ok(&wait(&env, mount));
         let status = mount.status();
@@ -275,14 +274,14 @@ fn a_tampered_object_is_never_served() {
     // Read lazily: a 4 KiB ranged read checked against the index's chunk hash.
     let lazy = env.mount("lazy", &env.path("images"), &s3(&garage, &url), &[]);
     let mut buf = vec![0u8; 4096];
+    // What lies before the bad object is fine, and served (until the file fails).
+    File::open(lazy.at("/t/ranged")).unwrap().read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, content("/t/ranged", 3 << 20)[..4096]);
     let err = File::open(lazy.at("/t/ranged")).unwrap().read_exact_at(&mut buf, 1 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let err = std::fs::read(lazy.at("/t/whole")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(std::fs::read(lazy.at("/t/fine")).unwrap(), content("/t/fine", 50_000));
-    // What lies before the bad object is fine and served.
-    File::open(lazy.at("/t/ranged")).unwrap().read_exact_at(&mut buf, 0).unwrap();
-    assert_eq!(buf, content("/t/ranged", 3 << 20)[..4096]);
 
     // Prefetched: whole objects checked against their names.
     let prefetch = env.mount("prefetch", &env.path("images"), &s3(&garage, &url), &["--prefetch"]);
@@ -304,7 +303,12 @@ fn a_tampered_object_is_never_served() {
             assert_ne!(data.first(), Some(&(whole[0] ^ 1)), "the tampered first byte landed in {}", cache.display());
         }
         if let Ok(data) = spill("/t/ranged") {
-            assert_ne!(data.get(1 << 20), Some(&(ranged[1 << 20] ^ 1)), "the tampered byte landed in {}", cache.display());
+            assert_ne!(
+                data.get(1 << 20),
+                Some(&(ranged[1 << 20] ^ 1)),
+                "the tampered byte landed in {}",
+                cache.display()
+            );
         }
     }
 }
@@ -355,13 +359,25 @@ fn wrong_credentials_bucket_prefix_or_endpoint_fail_in_one_line_before_anything_
     let unreachable = format!("http://127.0.0.1:{refused_port}");
     let cases: Vec<(&str, String, Vec<(String, String)>, i32, &str)> = vec![
         ("bad secret", url.clone(), with(&[("AWS_SECRET_ACCESS_KEY", "0000")]), 1, "refused the credentials"),
-        ("unknown key", url.clone(), with(&[("AWS_ACCESS_KEY_ID", "GK000000000000000000000000")]), 1, "refused the credentials"),
+        (
+            "unknown key",
+            url.clone(),
+            with(&[("AWS_ACCESS_KEY_ID", "GK000000000000000000000000")]),
+            1,
+            "refused the credentials",
+        ),
         ("no bucket", "s3://no-such-bucket/x".into(), garage.env(), 2, "bucket no-such-bucket does not exist"),
         ("no prefix", garage.url("nothing/here"), garage.env(), 2, "nothing is there"),
         ("no index", garage.url("other/chunks"), garage.env(), 2, "no lazyfs.index there"),
         ("unreachable", url.clone(), with(&[("AWS_ENDPOINT_URL", &unreachable)]), 1, "cannot connect to"),
         ("plain http", url.clone(), with(&[("AWS_ALLOW_HTTP", "")]), 2, "AWS_ALLOW_HTTP=true"),
-        ("no credentials", url.clone(), with(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]), 2, "no AWS credentials"),
+        (
+            "no credentials",
+            url.clone(),
+            with(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]),
+            2,
+            "no AWS credentials",
+        ),
         ("bad url", "s3://Bad_Bucket/x".into(), garage.env(), 2, "not a bucket name"),
     ];
     for (what, source, vars, code, says) in &cases {

@@ -176,7 +176,14 @@ impl Bench {
         command
     }
 
-    fn record(&mut self, group: &'static str, what: impl Into<String>, unit: &'static str, runs: Vec<f64>, against: Option<&str>) {
+    fn record(
+        &mut self,
+        group: &'static str,
+        what: impl Into<String>,
+        unit: &'static str,
+        runs: Vec<f64>,
+        against: Option<&str>,
+    ) {
         let row = Row { group, what: what.into(), unit, runs, against: against.map(String::from) };
         eprintln!("  {:<60} {:>10.4} {unit}", row.what, row.median());
         self.rows.push(row);
@@ -521,7 +528,10 @@ fn main() {
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     std::fs::write(out_dir.join("s3.md"), format!("{header}{table}")).unwrap();
-    std::fs::write(out_dir.join("s3.json"), serde_json::to_vec_pretty(&json!({"runs": runs, "results": json})).unwrap())
-        .unwrap();
+    std::fs::write(
+        out_dir.join("s3.json"),
+        serde_json::to_vec_pretty(&json!({"runs": runs, "results": json})).unwrap(),
+    )
+    .unwrap();
     println!("{header}{table}");
 }

@@ -103,7 +103,8 @@ impl Index {
         let mut files = HashMap::with_capacity(proto.files.len());
         for file in proto.files {
             let name = || String::from_utf8_lossy(&file.path).into_owned();
-            let whole = file.blake3.as_slice().try_into().map_err(|_| format!("{}: a hash that is not 32 bytes", name()))?;
+            let whole =
+                file.blake3.as_slice().try_into().map_err(|_| format!("{}: a hash that is not 32 bytes", name()))?;
             if file.chunk_blake3.len() as u64 != file.size.div_ceil(CHUNK_SIZE).saturating_mul(32) {
                 return Err(format!("{}: wrong number of chunk hashes", name()));
             }

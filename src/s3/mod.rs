@@ -86,7 +86,7 @@ pub enum S3Error {
         "{endpoint} refused the credentials ({reason}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile (AWS_PROFILE)"
     )]
     Denied { endpoint: String, reason: String },
-    #[error("cannot reach {endpoint}: {reason}")]
+    #[error("cannot connect to {endpoint}: {reason}")]
     Unreachable { endpoint: String, reason: String },
     #[error("{endpoint} did not answer within {:.1} s", waited.as_secs_f64())]
     TimedOut { endpoint: String, waited: Duration },
@@ -164,7 +164,8 @@ impl Bucket {
         let endpoint = builder
             .get_config_value(&AmazonS3ConfigKey::Endpoint)
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", settings.region));
-        let store = builder.with_region(&settings.region).build().map_err(|e| S3Error::Config(format!("{url}: {e}")))?;
+        let store =
+            builder.with_region(&settings.region).build().map_err(|e| S3Error::Config(format!("{url}: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("lazyfs-s3")
@@ -240,7 +241,12 @@ impl Bucket {
     }
 
     /// `future`, given up once `limits` say the endpoint has been silent too long.
-    async fn bounded<T>(&self, limits: Limits, started: Instant, future: impl Future<Output = T>) -> Result<T, S3Error> {
+    async fn bounded<T>(
+        &self,
+        limits: Limits,
+        started: Instant,
+        future: impl Future<Output = T>,
+    ) -> Result<T, S3Error> {
         let wait = limits.next_wait();
         tokio::time::timeout(wait, future)
             .await
@@ -259,7 +265,9 @@ impl Bucket {
             return S3Error::NoBucket { bucket: self.url.bucket.clone(), endpoint };
         }
         match &error {
-            object_store::Error::NotFound { .. } => S3Error::NotFound { what: format!("s3://{}/{key}", self.url.bucket) },
+            object_store::Error::NotFound { .. } => {
+                S3Error::NotFound { what: format!("s3://{}/{key}", self.url.bucket) }
+            }
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 S3Error::Denied { endpoint, reason: code.unwrap_or_else(|| "access denied".into()) }
             }
@@ -284,7 +292,12 @@ impl Bucket {
 fn is_credential_code(code: &str) -> bool {
     matches!(
         code,
-        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken" | "InvalidToken" | "AuthorizationHeaderMalformed"
+        "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "AccessDenied"
+            | "ExpiredToken"
+            | "InvalidToken"
+            | "AuthorizationHeaderMalformed"
     )
 }
 
@@ -340,7 +353,9 @@ mod tests {
         assert_eq!(url.to_string(), "s3://ckpt-bucket/app/one");
         let root = S3Url::parse("s3://ckpt").unwrap();
         assert_eq!((root.key("lazyfs.index").as_str(), root.to_string().as_str()), ("lazyfs.index", "s3://ckpt"));
-        for bad in ["s3://", "s3://UPPER/x", "s3://ab", "s3://b_c/x", "s3://bucket/a//b", "s3://bucket/../x", "http://b/x"] {
+        for bad in
+            ["s3://", "s3://UPPER/x", "s3://ab", "s3://b_c/x", "s3://bucket/a//b", "s3://bucket/../x", "http://b/x"]
+        {
             let err = S3Url::parse(bad).unwrap_err();
             assert!(matches!(err, S3Error::Config(_)), "{bad}: {err}");
         }

@@ -33,7 +33,8 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
     let named = env("AWS_PROFILE");
     let name = named.clone().unwrap_or_else(|| "default".into());
     let home = env("HOME").map(PathBuf::from);
-    let file = |var: &str, default: &str| env(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(default)));
+    let file =
+        |var: &str, default: &str| env(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(default)));
     let config_file = file("AWS_CONFIG_FILE", ".aws/config");
     let credentials_file = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials");
     let config_section = if name == "default" { "default".to_string() } else { format!("profile {name}") };
@@ -72,9 +73,10 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
             }
         }
     }
-    let by_other_means = ["AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"]
-        .iter()
-        .any(|var| env(var).is_some());
+    let by_other_means =
+        ["AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+            .iter()
+            .any(|var| env(var).is_some());
     if !from_env_keys && !from_profile_keys && !by_other_means {
         if let Some(key) = UNFOLLOWED.iter().find(|key| profile.contains_key(**key)) {
             return Err(S3Error::Config(format!(

@@ -55,7 +55,9 @@ impl S3Source {
             Err(S3Error::NotFound { .. }) => {
                 let why = match bucket.block_on(bucket.anything_at_prefix(limits)) {
                     Ok(false) => "nothing is there".to_string(),
-                    Ok(true) => format!("no {} there (not a lazyfs push, or one stopped before its index)", index::INDEX),
+                    Ok(true) => {
+                        format!("no {} there (not a lazyfs push, or one stopped before its index)", index::INDEX)
+                    }
                     Err(e) => return Err(open_error(e)),
                 };
                 return Err(SourceError::Config(format!(
@@ -73,7 +75,7 @@ impl S3Source {
             complete: AtomicBool::new(false),
             looked: Mutex::new(None),
         };
-        let complete = shared.complete();
+        let complete = shared.bucket.block_on(shared.complete());
         log::info!(
             "{url}: {} files pushed from {}{}",
             shared.index.len(),
@@ -121,7 +123,7 @@ impl Shared {
 
     /// Whether the push is complete: once seen, for good; until then
     /// `lazyfs.done` is looked at again at most every `DONE_LOOK_EVERY`.
-    fn complete(&self) -> bool {
+    async fn complete(&self) -> bool {
         if self.complete.load(Ordering::Relaxed) {
             return true;
         }
@@ -134,12 +136,20 @@ impl Shared {
         }
         let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
         let key = self.bucket.url.key(index::DONE);
-        let done = self.bucket.block_on(self.bucket.get(&key, None, 64, limits));
+        let done = self.bucket.get(&key, None, 64, limits).await;
         let complete = done.is_ok_and(|bytes| bytes.trim_ascii() == self.id.as_bytes());
         if complete {
             self.complete.store(true, Ordering::Relaxed);
         }
         complete
+    }
+
+    /// Bytes `pieces` of the file at `path` into `buf`; what a failure is to the fetcher.
+    async fn read(&self, path: &Path, pieces: &[Piece], buf: &mut [u8], limits: Limits) -> Result<(), SourceError> {
+        match self.read_pieces(pieces, buf, limits).await {
+            Ok(()) => Ok(()),
+            Err(failure) => Err(self.source_error(path, failure).await),
+        }
     }
 
     /// The bytes of `pieces` of the file at `path`, landed in `buf`.
@@ -169,7 +179,7 @@ impl Shared {
     }
 
     /// What a failure to read `path` is to the fetcher.
-    fn source_error(&self, path: &Path, failure: Failure) -> SourceError {
+    async fn source_error(&self, path: &Path, failure: Failure) -> SourceError {
         let url = &self.bucket.url;
         match failure {
             Failure::Store(e) => runtime_error(e, Some(path)),
@@ -180,8 +190,11 @@ impl Shared {
                 ),
                 transient: false,
             },
-            Failure::Missing(key) if self.complete() => SourceError::Store {
-                message: format!("{}: object {key} is missing from the store, though the push to {url} finished", path.display()),
+            Failure::Missing(key) if self.complete().await => SourceError::Store {
+                message: format!(
+                    "{}: object {key} is missing from the store, though the push to {url} finished",
+                    path.display()
+                ),
                 transient: false,
             },
             Failure::Missing(key) => SourceError::Store {
@@ -234,10 +247,7 @@ impl Connection for S3Connection {
     fn read_exact_at(&mut self, path: &Path, _generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let pieces = self.plan(path, offset, buf.len())?;
         let shared = &self.shared;
-        shared
-            .bucket
-            .block_on(shared.read_pieces(&pieces, buf, self.limits))
-            .map_err(|failure| shared.source_error(path, failure))
+        shared.bucket.block_on(shared.read(path, &pieces, buf, self.limits))
     }
 
     /// Many small files at once; a failure that a new request may mend
@@ -249,13 +259,7 @@ impl Connection for S3Connection {
             files.iter().map(|f| self.plan(f.path, 0, f.buf.len())).collect();
         let results: Vec<Result<(), SourceError>> = shared.bucket.block_on(
             futures::stream::iter(files.iter_mut().zip(plans))
-                .map(|(file, plan)| async move {
-                    let pieces = plan?;
-                    shared
-                        .read_pieces(&pieces, file.buf, limits)
-                        .await
-                        .map_err(|failure| shared.source_error(file.path, failure))
-                })
+                .map(|(file, plan)| async move { shared.read(file.path, &plan?, file.buf, limits).await })
                 .buffered(FILES_IN_FLIGHT)
                 .collect(),
         );
@@ -304,7 +308,9 @@ fn runtime_error(error: S3Error, path: Option<&Path>) -> SourceError {
         S3Error::Unreachable { endpoint, reason } => {
             SourceError::Connect { addr: endpoint, source: std::io::Error::other(reason) }
         }
-        e @ (S3Error::Config(_) | S3Error::NoBucket { .. }) => SourceError::Store { message: about(e.to_string()), transient: false },
+        e @ (S3Error::Config(_) | S3Error::NoBucket { .. }) => {
+            SourceError::Store { message: about(e.to_string()), transient: false }
+        }
         e => SourceError::Store { message: about(e.to_string()), transient: true },
     }
 }

@@ -95,12 +95,7 @@ impl Garage {
         for i in 0..count {
             let node_dir = garage.dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            garage.nodes.push(Node {
-                config: node_dir.join("garage.toml"),
-                s3_port: 0,
-                rpc_port: 0,
-                child: None,
-            });
+            garage.nodes.push(Node { config: node_dir.join("garage.toml"), s3_port: 0, rpc_port: 0, child: None });
             garage.launch(i, count, &secret);
         }
         let ids: Vec<String> = (0..count).map(|i| garage.node_id(i)).collect();
