@@ -56,8 +56,8 @@ pub enum PushError {
     Images(#[from] ImageError),
     #[error(transparent)]
     Store(#[from] S3Error),
-    #[error("--source-root {}: {source}", path.display())]
-    Root { path: PathBuf, source: SourceError },
+    #[error("--source-root {}: {reason}", path.display())]
+    Root { path: PathBuf, reason: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("no servable file is recorded below --subtree {} (`lazyfs ls IMGDIR` lists them)", .0.display())]
@@ -144,7 +144,7 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     }
     let mut images = blake3::Hasher::new();
     crate::images::hash_files(&request.imgdir, &mut images).map_err(|(path, source)| PushError::Io { path, source })?;
-    let root_error = |source| PushError::Root { path: request.source_root.clone(), source };
+    let root_error = |e: SourceError| PushError::Root { path: request.source_root.clone(), reason: e.to_string() };
     let root: Arc<dyn source::Source> =
         source::open(&SourceSpec::Local(request.source_root.clone()), Path::new("/")).map_err(root_error)?.into();
 

@@ -357,30 +357,19 @@ fn wrong_credentials_bucket_prefix_or_endpoint_fail_in_one_line_before_anything_
     };
     let refused_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let unreachable = format!("http://127.0.0.1:{refused_port}");
-    let cases: Vec<(&str, String, Vec<(String, String)>, i32, &str)> = vec![
-        ("bad secret", url.clone(), with(&[("AWS_SECRET_ACCESS_KEY", "0000")]), 1, "refused the credentials"),
-        (
-            "unknown key",
-            url.clone(),
-            with(&[("AWS_ACCESS_KEY_ID", "GK000000000000000000000000")]),
-            1,
-            "refused the credentials",
-        ),
-        ("no bucket", "s3://no-such-bucket/x".into(), garage.env(), 2, "bucket no-such-bucket does not exist"),
-        ("no prefix", garage.url("nothing/here"), garage.env(), 2, "nothing is there"),
-        ("no index", garage.url("other/chunks"), garage.env(), 2, "no lazyfs.index there"),
-        ("unreachable", url.clone(), with(&[("AWS_ENDPOINT_URL", &unreachable)]), 1, "cannot connect to"),
-        ("plain http", url.clone(), with(&[("AWS_ALLOW_HTTP", "")]), 2, "AWS_ALLOW_HTTP=true"),
-        (
-            "no credentials",
-            url.clone(),
-            with(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]),
-            2,
-            "no AWS credentials",
-        ),
-        ("bad url", "s3://Bad_Bucket/x".into(), garage.env(), 2, "not a bucket name"),
+    let case = |what, url: &str, vars, code, says| Case { what, url: url.to_string(), vars, code, says };
+    let cases = [
+        case("bad secret", &url, with(&[("AWS_SECRET_ACCESS_KEY", "0000")]), 1, "refused the credentials"),
+        case("unknown key", &url, with(&[("AWS_ACCESS_KEY_ID", "GK000000000000000000000000")]), 1, "refused the credentials"),
+        case("no bucket", "s3://no-such-bucket/x", garage.env(), 2, "bucket no-such-bucket does not exist"),
+        case("no prefix", &garage.url("nothing/here"), garage.env(), 2, "nothing is there"),
+        case("no index", &garage.url("other/chunks"), garage.env(), 2, "no lazyfs.index there"),
+        case("unreachable", &url, with(&[("AWS_ENDPOINT_URL", &unreachable)]), 1, "cannot connect to"),
+        case("plain http", &url, with(&[("AWS_ALLOW_HTTP", "")]), 2, "AWS_ALLOW_HTTP=true"),
+        case("no credentials", &url, with(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]), 2, "no AWS credentials"),
+        case("bad url", "s3://Bad_Bucket/x", garage.env(), 2, "not a bucket name"),
     ];
-    for (what, source, vars, code, says) in &cases {
+    for Case { what, url: source, vars, code, says } in &cases {
         let started = Instant::now();
         let source = Source::S3 { url: source.clone(), env: vars.clone() };
         let out = env.try_mount(what, &env.path("images"), &source, &[]);
@@ -410,6 +399,15 @@ fn wrong_credentials_bucket_prefix_or_endpoint_fail_in_one_line_before_anything_
     // --source-root belongs to push.
     let out = env.try_mount("root", &env.path("images"), &s3(&garage, &url), &["--source-root", "/srv"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A wrong setting, and what `mount` and `push` answer to it.
+struct Case {
+    what: &'static str,
+    url: String,
+    vars: Vec<(String, String)>,
+    code: i32,
+    says: &'static str,
 }
 
 fn source_url(source: &Source) -> String {

@@ -93,7 +93,7 @@ impl Index {
             ));
         }
         let object_size = proto.object_size;
-        if !OBJECT_SIZES.contains(&object_size) || object_size % CHUNK_SIZE != 0 {
+        if !OBJECT_SIZES.contains(&object_size) || !object_size.is_multiple_of(CHUNK_SIZE) {
             return Err(format!("objects of {object_size} bytes"));
         }
         let images = proto.images.as_slice().try_into().map_err(|_| "an images hash that is not 32 bytes")?;
@@ -209,7 +209,7 @@ pub fn hash_file(
         read_at(offset, buf)?;
         object.update(buf);
         let end = offset + buf.len() as u64;
-        if end % object_size == 0 || end == size {
+        if end.is_multiple_of(object_size) || end == size {
             objects.push(*object.finalize().as_bytes());
             object.reset();
         }
@@ -269,7 +269,7 @@ mod tests {
             ]
         );
         // The short last object, whole.
-        assert_eq!(pieces(object_size, &e, 8 * c..9 * c + 5)[0].whole, true);
+        assert!(pieces(object_size, &e, 8 * c..9 * c + 5)[0].whole);
         assert!(pieces(object_size, &e, 0..0).is_empty());
     }
 
