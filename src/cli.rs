@@ -351,7 +351,9 @@ fn object_size(text: &str) -> Result<u64, String> {
     };
     let size = number.parse::<u64>().ok().and_then(|n| n.checked_mul(unit));
     match size {
-        Some(size) if crate::s3::index::OBJECT_SIZES.contains(&size) && size.is_multiple_of(crate::store::CHUNK_SIZE) => {
+        Some(size)
+            if crate::s3::index::OBJECT_SIZES.contains(&size) && size.is_multiple_of(crate::store::CHUNK_SIZE) =>
+        {
             Ok(size)
         }
         _ => Err(format!("{text:?}: a multiple of 16K from 16K to 64M (e.g. 1M, 4M)")),

@@ -360,13 +360,25 @@ fn wrong_credentials_bucket_prefix_or_endpoint_fail_in_one_line_before_anything_
     let case = |what, url: &str, vars, code, says| Case { what, url: url.to_string(), vars, code, says };
     let cases = [
         case("bad secret", &url, with(&[("AWS_SECRET_ACCESS_KEY", "0000")]), 1, "refused the credentials"),
-        case("unknown key", &url, with(&[("AWS_ACCESS_KEY_ID", "GK000000000000000000000000")]), 1, "refused the credentials"),
+        case(
+            "unknown key",
+            &url,
+            with(&[("AWS_ACCESS_KEY_ID", "GK000000000000000000000000")]),
+            1,
+            "refused the credentials",
+        ),
         case("no bucket", "s3://no-such-bucket/x", garage.env(), 2, "bucket no-such-bucket does not exist"),
         case("no prefix", &garage.url("nothing/here"), garage.env(), 2, "nothing is there"),
         case("no index", &garage.url("other/chunks"), garage.env(), 2, "no lazyfs.index there"),
         case("unreachable", &url, with(&[("AWS_ENDPOINT_URL", &unreachable)]), 1, "cannot connect to"),
         case("plain http", &url, with(&[("AWS_ALLOW_HTTP", "")]), 2, "AWS_ALLOW_HTTP=true"),
-        case("no credentials", &url, with(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]), 2, "no AWS credentials"),
+        case(
+            "no credentials",
+            &url,
+            with(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]),
+            2,
+            "no AWS credentials",
+        ),
         case("bad url", "s3://Bad_Bucket/x", garage.env(), 2, "not a bucket name"),
     ];
     for Case { what, url: source, vars, code, says } in &cases {

@@ -340,6 +340,12 @@ impl Bench {
         run(self.lazyfs(&self.net.new).arg("wait").arg(mountpoint));
     }
 
+    /// Seconds from `started` until every mount of `mounts` is complete.
+    fn wait_all(&self, mounts: &[PathBuf], started: Instant) -> f64 {
+        mounts.iter().for_each(|m| self.wait(m));
+        started.elapsed().as_secs_f64()
+    }
+
     fn status(&self, mountpoint: &Path) -> Value {
         let out = run(self.lazyfs(&self.net.new).arg("status").arg(mountpoint).arg("--json"));
         serde_json::from_slice(&out.stdout).unwrap()
@@ -404,14 +410,9 @@ impl Bench {
             ];
             let mounts: Vec<PathBuf> =
                 (0..MOUNTS).map(|i| self.mount(&format!("ssh{i}"), &ssh_args, &["--prefetch"])).collect();
-            for mountpoint in &mounts {
-                self.wait(mountpoint);
-            }
-            ssh_time.push(started.elapsed().as_secs_f64());
+            ssh_time.push(self.wait_all(&mounts, started));
             ssh_bytes.push((self.net.old_sent() - sent) as f64 / MIB as f64);
-            for mountpoint in &mounts {
-                self.umount(mountpoint);
-            }
+            mounts.iter().for_each(|m| self.umount(m));
 
             let (prefix, objects) = self.fresh();
             let url = self.garage.url(&prefix);
@@ -441,14 +442,9 @@ impl Bench {
             for _ in lines.by_ref() {}
             assert!(push.wait().unwrap().success());
             push_time.push(started.elapsed().as_secs_f64());
-            for mountpoint in &mounts {
-                self.wait(mountpoint);
-            }
-            s3_time.push(started.elapsed().as_secs_f64());
+            s3_time.push(self.wait_all(&mounts, started));
             s3_bytes.push((self.net.old_sent() - sent) as f64 / MIB as f64);
-            for mountpoint in &mounts {
-                self.umount(mountpoint);
-            }
+            mounts.iter().for_each(|m| self.umount(m));
         }
         let ssh = format!("{MOUNTS} mounts --prefetch over SSH from the old host");
         self.record("c", format!("{ssh}: time until all complete"), "s", ssh_time, None);

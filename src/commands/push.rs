@@ -90,24 +90,36 @@ fn phase(progress: &Progress) -> &'static str {
 
 /// The progress in words: what was read and hashed, what went up.
 fn words(p: &Progress) -> String {
-    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    let mut text = format!("hashed {}/{}", BinaryBytes(get(&p.bytes_hashed)), BinaryBytes(get(&p.bytes_total)));
+    let mut text = format!("hashed {}", hashed(p));
     if p.index_stored.load(Ordering::Relaxed) {
-        text += &format!(
-            "; index stored (mounts can start); objects {}/{}: {} sent ({}), {} already in the store",
-            get(&p.objects_done),
-            get(&p.objects_total),
-            get(&p.objects_sent),
-            BinaryBytes(get(&p.bytes_sent)),
-            get(&p.objects_present)
-        );
+        text += &format!("; index stored (mounts can start); {}", objects(p));
     }
     text
 }
 
+fn get(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// `12.00 MiB/40.00 MiB`
+fn hashed(p: &Progress) -> String {
+    format!("{}/{}", BinaryBytes(get(&p.bytes_hashed)), BinaryBytes(get(&p.bytes_total)))
+}
+
+/// `objects 3/10: 2 sent (8.00 MiB), 1 already in the store`
+fn objects(p: &Progress) -> String {
+    format!(
+        "objects {}/{}: {} sent ({}), {} already in the store",
+        get(&p.objects_done),
+        get(&p.objects_total),
+        get(&p.objects_sent),
+        BinaryBytes(get(&p.bytes_sent)),
+        get(&p.objects_present)
+    )
+}
+
 /// One JSON line of progress (`phase`: hashing, uploading or done).
 fn progress_json(request: &PushRequest, p: &Progress, started: Instant, phase: &str) -> Value {
-    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     json!({
         "url": request.url.to_string(),
         "phase": phase,
@@ -166,21 +178,13 @@ impl PushBars {
     }
 
     fn update(&self, p: &Progress) {
-        let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         self.hashing.set_length(get(&p.bytes_total));
         self.hashing.set_position(get(&p.bytes_hashed));
-        self.hashing.set_message(format!("{}/{}", BinaryBytes(get(&p.bytes_hashed)), BinaryBytes(get(&p.bytes_total))));
+        self.hashing.set_message(hashed(p));
         self.sending.set_length(get(&p.object_bytes_total));
         self.sending.set_position(get(&p.bytes_done));
         if p.index_stored.load(Ordering::Relaxed) {
-            self.sending.set_message(format!(
-                "{}/{} objects: {} sent ({}), {} already in the store",
-                get(&p.objects_done),
-                get(&p.objects_total),
-                get(&p.objects_sent),
-                BinaryBytes(get(&p.bytes_sent)),
-                get(&p.objects_present)
-            ));
+            self.sending.set_message(objects(p));
         }
     }
 
