@@ -207,10 +207,15 @@ fn hash_all(
                 let mut connection = root.connect().map_err(|e| e.to_string())?;
                 let path = &file.source_path;
                 let size = connection.stat(path).map_err(|e| e.to_string())?.size;
-                if let Some(recorded) = file.size.filter(|&r| r != size) {
-                    return Err(format!(
-                        "{size} bytes, but the images record {recorded}: changed since the checkpoint"
-                    ));
+                match file.size {
+                    Some(recorded) if recorded != size => {
+                        return Err(format!(
+                            "{size} bytes, but the images record {recorded}: changed since the checkpoint"
+                        ));
+                    }
+                    Some(_) => {}
+                    // CRIU left its size out: counted now it is known.
+                    None => _ = progress.bytes_total.fetch_add(size, Ordering::Relaxed),
                 }
                 let on_disk = request.source_root.join(relative(path));
                 let meta = std::fs::symlink_metadata(&on_disk).map_err(|e| format!("{}: {e}", on_disk.display()))?;
