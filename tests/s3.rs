@@ -125,15 +125,16 @@ fn push_then_the_source_goes_and_several_mounts_of_the_prefix_read_every_byte() 
 fn a_second_push_of_a_changed_checkpoint_sends_only_the_changed_objects() {
     let env = TestEnv::new();
     let garage = Garage::start();
-    let first = [("/d/db", 8 << 20), ("/d/log", 3 << 20), ("/d/conf", 900), ("/d/copy", 900)];
+    let first = [("/d/db", 8 << 20), ("/d/log", 3 << 20), ("/d/conf", 900), ("/d/copy", 900), ("/d/zeros", 3 << 20)];
     dataset(&env.path("source"), &env.path("images"), &first);
-    // Two files with the same bytes: their object goes up once.
+    // Two files with the same bytes, and a file of three equal objects: each object goes up once.
     std::fs::copy(env.path("source/d/conf"), env.path("source/d/copy")).unwrap();
+    std::fs::write(env.path("source/d/zeros"), vec![0u8; 3 << 20]).unwrap();
     let url = garage.url("db");
     let (out, one) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
     ok(&out);
-    // 8 + 3 objects, and one for the two equal small files.
-    assert_eq!((one["objects_total"].as_u64(), one["objects_sent"].as_u64()), (Some(12), Some(12)), "{one}");
+    // 8 + 3 objects, one for the two equal small files, one for the zeros.
+    assert_eq!((one["objects_total"].as_u64(), one["objects_sent"].as_u64()), (Some(13), Some(13)), "{one}");
     let stored = garage.objects();
 
     // The next checkpoint: one page of the database changed, the log grew, a
@@ -152,6 +153,7 @@ fn a_second_push_of_a_changed_checkpoint_sends_only_the_changed_objects() {
         lazyfs::images::write::DumpFile::new("/d/log", grown.len() as u64),
         lazyfs::images::write::DumpFile::new("/d/conf", 900),
         lazyfs::images::write::DumpFile::new("/d/copy", 900),
+        lazyfs::images::write::DumpFile::new("/d/zeros", 3 << 20),
         lazyfs::images::write::DumpFile::new("/d/new", 70_000),
     ];
     lazyfs::images::write::write_dump(&env.path("images2"), &records).unwrap();
