@@ -392,7 +392,8 @@ fn find_recording(store: &Store, shipped: Option<&Recording>) -> (Option<Recordi
     let found = cached.or_else(|| shipped.cloned());
     let none = found.is_none().then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
-         smallest-first (`lazyfs manifest --recording` ships one with the images)"
+         smallest-first (`lazyfs manifest --recording` ships one with the images, `lazyfs push --recording` \
+         with the index)"
             .to_string()
     });
     (found, damaged.into_iter().chain(none).reduce(|a, b| format!("{a}; {b}")))
