@@ -8,8 +8,10 @@
 //! 2. The index goes up first: a mount can start now.
 //! 3. The objects go up, `-j` at a time: those of the recorded access order
 //!    first (what the last restore read first), then smallest file first. An
-//!    object already in the bucket (a HEAD finds it) is not sent again, so a
-//!    push interrupted and run again sends only what is missing. Each object
+//!    object already in the bucket is not sent again, so a push interrupted
+//!    and run again sends only what is missing: a listing of the objects'
+//!    prefix (made while the files are hashed) says which are there, or, for
+//!    a store too large to list cheaply, a HEAD per object. Each object
 //!    is read and hashed again as it is sent: a file that changed since it
 //!    was hashed fails the push rather than go up under a wrong name.
 //! 4. `lazyfs.done` says the push is complete.
@@ -154,8 +156,15 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     bucket.block_on(bucket.anything_at_prefix(Limits { deadline: None, stall: Duration::from_secs(30) }))?;
 
     progress.files_total.store(files.len() as u64, Ordering::Relaxed);
-    progress.bytes_total.store(files.iter().filter_map(|f| f.size).sum(), Ordering::Relaxed);
-    let (hashed, skipped) = hash_all(&files, &root, request, progress);
+    let bytes_total: u64 = files.iter().filter_map(|f| f.size).sum();
+    progress.bytes_total.store(bytes_total, Ordering::Relaxed);
+    // While the files are read and hashed, the bucket is asked which objects it has.
+    let objects_guess = files.len() as u64 + bytes_total / request.object_size;
+    let (hashed_all, stored) = std::thread::scope(|scope| {
+        let stored = scope.spawn(|| bucket.block_on(stored_objects(&bucket, &request.objects, objects_guess)));
+        (hash_all(&files, &root, request, progress), stored.join().expect("listing does not panic"))
+    });
+    let (hashed, skipped) = hashed_all;
     if let (true, Some((path, reason))) = (hashed.is_empty(), skipped.first()) {
         let example = format!("{}: {reason}", path.display());
         return Err(PushError::NothingRead { count: skipped.len(), example });
@@ -178,7 +187,7 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     let uploads = plan(&hashed, request.recording.as_ref(), request.object_size);
     progress.objects_total.store(uploads.len() as u64, Ordering::Relaxed);
     progress.object_bytes_total.store(uploads.iter().map(|u| u.len).sum(), Ordering::Relaxed);
-    bucket.block_on(upload_all(&bucket, &root, uploads, request, progress))?;
+    bucket.block_on(upload_all(&bucket, &root, uploads, &stored, request, progress))?;
     bucket.block_on(bucket.put(&request.url.key(index::DONE), Bytes::from(id)))?;
 
     Ok(Summary {
@@ -307,17 +316,48 @@ fn plan(hashed: &[Hashed], recording: Option<&Recording>, object_size: u64) -> V
     uploads
 }
 
+/// What the bucket has under the objects' prefix, as far as a listing
+/// cheaper than a HEAD per object tells.
+struct Stored {
+    /// Object names and sizes listed.
+    sizes: HashMap<ObjectName, u64>,
+    /// The listing was complete: an object not in it is not in the bucket.
+    complete: bool,
+}
+
+/// Lists the objects' prefix, one request per 1,000 keys, while that costs
+/// less than asking for each of about `objects` objects (8 HEADs at a time);
+/// an error or a larger store leaves the rest to HEADs.
+async fn stored_objects(bucket: &Bucket, prefix: &str, objects: u64) -> Stored {
+    let pages = 1 + objects / 8;
+    let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
+    match bucket.list(prefix, (pages * 1000) as usize, limits).await {
+        Ok((listed, complete)) => {
+            let sizes = listed
+                .into_iter()
+                .filter_map(|(name, size)| Some((*blake3::Hash::from_hex(name).ok()?.as_bytes(), size)))
+                .collect();
+            Stored { sizes, complete }
+        }
+        Err(e) => {
+            log::warn!("listing {prefix}: {e}: asking for each object instead");
+            Stored { sizes: HashMap::new(), complete: false }
+        }
+    }
+}
+
 /// Sends what the bucket does not have yet, `request.jobs` at a time, in
 /// `uploads`' order.
 async fn upload_all(
     bucket: &Bucket,
     root: &Arc<dyn source::Source>,
     uploads: Vec<Upload>,
+    stored: &Stored,
     request: &PushRequest,
     progress: &Progress,
 ) -> Result<(), PushError> {
     let mut results = futures::stream::iter(uploads)
-        .map(|upload| upload_one(bucket, root, upload, &request.objects, progress))
+        .map(|upload| upload_one(bucket, root, upload, stored, &request.objects, progress))
         .buffer_unordered(request.jobs.max(1));
     while let Some(result) = results.next().await {
         result?;
@@ -329,16 +369,24 @@ async fn upload_one(
     bucket: &Bucket,
     root: &Arc<dyn source::Source>,
     upload: Upload,
+    stored: &Stored,
     objects: &str,
     progress: &Progress,
 ) -> Result<(), PushError> {
     let key = index::object_key(objects, &upload.name);
     let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
+    let listed = stored.sizes.get(&upload.name).copied();
     let mut tries = 0;
     loop {
         tries += 1;
         let attempt = async {
-            if bucket.head(&key, limits).await? == Some(upload.len) {
+            let present = match listed {
+                Some(size) => Some(size),
+                // A complete listing said it is not there (a try after a failed PUT asks again).
+                None if stored.complete && tries == 1 => None,
+                None => bucket.head(&key, limits).await?,
+            };
+            if present == Some(upload.len) {
                 return Ok(false);
             }
             let bytes = read_object(root, &upload).await?;

@@ -180,6 +180,32 @@ fn a_second_push_of_a_changed_checkpoint_sends_only_the_changed_objects() {
 }
 
 #[test]
+fn a_store_too_large_to_list_cheaply_is_asked_object_by_object() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    // 2,500 objects in the bucket; a push of 11 files lists at most 2,000 keys.
+    let many: Vec<(String, usize)> = (0..2500).map(|i| (format!("/many/f{i:04}"), 16)).collect();
+    let refs: Vec<(&str, usize)> = many.iter().map(|(p, l)| (p.as_str(), *l)).collect();
+    dataset(&env.path("source"), &env.path("images"), &refs);
+    let (out, first) = push(&env, &garage, "images", "source", &garage.url("many"), &["-j", "32"]);
+    ok(&out);
+    assert_eq!(first["objects_sent"], 2500, "{first}");
+    // A listing comes in key order: the 10 objects named last are not among
+    // the 2,000 keys listed, so only a HEAD finds them.
+    let mut last = refs.clone();
+    last.sort_by_key(|(path, len)| std::cmp::Reverse(blake3::hash(&content(path, *len)).to_hex().to_string()));
+    let mut few = last[..10].to_vec();
+    few.push(("/many/new", 16));
+    dataset(&env.path("source"), &env.path("images2"), &few);
+    let (out, second) = push(&env, &garage, "images2", "source", &garage.url("few"), &[]);
+    ok(&out);
+    assert_eq!((second["objects_present"].as_u64(), second["objects_sent"].as_u64()), (Some(10), Some(1)), "{second}");
+    let mount = env.mount("few", &env.path("images2"), &s3(&garage, &garage.url("few")), &["--prefetch"]);
+    ok(&wait(&env, &mount));
+    read_everything(&mount, &few);
+}
+
+#[test]
 fn an_interrupted_push_is_resumed_and_a_mount_started_before_it_ends_completes() {
     let env = TestEnv::new();
     let garage = Garage::start();

@@ -228,6 +228,26 @@ impl Bucket {
         }
     }
 
+    /// The objects below key prefix `prefix` (name after the prefix, and
+    /// size), at most `max` of them; whether that was all.
+    pub async fn list(&self, prefix: &str, max: usize, limits: Limits) -> Result<(Vec<(String, u64)>, bool), S3Error> {
+        let location = self.location(prefix.trim_end_matches('/'))?;
+        let mut listing = self.store.list(Some(&location));
+        let mut objects = Vec::new();
+        let started = Instant::now();
+        while let Some(meta) = self.bounded(limits, started, listing.next()).await? {
+            if objects.len() == max {
+                return Ok((objects, false));
+            }
+            let meta = meta.map_err(|e| self.error(e, prefix))?;
+            let key = meta.location.as_ref();
+            if let Some(name) = key.strip_prefix(prefix) {
+                objects.push((name.to_string(), meta.size));
+            }
+        }
+        Ok((objects, true))
+    }
+
     /// Whether anything is stored below the prefix (an error if the bucket is missing).
     pub async fn anything_at_prefix(&self, limits: Limits) -> Result<bool, S3Error> {
         let prefix = (!self.url.prefix.is_empty()).then(|| Key::from(self.url.prefix.as_str()));
