@@ -86,9 +86,23 @@ impl Net {
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 
-    /// Runs `f` on a thread inside the old host's namespace.
-    fn in_old<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = self.old.clone();
+    /// Limits what the old host sends to `rate` (tc's units, `200mbit`), or lifts the limit.
+    fn shape(&self, rate: Option<&str>) {
+        match rate {
+            Some(rate) => ip_tc(&[
+                "-n", &self.old, "qdisc", "replace", "dev", "lzs3", "root", "tbf", "rate", rate, "burst", "256kb",
+                "latency", "100ms",
+            ]),
+            // Nothing to lift is fine too.
+            None => {
+                let _ = Command::new("tc").args(["-n", &self.old, "qdisc", "del", "dev", "lzs3", "root"]).status();
+            }
+        }
+    }
+
+    /// Runs `f` on a thread inside namespace `ns`.
+    fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = ns.to_string();
         std::thread::spawn(move || {
             let netns = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
             // SAFETY: setns on this thread only.
@@ -106,6 +120,11 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+fn ip_tc(args: &[&str]) {
+    let status = Command::new("tc").args(args).status().expect("tc (iproute2)");
+    assert!(status.success(), "tc {args:?}");
 }
 
 fn run(command: &mut Command) -> Output {
@@ -277,7 +296,7 @@ impl Bench {
         let vars = self.env().into_iter().collect();
         let images = self.images.clone();
         let source = self.path("source");
-        self.net.in_old(move || {
+        Net::in_ns(&self.net.old, move || {
             let bucket = lazyfs::s3::Bucket::open_with(&url, &vars).unwrap();
             let checkpoint = lazyfs::images::Checkpoint::load(&images).unwrap();
             let mut pieces = Vec::new();
@@ -360,8 +379,9 @@ impl Bench {
             let (prefix, objects) = self.fresh();
             self.push(size, &prefix, &objects);
             let url = self.garage.url(&prefix);
-            let (mut first, mut fetched, mut bulk) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut first, mut fetched, mut bulk, mut plain) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..self.runs {
+                plain.push(self.plain_download(&prefix));
                 let mountpoint = self.mount(&format!("lazy{run}"), &[url.as_ref()], &[]);
                 let file = std::fs::File::open(mountpoint.join(big.trim_start_matches('/'))).unwrap();
                 let mut buf = vec![0u8; 4096];
@@ -382,14 +402,44 @@ impl Bench {
             }
             self.record("b", format!("{size} objects: first 4 KiB read, fresh lazy mount"), "ms", first, None);
             self.record("b", format!("{size} objects: bytes that read fetched"), "KiB", fetched, None);
-            self.record("b", format!("{size} objects: mount --prefetch until complete"), "MiB/s", bulk, None);
+            let ceiling = format!("{size} objects: plain GET of every object, 8 in flight");
+            self.record("b", ceiling.clone(), "MiB/s", plain, None);
+            self.record("b", format!("{size} objects: mount --prefetch until complete"), "MiB/s", bulk, Some(&ceiling));
         }
     }
 
+    /// MiB/s of GETs of every object a push at `prefix` stored, whole, 8 at a
+    /// time, from the new hosts' namespace, with lazyfs's own client: what the
+    /// store and the client give, with nothing checked or kept.
+    fn plain_download(&self, prefix: &str) -> f64 {
+        let url = lazyfs::s3::S3Url::parse(&self.garage.url(prefix)).unwrap();
+        let vars = self.env().into_iter().collect();
+        Net::in_ns(&self.net.new, move || {
+            let bucket = lazyfs::s3::Bucket::open_with(&url, &vars).unwrap();
+            let limits = lazyfs::source::Limits { deadline: None, stall: std::time::Duration::from_secs(30) };
+            let index = bucket.block_on(bucket.get(&url.key(lazyfs::s3::index::INDEX), None, 1 << 30, limits)).unwrap();
+            let index = lazyfs::s3::index::Index::decode(&index).unwrap();
+            let keys: std::collections::BTreeSet<String> =
+                index.entries().flat_map(|e| &e.objects).map(|name| index.object_key(name)).collect();
+            let started = Instant::now();
+            let bytes: usize = bucket.block_on(async {
+                use futures::StreamExt;
+                futures::stream::iter(keys.iter())
+                    .map(|key| async { bucket.get(key, None, 64 << 20, limits).await.unwrap().len() })
+                    .buffer_unordered(8)
+                    .fold(0, |sum, n| async move { sum + n })
+                    .await
+            });
+            bytes as f64 / MIB as f64 / started.elapsed().as_secs_f64()
+        })
+    }
+
     /// (c) 4 mounts of one checkpoint: over SSH from the old host, and from
-    /// one push.
-    fn many_mounts(&mut self) {
-        eprintln!("c. {MOUNTS} mounts");
+    /// one push; the old host's uplink at `rate` if given (tc's units).
+    fn many_mounts(&mut self, rate: Option<&str>) {
+        eprintln!("c. {MOUNTS} mounts, the old host sending at {}", rate.unwrap_or("any rate"));
+        self.net.shape(rate);
+        let link = rate.map(|r| format!(", old host's uplink {r}")).unwrap_or_default();
         let host = format!("{}:{}", self.sshd.target().rsplit_once(':').unwrap().0, self.sshd.port);
         let key = self.sshd.user_key();
         let known = self.sshd.known_hosts();
@@ -446,10 +496,11 @@ impl Bench {
             s3_bytes.push((self.net.old_sent() - sent) as f64 / MIB as f64);
             mounts.iter().for_each(|m| self.umount(m));
         }
-        let ssh = format!("{MOUNTS} mounts --prefetch over SSH from the old host");
+        self.net.shape(None);
+        let ssh = format!("{MOUNTS} mounts --prefetch over SSH from the old host{link}");
         self.record("c", format!("{ssh}: time until all complete"), "s", ssh_time, None);
         self.record("c", format!("{ssh}: bytes the old host sent"), "MiB", ssh_bytes, None);
-        let s3 = format!("push, {MOUNTS} mounts --prefetch of the prefix (started once the index is up)");
+        let s3 = format!("push, {MOUNTS} mounts --prefetch of the prefix (started once the index is up){link}");
         let against = format!("{ssh}: time until all complete");
         self.record("c", format!("{s3}: time until all complete"), "s", s3_time, Some(&against));
         self.record("c", format!("{s3}: the push alone"), "s", push_time, None);
@@ -511,7 +562,9 @@ fn main() {
     };
     bench.push_throughput();
     bench.reads();
-    bench.many_mounts();
+    bench.many_mounts(None);
+    // A cloud instance's sustained egress, roughly: what the old host can send is the limit.
+    bench.many_mounts(Some("200mbit"));
     let (table, json) = bench.report();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let header = format!(

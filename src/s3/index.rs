@@ -150,6 +150,11 @@ impl Index {
         self.files.get(path.as_os_str().as_bytes())
     }
 
+    /// Every file's entry, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.files.values()
+    }
+
     pub fn len(&self) -> usize {
         self.files.len()
     }
