@@ -95,7 +95,8 @@ impl Net {
             ]),
             // Nothing to lift is fine too.
             None => {
-                let _ = Command::new("tc").args(["-n", &self.old, "qdisc", "del", "dev", "lzs3", "root"]).status();
+                let del = ["-n", &self.old, "qdisc", "del", "dev", "lzs3", "root"];
+                let _ = Command::new("tc").args(del).stderr(Stdio::null()).status();
             }
         }
     }
