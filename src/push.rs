@@ -140,7 +140,10 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     let below = |f: &&RecordedFile| {
         request.subtree.as_deref().is_none_or(|dir| f.path.strip_prefix(dir).is_ok_and(|p| !p.as_os_str().is_empty()))
     };
-    let files: Vec<&RecordedFile> = checkpoint.servable().filter(below).collect();
+    // Paths a bind mount showed twice are one file on the old host, stored once.
+    let mut seen = HashSet::new();
+    let files: Vec<&RecordedFile> =
+        checkpoint.servable().filter(below).filter(|f| seen.insert(&f.source_path)).collect();
     if let (Some(dir), true) = (&request.subtree, files.is_empty()) {
         return Err(PushError::EmptySubtree(dir.clone()));
     }
