@@ -80,7 +80,11 @@ impl S3Source {
             "{url}: {} files pushed from {}{}",
             shared.index.len(),
             shared.index.origin,
-            if complete { "" } else { "; the push is still running: a file waits for objects not stored yet" }
+            if complete {
+                ""
+            } else {
+                "; that push has not finished (or was interrupted): a file waits for objects not stored yet"
+            }
         );
         Ok(S3Source { shared: Arc::new(shared) })
     }
