@@ -18,4 +18,5 @@ pub mod s3;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod tree;
 pub mod ui;

@@ -439,6 +439,13 @@ fn wrong_credentials_bucket_prefix_or_endpoint_fail_in_one_line_before_anything_
     // --source-root belongs to push.
     let out = env.try_mount("root", &env.path("images"), &s3(&garage, &url), &["--source-root", "/srv"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // The whole directory is not in the store: --subtree serves the recorded files below it.
+    let out = env.try_mount("subtree", &env.path("images"), &s3(&garage, &url), &["--subtree", "/e"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add --recorded-only"));
+    let recorded =
+        env.mount("recorded", &env.path("images"), &s3(&garage, &url), &["--subtree", "/e", "--recorded-only"]);
+    assert_eq!(std::fs::read(recorded.mountpoint.join("a")).unwrap(), content("/e/a", 1000));
 }
 
 /// A wrong setting, and what `mount` and `push` answer to it.
