@@ -315,7 +315,8 @@ fn a_tampered_object_is_never_served() {
     let prefetch = env.mount("prefetch", &env.path("images"), &s3(&garage, &url), &["--prefetch"]);
     let out = wait(&env, &prefetch);
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
-    let status = prefetch.status();
+    // `wait` answers at the first failure; the other file may still be on its way to failing.
+    let status = prefetch.wait_complete();
     for path in ["/t/whole", "/t/ranged"] {
         let f = file(&status, path);
         assert_eq!(f["state"], "failed", "{f}");
