@@ -1,0 +1,211 @@
+//! Moving a real application to a "new host" on one machine: its directory
+//! goes under the tests' sshd (the old host), an empty directory takes its
+//! place, and `lazyfs mount --subtree DIR` there serves the old host's whole
+//! directory to the application `criu restore` brings back. Also the ways the
+//! tests talk to the restored applications (tests/criu/channel.py, HTTP).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::criu::PATIENCE;
+use super::mount::{Mount, Source, TestEnv};
+use super::sshd::Sshd;
+
+/// How the new host gets the directory's contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Only what is read (`lazyfs prefetch` later, if the test asks).
+    Lazy,
+    /// `--prefetch`: everything, in the background, from the start.
+    Prefetch,
+}
+
+/// The old host: the tests' sshd, serving the original root below `root`.
+pub struct OldHost {
+    pub sshd: Sshd,
+    pub root: PathBuf,
+}
+
+impl OldHost {
+    /// Moves each of `dirs` (absolute) to the old host, keeping its inode
+    /// numbers, owners, modes and times (a rename on one filesystem), and leaves
+    /// an empty directory in its place: the new host's mountpoint.
+    pub fn take(env: &TestEnv, dirs: &[&Path]) -> OldHost {
+        let old = OldHost { sshd: Sshd::start(), root: env.path("old-host") };
+        for dir in dirs {
+            let there = old.path_of(dir);
+            std::fs::create_dir_all(there.parent().unwrap()).unwrap();
+            std::fs::rename(dir, &there).unwrap();
+            std::fs::create_dir(dir).unwrap();
+        }
+        old
+    }
+
+    /// Where the old host keeps `original`.
+    pub fn path_of(&self, original: &Path) -> PathBuf {
+        self.root.join(original.strip_prefix("/").expect("an absolute path"))
+    }
+
+    /// `lazyfs mount [--prefetch] DIR IMGDIR OLD-HOST --subtree DIR`, with its
+    /// cache in the test's `cache-NAME`.
+    pub fn mount(&self, env: &TestEnv, dir: &Path, imgdir: &Path, fetch: Fetch, name: &str) -> Mount {
+        let cache = env.path(&format!("cache-{name}"));
+        let mut command = env.lazyfs();
+        command.arg("mount").arg(dir).arg(imgdir);
+        Source::Ssh { sshd: &self.sshd, root: self.root.clone() }.add_args(&mut command);
+        command.arg("--subtree").arg(dir).arg("--cache-dir").arg(&cache);
+        if fetch == Fetch::Prefetch {
+            command.arg("--prefetch");
+        }
+        let out = command.output().unwrap();
+        let mount = Mount { mountpoint: dir.to_path_buf(), cache, env_home: env.path("") };
+        assert!(
+            out.status.success(),
+            "lazyfs mount --subtree {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mount
+    }
+}
+
+/// Every regular file below `dir`, by path relative to it, with its bytes
+/// (symlinks are not followed).
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                let path = entry.path();
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// `lazyfs wait MOUNTPOINT --timeout SECS`.
+pub fn wait(env: &TestEnv, mount: &Mount, timeout_s: u32) -> Output {
+    env.run(&["wait", mount.mountpoint.to_str().unwrap(), "--timeout", &timeout_s.to_string()])
+}
+
+/// `lazyfs prefetch MOUNTPOINT`; panics if it fails.
+pub fn prefetch(env: &TestEnv, mount: &Mount) {
+    let out = env.run(&["prefetch", mount.mountpoint.to_str().unwrap()]);
+    assert!(out.status.success(), "lazyfs prefetch: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// What `status --json` says of the old host while files are missing, and
+/// `wait`: `source_needed`, every file of the tree counted, not all here.
+pub fn assert_still_needs_the_old_host(env: &TestEnv, mount: &Mount, files_on_old_host: usize) {
+    let status = mount.status();
+    assert_eq!(status["files_total"], files_on_old_host, "status counts every file of the directory: {status}");
+    assert_eq!(status["source_needed"], true, "files are still only on the old host: {status}");
+    let wait = wait(env, mount, 1);
+    assert_eq!(
+        wait.status.code(),
+        Some(3),
+        "lazyfs wait with files missing: {}",
+        String::from_utf8_lossy(&wait.stderr)
+    );
+}
+
+/// `lazyfs wait` returns 0, and status then says the old host is no longer
+/// needed, with every file present.
+pub fn assert_all_here(env: &TestEnv, mount: &Mount) {
+    let wait = wait(env, mount, 300);
+    assert_eq!(wait.status.code(), Some(0), "lazyfs wait: {}", String::from_utf8_lossy(&wait.stderr));
+    let status = mount.status();
+    assert_eq!(status["files_present"], status["files_total"], "{status}");
+    assert_eq!(status["files_failed"], 0, "{status}");
+    assert_eq!(status["source_needed"], false, "{status}");
+}
+
+pub fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The test's side of tests/criu/channel.py.
+pub struct Channel {
+    pub run: PathBuf,
+    asked: std::cell::Cell<u32>,
+}
+
+impl Channel {
+    /// The channel of the application working with `run`, once it is ready.
+    pub fn open(run: &Path) -> Channel {
+        wait_for_file(&run.join("ready"));
+        Channel { run: run.to_path_buf(), asked: 0.into() }
+    }
+
+    /// Sends `WORD [ARG]` and returns the reply: `{"result": ...}` or
+    /// `{"error": "..."}`.
+    pub fn ask(&self, command: &str) -> Value {
+        let n = self.asked.get() + 1;
+        self.asked.set(n);
+        let mut fifo = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(self.run.join("commands"))
+            .unwrap_or_else(|e| panic!("nobody reads the application's FIFO ({e}): it is not running"));
+        fifo.write_all(format!("{n} {command}\n").as_bytes()).unwrap();
+        let reply = self.run.join(format!("reply-{n}.json"));
+        wait_for_file(&reply);
+        serde_json::from_slice(&std::fs::read(&reply).unwrap()).unwrap()
+    }
+
+    /// The result of `command`; panics with the application's error.
+    pub fn result(&self, command: &str) -> Value {
+        let reply = self.ask(command);
+        assert!(reply.get("error").is_none(), "{command}: {}", reply["error"]);
+        reply["result"].clone()
+    }
+}
+
+/// A port nobody listens on now, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET PATH` over HTTP/1.0 from 127.0.0.1:`port`: the status code and body.
+pub fn http_get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(stream, "GET {} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", url_quote(path)).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let end = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no header"));
+    let head = String::from_utf8_lossy(&response[..end]);
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    (code.unwrap_or_else(|| panic!("GET {path}: {head}")), response[end + 4..].to_vec())
+}
+
+/// `path` %-encoded as Python's `urllib.parse.quote` does (what http.server's
+/// directory listings link to).
+pub fn url_quote(path: &str) -> String {
+    let mut out = String::new();
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"_.-~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
