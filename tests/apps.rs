@@ -24,11 +24,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apps::{
-    Fetch, OldHost, assert_all_here, assert_still_needs_the_old_host, free_port, http_get, prefetch, snapshot,
+    Channel, Fetch, OldHost, assert_all_here, assert_still_needs_the_old_host, free_port, http_get, prefetch, snapshot,
     url_quote,
 };
 use common::criu::{
-    PATIENCE, PYTHON, Reaper, Tree, build_criu, descendants, dump, log_tail, one_at_a_time, restore, start_pids_high,
+    PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, descendants, dump, log_tail, one_at_a_time, restore,
+    start_pids_high,
 };
 use common::mount::{TestEnv, content, is_mounted};
 
@@ -420,4 +421,209 @@ fn recorded_paths(env: &TestEnv, img: &Path) -> Vec<PathBuf> {
     assert!(out.status.success(), "lazyfs ls: {}", String::from_utf8_lossy(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     list.as_array().unwrap().iter().map(|f| PathBuf::from(f["path"].as_str().unwrap())).collect()
+}
+
+/// A plugin's module name and what its `run()` answers.
+struct Plugin {
+    name: String,
+    says: String,
+}
+
+/// The application of tests/criu/plugin_app.py in `app`: main.py, and
+/// plugins/ with 40 flat plugins, a package reading a data file beside it and
+/// a nested package, all compiled to bytecode there (as a deployed
+/// application is). Returns the plugins.
+fn write_plugin_app(app: &Path) -> Vec<Plugin> {
+    let plugins = app.join("plugins");
+    std::fs::create_dir_all(plugins.join("stats")).unwrap();
+    std::fs::create_dir_all(plugins.join("deep/inner")).unwrap();
+    std::fs::copy(criu_dir().join("plugin_app.py"), app.join("main.py")).unwrap();
+    let mut found = Vec::new();
+    let mut write = |path: &str, name: &str, says: String| {
+        std::fs::write(plugins.join(path), format!("def run():\n    return {says:?}\n")).unwrap();
+        found.push(Plugin { name: name.into(), says });
+    };
+    write("greet.py", "greet", "hello from a plugin".into());
+    for i in 0..40 {
+        write(&format!("p{i:02}.py"), &format!("p{i:02}"), format!("plugin {i}: {}", i * 7919));
+    }
+    write("deep/inner/leaf.py", "deep.inner.leaf", "a leaf two packages down".into());
+    for package in ["", "deep/", "deep/inner/"] {
+        std::fs::write(plugins.join(format!("{package}__init__.py")), "").unwrap();
+    }
+    std::fs::write(plugins.join("stats/data.json"), serde_json::to_string(&(1..=100).collect::<Vec<_>>()).unwrap())
+        .unwrap();
+    std::fs::write(
+        plugins.join("stats/__init__.py"),
+        "import json, os\n\ndef run():\n    with open(os.path.join(os.path.dirname(__file__), 'data.json')) as f:\n        return 'sum %d' % sum(json.load(f))\n",
+    )
+    .unwrap();
+    found.push(Plugin { name: "stats".into(), says: "sum 5050".into() });
+    let compiled = Command::new(PYTHON).args(["-m", "compileall", "-q"]).arg(&plugins).status().unwrap();
+    assert!(compiled.success(), "compileall");
+    found
+}
+
+/// A Python application (tests/criu/plugin_app.py) that imports its plugins
+/// only after the restore: it finds them by listing its directory, imports
+/// them from the old host's bytecode (their mtimes as there, so nothing is
+/// compiled or written again) and reads a data file beside one.
+#[test]
+fn a_restored_python_application_imports_plugins_it_never_opened_before() {
+    let _one = one_at_a_time();
+    let criu = build_criu();
+    let env = TestEnv::new();
+    let (app, img, run) = (env.path("app"), env.path("img"), env.path("run"));
+    std::fs::create_dir(&run).unwrap();
+    let plugins = write_plugin_app(&app);
+
+    start_pids_high();
+    let python_path = format!("PYTHONPATH={}", criu_dir().display());
+    let main = app.join("main.py");
+    // Python writes bytecode it had to compile (this machine's environment
+    // says not to: a deployed application does).
+    let args = ["env", "-u", "PYTHONDONTWRITEBYTECODE", &python_path, PYTHON].map(OsStr::new);
+    let args: Vec<&OsStr> = args.into_iter().chain([main.as_os_str(), run.as_os_str()]).collect();
+    let original = Reaper::start(&args);
+    let pid = original.expect("pid");
+    let _original = Tree { pids: vec![pid], script: "main.py" };
+    let channel = Channel::open(&run);
+    assert_eq!(channel.result("loaded"), serde_json::json!([]), "no plugin is imported before the dump");
+    dump(&criu, pid, &img, None);
+    assert_eq!(original.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the application");
+    drop(original);
+    let recorded = recorded_paths(&env, &img);
+    let below = |p: &&PathBuf| p.starts_with(&app) && *p != &app;
+    assert_eq!(recorded.iter().filter(below).count(), 0, "no file of the application is open: {recorded:?}");
+
+    let mut old = OldHost::take(&env, &[&app]);
+    let on_old_host = snapshot(&old.path_of(&app));
+    let mut names: Vec<&str> = plugins.iter().map(|p| p.name.split('.').next().unwrap()).collect();
+    names.sort();
+    names.dedup();
+    for fetch in [Fetch::Lazy, Fetch::Prefetch] {
+        eprintln!("--- {fetch:?}");
+        let mount = old.mount(&env, &app, &img, fetch, &format!("{fetch:?}"));
+        let mut restored = restore(&criu, &img, &format!("restore-{fetch:?}.log"));
+        let _app = Tree { pids: vec![pid], script: "main.py" };
+        if fetch == Fetch::Lazy {
+            assert_still_needs_the_old_host(&env, &mount, on_old_host.len());
+        }
+        assert_eq!(channel.result("loaded"), serde_json::json!([]));
+        assert_eq!(channel.result("list"), serde_json::json!(names), "the plugins its directory lists");
+        let (now, later) = plugins.split_at(plugins.len() - 10);
+        let import = |plugin: &Plugin| {
+            let imported = channel.result(&format!("import {}", plugin.name));
+            assert_eq!(imported["run"], plugin.says.as_str(), "{}", plugin.name);
+        };
+        now.iter().for_each(import);
+        if fetch == Fetch::Lazy {
+            assert_still_needs_the_old_host(&env, &mount, on_old_host.len());
+            prefetch(&env, &mount);
+        }
+        assert_all_here(&env, &mount);
+        assert_eq!(mount.status()["files_total"], on_old_host.len());
+        // The old host can go: the other plugins are here.
+        old.sshd.stop();
+        later.iter().for_each(import);
+        let status = mount.status();
+        assert_eq!(status["local_files"], 0, "the old host's bytecode was used, nothing was written: {status}");
+        old.sshd.restart();
+
+        drop(_app);
+        assert!(restored.finish(), "the restored application did not end");
+        let umount = mount.umount();
+        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
+    }
+    assert_eq!(snapshot(&old.path_of(&app)), on_old_host, "the old host's files are unchanged");
+}
+
+/// An application with an SQLite connection open at dump time
+/// (tests/criu/sqlite_app.py) inserts after the restore: SQLite refuses
+/// writes on a connection whose database file has another inode number than
+/// the one it opened (SQLITE_READONLY_DBMOVED), which every move to another
+/// host gives it, unless the mount reports the old host's inode numbers:
+/// `lazyfs manifest IMGDIR --subtree DIR` records them there. Without the
+/// manifest the restored connection reads but cannot write (which shows the
+/// test reaches the check).
+#[test]
+fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbers() {
+    let _one = one_at_a_time();
+    let criu = build_criu();
+    let env = TestEnv::new();
+    let (app, img, run) = (env.path("app"), env.path("img"), env.path("run"));
+    std::fs::create_dir(&run).unwrap();
+    let db = app.join("app.db");
+    std::fs::create_dir_all(app.join("static")).unwrap();
+    for i in 0..20 {
+        std::fs::write(app.join(format!("static/file-{i}.txt")), content(&i.to_string(), 5000)).unwrap();
+    }
+    let made = Command::new(PYTHON)
+        .args(["-c", "import sqlite3, sys\nwith sqlite3.connect(sys.argv[1]) as db:\n    db.execute('create table t(id integer primary key, v text)')\n    db.executemany('insert into t(v) values (?)', [('row %d' % i,) for i in range(100)])"])
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    start_pids_high();
+    let script = criu_dir().join("sqlite_app.py");
+    let original = Reaper::start(&[PYTHON.as_ref(), script.as_os_str(), db.as_os_str(), run.as_os_str()]);
+    let pid = original.expect("pid");
+    let _original = Tree { pids: vec![pid], script: "sqlite_app.py" };
+    let channel = Channel::open(&run);
+    assert_eq!(channel.result("insert before the dump"), 101);
+    let ino = std::fs::metadata(&db).unwrap().ino();
+    assert_eq!(channel.result("ino"), ino);
+    dump(&criu, pid, &img, None);
+    assert_eq!(original.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the application");
+    drop(original);
+    // The old host's side: the manifest of the whole directory.
+    let out = env.run(&["manifest", img.to_str().unwrap(), "--subtree", app.to_str().unwrap()]);
+    assert!(out.status.success(), "lazyfs manifest --subtree: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest = img.join("lazyfs.manifest");
+
+    let mut old = OldHost::take(&env, &[&app]);
+    let files_on_old_host = snapshot(&old.path_of(&app)).len();
+    for (fetch, with_manifest) in [(Fetch::Lazy, true), (Fetch::Prefetch, true), (Fetch::Lazy, false)] {
+        eprintln!("--- {fetch:?}, manifest: {with_manifest}");
+        let aside = env.path("lazyfs.manifest");
+        if !with_manifest {
+            std::fs::rename(&manifest, &aside).unwrap();
+        }
+        let name = format!("{fetch:?}-{with_manifest}");
+        let mount = old.mount(&env, &app, &img, fetch, &name);
+        if !with_manifest {
+            std::fs::rename(&aside, &manifest).unwrap();
+        }
+        let mut restored = restore(&criu, &img, &format!("restore-{name}.log"));
+        let _app = Tree { pids: vec![pid], script: "sqlite_app.py" };
+        // The images hold the connection as it was at the dump: 101 rows.
+        assert_eq!(channel.result("count"), 101);
+        if !with_manifest {
+            assert_ne!(channel.result("ino"), ino);
+            let refused = channel.ask("insert without the old inode number");
+            assert!(refused["error"].as_str().is_some_and(|e| e.contains("readonly")), "{refused}");
+        } else {
+            assert_eq!(channel.result("ino"), ino, "the database's inode number on the old host");
+            assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino);
+            if fetch == Fetch::Lazy {
+                assert_still_needs_the_old_host(&env, &mount, files_on_old_host);
+            }
+            assert_eq!(channel.result("insert after the restore"), 102);
+            if fetch == Fetch::Lazy {
+                assert_eq!(mount.status()["source_needed"], true);
+                prefetch(&env, &mount);
+            }
+            assert_all_here(&env, &mount);
+            old.sshd.stop();
+            assert_eq!(channel.result("insert with the old host gone"), 103);
+            assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino, "after SQLite's own journal came and went");
+            old.sshd.restart();
+        }
+
+        drop(_app);
+        assert!(restored.finish(), "the restored application did not end");
+        let umount = mount.umount();
+        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
+    }
 }
