@@ -24,14 +24,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apps::{
-    Channel, Fetch, OldHost, assert_all_here, assert_still_needs_the_old_host, free_port, http_get, prefetch, snapshot,
-    url_quote,
+    Channel, Dumped, Fetch, OldHost, assert_all_here, assert_still_needs_the_old_host, free_port, http_get, prefetch,
+    snapshot, url_quote,
 };
 use common::criu::{
-    PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, descendants, dump, log_tail, one_at_a_time, restore,
-    start_pids_high,
+    PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, descendants, dump, log_tail, one_at_a_time, start_pids_high,
 };
-use common::mount::{TestEnv, content, is_mounted};
+use common::mount::{TestEnv, content};
 
 /// A web site of a few hundred files: nested directories, binary assets (one
 /// of several MiB), names with spaces and shell characters, an empty
@@ -114,6 +113,7 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
     }
     assert_eq!(http_get(port, "/docs/ch1/page-1.html").0, 200);
     while std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count() > 1 {
+        assert!(Instant::now() < deadline, "http.server's request thread does not end");
         std::thread::sleep(Duration::from_millis(20));
     }
     dump(&criu, pid, &img, None);
@@ -124,36 +124,31 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
     let old_site = old.path_of(&site);
     let on_old_host = snapshot(&old_site);
     assert_eq!(on_old_host.len(), pages.len());
+    let dumped = Dumped { criu, dir: site.clone(), imgdir: img, pids: vec![pid], script: "http.server" };
     for fetch in [Fetch::Lazy, Fetch::Prefetch] {
-        eprintln!("--- {fetch:?}");
-        let mount = old.mount(&env, &site, &img, fetch, &format!("{fetch:?}"));
-        let mut restored = restore(&criu, &img, &format!("restore-{fetch:?}.log"));
-        let server = Tree { pids: vec![pid], script: "http.server" };
+        let restored = dumped.restore(&old, &env, fetch, &format!("{fetch:?}"));
+        let mount = &restored.mount;
         if fetch == Fetch::Lazy {
-            assert_still_needs_the_old_host(&env, &mount, pages.len());
+            assert_still_needs_the_old_host(&env, mount, pages.len());
             // Lazy: a few pages read fetch about those pages.
             let few = &pages[10..15];
             check_pages(port, &old_site, few);
             let present = mount.status()["files_present"].as_u64().unwrap();
             assert!((few.len() as u64..few.len() as u64 * 2).contains(&present), "{present} files fetched");
-            assert_still_needs_the_old_host(&env, &mount, pages.len());
-            prefetch(&env, &mount);
+            assert_still_needs_the_old_host(&env, mount, pages.len());
+            prefetch(&env, mount);
         } else {
             // Pages asked for while the prefetch runs.
             check_site(port, &old_site, &pages);
         }
-        assert_all_here(&env, &mount);
+        assert_all_here(&env, mount);
         assert_eq!(mount.status()["files_total"], pages.len());
         // The old host can go: every page is here.
         old.sshd.stop();
         check_site(port, &old_site, &pages);
         old.sshd.restart();
 
-        drop(server);
-        assert!(restored.finish(), "the restored server did not end");
-        let umount = mount.umount();
-        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
-        assert!(!is_mounted(&site));
+        restored.end();
     }
     assert_eq!(snapshot(&old_site), on_old_host, "the old host's files are unchanged");
 }
@@ -363,16 +358,15 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
 
     let mut old = OldHost::take(&env, &[&data]);
     let files_on_old_host = snapshot(&old.path_of(&data)).len();
+    let dumped = Dumped { criu, dir: data.clone(), imgdir: img, pids, script: "postgres" };
     for fetch in [Fetch::Lazy, Fetch::Prefetch] {
-        eprintln!("--- {fetch:?}");
         // CRIU checks the size of the log the server writes to.
         std::fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(log_at_dump).unwrap();
-        let mount = old.mount(&env, &data, &img, fetch, &format!("{fetch:?}"));
-        let mut restored = restore(&criu, &img, &format!("restore-{fetch:?}.log"));
-        let server = Tree { pids: pids.clone(), script: "postgres" };
+        let restored = dumped.restore(&old, &env, fetch, &format!("{fetch:?}"));
+        let mount = &restored.mount;
         let sql = |sql: &str| pg.sql(sql).unwrap_or_else(|e| panic!("{sql}: {e}\nserver log:\n{}", log_tail(&log)));
         if fetch == Fetch::Lazy {
-            assert_still_needs_the_old_host(&env, &mount, files_on_old_host);
+            assert_still_needs_the_old_host(&env, mount, files_on_old_host);
         }
         assert_eq!(sql(PG_CONTENTS), contents, "the tables after the restore");
         assert_eq!(sql("set enable_seqscan = off; select v from big where id = 4242"), row_4242, "through the index");
@@ -390,9 +384,9 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
         if fetch == Fetch::Lazy {
             let status = mount.status();
             assert_eq!(status["source_needed"], true, "{status}");
-            prefetch(&env, &mount);
+            prefetch(&env, mount);
         }
-        assert_all_here(&env, &mount);
+        assert_all_here(&env, mount);
         // The old host can go.
         old.sshd.stop();
         assert_eq!(
@@ -407,11 +401,7 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
         assert!(now.contains("small=1002/"), "{now}");
         old.sshd.restart();
 
-        drop(server);
-        assert!(restored.finish(), "the restored server did not end");
-        let umount = mount.umount();
-        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
-        assert!(!is_mounted(&data));
+        restored.end();
     }
 }
 
@@ -501,13 +491,12 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
     let mut names: Vec<&str> = plugins.iter().map(|p| p.name.split('.').next().unwrap()).collect();
     names.sort();
     names.dedup();
+    let dumped = Dumped { criu, dir: app.clone(), imgdir: img, pids: vec![pid], script: "main.py" };
     for fetch in [Fetch::Lazy, Fetch::Prefetch] {
-        eprintln!("--- {fetch:?}");
-        let mount = old.mount(&env, &app, &img, fetch, &format!("{fetch:?}"));
-        let mut restored = restore(&criu, &img, &format!("restore-{fetch:?}.log"));
-        let _app = Tree { pids: vec![pid], script: "main.py" };
+        let restored = dumped.restore(&old, &env, fetch, &format!("{fetch:?}"));
+        let mount = &restored.mount;
         if fetch == Fetch::Lazy {
-            assert_still_needs_the_old_host(&env, &mount, on_old_host.len());
+            assert_still_needs_the_old_host(&env, mount, on_old_host.len());
         }
         assert_eq!(channel.result("loaded"), serde_json::json!([]));
         assert_eq!(channel.result("list"), serde_json::json!(names), "the plugins its directory lists");
@@ -518,10 +507,10 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
         };
         now.iter().for_each(import);
         if fetch == Fetch::Lazy {
-            assert_still_needs_the_old_host(&env, &mount, on_old_host.len());
-            prefetch(&env, &mount);
+            assert_still_needs_the_old_host(&env, mount, on_old_host.len());
+            prefetch(&env, mount);
         }
-        assert_all_here(&env, &mount);
+        assert_all_here(&env, mount);
         assert_eq!(mount.status()["files_total"], on_old_host.len());
         // The old host can go: the other plugins are here.
         old.sshd.stop();
@@ -530,10 +519,7 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
         assert_eq!(status["local_files"], 0, "the old host's bytecode was used, nothing was written: {status}");
         old.sshd.restart();
 
-        drop(_app);
-        assert!(restored.finish(), "the restored application did not end");
-        let umount = mount.umount();
-        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
+        restored.end();
     }
     assert_eq!(snapshot(&old.path_of(&app)), on_old_host, "the old host's files are unchanged");
 }
@@ -581,22 +567,17 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
     let out = env.run(&["manifest", img.to_str().unwrap(), "--subtree", app.to_str().unwrap()]);
     assert!(out.status.success(), "lazyfs manifest --subtree: {}", String::from_utf8_lossy(&out.stderr));
     let manifest = img.join("lazyfs.manifest");
+    let aside = env.path("lazyfs.manifest");
+    let dumped = Dumped { criu, dir: app.clone(), imgdir: img, pids: vec![pid], script: "sqlite_app.py" };
 
     let mut old = OldHost::take(&env, &[&app]);
     let files_on_old_host = snapshot(&old.path_of(&app)).len();
     for (fetch, with_manifest) in [(Fetch::Lazy, true), (Fetch::Prefetch, true), (Fetch::Lazy, false)] {
-        eprintln!("--- {fetch:?}, manifest: {with_manifest}");
-        let aside = env.path("lazyfs.manifest");
         if !with_manifest {
             std::fs::rename(&manifest, &aside).unwrap();
         }
-        let name = format!("{fetch:?}-{with_manifest}");
-        let mount = old.mount(&env, &app, &img, fetch, &name);
-        if !with_manifest {
-            std::fs::rename(&aside, &manifest).unwrap();
-        }
-        let mut restored = restore(&criu, &img, &format!("restore-{name}.log"));
-        let _app = Tree { pids: vec![pid], script: "sqlite_app.py" };
+        let restored = dumped.restore(&old, &env, fetch, if with_manifest { "manifest" } else { "no-manifest" });
+        let mount = &restored.mount;
         // The images hold the connection as it was at the dump: 101 rows.
         assert_eq!(channel.result("count"), 101);
         if !with_manifest {
@@ -607,23 +588,23 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
             assert_eq!(channel.result("ino"), ino, "the database's inode number on the old host");
             assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino);
             if fetch == Fetch::Lazy {
-                assert_still_needs_the_old_host(&env, &mount, files_on_old_host);
+                assert_still_needs_the_old_host(&env, mount, files_on_old_host);
             }
             assert_eq!(channel.result("insert after the restore"), 102);
             if fetch == Fetch::Lazy {
                 assert_eq!(mount.status()["source_needed"], true);
-                prefetch(&env, &mount);
+                prefetch(&env, mount);
             }
-            assert_all_here(&env, &mount);
+            assert_all_here(&env, mount);
             old.sshd.stop();
             assert_eq!(channel.result("insert with the old host gone"), 103);
             assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino, "after SQLite's own journal came and went");
             old.sshd.restart();
         }
 
-        drop(_app);
-        assert!(restored.finish(), "the restored application did not end");
-        let umount = mount.umount();
-        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
+        restored.end();
+        if !with_manifest {
+            std::fs::rename(&aside, &manifest).unwrap();
+        }
     }
 }

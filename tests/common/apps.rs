@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::criu::PATIENCE;
-use super::mount::{Mount, Source, TestEnv};
+use super::criu::{PATIENCE, Reaper, Tree, restore};
+use super::mount::{Mount, Source, TestEnv, is_mounted};
 use super::sshd::Sshd;
 
 /// How the new host gets the directory's contents.
@@ -73,6 +73,50 @@ impl OldHost {
             String::from_utf8_lossy(&out.stderr)
         );
         mount
+    }
+}
+
+/// An application CRIU dumped: what to restore and what comes back.
+pub struct Dumped {
+    pub criu: PathBuf,
+    /// Its directory, moved to the old host.
+    pub dir: PathBuf,
+    pub imgdir: PathBuf,
+    /// Its processes, and a word their command lines hold (see [`Tree`]).
+    pub pids: Vec<i32>,
+    pub script: &'static str,
+}
+
+impl Dumped {
+    /// Mounts the directory from the old host as `fetch` says (cache
+    /// `cache-NAME`) and restores the application on it with stock `criu
+    /// restore -d` (log `restore-NAME.log` in the images).
+    pub fn restore(&self, old: &OldHost, env: &TestEnv, fetch: Fetch, name: &str) -> Restored {
+        eprintln!("--- {name}: {fetch:?}");
+        let mount = old.mount(env, &self.dir, &self.imgdir, fetch, name);
+        let reaper = restore(&self.criu, &self.imgdir, &format!("restore-{name}.log"));
+        Restored { tree: Tree { pids: self.pids.clone(), script: self.script }, reaper, mount }
+    }
+}
+
+/// An application `criu restore` brought back on a mount of its directory.
+/// Dropped (a failed test), its processes are killed by their pids, then its
+/// reaper waits for them, then the mount goes: the fields' order.
+pub struct Restored {
+    tree: Tree,
+    reaper: Reaper,
+    pub mount: Mount,
+}
+
+impl Restored {
+    /// Kills the application, waits until it is gone, unmounts.
+    pub fn end(self) {
+        let Restored { tree, mut reaper, mount } = self;
+        drop(tree);
+        assert!(reaper.finish(), "the restored application did not end");
+        let umount = mount.umount();
+        assert!(umount.status.success(), "lazyfs umount: {}", String::from_utf8_lossy(&umount.stderr));
+        assert!(!is_mounted(&mount.mountpoint));
     }
 }
 
