@@ -354,7 +354,6 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
     for file in &table_files {
         assert!(!recorded.contains(file), "{} was open at dump time", file.display());
     }
-    eprintln!("recorded: {recorded:?}");
 
     let mut old = OldHost::take(&env, &[&data]);
     let files_on_old_host = snapshot(&old.path_of(&data)).len();
