@@ -102,7 +102,6 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             // Removed through the mount: no longer one of its files.
             continue;
         }
-        let served = fs.served(index);
         let progress = file.progress();
         let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
         let (blake3, against) = match &phase {
@@ -136,7 +135,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             continue;
         }
         status.files.push(FileStatus {
-            path: served.path.as_os_str().as_bytes().to_vec(),
+            path: file.path.as_os_str().as_bytes().to_vec(),
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),
             size,
             bytes_present: present,

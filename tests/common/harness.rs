@@ -209,6 +209,7 @@ impl Core {
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
+            recorded_only: false,
         }
     }
 
