@@ -256,6 +256,14 @@ impl Filesystem {
         Err(FsError::new(libc::EIO, "the directory could not be listed"))
     }
 
+    /// Directories of the tree not listed yet.
+    pub fn unlisted_dirs(&self) -> usize {
+        match self.tree {
+            Some(_) => self.namespace().unlisted_count(),
+            None => 0,
+        }
+    }
+
     /// Lists directories of the tree in the background, for as long as the
     /// mount lives: first those holding files of the images (until then
     /// their owners and times are provisional), then, once prefetch of every
