@@ -575,7 +575,8 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
         if !with_manifest {
             std::fs::rename(&manifest, &aside).unwrap();
         }
-        let restored = dumped.restore(&old, &env, fetch, if with_manifest { "manifest" } else { "no-manifest" });
+        let name = format!("{fetch:?}{}", if with_manifest { "" } else { "-without-manifest" });
+        let restored = dumped.restore(&old, &env, fetch, &name);
         let mount = &restored.mount;
         // The images hold the connection as it was at the dump: 101 rows.
         assert_eq!(channel.result("count"), 101);
