@@ -596,6 +596,7 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
                 prefetch(&env, mount);
             }
             assert_all_here(&env, mount);
+            assert_eq!(mount.status()["files_total"], files_on_old_host);
             old.sshd.stop();
             assert_eq!(channel.result("insert with the old host gone"), 103);
             assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino, "after SQLite's own journal came and went");
