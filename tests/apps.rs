@@ -306,8 +306,8 @@ fn start(args: &[OsString]) -> (Reaper, i32) {
 /// `postgres`, dumped by CRIU (unprivileged, as `postgres`) with none of its
 /// tables open, restored as root: it reads every table (relation files,
 /// an index, a TOAST table) from the lazy mount, inserts, checkpoints (writing
-/// its WAL segment, 0600 `postgres`, and the table's file) and keeps working
-/// once the old host is gone.
+/// its WAL segment, 0600 `postgres`, and the table's file), makes a table (its
+/// file is `postgres`'s) and keeps working once the old host is gone.
 #[test]
 fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
     let _one = one_at_a_time();
@@ -380,6 +380,10 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
         assert_eq!((meta.uid(), meta.gid(), meta.mode()), (uid, gid, 0o100600), "{}", wal.display());
         let root = std::fs::metadata(&data).unwrap();
         assert_eq!((root.uid(), root.gid(), root.mode()), (uid, gid, 0o40700), "the data directory");
+        // What it makes is its own (a new table's file, made through the mount).
+        let made = sql("create table made_here as select 1 as x; select pg_relation_filepath('made_here')");
+        let meta = std::fs::metadata(data.join(&made)).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode()), (uid, gid, 0o100600), "{made}");
         if fetch == Fetch::Lazy {
             let status = mount.status();
             assert_eq!(status["source_needed"], true, "{status}");
