@@ -146,6 +146,13 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
         // The old host can go: every page is here.
         old.sshd.stop();
         check_site(port, &old_site, &pages);
+        // `lazyfs export` copies the whole site: the next start needs no lazyfs.
+        let export = env.path(&format!("export-{fetch:?}"));
+        let out = env.run(&["export", site.to_str().unwrap(), export.to_str().unwrap()]);
+        assert!(out.status.success(), "lazyfs export: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(snapshot(&export) == on_old_host, "the export is not the old host's site");
+        assert_eq!(std::fs::read_link(export.join("latest.html")).unwrap(), Path::new("docs/ch1/page-1.html"));
+        assert!(export.join("empty").is_dir());
         old.sshd.restart();
 
         restored.end();
