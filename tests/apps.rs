@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::apps::{
     Channel, Dumped, Fetch, OldHost, assert_all_here, assert_still_needs_the_old_host, free_port, http_get, prefetch,
-    snapshot, url_quote,
+    snapshot, summary, url_quote,
 };
 use common::criu::{
     PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, descendants, dump, log_tail, one_at_a_time, start_pids_high,
@@ -135,8 +135,16 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
             check_pages(port, &old_site, few);
             let present = mount.status()["files_present"].as_u64().unwrap();
             assert!((few.len() as u64..few.len() as u64 * 2).contains(&present), "{present} files fetched");
+            // Every page but the archive's, by clients at once: the archive
+            // is still only on the old host.
+            let (archive, rest): (Vec<String>, Vec<String>) =
+                pages.iter().cloned().partition(|p| p.starts_with("archive/"));
+            check_pages(port, &old_site, &rest);
             assert_still_needs_the_old_host(&env, mount, pages.len());
+            let status = mount.status();
+            assert_eq!(status["files_present"], rest.len(), "{}", summary(&status));
             prefetch(&env, mount);
+            check_pages(port, &old_site, &archive);
         } else {
             // Pages asked for while the prefetch runs.
             check_site(port, &old_site, &pages);
@@ -160,13 +168,21 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
     assert_eq!(snapshot(&old_site), on_old_host, "the old host's files are unchanged");
 }
 
-/// Each of `pages` answers with the old host's bytes.
+/// Each of `pages` answers with the old host's bytes; asked by 8 clients at
+/// once, as a browser asks for a page's assets.
 fn check_pages(port: u16, old_site: &Path, pages: &[String]) {
-    for page in pages {
-        let (code, body) = http_get(port, &format!("/{page}"));
-        assert_eq!(code, 200, "GET /{page}");
-        assert!(body == std::fs::read(old_site.join(page)).unwrap(), "GET /{page}: not the old host's bytes");
-    }
+    std::thread::scope(|scope| {
+        for client in pages.chunks(pages.len().div_ceil(8)) {
+            scope.spawn(move || {
+                for page in client {
+                    let (code, body) = http_get(port, &format!("/{page}"));
+                    assert_eq!(code, 200, "GET /{page}");
+                    let expected = std::fs::read(old_site.join(page)).unwrap();
+                    assert!(body == expected, "GET /{page}: not the old host's bytes");
+                }
+            });
+        }
+    });
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
