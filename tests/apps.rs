@@ -265,9 +265,11 @@ impl Postgres {
         args
     }
 
-    /// Runs SQL through psql (TCP, 127.0.0.1): its output, unaligned.
+    /// Runs SQL through psql (TCP, 127.0.0.1): its output, unaligned. A server
+    /// stuck on a read is given up after PATIENCE (psql killed, exit 124).
     fn sql(&self, sql: &str) -> Result<String, String> {
-        let mut psql = Command::new(format!("{PG_BIN}/psql"))
+        let mut psql = Command::new("timeout")
+            .args(["--kill-after=5", &PATIENCE.as_secs().to_string(), &format!("{PG_BIN}/psql")])
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"])
             .stdin(std::process::Stdio::piped())
@@ -281,7 +283,7 @@ impl Postgres {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            Err(format!("psql exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
         }
     }
 
