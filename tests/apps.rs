@@ -116,7 +116,7 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
         assert!(Instant::now() < deadline, "http.server's request thread does not end");
         std::thread::sleep(Duration::from_millis(20));
     }
-    dump(&criu, pid, &img, None);
+    dump(&criu, pid, &img, None, &[]);
     assert_eq!(server.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the server");
     drop(server);
 
@@ -124,7 +124,7 @@ fn a_restored_static_web_server_serves_every_page_of_its_directory() {
     let old_site = old.path_of(&site);
     let on_old_host = snapshot(&old_site);
     assert_eq!(on_old_host.len(), pages.len());
-    let dumped = Dumped { criu, dir: site.clone(), imgdir: img, pids: vec![pid], script: "http.server" };
+    let dumped = Dumped { criu, dir: site.clone(), imgdir: img, pids: vec![pid], script: "http.server", options: &[] };
     for fetch in [Fetch::Lazy, Fetch::Prefetch] {
         let restored = dumped.restore(&old, &env, fetch, &format!("{fetch:?}"));
         let mount = &restored.mount;
@@ -371,7 +371,7 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
     pg.wait_ready(postmaster, &log);
     let mut pids = vec![postmaster];
     pids.extend(descendants(postmaster));
-    dump(&criu, postmaster, &img, Some("postgres"));
+    dump(&criu, postmaster, &img, Some("postgres"), &[]);
     assert_eq!(server.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the server");
     drop(server);
     let log_at_dump = std::fs::metadata(&log).unwrap().len();
@@ -382,7 +382,7 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
 
     let mut old = OldHost::take(&env, &[&data]);
     let files_on_old_host = snapshot(&old.path_of(&data)).len();
-    let dumped = Dumped { criu, dir: data.clone(), imgdir: img, pids, script: "postgres" };
+    let dumped = Dumped { criu, dir: data.clone(), imgdir: img, pids, script: "postgres", options: &[] };
     for fetch in [Fetch::Lazy, Fetch::Prefetch] {
         // CRIU checks the size of the log the server writes to.
         std::fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(log_at_dump).unwrap();
@@ -507,7 +507,7 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
     let _original = Tree { pids: vec![pid], script: "main.py" };
     let channel = Channel::open(&run);
     assert_eq!(channel.result("loaded"), serde_json::json!([]), "no plugin is imported before the dump");
-    dump(&criu, pid, &img, None);
+    dump(&criu, pid, &img, None, &[]);
     assert_eq!(original.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the application");
     drop(original);
     let recorded = recorded_paths(&env, &img);
@@ -519,7 +519,7 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
     let mut names: Vec<&str> = plugins.iter().map(|p| p.name.split('.').next().unwrap()).collect();
     names.sort();
     names.dedup();
-    let dumped = Dumped { criu, dir: app.clone(), imgdir: img, pids: vec![pid], script: "main.py" };
+    let dumped = Dumped { criu, dir: app.clone(), imgdir: img, pids: vec![pid], script: "main.py", options: &[] };
     for fetch in [Fetch::Lazy, Fetch::Prefetch] {
         let restored = dumped.restore(&old, &env, fetch, &format!("{fetch:?}"));
         let mount = &restored.mount;
@@ -552,14 +552,16 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
     assert_eq!(snapshot(&old.path_of(&app)), on_old_host, "the old host's files are unchanged");
 }
 
-/// An application with an SQLite connection open at dump time
-/// (tests/criu/sqlite_app.py) inserts after the restore: SQLite refuses
-/// writes on a connection whose database file has another inode number than
-/// the one it opened (SQLITE_READONLY_DBMOVED), which every move to another
-/// host gives it, unless the mount reports the old host's inode numbers:
-/// `lazyfs manifest IMGDIR --subtree DIR` records them there. Without the
-/// manifest the restored connection reads but cannot write (which shows the
-/// test reaches the check).
+/// An application with SQLite connections open at dump time
+/// (tests/criu/sqlite_app.py) inserts after the restore. In rollback-journal
+/// mode (SQLite's default) SQLite refuses writes on a connection whose
+/// database file has another inode number than the one it opened
+/// (SQLITE_READONLY_DBMOVED), which every move to another host gives it,
+/// unless the mount reports the old host's inode numbers: `lazyfs manifest
+/// IMGDIR --subtree DIR` records them there. Without the manifest the
+/// restored connection reads but cannot write (which shows the test reaches
+/// the check). A database in WAL mode (its -wal and -shm files open, the -shm
+/// mapped shared: CRIU maps it again from the mount) writes either way.
 #[test]
 fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbers() {
     let _one = one_at_a_time();
@@ -567,39 +569,53 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
     let env = TestEnv::new();
     let (app, img, run) = (env.path("app"), env.path("img"), env.path("run"));
     std::fs::create_dir(&run).unwrap();
-    let db = app.join("app.db");
     std::fs::create_dir_all(app.join("static")).unwrap();
     for i in 0..20 {
         std::fs::write(app.join(format!("static/file-{i}.txt")), content(&i.to_string(), 5000)).unwrap();
     }
-    let made = Command::new(PYTHON)
-        .args(["-c", "import sqlite3, sys\nwith sqlite3.connect(sys.argv[1]) as db:\n    db.execute('create table t(id integer primary key, v text)')\n    db.executemany('insert into t(v) values (?)', [('row %d' % i,) for i in range(100)])"])
-        .arg(&db)
-        .status()
-        .unwrap();
+    let make = "import sqlite3, sys\n\
+                for name, mode in (('app.db', 'delete'), ('wal.db', 'wal')):\n\
+                \x20   with sqlite3.connect(sys.argv[1] + '/' + name) as db:\n\
+                \x20       db.execute('pragma journal_mode=' + mode)\n\
+                \x20       db.execute('create table t(id integer primary key, v text)')\n\
+                \x20       db.executemany('insert into t(v) values (?)', [('row %d' % i,) for i in range(100)])\n";
+    let made = Command::new(PYTHON).args(["-c", make]).arg(&app).status().unwrap();
     assert!(made.success());
 
     start_pids_high();
     let script = criu_dir().join("sqlite_app.py");
-    let original = Reaper::start(&[PYTHON.as_ref(), script.as_os_str(), db.as_os_str(), run.as_os_str()]);
+    let original = Reaper::start(&[PYTHON.as_ref(), script.as_os_str(), app.as_os_str(), run.as_os_str()]);
     let pid = original.expect("pid");
     let _original = Tree { pids: vec![pid], script: "sqlite_app.py" };
     let channel = Channel::open(&run);
-    assert_eq!(channel.result("insert before the dump"), 101);
-    let ino = std::fs::metadata(&db).unwrap().ino();
-    assert_eq!(channel.result("ino"), ino);
-    dump(&criu, pid, &img, None);
+    for db in ["app.db", "wal.db"] {
+        assert_eq!(channel.result(&format!("insert {db} before the dump")), 101);
+    }
+    let ino = std::fs::metadata(app.join("app.db")).unwrap().ino();
+    assert_eq!(channel.result("ino app.db"), ino);
+    // SQLite holds locks on the WAL index while connected.
+    dump(&criu, pid, &img, None, &["--file-locks"]);
     assert_eq!(original.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the application");
     drop(original);
+    let recorded = recorded_paths(&env, &img);
+    assert!(recorded.contains(&app.join("wal.db-shm")), "the WAL index is open: {recorded:?}");
     // The old host's side: the manifest of the whole directory.
     let out = env.run(&["manifest", img.to_str().unwrap(), "--subtree", app.to_str().unwrap()]);
     assert!(out.status.success(), "lazyfs manifest --subtree: {}", String::from_utf8_lossy(&out.stderr));
     let manifest = img.join("lazyfs.manifest");
     let aside = env.path("lazyfs.manifest");
-    let dumped = Dumped { criu, dir: app.clone(), imgdir: img, pids: vec![pid], script: "sqlite_app.py" };
+    let dumped = Dumped {
+        criu,
+        dir: app.clone(),
+        imgdir: img,
+        pids: vec![pid],
+        script: "sqlite_app.py",
+        options: &["--file-locks"],
+    };
 
     let mut old = OldHost::take(&env, &[&app]);
     let files_on_old_host = snapshot(&old.path_of(&app)).len();
+    let ino_now = || std::fs::metadata(app.join("app.db")).unwrap().ino();
     for (fetch, with_manifest) in [(Fetch::Lazy, true), (Fetch::Prefetch, true), (Fetch::Lazy, false)] {
         if !with_manifest {
             std::fs::rename(&manifest, &aside).unwrap();
@@ -607,19 +623,24 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
         let name = format!("{fetch:?}{}", if with_manifest { "" } else { "-without-manifest" });
         let restored = dumped.restore(&old, &env, fetch, &name);
         let mount = &restored.mount;
-        // The images hold the connection as it was at the dump: 101 rows.
-        assert_eq!(channel.result("count"), 101);
+        // The images hold the connections as they were at the dump: 101 rows.
+        for db in ["app.db", "wal.db"] {
+            assert_eq!(channel.result(&format!("count {db}")), 101, "{db}");
+        }
         if !with_manifest {
-            assert_ne!(channel.result("ino"), ino);
-            let refused = channel.ask("insert without the old inode number");
+            assert_ne!(channel.result("ino app.db"), ino);
+            let refused = channel.ask("insert app.db without the old inode number");
             assert!(refused["error"].as_str().is_some_and(|e| e.contains("readonly")), "{refused}");
+            assert_eq!(channel.result("insert wal.db without the old inode number"), 102);
         } else {
-            assert_eq!(channel.result("ino"), ino, "the database's inode number on the old host");
-            assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino);
+            assert_eq!(channel.result("ino app.db"), ino, "the database's inode number on the old host");
+            assert_eq!(ino_now(), ino);
             if fetch == Fetch::Lazy {
                 assert_still_needs_the_old_host(&env, mount, files_on_old_host);
             }
-            assert_eq!(channel.result("insert after the restore"), 102);
+            for db in ["app.db", "wal.db"] {
+                assert_eq!(channel.result(&format!("insert {db} after the restore")), 102, "{db}");
+            }
             if fetch == Fetch::Lazy {
                 assert_eq!(mount.status()["source_needed"], true);
                 prefetch(&env, mount);
@@ -627,8 +648,10 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
             assert_all_here(&env, mount);
             assert_eq!(mount.status()["files_total"], files_on_old_host);
             old.sshd.stop();
-            assert_eq!(channel.result("insert with the old host gone"), 103);
-            assert_eq!(std::fs::metadata(&db).unwrap().ino(), ino, "after SQLite's own journal came and went");
+            for db in ["app.db", "wal.db"] {
+                assert_eq!(channel.result(&format!("insert {db} with the old host gone")), 103, "{db}");
+            }
+            assert_eq!(ino_now(), ino, "after SQLite's own journal came and went");
             old.sshd.restart();
         }
 

@@ -120,7 +120,7 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     wait_for_file(&run.join("ready"));
     let pids = before["pids"].clone();
     tree.pids = ["root", "zombie", "stopped", "writer"].iter().map(|k| pids[k].as_i64().unwrap() as i32).collect();
-    dump(&criu, pids["root"].as_i64().unwrap() as i32, &img, None);
+    dump(&criu, pids["root"].as_i64().unwrap() as i32, &img, None, &[]);
     assert_eq!(original.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the tree");
     drop(original);
     if let Some(keep) = std::env::var_os("LAZYFS_KEEP_DUMP") {
@@ -177,7 +177,7 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     assert!(out.status.success(), "lazyfs mount: {}", String::from_utf8_lossy(&out.stderr));
 
     // Stock `criu restore`, detached, under a reaper of its own.
-    let mut restore = restore(&criu, &img, "restore.log");
+    let mut restore = restore(&criu, &img, "restore.log", &[]);
     let restored = Tree { pids: tree.pids.clone(), script: "workload.py" };
 
     // The restored tree runs and reads the same bytes through its

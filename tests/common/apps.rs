@@ -85,6 +85,8 @@ pub struct Dumped {
     /// Its processes, and a word their command lines hold (see [`Tree`]).
     pub pids: Vec<i32>,
     pub script: &'static str,
+    /// What `criu restore` needs besides the images (`--file-locks`, ...).
+    pub options: &'static [&'static str],
 }
 
 impl Dumped {
@@ -94,7 +96,7 @@ impl Dumped {
     pub fn restore(&self, old: &OldHost, env: &TestEnv, fetch: Fetch, name: &str) -> Restored {
         eprintln!("--- {name}: {fetch:?}");
         let mount = old.mount(env, &self.dir, &self.imgdir, fetch, name);
-        let reaper = restore(&self.criu, &self.imgdir, &format!("restore-{name}.log"));
+        let reaper = restore(&self.criu, &self.imgdir, &format!("restore-{name}.log"), self.options);
         Restored { tree: Tree { pids: self.pids.clone(), script: self.script }, reaper, mount }
     }
 }

@@ -157,13 +157,13 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// `criu dump -t PID -D IMGDIR` (log `dump.log` in IMGDIR); panics with the
+/// `criu dump -t PID -D IMGDIR OPTIONS` (log `dump.log` in IMGDIR); panics with the
 /// log's tail if it fails. With `user`, the dump runs as that user in CRIU's
 /// unprivileged mode, with every capability of the bounding set: root on these
 /// machines lacks `CAP_SYS_RESOURCE`, and CRIU as root cannot read the rlimits
 /// of another user's process without it (`Can't get rlimit 0: Operation not
 /// permitted`), while the owner itself can. IMGDIR is then made that user's.
-pub fn dump(criu: &Path, pid: i32, imgdir: &Path, user: Option<&str>) {
+pub fn dump(criu: &Path, pid: i32, imgdir: &Path, user: Option<&str>, options: &[&str]) {
     std::fs::create_dir_all(imgdir).unwrap();
     let mut command = match user {
         None => Command::new(criu),
@@ -178,7 +178,7 @@ pub fn dump(criu: &Path, pid: i32, imgdir: &Path, user: Option<&str>) {
             command
         }
     };
-    command.args(["dump", "-t", &pid.to_string(), "-D"]).arg(imgdir).args(["-o", "dump.log", "-v4"]);
+    command.args(["dump", "-t", &pid.to_string(), "-D"]).arg(imgdir).args(["-o", "dump.log", "-v4"]).args(options);
     if user.is_some() {
         command.arg("--unprivileged");
     }
@@ -193,13 +193,14 @@ pub fn dump(criu: &Path, pid: i32, imgdir: &Path, user: Option<&str>) {
     eprintln!("criu dump: {:.2} s", started.elapsed().as_secs_f64());
 }
 
-/// Stock `criu restore -D IMGDIR -d` (log `LOG` in IMGDIR) under a reaper of
-/// its own, which then reaps the restored tree; panics with the log's tail if
-/// the restore fails.
-pub fn restore(criu: &Path, imgdir: &Path, log: &str) -> Reaper {
+/// Stock `criu restore -D IMGDIR -d OPTIONS` (log `LOG` in IMGDIR) under a
+/// reaper of its own, which then reaps the restored tree; panics with the
+/// log's tail if the restore fails.
+pub fn restore(criu: &Path, imgdir: &Path, log: &str, options: &[&str]) -> Reaper {
     let started = Instant::now();
     let mut args: Vec<&OsStr> = vec![criu.as_os_str(), "restore".as_ref(), "-D".as_ref(), imgdir.as_os_str()];
     args.extend(["-d", "-o", log, "-v4"].map(OsStr::new));
+    args.extend(options.iter().map(OsStr::new));
     let restore = Reaper::start(&args);
     let _criu_pid = restore.expect("pid");
     let code = restore.expect("exit");
