@@ -405,6 +405,16 @@ fn a_restored_postgresql_reads_tables_it_had_not_opened_and_writes() {
         assert_eq!((meta.uid(), meta.gid(), meta.mode()), (uid, gid, 0o100600), "{}", wal.display());
         let root = std::fs::metadata(&data).unwrap();
         assert_eq!((root.uid(), root.gid(), root.mode()), (uid, gid, 0o40700), "the data directory");
+        // Another local user meets the old host's modes: the mount lets other
+        // users in (the images record a process of another user) and the
+        // kernel checks each file's mode and owner.
+        let nobody = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat"])
+            .arg(data.join("PG_VERSION"))
+            .output()
+            .unwrap();
+        let refused = String::from_utf8_lossy(&nobody.stderr);
+        assert!(!nobody.status.success() && refused.contains("Permission denied"), "nobody reads pgdata: {refused}");
         // What it makes is its own (a new table's file, made through the mount).
         let made = sql("create table made_here as select 1 as x; select pg_relation_filepath('made_here')");
         let meta = std::fs::metadata(data.join(&made)).unwrap();
