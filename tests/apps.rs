@@ -457,8 +457,8 @@ struct Plugin {
     says: String,
 }
 
-/// The application of tests/criu/plugin_app.py in `app`: main.py, and
-/// plugins/ with 40 flat plugins, a package reading a data file beside it and
+/// The application of tests/criu/plugin_app.py in `app`: main.py (and
+/// channel.py, which it imports at start), and plugins/ with 40 flat plugins, a package reading a data file beside it and
 /// a nested package, all compiled to bytecode there (as a deployed
 /// application is). Returns the plugins.
 fn write_plugin_app(app: &Path) -> Vec<Plugin> {
@@ -466,6 +466,7 @@ fn write_plugin_app(app: &Path) -> Vec<Plugin> {
     std::fs::create_dir_all(plugins.join("stats")).unwrap();
     std::fs::create_dir_all(plugins.join("deep/inner")).unwrap();
     std::fs::copy(criu_dir().join("plugin_app.py"), app.join("main.py")).unwrap();
+    std::fs::copy(criu_dir().join("channel.py"), app.join("channel.py")).unwrap();
     let mut found = Vec::new();
     let mut write = |path: &str, name: &str, says: String| {
         std::fs::write(plugins.join(path), format!("def run():\n    return {says:?}\n")).unwrap();
@@ -506,11 +507,10 @@ fn a_restored_python_application_imports_plugins_it_never_opened_before() {
     let plugins = write_plugin_app(&app);
 
     start_pids_high();
-    let python_path = format!("PYTHONPATH={}", criu_dir().display());
     let main = app.join("main.py");
     // Python writes bytecode it had to compile (this machine's environment
     // says not to: a deployed application does).
-    let args = ["env", "-u", "PYTHONDONTWRITEBYTECODE", &python_path, PYTHON].map(OsStr::new);
+    let args = ["env", "-u", "PYTHONDONTWRITEBYTECODE", PYTHON].map(OsStr::new);
     let args: Vec<&OsStr> = args.into_iter().chain([main.as_os_str(), run.as_os_str()]).collect();
     let original = Reaper::start(&args);
     let pid = original.expect("pid");
@@ -594,7 +594,9 @@ fn a_restored_sqlite_connection_writes_again_when_the_manifest_keeps_inode_numbe
 
     start_pids_high();
     let script = criu_dir().join("sqlite_app.py");
-    let original = Reaper::start(&[PYTHON.as_ref(), script.as_os_str(), app.as_os_str(), run.as_os_str()]);
+    // (-B: no bytecode of channel.py written into tests/criu.)
+    let args = [PYTHON.as_ref(), "-B".as_ref(), script.as_os_str(), app.as_os_str(), run.as_os_str()];
+    let original = Reaper::start(&args);
     let pid = original.expect("pid");
     let _original = Tree { pids: vec![pid], script: "sqlite_app.py" };
     let channel = Channel::open(&run);

@@ -364,7 +364,14 @@ impl Bench {
         }
         let images = self.path("images-many");
         write_dump(&images, &records).unwrap();
-        let set = Dataset { name: "100,000 x 1 KiB", rel: "many", images, bytes: FILES * 1024, files: FILES as usize, mount_args: &[] };
+        let set = Dataset {
+            name: "100,000 x 1 KiB",
+            rel: "many",
+            images,
+            bytes: FILES * 1024,
+            files: FILES as usize,
+            mount_args: &[],
+        };
         let (mut mounted, mut verified, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.runs {
             let started = Instant::now();

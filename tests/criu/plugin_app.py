@@ -6,8 +6,7 @@ bytecode compiled there), and runs
 
     python3 APP/main.py RUN
 
-with tests/criu on PYTHONPATH (for channel.py). It works in APP (its
-working directory) and answers on RUN/commands (see channel.py):
+with channel.py beside it. It works in APP (its working directory) and answers on RUN/commands (see channel.py):
 `loaded` (the plugin modules imported so far), `list` (the plugins found by
 listing APP/plugins), `import NAME` (imports plugins.NAME and returns what
 its run() says, and where its code came from).
