@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::apps::{
     Channel, Dumped, Fetch, OldHost, assert_all_here, assert_still_needs_the_old_host, free_port, http_get, prefetch,
-    snapshot, summary, url_quote,
+    read_untouched, snapshot, summary, url_quote,
 };
 use common::criu::{
     PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, descendants, dump, log_tail, one_at_a_time, start_pids_high,
@@ -70,7 +70,7 @@ fn write_site(site: &Path) -> Vec<String> {
 fn check_site(port: u16, old_site: &Path, pages: &[String]) {
     check_pages(port, old_site, pages);
     let (code, body) = http_get(port, "/latest.html");
-    assert_eq!((code, body), (200, std::fs::read(old_site.join("docs/ch1/page-1.html")).unwrap()), "a symlink");
+    assert_eq!((code, body), (200, read_untouched(&old_site.join("docs/ch1/page-1.html"))), "a symlink");
     for missing in ["/missing.html", "/docs/ch1/page-31.html", "/empty/nothing"] {
         assert_eq!(http_get(port, missing).0, 404, "GET {missing}");
     }
@@ -177,7 +177,7 @@ fn check_pages(port: u16, old_site: &Path, pages: &[String]) {
                 for page in client {
                     let (code, body) = http_get(port, &format!("/{page}"));
                     assert_eq!(code, 200, "GET /{page}");
-                    let expected = std::fs::read(old_site.join(page)).unwrap();
+                    let expected = read_untouched(&old_site.join(page));
                     assert!(body == expected, "GET /{page}: not the old host's bytes");
                 }
             });

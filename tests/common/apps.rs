@@ -122,8 +122,23 @@ impl Restored {
     }
 }
 
+/// The bytes of the old host's file at `path`, read without changing its
+/// access time: the test's own reads must not make the old host's files look
+/// read (a file read since its last write keeps its atime under relatime),
+/// which would hide what lazyfs meets on a real old host.
+pub fn read_untouched(path: &Path) -> Vec<u8> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
 /// Every regular file below `dir`, by path relative to it, with its bytes
-/// (symlinks are not followed).
+/// (symlinks are not followed; atimes are left as they are).
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -135,7 +150,7 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
                 stack.push(entry.path());
             } else if kind.is_file() {
                 let path = entry.path();
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), read_untouched(&path));
             }
         }
     }
