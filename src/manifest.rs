@@ -188,6 +188,9 @@ pub fn create(
     let mut entries = Vec::new();
     let files: Vec<(PathBuf, Option<u64>)> = match subtree {
         Some(dir) => {
+            if !root.join(relative(dir)).is_dir() {
+                return Err(ManifestError::EmptySubtree(dir.into()));
+            }
             let mut files = Vec::new();
             walk(root, dir, &mut files, &mut entries)?;
             files.into_iter().map(|path| (path.clone(), recorded.get(path.as_path()).copied().flatten())).collect()

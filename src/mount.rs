@@ -613,12 +613,10 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         .map_err(mount_err)?;
     // The kernel keeps pages across opens: a file fetched again must drop them.
     let notifier = session.notifier();
-    let inos: Vec<Option<u64>> = {
-        let ns = prepared.fs.namespace();
-        (0..prepared.fs.fetcher().files().len()).map(|i| ns.file_ino(i)).collect()
-    };
+    let fs = Arc::downgrade(&prepared.fs);
     prepared.fs.fetcher().on_started_over(Box::new(move |index| {
-        if let Some(ino) = inos.get(index).copied().flatten()
+        let ino = fs.upgrade().and_then(|fs| fs.namespace().file_ino(index));
+        if let Some(ino) = ino
             && let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
         {
             log::debug!("invalidating inode {ino}: {e}");

@@ -294,3 +294,31 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+#[test]
+fn a_file_changed_on_the_source_since_it_was_listed_is_failed_not_served() {
+    let env = TestEnv::new();
+    let root = env.path("source");
+    let records = old_host(&root, 3, 3);
+    let imgdir = images(&env, &records);
+    let mount = env.mount("changed", &imgdir, &Source::Local(root.clone()), &subtree_args());
+    let listed = std::fs::read_dir(mount.mountpoint.join("d0/n0")).unwrap().count();
+    assert!(listed >= 3, "{listed}");
+    let top = root.join(&DIR[1..]);
+    // One grows; the other keeps its size but gets a later mtime.
+    std::fs::write(top.join("d0/n0/f1.dat"), b"xy").unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+    let times = std::fs::FileTimes::new().set_modified(later);
+    std::fs::File::options().write(true).open(top.join("d0/n0/f2.dat")).unwrap().set_times(times).unwrap();
+    for name in ["f1.dat", "f2.dat"] {
+        let err = std::fs::read(mount.mountpoint.join("d0/n0").join(name)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}: {err}");
+    }
+    let status = mount.wait_for(|s| s["files_failed"] == 2, "both changed files fail");
+    for file in status["files"].as_array().unwrap().iter().filter(|f| f["state"] == "failed") {
+        assert!(file["error"].as_str().unwrap().contains("changed since it was listed"), "{file}");
+    }
+    // An unchanged neighbour is served.
+    let ok = std::fs::read(mount.mountpoint.join("d0/n0/f0.dat")).unwrap();
+    assert_eq!(ok, std::fs::read(top.join("d0/n0/f0.dat")).unwrap());
+}

@@ -337,7 +337,7 @@ impl Bench {
                 self.umount(&mountpoint);
             }
             let what = format!("--subtree over a directory of {files} files: `lazyfs mount` returns");
-            let against = (files > 100).then(|| "--subtree over a directory of 100 files: `lazyfs mount` returns");
+            let against = (files > 100).then_some("--subtree over a directory of 100 files: `lazyfs mount` returns");
             self.record("f", what, "s", mounted, against);
             let what = format!("--subtree over a directory of {files} files: first lookup (lists it)");
             self.record("f", what, "s", looked, None);

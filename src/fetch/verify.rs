@@ -79,6 +79,11 @@ fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Re
         None => {
             let size = file.size;
             let baseline = file.lock().baseline;
+            let now = second_look.as_ref().and_then(|look| look.as_ref().ok());
+            if let Some(reason) = now.and_then(|now| crate::source::changed_since_listed(file.listed, *now)) {
+                // Shown with the attributes its listing gave: never fetched again under other ones.
+                return file.fail_file(format!("{}: {reason}: not served", file.path.display()));
+            }
             match second_look {
                 Some(Ok(now)) if now.size != size => {
                     file.fail_file(format!(

@@ -186,8 +186,9 @@ impl<'a> Loader<'a> {
             Some(value) => TaskState::from_image(value)
                 .ok_or_else(|| self.invalid(&core_name, Invalid::UnknownTaskState(value)))?,
         };
-        let creds = core.as_ref().and_then(|c| c.thread_core.as_ref()).and_then(|t| t.creds.as_ref());
-        walk.fsuids.extend(creds.and_then(|c| c.fsuid.or(c.euid)));
+        if let Some(creds) = core.as_ref().and_then(|c| c.thread_core.clone()).and_then(|t| t.creds) {
+            walk.fsuids.extend(creds.fsuid.or(creds.euid));
+        }
         let required = match state {
             TaskState::Dead => return Ok(()),
             TaskState::Helper => false,
