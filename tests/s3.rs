@@ -517,3 +517,213 @@ fn push_help_and_bad_arguments() {
         assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{args:?}");
     }
 }
+
+// What a hostile or damaged store, and pushes that meet, can do to a mount
+// (the review of issue 26). Each test names the behaviour it expects.
+
+/// The store's index of `url`, as its protobuf.
+fn stored_index(bucket: &lazyfs::s3::Bucket, url: &str) -> lazyfs::s3::index::IndexProto {
+    use prost::Message;
+    let key = lazyfs::s3::S3Url::parse(url).unwrap().key(lazyfs::s3::index::INDEX);
+    let bytes = bucket.block_on(bucket.get(&key, None, 1 << 30, limits())).unwrap();
+    lazyfs::s3::index::IndexProto::decode(bytes.strip_prefix(b"lazyfs-index\n".as_slice()).unwrap()).unwrap()
+}
+
+/// Replaces the index of `url` with `proto`, and says the push of it is complete.
+fn replace_index(bucket: &lazyfs::s3::Bucket, url: &str, proto: lazyfs::s3::index::IndexProto) {
+    let url = lazyfs::s3::S3Url::parse(url).unwrap();
+    let bytes = lazyfs::s3::index::Index::encode(proto);
+    let id = blake3::hash(&bytes).to_hex().to_string();
+    bucket.block_on(bucket.put(&url.key(lazyfs::s3::index::INDEX), bytes.into())).unwrap();
+    bucket.block_on(bucket.put(&url.key(lazyfs::s3::index::DONE), id.into_bytes().into())).unwrap();
+}
+
+/// Replaces object `key` with `change` of its bytes.
+fn rewrite_object(bucket: &lazyfs::s3::Bucket, key: &str, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = bucket.block_on(bucket.get(key, None, 64 << 20, limits())).unwrap().to_vec();
+    change(&mut bytes);
+    bucket.block_on(bucket.put(key, bytes.into())).unwrap();
+}
+
+/// `try_mount`, kept mounted (and unmounted when dropped) if it mounted.
+fn mount_if_it_does(env: &TestEnv, name: &str, source: &Source, extra: &[&str]) -> (Output, Option<Mount>) {
+    let out = env.try_mount(name, &env.path("images"), source, extra);
+    let mount = out.status.success().then(|| Mount {
+        mountpoint: env.path("mnt").join(name),
+        cache: env.path("cache").join(name),
+        env_home: env.tmp.path().into(),
+    });
+    (out, mount)
+}
+
+#[test]
+fn a_forged_index_in_the_store_never_makes_a_mount_serve_other_bytes() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    let files = [("/f/config", 40_000), ("/f/other", 20_000)];
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let url = garage.url("forged");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+
+    // Whoever can write the prefix (not the old host, not the images) gives
+    // /f/config other bytes: stored under their own name, hashed into the
+    // index, the images' hash copied from the index that was there.
+    let bucket = bucket(&garage, &url);
+    let mut proto = stored_index(&bucket, &url);
+    let forged = content("forged", 40_000);
+    let (hashes, objects) = lazyfs::s3::index::hash_file(40_000, proto.object_size, |offset, buf| {
+        buf.copy_from_slice(&forged[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    })
+    .unwrap();
+    let key = lazyfs::s3::index::object_key(&proto.objects, &objects[0]);
+    bucket.block_on(bucket.put(&key, forged.clone().into())).unwrap();
+    let file = proto.files.iter_mut().find(|f| f.path == b"/f/config").unwrap();
+    file.blake3 = hashes.whole.to_vec();
+    file.chunk_blake3 = hashes.chunks.concat();
+    file.objects = objects.concat();
+    replace_index(&bucket, &url, proto);
+
+    // The images are what the new host trusts (copied from the old host):
+    // a mount either refuses the index or serves the old host's bytes.
+    let (out, mount) = mount_if_it_does(&env, "m", &s3(&garage, &url), &[]);
+    if let Some(mount) = mount {
+        let served = std::fs::read(mount.at("/f/config"));
+        assert!(
+            served.as_ref().is_ok_and(|b| *b == content("/f/config", 40_000)) || served.is_err(),
+            "a mount served bytes that only the store's index vouches for, not the images"
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn a_push_again_replaces_an_object_the_store_holds_with_other_bytes_of_its_size() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    let files = [("/d/db", 3 << 20)];
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let url = garage.url("mend");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
+    ok(&out);
+    let bucket = bucket(&garage, &url);
+    rewrite_object(&bucket, &object_key(&bucket, &url, "/d/db"), |bytes| bytes[100] ^= 1);
+
+    // A mount finds it (the file fails, naming the object); the user pushes again.
+    let (out, again) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
+    ok(&out);
+    assert_eq!(again["objects_sent"], 1, "the damaged object is sent again: {again}");
+    let mount = env.mount("m", &env.path("images"), &s3(&garage, &url), &["--prefetch"]);
+    let out = wait(&env, &mount);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    read_everything(&mount, &files);
+}
+
+#[test]
+fn an_object_shorter_than_its_index_says_fails_its_file_rather_than_the_store() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    let files = [("/t/big", 3 << 20), ("/t/fine", 50_000)];
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let url = garage.url("short");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
+    ok(&out);
+    // The object of bytes 1 MiB to 2 MiB keeps its first 100 bytes.
+    let bucket = bucket(&garage, &url);
+    rewrite_object(&bucket, &object_key(&bucket, &url, "/t/big"), |bytes| bytes.truncate(100));
+
+    let mount = env.mount("m", &env.path("images"), &s3(&garage, &url), &["--reconnect-timeout", "3"]);
+    // A read past the object's end: the store answers that range is not
+    // there (416), as it answers bytes that do not match: not served.
+    let mut buf = vec![0u8; 4096];
+    let err = File::open(mount.at("/t/big")).unwrap().read_exact_at(&mut buf, (3 << 20) / 2).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let status = mount.status();
+    let big = file(&status, "/t/big");
+    assert_eq!(big["state"], "failed", "a damaged object fails its file: {big}");
+    assert_ne!(status["state"], "degraded", "the store answers: it is not lost: {}", status["degraded_reason"]);
+    assert_eq!(std::fs::read(mount.at("/t/fine")).unwrap(), content("/t/fine", 50_000));
+}
+
+#[test]
+fn pushing_an_unchanged_checkpoint_again_stores_the_same_index() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/u/a", 70_000), ("/u/b", 10)]);
+    let url = garage.url("same");
+    let bucket = bucket(&garage, &url);
+    let done = lazyfs::s3::S3Url::parse(&url).unwrap().key(lazyfs::s3::index::DONE);
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let first = bucket.block_on(bucket.get(&done, None, 64, limits())).unwrap();
+    // A mount started during the first push (interrupted, then run again)
+    // holds the first index: `lazyfs.done` must name it for the mount to
+    // learn that the push is complete.
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let second = bucket.block_on(bucket.get(&done, None, 64, limits())).unwrap();
+    assert_eq!(first, second, "the push's own reads changed what it stores (the files' atimes)");
+}
+
+#[test]
+fn no_credentials_off_ec2_say_so_rather_than_blame_the_endpoint() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/n/a", 1000)]);
+    let url = garage.url("nocreds");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    // A host that is not an EC2 instance: nothing answers the instance
+    // metadata service's address (here a closed port on 127.0.0.1).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut vars: Vec<(String, String)> = garage
+        .env()
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_EC2_METADATA_DISABLED")
+        })
+        .collect();
+    vars.push(("AWS_METADATA_ENDPOINT".into(), format!("http://127.0.0.1:{closed}")));
+    let endpoint = &garage.env()[0].1;
+    let out = env.try_mount("m", &env.path("images"), &Source::S3 { url: url.clone(), env: vars.clone() }, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("credentials"), "{stderr}");
+    assert!(!stderr.contains(&format!("cannot connect to {endpoint}")), "the endpoint answers: {stderr}");
+    let out = env
+        .lazyfs()
+        .envs(vars)
+        .arg("push")
+        .arg(env.path("images"))
+        .arg(&url)
+        .arg("--source-root")
+        .arg(env.path("source"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "push: {stderr}");
+    assert!(stderr.contains("credentials"), "push: {stderr}");
+}
+
+#[test]
+fn an_index_for_other_images_is_refused_in_one_line_whatever_its_origin_says() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/o/a", 1000)]);
+    let url = garage.url("origin");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let bucket = bucket(&garage, &url);
+    let mut proto = stored_index(&bucket, &url);
+    proto.images = vec![0; 32];
+    proto.origin = "/srv/ckpt on host\nlazyfs: mounted, all is well \x1b[2K".into();
+    replace_index(&bucket, &url, proto);
+    let out = env.try_mount("m", &env.path("images"), &s3(&garage, &url), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("holds the files of other images"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "the store's words are shown as they are: {stderr}");
+    assert!(!stderr.contains('\x1b'), "a terminal escape from the store reached the terminal: {stderr:?}");
+}
