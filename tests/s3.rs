@@ -727,3 +727,61 @@ fn an_index_for_other_images_is_refused_in_one_line_whatever_its_origin_says() {
     assert_eq!(stderr.trim().lines().count(), 1, "the store's words are shown as they are: {stderr}");
     assert!(!stderr.contains('\x1b'), "a terminal escape from the store reached the terminal: {stderr:?}");
 }
+
+#[test]
+fn a_push_whose_index_another_push_replaced_meanwhile_does_not_say_it_pushed() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/a/slow", 8 << 20)]);
+    dataset(&env.path("source-b"), &env.path("images-b"), &[("/b/quick", 30_000)]);
+    let url = garage.url("race");
+    // Push A: many small objects one at a time, so it is still sending when B runs whole.
+    let mut a = env
+        .lazyfs()
+        .envs(garage.env())
+        .arg("push")
+        .arg(env.path("images"))
+        .arg(&url)
+        .arg("--source-root")
+        .arg(env.path("source"))
+        .args(["--object-size", "16K", "-j", "1", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(a.stdout.take().unwrap()).lines();
+    loop {
+        let line: Value = serde_json::from_str(&lines.next().expect("a progress line").unwrap()).unwrap();
+        if line["index_stored"] == true {
+            break;
+        }
+    }
+    let (out, _) = push(&env, &garage, "images-b", "source-b", &url, &[]);
+    ok(&out);
+    for _ in lines.by_ref() {}
+    let a = a.wait_with_output().unwrap();
+    let (a_stderr, a_code) = (String::from_utf8_lossy(&a.stderr), a.status.code());
+
+    // Either push A says it lost the prefix to another push, or what A
+    // told its user holds: its images mount from the prefix.
+    let (mounted, mount) = mount_if_it_does(&env, "a", &s3(&garage, &url), &[]);
+    if a_code == Some(0) {
+        assert!(
+            mount.is_some(),
+            "push A said `{}` (exit 0), but its images do not mount: {}",
+            a_stderr.trim(),
+            String::from_utf8_lossy(&mounted.stderr)
+        );
+    }
+    // And `lazyfs.done` names the index that is there, or none.
+    let bucket = bucket(&garage, &url);
+    let parsed = lazyfs::s3::S3Url::parse(&url).unwrap();
+    let index = bucket.block_on(bucket.get(&parsed.key(lazyfs::s3::index::INDEX), None, 1 << 30, limits())).unwrap();
+    if let Ok(done) = bucket.block_on(bucket.get(&parsed.key(lazyfs::s3::index::DONE), None, 64, limits())) {
+        assert_eq!(
+            done,
+            blake3::hash(&index).to_hex().as_bytes(),
+            "lazyfs.done names another index than the one there"
+        );
+    }
+}
