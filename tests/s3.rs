@@ -785,3 +785,40 @@ fn a_push_whose_index_another_push_replaced_meanwhile_does_not_say_it_pushed() {
         );
     }
 }
+
+#[test]
+fn an_endpoint_without_a_scheme_is_a_one_line_error_not_a_panic() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/s/a", 1000)]);
+    // What a newcomer types for a store on this host (no Garage needed: it is refused before any request).
+    for endpoint in ["127.0.0.1:3900", "localhost:3900"] {
+        let vars = [
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_ACCESS_KEY_ID", "GK0123456789abcdef01234567"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ];
+        let source = Source::S3 {
+            url: "s3://lazyfs-test/x".into(),
+            env: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let mount = env.try_mount("m", &env.path("images"), &source, &[]);
+        let push = env
+            .lazyfs()
+            .envs(vars)
+            .arg("push")
+            .arg(env.path("images"))
+            .arg("s3://lazyfs-test/x")
+            .arg("--source-root")
+            .arg(env.path("source"))
+            .output()
+            .unwrap();
+        for (what, out) in [("mount", mount), ("push", push)] {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what} with AWS_ENDPOINT_URL={endpoint}: {stderr}");
+            assert!(stderr.contains(endpoint) && stderr.contains("http://"), "{what}: says what to give: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "{what}: {stderr}");
+        }
+    }
+}

@@ -161,8 +161,10 @@ impl Bucket {
         for (key, value) in settings.overrides {
             builder = builder.with_config(key, value);
         }
+        // The one the client uses: `AWS_ENDPOINT_URL_S3` before `AWS_ENDPOINT_URL`.
         let endpoint = builder
-            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint))
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", settings.region));
         let store =
             builder.with_region(&settings.region).build().map_err(|e| S3Error::Config(format!("{url}: {e}")))?;
@@ -364,6 +366,21 @@ fn innermost(error: &object_store::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_the_endpoint_the_client_uses() {
+        let url = S3Url::parse("s3://ckpt-bucket/app").unwrap();
+        let vars = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            let base = [("AWS_ACCESS_KEY_ID", "a"), ("AWS_SECRET_ACCESS_KEY", "b"), ("AWS_ALLOW_HTTP", "true")];
+            base.iter().chain(pairs).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let only_s3 = Bucket::open_with(&url, &vars(&[("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9001")])).unwrap();
+        assert_eq!(only_s3.endpoint, "http://127.0.0.1:9001");
+        let both = [("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9001"), ("AWS_ENDPOINT_URL", "http://127.0.0.1:9002")];
+        assert_eq!(Bucket::open_with(&url, &vars(&both)).unwrap().endpoint, "http://127.0.0.1:9001");
+        let general = Bucket::open_with(&url, &vars(&[("AWS_ENDPOINT_URL", "http://127.0.0.1:9002")])).unwrap();
+        assert_eq!(general.endpoint, "http://127.0.0.1:9002");
+    }
 
     #[test]
     fn urls() {

@@ -104,6 +104,14 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
             value
         }
     };
+    // The client takes any text and panics on the first request if it is not a URL.
+    let is_url = |e: &str| reqwest::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+    if let Some(endpoint) = endpoint.as_ref().filter(|e| !is_url(e)) {
+        return Err(S3Error::Config(format!(
+            "the endpoint {endpoint} is not a URL: give https://HOST[:PORT] (or http://HOST:PORT with \
+             AWS_ALLOW_HTTP=true for a plain-http test store)"
+        )));
+    }
     let allow_http = env("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
     if let Some(endpoint) = endpoint.filter(|e| e.starts_with("http://") && !allow_http) {
         return Err(S3Error::Config(format!(
@@ -215,5 +223,20 @@ mod tests {
         let err = settings(&with(&[("AWS_EC2_METADATA_DISABLED", "true")])).err().expect("refused").to_string();
         assert!(err.starts_with("no AWS credentials"), "{err}");
         assert!(settings(&with(&[])).is_ok(), "the instance's role is tried last");
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_a_url_is_said_before_any_request() {
+        for endpoint in ["127.0.0.1:3900", "localhost:3900", "s3.example.com", "ftp://127.0.0.1/", "http://"] {
+            let vars = [("AWS_ENDPOINT_URL", endpoint), ("AWS_ALLOW_HTTP", "true"), ("AWS_ACCESS_KEY_ID", "a")];
+            let err = settings(&with(&vars)).err().expect("refused").to_string();
+            assert!(err.contains("is not a URL") && err.contains("https://"), "{endpoint}: {err}");
+        }
+        let vars = [("AWS_ENDPOINT_URL_S3", "localhost:3900"), ("AWS_ENDPOINT_URL", "http://127.0.0.1:3900")];
+        assert!(settings(&with(&vars)).is_err(), "the endpoint used is the S3 one");
+        for endpoint in ["http://127.0.0.1:3900", "https://s3.example.com", "http://localhost:3900/"] {
+            let vars = [("AWS_ENDPOINT_URL", endpoint), ("AWS_ALLOW_HTTP", "true"), ("AWS_ACCESS_KEY_ID", "a")];
+            assert!(settings(&with(&vars)).is_ok(), "{endpoint}");
+        }
     }
 }
