@@ -8,6 +8,7 @@ pub mod detached;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;
+pub mod identity;
 pub mod images;
 pub mod manifest;
 pub mod mount;

@@ -1,7 +1,7 @@
 //! `lazyfs mount`: from the command line's request to a live FUSE mount, and
 //! its life until it is unmounted.
 
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -14,13 +14,16 @@ use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
 use crate::fs::{Filesystem, FsConfig, ServedSpec};
 use crate::fuse::FuseAdapter;
+use crate::identity::{self, CacheIdentity, CheckedSource, SourceIdentity, Verdict};
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
 use crate::recording::{self, Recording, RecordingError};
-use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
+use crate::source::Connection;
+use crate::source::{self, Source, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
-use crate::store::journal::{self, Journal, Owner};
+use crate::store::journal::proto::JournalRecord;
+use crate::store::journal::{self, Journal, Loaded, Owner};
 use crate::store::{Store, StoreError};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -45,6 +48,10 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("{0}")]
+    Journal(journal::Damage),
 }
 
 impl MountError {
@@ -55,7 +62,8 @@ impl MountError {
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
             | MountError::Manifest(_)
-            | MountError::Recording(_) => exit::BAD_INPUT,
+            | MountError::Recording(_)
+            | MountError::Identity(_) => exit::BAD_INPUT,
             MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
                 exit::BAD_INPUT
             }
@@ -85,6 +93,11 @@ pub struct MountRequest {
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
     pub manifest: Option<PathBuf>,
+    /// Drop the local changes earlier mounts made (and start afresh where
+    /// the cache dir's files are not this mount's).
+    pub discard_local_changes: bool,
+    /// Mount with the records before the damage of a damaged journal.
+    pub recover_journal: bool,
 }
 
 impl MountRequest {
@@ -106,7 +119,7 @@ impl MountRequest {
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
         let cache_dir = match &args.cache_dir {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root)?,
+            None => default_cache_dir(&args.imgdir, &source::spelling(&source, &args.source_root))?,
         };
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
@@ -131,14 +144,18 @@ impl MountRequest {
                 .manifest
                 .clone()
                 .or_else(|| Some(args.imgdir.join(manifest::DEFAULT_NAME)).filter(|p| p.exists())),
+            discard_local_changes: args.discard_local_changes,
+            recover_journal: args.recover_journal,
         })
     }
 }
 
 /// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`; without a
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
-/// where ID names the images and the source, so mounting them again resumes.
-pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Result<PathBuf, MountError> {
+/// where ID names the images and the source (`spelling`: SOURCE and
+/// --source-root normalized, see `source::spelling`), so mounting them again
+/// resumes, however SOURCE is spelled.
+pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/cache/lazyfs")
@@ -151,7 +168,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Res
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
-    for part in [imgdir.as_os_str().as_bytes(), source.as_bytes(), source_root.as_os_str().as_bytes()] {
+    for part in [imgdir.as_os_str().as_bytes(), spelling.as_bytes()] {
         key.extend_from_slice(part);
         key.push(0);
     }
@@ -166,6 +183,11 @@ pub struct Prepared {
     pub source_name: String,
     /// Whose files the cache dir holds.
     owner: Owner,
+    /// The source, and what is known of it (journaled at unmount).
+    source: Arc<CheckedSource>,
+    /// What the journal says of the files this mount does not serve (outside
+    /// its --subtree): kept for the mounts that do.
+    outside: Vec<JournalRecord>,
     /// What the person mounting should know (the mount works regardless).
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits.
@@ -225,29 +247,49 @@ pub fn prepare_with(
         }
         _ => None,
     };
+    let (spelling, shown) = source::identify(&request.source, &request.source_root);
+    let wanted = wanted_identity(&request, spelling.clone(), shown)?;
+    let loaded = load_journal(&store, &request, &mut warnings)?;
+    let verdict = identity::judge(store.dir().path(), &loaded, &wanted, request.discard_local_changes)?;
+    let local = crate::store::local::LocalFiles::open(store.dir())?;
+    let (mut records, mut local_changes) = (loaded.records, loaded.local);
+    let mut created_ns = loaded.owner.created_ns;
+    match &verdict {
+        Verdict::Use => {}
+        Verdict::Afresh(reason) => {
+            warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
+            store.clear_spills()?;
+            local.clear()?;
+            records.clear();
+            local_changes.clear();
+            created_ns = 0;
+        }
+        Verdict::Discard => {
+            let modified = records.values().filter(|r| r.modified).count();
+            warnings.push(format!(
+                "{}: dropping {} local change(s) to names and attributes and the local writes to {modified} file(s) \
+                 (--discard-local-changes)",
+                store.dir().path().display(),
+                local_changes.len()
+            ));
+            records.retain(|_, r| !r.modified);
+            local.clear()?;
+            local_changes.clear();
+        }
+    }
+    if created_ns == 0 {
+        created_ns = nanos_now();
+    }
+    let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if !identity::knows(&identity, &spelling) {
+        log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
+    }
+    let known = identity.source.clone().unwrap_or_default();
     for warning in &warnings {
         log::warn!("{warning}");
     }
-    let (loaded, warning) = journal::load(store.dir())?;
-    if let Some(warning) = warning {
-        log::warn!("{warning}");
-    }
-    let owner = cache_owner(&request)?;
-    let mut records = loaded.records;
-    let mut local_changes = loaded.local;
-    if loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty()) {
-        let held = match loaded.owner.name.as_str() {
-            "" => "files of an unknown checkpoint".to_string(),
-            name => format!("the files of {name}"),
-        };
-        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().path().display(), owner.name);
-        store.clear_spills()?;
-        records.clear();
-        local_changes.clear();
-    }
-    let source = open_source()?;
-    let mut connection = source.connect()?;
 
+    let mut source = SourceNeeded { open: Some(open_source), spelling, known, source: None, connection: None };
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
         let record = records.get(file.path.as_os_str().as_bytes());
@@ -264,12 +306,16 @@ pub fn prepare_with(
             continue;
         }
         let expected = manifest.as_ref().and_then(|m| m.get(&file.path)).cloned();
-        // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
-        let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
+        // CRIU records no size for some files (O_APPEND opens): ask the
+        // manifest, what arrived of it whole before, or the source.
+        let verified = record.filter(|r| r.verified.is_some()).map(|r| r.size);
+        let size = match file.size.or(expected.as_ref().map(|e| e.size)).or(verified) {
             Some(size) => size,
-            None => match connection.stat(&file.source_path) {
+            None => match source.connection().and_then(|c| c.stat(&file.source_path)) {
                 Ok(stat) => stat.size,
-                Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
+                Err(
+                    e @ (SourceError::NotFound { .. } | SourceError::Changed { .. } | SourceError::NotTheSource(_)),
+                ) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));
                     continue;
                 }
@@ -298,10 +344,24 @@ pub fn prepare_with(
         };
         files.push(Arc::new(fetch_file));
     }
-    let kept = local_changes.iter().cloned().map(journal::local_record).collect();
-    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
+    // What this mount does not serve (outside --subtree) stays known.
+    let served_paths: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    let mut kept: Vec<JournalRecord> = records
+        .iter()
+        .filter(|(path, _)| !served_paths.contains(path.as_slice()))
+        .flat_map(|(path, record)| journal::file_records(path, record))
+        .collect();
+    let outside = kept.clone();
+    kept.extend(local_changes.iter().cloned().map(journal::local_record));
 
-    let source_name = source.describe();
+    // The cache is the source once every file is here: the old host may be gone.
+    let needed = files.iter().any(|f| matches!(f.phase(), Phase::Pending | Phase::Fetching | Phase::Present));
+    let (checked, connection) = source.finish(needed, &request.source_arg, &mut warnings)?;
+    let owner = Owner { identity: Some(CacheIdentity { source: Some(checked.known()), ..identity }), created_ns };
+    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
+    checked.on_confirmed(journal.source_recorder());
+
+    let source_name = checked.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
     let order = match (&request.order, recording) {
         (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
@@ -310,7 +370,7 @@ pub fn prepare_with(
         (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
     };
     let fetcher = Fetcher::start(
-        source,
+        checked.clone(),
         connection,
         files,
         journal,
@@ -320,6 +380,7 @@ pub fn prepare_with(
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
+        created: from_nanos(created_ns),
     };
     let specs = served
         .iter()
@@ -329,9 +390,18 @@ pub fn prepare_with(
             written: f.flags & libc::O_ACCMODE as u32 != 0,
         })
         .collect();
-    let local = crate::store::local::LocalFiles::open(store.dir())?;
     let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config)?;
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
+    Ok(Prepared {
+        request,
+        fs: Arc::new(fs),
+        store,
+        source_name,
+        owner,
+        source: checked,
+        outside,
+        warnings,
+        _claim: claim,
+    })
 }
 
 /// Claims `mountpoint` for this process before anything else is done: of
@@ -350,35 +420,133 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
     }
 }
 
-/// Which checkpoint and source a cache dir is for: a blake3 of every image
-/// file (but the memory pages, which are large and say nothing of files), the
-/// source and its root.
-fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MountError::Store(StoreError::Io { path, source })
-    };
-    let dir = &request.imgdir;
-    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .map(|entry| entry.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(io(dir))?;
-    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
-    names.sort();
-    let mut hasher = blake3::Hasher::new();
-    for name in names {
-        let path = dir.join(&name);
-        hasher.update(name.as_bytes()).update(&[0]);
-        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, &mut hasher).map_err(io(&path))?;
-    }
-    for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
-        hasher.update(&[0]).update(part);
-    }
-    Ok(Owner {
-        id: hasher.finalize().as_bytes().to_vec(),
-        name: format!("{} from {}", dir.display(), request.source_arg),
+/// What this mount asks its cache dir's files to be (see `identity`).
+fn wanted_identity(
+    request: &MountRequest,
+    spelling: String,
+    shown: Option<source::Shown>,
+) -> Result<CacheIdentity, MountError> {
+    let images = identity::images_hash(&request.imgdir)
+        .map_err(|source| MountError::Store(StoreError::Io { path: request.imgdir.clone(), source }))?;
+    Ok(CacheIdentity {
+        images,
+        imgdir: request.imgdir.display().to_string(),
+        layout: identity::layout_name(request.layout).into(),
+        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        source: Some(SourceIdentity {
+            spellings: vec![spelling],
+            kind: shown.as_ref().map_or("", |s| s.kind).into(),
+            host_keys: shown.as_ref().map(|s| s.host_keys.clone()).unwrap_or_default(),
+            root: shown.map(|s| s.root.into_os_string().into_vec()).unwrap_or_default(),
+        }),
     })
+}
+
+/// The cache dir's journal. A damaged one refuses the mount, unless
+/// `--recover-journal` (keep what comes before the damage) or
+/// `--discard-local-changes` (set it aside: start afresh) says what to do.
+fn load_journal(store: &Store, request: &MountRequest, warnings: &mut Vec<String>) -> Result<Loaded, MountError> {
+    let damage = match journal::load(store.dir())? {
+        Ok(loaded) => return Ok(loaded),
+        Err(damage) => damage,
+    };
+    if request.recover_journal {
+        let kept = journal::keep_intact(store.dir(), &damage)?;
+        warnings.push(format!(
+            "{}: kept the {} record(s) before the damage at byte {}; the damaged journal is kept as {}",
+            damage.path.display(),
+            damage.intact,
+            damage.at,
+            kept.display()
+        ));
+        return journal::load(store.dir())?.map_err(MountError::Journal);
+    }
+    if request.discard_local_changes {
+        let aside = journal::set_aside(store.dir(), "discarded")?;
+        warnings.push(format!(
+            "{}: {} (--discard-local-changes: set aside as {}, starting afresh)",
+            damage.path.display(),
+            damage.reason,
+            aside.unwrap_or_default().display()
+        ));
+        // Nothing says whose the files left are: start afresh.
+        let unknown = Loaded { local: vec![Default::default()], ..Loaded::default() };
+        return Ok(unknown);
+    }
+    Err(MountError::Journal(damage))
+}
+
+fn nanos_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn from_nanos(ns: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+}
+
+/// The source, and the connection made to it at mount time, if any.
+type Reached = (Arc<CheckedSource>, Option<Box<dyn Connection>>);
+
+/// The source, opened (checked on every connection: [`CheckedSource`]) and
+/// connected only if the mount needs it.
+struct SourceNeeded<F> {
+    open: Option<F>,
+    spelling: String,
+    known: SourceIdentity,
+    source: Option<Arc<CheckedSource>>,
+    connection: Option<Box<dyn Connection>>,
+}
+
+impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
+    fn open(&mut self) -> Result<Arc<CheckedSource>, SourceError> {
+        if let Some(source) = &self.source {
+            return Ok(source.clone());
+        }
+        let inner = (self.open.take().expect("opened once"))()?;
+        let source = Arc::new(CheckedSource::new(inner, self.spelling.clone(), self.known.clone()));
+        self.source = Some(source.clone());
+        Ok(source)
+    }
+
+    /// A connection, made at the first call.
+    fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+        if self.connection.is_none() {
+            self.connection = Some(self.open()?.connect()?);
+        }
+        Ok(self.connection.as_mut().expect("connected above").as_mut())
+    }
+
+    /// The source, and a connection to it if the mount `needed` it (an
+    /// unreachable source then fails the mount). One that is not the source
+    /// the cache dir was filled from is not fetched from: the files that need
+    /// it fail, saying why, and nothing held is dropped. Not needed, the
+    /// source is not contacted, and need not be there at all.
+    fn finish(mut self, needed: bool, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
+        if needed {
+            return match self.connection() {
+                Ok(_) => Ok((self.open()?, self.connection)),
+                Err(SourceError::NotTheSource(message)) => {
+                    log::warn!("{message}");
+                    warnings.push(message);
+                    Ok((self.open()?, None))
+                }
+                Err(e) => Err(e),
+            };
+        }
+        warnings.push(format!(
+            "every file is in the cache dir: {name} is not contacted (the cache is the source: the old host is no \
+             longer needed)"
+        ));
+        let source = match self.open() {
+            Ok(source) => source,
+            Err(e) => {
+                let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
+                Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
+            }
+        };
+        Ok((source, self.connection))
+    }
 }
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
@@ -734,8 +902,11 @@ impl Prepared {
             log::error!("{e}");
         }
         let mut snapshot = fetcher.snapshot();
+        snapshot.extend(self.outside.iter().cloned());
         snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
-        if let Err(e) = Journal::create(self.store.dir(), &self.owner, snapshot, Vec::new()) {
+        let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
+        let owner = Owner { identity, ..self.owner.clone() };
+        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
             log::error!("compacting the journal: {e}");
         }
         // A mount nobody read through keeps the recording of the one before.

@@ -7,19 +7,11 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::harness::Core;
 use common::mount::content;
 use common::tmpfs::Tmpfs;
-
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// A 200-character name that differs with `n`.
 fn long_name(n: usize) -> String {
@@ -106,8 +98,9 @@ fn a_damaged_journal_refuses_the_mount_and_keeps_every_file() {
 
     let journal = core.cache.join("journal");
     let mut damaged = std::fs::read(&journal).unwrap();
-    let middle = damaged.windows(2).rposition(|w| w == b"/b").unwrap();
-    damaged[middle + 1] ^= 0x55;
+    // The creation of "b" (a Local record's path: field 2, one byte long), followed by more.
+    let middle = damaged.windows(3).position(|w| w == [0x12, 1, b'b']).unwrap();
+    damaged[middle + 2] ^= 0x55;
     std::fs::write(&journal, &damaged).unwrap();
     let before = cache_files(&core.cache);
 
@@ -116,6 +109,21 @@ fn a_damaged_journal_refuses_the_mount_and_keeps_every_file() {
     assert!(err.contains(&journal.display().to_string()), "names the journal: {err}");
     assert!(err.contains("--recover-journal"), "says how to go on: {err}");
     assert_eq!(cache_files(&core.cache), before, "nothing in the cache dir changed");
+
+    // Recovering keeps the records before the damage; the bytes of the files
+    // made after it stay in the cache dir, the damaged journal too.
+    core.mount_with(0, |r| r.recover_journal = true).unwrap();
+    assert_eq!(core.read("/a", 0, 10).unwrap(), b"/a");
+    assert_eq!(core.read("/f", 0, 5).unwrap(), b"local");
+    assert!(!core.exists("/b") && !core.exists("/c"));
+    core.unmount();
+    let after = cache_files(&core.cache);
+    let kept =
+        |name: &str| after.iter().filter(|(n, _)| n.starts_with(name)).map(|(_, b)| b.clone()).collect::<Vec<_>>();
+    assert_eq!(kept("journal.damaged-"), [damaged]);
+    let mut lost = kept("local/lost+found-");
+    lost.sort();
+    assert_eq!(lost, [b"/b".to_vec(), b"/c".to_vec()]);
 }
 
 /// Every file in the cache dir with its bytes, but the log and the lock.
@@ -210,11 +218,22 @@ fn finding_3_a_remount_needs_no_source_once_every_file_is_here() {
     assert!(!core.fs().fetcher().source_needed());
     core.unmount();
 
-    // An empty directory as SOURCE is no way to lose the local layer either.
+    // An empty directory as SOURCE is no way to lose the local layer either:
+    // in the old one's place it is the same source, and not needed; another
+    // one is refused.
     std::fs::create_dir_all(&core.source).unwrap();
     core.mount(0).unwrap();
     assert_eq!(core.read("/d/local", 0, 10).unwrap(), b"mine");
     assert_eq!(core.read("/d/f", 0, 50_000).unwrap(), bytes);
+    core.unmount();
+    let (old, empty) = (core.source.clone(), core.dir.path().join("empty"));
+    std::fs::create_dir_all(&empty).unwrap();
+    core.source = empty;
+    let refused = core.mount(0).map(|()| core.unmount()).unwrap_err().to_string();
+    assert!(refused.contains("--discard-local-changes"), "{refused}");
+    core.source = old;
+    core.mount(0).unwrap();
+    assert_eq!(core.read("/d/local", 0, 10).unwrap(), b"mine");
     core.unmount();
 }
 
@@ -224,7 +243,7 @@ fn finding_3_a_remount_needs_no_source_once_every_file_is_here() {
 #[test]
 fn finding_4_the_verifier_never_fails_a_file_written_locally() {
     let bytes = content("/v", 100_000);
-    let mut core = Core::new(&[("/v", bytes.clone(), true)]);
+    let mut core = Core::new(&[("/v", bytes.clone(), true), ("/w", b"w".to_vec(), true)]);
     core.mount(0).unwrap();
     let fs = core.fs().clone();
     let ino = core.ino("/v");
@@ -244,7 +263,9 @@ fn finding_4_the_verifier_never_fails_a_file_written_locally() {
     });
     assert_eq!(core.read("/v", 0, 100_000).unwrap(), bytes);
     assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), Ok(5));
-    wait_until("the verifier never looked", || core.state("/v") != "present");
+    // The verifier takes files in order: once /w is verified, it is done with /v.
+    assert_eq!(core.read("/w", 0, 1).unwrap(), b"w");
+    core.wait_state("/w", |s| s == "verified");
     assert_eq!(core.state("/v"), "modified");
     assert_eq!(core.write("/v", 5, b"again"), Ok(5));
     core.unmount();

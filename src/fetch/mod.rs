@@ -188,6 +188,8 @@ struct Owned {
     removed: bool,
     /// Requests for it the source left unanswered while answering others.
     timeouts: u32,
+    /// Its `Modified` record is known to be durable (a write is answered only then).
+    modified_durable: bool,
 }
 
 struct Waiter {
@@ -228,12 +230,13 @@ impl FetchFile {
                 generation: 0,
                 in_flight: HashSet::new(),
                 waiters: Vec::new(),
-                phase,
                 baseline: None,
                 restarts: 0,
                 timeouts: 0,
                 read_whole: false,
                 removed: false,
+                modified_durable: phase == Phase::Modified,
+                phase,
             }),
         }
     }
@@ -339,11 +342,12 @@ impl FetchFile {
 
     /// The claim could not be fetched. With `whole_file`, the file fails for
     /// good; otherwise only the readers of these chunks are told. A claim of
-    /// an older generation was dropped with it: nothing to do.
+    /// an older generation was dropped with it, and a file changed locally no
+    /// longer depends on the source: nothing to do.
     fn fail(&self, claim: &Claim, error: &FetchError, whole_file: bool) {
         let failed: Vec<Waiter> = {
             let mut state = self.lock();
-            if state.generation != claim.generation {
+            if state.generation != claim.generation || state.phase == Phase::Modified {
                 return;
             }
             for chunk in claim.chunks.clone() {
@@ -364,11 +368,27 @@ impl FetchFile {
         }
     }
 
-    /// Fails the file for good (nothing was claimed).
+    /// Fails the file for good (nothing was claimed), unless it was changed
+    /// locally (see [`FetchFile::fail`]).
     fn fail_file(&self, message: String) {
-        log::error!("{message}");
         let generation = self.lock().generation;
+        self.fail_in(generation, message);
+    }
+
+    /// [`FetchFile::fail_file`] if it is still in generation `generation`.
+    fn fail_in(&self, generation: u64, message: String) {
+        log::error!("{message}");
         self.fail(&Claim { generation, chunks: 0..0 }, &FetchError::new(message), true);
+    }
+
+    /// Gives back the disk blocks of a claim that could not land (the cache
+    /// filesystem is full), if the claim still holds: under the lock, so
+    /// never bytes a restart or a local write put there since.
+    fn give_back(&self, claim: &Claim) {
+        let state = self.lock();
+        if state.generation == claim.generation && !state.phase.is_settled() {
+            self.spill.discard(self.chunk_bytes(claim.chunks.clone()));
+        }
     }
 
     fn mark_read_whole(&self) {
@@ -646,7 +666,7 @@ impl Shared {
             Err(FetchFailure::Store(e)) if e.is_no_space() => {
                 // Not the file's fault: give the blocks back, tell the readers
                 // waiting, and try again once there may be room.
-                file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
+                file.give_back(claim);
                 let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
                 self.health.cache_full(Some(reason.clone()));
                 if self.prefetching.load(Ordering::Relaxed) {
@@ -871,11 +891,12 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// Starts the lanes: the on-demand lane on `connection` (opened at mount
-    /// time, so an unreachable source fails the mount), the verifier, and
+    /// time, so an unreachable source fails the mount; none where no file
+    /// needs the source: it connects when first needed), the verifier, and
     /// with `config.jobs > 0` the prefetch workers.
     pub fn start(
         source: Arc<dyn Source>,
-        connection: Box<dyn Connection>,
+        connection: Option<Box<dyn Connection>>,
         files: Vec<Arc<FetchFile>>,
         journal: Journal,
         config: FetchConfig,
@@ -900,7 +921,10 @@ impl Fetcher {
                 shared.send_to_verifier(index);
             }
         }
-        let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
+        let link = match connection {
+            Some(connection) => lane::Link::with_connection(source.clone(), shared.health.clone(), connection),
+            None => lane::Link::new(source.clone(), shared.health.clone()),
+        };
         lane::spawn_on_demand(link, &source, &shared);
         let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
         let recorder = Recorder::new(shared.files.len());
@@ -952,7 +976,7 @@ impl Fetcher {
 
     /// Why the mount is degraded (the source not answering, the cache full).
     pub fn degraded(&self) -> Option<String> {
-        self.shared.health.degraded()
+        self.shared.health.degraded().or_else(|| self.shared.journal.refusing())
     }
 
     pub fn prefetching(&self) -> bool {
@@ -1015,7 +1039,7 @@ impl Fetcher {
         };
         let shared = self.shared.clone();
         let done = Box::new(move |result: Result<(u32, bool), FetchError>| {
-            reply(result.and_then(|(written, newly)| shared.durable(newly, written)))
+            reply(result.and_then(|(written, unsynced)| shared.durable(index, unsynced, written)))
         });
         with_present(&self.shared, index, all, op, done)
     }
@@ -1038,12 +1062,12 @@ impl Fetcher {
         };
         let shared = self.shared.clone();
         let done = Box::new(move |result: Result<(u64, bool, Vec<Waiter>), FetchError>| {
-            let result = result.and_then(|(size, newly, waiters)| {
+            let result = result.and_then(|(size, unsynced, waiters)| {
                 // Every chunk is "present" now: whoever waited reads the new length.
                 for waiter in waiters {
                     (waiter.done)(Ok(()));
                 }
-                shared.durable(newly, size)
+                shared.durable(index, unsynced, size)
             });
             reply(result)
         });
@@ -1102,20 +1126,24 @@ impl Shared {
     }
 
     /// The file (locked as `state`) was just changed locally: it is local from
-    /// now on. Whether it was not before (its journal record is then sent).
+    /// now on (its journal record is sent the first time). Whether that
+    /// record is not yet known to be durable.
     fn made_local(&self, index: usize, state: &mut Owned) -> bool {
-        let newly = state.phase != Phase::Modified;
-        state.phase = Phase::Modified;
-        if newly {
+        if state.phase != Phase::Modified {
+            state.phase = Phase::Modified;
+            state.modified_durable = false;
             self.journal.modified(self.files[index].path_bytes());
         }
-        newly
+        !state.modified_durable
     }
 
-    /// `value`, once the journal has on disk what a local change sent it.
-    fn durable<T>(&self, newly: bool, value: T) -> Result<T, FetchError> {
-        if newly {
-            self.journal.flush().map_err(|e| FetchError::new(e.to_string()))?;
+    /// `value`, once the journal has on disk that file `index` is local
+    /// (`unsynced`: it may not have yet). Every write is answered only then:
+    /// one after a failed flush waits for the record too.
+    fn durable<T>(&self, index: usize, unsynced: bool, value: T) -> Result<T, FetchError> {
+        if unsynced {
+            self.journal.flush()?;
+            self.files[index].lock().modified_durable = true;
         }
         Ok(value)
     }
@@ -1169,11 +1197,7 @@ pub fn create_journal(
 ) -> Result<Journal, StoreError> {
     let journal_files = files
         .iter()
-        .map(|f| journal::JournalFile {
-            path: f.path_bytes().to_vec(),
-            size: f.size,
-            spill: f.spill.path().to_path_buf(),
-        })
+        .map(|f| journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill: f.spill.location() })
         .collect();
     let mut records = snapshot(files);
     records.extend(kept);

@@ -206,9 +206,24 @@ impl CacheDir {
         let mut out = self
             .open_with(tmp.as_ref(), OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
             .map_err(io_err(&tmp_path))?;
-        out.write_all(bytes).and_then(|()| out.sync_all()).map_err(io_err(&tmp_path))?;
+        if let Err(e) = out.write_all(bytes).and_then(|()| out.sync_all()) {
+            // A full disk: what was written of it gives its room back.
+            let _ = self.remove(&tmp);
+            return Err(io_err(&tmp_path)(e));
+        }
         self.rename(&tmp, name)?;
         self.sync()
+    }
+
+    /// fsyncs the data of `name` here, opened through this directory's
+    /// descriptor (never a path that could lead elsewhere); a missing one
+    /// holds nothing to sync.
+    pub fn sync_file(&self, name: &str) -> Result<(), StoreError> {
+        match self.open_read(name) {
+            Ok(file) => file.sync_data().map_err(io_err(&self.join(name))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&self.join(name))(e)),
+        }
     }
 
     /// Renames `from` to `to`, both in this directory.

@@ -110,6 +110,10 @@ struct FaultConnection {
 }
 
 impl Connection for FaultConnection {
+    fn shows(&self) -> Option<lazyfs::source::Shown> {
+        self.inner.shows()
+    }
+
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
         if let Some(hook) = self.plan.stat_hook.lock().unwrap().as_mut() {
             hook(path);
@@ -210,6 +214,8 @@ impl Core {
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
+            discard_local_changes: false,
+            recover_journal: false,
         }
     }
 
