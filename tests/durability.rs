@@ -353,3 +353,35 @@ fn finding_7_a_remount_keeps_the_times_of_the_checkpoint_files() {
     assert_eq!(times(&core), first);
     core.unmount();
 }
+
+/// Finding 6: spill files are synced through the cache dir's descriptor,
+/// never by a path: with the cache dir's path now leading elsewhere (a link
+/// to a decoy), the decoy's files are never opened, and the journal still
+/// claims only chunks that were synced where they were written.
+#[test]
+fn finding_6_spill_files_are_synced_through_descriptors_not_paths() {
+    let bytes = content("/f", 200_000);
+    let mut core = Core::new(&[("/f", bytes.clone(), true)]);
+    core.mount(0).unwrap();
+    let real = core.dir.path().join("cache.real");
+    std::fs::rename(&core.cache, &real).unwrap();
+    let decoy = core.dir.path().join("decoy");
+    std::fs::create_dir_all(decoy.join("spill")).unwrap();
+    let name = lazyfs::store::spill_name(Path::new("/f"));
+    std::fs::write(decoy.join("spill").join(&name), vec![0; 200_000]).unwrap();
+    std::os::unix::fs::symlink(&decoy, &core.cache).unwrap();
+
+    // SAFETY: plain inotify calls on a descriptor this test owns.
+    let inotify = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(inotify >= 0);
+    let watched = std::ffi::CString::new(decoy.join("spill").to_str().unwrap()).unwrap();
+    assert!(unsafe { libc::inotify_add_watch(inotify, watched.as_ptr(), libc::IN_OPEN) } >= 0);
+    assert_eq!(core.read("/f", 0, 200_000).unwrap(), bytes);
+    core.fs().fetcher().journal().flush().unwrap();
+    let mut events = [0u8; 4096];
+    let read = unsafe { libc::read(inotify, events.as_mut_ptr().cast(), events.len()) };
+    unsafe { libc::close(inotify) };
+    assert!(read < 0, "the decoy spill file was opened ({read} bytes of inotify events)");
+    core.unmount();
+    assert!(std::fs::read(real.join("journal")).unwrap().windows(2).any(|w| w == b"/f"), "chunks were journaled");
+}
