@@ -385,3 +385,41 @@ fn finding_6_spill_files_are_synced_through_descriptors_not_paths() {
     core.unmount();
     assert!(std::fs::read(real.join("journal")).unwrap().windows(2).any(|w| w == b"/f"), "chunks were journaled");
 }
+
+/// Finding 7: a file is counted open by its creator before anyone else can
+/// see it: an unlink racing the create never takes a file its creator holds
+/// open (its inode answers, its data file is there).
+#[test]
+fn finding_7_an_unlink_racing_a_create_never_takes_the_open_file() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut core = Core::new(&[("/d/f", b"f".to_vec(), true)]);
+    core.mount(0).unwrap();
+    let fs = core.fs().clone();
+    let dir = core.ino("/d");
+    let name = std::ffi::OsStr::new("new");
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let unlinker = {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = fs.unlink(dir, name);
+            }
+        })
+    };
+    let by = lazyfs::fs::Creator { uid: 0, gid: 0 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut created = 0;
+    while std::time::Instant::now() < deadline {
+        let Ok((attr, _file)) = fs.create(dir, name, 0o644, by) else { continue };
+        created += 1;
+        let (tx, rx) = std::sync::mpsc::channel();
+        fs.write(attr.ino, 0, b"x".to_vec(), Box::new(move |r| tx.send(r.map_err(|e| e.errno)).unwrap()));
+        let written = rx.recv().unwrap();
+        fs.release(attr.ino);
+        assert_eq!(written, Ok(1), "create {created}: the file its creator holds open is gone");
+    }
+    stop.store(true, Ordering::Relaxed);
+    unlinker.join().unwrap();
+    assert!(created > 10, "only {created} creates");
+    core.unmount();
+}
