@@ -1,0 +1,206 @@
+//! Issue 21 through real FUSE mounts over the tests' sshd: other spellings
+//! of SOURCE find the same cache dir's local changes; another host is
+//! refused and nothing held is dropped; a remount needs no old host once
+//! every file is here; a full cache disk refuses changes with ENOSPC, loses
+//! none that were acknowledged, and takes them again once there is room.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::mount::{Mount, Source, TestEnv, content, dataset};
+use common::sshd::{Sshd, whoami};
+use common::tmpfs::Tmpfs;
+
+/// `lazyfs mount` of `images` on `mnt/NAME` from SOURCE spelled `target`,
+/// as the client of `sshd` (its key, its known_hosts).
+fn mount_spelled(env: &TestEnv, name: &str, images: &Path, sshd: &Sshd, target: &str, extra: &[&str]) -> Output {
+    let mountpoint = env.path("mnt").join(name);
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mut command: Command = env.lazyfs();
+    command.arg("mount").arg(&mountpoint).arg(images).arg(target);
+    if let Some(transport) = std::env::var_os("LAZYFS_TEST_SSH") {
+        command.arg("--ssh").arg(transport);
+    }
+    command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
+    command.arg("--cache-dir").arg(env.path("cache").join(name)).args(extra);
+    command.output().unwrap()
+}
+
+fn mounted(env: &TestEnv, name: &str, out: &Output) -> Mount {
+    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    Mount {
+        mountpoint: env.path("mnt").join(name),
+        cache: env.path("cache").join(name),
+        env_home: env.tmp.path().into(),
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Finding 2 (SSH): `127.0.0.1:PORT`, `ssh://USER@127.0.0.1:PORT`, a root
+/// spelled with a trailing slash and `localhost:PORT` (the same host key)
+/// are one source: the local change stays, nothing starts afresh. Another
+/// host serving the same directory is refused: nothing is fetched from it,
+/// nothing held is dropped.
+#[test]
+fn other_spellings_of_the_source_keep_the_local_layer_another_host_is_refused() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    let source = env.path("source");
+    dataset(&source, &env.path("images"), &[("/app/a", 40_000), ("/app/b", 50_000)]);
+    let root = source.display().to_string();
+    let known = std::fs::read_to_string(sshd.known_hosts()).unwrap();
+    let localhost = known.replace("[127.0.0.1]", "[localhost]");
+    std::fs::write(sshd.known_hosts(), format!("{known}{localhost}")).unwrap();
+    let images = env.path("images");
+
+    let plain = format!("{}:{}", "127.0.0.1", sshd.port);
+    let out = mount_spelled(&env, "m", &images, &sshd, &plain, &["--source-root", &root]);
+    let mount = mounted(&env, "m", &out);
+    assert_eq!(std::fs::read(mount.at("/app/a")).unwrap(), content("/app/a", 40_000));
+    std::fs::write(mount.at("/app/mine"), b"acknowledged").unwrap();
+    assert!(mount.umount().status.success());
+
+    let spellings = [
+        (format!("ssh://{}@127.0.0.1:{}", whoami(), sshd.port), format!("{root}/")),
+        (format!("{}@127.0.0.1:{}", whoami(), sshd.port), format!("{root}/./")),
+        (format!("localhost:{}", sshd.port), root.clone()),
+    ];
+    for (target, root) in &spellings {
+        let out = mount_spelled(&env, "m", &images, &sshd, target, &["--source-root", root]);
+        let mount = mounted(&env, "m", &out);
+        assert!(!stderr(&out).contains("afresh"), "{target}: {}", stderr(&out));
+        assert_eq!(std::fs::read(mount.at("/app/mine")).unwrap(), b"acknowledged", "{target}");
+        assert!(mount.umount().status.success());
+    }
+    let log = std::fs::read_to_string(env.path("cache/m/lazyfs.log")).unwrap();
+    assert!(log.contains("is the source this cache dir was filled from"), "the new spellings were confirmed");
+
+    // Another host (its own host key) serving the same directory.
+    let other = Sshd::start();
+    let target = format!("127.0.0.1:{}", other.port);
+    let out = mount_spelled(&env, "m", &images, &other, &target, &["--source-root", &root]);
+    let mount = mounted(&env, "m", &out);
+    assert!(stderr(&out).contains("--discard-local-changes"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(mount.at("/app/mine")).unwrap(), b"acknowledged");
+    assert_eq!(std::fs::read(mount.at("/app/a")).unwrap(), content("/app/a", 40_000), "cached bytes still served");
+    let refused = std::fs::read(mount.at("/app/b")).unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO));
+    let status = mount.status();
+    let b = status["files"].as_array().unwrap().iter().find(|f| f["path"] == "/app/b").unwrap();
+    assert!(b["error"].as_str().unwrap().contains("not the source"), "{b}");
+    assert!(mount.umount().status.success());
+
+    let out = mount_spelled(&env, "m", &images, &sshd, &plain, &["--source-root", &root]);
+    let mount = mounted(&env, "m", &out);
+    assert_eq!(std::fs::read(mount.at("/app/b")).unwrap(), content("/app/b", 50_000));
+    assert_eq!(std::fs::read(mount.at("/app/mine")).unwrap(), b"acknowledged");
+    assert!(mount.umount().status.success());
+}
+
+/// Finding 3: once status said the old host is no longer needed, a remount
+/// with it gone works (and says so), local changes included.
+#[test]
+fn a_remount_works_with_the_old_host_gone_once_every_file_is_here() {
+    let env = TestEnv::new();
+    let mut sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/d/a", 30_000), ("/d/b", 300_000)]);
+    let ssh = Source::Ssh { sshd: &sshd, root: env.path("source") };
+    let mount = env.mount("m", &env.path("images"), &ssh, &["--prefetch"]);
+    mount.wait_for(|s| s["source_needed"] == false, "the source is still needed");
+    std::fs::write(mount.at("/d/mine"), b"local").unwrap();
+    assert!(mount.umount().status.success());
+    drop(mount);
+
+    let (target, root) = (sshd.target(), env.path("source").display().to_string());
+    sshd.stop();
+    let out = mount_spelled(&env, "m", &env.path("images"), &sshd, &target, &["--source-root", &root]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no longer needed"), "says so: {}", stderr(&out));
+    let mount = Mount { mountpoint: env.path("mnt/m"), cache: env.path("cache/m"), env_home: env.tmp.path().into() };
+    assert_eq!(std::fs::read(mount.at("/d/b")).unwrap(), content("/d/b", 300_000));
+    assert_eq!(std::fs::read(mount.at("/d/mine")).unwrap(), b"local");
+    std::fs::write(mount.at("/d/later"), b"still writable").unwrap();
+    assert_eq!(mount.status()["source_needed"], false);
+    assert!(mount.umount().status.success());
+}
+
+/// Finding 1, as the issue tried it: a 2 MiB cache disk, files made, the disk
+/// filled through the mount, renames with long names until one is refused
+/// (ENOSPC, not made), room made by removing through the mount, ten more
+/// files, `kill -9`, remount: every acknowledged change is there.
+#[test]
+fn a_full_cache_disk_and_kill_9_lose_no_acknowledged_change() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/app/data", 10_000)]);
+    // The mounts' cache dirs are below env/cache: a tmpfs of 2 MiB.
+    let tmpfs = Tmpfs::mount(&env.path("cache"), "2m");
+    let ssh = Source::Ssh { sshd: &sshd, root: env.path("source") };
+    let mount = env.mount("m", &env.path("images"), &ssh, &[]);
+    let app = mount.at("/app");
+    std::fs::write(app.join("precious.txt"), b"precious").unwrap();
+    std::fs::create_dir(app.join("dir1")).unwrap();
+    std::fs::write(app.join("dir1/h"), b"h").unwrap();
+    let mut fill = std::fs::File::create(app.join("fill")).unwrap();
+    let full = loop {
+        if let Err(e) = std::io::Write::write_all(&mut fill, &[7; 64 << 10]) {
+            break e;
+        }
+    };
+    assert_eq!(full.raw_os_error(), Some(libc::ENOSPC));
+    drop(fill);
+
+    let mut name = app.join("dir1/h");
+    let mut renamed = 0;
+    let refused = loop {
+        let to = app.join("dir1").join(format!("{renamed:06}-").repeat(29));
+        match std::fs::rename(&name, &to) {
+            Ok(()) => name = to,
+            Err(e) => break (e, to),
+        }
+        renamed += 1;
+        assert!(renamed < 100_000, "a full disk never refused a change");
+    };
+    assert_eq!(refused.0.raw_os_error(), Some(libc::ENOSPC), "{:?}", refused.0);
+    assert!(name.exists() && !refused.1.exists(), "a refused rename is not made");
+    let status = mount.status();
+    assert!(status["degraded_reason"].as_str().unwrap_or_default().contains("full"), "status says why: {status}");
+
+    std::fs::remove_file(app.join("fill")).unwrap();
+    for i in 0..10 {
+        std::fs::write(app.join(format!("new{i}")), format!("new {i}")).unwrap();
+    }
+    kill9(&mount);
+    drop(mount);
+
+    let mount = env.mount("m", &env.path("images"), &ssh, &[]);
+    let app = mount.at("/app");
+    assert_eq!(std::fs::read(app.join("precious.txt")).unwrap(), b"precious");
+    let renamed_to = app.join("dir1").join(name.file_name().unwrap());
+    assert_eq!(std::fs::read(renamed_to).unwrap(), b"h", "{renamed} acknowledged renames");
+    assert!(!app.join("fill").exists());
+    for i in 0..10 {
+        assert_eq!(std::fs::read(app.join(format!("new{i}"))).unwrap(), format!("new {i}").as_bytes());
+    }
+    assert!(mount.umount().status.success());
+    drop(tmpfs);
+}
+
+/// Kills the mount's daemon with SIGKILL and waits until it is gone.
+fn kill9(mount: &Mount) {
+    let pid = mount.status()["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    {
+        assert!(Instant::now() < deadline, "lazyfs {pid} still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
