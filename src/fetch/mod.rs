@@ -1033,15 +1033,12 @@ impl Fetcher {
         let all = 0..self.shared.files[index].chunk_count();
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
+            shared.make_local(index, state)?;
             file.spill.write_at(offset, &data)?;
             state.len = state.len.max(offset + data.len() as u64);
-            Ok((data.len() as u32, shared.made_local(index, state)))
+            Ok(data.len() as u32)
         };
-        let shared = self.shared.clone();
-        let done = Box::new(move |result: Result<(u32, bool), FetchError>| {
-            reply(result.and_then(|(written, unsynced)| shared.durable(index, unsynced, written)))
-        });
-        with_present(&self.shared, index, all, op, done)
+        with_present(&self.shared, index, all, op, reply)
     }
 
     /// Truncates (or extends) file `index` to `size`, locally, once the bytes
@@ -1050,6 +1047,7 @@ impl Fetcher {
         let keep = self.shared.files[index].chunks_of(0, size);
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
+            shared.make_local(index, state)?;
             file.spill.set_len(size)?;
             state.len = size;
             // What was not fetched is gone: the file is local from here on,
@@ -1057,19 +1055,16 @@ impl Fetcher {
             state.generation += 1;
             state.in_flight.clear();
             state.presence.mark(0..file.chunk_count());
-            let newly = shared.made_local(index, state);
-            Ok((size, newly, std::mem::take(&mut state.waiters)))
+            Ok((size, std::mem::take(&mut state.waiters)))
         };
-        let shared = self.shared.clone();
-        let done = Box::new(move |result: Result<(u64, bool, Vec<Waiter>), FetchError>| {
-            let result = result.and_then(|(size, unsynced, waiters)| {
+        let done = Box::new(move |result: Result<(u64, Vec<Waiter>), FetchError>| {
+            reply(result.map(|(size, waiters)| {
                 // Every chunk is "present" now: whoever waited reads the new length.
                 for waiter in waiters {
                     (waiter.done)(Ok(()));
                 }
-                shared.durable(index, unsynced, size)
-            });
-            reply(result)
+                size
+            }))
         });
         with_present(&self.shared, index, keep, op, done)
     }
@@ -1125,27 +1120,20 @@ impl Shared {
         })
     }
 
-    /// The file (locked as `state`) was just changed locally: it is local from
-    /// now on (its journal record is sent the first time). Whether that
-    /// record is not yet known to be durable.
-    fn made_local(&self, index: usize, state: &mut Owned) -> bool {
-        if state.phase != Phase::Modified {
-            state.phase = Phase::Modified;
-            state.modified_durable = false;
-            self.journal.modified(self.files[index].path_bytes());
+    /// File `index` (locked as `state`) is about to be changed locally: it
+    /// is local from then on. Returns once the journal durably says so, or
+    /// why it cannot (the change must then not be made): a local change to a
+    /// checkpoint's file is journaled before it is made, like any other. The
+    /// fsync is paid once, under the file's lock.
+    fn make_local(&self, index: usize, state: &mut Owned) -> Result<(), FetchError> {
+        if state.modified_durable {
+            return Ok(());
         }
-        !state.modified_durable
-    }
-
-    /// `value`, once the journal has on disk that file `index` is local
-    /// (`unsynced`: it may not have yet). Every write is answered only then:
-    /// one after a failed flush waits for the record too.
-    fn durable<T>(&self, index: usize, unsynced: bool, value: T) -> Result<T, FetchError> {
-        if unsynced {
-            self.journal.flush()?;
-            self.files[index].lock().modified_durable = true;
-        }
-        Ok(value)
+        self.journal.modified(self.files[index].path_bytes());
+        self.journal.flush()?;
+        state.phase = Phase::Modified;
+        state.modified_durable = true;
+        Ok(())
     }
 }
 

@@ -153,12 +153,15 @@ fn a_claim_that_found_the_cache_full_gives_back_only_its_own_blocks() {
     assert_eq!(wait(|reply| fetcher.read(0, 0, 5, reply)).unwrap(), b"local");
 }
 
-/// Issue 21: a write after one whose `Modified` record could not be written
-/// is not acknowledged either until that record is durable.
+/// Issue 21: a write is journaled before it is made: one whose `Modified`
+/// record cannot be written changes nothing, and neither does the next.
 #[test]
-fn every_write_waits_for_the_record_that_makes_the_file_local() {
+fn a_write_the_journal_cannot_record_changes_nothing() {
     let setup = setup(&[5; 1000], Journal::failing);
     let fetcher = &setup.fetcher;
     assert!(wait(|reply| fetcher.write(0, 0, b"x".to_vec(), reply)).is_err());
     assert!(wait(|reply| fetcher.write(0, 1, b"y".to_vec(), reply)).is_err(), "acknowledged, not durable");
+    assert!(wait(|reply| fetcher.truncate(0, 10, reply)).is_err());
+    assert_eq!(wait(|reply| fetcher.read(0, 0, 1000, reply)).unwrap(), [5; 1000]);
+    assert_ne!(fetcher.file(0).phase(), Phase::Modified);
 }
