@@ -81,16 +81,16 @@ impl CacheDir {
     /// messages), under the rules of [`CacheDir::open_private`].
     fn open_in(parent_fd: &OwnedFd, name: &OsStr, path: &Path, create: bool) -> Result<CacheDir, StoreError> {
         if create {
-            match nix::sys::stat::mkdirat(&parent_fd, name, Mode::S_IRWXU) {
+            match nix::sys::stat::mkdirat(parent_fd, name, Mode::S_IRWXU) {
                 Ok(()) | Err(Errno::EEXIST) => {}
                 Err(e) => return Err(io_err(path)(e.into())),
             }
         }
         let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        let fd = match nix::fcntl::openat(&parent_fd, name, flags, Mode::empty()) {
+        let fd = match nix::fcntl::openat(parent_fd, name, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                let link = nix::sys::stat::fstatat(&parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                let link = nix::sys::stat::fstatat(parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
                     .is_ok_and(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
                 let reason = if link { "a symbolic link" } else { "not a directory" };
                 return Err(StoreError::Unsafe { path: path.into(), reason: reason.into() });
@@ -421,7 +421,7 @@ mod tests {
             &mine.join("link"),
             Some(Uid::from_raw(65534)),
             None,
-            nix::unistd::FchownatFlags::NoFollowSymlink,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .unwrap();
         assert!(CacheDir::open_cache(&mine.join("link/cache")).is_err());
