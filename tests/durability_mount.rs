@@ -6,37 +6,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use common::mount::{Mount, Source, TestEnv, content, dataset};
 use common::sshd::{Sshd, whoami};
 use common::tmpfs::Tmpfs;
-
-/// `lazyfs mount` of `images` on `mnt/NAME` from SOURCE spelled `target`,
-/// as the client of `sshd` (its key, its known_hosts).
-fn mount_spelled(env: &TestEnv, name: &str, images: &Path, sshd: &Sshd, target: &str, extra: &[&str]) -> Output {
-    let mountpoint = env.path("mnt").join(name);
-    std::fs::create_dir_all(&mountpoint).unwrap();
-    let mut command: Command = env.lazyfs();
-    command.arg("mount").arg(&mountpoint).arg(images).arg(target);
-    if let Some(transport) = std::env::var_os("LAZYFS_TEST_SSH") {
-        command.arg("--ssh").arg(transport);
-    }
-    command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
-    command.arg("--cache-dir").arg(env.path("cache").join(name)).args(extra);
-    command.output().unwrap()
-}
-
-fn mounted(env: &TestEnv, name: &str, out: &Output) -> Mount {
-    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
-    Mount {
-        mountpoint: env.path("mnt").join(name),
-        cache: env.path("cache").join(name),
-        env_home: env.tmp.path().into(),
-    }
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -54,14 +28,12 @@ fn other_spellings_of_the_source_keep_the_local_layer_another_host_is_refused() 
     let source = env.path("source");
     dataset(&source, &env.path("images"), &[("/app/a", 40_000), ("/app/b", 50_000)]);
     let root = source.display().to_string();
-    let known = std::fs::read_to_string(sshd.known_hosts()).unwrap();
-    let localhost = known.replace("[127.0.0.1]", "[localhost]");
-    std::fs::write(sshd.known_hosts(), format!("{known}{localhost}")).unwrap();
+    sshd.know_as("localhost");
     let images = env.path("images");
 
     let plain = format!("{}:{}", "127.0.0.1", sshd.port);
-    let out = mount_spelled(&env, "m", &images, &sshd, &plain, &["--source-root", &root]);
-    let mount = mounted(&env, "m", &out);
+    let out = env.mount_spelled("m", &images, &sshd, &plain, &["--source-root", &root]);
+    let mount = env.mounted("m", &out);
     assert_eq!(std::fs::read(mount.at("/app/a")).unwrap(), content("/app/a", 40_000));
     std::fs::write(mount.at("/app/mine"), b"acknowledged").unwrap();
     assert!(mount.umount().status.success());
@@ -72,8 +44,8 @@ fn other_spellings_of_the_source_keep_the_local_layer_another_host_is_refused() 
         (format!("localhost:{}", sshd.port), root.clone()),
     ];
     for (target, root) in &spellings {
-        let out = mount_spelled(&env, "m", &images, &sshd, target, &["--source-root", root]);
-        let mount = mounted(&env, "m", &out);
+        let out = env.mount_spelled("m", &images, &sshd, target, &["--source-root", root]);
+        let mount = env.mounted("m", &out);
         assert!(!stderr(&out).contains("afresh"), "{target}: {}", stderr(&out));
         assert_eq!(std::fs::read(mount.at("/app/mine")).unwrap(), b"acknowledged", "{target}");
         assert!(mount.umount().status.success());
@@ -84,8 +56,8 @@ fn other_spellings_of_the_source_keep_the_local_layer_another_host_is_refused() 
     // Another host (its own host key) serving the same directory.
     let other = Sshd::start();
     let target = format!("127.0.0.1:{}", other.port);
-    let out = mount_spelled(&env, "m", &images, &other, &target, &["--source-root", &root]);
-    let mount = mounted(&env, "m", &out);
+    let out = env.mount_spelled("m", &images, &other, &target, &["--source-root", &root]);
+    let mount = env.mounted("m", &out);
     assert!(stderr(&out).contains("--discard-local-changes"), "{}", stderr(&out));
     assert_eq!(std::fs::read(mount.at("/app/mine")).unwrap(), b"acknowledged");
     assert_eq!(std::fs::read(mount.at("/app/a")).unwrap(), content("/app/a", 40_000), "cached bytes still served");
@@ -96,8 +68,8 @@ fn other_spellings_of_the_source_keep_the_local_layer_another_host_is_refused() 
     assert!(b["error"].as_str().unwrap().contains("not the source"), "{b}");
     assert!(mount.umount().status.success());
 
-    let out = mount_spelled(&env, "m", &images, &sshd, &plain, &["--source-root", &root]);
-    let mount = mounted(&env, "m", &out);
+    let out = env.mount_spelled("m", &images, &sshd, &plain, &["--source-root", &root]);
+    let mount = env.mounted("m", &out);
     assert_eq!(std::fs::read(mount.at("/app/b")).unwrap(), content("/app/b", 50_000));
     assert_eq!(std::fs::read(mount.at("/app/mine")).unwrap(), b"acknowledged");
     assert!(mount.umount().status.success());
@@ -119,7 +91,7 @@ fn a_remount_works_with_the_old_host_gone_once_every_file_is_here() {
 
     let (target, root) = (sshd.target(), env.path("source").display().to_string());
     sshd.stop();
-    let out = mount_spelled(&env, "m", &env.path("images"), &sshd, &target, &["--source-root", &root]);
+    let out = env.mount_spelled("m", &env.path("images"), &sshd, &target, &["--source-root", &root]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("no longer needed"), "says so: {}", stderr(&out));
     let mount = Mount { mountpoint: env.path("mnt/m"), cache: env.path("cache/m"), env_home: env.tmp.path().into() };
@@ -176,7 +148,7 @@ fn a_full_cache_disk_and_kill_9_lose_no_acknowledged_change() {
     for i in 0..10 {
         std::fs::write(app.join(format!("new{i}")), format!("new {i}")).unwrap();
     }
-    kill9(&mount);
+    mount.kill9();
     drop(mount);
 
     let mount = env.mount("m", &env.path("images"), &ssh, &[]);
@@ -190,17 +162,4 @@ fn a_full_cache_disk_and_kill_9_lose_no_acknowledged_change() {
     }
     assert!(mount.umount().status.success());
     drop(tmpfs);
-}
-
-/// Kills the mount's daemon with SIGKILL and waits until it is gone.
-fn kill9(mount: &Mount) {
-    let pid = mount.status()["pid"].as_i64().unwrap() as i32;
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-    {
-        assert!(Instant::now() < deadline, "lazyfs {pid} still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
