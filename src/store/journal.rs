@@ -801,6 +801,63 @@ mod tests {
         assert!(loaded.local.is_empty());
     }
 
+    /// Issue 21: on a full disk only removals go in (into the reserve); once
+    /// that is used up an append fails part way and is cut back, refused
+    /// with ENOSPC; with room again every change is taken; and the journal
+    /// reads back exactly the changes that were answered yes.
+    #[test]
+    fn a_full_disk_refuses_changes_cuts_failed_appends_back_and_takes_changes_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = Some("size=1m,mode=0700");
+        nix::mount::mount(Some("tmpfs"), tmp.path(), Some("tmpfs"), nix::mount::MsFlags::empty(), options).unwrap();
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(tmp.path());
+        let dir = CacheDir::open_cache(&tmp.path().join("c")).unwrap();
+        let journal = Journal::create(&dir, &owner(), Vec::new(), Vec::new()).unwrap();
+        let change = |op: LocalOp, n: usize| Local {
+            op: op.into(),
+            path: vec![b'a' + (n % 26) as u8; 4000],
+            ..Local::default()
+        };
+        let mut made = vec![];
+        journal.change(change(LocalOp::Dir, 0)).unwrap();
+        made.push(0);
+        let mut filler = File::create(tmp.path().join("filler")).unwrap();
+        while filler.write_all(&[1; 4096]).is_ok() {}
+        let refused = |e: StoreError| e.errno() == libc::ENOSPC;
+        // Removals go in until the reserve is used up; then one is refused.
+        let mut n = 1;
+        loop {
+            match journal.change(change(LocalOp::Unlink, n)) {
+                Ok(()) => made.push(n),
+                Err(e) => {
+                    assert!(refused(e));
+                    break;
+                }
+            }
+            n += 1;
+            assert!(n < 1000, "a full disk took every removal");
+        }
+        assert!(made.len() > 5, "the reserve took removals: {made:?}");
+        assert!(refused(journal.change(change(LocalOp::Dir, n + 1)).unwrap_err()));
+        assert!(journal.refusing().unwrap().contains("full"));
+        drop(filler);
+        std::fs::remove_file(tmp.path().join("filler")).unwrap();
+        journal.change(change(LocalOp::Dir, n + 2)).unwrap();
+        made.push(n + 2);
+        assert_eq!(journal.refusing(), None);
+        drop(journal);
+        let loaded = load(&dir).unwrap().unwrap();
+        let paths: Vec<u8> = loaded.local.iter().map(|l| l.path[0]).collect();
+        let expected: Vec<u8> = made.iter().map(|n| b'a' + (n % 26) as u8).collect();
+        assert_eq!(paths, expected, "exactly the changes answered yes");
+    }
+
     /// Finding 3: a file verified, then changed locally, is not verified.
     #[test]
     fn a_modified_record_ends_what_was_verified() {
