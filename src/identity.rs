@@ -25,8 +25,10 @@ use crate::store::journal::Loaded;
 pub use crate::store::journal::proto::{CacheIdentity, SourceIdentity};
 
 /// A blake3 of the image files of `imgdir` (but the memory pages: large,
-/// and nothing in them is about files).
-pub fn images_hash(imgdir: &Path) -> std::io::Result<Vec<u8>> {
+/// and nothing in them is about files), and what a journal older than
+/// identities said of them with SOURCE `source` and `--source-root`
+/// `source_root` (to take such a cache dir over as it is).
+pub fn images_hash(imgdir: &Path, source: &str, source_root: &Path) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
     use std::os::unix::ffi::OsStrExt;
     let mut names: Vec<std::ffi::OsString> =
         std::fs::read_dir(imgdir)?.map(|entry| entry.map(|e| e.file_name())).collect::<Result<_, _>>()?;
@@ -37,7 +39,11 @@ pub fn images_hash(imgdir: &Path) -> std::io::Result<Vec<u8>> {
         hasher.update(name.as_bytes()).update(&[0]);
         std::io::copy(&mut std::fs::File::open(imgdir.join(&name))?, &mut hasher)?;
     }
-    Ok(hasher.finalize().as_bytes().to_vec())
+    let images = hasher.finalize().as_bytes().to_vec();
+    for part in [source.as_bytes(), source_root.as_os_str().as_bytes()] {
+        hasher.update(&[0]).update(part);
+    }
+    Ok((images, hasher.finalize().as_bytes().to_vec()))
 }
 
 pub fn layout_name(layout: Layout) -> &'static str {
@@ -82,16 +88,25 @@ pub enum IdentityError {
 }
 
 /// Whether a mount asking for `wanted` may use what `loaded` (the journal
-/// of cache dir `cache`) holds; `discard`: `--discard-local-changes`.
-pub fn judge(cache: &Path, loaded: &Loaded, wanted: &CacheIdentity, discard: bool) -> Result<Verdict, IdentityError> {
+/// of cache dir `cache`) holds; `legacy`: what a journal older than
+/// identities would say of this mount's images and SOURCE; `discard`:
+/// `--discard-local-changes`.
+pub fn judge(
+    cache: &Path,
+    loaded: &Loaded,
+    (wanted, legacy): (&CacheIdentity, &[u8]),
+    discard: bool,
+) -> Result<Verdict, IdentityError> {
     let changed = loaded.has_local_changes();
     let other_checkpoint = |held: String| match changed && !discard {
         true => Err(IdentityError::OtherCheckpoint { cache: cache.into(), held, wanted: wanted.imgdir.clone() }),
         false => Ok(Verdict::Afresh(format!("held the files of {held}, not of {}", wanted.imgdir))),
     };
     let Some(held) = &loaded.owner.identity else {
-        // No journal, or one an older lazyfs wrote: nothing says whose files these are.
-        return match loaded.records.is_empty() && loaded.local.is_empty() {
+        // No journal, or one an older lazyfs wrote: its owner, if it says one, tells.
+        let nothing_held = loaded.records.is_empty() && loaded.local.is_empty();
+        return match nothing_held || loaded.owner.legacy == legacy {
+            true if discard && changed => Ok(Verdict::Discard),
             true => Ok(Verdict::Use),
             false => other_checkpoint("an unknown checkpoint".into()),
         };
@@ -288,7 +303,8 @@ mod tests {
     }
 
     fn held(identity: CacheIdentity, local: usize, modified: bool) -> Loaded {
-        let mut loaded = Loaded { owner: Owner { identity: Some(identity), created_ns: 1 }, ..Loaded::default() };
+        let owner = Owner { identity: Some(identity), created_ns: 1, legacy: Vec::new() };
+        let mut loaded = Loaded { owner, ..Loaded::default() };
         loaded.local = vec![Local::default(); local];
         loaded.records.insert(b"/f".to_vec(), FileRecord { modified, size: 1, ..FileRecord::default() });
         loaded
@@ -298,16 +314,21 @@ mod tests {
     fn another_checkpoint_starts_afresh_unless_something_changed_locally() {
         let cache = Path::new("/c");
         let other = identity(b"b", "/");
-        assert!(matches!(judge(cache, &held(identity(b"a", "/"), 0, false), &other, false), Ok(Verdict::Afresh(_))));
+        assert!(matches!(
+            judge(cache, &held(identity(b"a", "/"), 0, false), (&other, b""), false),
+            Ok(Verdict::Afresh(_))
+        ));
         for (local, modified) in [(1, false), (0, true)] {
             let loaded = held(identity(b"a", "/"), local, modified);
-            let refused = judge(cache, &loaded, &other, false).unwrap_err().to_string();
+            let refused = judge(cache, &loaded, (&other, b""), false).unwrap_err().to_string();
             assert!(refused.contains("--discard-local-changes"), "{refused}");
-            assert!(matches!(judge(cache, &loaded, &other, true), Ok(Verdict::Afresh(_))));
+            assert!(matches!(judge(cache, &loaded, (&other, b""), true), Ok(Verdict::Afresh(_))));
         }
-        let unknown = Loaded { local: vec![Local::default()], ..Loaded::default() };
-        assert!(judge(cache, &unknown, &other, false).is_err());
-        assert_eq!(judge(cache, &Loaded::default(), &other, false).unwrap(), Verdict::Use);
+        let mut older = Loaded { local: vec![Local::default()], ..Loaded::default() };
+        older.owner.legacy = b"what it said".to_vec();
+        assert!(judge(cache, &older, (&other, b"not that"), false).is_err());
+        assert_eq!(judge(cache, &older, (&other, b"what it said"), false).unwrap(), Verdict::Use);
+        assert_eq!(judge(cache, &Loaded::default(), (&other, b""), false).unwrap(), Verdict::Use);
     }
 
     #[test]
@@ -320,27 +341,30 @@ mod tests {
             host_keys: Vec::new(),
         };
         let at = |root: &str| CacheIdentity { source: Some(source(root)), ..identity(b"a", "/") };
-        let refused = judge(cache, &held(at("/old"), 1, false), &at("/empty"), false).unwrap_err().to_string();
+        let refused = judge(cache, &held(at("/old"), 1, false), (&at("/empty"), b""), false).unwrap_err().to_string();
         assert!(refused.contains("file:///old") && refused.contains("--discard-local-changes"), "{refused}");
-        assert!(matches!(judge(cache, &held(at("/old"), 0, false), &at("/empty"), false), Ok(Verdict::Afresh(_))));
-        assert_eq!(judge(cache, &held(at("/old"), 1, true), &at("/old"), false).unwrap(), Verdict::Use);
+        assert!(matches!(
+            judge(cache, &held(at("/old"), 0, false), (&at("/empty"), b""), false),
+            Ok(Verdict::Afresh(_))
+        ));
+        assert_eq!(judge(cache, &held(at("/old"), 1, true), (&at("/old"), b""), false).unwrap(), Verdict::Use);
         // A host: told once connected.
         let host = CacheIdentity {
             source: Some(SourceIdentity { spellings: vec!["ssh://u@h:22/".into()], ..SourceIdentity::default() }),
             ..identity(b"a", "/")
         };
-        assert_eq!(judge(cache, &held(at("/old"), 1, true), &host, false).unwrap(), Verdict::Use);
+        assert_eq!(judge(cache, &held(at("/old"), 1, true), (&host, b""), false).unwrap(), Verdict::Use);
     }
 
     #[test]
     fn local_changes_under_another_subtree_refuse_writes_alone_do_not() {
         let cache = Path::new("/c");
         let (a, b) = (identity(b"x", "/srv/a"), identity(b"x", "/srv/b"));
-        let refused = judge(cache, &held(a.clone(), 1, false), &b, false).unwrap_err().to_string();
+        let refused = judge(cache, &held(a.clone(), 1, false), (&b, b""), false).unwrap_err().to_string();
         assert!(refused.contains("--subtree /srv/a") && refused.contains("--discard-local-changes"), "{refused}");
-        assert_eq!(judge(cache, &held(a.clone(), 0, true), &b, false).unwrap(), Verdict::Use);
-        assert_eq!(judge(cache, &held(a.clone(), 1, true), &b, true).unwrap(), Verdict::Discard);
-        assert_eq!(judge(cache, &held(a.clone(), 1, false), &a, false).unwrap(), Verdict::Use);
+        assert_eq!(judge(cache, &held(a.clone(), 0, true), (&b, b""), false).unwrap(), Verdict::Use);
+        assert_eq!(judge(cache, &held(a.clone(), 1, true), (&b, b""), true).unwrap(), Verdict::Discard);
+        assert_eq!(judge(cache, &held(a.clone(), 1, false), (&a, b""), false).unwrap(), Verdict::Use);
     }
 
     fn shown(kind: &'static str, keys: &[&str], root: &str) -> Shown {

@@ -248,9 +248,15 @@ pub fn prepare_with(
         _ => None,
     };
     let (spelling, shown) = source::identify(&request.source, &request.source_root);
-    let wanted = wanted_identity(&request, spelling.clone(), shown)?;
-    let loaded = load_journal(&store, &request, &mut warnings)?;
-    let verdict = identity::judge(store.dir().path(), &loaded, &wanted, request.discard_local_changes)?;
+    let (wanted, legacy) = wanted_identity(&request, spelling.clone(), shown)?;
+    let (loaded, verdict) = match load_journal(&store, &request, &mut warnings)? {
+        Some(loaded) => {
+            let cache = store.dir().path();
+            let verdict = identity::judge(cache, &loaded, (&wanted, &legacy), request.discard_local_changes)?;
+            (loaded, verdict)
+        }
+        None => (Loaded::default(), Verdict::Afresh("its damaged journal was set aside".into())),
+    };
     let local = crate::store::local::LocalFiles::open(store.dir())?;
     let (mut records, mut local_changes) = (loaded.records, loaded.local);
     let mut created_ns = loaded.owner.created_ns;
@@ -357,7 +363,8 @@ pub fn prepare_with(
     // The cache is the source once every file is here: the old host may be gone.
     let needed = files.iter().any(|f| matches!(f.phase(), Phase::Pending | Phase::Fetching | Phase::Present));
     let (checked, connection) = source.finish(needed, &request.source_arg, &mut warnings)?;
-    let owner = Owner { identity: Some(CacheIdentity { source: Some(checked.known()), ..identity }), created_ns };
+    let identity = CacheIdentity { source: Some(checked.known()), ..identity };
+    let owner = Owner { identity: Some(identity), created_ns, legacy: Vec::new() };
     let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
     checked.on_confirmed(journal.source_recorder());
 
@@ -420,15 +427,16 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
     }
 }
 
-/// What this mount asks its cache dir's files to be (see `identity`).
+/// What this mount asks its cache dir's files to be (see `identity`), and
+/// what a journal older than identities would say of it.
 fn wanted_identity(
     request: &MountRequest,
     spelling: String,
     shown: Option<source::Shown>,
-) -> Result<CacheIdentity, MountError> {
-    let images = identity::images_hash(&request.imgdir)
+) -> Result<(CacheIdentity, Vec<u8>), MountError> {
+    let (images, legacy) = identity::images_hash(&request.imgdir, &request.source_arg, &request.source_root)
         .map_err(|source| MountError::Store(StoreError::Io { path: request.imgdir.clone(), source }))?;
-    Ok(CacheIdentity {
+    let identity = CacheIdentity {
         images,
         imgdir: request.imgdir.display().to_string(),
         layout: identity::layout_name(request.layout).into(),
@@ -439,15 +447,20 @@ fn wanted_identity(
             host_keys: shown.as_ref().map(|s| s.host_keys.clone()).unwrap_or_default(),
             root: shown.map(|s| s.root.into_os_string().into_vec()).unwrap_or_default(),
         }),
-    })
+    };
+    Ok((identity, legacy))
 }
 
 /// The cache dir's journal. A damaged one refuses the mount, unless
 /// `--recover-journal` (keep what comes before the damage) or
-/// `--discard-local-changes` (set it aside: start afresh) says what to do.
-fn load_journal(store: &Store, request: &MountRequest, warnings: &mut Vec<String>) -> Result<Loaded, MountError> {
+/// `--discard-local-changes` (set it aside: `None`, start afresh) says what to do.
+fn load_journal(
+    store: &Store,
+    request: &MountRequest,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Loaded>, MountError> {
     let damage = match journal::load(store.dir())? {
-        Ok(loaded) => return Ok(loaded),
+        Ok(loaded) => return Ok(Some(loaded)),
         Err(damage) => damage,
     };
     if request.recover_journal {
@@ -459,7 +472,7 @@ fn load_journal(store: &Store, request: &MountRequest, warnings: &mut Vec<String
             damage.at,
             kept.display()
         ));
-        return journal::load(store.dir())?.map_err(MountError::Journal);
+        return journal::load(store.dir())?.map(Some).map_err(MountError::Journal);
     }
     if request.discard_local_changes {
         let aside = journal::set_aside(store.dir(), "discarded")?;
@@ -469,9 +482,7 @@ fn load_journal(store: &Store, request: &MountRequest, warnings: &mut Vec<String
             damage.reason,
             aside.unwrap_or_default().display()
         ));
-        // Nothing says whose the files left are: start afresh.
-        let unknown = Loaded { local: vec![Default::default()], ..Loaded::default() };
-        return Ok(unknown);
+        return Ok(None);
     }
     Err(MountError::Journal(damage))
 }

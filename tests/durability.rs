@@ -423,3 +423,36 @@ fn finding_7_an_unlink_racing_a_create_never_takes_the_open_file() {
     assert!(created > 10, "only {created} creates");
     core.unmount();
 }
+
+/// A cache dir an older lazyfs filled (its journal names its owner by a
+/// hash of the images and SOURCE, with no identity) is taken over as it is
+/// by a mount of the same images and source: its local changes stay.
+#[test]
+fn a_journal_an_older_lazyfs_wrote_keeps_its_local_changes() {
+    use lazyfs::store::journal::proto::{Header, JournalRecord, Local, LocalOp, journal_record::Kind};
+    use prost::Message;
+    let mut core = Core::new(&[("/d/f", b"f".to_vec(), true)]);
+    let source_arg = core.request(0).source_arg;
+    let (_, legacy) = lazyfs::identity::images_hash(&core.images, &source_arg, Path::new("/")).unwrap();
+    let header = Header { version: 1, chunk_size: 16 << 10, owner: legacy, ..Header::default() };
+    let made = Local { op: LocalOp::File.into(), path: b"d/kept".to_vec(), id: 0, ..Local::default() };
+    let mut journal = Vec::new();
+    for kind in [Kind::Header(header), Kind::Local(made)] {
+        let body = JournalRecord { kind: Some(kind) }.encode_to_vec();
+        prost::encoding::encode_varint(body.len() as u64, &mut journal);
+        journal.extend(&body);
+        journal.extend(&blake3::hash(&body).as_bytes()[..4]);
+    }
+    lazyfs::store::CacheDir::open_cache(&core.cache).unwrap();
+    std::fs::create_dir_all(core.cache.join("local")).unwrap();
+    std::fs::write(core.cache.join("local/0"), b"older").unwrap();
+    std::fs::write(core.cache.join("journal"), &journal).unwrap();
+
+    // Another SOURCE than the one the older journal names: refused, nothing changed.
+    let refused = core.mount_with(0, |r| r.source_arg = "/elsewhere".into()).map(|()| core.unmount());
+    assert!(refused.unwrap_err().to_string().contains("--discard-local-changes"));
+    assert_eq!(std::fs::read(core.cache.join("journal")).unwrap(), journal);
+    core.mount(0).unwrap();
+    assert_eq!(core.read("/d/kept", 0, 10).unwrap(), b"older");
+    core.unmount();
+}

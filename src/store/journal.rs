@@ -70,6 +70,9 @@ pub struct Owner {
     pub identity: Option<CacheIdentity>,
     /// The first mount of the cache dir, in nanoseconds since the epoch.
     pub created_ns: i64,
+    /// What a journal older than identities said instead: a blake3 of the
+    /// images and SOURCE as given (see `identity::legacy_owner`). Never written.
+    pub legacy: Vec<u8>,
 }
 
 /// A journal as read: whose files it records, and what it records of them.
@@ -243,7 +246,7 @@ fn add(loaded: &mut Loaded, record: JournalRecord, first: bool) -> Result<(), St
     let files = &mut loaded.records;
     match (first, record.kind) {
         (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {
-            loaded.owner = Owner { identity: h.identity, created_ns: h.created_ns };
+            loaded.owner = Owner { identity: h.identity, created_ns: h.created_ns, legacy: h.owner };
         }
         (true, Some(Kind::Header(h))) => {
             return Err(format!(
@@ -719,7 +722,7 @@ mod tests {
 
     fn owner() -> Owner {
         let identity = CacheIdentity { images: b"id".to_vec(), imgdir: "images".into(), ..CacheIdentity::default() };
-        Owner { identity: Some(identity), created_ns: 7 }
+        Owner { identity: Some(identity), created_ns: 7, legacy: Vec::new() }
     }
 
     fn journal_with(dir: &CacheDir, records: Vec<JournalRecord>) -> PathBuf {

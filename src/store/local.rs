@@ -86,11 +86,14 @@ impl LocalFiles {
         Ok(())
     }
 
-    /// Deletes every data file (the local changes are dropped).
+    /// Deletes every data file (the local changes are dropped); those kept
+    /// aside (`lost+found-ID`) stay for a person to look at.
     pub fn clear(&self) -> Result<(), StoreError> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner).clear();
         for name in self.dir.names()? {
-            self.dir.remove(&name).map_err(|source| StoreError::Io { path: self.dir.join(&name), source })?;
+            if !name.to_string_lossy().starts_with(LOST) {
+                self.dir.remove(&name).map_err(|source| StoreError::Io { path: self.dir.join(&name), source })?;
+            }
         }
         Ok(())
     }
