@@ -413,8 +413,24 @@ fn known_hosts_of(resolved: &HashMap<String, String>, options: &SshOptions) -> (
     (files, name)
 }
 
+/// What `ssh -G` said, per command line: a mount asks twice (its source's
+/// spelling, then the source itself), and each run costs a process (30 ms
+/// on a loaded machine).
+type Resolved = HashMap<(Vec<OsString>, String), HashMap<String, String>>;
+static RESOLVED: std::sync::LazyLock<Mutex<Resolved>> = std::sync::LazyLock::new(Mutex::default);
+
 /// The host's settings as `ssh -G` resolves them from the config.
 fn resolve(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
+    let key = (args.to_vec(), alias.to_string());
+    if let Some(resolved) = RESOLVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
+        return Ok(resolved.clone());
+    }
+    let resolved = resolve_now(args, alias)?;
+    RESOLVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, resolved.clone());
+    Ok(resolved)
+}
+
+fn resolve_now(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
     let out = Command::new("ssh").args(args).args(["-G", "--", alias]).stdin(Stdio::null()).output().map_err(|e| {
         SourceError::Config(format!("cannot run ssh ({e}): install openssh-client, or give --ssh libssh2"))
     })?;
