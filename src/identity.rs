@@ -194,11 +194,19 @@ pub struct CheckedSource {
     spelling: String,
     known: Mutex<SourceIdentity>,
     on_confirmed: Mutex<Option<OnConfirmed>>,
+    /// Why a connection was refused, once one was.
+    refused: Mutex<Option<String>>,
 }
 
 impl CheckedSource {
     pub fn new(inner: Arc<dyn Source>, spelling: String, known: SourceIdentity) -> CheckedSource {
-        CheckedSource { inner, spelling, known: Mutex::new(known), on_confirmed: Mutex::new(None) }
+        CheckedSource {
+            inner,
+            spelling,
+            known: Mutex::new(known),
+            on_confirmed: Mutex::new(None),
+            refused: Mutex::new(None),
+        }
     }
 
     /// What is known of the source now.
@@ -215,7 +223,11 @@ impl CheckedSource {
         use std::os::unix::ffi::OsStrExt;
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         match compare(&known, shown) {
-            Seen::Other => return Err(SourceError::NotTheSource(self.mismatch(&known, shown))),
+            Seen::Other => {
+                let message = self.mismatch(&known, shown);
+                *self.refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(message.clone());
+                return Err(SourceError::NotTheSource(message));
+            }
             Seen::First => {
                 known.kind = shown.kind.to_string();
                 known.root = shown.root.as_os_str().as_bytes().to_vec();
@@ -266,6 +278,10 @@ impl Source for CheckedSource {
 
     fn idle(&self) {
         self.inner.idle()
+    }
+
+    fn refusal(&self) -> Option<String> {
+        self.refused.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -419,6 +435,7 @@ mod tests {
             let source = CheckedSource::new(Arc::new(Fixed(other)), "ssh://u@x:22/srv".into(), known.clone());
             let Err(SourceError::NotTheSource(message)) = source.connect() else { panic!("not refused") };
             assert!(message.contains("--discard-local-changes"), "{message}");
+            assert_eq!(source.refusal(), Some(message), "said in status");
             assert_eq!(source.known(), known, "nothing learnt from another source");
         }
     }

@@ -360,12 +360,11 @@ pub fn prepare_with(
     let outside = kept.clone();
     kept.extend(local_changes.iter().cloned().map(journal::local_record));
 
-    // The cache is the source once every file is here: the old host may be gone.
-    let needed = files.iter().any(|f| matches!(f.phase(), Phase::Pending | Phase::Fetching | Phase::Present));
-    let (checked, connection) = source.finish(needed, &request.source_arg, &mut warnings)?;
+    let (checked, connection) = source.finish(needs_source(&files), &request.source_arg, &mut warnings)?;
     let identity = CacheIdentity { source: Some(checked.known()), ..identity };
     let owner = Owner { identity: Some(identity), created_ns, legacy: Vec::new() };
-    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
+    let resumable = (verdict == Verdict::Use).then_some(loaded.whole_len);
+    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, (kept, resumable))?;
     checked.on_confirmed(journal.source_recorder());
 
     let source_name = checked.describe();
@@ -425,6 +424,13 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
         }),
         Err(e) => Err(MountError::Store(e)),
     }
+}
+
+/// Whether a mount of `files`, as the cache dir holds them, needs the
+/// source: once every file is verified or changed locally, the cache is the
+/// source and the old host may be gone.
+fn needs_source(files: &[Arc<FetchFile>]) -> bool {
+    files.iter().any(|f| matches!(f.phase(), Phase::Pending | Phase::Fetching | Phase::Present))
 }
 
 /// What this mount asks its cache dir's files to be (see `identity`), and

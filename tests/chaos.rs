@@ -370,8 +370,9 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
         (format!("ssh://{}@127.0.0.1:{}", whoami(), sshd.port), format!("{root}/")),
         (format!("{}@localhost:{}", whoami(), sshd.port), format!("{root}/./")),
     ];
-    // The cache dir lives on a tmpfs of 3 MiB, filled and emptied from outside.
-    let tmpfs = Tmpfs::mount(&env.path("cache"), "3m");
+    // The cache dir lives on a tmpfs of 8 MiB, filled and emptied from
+    // outside (the journal grows by every change: ~3 MiB in 90 s here).
+    let tmpfs = Tmpfs::mount(&env.path("cache"), "8m");
     let filler = tmpfs.0.join("filler");
     let mut workers: Vec<Worker> = (0..WORKERS)
         .map(|w| Worker {

@@ -456,3 +456,43 @@ fn a_journal_an_older_lazyfs_wrote_keeps_its_local_changes() {
     assert_eq!(core.read("/d/kept", 0, 10).unwrap(), b"older");
     core.unmount();
 }
+
+/// A mount on a cache disk too full for a new copy of the journal goes on
+/// appending to the old one (what it holds is this mount's): it mounts, its
+/// changes are refused until there is room, then taken, and all of it is
+/// there after `kill -9` and a remount.
+#[test]
+fn a_mount_on_a_full_cache_disk_appends_to_the_journal_it_cannot_copy() {
+    let mut core = Core::new(&[("/d/f", b"f".to_vec(), true)]);
+    let tmpfs = Tmpfs::mount(&core.dir.path().join("tmpfs"), "1m");
+    core.cache = tmpfs.0.join("cache");
+    core.mount(0).unwrap();
+    for i in 0..300 {
+        core.create(&format!("/d/{}", long_name(i))).unwrap();
+    }
+    core.kill();
+    let journal_len = std::fs::metadata(core.cache.join("journal")).unwrap().len();
+    assert!(journal_len > 60_000, "{journal_len}");
+    let filler = tmpfs.fill();
+
+    core.mount(0).expect("mounted without room for a new journal");
+    assert!(core.exists(&format!("/d/{}", long_name(299))));
+    // What is left of the journal's reserve takes a few changes, then they are refused.
+    let mut made = 0;
+    let refused = loop {
+        match core.create(&format!("/d/on-full-{made}")) {
+            Ok(_) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 100, "a full disk took every change");
+    };
+    assert_eq!(refused, libc::ENOSPC);
+    std::fs::remove_file(filler).unwrap();
+    core.create("/d/taken").unwrap();
+    core.kill();
+    core.mount(0).unwrap();
+    assert!(core.exists("/d/taken") && !core.exists(&format!("/d/on-full-{made}")));
+    assert!((0..made).all(|i| core.exists(&format!("/d/on-full-{i}"))));
+    assert!(core.exists(&format!("/d/{}", long_name(0))));
+    core.unmount();
+}

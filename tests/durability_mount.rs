@@ -66,6 +66,7 @@ fn other_spellings_of_the_source_keep_the_local_layer_another_host_is_refused() 
     let status = mount.status();
     let b = status["files"].as_array().unwrap().iter().find(|f| f["path"] == "/app/b").unwrap();
     assert!(b["error"].as_str().unwrap().contains("not the source"), "{b}");
+    assert!(status["degraded_reason"].as_str().unwrap().contains("not the source"), "{status}");
     assert!(mount.umount().status.success());
 
     let out = env.mount_spelled("m", &images, &sshd, &plain, &["--source-root", &root]);

@@ -974,9 +974,11 @@ impl Fetcher {
         &self.shared.files
     }
 
-    /// Why the mount is degraded (the source not answering, the cache full).
+    /// Why the mount is degraded (the source not answering or not the one
+    /// the cache dir's files come from, the cache full).
     pub fn degraded(&self) -> Option<String> {
-        self.shared.health.degraded().or_else(|| self.shared.journal.refusing())
+        let health = self.shared.health.degraded();
+        health.or_else(|| self.source.refusal()).or_else(|| self.shared.journal.refusing())
     }
 
     pub fn prefetching(&self) -> bool {
@@ -1176,20 +1178,30 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now
-/// (and the records `kept`).
+/// (and the records `kept`). Where the cache filesystem has no room for the
+/// new journal and the old one's records are this mount's as they are
+/// (`resumable`: where they end), it goes on appending to the old one.
 pub fn create_journal(
     dir: &CacheDir,
     owner: &Owner,
     files: &[Arc<FetchFile>],
-    kept: Vec<JournalRecord>,
+    (kept, resumable): (Vec<JournalRecord>, Option<u64>),
 ) -> Result<Journal, StoreError> {
-    let journal_files = files
-        .iter()
-        .map(|f| journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill: f.spill.location() })
-        .collect();
+    let journal_files = || {
+        files
+            .iter()
+            .map(|f| journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill: f.spill.location() })
+            .collect()
+    };
     let mut records = snapshot(files);
     records.extend(kept);
-    Journal::create(dir, owner, records, journal_files)
+    match (Journal::create(dir, owner, records, journal_files()), resumable) {
+        (Err(e), Some(whole_len)) if e.is_no_space() => {
+            log::warn!("{e}: no room to compact the journal: appending to it as it is");
+            Journal::resume(dir, owner, whole_len, journal_files())
+        }
+        (created, _) => created,
+    }
 }
 
 #[cfg(test)]

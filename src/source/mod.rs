@@ -52,6 +52,11 @@ pub trait Source: Send + Sync {
     /// Nothing needs the source any more: close whatever is kept open for
     /// further connections (a new connection opens it again).
     fn idle(&self) {}
+    /// Why nothing is fetched from this source, if a connection showed it is
+    /// not the source the cache dir's files come from.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// How long a connection may take when no reader waits for it (at mount time).

@@ -82,6 +82,8 @@ pub struct Loaded {
     pub records: Records,
     /// The local changes to names and attributes, in the order they were made.
     pub local: Vec<Local>,
+    /// Where its last whole record ends (a torn append after it is cut off).
+    pub whole_len: u64,
 }
 
 impl Loaded {
@@ -238,6 +240,7 @@ fn parse(all: &[u8]) -> Result<Loaded, (u64, usize, String)> {
             Next::Damaged(reason) => return Err((at as u64, intact, reason)),
         }
     }
+    loaded.whole_len = at as u64;
     Ok(loaded)
 }
 
@@ -256,6 +259,9 @@ fn add(loaded: &mut Loaded, record: JournalRecord, first: bool) -> Result<(), St
         }
         (true, _) => return Err("no header".into()),
         (false, Some(Kind::Header(_))) | (false, None) => return Err("a record out of place".into()),
+        (false, Some(Kind::HeaderAgain(h))) => {
+            loaded.owner = Owner { identity: h.identity, created_ns: h.created_ns, legacy: h.owner };
+        }
         (false, Some(Kind::Present(p))) => {
             if p.first > p.end {
                 return Err("a reversed chunk range".into());
@@ -339,6 +345,25 @@ impl Journal {
         dir.write_atomic(NAME, &bytes)?;
         let journal = dir.open_append(NAME)?;
         Self::start(&dir.join(NAME), journal, files)
+    }
+
+    /// Goes on appending to the journal of `dir` as it is, whole up to
+    /// `whole_len` (what [`load`] read of it), now owned by `owner`: for a
+    /// mount that cannot [`Journal::create`] its new one for want of room
+    /// (the copy needs as much again). What it holds must be this mount's.
+    pub fn resume(
+        dir: &CacheDir,
+        owner: &Owner,
+        whole_len: u64,
+        files: Vec<JournalFile>,
+    ) -> Result<Journal, StoreError> {
+        let journal = dir.open_append(NAME)?;
+        journal.set_len(whole_len).and_then(|()| journal.sync_data()).map_err(io_err(&dir.join(NAME)))?;
+        let journal = Self::start(&dir.join(NAME), journal, files)?;
+        let again = JournalRecord { kind: Some(Kind::HeaderAgain(header_of(owner))) };
+        let _ = journal.tx.send(Op::Record(again));
+        journal.flush()?;
+        Ok(journal)
     }
 
     fn start(path: &Path, journal: File, files: Vec<JournalFile>) -> Result<Journal, StoreError> {
@@ -445,14 +470,16 @@ impl Drop for Journal {
 }
 
 fn header(owner: &Owner) -> JournalRecord {
-    JournalRecord {
-        kind: Some(Kind::Header(Header {
-            version: VERSION,
-            chunk_size: CHUNK_SIZE,
-            identity: owner.identity.clone(),
-            created_ns: owner.created_ns,
-            ..Header::default()
-        })),
+    JournalRecord { kind: Some(Kind::Header(header_of(owner))) }
+}
+
+fn header_of(owner: &Owner) -> Header {
+    Header {
+        version: VERSION,
+        chunk_size: CHUNK_SIZE,
+        identity: owner.identity.clone(),
+        created_ns: owner.created_ns,
+        ..Header::default()
     }
 }
 
