@@ -174,7 +174,7 @@ fn now_secs() -> u64 {
 
 /// One record on disk: its length (varint), the record, and 4 bytes of its
 /// blake3, so a damaged record is told from a good one.
-fn encode(record: &JournalRecord) -> Vec<u8> {
+pub(crate) fn encode(record: &impl Message) -> Vec<u8> {
     let body = record.encode_to_vec();
     let mut out = Vec::with_capacity(body.len() + 9);
     prost::encoding::encode_varint(body.len() as u64, &mut out);
@@ -184,14 +184,34 @@ fn encode(record: &JournalRecord) -> Vec<u8> {
 }
 
 /// What the bytes at a record's start hold.
-enum Next {
-    Record(Box<JournalRecord>, usize),
+enum Next<'a> {
+    /// A whole record's body, and the bytes it took.
+    Body(&'a [u8], usize),
     /// The last append stopped part way (a crash): what came before stands.
     Torn,
     Damaged(String),
 }
 
-fn next_record(bytes: &[u8]) -> Next {
+/// The records of a file in the journal's framing (the tree's log's too), as
+/// their bodies: a record cut short at the end (a crash mid-append), or zeros
+/// to the end, end them; a damaged one is an error, and the last item.
+pub(crate) fn frames(mut bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> {
+    std::iter::from_fn(move || match next_frame(bytes) {
+        _ if bytes.is_empty() => None,
+        Next::Body(body, used) => {
+            bytes = &bytes[used..];
+            Some(Ok(body))
+        }
+        Next::Torn => None,
+        Next::Damaged(_) if bytes.iter().all(|&b| b == 0) => None,
+        Next::Damaged(reason) => {
+            bytes = &[];
+            Some(Err(reason))
+        }
+    })
+}
+
+fn next_frame(bytes: &[u8]) -> Next<'_> {
     let mut rest = bytes;
     let len = match prost::encoding::decode_varint(&mut rest) {
         Ok(len) => len,
@@ -216,10 +236,7 @@ fn next_record(bytes: &[u8]) -> Next {
             false => Next::Damaged("a damaged record (checksum mismatch)".into()),
         };
     }
-    match JournalRecord::decode(body) {
-        Ok(record) => Next::Record(Box::new(record), head + end),
-        Err(e) => Next::Damaged(format!("an unreadable record ({e})")),
-    }
+    Next::Body(body, head + end)
 }
 
 /// The journal's records, or where (byte, whole records before) and why it is damaged.
@@ -228,9 +245,12 @@ fn parse(all: &[u8]) -> Result<Loaded, (u64, usize, String)> {
     let mut at = 0;
     let mut intact = 0;
     while at < all.len() {
-        match next_record(&all[at..]) {
-            Next::Record(record, used) => {
-                add(&mut loaded, *record, intact == 0).map_err(|reason| (at as u64, intact, reason))?;
+        match next_frame(&all[at..]) {
+            Next::Body(body, used) => {
+                let record = JournalRecord::decode(body).map_err(|e| format!("an unreadable record ({e})"));
+                record
+                    .and_then(|record| add(&mut loaded, record, intact == 0))
+                    .map_err(|reason| (at as u64, intact, reason))?;
                 at += used;
                 intact += 1;
             }
@@ -297,6 +317,8 @@ fn add(loaded: &mut Loaded, record: JournalRecord, first: bool) -> Result<(), St
 type Answer = Result<(), (Option<i32>, String)>;
 
 enum Op {
+    /// File number `file` is `JournalFile` (a file of the tree found after the mount began).
+    File(usize, JournalFile),
     Present {
         file: usize,
         chunks: Range<u64>,
@@ -360,7 +382,7 @@ impl Journal {
         let journal = dir.open_append(NAME)?;
         journal.set_len(whole_len).and_then(|()| journal.sync_data()).map_err(io_err(&dir.join(NAME)))?;
         let journal = Self::start(&dir.join(NAME), journal, files)?;
-        let again = JournalRecord { kind: Some(Kind::HeaderAgain(header_of(owner))) };
+        let again = JournalRecord { kind: Some(Kind::HeaderAgain(owner_header(owner))) };
         let _ = journal.tx.send(Op::Record(again));
         journal.flush()?;
         Ok(journal)
@@ -373,7 +395,7 @@ impl Journal {
         let writer = Writer {
             path: path.to_path_buf(),
             journal,
-            files,
+            files: files.into_iter().map(Some).collect(),
             good_len,
             whole: true,
             retained: Vec::new(),
@@ -385,6 +407,11 @@ impl Journal {
             .spawn(move || writer.run(rx))
             .map_err(io_err(path))?;
         Ok(Journal { path: path.to_path_buf(), tx, thread: Some(thread), refusing })
+    }
+
+    /// File number `index` (after those given at creation) is `file`.
+    pub fn add_file(&self, index: usize, file: JournalFile) {
+        let _ = self.tx.send(Op::File(index, file));
     }
 
     /// Chunks of file `file` (its index among the `files` given) are written.
@@ -470,10 +497,11 @@ impl Drop for Journal {
 }
 
 fn header(owner: &Owner) -> JournalRecord {
-    JournalRecord { kind: Some(Kind::Header(header_of(owner))) }
+    JournalRecord { kind: Some(Kind::Header(owner_header(owner))) }
 }
 
-fn header_of(owner: &Owner) -> Header {
+/// The header saying whose files a cache dir's logs hold (the tree's too).
+pub(crate) fn owner_header(owner: &Owner) -> Header {
     Header {
         version: VERSION,
         chunk_size: CHUNK_SIZE,
@@ -530,7 +558,8 @@ enum Reserve {
 struct Writer {
     path: PathBuf,
     journal: File,
-    files: Vec<JournalFile>,
+    /// By file number (a file of the tree found after the mount is added later).
+    files: Vec<Option<JournalFile>>,
     /// The journal's length up to its last whole record.
     good_len: u64,
     /// False while a failed append's bytes could not be cut off.
@@ -553,6 +582,12 @@ impl Writer {
                 Some(since) => rx.recv_timeout(BATCH_TIME.saturating_sub(since.elapsed())),
             };
             match op {
+                Ok(Op::File(index, file)) => {
+                    if self.files.len() <= index {
+                        self.files.resize_with(index + 1, || None);
+                    }
+                    self.files[index] = Some(file);
+                }
                 Ok(op) => {
                     let now = matches!(op, Op::Flush(_) | Op::Change(..));
                     pending.push(op);
@@ -591,7 +626,7 @@ impl Writer {
                 // reserve is kept for removals.
                 Op::Present { file, .. } if low || synced.get(file) != Some(&true) => {}
                 Op::Present { file, chunks } => {
-                    let entry = &self.files[file];
+                    let Some(entry) = self.file(file) else { continue };
                     known.extend(encode(&present_record(&entry.path, chunks, entry.size)));
                 }
                 Op::Record(JournalRecord { kind: Some(Kind::Verified(_)) }) if low => {}
@@ -604,6 +639,7 @@ impl Writer {
                     waiters.push(done);
                 }
                 Op::Flush(done) => waiters.push(done),
+                Op::File(..) => {}
             }
         }
         let answer = self.append(&known, &changes).map_err(|e| {
@@ -615,6 +651,10 @@ impl Writer {
             let _ = done.send(answer.clone());
         }
         self.top_up();
+    }
+
+    fn file(&self, index: usize) -> Option<&JournalFile> {
+        self.files.get(index)?.as_ref()
     }
 
     /// Which of the files the batch names are synced (fsync through the spill
@@ -638,14 +678,13 @@ impl Writer {
                 _ => log::error!("syncing the cache dir's filesystem: {}", std::io::Error::last_os_error()),
             }
         } else {
-            for file in named {
-                let (dir, name) = &self.files[file].spill;
+            for (file, entry) in named.into_iter().filter_map(|file| Some((file, self.file(file)?))) {
+                let (dir, name) = &entry.spill;
                 match dir.sync_file(name) {
                     Ok(()) => synced[file] = true,
-                    Err(e) => log::error!(
-                        "syncing the spill file of {}: {e}",
-                        String::from_utf8_lossy(&self.files[file].path)
-                    ),
+                    Err(e) => {
+                        log::error!("syncing the spill file of {}: {e}", String::from_utf8_lossy(&entry.path))
+                    }
                 }
             }
         }
