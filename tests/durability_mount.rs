@@ -164,3 +164,42 @@ fn a_full_cache_disk_and_kill_9_lose_no_acknowledged_change() {
     assert!(mount.umount().status.success());
     drop(tmpfs);
 }
+
+/// Finding 3 with the whole directory (`--subtree`): once every file and
+/// directory is here, a remount with the old host gone serves the tree from
+/// the cache dir, files the images never recorded included.
+#[test]
+fn a_whole_directory_remounts_with_the_old_host_gone() {
+    let env = TestEnv::new();
+    let mut sshd = Sshd::start();
+    let top = env.path("source/srv/app");
+    for (rel, len) in [("data/a.db", 30_000), ("lib/mod/x.py", 500), ("lib/mod/y.py", 70_000), ("README", 10)] {
+        std::fs::create_dir_all(top.join(rel).parent().unwrap()).unwrap();
+        std::fs::write(top.join(rel), content(rel, len)).unwrap();
+    }
+    let records = vec![lazyfs::images::write::DumpFile::new("/srv/app/data/a.db", 30_000)];
+    lazyfs::images::write::write_dump(&env.path("images"), &records).unwrap();
+    let root = env.path("source").display().to_string();
+    let (target, args) = (sshd.target(), ["--subtree", "/srv/app", "--source-root", &root]);
+    let mount = env.mounted(
+        "m",
+        &env.mount_spelled("m", &env.path("images"), &sshd, &target, &[&args[..], &["--prefetch"]].concat()),
+    );
+    mount.wait_for(|s| s["source_needed"] == false, "the source is still needed");
+    std::fs::write(mount.mountpoint.join("lib/mod/z.py"), b"made here").unwrap();
+    assert!(mount.umount().status.success());
+    drop(mount);
+
+    sshd.stop();
+    let out = env.mount_spelled("m", &env.path("images"), &sshd, &target, &args);
+    assert!(stderr(&out).contains("no longer needed"), "{}", stderr(&out));
+    let mount = env.mounted("m", &out);
+    assert_eq!(std::fs::read(mount.mountpoint.join("lib/mod/y.py")).unwrap(), content("lib/mod/y.py", 70_000));
+    assert_eq!(std::fs::read(mount.mountpoint.join("README")).unwrap(), content("README", 10));
+    assert_eq!(std::fs::read(mount.mountpoint.join("lib/mod/z.py")).unwrap(), b"made here");
+    let mut names: Vec<_> =
+        std::fs::read_dir(mount.mountpoint.join("lib/mod")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["x.py", "y.py", "z.py"]);
+    assert!(mount.umount().status.success());
+}
