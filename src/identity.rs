@@ -24,21 +24,17 @@ use crate::source::{Connection, Shown, Source, SourceError};
 use crate::store::journal::Loaded;
 pub use crate::store::journal::proto::{CacheIdentity, SourceIdentity};
 
-/// A blake3 of the image files of `imgdir` (but the memory pages: large,
-/// and nothing in them is about files), and what a journal older than
-/// identities said of them with SOURCE `source` and `--source-root`
-/// `source_root` (to take such a cache dir over as it is).
-pub fn images_hash(imgdir: &Path, source: &str, source_root: &Path) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+/// A blake3 of the image files of `imgdir` (see `images::hash_files`), and
+/// what a journal older than identities said of them with SOURCE `source`
+/// and `--source-root` `source_root` (to take such a cache dir over as it is).
+pub fn images_hash(
+    imgdir: &Path,
+    source: &str,
+    source_root: &Path,
+) -> Result<(Vec<u8>, Vec<u8>), (PathBuf, std::io::Error)> {
     use std::os::unix::ffi::OsStrExt;
-    let mut names: Vec<std::ffi::OsString> =
-        std::fs::read_dir(imgdir)?.map(|entry| entry.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
-    names.sort();
     let mut hasher = blake3::Hasher::new();
-    for name in names {
-        hasher.update(name.as_bytes()).update(&[0]);
-        std::io::copy(&mut std::fs::File::open(imgdir.join(&name))?, &mut hasher)?;
-    }
+    crate::images::hash_files(imgdir, &mut hasher)?;
     let images = hasher.finalize().as_bytes().to_vec();
     for part in [source.as_bytes(), source_root.as_os_str().as_bytes()] {
         hasher.update(&[0]).update(part);
@@ -282,6 +278,10 @@ impl Source for CheckedSource {
 
     fn refusal(&self) -> Option<String> {
         self.refused.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn pushed(&self) -> Option<&crate::s3::index::Index> {
+        self.inner.pushed()
     }
 }
 

@@ -20,6 +20,7 @@ use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
 use crate::recording::{self, Recording, RecordingError};
+use crate::s3::index::Index;
 use crate::source::Connection;
 use crate::source::{self, Source, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
@@ -239,6 +240,14 @@ pub fn prepare_with(
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?.map(Arc::new);
     let tree_root = request.tree_root();
+    if let (SourceSpec::S3(url), Some(root)) = (&request.source, tree_root) {
+        return Err(SourceError::Config(format!(
+            "--subtree {}: {url} holds the recorded files only (`lazyfs push` does not send the whole directory \
+             yet): add --recorded-only",
+            root.display()
+        ))
+        .into());
+    }
     let mut ns = match tree_root {
         Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths))?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
@@ -260,15 +269,6 @@ pub fn prepare_with(
         _ => None,
     };
     let store = Arc::new(Store::open(&request.cache_dir)?);
-    let recording = match (&request.order, given_recording) {
-        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
-        (PrefetchOrder::Recorded(None), None) => {
-            let (found, warning) = find_recording(&store, manifest.as_deref());
-            warnings.extend(warning);
-            found
-        }
-        _ => None,
-    };
     let (spelling, shown) = source::identify(&request.source, &request.source_root);
     let (wanted, legacy) = wanted_identity(&request, spelling.clone(), shown)?;
     let (loaded, verdict) = match load_journal(&store, &request, &mut warnings)? {
@@ -318,6 +318,29 @@ pub fn prepare_with(
     }
 
     let mut source = SourceNeeded { open: Some(open_source), spelling, known, source: None, connection: None };
+    // An object store's index (read as it is opened) says what its files are.
+    let store_source = match request.source {
+        SourceSpec::S3(_) => Some(source.open()?),
+        _ => None,
+    };
+    let pushed = store_source.as_deref().and_then(|s| s.pushed());
+    if let (Some(pushed), Some(store_source)) = (pushed, &store_source) {
+        check_pushed_images(&request, pushed, &store_source.describe())?;
+    }
+    let recording = match (&request.order, given_recording) {
+        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
+        (PrefetchOrder::Recorded(None), None) => {
+            let shipped = pushed.and_then(|p| p.recording.as_ref());
+            let (found, warning) =
+                find_recording(&store, shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref())));
+            if let Some(warning) = &warning {
+                log::warn!("{warning}");
+            }
+            warnings.extend(warning);
+            found
+        }
+        _ => None,
+    };
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
         let record = records.get(file.path.as_os_str().as_bytes());
@@ -335,7 +358,11 @@ pub fn prepare_with(
             files.push(Arc::new(open_file(&store, spec, Some(record))?));
             continue;
         }
-        let expected = manifest.as_deref().and_then(|m| m.get(&file.path)).cloned();
+        // What a store holds is checked against its own index.
+        let expected = match pushed {
+            Some(pushed) => pushed.get(&file.source_path).map(|entry| entry.hashes.clone()),
+            None => manifest.as_deref().and_then(|m| m.get(&file.path)).cloned(),
+        };
         // CRIU records no size for some files (O_APPEND opens): ask the
         // manifest, what arrived of it whole before, or the source.
         let verified = record.filter(|r| r.verified.is_some()).map(|r| r.size);
@@ -525,7 +552,7 @@ fn wanted_identity(
     shown: Option<source::Shown>,
 ) -> Result<(CacheIdentity, Vec<u8>), MountError> {
     let (images, legacy) = identity::images_hash(&request.imgdir, &request.source_arg, &request.source_root)
-        .map_err(|source| MountError::Store(StoreError::Io { path: request.imgdir.clone(), source }))?;
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
     let identity = CacheIdentity {
         images,
         imgdir: request.imgdir.display().to_string(),
@@ -655,20 +682,41 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
 }
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
-/// last restore of these images from this source, here), else the one the
-/// manifest ships; a warning when there is none (prefetch goes smallest-first).
-fn find_recording(store: &Store, manifest: Option<&Manifest>) -> (Option<Recording>, Option<String>) {
+/// last restore of these images from this source, here), else the one
+/// `shipped` with the images (by the manifest, or the push's index); a
+/// warning when there is none (prefetch goes smallest-first).
+fn find_recording(store: &Store, shipped: Option<&Recording>) -> (Option<Recording>, Option<String>) {
     let (cached, damaged) = match recording::load_cached(store.dir()) {
         Ok(cached) => (cached, None),
         Err(e) => (None, Some(format!("{e}: ignored"))),
     };
-    let found = cached.or_else(|| manifest.and_then(|m| m.recording.clone()));
+    let found = cached.or_else(|| shipped.cloned());
     let none = found.is_none().then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
-         smallest-first (`lazyfs manifest --recording` ships one with the images)"
+         smallest-first (`lazyfs manifest --recording` ships one with the images, `lazyfs push --recording` \
+         with the index)"
             .to_string()
     });
     (found, damaged.into_iter().chain(none).reduce(|a, b| format!("{a}; {b}")))
+}
+
+/// An object store's index is of the images it was pushed with: other
+/// images would be served another checkpoint's files (verified, but not theirs).
+fn check_pushed_images(request: &MountRequest, pushed: &Index, source: &str) -> Result<(), MountError> {
+    let mut hasher = blake3::Hasher::new();
+    crate::images::hash_files(&request.imgdir, &mut hasher)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
+    if hasher.finalize().as_bytes() == &pushed.images {
+        return Ok(());
+    }
+    Err(SourceError::Config(format!(
+        "{source} holds the files of other images (pushed from {}), not of {}: mount with those images, or \
+         `lazyfs push {}` there first",
+        pushed.origin,
+        request.imgdir.display(),
+        request.imgdir.display()
+    ))
+    .into())
 }
 
 /// The recording's runs on this mount's files, in order.
