@@ -271,6 +271,7 @@ struct Tally {
     maybe_made: u64,
     maybe_not: u64,
     kills: u64,
+    failovers: u64,
     fills: u64,
     cuts: u64,
     bytes_checked: u64,
@@ -398,11 +399,14 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
 
     while started.elapsed() < budget {
         tally.rounds += 1;
-        let pid = mount.status()["pid"].as_i64().unwrap() as i32;
+        let status = mount.status();
+        let pids = ["supervisor_pid", "pid"].map(|key| status[key].as_i64().unwrap() as i32);
         let ms = 800 + rng.below(2000);
         let children: Vec<Child> = workers.iter().map(|w| w.spawn(&mount.mountpoint, rng.next(), ms)).collect();
         // What happens meanwhile, at random moments: the disk fills (and
-        // maybe empties again), the connection is cut, the daemon dies.
+        // maybe empties again), the connection is cut, the serving process
+        // dies (its supervisor starts another on the same mount), or the
+        // supervisor and it both die (the mount goes stale).
         let mut events: Vec<(u64, &str)> = Vec::new();
         if rng.chance(50) {
             let at = rng.below(ms);
@@ -414,7 +418,10 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
         if rng.chance(40) {
             events.push((rng.below(ms), "cut"));
         }
-        let kill = rng.chance(50);
+        let (failover, kill) = (rng.chance(35), rng.chance(35));
+        if failover {
+            events.push((100 + rng.below(ms), "failover"));
+        }
         if kill {
             events.push((200 + rng.below(ms), "kill"));
         }
@@ -437,8 +444,14 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
                     }
                     tally.cuts += 1;
                 }
+                "failover" => {
+                    if let Some(serving) = serving_pid(&mount) {
+                        unsafe { libc::kill(serving, libc::SIGKILL) };
+                        tally.failovers += 1;
+                    }
+                }
                 _ => {
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    kill_all(&mount, &pids);
                     tally.kills += 1;
                 }
             }
@@ -446,12 +459,9 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
         for (worker, child) in workers.iter_mut().zip(children) {
             worker.take(child, &mut tally);
         }
-        if kill || !mount.umount().status.success() {
-            if !kill {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                tally.kills += 1;
-            }
-            wait_gone(pid);
+        if !kill && !mount.umount().status.success() {
+            kill_all(&mount, &pids);
+            tally.kills += 1;
         }
         drop(mount);
         let _ = std::fs::remove_file(&filler);
@@ -466,7 +476,8 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
     eprintln!(
         "chaos: {} rounds in {:.0} s: {} acknowledged changes checked after each round ({} bytes in all), \
          {} refused on a full disk, {} refused as a local filesystem would, {} made while the daemon died \
-         (found made: {}, not made: {}); {} kills, {} disk fills, {} connection cuts, {} spellings of the source",
+         (found made: {}, not made: {}); {} kills, {} serving processes killed (failover), {} disk fills, \
+         {} connection cuts, {} spellings of the source",
         tally.rounds,
         started.elapsed().as_secs_f64(),
         tally.acknowledged,
@@ -477,11 +488,28 @@ fn every_acknowledged_change_survives_kills_full_disks_cuts_and_respellings() {
         tally.maybe_made,
         tally.maybe_not,
         tally.kills,
+        tally.failovers,
         tally.fills,
         tally.cuts,
         spellings.len()
     );
     assert!(tally.rounds >= 3 && tally.acknowledged > 0, "too little happened");
+}
+
+/// `kill -9` of the supervisor (first: alone, the serving process would be
+/// replaced), then of every serving process there is (the one the round
+/// started with, and one a failover started since).
+fn kill_all(mount: &Mount, pids: &[i32; 2]) {
+    let serving = serving_pid(mount);
+    for pid in pids.iter().copied().chain(serving) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_gone(pid);
+    }
+}
+
+/// The mount's serving process now (a failover may have replaced the first).
+fn serving_pid(mount: &Mount) -> Option<i32> {
+    mount.try_status()?["pid"].as_i64().map(|pid| pid as i32)
 }
 
 /// Writes `path` until its filesystem is full.

@@ -149,7 +149,7 @@ fn a_full_cache_disk_and_kill_9_lose_no_acknowledged_change() {
     for i in 0..10 {
         std::fs::write(app.join(format!("new{i}")), format!("new {i}")).unwrap();
     }
-    mount.kill9();
+    mount.kill_all();
     drop(mount);
 
     let mount = env.mount("m", &env.path("images"), &ssh, &[]);

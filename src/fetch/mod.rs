@@ -979,6 +979,7 @@ impl Fetcher {
                 shared.send_to_verifier(index);
             }
         }
+        // Without one, the first read that needs the source connects.
         let link = match connection {
             Some(connection) => lane::Link::with_connection(source.clone(), shared.health.clone(), connection),
             None => lane::Link::new(source.clone(), shared.health.clone()),

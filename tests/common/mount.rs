@@ -167,6 +167,12 @@ impl Mount {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `status --json`, if the mount answers.
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.lazyfs().arg("status").arg(&self.mountpoint).arg("--json").output().ok()?;
+        serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())
+    }
+
     /// `status --json` once `done` holds of it (panics with `what` after 120 s).
     pub fn wait_for(&self, done: impl Fn(&Value) -> bool, what: &str) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -185,15 +191,22 @@ impl Mount {
         self.wait_for(|s| s["state"] == "complete", "not complete")
     }
 
-    pub fn umount(&self) -> Output {
-        self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
+    /// `kill -9` of the whole mount, supervisor first (killed alone, the
+    /// serving process is replaced on the same mount): the mount goes stale.
+    /// Returns once both are gone.
+    pub fn kill_all(&self) {
+        let status = self.status();
+        for key in ["supervisor_pid", "pid"] {
+            let pid = status[key].as_i64().unwrap() as i32;
+            assert!(pid > 0, "{key}: {status}");
+            // SAFETY: kill(2) of a process this test's mount started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_gone(pid);
+        }
     }
 
-    /// Kills the mount's process with SIGKILL and waits until it is gone.
-    pub fn kill9(&self) {
-        let pid = self.status()["pid"].as_i64().unwrap() as i32;
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        wait_gone(pid);
+    pub fn umount(&self) -> Output {
+        self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
     }
 }
 
