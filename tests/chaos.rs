@@ -2,7 +2,8 @@
 //! default), rounds of random writes, creates, renames, unlinks and truncates
 //! from several processes through a real FUSE mount over the tests' sshd,
 //! with a cache dir on a small tmpfs, while the serving process (a successor
-//! takes the mount over) or the whole mount is `kill -9`ed at random moments, the cache disk fills up and empties, the connection to the
+//! takes the mount over) or the whole mount is `kill -9`ed at random
+//! moments, the cache disk fills up and empties, the connection to the
 //! source is cut, and the mount is mounted again with other spellings of the
 //! same source. After each round every acknowledged change is there and every
 //! byte equals an in-memory model of what each process was told.
