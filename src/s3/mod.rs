@@ -82,6 +82,9 @@ pub enum S3Error {
     NoBucket { bucket: String, endpoint: String },
     #[error("{what}: not in the store")]
     NotFound { what: String },
+    /// The object ends before the range asked for (HTTP 416): it is shorter than it should be.
+    #[error("{what}: the store holds fewer bytes than the range asked for")]
+    OutOfRange { what: String },
     #[error(
         "{endpoint} refused the credentials ({reason}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile (AWS_PROFILE)"
     )]
@@ -283,8 +286,10 @@ impl Bucket {
     fn error(&self, error: object_store::Error, key: &str) -> S3Error {
         let endpoint = self.endpoint.clone();
         let code = s3_code(&error);
-        if code.as_deref() == Some("NoSuchBucket") {
-            return S3Error::NoBucket { bucket: self.url.bucket.clone(), endpoint };
+        match code.as_deref() {
+            Some("NoSuchBucket") => return S3Error::NoBucket { bucket: self.url.bucket.clone(), endpoint },
+            Some("InvalidRange") => return S3Error::OutOfRange { what: format!("s3://{}/{key}", self.url.bucket) },
+            _ => {}
         }
         match &error {
             object_store::Error::NotFound { .. } => {

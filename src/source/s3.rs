@@ -173,6 +173,7 @@ impl Shared {
         let len = piece.range.end - piece.range.start;
         let bytes = self.bucket.get(&key, Some(piece.range.clone()), len, limits).await.map_err(|e| match e {
             S3Error::NotFound { .. } => Failure::Missing(key.clone()),
+            S3Error::OutOfRange { .. } => Failure::Damaged(key.clone()),
             e => Failure::Store(e),
         })?;
         let damaged = bytes.len() as u64 != len || (piece.whole && blake3::hash(&bytes).as_bytes() != &piece.object);
@@ -312,7 +313,7 @@ fn runtime_error(error: S3Error, path: Option<&Path>) -> SourceError {
         S3Error::Unreachable { endpoint, reason } => {
             SourceError::Connect { addr: endpoint, source: std::io::Error::other(reason) }
         }
-        e @ (S3Error::Config(_) | S3Error::NoBucket { .. }) => {
+        e @ (S3Error::Config(_) | S3Error::NoBucket { .. } | S3Error::OutOfRange { .. }) => {
             SourceError::Store { message: about(e.to_string()), transient: false }
         }
         e => SourceError::Store { message: about(e.to_string()), transient: true },
