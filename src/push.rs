@@ -120,7 +120,6 @@ struct Hashed {
     source_path: PathBuf,
     entry: Entry,
     ctime_ns: i64,
-    atime_ns: i64,
 }
 
 /// One object to store: where its bytes are.
@@ -251,7 +250,6 @@ fn hash_all(
                         objects,
                     },
                     ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
-                    atime_ns: nanos(meta.atime(), meta.atime_nsec()),
                 })
             })();
             (file.path.clone(), result)
@@ -277,7 +275,6 @@ fn index_file(hashed: &Hashed) -> IndexFile {
         uid: e.uid,
         gid: e.gid,
         mtime_ns: e.mtime_ns,
-        atime_ns: hashed.atime_ns,
         ctime_ns: hashed.ctime_ns,
         blake3: e.hashes.whole.to_vec(),
         chunk_blake3: e.hashes.chunks.concat(),
