@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::recording::Recording;
 use crate::s3::index::{self, Entry, Index, IndexFile, IndexProto, ObjectName};
-use crate::s3::{Bucket, S3Error, S3Url};
+use crate::s3::{Bucket, S3Error, S3Url, pin};
 use crate::source::{self, Limits, SourceError, SourceSpec, relative};
 use crate::store::CHUNK_SIZE;
 
@@ -68,6 +68,11 @@ pub enum PushError {
     NothingRead { count: usize, example: String },
     #[error("{}: changed while it was being pushed; run `lazyfs push` again (what went up stays)", .0.display())]
     Changed(PathBuf),
+    #[error(
+        "cannot write {} (it tells the new hosts which index to trust): {source}; push from a copy of the images you can write",
+        path.display()
+    )]
+    Pin { path: PathBuf, source: std::io::Error },
 }
 
 impl PushError {
@@ -75,7 +80,9 @@ impl PushError {
     pub fn exit_code(&self) -> u8 {
         use crate::cli::exit;
         match self {
-            PushError::Images(_) | PushError::EmptySubtree(_) | PushError::Root { .. } => exit::BAD_INPUT,
+            PushError::Images(_) | PushError::EmptySubtree(_) | PushError::Root { .. } | PushError::Pin { .. } => {
+                exit::BAD_INPUT
+            }
             PushError::Store(e) if e.is_bad_input() => exit::BAD_INPUT,
             _ => exit::RUNTIME,
         }
@@ -183,6 +190,9 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     };
     let bytes = Index::encode(proto);
     let id = blake3::hash(&bytes).to_hex().to_string();
+    // Before the index goes up: a mount serves only an index its images name.
+    pin::write(&request.imgdir, &request.url, &id)
+        .map_err(|source| PushError::Pin { path: pin::path(&request.imgdir), source })?;
     bucket.block_on(bucket.put(&request.url.key(index::INDEX), Bytes::from(bytes)))?;
     progress.index_stored.store(true, Ordering::Relaxed);
 

@@ -595,8 +595,36 @@ fn a_forged_index_in_the_store_never_makes_a_mount_serve_other_bytes() {
             "a mount served bytes that only the store's index vouches for, not the images"
         );
     } else {
-        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("not one pushed with") && stderr.contains("lazyfs.pushed"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
+}
+
+#[test]
+fn images_copied_without_the_pushs_lazyfs_pushed_are_refused_saying_what_to_do() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/p/a", 1000)]);
+    let url = garage.url("pinned");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let pin = env.path("images").join("lazyfs.pushed");
+    let text = std::fs::read_to_string(&pin).unwrap();
+    assert!(text.ends_with(&format!(" {url}\n")), "one line per URL pushed to: {text}");
+    // Copied to the new host before the push wrote it.
+    std::fs::remove_file(&pin).unwrap();
+    let out = env.try_mount("m", &env.path("images"), &s3(&garage, &url), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lazyfs.pushed: not there") && stderr.contains("lazyfs push"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // Pushed again, the images mount.
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let mount = env.mount("m", &env.path("images"), &s3(&garage, &url), &[]);
+    assert_eq!(std::fs::read(mount.at("/p/a")).unwrap(), content("/p/a", 1000));
 }
 
 #[test]

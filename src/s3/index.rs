@@ -57,6 +57,9 @@ pub struct Entry {
 /// A decoded, checked index.
 #[derive(Debug)]
 pub struct Index {
+    /// The hex blake3 of its bytes: what `lazyfs.done` and the images'
+    /// `lazyfs.pushed` name it by.
+    pub id: String,
     pub object_size: u64,
     /// Key prefix of the objects in the bucket.
     pub objects: String,
@@ -125,6 +128,7 @@ impl Index {
             }
         }
         Ok(Index {
+            id: blake3::hash(bytes).to_hex().to_string(),
             object_size,
             objects: proto.objects,
             images,

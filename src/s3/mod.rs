@@ -9,6 +9,7 @@
 //! with [`Bucket::block_on`].
 
 pub mod index;
+pub mod pin;
 mod profile;
 
 use std::collections::HashMap;

@@ -36,9 +36,6 @@ pub struct S3Source {
 struct Shared {
     bucket: Bucket,
     index: Index,
-    /// The hex blake3 of the index's bytes: what `lazyfs.done` holds once
-    /// every object it names is stored.
-    id: String,
     complete: AtomicBool,
     /// When `lazyfs.done` was last looked at.
     looked: Mutex<Option<Instant>>,
@@ -68,13 +65,7 @@ impl S3Source {
         };
         let index = Index::decode(&bytes)
             .map_err(|reason| SourceError::Config(format!("{url}/{}: not a lazyfs index: {reason}", index::INDEX)))?;
-        let shared = Shared {
-            id: blake3::hash(&bytes).to_hex().to_string(),
-            bucket,
-            index,
-            complete: AtomicBool::new(false),
-            looked: Mutex::new(None),
-        };
+        let shared = Shared { bucket, index, complete: AtomicBool::new(false), looked: Mutex::new(None) };
         let complete = shared.bucket.block_on(shared.complete());
         log::info!(
             "{url}: {} files pushed from {}{}",
@@ -141,7 +132,7 @@ impl Shared {
         let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
         let key = self.bucket.url.key(index::DONE);
         let done = self.bucket.get(&key, None, 64, limits).await;
-        let complete = done.is_ok_and(|bytes| bytes.trim_ascii() == self.id.as_bytes());
+        let complete = done.is_ok_and(|bytes| bytes.trim_ascii() == self.index.id.as_bytes());
         if complete {
             self.complete.store(true, Ordering::Relaxed);
         }
