@@ -11,9 +11,11 @@
 //!    object already in the bucket is not sent again, so a push interrupted
 //!    and run again sends only what is missing: a listing of the objects'
 //!    prefix (made while the files are hashed) says which are there, or, for
-//!    a store too large to list cheaply, a HEAD per object. Each object
-//!    is read and hashed again as it is sent: a file that changed since it
-//!    was hashed fails the push rather than go up under a wrong name.
+//!    a store too large to list cheaply, a HEAD per object; one there is
+//!    checked to hold its bytes (its ETag against their MD5, else fetched
+//!    and hashed), or sent again. Each object is read and hashed again as it
+//!    is sent: a file that changed since it was hashed fails the push rather
+//!    than go up under a wrong name.
 //! 4. `lazyfs.done` says the push is complete.
 
 use std::collections::{HashMap, HashSet};
@@ -31,7 +33,7 @@ use rayon::prelude::*;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::recording::Recording;
 use crate::s3::index::{self, Entry, Index, IndexFile, IndexProto, ObjectName};
-use crate::s3::{Bucket, S3Error, S3Url, pin};
+use crate::s3::{Bucket, ObjectInfo, S3Error, S3Url, pin};
 use crate::source::{self, Limits, SourceError, SourceSpec, relative};
 use crate::store::CHUNK_SIZE;
 
@@ -329,8 +331,8 @@ fn plan(hashed: &[Hashed], recording: Option<&Recording>, object_size: u64) -> V
 /// What the bucket has under the objects' prefix, as far as a listing
 /// cheaper than a HEAD per object tells.
 struct Stored {
-    /// Object names and sizes listed.
-    sizes: HashMap<ObjectName, u64>,
+    /// Object names listed, and what the listing says of each.
+    listed: HashMap<ObjectName, ObjectInfo>,
     /// The listing was complete: an object not in it is not in the bucket.
     complete: bool,
 }
@@ -343,15 +345,15 @@ async fn stored_objects(bucket: &Bucket, prefix: &str, objects: u64) -> Stored {
     let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
     match bucket.list(prefix, (pages * 1000) as usize, limits).await {
         Ok((listed, complete)) => {
-            let sizes = listed
+            let listed = listed
                 .into_iter()
-                .filter_map(|(name, size)| Some((*blake3::Hash::from_hex(name).ok()?.as_bytes(), size)))
+                .filter_map(|(name, info)| Some((*blake3::Hash::from_hex(name).ok()?.as_bytes(), info)))
                 .collect();
-            Stored { sizes, complete }
+            Stored { listed, complete }
         }
         Err(e) => {
             log::warn!("listing {prefix}: {e}: asking for each object instead");
-            Stored { sizes: HashMap::new(), complete: false }
+            Stored { listed: HashMap::new(), complete: false }
         }
     }
 }
@@ -385,21 +387,24 @@ async fn upload_one(
 ) -> Result<(), PushError> {
     let key = index::object_key(objects, &upload.name);
     let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
-    let listed = stored.sizes.get(&upload.name).copied();
+    let listed = stored.listed.get(&upload.name).copied();
     let mut tries = 0;
     loop {
         tries += 1;
         let attempt = async {
             let present = match listed {
-                Some(size) => Some(size),
+                Some(info) => Some(info),
                 // A complete listing said it is not there (a try after a failed PUT asks again).
                 None if stored.complete && tries == 1 => None,
                 None => bucket.head(&key, limits).await?,
             };
-            if present == Some(upload.len) {
-                return Ok(false);
-            }
             let bytes = read_object(root, &upload).await?;
+            if let Some(info) = present.filter(|info| info.size == upload.len) {
+                if holds(bucket, &key, info, &bytes, &upload.name, limits).await? {
+                    return Ok(false);
+                }
+                log::warn!("{key}: the store holds other bytes under this name (damaged, or overwritten): sent again");
+            }
             bucket.put(&key, bytes).await?;
             Ok::<bool, PushError>(true)
         };
@@ -420,6 +425,35 @@ async fn upload_one(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether the object the store has under `key` (of `info`) holds `bytes`
+/// (named `name`): its ETag against their MD5 where the store gives one
+/// (no request), else its bytes fetched and hashed. The size alone would
+/// keep an object damaged or overwritten in the store for good.
+async fn holds(
+    bucket: &Bucket,
+    key: &str,
+    info: ObjectInfo,
+    bytes: &Bytes,
+    name: &ObjectName,
+    limits: Limits,
+) -> Result<bool, PushError> {
+    if let Some(e_tag) = info.md5 {
+        let bytes = bytes.clone();
+        let md5 = tokio::task::spawn_blocking(move || <md5::Md5 as md5::Digest>::digest(&bytes))
+            .await
+            .expect("hashing does not panic");
+        if md5.as_slice() == e_tag {
+            return Ok(true);
+        }
+    }
+    // Not an MD5 of these bytes: damaged, or a store whose ETags are something else.
+    match bucket.get(key, None, info.size, limits).await {
+        Ok(stored) => Ok(blake3::hash(&stored).as_bytes() == name),
+        Err(S3Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

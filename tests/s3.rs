@@ -637,7 +637,12 @@ fn a_push_again_replaces_an_object_the_store_holds_with_other_bytes_of_its_size(
     let (out, _) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
     ok(&out);
     let bucket = bucket(&garage, &url);
-    rewrite_object(&bucket, &object_key(&bucket, &url, "/d/db"), |bytes| bytes[100] ^= 1);
+    let key = object_key(&bucket, &url, "/d/db");
+    // The store's ETag is the MD5 of an object's bytes: an unchanged object costs the push no GET.
+    let stored = bucket.block_on(bucket.get(&key, None, 1 << 20, limits())).unwrap();
+    let info = bucket.block_on(bucket.head(&key, limits())).unwrap().unwrap();
+    assert_eq!(info.md5.map(|m| m.to_vec()), Some(<md5::Md5 as md5::Digest>::digest(&stored).to_vec()));
+    rewrite_object(&bucket, &key, |bytes| bytes[100] ^= 1);
 
     // A mount finds it (the file fails, naming the object); the user pushes again.
     let (out, again) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);

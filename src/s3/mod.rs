@@ -110,6 +110,30 @@ impl S3Error {
     }
 }
 
+/// What a listing or a HEAD says of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// Its ETag when that has the form of an MD5 (32 hex digits): the MD5 of
+    /// its bytes for a single-part upload on most stores (not with SSE-KMS or
+    /// SSE-C, where it is something else of the same form).
+    pub md5: Option<[u8; 16]>,
+}
+
+impl ObjectInfo {
+    fn of(meta: &object_store::ObjectMeta) -> ObjectInfo {
+        let e_tag = meta.e_tag.as_deref().unwrap_or_default().trim_matches('"');
+        let md5 = (e_tag.len() == 32 && e_tag.is_ascii()).then(|| {
+            let mut md5 = [0u8; 16];
+            for (i, byte) in md5.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&e_tag[2 * i..2 * i + 2], 16).ok()?;
+            }
+            Some(md5)
+        });
+        ObjectInfo { size: meta.size, md5: md5.flatten() }
+    }
+}
+
 /// How long a connection to the endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest any one request may take, start to end (a PUT of one
@@ -214,11 +238,11 @@ impl Bucket {
         Ok(bytes.freeze())
     }
 
-    /// The size of object `key`; `None` if there is none.
-    pub async fn head(&self, key: &str, limits: Limits) -> Result<Option<u64>, S3Error> {
+    /// What the store says of object `key`; `None` if there is none.
+    pub async fn head(&self, key: &str, limits: Limits) -> Result<Option<ObjectInfo>, S3Error> {
         let location = self.location(key)?;
         match self.bounded(limits, Instant::now(), self.store.head(&location)).await? {
-            Ok(meta) => Ok(Some(meta.size)),
+            Ok(meta) => Ok(Some(ObjectInfo::of(&meta))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(e, key)),
         }
@@ -235,8 +259,13 @@ impl Bucket {
     }
 
     /// The objects below key prefix `prefix` (name after the prefix, and
-    /// size), at most `max` of them; whether that was all.
-    pub async fn list(&self, prefix: &str, max: usize, limits: Limits) -> Result<(Vec<(String, u64)>, bool), S3Error> {
+    /// what the listing says of it), at most `max` of them; whether that was all.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        max: usize,
+        limits: Limits,
+    ) -> Result<(Vec<(String, ObjectInfo)>, bool), S3Error> {
         let location = self.location(prefix.trim_end_matches('/'))?;
         let mut listing = self.store.list(Some(&location));
         let mut objects = Vec::new();
@@ -248,7 +277,7 @@ impl Bucket {
             let meta = meta.map_err(|e| self.error(e, prefix))?;
             let key = meta.location.as_ref();
             if let Some(name) = key.strip_prefix(prefix) {
-                objects.push((name.to_string(), meta.size));
+                objects.push((name.to_string(), ObjectInfo::of(&meta)));
             }
         }
         Ok((objects, true))

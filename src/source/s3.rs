@@ -181,7 +181,8 @@ impl Shared {
             Failure::Store(e) => runtime_error(e, Some(path)),
             Failure::Damaged(key) => SourceError::Store {
                 message: format!(
-                    "{}: object {key} does not hold the bytes it is named for (damaged or tampered with in the store): not served",
+                    "{}: object {key} does not hold the bytes it is named for (damaged or tampered with in the store): not \
+                     served; `lazyfs push` of these images again replaces it",
                     path.display()
                 ),
                 transient: false,
