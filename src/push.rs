@@ -16,7 +16,9 @@
 //!    and hashed), or sent again. Each object is read and hashed again as it
 //!    is sent: a file that changed since it was hashed fails the push rather
 //!    than go up under a wrong name.
-//! 4. `lazyfs.done` says the push is complete.
+//! 4. `lazyfs.done.BLAKE3` says the push of the index of that blake3 is
+//!    complete; then the index is read again: one another push replaced
+//!    meanwhile is an error (its images no longer mount from the prefix).
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
@@ -75,6 +77,12 @@ pub enum PushError {
         path.display()
     )]
     Pin { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{url}: another push (from {origin}) replaced the index while this one ran: {} no longer mounts from \
+         there; push to another prefix, or run this push again once the other is done (what went up stays)",
+        imgdir.display()
+    )]
+    Replaced { url: S3Url, origin: String, imgdir: PathBuf },
 }
 
 impl PushError {
@@ -202,7 +210,8 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     progress.objects_total.store(uploads.len() as u64, Ordering::Relaxed);
     progress.object_bytes_total.store(uploads.iter().map(|u| u.len).sum(), Ordering::Relaxed);
     bucket.block_on(upload_all(&bucket, &root, uploads, &stored, request, progress))?;
-    bucket.block_on(bucket.put(&request.url.key(index::DONE), Bytes::from(id)))?;
+    bucket.block_on(bucket.put(&request.url.key(&index::done_name(&id)), Bytes::from(id.clone())))?;
+    still_ours(&bucket, request, &id)?;
 
     Ok(Summary {
         files: hashed.len(),
@@ -213,6 +222,20 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
         bytes_sent: progress.bytes_sent.load(Ordering::Relaxed),
         objects_present: progress.objects_present.load(Ordering::Relaxed),
     })
+}
+
+/// Whether the index at the prefix is still this push's (of blake3 `id`):
+/// another push may have replaced it meanwhile, and these images would no
+/// longer mount from there.
+fn still_ours(bucket: &Bucket, request: &PushRequest, id: &str) -> Result<(), PushError> {
+    let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
+    let key = request.url.key(index::INDEX);
+    let there = bucket.block_on(bucket.get(&key, None, index::MAX_INDEX_BYTES, limits))?;
+    if blake3::hash(&there).to_hex().as_str() == id {
+        return Ok(());
+    }
+    let origin = Index::decode(&there).map_or_else(|_| "not a lazyfs index".to_string(), |other| other.origin);
+    Err(PushError::Replaced { url: request.url.clone(), origin, imgdir: request.imgdir.clone() })
 }
 
 /// Reads and hashes every file, in parallel; files that cannot be read (or

@@ -239,7 +239,7 @@ fn an_interrupted_push_is_resumed_and_a_mount_started_before_it_ends_completes()
     child.wait().unwrap();
     // A request the server had whole when the client died may still land.
     std::thread::sleep(Duration::from_secs(1));
-    // Every object stored so far, and the index (no `lazyfs.done`).
+    // Every object stored so far, and the index (no `lazyfs.done.BLAKE3`).
     let stored = garage.objects() - 1;
     assert!(stored >= 1 && stored < total, "{stored} of {total}");
 
@@ -535,7 +535,7 @@ fn replace_index(bucket: &lazyfs::s3::Bucket, url: &str, proto: lazyfs::s3::inde
     let bytes = lazyfs::s3::index::Index::encode(proto);
     let id = blake3::hash(&bytes).to_hex().to_string();
     bucket.block_on(bucket.put(&url.key(lazyfs::s3::index::INDEX), bytes.into())).unwrap();
-    bucket.block_on(bucket.put(&url.key(lazyfs::s3::index::DONE), id.into_bytes().into())).unwrap();
+    bucket.block_on(bucket.put(&url.key(&lazyfs::s3::index::done_name(&id)), id.into_bytes().into())).unwrap();
 }
 
 /// Replaces object `key` with `change` of its bytes.
@@ -687,17 +687,20 @@ fn pushing_an_unchanged_checkpoint_again_stores_the_same_index() {
     dataset(&env.path("source"), &env.path("images"), &[("/u/a", 70_000), ("/u/b", 10)]);
     let url = garage.url("same");
     let bucket = bucket(&garage, &url);
-    let done = lazyfs::s3::S3Url::parse(&url).unwrap().key(lazyfs::s3::index::DONE);
+    let index = lazyfs::s3::S3Url::parse(&url).unwrap().key(lazyfs::s3::index::INDEX);
     let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
     ok(&out);
-    let first = bucket.block_on(bucket.get(&done, None, 64, limits())).unwrap();
+    let first = bucket.block_on(bucket.get(&index, None, 1 << 30, limits())).unwrap();
     // A mount started during the first push (interrupted, then run again)
-    // holds the first index: `lazyfs.done` must name it for the mount to
-    // learn that the push is complete.
+    // holds the first index: the push again must say that one is complete
+    // (`lazyfs.done.BLAKE3`) for the mount to learn it.
     let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
     ok(&out);
-    let second = bucket.block_on(bucket.get(&done, None, 64, limits())).unwrap();
+    let second = bucket.block_on(bucket.get(&index, None, 1 << 30, limits())).unwrap();
     assert_eq!(first, second, "the push's own reads changed what it stores (the files' atimes)");
+    let done =
+        lazyfs::s3::S3Url::parse(&url).unwrap().key(&lazyfs::s3::index::done_name(&blake3::hash(&first).to_hex()));
+    assert!(bucket.block_on(bucket.head(&done, limits())).unwrap().is_some(), "{done}");
 }
 
 #[test]
@@ -806,17 +809,21 @@ fn a_push_whose_index_another_push_replaced_meanwhile_does_not_say_it_pushed() {
             String::from_utf8_lossy(&mounted.stderr)
         );
     }
-    // And `lazyfs.done` names the index that is there, or none.
+    if a_code != Some(0) {
+        assert_eq!(a_code, Some(1), "{a_stderr}");
+        assert!(a_stderr.contains("another push") && a_stderr.contains("images-b"), "names the other push: {a_stderr}");
+        assert_eq!(a_stderr.trim().lines().count(), 1, "{a_stderr}");
+    }
+    // And the index that is there is said complete (push B finished), by
+    // a marker of its own that push A's cannot stand for.
     let bucket = bucket(&garage, &url);
     let parsed = lazyfs::s3::S3Url::parse(&url).unwrap();
     let index = bucket.block_on(bucket.get(&parsed.key(lazyfs::s3::index::INDEX), None, 1 << 30, limits())).unwrap();
-    if let Ok(done) = bucket.block_on(bucket.get(&parsed.key(lazyfs::s3::index::DONE), None, 64, limits())) {
-        assert_eq!(
-            done,
-            blake3::hash(&index).to_hex().as_bytes(),
-            "lazyfs.done names another index than the one there"
-        );
-    }
+    let done = parsed.key(&lazyfs::s3::index::done_name(&blake3::hash(&index).to_hex()));
+    assert!(
+        bucket.block_on(bucket.head(&done, limits())).unwrap().is_some(),
+        "{done}: the index there is not said complete"
+    );
 }
 
 #[test]

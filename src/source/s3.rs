@@ -7,7 +7,7 @@
 //!
 //! A mount may start while the push still runs (the index goes up first): an
 //! object not there yet is a transient failure, waited for like a lost
-//! connection, until `lazyfs.done` says the push is complete; then a missing
+//! connection, until `lazyfs.done.BLAKE3` says the push is complete; then a missing
 //! object is the store's loss, and the file fails.
 
 use std::path::Path;
@@ -24,7 +24,7 @@ use crate::s3::{Bucket, S3Error, S3Url};
 
 /// How long opening the source (reading the index) may wait on the store.
 const OPEN_TIME: Duration = Duration::from_secs(30);
-/// How often an incomplete push's `lazyfs.done` is looked at again, at most.
+/// How often an incomplete push's `lazyfs.done.BLAKE3` is looked for again, at most.
 const DONE_LOOK_EVERY: Duration = Duration::from_secs(1);
 /// Small files fetched at once by one connection.
 const FILES_IN_FLIGHT: usize = 32;
@@ -37,7 +37,7 @@ struct Shared {
     bucket: Bucket,
     index: Index,
     complete: AtomicBool,
-    /// When `lazyfs.done` was last looked at.
+    /// When `lazyfs.done.BLAKE3` was last looked for.
     looked: Mutex<Option<Instant>>,
 }
 
@@ -117,7 +117,7 @@ impl Shared {
     }
 
     /// Whether the push is complete: once seen, for good; until then
-    /// `lazyfs.done` is looked at again at most every `DONE_LOOK_EVERY`.
+    /// `lazyfs.done.BLAKE3` is looked for again at most every `DONE_LOOK_EVERY`.
     async fn complete(&self) -> bool {
         if self.complete.load(Ordering::Relaxed) {
             return true;
@@ -130,7 +130,7 @@ impl Shared {
             *looked = Some(Instant::now());
         }
         let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
-        let key = self.bucket.url.key(index::DONE);
+        let key = self.bucket.url.key(&index::done_name(&self.index.id));
         let done = self.bucket.get(&key, None, 64, limits).await;
         let complete = done.is_ok_and(|bytes| bytes.trim_ascii() == self.index.id.as_bytes());
         if complete {
