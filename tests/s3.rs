@@ -728,6 +728,8 @@ fn no_credentials_off_ec2_say_so_rather_than_blame_the_endpoint() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("credentials"), "{stderr}");
     assert!(!stderr.contains(&format!("cannot connect to {endpoint}")), "the endpoint answers: {stderr}");
+    assert!(stderr.contains("set AWS_ACCESS_KEY_ID") && stderr.contains(&closed.to_string()), "what to do: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     let out = env
         .lazyfs()
         .envs(vars)
@@ -740,7 +742,7 @@ fn no_credentials_off_ec2_say_so_rather_than_blame_the_endpoint() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "push: {stderr}");
-    assert!(stderr.contains("credentials"), "push: {stderr}");
+    assert!(stderr.contains("credentials") && stderr.contains("set AWS_ACCESS_KEY_ID"), "push: {stderr}");
 }
 
 #[test]

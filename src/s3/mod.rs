@@ -90,6 +90,12 @@ pub enum S3Error {
         "{endpoint} refused the credentials ({reason}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile (AWS_PROFILE)"
     )]
     Denied { endpoint: String, reason: String },
+    /// Credentials were to come from the EC2 instance metadata service, which gave none.
+    #[error(
+        "no AWS credentials: none set, and the EC2 instance metadata service ({metadata}) gave none ({reason}): {}",
+        profile::SET_CREDENTIALS
+    )]
+    NoCredentials { metadata: String, reason: String },
     #[error("cannot connect to {endpoint}: {reason}")]
     Unreachable { endpoint: String, reason: String },
     #[error("{endpoint} did not answer within {:.1} s", waited.as_secs_f64())]
@@ -104,9 +110,14 @@ impl S3Error {
         matches!(self, S3Error::Unreachable { .. } | S3Error::TimedOut { .. } | S3Error::Other { .. })
     }
 
-    /// Bad input (exit 2) rather than a failure to reach or use the store (exit 1).
+    /// Bad input (exit 2) rather than a failure to reach or use the store
+    /// (exit 1). No credentials at all is a setting to make; while a mount
+    /// serves, it may be the metadata service passing (a role's keys renewed).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, S3Error::Config(_) | S3Error::NoBucket { .. } | S3Error::NotFound { .. })
+        matches!(
+            self,
+            S3Error::Config(_) | S3Error::NoBucket { .. } | S3Error::NotFound { .. } | S3Error::NoCredentials { .. }
+        )
     }
 }
 
@@ -147,6 +158,8 @@ pub struct Bucket {
     pub url: S3Url,
     /// The endpoint, for messages: `AWS_ENDPOINT_URL`, or AWS's for the region.
     pub endpoint: String,
+    /// The EC2 instance metadata service, when credentials are to come from it.
+    instance_metadata: Option<String>,
 }
 
 impl Bucket {
@@ -194,6 +207,13 @@ impl Bucket {
             .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
             .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint))
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", settings.region));
+        let instance_metadata = settings.instance_role.then(|| {
+            builder
+                .get_config_value(&AmazonS3ConfigKey::MetadataEndpoint)
+                .unwrap_or_else(|| "http://169.254.169.254".into())
+                .trim_end_matches('/')
+                .to_string()
+        });
         let store =
             builder.with_region(&settings.region).build().map_err(|e| S3Error::Config(format!("{url}: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -202,7 +222,7 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| S3Error::Config(format!("starting the S3 client: {e}")))?;
-        Ok(Bucket { store, runtime, url: url.clone(), endpoint })
+        Ok(Bucket { store, runtime, url: url.clone(), endpoint, instance_metadata })
     }
 
     /// Runs `future` on the bucket's runtime, from a thread outside it.
@@ -315,6 +335,10 @@ impl Bucket {
     /// The one-line error an `object_store` error about `key` means.
     fn error(&self, error: object_store::Error, key: &str) -> S3Error {
         let endpoint = self.endpoint.clone();
+        // A request that never went out: the client could not get the instance role's credentials.
+        if let Some(metadata) = self.instance_metadata.as_ref().filter(|m| chain_text(&error).contains(m.as_str())) {
+            return S3Error::NoCredentials { metadata: metadata.clone(), reason: innermost(&error) };
+        }
         let code = s3_code(&error);
         match code.as_deref() {
             Some("NoSuchBucket") => return S3Error::NoBucket { bucket: self.url.bucket.clone(), endpoint },
