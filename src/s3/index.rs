@@ -137,7 +137,8 @@ impl Index {
             object_size,
             objects: proto.objects,
             images,
-            origin: proto.origin,
+            // Shown in messages and logs: the store's words, escaped.
+            origin: crate::ui::printable(&proto.origin),
             recording: proto.recording,
             files,
         })

@@ -387,7 +387,7 @@ fn s3_code(error: &object_store::Error) -> Option<String> {
     let text = chain_text(error);
     let start = text.find("<Code>")? + "<Code>".len();
     let len = text[start..].find("</Code>")?;
-    Some(text[start..start + len].to_string())
+    Some(crate::ui::printable(&text[start..start + len]))
 }
 
 /// The kind of HTTP failure behind an error, if it was one.
@@ -413,13 +413,14 @@ fn chain_text(error: &object_store::Error) -> String {
     text
 }
 
-/// The last cause of an error: the one that says what happened ("Connection refused").
+/// The last cause of an error: the one that says what happened ("Connection
+/// refused"); it may hold the endpoint's words, escaped.
 fn innermost(error: &object_store::Error) -> String {
     let mut cause: &(dyn std::error::Error + 'static) = error;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    cause.to_string()
+    crate::ui::printable(&cause.to_string())
 }
 
 #[cfg(test)]
