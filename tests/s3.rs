@@ -7,18 +7,17 @@ mod common;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::garage::Garage;
 use common::mount::{Mount, Source, TestEnv, content, dataset, is_mounted};
 use serde_json::Value;
 
-/// `lazyfs push IMGDIR URL --source-root ROOT EXTRA... --json` against `garage`;
-/// the output and its last JSON line.
-fn push(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, extra: &[&str]) -> (Output, Value) {
-    let out = env
-        .lazyfs()
+/// `lazyfs push IMGDIR URL --source-root ROOT EXTRA... --json` against `garage`.
+fn push_command(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, extra: &[&str]) -> Command {
+    let mut command = env.lazyfs();
+    command
         .envs(garage.env())
         .arg("push")
         .arg(env.path(images))
@@ -26,9 +25,13 @@ fn push(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, ext
         .arg("--source-root")
         .arg(env.path(root))
         .args(extra)
-        .arg("--json")
-        .output()
-        .unwrap();
+        .arg("--json");
+    command
+}
+
+/// [`push_command`], run: the output and its last JSON line.
+fn push(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, extra: &[&str]) -> (Output, Value) {
+    let out = push_command(env, garage, images, root, url, extra).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().map(|l| serde_json::from_str(l).unwrap()).unwrap_or(Value::Null);
     (out, last)
@@ -216,15 +219,7 @@ fn an_interrupted_push_is_resumed_and_a_mount_started_before_it_ends_completes()
     let url = garage.url("resume");
 
     // Small objects one at a time (a few hundred requests), killed (-9) once some went up.
-    let mut child = env
-        .lazyfs()
-        .envs(garage.env())
-        .arg("push")
-        .arg(env.path("images"))
-        .arg(&url)
-        .arg("--source-root")
-        .arg(env.path("source"))
-        .args(["--object-size", "64K", "-j", "1", "--json"])
+    let mut child = push_command(&env, &garage, "images", "source", &url, &["--object-size", "64K", "-j", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -775,15 +770,7 @@ fn a_push_whose_index_another_push_replaced_meanwhile_does_not_say_it_pushed() {
     dataset(&env.path("source-b"), &env.path("images-b"), &[("/b/quick", 30_000)]);
     let url = garage.url("race");
     // Push A: many small objects one at a time, so it is still sending when B runs whole.
-    let mut a = env
-        .lazyfs()
-        .envs(garage.env())
-        .arg("push")
-        .arg(env.path("images"))
-        .arg(&url)
-        .arg("--source-root")
-        .arg(env.path("source"))
-        .args(["--object-size", "16K", "-j", "1", "--json"])
+    let mut a = push_command(&env, &garage, "images", "source", &url, &["--object-size", "16K", "-j", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
