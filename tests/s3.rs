@@ -638,6 +638,8 @@ fn a_push_again_replaces_an_object_the_store_holds_with_other_bytes_of_its_size(
     let stored = bucket.block_on(bucket.get(&key, None, 1 << 20, limits())).unwrap();
     let info = bucket.block_on(bucket.head(&key, limits())).unwrap().unwrap();
     assert_eq!(info.md5.map(|m| m.to_vec()), Some(<md5::Md5 as md5::Digest>::digest(&stored).to_vec()));
+    let (listed, _) = bucket.block_on(bucket.list("lazyfs-chunks/", 100, limits())).unwrap();
+    assert!(listed.iter().any(|(name, listed)| key.ends_with(name.as_str()) && *listed == info), "{listed:?}");
     rewrite_object(&bucket, &key, |bytes| bytes[100] ^= 1);
 
     // A mount finds it (the file fails, naming the object); the user pushes again.
