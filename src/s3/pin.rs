@@ -35,9 +35,28 @@ pub fn write(imgdir: &Path, url: &S3Url, id: &str) -> std::io::Result<()> {
     let path = path(imgdir);
     // Another push of these images to another URL may write at once: each its own temporary file.
     let tmp = imgdir.join(format!(".{NAME}.{}", std::process::id()));
-    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).inspect_err(|_| {
+    let written = create_new(&tmp).and_then(|mut file| {
+        use std::io::Write;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    });
+    written.inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// A new file at `path`: whatever is there (left by a push that died, or a
+/// symlink planted to make this one write elsewhere) is removed, not followed.
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    let open = || std::fs::OpenOptions::new().write(true).create_new(true).open(path);
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()
+        }
+        other => other,
+    }
 }
 
 /// Whether the images in `imgdir` were pushed with the index of blake3 `id`
@@ -104,6 +123,19 @@ mod tests {
         let err = check(dir.path(), &a, "s3://ckpt/one").unwrap_err();
         assert!(err.contains("not one pushed with"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious").unwrap();
+        let tmp = dir.path().join(format!(".{NAME}.{}", std::process::id()));
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        write(dir.path(), &S3Url::parse("s3://ckpt/one").unwrap(), &"a".repeat(64)).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        check(dir.path(), &"a".repeat(64), "s3://ckpt/one").unwrap();
+        assert!(!tmp.exists());
     }
 
     #[test]
