@@ -336,7 +336,11 @@ impl Bucket {
     fn error(&self, error: object_store::Error, key: &str) -> S3Error {
         let endpoint = self.endpoint.clone();
         // A request that never went out: the client could not get the instance role's credentials.
-        if let Some(metadata) = self.instance_metadata.as_ref().filter(|m| chain_text(&error).contains(m.as_str())) {
+        let text = chain_text(&error);
+        let from_metadata = |m: &&String| {
+            text.contains(&format!("{m}/latest/api/token")) || text.contains(&format!("{m}/latest/meta-data/"))
+        };
+        if let Some(metadata) = self.instance_metadata.as_ref().filter(from_metadata) {
             return S3Error::NoCredentials { metadata: metadata.clone(), reason: innermost(&error) };
         }
         let code = s3_code(&error);
