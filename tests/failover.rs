@@ -486,12 +486,12 @@ impl Strace {
 
     /// Holds every reply the process writes to the kernel (`writev` on /dev/fuse).
     fn hold_replies(pid: i64) -> Strace {
-        Strace::attach(pid, &["-e", "trace=writev", "-e", "inject=writev:delay_enter=60000000"])
+        Strace::attach(pid, &["-e", "trace=writev", "-e", "inject=writev:delay_enter=20000000"])
     }
 
     /// Holds every `fdatasync` (the journal's, after its records are written).
     fn hold_fdatasync(pid: i64) -> Strace {
-        Strace::attach(pid, &["-e", "trace=fdatasync", "-e", "inject=fdatasync:delay_enter=60000000"])
+        Strace::attach(pid, &["-e", "trace=fdatasync", "-e", "inject=fdatasync:delay_enter=20000000"])
     }
 
     /// Threads of the traced process stopped at syscall `nr` (on /dev/fuse for writev).
@@ -725,7 +725,9 @@ fn a_crash_after_a_lazy_unmount_keeps_the_files_still_open_working() {
     std::thread::sleep(Duration::from_secs(2));
     uncached(&file);
     let read = file.read_exact_at(&mut bytes, 512 << 10);
-    read.unwrap_or_else(|e| panic!("the open file after a crash of its detached mount: {e}; log ends:\n{}", log_tail(&mount)));
+    read.unwrap_or_else(|e| {
+        panic!("the open file after a crash of its detached mount: {e}; log ends:\n{}", log_tail(&mount))
+    });
     assert!(bytes == expected[512 << 10..(512 << 10) + 4096]);
     // Its last file closed, the detached mount ends, supervisor included.
     drop(file);
@@ -769,8 +771,8 @@ fn a_serving_process_whose_fuse_threads_panic_is_replaced_not_taken_for_an_unmou
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let answer =
-        answer.unwrap_or_else(|e| panic!("the mount after its FUSE threads panicked: {e}; log ends:\n{}", log_tail(&mount)));
+    let answer = answer
+        .unwrap_or_else(|e| panic!("the mount after its FUSE threads panicked: {e}; log ends:\n{}", log_tail(&mount)));
     assert_eq!(answer, b"x");
     assert!(alive(supervisor), "the supervisor ended while the mount is mounted");
 }
@@ -797,13 +799,13 @@ fn a_crash_while_an_upgrade_is_checked_is_recovered_at_once() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // The supervisor is running the check.
+    // The supervisor is running the check (`--version`).
     let checking = || {
         std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
             let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
             let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i64>().ok());
             ppid == Some(supervisor)
-                && std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c.windows(11).any(|w| w == b"lazyfs-slow"))
+                && std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c.windows(9).any(|w| w == b"--version"))
         })
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -865,10 +867,12 @@ fn a_crash_restarts_the_build_that_was_serving_even_once_its_file_is_gone() {
     let file = std::fs::File::open(mount.at("/b/file")).unwrap();
     std::fs::remove_file(&installed).unwrap();
     let status = kill_serving(&mount);
-    assert_eq!(status["binary"], installed.to_str().unwrap(), "{status}");
+    // The very file that was serving: its path names it, gone.
+    assert!(status["binary"].as_str().unwrap().starts_with(installed.to_str().unwrap()), "{status}");
     uncached(&file);
     let mut bytes = vec![0u8; 1000];
-    file.read_exact_at(&mut bytes, 0)
-        .unwrap_or_else(|e| panic!("reading after a crash, the mounting binary removed: {e}; log ends:\n{}", log_tail(&mount)));
+    file.read_exact_at(&mut bytes, 0).unwrap_or_else(|e| {
+        panic!("reading after a crash, the mounting binary removed: {e}; log ends:\n{}", log_tail(&mount))
+    });
     assert!(bytes == content("/b/file", 100_000)[..1000]);
 }

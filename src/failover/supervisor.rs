@@ -6,11 +6,12 @@
 //! in the cache dir, the open table and the kernel's connection.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub fn backoff(consecutive: u32) -> Duration {
 enum Event {
     /// A message from serving process `generation`.
     Link(u64, (Message, Vec<OwnedFd>)),
+    /// The build serving process `generation` asked to upgrade to, checked.
+    Checked(u64, Result<Binary, String>),
     Exited(u64, ExitStatus),
     Signal(i32),
     Control(ControlEvent),
@@ -53,7 +56,7 @@ struct Server {
     generation: u64,
     pid: Pid,
     link: Link,
-    binary: PathBuf,
+    binary: Binary,
     started: Instant,
     /// It said it serves (after its first answer through the mount).
     serving: bool,
@@ -74,13 +77,13 @@ struct Supervisor<'a> {
     /// Crashes in a row.
     consecutive: u32,
     /// The binary successors run.
-    binary: PathBuf,
+    binary: Binary,
     server: Option<Server>,
     generation: u64,
     /// `lazyfs upgrade` asked this binary to take over; the server is being killed.
-    upgrade: Option<PathBuf>,
+    upgrade: Option<Binary>,
     /// The binary to fall back to if the upgraded one does not come up.
-    fallback: Option<PathBuf>,
+    fallback: Option<Binary>,
     /// Some serving process said it serves: the mount is up.
     up: bool,
     /// A signal asked everything to end.
@@ -96,7 +99,7 @@ pub fn run(request: &MountRequest, args: Vec<OsString>, max_restarts: u32) -> u8
     };
     let started = (|| {
         let table = OpenTable::create()?;
-        let binary = std::env::current_exe()?;
+        let binary = Binary { path: std::env::current_exe()?, file: Arc::new(File::open("/proc/self/exe")?) };
         std::io::Result::Ok((table, binary))
     })();
     let (table, binary) = match started {
@@ -205,7 +208,7 @@ impl Supervisor<'_> {
                     }
                     match self.upgrade.take() {
                         Some(binary) => {
-                            self.restart_for(format!("upgrade to {}", binary.display()));
+                            self.restart_for(format!("upgrade to {}", binary.path.display()));
                             self.fallback = Some(std::mem::replace(&mut self.binary, binary));
                             restart_at = Some(Instant::now());
                         }
@@ -217,8 +220,8 @@ impl Supervisor<'_> {
                             if let Some(fallback) = self.fallback.take().filter(|_| !server.serving) {
                                 reason = format!(
                                     "{reason} before serving: the upgrade to {} failed, back to {}",
-                                    server.binary.display(),
-                                    fallback.display()
+                                    server.binary.path.display(),
+                                    fallback.path.display()
                                 );
                                 self.binary = fallback;
                             }
@@ -229,7 +232,9 @@ impl Supervisor<'_> {
                         }
                     }
                 }
-                Event::Link(..) | Event::Exited(..) => {}
+                Event::Checked(generation, checked) if self.is_current(generation) => self.on_checked(checked),
+                // From a serving process that ended since: its clients went with it.
+                Event::Link(..) | Event::Exited(..) | Event::Checked(..) => {}
                 Event::Signal(signal) => {
                     log::info!("signal {signal}: ending the mount");
                     self.stopping = true;
@@ -324,18 +329,20 @@ impl Supervisor<'_> {
                 }
             }
             Message::Upgrade { binary } => {
-                let refused = check_binary(&binary).err();
                 let Some(server) = &self.server else { return };
-                if let Err(e) = server.link.send(&Message::UpgradeAnswer { refused: refused.clone() }, &[]) {
-                    log::warn!("answering the upgrade request: {e}");
-                }
-                if refused.is_none() && self.connection.is_some() {
-                    self.upgrade = Some(binary);
-                }
+                let (events, generation) = (self.events.clone(), server.generation);
+                // Off the event loop: a crash while the build is checked is recovered at once.
+                std::thread::spawn(move || {
+                    let checked = File::open(&binary)
+                        .map_err(|e| format!("{}: {e}", binary.display()))
+                        .map(|file| Binary { path: binary, file: Arc::new(file) })
+                        .and_then(|binary| check_binary(&binary).map(|()| binary));
+                    let _ = events.send(Event::Checked(generation, checked));
+                });
             }
             Message::Release => {
                 let (Some(server), Some(binary)) = (&self.server, &self.upgrade) else { return };
-                log::info!("upgrade: {} takes over from pid {}", binary.display(), server.pid);
+                log::info!("upgrade: {} takes over from pid {}", binary.path.display(), server.pid);
                 // The successor answers what it was doing (FUSE_NOTIFY_RESEND).
                 let _ = kill(server.pid, Signal::SIGKILL);
             }
@@ -343,10 +350,24 @@ impl Supervisor<'_> {
         }
     }
 
+    /// Answers the serving process that asked for an upgrade to `checked`.
+    fn on_checked(&mut self, checked: Result<Binary, String>) {
+        let Some(server) = &self.server else { return };
+        let refused = checked.as_ref().err().cloned();
+        if let Err(e) = server.link.send(&Message::UpgradeAnswer { refused }, &[]) {
+            log::warn!("answering the upgrade request: {e}");
+        }
+        if let Ok(binary) = checked
+            && self.connection.is_some()
+        {
+            self.upgrade = Some(binary);
+        }
+    }
+
     /// Starts a serving process with `message` (and the descriptors it names).
     fn spawn(&mut self, message: Message) -> std::io::Result<()> {
         let (ours, theirs) = Link::pair()?;
-        let mut command = std::process::Command::new(&self.binary);
+        let mut command = self.binary.command();
         command.args(&self.args).stdin(Stdio::null());
         let fd = theirs.as_fd().as_raw_fd();
         // SAFETY: dup2 and fcntl are async-signal-safe; they give the child
@@ -399,7 +420,7 @@ impl Supervisor<'_> {
             let _ = kill(pid, Signal::SIGKILL);
             return Err(e);
         }
-        log::info!("serving process {pid} started ({})", self.binary.display());
+        log::info!("serving process {pid} started ({})", self.binary.path.display());
         Ok(())
     }
 
@@ -512,19 +533,60 @@ fn failed_status(request: &MountRequest, restarts: &Restarts, failure: &str) -> 
     status
 }
 
+/// A lazyfs build, held open from when it started the supervisor or was
+/// checked for an upgrade: a successor runs that very file, even once its
+/// path is removed or replaced (a package upgrade, a rebuild).
+#[derive(Clone)]
+struct Binary {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl Binary {
+    /// A command running the held file, `argv[0]` its path.
+    fn command(&self) -> Command {
+        // By the supervisor's descriptor: the interpreter of a script opens it by that name too.
+        let mut command = Command::new(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()));
+        command.arg0(&self.path);
+        command
+    }
+}
+
+/// How long a build may take to answer `--version`.
+const CHECK_TIME: Duration = Duration::from_secs(10);
+
 /// Whether `binary` is a lazyfs that runs here (`--version`).
-fn check_binary(binary: &Path) -> Result<(), String> {
-    let output = std::process::Command::new(binary)
+fn check_binary(binary: &Binary) -> Result<(), String> {
+    let failed = |e: std::io::Error| format!("{}: {e}", binary.path.display());
+    let mut child = binary
+        .command()
         .arg("--version")
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", binary.display()))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    match output.status.success() && text.starts_with("lazyfs ") {
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(failed)?;
+    let deadline = Instant::now() + CHECK_TIME;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(failed)? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{}: no answer to `--version` within {CHECK_TIME:?}", binary.path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+    }
+    match status.success() && text.starts_with("lazyfs ") {
         true => Ok(()),
         false => Err(format!(
             "{}: not a lazyfs binary that runs here (`--version` said {:?})",
-            binary.display(),
+            binary.path.display(),
             text.trim()
         )),
     }
