@@ -876,3 +876,91 @@ fn a_crash_restarts_the_build_that_was_serving_even_once_its_file_is_gone() {
     });
     assert!(bytes == content("/b/file", 100_000)[..1000]);
 }
+
+/// Writes in flight at a crash (their replies held, so taken and made but
+/// not answered) are done exactly once, not twice and not half: an append
+/// and a write into a checkpoint file not fetched yet. Writes acknowledged
+/// without fsync before the crash are there too, through the descriptors
+/// opened before it and after a remount.
+#[test]
+fn writes_in_flight_at_a_crash_are_done_once_and_acknowledged_ones_kept() {
+    let env = TestEnv::new();
+    let len = 1 << 20;
+    dataset(&env.path("source"), &env.path("images"), &[("/w/app.log", 1000), ("/w/model", len)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mut log = std::fs::OpenOptions::new().append(true).open(mount.at("/w/app.log")).unwrap();
+    let model = std::fs::OpenOptions::new().read(true).write(true).open(mount.at("/w/model")).unwrap();
+    log.write_all(b"acknowledged\n").unwrap();
+    model.write_all_at(&[1u8; 4096], 300 << 10).unwrap();
+
+    let before = mount.status();
+    let held = Strace::hold_replies(before["pid"].as_i64().unwrap());
+    let model = Arc::new(model);
+    let in_flight = {
+        let model = model.clone();
+        std::thread::spawn(move || model.write_all_at(&[2u8; 65536], 600 << 10))
+    };
+    let appended = std::thread::spawn(move || log.write_all(b"in flight\n").map(|()| log));
+    held.wait_stopped_at(WRITEV, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    kill_serving_as_of(&mount, &before);
+    drop(held);
+    in_flight.join().unwrap().expect("a write in flight at the crash");
+    let mut log = appended.join().unwrap().expect("an append in flight at the crash");
+    log.write_all(b"after\n").unwrap();
+
+    let mut expected_log = content("/w/app.log", 1000);
+    expected_log.extend_from_slice(b"acknowledged\nin flight\nafter\n");
+    let mut expected_model = content("/w/model", len);
+    expected_model[300 << 10..(300 << 10) + 4096].fill(1);
+    expected_model[600 << 10..(600 << 10) + 65536].fill(2);
+    let mut through_old = vec![0u8; len];
+    uncached(&model);
+    model.read_exact_at(&mut through_old, 0).unwrap();
+    assert!(through_old == expected_model, "the model through its descriptor after the crash");
+    drop((log, model));
+    let text = std::fs::read(mount.at("/w/app.log")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&text[1000..]), "acknowledged\nin flight\nafter\n");
+    umount(&mount);
+    let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    assert!(std::fs::read(again.at("/w/app.log")).unwrap() == expected_log, "app.log after a remount");
+    assert!(std::fs::read(again.at("/w/model")).unwrap() == expected_model, "model after a remount");
+}
+
+/// A file made after a crash never gets the number of one the kernel still
+/// holds (a local file unlinked while open): the old descriptor keeps its
+/// own bytes, the new file its own.
+#[test]
+fn a_file_made_after_a_crash_never_takes_the_number_of_one_still_open() {
+    use std::os::unix::fs::MetadataExt;
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/i/seed", 10)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let dir = mount.at("/i");
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let path = dir.join(format!("scratch{n}"));
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
+        file.write_all(format!("old {n}").as_bytes()).unwrap();
+        let ino = file.metadata().unwrap().ino();
+        std::fs::remove_file(&path).unwrap();
+        held.push((file, ino));
+    }
+    std::fs::write(dir.join("kept"), b"kept").unwrap();
+    let kept = std::fs::metadata(dir.join("kept")).unwrap().ino();
+    kill_serving(&mount);
+    for n in 0..4 {
+        std::fs::write(dir.join(format!("new{n}")), format!("new {n}")).unwrap();
+        let ino = std::fs::metadata(dir.join(format!("new{n}"))).unwrap().ino();
+        assert!(held.iter().all(|(_, old)| *old != ino) && ino != kept, "new{n} took number {ino}");
+    }
+    for (n, (file, ino)) in held.iter().enumerate() {
+        assert_eq!(file.metadata().unwrap().ino(), *ino);
+        uncached(file);
+        let mut bytes = vec![0u8; 16];
+        let read = file.read_at(&mut bytes, 0).unwrap();
+        assert_eq!(String::from_utf8_lossy(&bytes[..read]), format!("old {n}"), "scratch{n} through its descriptor");
+        assert_eq!(std::fs::read(dir.join(format!("new{n}"))).unwrap(), format!("new {n}").as_bytes());
+    }
+    assert_eq!(std::fs::read(dir.join("kept")).unwrap(), b"kept");
+}
