@@ -964,3 +964,76 @@ fn a_file_made_after_a_crash_never_takes_the_number_of_one_still_open() {
     }
     assert_eq!(std::fs::read(dir.join("kept")).unwrap(), b"kept");
 }
+
+/// The processes whose command line names `cache` (a mount's supervisor and
+/// serving processes).
+fn processes_of(cache: &Path) -> Vec<i64> {
+    let wanted = cache.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|&pid| alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(wanted.len()).any(|w| w == wanted))
+        })
+        .collect()
+}
+
+/// SIGTERM to the supervisor while it waits to restart (the back-off after
+/// crashes in a row) or while a successor starts: the mount ends cleanly,
+/// nothing it started is left running.
+#[test]
+fn sigterm_during_a_restart_ends_the_mount_and_everything_it_started() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/r/file", 1000)]);
+    for backing_off in [true, false] {
+        let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--max-restarts", "9"]);
+        let supervisor = supervisor_of(&mount);
+        let _end = KillAtEnd(supervisor);
+        if backing_off {
+            kill_serving(&mount);
+            kill_serving(&mount);
+        }
+        // The third crash in a row waits 0.5 s; the first none.
+        let pid = mount.status()["pid"].as_i64().unwrap();
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        wait_gone(pid);
+        unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
+        wait_gone(supervisor);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !processes_of(&mount.cache).is_empty() {
+            assert!(Instant::now() < deadline, "left running: {:?}", processes_of(&mount.cache));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!common::mount::is_mounted(&mount.mountpoint), "backing off: {backing_off}");
+        assert!(env.run(&["status"]).stdout.starts_with(b"no lazyfs mounts"), "backing off: {backing_off}");
+    }
+}
+
+/// An upgrade to a build that starts but never serves (it hangs reading the
+/// cache, say) is given up after a while: the build that served before
+/// serves again, and the application's calls, which waited, are answered.
+#[test]
+fn an_upgrade_to_a_build_that_hangs_at_start_falls_back_to_the_old_one() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/h/file", 100_000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let before = mount.status();
+    let _end = KillAtEnd(supervisor_of(&mount));
+    let file = std::fs::File::open(mount.at("/h/file")).unwrap();
+    let hangs = env.path("lazyfs-hangs");
+    std::fs::write(&hangs, "#!/bin/sh\n[ \"$1\" = --version ] && echo 'lazyfs 9.9.9' && exit 0\nexec sleep 1000\n")
+        .unwrap();
+    std::fs::set_permissions(&hangs, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mountpoint = mount.mountpoint.to_str().unwrap();
+    let out = env.run(&["upgrade", mountpoint, "--binary", hangs.to_str().unwrap(), "--timeout", "120"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("the upgrade to") && stderr.contains("failed"), "{stderr}");
+    let status = mount.status();
+    assert_eq!(status["binary"], before["binary"], "{status}");
+    uncached(&file);
+    let mut bytes = vec![0u8; 1000];
+    file.read_exact_at(&mut bytes, 50_000).unwrap();
+    assert!(bytes == content("/h/file", 100_000)[50_000..51_000]);
+}
