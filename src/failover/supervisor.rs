@@ -32,6 +32,9 @@ use crate::store::CacheDir;
 const STABLE: Duration = Duration::from_secs(10);
 /// The longest pause between two restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long an upgraded build may take to serve before the build it
+/// replaced is started again (a build that hangs would hang the mount).
+const UPGRADE_START: Duration = Duration::from_secs(30);
 
 /// How long to wait before restart number `consecutive` (1 for the first
 /// crash in a row): none for the first, then 0.25 s doubling up to 5 s.
@@ -60,6 +63,8 @@ struct Server {
     started: Instant,
     /// It said it serves (after its first answer through the mount).
     serving: bool,
+    /// Killed for not serving within [`UPGRADE_START`].
+    given_up: bool,
 }
 
 struct Supervisor<'a> {
@@ -179,10 +184,15 @@ impl Supervisor<'_> {
     fn supervise(&mut self, receiver: &mpsc::Receiver<Event>) -> u8 {
         let mut restart_at: Option<Instant> = None;
         loop {
-            let event = match restart_at {
+            let upgrade_due = self.upgrade_due();
+            let event = match restart_at.into_iter().chain(upgrade_due).min() {
                 None => receiver.recv().ok(),
                 Some(at) => match receiver.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(event) => Some(event),
+                    Err(RecvTimeoutError::Timeout) if restart_at.is_none_or(|at| at > Instant::now()) => {
+                        self.give_up_upgrade();
+                        continue;
+                    }
                     Err(RecvTimeoutError::Timeout) => {
                         restart_at = None;
                         if let Err(e) = self.resume() {
@@ -249,6 +259,29 @@ impl Supervisor<'_> {
                 Event::Control(_) => {}
             }
         }
+    }
+
+    /// When the upgraded build starting now must serve by.
+    fn upgrade_due(&self) -> Option<Instant> {
+        self.fallback.as_ref()?;
+        let server = self.server.as_ref().filter(|s| !s.serving && !s.given_up)?;
+        Some(server.started + UPGRADE_START)
+    }
+
+    /// Stops an upgraded build that did not serve in time: it ends as one
+    /// that failed before serving, and the build before it is started again.
+    fn give_up_upgrade(&mut self) {
+        if self.upgrade_due().is_none_or(|due| due > Instant::now()) {
+            return;
+        }
+        let Some(server) = self.server.as_mut() else { return };
+        log::warn!(
+            "{} (pid {}) did not serve within {UPGRADE_START:?}: stopping it",
+            server.binary.path.display(),
+            server.pid
+        );
+        server.given_up = true;
+        let _ = kill(server.pid, Signal::SIGKILL);
     }
 
     fn is_current(&self, generation: u64) -> bool {
@@ -415,6 +448,7 @@ impl Supervisor<'_> {
             binary: self.binary.clone(),
             started: Instant::now(),
             serving: false,
+            given_up: false,
         });
         if let Err(e) = sent {
             let _ = kill(pid, Signal::SIGKILL);
