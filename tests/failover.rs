@@ -1037,3 +1037,46 @@ fn an_upgrade_to_a_build_that_hangs_at_start_falls_back_to_the_old_one() {
     file.read_exact_at(&mut bytes, 50_000).unwrap();
     assert!(bytes == content("/h/file", 100_000)[50_000..51_000]);
 }
+
+/// A file mapped shared and writable across a crash: pages written back
+/// before it stay written, pages still dirty at the crash are written back
+/// to the successor, and pages dropped are read again from it.
+#[test]
+fn a_writable_mapping_keeps_working_across_a_crash() {
+    let env = TestEnv::new();
+    let len = 256 << 10;
+    dataset(&env.path("source"), &env.path("images"), &[("/m/db", len)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(mount.at("/m/db")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: a shared read-write mapping of a file this test opened, unmapped below.
+    let at =
+        unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    assert_ne!(at, libc::MAP_FAILED);
+    // SAFETY: the mapping is `len` bytes long and only this thread touches it.
+    let pages = unsafe { std::slice::from_raw_parts_mut(at.cast::<u8>(), len) };
+    let sync = |pages: &mut [u8]| {
+        // SAFETY: msync of the mapping made above.
+        assert_eq!(unsafe { libc::msync(pages.as_mut_ptr().cast(), pages.len(), libc::MS_SYNC) }, 0, "msync");
+    };
+    let mut expected = content("/m/db", len);
+    pages[..4096].fill(7);
+    expected[..4096].fill(7);
+    sync(pages);
+    pages[100 << 10..(100 << 10) + 4096].fill(8);
+    expected[100 << 10..(100 << 10) + 4096].fill(8);
+
+    kill_serving(&mount);
+    sync(pages);
+    pages[200 << 10..(200 << 10) + 4096].fill(9);
+    expected[200 << 10..(200 << 10) + 4096].fill(9);
+    sync(pages);
+    assert!(pages[..] == expected[..], "the mapping after the crash");
+    // SAFETY: the mapping made above, unmapped once; `pages` is not used after.
+    unsafe { libc::munmap(at, len) };
+    drop(file);
+    assert!(std::fs::read(mount.at("/m/db")).unwrap() == expected, "read through the mount");
+    umount(&mount);
+    let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    assert!(std::fs::read(again.at("/m/db")).unwrap() == expected, "after a remount");
+}
