@@ -980,14 +980,15 @@ fn processes_of(cache: &Path) -> Vec<i64> {
         .collect()
 }
 
-/// SIGTERM to the supervisor while it waits to restart (the back-off after
-/// crashes in a row) or while a successor starts: the mount ends cleanly,
-/// nothing it started is left running.
+/// SIGTERM to the supervisor, or `umount`, while it waits to restart (the
+/// back-off after crashes in a row) or while a successor starts: the mount
+/// ends cleanly, nothing it started is left running.
 #[test]
-fn sigterm_during_a_restart_ends_the_mount_and_everything_it_started() {
+fn sigterm_or_umount_during_a_restart_ends_the_mount_and_everything_it_started() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/r/file", 1000)]);
-    for backing_off in [true, false] {
+    for (backing_off, by_signal) in [(true, true), (false, true), (true, false), (false, false)] {
+        let case = format!("backing off: {backing_off}, by signal: {by_signal}");
         let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--max-restarts", "9"]);
         let supervisor = supervisor_of(&mount);
         let _end = KillAtEnd(supervisor);
@@ -999,15 +1000,18 @@ fn sigterm_during_a_restart_ends_the_mount_and_everything_it_started() {
         let pid = mount.status()["pid"].as_i64().unwrap();
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         wait_gone(pid);
-        unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
-        wait_gone(supervisor);
+        if by_signal {
+            unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
+        } else {
+            nix::mount::umount2(&mount.mountpoint, nix::mount::MntFlags::empty()).unwrap();
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !processes_of(&mount.cache).is_empty() {
-            assert!(Instant::now() < deadline, "left running: {:?}", processes_of(&mount.cache));
+            assert!(Instant::now() < deadline, "{case}: left running: {:?}", processes_of(&mount.cache));
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!common::mount::is_mounted(&mount.mountpoint), "backing off: {backing_off}");
-        assert!(env.run(&["status"]).stdout.starts_with(b"no lazyfs mounts"), "backing off: {backing_off}");
+        assert!(!common::mount::is_mounted(&mount.mountpoint), "{case}");
+        assert!(env.run(&["status"]).stdout.starts_with(b"no lazyfs mounts"), "{case}");
     }
 }
 
