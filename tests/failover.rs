@@ -1084,3 +1084,67 @@ fn a_writable_mapping_keeps_working_across_a_crash() {
     let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
     assert!(std::fs::read(again.at("/m/db")).unwrap() == expected, "after a remount");
 }
+
+/// The children of `parent`.
+fn children(parent: i64) -> Vec<i64> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i64>().ok())
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Killed twice in a row, the second time while the successor starts (before
+/// it serves): an application reading all along sees no error, only a wait.
+#[test]
+fn a_successor_killed_while_it_starts_is_replaced_and_reads_never_fail() {
+    let env = TestEnv::new();
+    let len = 4 << 20;
+    dataset(&env.path("source"), &env.path("images"), &[("/k/file", len)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let before = mount.status();
+    let supervisor = supervisor_of(&mount);
+    let _end = KillAtEnd(supervisor);
+    let app = Arc::new(App::default());
+    let file = std::fs::File::open(mount.at("/k/file")).unwrap();
+    let a = app.clone();
+    let reader = std::thread::spawn(move || {
+        let expected = content("/k/file", len);
+        let mut buf = vec![0u8; 4096];
+        let mut at = 0;
+        while !a.stop.load(Ordering::Relaxed) {
+            uncached(&file);
+            match file.read_exact_at(&mut buf, at as u64) {
+                Ok(()) if buf == expected[at..at + 4096] => a.reads.fetch_add(1, Ordering::Relaxed),
+                other => return a.error(format!("at {at}: {other:?}")),
+            };
+            at = (at + 40960) % (len - 4096);
+        }
+    });
+    progressed(&app, 20);
+    let first = before["pid"].as_i64().unwrap();
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    wait_gone(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        if let Some(&pid) = children(supervisor).iter().find(|&&pid| pid != first) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no successor started");
+        std::thread::yield_now();
+    };
+    unsafe { libc::kill(second as i32, libc::SIGKILL) };
+    wait_gone(second);
+    let status = mount.wait_for(|s| s["restarts"] == 2, "no third serving process");
+    assert!(status["last_restart_reason"].as_str().unwrap().contains(&second.to_string()), "{status}");
+    progressed(&app, 20);
+    app.stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let errors = app.errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "the reader saw errors: {errors:?}");
+}
