@@ -839,6 +839,10 @@ fn status_shows_no_supervisor_once_it_is_gone() {
     let status = mount.wait_for(|s| s["supervisor_pid"] == 0, "status names a supervisor that is gone");
     assert_eq!(status["pid"].as_i64(), Some(pid));
     assert_eq!(std::fs::read(mount.at("/s/file")).unwrap(), content("/s/file", 1000));
+    // `lazyfs umount` still ends it.
+    umount(&mount);
+    wait_gone(pid);
+    assert!(!common::mount::is_mounted(&mount.mountpoint));
 }
 
 /// A crash restarts the build that was serving, even once its file is gone

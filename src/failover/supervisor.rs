@@ -625,3 +625,15 @@ fn check_binary(binary: &Binary) -> Result<(), String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_from_none_to_five_seconds_without_overflowing() {
+        let pauses: Vec<u64> = (0..8).map(|n| backoff(n).as_millis() as u64).collect();
+        assert_eq!(pauses, [0, 0, 250, 500, 1000, 2000, 4000, 5000]);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+}
