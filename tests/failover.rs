@@ -1152,3 +1152,48 @@ fn a_successor_killed_while_it_starts_is_replaced_and_reads_never_fail() {
     let errors = app.errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "the reader saw errors: {errors:?}");
 }
+
+const GETDENTS64: u64 = 217;
+
+/// A crash while a directory is being listed from the source (held in its
+/// `getdents64`): the successor lists it again and the `ls` in flight gets
+/// every name, once.
+#[test]
+fn a_crash_during_a_listing_answers_the_listing_in_flight_whole() {
+    let env = TestEnv::new();
+    let top = env.path("source/srv/app");
+    std::fs::create_dir_all(top.join("big")).unwrap();
+    let mut expected: Vec<String> = (0..200).map(|n| format!("f{n:03}")).collect();
+    for name in &expected {
+        std::fs::write(top.join("big").join(name), name.as_bytes()).unwrap();
+    }
+    std::fs::write(top.join("rec.db"), b"rec").unwrap();
+    lazyfs::images::write::write_dump(
+        &env.path("images"),
+        &[lazyfs::images::write::DumpFile::new("/srv/app/rec.db", 3)],
+    )
+    .unwrap();
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--subtree", "/srv/app"]);
+    let before = mount.status();
+    let _end = KillAtEnd(supervisor_of(&mount));
+    let held = Strace::attach(
+        before["pid"].as_i64().unwrap(),
+        &["-e", "trace=getdents64", "-e", "inject=getdents64:delay_enter=20000000"],
+    );
+    let dir = mount.mountpoint.join("big");
+    let listing = std::thread::spawn(move || -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            names.push(entry?.file_name().into_string().unwrap());
+        }
+        Ok(names)
+    });
+    held.wait_stopped_at(GETDENTS64, 1);
+    kill_serving_as_of(&mount, &before);
+    drop(held);
+    let mut names = listing.join().unwrap().expect("a listing in flight at the crash");
+    names.sort();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(std::fs::read(mount.mountpoint.join("big/f123")).unwrap(), b"f123");
+}
