@@ -1007,7 +1007,13 @@ fn sigterm_or_umount_during_a_restart_ends_the_mount_and_everything_it_started()
         if by_signal {
             unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
         } else {
-            nix::mount::umount2(&mount.mountpoint, nix::mount::MntFlags::empty()).unwrap();
+            // EBUSY while another test's mount namespace holds a busy copy of
+            // every mount (umount propagates to it): tried again.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Err(e) = nix::mount::umount2(&mount.mountpoint, nix::mount::MntFlags::empty()) {
+                assert!(e == nix::errno::Errno::EBUSY && Instant::now() < deadline, "{case}: umount: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !processes_of(&mount.cache).is_empty() {
