@@ -1203,3 +1203,34 @@ fn a_crash_during_a_listing_answers_the_listing_in_flight_whole() {
     assert_eq!(names, expected);
     assert_eq!(std::fs::read(mount.mountpoint.join("big/f123")).unwrap(), b"f123");
 }
+
+/// Locks taken before a crash (`flock`, POSIX record locks) are still held
+/// after it: another process cannot take them (the kernel keeps them; the
+/// mount does not ask for lock requests).
+#[test]
+fn locks_held_before_a_crash_are_still_held_after_it() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/l/a.lock", 10), ("/l/b.db", 10)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let flocked = std::fs::File::open(mount.at("/l/a.lock")).unwrap();
+    let recorded = std::fs::OpenOptions::new().read(true).write(true).open(mount.at("/l/b.db")).unwrap();
+    // SAFETY: flock and fcntl on descriptors this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&flocked), libc::LOCK_EX) }, 0);
+    let whole =
+        libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 0, l_len: 0, l_pid: 0 };
+    // SAFETY: as above; `whole` outlives the call.
+    assert_eq!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&recorded), libc::F_SETLK, &whole) }, 0);
+    kill_serving(&mount);
+    let others = |lock: &str, path: &Path| {
+        std::process::Command::new("python3")
+            .args(["-c", &format!("import fcntl, sys; f = open(sys.argv[1], 'r+'); {lock}"), path.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(!others("fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", &mount.at("/l/a.lock")), "flock taken");
+    assert!(!others("fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", &mount.at("/l/b.db")), "record lock taken");
+    drop((flocked, recorded));
+    assert!(others("fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", &mount.at("/l/a.lock")), "flock once released");
+}
