@@ -1178,7 +1178,13 @@ pub fn serve(
             },
             Event::Control(ControlEvent::Upgrade(mut stream, binary)) => {
                 let Some(link) = &link else {
-                    let refused = "this mount has no supervisor (mounted with -f): it cannot be handed over";
+                    let refused = match restarts.supervisor_pid {
+                        0 => "this mount has no supervisor (mounted with -f): it cannot be handed over",
+                        _ => {
+                            "this mount's supervisor is gone (killed?): it cannot be handed over; \
+                              `lazyfs umount` it and mount again"
+                        }
+                    };
                     control::upgrade_answer(&mut stream, Some(refused.into()));
                     continue;
                 };

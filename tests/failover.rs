@@ -839,6 +839,9 @@ fn status_shows_no_supervisor_once_it_is_gone() {
     let status = mount.wait_for(|s| s["supervisor_pid"] == 0, "status names a supervisor that is gone");
     assert_eq!(status["pid"].as_i64(), Some(pid));
     assert_eq!(std::fs::read(mount.at("/s/file")).unwrap(), content("/s/file", 1000));
+    let out = env.run(&["upgrade", mount.mountpoint.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("supervisor is gone"), "{stderr}");
     // `lazyfs umount` still ends it.
     umount(&mount);
     wait_gone(pid);
