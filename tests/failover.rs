@@ -58,6 +58,20 @@ fn kill_serving_as_of(mount: &Mount, before: &Value) -> Value {
     }
 }
 
+/// The mount "m" of the images, from the local source.
+fn local_mount(env: &TestEnv, extra: &[&str]) -> Mount {
+    env.mount("m", &env.path("images"), &Source::Local(env.path("source")), extra)
+}
+
+/// An executable shell script named `name` in the test's directory: a
+/// stand-in for another lazyfs build.
+fn script(env: &TestEnv, name: &str, text: &str) -> std::path::PathBuf {
+    let path = env.path(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
 /// What the application did and saw.
 #[derive(Default)]
 struct App {
@@ -307,7 +321,7 @@ fn umount_and_sigterm_end_the_supervisor_too() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/u/file", 1000)]);
     for by_signal in [false, true] {
-        let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+        let mount = local_mount(&env, &[]);
         let status = kill_serving(&mount);
         let (supervisor, pid) = (status["supervisor_pid"].as_i64().unwrap(), status["pid"].as_i64().unwrap());
         if by_signal {
@@ -375,9 +389,8 @@ fn upgrade_hands_a_live_mount_to_another_build_and_a_broken_one_is_refused_or_ro
     assert_eq!(mount.status()["pid"], after["pid"]);
 
     // A build that answers --version but cannot serve: the previous one serves again.
-    let broken = env.path("lazyfs-broken");
-    std::fs::write(&broken, "#!/bin/sh\n[ \"$1\" = --version ] && echo 'lazyfs 9.9.9' && exit 0\nexit 70\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let broken =
+        script(&env, "lazyfs-broken", "#!/bin/sh\n[ \"$1\" = --version ] && echo 'lazyfs 9.9.9' && exit 0\nexit 70\n");
     let out = env.run(&["upgrade", mount.mountpoint.to_str().unwrap(), "--binary", broken.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("the upgrade to") && stderr.contains("failed"), "{stderr}");
@@ -617,7 +630,7 @@ fn two_closes_in_flight_at_a_crash_leave_an_unlinked_file_to_its_last_holder() {
     let env = TestEnv::new();
     let len = 1 << 20;
     dataset(&env.path("source"), &env.path("images"), &[("/t/scratch.db", len)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let before = mount.status();
     let (pid, supervisor) = (before["pid"].as_i64().unwrap(), supervisor_of(&mount));
     let _end = KillAtEnd(supervisor);
@@ -655,7 +668,7 @@ fn a_change_of_names_journaled_but_unanswered_at_a_crash_is_answered_as_made() {
     use std::os::unix::fs::MetadataExt;
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/n/seed", 10)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let dir = mount.at("/n");
     std::fs::write(dir.join("a"), b"a").unwrap();
     std::fs::write(dir.join("gone"), b"g").unwrap();
@@ -706,7 +719,7 @@ fn a_crash_after_a_lazy_unmount_keeps_the_files_still_open_working() {
     let env = TestEnv::new();
     let len = 1 << 20;
     dataset(&env.path("source"), &env.path("images"), &[("/d/file", len)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--max-restarts", "2"]);
+    let mount = local_mount(&env, &["--max-restarts", "2"]);
     let before = mount.status();
     let (pid, supervisor) = (before["pid"].as_i64().unwrap(), supervisor_of(&mount));
     let _end = KillAtEnd(supervisor);
@@ -751,7 +764,7 @@ fn a_serving_process_whose_fuse_threads_panic_is_replaced_not_taken_for_an_unmou
         &[lazyfs::images::write::DumpFile::new("/srv/app/rec.db", 3)],
     )
     .unwrap();
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--subtree", "/srv/app"]);
+    let mount = local_mount(&env, &["--subtree", "/srv/app"]);
     let (pid, supervisor) = (mount.status()["pid"].as_i64().unwrap(), supervisor_of(&mount));
     let _end = KillAtEnd(supervisor);
     assert!(mount.status()["dirs_unlisted"].as_u64().unwrap() > 4);
@@ -785,12 +798,10 @@ fn a_crash_while_an_upgrade_is_checked_is_recovered_at_once() {
     let env = TestEnv::new();
     let len = 1 << 20;
     dataset(&env.path("source"), &env.path("images"), &[("/u/file", len)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let before = mount.status();
     let supervisor = supervisor_of(&mount);
-    let slow = env.path("lazyfs-slow");
-    std::fs::write(&slow, "#!/bin/sh\nsleep 20\necho 'lazyfs 9.9.9'\nexit 70\n").unwrap();
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let slow = script(&env, "lazyfs-slow", "#!/bin/sh\nsleep 20\necho 'lazyfs 9.9.9'\nexit 70\n");
     let file = std::fs::File::open(mount.at("/u/file")).unwrap();
     let mut upgrade = env
         .lazyfs()
@@ -831,7 +842,7 @@ fn a_crash_while_an_upgrade_is_checked_is_recovered_at_once() {
 fn status_shows_no_supervisor_once_it_is_gone() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/s/file", 1000)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let (pid, supervisor) = (mount.status()["pid"].as_i64().unwrap(), supervisor_of(&mount));
     // SAFETY: kill(2) of this test's mount's supervisor.
     unsafe { libc::kill(supervisor as i32, libc::SIGKILL) };
@@ -894,7 +905,7 @@ fn writes_in_flight_at_a_crash_are_done_once_and_acknowledged_ones_kept() {
     let env = TestEnv::new();
     let len = 1 << 20;
     dataset(&env.path("source"), &env.path("images"), &[("/w/app.log", 1000), ("/w/model", len)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let mut log = std::fs::OpenOptions::new().append(true).open(mount.at("/w/app.log")).unwrap();
     let model = std::fs::OpenOptions::new().read(true).write(true).open(mount.at("/w/model")).unwrap();
     log.write_all(b"acknowledged\n").unwrap();
@@ -929,7 +940,7 @@ fn writes_in_flight_at_a_crash_are_done_once_and_acknowledged_ones_kept() {
     let text = std::fs::read(mount.at("/w/app.log")).unwrap();
     assert_eq!(String::from_utf8_lossy(&text[1000..]), "acknowledged\nin flight\nafter\n");
     umount(&mount);
-    let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let again = local_mount(&env, &[]);
     assert!(std::fs::read(again.at("/w/app.log")).unwrap() == expected_log, "app.log after a remount");
     assert!(std::fs::read(again.at("/w/model")).unwrap() == expected_model, "model after a remount");
 }
@@ -942,7 +953,7 @@ fn a_file_made_after_a_crash_never_takes_the_number_of_one_still_open() {
     use std::os::unix::fs::MetadataExt;
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/i/seed", 10)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let dir = mount.at("/i");
     let mut held = Vec::new();
     for n in 0..4 {
@@ -996,7 +1007,7 @@ fn sigterm_or_umount_during_a_restart_ends_the_mount_and_everything_it_started()
     dataset(&env.path("source"), &env.path("images"), &[("/r/file", 1000)]);
     for (backing_off, by_signal) in [(true, true), (false, true), (true, false), (false, false)] {
         let case = format!("backing off: {backing_off}, by signal: {by_signal}");
-        let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--max-restarts", "9"]);
+        let mount = local_mount(&env, &["--max-restarts", "9"]);
         let supervisor = supervisor_of(&mount);
         let _end = KillAtEnd(supervisor);
         if backing_off {
@@ -1035,14 +1046,15 @@ fn sigterm_or_umount_during_a_restart_ends_the_mount_and_everything_it_started()
 fn an_upgrade_to_a_build_that_hangs_at_start_falls_back_to_the_old_one() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/h/file", 100_000)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let before = mount.status();
     let _end = KillAtEnd(supervisor_of(&mount));
     let file = std::fs::File::open(mount.at("/h/file")).unwrap();
-    let hangs = env.path("lazyfs-hangs");
-    std::fs::write(&hangs, "#!/bin/sh\n[ \"$1\" = --version ] && echo 'lazyfs 9.9.9' && exit 0\nexec sleep 1000\n")
-        .unwrap();
-    std::fs::set_permissions(&hangs, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hangs = script(
+        &env,
+        "lazyfs-hangs",
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'lazyfs 9.9.9' && exit 0\nexec sleep 1000\n",
+    );
     let mountpoint = mount.mountpoint.to_str().unwrap();
     let out = env.run(&["upgrade", mountpoint, "--binary", hangs.to_str().unwrap(), "--timeout", "120"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1063,7 +1075,7 @@ fn a_writable_mapping_keeps_working_across_a_crash() {
     let env = TestEnv::new();
     let len = 256 << 10;
     dataset(&env.path("source"), &env.path("images"), &[("/m/db", len)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let file = std::fs::OpenOptions::new().read(true).write(true).open(mount.at("/m/db")).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     // SAFETY: a shared read-write mapping of a file this test opened, unmapped below.
@@ -1094,7 +1106,7 @@ fn a_writable_mapping_keeps_working_across_a_crash() {
     drop(file);
     assert!(std::fs::read(mount.at("/m/db")).unwrap() == expected, "read through the mount");
     umount(&mount);
-    let again = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let again = local_mount(&env, &[]);
     assert!(std::fs::read(again.at("/m/db")).unwrap() == expected, "after a remount");
 }
 
@@ -1119,7 +1131,7 @@ fn a_successor_killed_while_it_starts_is_replaced_and_reads_never_fail() {
     let env = TestEnv::new();
     let len = 4 << 20;
     dataset(&env.path("source"), &env.path("images"), &[("/k/file", len)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let before = mount.status();
     let supervisor = supervisor_of(&mount);
     let _end = KillAtEnd(supervisor);
@@ -1182,7 +1194,7 @@ fn a_crash_during_a_listing_answers_the_listing_in_flight_whole() {
         &[lazyfs::images::write::DumpFile::new("/srv/app/rec.db", 3)],
     )
     .unwrap();
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &["--subtree", "/srv/app"]);
+    let mount = local_mount(&env, &["--subtree", "/srv/app"]);
     let before = mount.status();
     let _end = KillAtEnd(supervisor_of(&mount));
     let held = Strace::attach(
@@ -1214,7 +1226,7 @@ fn a_crash_during_a_listing_answers_the_listing_in_flight_whole() {
 fn locks_held_before_a_crash_are_still_held_after_it() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/l/a.lock", 10), ("/l/b.db", 10)]);
-    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let mount = local_mount(&env, &[]);
     let flocked = std::fs::File::open(mount.at("/l/a.lock")).unwrap();
     let recorded = std::fs::OpenOptions::new().read(true).write(true).open(mount.at("/l/b.db")).unwrap();
     // SAFETY: flock and fcntl on descriptors this test owns.
