@@ -128,7 +128,11 @@ pub fn judge(
     }
     let names = |identity: &CacheIdentity| {
         let subtree = String::from_utf8_lossy(&identity.subtree).into_owned();
-        format!("--layout {} --subtree {}", identity.layout, if subtree.is_empty() { "/" } else { &subtree })
+        // No --subtree is not `--subtree /` (that mirrors the old host's whole root): say none.
+        match subtree.is_empty() {
+            true => format!("--layout {} and no --subtree", identity.layout),
+            false => format!("--layout {} --subtree {subtree}", identity.layout),
+        }
     };
     if !loaded.local.is_empty() && names(held) != names(wanted) {
         return Err(IdentityError::OtherNames { cache: cache.into(), held: names(held), wanted: names(wanted) });
