@@ -128,9 +128,10 @@ pub fn judge(
     }
     let names = |identity: &CacheIdentity| {
         let subtree = String::from_utf8_lossy(&identity.subtree).into_owned();
-        // No --subtree is not `--subtree /` (that mirrors the old host's whole root): say none.
-        match subtree.is_empty() {
-            true => format!("--layout {} and no --subtree", identity.layout),
+        // Changes relative to / show the same without --subtree, which a user rather means than
+        // `--subtree /` (that mirrors the old host's whole root): suggest none.
+        match subtree.is_empty() || subtree == "/" {
+            true => format!("--layout {} (no --subtree)", identity.layout),
             false => format!("--layout {} --subtree {subtree}", identity.layout),
         }
     };
