@@ -90,9 +90,9 @@ fn changes_waiting_for_a_listing_do_not_hold_the_mounts_threads() {
         remover.join().unwrap().unwrap();
     }
     assert_eq!(reader.join().unwrap().unwrap(), content("top", 10_000));
-    assert!(reader_done, "opening a file that is here waited behind unlinks waiting for a listing");
     nix::mount::umount(&mountpoint).unwrap();
     serving.join().unwrap();
+    assert!(reader_done, "opening a file that is here waited behind unlinks waiting for a listing");
 }
 
 /// Opens the gate and detaches the mount if the test fails half way.
