@@ -401,3 +401,60 @@ fn flat_layout_with_subtree_says_the_whole_directory_is_not_served() {
         "mounted flat with --subtree, silently without the rest of the directory: {stderr}"
     );
 }
+
+/// Over SSH as an unprivileged user (as many old hosts allow only), a
+/// directory of the tree that user may not read (root's `lost+found` at
+/// the top of every ext4 filesystem, another user's 0700 directory) can
+/// never be listed. `lazyfs wait` of a `--prefetch` mount must end, saying
+/// which directory failed (exit 4, as for a failed file), instead of
+/// waiting for it for ever (the walk asks again every second, and `wait`
+/// without `--timeout` never returns).
+#[test]
+fn wait_reports_a_directory_the_ssh_user_may_not_read_instead_of_waiting_for_ever() {
+    let env = TestEnv::new();
+    let sshd = common::sshd::Sshd::start();
+    // `nobody` logs in with the test's key and reads the source.
+    let world = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    world(sshd.dir.path(), 0o755);
+    world(&sshd.dir.path().join("authorized_keys"), 0o644);
+    world(env.tmp.path(), 0o755);
+    world(&env.path("source"), 0o755);
+    let imgdir = app_with_dirs(&env, 3);
+    let locked = env.path("source/srv/app/lost+found");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::write(locked.join("#1234"), b"a lost inode").unwrap();
+    world(&locked, 0o700);
+
+    let mountpoint = env.path("mnt/nobody");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let out = env
+        .lazyfs()
+        .arg("mount")
+        .arg(&mountpoint)
+        .arg(&imgdir)
+        .arg(format!("nobody@127.0.0.1:{}", sshd.port))
+        .arg("-i")
+        .arg(sshd.user_key())
+        .arg("--known-hosts")
+        .arg(sshd.known_hosts())
+        .arg("--source-root")
+        .arg(env.path("source"))
+        .arg("--cache-dir")
+        .arg(env.path("cache/nobody"))
+        .args(["--subtree", SUBTREE, "--prefetch"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount as nobody: {}", String::from_utf8_lossy(&out.stderr));
+    let _mount = common::mount::Mount {
+        mountpoint: mountpoint.clone(),
+        cache: env.path("cache/nobody"),
+        env_home: env.tmp.path().into(),
+    };
+    assert_eq!(std::fs::read(mountpoint.join("d0/f")).unwrap(), b"a file", "the readable part is served");
+    let wait = env.run(&["wait", mountpoint.to_str().unwrap(), "--timeout", "40"]);
+    let stderr = String::from_utf8_lossy(&wait.stderr);
+    assert_eq!(wait.status.code(), Some(4), "wait: {stderr}");
+    assert!(stderr.contains("lost+found"), "wait does not name the directory: {stderr}");
+}
