@@ -458,3 +458,23 @@ fn wait_reports_a_directory_the_ssh_user_may_not_read_instead_of_waiting_for_eve
     assert_eq!(wait.status.code(), Some(4), "wait: {stderr}");
     assert!(stderr.contains("lost+found"), "wait does not name the directory: {stderr}");
 }
+
+/// The listings kept in `CACHE/tree` are of one `--subtree`: a later mount
+/// of the same images from the same source with another `--subtree` (the
+/// default cache dir is the same: it does not depend on it) shows that
+/// directory, not the listings of the first one at its root.
+#[test]
+fn a_remount_with_another_subtree_shows_that_directory_not_the_first_ones_listings() {
+    let mut core = Core::new(&[("/srv/app/data/rec", b"recorded".to_vec(), true)]);
+    let app = core.source.join("srv/app");
+    std::fs::write(app.join("only-in-app"), b"app").unwrap();
+    std::fs::write(app.join("data/only-in-data"), b"data").unwrap();
+    core.subtree = Some(PathBuf::from(SUBTREE));
+    core.mount(0).unwrap();
+    assert_eq!(names(&core, ROOT_INO), [".", "..", "data", "only-in-app"]);
+    core.unmount();
+
+    core.subtree = Some(PathBuf::from("/srv/app/data"));
+    core.mount(0).unwrap();
+    assert_eq!(names(&core, ROOT_INO), [".", "..", "only-in-data", "rec"]);
+}
