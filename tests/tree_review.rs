@@ -478,3 +478,36 @@ fn a_remount_with_another_subtree_shows_that_directory_not_the_first_ones_listin
     core.mount(0).unwrap();
     assert_eq!(names(&core, ROOT_INO), [".", "..", "only-in-data", "rec"]);
 }
+
+/// A recorded file and a name of the tree that is a hard link of it (the
+/// local source tells it by inode number) are one file, as on the old host:
+/// one inode number, and what the restored process writes through the
+/// recorded name is what the other name reads.
+#[test]
+fn a_hard_link_of_a_recorded_file_is_the_same_file() {
+    let core = subtree_core(|app| {
+        std::fs::create_dir_all(app.join("other")).unwrap();
+        std::fs::hard_link(app.join("rec"), app.join("other/alias")).unwrap();
+    });
+    let alias = core.ino("/other/alias");
+    assert_eq!(core.read("/other/alias", 0, 100).unwrap(), b"recorded");
+    assert_eq!(core.write("/rec", 0, b"RECORDED"), Ok(8));
+    assert_eq!(core.read("/other/alias", 0, 100).unwrap(), b"RECORDED", "the two names are two files");
+    assert_eq!(alias, core.ino("/rec"), "two inode numbers for one file");
+}
+
+/// `lazyfs wait MOUNTPOINT PATH` and `lazyfs prefetch MOUNTPOINT PATH` take
+/// any file the mount shows: one in a directory nothing has listed yet is
+/// still a file of the mount (`stat` finds it), not "not a file of this
+/// mount" (exit 2).
+#[test]
+fn wait_and_prefetch_take_a_file_of_a_directory_not_listed_yet() {
+    let env = TestEnv::new();
+    let imgdir = app_with_dirs(&env, 2);
+    let mount = env.mount("paths", &imgdir, &Source::Local(env.path("source")), &["--subtree", SUBTREE]);
+    let mnt = mount.mountpoint.to_str().unwrap();
+    let prefetch = env.run(&["prefetch", mnt, "/srv/app/d1/f"]);
+    assert!(prefetch.status.success(), "prefetch: {}", String::from_utf8_lossy(&prefetch.stderr));
+    let wait = env.run(&["wait", mnt, "/srv/app/d1/f", "--timeout", "30"]);
+    assert!(wait.status.success(), "wait: {}", String::from_utf8_lossy(&wait.stderr));
+}
