@@ -511,3 +511,48 @@ fn wait_and_prefetch_take_a_file_of_a_directory_not_listed_yet() {
     let wait = env.run(&["wait", mnt, "/srv/app/d1/f", "--timeout", "30"]);
     assert!(wait.status.success(), "wait: {}", String::from_utf8_lossy(&wait.stderr));
 }
+
+/// Unmounts the small filesystem a test made, even if it fails.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A file of the tree whose owner could not be made when its directory was
+/// listed (the cache filesystem out of inodes or space) is still shown, as
+/// `failed` with the reason: otherwise it silently does not exist on the
+/// mount, nothing counts it, and `wait` exits 0 with the old host's file
+/// never seen.
+#[test]
+fn a_file_of_the_tree_whose_spill_file_cannot_be_made_is_shown_failed_not_left_out() {
+    let mut core = Core::new(&[("/srv/app/rec", b"recorded".to_vec(), true)]);
+    let many = core.source.join("srv/app/many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..200 {
+        // Empty, as `__init__.py` files are: their spill file is made at once.
+        std::fs::write(many.join(format!("f{i:03}")), b"").unwrap();
+    }
+    // The cache on a filesystem with room for 100 inodes.
+    let small = core.dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64m,nr_inodes=100,mode=0700"),
+    )
+    .unwrap();
+    let _small = SmallFs(small.clone());
+    core.cache = small.join("cache");
+    core.subtree = Some(PathBuf::from(SUBTREE));
+    core.mount(0).unwrap();
+    let dir = core.fs().lookup(ROOT_INO, OsStr::new("many")).unwrap().ino;
+    let shown = names(&core, dir).len() - 2;
+    let counted = core.fs().fetcher().files().len() - 1;
+    core.unmount();
+    assert_eq!((shown, counted), (200, 200), "files of `many` shown, and counted");
+}
