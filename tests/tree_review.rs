@@ -587,3 +587,38 @@ fn manifest_of_a_subtree_leaves_out_a_directory_it_may_not_read() {
     assert!(out.status.success(), "manifest as nobody: {stderr}");
     assert!(stderr.contains("lost+found"), "no warning names what was left out: {stderr}");
 }
+
+/// A file written through the mount has an mtime from that write, also
+/// after a remount: not the old host's mtime of the bytes it no longer
+/// holds (which makes `make`, `rsync`'s quick check or a backup skip a
+/// file that changed). Recorded and tree files alike; today a remount's
+/// listing puts the source's mtime back on both.
+#[test]
+fn a_file_written_through_the_mount_keeps_a_later_mtime_across_a_remount() {
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let mut core = subtree_core(|app| {
+        std::fs::create_dir_all(app.join("d")).unwrap();
+        std::fs::write(app.join("d/tree-file"), b"original").unwrap();
+        for file in ["rec", "d/tree-file"] {
+            std::fs::File::options().write(true).open(app.join(file)).unwrap().set_modified(old).unwrap();
+        }
+    });
+    names(&core, ROOT_INO);
+    let d = core.fs().lookup(ROOT_INO, OsStr::new("d")).unwrap().ino;
+    names(&core, d);
+    assert_eq!(core.write("/rec", 0, b"RECORDED"), Ok(8));
+    assert_eq!(core.write("/d/tree-file", 0, b"ORIGINAL"), Ok(8));
+    for path in ["/rec", "/d/tree-file"] {
+        assert!(core.fs().getattr(core.ino(path)).unwrap().mtime > old, "{path}: live");
+    }
+    core.unmount();
+    core.mount(0).unwrap();
+    names(&core, ROOT_INO);
+    let d = core.fs().lookup(ROOT_INO, OsStr::new("d")).unwrap().ino;
+    names(&core, d);
+    for (path, bytes) in [("/d/tree-file", b"ORIGINAL"), ("/rec", b"RECORDED")] {
+        assert_eq!(core.read(path, 0, 8).unwrap(), bytes);
+        let mtime = core.fs().getattr(core.ino(path)).unwrap().mtime;
+        assert!(mtime > old, "{path}: after a remount, changed bytes with the old host's mtime {mtime:?}");
+    }
+}
