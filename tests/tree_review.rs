@@ -717,3 +717,39 @@ fn reading_a_big_directory_costs_in_proportion_to_its_size() {
     eprintln!("readdir: 5,000 entries {small:?}, 40,000 entries {big:?}: {ratio:.1}x");
     assert!(ratio < 24.0, "8x the entries took {ratio:.1}x as long ({small:?} vs {big:?}): quadratic");
 }
+
+/// A directory of the tree swapped for a symlink on the old host after its
+/// parent was listed: its listing is refused, rightly, but then over SSH it
+/// is kept as an empty directory (in `CACHE/tree` too) and counted listed,
+/// so `wait` exits 0 with none of its files ever seen; from a local
+/// directory the refusal (ENOTDIR, not mapped to "changed") is retried for
+/// ever and `wait` never ends. A changed file is `failed` with its reason;
+/// a changed directory must be reported the same way (exit 4 naming it).
+#[test]
+fn a_directory_swapped_for_a_symlink_on_the_old_host_fails_wait_naming_it() {
+    let sshd = common::sshd::Sshd::start();
+    for over_ssh in [true, false] {
+        let env = TestEnv::new();
+        let imgdir = app_with_dirs(&env, 2);
+        let app = env.path("source/srv/app");
+        let source = match over_ssh {
+            true => Source::Ssh { sshd: &sshd, root: env.path("source") },
+            false => Source::Local(env.path("source")),
+        };
+        let mount = env.mount("swap", &imgdir, &source, &["--subtree", SUBTREE]);
+        assert!(mount.mountpoint.join("d1").is_dir(), "the root is listed, d1 not yet");
+        std::fs::rename(app.join("d1"), app.join("moved")).unwrap();
+        std::os::unix::fs::symlink("moved", app.join("d1")).unwrap();
+        let mnt = mount.mountpoint.to_str().unwrap();
+        assert!(env.run(&["prefetch", mnt]).status.success());
+        let wait = env.run(&["wait", mnt, "--timeout", "20"]);
+        let stderr = String::from_utf8_lossy(&wait.stderr);
+        let shown = std::fs::read_dir(mount.mountpoint.join("d1")).map(|d| d.count());
+        assert_eq!(
+            wait.status.code(),
+            Some(4),
+            "over ssh: {over_ssh}: wait: {stderr}; d1 on the mount: {shown:?} entries, on the old host a symlink"
+        );
+        assert!(stderr.contains("d1"), "over ssh: {over_ssh}: {stderr}");
+    }
+}
