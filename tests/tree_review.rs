@@ -753,3 +753,49 @@ fn a_directory_swapped_for_a_symlink_on_the_old_host_fails_wait_naming_it() {
         assert!(stderr.contains("d1"), "over ssh: {over_ssh}: {stderr}");
     }
 }
+
+/// Two different files that a manifest gives one device and inode number
+/// (and a link count above 1) are not one file: overlayfs without `xino`
+/// over layers on two filesystems (container root filesystems) reports
+/// such numbers, and a manifest is untrusted input. The manifest's own
+/// hashes say they differ: each name serves its own bytes. Today the
+/// second name becomes a hard link of the first and serves its bytes
+/// (which the first file's hashes then "verify").
+#[test]
+fn two_files_with_one_inode_number_are_not_merged_as_hard_links() {
+    use prost::Message;
+    let mut core = Core::new(&[("/srv/app/rec", b"recorded".to_vec(), true)]);
+    let app = core.source.join("srv/app");
+    std::fs::create_dir_all(app.join("a")).unwrap();
+    std::fs::create_dir_all(app.join("b")).unwrap();
+    let same_time = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    for (dir, bytes) in [("a", b"layer one"), ("b", b"layer two")] {
+        std::fs::write(app.join(dir).join("x"), bytes).unwrap();
+        std::fs::File::options().write(true).open(app.join(dir).join("x")).unwrap().set_modified(same_time).unwrap();
+        std::fs::hard_link(app.join(dir).join("x"), app.join(dir).join("x-link")).unwrap();
+    }
+    let checkpoint = lazyfs::images::Checkpoint::load(&core.images).unwrap();
+    let output = core.images.join(lazyfs::manifest::DEFAULT_NAME);
+    lazyfs::manifest::create(&checkpoint, &core.source, Some(Path::new(SUBTREE)), None, &output).unwrap();
+    // As overlayfs reports them: b/x has a/x's inode number.
+    let bytes = std::fs::read(&output).unwrap();
+    let magic = b"lazyfs-manifest\n";
+    let mut manifest = lazyfs::store::journal::proto::Manifest::decode(&bytes[magic.len()..]).unwrap();
+    let ino_of = |m: &lazyfs::store::journal::proto::Manifest, path: &[u8]| {
+        m.files.iter().find(|f| f.path == path).unwrap().attrs.as_ref().unwrap().ino
+    };
+    let a_ino = ino_of(&manifest, b"/srv/app/a/x");
+    for file in &mut manifest.files {
+        if file.path.starts_with(b"/srv/app/b/") {
+            file.attrs.as_mut().unwrap().ino = a_ino;
+        }
+    }
+    let mut patched = magic.to_vec();
+    manifest.encode(&mut patched).unwrap();
+    std::fs::write(&output, patched).unwrap();
+
+    core.subtree = Some(PathBuf::from(SUBTREE));
+    core.mount(0).unwrap();
+    assert_eq!(core.read("/a/x", 0, 100).unwrap(), b"layer one");
+    assert_eq!(core.read("/b/x", 0, 100).unwrap(), b"layer two", "b/x serves a/x's bytes");
+}
