@@ -799,3 +799,51 @@ fn two_files_with_one_inode_number_are_not_merged_as_hard_links() {
     assert_eq!(core.read("/a/x", 0, 100).unwrap(), b"layer one");
     assert_eq!(core.read("/b/x", 0, 100).unwrap(), b"layer two", "b/x serves a/x's bytes");
 }
+
+/// A reader's listing (a lookup of a name the images lack: a page a
+/// restored web server is asked for) does not wait behind the background
+/// walk's batch of up to 64 directories on the one listing lane; here the
+/// walk's listing is held (a slow link, a huge directory), and the reader's
+/// directory, which the walk is not listing, must still be listed for it.
+#[test]
+fn a_readers_listing_does_not_wait_behind_the_walk() {
+    let files: Vec<(String, Vec<u8>, bool)> =
+        (0..4).map(|i| (format!("/srv/app/bg{i}/rec"), b"recorded".to_vec(), true)).collect();
+    let refs: Vec<(&str, Vec<u8>, bool)> = files.iter().map(|(p, b, s)| (p.as_str(), b.clone(), *s)).collect();
+    let mut core = Core::new(&refs);
+    std::fs::create_dir_all(core.source.join("srv/app/fg")).unwrap();
+    std::fs::write(core.source.join("srv/app/fg/page.html"), b"<html>").unwrap();
+    core.subtree = Some(PathBuf::from(SUBTREE));
+    // A first mount lists the root only (kept in CACHE/tree).
+    core.mount(0).unwrap();
+    names(&core, ROOT_INO);
+    core.unmount();
+
+    let (release, held) = mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    core.plan.on_list(move |dir| {
+        if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("bg")) {
+            let _ = held.lock().unwrap().recv();
+        }
+        None
+    });
+    core.mount(0).unwrap();
+    core.fs().walk_tree();
+    std::thread::sleep(Duration::from_millis(500));
+    let fs = core.fs().clone();
+    let reader = std::thread::spawn(move || {
+        let fg = fs.lookup(ROOT_INO, OsStr::new("fg")).unwrap().ino;
+        fs.lookup(fg, OsStr::new("page.html")).map(|a| a.size).map_err(|e| e.errno)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let finished = reader.is_finished();
+    drop(release);
+    let found = reader.join().unwrap();
+    assert!(
+        finished && found == Ok(6),
+        "the reader's lookup waited behind the walk's held listing (answered within 10 s: {finished}), then got {found:?}"
+    );
+}
