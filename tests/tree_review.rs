@@ -847,3 +847,18 @@ fn a_readers_listing_does_not_wait_behind_the_walk() {
         "the reader's lookup waited behind the walk's held listing (answered within 10 s: {finished}), then got {found:?}"
     );
 }
+
+/// `lazyfs status` (the human line) says when directories of the tree are
+/// still to be listed: today a mount whose files are all here but whose
+/// tree is not listed reads "N/N files present" and "fetching", with no
+/// word of what it still waits for (only `--json` has `dirs_unlisted`).
+#[test]
+fn status_says_directories_of_the_tree_are_not_listed_yet() {
+    let env = TestEnv::new();
+    let imgdir = app_with_dirs(&env, 2);
+    let mount = env.mount("status", &imgdir, &Source::Local(env.path("source")), &["--subtree", SUBTREE]);
+    let status = mount.wait_for(|s| s["dirs_unlisted"].as_u64() > Some(0), "directories unlisted");
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("director"), "{} directories unlisted, status says: {text}", status["dirs_unlisted"]);
+}
