@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use lazyfs::cli::{
-    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, StatusArgs, UmountArgs,
+    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, PushArgs, StatusArgs, UmountArgs,
     VerifyArgs, WaitArgs, exit,
 };
 use lazyfs::commands::ls;
@@ -102,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Man(args) => run_man(&args),
         Command::Manifest(args) => run_manifest(&args),
+        Command::Push(args) => run_push(&args),
         Command::Verify(args) => run_verify(&args),
     }
 }
@@ -514,6 +515,43 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
         output.display(),
         if summary.skipped.is_empty() { String::new() } else { format!("; left out {}", summary.skipped.len()) }
     );
+    Ok(exit::SUCCESS)
+}
+
+fn run_push(args: &PushArgs) -> anyhow::Result<u8> {
+    use lazyfs::commands::push::{self, Show};
+    let bad = |message: String| Exit { code: exit::BAD_INPUT, message };
+    let url = lazyfs::s3::S3Url::parse(&args.url).map_err(|e| bad(e.to_string()))?;
+    let recording = match &args.recording {
+        Some(path) => Some(lazyfs::recording::load(path).map_err(|e| bad(format!("--recording {e}")))?),
+        None => {
+            let manifest = args.imgdir.join(lazyfs::manifest::DEFAULT_NAME);
+            match manifest.exists() {
+                true => lazyfs::manifest::Manifest::load(&manifest).map_err(|e| bad(e.to_string()))?.recording,
+                false => None,
+            }
+        }
+    };
+    let request = lazyfs::push::PushRequest {
+        imgdir: args.imgdir.clone(),
+        url,
+        source_root: args.source_root.clone(),
+        subtree: args.subtree.clone(),
+        jobs: usize::from(args.jobs),
+        object_size: args.object_size,
+        objects: args.objects.clone(),
+        recording,
+    };
+    let show = match (args.json, std::io::stderr().is_terminal()) {
+        (true, _) => Show::Json,
+        (false, true) => Show::Bars,
+        (false, false) => Show::Plain,
+    };
+    let summary = push::run(&request, show).map_err(|e| Exit { code: e.exit_code(), message: e.to_string() })?;
+    for (path, reason) in &summary.skipped {
+        eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
+    }
+    eprintln!("lazyfs: {}", push::summary_line(&request, &summary));
     Ok(exit::SUCCESS)
 }
 

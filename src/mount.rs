@@ -19,6 +19,7 @@ use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Layout, Namespace, NamespaceError};
 use crate::recording::{self, Recording, RecordingError};
+use crate::s3::index::Index;
 use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
 use crate::store::journal::{self, Journal, Owner};
@@ -217,6 +218,14 @@ pub fn prepare_with(
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?.map(Arc::new);
     let tree_root = request.tree_root();
+    if let (SourceSpec::S3(url), Some(root)) = (&request.source, tree_root) {
+        return Err(SourceError::Config(format!(
+            "--subtree {}: {url} holds the recorded files only (`lazyfs push` does not send the whole directory \
+             yet): add --recorded-only",
+            root.display()
+        ))
+        .into());
+    }
     let mut ns = match tree_root {
         Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths))?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
@@ -238,15 +247,6 @@ pub fn prepare_with(
         _ => None,
     };
     let store = Arc::new(Store::open(&request.cache_dir)?);
-    let recording = match (&request.order, given_recording) {
-        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
-        (PrefetchOrder::Recorded(None), None) => {
-            let (found, warning) = find_recording(&store, manifest.as_deref());
-            warnings.extend(warning);
-            found
-        }
-        _ => None,
-    };
     for warning in &warnings {
         log::warn!("{warning}");
     }
@@ -269,6 +269,23 @@ pub fn prepare_with(
         local_changes.clear();
     }
     let source = open_source()?;
+    if let Some(pushed) = source.pushed() {
+        check_pushed_images(&request, pushed, &source.describe())?;
+    }
+    let recording = match (&request.order, given_recording) {
+        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
+        (PrefetchOrder::Recorded(None), None) => {
+            let shipped = source.pushed().and_then(|p| p.recording.as_ref());
+            let (found, warning) =
+                find_recording(&store, shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref())));
+            if let Some(warning) = &warning {
+                log::warn!("{warning}");
+            }
+            warnings.extend(warning);
+            found
+        }
+        _ => None,
+    };
     let mut connection = source.connect()?;
 
     let mut files = Vec::with_capacity(served.len());
@@ -288,7 +305,11 @@ pub fn prepare_with(
             files.push(Arc::new(open_file(&store, spec, Some(record))?));
             continue;
         }
-        let expected = manifest.as_deref().and_then(|m| m.get(&file.path)).cloned();
+        // What a store holds is checked against its own index.
+        let expected = match source.pushed() {
+            Some(pushed) => pushed.get(&file.source_path).map(|entry| entry.hashes.clone()),
+            None => manifest.as_deref().and_then(|m| m.get(&file.path)).cloned(),
+        };
         // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
         let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
             Some(size) => size,
@@ -432,24 +453,10 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
 /// file (but the memory pages, which are large and say nothing of files), the
 /// source and its root.
 fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MountError::Store(StoreError::Io { path, source })
-    };
     let dir = &request.imgdir;
-    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .map(|entry| entry.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(io(dir))?;
-    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
-    names.sort();
     let mut hasher = blake3::Hasher::new();
-    for name in names {
-        let path = dir.join(&name);
-        hasher.update(name.as_bytes()).update(&[0]);
-        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, &mut hasher).map_err(io(&path))?;
-    }
+    crate::images::hash_files(dir, &mut hasher)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
     for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
         hasher.update(&[0]).update(part);
     }
@@ -460,20 +467,41 @@ fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
 }
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
-/// last restore of these images from this source, here), else the one the
-/// manifest ships; a warning when there is none (prefetch goes smallest-first).
-fn find_recording(store: &Store, manifest: Option<&Manifest>) -> (Option<Recording>, Option<String>) {
+/// last restore of these images from this source, here), else the one
+/// `shipped` with the images (by the manifest, or the push's index); a
+/// warning when there is none (prefetch goes smallest-first).
+fn find_recording(store: &Store, shipped: Option<&Recording>) -> (Option<Recording>, Option<String>) {
     let (cached, damaged) = match recording::load_cached(store.dir()) {
         Ok(cached) => (cached, None),
         Err(e) => (None, Some(format!("{e}: ignored"))),
     };
-    let found = cached.or_else(|| manifest.and_then(|m| m.recording.clone()));
+    let found = cached.or_else(|| shipped.cloned());
     let none = found.is_none().then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
-         smallest-first (`lazyfs manifest --recording` ships one with the images)"
+         smallest-first (`lazyfs manifest --recording` ships one with the images, `lazyfs push --recording` \
+         with the index)"
             .to_string()
     });
     (found, damaged.into_iter().chain(none).reduce(|a, b| format!("{a}; {b}")))
+}
+
+/// An object store's index is of the images it was pushed with: other
+/// images would be served another checkpoint's files (verified, but not theirs).
+fn check_pushed_images(request: &MountRequest, pushed: &Index, source: &str) -> Result<(), MountError> {
+    let mut hasher = blake3::Hasher::new();
+    crate::images::hash_files(&request.imgdir, &mut hasher)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
+    if hasher.finalize().as_bytes() == &pushed.images {
+        return Ok(());
+    }
+    Err(SourceError::Config(format!(
+        "{source} holds the files of other images (pushed from {}), not of {}: mount with those images, or \
+         `lazyfs push {}` there first",
+        pushed.origin,
+        request.imgdir.display(),
+        request.imgdir.display()
+    ))
+    .into())
 }
 
 /// The recording's runs on this mount's files, in order.

@@ -81,13 +81,21 @@ pub enum Source<'a> {
         sshd: &'a Sshd,
         root: PathBuf,
     },
+    /// `s3://BUCKET/PREFIX`, reached with these `AWS_*` variables.
+    S3 {
+        url: String,
+        env: Vec<(String, String)>,
+    },
 }
 
 impl Source<'_> {
-    fn add_args(&self, command: &mut Command) {
+    pub fn add_args(&self, command: &mut Command) {
         match self {
             Source::Local(dir) => {
                 command.arg(dir);
+            }
+            Source::S3 { url, env } => {
+                command.arg(url).envs(env.iter().map(|(k, v)| (k, v)));
             }
             Source::Ssh { sshd, root } => {
                 // CI runs the SSH tests once more with `LAZYFS_TEST_SSH=libssh2`.
