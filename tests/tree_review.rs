@@ -862,3 +862,18 @@ fn status_says_directories_of_the_tree_are_not_listed_yet() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("director"), "{} directories unlisted, status says: {text}", status["dirs_unlisted"]);
 }
+
+/// A hard link made of a recorded file whose directory is not listed yet
+/// (`ln d/rec hard`): `link` lists the new name's directory first, but the
+/// change also resolves the file's own directory, which answers "not
+/// listed yet" and reaches the caller as EAGAIN. (Replaying the journal
+/// lists and retries; the live call does not.)
+#[test]
+fn a_hard_link_of_a_recorded_file_in_an_unlisted_directory_is_made() {
+    let mut core = Core::new(&[("/srv/app/d/rec", b"recorded".to_vec(), true)]);
+    core.subtree = Some(PathBuf::from(SUBTREE));
+    core.mount(0).unwrap();
+    let rec = core.ino("/d/rec");
+    let linked = core.fs().link(rec, ROOT_INO, OsStr::new("hard")).map(|a| a.ino).map_err(|e| e.errno);
+    assert_eq!(linked, Ok(rec));
+}
