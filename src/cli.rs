@@ -41,6 +41,7 @@ pub enum Command {
     Status(StatusArgs),
     Wait(WaitArgs),
     Umount(UmountArgs),
+    Upgrade(UpgradeArgs),
     Export(ExportArgs),
     Prefetch(PrefetchArgs),
     Ls(LsArgs),
@@ -169,9 +170,18 @@ pub struct MountArgs {
     /// their cached copies directly (FUSE passthrough, Linux 6.9 and later).
     #[arg(long)]
     pub no_passthrough: bool,
-    /// Internal: run as the background process, reporting readiness on stdout.
+    /// How often in a row the process serving the mount may die (crash, kill, OOM) and be
+    /// replaced by a new one on the same mount, the application's open files kept; the first
+    /// replacement starts at once, the next after 0.25 s doubling to 5 s; a process that served
+    /// for 10 s resets the count. Past it the mount fails: `status` and the log say why.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub max_restarts: u32,
+    /// Internal: run as the supervisor (the background process), reporting readiness on stdout.
     #[arg(long, hide = true)]
     pub daemon: bool,
+    /// Internal: serve the mount for the supervisor that started this process (link on fd 3).
+    #[arg(long, hide = true, conflicts_with = "daemon")]
+    pub serve: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -257,6 +267,24 @@ pub struct ExportArgs {
 pub struct UmountArgs {
     /// A lazyfs mount (a stale one, whose process died, is cleared too).
     pub mountpoint: PathBuf,
+}
+
+/// Hand a live mount over to another lazyfs binary, without unmounting.
+///
+/// A new serving process (BINARY, by default this `lazyfs`) takes the mount over from the running one, which is
+/// stopped; the application's open files keep working, and requests in flight are answered by
+/// the new process. Run it with the newly installed binary after an upgrade. If the new process
+/// does not come up, the old binary serves again and this command fails.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// A live lazyfs mount.
+    pub mountpoint: PathBuf,
+    /// The lazyfs binary to serve the mount from now on (default: the one running this command).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// How long to wait for the new process to serve.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = seconds)]
+    pub timeout: std::time::Duration,
 }
 
 /// Start fetching files in the background on a live mount (one mounted without --prefetch

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod control;
 pub mod detached;
+pub mod failover;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use lazyfs::cli::{
     Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, PushArgs, StatusArgs, UmountArgs,
-    VerifyArgs, WaitArgs, exit,
+    UpgradeArgs, VerifyArgs, WaitArgs, exit,
 };
 use lazyfs::commands::ls;
 use lazyfs::commands::verify::VerifyError;
@@ -91,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Ls(args) => run_ls(&args),
         Command::Mount(args) => run_mount(&args),
         Command::Umount(args) => run_umount(&args),
+        Command::Upgrade(args) => run_upgrade(&args),
         Command::Export(args) => run_export(&args),
         Command::Prefetch(args) => run_prefetch(&args),
         Command::Status(args) => run_status(&args),
@@ -133,7 +134,10 @@ fn mount_failed(e: MountError) -> anyhow::Error {
 fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     let request = MountRequest::from_args(args).map_err(mount_failed)?;
     if args.daemon {
-        return Ok(serve_as_daemon(request));
+        return Ok(lazyfs::failover::supervisor::run(&request, serving_args(), args.max_restarts));
+    }
+    if args.serve {
+        return Ok(serve_supervised(request));
     }
     if !args.foreground {
         return spawn_daemon(args, &request);
@@ -143,7 +147,7 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     for warning in &prepared.warnings {
         eprintln!("lazyfs: warning: {warning}");
     }
-    mount::serve(prepared, |mountpoint| {
+    mount::serve(prepared, None, |mountpoint: &Path| {
         if std::io::stderr().is_terminal() {
             eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
             show_bars(mountpoint.to_path_buf());
@@ -172,10 +176,21 @@ fn show_bars(mountpoint: PathBuf) {
     });
 }
 
-/// The background process: says `warning MESSAGE` (images not a whole dump),
-/// then `ready` or `error CODE MESSAGE` on stdout (read by the `lazyfs mount`
-/// that started it), then serves.
-fn serve_as_daemon(request: MountRequest) -> u8 {
+/// The serving process's arguments: the supervisor's own, `--daemon` (the
+/// last one, which `lazyfs mount` added) turned into `--serve`.
+fn serving_args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(daemon) = args.iter().rposition(|a| a == "--daemon") {
+        args[daemon] = "--serve".into();
+    }
+    args
+}
+
+/// The process serving a mount for its supervisor: says `warning MESSAGE`
+/// (images not a whole dump), then `ready` or `error CODE MESSAGE` on stdout
+/// (read by the `lazyfs mount` that started the supervisor; a successor's
+/// stdout is /dev/null), then serves.
+fn serve_supervised(request: MountRequest) -> u8 {
     let ready = |_: &Path| {
         println!("ready");
         let _ = std::io::stdout().flush();
@@ -184,11 +199,14 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
-    let served = mount::prepare(request).and_then(|prepared| {
+    let supervised = lazyfs::failover::Supervised::from_supervisor()
+        .map_err(|source| MountError::Mount { path: request.mountpoint.clone(), source });
+    let served = supervised.and_then(|supervised| {
+        let prepared = mount::prepare_supervised(request, &supervised)?;
         for warning in &prepared.warnings {
             println!("warning {}", warning.replace('\n', " "));
         }
-        mount::serve(prepared, ready)
+        mount::serve(prepared, Some(supervised), ready)
     });
     match served {
         Ok(()) => exit::SUCCESS,
@@ -260,7 +278,10 @@ fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     match control::Client::connect(&args.mountpoint) {
         Ok(mut client) => {
+            let supervisor = client.supervisor();
             client.umount()?;
+            // Done once nothing of the mount runs: its mountpoint is free again.
+            wait_ended(supervisor);
             Ok(exit::SUCCESS)
         }
         Err(ControlError::NotAMount(path)) => {
@@ -272,6 +293,68 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
             Err(ControlError::NotAMount(path).into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `lazyfs upgrade`: the mount's supervisor starts BINARY on the live mount;
+/// done once the new process serves it (its pid in status, restarted for the
+/// upgrade), failed if the supervisor fell back to the old binary.
+fn run_upgrade(args: &UpgradeArgs) -> anyhow::Result<u8> {
+    let binary = match &args.binary {
+        Some(binary) => std::path::absolute(binary)?,
+        None => std::env::current_exe().context("finding the lazyfs binary")?,
+    };
+    let mut client = control::Client::connect(&args.mountpoint)?;
+    let before = client.totals()?;
+    client.upgrade(&binary)?;
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = control::Client::connect(&args.mountpoint).and_then(|mut c| c.totals());
+        if let Ok(status) = now.as_ref()
+            && status.pid != before.pid
+            && status.restarts > before.restarts
+        {
+            if status.last_restart_reason.starts_with("upgrade to ") {
+                eprintln!(
+                    "lazyfs: {} is served by pid {} ({}, lazyfs {}) now",
+                    args.mountpoint.display(),
+                    status.pid,
+                    status.binary,
+                    status.version
+                );
+                return Ok(exit::SUCCESS);
+            }
+            return Err(Exit {
+                code: exit::RUNTIME,
+                message: format!("the upgrade did not take: {}", status.last_restart_reason),
+            }
+            .into());
+        }
+        if Instant::now() >= deadline {
+            let why = now.map_or_else(|e| e.to_string(), |s| format!("pid {} still serves it", s.pid));
+            return Err(Exit {
+                code: exit::RUNTIME,
+                message: format!(
+                    "no new process served {} within {:?}: {why}",
+                    args.mountpoint.display(),
+                    args.timeout
+                ),
+            }
+            .into());
+        }
+    }
+}
+
+/// Waits (10 s at most) until process `pid` has ended (0: none).
+fn wait_ended(pid: u32) {
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid != 0 && running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -158,6 +158,26 @@ impl Mount {
         self.wait_for(|s| s["state"] == "complete", "not complete")
     }
 
+    /// `kill -9` of the whole mount, supervisor first (killed alone, the
+    /// serving process is replaced on the same mount): the mount goes stale.
+    /// Returns once both are gone.
+    pub fn kill_all(&self) {
+        let status = self.status();
+        for key in ["supervisor_pid", "pid"] {
+            let pid = status[key].as_i64().unwrap() as i32;
+            assert!(pid > 0, "{key}: {status}");
+            // SAFETY: kill(2) of a process this test's mount started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+            {
+                assert!(std::time::Instant::now() < deadline, "{key} {pid} still running");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+
     pub fn umount(&self) -> Output {
         self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
     }
