@@ -284,8 +284,10 @@ fn every_entry_of_a_manifest_tree_keeps_its_old_inode_number() {
 }
 
 /// A manifest is untrusted input (it comes with the images): an inode
-/// number at the top of the range neither panics the mount nor wraps the
-/// numbers lazyfs gives round to the root's (1).
+/// number at the top of the range neither panics the mount (`Counter`,
+/// `InodeTable::note`: `+ 1` past `u64::MAX`) nor, in a release build,
+/// wraps the numbers lazyfs gives round (the inode table then gives the
+/// same number to every new node, one replacing the other).
 #[test]
 fn a_manifest_inode_number_at_u64_max_neither_panics_nor_takes_the_root() {
     use prost::Message;
@@ -311,9 +313,13 @@ fn a_manifest_inode_number_at_u64_max_neither_panics_nor_takes_the_root() {
     core.mount(0).unwrap();
     assert_eq!(core.read("/rec", 0, 100).unwrap(), b"recorded");
     assert_eq!(core.read("/dir/other", 0, 100).unwrap(), b"other");
+    // Numbers lazyfs gives itself (new nodes) come after the manifest's largest.
+    let one = core.fs().mkdir(ROOT_INO, OsStr::new("made-one"), 0o755, ROOT).unwrap().ino;
+    let two = core.fs().mkdir(ROOT_INO, OsStr::new("made-two"), 0o755, ROOT).unwrap().ino;
+    assert!(one != two && one > ROOT_INO && two > ROOT_INO, "numbers {one} and {two}");
     let root = core.fs().getattr(ROOT_INO).unwrap();
     assert_eq!(root.kind, lazyfs::fs::Kind::Dir);
-    assert_eq!(names(&core, ROOT_INO), [".", "..", "dir", "rec"]);
+    assert_eq!(names(&core, ROOT_INO), [".", "..", "dir", "made-one", "made-two", "rec"]);
 }
 
 /// A directory the images record (the way to a recorded file) that the old

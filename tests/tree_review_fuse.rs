@@ -66,7 +66,7 @@ fn changes_waiting_for_a_listing_do_not_hold_the_mounts_threads() {
     let _unmount = Unmount(mountpoint.clone(), held.clone());
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let serving = std::thread::spawn(move || {
-        lazyfs::mount::serve(prepared, |_| ready_tx.send(()).unwrap()).unwrap();
+        lazyfs::mount::serve(prepared, None, |_| ready_tx.send(()).unwrap()).unwrap();
     });
     ready.recv_timeout(Duration::from_secs(60)).unwrap();
     let top = mountpoint.join("top");

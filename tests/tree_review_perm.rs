@@ -66,7 +66,7 @@ fn another_user_cannot_read_through_a_private_directory_before_it_is_listed() {
     let _unmount = Unmount(mountpoint.clone(), held.clone());
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let serving = std::thread::spawn(move || {
-        lazyfs::mount::serve(prepared, |_| ready_tx.send(()).unwrap()).unwrap();
+        lazyfs::mount::serve(prepared, None, |_| ready_tx.send(()).unwrap()).unwrap();
     });
     ready.recv_timeout(Duration::from_secs(60)).unwrap();
     // Other users reach the mountpoint (lazyfs makes the test's directory 0700 again).
