@@ -434,7 +434,7 @@ impl Filesystem {
             .map(|(entry, attrs, _)| {
                 let new_file = attrs.kind() == libc::S_IFREG
                     && !existing.contains(&entry.name)
-                    && tree.hard_link(attrs, None).is_none();
+                    && tree.hard_link(&path.join(&entry.name), attrs, None).is_none();
                 new_file
                     .then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
                     .and_then(|made| made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok())
@@ -460,7 +460,8 @@ impl Filesystem {
             let origin = Origin::Source(path.join(name).into_boxed_path());
             match attrs.kind() {
                 libc::S_IFREG => {
-                    if let Some(first) = tree.hard_link(&attrs, None).filter(|&first| ns.node(first).is_some()) {
+                    let at = path.join(name);
+                    if let Some(first) = tree.hard_link(&at, &attrs, None).filter(|&first| ns.node(first).is_some()) {
                         ns.link(first, dir, name);
                         continue;
                     }
@@ -468,7 +469,7 @@ impl Filesystem {
                     let index = self.fetcher.add_file(file);
                     let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
                     ns.set_file_ino(index, ino);
-                    tree.hard_link(&attrs, Some(ino));
+                    tree.hard_link(&at, &attrs, Some(ino));
                 }
                 libc::S_IFDIR => {
                     let ino = ns.add_as(wanted, dir, name, NodeKind::Dir(Default::default()), meta, origin);

@@ -54,8 +54,20 @@ pub struct Tree {
     listing: Mutex<HashSet<Ino>>,
     listed: Condvar,
     files: TreeFiles,
-    /// Hard links found so far: (device, inode) to the node of the first name.
-    links: Mutex<HashMap<(u64, u64), Ino>>,
+    /// Hard links found so far: what tells one file (see [`LinkKey`]) to the
+    /// node of the first name.
+    links: Mutex<HashMap<LinkKey, Ino>>,
+}
+
+/// What two names of one file (a hard link) share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LinkKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    /// The manifest's blake3 of its bytes, if it has them.
+    hash: Option<[u8; 32]>,
 }
 
 /// How a file found in the tree gets its owner.
@@ -215,10 +227,11 @@ impl Tree {
         attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).map(|(_, ino)| ino)
     }
 
-    /// The node of an earlier name of the same file (a hard link), if any;
-    /// otherwise `made` becomes it (when it is `Some`).
-    pub fn hard_link(&self, attrs: &SourceAttrs, made: Option<Ino>) -> Option<Ino> {
-        let key = attrs.dev_ino.filter(|_| attrs.nlink.is_some_and(|n| n > 1))?;
+    /// The node of an earlier name of the same file (a hard link) as the
+    /// entry at `path` (relative to the root), if any; otherwise `made`
+    /// becomes it (when it is `Some`).
+    pub fn hard_link(&self, path: &Path, attrs: &SourceAttrs, made: Option<Ino>) -> Option<Ino> {
+        let key = self.link_key(path, attrs)?;
         let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
         match (links.get(&key), made) {
             (Some(&first), _) => Some(first),
@@ -228,6 +241,18 @@ impl Tree {
             }
             (None, None) => None,
         }
+    }
+
+    /// What tells the file at `path` (relative to the root) from others, if it
+    /// may have other names: its device and inode number with a link count
+    /// above 1, and what its bytes are known by. Numbers alone are not enough:
+    /// a manifest is untrusted input, and overlayfs without `xino` gives two
+    /// files of two layers one number; names whose sizes, mtimes or manifest
+    /// hashes differ are never one file.
+    fn link_key(&self, path: &Path, attrs: &SourceAttrs) -> Option<LinkKey> {
+        let (dev, ino) = attrs.dev_ino.filter(|_| attrs.nlink.is_some_and(|n| n > 1))?;
+        let hash = self.files.manifest.as_ref().and_then(|m| m.get(&self.subtree.join(path))).map(|h| h.whole);
+        Some(LinkKey { dev, ino, size: attrs.size, mtime_ns: attrs.mtime_ns, hash })
     }
 
     /// The owner of the file at `path` (relative to the root) the listing
