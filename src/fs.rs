@@ -487,7 +487,15 @@ impl Filesystem {
             }
         }
         ns.set_unlisted(dir, false);
-        self.fetcher.set_unlisted_dirs(ns.unlisted_count());
+        self.count_unlisted(&ns);
+    }
+
+    /// Tells the fetcher how many directories of the tree are still to be
+    /// listed (the source is needed until none is).
+    fn count_unlisted(&self, ns: &Namespace) {
+        if self.tree.is_some() {
+            self.fetcher.set_unlisted_dirs(ns.unlisted_count());
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -983,16 +991,17 @@ impl Filesystem {
 
     fn new_node(&self, parent: Ino, name: &OsStr, record: Local) -> Result<Attr, FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        let mut ns = self.ns_mut();
-        let path = Self::entry_path(&ns, parent, name)?;
-        if Self::child(&ns, parent, name)?.is_some() {
-            return Err(FsError::new(libc::EEXIST, "exists"));
-        }
-        let now = Some(nanos(SystemTime::now()));
-        let record = Local { path, atime_ns: now, mtime_ns: now, ..record };
-        let ino = self.change(&mut ns, record)?.expect("a new node");
-        self.attr(&ns, ino)
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let path = Self::entry_path(&ns, parent, name)?;
+            if Self::child(&ns, parent, name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, "exists"));
+            }
+            let now = Some(nanos(SystemTime::now()));
+            let record = Local { path, atime_ns: now, mtime_ns: now, ..record.clone() };
+            let ino = fs.change(&mut ns, record)?.expect("a new node");
+            fs.attr(&ns, ino)
+        })
     }
 
     /// Creates a regular file, opened once (released by [`Filesystem::release`]);
@@ -1047,28 +1056,31 @@ impl Filesystem {
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        let mut ns = self.ns_mut();
-        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
-        if node.links.is_empty() {
-            return Err(FsError::new(libc::ENOENT, "unlinked"));
-        }
-        let record = Local {
-            op: LocalOp::Link.into(),
-            path: bytes(&ns.mount_path(ino)),
-            to: Self::entry_path(&ns, parent, name)?,
-            ..Local::default()
-        };
-        self.change(&mut ns, record)?;
-        self.attr(&ns, ino)
+        // The file's own directories are on the change's way too.
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+            if node.links.is_empty() {
+                return Err(FsError::new(libc::ENOENT, "unlinked"));
+            }
+            let record = Local {
+                op: LocalOp::Link.into(),
+                path: bytes(&ns.mount_path(ino)),
+                to: Self::entry_path(&ns, parent, name)?,
+                ..Local::default()
+            };
+            fs.change(&mut ns, record)?;
+            fs.attr(&ns, ino)
+        })
     }
 
     fn remove_entry(&self, parent: Ino, name: &OsStr, op: LocalOp) -> Result<(), FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        let mut ns = self.ns_mut();
-        let record = Local { op: op.into(), path: Self::entry_path(&ns, parent, name)?, ..Local::default() };
-        self.change(&mut ns, record).map(drop)
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let record = Local { op: op.into(), path: Self::entry_path(&ns, parent, name)?, ..Local::default() };
+            fs.change(&mut ns, record).map(drop)
+        })
     }
 
     /// Removes a name; an open file keeps working until its last close.
@@ -1090,17 +1102,17 @@ impl Filesystem {
         flags: u32,
     ) -> Result<(), FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        self.ensure_listed(to_parent)?;
-        let mut ns = self.ns_mut();
-        let record = Local {
-            op: LocalOp::Rename.into(),
-            path: Self::entry_path(&ns, parent, name)?,
-            to: Self::entry_path(&ns, to_parent, to_name)?,
-            flags,
-            ..Local::default()
-        };
-        self.change(&mut ns, record).map(drop)
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let record = Local {
+                op: LocalOp::Rename.into(),
+                path: Self::entry_path(&ns, parent, name)?,
+                to: Self::entry_path(&ns, to_parent, to_name)?,
+                flags,
+                ..Local::default()
+            };
+            fs.change(&mut ns, record).map(drop)
+        })
     }
 
     /// `flags`: XATTR_CREATE, XATTR_REPLACE or none.
@@ -1156,6 +1168,7 @@ impl Filesystem {
         journal.local(record.clone());
         journal.flush()?;
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(record);
+        self.count_unlisted(ns);
         Ok(ino)
     }
 
@@ -1251,9 +1264,12 @@ impl Filesystem {
         })
     }
 
-    /// Whether `ino` may be removed by rmdir (`dir`) or unlink.
+    /// Whether `ino` may be removed by rmdir (`dir`) or unlink. A directory
+    /// of the tree not listed yet is listed first: the source may hold
+    /// entries in it.
     fn check_removable(ns: &Namespace, ino: Ino, dir: bool) -> Result<(), FsError> {
         match (&ns.node(ino).ok_or_else(|| not_found(ino))?.kind, dir) {
+            (NodeKind::Dir(_), true) if ns.is_unlisted(ino) => Err(FsError::unlisted(ino)),
             (NodeKind::Dir(children), true) if children.is_empty() => Ok(()),
             (NodeKind::Dir(_), true) => Err(FsError::new(libc::ENOTEMPTY, "not empty")),
             (NodeKind::Dir(_), false) => Err(FsError::new(libc::EISDIR, "a directory")),

@@ -467,7 +467,11 @@ impl Namespace {
         Some(ino)
     }
 
+    /// Takes node `ino` away for good: a directory removed is no longer one
+    /// to list.
     pub fn remove(&mut self, ino: Ino) -> Option<Node> {
+        self.unlisted.remove(&ino);
+        self.pinned.remove(&ino);
         self.nodes.remove(&ino)
     }
 
