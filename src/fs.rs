@@ -39,6 +39,25 @@ impl FsError {
     }
 }
 
+thread_local! {
+    /// Set while an operation runs that must not wait for a listing (see
+    /// [`Filesystem::then`]).
+    static NO_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `op` on this thread without ever waiting for a listing: a listing
+/// it needs fails it (with the directory to list) instead.
+fn without_waiting<T>(op: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_WAIT.set(self.0);
+        }
+    }
+    let _restore = Restore(NO_WAIT.replace(true));
+    op()
+}
+
 impl From<FetchError> for FsError {
     fn from(e: FetchError) -> Self {
         FsError::new(e.errno, e.message.to_string())
@@ -145,7 +164,13 @@ pub struct Filesystem {
     opens: Mutex<HashMap<Ino, u32>>,
     fetcher: Fetcher,
     config: FsConfig,
+    /// Operations that wait for a listing, off the caller's thread.
+    waiting: crate::deferred::Deferred,
 }
+
+/// Threads at most for operations waiting for a listing: each waits for
+/// one pipeline of the listing lane, bounded by the readers' deadline.
+const WAITING_THREADS: usize = 64;
 
 pub type ReadReply = Box<dyn FnOnce(Result<&[u8], FsError>) + Send>;
 pub type WriteReply = Box<dyn FnOnce(Result<u32, FsError>) + Send>;
@@ -221,6 +246,7 @@ impl Filesystem {
             opens: Mutex::new(replay.held_open.clone()),
             fetcher,
             config,
+            waiting: crate::deferred::Deferred::new(WAITING_THREADS, "lazyfs-listing-wait"),
         };
         for (seq, change) in replay.changes.iter().enumerate() {
             if change.op() == LocalOp::File {
@@ -256,6 +282,9 @@ impl Filesystem {
         for _ in 0..3 {
             if !self.namespace().is_unlisted(dir) {
                 return Ok(());
+            }
+            if NO_WAIT.get() {
+                return Err(FsError::unlisted(dir));
             }
             if tree.begin(dir) {
                 let listed = self.list(tree, &[dir], true);
@@ -537,17 +566,28 @@ impl Filesystem {
         self.listing_first(|fs| fs.lookup_listed(parent, name))
     }
 
-    /// [`Filesystem::lookup`] for a caller that must not block (the FUSE
-    /// session's threads): a lookup that needs a listing is answered from a
-    /// thread of its own.
-    pub fn lookup_then(self: &Arc<Self>, parent: Ino, name: &OsStr, reply: AttrReply) {
-        match self.lookup_listed(parent, name) {
+    /// Runs `op` and replies with its answer, for a caller that must not
+    /// block (the FUSE session's threads): an `op` that needs a listing (a
+    /// lookup of a name the images lack, a readdir, a change of a directory's
+    /// names) is run again, and answered, from a thread of the pool for work
+    /// that waits. `op` changes nothing before it has every listing it needs.
+    pub fn then<T: 'static>(
+        self: &Arc<Self>,
+        op: impl Fn(&Self) -> Result<T, FsError> + Send + 'static,
+        reply: impl FnOnce(Result<T, FsError>) + Send + 'static,
+    ) {
+        match without_waiting(|| op(self)) {
             Err(FsError { unlisted: Some(_), .. }) => {
-                let (fs, name) = (self.clone(), name.to_os_string());
-                std::thread::spawn(move || reply(fs.lookup(parent, &name)));
+                let fs = self.clone();
+                self.waiting.run(move || reply(op(&fs)));
             }
             answer => reply(answer),
         }
+    }
+
+    /// Threads now waiting for listings on behalf of callers that must not block.
+    pub fn waiting_threads(&self) -> usize {
+        self.waiting.threads()
     }
 
     fn lookup_listed(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
@@ -631,18 +671,6 @@ impl Filesystem {
     pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
         self.ensure_listed(ino)?;
         self.entries(ino)
-    }
-
-    /// [`Filesystem::readdir`] for a caller that must not block: one that
-    /// needs a listing is answered from a thread of its own.
-    pub fn readdir_then(self: &Arc<Self>, ino: Ino, reply: DirReply) {
-        match self.namespace().is_unlisted(ino) {
-            true => {
-                let fs = self.clone();
-                std::thread::spawn(move || reply(fs.readdir(ino)));
-            }
-            false => reply(self.entries(ino)),
-        }
     }
 
     fn entries(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {

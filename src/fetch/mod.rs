@@ -23,6 +23,8 @@ pub mod prefetch;
 pub mod restore;
 mod verify;
 
+pub(crate) use lane::panic_message;
+
 use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
