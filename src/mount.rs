@@ -21,7 +21,7 @@ use crate::fs::{Filesystem, FsConfig, Replay, ServedSpec};
 use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
-use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
+use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers, ROOT_INO};
 use crate::recording::{self, Recording, RecordingError};
 use crate::s3::index::Index;
 use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
@@ -819,8 +819,14 @@ pub fn serve(
         let (fs, jobs) = (prepared.fs.clone(), request.jobs);
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
     };
+    let locate: control::LocateHook = {
+        let fs = prepared.fs.clone();
+        let roots: Vec<PathBuf> =
+            request.tree_root().map(|root| vec![request.mountpoint.clone(), root.to_path_buf()]).unwrap_or_default();
+        Arc::new(move |paths| locate(&fs, &roots, paths))
+    };
     let (control_tx, control_rx) = mpsc::channel();
-    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, control_tx)
+    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, locate, control_tx)
         .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
@@ -1048,6 +1054,20 @@ fn start_prefetch(fs: &Filesystem, paths: &[Vec<u8>], jobs: usize) -> Result<u64
         })
         .collect::<Result<Vec<usize>, String>>()?;
     Ok(fetcher.prefetch(Some(&files), jobs) as u64)
+}
+
+/// Looks each path up through the namespace, name by name, so that every
+/// directory on its way is listed (a lookup waits for its directory's
+/// listing): a file of the tree nothing has listed yet then has an owner in
+/// the fetcher. A path is taken below each of `roots` (the mountpoint, then
+/// the tree's root on the source); one below none of them is left alone.
+fn locate(fs: &Filesystem, roots: &[PathBuf], paths: &[Vec<u8>]) {
+    for path in paths {
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        for below in roots.iter().filter_map(|root| path.strip_prefix(root).ok()) {
+            let _ = below.iter().try_fold(ROOT_INO, |dir, name| fs.lookup(dir, name).map(|a| a.ino));
+        }
+    }
 }
 
 /// Samples the byte counters for the rate while the mount lives, so even the

@@ -322,3 +322,26 @@ fn a_file_changed_on_the_source_since_it_was_listed_is_failed_not_served() {
     let ok = std::fs::read(mount.mountpoint.join("d0/n0/f0.dat")).unwrap();
     assert_eq!(ok, std::fs::read(top.join("d0/n0/f0.dat")).unwrap());
 }
+
+/// `lazyfs wait PATH` and `lazyfs prefetch PATH` take a file of a directory
+/// nothing has listed yet (its original path, or its path under the
+/// mountpoint): the mount lists the directories on the way first, as a
+/// `stat` of it would, instead of answering "not a file of this mount".
+#[test]
+fn wait_and_prefetch_take_a_file_of_a_directory_not_listed_yet() {
+    let env = TestEnv::new();
+    let root = env.path("source");
+    let imgdir = images(&env, &old_host(&root, 10, 3));
+    let mount = env.mount("paths", &imgdir, &Source::Local(root), &subtree_args());
+    let mnt = mount.mountpoint.to_str().unwrap();
+    let under = |rel: &str| format!("{mnt}/{rel}");
+    // Lazy: nothing fetches it, so wait times out (3), having found it.
+    let wait = env.run(&["wait", mnt, &format!("{DIR}/d7/n7/f0.dat"), "--timeout", "1"]);
+    assert_eq!(wait.status.code(), Some(3), "wait: {}", String::from_utf8_lossy(&wait.stderr));
+    let prefetch = env.run(&["prefetch", mnt, &under("d5/n5/f0.dat"), &format!("{DIR}/d6/n6/f1.dat")]);
+    assert!(prefetch.status.success(), "prefetch: {}", String::from_utf8_lossy(&prefetch.stderr));
+    let wait = env.run(&["wait", mnt, &format!("{DIR}/d5/n5/f0.dat"), &under("d6/n6/f1.dat"), "--timeout", "60"]);
+    assert!(wait.status.success(), "wait: {}", String::from_utf8_lossy(&wait.stderr));
+    let typo = env.run(&["wait", mnt, &under("d5/n5/no-such-file"), "--timeout", "1"]);
+    assert_eq!(typo.status.code(), Some(2), "wait of a missing file: {}", String::from_utf8_lossy(&typo.stderr));
+}

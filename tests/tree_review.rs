@@ -503,22 +503,6 @@ fn a_hard_link_of_a_recorded_file_is_the_same_file() {
     assert_eq!(alias, core.ino("/rec"), "two inode numbers for one file");
 }
 
-/// `lazyfs wait MOUNTPOINT PATH` and `lazyfs prefetch MOUNTPOINT PATH` take
-/// any file the mount shows: one in a directory nothing has listed yet is
-/// still a file of the mount (`stat` finds it), not "not a file of this
-/// mount" (exit 2).
-#[test]
-fn wait_and_prefetch_take_a_file_of_a_directory_not_listed_yet() {
-    let env = TestEnv::new();
-    let imgdir = app_with_dirs(&env, 2);
-    let mount = env.mount("paths", &imgdir, &Source::Local(env.path("source")), &["--subtree", SUBTREE]);
-    let mnt = mount.mountpoint.to_str().unwrap();
-    let prefetch = env.run(&["prefetch", mnt, "/srv/app/d1/f"]);
-    assert!(prefetch.status.success(), "prefetch: {}", String::from_utf8_lossy(&prefetch.stderr));
-    let wait = env.run(&["wait", mnt, "/srv/app/d1/f", "--timeout", "30"]);
-    assert!(wait.status.success(), "wait: {}", String::from_utf8_lossy(&wait.stderr));
-}
-
 /// Unmounts the small filesystem a test made, even if it fails.
 struct SmallFs(PathBuf);
 
