@@ -8,6 +8,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 use common::mount::{Mount, Source, TestEnv, content};
 use common::sshd::Sshd;
@@ -344,4 +345,49 @@ fn wait_and_prefetch_take_a_file_of_a_directory_not_listed_yet() {
     assert!(wait.status.success(), "wait: {}", String::from_utf8_lossy(&wait.stderr));
     let typo = env.run(&["wait", mnt, &under("d5/n5/no-such-file"), "--timeout", "1"]);
     assert_eq!(typo.status.code(), Some(2), "wait of a missing file: {}", String::from_utf8_lossy(&typo.stderr));
+}
+
+/// Reading a directory of the tree costs time in proportion to its size:
+/// the kernel reads a big directory in many READDIR calls, each going on
+/// from the entries its handle's first call took (building the whole list
+/// again per call made `ls` of 100,000 files take 27 s). Compared within
+/// this run: eight times the entries may take some more than eight times
+/// as long, not sixty-four.
+#[test]
+fn reading_a_big_directory_costs_in_proportion_to_its_size() {
+    let env = TestEnv::new();
+    let app = env.path("source/srv/app");
+    for (dir, count) in [("small", 5_000), ("big", 40_000)] {
+        std::fs::create_dir_all(app.join(dir)).unwrap();
+        for i in 0..count {
+            std::fs::write(app.join(format!("{dir}/file-{i:06}")), b"x").unwrap();
+        }
+    }
+    std::fs::write(app.join("rec"), b"recorded").unwrap();
+    let imgdir = images(&env, &[DumpFile::new(format!("{DIR}/rec"), 8)]);
+    let mount = env.mount("big", &imgdir, &Source::Local(env.path("source")), &subtree_args());
+    // Both listed first (one lookup each): only the reading is timed, with
+    // as many files on the mount for the one as for the other. The better
+    // of two reads, against the load of a shared machine.
+    for dir in ["small", "big"] {
+        assert!(mount.mountpoint.join(dir).join("file-000001").exists());
+    }
+    let time_ls = |dir: &str| {
+        let read = || {
+            let started = Instant::now();
+            let count = std::fs::read_dir(mount.mountpoint.join(dir)).unwrap().count();
+            (count, started.elapsed())
+        };
+        let (count, first) = read();
+        (count, first.min(read().1))
+    };
+    let (small_count, small) = time_ls("small");
+    let (big_count, big) = time_ls("big");
+    assert_eq!((small_count, big_count), (5_000, 40_000));
+    let ratio = big.as_secs_f64() / small.as_secs_f64().max(1e-3);
+    eprintln!("readdir: 5,000 entries {small:?}, 40,000 entries {big:?}: {ratio:.1}x");
+    assert!(ratio < 24.0, "8x the entries took {ratio:.1}x as long ({small:?} vs {big:?}): quadratic");
+    // A handle keeps its own entries only: a new read sees a change.
+    std::fs::write(mount.mountpoint.join("small/new"), b"made here").unwrap();
+    assert_eq!(std::fs::read_dir(mount.mountpoint.join("small")).unwrap().count(), 5_001);
 }
