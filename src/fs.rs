@@ -520,10 +520,25 @@ impl Filesystem {
     }
 
     /// Tells the fetcher how many directories of the tree are still to be
-    /// listed (the source is needed until none is).
+    /// listed (the source is needed until none is). Once none is, the old
+    /// host may go: every listing is made durable first.
     fn count_unlisted(&self, ns: &Namespace) {
-        if self.tree.is_some() {
-            self.fetcher.set_unlisted_dirs(ns.unlisted_count());
+        let Some(tree) = &self.tree else { return };
+        let unlisted = ns.unlisted_count();
+        if unlisted == 0
+            && let Err(e) = tree.sync()
+        {
+            log::error!("making the tree's listings durable: {e}");
+        }
+        self.fetcher.set_unlisted_dirs(unlisted);
+    }
+
+    /// Makes every listing kept so far durable (at unmount).
+    pub fn sync_listings(&self) {
+        if let Some(tree) = &self.tree
+            && let Err(e) = tree.sync()
+        {
+            log::error!("making the tree's listings durable: {e}");
         }
     }
 

@@ -1021,6 +1021,7 @@ impl Prepared {
         if let Err(e) = fetcher.stop() {
             log::error!("{e}");
         }
+        self.fs.sync_listings();
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
         if let Err(e) = Journal::create(self.store.dir(), &self.owner, snapshot, Vec::new()) {

@@ -448,15 +448,16 @@ impl FetchFile {
     }
 
     /// Journal records saying what is known of the file now. Present chunks
-    /// are claimed only after the spill file is synced.
-    fn snapshot(&self) -> Vec<JournalRecord> {
+    /// are claimed only after the spill file is synced (`synced`: the whole
+    /// cache filesystem was, after they were written).
+    fn snapshot(&self, synced: bool) -> Vec<JournalRecord> {
         let (runs, phase) = {
             let state = self.lock();
             (state.presence.runs(), state.phase.clone())
         };
         let path = self.path_bytes();
         let mut records = Vec::new();
-        match self.spill.sync() {
+        match if synced || runs.is_empty() { Ok(()) } else { self.spill.sync() } {
             Ok(()) => records.extend(runs.into_iter().map(|run| journal::present_record(path, run, self.size))),
             Err(e) => log::error!("{e}: its chunks will be fetched again"),
         }
@@ -1277,9 +1278,20 @@ fn with_present<T: Send + 'static>(
     shared.when_present(index, chunks, done);
 }
 
-/// The journal records that say what is known of `files` now.
+/// The journal records that say what is known of `files` now. Many files
+/// are made durable by one syncfs of the cache's filesystem, as the journal
+/// does for a batch: an fdatasync each cost 989 of them (1.2-4.3 s) at the
+/// unmount of a PostgreSQL tree, and would cost 100,000 for a 100,000-file one.
 pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
-    files.iter().flat_map(|file| file.snapshot()).collect()
+    let synced = files.len() > journal::SYNC_EACH_UP_TO
+        && files.first().is_some_and(|file| match file.spill.sync_filesystem() {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("syncing the cache's filesystem: {e}; syncing each spill file instead");
+                false
+            }
+        });
+    files.iter().flat_map(|file| file.snapshot(synced)).collect()
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now

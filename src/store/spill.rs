@@ -159,6 +159,11 @@ impl SpillFile {
         sync_path(&self.path)
     }
 
+    /// Makes everything written to the cache's filesystem durable (see [`sync_filesystem_of`]).
+    pub fn sync_filesystem(&self) -> Result<(), StoreError> {
+        sync_filesystem_of(&self.path)
+    }
+
     /// The blake3 of the first `len` bytes, read a window at a time.
     pub fn hash(&self, len: u64) -> Result<blake3::Hash, StoreError> {
         let mut hasher = blake3::Hasher::new();
@@ -186,6 +191,18 @@ pub fn sync_path(path: &Path) -> Result<(), StoreError> {
         Ok(file) => file.sync_data().map_err(io_err(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Makes everything written to the filesystem holding `path`'s directory
+/// durable at once (syncfs): cheaper than an fsync per file for many files.
+pub fn sync_filesystem_of(path: &Path) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(path);
+    let opened = File::open(dir).map_err(io_err(dir))?;
+    // SAFETY: syncfs on a descriptor we own.
+    match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&opened)) } {
+        0 => Ok(()),
+        _ => Err(io_err(dir)(std::io::Error::last_os_error())),
     }
 }
 
