@@ -53,6 +53,12 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(
+        "--layout flat cannot show the whole directory {} (flat names have no directories): give --layout tree, \
+         or --recorded-only to serve only the recorded files below it, flat",
+        .0.display()
+    )]
+    FlatWholeDir(PathBuf),
 }
 
 impl MountError {
@@ -62,6 +68,7 @@ impl MountError {
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
+            | MountError::FlatWholeDir(_)
             | MountError::Manifest(_)
             | MountError::Recording(_) => exit::BAD_INPUT,
             MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
@@ -107,6 +114,10 @@ impl MountRequest {
 
 impl MountRequest {
     pub fn from_args(args: &MountArgs) -> Result<MountRequest, MountError> {
+        // The whole directory is a tree; the flat names are for the recorded files only.
+        if let (LayoutArg::Flat, Some(subtree), false) = (&args.layout, &args.subtree, args.recorded_only) {
+            return Err(MountError::FlatWholeDir(subtree.clone()));
+        }
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let overrides = SshOverrides {
             identities: args.identity.clone(),

@@ -388,27 +388,6 @@ fn wait_exits_0_after_an_unlisted_empty_directory_is_removed() {
     );
 }
 
-/// `--layout flat --subtree DIR` cannot show the whole directory (flat
-/// names have no directories): a user asking for both is told so (an error,
-/// or at least a warning), not silently given the recorded files only.
-#[test]
-fn flat_layout_with_subtree_says_the_whole_directory_is_not_served() {
-    let env = TestEnv::new();
-    let imgdir = app_with_dirs(&env, 1);
-    let source = Source::Local(env.path("source"));
-    let out = env.try_mount("flat", &imgdir, &source, &["--subtree", SUBTREE, "--layout", "flat"]);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let mountpoint = env.path("mnt/flat");
-    let served_whole = mountpoint.join("d0").exists();
-    if out.status.success() {
-        let _ = env.run(&["umount", mountpoint.to_str().unwrap()]);
-    }
-    assert!(
-        !out.status.success() || stderr.contains("flat") || served_whole,
-        "mounted flat with --subtree, silently without the rest of the directory: {stderr}"
-    );
-}
-
 /// Over SSH as an unprivileged user (as many old hosts allow only), a
 /// directory of the tree that user may not read (root's `lost+found` at
 /// the top of every ext4 filesystem, another user's 0700 directory) can
