@@ -253,8 +253,8 @@ pub struct WaitArgs {
 }
 
 /// Copy a mount's current tree (checkpoint files with their local changes, and the files made
-/// through it) into a plain directory, holes kept: the next start of the application needs no
-/// lazyfs.
+/// through it) into a plain directory, holes kept, with the numeric owners (as root), modes and
+/// times the mount shows: the next start of the application needs no lazyfs.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// A live lazyfs mount.

@@ -272,6 +272,12 @@ fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
     control::Client::connect(&args.mountpoint)?;
     let done = lazyfs::commands::export::export(&args.mountpoint, &args.dir)?;
     eprintln!("lazyfs: exported {} files ({} bytes) to {}", done.files, done.bytes, args.dir.display());
+    if done.owners_not_kept > 0 {
+        eprintln!(
+            "lazyfs: {} entries are yours, not their owners' on the mount: only root may give files away",
+            done.owners_not_kept
+        );
+    }
     Ok(exit::SUCCESS)
 }
 

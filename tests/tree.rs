@@ -490,3 +490,35 @@ fn the_trees_listings_are_durable_before_the_old_host_may_go() {
     let calls = syncs.calls();
     assert!(syncs_of(&calls, "/tree>") >= 1, "CACHE/tree not synced while the old host is not needed:\n{calls}");
 }
+
+/// `lazyfs export` of a whole-directory mount makes the plain directory the
+/// next start of the application runs from: every entry (the root, files,
+/// directories, symlinks, FIFOs, hard links) with the numeric owners, modes
+/// and times the mount shows, as `rsync -a --numeric-ids` keeps them; a
+/// PostgreSQL data directory exported by root is still its user's.
+#[test]
+fn export_keeps_the_trees_numeric_owners_modes_and_times() {
+    let env = TestEnv::new();
+    let root = env.path("source");
+    let imgdir = images(&env, &old_host(&root, 4, 3));
+    let mount = env.mount("export", &imgdir, &Source::Local(root), &subtree_args());
+    let exported = env.path("exported");
+    let out = env.run(&["export", mount.mountpoint.to_str().unwrap(), exported.to_str().unwrap()]);
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    // A directory's size is its filesystem's own.
+    let shown = |dir: &Path| -> Vec<String> {
+        find(dir, false)
+            .into_iter()
+            .map(|line| {
+                let mut fields: Vec<&str> = line.rsplitn(7, ' ').collect();
+                if fields[6].ends_with(" d") {
+                    fields[5] = "-";
+                }
+                fields.into_iter().rev().collect::<Vec<_>>().join(" ")
+            })
+            .collect()
+    };
+    let (on_mount, in_export) = (shown(&mount.mountpoint), shown(&exported));
+    assert!(on_mount.iter().any(|l| l.contains(" 4242 4343 ")), "the tree's owners: {on_mount:#?}");
+    assert_eq!(in_export, on_mount);
+}

@@ -593,31 +593,6 @@ fn a_file_written_through_the_mount_keeps_a_later_mtime_across_a_remount() {
     }
 }
 
-/// `lazyfs export` of a whole-directory mount makes the plain directory the
-/// next start of the application runs from: with the tree's numeric owners
-/// (as the mount shows them, as `rsync -a --numeric-ids` keeps them), or a
-/// PostgreSQL data directory exported by root is no longer its user's.
-#[test]
-fn export_keeps_the_trees_numeric_owners() {
-    let env = TestEnv::new();
-    let imgdir = app_with_dirs(&env, 1);
-    let app = env.path("source/srv/app");
-    std::fs::write(app.join("d0/wal"), b"segment").unwrap();
-    for path in ["d0", "d0/wal"] {
-        std::os::unix::fs::chown(app.join(path), Some(4242), Some(4343)).unwrap();
-    }
-    let mount = env.mount("export", &imgdir, &Source::Local(env.path("source")), &["--subtree", SUBTREE]);
-    let shown = std::fs::metadata(mount.mountpoint.join("d0/wal")).unwrap();
-    assert_eq!((shown.uid(), shown.gid()), (4242, 4343), "the mount shows the owner");
-    let out_dir = env.path("exported");
-    let out = env.run(&["export", mount.mountpoint.to_str().unwrap(), out_dir.to_str().unwrap()]);
-    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
-    for path in ["d0", "d0/wal"] {
-        let meta = std::fs::symlink_metadata(out_dir.join(path)).unwrap();
-        assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{path}: exported with another owner");
-    }
-}
-
 /// A file of the tree the restored application read (a page a web server
 /// sent) is in the recorded access order, so the next migration of the
 /// same application with `--prefetch-order recorded` fetches it early:
