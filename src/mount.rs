@@ -200,6 +200,9 @@ pub struct Prepared {
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
     _claim: Option<registry::Claim>,
+    /// Files of the tree the recording names that the mount has not found
+    /// yet: their directories are listed before the walk lists the rest.
+    recorded_later: Vec<Vec<u8>>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -425,12 +428,17 @@ fn prepare_inner(
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
-    let order = match (&request.order, recording) {
+    let order = match (&request.order, &recording) {
         (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
         (PrefetchOrder::LargestFirst, _) => Order::LargestFirst,
         (PrefetchOrder::Image, _) => Order::Image,
         (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
     };
+    let later = match (&order, &recording, tree_root) {
+        (Order::Recorded(_), Some(recording), Some(_)) => recorded_later(recording, &files),
+        _ => Default::default(),
+    };
+    let recorded_later = later.keys().cloned().collect();
     let fetcher = Fetcher::start(
         source,
         connection,
@@ -438,6 +446,7 @@ fn prepare_inner(
         journal,
         FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
     );
+    fetcher.expect_recorded(later);
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
@@ -455,7 +464,7 @@ fn prepare_inner(
     }
     let mut request = request;
     request.allow_other = allow_other;
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
+    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim, recorded_later })
 }
 
 /// The inode numbers a manifest made on the old host gives the recorded
@@ -589,6 +598,13 @@ fn recorded_plan(recording: Option<&Recording>, files: &[Arc<FetchFile>]) -> Arc
     let index: std::collections::HashMap<&[u8], usize> =
         files.iter().enumerate().map(|(i, f)| (f.path.as_os_str().as_bytes(), i)).collect();
     recording::plan(recording, |path| index.get(path).map(|&i| (i, files[i].chunk_count()))).into()
+}
+
+/// The recording's runs on files this mount does not show yet (see
+/// [`recording::later`]).
+fn recorded_later(recording: &Recording, files: &[Arc<FetchFile>]) -> recording::Later {
+    let shown: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    recording::later(recording, |path| shown.contains(path))
 }
 
 /// Mounted on a directory the checkpoint's files were in, without `--subtree`
@@ -825,7 +841,18 @@ pub fn serve(
             status
         })
     };
-    prepared.fs.walk_tree();
+    // What the last restore read of the tree is found (listed) before the
+    // walk lists the rest, so it takes its recorded place in the queue.
+    match (request.tree_root(), prepared.recorded_later.is_empty()) {
+        (Some(root), false) => {
+            let (fs, roots, paths) = (prepared.fs.clone(), vec![root.to_path_buf()], prepared.recorded_later.clone());
+            std::thread::spawn(move || {
+                locate(&fs, &roots, &paths);
+                fs.walk_tree();
+            });
+        }
+        _ => prepared.fs.walk_tree(),
+    }
     let prefetch: control::PrefetchHook = {
         let (fs, jobs) = (prepared.fs.clone(), request.jobs);
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))

@@ -522,3 +522,41 @@ fn export_keeps_the_trees_numeric_owners_modes_and_times() {
     assert!(on_mount.iter().any(|l| l.contains(" 4242 4343 ")), "the tree's owners: {on_mount:#?}");
     assert_eq!(in_export, on_mount);
 }
+
+/// A file of the tree the restored application read (a page a web server
+/// sent) is in the recorded access order, so the next migration of the
+/// same application with `--prefetch-order recorded` fetches it early:
+/// before the tree's other files (smallest first, it would be last). Its
+/// directory is listed before the walk lists the rest, and the file takes
+/// its recorded place in the queue once found.
+#[test]
+fn a_tree_file_read_after_the_restore_is_fetched_first_by_the_next_recorded_prefetch() {
+    let env = TestEnv::new();
+    let app = env.path("source/srv/app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("rec"), content("rec", 10_000)).unwrap();
+    let imgdir = images(&env, &[DumpFile::new(format!("{DIR}/rec"), 10_000)]);
+    for d in 0..10 {
+        std::fs::create_dir_all(app.join(format!("a{d}"))).unwrap();
+        for f in 0..30 {
+            std::fs::write(app.join(format!("a{d}/f{f}")), content(&format!("{d}/{f}"), 16_384)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(app.join("zz")).unwrap();
+    std::fs::write(app.join("zz/page.html"), content("page", 256 << 10)).unwrap();
+    let source = Source::Local(env.path("source"));
+    let first = env.mount("first", &imgdir, &source, &subtree_args());
+    assert_eq!(std::fs::read(first.mountpoint.join("zz/page.html")).unwrap(), content("page", 256 << 10));
+    assert!(first.umount().status.success());
+    let recording = env.path("cache/first/recording");
+    assert!(recording.exists(), "the first mount recorded nothing");
+
+    let order = format!("--prefetch-order=recorded:{}", recording.display());
+    let second = env.mount("second", &imgdir, &source, &["--subtree", DIR, "--prefetch", "-j", "1", &order]);
+    let status = second.wait_for(|s| s["state"] == "complete", "the second mount never completed");
+    let files = status["files"].as_array().unwrap();
+    let done = |f: &serde_json::Value| f["completed_s"].as_f64().unwrap_or(f64::MAX);
+    let page = files.iter().find(|f| f["path"] == "/srv/app/zz/page.html").expect("page.html");
+    let before = files.iter().filter(|f| f["path"] != "/srv/app/rec" && done(f) < done(page)).count();
+    assert!(before < 10, "{before} of the tree's {} other files were fetched before the page read last time", 300);
+}

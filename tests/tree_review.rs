@@ -593,42 +593,6 @@ fn a_file_written_through_the_mount_keeps_a_later_mtime_across_a_remount() {
     }
 }
 
-/// A file of the tree the restored application read (a page a web server
-/// sent) is in the recorded access order, so the next migration of the
-/// same application with `--prefetch-order recorded` fetches it early:
-/// before the tree's other files. Today the recording names it but the
-/// plan only maps the images' files, and a file the listing finds later is
-/// queued after all of them, smallest first (so here, last).
-#[test]
-fn a_tree_file_read_after_the_restore_is_fetched_first_by_the_next_recorded_prefetch() {
-    let env = TestEnv::new();
-    let imgdir = app_with_dirs(&env, 0);
-    let app = env.path("source/srv/app");
-    for d in 0..10 {
-        std::fs::create_dir_all(app.join(format!("a{d}"))).unwrap();
-        for f in 0..30 {
-            std::fs::write(app.join(format!("a{d}/f{f}")), content(&format!("{d}/{f}"), 16_384)).unwrap();
-        }
-    }
-    std::fs::create_dir_all(app.join("zz")).unwrap();
-    std::fs::write(app.join("zz/page.html"), content("page", 256 << 10)).unwrap();
-    let source = Source::Local(env.path("source"));
-    let first = env.mount("first", &imgdir, &source, &["--subtree", SUBTREE]);
-    assert_eq!(std::fs::read(first.mountpoint.join("zz/page.html")).unwrap(), content("page", 256 << 10));
-    assert!(first.umount().status.success());
-    let recording = env.path("cache/first/recording");
-    assert!(recording.exists(), "the first mount recorded nothing");
-
-    let order = format!("--prefetch-order=recorded:{}", recording.display());
-    let second = env.mount("second", &imgdir, &source, &["--subtree", SUBTREE, "--prefetch", "-j", "1", &order]);
-    let status = second.wait_for(|s| s["state"] == "complete", "the second mount never completed");
-    let files = status["files"].as_array().unwrap();
-    let done = |f: &serde_json::Value| f["completed_s"].as_f64().unwrap_or(f64::MAX);
-    let page = files.iter().find(|f| f["path"] == "/srv/app/zz/page.html").expect("page.html");
-    let before = files.iter().filter(|f| f["path"] != "/srv/app/rec" && done(f) < done(page)).count();
-    assert!(before < 10, "{before} of the tree's {} other files were fetched before the page read last time", 300);
-}
-
 /// A directory of the tree swapped for a symlink on the old host after its
 /// parent was listed: its listing is refused, rightly, but then over SSH it
 /// is kept as an empty directory (in `CACHE/tree` too) and counted listed,

@@ -975,6 +975,12 @@ impl Fetcher {
         fetcher
     }
 
+    /// With `--prefetch-order recorded`: the recording's runs of files of the
+    /// tree not found yet, which take their recorded place once found.
+    pub fn expect_recorded(&self, later: crate::recording::Later) {
+        self.shared.queue.expect(later);
+    }
+
     /// Serves `file` too, a file of the tree found after the mount began:
     /// its number. With prefetch of every file under way, it is queued
     /// (after the checkpoint's own files).
@@ -986,9 +992,10 @@ impl Fetcher {
             spill: file.spill.path().to_path_buf(),
         };
         let (size, present) = (file.size, file.phase() == Phase::Present);
+        let path = file.path_bytes().to_vec();
         let index = shared.files.push(Arc::new(file));
         shared.journal.add_file(index, journal_file);
-        shared.queue.add(index, size);
+        shared.queue.add(index, size, &path);
         if present {
             shared.send_to_verifier(index);
         }
