@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{FetchError, Fetcher, Phase};
 use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
 use crate::source::{DirEntry, SourceAttrs};
 use crate::store::journal::proto::{Local, LocalOp};
@@ -725,6 +725,10 @@ impl Filesystem {
         }
         let ns = self.namespace();
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
+            // A failed file shows no bytes (size 0): the kernel would read it as empty.
+            Some(NodeKind::File(index)) if !write && let Phase::Failed(why) = self.fetcher.file(*index).phase() => {
+                return Err(FsError::new(libc::EIO, why.to_string()));
+            }
             Some(NodeKind::File(index)) => match *index {
                 index if write || self.fetcher.file(index).written => None,
                 index => self.fetcher.file(index).verified_file()?,

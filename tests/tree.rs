@@ -560,3 +560,49 @@ fn a_tree_file_read_after_the_restore_is_fetched_first_by_the_next_recorded_pref
     let before = files.iter().filter(|f| f["path"] != "/srv/app/rec" && done(f) < done(page)).count();
     assert!(before < 10, "{before} of the tree's {} other files were fetched before the page read last time", 300);
 }
+
+/// `lazyfs manifest --subtree` run on the old host by a user who cannot
+/// read everything below DIR (root's `lost+found`, another user's 0600 file
+/// or 0700 directory) leaves those out, a warning naming each, instead of
+/// failing as a whole; a mount with that manifest then refuses their files
+/// saying the manifest left them out (not "made after the manifest"), and
+/// serves the rest.
+#[test]
+fn manifest_of_a_subtree_leaves_out_what_its_user_may_not_read() {
+    let env = TestEnv::new();
+    let root = env.path("source");
+    let imgdir = images(&env, &old_host(&root, 2, 3));
+    let locked = root.join("srv/app/lost+found");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::write(locked.join("inside"), b"root's").unwrap();
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    mode(&locked, 0o700);
+    mode(env.tmp.path(), 0o755);
+    mode(&imgdir, 0o777);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", env!("CARGO_BIN_EXE_lazyfs"), "manifest"])
+        .arg(&imgdir)
+        .arg("--root")
+        .arg(&root)
+        .args(["--subtree", DIR])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "manifest as nobody: {stderr}");
+    assert!(stderr.contains("lost+found") && stderr.contains("secret"), "no warning names what was left out: {stderr}");
+
+    let mount = env.mount("left-out", &imgdir, &Source::Local(root), &subtree_args());
+    for path in ["lost+found/inside", "d0/n0/secret"] {
+        let err = std::fs::read(mount.mountpoint.join(path)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{path}: {err}");
+    }
+    assert_eq!(std::fs::read(mount.mountpoint.join("d0/n0/f1.dat")).unwrap(), content("0/f1.dat", 1));
+    let status = mount.status();
+    for path in ["/srv/app/lost+found/inside", "/srv/app/d0/n0/secret"] {
+        let file = status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).expect(path);
+        let error = file["error"].as_str().unwrap_or_default();
+        assert!(error.contains("left out"), "{path}: {error}");
+    }
+}

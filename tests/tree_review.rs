@@ -527,37 +527,6 @@ fn a_file_of_the_tree_whose_spill_file_cannot_be_made_is_shown_failed_not_left_o
     assert_eq!((shown, counted), (200, 200), "files of `many` shown, and counted");
 }
 
-/// `lazyfs manifest --subtree` run on the old host by a user who cannot
-/// read everything below DIR (root's `lost+found`, another user's 0700
-/// directory) leaves those out with a warning, as it does for a file it
-/// cannot read, instead of failing as a whole.
-#[test]
-fn manifest_of_a_subtree_leaves_out_a_directory_it_may_not_read() {
-    let env = TestEnv::new();
-    let imgdir = app_with_dirs(&env, 2);
-    let locked = env.path("source/srv/app/lost+found");
-    std::fs::create_dir_all(&locked).unwrap();
-    let mode = |path: &Path, mode: u32| {
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
-    };
-    mode(&locked, 0o700);
-    mode(env.tmp.path(), 0o755);
-    mode(&imgdir, 0o777);
-    let output = imgdir.join("lazyfs.manifest");
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", env!("CARGO_BIN_EXE_lazyfs"), "manifest"])
-        .arg(&imgdir)
-        .arg("--root")
-        .arg(env.path("source"))
-        .args(["--subtree", SUBTREE, "-o"])
-        .arg(&output)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "manifest as nobody: {stderr}");
-    assert!(stderr.contains("lost+found"), "no warning names what was left out: {stderr}");
-}
-
 /// A file written through the mount has an mtime from that write, also
 /// after a remount: not the old host's mtime of the bytes it no longer
 /// holds (which makes `make`, `rsync`'s quick check or a backup skip a
