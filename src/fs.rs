@@ -323,6 +323,22 @@ impl Filesystem {
         }
     }
 
+    /// Directories of the tree that could not be listed for good: their
+    /// original paths, paths in the mount, and why.
+    pub fn failed_dirs(&self) -> Vec<(PathBuf, PathBuf, String)> {
+        let Some(tree) = &self.tree else { return Vec::new() };
+        let ns = self.namespace();
+        let mut failed: Vec<_> = ns
+            .failed()
+            .map(|(dir, why)| {
+                let at = ns.mount_path(dir);
+                (tree.subtree.join(&at), at, why.to_string())
+            })
+            .collect();
+        failed.sort();
+        failed
+    }
+
     /// Directories of the tree not listed yet.
     pub fn unlisted_dirs(&self) -> usize {
         match self.tree {
@@ -408,24 +424,26 @@ impl Filesystem {
         let on_source = from_source.iter().map(|(_, path)| tree.subtree.join(path)).collect();
         let listings =
             self.fetcher.list_dirs(on_source, for_reader).map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
-        let mut failed = None;
+        let mut lost = None;
         for ((dir, path), listing) in from_source.into_iter().zip(listings) {
             let listed = match listing {
                 Ok(entries) => Listed::Entries(entries),
-                // Gone for good: what the images put in it is what it shows.
-                Err(e @ (crate::source::SourceError::NotFound { .. } | crate::source::SourceError::Changed { .. })) => {
-                    Listed::Missing(e.to_string())
-                }
-                Err(e) => {
+                // The connection, not the directory: listed again later.
+                Err(e) if e.is_connection_lost() => {
                     log::warn!("{e}");
-                    failed.get_or_insert(e);
+                    lost.get_or_insert(e);
                     continue;
                 }
+                // Gone, no longer a directory, refused (permission denied):
+                // what the images put in it is what it shows, and it is
+                // reported failed, as a file would be; the log keeps it so,
+                // for a remount's local changes to apply as they were made.
+                Err(e) => Listed::Missing(e.to_string()),
             };
             tree.keep(&path, &listed)?;
             self.merge(tree, dir, &path, listed, false);
         }
-        match failed {
+        match lost {
             Some(e) => Err(FsError::new(libc::EIO, e.to_string())),
             None => Ok(()),
         }
@@ -441,8 +459,12 @@ impl Filesystem {
         let entries = match listed {
             Listed::Entries(entries) => entries,
             Listed::Missing(why) => {
-                log::warn!("{why}: it shows only what the images and local changes put in it");
-                Vec::new()
+                log::error!("{why}: the directory shows only what the images and local changes put in it");
+                let mut ns = self.ns_mut();
+                ns.set_failed(dir, why);
+                ns.set_unlisted(dir, false);
+                self.count_unlisted(&ns);
+                return;
             }
         };
         let entries: Vec<(DirEntry, SourceAttrs, bool)> = entries

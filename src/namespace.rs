@@ -144,6 +144,10 @@ pub struct Namespace {
     /// directory or root, one opened `O_DIRECTORY` or `O_PATH`): CRIU checks
     /// it, so a listing keeps it.
     pinned: HashSet<Ino>,
+    /// Directories of the source that could not be listed for good (gone,
+    /// no longer a directory, refused), and why: they show only what the
+    /// images and the local layer put in them.
+    failed: HashMap<Ino, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +223,7 @@ impl Namespace {
             file_inos: vec![None; paths.len()],
             unlisted: HashSet::new(),
             pinned: HashSet::new(),
+            failed: HashMap::new(),
         };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
@@ -433,6 +438,16 @@ impl Namespace {
         self.unlisted.len()
     }
 
+    /// Directory `ino` could not be listed, for good: `why`.
+    pub fn set_failed(&mut self, ino: Ino, why: String) {
+        self.failed.insert(ino, why);
+    }
+
+    /// Directories that could not be listed, and why.
+    pub fn failed(&self) -> impl Iterator<Item = (Ino, &str)> + '_ {
+        self.failed.iter().map(|(&ino, why)| (ino, why.as_str()))
+    }
+
     /// Whether the images record directory `ino`'s mode.
     pub fn is_pinned(&self, ino: Ino) -> bool {
         self.pinned.contains(&ino)
@@ -472,6 +487,7 @@ impl Namespace {
     pub fn remove(&mut self, ino: Ino) -> Option<Node> {
         self.unlisted.remove(&ino);
         self.pinned.remove(&ino);
+        self.failed.remove(&ino);
         self.nodes.remove(&ino)
     }
 
