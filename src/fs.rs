@@ -496,9 +496,7 @@ impl Filesystem {
                 let new_file = attrs.kind() == libc::S_IFREG
                     && !existing.contains(&entry.name)
                     && tree.hard_link(&path.join(&entry.name), attrs, None).is_none();
-                new_file
-                    .then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
-                    .and_then(|made| made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok())
+                new_file.then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
             })
             .collect();
         let mut ns = self.ns_mut();

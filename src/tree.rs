@@ -257,8 +257,9 @@ impl Tree {
 
     /// The owner of the file at `path` (relative to the root) the listing
     /// found with `attrs`. The journal's record of it counts only when the
-    /// listing is the one its bytes were fetched under (`from_log`).
-    pub fn make_file(&self, path: &Path, attrs: &SourceAttrs, from_log: bool) -> Result<FetchFile, StoreError> {
+    /// listing is the one its bytes were fetched under (`from_log`). One that
+    /// cannot be served is `failed`, never left out.
+    pub fn make_file(&self, path: &Path, attrs: &SourceAttrs, from_log: bool) -> FetchFile {
         let original = self.subtree.join(path);
         let files = &self.files;
         let record = match from_log {
@@ -289,18 +290,18 @@ impl Tree {
             )),
             _ => None,
         };
-        match refused {
-            Some(reason) => failed_file(&files.store, &original, reason),
-            None => match open_file(&files.store, spec, record.as_ref()) {
-                Err(e @ StoreError::TooLarge { .. }) => failed_file(&files.store, &original, e.to_string()),
-                other => other,
-            },
-        }
+        let made = match refused {
+            Some(reason) => Err(reason),
+            // Too large, or no room for its spill file (out of inodes): still shown, failed.
+            None => open_file(&files.store, spec, record.as_ref()).map_err(|e| e.to_string()),
+        };
+        made.unwrap_or_else(|reason| failed_file(&files.store, &original, reason))
     }
 }
 
-/// A file that is not served: every read of it fails with `reason`.
-pub fn failed_file(store: &Store, original: &Path, reason: String) -> Result<FetchFile, StoreError> {
+/// A file that is not served: every read of it fails with `reason`. Nothing
+/// is made for it in the cache dir (which may have no room left).
+pub fn failed_file(store: &Store, original: &Path, reason: String) -> FetchFile {
     log::error!("{reason}");
     let spec = FileSpec {
         path: original.to_path_buf(),
@@ -311,8 +312,7 @@ pub fn failed_file(store: &Store, original: &Path, reason: String) -> Result<Fet
         listed: None,
         written: false,
     };
-    let (spill, len) = store.open_spill(original, Some(0), false)?;
-    Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(reason.into())))
+    FetchFile::new(spec, store.unmade_spill(original), 0, Presence::new(0), Phase::Failed(reason.into()))
 }
 
 /// Whether two looks at an entry show the same content: same size and
