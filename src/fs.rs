@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::time::{Duration, SystemTime};
 
 use crate::fetch::{FetchError, Fetcher};
-use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
+use crate::namespace::{Ino, LocalAttrs, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
 use crate::source::{DirEntry, SourceAttrs};
 use crate::store::journal::proto::{Local, LocalOp};
 use crate::store::local::LocalFiles;
@@ -239,6 +239,9 @@ impl Filesystem {
             };
             if let NodeKind::File(index) = node.kind {
                 node.meta.perm = specs[index].mode & 0o7777;
+                if let Some(written) = fetcher.file(index).written_at() {
+                    (node.meta.mtime, node.meta.ctime) = (written, written);
+                }
             }
         }
         if let Some(root) = tree.as_ref().and_then(|t| t.root) {
@@ -506,10 +509,13 @@ impl Filesystem {
                 let pinned = ns.is_pinned(ino);
                 let Some(node) = ns.node_mut(ino) else { continue };
                 let from_images = matches!(node.origin, Origin::File | Origin::Source(_));
-                if from_images && !node.meta.changed_locally {
+                if from_images {
                     // A recorded file keeps the images' mode, a recorded directory its recorded one.
                     let perm = matches!(node.kind, NodeKind::Dir(_)) && !pinned;
                     apply_source_attrs(&mut node.meta, &attrs, perm);
+                    if let NodeKind::File(index) = node.kind {
+                        self.keep_written_mtime(&mut node.meta, &self.fetcher.file(index));
+                    }
                 }
                 continue;
             }
@@ -525,6 +531,7 @@ impl Filesystem {
                         continue;
                     }
                     let Some(file) = file else { continue };
+                    self.keep_written_mtime(&mut meta, &file);
                     let index = self.fetcher.add_file(file);
                     let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
                     ns.set_file_ino(index, ino);
@@ -547,6 +554,16 @@ impl Filesystem {
         }
         ns.set_unlisted(dir, false);
         self.count_unlisted(&ns);
+    }
+
+    /// A file written through the mount shows when it was last written (its
+    /// spill file's mtime, across a remount too), not the source's mtime of
+    /// bytes it no longer holds; unless a utimens set it since.
+    fn keep_written_mtime(&self, meta: &mut Meta, file: &crate::fetch::FetchFile) {
+        if let Some(written) = file.written_at().filter(|_| !meta.changed_locally.mtime) {
+            meta.mtime = written;
+            meta.ctime = meta.ctime.max(written);
+        }
     }
 
     /// Tells the fetcher how many directories of the tree are still to be
@@ -862,16 +879,28 @@ impl Filesystem {
 }
 
 /// Takes what the source (or the manifest) says of a node into its
-/// attributes; its permission bits too with `perm`.
+/// attributes (its permission bits too with `perm`), but those changed
+/// through the mount: a local change is newer than any listing.
 fn apply_source_attrs(meta: &mut Meta, attrs: &SourceAttrs, perm: bool) {
-    if perm {
+    let local = meta.changed_locally;
+    if perm && !local.perm {
         meta.perm = attrs.mode & 0o7777;
     }
-    meta.uid = attrs.uid;
-    meta.gid = attrs.gid;
-    meta.atime = from_nanos(attrs.atime_ns);
-    meta.mtime = from_nanos(attrs.mtime_ns);
-    meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    if !local.uid {
+        meta.uid = attrs.uid;
+    }
+    if !local.gid {
+        meta.gid = attrs.gid;
+    }
+    if !local.atime {
+        meta.atime = from_nanos(attrs.atime_ns);
+    }
+    if !local.mtime {
+        meta.mtime = from_nanos(attrs.mtime_ns);
+    }
+    if local == LocalAttrs::default() {
+        meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    }
     meta.dir_size = attrs.size;
 }
 
@@ -1405,7 +1434,12 @@ impl Filesystem {
 
     fn set_meta(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
         let meta = &mut Self::node_mut(ns, ino)?.meta;
-        meta.changed_locally = true;
+        let local = &mut meta.changed_locally;
+        local.perm |= record.mode.is_some();
+        local.uid |= record.uid.is_some();
+        local.gid |= record.gid.is_some();
+        local.atime |= record.atime_ns.is_some();
+        local.mtime |= record.mtime_ns.is_some();
         if let Some(mode) = record.mode {
             meta.perm = mode & 0o7777;
         }

@@ -71,9 +71,19 @@ pub struct Meta {
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
     /// A directory's size as the source reports it.
     pub dir_size: u64,
-    /// Changed through the mount (chmod, chown, utimens): a listing of its
-    /// directory leaves these attributes as they are.
-    pub changed_locally: bool,
+    /// The attributes changed through the mount (chmod, chown, utimens): a
+    /// listing of its directory leaves those as they are, and gives the others.
+    pub changed_locally: LocalAttrs,
+}
+
+/// Which attributes of a node were changed through the mount.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAttrs {
+    pub perm: bool,
+    pub uid: bool,
+    pub gid: bool,
+    pub atime: bool,
+    pub mtime: bool,
 }
 
 impl Default for Meta {
@@ -88,7 +98,7 @@ impl Default for Meta {
             ctime: t,
             xattrs: BTreeMap::new(),
             dir_size: 0,
-            changed_locally: false,
+            changed_locally: LocalAttrs::default(),
         }
     }
 }

@@ -301,6 +301,14 @@ impl FetchFile {
         self.spill.sync()
     }
 
+    /// When a local write last changed it (its spill file's mtime), if one did.
+    pub fn written_at(&self) -> Option<std::time::SystemTime> {
+        match self.lock().phase {
+            Phase::Modified => self.spill.modified().ok(),
+            _ => None,
+        }
+    }
+
     fn path_bytes(&self) -> &[u8] {
         self.path.as_os_str().as_bytes()
     }

@@ -122,6 +122,11 @@ impl SpillFile {
         }
     }
 
+    /// When its bytes last changed.
+    pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
+        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(io_err(&self.path)))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
