@@ -489,18 +489,22 @@ impl Filesystem {
             .collect();
         // Owners of the new files, made outside the namespace's lock (each
         // looks at its spill file).
-        let existing: std::collections::HashSet<OsString> = match self.namespace().node(dir).map(|n| &n.kind) {
-            Some(NodeKind::Dir(children)) => children.keys().cloned().collect(),
-            _ => return,
+        let new_files: Vec<bool> = {
+            let ns = self.namespace();
+            let Some(NodeKind::Dir(children)) = ns.node(dir).map(|n| &n.kind) else { return };
+            entries
+                .iter()
+                .map(|(entry, attrs, _)| {
+                    attrs.kind() == libc::S_IFREG
+                        && !children.contains_key(&entry.name)
+                        && Self::linked(&ns, tree, &path.join(&entry.name), attrs).is_none()
+                })
+                .collect()
         };
         let mut made: Vec<Option<crate::fetch::FetchFile>> = entries
             .iter()
-            .map(|(entry, attrs, _)| {
-                let new_file = attrs.kind() == libc::S_IFREG
-                    && !existing.contains(&entry.name)
-                    && tree.hard_link(&path.join(&entry.name), attrs, None).is_none();
-                new_file.then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
-            })
+            .zip(new_files)
+            .map(|((entry, attrs, _), new)| new.then(|| tree.make_file(&path.join(&entry.name), attrs, from_log)))
             .collect();
         let mut ns = self.ns_mut();
         for ((entry, attrs, exact), file) in entries.into_iter().zip(made.drain(..)) {
@@ -515,6 +519,10 @@ impl Filesystem {
                     apply_source_attrs(&mut node.meta, &attrs, perm);
                     if let NodeKind::File(index) = node.kind {
                         self.keep_written_mtime(&mut node.meta, &self.fetcher.file(index));
+                        // Its other names on the source (hard links) are names of it.
+                        if attrs.kind() == libc::S_IFREG {
+                            tree.note_link(&path.join(name), &attrs, ino);
+                        }
                     }
                 }
                 continue;
@@ -526,16 +534,17 @@ impl Filesystem {
             match attrs.kind() {
                 libc::S_IFREG => {
                     let at = path.join(name);
-                    if let Some(first) = tree.hard_link(&at, &attrs, None).filter(|&first| ns.node(first).is_some()) {
+                    if let Some(first) = Self::linked(&ns, tree, &at, &attrs) {
                         ns.link(first, dir, name);
                         continue;
                     }
-                    let Some(file) = file else { continue };
+                    // The first name went meanwhile: this one is the file now.
+                    let file = file.unwrap_or_else(|| tree.make_file(&at, &attrs, from_log));
                     self.keep_written_mtime(&mut meta, &file);
                     let index = self.fetcher.add_file(file);
                     let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
                     ns.set_file_ino(index, ino);
-                    tree.hard_link(&at, &attrs, Some(ino));
+                    tree.note_link(&at, &attrs, ino);
                 }
                 libc::S_IFDIR => {
                     let ino = ns.add_as(wanted, dir, name, NodeKind::Dir(Default::default()), meta, origin);
@@ -554,6 +563,13 @@ impl Filesystem {
         }
         ns.set_unlisted(dir, false);
         self.count_unlisted(&ns);
+    }
+
+    /// The node of an earlier name of the file at `at` (a hard link), if it
+    /// is still there (its names may all have been removed since, and it
+    /// closed: then this name is the file).
+    fn linked(ns: &Namespace, tree: &Tree, at: &Path, attrs: &SourceAttrs) -> Option<Ino> {
+        tree.hard_link(at, attrs).filter(|&first| ns.node(first).is_some())
     }
 
     /// A file written through the mount shows when it was last written (its

@@ -227,19 +227,19 @@ impl Tree {
         attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).map(|(_, ino)| ino)
     }
 
-    /// The node of an earlier name of the same file (a hard link) as the
-    /// entry at `path` (relative to the root), if any; otherwise `made`
-    /// becomes it (when it is `Some`).
-    pub fn hard_link(&self, path: &Path, attrs: &SourceAttrs, made: Option<Ino>) -> Option<Ino> {
+    /// The node noted for an earlier name of the same file (a hard link) as
+    /// the entry at `path` (relative to the root), if any (it may be gone
+    /// since: the caller checks).
+    pub fn hard_link(&self, path: &Path, attrs: &SourceAttrs) -> Option<Ino> {
         let key = self.link_key(path, attrs)?;
-        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-        match (links.get(&key), made) {
-            (Some(&first), _) => Some(first),
-            (None, Some(made)) => {
-                links.insert(key, made);
-                None
-            }
-            (None, None) => None,
+        self.links.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied()
+    }
+
+    /// Node `ino` is the file at `path` (relative to the root): later names
+    /// of the same file become names of it.
+    pub fn note_link(&self, path: &Path, attrs: &SourceAttrs, ino: Ino) {
+        if let Some(key) = self.link_key(path, attrs) {
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, ino);
         }
     }
 
