@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::time::{Duration, SystemTime};
 
 use crate::fetch::{FetchError, Fetcher, Phase};
-use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
+use crate::namespace::{Ino, LocalAttrs, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
 use crate::source::{DirEntry, SourceAttrs};
 use crate::store::journal::proto::{Local, LocalOp};
 use crate::store::local::LocalFiles;
@@ -133,6 +133,9 @@ pub struct FsConfig {
     pub read_only: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The times the checkpoint's files and directories show: the cache
+    /// dir's first mount, the same at every mount.
+    pub created: SystemTime,
 }
 
 /// Who makes a new node: its owner.
@@ -140,6 +143,13 @@ pub struct FsConfig {
 pub struct Creator {
     pub uid: u32,
     pub gid: u32,
+}
+
+/// Whether [`Filesystem::apply`] makes a change or only checks it can be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Check,
+    Make,
 }
 
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
@@ -151,7 +161,7 @@ const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
 
 /// The checkpoint's files plus the local layer: names, attributes and new
 /// files changed through the mount, each change journaled (and the journal
-/// fsynced) before it is acknowledged. The source is never written.
+/// fsynced) before it is made and acknowledged. The source is never written.
 pub struct Filesystem {
     ns: Arc<RwLock<Namespace>>,
     /// The local changes made so far (replayed and new), in order.
@@ -215,20 +225,23 @@ impl Filesystem {
         config: FsConfig,
         tree: Option<Tree>,
     ) -> Result<Self, crate::store::StoreError> {
-        let started = SystemTime::now();
+        let created = config.created;
         // What the images say, until a listing (or the manifest) says more.
         for node in ns.nodes_mut() {
             node.meta = Meta {
                 perm: node.meta.perm,
                 uid: config.uid,
                 gid: config.gid,
-                atime: started,
-                mtime: started,
-                ctime: started,
+                atime: created,
+                mtime: created,
+                ctime: created,
                 ..Meta::default()
             };
             if let NodeKind::File(index) = node.kind {
                 node.meta.perm = specs[index].mode & 0o7777;
+                if let Some(written) = fetcher.file(index).written_at() {
+                    (node.meta.mtime, node.meta.ctime) = (written, written);
+                }
             }
         }
         if let Some(root) = tree.as_ref().and_then(|t| t.root) {
@@ -252,7 +265,7 @@ impl Filesystem {
             if change.op() == LocalOp::File {
                 fs.local.reopen(change.id)?;
             }
-            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64));
+            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64, Step::Make));
             if let Err(e) = applied {
                 log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
             }
@@ -321,6 +334,22 @@ impl Filesystem {
                 return;
             }
         }
+    }
+
+    /// Directories of the tree that could not be listed for good: their
+    /// original paths, paths in the mount, and why.
+    pub fn failed_dirs(&self) -> Vec<(PathBuf, PathBuf, String)> {
+        let Some(tree) = &self.tree else { return Vec::new() };
+        let ns = self.namespace();
+        let mut failed: Vec<_> = ns
+            .failed()
+            .map(|(dir, why)| {
+                let at = ns.mount_path(dir);
+                (tree.subtree.join(&at), at, why.to_string())
+            })
+            .collect();
+        failed.sort();
+        failed
     }
 
     /// Directories of the tree not listed yet.
@@ -408,24 +437,26 @@ impl Filesystem {
         let on_source = from_source.iter().map(|(_, path)| tree.subtree.join(path)).collect();
         let listings =
             self.fetcher.list_dirs(on_source, for_reader).map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
-        let mut failed = None;
+        let mut lost = None;
         for ((dir, path), listing) in from_source.into_iter().zip(listings) {
             let listed = match listing {
                 Ok(entries) => Listed::Entries(entries),
-                // Gone for good: what the images put in it is what it shows.
-                Err(e @ (crate::source::SourceError::NotFound { .. } | crate::source::SourceError::Changed { .. })) => {
-                    Listed::Missing(e.to_string())
-                }
-                Err(e) => {
+                // The connection, not the directory: listed again later.
+                Err(e) if e.is_connection_lost() => {
                     log::warn!("{e}");
-                    failed.get_or_insert(e);
+                    lost.get_or_insert(e);
                     continue;
                 }
+                // Gone, no longer a directory, refused (permission denied):
+                // what the images put in it is what it shows, and it is
+                // reported failed, as a file would be; the log keeps it so,
+                // for a remount's local changes to apply as they were made.
+                Err(e) => Listed::Missing(e.to_string()),
             };
             tree.keep(&path, &listed)?;
             self.merge(tree, dir, &path, listed, false);
         }
-        match failed {
+        match lost {
             Some(e) => Err(FsError::new(libc::EIO, e.to_string())),
             None => Ok(()),
         }
@@ -441,8 +472,12 @@ impl Filesystem {
         let entries = match listed {
             Listed::Entries(entries) => entries,
             Listed::Missing(why) => {
-                log::warn!("{why}: it shows only what the images and local changes put in it");
-                Vec::new()
+                log::error!("{why}: the directory shows only what the images and local changes put in it");
+                let mut ns = self.ns_mut();
+                ns.set_failed(dir, why);
+                ns.set_unlisted(dir, false);
+                self.count_unlisted(&ns);
+                return;
             }
         };
         let entries: Vec<(DirEntry, SourceAttrs, bool)> = entries
@@ -454,20 +489,22 @@ impl Filesystem {
             .collect();
         // Owners of the new files, made outside the namespace's lock (each
         // looks at its spill file).
-        let existing: std::collections::HashSet<OsString> = match self.namespace().node(dir).map(|n| &n.kind) {
-            Some(NodeKind::Dir(children)) => children.keys().cloned().collect(),
-            _ => return,
+        let new_files: Vec<bool> = {
+            let ns = self.namespace();
+            let Some(NodeKind::Dir(children)) = ns.node(dir).map(|n| &n.kind) else { return };
+            entries
+                .iter()
+                .map(|(entry, attrs, _)| {
+                    attrs.kind() == libc::S_IFREG
+                        && !children.contains_key(&entry.name)
+                        && Self::linked(&ns, tree, &path.join(&entry.name), attrs).is_none()
+                })
+                .collect()
         };
         let mut made: Vec<Option<crate::fetch::FetchFile>> = entries
             .iter()
-            .map(|(entry, attrs, _)| {
-                let new_file = attrs.kind() == libc::S_IFREG
-                    && !existing.contains(&entry.name)
-                    && tree.hard_link(&path.join(&entry.name), attrs, None).is_none();
-                new_file
-                    .then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
-                    .and_then(|made| made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok())
-            })
+            .zip(new_files)
+            .map(|((entry, attrs, _), new)| new.then(|| tree.make_file(&path.join(&entry.name), attrs, from_log)))
             .collect();
         let mut ns = self.ns_mut();
         for ((entry, attrs, exact), file) in entries.into_iter().zip(made.drain(..)) {
@@ -476,10 +513,17 @@ impl Filesystem {
                 let pinned = ns.is_pinned(ino);
                 let Some(node) = ns.node_mut(ino) else { continue };
                 let from_images = matches!(node.origin, Origin::File | Origin::Source(_));
-                if from_images && !node.meta.changed_locally {
+                if from_images {
                     // A recorded file keeps the images' mode, a recorded directory its recorded one.
                     let perm = matches!(node.kind, NodeKind::Dir(_)) && !pinned;
                     apply_source_attrs(&mut node.meta, &attrs, perm);
+                    if let NodeKind::File(index) = node.kind {
+                        self.keep_written_mtime(&mut node.meta, &self.fetcher.file(index));
+                        // Its other names on the source (hard links) are names of it.
+                        if attrs.kind() == libc::S_IFREG {
+                            tree.note_link(&path.join(name), &attrs, ino);
+                        }
+                    }
                 }
                 continue;
             }
@@ -490,15 +534,17 @@ impl Filesystem {
             match attrs.kind() {
                 libc::S_IFREG => {
                     let at = path.join(name);
-                    if let Some(first) = tree.hard_link(&at, &attrs, None).filter(|&first| ns.node(first).is_some()) {
+                    if let Some(first) = Self::linked(&ns, tree, &at, &attrs) {
                         ns.link(first, dir, name);
                         continue;
                     }
-                    let Some(file) = file else { continue };
+                    // The first name went meanwhile: this one is the file now.
+                    let file = file.unwrap_or_else(|| tree.make_file(&at, &attrs, from_log));
+                    self.keep_written_mtime(&mut meta, &file);
                     let index = self.fetcher.add_file(file);
                     let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
                     ns.set_file_ino(index, ino);
-                    tree.hard_link(&at, &attrs, Some(ino));
+                    tree.note_link(&at, &attrs, ino);
                 }
                 libc::S_IFDIR => {
                     let ino = ns.add_as(wanted, dir, name, NodeKind::Dir(Default::default()), meta, origin);
@@ -517,6 +563,23 @@ impl Filesystem {
         }
         ns.set_unlisted(dir, false);
         self.count_unlisted(&ns);
+    }
+
+    /// The node of an earlier name of the file at `at` (a hard link), if it
+    /// is still there (its names may all have been removed since, and it
+    /// closed: then this name is the file).
+    fn linked(ns: &Namespace, tree: &Tree, at: &Path, attrs: &SourceAttrs) -> Option<Ino> {
+        tree.hard_link(at, attrs).filter(|&first| ns.node(first).is_some())
+    }
+
+    /// A file written through the mount shows when it was last written (its
+    /// spill file's mtime, across a remount too), not the source's mtime of
+    /// bytes it no longer holds; unless a utimens set it since.
+    fn keep_written_mtime(&self, meta: &mut Meta, file: &crate::fetch::FetchFile) {
+        if let Some(written) = file.written_at().filter(|_| !meta.changed_locally.mtime) {
+            meta.mtime = written;
+            meta.ctime = meta.ctime.max(written);
+        }
     }
 
     /// Tells the fetcher how many directories of the tree are still to be
@@ -851,16 +914,28 @@ impl Filesystem {
 }
 
 /// Takes what the source (or the manifest) says of a node into its
-/// attributes; its permission bits too with `perm`.
+/// attributes (its permission bits too with `perm`), but those changed
+/// through the mount: a local change is newer than any listing.
 fn apply_source_attrs(meta: &mut Meta, attrs: &SourceAttrs, perm: bool) {
-    if perm {
+    let local = meta.changed_locally;
+    if perm && !local.perm {
         meta.perm = attrs.mode & 0o7777;
     }
-    meta.uid = attrs.uid;
-    meta.gid = attrs.gid;
-    meta.atime = from_nanos(attrs.atime_ns);
-    meta.mtime = from_nanos(attrs.mtime_ns);
-    meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    if !local.uid {
+        meta.uid = attrs.uid;
+    }
+    if !local.gid {
+        meta.gid = attrs.gid;
+    }
+    if !local.atime {
+        meta.atime = from_nanos(attrs.atime_ns);
+    }
+    if !local.mtime {
+        meta.mtime = from_nanos(attrs.mtime_ns);
+    }
+    if local == LocalAttrs::default() {
+        meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    }
     meta.dir_size = attrs.size;
 }
 
@@ -884,8 +959,8 @@ fn io_error_errno(e: &std::io::Error) -> FsError {
     FsError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
 }
 
-/// The local layer's changes: each made in memory, then journaled and the
-/// journal fsynced, before it is acknowledged.
+/// The local layer's changes: each checked, journaled and the journal
+/// fsynced, then made, before it is acknowledged.
 impl Filesystem {
     fn writable(&self) -> Result<(), FsError> {
         match self.config.read_only {
@@ -1036,7 +1111,10 @@ impl Filesystem {
         Ok(bytes(&ns.mount_path(parent).join(name)))
     }
 
-    fn new_node(&self, parent: Ino, name: &OsStr, record: Local) -> Result<Attr, FsError> {
+    /// Makes a node as `record` says; with `open`, counts an open of it
+    /// before anyone else can see it (an unlink right after must not take a
+    /// file its creator holds open).
+    fn new_node(&self, parent: Ino, name: &OsStr, record: Local, open: bool) -> Result<Attr, FsError> {
         self.writable()?;
         self.listing_first(|fs| {
             let mut ns = fs.ns_mut();
@@ -1047,6 +1125,9 @@ impl Filesystem {
             let now = Some(nanos(SystemTime::now()));
             let record = Local { path, atime_ns: now, mtime_ns: now, ..record.clone() };
             let ino = fs.change(&mut ns, record)?.expect("a new node");
+            if open {
+                *fs.opens().entry(ino).or_default() += 1;
+            }
             fs.attr(&ns, ino)
         })
     }
@@ -1058,18 +1139,13 @@ impl Filesystem {
         let id = self.local.create()?;
         let record = Self::node_record(LocalOp::File, mode, by);
         let made = self
-            .new_node(parent, name, Local { id, ..record })
-            .and_then(|attr| Ok((attr, self.local_file(id)?.try_clone().map_err(|e| io_error(&e))?)));
-        match made {
-            Ok(made) => {
-                *self.opens().entry(made.0.ino).or_default() += 1;
-                Ok(made)
-            }
-            Err(e) => {
-                self.local.remove(id);
-                Err(e)
-            }
+            .local_file(id)
+            .and_then(|file| file.try_clone().map_err(|e| io_error(&e)))
+            .and_then(|file| Ok((self.new_node(parent, name, Local { id, ..record }, true)?, file)));
+        if made.is_err() {
+            self.local.remove(id);
         }
+        made
     }
 
     fn node_record(op: LocalOp, mode: u32, by: Creator) -> Local {
@@ -1077,18 +1153,18 @@ impl Filesystem {
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
-        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by))
+        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by), false)
     }
 
     pub fn symlink(&self, parent: Ino, name: &OsStr, target: &Path, by: Creator) -> Result<Attr, FsError> {
         let record = Local { to: bytes(target), ..Self::node_record(LocalOp::Symlink, 0o777, by) };
-        self.new_node(parent, name, record)
+        self.new_node(parent, name, record, false)
     }
 
     /// Only FIFOs: device nodes and sockets have no place in a data mount.
     pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
         match mode & libc::S_IFMT {
-            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by)),
+            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by), false),
             libc::S_IFREG => {
                 let (attr, _) = self.create(parent, name, mode, by)?;
                 self.release(attr.ino);
@@ -1181,7 +1257,7 @@ impl Filesystem {
         };
         let record = Local { op: op.into(), path, name: name.as_bytes().to_vec(), value, flags, ..Local::default() };
         match record.path.is_empty() && ino != ROOT_INO {
-            true => Self::set_xattr(&mut ns, ino, &record),
+            true => Self::set_xattr(&mut ns, ino, &record, Step::Make),
             false => self.change(&mut ns, record).map(drop),
         }
     }
@@ -1199,40 +1275,43 @@ impl Filesystem {
         Ok(node.meta.xattrs.keys().flat_map(|k| k.as_bytes().iter().copied().chain([0])).collect())
     }
 
-    /// Applies `record`, then makes it durable in the journal (naming the
-    /// request it was made for, if any).
+    /// Checks `record` can be made, makes it durable in the journal (naming
+    /// the request it was made for, if any), then makes it, all under the
+    /// namespace's lock: a change the journal cannot hold (a full disk:
+    /// ENOSPC) is never made, and one that is answered is never lost.
     fn change(&self, ns: &mut Namespace, mut record: Local) -> Result<Option<Ino>, FsError> {
         let seq = self.changes.lock().unwrap_or_else(PoisonError::into_inner).len() as u64;
-        let ino = self.apply(ns, &record, seq)?;
+        self.apply(ns, &record, seq, Step::Check)?;
         if let Some((connection, request)) = crate::failover::request::current() {
             (record.connection, record.request) = (connection, request);
         }
-        // The listings the change was made over are durable before it is.
+        // The listings the change is made over are durable before it is.
         if let Some(tree) = &self.tree {
             tree.sync()?;
         }
-        let journal = self.fetcher.journal();
-        journal.local(record.clone());
-        journal.flush()?;
+        self.fetcher.journal().change(record.clone())?;
+        let ino = self.apply(ns, &record, seq, Step::Make)?;
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(record);
         self.count_unlisted(ns);
         Ok(ino)
     }
 
-    /// Makes the change `record` says, resolving its paths: the same live and
-    /// when a journal is replayed. A new node's inode is returned.
+    /// Makes the change `record` says (or with [`Step::Check`] only finds out
+    /// whether it can be), resolving its paths: the same live and when a
+    /// journal is replayed. A new node's inode is returned.
     /// A directory of the tree on the way that is not listed yet (and does
     /// not have the name) fails with [`FsError::unlisted`], as does the
     /// directory whose names the change changes: the caller lists it and
     /// applies the change again. `seq` numbers the change among the local ones.
-    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64) -> Result<Option<Ino>, FsError> {
+    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64, step: Step) -> Result<Option<Ino>, FsError> {
         let path = Path::new(os(&record.path));
         let op = record.op();
         if matches!(op, LocalOp::Setattr | LocalOp::Setxattr | LocalOp::Removexattr) {
             let ino = Self::walk(ns, path)?;
             return match op {
+                LocalOp::Setattr if step == Step::Check => Ok(None),
                 LocalOp::Setattr => Self::set_meta(ns, ino, record).map(|_| None),
-                _ => Self::set_xattr(ns, ino, record).map(|_| None),
+                _ => Self::set_xattr(ns, ino, record, step).map(|_| None),
             };
         }
         let (parent, name) = Self::split(ns, path)?;
@@ -1247,6 +1326,9 @@ impl Filesystem {
         if let Some(kind) = new_kind {
             if existing.is_some() {
                 return Err(FsError::new(libc::EEXIST, "exists"));
+            }
+            if step == Step::Check {
+                return Ok(None);
             }
             let time = from_nanos(record.mtime_ns.unwrap_or_default());
             let meta = Meta {
@@ -1272,11 +1354,17 @@ impl Filesystem {
                 if Self::child(ns, to_parent, to_name)?.is_some() {
                     return Err(FsError::new(libc::EEXIST, "exists"));
                 }
+                if step == Step::Check {
+                    return Ok(None);
+                }
                 ns.link(ino, to_parent, to_name);
                 touch(ns, to_parent);
             }
             LocalOp::Unlink | LocalOp::Rmdir => {
                 Self::check_removable(ns, ino, op == LocalOp::Rmdir)?;
+                if step == Step::Check {
+                    return Ok(None);
+                }
                 ns.unlink(parent, name);
                 touch(ns, parent);
                 self.drop_if_gone(ns, ino);
@@ -1284,15 +1372,14 @@ impl Filesystem {
             LocalOp::Rename => {
                 let (to_parent, to_name) = Self::split(ns, Path::new(os(&record.to)))?;
                 let target = Self::child(ns, to_parent, to_name)?;
-                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags)?;
+                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags, step)?;
             }
             _ => return Err(FsError::new(libc::EINVAL, format!("unknown local change {}", record.op))),
         }
         Ok(None)
     }
 
-    /// The directory and name of `path`.
-    /// The directory and name of `path`; the directory is listed.
+    /// The directory and name of `path`; the directory must be listed.
     fn split<'a>(ns: &Namespace, path: &'a Path) -> Result<(Ino, &'a OsStr), FsError> {
         let name = path.file_name().ok_or_else(|| FsError::new(libc::EINVAL, "no name"))?;
         let parent = Self::walk(ns, path.parent().unwrap_or(Path::new("")))?;
@@ -1331,6 +1418,7 @@ impl Filesystem {
         (parent, name, ino): (Ino, &OsStr, Ino),
         (to_parent, to_name, target): (Ino, &OsStr, Option<Ino>),
         flags: u32,
+        step: Step,
     ) -> Result<(), FsError> {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "unsupported rename flags"));
@@ -1347,18 +1435,23 @@ impl Filesystem {
         if into_itself(ino, to_parent) || target.is_some_and(|t| into_itself(t, parent)) && flags == RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "a directory cannot move below itself"));
         }
+        match (flags, target) {
+            (RENAME_EXCHANGE, None) => return Err(FsError::new(libc::ENOENT, "nothing to exchange with")),
+            (RENAME_NOREPLACE, Some(_)) => return Err(FsError::new(libc::EEXIST, "exists")),
+            (RENAME_EXCHANGE, _) | (_, None) => {}
+            (_, Some(target)) => Self::check_removable(ns, target, Self::is_dir(ns, ino))?,
+        }
+        if step == Step::Check {
+            return Ok(());
+        }
         if flags == RENAME_EXCHANGE {
-            let target = target.ok_or_else(|| FsError::new(libc::ENOENT, "nothing to exchange with"))?;
+            let target = target.expect("checked above");
             ns.unlink(parent, name);
             ns.unlink(to_parent, to_name);
             ns.link(ino, to_parent, to_name);
             ns.link(target, parent, name);
         } else {
             if let Some(target) = target {
-                if flags == RENAME_NOREPLACE {
-                    return Err(FsError::new(libc::EEXIST, "exists"));
-                }
-                Self::check_removable(ns, target, Self::is_dir(ns, ino))?;
                 ns.unlink(to_parent, to_name);
                 self.drop_if_gone(ns, target);
             }
@@ -1376,7 +1469,12 @@ impl Filesystem {
 
     fn set_meta(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
         let meta = &mut Self::node_mut(ns, ino)?.meta;
-        meta.changed_locally = true;
+        let local = &mut meta.changed_locally;
+        local.perm |= record.mode.is_some();
+        local.uid |= record.uid.is_some();
+        local.gid |= record.gid.is_some();
+        local.atime |= record.atime_ns.is_some();
+        local.mtime |= record.mtime_ns.is_some();
         if let Some(mode) = record.mode {
             meta.perm = mode & 0o7777;
         }
@@ -1388,20 +1486,21 @@ impl Filesystem {
         Ok(())
     }
 
-    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
+    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local, step: Step) -> Result<(), FsError> {
         let xattrs = &mut Self::node_mut(ns, ino)?.meta.xattrs;
         let name = OsString::from_vec(record.name.clone());
         let exists = xattrs.contains_key(&name);
         match record.op() {
             LocalOp::Removexattr if !exists => return Err(FsError::new(libc::ENODATA, "no such attribute")),
-            LocalOp::Removexattr => {
-                xattrs.remove(&name);
-            }
             _ if exists && record.flags as i32 & XATTR_CREATE != 0 => {
                 return Err(FsError::new(libc::EEXIST, "the attribute exists"));
             }
             _ if !exists && record.flags as i32 & XATTR_REPLACE != 0 => {
                 return Err(FsError::new(libc::ENODATA, "no such attribute"));
+            }
+            _ if step == Step::Check => {}
+            LocalOp::Removexattr => {
+                xattrs.remove(&name);
             }
             _ => {
                 xattrs.insert(name, record.value.clone());

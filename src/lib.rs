@@ -11,6 +11,7 @@ pub mod failover;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;
+pub mod identity;
 pub mod images;
 pub mod manifest;
 pub mod mount;

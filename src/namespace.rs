@@ -71,9 +71,19 @@ pub struct Meta {
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
     /// A directory's size as the source reports it.
     pub dir_size: u64,
-    /// Changed through the mount (chmod, chown, utimens): a listing of its
-    /// directory leaves these attributes as they are.
-    pub changed_locally: bool,
+    /// The attributes changed through the mount (chmod, chown, utimens): a
+    /// listing of its directory leaves those as they are, and gives the others.
+    pub changed_locally: LocalAttrs,
+}
+
+/// Which attributes of a node were changed through the mount.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAttrs {
+    pub perm: bool,
+    pub uid: bool,
+    pub gid: bool,
+    pub atime: bool,
+    pub mtime: bool,
 }
 
 impl Default for Meta {
@@ -88,7 +98,7 @@ impl Default for Meta {
             ctime: t,
             xattrs: BTreeMap::new(),
             dir_size: 0,
-            changed_locally: false,
+            changed_locally: LocalAttrs::default(),
         }
     }
 }
@@ -144,6 +154,10 @@ pub struct Namespace {
     /// directory or root, one opened `O_DIRECTORY` or `O_PATH`): CRIU checks
     /// it, so a listing keeps it.
     pinned: HashSet<Ino>,
+    /// Directories of the source that could not be listed for good (gone,
+    /// no longer a directory, refused), and why: they show only what the
+    /// images and the local layer put in them.
+    failed: HashMap<Ino, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +233,7 @@ impl Namespace {
             file_inos: vec![None; paths.len()],
             unlisted: HashSet::new(),
             pinned: HashSet::new(),
+            failed: HashMap::new(),
         };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
@@ -433,6 +448,16 @@ impl Namespace {
         self.unlisted.len()
     }
 
+    /// Directory `ino` could not be listed, for good: `why`.
+    pub fn set_failed(&mut self, ino: Ino, why: String) {
+        self.failed.insert(ino, why);
+    }
+
+    /// Directories that could not be listed, and why.
+    pub fn failed(&self) -> impl Iterator<Item = (Ino, &str)> + '_ {
+        self.failed.iter().map(|(&ino, why)| (ino, why.as_str()))
+    }
+
     /// Whether the images record directory `ino`'s mode.
     pub fn is_pinned(&self, ino: Ino) -> bool {
         self.pinned.contains(&ino)
@@ -472,6 +497,7 @@ impl Namespace {
     pub fn remove(&mut self, ino: Ino) -> Option<Node> {
         self.unlisted.remove(&ino);
         self.pinned.remove(&ino);
+        self.failed.remove(&ino);
         self.nodes.remove(&ino)
     }
 

@@ -227,19 +227,19 @@ impl Tree {
         attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).map(|(_, ino)| ino)
     }
 
-    /// The node of an earlier name of the same file (a hard link) as the
-    /// entry at `path` (relative to the root), if any; otherwise `made`
-    /// becomes it (when it is `Some`).
-    pub fn hard_link(&self, path: &Path, attrs: &SourceAttrs, made: Option<Ino>) -> Option<Ino> {
+    /// The node noted for an earlier name of the same file (a hard link) as
+    /// the entry at `path` (relative to the root), if any (it may be gone
+    /// since: the caller checks).
+    pub fn hard_link(&self, path: &Path, attrs: &SourceAttrs) -> Option<Ino> {
         let key = self.link_key(path, attrs)?;
-        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-        match (links.get(&key), made) {
-            (Some(&first), _) => Some(first),
-            (None, Some(made)) => {
-                links.insert(key, made);
-                None
-            }
-            (None, None) => None,
+        self.links.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied()
+    }
+
+    /// Node `ino` is the file at `path` (relative to the root): later names
+    /// of the same file become names of it.
+    pub fn note_link(&self, path: &Path, attrs: &SourceAttrs, ino: Ino) {
+        if let Some(key) = self.link_key(path, attrs) {
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, ino);
         }
     }
 
@@ -257,8 +257,9 @@ impl Tree {
 
     /// The owner of the file at `path` (relative to the root) the listing
     /// found with `attrs`. The journal's record of it counts only when the
-    /// listing is the one its bytes were fetched under (`from_log`).
-    pub fn make_file(&self, path: &Path, attrs: &SourceAttrs, from_log: bool) -> Result<FetchFile, StoreError> {
+    /// listing is the one its bytes were fetched under (`from_log`). One that
+    /// cannot be served is `failed`, never left out.
+    pub fn make_file(&self, path: &Path, attrs: &SourceAttrs, from_log: bool) -> FetchFile {
         let original = self.subtree.join(path);
         let files = &self.files;
         let record = match from_log {
@@ -295,18 +296,18 @@ impl Tree {
             )),
             _ => None,
         };
-        match refused {
-            Some(reason) => failed_file(&files.store, &original, reason),
-            None => match open_file(&files.store, spec, record.as_ref()) {
-                Err(e @ StoreError::TooLarge { .. }) => failed_file(&files.store, &original, e.to_string()),
-                other => other,
-            },
-        }
+        let made = match refused {
+            Some(reason) => Err(reason),
+            // Too large, or no room for its spill file (out of inodes): still shown, failed.
+            None => open_file(&files.store, spec, record.as_ref()).map_err(|e| e.to_string()),
+        };
+        made.unwrap_or_else(|reason| failed_file(&files.store, &original, reason))
     }
 }
 
-/// A file that is not served: every read of it fails with `reason`.
-pub fn failed_file(store: &Store, original: &Path, reason: String) -> Result<FetchFile, StoreError> {
+/// A file that is not served: every read of it fails with `reason`. Nothing
+/// is made for it in the cache dir (which may have no room left).
+pub fn failed_file(store: &Store, original: &Path, reason: String) -> FetchFile {
     log::error!("{reason}");
     let spec = FileSpec {
         path: original.to_path_buf(),
@@ -317,8 +318,7 @@ pub fn failed_file(store: &Store, original: &Path, reason: String) -> Result<Fet
         listed: None,
         written: false,
     };
-    let (spill, len) = store.open_spill(original, Some(0), false)?;
-    Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(reason.into())))
+    FetchFile::new(spec, store.unmade_spill(original), 0, Presence::new(0), Phase::Failed(reason.into()))
 }
 
 /// Whether two looks at an entry show the same content: same size and
@@ -334,7 +334,7 @@ fn read_log(bytes: &[u8], owner: &Owner, kept: &mut Vec<TreeRecord>) -> Result<(
     for body in journal::frames(bytes) {
         let record = TreeRecord::decode(body?).map_err(|e| format!("an unreadable record ({e})"))?;
         match (first, &record.kind) {
-            (true, Some(tree_record::Kind::Header(h))) if h.owner == owner.id => {}
+            (true, Some(tree_record::Kind::Header(h))) if same_checkpoint(h, owner) => {}
             (true, _) => return Err("the listings of another checkpoint or source".into()),
             (false, Some(tree_record::Kind::Header(_)) | None) => return Err("a record out of place".into()),
             (false, _) => kept.push(record),
@@ -342,6 +342,13 @@ fn read_log(bytes: &[u8], owner: &Owner, kept: &mut Vec<TreeRecord>) -> Result<(
         first = false;
     }
     Ok(())
+}
+
+/// Whether the log's header is of the checkpoint `owner` holds, listed below
+/// the same subtree (its listings are of that subtree's directories).
+fn same_checkpoint(header: &crate::store::journal::proto::Header, owner: &Owner) -> bool {
+    let key = |i: &crate::identity::CacheIdentity| (i.images.clone(), i.subtree.clone());
+    header.identity.as_ref().map(key) == owner.identity.as_ref().map(key)
 }
 
 fn from_listing(listing: &Listing) -> Listed {

@@ -75,6 +75,19 @@ impl SpillFile {
         Ok((spill, size))
     }
 
+    /// A spill file of no bytes that is not made until something writes it.
+    pub fn unmade(dir: &Arc<CacheDir>, name: String, spills: &Arc<OpenSpills>) -> SpillFile {
+        SpillFile {
+            dir: dir.clone(),
+            path: dir.join(&name),
+            name,
+            initial_len: 0,
+            created: AtomicBool::new(false),
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+        }
+    }
+
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
     pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
@@ -107,6 +120,11 @@ impl SpillFile {
                 self.spills.opened(&self.slot);
             }
         }
+    }
+
+    /// When its bytes last changed.
+    pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
+        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(io_err(&self.path)))
     }
 
     pub fn path(&self) -> &Path {
@@ -154,14 +172,21 @@ impl SpillFile {
     }
 
     /// Makes what was written durable (a closed spill file is opened for
-    /// it: fsync covers every write to the file, through any descriptor).
+    /// it through its directory's descriptor: fsync covers every write to
+    /// the file, through any descriptor).
     pub fn sync(&self) -> Result<(), StoreError> {
-        sync_path(&self.path)
+        self.dir.sync_file(&self.name)
     }
 
-    /// Makes everything written to the cache's filesystem durable (see [`sync_filesystem_of`]).
+    /// Its directory and name, for syncing it without holding it open.
+    pub fn location(&self) -> (Arc<CacheDir>, String) {
+        (self.dir.clone(), self.name.clone())
+    }
+
+    /// Makes everything written to the cache's filesystem durable at once
+    /// (syncfs): cheaper than an fsync per file for many files.
     pub fn sync_filesystem(&self) -> Result<(), StoreError> {
-        sync_filesystem_of(&self.path)
+        self.dir.sync_filesystem()
     }
 
     /// The blake3 of the first `len` bytes, read a window at a time.
@@ -179,30 +204,6 @@ impl SpillFile {
             offset += take as u64;
         }
         Ok(hasher.finalize())
-    }
-}
-
-/// fsyncs the data of the spill file at `path`, never through a symbolic
-/// link (one never created holds nothing to sync).
-pub fn sync_path(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    match File::options().read(true).custom_flags(flags).open(path) {
-        Ok(file) => file.sync_data().map_err(io_err(path)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(path)(e)),
-    }
-}
-
-/// Makes everything written to the filesystem holding `path`'s directory
-/// durable at once (syncfs): cheaper than an fsync per file for many files.
-pub fn sync_filesystem_of(path: &Path) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(path);
-    let opened = File::open(dir).map_err(io_err(dir))?;
-    // SAFETY: syncfs on a descriptor we own.
-    match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&opened)) } {
-        0 => Ok(()),
-        _ => Err(io_err(dir)(std::io::Error::last_os_error())),
     }
 }
 
