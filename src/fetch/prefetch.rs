@@ -183,6 +183,10 @@ impl Queue {
                 continue;
             }
             if size > SMALL_FILE {
+                // (A mount whose images record no file has none yet.)
+                if state.pending_runs.len() <= file {
+                    state.pending_runs.resize(file + 1, Vec::new());
+                }
                 state.pending_runs[file].push((rank, run));
             } else {
                 state.order_keys[file] = state.order_keys[file].min(rank);
@@ -610,5 +614,14 @@ mod tests {
         assert_eq!(queue.drain(), [Job::File(2), Job::File(0), Job::Run(3, 2..3)]);
         queue.run_done();
         assert_eq!(queue.drain(), [Job::File(1), Job::File(3)]);
+
+        // A mount whose images record no file (a --subtree holding none).
+        let queue = Queue::new(&[], &Order::Recorded(Vec::new().into()));
+        let mut later = crate::recording::Later::new();
+        later.insert(b"/large".to_vec(), vec![(0, 2..3)]);
+        queue.expect(later);
+        queue.add(0, big, b"/large");
+        queue.push(0);
+        assert_eq!(queue.drain(), [Job::Run(0, 2..3)]);
     }
 }
