@@ -517,8 +517,8 @@ fn status_naming(
     let missing: Vec<Vec<u8>> = wanted
         .iter()
         .filter(|path| find_file(&status, path, mountpoint).is_none())
-        .filter_map(|path| std::path::absolute(path).ok())
-        .map(|path| path.into_os_string().into_vec())
+        // A relative PATH is relative to the mount (as `find_file` takes it).
+        .map(|path| mountpoint.join(path).into_os_string().into_vec())
         .collect();
     if missing.is_empty() {
         return Ok(status);

@@ -336,8 +336,9 @@ fn wait_and_prefetch_take_a_file_of_a_directory_not_listed_yet() {
     let mount = env.mount("paths", &imgdir, &Source::Local(root), &subtree_args());
     let mnt = mount.mountpoint.to_str().unwrap();
     let under = |rel: &str| format!("{mnt}/{rel}");
-    // Lazy: nothing fetches it, so wait times out (3), having found it.
-    let wait = env.run(&["wait", mnt, &format!("{DIR}/d7/n7/f0.dat"), "--timeout", "1"]);
+    // Lazy: nothing fetches them, so wait times out (3), having found them
+    // (by original path, and relative to the mount).
+    let wait = env.run(&["wait", mnt, &format!("{DIR}/d7/n7/f0.dat"), "d8/n8/f0.dat", "--timeout", "1"]);
     assert_eq!(wait.status.code(), Some(3), "wait: {}", String::from_utf8_lossy(&wait.stderr));
     let prefetch = env.run(&["prefetch", mnt, &under("d5/n5/f0.dat"), &format!("{DIR}/d6/n6/f1.dat")]);
     assert!(prefetch.status.success(), "prefetch: {}", String::from_utf8_lossy(&prefetch.stderr));
