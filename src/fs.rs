@@ -136,6 +136,10 @@ pub struct FsConfig {
     /// The times the checkpoint's files and directories show: the cache
     /// dir's first mount, the same at every mount.
     pub created: SystemTime,
+    /// Other users may use the mount (`allow_other`): a node of the images
+    /// is shown to nobody before its directory's listing gives its owner and
+    /// mode (made-up ones could let another user through a private directory).
+    pub shared: bool,
 }
 
 /// Who makes a new node: its owner.
@@ -300,9 +304,7 @@ impl Filesystem {
                 return Err(FsError::unlisted(dir));
             }
             if tree.begin(dir) {
-                let listed = self.list(tree, &[dir], true);
-                tree.end(dir);
-                return listed;
+                return self.list(tree, &[dir], true);
             }
         }
         Err(FsError::new(libc::EIO, "the directory could not be listed"))
@@ -410,13 +412,15 @@ impl Filesystem {
         unlisted.sort_unstable();
         unlisted.truncate(max);
         let claimed: Vec<Ino> = unlisted.into_iter().filter(|&dir| tree.begin(dir)).collect();
-        let listed = self.list(tree, &claimed, false);
-        claimed.iter().for_each(|&dir| tree.end(dir));
-        listed.map(|()| claimed.len())
+        let count = claimed.len();
+        self.list(tree, &claimed, false).map(|()| count)
     }
 
-    /// Lists `dirs` (claimed by [`Tree::begin`]) and merges what is found.
+    /// Lists `dirs` (claimed by [`Tree::begin`]) and merges what is found;
+    /// each claim ends as soon as its directory is done (one the cache dir
+    /// kept at once: a reader waiting for it does not wait for the source's).
     fn list(&self, tree: &Tree, dirs: &[Ino], for_reader: bool) -> Result<(), FsError> {
+        let mut claims = Claims { tree, dirs: dirs.to_vec() };
         let paths: Vec<(Ino, PathBuf)> = {
             let ns = self.namespace();
             dirs.iter()
@@ -427,7 +431,10 @@ impl Filesystem {
         let mut from_source = Vec::new();
         for (dir, path) in paths {
             match tree.take_persisted(&path) {
-                Some(listed) => self.merge(tree, dir, &path, listed, true),
+                Some(listed) => {
+                    self.merge(tree, dir, &path, listed, true);
+                    claims.end(dir);
+                }
                 None => from_source.push((dir, path)),
             }
         }
@@ -455,6 +462,7 @@ impl Filesystem {
             };
             tree.keep(&path, &listed)?;
             self.merge(tree, dir, &path, listed, false);
+            claims.end(dir);
         }
         match lost {
             Some(e) => Err(FsError::new(libc::EIO, e.to_string())),
@@ -513,7 +521,9 @@ impl Filesystem {
                 let pinned = ns.is_pinned(ino);
                 let Some(node) = ns.node_mut(ino) else { continue };
                 let from_images = matches!(node.origin, Origin::File | Origin::Source(_));
-                if from_images {
+                // Another kind of file there now (a directory replaced by a
+                // symlink): its mode and owner are not this node's.
+                if from_images && same_kind(&node.kind, attrs.kind()) {
                     // A recorded file keeps the images' mode, a recorded directory its recorded one.
                     let perm = matches!(node.kind, NodeKind::Dir(_)) && !pinned;
                     apply_source_attrs(&mut node.meta, &attrs, perm);
@@ -671,7 +681,7 @@ impl Filesystem {
     fn lookup_listed(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         let ns = self.namespace();
         match Self::child(&ns, parent, name)? {
-            Some(ino) => self.attr(&ns, ino),
+            Some(ino) => self.owned_attr(&ns, ino),
             None if ns.is_unlisted(parent) => Err(FsError::unlisted(parent)),
             None => Err(FsError::new(libc::ENOENT, "no such file")),
         }
@@ -688,6 +698,23 @@ impl Filesystem {
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
         self.attr(&self.namespace(), ino)
+    }
+
+    /// The attributes the kernel checks accesses against (GETATTR, see
+    /// [`FsConfig::shared`]): on a mount other users may use, those of a node
+    /// of the images wait for its directory's listing.
+    pub fn getattr_owned(&self, ino: Ino) -> Result<Attr, FsError> {
+        self.listing_first(|fs| fs.owned_attr(&fs.namespace(), ino))
+    }
+
+    fn owned_attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
+        let attr = self.attr(ns, ino)?;
+        match ns.node(ino).and_then(|n| n.links.first()) {
+            Some(&(parent, _)) if self.config.shared && ns.is_unlisted(parent) && attr.provisional => {
+                Err(FsError::unlisted(parent))
+            }
+            _ => Ok(attr),
+        }
     }
 
     fn attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
@@ -708,10 +735,11 @@ impl Filesystem {
         let meta = &node.meta;
         let size = if kind == Kind::Dir { meta.dir_size } else { size };
         // Until its directory is listed, a node of the images shows the
-        // mounting user as its owner: the kernel asks again.
+        // mounting user as its owner; until a directory is listed itself,
+        // its link count counts none of its subdirectories: the kernel asks again.
         let provisional = self.tree.is_some()
             && !matches!(node.origin, Origin::Local(_))
-            && node.links.first().is_some_and(|&(parent, _)| ns.is_unlisted(parent));
+            && (node.links.first().is_some_and(|&(parent, _)| ns.is_unlisted(parent)) || ns.is_unlisted(ino));
         Ok(Attr {
             ino,
             provisional,
@@ -911,6 +939,38 @@ impl Filesystem {
     fn touch(&self, ino: Ino) {
         touch(&mut self.ns_mut(), ino);
     }
+}
+
+/// Listings claimed ([`Tree::begin`]) and not ended yet: ended when dropped.
+struct Claims<'a> {
+    tree: &'a Tree,
+    dirs: Vec<Ino>,
+}
+
+impl Claims<'_> {
+    fn end(&mut self, dir: Ino) {
+        if let Some(at) = self.dirs.iter().position(|&d| d == dir) {
+            self.dirs.swap_remove(at);
+            self.tree.end(dir);
+        }
+    }
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        self.dirs.drain(..).for_each(|dir| self.tree.end(dir));
+    }
+}
+
+/// Whether a node of kind `kind` and a source entry of type `file_type` (`S_IFMT` bits) are one kind of file.
+fn same_kind(kind: &NodeKind, file_type: u32) -> bool {
+    let node_type = match kind {
+        NodeKind::Dir(_) => libc::S_IFDIR,
+        NodeKind::File(_) | NodeKind::Local(_) => libc::S_IFREG,
+        NodeKind::Symlink(_) => libc::S_IFLNK,
+        NodeKind::Fifo => libc::S_IFIFO,
+    };
+    node_type == file_type
 }
 
 /// Takes what the source (or the manifest) says of a node into its
@@ -1123,7 +1183,14 @@ impl Filesystem {
                 return Err(FsError::new(libc::EEXIST, "exists"));
             }
             let now = Some(nanos(SystemTime::now()));
-            let record = Local { path, atime_ns: now, mtime_ns: now, ..record.clone() };
+            let mut record = Local { path, atime_ns: now, mtime_ns: now, ..record.clone() };
+            // In a set-group-ID directory, a new node takes its group (and a directory the bit).
+            if let Some(dir) = ns.node(parent).map(|n| &n.meta).filter(|m| m.perm & libc::S_ISGID != 0) {
+                record.gid = Some(dir.gid);
+                if record.op() == LocalOp::Dir {
+                    record.mode = record.mode.map(|mode| mode | libc::S_ISGID);
+                }
+            }
             let ino = fs.change(&mut ns, record)?.expect("a new node");
             if open {
                 *fs.opens().entry(ino).or_default() += 1;

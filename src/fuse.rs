@@ -419,10 +419,13 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.fs.then(
+            move |fs| fs.getattr_owned(ino.0),
+            move |result| match result {
+                Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn setattr(

@@ -11,6 +11,15 @@ use std::time::SystemTime;
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
+/// The largest inode number a manifest may give a node: lazyfs numbers its
+/// own nodes after the manifest's largest, and must never run out (a
+/// manifest is untrusted; `u64::MAX` would overflow).
+pub const MAX_KEPT_INO: Ino = u64::MAX / 2;
+
+/// `ino` if a node may keep it (the old host's number, from a manifest).
+pub fn kept_ino(ino: Ino) -> Option<Ino> {
+    (ROOT_INO < ino && ino <= MAX_KEPT_INO).then_some(ino)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -194,9 +203,9 @@ impl Namespace {
 
     /// The names of `--subtree` (tree layout): the recorded files below it,
     /// in directories not listed yet, the root and every directory made for
-    /// them included. `inos` are inode numbers to give files (those a
-    /// manifest made on the old host records); a subtree with no recorded
-    /// file is a valid mount.
+    /// them included. `inos` are inode numbers to give files and those
+    /// directories by original path (those a manifest made on the old host
+    /// records); a subtree with no recorded file is a valid mount.
     pub fn build_tree(
         paths: &[&Path],
         subtree: &Path,
@@ -257,8 +266,7 @@ impl Namespace {
                 });
             }
             owners.insert(mount_path, path.to_path_buf());
-            let ino = inos.get(path).copied();
-            ns.file_inos[index] = Some(ns.insert(&components, index, ino, path, &owners)?);
+            ns.file_inos[index] = Some(ns.insert(&components, index, (subtree, inos), path, &owners)?);
         }
         Ok(ns)
     }
@@ -295,11 +303,14 @@ impl Namespace {
         }
     }
 
+    /// Puts the file `path` (original) at `components` below the root, with
+    /// the directories on the way; each takes its number in `inos` (by
+    /// original path, below `subtree`) if it has one.
     fn insert(
         &mut self,
         components: &[OsString],
         index: usize,
-        ino: Option<Ino>,
+        (subtree, inos): (&Path, &HashMap<&Path, Ino>),
         path: &Path,
         owners: &BTreeMap<PathBuf, PathBuf>,
     ) -> Result<Ino, NamespaceError> {
@@ -312,7 +323,8 @@ impl Namespace {
                 Some(child) => child,
                 None => {
                     let origin = Origin::Source(walked.clone().into_boxed_path());
-                    self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin)
+                    let ino = inos.get(subtree.join(&walked).as_path()).copied();
+                    self.add_as(ino, dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin)
                 }
             };
             if matches!(self.nodes[&child].kind, NodeKind::File(_)) {
@@ -322,7 +334,10 @@ impl Namespace {
             dir = child;
         }
         match self.lookup(dir, file_name) {
-            None => Ok(self.add_as(ino, dir, file_name, NodeKind::File(index), Meta::default(), Origin::File)),
+            None => {
+                let ino = inos.get(path).copied();
+                Ok(self.add_as(ino, dir, file_name, NodeKind::File(index), Meta::default(), Origin::File))
+            }
             Some(_) => {
                 // A directory synthesised for deeper files already has this name.
                 let dir = walked.join(file_name);
@@ -393,11 +408,6 @@ impl Namespace {
         self.nodes.insert(ino, Node { links: Vec::new(), kind, meta, origin });
         self.link(ino, parent, name);
         ino
-    }
-
-    /// Inode numbers up to `max` are left to the nodes a manifest numbers.
-    pub fn reserve_inos(&mut self, max: Ino) {
-        self.numbers.reserve_up_to(max);
     }
 
     /// Where the numbers are kept; see [`Numbers`].

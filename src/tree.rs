@@ -224,7 +224,7 @@ impl Tree {
     /// subtree's own filesystem (numbers of two filesystems may collide).
     pub fn manifest_ino(&self, attrs: &SourceAttrs) -> Option<Ino> {
         let root_dev = self.root.and_then(|r| r.dev_ino).map(|(dev, _)| dev);
-        attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).map(|(_, ino)| ino)
+        attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).and_then(|(_, ino)| crate::namespace::kept_ino(ino))
     }
 
     /// The node noted for an earlier name of the same file (a hard link) as

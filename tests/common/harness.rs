@@ -55,7 +55,7 @@ impl Gate {
 type Hook = Box<dyn FnMut(&Path, u64, usize) -> Fault + Send>;
 type StatHook = Box<dyn FnMut(&Path) + Send>;
 /// Decides a directory's listing: `Some(error)` fails it, `None` lists it.
-type ListHook = Box<dyn FnMut(&Path) -> Option<SourceError> + Send>;
+type ListHook = Arc<dyn Fn(&Path) -> Option<SourceError> + Send + Sync>;
 
 /// Decides what each read of the source does (and what happens before each
 /// stat); counts the reads.
@@ -77,8 +77,8 @@ impl Plan {
 
     /// From now on `hook(dir)` decides each directory's listing (a directory
     /// the source refuses, or one it stalls on).
-    pub fn on_list(&self, hook: impl FnMut(&Path) -> Option<SourceError> + Send + 'static) {
-        *self.list_hook.lock().unwrap() = Some(Box::new(hook));
+    pub fn on_list(&self, hook: impl Fn(&Path) -> Option<SourceError> + Send + Sync + 'static) {
+        *self.list_hook.lock().unwrap() = Some(Arc::new(hook));
     }
 
     /// From now on `hook(path, offset, len)` decides each read.
@@ -139,7 +139,9 @@ impl Connection for FaultConnection {
     fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Listings, SourceError> {
         self.plan.listed.fetch_add(dirs.len(), Ordering::Relaxed);
         let mut listings = self.inner.list_dirs(dirs)?;
-        if let Some(hook) = self.plan.list_hook.lock().unwrap().as_mut() {
+        // Called outside the lock: a hook holding one lane's listing holds no other's.
+        let hook = self.plan.list_hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
             for (dir, listing) in dirs.iter().zip(listings.iter_mut()) {
                 if let Some(error) = hook(dir) {
                     *listing = Err(error);
