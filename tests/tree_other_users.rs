@@ -1,6 +1,5 @@
-//! A hostile review of `--subtree` (issue 20): what another local user can
-//! do through an `allow_other` mount while a directory's listing has not
-//! come (a real FUSE mount served in this process over the fault-injecting
+//! `--subtree`: what another local user can do through an `allow_other`
+//! mount while a directory's listing has not come (a real FUSE mount served in this process over the fault-injecting
 //! source, its listing held). This test sets the process's
 //! LAZYFS_RUNTIME_DIR, so it has a binary of its own.
 

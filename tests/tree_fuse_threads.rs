@@ -1,4 +1,5 @@
-//! A hostile review of `--subtree` (issue 20), through a real FUSE mount
+//! `--subtree`: changes waiting for a listing and the mount's FUSE threads,
+//! through a real FUSE mount
 //! served in this process over the fault-injecting source, so a listing can
 //! be held for as long as the test wants. This test sets the process's
 //! LAZYFS_RUNTIME_DIR, so it has a binary of its own.
