@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::mount::{Mount, Source, TestEnv, content};
+use common::mount::{Mount, Source, TestEnv, app_with_dirs, content};
 use common::sshd::Sshd;
 use lazyfs::images::write::{DumpFile, write_dump};
 
@@ -321,22 +321,6 @@ fn a_file_changed_on_the_source_since_it_was_listed_is_failed_not_served() {
     // An unchanged neighbour is served.
     let ok = std::fs::read(mount.mountpoint.join("d0/n0/f0.dat")).unwrap();
     assert_eq!(ok, std::fs::read(top.join("d0/n0/f0.dat")).unwrap());
-}
-
-/// The old host's `/srv/app` below `root`: the recorded `rec` (10,000
-/// bytes) and `dirs` directories `d0`... holding a file each. Returns the
-/// image directory.
-fn app_with_dirs(env: &TestEnv, dirs: usize) -> PathBuf {
-    let app = env.path("source/srv/app");
-    std::fs::create_dir_all(&app).unwrap();
-    for i in 0..dirs {
-        std::fs::create_dir_all(app.join(format!("d{i}"))).unwrap();
-        std::fs::write(app.join(format!("d{i}/f")), b"a file").unwrap();
-    }
-    std::fs::write(app.join("rec"), content("rec", 10_000)).unwrap();
-    let imgdir = env.path("images");
-    write_dump(&imgdir, &[DumpFile::new("/srv/app/rec", 10_000)]).unwrap();
-    imgdir
 }
 
 /// A directory removed through the mount before it was listed (empty on

@@ -5,29 +5,12 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 const SUBTREE: &str = "/srv/app";
 
-use common::mount::{Source, TestEnv, content};
-use lazyfs::images::write::{DumpFile, write_dump};
-
-/// The old host's `/srv/app` below `root`: the recorded `rec` (10,000
-/// bytes) and `dirs` directories `d0`... holding a file each. Returns the
-/// image directory.
-fn app_with_dirs(env: &TestEnv, dirs: usize) -> PathBuf {
-    let app = env.path("source/srv/app");
-    std::fs::create_dir_all(&app).unwrap();
-    for i in 0..dirs {
-        std::fs::create_dir_all(app.join(format!("d{i}"))).unwrap();
-        std::fs::write(app.join(format!("d{i}/f")), b"a file").unwrap();
-    }
-    std::fs::write(app.join("rec"), content("rec", 10_000)).unwrap();
-    let imgdir = env.path("images");
-    write_dump(&imgdir, &[DumpFile::new("/srv/app/rec", 10_000)]).unwrap();
-    imgdir
-}
+use common::mount::{Source, TestEnv, app_with_dirs, content};
 
 /// `--layout flat --subtree DIR` cannot show the whole directory (flat
 /// names have no directories): a user asking for both is told so (an error,
