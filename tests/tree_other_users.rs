@@ -1,6 +1,5 @@
-//! A hostile review of `--subtree` (issue 20): what another local user can
-//! do through an `allow_other` mount while a directory's listing has not
-//! come (a real FUSE mount served in this process over the fault-injecting
+//! `--subtree`: what another local user can do through an `allow_other`
+//! mount while a directory's listing has not come (a real FUSE mount served in this process over the fault-injecting
 //! source, its listing held). This test sets the process's
 //! LAZYFS_RUNTIME_DIR, so it has a binary of its own.
 
@@ -9,31 +8,11 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::harness::Core;
+use common::harness::{Core, Gate};
 use lazyfs::mount::MountRequest;
-
-#[derive(Default)]
-struct Held {
-    open: Mutex<bool>,
-    opened: Condvar,
-}
-
-impl Held {
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.opened.notify_all();
-    }
-
-    fn wait(&self) {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.opened.wait(open).unwrap();
-        }
-    }
-}
 
 /// `private` is `0700 4242:4242` on the old host and holds a recorded
 /// `0644` file. With `allow_other` (set by itself when the images record
@@ -51,7 +30,7 @@ fn another_user_cannot_read_through_a_private_directory_before_it_is_listed() {
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::set_permissions(core.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     core.subtree = Some(PathBuf::from("/srv/app"));
-    let held = Arc::new(Held::default());
+    let held = Arc::new(Gate::default());
     let gate = held.clone();
     // The listings of the root (which tells `private`'s mode) and of `private` wait.
     core.plan.on_list(move |_| {
@@ -95,7 +74,7 @@ fn another_user_cannot_read_through_a_private_directory_before_it_is_listed() {
 }
 
 /// Opens the gate and detaches the mount if the test fails half way.
-struct Unmount(PathBuf, Arc<Held>);
+struct Unmount(PathBuf, Arc<Gate>);
 
 impl Drop for Unmount {
     fn drop(&mut self) {

@@ -1,4 +1,5 @@
-//! A hostile review of `--subtree` (issue 20), through a real FUSE mount
+//! `--subtree`: changes waiting for a listing and the mount's FUSE threads,
+//! through a real FUSE mount
 //! served in this process over the fault-injecting source, so a listing can
 //! be held for as long as the test wants. This test sets the process's
 //! LAZYFS_RUNTIME_DIR, so it has a binary of its own.
@@ -6,33 +7,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::harness::Core;
+use common::harness::{Core, Gate};
 use common::mount::content;
 
 /// A gate listings wait at until it opens.
-#[derive(Default)]
-struct Held {
-    open: Mutex<bool>,
-    opened: Condvar,
-}
-
-impl Held {
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.opened.notify_all();
-    }
-
-    fn wait(&self) {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.opened.wait(open).unwrap();
-        }
-    }
-}
-
 /// The images record a file in each of six directories; their listing (the
 /// walk's, right after the mount) hangs, as it does while the source is
 /// silent (up to 5 s for the walk, then up to `--reconnect-timeout` for a
@@ -50,7 +31,7 @@ fn changes_waiting_for_a_listing_do_not_hold_the_mounts_threads() {
     let refs: Vec<(&str, Vec<u8>, bool)> = files.iter().map(|(p, b, s)| (p.as_str(), b.clone(), *s)).collect();
     let mut core = Core::new(&refs);
     core.subtree = Some(PathBuf::from("/srv/app"));
-    let held = Arc::new(Held::default());
+    let held = Arc::new(Gate::default());
     let gate = held.clone();
     core.plan.on_list(move |dir| {
         if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with('d')) {
@@ -96,7 +77,7 @@ fn changes_waiting_for_a_listing_do_not_hold_the_mounts_threads() {
 }
 
 /// Opens the gate and detaches the mount if the test fails half way.
-struct Unmount(PathBuf, Arc<Held>);
+struct Unmount(PathBuf, Arc<Gate>);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
