@@ -496,3 +496,67 @@ fn a_mount_on_a_full_cache_disk_appends_to_the_journal_it_cannot_copy() {
     assert!(core.exists(&format!("/d/{}", long_name(0))));
     core.unmount();
 }
+
+/// Prepares `request` with a source whose opening kills the process (a
+/// panic the test catches): a crash while a mount connects, after it has
+/// decided what to do with the cache dir.
+fn crash_while_connecting(request: lazyfs::mount::MountRequest) {
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lazyfs::mount::prepare_with(request, || panic!("killed while connecting to the source"))
+    }));
+    assert!(died.is_err(), "the mount connected to its source");
+}
+
+/// Review of issue 21: a mount of other images starts the cache dir afresh
+/// (nothing was changed locally); one killed while it connects, after the
+/// spill files were cleared, must not leave a journal that still claims
+/// their chunks: a remount of the first images reads their bytes, never
+/// zeros.
+#[test]
+fn a_crash_while_starting_afresh_never_serves_cleared_chunks() {
+    let data = content("/app/data", 8 << 20);
+    let mut core = Core::new(&[("/app/data", data.clone(), true)]);
+    core.mount(0).unwrap();
+    assert_eq!(core.read("/app/data", 0, 4096).unwrap(), data[..4096]);
+    core.unmount();
+
+    let other = core.dir.path().join("other-images");
+    Core::write_checkpoint(&other, &core.source, &[("/app/other", content("/app/other", 10), true)]);
+    let mut request = core.request(0);
+    request.imgdir = other;
+    crash_while_connecting(request);
+
+    core.mount(0).unwrap();
+    assert!(core.read("/app/data", 0, 4096).unwrap() == data[..4096], "the first chunk, not zeros");
+    core.unmount();
+}
+
+/// Review of issue 21: `--discard-local-changes` drops the local writes to a
+/// checkpoint file (its spill file starts over) and the files made locally.
+/// A mount killed while it connects, after that, must not leave a journal
+/// that still calls the emptied spill file the file: a remount reads the
+/// checkpoint's bytes, never zeros, and no local file comes back empty.
+#[test]
+fn a_crash_while_discarding_local_changes_never_serves_zeros() {
+    let data = content("/app/data", 100_000);
+    let mut core = Core::new(&[("/app/data", data.clone(), true)]);
+    core.mount(0).unwrap();
+    assert_eq!(core.write("/app/data", 0, b"changed"), Ok(7));
+    core.create("/app/new").unwrap();
+    assert_eq!(core.write("/app/new", 0, b"new bytes"), Ok(9));
+    core.unmount();
+
+    let mut request = core.request(0);
+    request.discard_local_changes = true;
+    crash_while_connecting(request);
+
+    core.mount(0).unwrap();
+    let read = core.read("/app/data", 0, 100_000).unwrap();
+    let mut changed = data.clone();
+    changed[..7].copy_from_slice(b"changed");
+    assert!(read == data || read == changed, "the checkpoint's bytes or the local write, not zeros");
+    if core.exists("/app/new") {
+        assert_eq!(core.read("/app/new", 0, 100).unwrap(), b"new bytes", "a local file kept whole or not at all");
+    }
+    core.unmount();
+}
