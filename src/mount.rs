@@ -334,8 +334,6 @@ fn prepare_inner(
         Verdict::Use => {}
         Verdict::Afresh(reason) => {
             warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
-            store.clear_spills()?;
-            local.clear()?;
             records.clear();
             local_changes.clear();
             created_ns = 0;
@@ -349,7 +347,6 @@ fn prepare_inner(
                 local_changes.len()
             ));
             records.retain(|_, r| !r.modified);
-            local.clear()?;
             local_changes.clear();
         }
     }
@@ -357,6 +354,18 @@ fn prepare_inner(
         created_ns = nanos_now();
     }
     let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if verdict != Verdict::Use {
+        // The journal stops claiming what is dropped before it goes: a crash
+        // in between must not leave records of bytes no longer there.
+        let kept: Vec<JournalRecord> =
+            records.iter().flat_map(|(path, record)| journal::file_records(path, record)).collect();
+        let owner = Owner { identity: Some(identity.clone()), created_ns, legacy: Vec::new() };
+        journal::rewrite(store.dir(), &owner, &kept)?;
+        if matches!(verdict, Verdict::Afresh(_)) {
+            store.clear_spills()?;
+        }
+        local.clear()?;
+    }
     if !identity::knows(&identity, &spelling) {
         log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
     }
