@@ -1250,11 +1250,16 @@ impl Prepared {
         }
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.outside.iter().cloned());
-        snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
+        // The local layer as it is, not every change that led there: a
+        // replay takes as long as what is there, not as the mount's history.
+        let (local_changes, gone_files) = self.fs.compacted_local_changes();
+        snapshot.extend(local_changes.into_iter().map(journal::local_record));
         let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
         let owner = Owner { identity, ..self.owner.clone() };
-        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
-            log::error!("compacting the journal: {e}");
+        match Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
+            // Named by no record any more (a crash before this keeps them as lost+found).
+            Ok(_) => gone_files.into_iter().for_each(|id| self.fs.remove_local_file(id)),
+            Err(e) => log::error!("compacting the journal: {e}"),
         }
         // A mount nobody read through keeps the recording of the one before.
         let recording = fetcher.recording();
