@@ -700,3 +700,19 @@ fn a_compacted_journal_replays_to_the_same_local_layer_at_each_step_of_its_rewri
         core.kill();
     }
 }
+
+/// Review of issue 21: `--subtree /srv/a/` (or `/srv/./a`) is the subtree
+/// `/srv/a`: the local changes made under one spelling are there under the
+/// other, not refused with advice to drop them (`--discard-local-changes`).
+#[test]
+fn another_spelling_of_the_subtree_keeps_the_local_changes() {
+    let mut core = Core::new(&[("/srv/a/x", b"ax".to_vec(), true), ("/srv/b/y", b"by".to_vec(), true)]);
+    core.mount_with(0, |r| r.subtree = Some("/srv/a".into())).unwrap();
+    core.create("/made-in-a").unwrap();
+    core.unmount();
+    for spelling in ["/srv/a/", "/srv/./a", "//srv/a"] {
+        core.mount_with(0, |r| r.subtree = Some(spelling.into())).unwrap_or_else(|e| panic!("{spelling}: {e}"));
+        assert!(core.exists("/made-in-a") && core.exists("/x"), "{spelling}");
+        core.unmount();
+    }
+}
