@@ -49,6 +49,24 @@ pub fn layout_name(layout: Layout) -> &'static str {
     }
 }
 
+/// `--subtree` as a cache dir's identity names it: without `.`, `..`,
+/// repeated or trailing slashes (`/srv/a/` and `/srv/./a` are `/srv/a`).
+pub fn subtree_name(subtree: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Component;
+    let mut name = PathBuf::from("/");
+    for component in subtree.components() {
+        match component {
+            Component::ParentDir => {
+                name.pop();
+            }
+            Component::Normal(part) => name.push(part),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    name.into_os_string().as_bytes().to_vec()
+}
+
 /// What a mount does with what its cache dir holds.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
@@ -127,8 +145,10 @@ pub fn judge(
         return Ok(if changed { Verdict::Discard } else { Verdict::Use });
     }
     let names = |identity: &CacheIdentity| {
-        let subtree = String::from_utf8_lossy(&identity.subtree).into_owned();
-        format!("--layout {} --subtree {}", identity.layout, if subtree.is_empty() { "/" } else { &subtree })
+        use std::os::unix::ffi::OsStrExt;
+        // Normalized again: a journal written before its spelling was.
+        let subtree = subtree_name(Path::new(std::ffi::OsStr::from_bytes(&identity.subtree)));
+        format!("--layout {} --subtree {}", identity.layout, String::from_utf8_lossy(&subtree))
     };
     if !loaded.local.is_empty() && names(held) != names(wanted) {
         return Err(IdentityError::OtherNames { cache: cache.into(), held: names(held), wanted: names(wanted) });

@@ -631,7 +631,7 @@ fn wanted_identity(
             true => "tree --recorded-only".into(),
             false => identity::layout_name(request.layout).into(),
         },
-        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        subtree: identity::subtree_name(request.subtree.as_deref().unwrap_or(Path::new("/"))),
         source: Some(SourceIdentity {
             spellings: vec![spelling],
             kind: shown.as_ref().map_or("", |s| s.kind).into(),
