@@ -356,11 +356,19 @@ fn prepare_inner(
     let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
     if verdict != Verdict::Use {
         // The journal stops claiming what is dropped before it goes: a crash
-        // in between must not leave records of bytes no longer there.
+        // in between must not leave records of bytes no longer there. With
+        // no room for a copy, what it knew of fetched bytes goes too (they
+        // are fetched again); so it does when nothing is kept.
         let kept: Vec<JournalRecord> =
             records.iter().flat_map(|(path, record)| journal::file_records(path, record)).collect();
         let owner = Owner { identity: Some(identity.clone()), created_ns, legacy: Vec::new() };
-        journal::rewrite(store.dir(), &owner, &kept)?;
+        match kept.is_empty() {
+            true => journal::remove(store.dir())?,
+            false => match journal::rewrite(store.dir(), &owner, &kept) {
+                Err(e) if e.is_no_space() => journal::remove(store.dir())?,
+                other => other?,
+            },
+        }
         if matches!(verdict, Verdict::Afresh(_)) {
             store.clear_spills()?;
         }

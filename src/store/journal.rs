@@ -166,6 +166,12 @@ pub fn rewrite(dir: &CacheDir, owner: &Owner, records: &[JournalRecord]) -> Resu
     dir.write_atomic(NAME, &bytes)
 }
 
+/// Removes the journal of `dir` (nothing is known any more), durably.
+pub fn remove(dir: &CacheDir) -> Result<(), StoreError> {
+    dir.remove(NAME).map_err(io_err(&dir.join(NAME)))?;
+    dir.sync()
+}
+
 /// Moves the journal aside as `journal.TAG-SECS` (its records no longer
 /// count); returns where it went, if there was one.
 pub fn set_aside(dir: &CacheDir, tag: &str) -> Result<Option<PathBuf>, StoreError> {
