@@ -204,7 +204,6 @@ impl Footprint {
         }
         self
     }
-
 }
 
 fn not_found(ino: Ino) -> FsError {
@@ -652,8 +651,11 @@ impl Filesystem {
                 _ => {}
             }
         }
-        let dropped_files =
-            changes.iter().zip(&keep).filter(|((c, _), kept)| !**kept && c.op() == LocalOp::File).map(|((c, _), _)| c.id);
+        let dropped_files = changes
+            .iter()
+            .zip(&keep)
+            .filter(|((c, _), kept)| !**kept && c.op() == LocalOp::File)
+            .map(|((c, _), _)| c.id);
         let dropped_files = dropped_files.collect();
         let kept = changes.iter().zip(&keep).filter(|(_, kept)| **kept).map(|((c, _), _)| c.clone()).collect();
         (kept, dropped_files)

@@ -686,11 +686,7 @@ fn a_compacted_journal_replays_to_the_same_local_layer_at_each_step_of_its_rewri
 
     // Killed while writing the new copy (partly, or whole but not renamed
     // yet): the old journal stands. Killed after the rename: the new one.
-    for (journal, tmp) in [
-        (&before, Some(&after[..after.len() / 2])),
-        (&before, Some(&after[..])),
-        (&after, None),
-    ] {
+    for (journal, tmp) in [(&before, Some(&after[..after.len() / 2])), (&before, Some(&after[..])), (&after, None)] {
         std::fs::write(core.cache.join("journal"), journal).unwrap();
         if let Some(tmp) = tmp {
             std::fs::write(core.cache.join("journal.tmp"), tmp).unwrap();
