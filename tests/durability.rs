@@ -712,3 +712,39 @@ fn another_spelling_of_the_subtree_keeps_the_local_changes() {
         core.unmount();
     }
 }
+
+/// Review of issue 21: an address written another way is the same source:
+/// `[::1]`, `[0:0:0:0:0:0:0:1]`, `[0::0001]` name one host, so one cache
+/// dir by default, not a new one that shows none of the local changes made
+/// through the first spelling; through `ssh` (whose `-G` writes addresses
+/// one way) and through libssh2 alike.
+#[test]
+fn an_address_written_another_way_is_the_same_source_and_cache_dir() {
+    use lazyfs::source::{SourceSpec, SshOverrides, Transport, spelling};
+    let root = Path::new("/srv/app");
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home.path().join(".ssh")).unwrap();
+    for transport in [Transport::Openssh, Transport::Libssh2] {
+        let overrides = SshOverrides { transport, ..SshOverrides::default() };
+        let spelled = |target: &str| {
+            let spec = SourceSpec::parse(target, &overrides, Some(home.path())).unwrap();
+            spelling(&spec, root)
+        };
+        same_spellings(&spelled);
+    }
+}
+
+fn same_spellings(spelled: &dyn Fn(&str) -> String) {
+    for (one, other) in [
+        ("root@[::1]:2222", "root@[0:0:0:0:0:0:0:1]:2222"),
+        ("ssh://root@[::1]:2222", "root@[0::0001]:2222"),
+        ("root@[fe80::1]:22", "root@[FE80:0::1]"),
+    ] {
+        assert_eq!(spelled(one), spelled(other), "{one} and {other}");
+        let images = Path::new("/images");
+        assert_eq!(
+            lazyfs::mount::default_cache_dir(images, &spelled(one)).unwrap(),
+            lazyfs::mount::default_cache_dir(images, &spelled(other)).unwrap()
+        );
+    }
+}
