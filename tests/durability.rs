@@ -748,3 +748,40 @@ fn same_spellings(spelled: &dyn Fn(&str) -> String) {
         );
     }
 }
+
+/// Review of issue 21: a file made through the mount keeps, after `kill -9`
+/// and a remount, the modification time its last write gave it (a backup
+/// or `make` comparing times must not take it for unchanged), and one set
+/// explicitly after that write.
+#[test]
+fn a_local_file_keeps_the_time_of_its_last_write_across_a_remount() {
+    use lazyfs::fs::SetAttr;
+    let mut core = Core::new(&[("/app/data", b"data".to_vec(), true)]);
+    core.mount(0).unwrap();
+    core.create("/app/written").unwrap();
+    core.create("/app/set").unwrap();
+    let made = core.fs().getattr(core.ino("/app/written")).unwrap().mtime;
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(core.write("/app/written", 0, b"later"), Ok(5));
+    assert_eq!(core.write("/app/set", 0, b"later"), Ok(5));
+    let written = core.fs().getattr(core.ino("/app/written")).unwrap().mtime;
+    assert!(written > made, "a write moves the time on");
+    let past = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let change = SetAttr { mtime: Some(past), ..SetAttr::default() };
+    core.fs().setattr(
+        core.ino("/app/set"),
+        change,
+        Box::new(move |r| tx.send(r.map(drop).map_err(|e| e.errno)).unwrap()),
+    );
+    rx.recv().unwrap().unwrap();
+    core.kill();
+
+    core.mount(0).unwrap();
+    let mtime = |path: &str| core.fs().getattr(core.ino(path)).unwrap().mtime;
+    let after = mtime("/app/written");
+    let off = after.duration_since(written).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_millis(20), "the write's time, not the creation's: {after:?} vs {written:?}");
+    assert_eq!(mtime("/app/set"), past, "a time set after the write");
+    core.unmount();
+}
