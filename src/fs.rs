@@ -710,6 +710,7 @@ impl Filesystem {
 
     fn attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
         let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        let mut mtime = node.meta.mtime;
         let (kind, size, nlink) = match &node.kind {
             NodeKind::Dir(children) => {
                 let dirs = children.values().filter(|&&c| Self::is_dir(ns, c)).count() as u32;
@@ -717,8 +718,11 @@ impl Filesystem {
             }
             NodeKind::File(index) => (Kind::File, self.fetcher.file(*index).len(), node.links.len() as u32),
             NodeKind::Local(id) => {
-                let size = self.local_file(*id)?.metadata().map_err(|e| FsError::new(libc::EIO, e.to_string()))?.len();
-                (Kind::File, size, node.links.len() as u32)
+                let data = self.local_file(*id)?.metadata().map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
+                // The data file's own time: every write (passthrough ones
+                // too) moves it, a set time is given to it, and it outlives the process.
+                mtime = data.modified().unwrap_or(mtime);
+                (Kind::File, data.len(), node.links.len() as u32)
             }
             NodeKind::Symlink(target) => (Kind::Symlink, target.len() as u64, node.links.len() as u32),
             NodeKind::Fifo => (Kind::Fifo, 0, node.links.len() as u32),
@@ -740,7 +744,7 @@ impl Filesystem {
             uid: meta.uid,
             gid: meta.gid,
             atime: meta.atime,
-            mtime: meta.mtime,
+            mtime,
             ctime: meta.ctime,
         })
     }
@@ -1017,6 +1021,17 @@ impl Filesystem {
             };
             if let Err(e) = changed {
                 return reply(Err(e));
+            }
+            // A local file's time is its data file's (see `attr`); set once the change is journaled.
+            let local = ns.node(ino).and_then(|n| match n.kind {
+                NodeKind::Local(id) => Some(id),
+                _ => None,
+            });
+            if let (Some(id), Some(mtime)) = (local, change.mtime) {
+                let set = self.local_file(id).and_then(|f| f.set_modified(mtime).map_err(|e| io_error(&e)));
+                if let Err(e) = set {
+                    return reply(Err(e));
+                }
             }
         }
         let Some(size) = change.size else {
