@@ -785,3 +785,24 @@ fn a_local_file_keeps_the_time_of_its_last_write_across_a_remount() {
     assert_eq!(mtime("/app/set"), past, "a time set after the write");
     core.unmount();
 }
+
+/// Review of issue 21 (known gap): a checkpoint's file written through the
+/// mount keeps, after `kill -9` and a remount, the modification time of
+/// its last write, not the time every checkpoint file shows.
+#[test]
+fn a_checkpoint_file_written_locally_keeps_the_time_of_its_last_write() {
+    let mut core = Core::new(&[("/app/data", content("/app/data", 50_000), true)]);
+    core.mount(0).unwrap();
+    let before = core.fs().getattr(core.ino("/app/data")).unwrap().mtime;
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(core.write("/app/data", 10, b"changed"), Ok(7));
+    let written = core.fs().getattr(core.ino("/app/data")).unwrap().mtime;
+    assert!(written > before, "a write moves the time on");
+    core.kill();
+
+    core.mount(0).unwrap();
+    let after = core.fs().getattr(core.ino("/app/data")).unwrap().mtime;
+    let off = after.duration_since(written).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_millis(20), "the write's time: {after:?} vs {written:?}");
+    core.unmount();
+}
