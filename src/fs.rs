@@ -716,7 +716,11 @@ impl Filesystem {
                 let dirs = children.values().filter(|&&c| Self::is_dir(ns, c)).count() as u32;
                 (Kind::Dir, 0, 2 + dirs)
             }
-            NodeKind::File(index) => (Kind::File, self.fetcher.file(*index).len(), node.links.len() as u32),
+            NodeKind::File(index) => {
+                let file = self.fetcher.file(*index);
+                mtime = file.local_mtime().unwrap_or(mtime);
+                (Kind::File, file.len(), node.links.len() as u32)
+            }
             NodeKind::Local(id) => {
                 let data = self.local_file(*id)?.metadata().map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
                 // The data file's own time: every write (passthrough ones
@@ -1022,16 +1026,19 @@ impl Filesystem {
             if let Err(e) = changed {
                 return reply(Err(e));
             }
-            // A local file's time is its data file's (see `attr`); set once the change is journaled.
-            let local = ns.node(ino).and_then(|n| match n.kind {
-                NodeKind::Local(id) => Some(id),
-                _ => None,
-            });
-            if let (Some(id), Some(mtime)) = (local, change.mtime) {
-                let set = self.local_file(id).and_then(|f| f.set_modified(mtime).map_err(|e| io_error(&e)));
-                if let Err(e) = set {
-                    return reply(Err(e));
+            // A file's time, once it is local, is its bytes' (see `attr`):
+            // set once the change is journaled.
+            let set = match (ns.node(ino).map(|n| &n.kind), change.mtime) {
+                (Some(NodeKind::Local(id)), Some(mtime)) => {
+                    self.local_file(*id).and_then(|f| f.set_modified(mtime).map_err(|e| io_error(&e)))
                 }
+                (Some(NodeKind::File(index)), Some(mtime)) => {
+                    self.fetcher.file(*index).set_local_mtime(mtime).map_err(FsError::from)
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = set {
+                return reply(Err(e));
             }
         }
         let Some(size) = change.size else {
