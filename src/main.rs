@@ -46,11 +46,12 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes as one line, each said once: a cause whose text
-/// its effect already includes is left out.
+/// its effect already includes is left out. Other control characters (a
+/// terminal escape in a remote's words) are shown escaped.
 fn one_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
-        let text = cause.to_string().replace('\n', " ");
+        let text = lazyfs::ui::printable(&cause.to_string().replace('\n', " "));
         if !line.contains(&text) {
             if !line.is_empty() {
                 line += ": ";
@@ -191,6 +192,7 @@ fn serving_args() -> Vec<std::ffi::OsString> {
 /// (read by the `lazyfs mount` that started the supervisor; a successor's
 /// stdout is /dev/null), then serves.
 fn serve_supervised(request: MountRequest) -> u8 {
+    lazyfs::failover::abort_on_fuse_thread_panic();
     let ready = |_: &Path| {
         println!("ready");
         let _ = std::io::stdout().flush();
