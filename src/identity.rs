@@ -52,19 +52,8 @@ pub fn layout_name(layout: Layout) -> &'static str {
 /// `--subtree` as a cache dir's identity names it: without `.`, `..`,
 /// repeated or trailing slashes (`/srv/a/` and `/srv/./a` are `/srv/a`).
 pub fn subtree_name(subtree: &Path) -> Vec<u8> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::path::Component;
-    let mut name = PathBuf::from("/");
-    for component in subtree.components() {
-        match component {
-            Component::ParentDir => {
-                name.pop();
-            }
-            Component::Normal(part) => name.push(part),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    name.into_os_string().as_bytes().to_vec()
+    use std::os::unix::ffi::OsStringExt;
+    crate::source::lexically_absolute(subtree).into_os_string().into_vec()
 }
 
 /// What a mount does with what its cache dir holds.

@@ -368,10 +368,15 @@ pub fn identify(spec: &SourceSpec, source_root: &Path) -> (String, Option<Shown>
 /// `path` made absolute, without `.`, `..` and repeated or trailing slashes
 /// (as written: for paths that cannot be resolved here).
 fn normalized(path: &Path) -> PathBuf {
+    lexically_absolute(&std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
+/// `path` below `/`, without `.`, `..` and repeated or trailing slashes, as
+/// written (a path on another host, say).
+pub fn lexically_absolute(path: &Path) -> PathBuf {
     use std::path::Component;
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut out = PathBuf::from("/");
-    for component in absolute.components() {
+    for component in path.components() {
         match component {
             Component::ParentDir => {
                 out.pop();
