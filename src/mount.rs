@@ -173,7 +173,8 @@ impl MountRequest {
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
 /// where ID names the images and the source (`spelling`: SOURCE and
 /// --source-root normalized, see `source::spelling`), so mounting them again
-/// resumes, however SOURCE is spelled.
+/// resumes whatever the normalization makes equal (not two host names of one
+/// host: those are told apart only by the host-key check of a given cache dir).
 pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
