@@ -2,7 +2,7 @@
 //!
 //! What a user of lazyfs buys is downtime: the time from "start moving the
 //! files" to the restored process answering again. For each workload, dumped
-//! by a real CRIU 4.2 (`../shared/vendor/build-criu`), and each data size,
+//! by a real CRIU 4.2 (`third_party/criu/build`), and each data size,
 //! this measures the time to the first correct answer of the restored process
 //! after its files moved to the old host (this machine's own sshd):
 //!   a. files already local (the floor): `criu restore` alone;
