@@ -1,4 +1,4 @@
-//! The command line, as `../shared/design/cli.md` and the README describe it.
+//! The command line, as the README describes it.
 
 use std::path::PathBuf;
 
