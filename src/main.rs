@@ -142,7 +142,7 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     for warning in &prepared.warnings {
         eprintln!("lazyfs: warning: {warning}");
     }
-    mount::serve(prepared, |mountpoint| {
+    let served = mount::serve(prepared, |mountpoint| {
         if std::io::stderr().is_terminal() {
             eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
             show_bars(mountpoint.to_path_buf());
@@ -150,7 +150,9 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
             eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
         }
     })
-    .map_err(mount_failed)?;
+    .map_err(mount_failed);
+    lazyfs::source::remove_own_socket_dirs();
+    served?;
     Ok(exit::SUCCESS)
 }
 
@@ -189,6 +191,7 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
         }
         mount::serve(prepared, ready)
     });
+    lazyfs::source::remove_own_socket_dirs();
     match served {
         Ok(()) => exit::SUCCESS,
         Err(e) => {

@@ -655,10 +655,15 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
                 break;
             }
             Event::Signal(signal) => {
-                log::info!("signal {signal}: unmounting");
                 if attachment.is_detached() {
-                    continue;
+                    // Asked again, or detached by someone else (`umount -l`): a
+                    // holder may never close, or wait on a request that never
+                    // ends. Exiting closes /dev/fuse: the kernel then fails those
+                    // requests and the files still open answer ENOTCONN.
+                    log::warn!("signal {signal}: already detached: ending now");
+                    break;
                 }
+                log::info!("signal {signal}: unmounting");
                 if unmount(&mountpoint).is_ok() {
                     unmounted_at.get_or_insert_with(Instant::now);
                 } else {

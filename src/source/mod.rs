@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use local::LocalSource;
 use openssh::OpensshSource;
+pub use openssh::remove_own_socket_dirs;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use ssh::SshSource;
 

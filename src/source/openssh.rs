@@ -320,9 +320,20 @@ fn base_args(options: &SshOptions) -> Vec<OsString> {
     args
 }
 
+/// Removes this process's socket directories: it is ending, and its masters
+/// with it (the sources may still be held by threads that never drop them).
+pub fn remove_own_socket_dirs() {
+    remove_socket_dirs(|pid| pid == std::process::id().to_string());
+}
+
 /// Removes the socket directories of lazyfs processes that ended without
 /// removing theirs (their masters ended with them).
 fn remove_stale_dirs() {
+    remove_socket_dirs(|pid| !Path::new("/proc").join(pid).exists());
+}
+
+/// Removes the socket directories of this user whose lazyfs process `pid` says they go.
+fn remove_socket_dirs(remove: impl Fn(&str) -> bool) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -334,7 +345,7 @@ fn remove_stale_dirs() {
             continue;
         };
         let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::getuid().as_raw());
-        if ours && !Path::new("/proc").join(pid).exists() {
+        if ours && remove(pid) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
