@@ -21,7 +21,7 @@ use lazyfs::control::proto::{FileState, MountState};
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
 use lazyfs::mount::{self, MountError, MountRequest};
-use lazyfs::store::{CacheDir, StoreError};
+use lazyfs::store::{CacheDir, NewCache, StoreError};
 
 /// An error that carries its own exit code (mount failures do).
 #[derive(Debug, thiserror::Error)]
@@ -69,21 +69,71 @@ fn init_logging(command: &Command) {
     let default = if matches!(command, Command::Mount(_)) { "info,fuser=error,fuser::reply=off" } else { "warn" };
     let mut builder = env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default));
     builder.format_timestamp_millis();
-    // `mount -f` draws bars on the terminal: its log goes to the cache dir, like a background mount's.
+    // The background process, and `mount -f` drawing bars on a terminal, log to
+    // the cache dir's lazyfs.log: held until the inputs are checked and the
+    // cache dir is there (a mount that fails before makes none).
     if let Command::Mount(args) = command
-        && args.foreground
-        && std::io::stderr().is_terminal()
-        && let Ok(request) = MountRequest::from_args(args)
-        && let Ok(log) = open_log(&request.cache_dir)
+        && (args.daemon || args.foreground && std::io::stderr().is_terminal())
     {
-        builder.target(env_logger::Target::Pipe(Box::new(log)));
+        *LOG.lock().expect("log sink") = LogSink::Held(Vec::new());
+        builder.target(env_logger::Target::Pipe(Box::new(LogWriter)));
     }
     builder.init();
 }
 
-/// The cache dir's `lazyfs.log` (the dir made, or checked, as a cache first), to append to.
-fn open_log(cache_dir: &Path) -> Result<std::fs::File, StoreError> {
-    CacheDir::open_cache(cache_dir)?.open_append("lazyfs.log")
+/// Where a mount's log lines go.
+enum LogSink {
+    Stderr,
+    /// Kept until the cache dir is known.
+    Held(Vec<u8>),
+    File(std::fs::File),
+}
+
+static LOG: std::sync::Mutex<LogSink> = std::sync::Mutex::new(LogSink::Stderr);
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match &mut *LOG.lock().expect("log sink") {
+            LogSink::Stderr => std::io::stderr().write_all(bytes)?,
+            LogSink::Held(held) => held.extend_from_slice(bytes),
+            LogSink::File(file) => file.write_all(bytes)?,
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// From now on the log goes to `dir`'s lazyfs.log, what was held first.
+fn log_into(dir: &CacheDir) -> Result<std::fs::File, StoreError> {
+    let mut file = dir.open_append("lazyfs.log")?;
+    let mut sink = LOG.lock().expect("log sink");
+    if let LogSink::Held(held) = &*sink {
+        file.write_all(held).map_err(|source| StoreError::Io { path: dir.join("lazyfs.log"), source })?;
+    }
+    *sink = LogSink::File(file.try_clone().map_err(|source| StoreError::Io { path: dir.join("lazyfs.log"), source })?);
+    Ok(file)
+}
+
+/// A mount that failed: what it logged goes into the cache dir's log if an
+/// earlier mount made that cache dir; otherwise there is none to keep it in.
+/// (On stderr, the error is said once, by `main`.)
+fn log_failure(cache_dir: &Path, error: &MountError) {
+    let (held, file) = match &*LOG.lock().expect("log sink") {
+        LogSink::Held(_) => (true, false),
+        LogSink::File(_) => (false, true),
+        LogSink::Stderr => (false, false),
+    };
+    if file {
+        log::error!("{error}");
+    } else if held && let Ok(dir) = CacheDir::open_existing_cache(cache_dir) {
+        log::error!("{error}");
+        let _ = log_into(&dir);
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -138,22 +188,41 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
         return spawn_daemon(args, &request);
     }
     let log = request.cache_dir.join("lazyfs.log");
-    let prepared = mount::prepare(request).map_err(mount_failed)?;
-    for warning in &prepared.warnings {
-        eprintln!("lazyfs: warning: {warning}");
-    }
-    let served = mount::serve(prepared, |mountpoint| {
-        if std::io::stderr().is_terminal() {
-            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
-            show_bars(mountpoint.to_path_buf());
-        } else {
-            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
+    let cache_dir = request.cache_dir.clone();
+    let new_cache = NewCache::before_mount(&cache_dir);
+    let terminal = std::io::stderr().is_terminal();
+    let served = mount::prepare(request).and_then(|prepared| {
+        if terminal {
+            log_into(prepared.store.dir())?;
         }
-    })
-    .map_err(mount_failed);
+        for warning in &prepared.warnings {
+            eprintln!("lazyfs: warning: {warning}");
+        }
+        mount::serve(prepared, |mountpoint| {
+            if terminal {
+                eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
+                show_bars(mountpoint.to_path_buf());
+            } else {
+                eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
+            }
+        })
+    });
     lazyfs::source::remove_own_socket_dirs();
-    served?;
+    if let Err(e) = served {
+        fail_mount(&cache_dir, new_cache, &e);
+        return Err(mount_failed(e));
+    }
     Ok(exit::SUCCESS)
+}
+
+/// A mount that failed leaves no cache dir it made, and logs into one it did not.
+fn fail_mount(cache_dir: &Path, new_cache: Option<NewCache>, error: &MountError) {
+    log_failure(cache_dir, error);
+    if let Some(new_cache) = new_cache
+        && let Err(e) = new_cache.discard()
+    {
+        log::warn!("removing the cache dir this failed mount made: {e}");
+    }
 }
 
 /// `lazyfs mount -f` on a terminal: the bars of `lazyfs status --watch`,
@@ -185,7 +254,12 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
+    let cache_dir = request.cache_dir.clone();
+    let new_cache = NewCache::before_mount(&cache_dir);
     let served = mount::prepare(request).and_then(|prepared| {
+        // The log is this process's stderr from now on (a panic's message too).
+        let log = log_into(prepared.store.dir())?;
+        let _ = nix::unistd::dup2_stderr(log);
         for warning in &prepared.warnings {
             println!("warning {}", warning.replace('\n', " "));
         }
@@ -195,7 +269,7 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
     match served {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            fail_mount(&cache_dir, new_cache, &e);
             println!("error {} {}", e.exit_code(), e.to_string().replace('\n', " "));
             e.exit_code()
         }
@@ -205,14 +279,14 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
 /// Starts the background process and returns once the mount answers (0) or
 /// the process gave up (its reason and exit code).
 fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> {
-    let log = open_log(&request.cache_dir).map_err(|e| mount_failed(e.into()))?;
     let log_path = request.cache_dir.join("lazyfs.log");
     let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
     if args.cache_dir.is_none() {
         command.arg("--cache-dir").arg(&request.cache_dir);
     }
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // Its stderr is the log once the cache dir is there; before, what a crash says comes here.
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
     // terminal so the shell's Ctrl-C and hangup do not reach it.
     unsafe {
@@ -238,12 +312,16 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
         }
         _ => {
             let status = child.wait().ok();
+            let mut said = String::new();
+            let _ = child.stderr.take().map(|mut stderr| std::io::Read::read_to_string(&mut stderr, &mut said));
+            let said = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().trim();
+            let see = if log_path.exists() { format!("; see {}", log_path.display()) } else { String::new() };
             Err(Exit {
                 code: exit::RUNTIME,
                 message: format!(
-                    "the background process exited ({}) before the mount was ready; see {}",
+                    "the background process exited ({}) before the mount was ready{}{see}",
                     status.map_or("?".into(), |s| s.to_string()),
-                    log_path.display()
+                    if said.is_empty() { String::new() } else { format!(": {said}") },
                 ),
             }
             .into())
@@ -548,7 +626,10 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(exit) = err.downcast_ref::<Exit>() {
         return exit.code;
     }
-    if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
+    let bad_input = |cause: &(dyn std::error::Error + 'static)| {
+        cause.is::<ImageError>() || matches!(cause.downcast_ref(), Some(ControlError::NoSuchDirectory(_)))
+    };
+    if err.chain().any(bad_input) { exit::BAD_INPUT } else { exit::RUNTIME }
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ impl MountRequest {
             tar: args.tar,
         };
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
+        source.check_local()?;
         let cache_dir = match &args.cache_dir {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
             None => default_cache_dir(&args.imgdir, &args.source, &args.source_root)?,

@@ -102,11 +102,100 @@ fn the_mountpoint_is_checked_before_the_source() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("no such directory"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("connect"), "{}", stderr(&out));
+    assert!(!env.path("cache").exists(), "a mount that failed made a cache dir");
+}
 
-    // Each attempt is marked in the cache dir's log, with what was asked.
-    let log = std::fs::read_to_string(env.path("cache/lazyfs.log")).unwrap();
-    assert_eq!(log.matches("==== lazyfs").count(), 1, "{log}");
-    assert!(log.contains(&format!("at {}", env.path("mnt/missing").display())), "{log}");
+/// What a new user gets wrong is said as such, with exit 2, before anything
+/// is made or the source is asked anything.
+#[test]
+fn mistakes_are_said_as_such_before_anything_is_made() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/m/a", 10)]);
+    let mountpoint = env.path("mnt/m");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let cache = env.path("cache/m");
+    let mount = |source: &[&str]| {
+        let mut command = env.lazyfs();
+        command.arg("mount").arg(&mountpoint).arg(env.path("images")).args(source);
+        command.arg("--cache-dir").arg(&cache).output().unwrap()
+    };
+    // A key that is not there is not an authentication failure (nothing listens on port 1 either).
+    let out = mount(&["root@127.0.0.1:1", "-i", "/nonexistent/key"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("-i /nonexistent/key: no such file"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("authentication") && !stderr(&out).contains("connect"), "{}", stderr(&out));
+    // Nor is a local SOURCE that is not there a bare "No such file or directory".
+    let nowhere = env.path("nowhere");
+    let out = mount(&[nowhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = format!("SOURCE {}: no such directory", nowhere.display());
+    assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    assert!(!cache.exists(), "a mount that failed made a cache dir");
+
+    // A directory that is not there is not "not a lazyfs mount".
+    for command in ["status", "wait", "umount", "prefetch"] {
+        let out = env.run(&[command, "/nonexistent/dir"]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "lazyfs: /nonexistent/dir: no such directory\n", "{command}");
+    }
+    let out = env.run(&["status", env.path("source").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a lazyfs mount"), "{}", stderr(&out));
+}
+
+/// A mount that fails leaves no cache dir it made (bad usage, or a source
+/// that cannot be reached once the cache dir was made); one an earlier mount
+/// made is kept, with the failed attempt in its log. No mount leaves its
+/// mountpoint's lock file behind.
+#[test]
+fn a_failed_mount_leaves_no_cache_dir_and_no_mount_leaves_a_lock() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/c/a", 10)]);
+    let mountpoint = env.path("mnt/m");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let cache = env.path("cache/m");
+    let try_mount = |images: &std::path::Path, source: &str, cache: &std::path::Path| {
+        let mut command = env.lazyfs();
+        command.arg("mount").arg(&mountpoint).arg(images).arg(source).arg("--cache-dir").arg(cache);
+        command.output().unwrap()
+    };
+    let source = env.path("source");
+    let source = source.to_str().unwrap();
+    let locks = || -> Vec<String> {
+        let names = std::fs::read_dir(env.path("runtime")).unwrap().map(|e| e.unwrap().file_name());
+        names.map(|n| n.to_string_lossy().into_owned()).filter(|n| n.ends_with(".lock")).collect()
+    };
+
+    let out = try_mount(&env.path("no-images"), source, &cache);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    std::fs::write(mountpoint.join("in-the-way"), "x").unwrap();
+    let out = try_mount(&env.path("images"), source, &cache);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    std::fs::remove_file(mountpoint.join("in-the-way")).unwrap();
+    // Nothing listens on port 1: the cache dir is made, then the source fails.
+    let out = try_mount(&env.path("images"), "root@127.0.0.1:1", &cache);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!cache.exists(), "a failed mount left its cache dir");
+    // An empty directory given as the cache dir is the user's: kept, and empty again.
+    let given = env.path("given");
+    std::fs::create_dir_all(&given).unwrap();
+    let out = try_mount(&env.path("images"), "root@127.0.0.1:1", &given);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(&given).unwrap().count(), 0, "a failed mount left files in the given dir");
+    assert!(locks().is_empty(), "{:?}", locks());
+
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    assert_eq!(locks().len(), 1, "the live mount holds its claim");
+    assert!(mount.umount().status.success());
+    assert!(locks().is_empty(), "an unmounted mount left {:?}", locks());
+    // A cache dir an earlier mount made: kept, and the failed attempt is in its log.
+    std::fs::write(mountpoint.join("in-the-way"), "x").unwrap();
+    let out = try_mount(&env.path("images"), source, &cache);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let log = std::fs::read_to_string(cache.join("lazyfs.log")).unwrap();
+    assert_eq!(log.matches("==== lazyfs").count(), 2, "{log}");
+    assert!(log.contains(&format!("at {}", mountpoint.display())) && log.contains("not empty"), "{log}");
+    assert!(locks().is_empty(), "{:?}", locks());
 }
 
 #[test]

@@ -237,11 +237,9 @@ impl OpensshSource {
             let mut tried: Vec<String> =
                 self.options.given.identities.iter().map(|i| i.display().to_string()).collect();
             tried.push(format!("what the ssh config and ssh-agent offer ({denied})"));
-            return SourceError::Auth {
-                user: self.options.user.clone(),
-                host: self.label.clone(),
-                tried: tried.join(", "),
-            };
+            // The label is USER@HOST: the message names each once.
+            let (user, host) = self.label.rsplit_once('@').unwrap_or((&self.options.user, &self.label));
+            return SourceError::Auth { user: user.to_string(), host: host.to_string(), tried: tried.join(", ") };
         }
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim);
         for refused in ["Connection refused", "Could not resolve", "Connection timed out", "No route to host"] {
