@@ -539,9 +539,18 @@ fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
     let man = |page: &clap::Command| {
         clap_mangen::Man::new(page.clone()).source(concat!("lazyfs ", env!("CARGO_PKG_VERSION")))
     };
+    let render = |man: &clap_mangen::Man| -> std::io::Result<Vec<u8>> {
+        let mut roff = Vec::new();
+        man.render(&mut roff)?;
+        Ok(code_in_bold(&String::from_utf8_lossy(&roff)).into_bytes())
+    };
     if let Some(dir) = &args.dir {
         for page in std::iter::once(&command).chain(command.get_subcommands().filter(|c| !c.is_hide_set())) {
-            man(page).generate_to(dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
+            let page = man(page);
+            let path = dir.join(page.get_filename());
+            render(&page)
+                .and_then(|roff| std::fs::write(&path, roff))
+                .with_context(|| format!("writing man page {}", path.display()))?;
         }
         return Ok(exit::SUCCESS);
     }
@@ -556,8 +565,29 @@ fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
             }
         },
     };
-    man(page).render(&mut std::io::stdout())?;
+    std::io::stdout().write_all(&render(&man(page))?)?;
     Ok(exit::SUCCESS)
+}
+
+/// The help text marks commands and values as `code`, as Markdown does; a
+/// man page sets them in bold instead (roff would show the backticks).
+fn code_in_bold(roff: &str) -> String {
+    roff.lines()
+        .map(|line| {
+            let mut parts = line.split('`');
+            let mut out = parts.next().unwrap_or_default().to_string();
+            let rest: Vec<&str> = parts.collect();
+            // Pairs only: an odd backtick at the end stays as it is.
+            for pair in rest.chunks(2) {
+                match pair {
+                    [code, after] => out += &format!("\\fB{code}\\fR{after}"),
+                    [alone] => out += &format!("`{alone}"),
+                    _ => {}
+                }
+            }
+            out + "\n"
+        })
+        .collect()
 }
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
@@ -635,6 +665,15 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_spans_are_bold_in_roff() {
+        assert_eq!(
+            code_in_bold("until `lazyfs umount`, or `a` b\nnone\n"),
+            "until \\fBlazyfs umount\\fR, or \\fBa\\fR b\nnone\n"
+        );
+        assert_eq!(code_in_bold("one ` alone\n"), "one ` alone\n");
+    }
 
     #[test]
     fn an_error_says_each_thing_once() {

@@ -272,6 +272,9 @@ fn man_pages_cover_every_subcommand_and_option() {
         assert!(page.contains(&option.replace('-', "\\-")), "{option} missing from lazyfs-mount(1)");
     }
     assert!(!page.contains("daemon"), "the internal flag is not documented");
+    // Commands the help text marks as `code` are bold in roff, not backticked.
+    assert!(!page.contains('`'), "{page}");
+    assert!(page.contains("\\fBlazyfs umount\\fR"), "{page}");
 
     // Every positional argument has help.
     for name in ["wait", "umount", "prefetch", "status", "verify"] {
@@ -371,6 +374,17 @@ fn the_demo_runs_in_well_under_a_minute() {
     } else {
         assert!(stdout.contains("criu restore: skipped"), "{stdout}");
     }
+}
+
+/// `lazyfs --help` gives the exit codes the README gives, word for word.
+#[test]
+fn help_and_readme_give_the_same_exit_codes() {
+    let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let paragraph = |text: &str| words(text.split("Exit codes:").nth(1).unwrap().split("\n\n").next().unwrap());
+    let help = String::from_utf8(common::lazyfs(&["--help".as_ref()]).stdout).unwrap();
+    assert_eq!(paragraph(&help), paragraph(&readme));
+    assert!(paragraph(&help).contains("a missing file or directory, a mountpoint that is not empty"), "{help}");
 }
 
 /// A cache that fills up: status says `degraded` and why, naming the spill
