@@ -339,43 +339,6 @@ fn the_log_holds_no_noise_and_stays_off_the_bars() {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
-/// `scripts/demo` as written: a throw-away sshd as the old host, mount --prefetch, status, wait, the old
-/// host gone and the files still served; with a working criu (CRIU 4.2 built by
-/// `../shared/vendor/build-criu`, when it is there), a real checkpoint and restore on a lazy mount.
-#[test]
-fn the_demo_runs_in_well_under_a_minute() {
-    let env = TestEnv::new();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo");
-    let criu_dir = std::path::Path::new("/var/cache/lazyfs-test/criu/criu-4.2-22-g2cf8f13ca/criu");
-    let criu_works =
-        std::process::Command::new(criu_dir.join("criu")).arg("check").output().is_ok_and(|o| o.status.success());
-    let mut command = env.lazyfs_with(script.to_str().unwrap());
-    command.env("LAZYFS", env!("CARGO_BIN_EXE_lazyfs"));
-    if criu_works {
-        command.env("PATH", format!("{}:{}", criu_dir.display(), std::env::var("PATH").unwrap()));
-    }
-    let started = Instant::now();
-    let out = command.output().unwrap();
-    let took = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", stderr(&out));
-    assert!(took < Duration::from_secs(45), "the demo took {took:?}");
-    assert!(stdout.contains(": fetching in the background: ") || stdout.contains(": complete: "), "{stdout}");
-    assert!(stdout.contains("wait: exit 0"), "{stdout}");
-    let after = stdout.split("the old host answers no more").nth(1).expect("the old host went away");
-    assert_eq!(after.matches("byte for byte the old host's").count(), 3, "{stdout}");
-    assert!(after.contains(": complete: 2.91 MiB/2.91 MiB, 6/6 files present"), "{stdout}");
-    if criu_works {
-        let restored = stdout.split("criu restore -D").nth(1).expect("a real restore");
-        assert!(restored.contains("restored as pid"), "{stdout}");
-        // The restored process went on appending through the mount.
-        let ticks: Vec<u32> = restored.lines().filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok()).collect();
-        assert!(ticks.len() == 3 && ticks.windows(2).all(|w| w[1] == w[0] + 1), "{stdout}");
-    } else {
-        assert!(stdout.contains("criu restore: skipped"), "{stdout}");
-    }
-}
-
 /// `lazyfs --help` gives the exit codes the README gives, word for word.
 #[test]
 fn help_and_readme_give_the_same_exit_codes() {
