@@ -174,13 +174,18 @@ impl Drop for Mount {
 impl Drop for TestEnv {
     /// Whatever the test left below its directory, however it ended: mounts
     /// detached, and the processes naming the directory or holding a file in
-    /// it ended.
+    /// it ended. A test that passed but left one fails: it must end what it
+    /// started itself.
     fn drop(&mut self) {
         let root = self.tmp.path();
-        for mountpoint in mounts_below(root).iter().rev() {
+        let mounts = mounts_below(root);
+        for mountpoint in mounts.iter().rev() {
             let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
-        end_processes(&processes_using(root));
+        let signalled = end_processes(&processes_using(root));
+        if !std::thread::panicking() && (!mounts.is_empty() || !signalled.is_empty()) {
+            panic!("the test left mounts {mounts:?} and processes {signalled:?} (ended now)");
+        }
     }
 }
 
@@ -244,17 +249,22 @@ pub fn is_alive(pid: i32) -> bool {
 }
 
 /// Ends `pids`: a moment to exit on their own, then SIGTERM, again (a lazyfs
-/// daemon detaches a busy mount on the first and ends on the next), then SIGKILL.
-pub fn end_processes(pids: &[i32]) {
+/// daemon detaches a busy mount on the first and ends on the next), then
+/// SIGKILL. Returns those that needed a signal.
+pub fn end_processes(pids: &[i32]) -> Vec<i32> {
     use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
+    let mut signalled = Vec::new();
     for signal in [None, Some(SIGTERM), Some(SIGTERM), Some(SIGKILL)] {
         let left: Vec<i32> = pids.iter().copied().filter(|&pid| is_alive(pid)).collect();
         if left.is_empty() {
-            return;
+            break;
         }
         for &pid in &left {
             if let Some(signal) = signal {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                if !signalled.contains(&pid) {
+                    signalled.push(pid);
+                }
             }
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -262,6 +272,7 @@ pub fn end_processes(pids: &[i32]) {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
+    signalled
 }
 
 /// Whether anything is mounted at `path` (from /proc/self/mountinfo).
