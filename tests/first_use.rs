@@ -130,6 +130,11 @@ fn mistakes_are_said_as_such_before_anything_is_made() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let said = format!("SOURCE {}: no such directory", nowhere.display());
     assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    // Nor a --source-root missing below it.
+    let out = mount(&[env.path("source").to_str().unwrap(), "--source-root", "/nowhere"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = format!("{}: no such directory (SOURCE with --source-root", env.path("source/nowhere").display());
+    assert!(stderr(&out).contains(&said), "{}", stderr(&out));
     assert!(!cache.exists(), "a mount that failed made a cache dir");
 
     // A directory that is not there is not "not a lazyfs mount".
