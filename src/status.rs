@@ -128,7 +128,6 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             // Removed through the mount: no longer one of its files.
             continue;
         }
-        let served = fs.served(index);
         let progress = file.progress();
         let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
         let (blake3, against) = match &phase {
@@ -162,7 +161,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             continue;
         }
         status.files.push(FileStatus {
-            path: served.path.as_os_str().as_bytes().to_vec(),
+            path: file.path.as_os_str().as_bytes().to_vec(),
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),
             size,
             bytes_present: present,
@@ -190,13 +189,14 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             .collect();
     }
     status.source_needed = fs.fetcher().source_needed();
+    status.dirs_unlisted = fs.unlisted_dirs() as u64;
     let (local_files, local_bytes) = fs.local_usage();
     status.local_files += local_files;
     status.local_bytes += local_bytes;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
         MountState::Degraded
-    } else if settled == status.files_total {
+    } else if settled == status.files_total && status.dirs_unlisted == 0 {
         MountState::Complete
     } else {
         MountState::Fetching
@@ -268,6 +268,7 @@ pub fn to_json(status: &Status) -> Value {
         "local_files": status.local_files,
         "local_bytes": status.local_bytes,
         "source_needed": status.source_needed,
+        "dirs_unlisted": status.dirs_unlisted,
         "rate_bytes_per_s": status.rate_bytes_per_s,
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,

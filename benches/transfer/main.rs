@@ -15,9 +15,13 @@
 //!   d. the daemon's peak RSS and CPU seconds per GiB during (b);
 //!   e. a checkpoint of 100,000 files (1 KiB each) under `ulimit -n 1024`:
 //!      time until `lazyfs mount` returns, until all verified with
-//!      `--prefetch`, and the daemon's peak RSS.
+//!      `--prefetch`, and the daemon's peak RSS;
+//!   f. `--subtree` over a directory of 100,000 files against one of 100:
+//!      time until `lazyfs mount` returns, and the first lookup in it.
+//! (b) includes the 5,000-file tree mounted with `--subtree` with nothing of it
+//! recorded: listed and fetched whole, against `tar` and `rsync -a` of it.
 //! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
-//! `-- --many` runs only e.
+//! `-- --many` runs only e; `-- --tree` only the 5,000-file rows of b and f.
 //! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
 #[path = "../../tests/common/sshd.rs"]
@@ -47,6 +51,8 @@ struct Dataset {
     images: PathBuf,
     bytes: u64,
     files: usize,
+    /// Added to each `lazyfs mount` of it.
+    mount_args: &'static [&'static str],
 }
 
 struct Row {
@@ -222,7 +228,7 @@ impl Bench {
             let images = self.path(&format!("images-{name}"));
             write_dump(&images, &records).unwrap();
             let bytes = records.iter().map(|r| r.size.unwrap()).sum();
-            sets.push(Dataset { name, rel, images, bytes, files: records.len() });
+            sets.push(Dataset { name, rel, images, bytes, files: records.len(), mount_args: &[] });
         };
         dump("1 GiB file", "big/file.bin", vec![DumpFile::new("/big/file.bin", GIB)]);
         let mut small = Vec::new();
@@ -234,7 +240,17 @@ impl Bench {
             std::fs::write(&path, &buf[..4096]).unwrap();
             small.push(DumpFile::new(format!("/{rel}"), 4096));
         }
+        let tree = Dataset {
+            name: "5,000-file tree, --subtree, nothing recorded",
+            rel: "small",
+            images: self.path("images-tree"),
+            bytes: small.iter().map(|r| r.size.unwrap()).sum(),
+            files: small.len(),
+            mount_args: &["--subtree", "/small"],
+        };
         dump("5,000 x 4 KiB", "small", small);
+        // The same files as a directory the images record nothing of: listed, then fetched.
+        write_dump(&tree.images, &[]).unwrap();
         let mut medium = Vec::new();
         for i in 0..200u64 {
             let rel = format!("medium/m{i:03}");
@@ -244,6 +260,7 @@ impl Bench {
             medium.push(DumpFile::new(format!("/{rel}"), 1 << 20));
         }
         dump("200 x 1 MiB", "medium", medium);
+        sets.push(tree);
         sets
     }
 
@@ -293,6 +310,41 @@ impl Bench {
         status["pid"].as_u64().unwrap() as u32
     }
 
+    /// (f) `--subtree` over a directory of 100,000 files and one of 100 (the
+    /// images record none of them): time until `lazyfs mount` returns, and
+    /// until the first lookup of a name in it (which lists the directory).
+    fn tree_mounts(&mut self) {
+        for files in [100u64, 100_000] {
+            eprintln!("f. a directory of {files} files");
+            let rel = format!("flat{files}");
+            let dir = self.source().join(&rel);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..files {
+                std::fs::write(dir.join(format!("f{i:06}")), b"x").unwrap();
+            }
+            let images = self.path(&format!("images-flat{files}"));
+            write_dump(&images, &[]).unwrap();
+            let set = Dataset { name: "", rel: "", images, bytes: files, files: files as usize, mount_args: &[] };
+            let subtree = format!("/{rel}");
+            let (mut mounted, mut looked) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                let started = Instant::now();
+                let (mountpoint, _) = self.mount(&set, "flat", &["--subtree", &subtree]);
+                mounted.push(started.elapsed().as_secs_f64());
+                let started = Instant::now();
+                assert!(mountpoint.join("f000000").exists());
+                looked.push(started.elapsed().as_secs_f64());
+                self.umount(&mountpoint);
+            }
+            let what = format!("--subtree over a directory of {files} files: `lazyfs mount` returns");
+            let against = (files > 100).then_some("--subtree over a directory of 100 files: `lazyfs mount` returns");
+            self.record("f", what, "s", mounted, against);
+            let what = format!("--subtree over a directory of {files} files: first lookup (lists it)");
+            self.record("f", what, "s", looked, None);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// (e) 100,000 files of 1 KiB under `ulimit -n 1024`: mount time, time
     /// until all verified with --prefetch, peak RSS.
     fn many_files(&mut self) {
@@ -312,7 +364,14 @@ impl Bench {
         }
         let images = self.path("images-many");
         write_dump(&images, &records).unwrap();
-        let set = Dataset { name: "100,000 x 1 KiB", rel: "many", images, bytes: FILES * 1024, files: FILES as usize };
+        let set = Dataset {
+            name: "100,000 x 1 KiB",
+            rel: "many",
+            images,
+            bytes: FILES * 1024,
+            files: FILES as usize,
+            mount_args: &[],
+        };
         let (mut mounted, mut verified, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.runs {
             let started = Instant::now();
@@ -454,7 +513,8 @@ impl Bench {
             let (mut times, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..self.runs {
                 let started = Instant::now();
-                let (mountpoint, _) = self.mount(set, "bulk", &[&["--prefetch", "--ssh", transport], tar].concat());
+                let args = [&["--prefetch", "--ssh", transport], tar, set.mount_args].concat();
+                let (mountpoint, _) = self.mount(set, "bulk", &args);
                 let pid = self.daemon_pid(&mountpoint);
                 run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
                 times.push(started.elapsed().as_secs_f64());
@@ -638,8 +698,17 @@ fn main() {
     std::fs::create_dir_all(bench.path("home")).unwrap();
     eprintln!("making data sets in {}", bench.work.path().display());
     let many_only = args.iter().any(|a| a == "--many");
+    let tree_only = args.iter().any(|a| a == "--tree");
     let sets = if many_only { Vec::new() } else { bench.make_datasets() };
-    if !many_only {
+    if tree_only {
+        // The whole-directory rows: the 5,000 small files recorded, then as a tree.
+        for set in sets.iter().filter(|s| s.rel == "small") {
+            bench.bulk(set);
+        }
+        if !wan {
+            bench.tree_mounts();
+        }
+    } else if !many_only {
         bench.first_byte(&sets[0]);
         for set in &sets {
             bench.bulk(set);
@@ -649,24 +718,29 @@ fn main() {
             bench.local_reads(&sets[0]);
         }
     }
-    if !wan {
+    if !wan && !tree_only {
         bench.many_files();
+        bench.tree_mounts();
     }
     let (table, json) = bench.report();
     let link = if wan { "WAN profile: 20 ms RTT, 1 Gbit/s through two network namespaces" } else { "loopback sshd" };
     let header = format!(
         "Measured on {}, {link}; {runs} run(s) each; `cargo bench --bench transfer{}`.\n\n",
         machine(),
-        match (wan, many_only) {
-            (true, _) => " -- --wan",
-            (false, true) => " -- --many",
-            (false, false) => "",
+        match (wan, many_only, tree_only) {
+            (true, _, true) => " -- --wan --tree",
+            (true, _, false) => " -- --wan",
+            (false, true, _) => " -- --many",
+            (false, false, true) => " -- --tree",
+            (false, false, false) => "",
         }
     );
-    let name = match (wan, many_only) {
-        (true, _) => "transfer-wan",
-        (false, true) => "transfer-many",
-        (false, false) => "transfer",
+    let name = match (wan, many_only, tree_only) {
+        (true, _, true) => "transfer-wan-tree",
+        (true, _, false) => "transfer-wan",
+        (false, true, _) => "transfer-many",
+        (false, false, true) => "transfer-tree",
+        (false, false, false) => "transfer",
     };
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
