@@ -327,7 +327,12 @@ pub fn remove_own_socket_dirs() {
 /// Removes the socket directories of lazyfs processes that ended without
 /// removing theirs (their masters ended with them).
 fn remove_stale_dirs() {
-    remove_socket_dirs(|pid| !Path::new("/proc").join(pid).exists());
+    // A killed lazyfs nobody has reaped yet is a zombie: ended too.
+    let running = |pid: &str| {
+        let stat = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")).unwrap_or_default();
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z")
+    };
+    remove_socket_dirs(|pid| !running(pid));
 }
 
 /// Removes the socket directories of this user whose lazyfs process `pid` says they go.
