@@ -774,6 +774,9 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     log::info!("unmounted {}", mountpoint.display());
     prepared.finish();
     write_summary(&prepared, started, &meter);
+    // The mountpoint's claim and the cache dir's lock go before `lazyfs umount`
+    // returns: a mount right after it finds both free.
+    drop(prepared);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
