@@ -93,6 +93,16 @@ pub struct StatFs {
     pub files: u64,
 }
 
+/// What a new [`Filesystem`] makes again.
+pub struct Replay<'a> {
+    /// The local changes a journal holds, made again in order over the
+    /// checkpoint's tree.
+    pub changes: &'a [Local],
+    /// The open handles per inode the kernel holds already (a successor's
+    /// predecessor opened them): a file unlinked but open stays.
+    pub held_open: &'a HashMap<Ino, u32>,
+}
+
 /// What the checkpoint says of a file the mount serves.
 pub struct ServedSpec {
     pub path: PathBuf,
@@ -169,14 +179,14 @@ fn os(bytes: &[u8]) -> &OsStr {
 }
 
 impl Filesystem {
-    /// `specs[i]` describes fetcher file `i`; `replay` are the local changes a
-    /// journal holds, made again in order over the checkpoint's tree.
+    /// `specs[i]` describes fetcher file `i`; `replay` what a journal holds
+    /// and the kernel still has open.
     pub fn new(
         mut ns: Namespace,
         specs: Vec<ServedSpec>,
         fetcher: Fetcher,
         local: LocalFiles,
-        replay: &[Local],
+        replay: Replay<'_>,
         config: FsConfig,
         tree: Option<Tree>,
     ) -> Result<Self, crate::store::StoreError> {
@@ -205,14 +215,14 @@ impl Filesystem {
         fetcher.set_unlisted_dirs(if tree.is_some() { ns.unlisted_count() } else { 0 });
         let fs = Filesystem {
             ns: Arc::new(RwLock::new(ns)),
-            changes: Mutex::new(replay.to_vec()),
+            changes: Mutex::new(replay.changes.to_vec()),
             tree,
             local,
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new(replay.held_open.clone()),
             fetcher,
             config,
         };
-        for (seq, change) in replay.iter().enumerate() {
+        for (seq, change) in replay.changes.iter().enumerate() {
             if change.op() == LocalOp::File {
                 fs.local.reopen(change.id)?;
             }
@@ -254,6 +264,34 @@ impl Filesystem {
             }
         }
         Err(FsError::new(libc::EIO, "the directory could not be listed"))
+    }
+
+    /// For a process taking a live mount over: lists again, from the
+    /// listings the cache dir kept (never the source), every directory its
+    /// predecessor listed, so every node the kernel may ask for by number
+    /// exists (numbered by its origin, as it was).
+    pub fn relist_kept(&self) {
+        let Some(tree) = &self.tree else { return };
+        loop {
+            let unlisted: Vec<(Ino, PathBuf)> = {
+                let ns = self.namespace();
+                ns.unlisted().filter_map(|dir| Some((dir, ns.source_path(dir)?.to_path_buf()))).collect()
+            };
+            let mut merged = 0;
+            for (dir, path) in unlisted {
+                if tree.begin(dir) {
+                    if let Some(listed) = tree.take_persisted(&path) {
+                        self.merge(tree, dir, &path, listed, true);
+                        merged += 1;
+                    }
+                    tree.end(dir);
+                }
+            }
+            // A listing shows directories of its own: their listings next.
+            if merged == 0 {
+                return;
+            }
+        }
     }
 
     /// Directories of the tree not listed yet.
@@ -469,6 +507,13 @@ impl Filesystem {
 
     pub fn fetcher(&self) -> &Fetcher {
         &self.fetcher
+    }
+
+    /// The requests of kernel connection `connection` whose changes the
+    /// journal holds.
+    pub fn requests_made(&self, connection: u64) -> std::collections::HashSet<u64> {
+        let changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        changes.iter().filter(|c| c.connection == connection && connection != 0).map(|c| c.request).collect()
     }
 
     /// What the local layer changed, in order, for a compacted journal.
@@ -1094,10 +1139,14 @@ impl Filesystem {
         Ok(node.meta.xattrs.keys().flat_map(|k| k.as_bytes().iter().copied().chain([0])).collect())
     }
 
-    /// Applies `record`, then makes it durable in the journal.
-    fn change(&self, ns: &mut Namespace, record: Local) -> Result<Option<Ino>, FsError> {
+    /// Applies `record`, then makes it durable in the journal (naming the
+    /// request it was made for, if any).
+    fn change(&self, ns: &mut Namespace, mut record: Local) -> Result<Option<Ino>, FsError> {
         let seq = self.changes.lock().unwrap_or_else(PoisonError::into_inner).len() as u64;
         let ino = self.apply(ns, &record, seq)?;
+        if let Some((connection, request)) = crate::failover::request::current() {
+            (record.connection, record.request) = (connection, request);
+        }
         // The listings the change was made over are durable before it is.
         if let Some(tree) = &self.tree {
             tree.sync()?;

@@ -2,8 +2,10 @@
 //! its life until it is unmounted.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,18 +13,22 @@ use std::time::{Duration, Instant};
 use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
 use crate::control::{self, ControlEvent, registry};
 use crate::detached::Attachment;
+use crate::failover::Supervised;
+use crate::failover::link::{Message, Negotiated, Restarts};
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
-use crate::fs::{Filesystem, FsConfig, ServedSpec};
+use crate::fs::{Filesystem, FsConfig, Replay, ServedSpec};
 use crate::fuse::FuseAdapter;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
-use crate::namespace::{Layout, Namespace, NamespaceError};
+use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
 use crate::recording::{self, Recording, RecordingError};
+use crate::s3::index::Index;
 use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
+use crate::store::inodes::InodeTable;
 use crate::store::journal::{self, Journal, Owner};
-use crate::store::{Store, StoreError};
+use crate::store::{CacheDir, Store, StoreError};
 use crate::tree::{Tree, TreeFiles};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -182,8 +188,8 @@ pub struct Prepared {
     owner: Owner,
     /// What the person mounting should know (the mount works regardless).
     pub warnings: Vec<String>,
-    /// The mountpoint is this process's until it exits.
-    _claim: registry::Claim,
+    /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
+    _claim: Option<registry::Claim>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -199,6 +205,33 @@ pub fn prepare_with(
     request: MountRequest,
     open_source: impl FnOnce() -> Result<Arc<dyn source::Source>, SourceError>,
 ) -> Result<Prepared, MountError> {
+    prepare_inner(request, open_source, None)
+}
+
+/// [`prepare`] for a process its supervisor started: the supervisor holds the
+/// mountpoint's claim. A successor touches nothing below the mountpoint (it
+/// is the one to answer for it) and connects to the source only when a read
+/// needs it: the old host may be gone by now.
+pub fn prepare_supervised(request: MountRequest, supervised: &Supervised) -> Result<Prepared, MountError> {
+    let (spec, root) = (request.source.clone(), request.source_root.clone());
+    let takeover = Takeover { held_open: supervised.open_counts(), resuming: supervised.resume.is_some() };
+    prepare_inner(request, move || Ok(source::open(&spec, &root)?.into()), Some(takeover))
+}
+
+/// What a supervised serving process brings to [`prepare_inner`].
+struct Takeover {
+    /// Open handles per inode the kernel holds (a predecessor's).
+    held_open: std::collections::HashMap<Ino, u32>,
+    /// A successor on a live connection.
+    resuming: bool,
+}
+
+fn prepare_inner(
+    request: MountRequest,
+    open_source: impl FnOnce() -> Result<Arc<dyn source::Source>, SourceError>,
+    takeover: Option<Takeover>,
+) -> Result<Prepared, MountError> {
+    let resuming = takeover.as_ref().is_some_and(|t| t.resuming);
     // Where each attempt starts, in a log that keeps earlier ones.
     log::info!(
         "==== lazyfs {} (pid {}): mounting {} at {} from {}",
@@ -208,7 +241,10 @@ pub fn prepare_with(
         request.mountpoint.display(),
         request.source_arg
     );
-    let claim = claim_mountpoint(&request.mountpoint)?;
+    let claim = match takeover {
+        None => Some(claim_mountpoint(&request.mountpoint)?),
+        Some(_) => None,
+    };
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
@@ -218,10 +254,25 @@ pub fn prepare_with(
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?.map(Arc::new);
     let tree_root = request.tree_root();
+    if let (SourceSpec::S3(url), Some(root)) = (&request.source, tree_root) {
+        return Err(SourceError::Config(format!(
+            "--subtree {}: {url} holds the recorded files only (`lazyfs push` does not send the whole directory \
+             yet): add --recorded-only",
+            root.display()
+        ))
+        .into());
+    }
+    // Supervised, numbers a successor can give again (the cache dir's inode
+    // table: a successor's, a fresh mount's kept once the cache dir is open).
+    let numbers: Box<dyn Numbers> = match (&takeover, resuming) {
+        (_, true) => Box::new(InodeTable::load(&CacheDir::open_cache(&request.cache_dir)?)?),
+        (Some(_), false) => Box::new(InodeTable::fresh()),
+        (None, _) => Box::new(Counter::default()),
+    };
     let mut ns = match tree_root {
-        Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths))?,
+        Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths), numbers)?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
-        None => Namespace::build(&paths, request.layout, Some(subtree))?,
+        None => Namespace::build_numbered(&paths, request.layout, Some(subtree), numbers)?,
     };
     if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
         ns.reserve_inos(max);
@@ -230,24 +281,21 @@ pub fn prepare_with(
         ns.add_recorded_dirs(&recorded_dirs(&checkpoint), subtree);
     }
     // What is local is checked before the source is asked anything.
-    check_mountpoint(&request.mountpoint)?;
+    if !resuming {
+        check_mountpoint(&request.mountpoint)?;
+    }
     registry::check()?;
-    let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
+    let subtree_warning = if resuming { None } else { subtree_warning(&request, &paths) };
+    let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning).collect();
     let allow_other = request.allow_other || needs_allow_other(&checkpoint);
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
         _ => None,
     };
     let store = Arc::new(Store::open(&request.cache_dir)?);
-    let recording = match (&request.order, given_recording) {
-        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
-        (PrefetchOrder::Recorded(None), None) => {
-            let (found, warning) = find_recording(&store, manifest.as_deref());
-            warnings.extend(warning);
-            found
-        }
-        _ => None,
-    };
+    if takeover.is_some() && !resuming {
+        ns.numbers_mut().keep_in(store.dir())?;
+    }
     for warning in &warnings {
         log::warn!("{warning}");
     }
@@ -270,7 +318,24 @@ pub fn prepare_with(
         local_changes.clear();
     }
     let source = open_source()?;
-    let mut connection = source.connect()?;
+    if let Some(pushed) = source.pushed() {
+        check_pushed_images(&request, pushed, &source.describe())?;
+    }
+    let recording = match (&request.order, given_recording) {
+        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
+        (PrefetchOrder::Recorded(None), None) => {
+            let shipped = source.pushed().and_then(|p| p.recording.as_ref());
+            let (found, warning) =
+                find_recording(&store, shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref())));
+            if let Some(warning) = &warning {
+                log::warn!("{warning}");
+            }
+            warnings.extend(warning);
+            found
+        }
+        _ => None,
+    };
+    let mut connection = if resuming { None } else { Some(source.connect()?) };
 
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
@@ -289,11 +354,15 @@ pub fn prepare_with(
             files.push(Arc::new(open_file(&store, spec, Some(record))?));
             continue;
         }
-        let expected = manifest.as_deref().and_then(|m| m.get(&file.path)).cloned();
+        // What a store holds is checked against its own index.
+        let expected = match source.pushed() {
+            Some(pushed) => pushed.get(&file.source_path).map(|entry| entry.hashes.clone()),
+            None => manifest.as_deref().and_then(|m| m.get(&file.path)).cloned(),
+        };
         // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
         let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
             Some(size) => size,
-            None => match connection.stat(&file.source_path) {
+            None => match connected(&source, &mut connection)?.stat(&file.source_path) {
                 Ok(stat) => stat.size,
                 Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));
@@ -337,7 +406,7 @@ pub fn prepare_with(
             match manifest.as_deref().and_then(|m| m.attrs(root)) {
                 Some(attrs) => tree.set_root(attrs)?,
                 None if tree.root.is_some() => {}
-                None => tree.set_root(connection.attrs(root)?)?,
+                None => tree.set_root(connected(&source, &mut connection)?.attrs(root)?)?,
             }
             Some(tree)
         }
@@ -366,7 +435,14 @@ pub fn prepare_with(
     };
     let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
     let local = crate::store::local::LocalFiles::open(store.dir())?;
-    let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config, tree)?;
+    // The tree as built: from now on each number a successor must give again is kept as it is given.
+    ns.numbers_mut().settle();
+    let held_open = takeover.map(|t| t.held_open).unwrap_or_default();
+    let replay = Replay { changes: &local_changes, held_open: &held_open };
+    let fs = Filesystem::new(ns, specs, fetcher, local, replay, config, tree)?;
+    if resuming {
+        fs.relist_kept();
+    }
     let mut request = request;
     request.allow_other = allow_other;
     Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
@@ -413,9 +489,20 @@ fn needs_allow_other(checkpoint: &Checkpoint) -> bool {
     checkpoint.fsuids.iter().any(|&uid| uid != me)
 }
 
+/// The source's connection, made now if there is none yet.
+fn connected<'a>(
+    source: &Arc<dyn source::Source>,
+    connection: &'a mut Option<Box<dyn source::Connection>>,
+) -> Result<&'a mut Box<dyn source::Connection>, SourceError> {
+    match connection {
+        Some(connection) => Ok(connection),
+        None => Ok(connection.insert(source.connect()?)),
+    }
+}
+
 /// Claims `mountpoint` for this process before anything else is done: of
 /// racing mounts of one mountpoint, the losers stop here, leaving nothing.
-fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
+pub fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
     match registry::claim(mountpoint) {
         Ok(Ok(claim)) => Ok(claim),
         Ok(Err(pid)) => Err(MountError::Mountpoint {
@@ -433,24 +520,10 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
 /// file (but the memory pages, which are large and say nothing of files), the
 /// source and its root.
 fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MountError::Store(StoreError::Io { path, source })
-    };
     let dir = &request.imgdir;
-    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .map(|entry| entry.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(io(dir))?;
-    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
-    names.sort();
     let mut hasher = blake3::Hasher::new();
-    for name in names {
-        let path = dir.join(&name);
-        hasher.update(name.as_bytes()).update(&[0]);
-        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, &mut hasher).map_err(io(&path))?;
-    }
+    crate::images::hash_files(dir, &mut hasher)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
     for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
         hasher.update(&[0]).update(part);
     }
@@ -461,20 +534,41 @@ fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
 }
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
-/// last restore of these images from this source, here), else the one the
-/// manifest ships; a warning when there is none (prefetch goes smallest-first).
-fn find_recording(store: &Store, manifest: Option<&Manifest>) -> (Option<Recording>, Option<String>) {
+/// last restore of these images from this source, here), else the one
+/// `shipped` with the images (by the manifest, or the push's index); a
+/// warning when there is none (prefetch goes smallest-first).
+fn find_recording(store: &Store, shipped: Option<&Recording>) -> (Option<Recording>, Option<String>) {
     let (cached, damaged) = match recording::load_cached(store.dir()) {
         Ok(cached) => (cached, None),
         Err(e) => (None, Some(format!("{e}: ignored"))),
     };
-    let found = cached.or_else(|| manifest.and_then(|m| m.recording.clone()));
+    let found = cached.or_else(|| shipped.cloned());
     let none = found.is_none().then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
-         smallest-first (`lazyfs manifest --recording` ships one with the images)"
+         smallest-first (`lazyfs manifest --recording` ships one with the images, `lazyfs push --recording` \
+         with the index)"
             .to_string()
     });
     (found, damaged.into_iter().chain(none).reduce(|a, b| format!("{a}; {b}")))
+}
+
+/// An object store's index is of the images it was pushed with: other
+/// images would be served another checkpoint's files (verified, but not theirs).
+fn check_pushed_images(request: &MountRequest, pushed: &Index, source: &str) -> Result<(), MountError> {
+    let mut hasher = blake3::Hasher::new();
+    crate::images::hash_files(&request.imgdir, &mut hasher)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
+    if hasher.finalize().as_bytes() == &pushed.images {
+        return Ok(());
+    }
+    Err(SourceError::Config(format!(
+        "{source} holds the files of other images (pushed from {}), not of {}: mount with those images, or \
+         `lazyfs push {}` there first",
+        pushed.origin,
+        request.imgdir.display(),
+        request.imgdir.display()
+    ))
+    .into())
 }
 
 /// The recording's runs on this mount's files, in order.
@@ -586,15 +680,26 @@ enum Event {
     Signal(i32),
     Control(ControlEvent),
     SessionEnded,
+    /// From the supervisor; `None` once it is gone.
+    Supervisor(Option<Message>),
 }
 
-/// Mounts, calls `on_ready` once the mount answers, and serves until
-/// unmounted (by `lazyfs umount`, a signal, or `umount`).
-pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), MountError> {
+/// Mounts (or, for a successor, takes the live connection over), calls
+/// `on_ready` once the mount answers, and serves until unmounted (by `lazyfs
+/// umount`, a signal, or `umount`).
+pub fn serve(
+    prepared: Prepared,
+    supervised: Option<Supervised>,
+    on_ready: impl FnOnce(&Path),
+) -> Result<(), MountError> {
     let request = &prepared.request;
     let mountpoint = request.mountpoint.clone();
-    check_mountpoint(&mountpoint)?;
     let mount_err = |source| MountError::Mount { path: mountpoint.clone(), source };
+    let mut supervised = supervised;
+    let resume = supervised.as_mut().and_then(|s| s.resume.take());
+    if resume.is_none() {
+        check_mountpoint(&mountpoint)?;
+    }
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -609,11 +714,50 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(4);
-    config.clone_fd = true;
-    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone(), request.passthrough), &mountpoint, &config)
-        .map_err(mount_err)?;
+    // A cloned descriptor is its process's: the requests read through it die
+    // with it. Supervised, every thread reads the descriptor the supervisor
+    // holds too, so a successor can have them sent again.
+    config.clone_fd = supervised.is_none();
+    let passthrough = Arc::new(AtomicBool::new(resume.as_ref().map_or(request.passthrough, |r| r.1.passthrough)));
+    let mut adapter = FuseAdapter::new(prepared.fs.clone(), passthrough.clone());
+    let mut link = None;
+    let mut restarts = Restarts::default();
+    if let Some(supervised) = supervised {
+        let connection = resume.as_ref().map(|(fd, _)| fd.try_clone()).transpose().map_err(mount_err)?;
+        adapter = adapter.supervised(supervised.connection, supervised.table, &supervised.held, connection);
+        link = Some(supervised.link);
+        restarts = supervised.restarts;
+    }
+    let resumed = resume.is_some();
+    let session = match resume {
+        None => {
+            let session = fuser::Session::new(adapter, &mountpoint, &config).map_err(mount_err)?;
+            if let (Some(link), Some(version)) = (&link, session.proto_version()) {
+                let negotiated =
+                    Negotiated { major: version.0, minor: version.1, passthrough: passthrough.load(Ordering::Relaxed) };
+                link.send(&Message::Mounted { negotiated }, &[session.as_fd()]).map_err(mount_err)?;
+            }
+            session
+        }
+        Some((fd, negotiated)) => {
+            let version = fuser::Version(negotiated.major, negotiated.minor);
+            fuser::Session::resume(adapter, fd, config.acl, config.clone(), version)
+        }
+    };
     // The kernel keeps pages across opens: a file fetched again must drop them.
     let notifier = session.notifier();
+    if resumed {
+        // What the predecessor read but never answered comes again, to us.
+        // Before any thread of ours reads: the kernel resends every request
+        // read and not answered, and one of ours would be made twice.
+        match session.notifier().resend() {
+            Ok(()) => log::info!("took over the mount; the kernel resends what was in flight"),
+            Err(e) => log::warn!(
+                "the kernel cannot resend the requests in flight (FUSE_NOTIFY_RESEND, Linux 6.9): {e}; \
+                 their callers wait until the mount ends"
+            ),
+        }
+    }
     let fs = Arc::downgrade(&prepared.fs);
     prepared.fs.fetcher().on_started_over(Box::new(move |index| {
         let ino = fs.upgrade().and_then(|fs| fs.namespace().file_ino(index));
@@ -635,11 +779,12 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             let _ = ended.send(Event::SessionEnded);
         })
         .map_err(mount_err)?;
-
     let answered =
         nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
     if !answered {
-        let _ = detach(&mountpoint);
+        if !resumed {
+            let _ = detach(&mountpoint);
+        }
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
     }
 
@@ -653,6 +798,8 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         let source_name = prepared.source_name.clone();
         let meter = meter.clone();
         let attachment = attachment.clone();
+        let restarts = restarts.clone();
+        let binary = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         Arc::new(move |per_file| {
             let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
             let mut status = crate::status::snapshot(&fs, &context, per_file);
@@ -660,6 +807,11 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
                 status.detached = true;
                 status.holders = attachment.holders();
             }
+            status.supervisor_pid = restarts.supervisor_pid;
+            status.restarts = restarts.count;
+            status.last_restart_reason = restarts.last_reason.clone();
+            status.version = env!("CARGO_PKG_VERSION").into();
+            status.binary = binary.clone();
             status
         })
     };
@@ -681,7 +833,21 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         mountpoint: mountpoint.clone(),
         socket: server.socket(),
         pid: std::process::id(),
+        supervisor: restarts.supervisor_pid,
     })?;
+    if let Some(link) = &link {
+        let reader = link.try_clone().map_err(mount_err)?;
+        let forward = events_tx.clone();
+        std::thread::spawn(move || {
+            loop {
+                let message = reader.recv().ok().flatten().map(|(message, _)| message);
+                let gone = message.is_none();
+                if forward.send(Event::Supervisor(message)).is_err() || gone {
+                    return;
+                }
+            }
+        });
+    }
 
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
@@ -696,15 +862,23 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     });
 
     log::info!(
-        "mounted {} files of {} at {} from {}",
+        "{} {} files of {} at {} from {}",
+        if resumed { "serving" } else { "mounted" },
         prepared.fs.fetcher().files().len(),
         request.imgdir.display(),
         mountpoint.display(),
         prepared.source_name
     );
+    // The supervisor first: once `lazyfs mount` has returned, a crash is one to recover from.
+    if let Some(link) = &link
+        && let Err(e) = link.send(&Message::Serving, &[])
+    {
+        log::warn!("telling the supervisor: {e}");
+    }
     on_ready(&mountpoint);
 
     let mut umount_clients = Vec::new();
+    let mut upgrade_clients = Vec::new();
     // Once unmounted, the session ends unless another mount namespace copied
     // the mount (a private-propagation `unshare`): its copy keeps the
     // connection alive. Past a grace period lazyfs ends anyway; closing
@@ -763,6 +937,37 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
                     );
                 }
             },
+            Event::Control(ControlEvent::Upgrade(mut stream, binary)) => {
+                let Some(link) = &link else {
+                    let refused = "this mount has no supervisor (mounted with -f): it cannot be handed over";
+                    control::upgrade_answer(&mut stream, Some(refused.into()));
+                    continue;
+                };
+                // What arrived so far is kept: the successor need not fetch it again.
+                if let Err(e) = prepared.fs.fetcher().journal().flush() {
+                    log::warn!("flushing the journal before the upgrade: {e}");
+                }
+                match link.send(&Message::Upgrade { binary }, &[]) {
+                    Ok(()) => upgrade_clients.push(stream),
+                    Err(e) => control::upgrade_answer(&mut stream, Some(format!("asking the supervisor: {e}"))),
+                }
+            }
+            Event::Supervisor(Some(Message::UpgradeAnswer { refused })) => {
+                for mut stream in upgrade_clients.drain(..) {
+                    control::upgrade_answer(&mut stream, refused.clone());
+                }
+                if refused.is_none()
+                    && let Some(link) = &link
+                    && let Err(e) = link.send(&Message::Release, &[])
+                {
+                    log::warn!("telling the supervisor: {e}");
+                }
+            }
+            Event::Supervisor(Some(other)) => log::warn!("unexpected message from the supervisor: {other:?}"),
+            Event::Supervisor(None) => {
+                log::warn!("the supervisor is gone: this process serves on, but nothing restarts it if it dies");
+                link = None;
+            }
         }
     }
     if session_ended {

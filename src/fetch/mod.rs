@@ -928,7 +928,7 @@ impl Fetcher {
     /// with `config.jobs > 0` the prefetch workers.
     pub fn start(
         source: Arc<dyn Source>,
-        connection: Box<dyn Connection>,
+        connection: Option<Box<dyn Connection>>,
         files: Vec<Arc<FetchFile>>,
         journal: Journal,
         config: FetchConfig,
@@ -958,7 +958,11 @@ impl Fetcher {
                 shared.send_to_verifier(index);
             }
         }
-        let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
+        // Without one, the first read that needs the source connects.
+        let link = match connection {
+            Some(connection) => lane::Link::with_connection(source.clone(), shared.health.clone(), connection),
+            None => lane::Link::new(source.clone(), shared.health.clone()),
+        };
         lane::spawn_on_demand(link, &source, &shared);
         let recorder = Recorder::new(shared.files.len());
         let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), recorder };

@@ -1,10 +1,12 @@
-//! Where file contents come from: the old host over SSH, or a local directory
-//! holding its root. A [`Source`] opens [`Connection`]s; each lane of the
-//! fetcher owns one, so on-demand reads never queue behind bulk transfers.
+//! Where file contents come from: the old host over SSH, a local directory
+//! holding its root, or what `lazyfs push` put in an object store. A
+//! [`Source`] opens [`Connection`]s; each lane of the fetcher owns one, so
+//! on-demand reads never queue behind bulk transfers.
 
 mod known_hosts;
 mod local;
 mod openssh;
+mod s3;
 mod sftp;
 mod spec;
 mod ssh;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use local::LocalSource;
 use openssh::OpensshSource;
 pub use openssh::remove_own_socket_dirs;
+use s3::S3Source;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use ssh::SshSource;
 
@@ -95,6 +98,11 @@ pub trait Source: Send + Sync {
     /// Nothing needs the source any more: close whatever is kept open for
     /// further connections (a new connection opens it again).
     fn idle(&self) {}
+    /// The index of what `lazyfs push` put there (an object store): it
+    /// vouches for every file's hashes, like a manifest.
+    fn pushed(&self) -> Option<&crate::s3::index::Index> {
+        None
+    }
 }
 
 /// How long a connection may take when no reader waits for it (at mount time).
@@ -245,12 +253,21 @@ pub enum SourceError {
     Auth { user: String, host: String, tried: String },
     #[error("{0}")]
     Config(String),
+    /// An object store's answer; `transient` if a new request may fare better.
+    #[error("{message}")]
+    Store { message: String, transient: bool },
 }
 
 impl SourceError {
     /// Whether retrying on a new connection could succeed.
     pub fn is_connection_lost(&self) -> bool {
-        matches!(self, SourceError::Session { .. } | SourceError::Connect { .. } | SourceError::TimedOut { .. })
+        matches!(
+            self,
+            SourceError::Session { .. }
+                | SourceError::Connect { .. }
+                | SourceError::TimedOut { .. }
+                | SourceError::Store { transient: true, .. }
+        )
     }
 
     pub fn is_timeout(&self) -> bool {
@@ -262,6 +279,11 @@ impl SourceError {
 pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, SourceError> {
     match spec {
         SourceSpec::Local(dir) => Ok(Box::new(LocalSource::new(&dir.join(relative(source_root)))?)),
+        SourceSpec::S3(_) if source_root != Path::new("/") => Err(SourceError::Config(
+            "--source-root is for `lazyfs push` (where it reads the old host's files); an s3:// source holds what it pushed"
+                .into(),
+        )),
+        SourceSpec::S3(url) => Ok(Box::new(S3Source::open(url)?)),
         SourceSpec::Ssh(options) => match (options.transport, which_ssh()) {
             (Transport::Openssh, _) | (Transport::Auto, true) => {
                 Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?))

@@ -4,6 +4,7 @@
 //! Spill files are named by a hash of the original path, never by the path.
 
 mod cache_dir;
+pub mod inodes;
 pub mod journal;
 pub mod local;
 mod new_cache;

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod apps;
 pub mod criu;
+pub mod garage;
 pub mod harness;
 pub mod listing;
 pub mod mount;

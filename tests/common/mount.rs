@@ -82,13 +82,21 @@ pub enum Source<'a> {
         sshd: &'a Sshd,
         root: PathBuf,
     },
+    /// `s3://BUCKET/PREFIX`, reached with these `AWS_*` variables.
+    S3 {
+        url: String,
+        env: Vec<(String, String)>,
+    },
 }
 
 impl Source<'_> {
-    fn add_args(&self, command: &mut Command) {
+    pub fn add_args(&self, command: &mut Command) {
         match self {
             Source::Local(dir) => {
                 command.arg(dir);
+            }
+            Source::S3 { url, env } => {
+                command.arg(url).envs(env.iter().map(|(k, v)| (k, v)));
             }
             Source::Ssh { sshd, root } => {
                 // CI runs the SSH tests once more with `LAZYFS_TEST_SSH=libssh2`.
@@ -149,6 +157,26 @@ impl Mount {
     /// `status --json` once every file is settled (verified, modified or failed).
     pub fn wait_complete(&self) -> Value {
         self.wait_for(|s| s["state"] == "complete", "not complete")
+    }
+
+    /// `kill -9` of the whole mount, supervisor first (killed alone, the
+    /// serving process is replaced on the same mount): the mount goes stale.
+    /// Returns once both are gone.
+    pub fn kill_all(&self) {
+        let status = self.status();
+        for key in ["supervisor_pid", "pid"] {
+            let pid = status[key].as_i64().unwrap() as i32;
+            assert!(pid > 0, "{key}: {status}");
+            // SAFETY: kill(2) of a process this test's mount started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+            {
+                assert!(std::time::Instant::now() < deadline, "{key} {pid} still running");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
     }
 
     pub fn umount(&self) -> Output {
