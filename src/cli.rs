@@ -120,10 +120,22 @@ pub struct MountArgs {
     /// On the source, read file /a/b from DIR/a/b.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub source_root: PathBuf,
-    /// Spill files and state; mounting again with the same dir resumes from it.
+    /// Spill files and state; mounting again with the same dir resumes from it, local changes
+    /// included, whichever way SOURCE is spelled.
     /// [default: a per-mount dir under $XDG_CACHE_HOME/lazyfs, or /var/cache/lazyfs for root]
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Drop every change earlier mounts of the cache dir made (new, renamed, removed files,
+    /// writes). Without it, a cache dir holding local changes to other images, or made under
+    /// another --layout or --subtree, refuses the mount; and a cache dir filled from another
+    /// source fetches nothing from this one. With it, such a cache dir starts afresh.
+    #[arg(long)]
+    pub discard_local_changes: bool,
+    /// Mount a cache dir whose journal is damaged (the mount otherwise refuses, saying where)
+    /// with the records before the damage; what was journaled after it is lost. The damaged
+    /// journal is kept beside it as journal.damaged-SECS.
+    #[arg(long)]
+    pub recover_journal: bool,
     /// Source-side hashes (from `lazyfs manifest`) to verify every chunk against.
     /// [default: IMGDIR/lazyfs.manifest if it exists]
     #[arg(long, value_name = "FILE")]

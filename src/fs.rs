@@ -114,6 +114,9 @@ pub struct FsConfig {
     pub read_only: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The times the checkpoint's files and directories show: the cache
+    /// dir's first mount, the same at every mount.
+    pub created: SystemTime,
 }
 
 /// Who makes a new node: its owner.
@@ -121,6 +124,13 @@ pub struct FsConfig {
 pub struct Creator {
     pub uid: u32,
     pub gid: u32,
+}
+
+/// Whether [`Filesystem::apply`] makes a change or only checks it can be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Check,
+    Make,
 }
 
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
@@ -132,7 +142,7 @@ const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
 
 /// The checkpoint's files plus the local layer: names, attributes and new
 /// files changed through the mount, each change journaled (and the journal
-/// fsynced) before it is acknowledged. The source is never written.
+/// fsynced) before it is made and acknowledged. The source is never written.
 pub struct Filesystem {
     ns: Arc<RwLock<Namespace>>,
     /// The local changes made so far (replayed and new), in order.
@@ -190,16 +200,16 @@ impl Filesystem {
         config: FsConfig,
         tree: Option<Tree>,
     ) -> Result<Self, crate::store::StoreError> {
-        let started = SystemTime::now();
+        let created = config.created;
         // What the images say, until a listing (or the manifest) says more.
         for node in ns.nodes_mut() {
             node.meta = Meta {
                 perm: node.meta.perm,
                 uid: config.uid,
                 gid: config.gid,
-                atime: started,
-                mtime: started,
-                ctime: started,
+                atime: created,
+                mtime: created,
+                ctime: created,
                 ..Meta::default()
             };
             if let NodeKind::File(index) = node.kind {
@@ -226,7 +236,7 @@ impl Filesystem {
             if change.op() == LocalOp::File {
                 fs.local.reopen(change.id)?;
             }
-            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64));
+            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64, Step::Make));
             if let Err(e) = applied {
                 log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
             }
@@ -828,8 +838,8 @@ fn io_error_errno(e: &std::io::Error) -> FsError {
     FsError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
 }
 
-/// The local layer's changes: each made in memory, then journaled and the
-/// journal fsynced, before it is acknowledged.
+/// The local layer's changes: each checked, journaled and the journal
+/// fsynced, then made, before it is acknowledged.
 impl Filesystem {
     fn writable(&self) -> Result<(), FsError> {
         match self.config.read_only {
@@ -980,7 +990,10 @@ impl Filesystem {
         Ok(bytes(&ns.mount_path(parent).join(name)))
     }
 
-    fn new_node(&self, parent: Ino, name: &OsStr, record: Local) -> Result<Attr, FsError> {
+    /// Makes a node as `record` says; with `open`, counts an open of it
+    /// before anyone else can see it (an unlink right after must not take a
+    /// file its creator holds open).
+    fn new_node(&self, parent: Ino, name: &OsStr, record: Local, open: bool) -> Result<Attr, FsError> {
         self.writable()?;
         self.ensure_listed(parent)?;
         let mut ns = self.ns_mut();
@@ -991,6 +1004,9 @@ impl Filesystem {
         let now = Some(nanos(SystemTime::now()));
         let record = Local { path, atime_ns: now, mtime_ns: now, ..record };
         let ino = self.change(&mut ns, record)?.expect("a new node");
+        if open {
+            *self.opens().entry(ino).or_default() += 1;
+        }
         self.attr(&ns, ino)
     }
 
@@ -1001,18 +1017,13 @@ impl Filesystem {
         let id = self.local.create()?;
         let record = Self::node_record(LocalOp::File, mode, by);
         let made = self
-            .new_node(parent, name, Local { id, ..record })
-            .and_then(|attr| Ok((attr, self.local_file(id)?.try_clone().map_err(|e| io_error(&e))?)));
-        match made {
-            Ok(made) => {
-                *self.opens().entry(made.0.ino).or_default() += 1;
-                Ok(made)
-            }
-            Err(e) => {
-                self.local.remove(id);
-                Err(e)
-            }
+            .local_file(id)
+            .and_then(|file| file.try_clone().map_err(|e| io_error(&e)))
+            .and_then(|file| Ok((self.new_node(parent, name, Local { id, ..record }, true)?, file)));
+        if made.is_err() {
+            self.local.remove(id);
         }
+        made
     }
 
     fn node_record(op: LocalOp, mode: u32, by: Creator) -> Local {
@@ -1020,18 +1031,18 @@ impl Filesystem {
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
-        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by))
+        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by), false)
     }
 
     pub fn symlink(&self, parent: Ino, name: &OsStr, target: &Path, by: Creator) -> Result<Attr, FsError> {
         let record = Local { to: bytes(target), ..Self::node_record(LocalOp::Symlink, 0o777, by) };
-        self.new_node(parent, name, record)
+        self.new_node(parent, name, record, false)
     }
 
     /// Only FIFOs: device nodes and sockets have no place in a data mount.
     pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
         match mode & libc::S_IFMT {
-            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by)),
+            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by), false),
             libc::S_IFREG => {
                 let (attr, _) = self.create(parent, name, mode, by)?;
                 self.release(attr.ino);
@@ -1121,7 +1132,7 @@ impl Filesystem {
         };
         let record = Local { op: op.into(), path, name: name.as_bytes().to_vec(), value, flags, ..Local::default() };
         match record.path.is_empty() && ino != ROOT_INO {
-            true => Self::set_xattr(&mut ns, ino, &record),
+            true => Self::set_xattr(&mut ns, ino, &record, Step::Make),
             false => self.change(&mut ns, record).map(drop),
         }
     }
@@ -1139,39 +1150,42 @@ impl Filesystem {
         Ok(node.meta.xattrs.keys().flat_map(|k| k.as_bytes().iter().copied().chain([0])).collect())
     }
 
-    /// Applies `record`, then makes it durable in the journal (naming the
-    /// request it was made for, if any).
+    /// Checks `record` can be made, makes it durable in the journal (naming
+    /// the request it was made for, if any), then makes it, all under the
+    /// namespace's lock: a change the journal cannot hold (a full disk:
+    /// ENOSPC) is never made, and one that is answered is never lost.
     fn change(&self, ns: &mut Namespace, mut record: Local) -> Result<Option<Ino>, FsError> {
         let seq = self.changes.lock().unwrap_or_else(PoisonError::into_inner).len() as u64;
-        let ino = self.apply(ns, &record, seq)?;
+        self.apply(ns, &record, seq, Step::Check)?;
         if let Some((connection, request)) = crate::failover::request::current() {
             (record.connection, record.request) = (connection, request);
         }
-        // The listings the change was made over are durable before it is.
+        // The listings the change is made over are durable before it is.
         if let Some(tree) = &self.tree {
             tree.sync()?;
         }
-        let journal = self.fetcher.journal();
-        journal.local(record.clone());
-        journal.flush()?;
+        self.fetcher.journal().change(record.clone())?;
+        let ino = self.apply(ns, &record, seq, Step::Make)?;
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(record);
         Ok(ino)
     }
 
-    /// Makes the change `record` says, resolving its paths: the same live and
-    /// when a journal is replayed. A new node's inode is returned.
+    /// Makes the change `record` says (or with [`Step::Check`] only finds out
+    /// whether it can be), resolving its paths: the same live and when a
+    /// journal is replayed. A new node's inode is returned.
     /// A directory of the tree on the way that is not listed yet (and does
     /// not have the name) fails with [`FsError::unlisted`], as does the
     /// directory whose names the change changes: the caller lists it and
     /// applies the change again. `seq` numbers the change among the local ones.
-    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64) -> Result<Option<Ino>, FsError> {
+    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64, step: Step) -> Result<Option<Ino>, FsError> {
         let path = Path::new(os(&record.path));
         let op = record.op();
         if matches!(op, LocalOp::Setattr | LocalOp::Setxattr | LocalOp::Removexattr) {
             let ino = Self::walk(ns, path)?;
             return match op {
+                LocalOp::Setattr if step == Step::Check => Ok(None),
                 LocalOp::Setattr => Self::set_meta(ns, ino, record).map(|_| None),
-                _ => Self::set_xattr(ns, ino, record).map(|_| None),
+                _ => Self::set_xattr(ns, ino, record, step).map(|_| None),
             };
         }
         let (parent, name) = Self::split(ns, path)?;
@@ -1186,6 +1200,9 @@ impl Filesystem {
         if let Some(kind) = new_kind {
             if existing.is_some() {
                 return Err(FsError::new(libc::EEXIST, "exists"));
+            }
+            if step == Step::Check {
+                return Ok(None);
             }
             let time = from_nanos(record.mtime_ns.unwrap_or_default());
             let meta = Meta {
@@ -1211,11 +1228,17 @@ impl Filesystem {
                 if Self::child(ns, to_parent, to_name)?.is_some() {
                     return Err(FsError::new(libc::EEXIST, "exists"));
                 }
+                if step == Step::Check {
+                    return Ok(None);
+                }
                 ns.link(ino, to_parent, to_name);
                 touch(ns, to_parent);
             }
             LocalOp::Unlink | LocalOp::Rmdir => {
                 Self::check_removable(ns, ino, op == LocalOp::Rmdir)?;
+                if step == Step::Check {
+                    return Ok(None);
+                }
                 ns.unlink(parent, name);
                 touch(ns, parent);
                 self.drop_if_gone(ns, ino);
@@ -1223,7 +1246,7 @@ impl Filesystem {
             LocalOp::Rename => {
                 let (to_parent, to_name) = Self::split(ns, Path::new(os(&record.to)))?;
                 let target = Self::child(ns, to_parent, to_name)?;
-                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags)?;
+                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags, step)?;
             }
             _ => return Err(FsError::new(libc::EINVAL, format!("unknown local change {}", record.op))),
         }
@@ -1267,6 +1290,7 @@ impl Filesystem {
         (parent, name, ino): (Ino, &OsStr, Ino),
         (to_parent, to_name, target): (Ino, &OsStr, Option<Ino>),
         flags: u32,
+        step: Step,
     ) -> Result<(), FsError> {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "unsupported rename flags"));
@@ -1283,18 +1307,23 @@ impl Filesystem {
         if into_itself(ino, to_parent) || target.is_some_and(|t| into_itself(t, parent)) && flags == RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "a directory cannot move below itself"));
         }
+        match (flags, target) {
+            (RENAME_EXCHANGE, None) => return Err(FsError::new(libc::ENOENT, "nothing to exchange with")),
+            (RENAME_NOREPLACE, Some(_)) => return Err(FsError::new(libc::EEXIST, "exists")),
+            (RENAME_EXCHANGE, _) | (_, None) => {}
+            (_, Some(target)) => Self::check_removable(ns, target, Self::is_dir(ns, ino))?,
+        }
+        if step == Step::Check {
+            return Ok(());
+        }
         if flags == RENAME_EXCHANGE {
-            let target = target.ok_or_else(|| FsError::new(libc::ENOENT, "nothing to exchange with"))?;
+            let target = target.expect("checked above");
             ns.unlink(parent, name);
             ns.unlink(to_parent, to_name);
             ns.link(ino, to_parent, to_name);
             ns.link(target, parent, name);
         } else {
             if let Some(target) = target {
-                if flags == RENAME_NOREPLACE {
-                    return Err(FsError::new(libc::EEXIST, "exists"));
-                }
-                Self::check_removable(ns, target, Self::is_dir(ns, ino))?;
                 ns.unlink(to_parent, to_name);
                 self.drop_if_gone(ns, target);
             }
@@ -1324,20 +1353,21 @@ impl Filesystem {
         Ok(())
     }
 
-    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
+    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local, step: Step) -> Result<(), FsError> {
         let xattrs = &mut Self::node_mut(ns, ino)?.meta.xattrs;
         let name = OsString::from_vec(record.name.clone());
         let exists = xattrs.contains_key(&name);
         match record.op() {
             LocalOp::Removexattr if !exists => return Err(FsError::new(libc::ENODATA, "no such attribute")),
-            LocalOp::Removexattr => {
-                xattrs.remove(&name);
-            }
             _ if exists && record.flags as i32 & XATTR_CREATE != 0 => {
                 return Err(FsError::new(libc::EEXIST, "the attribute exists"));
             }
             _ if !exists && record.flags as i32 & XATTR_REPLACE != 0 => {
                 return Err(FsError::new(libc::ENODATA, "no such attribute"));
+            }
+            _ if step == Step::Check => {}
+            LocalOp::Removexattr => {
+                xattrs.remove(&name);
             }
             _ => {
                 xattrs.insert(name, record.value.clone());

@@ -9,6 +9,7 @@ pub mod failover;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;
+pub mod identity;
 pub mod images;
 pub mod log_sink;
 pub mod manifest;

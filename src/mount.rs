@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -19,15 +19,18 @@ use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
 use crate::fs::{Filesystem, FsConfig, Replay, ServedSpec};
 use crate::fuse::FuseAdapter;
+use crate::identity::{self, CacheIdentity, CheckedSource, SourceIdentity, Verdict};
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
 use crate::recording::{self, Recording, RecordingError};
 use crate::s3::index::Index;
-use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
+use crate::source::Connection;
+use crate::source::{self, Source, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
 use crate::store::inodes::InodeTable;
-use crate::store::journal::{self, Journal, Owner};
+use crate::store::journal::proto::JournalRecord;
+use crate::store::journal::{self, Journal, Loaded, Owner};
 use crate::store::{CacheDir, Store, StoreError};
 use crate::tree::{Tree, TreeFiles};
 
@@ -53,6 +56,10 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("{0}")]
+    Journal(journal::Damage),
 }
 
 impl MountError {
@@ -63,7 +70,8 @@ impl MountError {
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
             | MountError::Manifest(_)
-            | MountError::Recording(_) => exit::BAD_INPUT,
+            | MountError::Recording(_)
+            | MountError::Identity(_) => exit::BAD_INPUT,
             MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
                 exit::BAD_INPUT
             }
@@ -93,6 +101,11 @@ pub struct MountRequest {
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
     pub manifest: Option<PathBuf>,
+    /// Drop the local changes earlier mounts made (and start afresh where
+    /// the cache dir's files are not this mount's).
+    pub discard_local_changes: bool,
+    /// Mount with the records before the damage of a damaged journal.
+    pub recover_journal: bool,
     /// `--recorded-only`: with `--subtree`, only the files the images record.
     pub recorded_only: bool,
 }
@@ -122,11 +135,16 @@ impl MountRequest {
             tar: args.tar,
         };
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
-        source.check_local()?;
         let cache_dir = match &args.cache_dir {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root)?,
+            None => default_cache_dir(&args.imgdir, &source::spelling(&source, &args.source_root))?,
         };
+        // A first mount needs its source: a missing SOURCE or key is said
+        // before anything is made. A remount may not (every file is in the
+        // cache dir: the old host may be gone); it is checked when opened.
+        if CacheDir::open_existing_cache(&cache_dir).is_err() {
+            source.check_local()?;
+        }
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
             imgdir: args.imgdir.clone(),
@@ -150,6 +168,8 @@ impl MountRequest {
                 .manifest
                 .clone()
                 .or_else(|| Some(args.imgdir.join(manifest::DEFAULT_NAME)).filter(|p| p.exists())),
+            discard_local_changes: args.discard_local_changes,
+            recover_journal: args.recover_journal,
             recorded_only: args.recorded_only,
         })
     }
@@ -157,8 +177,10 @@ impl MountRequest {
 
 /// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`; without a
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
-/// where ID names the images and the source, so mounting them again resumes.
-pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Result<PathBuf, MountError> {
+/// where ID names the images and the source (`spelling`: SOURCE and
+/// --source-root normalized, see `source::spelling`), so mounting them again
+/// resumes, however SOURCE is spelled.
+pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/cache/lazyfs")
@@ -171,7 +193,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Res
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
-    for part in [imgdir.as_os_str().as_bytes(), source.as_bytes(), source_root.as_os_str().as_bytes()] {
+    for part in [imgdir.as_os_str().as_bytes(), spelling.as_bytes()] {
         key.extend_from_slice(part);
         key.push(0);
     }
@@ -186,6 +208,11 @@ pub struct Prepared {
     pub source_name: String,
     /// Whose files the cache dir holds.
     owner: Owner,
+    /// The source, and what is known of it (journaled at unmount).
+    source: Arc<CheckedSource>,
+    /// What the journal says of the files this mount does not serve (outside
+    /// its --subtree): kept for the mounts that do.
+    outside: Vec<JournalRecord>,
     /// What the person mounting should know (the mount works regardless).
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
@@ -296,35 +323,68 @@ fn prepare_inner(
     if takeover.is_some() && !resuming {
         ns.numbers_mut().keep_in(store.dir())?;
     }
+    let (spelling, shown) = source::identify(&request.source, &request.source_root);
+    let (wanted, legacy) = wanted_identity(&request, spelling.clone(), shown)?;
+    let (loaded, verdict) = match load_journal(&store, &request, &mut warnings)? {
+        Some(loaded) => {
+            let cache = store.dir().path();
+            let verdict = identity::judge(cache, &loaded, (&wanted, &legacy), request.discard_local_changes)?;
+            (loaded, verdict)
+        }
+        None => (Loaded::default(), Verdict::Afresh("its damaged journal was set aside".into())),
+    };
+    let local = crate::store::local::LocalFiles::open(store.dir())?;
+    let (mut records, mut local_changes) = (loaded.records, loaded.local);
+    let mut created_ns = loaded.owner.created_ns;
+    match &verdict {
+        Verdict::Use => {}
+        Verdict::Afresh(reason) => {
+            warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
+            store.clear_spills()?;
+            local.clear()?;
+            records.clear();
+            local_changes.clear();
+            created_ns = 0;
+        }
+        Verdict::Discard => {
+            let modified = records.values().filter(|r| r.modified).count();
+            warnings.push(format!(
+                "{}: dropping {} local change(s) to names and attributes and the local writes to {modified} file(s) \
+                 (--discard-local-changes)",
+                store.dir().path().display(),
+                local_changes.len()
+            ));
+            records.retain(|_, r| !r.modified);
+            local.clear()?;
+            local_changes.clear();
+        }
+    }
+    if created_ns == 0 {
+        created_ns = nanos_now();
+    }
+    let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if !identity::knows(&identity, &spelling) {
+        log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
+    }
+    let known = identity.source.clone().unwrap_or_default();
     for warning in &warnings {
         log::warn!("{warning}");
     }
-    let (loaded, warning) = journal::load(store.dir())?;
-    if let Some(warning) = warning {
-        log::warn!("{warning}");
-    }
-    let owner = cache_owner(&request)?;
-    let mut records = loaded.records;
-    let mut local_changes = loaded.local;
-    let afresh = loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty());
-    if afresh {
-        let held = match loaded.owner.name.as_str() {
-            "" => "files of an unknown checkpoint".to_string(),
-            name => format!("the files of {name}"),
-        };
-        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().path().display(), owner.name);
-        store.clear_spills()?;
-        records.clear();
-        local_changes.clear();
-    }
-    let source = open_source()?;
-    if let Some(pushed) = source.pushed() {
-        check_pushed_images(&request, pushed, &source.describe())?;
+
+    let mut source = SourceNeeded { open: Some(open_source), spelling, known, source: None, connection: None };
+    // An object store's index (read as it is opened) says what its files are.
+    let store_source = match request.source {
+        SourceSpec::S3(_) => Some(source.open()?),
+        _ => None,
+    };
+    let pushed = store_source.as_deref().and_then(|s| s.pushed());
+    if let (Some(pushed), Some(store_source)) = (pushed, &store_source) {
+        check_pushed_images(&request, pushed, &store_source.describe())?;
     }
     let recording = match (&request.order, given_recording) {
         (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
         (PrefetchOrder::Recorded(None), None) => {
-            let shipped = source.pushed().and_then(|p| p.recording.as_ref());
+            let shipped = pushed.and_then(|p| p.recording.as_ref());
             let (found, warning) =
                 find_recording(&store, shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref())));
             if let Some(warning) = &warning {
@@ -335,8 +395,6 @@ fn prepare_inner(
         }
         _ => None,
     };
-    let mut connection = if resuming { None } else { Some(source.connect()?) };
-
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
         let record = records.get(file.path.as_os_str().as_bytes());
@@ -355,16 +413,20 @@ fn prepare_inner(
             continue;
         }
         // What a store holds is checked against its own index.
-        let expected = match source.pushed() {
+        let expected = match pushed {
             Some(pushed) => pushed.get(&file.source_path).map(|entry| entry.hashes.clone()),
             None => manifest.as_deref().and_then(|m| m.get(&file.path)).cloned(),
         };
-        // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
-        let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
+        // CRIU records no size for some files (O_APPEND opens): ask the
+        // manifest, what arrived of it whole before, or the source.
+        let verified = record.filter(|r| r.verified.is_some()).map(|r| r.size);
+        let size = match file.size.or(expected.as_ref().map(|e| e.size)).or(verified) {
             Some(size) => size,
-            None => match connected(&source, &mut connection)?.stat(&file.source_path) {
+            None => match source.connection().and_then(|c| c.stat(&file.source_path)) {
                 Ok(stat) => stat.size,
-                Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
+                Err(
+                    e @ (SourceError::NotFound { .. } | SourceError::Changed { .. } | SourceError::NotTheSource(_)),
+                ) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));
                     continue;
                 }
@@ -395,25 +457,52 @@ fn prepare_inner(
         };
         files.push(Arc::new(fetch_file));
     }
-    let kept = local_changes.iter().cloned().map(journal::local_record).collect();
-    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
-    let tree = match tree_root {
+    // What this mount does not serve (outside --subtree) stays known.
+    let served_paths: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    let mut kept: Vec<JournalRecord> = records
+        .iter()
+        .filter(|(path, _)| !served_paths.contains(path.as_slice()))
+        .flat_map(|(path, record)| journal::file_records(path, record))
+        .collect();
+    let outside = kept.clone();
+    kept.extend(local_changes.iter().cloned().map(journal::local_record));
+
+    let owner = Owner { identity: Some(identity), created_ns, legacy: Vec::new() };
+    let mut tree = match tree_root {
         Some(root) => {
             let files =
                 TreeFiles { store: store.clone(), records: Mutex::new(records.clone()), manifest: manifest.clone() };
+            let afresh = matches!(verdict, Verdict::Afresh(_));
             let mut tree = Tree::open(store.dir(), &owner, afresh, root, files)?;
             // The root's own attributes: the manifest's (exact), the log's, else the source's.
-            match manifest.as_deref().and_then(|m| m.attrs(root)) {
-                Some(attrs) => tree.set_root(attrs)?,
-                None if tree.root.is_some() => {}
-                None => tree.set_root(connected(&source, &mut connection)?.attrs(root)?)?,
+            if let Some(attrs) = manifest.as_deref().and_then(|m| m.attrs(root)) {
+                tree.set_root(attrs)?;
             }
             Some(tree)
         }
         None => None,
     };
+    let root_unknown = tree.as_ref().is_some_and(|t| t.root.is_none());
+    // A successor comes up without waiting for the source (its lanes connect
+    // when asked), but for the tree root's attributes.
+    let need = match needs_source(&files) || root_unknown {
+        true if resuming && !root_unknown => Need::Later,
+        true => Need::Now,
+        false => Need::Not,
+    };
+    let (checked, mut connection) = source.finish(need, &request.source_arg, &mut warnings)?;
+    if let (Some(tree), Some(root), Some(connection)) = (&mut tree, tree_root, &mut connection)
+        && root_unknown
+    {
+        tree.set_root(connection.attrs(root)?)?;
+    }
+    let owner =
+        Owner { identity: owner.identity.map(|i| CacheIdentity { source: Some(checked.known()), ..i }), ..owner };
+    let resumable = (verdict == Verdict::Use).then_some(loaded.whole_len);
+    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, (kept, resumable))?;
+    checked.on_confirmed(journal.source_recorder());
 
-    let source_name = source.describe();
+    let source_name = checked.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
     let order = match (&request.order, recording) {
         (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
@@ -422,7 +511,7 @@ fn prepare_inner(
         (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
     };
     let fetcher = Fetcher::start(
-        source,
+        checked.clone(),
         connection,
         files,
         journal,
@@ -432,9 +521,9 @@ fn prepare_inner(
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
+        created: from_nanos(created_ns),
     };
     let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
-    let local = crate::store::local::LocalFiles::open(store.dir())?;
     // The tree as built: from now on each number a successor must give again is kept as it is given.
     ns.numbers_mut().settle();
     let held_open = takeover.map(|t| t.held_open).unwrap_or_default();
@@ -445,7 +534,17 @@ fn prepare_inner(
     }
     let mut request = request;
     request.allow_other = allow_other;
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
+    Ok(Prepared {
+        request,
+        fs: Arc::new(fs),
+        store,
+        source_name,
+        owner,
+        source: checked,
+        outside,
+        warnings,
+        _claim: claim,
+    })
 }
 
 /// The inode numbers a manifest made on the old host gives the recorded
@@ -489,17 +588,6 @@ fn needs_allow_other(checkpoint: &Checkpoint) -> bool {
     checkpoint.fsuids.iter().any(|&uid| uid != me)
 }
 
-/// The source's connection, made now if there is none yet.
-fn connected<'a>(
-    source: &Arc<dyn source::Source>,
-    connection: &'a mut Option<Box<dyn source::Connection>>,
-) -> Result<&'a mut Box<dyn source::Connection>, SourceError> {
-    match connection {
-        Some(connection) => Ok(connection),
-        None => Ok(connection.insert(source.connect()?)),
-    }
-}
-
 /// Claims `mountpoint` for this process before anything else is done: of
 /// racing mounts of one mountpoint, the losers stop here, leaving nothing.
 pub fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
@@ -516,21 +604,162 @@ pub fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError
     }
 }
 
-/// Which checkpoint and source a cache dir is for: a blake3 of every image
-/// file (but the memory pages, which are large and say nothing of files), the
-/// source and its root.
-fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
-    let dir = &request.imgdir;
-    let mut hasher = blake3::Hasher::new();
-    crate::images::hash_files(dir, &mut hasher)
+/// Whether a mount of `files`, as the cache dir holds them, needs the
+/// source: once every file is verified or changed locally, the cache is the
+/// source and the old host may be gone.
+fn needs_source(files: &[Arc<FetchFile>]) -> bool {
+    files.iter().any(|f| matches!(f.phase(), Phase::Pending | Phase::Fetching | Phase::Present))
+}
+
+/// What this mount asks its cache dir's files to be (see `identity`), and
+/// what a journal older than identities would say of it.
+fn wanted_identity(
+    request: &MountRequest,
+    spelling: String,
+    shown: Option<source::Shown>,
+) -> Result<(CacheIdentity, Vec<u8>), MountError> {
+    let (images, legacy) = identity::images_hash(&request.imgdir, &request.source_arg, &request.source_root)
         .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
-    for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
-        hasher.update(&[0]).update(part);
+    let identity = CacheIdentity {
+        images,
+        imgdir: request.imgdir.display().to_string(),
+        layout: match request.subtree.is_some() && request.recorded_only && request.layout == Layout::Tree {
+            // Local changes made over the whole directory may name files the images do not.
+            true => "tree --recorded-only".into(),
+            false => identity::layout_name(request.layout).into(),
+        },
+        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        source: Some(SourceIdentity {
+            spellings: vec![spelling],
+            kind: shown.as_ref().map_or("", |s| s.kind).into(),
+            host_keys: shown.as_ref().map(|s| s.host_keys.clone()).unwrap_or_default(),
+            root: shown.map(|s| s.root.into_os_string().into_vec()).unwrap_or_default(),
+        }),
+    };
+    Ok((identity, legacy))
+}
+
+/// The cache dir's journal. A damaged one refuses the mount, unless
+/// `--recover-journal` (keep what comes before the damage) or
+/// `--discard-local-changes` (set it aside: `None`, start afresh) says what to do.
+fn load_journal(
+    store: &Store,
+    request: &MountRequest,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Loaded>, MountError> {
+    let damage = match journal::load(store.dir())? {
+        Ok(loaded) => return Ok(Some(loaded)),
+        Err(damage) => damage,
+    };
+    if request.recover_journal {
+        let kept = journal::keep_intact(store.dir(), &damage)?;
+        warnings.push(format!(
+            "{}: kept the {} record(s) before the damage at byte {}; the damaged journal is kept as {}",
+            damage.path.display(),
+            damage.intact,
+            damage.at,
+            kept.display()
+        ));
+        return journal::load(store.dir())?.map(Some).map_err(MountError::Journal);
     }
-    Ok(Owner {
-        id: hasher.finalize().as_bytes().to_vec(),
-        name: format!("{} from {}", dir.display(), request.source_arg),
-    })
+    if request.discard_local_changes {
+        let aside = journal::set_aside(store.dir(), "discarded")?;
+        warnings.push(format!(
+            "{}: {} (--discard-local-changes: set aside as {}, starting afresh)",
+            damage.path.display(),
+            damage.reason,
+            aside.unwrap_or_default().display()
+        ));
+        return Ok(None);
+    }
+    Err(MountError::Journal(damage))
+}
+
+fn nanos_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn from_nanos(ns: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+}
+
+/// The source, and the connection made to it at mount time, if any.
+type Reached = (Arc<CheckedSource>, Option<Box<dyn Connection>>);
+
+/// When a mount needs its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// To mount (a connection is made, or the mount fails).
+    Now,
+    /// Once something asks (a successor taking a mount over).
+    Later,
+    /// Not at all: every file is in the cache dir.
+    Not,
+}
+
+/// The source, opened (checked on every connection: [`CheckedSource`]) and
+/// connected only if the mount needs it.
+struct SourceNeeded<F> {
+    open: Option<F>,
+    spelling: String,
+    known: SourceIdentity,
+    source: Option<Arc<CheckedSource>>,
+    connection: Option<Box<dyn Connection>>,
+}
+
+impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
+    fn open(&mut self) -> Result<Arc<CheckedSource>, SourceError> {
+        if let Some(source) = &self.source {
+            return Ok(source.clone());
+        }
+        let inner = (self.open.take().expect("opened once"))()?;
+        let source = Arc::new(CheckedSource::new(inner, self.spelling.clone(), self.known.clone()));
+        self.source = Some(source.clone());
+        Ok(source)
+    }
+
+    /// A connection, made at the first call.
+    fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+        if self.connection.is_none() {
+            self.connection = Some(self.open()?.connect()?);
+        }
+        Ok(self.connection.as_mut().expect("connected above").as_mut())
+    }
+
+    /// The source, and a connection to it if the mount needs it now (an
+    /// unreachable source then fails the mount). One that is not the source
+    /// the cache dir was filled from is not fetched from: the files that need
+    /// it fail, saying why, and nothing held is dropped. Not needed, the
+    /// source is not contacted, and need not be there at all.
+    fn finish(mut self, need: Need, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
+        if need == Need::Later {
+            return Ok((self.open()?, self.connection));
+        }
+        if need == Need::Now {
+            return match self.connection() {
+                Ok(_) => Ok((self.open()?, self.connection)),
+                Err(SourceError::NotTheSource(message)) => {
+                    log::warn!("{message}");
+                    warnings.push(message);
+                    Ok((self.open()?, None))
+                }
+                Err(e) => Err(e),
+            };
+        }
+        warnings.push(format!(
+            "every file is in the cache dir: {name} is not contacted (the cache is the source: the old host is no \
+             longer needed)"
+        ));
+        let source = match self.open() {
+            Ok(source) => source,
+            Err(e) => {
+                let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
+                Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
+            }
+        };
+        Ok((source, self.connection))
+    }
 }
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
@@ -1025,8 +1254,11 @@ impl Prepared {
             log::error!("{e}");
         }
         let mut snapshot = fetcher.snapshot();
+        snapshot.extend(self.outside.iter().cloned());
         snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
-        if let Err(e) = Journal::create(self.store.dir(), &self.owner, snapshot, Vec::new()) {
+        let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
+        let owner = Owner { identity, ..self.owner.clone() };
+        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
             log::error!("compacting the journal: {e}");
         }
         // A mount nobody read through keeps the recording of the one before.

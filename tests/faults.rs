@@ -154,7 +154,7 @@ fn kill_9_at_random_moments_then_the_next_mount_resumes_and_verifies() {
 }
 
 #[test]
-fn a_damaged_journal_is_set_aside_and_everything_fetched_again() {
+fn a_damaged_journal_refuses_the_mount_until_recovered() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
     dataset(&env.path("source"), &env.path("images"), &[("/j/a", 500_000)]);
@@ -167,12 +167,17 @@ fn a_damaged_journal_is_set_aside_and_everything_fetched_again() {
     bytes[middle] ^= 0xff;
     std::fs::write(&journal, &bytes).unwrap();
 
-    let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = complete(&again);
-    assert_eq!(status["bytes_prefetched"], 500_000, "the damaged journal was trusted");
+    let refused = env.try_mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{message}");
+    assert!(message.contains(&journal.display().to_string()) && message.contains("--recover-journal"), "{message}");
+    assert_eq!(std::fs::read(&journal).unwrap(), bytes, "nothing changed");
+
+    let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "--recover-journal"]);
+    complete(&again);
     assert!(std::fs::read(again.at("/j/a")).unwrap() == content("/j/a", 500_000));
-    let log = std::fs::read_to_string(again.cache.join("lazyfs.log")).unwrap();
-    assert!(log.contains("set aside"), "{log}");
+    let kept = std::fs::read_dir(&again.cache).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name());
+    assert!(kept.into_iter().any(|n| n.to_string_lossy().starts_with("journal.damaged-")), "the damaged journal kept");
 }
 
 #[test]

@@ -197,6 +197,8 @@ struct Owned {
     removed: bool,
     /// Requests for it the source left unanswered while answering others.
     timeouts: u32,
+    /// Its `Modified` record is known to be durable (a write is answered only then).
+    modified_durable: bool,
 }
 
 struct Waiter {
@@ -240,12 +242,13 @@ impl FetchFile {
                 generation: 0,
                 in_flight: HashSet::new(),
                 waiters: Vec::new(),
-                phase,
                 baseline: None,
                 restarts: 0,
                 timeouts: 0,
                 read_whole: false,
                 removed: false,
+                modified_durable: phase == Phase::Modified,
+                phase,
             }),
         }
     }
@@ -351,11 +354,12 @@ impl FetchFile {
 
     /// The claim could not be fetched. With `whole_file`, the file fails for
     /// good; otherwise only the readers of these chunks are told. A claim of
-    /// an older generation was dropped with it: nothing to do.
+    /// an older generation was dropped with it, and a file changed locally no
+    /// longer depends on the source: nothing to do.
     fn fail(&self, claim: &Claim, error: &FetchError, whole_file: bool) {
         let failed: Vec<Waiter> = {
             let mut state = self.lock();
-            if state.generation != claim.generation {
+            if state.generation != claim.generation || state.phase == Phase::Modified {
                 return;
             }
             for chunk in claim.chunks.clone() {
@@ -376,11 +380,27 @@ impl FetchFile {
         }
     }
 
-    /// Fails the file for good (nothing was claimed).
+    /// Fails the file for good (nothing was claimed), unless it was changed
+    /// locally (see [`FetchFile::fail`]).
     fn fail_file(&self, message: String) {
-        log::error!("{message}");
         let generation = self.lock().generation;
+        self.fail_in(generation, message);
+    }
+
+    /// [`FetchFile::fail_file`] if it is still in generation `generation`.
+    fn fail_in(&self, generation: u64, message: String) {
+        log::error!("{message}");
         self.fail(&Claim { generation, chunks: 0..0 }, &FetchError::new(message), true);
+    }
+
+    /// Gives back the disk blocks of a claim that could not land (the cache
+    /// filesystem is full), if the claim still holds: under the lock, so
+    /// never bytes a restart or a local write put there since.
+    fn give_back(&self, claim: &Claim) {
+        let state = self.lock();
+        if state.generation == claim.generation && !state.phase.is_settled() {
+            self.spill.discard(self.chunk_bytes(claim.chunks.clone()));
+        }
     }
 
     fn mark_read_whole(&self) {
@@ -697,7 +717,7 @@ impl Shared {
             Err(FetchFailure::Store(e)) if e.is_no_space() => {
                 // Not the file's fault: give the blocks back, tell the readers
                 // waiting, and try again once there may be room.
-                file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
+                file.give_back(claim);
                 let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
                 self.health.cache_full(Some(reason.clone()));
                 if self.prefetching.load(Ordering::Relaxed) {
@@ -924,7 +944,8 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// Starts the lanes: the on-demand lane on `connection` (opened at mount
-    /// time, so an unreachable source fails the mount), the verifier, and
+    /// time, so an unreachable source fails the mount; none where no file
+    /// needs the source: it connects when first needed), the verifier, and
     /// with `config.jobs > 0` the prefetch workers.
     pub fn start(
         source: Arc<dyn Source>,
@@ -977,11 +998,8 @@ impl Fetcher {
     /// (after the checkpoint's own files).
     pub fn add_file(&self, file: FetchFile) -> usize {
         let shared = &self.shared;
-        let journal_file = journal::JournalFile {
-            path: file.path_bytes().to_vec(),
-            size: file.size,
-            spill: file.spill.path().to_path_buf(),
-        };
+        let journal_file =
+            journal::JournalFile { path: file.path_bytes().to_vec(), size: file.size, spill: file.spill.location() };
         let (size, present) = (file.size, file.phase() == Phase::Present);
         let index = shared.files.push(Arc::new(file));
         shared.journal.add_file(index, journal_file);
@@ -1070,9 +1088,11 @@ impl Fetcher {
         self.shared.files.len()
     }
 
-    /// Why the mount is degraded (the source not answering, the cache full).
+    /// Why the mount is degraded (the source not answering or not the one
+    /// the cache dir's files come from, the cache full).
     pub fn degraded(&self) -> Option<String> {
-        self.shared.health.degraded()
+        let health = self.shared.health.degraded();
+        health.or_else(|| self.source.refusal()).or_else(|| self.shared.journal.refusing())
     }
 
     pub fn prefetching(&self) -> bool {
@@ -1129,15 +1149,12 @@ impl Fetcher {
         let all = 0..self.shared.files.get(index).chunk_count();
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
+            shared.make_local(index, state)?;
             file.spill.write_at(offset, &data)?;
             state.len = state.len.max(offset + data.len() as u64);
-            Ok((data.len() as u32, shared.made_local(index, state)))
+            Ok(data.len() as u32)
         };
-        let shared = self.shared.clone();
-        let done = Box::new(move |result: Result<(u32, bool), FetchError>| {
-            reply(result.and_then(|(written, newly)| shared.durable(newly, written)))
-        });
-        with_present(&self.shared, index, all, op, done)
+        with_present(&self.shared, index, all, op, reply)
     }
 
     /// Truncates (or extends) file `index` to `size`, locally, once the bytes
@@ -1146,6 +1163,7 @@ impl Fetcher {
         let keep = self.shared.files.get(index).chunks_of(0, size);
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
+            shared.make_local(index, state)?;
             file.spill.set_len(size)?;
             state.len = size;
             // What was not fetched is gone: the file is local from here on,
@@ -1153,19 +1171,16 @@ impl Fetcher {
             state.generation += 1;
             state.in_flight.clear();
             state.presence.mark(0..file.chunk_count());
-            let newly = shared.made_local(index, state);
-            Ok((size, newly, std::mem::take(&mut state.waiters)))
+            Ok((size, std::mem::take(&mut state.waiters)))
         };
-        let shared = self.shared.clone();
-        let done = Box::new(move |result: Result<(u64, bool, Vec<Waiter>), FetchError>| {
-            let result = result.and_then(|(size, newly, waiters)| {
+        let done = Box::new(move |result: Result<(u64, Vec<Waiter>), FetchError>| {
+            reply(result.map(|(size, waiters)| {
                 // Every chunk is "present" now: whoever waited reads the new length.
                 for waiter in waiters {
                     (waiter.done)(Ok(()));
                 }
-                shared.durable(newly, size)
-            });
-            reply(result)
+                size
+            }))
         });
         with_present(&self.shared, index, keep, op, done)
     }
@@ -1222,23 +1237,20 @@ impl Shared {
             })
     }
 
-    /// The file (locked as `state`) was just changed locally: it is local from
-    /// now on. Whether it was not before (its journal record is then sent).
-    fn made_local(&self, index: usize, state: &mut Owned) -> bool {
-        let newly = state.phase != Phase::Modified;
+    /// File `index` (locked as `state`) is about to be changed locally: it
+    /// is local from then on. Returns once the journal durably says so, or
+    /// why it cannot (the change must then not be made): a local change to a
+    /// checkpoint's file is journaled before it is made, like any other. The
+    /// fsync is paid once, under the file's lock.
+    fn make_local(&self, index: usize, state: &mut Owned) -> Result<(), FetchError> {
+        if state.modified_durable {
+            return Ok(());
+        }
+        self.journal.modified(self.files.get(index).path_bytes());
+        self.journal.flush()?;
         state.phase = Phase::Modified;
-        if newly {
-            self.journal.modified(self.files.get(index).path_bytes());
-        }
-        newly
-    }
-
-    /// `value`, once the journal has on disk what a local change sent it.
-    fn durable<T>(&self, newly: bool, value: T) -> Result<T, FetchError> {
-        if newly {
-            self.journal.flush().map_err(|e| FetchError::new(e.to_string()))?;
-        }
-        Ok(value)
+        state.modified_durable = true;
+        Ok(())
     }
 }
 
@@ -1281,24 +1293,30 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now
-/// (and the records `kept`).
+/// (and the records `kept`). Where the cache filesystem has no room for the
+/// new journal and the old one's records are this mount's as they are
+/// (`resumable`: where they end), it goes on appending to the old one.
 pub fn create_journal(
     dir: &CacheDir,
     owner: &Owner,
     files: &[Arc<FetchFile>],
-    kept: Vec<JournalRecord>,
+    (kept, resumable): (Vec<JournalRecord>, Option<u64>),
 ) -> Result<Journal, StoreError> {
-    let journal_files = files
-        .iter()
-        .map(|f| journal::JournalFile {
-            path: f.path_bytes().to_vec(),
-            size: f.size,
-            spill: f.spill.path().to_path_buf(),
-        })
-        .collect();
+    let journal_files = || {
+        files
+            .iter()
+            .map(|f| journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill: f.spill.location() })
+            .collect()
+    };
     let mut records = snapshot(files);
     records.extend(kept);
-    Journal::create(dir, owner, records, journal_files)
+    match (Journal::create(dir, owner, records, journal_files()), resumable) {
+        (Err(e), Some(whole_len)) if e.is_no_space() => {
+            log::warn!("{e}: no room to compact the journal: appending to it as it is");
+            Journal::resume(dir, owner, whole_len, journal_files())
+        }
+        (created, _) => created,
+    }
 }
 
 #[cfg(test)]

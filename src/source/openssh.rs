@@ -45,6 +45,9 @@ pub struct OpensshSource {
     /// The master every connection's session rides on; None where the user's
     /// config has a ControlPath of its own (that one then serves).
     mux: Option<Arc<Mux>>,
+    /// Where `ssh` looks up the host's keys, and under which name: what a
+    /// connection shows of the host (`ssh` checked its key against them).
+    known_hosts: (Vec<PathBuf>, String),
 }
 
 /// A master `ssh` of the source's own (`-M -N`), its socket in a private
@@ -153,7 +156,27 @@ impl OpensshSource {
         );
         // `ssh -G` prints no controlpath where none is set.
         let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
-        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, connect_timeout, tar: Arc::default(), mux })
+        let known_hosts = known_hosts_of(&resolved, &options);
+        Ok(OpensshSource {
+            options,
+            root: root.to_path_buf(),
+            args,
+            label,
+            connect_timeout,
+            tar: Arc::default(),
+            mux,
+            known_hosts,
+        })
+    }
+
+    /// The host's keys as the known_hosts files `ssh` checks list them.
+    fn host_keys(&self) -> Vec<String> {
+        let (files, name) = &self.known_hosts;
+        let known = files.iter().filter_map(|file| super::known_hosts::KnownHosts::load(file).ok());
+        let mut keys: Vec<String> = known.flat_map(|k| k.keys(name)).collect();
+        keys.sort();
+        keys.dedup();
+        keys
     }
 
     /// `ssh` with this source's options, given up connecting by `deadline`
@@ -269,7 +292,8 @@ impl Source for OpensshSource {
         let remote =
             Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
         let tar = (self.tar.clone(), self.options.tar);
-        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), tar, &self.root, self.label.clone())?))
+        let shown = (self.host_keys(), self.label.clone());
+        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), tar, &self.root, shown)?))
     }
 
     fn describe(&self) -> String {
@@ -373,8 +397,54 @@ fn passwd_ssh_dir() -> Option<PathBuf> {
     Some(user.dir.join(".ssh"))
 }
 
+/// User, host name and port of `options`' host as `ssh -G` resolves them.
+pub(super) fn target(options: &SshOptions) -> Result<(String, String, u16), SourceError> {
+    let resolved = resolve(&base_args(options), &options.alias)?;
+    let get = |key: &str| resolved.get(key).cloned();
+    Ok((
+        get("user").unwrap_or_else(|| options.user.clone()),
+        get("hostname").unwrap_or_else(|| options.host.clone()),
+        get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port),
+    ))
+}
+
+/// The known_hosts files `ssh` checks the host's key against (`~` as the
+/// home lazyfs uses), and the name it looks the host up by.
+fn known_hosts_of(resolved: &HashMap<String, String>, options: &SshOptions) -> (Vec<PathBuf>, String) {
+    let home = options.given.ssh_dir.as_deref().and_then(Path::parent);
+    let files = ["userknownhostsfile", "globalknownhostsfile"]
+        .iter()
+        .filter_map(|key| resolved.get(*key))
+        .flat_map(|list| list.split_whitespace())
+        .map(|file| match (file.strip_prefix("~/"), home) {
+            (Some(rest), Some(home)) => home.join(rest),
+            _ => PathBuf::from(file),
+        })
+        .collect();
+    let port = resolved.get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port);
+    let host = resolved.get("hostname").cloned().unwrap_or_else(|| options.host.clone());
+    let name = resolved.get("hostkeyalias").cloned().unwrap_or_else(|| super::known_hosts::host_name(&host, port));
+    (files, name)
+}
+
+/// What `ssh -G` said, per command line: a mount asks twice (its source's
+/// spelling, then the source itself), and each run costs a process (30 ms
+/// on a loaded machine).
+type Resolved = HashMap<(Vec<OsString>, String), HashMap<String, String>>;
+static RESOLVED: std::sync::LazyLock<Mutex<Resolved>> = std::sync::LazyLock::new(Mutex::default);
+
 /// The host's settings as `ssh -G` resolves them from the config.
 fn resolve(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
+    let key = (args.to_vec(), alias.to_string());
+    if let Some(resolved) = RESOLVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
+        return Ok(resolved.clone());
+    }
+    let resolved = resolve_now(args, alias)?;
+    RESOLVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, resolved.clone());
+    Ok(resolved)
+}
+
+fn resolve_now(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
     let out = Command::new("ssh").args(args).args(["-G", "--", alias]).stdin(Stdio::null()).output().map_err(|e| {
         SourceError::Config(format!("cannot run ssh ({e}): install openssh-client, or give --ssh libssh2"))
     })?;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub use cache_dir::CacheDir;
 pub use new_cache::NewCache;
 pub use open::OpenSpills;
-pub use spill::{HASH_WINDOW, Presence, SpillFile, read_full, sync_path};
+pub use spill::{HASH_WINDOW, Presence, SpillFile, read_full};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself

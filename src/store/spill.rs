@@ -154,9 +154,15 @@ impl SpillFile {
     }
 
     /// Makes what was written durable (a closed spill file is opened for
-    /// it: fsync covers every write to the file, through any descriptor).
+    /// it through its directory's descriptor: fsync covers every write to
+    /// the file, through any descriptor).
     pub fn sync(&self) -> Result<(), StoreError> {
-        sync_path(&self.path)
+        self.dir.sync_file(&self.name)
+    }
+
+    /// Its directory and name, for syncing it without holding it open.
+    pub fn location(&self) -> (Arc<CacheDir>, String) {
+        (self.dir.clone(), self.name.clone())
     }
 
     /// The blake3 of the first `len` bytes, read a window at a time.
@@ -174,18 +180,6 @@ impl SpillFile {
             offset += take as u64;
         }
         Ok(hasher.finalize())
-    }
-}
-
-/// fsyncs the data of the spill file at `path`, never through a symbolic
-/// link (one never created holds nothing to sync).
-pub fn sync_path(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    match File::options().read(true).custom_flags(flags).open(path) {
-        Ok(file) => file.sync_data().map_err(io_err(path)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(path)(e)),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod harness;
 pub mod listing;
 pub mod mount;
 pub mod sshd;
+pub mod tmpfs;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

@@ -51,7 +51,28 @@ impl TestEnv {
 
     /// Mounts `imgdir` from `source` on `mnt/NAME`; panics if it fails.
     pub fn mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Mount {
-        let out = self.try_mount(name, imgdir, source, extra);
+        self.mounted(name, &self.try_mount(name, imgdir, source, extra))
+    }
+
+    /// `lazyfs mount` of `imgdir` on `mnt/NAME` from SOURCE spelled `target`
+    /// (another spelling of `sshd`: its key and known_hosts go with it).
+    pub fn mount_spelled(&self, name: &str, imgdir: &Path, sshd: &Sshd, target: &str, extra: &[&str]) -> Output {
+        let mountpoint = self.path("mnt").join(name);
+        if std::fs::symlink_metadata(&mountpoint).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            std::fs::create_dir_all(&mountpoint).unwrap();
+        }
+        let mut command = self.lazyfs();
+        command.arg("mount").arg(&mountpoint).arg(imgdir).arg(target);
+        if let Some(transport) = std::env::var_os("LAZYFS_TEST_SSH") {
+            command.arg("--ssh").arg(transport);
+        }
+        command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
+        command.arg("--cache-dir").arg(self.path("cache").join(name)).args(extra);
+        command.output().unwrap()
+    }
+
+    /// The mount on `mnt/NAME` a successful `out` made.
+    pub fn mounted(&self, name: &str, out: &Output) -> Mount {
         assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
         Mount {
             mountpoint: self.path("mnt").join(name),
@@ -141,6 +162,12 @@ impl Mount {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `status --json`, if the mount answers.
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.lazyfs().arg("status").arg(&self.mountpoint).arg("--json").output().ok()?;
+        serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())
+    }
+
     /// `status --json` once `done` holds of it (panics with `what` after 120 s).
     pub fn wait_for(&self, done: impl Fn(&Value) -> bool, what: &str) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -169,13 +196,7 @@ impl Mount {
             assert!(pid > 0, "{key}: {status}");
             // SAFETY: kill(2) of a process this test's mount started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-            {
-                assert!(std::time::Instant::now() < deadline, "{key} {pid} still running");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            wait_gone(pid);
         }
     }
 
@@ -301,6 +322,15 @@ pub fn end_processes(pids: &[i32]) -> Vec<i32> {
         }
     }
     signalled
+}
+
+/// Waits until process `pid` is gone (or a zombie).
+pub fn wait_gone(pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_alive(pid) {
+        assert!(std::time::Instant::now() < deadline, "process {pid} still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Whether anything is mounted at `path` (from /proc/self/mountinfo).
