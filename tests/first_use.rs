@@ -148,6 +148,38 @@ fn mistakes_are_said_as_such_before_anything_is_made() {
     assert!(stderr(&out).contains("not a lazyfs mount"), "{}", stderr(&out));
 }
 
+/// A local SOURCE that went away is said as such only when the mount needs
+/// it: a remount whose every file is in the cache dir serves without it.
+#[test]
+fn a_missing_local_source_is_a_mistake_only_when_the_mount_needs_it() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/g/a", 5000), ("/g/b", 7000)]);
+    let source = Source::Local(env.path("source"));
+    let mount = env.mount("m", &env.path("images"), &source, &["--prefetch"]);
+    mount.wait_complete();
+    assert!(mount.umount().status.success());
+    drop(mount);
+    let early = env.mount("early", &env.path("images"), &source, &[]);
+    assert!(early.umount().status.success());
+    drop(early);
+    std::fs::rename(env.path("source"), env.path("gone")).unwrap();
+
+    let out = env.try_mount("m", &env.path("images"), &source, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no longer needed"), "{}", stderr(&out));
+    let mount = env.mounted("m", &out);
+    let read = std::fs::read(env.path("mnt/m/g/b")).unwrap();
+    assert_eq!(read, std::fs::read(env.path("gone/g/b")).unwrap());
+    assert!(mount.umount().status.success());
+
+    // Nothing was fetched into this one: it needs the source, and says which.
+    let out = env.try_mount("early", &env.path("images"), &source, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = format!("SOURCE {}: no such directory", env.path("source").display());
+    assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    assert!(env.path("cache/early/lazyfs.log").exists(), "the earlier mount's cache dir was removed");
+}
+
 /// A mount that fails leaves no cache dir it made (bad usage, or a source
 /// that cannot be reached once the cache dir was made); one an earlier mount
 /// made is kept, with the failed attempt in its log. No mount leaves its
