@@ -734,7 +734,9 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
     /// source is not contacted, and need not be there at all.
     fn finish(mut self, need: Need, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
         if need == Need::Later {
-            return Ok((self.open()?, self.connection));
+            // A successor must take the mount over whatever became of the
+            // source: what is cached is served, what is not fails saying why.
+            return Ok((self.open_or_unopened(name), self.connection));
         }
         if need == Need::Now {
             return match self.connection() {
@@ -751,14 +753,16 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
             "every file is in the cache dir: {name} is not contacted (the cache is the source: the old host is no \
              longer needed)"
         ));
-        let source = match self.open() {
-            Ok(source) => source,
-            Err(e) => {
-                let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
-                Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
-            }
-        };
-        Ok((source, self.connection))
+        Ok((self.open_or_unopened(name), self.connection))
+    }
+
+    /// The source, or one whose every connection fails saying why it could
+    /// not be opened (a local SOURCE or `-i` file gone since the first mount).
+    fn open_or_unopened(&mut self, name: &str) -> Arc<CheckedSource> {
+        self.open().unwrap_or_else(|e| {
+            let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
+            Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
+        })
     }
 }
 

@@ -433,3 +433,28 @@ fn a_successor_gives_a_lazily_listed_tree_the_numbers_the_kernel_holds() {
     drop(opened);
     umount(&mount);
 }
+
+/// A successor takes the mount over even when its source can no longer be
+/// opened (a local SOURCE gone since the mount): what is cached is served,
+/// and a read that needs the source fails (EIO), not the takeover.
+#[test]
+fn a_successor_takes_over_when_the_source_can_no_longer_be_opened() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/s/read", 40_000), ("/s/unread", 40_000)]);
+    let expected = std::fs::read(env.path("source/s/read")).unwrap();
+    let source = Source::Local(env.path("source"));
+    let mount = env.mount("m", &env.path("images"), &source, &["--reconnect-timeout", "2"]);
+    let held = std::fs::File::open(mount.at("/s/read")).unwrap();
+    assert_eq!(std::fs::read(mount.at("/s/read")).unwrap(), expected);
+    std::fs::rename(env.path("source"), env.path("gone")).unwrap();
+
+    let status = kill_serving(&mount);
+    assert_eq!(status["restarts"], 1, "{status}");
+    let mut again = vec![0u8; expected.len()];
+    held.read_exact_at(&mut again, 0).unwrap();
+    assert_eq!(again, expected, "the cached file through a descriptor opened before the crash");
+    let err = std::fs::read(mount.at("/s/unread")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(held);
+    umount(&mount);
+}
