@@ -456,5 +456,11 @@ fn a_successor_takes_over_when_the_source_can_no_longer_be_opened() {
     let err = std::fs::read(mount.at("/s/unread")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     drop(held);
-    umount(&mount);
+    // The kernel's readahead of that file may still wait out the reconnect
+    // timeout, keeping the mount busy a moment longer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mount.umount().status.success() {
+        assert!(Instant::now() < deadline, "still busy");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
