@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -965,19 +965,28 @@ pub fn serve(
         restarts = supervised.restarts;
     }
     let resumed = resume.is_some();
-    let session = match resume {
+    let (session, attachment) = match resume {
         None => {
             let session = fuser::Session::new(adapter, &mountpoint, &config).map_err(mount_err)?;
+            let attachment = Attachment::of(&mountpoint).map_err(mount_err)?;
             if let (Some(link), Some(version)) = (&link, session.proto_version()) {
-                let negotiated =
-                    Negotiated { major: version.0, minor: version.1, passthrough: passthrough.load(Ordering::Relaxed) };
+                let (device, mount_id) = attachment.numbers();
+                let negotiated = Negotiated {
+                    major: version.0,
+                    minor: version.1,
+                    passthrough: passthrough.load(Ordering::Relaxed),
+                    device,
+                    mount_id,
+                };
                 link.send(&Message::Mounted { negotiated }, &[session.as_fd()]).map_err(mount_err)?;
             }
-            session
+            (session, Some(attachment))
         }
         Some((fd, negotiated)) => {
             let version = fuser::Version(negotiated.major, negotiated.minor);
-            fuser::Session::resume(adapter, fd, config.acl, config.clone(), version)
+            let attachment =
+                (negotiated.device != 0).then(|| Attachment::known(negotiated.device, negotiated.mount_id));
+            (fuser::Session::resume(adapter, fd, config.acl, config.clone(), version), attachment)
         }
     };
     // The kernel keeps pages across opens: a file fetched again must drop them.
@@ -1015,19 +1024,29 @@ pub fn serve(
             let _ = ended.send(Event::SessionEnded);
         })
         .map_err(mount_err)?;
-    let answered =
-        nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
+    // A detached mount (`umount -l`) a predecessor served is served on, for
+    // the files still open under it: its path shows something else now.
+    let detached = attachment.as_ref().is_some_and(Attachment::is_detached);
+    let answered = detached
+        || nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
     if !answered {
         if !resumed {
             let _ = detach(&mountpoint);
         }
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
     }
-
-    let attachment = Arc::new(Attachment::of(&mountpoint).map_err(mount_err)?);
+    if detached {
+        log::info!("the mount was detached: serving the files still open under it");
+    }
+    let attachment = Arc::new(match attachment {
+        Some(attachment) => attachment,
+        None => Attachment::of(&mountpoint).map_err(mount_err)?,
+    });
     let started = Instant::now();
     let meter = Arc::new(crate::status::Meter::new());
     sample_rate(&prepared.fs, &meter);
+    // 0 once the supervisor is gone: nothing restarts the mount then.
+    let supervisor_pid = Arc::new(AtomicU32::new(restarts.supervisor_pid));
     let status = {
         let fs = prepared.fs.clone();
         let request = request.clone();
@@ -1035,6 +1054,7 @@ pub fn serve(
         let meter = meter.clone();
         let attachment = attachment.clone();
         let restarts = restarts.clone();
+        let supervisor_pid = supervisor_pid.clone();
         let binary = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         Arc::new(move |per_file| {
             let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
@@ -1043,7 +1063,7 @@ pub fn serve(
                 status.detached = true;
                 status.holders = attachment.holders();
             }
-            status.supervisor_pid = restarts.supervisor_pid;
+            status.supervisor_pid = supervisor_pid.load(Ordering::Relaxed);
             status.restarts = restarts.count;
             status.last_restart_reason = restarts.last_reason.clone();
             status.version = env!("CARGO_PKG_VERSION").into();
@@ -1065,12 +1085,13 @@ pub fn serve(
             let _ = forward.send(Event::Control(event));
         }
     });
-    registry::register(&registry::Entry {
+    let mut entry = registry::Entry {
         mountpoint: mountpoint.clone(),
         socket: server.socket(),
         pid: std::process::id(),
         supervisor: restarts.supervisor_pid,
-    })?;
+    };
+    registry::register(&entry)?;
     if let Some(link) = &link {
         let reader = link.try_clone().map_err(mount_err)?;
         let forward = events_tx.clone();
@@ -1175,7 +1196,13 @@ pub fn serve(
             },
             Event::Control(ControlEvent::Upgrade(mut stream, binary)) => {
                 let Some(link) = &link else {
-                    let refused = "this mount has no supervisor (mounted with -f): it cannot be handed over";
+                    let refused = match restarts.supervisor_pid {
+                        0 => "this mount has no supervisor (mounted with -f): it cannot be handed over",
+                        _ => {
+                            "this mount's supervisor is gone (killed?): it cannot be handed over; \
+                              `lazyfs umount` it and mount again"
+                        }
+                    };
                     control::upgrade_answer(&mut stream, Some(refused.into()));
                     continue;
                 };
@@ -1203,6 +1230,11 @@ pub fn serve(
             Event::Supervisor(None) => {
                 log::warn!("the supervisor is gone: this process serves on, but nothing restarts it if it dies");
                 link = None;
+                supervisor_pid.store(0, Ordering::Relaxed);
+                entry.supervisor = 0;
+                if let Err(e) = registry::register(&entry) {
+                    log::warn!("{e}");
+                }
             }
         }
     }
