@@ -843,18 +843,22 @@ fn a_crash_while_an_upgrade_is_checked_is_recovered_at_once() {
         .unwrap();
     // The supervisor is running the check (`--version`).
     let checking = || {
-        std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        std::fs::read_dir("/proc").unwrap().flatten().find_map(|p| {
             let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
             let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i64>().ok());
-            ppid == Some(supervisor)
-                && std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c.windows(9).any(|w| w == b"--version"))
+            let check = ppid == Some(supervisor)
+                && std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c.windows(9).any(|w| w == b"--version"));
+            check.then(|| p.file_name().to_str()?.parse::<i32>().ok()).flatten()
         })
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !checking() {
+    let check = loop {
+        if let Some(check) = checking() {
+            break check;
+        }
         assert!(Instant::now() < deadline, "the supervisor never ran the check");
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     let started = Instant::now();
     kill_serving_as_of(&mount, &before);
     uncached(&file);
@@ -864,6 +868,11 @@ fn a_crash_while_an_upgrade_is_checked_is_recovered_at_once() {
     // SAFETY: kill(2) of the `lazyfs upgrade` this test started.
     unsafe { libc::kill(upgrade.id() as i32, libc::SIGKILL) };
     let _ = upgrade.wait();
+    // The supervisor leaves its check running once the client is gone (not
+    // this test's subject): ended here, as the test started it.
+    let mut left = common::sshd::descendants(check);
+    left.push(check);
+    common::mount::end_processes(&left);
     assert!(paused < Duration::from_secs(5), "a read after the crash waited {paused:?} for the upgrade check");
 }
 
