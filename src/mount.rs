@@ -173,7 +173,8 @@ impl MountRequest {
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
 /// where ID names the images and the source (`spelling`: SOURCE and
 /// --source-root normalized, see `source::spelling`), so mounting them again
-/// resumes, however SOURCE is spelled.
+/// resumes whatever the normalization makes equal (not two host names of one
+/// host: those are told apart only by the host-key check of a given cache dir).
 pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
@@ -351,8 +352,6 @@ fn prepare_inner(
         Verdict::Use => {}
         Verdict::Afresh(reason) => {
             warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
-            store.clear_spills()?;
-            local.clear()?;
             records.clear();
             local_changes.clear();
             created_ns = 0;
@@ -366,7 +365,6 @@ fn prepare_inner(
                 local_changes.len()
             ));
             records.retain(|_, r| !r.modified);
-            local.clear()?;
             local_changes.clear();
         }
     }
@@ -374,6 +372,26 @@ fn prepare_inner(
         created_ns = nanos_now();
     }
     let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if verdict != Verdict::Use {
+        // The journal stops claiming what is dropped before it goes: a crash
+        // in between must not leave records of bytes no longer there. With
+        // no room for a copy, what it knew of fetched bytes goes too (they
+        // are fetched again); so it does when nothing is kept.
+        let kept: Vec<JournalRecord> =
+            records.iter().flat_map(|(path, record)| journal::file_records(path, record)).collect();
+        let owner = Owner { identity: Some(identity.clone()), created_ns, legacy: Vec::new() };
+        match kept.is_empty() {
+            true => journal::remove(store.dir())?,
+            false => match journal::rewrite(store.dir(), &owner, &kept) {
+                Err(e) if e.is_no_space() => journal::remove(store.dir())?,
+                other => other?,
+            },
+        }
+        if matches!(verdict, Verdict::Afresh(_)) {
+            store.clear_spills()?;
+        }
+        local.clear()?;
+    }
     if !identity::knows(&identity, &spelling) {
         log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
     }
@@ -641,7 +659,7 @@ fn wanted_identity(
             true => "tree --recorded-only".into(),
             false => identity::layout_name(request.layout).into(),
         },
-        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        subtree: identity::subtree_name(request.subtree.as_deref().unwrap_or(Path::new("/"))),
         source: Some(SourceIdentity {
             spellings: vec![spelling],
             kind: shown.as_ref().map_or("", |s| s.kind).into(),
@@ -1295,11 +1313,16 @@ impl Prepared {
         }
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.outside.iter().cloned());
-        snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
+        // The local layer as it is, not every change that led there: a
+        // replay takes as long as what is there, not as the mount's history.
+        let (local_changes, gone_files) = self.fs.compacted_local_changes();
+        snapshot.extend(local_changes.into_iter().map(journal::local_record));
         let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
         let owner = Owner { identity, ..self.owner.clone() };
-        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
-            log::error!("compacting the journal: {e}");
+        match Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
+            // Named by no record any more (a crash before this keeps them as lost+found).
+            Ok(_) => gone_files.into_iter().for_each(|id| self.fs.remove_local_file(id)),
+            Err(e) => log::error!("compacting the journal: {e}"),
         }
         // A mount nobody read through keeps the recording of the one before.
         let recording = fetcher.recording();

@@ -301,11 +301,17 @@ impl FetchFile {
         self.spill.sync()
     }
 
-    /// When a local write last changed it (its spill file's mtime), if one did.
-    pub fn written_at(&self) -> Option<std::time::SystemTime> {
-        match self.lock().phase {
-            Phase::Modified => self.spill.modified().ok(),
-            _ => None,
+    /// Once changed locally, the time its bytes last changed (its spill
+    /// file's: every write moves it, and it outlives the process).
+    pub fn local_mtime(&self) -> Option<std::time::SystemTime> {
+        (self.phase() == Phase::Modified).then(|| self.spill.modified().ok()).flatten()
+    }
+
+    /// Sets the time [`FetchFile::local_mtime`] gives, if it is changed locally.
+    pub fn set_local_mtime(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
+        match self.phase() {
+            Phase::Modified => self.spill.set_modified(time),
+            _ => Ok(()),
         }
     }
 

@@ -122,11 +122,6 @@ impl SpillFile {
         }
     }
 
-    /// When its bytes last changed.
-    pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
-        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(io_err(&self.path)))
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -148,6 +143,15 @@ impl SpillFile {
 
     pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
         self.with_file(|file| file.set_len(size).map_err(io_err(&self.path)))
+    }
+
+    /// When its bytes last changed.
+    pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
+        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(io_err(&self.path)))
+    }
+
+    pub fn set_modified(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
+        self.with_file(|file| file.set_modified(time).map_err(io_err(&self.path)))
     }
 
     /// Gives back the disk blocks of `bytes`, which hold nothing anyone may
