@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod deferred;
 pub mod detached;
 pub mod failover;
 pub mod fetch;

@@ -497,7 +497,7 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         // Waiting for everything needs only the totals, cheap enough to poll often.
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
-            if totals.files_failed == 0 {
+            if totals.files_failed == 0 && totals.dirs_failed == 0 {
                 if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
                 }
@@ -511,9 +511,14 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         let status = client.status().map_err(gone)?;
         let selected = select_files(&status, &args.paths, &mountpoint)?;
         let failed: Vec<_> = selected.iter().filter(|f| f.state() == FileState::Failed).collect();
-        if !failed.is_empty() {
+        // Waiting for every file: those of directories that could not be listed too.
+        let failed_dirs = if args.paths.is_empty() { status.failed_dirs.as_slice() } else { &[] };
+        if !failed.is_empty() || !failed_dirs.is_empty() {
             for file in failed {
                 eprintln!("lazyfs: {}", lazyfs::ui::failure_line(file));
+            }
+            for dir in failed_dirs {
+                eprintln!("lazyfs: {}", lazyfs::ui::dir_failure_line(dir));
             }
             return Ok(exit::VERIFY_FAILED);
         }

@@ -96,9 +96,9 @@ impl Manifest {
         self.attrs.get(path.as_os_str().as_bytes()).copied()
     }
 
-    /// The largest inode number it records.
+    /// The largest inode number it records that a node may keep (see `namespace::kept_ino`).
     pub fn max_ino(&self) -> Option<u64> {
-        self.attrs.values().filter_map(|a| a.dev_ino.map(|(_, ino)| ino)).max()
+        self.attrs.values().filter_map(|a| crate::namespace::kept_ino(a.dev_ino?.1)).max()
     }
 
     /// Whether the manifest holds every file below `path`'s directory as it

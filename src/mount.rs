@@ -297,14 +297,16 @@ fn prepare_inner(
         (Some(_), false) => Box::new(InodeTable::fresh()),
         (None, _) => Box::new(Counter::default()),
     };
+    let mut numbers = numbers;
+    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
+        // Every number the manifest gives (the tree's too) stays free for its node.
+        numbers.reserve_up_to(max);
+    }
     let mut ns = match tree_root {
         Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths), numbers)?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
         None => Namespace::build_numbered(&paths, request.layout, Some(subtree), numbers)?,
     };
-    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
-        ns.reserve_inos(max);
-    }
     if request.layout == Layout::Tree {
         ns.add_recorded_dirs(&recorded_dirs(&checkpoint), subtree);
     }
@@ -315,7 +317,22 @@ fn prepare_inner(
     registry::check()?;
     let subtree_warning = if resuming { None } else { subtree_warning(&request, &paths) };
     let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning).collect();
-    let allow_other = request.allow_other || needs_allow_other(&checkpoint);
+    // Only a mount that shows the old host's owners (the tree's) opens
+    // itself to other users by itself: the recorded files alone show the
+    // mounting user as owner, so a restored process of another user could
+    // not open a 0600 file, and every other user could read the 0644 ones
+    // (and through directories lazyfs makes 0755).
+    let other_users = needs_allow_other(&checkpoint);
+    let allow_other = request.allow_other || (other_users && tree_root.is_some());
+    if other_users && !allow_other {
+        warnings.push(
+            "the images record processes running as another user than you: without --subtree lazyfs does not \
+             know the files' owners (they show as yours), so it does not open the mount to other users; give \
+             --subtree DIR to serve the old host's owners and modes, or --allow-other to let every local user \
+             do what the images' modes allow"
+                .to_string(),
+        );
+    }
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
         _ => None,
@@ -540,6 +557,7 @@ fn prepare_inner(
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         created: from_nanos(created_ns),
+        shared: allow_other,
     };
     let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
     // The tree as built: from now on each number a successor must give again is kept as it is given.
@@ -566,16 +584,17 @@ fn prepare_inner(
 }
 
 /// The inode numbers a manifest made on the old host gives the recorded
-/// files below `root` (those on `root`'s own filesystem: two filesystems'
-/// numbers may collide).
+/// files below `root` and the directories on their way (those on `root`'s
+/// own filesystem: two filesystems' numbers may collide).
 fn manifest_inos<'a>(manifest: Option<&Manifest>, root: &Path, paths: &[&'a Path]) -> HashMap<&'a Path, u64> {
     let Some(manifest) = manifest else { return HashMap::new() };
     let Some((root_dev, _)) = manifest.attrs(root).and_then(|a| a.dev_ino) else { return HashMap::new() };
     paths
         .iter()
-        .filter_map(|&path| {
+        .flat_map(|&path| path.ancestors().take_while(|p| p.starts_with(root) && *p != root))
+        .filter_map(|path| {
             let (dev, ino) = manifest.attrs(path)?.dev_ino?;
-            (dev == root_dev).then_some((path, ino))
+            (dev == root_dev).then_some((path, crate::namespace::kept_ino(ino)?))
         })
         .collect()
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::control::proto::{FileStatus, MountState, RecordedRange, Status};
+use crate::control::proto::{FailedDir, FileStatus, MountState, RecordedRange, Status};
 use crate::fetch::Phase;
 use crate::fs::Filesystem;
 use crate::mount::MountRequest;
@@ -190,6 +190,16 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     }
     status.source_needed = fs.fetcher().source_needed();
     status.dirs_unlisted = fs.unlisted_dirs() as u64;
+    status.failed_dirs = fs
+        .failed_dirs()
+        .into_iter()
+        .map(|(path, mount_path, error)| FailedDir {
+            path: path.as_os_str().as_bytes().to_vec(),
+            mount_path: mount_path.as_os_str().as_bytes().to_vec(),
+            error,
+        })
+        .collect();
+    status.dirs_failed = status.failed_dirs.len() as u64;
     let (local_files, local_bytes) = fs.local_usage();
     status.local_files += local_files;
     status.local_bytes += local_bytes;
@@ -275,6 +285,12 @@ pub fn to_json(status: &Status) -> Value {
         "local_bytes": status.local_bytes,
         "source_needed": status.source_needed,
         "dirs_unlisted": status.dirs_unlisted,
+        "dirs_failed": status.dirs_failed,
+        "failed_dirs": status.failed_dirs.iter().map(|d| json!({
+            "path": String::from_utf8_lossy(&d.path),
+            "mount_path": String::from_utf8_lossy(&d.mount_path),
+            "error": d.error,
+        })).collect::<Vec<Value>>(),
         "rate_bytes_per_s": status.rate_bytes_per_s,
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,

@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::mount::{Mount, Source, TestEnv, content};
+use common::mount::{Mount, Source, TestEnv, app_with_dirs, content};
 use common::sshd::Sshd;
 use lazyfs::images::write::{DumpFile, write_dump};
 
@@ -321,4 +321,135 @@ fn a_file_changed_on_the_source_since_it_was_listed_is_failed_not_served() {
     // An unchanged neighbour is served.
     let ok = std::fs::read(mount.mountpoint.join("d0/n0/f0.dat")).unwrap();
     assert_eq!(ok, std::fs::read(top.join("d0/n0/f0.dat")).unwrap());
+}
+
+/// A directory removed through the mount before it was listed (empty on
+/// the old host): `lazyfs wait` of a `--prefetch` mount exits 0 once the
+/// rest is here: the removed directory is no longer counted unlisted.
+#[test]
+fn wait_exits_0_after_an_unlisted_empty_directory_is_removed() {
+    let env = TestEnv::new();
+    let imgdir = app_with_dirs(&env, 2);
+    std::fs::create_dir_all(env.path("source/srv/app/empty")).unwrap();
+    let source = Source::Local(env.path("source"));
+    let mount = env.mount("rmdir", &imgdir, &source, &["--subtree", DIR]);
+    std::fs::remove_dir(mount.mountpoint.join("empty")).unwrap();
+    let prefetch = env.run(&["prefetch", mount.mountpoint.to_str().unwrap()]);
+    assert!(prefetch.status.success(), "{}", String::from_utf8_lossy(&prefetch.stderr));
+    let out = env.run(&["wait", mount.mountpoint.to_str().unwrap(), "--timeout", "30"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "wait: {} / status: {}",
+        String::from_utf8_lossy(&out.stderr),
+        mount.status()["dirs_unlisted"]
+    );
+}
+
+/// Over SSH as an unprivileged user (as many old hosts allow only), a
+/// directory of the tree that user may not read (root's `lost+found` at
+/// the top of every ext4 filesystem, another user's 0700 directory) can
+/// never be listed. `lazyfs wait` of a `--prefetch` mount must end, saying
+/// which directory failed (exit 4, as for a failed file), instead of
+/// waiting for it for ever (the walk asks again every second, and `wait`
+/// without `--timeout` never returns).
+#[test]
+fn wait_reports_a_directory_the_ssh_user_may_not_read_instead_of_waiting_for_ever() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    // `nobody` logs in with the test's key and reads the source.
+    let world = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    world(sshd.dir.path(), 0o755);
+    world(&sshd.dir.path().join("authorized_keys"), 0o644);
+    world(env.tmp.path(), 0o755);
+    world(&env.path("source"), 0o755);
+    let imgdir = app_with_dirs(&env, 3);
+    let locked = env.path("source/srv/app/lost+found");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::write(locked.join("#1234"), b"a lost inode").unwrap();
+    world(&locked, 0o700);
+
+    let mountpoint = env.path("mnt/nobody");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let out = env
+        .lazyfs()
+        .arg("mount")
+        .arg(&mountpoint)
+        .arg(&imgdir)
+        .arg(format!("nobody@127.0.0.1:{}", sshd.port))
+        .arg("-i")
+        .arg(sshd.user_key())
+        .arg("--known-hosts")
+        .arg(sshd.known_hosts())
+        .arg("--source-root")
+        .arg(env.path("source"))
+        .arg("--cache-dir")
+        .arg(env.path("cache/nobody"))
+        .args(["--subtree", DIR, "--prefetch"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount as nobody: {}", String::from_utf8_lossy(&out.stderr));
+    let _mount = common::mount::Mount {
+        mountpoint: mountpoint.clone(),
+        cache: env.path("cache/nobody"),
+        env_home: env.tmp.path().into(),
+    };
+    assert_eq!(std::fs::read(mountpoint.join("d0/f")).unwrap(), b"a file", "the readable part is served");
+    let wait = env.run(&["wait", mountpoint.to_str().unwrap(), "--timeout", "40"]);
+    let stderr = String::from_utf8_lossy(&wait.stderr);
+    assert_eq!(wait.status.code(), Some(4), "wait: {stderr}");
+    assert!(stderr.contains("lost+found"), "wait does not name the directory: {stderr}");
+}
+
+/// A directory of the tree swapped for a symlink on the old host after its
+/// parent was listed: its listing is refused, rightly, but then over SSH it
+/// is kept as an empty directory (in `CACHE/tree` too) and counted listed,
+/// so `wait` exits 0 with none of its files ever seen; from a local
+/// directory the refusal (ENOTDIR, not mapped to "changed") is retried for
+/// ever and `wait` never ends. A changed file is `failed` with its reason;
+/// a changed directory must be reported the same way (exit 4 naming it).
+#[test]
+fn a_directory_swapped_for_a_symlink_on_the_old_host_fails_wait_naming_it() {
+    let sshd = Sshd::start();
+    for over_ssh in [true, false] {
+        let env = TestEnv::new();
+        let imgdir = app_with_dirs(&env, 2);
+        let app = env.path("source/srv/app");
+        let source = match over_ssh {
+            true => Source::Ssh { sshd: &sshd, root: env.path("source") },
+            false => Source::Local(env.path("source")),
+        };
+        let mount = env.mount("swap", &imgdir, &source, &["--subtree", DIR]);
+        assert!(mount.mountpoint.join("d1").is_dir(), "the root is listed, d1 not yet");
+        std::fs::rename(app.join("d1"), app.join("moved")).unwrap();
+        std::os::unix::fs::symlink("moved", app.join("d1")).unwrap();
+        let mnt = mount.mountpoint.to_str().unwrap();
+        assert!(env.run(&["prefetch", mnt]).status.success());
+        let wait = env.run(&["wait", mnt, "--timeout", "20"]);
+        let stderr = String::from_utf8_lossy(&wait.stderr);
+        let shown = std::fs::read_dir(mount.mountpoint.join("d1")).map(|d| d.count());
+        assert_eq!(
+            wait.status.code(),
+            Some(4),
+            "over ssh: {over_ssh}: wait: {stderr}; d1 on the mount: {shown:?} entries, on the old host a symlink"
+        );
+        assert!(stderr.contains("d1"), "over ssh: {over_ssh}: {stderr}");
+    }
+}
+
+/// `lazyfs status` (the human line) says when directories of the tree are
+/// still to be listed: a mount whose files are all here but whose tree is
+/// not listed must not read only "N/N files present" and "fetching", with
+/// no word of what it still waits for (`--json` has `dirs_unlisted`).
+#[test]
+fn status_says_directories_of_the_tree_are_not_listed_yet() {
+    let env = TestEnv::new();
+    let imgdir = app_with_dirs(&env, 2);
+    let mount = env.mount("status", &imgdir, &Source::Local(env.path("source")), &["--subtree", DIR]);
+    let status = mount.wait_for(|s| s["dirs_unlisted"].as_u64() > Some(0), "directories unlisted");
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("director"), "{} directories unlisted, status says: {text}", status["dirs_unlisted"]);
 }

@@ -23,6 +23,8 @@ pub mod prefetch;
 pub mod restore;
 mod verify;
 
+pub(crate) use lane::panic_message;
+
 use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
@@ -560,8 +562,10 @@ pub(crate) struct Shared {
     verify: Mutex<Sender<usize>>,
     /// What the on-demand lanes are asked.
     requests: lane::Requests,
-    /// What the listing lane is asked.
+    /// What the listing lanes are asked: the walk's, and the readers' (a
+    /// reader never waits behind a batch of the walk).
     list: Mutex<Sender<listing::ListJob>>,
+    list_for_readers: Mutex<Sender<listing::ListJob>>,
     started: Instant,
     health: Arc<lane::Health>,
     /// How to name the source in messages.
@@ -970,6 +974,7 @@ impl Fetcher {
     ) -> Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
         let (list_tx, list_rx) = std::sync::mpsc::channel();
+        let (readers_list_tx, readers_list_rx) = std::sync::mpsc::channel();
         let order: Vec<(u64, u64)> = files.iter().map(|f| (f.size, f.image_order)).collect();
         let shared = Arc::new(Shared {
             queue: prefetch::Queue::new(&order, &config.order),
@@ -979,6 +984,7 @@ impl Fetcher {
             verify: Mutex::new(verify_tx),
             requests: lane::Requests::new(),
             list: Mutex::new(list_tx),
+            list_for_readers: Mutex::new(readers_list_tx),
             started: Instant::now(),
             health: Arc::new(lane::Health::new(config.reconnect_timeout)),
             source_name: source.describe(),
@@ -988,6 +994,7 @@ impl Fetcher {
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         listing::spawn(source.clone(), shared.clone(), list_rx);
+        listing::spawn(source.clone(), shared.clone(), readers_list_rx);
         for (index, file) in shared.files.all().iter().enumerate() {
             if file.phase() == Phase::Present {
                 shared.send_to_verifier(index);
@@ -1033,7 +1040,8 @@ impl Fetcher {
     pub fn list_dirs(&self, dirs: Vec<PathBuf>, for_reader: bool) -> Result<Listings, SourceError> {
         let (done, answer) = std::sync::mpsc::channel();
         let job = listing::ListJob { dirs, asked: for_reader.then(Instant::now), done };
-        let sent = self.shared.list.lock().unwrap_or_else(PoisonError::into_inner).send(job);
+        let lane = if for_reader { &self.shared.list_for_readers } else { &self.shared.list };
+        let sent = lane.lock().unwrap_or_else(PoisonError::into_inner).send(job);
         let stopped = || SourceError::Session {
             host: self.shared.source_name.clone(),
             message: "lazyfs is shutting down".into(),

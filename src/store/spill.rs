@@ -75,6 +75,19 @@ impl SpillFile {
         Ok((spill, size))
     }
 
+    /// A spill file of no bytes that is not made until something writes it.
+    pub fn unmade(dir: &Arc<CacheDir>, name: String, spills: &Arc<OpenSpills>) -> SpillFile {
+        SpillFile {
+            dir: dir.clone(),
+            path: dir.join(&name),
+            name,
+            initial_len: 0,
+            created: AtomicBool::new(false),
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+        }
+    }
+
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
     pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
