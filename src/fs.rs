@@ -287,9 +287,6 @@ impl Filesystem {
             };
             if let NodeKind::File(index) = node.kind {
                 node.meta.perm = specs[index].mode & 0o7777;
-                if let Some(written) = fetcher.file(index).local_mtime() {
-                    (node.meta.mtime, node.meta.ctime) = (written, written);
-                }
             }
         }
         if let Some(root) = tree.as_ref().and_then(|t| t.root) {
@@ -578,12 +575,9 @@ impl Filesystem {
                     // A recorded file keeps the images' mode, a recorded directory its recorded one.
                     let perm = matches!(node.kind, NodeKind::Dir(_)) && !pinned;
                     apply_source_attrs(&mut node.meta, &attrs, perm);
-                    if let NodeKind::File(index) = node.kind {
-                        self.keep_written_mtime(&mut node.meta, &self.fetcher.file(index));
-                        // Its other names on the source (hard links) are names of it.
-                        if attrs.kind() == libc::S_IFREG {
-                            tree.note_link(&path.join(name), &attrs, ino);
-                        }
+                    // Its other names on the source (hard links) are names of it.
+                    if matches!(node.kind, NodeKind::File(_)) {
+                        tree.note_link(&path.join(name), &attrs, ino);
                     }
                 }
                 continue;
@@ -601,7 +595,6 @@ impl Filesystem {
                     }
                     // The first name went meanwhile: this one is the file now.
                     let file = file.unwrap_or_else(|| tree.make_file(&at, &attrs, from_log));
-                    self.keep_written_mtime(&mut meta, &file);
                     let index = self.fetcher.add_file(file);
                     let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
                     ns.set_file_ino(index, ino);
@@ -631,16 +624,6 @@ impl Filesystem {
     /// closed: then this name is the file).
     fn linked(ns: &Namespace, tree: &Tree, at: &Path, attrs: &SourceAttrs) -> Option<Ino> {
         tree.hard_link(at, attrs).filter(|&first| ns.node(first).is_some())
-    }
-
-    /// A file written through the mount shows when it was last written (its
-    /// spill file's mtime, across a remount too), not the source's mtime of
-    /// bytes it no longer holds; unless a utimens set it since.
-    fn keep_written_mtime(&self, meta: &mut Meta, file: &crate::fetch::FetchFile) {
-        if let Some(written) = file.local_mtime().filter(|_| !meta.changed_locally.mtime) {
-            meta.mtime = written;
-            meta.ctime = meta.ctime.max(written);
-        }
     }
 
     /// Tells the fetcher how many directories of the tree are still to be
