@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{FetchError, Fetcher, Phase};
 use crate::namespace::{Ino, LocalAttrs, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
 use crate::source::{DirEntry, SourceAttrs};
 use crate::store::journal::proto::{Local, LocalOp};
@@ -627,10 +627,25 @@ impl Filesystem {
     }
 
     /// Tells the fetcher how many directories of the tree are still to be
-    /// listed (the source is needed until none is).
+    /// listed (the source is needed until none is). Once none is, the old
+    /// host may go: every listing is made durable first.
     fn count_unlisted(&self, ns: &Namespace) {
-        if self.tree.is_some() {
-            self.fetcher.set_unlisted_dirs(ns.unlisted_count());
+        let Some(tree) = &self.tree else { return };
+        let unlisted = ns.unlisted_count();
+        if unlisted == 0
+            && let Err(e) = tree.sync()
+        {
+            log::error!("making the tree's listings durable: {e}");
+        }
+        self.fetcher.set_unlisted_dirs(unlisted);
+    }
+
+    /// Makes every listing kept so far durable (at unmount).
+    pub fn sync_listings(&self) {
+        if let Some(tree) = &self.tree
+            && let Err(e) = tree.sync()
+        {
+            log::error!("making the tree's listings durable: {e}");
         }
     }
 
@@ -927,6 +942,10 @@ impl Filesystem {
         }
         let ns = self.namespace();
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
+            // A failed file shows no bytes (size 0): the kernel would read it as empty.
+            Some(NodeKind::File(index)) if !write && let Phase::Failed(why) = self.fetcher.file(*index).phase() => {
+                return Err(FsError::new(libc::EIO, why.to_string()));
+            }
             Some(NodeKind::File(index)) => match *index {
                 index if write || self.fetcher.file(index).written => None,
                 index => self.fetcher.file(index).verified_file()?,

@@ -15,6 +15,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::dir_handles::{DirHandles, Entries};
 use crate::failover::opens::{Count, Held, OpenTable};
 use crate::failover::request;
 use crate::fs::{Attr, Creator, Filesystem, FsError, Kind, SetAttr};
@@ -43,6 +44,8 @@ pub struct Adapter {
     connection: u64,
     /// Requests of this connection a predecessor made the change of.
     made: HashSet<u64>,
+    /// Open directories and the entries each is reading.
+    dirs: Arc<DirHandles>,
 }
 
 /// The open handles the kernel holds, per inode, and where a successor
@@ -317,7 +320,8 @@ impl FuseAdapter {
     /// at INIT); it says afterwards whether it is on.
     pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: Arc<AtomicBool>) -> Self {
         let opens = Mutex::new(OpenState::default());
-        FuseAdapter(Arc::new(Adapter { fs, passthrough, opens, connection: 0, made: HashSet::new() }))
+        let dirs = Arc::default();
+        FuseAdapter(Arc::new(Adapter { fs, passthrough, opens, connection: 0, made: HashSet::new(), dirs }))
     }
 
     /// Serves kernel connection `connection` for a supervisor: keeps the open
@@ -345,6 +349,17 @@ impl FuseAdapter {
         *adapter.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device, inherited };
         self
     }
+}
+
+/// Answers a READDIR with the entries from `offset` on (each entry's offset
+/// is the next one's index), as many as the kernel's buffer takes.
+fn fill_dir(entries: &Entries, offset: u64, mut reply: ReplyDirectory) {
+    for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -575,21 +590,31 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(self.dirs.open()), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        if let Some(entries) = self.dirs.entries(ino.0, fh.0, offset) {
+            return fill_dir(&entries, offset, reply);
+        }
+        let dirs = self.dirs.clone();
         self.fs.then(
             move |fs| fs.readdir(ino.0),
             move |result| match result {
                 Ok(entries) => {
-                    for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-                        if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
-                            break;
-                        }
-                    }
-                    reply.ok();
+                    let entries = Arc::new(entries);
+                    dirs.keep(ino.0, fh.0, entries.clone());
+                    fill_dir(&entries, offset, reply);
                 }
                 Err(e) => reply.error(errno(&e)),
             },
         );
+    }
+
+    fn releasedir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.release(ino.0, fh.0);
+        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

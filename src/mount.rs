@@ -22,7 +22,7 @@ use crate::fuse::FuseAdapter;
 use crate::identity::{self, CacheIdentity, CheckedSource, SourceIdentity, Verdict};
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
-use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
+use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers, ROOT_INO};
 use crate::recording::{self, Recording, RecordingError};
 use crate::s3::index::Index;
 use crate::source::Connection;
@@ -56,6 +56,12 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(
+        "--layout flat cannot show the whole directory {} (flat names have no directories): give --layout tree, \
+         or --recorded-only to serve only the recorded files below it, flat",
+        .0.display()
+    )]
+    FlatWholeDir(PathBuf),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
@@ -69,6 +75,7 @@ impl MountError {
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
+            | MountError::FlatWholeDir(_)
             | MountError::Manifest(_)
             | MountError::Recording(_)
             | MountError::Identity(_) => exit::BAD_INPUT,
@@ -120,6 +127,10 @@ impl MountRequest {
 
 impl MountRequest {
     pub fn from_args(args: &MountArgs) -> Result<MountRequest, MountError> {
+        // The whole directory is a tree; the flat names are for the recorded files only.
+        if let (LayoutArg::Flat, Some(subtree), false) = (&args.layout, &args.subtree, args.recorded_only) {
+            return Err(MountError::FlatWholeDir(subtree.clone()));
+        }
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let overrides = SshOverrides {
             identities: args.identity.clone(),
@@ -218,6 +229,9 @@ pub struct Prepared {
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
     _claim: Option<registry::Claim>,
+    /// Files of the tree the recording names that the mount has not found
+    /// yet: their directories are listed before the walk lists the rest.
+    recorded_later: Vec<Vec<u8>>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -539,12 +553,17 @@ fn prepare_inner(
 
     let source_name = checked.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
-    let order = match (&request.order, recording) {
+    let order = match (&request.order, &recording) {
         (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
         (PrefetchOrder::LargestFirst, _) => Order::LargestFirst,
         (PrefetchOrder::Image, _) => Order::Image,
         (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
     };
+    let later = match (&order, &recording, tree_root) {
+        (Order::Recorded(_), Some(recording), Some(_)) => recorded_later(recording, &files),
+        _ => Default::default(),
+    };
+    let recorded_later = later.keys().cloned().collect();
     let fetcher = Fetcher::start(
         checked.clone(),
         connection,
@@ -552,6 +571,7 @@ fn prepare_inner(
         journal,
         FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
     );
+    fetcher.expect_recorded(later);
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
@@ -580,6 +600,7 @@ fn prepare_inner(
         outside,
         warnings,
         _claim: claim,
+        recorded_later,
     })
 }
 
@@ -854,6 +875,13 @@ fn recorded_plan(recording: Option<&Recording>, files: &[Arc<FetchFile>]) -> Arc
     recording::plan(recording, |path| index.get(path).map(|&i| (i, files[i].chunk_count()))).into()
 }
 
+/// The recording's runs on files this mount does not show yet (see
+/// [`recording::later`]).
+fn recorded_later(recording: &Recording, files: &[Arc<FetchFile>]) -> recording::Later {
+    let shown: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    recording::later(recording, |path| shown.contains(path))
+}
+
 /// Mounted on a directory the checkpoint's files were in, without `--subtree`
 /// naming it, the files show one level of that directory too deep
 /// (`/srv/data/srv/data/db`), where `criu restore` does not look.
@@ -1108,13 +1136,30 @@ pub fn serve(
             status
         })
     };
-    prepared.fs.walk_tree();
+    // What the last restore read of the tree is found (listed) before the
+    // walk lists the rest, so it takes its recorded place in the queue.
+    match (request.tree_root(), prepared.recorded_later.is_empty()) {
+        (Some(root), false) => {
+            let (fs, roots, paths) = (prepared.fs.clone(), vec![root.to_path_buf()], prepared.recorded_later.clone());
+            std::thread::spawn(move || {
+                locate(&fs, &roots, &paths);
+                fs.walk_tree();
+            });
+        }
+        _ => prepared.fs.walk_tree(),
+    }
     let prefetch: control::PrefetchHook = {
         let (fs, jobs) = (prepared.fs.clone(), request.jobs);
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
     };
+    let locate: control::LocateHook = {
+        let fs = prepared.fs.clone();
+        let roots: Vec<PathBuf> =
+            request.tree_root().map(|root| vec![request.mountpoint.clone(), root.to_path_buf()]).unwrap_or_default();
+        Arc::new(move |paths| locate(&fs, &roots, paths))
+    };
     let (control_tx, control_rx) = mpsc::channel();
-    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, control_tx)
+    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, locate, control_tx)
         .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
@@ -1329,6 +1374,7 @@ impl Prepared {
         if let Err(e) = fetcher.stop() {
             log::error!("{e}");
         }
+        self.fs.sync_listings();
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.outside.iter().cloned());
         // The local layer as it is, not every change that led there: a
@@ -1370,6 +1416,20 @@ fn start_prefetch(fs: &Filesystem, paths: &[Vec<u8>], jobs: usize) -> Result<u64
         })
         .collect::<Result<Vec<usize>, String>>()?;
     Ok(fetcher.prefetch(Some(&files), jobs) as u64)
+}
+
+/// Looks each path up through the namespace, name by name, so that every
+/// directory on its way is listed (a lookup waits for its directory's
+/// listing): a file of the tree nothing has listed yet then has an owner in
+/// the fetcher. A path is taken below each of `roots` (the mountpoint, then
+/// the tree's root on the source); one below none of them is left alone.
+fn locate(fs: &Filesystem, roots: &[PathBuf], paths: &[Vec<u8>]) {
+    for path in paths {
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        for below in roots.iter().filter_map(|root| path.strip_prefix(root).ok()) {
+            let _ = below.iter().try_fold(ROOT_INO, |dir, name| fs.lookup(dir, name).map(|a| a.ino));
+        }
+    }
 }
 
 /// Samples the byte counters for the rate while the mount lives, so even the

@@ -279,6 +279,12 @@ impl Tree {
             written: false,
         };
         let refused = match (&files.manifest, &expected) {
+            (Some(m), None) if let Some((out, why)) = m.left_out(&original) => Some(format!(
+                "{}: not in the manifest, which left out {} ({why}): not served; make the manifest as a user \
+                 who may read it (root)",
+                original.display(),
+                out.display()
+            )),
             (Some(m), None) if m.covers(&original) => {
                 Some(format!("{}: not in the manifest (made on the source after it): not served", original.display()))
             }

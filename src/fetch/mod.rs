@@ -482,15 +482,16 @@ impl FetchFile {
     }
 
     /// Journal records saying what is known of the file now. Present chunks
-    /// are claimed only after the spill file is synced.
-    fn snapshot(&self) -> Vec<JournalRecord> {
+    /// are claimed only after the spill file is synced (`synced`: the whole
+    /// cache filesystem was, after they were written).
+    fn snapshot(&self, synced: bool) -> Vec<JournalRecord> {
         let (runs, phase) = {
             let state = self.lock();
             (state.presence.runs(), state.phase.clone())
         };
         let path = self.path_bytes();
         let mut records = Vec::new();
-        match self.spill.sync() {
+        match if synced || runs.is_empty() { Ok(()) } else { self.spill.sync() } {
             Ok(()) => records.extend(runs.into_iter().map(|run| journal::present_record(path, run, self.size))),
             Err(e) => log::error!("{e}: its chunks will be fetched again"),
         }
@@ -1014,6 +1015,12 @@ impl Fetcher {
         fetcher
     }
 
+    /// With `--prefetch-order recorded`: the recording's runs of files of the
+    /// tree not found yet, which take their recorded place once found.
+    pub fn expect_recorded(&self, later: crate::recording::Later) {
+        self.shared.queue.expect(later);
+    }
+
     /// Serves `file` too, a file of the tree found after the mount began:
     /// its number. With prefetch of every file under way, it is queued
     /// (after the checkpoint's own files).
@@ -1022,9 +1029,10 @@ impl Fetcher {
         let journal_file =
             journal::JournalFile { path: file.path_bytes().to_vec(), size: file.size, spill: file.spill.location() };
         let (size, present) = (file.size, file.phase() == Phase::Present);
+        let path = file.path_bytes().to_vec();
         let index = shared.files.push(Arc::new(file));
         shared.journal.add_file(index, journal_file);
-        shared.queue.add(index, size);
+        shared.queue.add(index, size, &path);
         if present {
             shared.send_to_verifier(index);
         }
@@ -1309,9 +1317,20 @@ fn with_present<T: Send + 'static>(
     shared.when_present(index, chunks, done);
 }
 
-/// The journal records that say what is known of `files` now.
+/// The journal records that say what is known of `files` now. Many files
+/// are made durable by one syncfs of the cache's filesystem, as the journal
+/// does for a batch: an fdatasync each cost 989 of them (1.2-4.3 s) at the
+/// unmount of a PostgreSQL tree, and would cost 100,000 for a 100,000-file one.
 pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
-    files.iter().flat_map(|file| file.snapshot()).collect()
+    let synced = files.len() > journal::SYNC_EACH_UP_TO
+        && files.first().is_some_and(|file| match file.spill.sync_filesystem() {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("syncing the cache's filesystem: {e}; syncing each spill file instead");
+                false
+            }
+        });
+    files.iter().flat_map(|file| file.snapshot(synced)).collect()
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now
