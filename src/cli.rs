@@ -1,4 +1,4 @@
-//! The command line, as `../shared/design/cli.md` and the README describe it.
+//! The command line, as the README describes it.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,8 @@ pub mod exit {
     pub const SUCCESS: u8 = 0;
     /// Source unreachable, authentication, I/O: the run failed.
     pub const RUNTIME: u8 = 1;
-    /// Bad arguments, unreadable or malformed images.
+    /// Bad arguments, unreadable or malformed images, a missing file or
+    /// directory, a mountpoint that is not empty.
     pub const BAD_INPUT: u8 = 2;
     /// `lazyfs wait` ran out of time.
     pub const TIMEOUT: u8 = 3;
@@ -27,8 +28,10 @@ regular file the checkpointed processes had open or mapped, at once, with the si
 record. Contents come from the old host over SSH (or from a local directory, or from an S3-compatible \
 store that `lazyfs push` filled): a read fetches only the chunks it touches, and with --prefetch everything streams in the background, smallest file first. \
 Writes stay local; the source is never modified.",
-    after_help = "Exit codes: 0 success, 1 runtime failure (source unreachable, authentication, I/O), \
-2 bad usage or bad input (arguments, malformed images), 3 `wait` timed out, 4 verification failed."
+    after_help = "Exit codes: 0 success · 1 runtime failure (source unreachable, authentication, host key, I/O, \
+not a mount) · 2 bad usage or bad input (arguments, unreadable or malformed images, a missing file or \
+directory, a mountpoint that is not empty, flat names that collide) · 3 `wait` timed out · 4 verification \
+failed."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -99,7 +102,8 @@ pub struct MountArgs {
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
     /// `tree`: /srv/app/db appears as MOUNTPOINT/srv/app/db; `flat`: as MOUNTPOINT/srv.app.db
-    /// (the naming of the original Go prototype).
+    /// (the naming of the original Go prototype; recorded files only: with --subtree, give
+    /// --recorded-only too).
     #[arg(long, value_enum, default_value_t = LayoutArg::Tree)]
     pub layout: LayoutArg,
     /// Serve the old host's whole directory DIR as the mount's root: every file, directory,
@@ -265,8 +269,8 @@ pub struct WaitArgs {
 }
 
 /// Copy a mount's current tree (checkpoint files with their local changes, and the files made
-/// through it) into a plain directory, holes kept: the next start of the application needs no
-/// lazyfs.
+/// through it) into a plain directory, holes kept, with the numeric owners (as root), modes and
+/// times the mount shows: the next start of the application needs no lazyfs.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// A live lazyfs mount.

@@ -49,6 +49,13 @@ pub fn layout_name(layout: Layout) -> &'static str {
     }
 }
 
+/// `--subtree` as a cache dir's identity names it: without `.`, `..`,
+/// repeated or trailing slashes (`/srv/a/` and `/srv/./a` are `/srv/a`).
+pub fn subtree_name(subtree: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStringExt;
+    crate::source::lexically_absolute(subtree).into_os_string().into_vec()
+}
+
 /// What a mount does with what its cache dir holds.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
@@ -127,12 +134,14 @@ pub fn judge(
         return Ok(if changed { Verdict::Discard } else { Verdict::Use });
     }
     let names = |identity: &CacheIdentity| {
-        let subtree = String::from_utf8_lossy(&identity.subtree).into_owned();
+        use std::os::unix::ffi::OsStrExt;
+        // Normalized again: a journal written before its spelling was.
+        let subtree = subtree_name(Path::new(std::ffi::OsStr::from_bytes(&identity.subtree)));
         // Changes relative to / show the same without --subtree, which a user rather means than
         // `--subtree /` (that mirrors the old host's whole root): suggest none.
-        match subtree.is_empty() || subtree == "/" {
-            true => format!("--layout {} (no --subtree)", identity.layout),
-            false => format!("--layout {} --subtree {subtree}", identity.layout),
+        match subtree.as_slice() {
+            b"/" => format!("--layout {} (no --subtree)", identity.layout),
+            _ => format!("--layout {} --subtree {}", identity.layout, String::from_utf8_lossy(&subtree)),
         }
     };
     if !loaded.local.is_empty() && names(held) != names(wanted) {

@@ -4,13 +4,16 @@
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod deferred;
 pub mod detached;
+pub mod dir_handles;
 pub mod failover;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;
 pub mod identity;
 pub mod images;
+pub mod log_sink;
 pub mod manifest;
 pub mod mount;
 pub mod namespace;

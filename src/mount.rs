@@ -22,7 +22,7 @@ use crate::fuse::FuseAdapter;
 use crate::identity::{self, CacheIdentity, CheckedSource, SourceIdentity, Verdict};
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
-use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
+use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers, ROOT_INO};
 use crate::recording::{self, Recording, RecordingError};
 use crate::s3::index::Index;
 use crate::source::Connection;
@@ -56,6 +56,12 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(
+        "--layout flat cannot show the whole directory {} (flat names have no directories): give --layout tree, \
+         or --recorded-only to serve only the recorded files below it, flat",
+        .0.display()
+    )]
+    FlatWholeDir(PathBuf),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
@@ -69,6 +75,7 @@ impl MountError {
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
+            | MountError::FlatWholeDir(_)
             | MountError::Manifest(_)
             | MountError::Recording(_)
             | MountError::Identity(_) => exit::BAD_INPUT,
@@ -120,6 +127,10 @@ impl MountRequest {
 
 impl MountRequest {
     pub fn from_args(args: &MountArgs) -> Result<MountRequest, MountError> {
+        // The whole directory is a tree; the flat names are for the recorded files only.
+        if let (LayoutArg::Flat, Some(subtree), false) = (&args.layout, &args.subtree, args.recorded_only) {
+            return Err(MountError::FlatWholeDir(subtree.clone()));
+        }
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let overrides = SshOverrides {
             identities: args.identity.clone(),
@@ -139,6 +150,12 @@ impl MountRequest {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
             None => default_cache_dir(&args.imgdir, &source::spelling(&source, &args.source_root))?,
         };
+        // A first mount needs its source: a missing SOURCE or key is said
+        // before anything is made. A remount may not (every file is in the
+        // cache dir: the old host may be gone); it is checked when opened.
+        if CacheDir::open_existing_cache(&cache_dir).is_err() {
+            source.check_local()?;
+        }
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
             imgdir: args.imgdir.clone(),
@@ -173,7 +190,8 @@ impl MountRequest {
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
 /// where ID names the images and the source (`spelling`: SOURCE and
 /// --source-root normalized, see `source::spelling`), so mounting them again
-/// resumes, however SOURCE is spelled.
+/// resumes whatever the normalization makes equal (not two host names of one
+/// host: those are told apart only by the host-key check of a given cache dir).
 pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
@@ -211,6 +229,9 @@ pub struct Prepared {
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
     _claim: Option<registry::Claim>,
+    /// Files of the tree the recording names that the mount has not found
+    /// yet: their directories are listed before the walk lists the rest.
+    recorded_later: Vec<Vec<u8>>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -290,14 +311,16 @@ fn prepare_inner(
         (Some(_), false) => Box::new(InodeTable::fresh()),
         (None, _) => Box::new(Counter::default()),
     };
+    let mut numbers = numbers;
+    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
+        // Every number the manifest gives (the tree's too) stays free for its node.
+        numbers.reserve_up_to(max);
+    }
     let mut ns = match tree_root {
         Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths), numbers)?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
         None => Namespace::build_numbered(&paths, request.layout, Some(subtree), numbers)?,
     };
-    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
-        ns.reserve_inos(max);
-    }
     if request.layout == Layout::Tree {
         ns.add_recorded_dirs(&recorded_dirs(&checkpoint), subtree);
     }
@@ -308,7 +331,22 @@ fn prepare_inner(
     registry::check()?;
     let subtree_warning = if resuming { None } else { subtree_warning(&request, &paths) };
     let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning).collect();
-    let allow_other = request.allow_other || needs_allow_other(&checkpoint);
+    // Only a mount that shows the old host's owners (the tree's) opens
+    // itself to other users by itself: the recorded files alone show the
+    // mounting user as owner, so a restored process of another user could
+    // not open a 0600 file, and every other user could read the 0644 ones
+    // (and through directories lazyfs makes 0755).
+    let other_users = needs_allow_other(&checkpoint);
+    let allow_other = request.allow_other || (other_users && tree_root.is_some());
+    if other_users && !allow_other {
+        warnings.push(
+            "the images record processes running as another user than you: without --subtree lazyfs does not \
+             know the files' owners (they show as yours), so it does not open the mount to other users; give \
+             --subtree DIR to serve the old host's owners and modes, or --allow-other to let every local user \
+             do what the images' modes allow"
+                .to_string(),
+        );
+    }
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
         _ => None,
@@ -334,8 +372,6 @@ fn prepare_inner(
         Verdict::Use => {}
         Verdict::Afresh(reason) => {
             warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
-            store.clear_spills()?;
-            local.clear()?;
             records.clear();
             local_changes.clear();
             created_ns = 0;
@@ -349,7 +385,6 @@ fn prepare_inner(
                 local_changes.len()
             ));
             records.retain(|_, r| !r.modified);
-            local.clear()?;
             local_changes.clear();
         }
     }
@@ -357,6 +392,26 @@ fn prepare_inner(
         created_ns = nanos_now();
     }
     let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if verdict != Verdict::Use {
+        // The journal stops claiming what is dropped before it goes: a crash
+        // in between must not leave records of bytes no longer there. With
+        // no room for a copy, what it knew of fetched bytes goes too (they
+        // are fetched again); so it does when nothing is kept.
+        let kept: Vec<JournalRecord> =
+            records.iter().flat_map(|(path, record)| journal::file_records(path, record)).collect();
+        let owner = Owner { identity: Some(identity.clone()), created_ns, legacy: Vec::new() };
+        match kept.is_empty() {
+            true => journal::remove(store.dir())?,
+            false => match journal::rewrite(store.dir(), &owner, &kept) {
+                Err(e) if e.is_no_space() => journal::remove(store.dir())?,
+                other => other?,
+            },
+        }
+        if matches!(verdict, Verdict::Afresh(_)) {
+            store.clear_spills()?;
+        }
+        local.clear()?;
+    }
     if !identity::knows(&identity, &spelling) {
         log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
     }
@@ -498,12 +553,17 @@ fn prepare_inner(
 
     let source_name = checked.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
-    let order = match (&request.order, recording) {
+    let order = match (&request.order, &recording) {
         (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
         (PrefetchOrder::LargestFirst, _) => Order::LargestFirst,
         (PrefetchOrder::Image, _) => Order::Image,
         (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
     };
+    let later = match (&order, &recording, tree_root) {
+        (Order::Recorded(_), Some(recording), Some(_)) => recorded_later(recording, &files),
+        _ => Default::default(),
+    };
+    let recorded_later = later.keys().cloned().collect();
     let fetcher = Fetcher::start(
         checked.clone(),
         connection,
@@ -511,11 +571,13 @@ fn prepare_inner(
         journal,
         FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
     );
+    fetcher.expect_recorded(later);
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         created: from_nanos(created_ns),
+        shared: allow_other,
     };
     let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
     // The tree as built: from now on each number a successor must give again is kept as it is given.
@@ -538,20 +600,22 @@ fn prepare_inner(
         outside,
         warnings,
         _claim: claim,
+        recorded_later,
     })
 }
 
 /// The inode numbers a manifest made on the old host gives the recorded
-/// files below `root` (those on `root`'s own filesystem: two filesystems'
-/// numbers may collide).
+/// files below `root` and the directories on their way (those on `root`'s
+/// own filesystem: two filesystems' numbers may collide).
 fn manifest_inos<'a>(manifest: Option<&Manifest>, root: &Path, paths: &[&'a Path]) -> HashMap<&'a Path, u64> {
     let Some(manifest) = manifest else { return HashMap::new() };
     let Some((root_dev, _)) = manifest.attrs(root).and_then(|a| a.dev_ino) else { return HashMap::new() };
     paths
         .iter()
-        .filter_map(|&path| {
+        .flat_map(|&path| path.ancestors().take_while(|p| p.starts_with(root) && *p != root))
+        .filter_map(|path| {
             let (dev, ino) = manifest.attrs(path)?.dev_ino?;
-            (dev == root_dev).then_some((path, ino))
+            (dev == root_dev).then_some((path, crate::namespace::kept_ino(ino)?))
         })
         .collect()
 }
@@ -622,7 +686,7 @@ fn wanted_identity(
             true => "tree --recorded-only".into(),
             false => identity::layout_name(request.layout).into(),
         },
-        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        subtree: identity::subtree_name(request.subtree.as_deref().unwrap_or(Path::new("/"))),
         source: Some(SourceIdentity {
             spellings: vec![spelling],
             kind: shown.as_ref().map_or("", |s| s.kind).into(),
@@ -728,7 +792,9 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
     /// source is not contacted, and need not be there at all.
     fn finish(mut self, need: Need, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
         if need == Need::Later {
-            return Ok((self.open()?, self.connection));
+            // A successor must take the mount over whatever became of the
+            // source: what is cached is served, what is not fails saying why.
+            return Ok((self.open_or_unopened(name), self.connection));
         }
         if need == Need::Now {
             return match self.connection() {
@@ -745,14 +811,16 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
             "every file is in the cache dir: {name} is not contacted (the cache is the source: the old host is no \
              longer needed)"
         ));
-        let source = match self.open() {
-            Ok(source) => source,
-            Err(e) => {
-                let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
-                Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
-            }
-        };
-        Ok((source, self.connection))
+        Ok((self.open_or_unopened(name), self.connection))
+    }
+
+    /// The source, or one whose every connection fails saying why it could
+    /// not be opened (a local SOURCE or `-i` file gone since the first mount).
+    fn open_or_unopened(&mut self, name: &str) -> Arc<CheckedSource> {
+        self.open().unwrap_or_else(|e| {
+            let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
+            Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
+        })
     }
 }
 
@@ -805,6 +873,13 @@ fn recorded_plan(recording: Option<&Recording>, files: &[Arc<FetchFile>]) -> Arc
     let index: std::collections::HashMap<&[u8], usize> =
         files.iter().enumerate().map(|(i, f)| (f.path.as_os_str().as_bytes(), i)).collect();
     recording::plan(recording, |path| index.get(path).map(|&i| (i, files[i].chunk_count()))).into()
+}
+
+/// The recording's runs on files this mount does not show yet (see
+/// [`recording::later`]).
+fn recorded_later(recording: &Recording, files: &[Arc<FetchFile>]) -> recording::Later {
+    let shown: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    recording::later(recording, |path| shown.contains(path))
 }
 
 /// Mounted on a directory the checkpoint's files were in, without `--subtree`
@@ -1061,13 +1136,30 @@ pub fn serve(
             status
         })
     };
-    prepared.fs.walk_tree();
+    // What the last restore read of the tree is found (listed) before the
+    // walk lists the rest, so it takes its recorded place in the queue.
+    match (request.tree_root(), prepared.recorded_later.is_empty()) {
+        (Some(root), false) => {
+            let (fs, roots, paths) = (prepared.fs.clone(), vec![root.to_path_buf()], prepared.recorded_later.clone());
+            std::thread::spawn(move || {
+                locate(&fs, &roots, &paths);
+                fs.walk_tree();
+            });
+        }
+        _ => prepared.fs.walk_tree(),
+    }
     let prefetch: control::PrefetchHook = {
         let (fs, jobs) = (prepared.fs.clone(), request.jobs);
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
     };
+    let locate: control::LocateHook = {
+        let fs = prepared.fs.clone();
+        let roots: Vec<PathBuf> =
+            request.tree_root().map(|root| vec![request.mountpoint.clone(), root.to_path_buf()]).unwrap_or_default();
+        Arc::new(move |paths| locate(&fs, &roots, paths))
+    };
     let (control_tx, control_rx) = mpsc::channel();
-    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, control_tx)
+    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, locate, control_tx)
         .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
@@ -1154,10 +1246,15 @@ pub fn serve(
                 break;
             }
             Event::Signal(signal) => {
-                log::info!("signal {signal}: unmounting");
                 if attachment.is_detached() {
-                    continue;
+                    // Asked again, or detached by someone else (`umount -l`): a
+                    // holder may never close, or wait on a request that never
+                    // ends. Exiting closes /dev/fuse: the kernel then fails those
+                    // requests and the files still open answer ENOTCONN.
+                    log::warn!("signal {signal}: already detached: ending now");
+                    break;
                 }
+                log::info!("signal {signal}: unmounting");
                 if unmount(&mountpoint).is_ok() {
                     unmounted_at.get_or_insert_with(Instant::now);
                 } else {
@@ -1232,6 +1329,9 @@ pub fn serve(
     log::info!("unmounted {}", mountpoint.display());
     prepared.finish();
     write_summary(&prepared, started, &meter);
+    // The mountpoint's claim and the cache dir's lock go before `lazyfs umount`
+    // returns: a mount right after it finds both free.
+    drop(prepared);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }
@@ -1274,13 +1374,19 @@ impl Prepared {
         if let Err(e) = fetcher.stop() {
             log::error!("{e}");
         }
+        self.fs.sync_listings();
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.outside.iter().cloned());
-        snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
+        // The local layer as it is, not every change that led there: a
+        // replay takes as long as what is there, not as the mount's history.
+        let (local_changes, gone_files) = self.fs.compacted_local_changes();
+        snapshot.extend(local_changes.into_iter().map(journal::local_record));
         let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
         let owner = Owner { identity, ..self.owner.clone() };
-        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
-            log::error!("compacting the journal: {e}");
+        match Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
+            // Named by no record any more (a crash before this keeps them as lost+found).
+            Ok(_) => gone_files.into_iter().for_each(|id| self.fs.remove_local_file(id)),
+            Err(e) => log::error!("compacting the journal: {e}"),
         }
         // A mount nobody read through keeps the recording of the one before.
         let recording = fetcher.recording();
@@ -1310,6 +1416,20 @@ fn start_prefetch(fs: &Filesystem, paths: &[Vec<u8>], jobs: usize) -> Result<u64
         })
         .collect::<Result<Vec<usize>, String>>()?;
     Ok(fetcher.prefetch(Some(&files), jobs) as u64)
+}
+
+/// Looks each path up through the namespace, name by name, so that every
+/// directory on its way is listed (a lookup waits for its directory's
+/// listing): a file of the tree nothing has listed yet then has an owner in
+/// the fetcher. A path is taken below each of `roots` (the mountpoint, then
+/// the tree's root on the source); one below none of them is left alone.
+fn locate(fs: &Filesystem, roots: &[PathBuf], paths: &[Vec<u8>]) {
+    for path in paths {
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        for below in roots.iter().filter_map(|root| path.strip_prefix(root).ok()) {
+            let _ = below.iter().try_fold(ROOT_INO, |dir, name| fs.lookup(dir, name).map(|a| a.ino));
+        }
+    }
 }
 
 /// Samples the byte counters for the rate while the mount lives, so even the

@@ -75,6 +75,19 @@ impl SpillFile {
         Ok((spill, size))
     }
 
+    /// A spill file of no bytes that is not made until something writes it.
+    pub fn unmade(dir: &Arc<CacheDir>, name: String, spills: &Arc<OpenSpills>) -> SpillFile {
+        SpillFile {
+            dir: dir.clone(),
+            path: dir.join(&name),
+            name,
+            initial_len: 0,
+            created: AtomicBool::new(false),
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+        }
+    }
+
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
     pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
@@ -132,6 +145,15 @@ impl SpillFile {
         self.with_file(|file| file.set_len(size).map_err(io_err(&self.path)))
     }
 
+    /// When its bytes last changed.
+    pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
+        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(io_err(&self.path)))
+    }
+
+    pub fn set_modified(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
+        self.with_file(|file| file.set_modified(time).map_err(io_err(&self.path)))
+    }
+
     /// Gives back the disk blocks of `bytes`, which hold nothing anyone may
     /// read (a fetch that failed part way): they read as zeros after.
     pub fn discard(&self, bytes: Range<u64>) {
@@ -163,6 +185,12 @@ impl SpillFile {
     /// Its directory and name, for syncing it without holding it open.
     pub fn location(&self) -> (Arc<CacheDir>, String) {
         (self.dir.clone(), self.name.clone())
+    }
+
+    /// Makes everything written to the cache's filesystem durable at once
+    /// (syncfs): cheaper than an fsync per file for many files.
+    pub fn sync_filesystem(&self) -> Result<(), StoreError> {
+        self.dir.sync_filesystem()
     }
 
     /// The blake3 of the first `len` bytes, read a window at a time.
