@@ -253,7 +253,8 @@ pub struct StatusArgs {
 
 /// Block until every file (or each PATH) is present and verified.
 ///
-/// Exit 0 when they are, 3 on timeout, 4 if one failed verification, 1 if the mount went away.
+/// Exit 0 when they are, 3 on timeout, 4 if one failed verification, 1 if the mount went away
+/// or failed.
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// A live lazyfs mount.

@@ -137,7 +137,12 @@ pub fn judge(
         use std::os::unix::ffi::OsStrExt;
         // Normalized again: a journal written before its spelling was.
         let subtree = subtree_name(Path::new(std::ffi::OsStr::from_bytes(&identity.subtree)));
-        format!("--layout {} --subtree {}", identity.layout, String::from_utf8_lossy(&subtree))
+        // Changes relative to / show the same without --subtree, which a user rather means than
+        // `--subtree /` (that mirrors the old host's whole root): suggest none.
+        match subtree.as_slice() {
+            b"/" => format!("--layout {} (no --subtree)", identity.layout),
+            _ => format!("--layout {} --subtree {}", identity.layout, String::from_utf8_lossy(&subtree)),
+        }
     };
     if !loaded.local.is_empty() && names(held) != names(wanted) {
         return Err(IdentityError::OtherNames { cache: cache.into(), held: names(held), wanted: names(wanted) });

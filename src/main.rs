@@ -503,7 +503,7 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         // Waiting for everything needs only the totals, cheap enough to poll often.
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
-            if totals.files_failed == 0 && totals.dirs_failed == 0 {
+            if totals.files_failed == 0 && totals.dirs_failed == 0 && totals.state() != MountState::Failed {
                 if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
                 }
@@ -512,9 +512,14 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
                     continue;
                 }
             }
-            // A failure or the timeout: the per-file list says which files.
+            // A failure (of files or of the mount) or the timeout: the per-file list says which files.
         }
         let status = status_naming(&mut client, &args.paths, &mountpoint).map_err(gone)?;
+        // A failed mount lists no file: nothing would be left to wait for.
+        if status.state() == MountState::Failed {
+            let message = format!("{}: {}", args.mountpoint.display(), status.failure);
+            return Err(Exit { code: exit::RUNTIME, message }.into());
+        }
         let selected = select_files(&status, &args.paths, &mountpoint)?;
         let failed: Vec<_> = selected.iter().filter(|f| f.state() == FileState::Failed).collect();
         // Waiting for every file: those of directories that could not be listed too.

@@ -302,6 +302,10 @@ fn past_the_crash_limit_the_mount_fails_cleanly_and_umount_ends_it() {
     assert_eq!(status["pid"].as_i64(), Some(supervisor), "the supervisor answers for the failed mount");
     let plain = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&plain.stdout).contains("failed: the serving process crashed 3 times"));
+    // `wait` says so (exit 1) instead of finding no file left to wait for (exit 0) or polling forever.
+    let waited = env.run(&["wait", mount.mountpoint.to_str().unwrap()]);
+    assert_eq!(waited.status.code(), Some(1), "{}", String::from_utf8_lossy(&waited.stderr));
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("crashed 3 times"));
     let log = std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap();
     assert!(log.contains("lazyfs gave up"), "{log}");
     // Nothing serves it: the application gets an error, not a hang.

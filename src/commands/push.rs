@@ -142,7 +142,7 @@ fn progress_json(request: &PushRequest, p: &Progress, started: Instant, phase: &
 pub fn summary_line(request: &PushRequest, summary: &Summary) -> String {
     format!(
         "pushed {} files ({}) to {}: {} objects, {} sent ({}), {} already in the store{}; copy IMGDIR \
-         (with its lazyfs.pushed) to the new hosts and mount with `lazyfs mount MOUNTPOINT IMGDIR {}`",
+         (with its lazyfs.pushed) to the new hosts and mount with `lazyfs mount MOUNTPOINT IMGDIR {}{}`",
         summary.files,
         BinaryBytes(summary.bytes),
         request.url,
@@ -151,7 +151,12 @@ pub fn summary_line(request: &PushRequest, summary: &Summary) -> String {
         BinaryBytes(summary.bytes_sent),
         summary.objects_present,
         if summary.skipped.is_empty() { String::new() } else { format!("; left out {}", summary.skipped.len()) },
-        request.url
+        request.url,
+        // What a mount of a push with --subtree needs (without them: exit 2).
+        match &request.subtree {
+            Some(dir) => format!(" --subtree {} --recorded-only", dir.display()),
+            None => String::new(),
+        }
     )
 }
 

@@ -626,9 +626,10 @@ fn check_binary(binary: &Binary) -> Result<(), String> {
     match status.success() && text.starts_with("lazyfs ") {
         true => Ok(()),
         false => Err(format!(
-            "{}: not a lazyfs binary that runs here (`--version` said {:?})",
+            "{}: not a lazyfs binary that runs here (`--version` said {:?}, {status})",
             binary.path.display(),
-            text.trim()
+            // One line of it: a foreign program's `--version` can be a page.
+            text.lines().next().unwrap_or("").trim()
         )),
     }
 }
