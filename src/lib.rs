@@ -12,6 +12,7 @@ pub mod images;
 pub mod manifest;
 pub mod mount;
 pub mod namespace;
+pub mod privileges;
 pub mod recording;
 pub mod source;
 pub mod status;

@@ -507,6 +507,12 @@ fn load() -> String {
         .join(" ")
 }
 
+/// The lazyfs measured: this build's, or `LAZYFS_BENCH_BIN` (another
+/// build, to compare two versions with the same harness).
+fn lazyfs_binary() -> PathBuf {
+    std::env::var_os("LAZYFS_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), PathBuf::from)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
@@ -537,7 +543,7 @@ fn main() {
         wan: profile,
         work: tempfile::Builder::new().prefix("lazyfs-restore").tempdir().unwrap(),
         criu,
-        lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")),
+        lazyfs: lazyfs_binary(),
         app: manifest_dir.join("benches/restore/app.py"),
         modules: if quick { 200 } else { 2000 },
         runs,

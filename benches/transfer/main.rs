@@ -16,8 +16,10 @@
 //!   e. a checkpoint of 100,000 files (1 KiB each) under `ulimit -n 1024`:
 //!      time until `lazyfs mount` returns, until all verified with
 //!      `--prefetch`, and the daemon's peak RSS.
+//!   w. 1,500 random 4 KiB `pwrite`s and an `fsync` into a file made through a
+//!      mount, beside the same on the cache's filesystem;
 //! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
-//! `-- --many` runs only e.
+//! `-- --only GROUPS` runs only those (e.g. `--only a,w`); `-- --many` is `--only e`.
 //! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
 #[path = "../../tests/common/sshd.rs"]
@@ -149,7 +151,7 @@ impl Bench {
             None => Sshd::start(),
         };
         let work = tempfile::Builder::new().prefix("lazyfs-bench").tempdir().unwrap();
-        Bench { sshd, wan, work, lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), runs, rows: Vec::new() }
+        Bench { sshd, wan, work, lazyfs: lazyfs_binary(), runs, rows: Vec::new() }
     }
 
     /// A program that talks to the source: in the client's namespace under --wan.
@@ -565,6 +567,42 @@ impl Bench {
         }
     }
 
+    /// (w) 1,500 random 4 KiB `pwrite`s then `fsync`, into a 64 MiB file
+    /// made through a mount, beside the same on the cache's filesystem.
+    fn writes(&mut self, set: &Dataset) {
+        const WRITES: usize = 1500;
+        const SIZE: u64 = 64 << 20;
+        eprintln!("w. random writes");
+        let burst = |path: &Path| -> f64 {
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+            file.set_len(SIZE).unwrap();
+            let mut block = [0u8; 4096];
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let started = Instant::now();
+            for i in 0..WRITES {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                file.write_all_at(&block, (state % (SIZE / 4096)) * 4096).unwrap();
+            }
+            file.sync_all().unwrap();
+            WRITES as f64 / started.elapsed().as_secs_f64()
+        };
+        let (mountpoint, cache) = self.mount(set, "writes", &[]);
+        let (mut local, mut through) = (Vec::new(), Vec::new());
+        // Alternating, several bursts a run: the machine is shared and noisy.
+        for _ in 0..self.runs * 5 {
+            local.push(burst(&cache.join("bench-writes")));
+            through.push(burst(&mountpoint.join("bench-writes")));
+        }
+        self.umount(&mountpoint);
+        let local_name = "1,500 random 4 KiB pwrites + fsync, on the cache's filesystem";
+        self.record("w", local_name, "writes/s", local, None);
+        self.record("w", "the same into a file made through the mount", "writes/s", through, Some(local_name));
+    }
+
     fn report(&self) -> (String, Value) {
         let mut md = String::from("| | measurement | median | min – max | ratio |\n| --- | --- | --- | --- | --- |\n");
         let mut rows = Vec::new();
@@ -619,6 +657,22 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), Linux {}, loopback sshd", kernel.trim())
 }
 
+/// The load average now (the machine is shared: every figure says it).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The lazyfs measured: this build's, or `LAZYFS_BENCH_BIN` (another
+/// build, to compare two versions with the same harness).
+fn lazyfs_binary() -> PathBuf {
+    std::env::var_os("LAZYFS_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), PathBuf::from)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo test --all-targets` runs this binary without `--bench`: a
@@ -637,36 +691,51 @@ fn main() {
     let mut bench = Bench::new(runs, profile);
     std::fs::create_dir_all(bench.path("home")).unwrap();
     eprintln!("making data sets in {}", bench.work.path().display());
-    let many_only = args.iter().any(|a| a == "--many");
-    let sets = if many_only { Vec::new() } else { bench.make_datasets() };
-    if !many_only {
+    // `--only GROUPS` (letters, e.g. `--only a,w`) runs those groups alone; `--many` is `--only e`.
+    let only: Option<String> = match args.iter().position(|a| a == "--only") {
+        Some(i) => Some(args.get(i + 1).expect("--only GROUPS, e.g. --only a,w").clone()),
+        None => args.iter().any(|a| a == "--many").then(|| "e".to_string()),
+    };
+    let wants = |group: char| only.as_ref().is_none_or(|groups| groups.contains(group));
+    let load_before = load();
+    let sets = if "abcdw".chars().any(wants) { bench.make_datasets() } else { Vec::new() };
+    if wants('a') {
         bench.first_byte(&sets[0]);
+    }
+    if wants('b') || wants('d') {
         for set in &sets {
             bench.bulk(set);
         }
-        // Reads of verified files do not touch the network: loopback runs only.
-        if !wan {
-            bench.local_reads(&sets[0]);
-        }
     }
-    if !wan {
+    // Reads of verified files and writes do not touch the network: loopback runs only.
+    if !wan && wants('c') {
+        bench.local_reads(&sets[0]);
+    }
+    if !wan && wants('w') {
+        bench.writes(&sets[2]);
+    }
+    if !wan && wants('e') {
         bench.many_files();
     }
     let (table, json) = bench.report();
     let link = if wan { "WAN profile: 20 ms RTT, 1 Gbit/s through two network namespaces" } else { "loopback sshd" };
-    let header = format!(
-        "Measured on {}, {link}; {runs} run(s) each; `cargo bench --bench transfer{}`.\n\n",
-        machine(),
-        match (wan, many_only) {
-            (true, _) => " -- --wan",
-            (false, true) => " -- --many",
-            (false, false) => "",
-        }
+    let command = format!(
+        "{}{}",
+        if wan { " -- --wan" } else { "" },
+        only.as_ref().map(|o| format!("{} --only {o}", if wan { "" } else { " --" })).unwrap_or_default()
     );
-    let name = match (wan, many_only) {
-        (true, _) => "transfer-wan",
-        (false, true) => "transfer-many",
-        (false, false) => "transfer",
+    let header = format!(
+        "Measured on {}, {link}; {runs} run(s) each; load average {load_before} before, {} after; \
+         `cargo bench --bench transfer{command}`{}.\n\n",
+        machine(),
+        load(),
+        std::env::var("LAZYFS_BENCH_BIN").map(|bin| format!(" with LAZYFS_BENCH_BIN={bin}")).unwrap_or_default(),
+    );
+    let name = match (wan, &only) {
+        (true, None) => "transfer-wan".to_string(),
+        (false, None) => "transfer".to_string(),
+        (true, Some(groups)) => format!("transfer-wan-{}", groups.replace(',', "")),
+        (false, Some(groups)) => format!("transfer-{}", groups.replace(',', "")),
     };
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();

@@ -289,6 +289,7 @@ impl Core {
             self.ino(path),
             offset,
             data.to_vec(),
+            false,
             Box::new(move |r| {
                 let _ = tx.send(r.map_err(|e| e.errno));
             }),
