@@ -358,10 +358,18 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         code: exit::RUNTIME,
         message: format!("{}: the mount went away while waiting ({e})", args.mountpoint.display()),
     };
+    // The source cannot be used: what is missing never comes.
+    let unusable = |source_error: &str| Exit {
+        code: exit::RUNTIME,
+        message: format!("{}: {source_error}", args.mountpoint.display()),
+    };
     loop {
         // Waiting for everything needs only the totals, cheap enough to poll often.
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
+            if !totals.source_error.is_empty() && totals.state() != MountState::Complete {
+                return Err(unusable(&totals.source_error).into());
+            }
             if totals.files_failed == 0 {
                 if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
@@ -386,6 +394,9 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
             selected.iter().filter(|f| !matches!(f.state(), FileState::Verified | FileState::Modified)).count();
         if waiting == 0 {
             return Ok(exit::SUCCESS);
+        }
+        if !status.source_error.is_empty() {
+            return Err(unusable(&status.source_error).into());
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let why = if status.prefetch {

@@ -81,6 +81,8 @@ pub struct MountRequest {
     pub prefetch: bool,
     pub passthrough: bool,
     pub reconnect_timeout: std::time::Duration,
+    /// Connect to the source before mounting (else in the background).
+    pub wait_for_source: bool,
     pub jobs: usize,
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
@@ -125,6 +127,7 @@ impl MountRequest {
             prefetch: args.prefetch,
             passthrough: !args.no_passthrough,
             reconnect_timeout: args.reconnect_timeout,
+            wait_for_source: args.wait_for_source,
             jobs: usize::from(args.jobs),
             order: args.prefetch_order.clone(),
             manifest: args
@@ -246,7 +249,15 @@ pub fn prepare_with(
         local_changes.clear();
     }
     let source = open_source()?;
-    let mut connection = source.connect()?;
+    // The connection comes up in the background (see `fetch::connect`),
+    // unless asked for now or needed now: CRIU left a size out (O_APPEND
+    // opens) that no manifest has, and a size is shown before any read.
+    let sizes_unknown =
+        served.iter().any(|f| f.size.is_none() && manifest.as_ref().is_none_or(|m| m.get(&f.path).is_none()));
+    let mut connection = match request.wait_for_source || sizes_unknown {
+        true => Some(source.connect()?),
+        false => None,
+    };
 
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
@@ -267,7 +278,7 @@ pub fn prepare_with(
         // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
         let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
             Some(size) => size,
-            None => match connection.stat(&file.source_path) {
+            None => match connection.as_mut().expect("connected: a size is unknown").stat(&file.source_path) {
                 Ok(stat) => stat.size,
                 Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));

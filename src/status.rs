@@ -168,6 +168,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     status.local_files += local_files;
     status.local_bytes += local_bytes;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
+    status.source_error = fs.fetcher().source_error().map(|e| e.to_string()).unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
         MountState::Degraded
     } else if settled == status.files_total {
@@ -241,6 +242,7 @@ pub fn to_json(status: &Status) -> Value {
         "local_files": status.local_files,
         "local_bytes": status.local_bytes,
         "source_needed": status.source_needed,
+        "source_error": non_empty(&status.source_error),
         "rate_bytes_per_s": status.rate_bytes_per_s,
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,

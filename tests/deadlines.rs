@@ -132,7 +132,8 @@ fn hung_world(env: &TestEnv, fine: &[(&str, usize)]) -> HungMount {
     command.arg("mount").arg(&mountpoint).arg(env.path("inner-images")).arg(sshd.target());
     command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
     command.arg("--source-root").arg(env.path("inner")).arg("--cache-dir").arg(&cache);
-    let out = command.args(["--reconnect-timeout", "600"]).output().unwrap();
+    // Connected before it returns: silenced after, its LSTAT and OPEN still answer.
+    let out = command.args(["--reconnect-timeout", "600", "--wait-for-source"]).output().unwrap();
     assert!(out.status.success(), "inner mount: {}", String::from_utf8_lossy(&out.stderr));
     let inner = Mount { mountpoint, cache, env_home: env.tmp.path().into() };
     let mut records = dataset(&env.path("source"), &env.path("scratch"), fine);

@@ -10,6 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::connect::FirstConnection;
 use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
 use crate::source::{Connection, Limits, Source, SourceError, SourceStat, WholeRead};
 
@@ -154,15 +155,18 @@ pub(crate) struct Health {
     cache_full: Mutex<Option<String>>,
     /// The fetcher is stopping: lanes give up at once instead of reconnecting.
     stopping: AtomicBool,
+    /// The source's first connection, which every lane waits for.
+    pub(crate) first: Arc<FirstConnection>,
 }
 
 impl Health {
-    pub(crate) fn new(reconnect_timeout: Duration) -> Health {
+    pub(crate) fn new(reconnect_timeout: Duration, first: Arc<FirstConnection>) -> Health {
         Health {
             reconnect_timeout,
             down: Mutex::new((0, None, None)),
             cache_full: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            first,
         }
     }
 
@@ -204,6 +208,9 @@ impl Health {
 
     /// Why the mount is degraded, if it is.
     pub(crate) fn degraded(&self) -> Option<String> {
+        if let Some(failure) = self.first.failure() {
+            return Some(SourceError::Unusable(failure).to_string());
+        }
         let down = self.down.lock().unwrap_or_else(PoisonError::into_inner).1.clone();
         down.or_else(|| self.cache_full.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
@@ -255,20 +262,19 @@ pub(super) struct Link {
     down: bool,
     /// The bounds of the requests made now.
     limits: Limits,
+    /// This link takes the source's first connection (the first on-demand lane).
+    takes_first: bool,
 }
 
 impl Link {
     pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
         let limits = health.background();
-        Link { source, connection: None, buffer: Vec::new(), health, down: false, limits }
+        Link { source, connection: None, buffer: Vec::new(), health, down: false, limits, takes_first: false }
     }
 
-    pub(super) fn with_connection(
-        source: Arc<dyn Source>,
-        health: Arc<Health>,
-        connection: Box<dyn Connection>,
-    ) -> Link {
-        Link { connection: Some(connection), ..Link::new(source, health) }
+    /// The link that serves readers first: on the source's first connection.
+    pub(super) fn first(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
+        Link { takes_first: true, ..Link::new(source, health) }
     }
 
     /// Bounds the requests from now on.
@@ -282,7 +288,13 @@ impl Link {
             if time.is_zero() {
                 return Err(SourceError::TimedOut { host: self.source.describe(), waited: time, path: None });
             }
-            self.connection = Some(self.source.connect_within(time)?);
+            // Once the source is up (its first connection, made at mount).
+            let first = self.health.first.wait(Instant::now() + time, self.takes_first)?;
+            self.takes_first = false;
+            self.connection = Some(match first {
+                Some(connection) => connection,
+                None => self.source.connect_within(time)?,
+            });
         }
         let connection = self.connection.as_mut().expect("connected above").as_mut();
         connection.set_limits(self.limits);

@@ -17,6 +17,7 @@
 //! and a complete file is verified by the verifier thread. A panic while
 //! fetching fails that file; the lanes keep going.
 
+mod connect;
 mod lane;
 pub mod prefetch;
 pub mod restore;
@@ -622,6 +623,11 @@ impl Shared {
                 ),
                 true,
             ),
+            Err(FetchFailure::Source(e @ SourceError::Unusable(_))) => {
+                // Not the file's fault, and said once already (the log, status).
+                file.fail(claim, &FetchError::new(e.to_string()), false);
+                return;
+            }
             Err(FetchFailure::Source(e)) => {
                 // A lost connection may come back; a file that is missing or
                 // shorter than recorded will not.
@@ -870,12 +876,14 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// Starts the lanes: the on-demand lane on `connection` (opened at mount
-    /// time, so an unreachable source fails the mount), the verifier, and
-    /// with `config.jobs > 0` the prefetch workers.
+    /// Starts the lanes: the on-demand lanes, the verifier, and with
+    /// `config.jobs > 0` the prefetch workers. The first on-demand lane serves
+    /// on `connection` (made before mounting with `--wait-for-source`), or on
+    /// the source's first connection, made now in the background if any file
+    /// needs the source (else when one first does).
     pub fn start(
         source: Arc<dyn Source>,
-        connection: Box<dyn Connection>,
+        connection: Option<Box<dyn Connection>>,
         files: Vec<Arc<FetchFile>>,
         journal: Journal,
         config: FetchConfig,
@@ -889,7 +897,10 @@ impl Fetcher {
             verify: Mutex::new(verify_tx),
             requests: lane::Requests::new(),
             started: Instant::now(),
-            health: Arc::new(lane::Health::new(config.reconnect_timeout)),
+            health: Arc::new(lane::Health::new(
+                config.reconnect_timeout,
+                Arc::new(connect::FirstConnection::new(source.clone(), connection)),
+            )),
             source_name: source.describe(),
             prefetching: AtomicBool::new(false),
             started_over: OnceLock::new(),
@@ -900,8 +911,10 @@ impl Fetcher {
                 shared.send_to_verifier(index);
             }
         }
-        let link = lane::Link::with_connection(source.clone(), shared.health.clone(), connection);
-        lane::spawn_on_demand(link, &source, &shared);
+        if shared.source_needed() {
+            shared.health.first.start();
+        }
+        lane::spawn_on_demand(lane::Link::first(source.clone(), shared.health.clone()), &source, &shared);
         let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
         let recorder = Recorder::new(shared.files.len());
         let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), prefetch_wanted, recorder };
@@ -953,6 +966,11 @@ impl Fetcher {
     /// Why the mount is degraded (the source not answering, the cache full).
     pub fn degraded(&self) -> Option<String> {
         self.shared.health.degraded()
+    }
+
+    /// Why the source cannot be used, if the mount's first connection to it failed.
+    pub fn source_error(&self) -> Option<Arc<str>> {
+        self.shared.health.first.failure()
     }
 
     pub fn prefetching(&self) -> bool {

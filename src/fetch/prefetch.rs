@@ -388,6 +388,8 @@ fn fetch_run(link: &mut Link, shared: &Shared, index: usize, chunks: Range<u64>)
 /// queued again.
 fn first_look(link: &mut Link, shared: &Shared, index: usize) -> bool {
     match link.with_retry(|connection| shared.check_baseline(index, connection)) {
+        // Said once already: nothing is fetched.
+        Err(SourceError::Unusable(_)) => false,
         Err(e) if e.is_connection_lost() => {
             log::warn!("{e}");
             shared.queue.push(index);

@@ -35,7 +35,7 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
     let journal = journal(dir.path());
     let config = FetchConfig { jobs: 0, order: Order::Image, reconnect_timeout: Duration::from_secs(1) };
     let connection = source.connect().unwrap();
-    let fetcher = Fetcher::start(source, connection, vec![file], journal, config);
+    let fetcher = Fetcher::start(source, Some(connection), vec![file], journal, config);
     Setup { _dir: dir, fetcher }
 }
 

@@ -163,6 +163,9 @@ pub enum SourceError {
     Auth { user: String, host: String, tried: String },
     #[error("{0}")]
     Config(String),
+    /// The mount's first connection to the source failed: it is not used.
+    #[error("the source cannot be used: {0}")]
+    Unusable(std::sync::Arc<str>),
 }
 
 impl SourceError {

@@ -206,6 +206,7 @@ impl Core {
             prefetch: jobs > 0,
             passthrough: false,
             reconnect_timeout: Duration::from_secs(2),
+            wait_for_source: false,
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
