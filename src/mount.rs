@@ -219,6 +219,8 @@ pub fn prepare_with(
         _ => None,
     };
     let store = Store::open(&request.cache_dir)?;
+    // What a mount that was killed recorded is this cache dir's recording now.
+    recording::recover(store.dir())?;
     let recording = match (&request.order, given_recording) {
         (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
         (PrefetchOrder::Recorded(None), None) => {
@@ -327,6 +329,8 @@ pub fn prepare_with(
         journal,
         FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
     );
+    fetcher
+        .record_in(store.dir().try_clone().map_err(|e| StoreError::Io { path: request.cache_dir.clone(), source: e })?);
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),

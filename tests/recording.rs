@@ -38,6 +38,27 @@ fn completion_order(status: &Value) -> Vec<String> {
 /// Mounts lazily, reads s2, then 4 KiB in the middle of big, then s1; checks
 /// what `status --json` recorded; unmounts (which leaves CACHE/recording).
 fn record(env: &TestEnv, sshd: &Sshd, name: &str) -> Mount {
+    let (mount, paths) = record_reads(env, sshd, name);
+    let out = mount.umount();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = lazyfs::recording::load(&mount.cache).unwrap();
+    let saved_paths: Vec<String> = saved.touches.iter().map(|t| String::from_utf8_lossy(&t.path).into()).collect();
+    assert_eq!(saved_paths, paths, "CACHE/recording differs from what status showed");
+    mount
+}
+
+/// The recorded runs `status --json` shows, as (path, first chunk, end chunk).
+fn recorded_runs(status: &Value) -> Vec<(String, u64, u64)> {
+    let runs = status["recording"].as_array().unwrap().iter();
+    runs.map(|r| {
+        (r["path"].as_str().unwrap().into(), r["first_chunk"].as_u64().unwrap(), r["end_chunk"].as_u64().unwrap())
+    })
+    .collect()
+}
+
+/// The reads of [`record`] on a new lazy mount, checked in status; the mount
+/// and the recorded paths.
+fn record_reads(env: &TestEnv, sshd: &Sshd, name: &str) -> (Mount, Vec<String>) {
     let mount = env.mount(name, &env.path("images"), &ssh(sshd, env), &[]);
     assert_eq!(std::fs::read(mount.at("/r/s2")).unwrap(), content("/r/s2", 2_000));
     let mut big = File::open(mount.at("/r/big")).unwrap();
@@ -61,13 +82,8 @@ fn record(env: &TestEnv, sshd: &Sshd, name: &str) -> Mount {
     assert_eq!((recording[0]["first_chunk"].as_u64(), recording[0]["end_chunk"].as_u64()), (Some(0), Some(1)));
     let times: Vec<f64> = recording.iter().map(|r| r["at_s"].as_f64().unwrap()).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
-
-    let out = mount.umount();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let saved = lazyfs::recording::load(&mount.cache).unwrap();
-    let saved_paths: Vec<String> = saved.touches.iter().map(|t| String::from_utf8_lossy(&t.path).into()).collect();
-    assert_eq!(saved_paths, paths, "CACHE/recording differs from what status showed");
-    mount
+    let paths = paths.into_iter().map(String::from).collect();
+    (mount, paths)
 }
 
 /// What the recording puts first comes first: s2 (read first), then s1, then
@@ -116,6 +132,35 @@ fn a_mount_records_reads_in_order_and_the_next_one_prefetches_in_that_order() {
     std::fs::remove_file(first.cache.join("journal")).unwrap();
     let (order, ..) = prefetch(&env, &sshd, "first", "recorded");
     assert_eq!(order, RECORDED_ORDER);
+}
+
+/// The recording is written as it grows: a mount killed with `kill -9`
+/// leaves every run it recorded, and the next mount of its cache dir follows it.
+#[test]
+fn a_killed_mount_keeps_its_recording() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &FILES);
+    let (mount, _) = record_reads(&env, &sshd, "killed");
+    let before = recorded_runs(&mount.status());
+    let pid = mount.status()["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) of the lazyfs daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!mount.cache.join("recording").exists(), "written at unmount only, yet there was none");
+    // Fetched again from nothing, so the order of completion is prefetch's own.
+    std::fs::remove_dir_all(mount.cache.join("spill")).unwrap();
+    std::fs::remove_file(mount.cache.join("journal")).unwrap();
+    let (order, ..) = prefetch(&env, &sshd, "killed", "recorded");
+    assert_eq!(order, RECORDED_ORDER);
+    let kept = lazyfs::recording::load(&mount.cache).unwrap();
+    let kept: Vec<(String, u64, u64)> =
+        kept.touches.iter().map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end)).collect();
+    assert_eq!(kept, before);
 }
 
 #[test]

@@ -1009,6 +1009,12 @@ impl Fetcher {
         with_present(&self.shared, index, chunks, op, reply)
     }
 
+    /// Keeps the recording in `cache_dir` as it grows (see [`crate::recording`]).
+    pub fn record_in(&self, cache_dir: CacheDir) {
+        let shared = self.shared.clone();
+        self.recorder.grow_in(cache_dir, move |index| shared.files[index].path_bytes().to_vec());
+    }
+
     /// The order readers first touched chunks in so far.
     pub fn recording(&self) -> Recording {
         let touches = self.recorder.runs().into_iter().map(|(index, chunks, at_us)| Touch {
