@@ -399,7 +399,9 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
             return Err(unusable(&status.source_error).into());
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            let why = if status.prefetch {
+            let why = if !status.degraded_reason.is_empty() {
+                format!("; {}", status.degraded_reason)
+            } else if status.prefetch {
                 String::new()
             } else {
                 format!(

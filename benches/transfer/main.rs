@@ -5,8 +5,9 @@
 //! 4 KiB files in 50 directories; 200 x 1 MiB) and their CRIU images, then
 //! measures, each at least 3 times (median, min-max):
 //!   a. the first 4 KiB at the middle of the 1 GiB file through a fresh lazy
-//!      mount, beside one SFTP read of the same bytes on an open session and
-//!      beside `ssh HOST cat` of the whole file;
+//!      mount: from `lazyfs mount` to the bytes in hand (beside a new `ssh`
+//!      login and `ssh HOST cat` of the whole file), and the read alone once
+//!      the mount is connected (beside one SFTP read on an open session);
 //!   b. time until everything is verified with `--prefetch`, beside
 //!      `ssh HOST cat` / `ssh HOST tar cf - DIR` (the OpenSSH ceiling), `scp -r`,
 //!      `rsync -a` and `sshfs` + `cp -r`;
@@ -16,6 +17,8 @@
 //!   e. a checkpoint of 100,000 files (1 KiB each) under `ulimit -n 1024`:
 //!      time until `lazyfs mount` returns, until all verified with
 //!      `--prefetch`, and the daemon's peak RSS.
+//!   p. 4 KiB reads of missing chunks during a full `--prefetch` (p50, p99)
+//!      beside the same reads on an idle lazy mount;
 //!   w. 1,500 random 4 KiB `pwrite`s and an `fsync` into a file made through a
 //!      mount, beside the same on the cache's filesystem;
 //! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
@@ -342,24 +345,35 @@ impl Bench {
         self.record("e", format!("{}: daemon peak RSS", set.name), "MiB", rss, None);
     }
 
-    /// (a) The first 4 KiB at the middle of the 1 GiB file.
+    /// (a) The first 4 KiB at the middle of the 1 GiB file: from the start
+    /// of `lazyfs mount` (which returns before the source answers) to the
+    /// bytes in hand, and the read alone on a mount connected before it
+    /// returned (`--wait-for-source`): the round trips of a first read.
     fn first_byte(&mut self, big: &Dataset) {
         eprintln!("a. first byte");
         let middle = GIB / 2;
-        let mut through_mount = Vec::new();
+        let read = |mountpoint: &Path| {
+            let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
+            let mut buf = [0u8; 4096];
+            file.read_exact_at(&mut buf, middle).unwrap();
+        };
+        let mut measured = Vec::new();
         for (transport, _) in TRANSPORTS {
-            let mut runs = Vec::new();
+            let (mut returned, mut in_hand, mut alone) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..self.runs {
-                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport]);
-                let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
-                let mut buf = [0u8; 4096];
                 let started = Instant::now();
-                file.read_exact_at(&mut buf, middle).unwrap();
-                runs.push(started.elapsed().as_secs_f64());
-                drop(file);
+                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport]);
+                returned.push(started.elapsed().as_secs_f64());
+                read(&mountpoint);
+                in_hand.push(started.elapsed().as_secs_f64());
+                self.umount(&mountpoint);
+                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport, "--wait-for-source"]);
+                let started = Instant::now();
+                read(&mountpoint);
+                alone.push(started.elapsed().as_secs_f64());
                 self.umount(&mountpoint);
             }
-            through_mount.push(runs);
+            measured.push((returned, in_hand, alone));
         }
         let (target, key, known, home, root, runs) = (
             self.sshd.target(),
@@ -375,13 +389,23 @@ impl Bench {
             None => measure(),
         };
         let file = self.source().join("big/file.bin");
+        let login: Vec<f64> = (0..self.runs.max(3)).map(|_| timed(self.ssh().arg("true"))).collect();
         let cat: Vec<f64> = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&file))).collect();
-        self.record("a", "one SFTP read of those 4 KiB, open session", "s", one_read, None);
-        self.record("a", "`ssh HOST cat` of the whole 1 GiB file", "s", cat, None);
-        for ((_, label), runs) in TRANSPORTS.iter().zip(through_mount) {
-            let what = format!("first 4 KiB at the middle, fresh lazy mount, {label}");
-            self.record("a", what.clone(), "s", runs.clone(), Some("one SFTP read of those 4 KiB, open session"));
-            self.record("a", format!("{what} "), "s", runs, Some("`ssh HOST cat` of the whole 1 GiB file"));
+        let (sftp_read, new_login, whole) = (
+            "one SFTP read of those 4 KiB, open session",
+            "`ssh HOST true` (a new login)",
+            "`ssh HOST cat` of the whole 1 GiB file",
+        );
+        self.record("a", sftp_read, "s", one_read, None);
+        self.record("a", new_login, "s", login, None);
+        self.record("a", whole, "s", cat, None);
+        for ((_, label), (returned, in_hand, alone)) in TRANSPORTS.iter().zip(measured) {
+            self.record("a", format!("`lazyfs mount` returns, {label}"), "s", returned, Some(new_login));
+            let what = format!("`lazyfs mount` started to the first 4 KiB at the middle in hand, {label}");
+            self.record("a", what.clone(), "s", in_hand.clone(), Some(new_login));
+            self.record("a", format!("{what} "), "s", in_hand, Some(whole));
+            let what = format!("first 4 KiB at the middle of a mount connected already, {label}");
+            self.record("a", what, "s", alone, Some(sftp_read));
         }
     }
 
@@ -567,6 +591,70 @@ impl Bench {
         }
     }
 
+    /// (p) Foreground reads while prefetch runs: 4 KiB reads of chunks not
+    /// fetched yet (random, in the last quarter of the 1 GiB file, which a
+    /// full `--prefetch` reaches last; readahead off), their p50 and p99
+    /// during a full prefetch beside the same reads on an idle lazy mount.
+    fn foreground(&mut self, big: &Dataset) {
+        const READS: usize = 150;
+        eprintln!("p. foreground reads during prefetch");
+        let reads = |mountpoint: &Path, until: &dyn Fn() -> bool| -> Vec<f64> {
+            let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
+            // SAFETY: fadvise on an open descriptor: 4 KiB reads stay 4 KiB requests.
+            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_RANDOM) };
+            let mut state = 0x2545_F491_4F6C_DD1Du64;
+            let mut buf = [0u8; 4096];
+            let mut times = Vec::new();
+            let chunks = GIB / (16 << 10);
+            // `until` (a `lazyfs status`) is asked every 10 reads, not to load the machine.
+            while times.len() < READS && (times.len() % 10 != 0 || until()) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // A chunk of the last quarter, each read in a chunk of its own.
+                let chunk = chunks - 1 - (state % (chunks / 4));
+                let started = Instant::now();
+                file.read_exact_at(&mut buf, chunk * (16 << 10)).unwrap();
+                times.push(started.elapsed().as_secs_f64());
+            }
+            times
+        };
+        let quantile = |times: &[f64], q: f64| {
+            let mut sorted = times.to_vec();
+            sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+        };
+        let (mut idle50, mut idle99, mut busy50, mut busy99, mut counts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let (mountpoint, _) = self.mount(big, "foreground", &["--wait-for-source"]);
+            let idle = reads(&mountpoint, &|| true);
+            self.umount(&mountpoint);
+            let (mountpoint, _) = self.mount(big, "foreground", &["--prefetch", "--wait-for-source"]);
+            // Until prefetch has most of the file: the reads stay on missing chunks.
+            let status = |mountpoint: &Path| -> Value {
+                let out = run(self.lazyfs().arg("status").arg(mountpoint).args(["--json"]));
+                serde_json::from_slice(&out.stdout).unwrap()
+            };
+            let busy = reads(&mountpoint, &|| {
+                let s = status(&mountpoint);
+                s["bytes_present"].as_u64().unwrap() < GIB * 5 / 8
+            });
+            self.umount(&mountpoint);
+            idle50.push(quantile(&idle, 0.5));
+            idle99.push(quantile(&idle, 0.99));
+            busy50.push(quantile(&busy, 0.5));
+            busy99.push(quantile(&busy, 0.99));
+            counts.push(busy.len() as f64);
+        }
+        let (i50, i99) = ("4 KiB read of a missing chunk, idle lazy mount: p50", "the same, idle: p99");
+        self.record("p", i50, "s", idle50, None);
+        self.record("p", i99, "s", idle99, None);
+        self.record("p", "the same during a full --prefetch: p50", "s", busy50, Some(i50));
+        self.record("p", "the same during a full --prefetch: p99", "s", busy99, Some(i99));
+        self.record("p", "reads measured during the prefetch", "reads", counts, None);
+    }
+
     /// (w) 1,500 random 4 KiB `pwrite`s then `fsync`, into a 64 MiB file
     /// made through a mount, beside the same on the cache's filesystem.
     fn writes(&mut self, set: &Dataset) {
@@ -698,7 +786,7 @@ fn main() {
     };
     let wants = |group: char| only.as_ref().is_none_or(|groups| groups.contains(group));
     let load_before = load();
-    let sets = if "abcdw".chars().any(wants) { bench.make_datasets() } else { Vec::new() };
+    let sets = if "abcdpw".chars().any(wants) { bench.make_datasets() } else { Vec::new() };
     if wants('a') {
         bench.first_byte(&sets[0]);
     }
@@ -706,6 +794,9 @@ fn main() {
         for set in &sets {
             bench.bulk(set);
         }
+    }
+    if wants('p') {
+        bench.foreground(&sets[0]);
     }
     // Reads of verified files and writes do not touch the network: loopback runs only.
     if !wan && wants('c') {

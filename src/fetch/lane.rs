@@ -11,8 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::connect::FirstConnection;
+use super::landing::Landing;
 use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
-use crate::source::{Connection, Limits, Source, SourceError, SourceStat, WholeRead};
+use crate::source::{Connection, Limits, Source, SourceError, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -204,12 +205,16 @@ impl Health {
 
     pub(super) fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.first.stop();
     }
 
     /// Why the mount is degraded, if it is.
     pub(crate) fn degraded(&self) -> Option<String> {
         if let Some(failure) = self.first.failure() {
             return Some(SourceError::Unusable(failure).to_string());
+        }
+        if let Some(retrying) = self.first.retrying() {
+            return Some(retrying);
         }
         let down = self.down.lock().unwrap_or_else(PoisonError::into_inner).1.clone();
         down.or_else(|| self.cache_full.lock().unwrap_or_else(PoisonError::into_inner).clone())
@@ -264,12 +269,36 @@ pub(super) struct Link {
     limits: Limits,
     /// This link takes the source's first connection (the first on-demand lane).
     takes_first: bool,
+    /// It carries bulk transfers: through the source's transport for them.
+    bulk: bool,
 }
 
 impl Link {
     pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
         let limits = health.background();
-        Link { source, connection: None, buffer: Vec::new(), health, down: false, limits, takes_first: false }
+        Link {
+            source,
+            connection: None,
+            buffer: Vec::new(),
+            health,
+            down: false,
+            limits,
+            takes_first: false,
+            bulk: false,
+        }
+    }
+
+    /// A link for bulk transfers (a prefetch worker's).
+    pub(super) fn bulk(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
+        Link { bulk: true, ..Link::new(source, health) }
+    }
+
+    /// A new connection of this link's kind, ready within `time`.
+    fn connect(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        match self.bulk {
+            true => self.source.connect_bulk_within(time),
+            false => self.source.connect_within(time),
+        }
     }
 
     /// The link that serves readers first: on the source's first connection.
@@ -293,7 +322,7 @@ impl Link {
             self.takes_first = false;
             self.connection = Some(match first {
                 Some(connection) => connection,
-                None => self.source.connect_within(time)?,
+                None => self.connect(time)?,
             });
         }
         let connection = self.connection.as_mut().expect("connected above").as_mut();
@@ -317,7 +346,7 @@ impl Link {
 
     fn answers_within(&mut self, time: Duration) -> bool {
         self.connection = None;
-        match self.source.connect_within(time) {
+        match self.connect(time) {
             Ok(connection) => {
                 self.connection = Some(connection);
                 self.mark(None);
@@ -420,6 +449,7 @@ impl Link {
     /// source keeps open for further ones.
     pub(super) fn release(&mut self) {
         self.connection = None;
+        self.health.first.release();
         self.source.idle();
     }
 
@@ -433,28 +463,19 @@ impl Link {
         self.buffer = buffer;
     }
 
-    /// Fills `buf` with the source's bytes of `file` at `offset`, as the
-    /// file's generation `generation` (a handle kept from an older one is not used).
-    pub(super) fn read(
-        &mut self,
-        file: &FetchFile,
-        generation: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), SourceError> {
-        self.with_retry(|connection| connection.read_exact_at(&file.source_path, generation, offset, buf))
-    }
-
-    /// [`read`](Link::read), also giving the source's size and mtime as of
-    /// before the read (the first look at the file, taken on the way).
-    pub(super) fn read_first(
-        &mut self,
-        file: &FetchFile,
-        generation: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<SourceStat, SourceError> {
-        self.with_retry(|connection| connection.stat_and_read(&file.source_path, generation, offset, buf))
+    /// Fetches what `landing` still wants of `file` (its claim's chunks,
+    /// in its generation: a handle kept from an older one is not used),
+    /// handing it each piece as it arrives; with `look`, the first look before
+    /// any byte. After a lost connection, only what had not arrived.
+    pub(super) fn fetch(&mut self, file: &FetchFile, landing: &mut Landing<'_>, look: bool) -> Result<(), SourceError> {
+        self.with_retry(|connection| {
+            let ranges = landing.remaining();
+            if ranges.is_empty() {
+                return Ok(());
+            }
+            let look = landing.wants_look(look);
+            connection.fetch(&file.source_path, landing.generation(), &ranges, look, landing)
+        })
     }
 
     /// Reads many whole small files into `buffer` in one pipeline, one after

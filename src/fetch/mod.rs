@@ -18,6 +18,7 @@
 //! fetching fails that file; the lanes keep going.
 
 mod connect;
+mod landing;
 mod lane;
 pub mod prefetch;
 pub mod restore;
@@ -35,9 +36,10 @@ use std::time::{Duration, Instant};
 use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::recording::{self, Recorder, Recording, Touch};
-use crate::source::{Connection, Source, SourceError, SourceStat};
+use crate::source::{Connection, Sink, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
 use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
+use landing::Landing;
 pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
@@ -505,73 +507,53 @@ enum FetchFailure {
 }
 
 impl Shared {
-    /// Fetches the claimed chunks of file `index`, checks them against the
-    /// manifest (fetching a bad chunk once more), lands them, and ends the
-    /// claim however that went. A panic on the way fails the file.
+    /// Fetches the claimed chunks of file `index`, each piece checked against
+    /// the manifest and landed as it arrives (a bad chunk fetched once more),
+    /// and ends the claim however that went. A panic on the way fails the file.
     /// Returns the timeout if the source left the request for this file
     /// unanswered (see [`Shared::timed_out`]).
     fn fetch(&self, link: &mut lane::Link, index: usize, claim: Claim, lane: Lane) -> Option<SourceError> {
         let file = &self.files[index];
-        let mut buffer = link.take_buffer();
         let result = lane::contained(link, |link| {
-            let bytes = file.chunk_bytes(claim.chunks.clone());
-            buffer.resize((bytes.end - bytes.start) as usize, 0);
-            if lane == Lane::OnDemand && self.needs_baseline(index) {
-                // The first look goes with the first read (no extra round
-                // trip over SSH), before it: a look after could see a file
-                // replaced since the bytes were read, and vouch for them.
-                let stat = link.read_first(file, claim.generation, bytes.start, &mut buffer);
-                self.set_baseline(index, stat.map_err(FetchFailure::Source)?);
-            } else {
-                link.read(file, claim.generation, bytes.start, &mut buffer).map_err(FetchFailure::Source)?;
-            }
-            self.check_and_land(link, index, &claim, &mut buffer, lane)
+            let mut landing = Landing::new(self, index, &claim, lane);
+            // The first look goes with the first read (no extra round trip
+            // over SSH), before its bytes: a look after could see a file
+            // replaced since the bytes were read, and vouch for them.
+            let look = lane == Lane::OnDemand && self.needs_baseline(index);
+            link.fetch(file, &mut landing, look).map_err(FetchFailure::Source)?;
+            landing.finish(link)
         });
-        link.put_buffer(buffer);
         let stuck = lane::stuck_on(&result, &file.source_path);
         self.finish(index, &claim, lane, result);
         stuck
     }
 
-    /// Checks fetched `data` of a claim against the manifest, fetching a chunk
-    /// that does not match once more, then lands it.
-    fn check_and_land(
+    /// Lands a claim's bytes `data`, read whole already (a small file of a
+    /// batch), checked as [`Shared::fetch`] checks them.
+    fn land_all(
         &self,
         link: &mut lane::Link,
         index: usize,
         claim: &Claim,
-        data: &mut [u8],
+        data: &[u8],
         lane: Lane,
     ) -> Result<(), FetchFailure> {
-        let file = &self.files[index];
-        if let Some(expected) = &file.expected {
-            let base = file.chunk_bytes(claim.chunks.clone()).start;
-            for chunk in claim.chunks.clone() {
-                let bytes = file.chunk_bytes(chunk..chunk + 1);
-                let at = (bytes.start - base) as usize..(bytes.end - base) as usize;
-                if expected.chunk_matches(chunk, &data[at.clone()]) {
-                    continue;
-                }
-                log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
-                link.read(file, claim.generation, bytes.start, &mut data[at.clone()]).map_err(FetchFailure::Source)?;
-                if !expected.chunk_matches(chunk, &data[at]) {
-                    return Err(FetchFailure::Mismatch(chunk));
-                }
-            }
-        }
-        self.land(index, claim, data, lane).map_err(FetchFailure::Store)
+        let mut landing = Landing::new(self, index, claim, lane);
+        landing.land(self.files[index].chunk_bytes(claim.chunks.clone()).start, data);
+        landing.finish(link)
     }
 
     /// Writes a claim's checked bytes into the spill file, if the claim still
     /// holds (same generation), marks them present, answers the readers
     /// waiting for them, and queues the file for verification once complete.
-    fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<(), StoreError> {
+    /// False if the claim no longer holds.
+    fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<bool, StoreError> {
         let file = &self.files[index];
         let (ready, complete) = {
             let mut state = file.lock();
             if state.generation != claim.generation || state.phase.is_settled() {
                 // Restarted or truncated meanwhile: these bytes are of no use.
-                return Ok(());
+                return Ok(false);
             }
             let bytes = file.chunk_bytes(claim.chunks.clone());
             file.spill.write_at(bytes.start, data)?;
@@ -604,7 +586,7 @@ impl Shared {
             file.stats.completed_us.store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.send_to_verifier(index);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn send_to_verifier(&self, index: usize) {

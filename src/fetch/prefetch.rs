@@ -276,7 +276,7 @@ impl Workers {
         for _ in 0..jobs {
             let (source, shared, done) = (source.clone(), shared.clone(), done.clone());
             pool.spawn(move || {
-                worker(Link::new(source, shared.health.clone()), &shared);
+                worker(Link::bulk(source, shared.health.clone()), &shared);
                 *done.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
                 done.1.notify_all();
             });
@@ -486,7 +486,7 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
                 if file.size <= crate::source::ONE_READ {
                     file.mark_read_whole();
                 }
-                super::lane::contained(link, |link| shared.check_and_land(link, *index, claim, data, Lane::Prefetch))
+                super::lane::contained(link, |link| shared.land_all(link, *index, claim, data, Lane::Prefetch))
             }
         };
         stuck = stuck.or_else(|| super::lane::stuck_on(&result, &file.source_path).map(|e| (*index, e)));

@@ -7,15 +7,18 @@ mod local;
 mod openssh;
 mod sftp;
 mod spec;
+mod split;
 mod ssh;
 mod tar;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use local::LocalSource;
 use openssh::OpensshSource;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
+use split::SplitSource;
 use ssh::SshSource;
 
 /// Files up to this size are read by one request (SFTP READ), so their bytes
@@ -37,6 +40,11 @@ pub trait Source: Send + Sync {
     }
     /// A new connection, given up (`TimedOut`) if it is not ready within `time`.
     fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError>;
+    /// A connection for bulk transfers (background prefetch): where a source
+    /// has a transport that streams at less cost, through it.
+    fn connect_bulk_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        self.connect_within(time)
+    }
     /// How to name this source to a person: `root@host:22`, `/srv/snapshot`.
     fn describe(&self) -> String;
     /// Nothing needs the source any more: close whatever is kept open for
@@ -77,19 +85,33 @@ pub trait Connection: Send {
     /// handle is reused only within one (the file may have been replaced since).
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 
-    /// [`read_exact_at`](Connection::read_exact_at), also giving the file's
-    /// size and mtime as of before the read: the first look at a file fetched
-    /// on demand. Over SSH the STAT goes with the OPEN, in one round trip.
-    fn stat_and_read(
+    /// Fetches `ranges` of `path` (each starting on a chunk boundary),
+    /// handing `sink` each piece (whole chunks) as it arrives; with `look`,
+    /// first what the source says of the file (over SSH, the look made before
+    /// the OPEN: no round trip of its own). An error says why the rest did not
+    /// come; what was handed over stays handed over.
+    fn fetch(
         &mut self,
         path: &Path,
         generation: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<SourceStat, SourceError> {
-        let stat = self.stat(path)?;
-        self.read_exact_at(path, generation, offset, buf)?;
-        Ok(stat)
+        ranges: &[Range<u64>],
+        look: bool,
+        sink: &mut dyn Sink,
+    ) -> Result<(), SourceError> {
+        if look && !sink.looked(self.stat(path)?) {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for range in ranges {
+            for at in (range.start..range.end).step_by(ONE_READ as usize) {
+                buf.resize(((at + ONE_READ).min(range.end) - at) as usize, 0);
+                self.read_exact_at(path, generation, at, &mut buf)?;
+                if !sink.land(at, &buf) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stats many files; over SSH in one pipeline. The error returned means
@@ -117,6 +139,15 @@ pub trait Connection: Send {
         }
         Ok(())
     }
+}
+
+/// What fetched bytes go to as they arrive: a file's owner, which checks and
+/// lands them. Answering false stops the fetch (nothing more is asked for).
+pub trait Sink {
+    /// What the source says of the file, before any of its bytes.
+    fn looked(&mut self, stat: SourceStat) -> bool;
+    /// The bytes at `offset`: whole chunks of the ranges asked for.
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool;
 }
 
 /// One file of [`Connection::read_files`].
@@ -184,6 +215,11 @@ pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, So
     match spec {
         SourceSpec::Local(dir) => Ok(Box::new(LocalSource::new(&dir.join(relative(source_root)))?)),
         SourceSpec::Ssh(options) => match (options.transport, which_ssh()) {
+            // Each transport where it wins, when both can reach the host.
+            (Transport::Auto, true) if options.needs_openssh.is_none() => Ok(Box::new(SplitSource::new(
+                SshSource::new((**options).clone(), source_root)?,
+                OpensshSource::new((**options).clone(), source_root)?,
+            ))),
             (Transport::Openssh, _) | (Transport::Auto, true) => {
                 Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?))
             }

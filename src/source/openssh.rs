@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::sftp::{Sftp, SftpError, Wire};
+use super::sftp::{Sftp, Wire};
 use super::ssh::{Remote, RemoteCommand, SESSION_TIMEOUT, SshConnection, Stream};
 use super::tar::TarUse;
 use super::{Connection, Limits, Source, SourceError, SshOptions};
@@ -167,18 +167,23 @@ impl OpensshSource {
         command
     }
 
-    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged within `limits`.
-    fn start_sftp(&self, mut command: Command, limits: Limits) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
+    /// `ssh ... -s -- HOST sftp` and an SFTP session on it, within `limits`:
+    /// a session that fails says why in `ssh`'s words.
+    fn start_sftp(
+        &self,
+        mut command: Command,
+        limits: Limits,
+        remote: Box<dyn Remote>,
+    ) -> Result<SshConnection, SourceError> {
         command.args(["-s", "--", &self.options.alias, "sftp"]);
         let child = Piped::spawn(command, &self.label)?;
         let stderr = child.stderr.clone();
-        let started = Instant::now();
+        let sftp = Sftp::start(Box::new(child) as Box<dyn Stream>, limits);
+        let tar = (self.tar.clone(), self.options.tar);
         // On failure the child is dropped, so waited for: its stderr is complete.
-        Sftp::start(Box::new(child) as Box<dyn Stream>, limits).map_err(|e| match e {
-            SftpError::TimedOut => {
-                SourceError::TimedOut { host: self.label.clone(), waited: started.elapsed(), path: None }
-            }
-            e => self.failure(&stderr.finish(), &format!("{e:?}")),
+        SshConnection::new(sftp, remote, tar, &self.root, self.label.clone()).map_err(|e| match e {
+            SourceError::Session { message, .. } => self.failure(&stderr.finish(), &message),
+            e => e,
         })
     }
 
@@ -266,12 +271,12 @@ impl Source for OpensshSource {
             base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(&socket));
         }
         let limits = Limits { deadline: Some(deadline), stall: SESSION_TIMEOUT };
-        let sftp = self.start_sftp(clone_command(&base), limits)?;
-        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
+        let command = clone_command(&base);
         let remote =
             Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
-        let tar = (self.tar.clone(), self.options.tar);
-        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), tar, &self.root, self.label.clone())?))
+        let connection = self.start_sftp(command, limits, Box::new(remote))?;
+        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
+        Ok(Box::new(connection))
     }
 
     fn describe(&self) -> String {

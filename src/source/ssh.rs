@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use ssh2::{HashType, MethodType, Session};
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
 use super::sftp::{Attrs, FileRead, Sftp, SftpError, Wire};
 use super::tar::{self, TarUse};
-use super::{Connection, Limits, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
+use super::{Connection, Limits, Sink, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
 /// is portable C and took half the daemon's CPU in a perf profile of a bulk transfer.
@@ -231,17 +232,15 @@ impl Source for SshSource {
         channel.subsystem("sftp").map_err(|e| self.step_error("cannot start SFTP", e, time))?;
         let limits = Limits { deadline: Some(deadline), stall: SESSION_TIMEOUT };
         let channel = Channel { channel, session: session.clone(), fd };
-        let sftp = Sftp::start(Box::new(channel) as Box<dyn Stream>, limits).map_err(|e| match e {
-            SftpError::TimedOut => SourceError::TimedOut { host: self.host_label(), waited: time, path: None },
-            e => self.session_error(format!("cannot start SFTP: {e:?}")),
-        })?;
+        let sftp = Sftp::start(Box::new(channel) as Box<dyn Stream>, limits);
+        let tar = (self.tar.clone(), self.options.tar);
+        let connection = SshConnection::new(sftp, Box::new(session), tar, &self.root, self.host_label())?;
         log::debug!(
             "connected to {}: handshake {handshake:?}, authenticated at {authenticated:?}, SFTP at {:?}",
             self.host_label(),
             started.elapsed()
         );
-        let tar = (self.tar.clone(), self.options.tar);
-        Ok(Box::new(SshConnection::new(sftp, Box::new(session), tar, &self.root, self.host_label())?))
+        Ok(Box::new(connection))
     }
 
     fn describe(&self) -> String {
@@ -561,12 +560,37 @@ impl Connection for SshConnection {
     }
 
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let range = offset..offset + buf.len() as u64;
+        self.fetch(path, generation, std::slice::from_ref(&range), false, &mut Copy { offset, buf })
+    }
+
+    fn fetch(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        ranges: &[Range<u64>],
+        look: bool,
+        sink: &mut dyn Sink,
+    ) -> Result<(), SourceError> {
         let (handle, check) = match self.cached(path, generation) {
-            Some(cached) => cached,
-            None => self.open(path, generation).map(|(handle, looked)| (handle, Some(looked)))?,
+            Some((handle, check)) => {
+                // Open already (not by a first look): the look costs a round trip of its own.
+                if look && !sink.looked(self.stat(path)?) {
+                    return Ok(());
+                }
+                (handle, check)
+            }
+            None => {
+                // The LSTAT made before the OPEN is the first look.
+                let (handle, looked) = self.open(path, generation)?;
+                if look && !sink.looked(source_stat(looked)) {
+                    return Ok(());
+                }
+                (handle, Some(looked))
+            }
         };
-        let wanted = offset + buf.len() as u64;
-        match self.sftp.read_exact_at(&handle, offset, buf, check.as_ref()) {
+        let wanted = ranges.last().map_or(0, |r| r.end);
+        match self.sftp.read_ranges(&handle, ranges, check.as_ref(), &mut |at, bytes| sink.land(at, bytes)) {
             Err(SftpError::Changed(reason)) => {
                 // Not this file any more: never read through this handle again.
                 let at = self.open.len() - 1;
@@ -578,23 +602,6 @@ impl Connection for SshConnection {
                 result.map_err(|e| self.error(path, e, wanted))
             }
         }
-    }
-
-    fn stat_and_read(
-        &mut self,
-        path: &Path,
-        generation: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<SourceStat, SourceError> {
-        let stat = match self.cached(path, generation) {
-            // Open already (not by a first look): the look costs a round trip of its own.
-            Some(_) => self.stat(path)?,
-            // The LSTAT made before the OPEN is the first look.
-            None => source_stat(self.open(path, generation)?.1),
-        };
-        self.read_exact_at(path, generation, offset, buf)?;
-        Ok(stat)
     }
 
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
@@ -610,6 +617,24 @@ impl Connection for SshConnection {
             file.result = result.map_err(|e| self.error(file.path, e, wanted));
         }
         outcome.map_err(|e| self.pipeline_error(e))
+    }
+}
+
+/// A sink that copies what arrives into one buffer, the bytes from `offset`.
+struct Copy<'a> {
+    offset: u64,
+    buf: &'a mut [u8],
+}
+
+impl Sink for Copy<'_> {
+    fn looked(&mut self, _stat: SourceStat) -> bool {
+        true
+    }
+
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
+        let start = (offset - self.offset) as usize;
+        self.buf[start..start + bytes.len()].copy_from_slice(bytes);
+        true
     }
 }
 

@@ -1,0 +1,131 @@
+//! Fetched bytes on their way into a file: the file's owner takes each piece
+//! as the source delivers it (a READ's worth, whole chunks), checks it (the
+//! manifest's chunk hashes; before any byte, the first look) and lands it at
+//! once. A reader waiting for a chunk waits for its piece, not for the whole
+//! claim (a 4 MiB prefetch window); a connection lost midway costs only the
+//! pieces that had not arrived.
+
+use std::ops::Range;
+
+use super::{Claim, FetchFailure, Lane, Shared};
+use crate::source::{Sink, SourceStat};
+use crate::store::CHUNK_SIZE;
+
+pub(super) struct Landing<'a> {
+    shared: &'a Shared,
+    index: usize,
+    claim: &'a Claim,
+    lane: Lane,
+    /// Per chunk of the claim: landed (or to be fetched once more, `bad`).
+    done: Vec<bool>,
+    /// Chunks that did not match the manifest: fetched once more.
+    bad: Vec<u64>,
+    /// This is that second try: a mismatch now fails the file.
+    second_try: bool,
+    /// The first look was handed over.
+    looked: bool,
+    failed: Option<FetchFailure>,
+}
+
+impl<'a> Landing<'a> {
+    pub(super) fn new(shared: &'a Shared, index: usize, claim: &'a Claim, lane: Lane) -> Landing<'a> {
+        let done = vec![false; (claim.chunks.end - claim.chunks.start) as usize];
+        Landing { shared, index, claim, lane, done, bad: Vec::new(), second_try: false, looked: false, failed: None }
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.claim.generation
+    }
+
+    /// Whether the first look is still to come (it was asked for, and not given yet).
+    pub(super) fn wants_look(&self, look: bool) -> bool {
+        look && !self.looked
+    }
+
+    /// The bytes of the claim still to fetch (all of them at first; after a
+    /// lost connection, what had not arrived).
+    pub(super) fn remaining(&self) -> Vec<Range<u64>> {
+        let file = &self.shared.files[self.index];
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for (i, _) in self.done.iter().enumerate().filter(|(_, done)| !**done) {
+            let chunk = self.claim.chunks.start + i as u64;
+            match runs.last_mut() {
+                Some(run) if run.end == chunk => run.end += 1,
+                _ => runs.push(chunk..chunk + 1),
+            }
+        }
+        runs.into_iter().map(|run| file.chunk_bytes(run)).collect()
+    }
+
+    /// Lands `chunks` (bytes `data`); false once the claim no longer holds.
+    fn land_run(&mut self, chunks: Range<u64>, data: &[u8]) -> bool {
+        let claim = Claim { generation: self.claim.generation, chunks: chunks.clone() };
+        match self.shared.land(self.index, &claim, data, self.lane) {
+            Ok(true) => {
+                for chunk in chunks {
+                    self.done[(chunk - self.claim.chunks.start) as usize] = true;
+                }
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                self.failed = Some(FetchFailure::Store(e));
+                false
+            }
+        }
+    }
+
+    /// After the fetch: the chunks that did not match are fetched once more
+    /// (a second mismatch fails the file); the first failure met, if any.
+    pub(super) fn finish(mut self, link: &mut super::lane::Link) -> Result<(), FetchFailure> {
+        if let Some(failure) = self.failed.take() {
+            return Err(failure);
+        }
+        let file = &self.shared.files[self.index];
+        for chunk in std::mem::take(&mut self.bad) {
+            log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
+            let claim = Claim { generation: self.claim.generation, chunks: chunk..chunk + 1 };
+            let mut again = Landing { second_try: true, ..Landing::new(self.shared, self.index, &claim, self.lane) };
+            link.fetch(file, &mut again, false).map_err(FetchFailure::Source)?;
+            if let Some(failure) = again.failed {
+                return Err(failure);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink for Landing<'_> {
+    fn looked(&mut self, stat: SourceStat) -> bool {
+        self.looked = true;
+        self.shared.set_baseline(self.index, stat);
+        !self.shared.files[self.index].phase().is_settled()
+    }
+
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
+        let file = &self.shared.files[self.index];
+        let first = offset / CHUNK_SIZE;
+        let mut run = first..first;
+        for (i, piece) in bytes.chunks(CHUNK_SIZE as usize).enumerate() {
+            let chunk = first + i as u64;
+            if file.expected.as_ref().is_none_or(|expected| expected.chunk_matches(chunk, piece)) {
+                run.end = chunk + 1;
+                continue;
+            }
+            if self.second_try {
+                self.failed = Some(FetchFailure::Mismatch(chunk));
+                return false;
+            }
+            // Landed before it, the good chunks; this one is tried again at the end.
+            let at = ((run.start - first) * CHUNK_SIZE) as usize;
+            if !run.is_empty() && !self.land_run(run.clone(), &bytes[at..i * CHUNK_SIZE as usize]) {
+                return false;
+            }
+            self.bad.push(chunk);
+            self.done[(chunk - self.claim.chunks.start) as usize] = true;
+            run = chunk + 1..chunk + 1;
+        }
+        let at = ((run.start - first) * CHUNK_SIZE) as usize;
+        run.is_empty() || self.land_run(run, &bytes[at..])
+    }
+}
