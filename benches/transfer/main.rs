@@ -596,7 +596,7 @@ impl Bench {
     /// full `--prefetch` reaches last; readahead off), their p50 and p99
     /// during a full prefetch beside the same reads on an idle lazy mount.
     fn foreground(&mut self, big: &Dataset) {
-        const READS: usize = 150;
+        const READS: usize = 300;
         eprintln!("p. foreground reads during prefetch");
         let reads = |mountpoint: &Path, until: &dyn Fn() -> bool| -> Vec<f64> {
             let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
@@ -636,6 +636,10 @@ impl Bench {
                 let out = run(self.lazyfs().arg("status").arg(mountpoint).args(["--json"]));
                 serde_json::from_slice(&out.stdout).unwrap()
             };
+            // Once prefetch streams (its workers connect first).
+            while status(&mountpoint)["bytes_present"].as_u64().unwrap() < 64 << 20 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let busy = reads(&mountpoint, &|| {
                 let s = status(&mountpoint);
                 s["bytes_present"].as_u64().unwrap() < GIB * 5 / 8

@@ -95,7 +95,22 @@ impl<'a> Landing<'a> {
     }
 }
 
+/// Longest a background transfer waits for readers at a time before asking for more.
+const YIELD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Sink for Landing<'_> {
+    /// Prefetch sends no new request while a reader waits on the on-demand
+    /// lanes (what it has in flight still arrives).
+    fn may_request(&mut self, idle: bool) -> bool {
+        if self.lane == Lane::OnDemand || !self.shared.requests.readers_waiting() {
+            return true;
+        }
+        if idle {
+            self.shared.requests.wait_quiet(YIELD_AT_MOST);
+        }
+        idle
+    }
+
     fn looked(&mut self, stat: SourceStat) -> bool {
         self.looked = true;
         self.shared.set_baseline(self.index, stat);

@@ -66,33 +66,67 @@ impl Job {
 
 /// The on-demand lanes' queue.
 pub(super) struct Requests {
-    state: Mutex<(VecDeque<Job>, bool)>,
+    state: Mutex<Queued>,
     ready: Condvar,
+    /// Told when no reader waits on the lanes any more.
+    quiet: Condvar,
+}
+
+struct Queued {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    /// Jobs a lane took and has not done yet.
+    serving: usize,
 }
 
 impl Requests {
     pub(super) fn new() -> Requests {
-        Requests { state: Mutex::new((VecDeque::new(), false)), ready: Condvar::new() }
+        let state = Queued { jobs: VecDeque::new(), closed: false, serving: 0 };
+        Requests { state: Mutex::new(state), ready: Condvar::new(), quiet: Condvar::new() }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Job>, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `job`; gives it back once the lanes are stopped.
     pub(super) fn push(&self, job: Job) -> Result<(), Job> {
         let mut state = self.lock();
-        if state.1 {
+        if state.closed {
             return Err(job);
         }
-        state.0.push_back(job);
+        state.jobs.push_back(job);
         self.ready.notify_all();
         Ok(())
     }
 
     pub(super) fn close(&self) {
-        self.lock().1 = true;
+        self.lock().closed = true;
         self.ready.notify_all();
+    }
+
+    /// A job a lane took is done.
+    fn done(&self) {
+        let mut state = self.lock();
+        state.serving -= 1;
+        if state.serving == 0 && state.jobs.is_empty() {
+            self.quiet.notify_all();
+        }
+    }
+
+    /// Whether a reader waits on the on-demand lanes (queued, or being served).
+    pub(super) fn readers_waiting(&self) -> bool {
+        let state = self.lock();
+        state.serving > 0 || !state.jobs.is_empty()
+    }
+
+    /// Waits (at most `max`) until no reader waits on the on-demand lanes.
+    pub(super) fn wait_quiet(&self, max: Duration) {
+        let state = self.lock();
+        let _ = self
+            .quiet
+            .wait_timeout_while(state, max, |s| s.serving > 0 || !s.jobs.is_empty())
+            .unwrap_or_else(PoisonError::into_inner);
     }
 
     /// The next job with the queued jobs that continue it merged in, waiting
@@ -101,24 +135,25 @@ impl Requests {
     fn take(&self, relief: bool, idle: &mut dyn FnMut()) -> Option<Job> {
         let mut state = self.lock();
         loop {
-            if state.1 {
+            if state.closed {
                 return None;
             }
-            let wait = match state.0.front() {
+            let wait = match state.jobs.front() {
                 Some(_) if !relief => Duration::ZERO,
                 Some(front) => RELIEF_AFTER.saturating_sub(front.queued.elapsed()),
                 None => Duration::MAX,
             };
             if wait.is_zero() {
-                let mut job = state.0.pop_front().expect("a job");
-                absorb_adjacent(&mut job, &mut state.0);
+                let mut job = state.jobs.pop_front().expect("a job");
+                absorb_adjacent(&mut job, &mut state.jobs);
+                state.serving += 1;
                 return Some(job);
             }
             state = match wait {
                 Duration::MAX => {
                     let (state, waited) =
                         self.ready.wait_timeout(state, IDLE_CHECK).unwrap_or_else(PoisonError::into_inner);
-                    if !waited.timed_out() || !state.0.is_empty() {
+                    if !waited.timed_out() || !state.jobs.is_empty() {
                         state
                     } else {
                         drop(state);
@@ -539,6 +574,7 @@ impl OnDemandLane {
             if let Some(error) = stuck {
                 self.shared.timed_out(&mut self.link, job.file, &error);
             }
+            requests.done();
         }
     }
 }

@@ -276,6 +276,8 @@ impl Workers {
         for _ in 0..jobs {
             let (source, shared, done) = (source.clone(), shared.clone(), done.clone());
             pool.spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                crate::source::background_priority(unsafe { libc::gettid() } as u32);
                 worker(Link::bulk(source, shared.health.clone()), &shared);
                 *done.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
                 done.1.notify_all();

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use local::LocalSource;
 use openssh::OpensshSource;
+pub(crate) use openssh::background_priority;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use split::SplitSource;
 use ssh::SshSource;
@@ -104,6 +105,7 @@ pub trait Connection: Send {
         let mut buf = Vec::new();
         for range in ranges {
             for at in (range.start..range.end).step_by(ONE_READ as usize) {
+                sink.may_request(true);
                 buf.resize(((at + ONE_READ).min(range.end) - at) as usize, 0);
                 self.read_exact_at(path, generation, at, &mut buf)?;
                 if !sink.land(at, &buf) {
@@ -148,6 +150,29 @@ pub trait Sink {
     fn looked(&mut self, stat: SourceStat) -> bool;
     /// The bytes at `offset`: whole chunks of the ranges asked for.
     fn land(&mut self, offset: u64, bytes: &[u8]) -> bool;
+    /// Whether more may be asked for now (a background transfer yields to
+    /// readers). `idle`: nothing is in flight; the sink may wait, then says yes.
+    fn may_request(&mut self, _idle: bool) -> bool {
+        true
+    }
+}
+
+/// A sink that copies what arrives into one buffer holding the bytes from `offset`.
+pub(crate) struct Copy<'a> {
+    pub(crate) offset: u64,
+    pub(crate) buf: &'a mut [u8],
+}
+
+impl Sink for Copy<'_> {
+    fn looked(&mut self, _stat: SourceStat) -> bool {
+        true
+    }
+
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
+        let start = (offset - self.offset) as usize;
+        self.buf[start..start + bytes.len()].copy_from_slice(bytes);
+        true
+    }
 }
 
 /// One file of [`Connection::read_files`].

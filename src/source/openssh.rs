@@ -45,6 +45,8 @@ pub struct OpensshSource {
     /// The master every connection's session rides on; None where the user's
     /// config has a ControlPath of its own (that one then serves).
     mux: Option<Arc<Mux>>,
+    /// It carries background transfers only: its `ssh` runs at a lower priority.
+    background: bool,
 }
 
 /// A master `ssh` of the source's own (`-M -N`), its socket in a private
@@ -97,6 +99,10 @@ impl Mux {
                 .stderr(Stdio::null())
                 .spawn()
                 .ok()?;
+            if source.background {
+                // Bulk only: readers' sessions go elsewhere, and come first.
+                background_priority(child.id());
+            }
             let stdin = child.stdin.take();
             *master = Some((child, stdin));
         }
@@ -153,7 +159,21 @@ impl OpensshSource {
         );
         // `ssh -G` prints no controlpath where none is set.
         let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
-        Ok(OpensshSource { options, root: root.to_path_buf(), args, label, connect_timeout, tar: Arc::default(), mux })
+        Ok(OpensshSource {
+            options,
+            root: root.to_path_buf(),
+            args,
+            label,
+            connect_timeout,
+            tar: Arc::default(),
+            mux,
+            background: false,
+        })
+    }
+
+    /// The source for background transfers only (see [`background_priority`]).
+    pub fn for_background(self) -> OpensshSource {
+        OpensshSource { background: true, ..self }
     }
 
     /// `ssh` with this source's options, given up connecting by `deadline`
@@ -323,6 +343,13 @@ fn base_args(options: &SshOptions) -> Vec<OsString> {
     // No terminal, no X11 or agent forwarding: a byte stream only.
     args.extend(["-T", "-x", "-a"].map(OsString::from));
     args
+}
+
+/// Lowers the priority of process or thread `id` (nice 10), one that carries
+/// background transfers: readers' requests get the CPU first.
+pub(crate) fn background_priority(id: u32) {
+    // SAFETY: setpriority of a process (or thread) lazyfs started; no memory is involved.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, id, 10) };
 }
 
 /// Removes the socket directories of lazyfs processes that ended without

@@ -14,7 +14,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::Limits;
+use super::{Limits, Sink};
 
 const INIT: u8 = 1;
 const VERSION: u8 = 2;
@@ -511,10 +511,11 @@ impl<C: Wire> Sftp<C> {
     }
 
     /// Reads `ranges` of the open file `handle` with up to DEPTH requests of
-    /// REQUEST bytes in flight, each range cut into requests from its start.
-    /// `land(offset, bytes)` gets each request's bytes as soon as all of them
+    /// REQUEST bytes in flight, each range cut into requests from its start,
+    /// as long as the sink lets more go out ([`Sink::may_request`]).
+    /// [`Sink::land`] gets each request's bytes as soon as all of them
     /// arrived (so whole chunks, when the ranges start on chunk boundaries),
-    /// through buffers the client keeps and reuses; a `land` that answers
+    /// through buffers the client keeps and reuses; a sink that answers
     /// false stops the reading (what is in flight is read and dropped). With
     /// `check`, the LSTAT of a handle just opened, FSTAT goes along with the
     /// first READs and must agree with it ([`check_opened`]); nothing is
@@ -524,11 +525,11 @@ impl<C: Wire> Sftp<C> {
         handle: &[u8],
         ranges: &[Range<u64>],
         check: Option<&Attrs>,
-        land: &mut dyn FnMut(u64, &[u8]) -> bool,
+        sink: &mut dyn Sink,
     ) -> Result<(), SftpError> {
         let mut buffers = std::mem::take(&mut self.buffers);
         buffers.resize_with(DEPTH, Vec::new);
-        let read = self.read_pieces(handle, ranges, check, land, &mut buffers);
+        let read = self.read_pieces(handle, ranges, check, sink, &mut buffers);
         self.buffers = buffers;
         read
     }
@@ -538,7 +539,7 @@ impl<C: Wire> Sftp<C> {
         handle: &[u8],
         ranges: &[Range<u64>],
         check: Option<&Attrs>,
-        land: &mut dyn FnMut(u64, &[u8]) -> bool,
+        sink: &mut dyn Sink,
         buffers: &mut [Vec<u8>],
     ) -> Result<(), SftpError> {
         /// A request of a piece: its buffer, where the piece starts, its length,
@@ -564,7 +565,7 @@ impl<C: Wire> Sftp<C> {
         });
         let mut checked = fstat.is_none();
         loop {
-            while !stopped && failure.is_none() && !free.is_empty() {
+            while !stopped && failure.is_none() && !free.is_empty() && sink.may_request(in_flight.is_empty()) {
                 let Some(piece) = pieces.next() else { break };
                 let buffer = free.pop().expect("a free buffer");
                 buffers[buffer].resize(REQUEST as usize, 0);
@@ -587,7 +588,7 @@ impl<C: Wire> Sftp<C> {
                 }
                 for piece in held.drain(..) {
                     if failure.is_none() && !stopped {
-                        stopped = !land(piece.start, &buffers[piece.buffer][..piece.len as usize]);
+                        stopped = !sink.land(piece.start, &buffers[piece.buffer][..piece.len as usize]);
                     }
                     free.push(piece.buffer);
                 }
@@ -608,7 +609,7 @@ impl<C: Wire> Sftp<C> {
                     } else if stopped || failure.is_some() {
                         free.push(piece.buffer);
                     } else {
-                        stopped = !land(piece.start, &buffers[piece.buffer][..piece.len as usize]);
+                        stopped = !sink.land(piece.start, &buffers[piece.buffer][..piece.len as usize]);
                         free.push(piece.buffer);
                     }
                     continue;
@@ -924,10 +925,7 @@ mod tests {
         check: Option<&Attrs>,
     ) -> Result<(), SftpError> {
         let range = 0..buf.len() as u64;
-        sftp.read_ranges(handle, &[range], check, &mut |at, bytes| {
-            buf[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
-            true
-        })
+        sftp.read_ranges(handle, &[range], check, &mut crate::source::Copy { offset: 0, buf })
     }
 
     fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {

@@ -24,7 +24,7 @@ pub struct SplitSource {
 
 impl SplitSource {
     pub fn new(quick: SshSource, bulk: OpensshSource) -> SplitSource {
-        SplitSource { quick, bulk, bulk_only: AtomicBool::new(false) }
+        SplitSource { quick, bulk: bulk.for_background(), bulk_only: AtomicBool::new(false) }
     }
 }
 

@@ -561,7 +561,7 @@ impl Connection for SshConnection {
 
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let range = offset..offset + buf.len() as u64;
-        self.fetch(path, generation, std::slice::from_ref(&range), false, &mut Copy { offset, buf })
+        self.fetch(path, generation, std::slice::from_ref(&range), false, &mut super::Copy { offset, buf })
     }
 
     fn fetch(
@@ -590,7 +590,7 @@ impl Connection for SshConnection {
             }
         };
         let wanted = ranges.last().map_or(0, |r| r.end);
-        match self.sftp.read_ranges(&handle, ranges, check.as_ref(), &mut |at, bytes| sink.land(at, bytes)) {
+        match self.sftp.read_ranges(&handle, ranges, check.as_ref(), sink) {
             Err(SftpError::Changed(reason)) => {
                 // Not this file any more: never read through this handle again.
                 let at = self.open.len() - 1;
@@ -617,24 +617,6 @@ impl Connection for SshConnection {
             file.result = result.map_err(|e| self.error(file.path, e, wanted));
         }
         outcome.map_err(|e| self.pipeline_error(e))
-    }
-}
-
-/// A sink that copies what arrives into one buffer, the bytes from `offset`.
-struct Copy<'a> {
-    offset: u64,
-    buf: &'a mut [u8],
-}
-
-impl Sink for Copy<'_> {
-    fn looked(&mut self, _stat: SourceStat) -> bool {
-        true
-    }
-
-    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
-        let start = (offset - self.offset) as usize;
-        self.buf[start..start + bytes.len()].copy_from_slice(bytes);
-        true
     }
 }
 
