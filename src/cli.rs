@@ -95,6 +95,11 @@ pub struct MountArgs {
     /// What a reader waits for always goes first.
     #[arg(long, value_name = "ORDER", default_value = "smallest-first", value_parser = prefetch_order)]
     pub prefetch_order: PrefetchOrder,
+    /// Do not replay the recording: without this, what the last restore of this checkpoint read
+    /// first (this cache dir's recording, or the manifest's; `recorded:FILE` gives another) is
+    /// fetched as soon as the source answers, in that order, lazy mount or not.
+    #[arg(long)]
+    pub no_replay: bool,
     /// Parallel transfers (one SSH session each).
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,

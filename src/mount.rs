@@ -83,6 +83,8 @@ pub struct MountRequest {
     pub reconnect_timeout: std::time::Duration,
     /// Connect to the source before mounting (else in the background).
     pub wait_for_source: bool,
+    /// Fetch what a recording says the last restore read first, once the source is up.
+    pub replay: bool,
     pub jobs: usize,
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
@@ -128,6 +130,7 @@ impl MountRequest {
             passthrough: !args.no_passthrough,
             reconnect_timeout: args.reconnect_timeout,
             wait_for_source: args.wait_for_source,
+            replay: !args.no_replay,
             jobs: usize::from(args.jobs),
             order: args.prefetch_order.clone(),
             manifest: args
@@ -221,14 +224,17 @@ pub fn prepare_with(
     let store = Store::open(&request.cache_dir)?;
     // What a mount that was killed recorded is this cache dir's recording now.
     recording::recover(store.dir())?;
-    let recording = match (&request.order, given_recording) {
-        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
-        (PrefetchOrder::Recorded(None), None) => {
-            let (found, warning) = find_recording(&store, manifest.as_ref());
+    // What the last restore read first: replayed once the source is up
+    // (unless --no-replay), and with `--prefetch-order recorded` the order of prefetch.
+    let recorded_order = matches!(request.order, PrefetchOrder::Recorded(_));
+    let recording = match given_recording {
+        Some(given) => Some(given),
+        None if recorded_order || request.replay => {
+            let (found, warning) = find_recording(&store, manifest.as_ref(), recorded_order);
             warnings.extend(warning);
             found
         }
-        _ => None,
+        None => None,
     };
     for warning in &warnings {
         log::warn!("{warning}");
@@ -316,18 +322,20 @@ pub fn prepare_with(
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
-    let order = match (&request.order, recording) {
-        (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
-        (PrefetchOrder::LargestFirst, _) => Order::LargestFirst,
-        (PrefetchOrder::Image, _) => Order::Image,
-        (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
+    let plan = recorded_plan(recording.as_ref(), &files);
+    let order = match &request.order {
+        PrefetchOrder::SmallestFirst => Order::SmallestFirst,
+        PrefetchOrder::LargestFirst => Order::LargestFirst,
+        PrefetchOrder::Image => Order::Image,
+        PrefetchOrder::Recorded(_) => Order::Recorded(plan.clone()),
     };
+    let replay = if request.replay { plan } else { Arc::new([]) };
     let fetcher = Fetcher::start(
         source,
         connection,
         files,
         journal,
-        FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
+        FetchConfig { jobs, order, replay, reconnect_timeout: request.reconnect_timeout },
     );
     fetcher
         .record_in(store.dir().try_clone().map_err(|e| StoreError::Io { path: request.cache_dir.clone(), source: e })?);
@@ -399,13 +407,13 @@ fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
 /// last restore of these images from this source, here), else the one the
 /// manifest ships; a warning when there is none (prefetch goes smallest-first).
-fn find_recording(store: &Store, manifest: Option<&Manifest>) -> (Option<Recording>, Option<String>) {
+fn find_recording(store: &Store, manifest: Option<&Manifest>, for_order: bool) -> (Option<Recording>, Option<String>) {
     let (cached, damaged) = match recording::load_cached(store.dir()) {
         Ok(cached) => (cached, None),
         Err(e) => (None, Some(format!("{e}: ignored"))),
     };
     let found = cached.or_else(|| manifest.and_then(|m| m.recording.clone()));
-    let none = found.is_none().then(|| {
+    let none = (found.is_none() && for_order).then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
          smallest-first (`lazyfs manifest --recording` ships one with the images)"
             .to_string()

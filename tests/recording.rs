@@ -163,6 +163,57 @@ fn a_killed_mount_keeps_its_recording() {
     assert_eq!(kept, before);
 }
 
+/// A lazy mount replays the cache dir's recording once the source answers:
+/// what the last restore read first arrives with nobody reading it (the small
+/// files whole, the large one's recorded runs only), and nothing else;
+/// `--no-replay` fetches nothing.
+#[test]
+fn a_lazy_mount_replays_the_recording_and_no_replay_does_not() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &FILES);
+    let first = record(&env, &sshd, "replay");
+    let recorded: Vec<(String, u64, u64)> = lazyfs::recording::load(&first.cache)
+        .unwrap()
+        .touches
+        .iter()
+        .map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end))
+        .collect();
+    let big_chunks: u64 = recorded.iter().filter(|(p, ..)| p == "/r/big").map(|(_, a, b)| b - a).sum();
+    let afresh = || {
+        std::fs::remove_dir_all(first.cache.join("spill")).unwrap();
+        std::fs::remove_file(first.cache.join("journal")).unwrap();
+    };
+    afresh();
+    let out = env.try_mount("replay", &env.path("images"), &ssh(&sshd, &env), &["--no-replay"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(first.status()["bytes_present"], 0, "fetched with --no-replay");
+    assert!(first.umount().status.success());
+
+    afresh();
+    let out = env.try_mount("replay", &env.path("images"), &ssh(&sshd, &env), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file_of = |status: &Value, path: &str| {
+        status["files"].as_array().unwrap().iter().find(|f| f["path"] == path).cloned().unwrap()
+    };
+    let status = first.wait_for(
+        |s| ["/r/s1", "/r/s2"].iter().all(|p| file_of(s, p)["state"] == "verified"),
+        "the recorded small files never arrived",
+    );
+    let big = first.wait_for(
+        |s| file_of(s, "/r/big")["bytes_present"].as_u64().unwrap() >= big_chunks * 16384,
+        "the recorded runs of big never arrived",
+    );
+    assert_eq!(file_of(&big, "/r/big")["bytes_present"], big_chunks * 16384, "more of big than recorded");
+    for unread in ["/r/u1", "/r/u2"] {
+        assert_eq!(file_of(&status, unread)["bytes_present"], 0, "{unread} was not recorded");
+    }
+    // Nobody read: replayed bytes are prefetched ones, and the new recording is empty.
+    assert_eq!(big["bytes_on_demand"], 0);
+    assert_eq!(big["recording"].as_array().unwrap().len(), 0);
+}
+
 #[test]
 fn a_manifest_ships_the_recording_and_a_mount_uses_it() {
     let env = TestEnv::new();

@@ -11,7 +11,7 @@ use super::{Claim, FetchFailure, Lane, Shared};
 use crate::source::{Sink, SourceStat};
 use crate::store::CHUNK_SIZE;
 
-pub(super) struct Landing<'a> {
+struct Landing<'a> {
     shared: &'a Shared,
     index: usize,
     claim: &'a Claim,
@@ -24,27 +24,31 @@ pub(super) struct Landing<'a> {
     second_try: bool,
     /// The first look was handed over.
     looked: bool,
+    /// A background transfer: it waits while readers wait on the on-demand lanes.
+    yields: bool,
     failed: Option<FetchFailure>,
 }
 
 impl<'a> Landing<'a> {
-    pub(super) fn new(shared: &'a Shared, index: usize, claim: &'a Claim, lane: Lane) -> Landing<'a> {
+    fn new(shared: &'a Shared, index: usize, claim: &'a Claim, lane: Lane) -> Landing<'a> {
         let done = vec![false; (claim.chunks.end - claim.chunks.start) as usize];
-        Landing { shared, index, claim, lane, done, bad: Vec::new(), second_try: false, looked: false, failed: None }
-    }
-
-    pub(super) fn generation(&self) -> u64 {
-        self.claim.generation
-    }
-
-    /// Whether the first look is still to come (it was asked for, and not given yet).
-    pub(super) fn wants_look(&self, look: bool) -> bool {
-        look && !self.looked
+        Landing {
+            shared,
+            index,
+            claim,
+            lane,
+            done,
+            bad: Vec::new(),
+            second_try: false,
+            looked: false,
+            yields: false,
+            failed: None,
+        }
     }
 
     /// The bytes of the claim still to fetch (all of them at first; after a
     /// lost connection, what had not arrived).
-    pub(super) fn remaining(&self) -> Vec<Range<u64>> {
+    fn remaining(&self) -> Vec<Range<u64>> {
         let file = &self.shared.files[self.index];
         let mut runs: Vec<Range<u64>> = Vec::new();
         for (i, _) in self.done.iter().enumerate().filter(|(_, done)| !**done) {
@@ -77,21 +81,95 @@ impl<'a> Landing<'a> {
 
     /// After the fetch: the chunks that did not match are fetched once more
     /// (a second mismatch fails the file); the first failure met, if any.
-    pub(super) fn finish(mut self, link: &mut super::lane::Link) -> Result<(), FetchFailure> {
+    fn finish(&mut self, link: &mut super::lane::Link) -> Result<(), FetchFailure> {
         if let Some(failure) = self.failed.take() {
             return Err(failure);
         }
         let file = &self.shared.files[self.index];
         for chunk in std::mem::take(&mut self.bad) {
             log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
-            let claim = Claim { generation: self.claim.generation, chunks: chunk..chunk + 1 };
-            let mut again = Landing { second_try: true, ..Landing::new(self.shared, self.index, &claim, self.lane) };
+            let claim = [Claim { generation: self.claim.generation, chunks: chunk..chunk + 1 }];
+            let mut again = Landings::new(self.shared, self.index, &claim, self.lane, false);
+            again.landings[0].second_try = true;
             link.fetch(file, &mut again, false).map_err(FetchFailure::Source)?;
-            if let Some(failure) = again.failed {
+            if let Some(failure) = again.landings[0].failed.take() {
                 return Err(failure);
             }
         }
         Ok(())
+    }
+
+    /// Whether every chunk of the claim arrived (landed, or to be tried again).
+    fn arrived(&self) -> bool {
+        self.done.iter().all(|&done| done)
+    }
+}
+
+/// The landings of claims of one file fetched in one pipeline: each piece
+/// goes to the claim it belongs to (a piece never spans two).
+pub(super) struct Landings<'a> {
+    landings: Vec<Landing<'a>>,
+}
+
+impl<'a> Landings<'a> {
+    /// `claims` are of one generation; `yields`: a background transfer.
+    pub(super) fn new(shared: &'a Shared, index: usize, claims: &'a [Claim], lane: Lane, yields: bool) -> Landings<'a> {
+        let landings =
+            claims.iter().map(|claim| Landing { yields, ..Landing::new(shared, index, claim, lane) }).collect();
+        Landings { landings }
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.landings.first().map_or(0, |l| l.claim.generation)
+    }
+
+    /// Whether the first look is still to come (it was asked for, and not given yet).
+    pub(super) fn wants_look(&self, look: bool) -> bool {
+        look && !self.landings.iter().any(|l| l.looked)
+    }
+
+    /// The bytes still to fetch: all of them at first; after a lost
+    /// connection, what had not arrived.
+    pub(super) fn remaining(&self) -> Vec<Range<u64>> {
+        self.landings.iter().flat_map(Landing::remaining).collect()
+    }
+
+    /// How each claim ended, given how the fetch itself did (`fetched`): a
+    /// claim whose every chunk arrived is finished by its own landing; the
+    /// others share the fetch's failure.
+    pub(super) fn finish(
+        self,
+        link: &mut super::lane::Link,
+        fetched: &Result<(), FetchFailure>,
+    ) -> Vec<Result<(), FetchFailure>> {
+        self.landings
+            .into_iter()
+            .map(|mut landing| match fetched {
+                Err(failure) if !landing.arrived() && landing.failed.is_none() => Err(failure.again()),
+                _ => landing.finish(link),
+            })
+            .collect()
+    }
+
+    fn covering(&mut self, offset: u64) -> Option<&mut Landing<'a>> {
+        self.landings.iter_mut().find(|l| {
+            let bytes = l.shared.files[l.index].chunk_bytes(l.claim.chunks.clone());
+            bytes.start <= offset && offset < bytes.end
+        })
+    }
+}
+
+impl Sink for Landings<'_> {
+    fn looked(&mut self, stat: SourceStat) -> bool {
+        self.landings.first_mut().is_none_or(|first| first.looked(stat))
+    }
+
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
+        self.covering(offset).is_some_and(|landing| landing.land(offset, bytes))
+    }
+
+    fn may_request(&mut self, idle: bool) -> bool {
+        self.landings.first_mut().is_none_or(|first| first.may_request(idle))
     }
 }
 
@@ -102,7 +180,7 @@ impl Sink for Landing<'_> {
     /// Prefetch sends no new request while a reader waits on the on-demand
     /// lanes (what it has in flight still arrives).
     fn may_request(&mut self, idle: bool) -> bool {
-        if self.lane == Lane::OnDemand || !self.shared.requests.readers_waiting() {
+        if !self.yields || !self.shared.requests.readers_waiting() {
             return true;
         }
         if idle {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::connect::FirstConnection;
-use super::landing::Landing;
+use super::landing::Landings;
 use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
 use crate::source::{Connection, Limits, Source, SourceError, WholeRead};
 
@@ -103,6 +103,20 @@ impl Requests {
     pub(super) fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
+    }
+
+    /// The next job with the queued jobs that continue it merged in, if one
+    /// is queued (taken as by the first lane).
+    fn try_take(&self) -> Option<Job> {
+        let mut state = self.lock();
+        let mut job = state.jobs.pop_front()?;
+        absorb_adjacent(&mut job, &mut state.jobs);
+        state.serving += 1;
+        Some(job)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// A job a lane took is done.
@@ -328,6 +342,11 @@ impl Link {
         Link { bulk: true, ..Link::new(source, health) }
     }
 
+    /// Whether it carries bulk transfers (which yield to readers).
+    pub(super) fn is_bulk(&self) -> bool {
+        self.bulk
+    }
+
     /// A new connection of this link's kind, ready within `time`.
     fn connect(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
         match self.bulk {
@@ -502,7 +521,12 @@ impl Link {
     /// in its generation: a handle kept from an older one is not used),
     /// handing it each piece as it arrives; with `look`, the first look before
     /// any byte. After a lost connection, only what had not arrived.
-    pub(super) fn fetch(&mut self, file: &FetchFile, landing: &mut Landing<'_>, look: bool) -> Result<(), SourceError> {
+    pub(super) fn fetch(
+        &mut self,
+        file: &FetchFile,
+        landing: &mut Landings<'_>,
+        look: bool,
+    ) -> Result<(), SourceError> {
         self.with_retry(|connection| {
             let ranges = landing.remaining();
             if ranges.is_empty() {
@@ -545,36 +569,58 @@ struct OnDemandLane {
 
 impl OnDemandLane {
     fn run(mut self, relief: bool) {
-        let requests = &self.shared.requests;
-        // Idle, a lane closes its connection once no file needs the source.
-        while let Some(job) = requests.take(relief, &mut || {
-            if !self.shared.source_needed() {
-                self.link.release();
-            }
-        }) {
-            let Claim { generation, chunks } = job.claim;
-            let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
-            if piece_end < chunks.end {
-                let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
-                if let Err(rest) = requests.push(rest) {
-                    self.shared.files[job.file].fail(
-                        &rest.claim,
-                        &super::FetchError::new("lazyfs is shutting down"),
-                        false,
-                    );
-                }
-            }
-            let chunks = chunks.start..piece_end;
-            let started = Instant::now();
-            self.link.set_limits(self.shared.health.reader(job.asked));
-            let claim = Claim { generation, chunks: chunks.clone() };
-            let stuck = self.shared.fetch(&mut self.link, job.file, claim, Lane::OnDemand);
-            self.link.set_limits(self.shared.health.background());
-            log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
-            if let Some(error) = stuck {
-                self.shared.timed_out(&mut self.link, job.file, &error);
-            }
+        let shared = self.shared.clone();
+        let requests = &shared.requests;
+        // The first lane replays the recording, serving the readers who come
+        // meanwhile between its steps.
+        let mut replay = if relief { None } else { shared.take_replay() };
+        loop {
+            let job = match replay.as_mut().filter(|r| !r.is_done()) {
+                Some(replay) => match requests.try_take() {
+                    Some(job) => job,
+                    None if requests.is_closed() => return,
+                    None => {
+                        replay.step(&mut self.link, &shared);
+                        continue;
+                    }
+                },
+                // Idle, a lane closes its connection once no file needs the source.
+                None => match requests.take(relief, &mut || {
+                    if !shared.source_needed() {
+                        self.link.release();
+                    }
+                }) {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            self.serve(job);
             requests.done();
+        }
+    }
+
+    fn serve(&mut self, job: Job) {
+        let Claim { generation, chunks } = job.claim;
+        let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
+        if piece_end < chunks.end {
+            let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
+            if let Err(rest) = self.shared.requests.push(rest) {
+                self.shared.files[job.file].fail(
+                    &rest.claim,
+                    &super::FetchError::new("lazyfs is shutting down"),
+                    false,
+                );
+            }
+        }
+        let chunks = chunks.start..piece_end;
+        let started = Instant::now();
+        self.link.set_limits(self.shared.health.reader(job.asked));
+        let claim = Claim { generation, chunks: chunks.clone() };
+        let stuck = self.shared.fetch(&mut self.link, job.file, claim, Lane::OnDemand);
+        self.link.set_limits(self.shared.health.background());
+        log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
+        if let Some(error) = stuck {
+            self.shared.timed_out(&mut self.link, job.file, &error);
         }
     }
 }

@@ -21,6 +21,7 @@ mod connect;
 mod landing;
 mod lane;
 pub mod prefetch;
+mod replay;
 pub mod restore;
 mod verify;
 
@@ -39,7 +40,7 @@ use crate::recording::{self, Recorder, Recording, Touch};
 use crate::source::{Connection, Sink, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
 use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
-use landing::Landing;
+use landing::Landings;
 pub use prefetch::Order;
 
 /// What a waiting reader is told once its chunks are present, or cannot be.
@@ -466,6 +467,9 @@ pub struct FetchConfig {
     /// Prefetch workers (0: no prefetch).
     pub jobs: usize,
     pub order: Order,
+    /// What a recording says the last restore read first, as (file, chunks)
+    /// in that order: fetched as soon as the source is up (see `replay.rs`).
+    pub replay: Arc<[(usize, Range<u64>)]>,
     /// How long a lane keeps reconnecting before its readers get EIO.
     pub reconnect_timeout: Duration,
 }
@@ -491,6 +495,8 @@ pub(crate) struct Shared {
     /// Told the index of a file whose bytes start over, so copies of the old
     /// ones (the kernel's page cache) are dropped.
     started_over: OnceLock<StartedOver>,
+    /// The recording to replay, until the first on-demand lane takes it.
+    replay: Mutex<Option<replay::Replay>>,
 }
 
 /// What is told of a file whose bytes start over.
@@ -506,6 +512,18 @@ enum FetchFailure {
     Panic(String),
 }
 
+impl FetchFailure {
+    /// The same failure again, for another claim it ended.
+    fn again(&self) -> FetchFailure {
+        match self {
+            FetchFailure::Source(e) => FetchFailure::Source(e.again()),
+            FetchFailure::Mismatch(chunk) => FetchFailure::Mismatch(*chunk),
+            FetchFailure::Store(e) => FetchFailure::Store(e.again()),
+            FetchFailure::Panic(panic) => FetchFailure::Panic(panic.clone()),
+        }
+    }
+}
+
 impl Shared {
     /// Fetches the claimed chunks of file `index`, each piece checked against
     /// the manifest and landed as it arrives (a bad chunk fetched once more),
@@ -513,18 +531,29 @@ impl Shared {
     /// Returns the timeout if the source left the request for this file
     /// unanswered (see [`Shared::timed_out`]).
     fn fetch(&self, link: &mut lane::Link, index: usize, claim: Claim, lane: Lane) -> Option<SourceError> {
+        self.fetch_claims(link, index, vec![claim], lane)
+    }
+
+    /// [`Shared::fetch`] of several claims of file `index` (of one
+    /// generation), in one pipeline of ranged reads.
+    fn fetch_claims(&self, link: &mut lane::Link, index: usize, claims: Vec<Claim>, lane: Lane) -> Option<SourceError> {
+        if claims.is_empty() {
+            return None;
+        }
         let file = &self.files[index];
-        let result = lane::contained(link, |link| {
-            let mut landing = Landing::new(self, index, &claim, lane);
-            // The first look goes with the first read (no extra round trip
-            // over SSH), before its bytes: a look after could see a file
-            // replaced since the bytes were read, and vouch for them.
-            let look = lane == Lane::OnDemand && self.needs_baseline(index);
-            link.fetch(file, &mut landing, look).map_err(FetchFailure::Source)?;
-            landing.finish(link)
-        });
-        let stuck = lane::stuck_on(&result, &file.source_path);
-        self.finish(index, &claim, lane, result);
+        // The first look goes with the first read (no extra round trip over
+        // SSH), before its bytes: a look after could see a file replaced
+        // since the bytes were read, and vouch for them.
+        let look = self.needs_baseline(index);
+        let mut landings = Landings::new(self, index, &claims, lane, link.is_bulk());
+        let fetched = lane::contained(link, |link| link.fetch(file, &mut landings, look).map_err(FetchFailure::Source));
+        let results = lane::contained(link, |link| Ok(landings.finish(link, &fetched)))
+            .unwrap_or_else(|failure| claims.iter().map(|_| Err(failure.again())).collect());
+        let mut stuck = None;
+        for (claim, result) in claims.iter().zip(results) {
+            stuck = stuck.or_else(|| lane::stuck_on(&result, &file.source_path));
+            self.finish(index, claim, lane, result);
+        }
         stuck
     }
 
@@ -538,9 +567,9 @@ impl Shared {
         data: &[u8],
         lane: Lane,
     ) -> Result<(), FetchFailure> {
-        let mut landing = Landing::new(self, index, claim, lane);
-        landing.land(self.files[index].chunk_bytes(claim.chunks.clone()).start, data);
-        landing.finish(link)
+        let mut landings = Landings::new(self, index, std::slice::from_ref(claim), lane, false);
+        landings.land(self.files[index].chunk_bytes(claim.chunks.clone()).start, data);
+        landings.finish(link, &Ok(())).pop().expect("one claim")
     }
 
     /// Writes a claim's checked bytes into the spill file, if the claim still
@@ -886,6 +915,7 @@ impl Fetcher {
             source_name: source.describe(),
             prefetching: AtomicBool::new(false),
             started_over: OnceLock::new(),
+            replay: Mutex::new((!config.replay.is_empty()).then(|| replay::Replay::new(&config.replay))),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         for (index, file) in shared.files.iter().enumerate() {
@@ -1100,6 +1130,11 @@ impl Drop for Fetcher {
 }
 
 impl Shared {
+    /// The recording to replay, if there is one (taken once).
+    fn take_replay(&self) -> Option<replay::Replay> {
+        self.replay.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
     fn source_needed(&self) -> bool {
         self.files.iter().any(|f| {
             let state = f.lock();

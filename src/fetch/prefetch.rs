@@ -11,10 +11,10 @@ use crate::source::{Source, SourceError};
 
 /// Files up to this size are fetched many at a time, whole: below a few MiB,
 /// the round trips per file (open, read, close) cost more than the bytes.
-const SMALL_FILE: u64 = 4 << 20;
+pub(super) const SMALL_FILE: u64 = 4 << 20;
 /// Files in one pipeline, and their bytes at most (they pass through one buffer).
 const BATCH_FILES: usize = 256;
-const BATCH_BYTES: u64 = 4 << 20;
+pub(super) const BATCH_BYTES: u64 = 4 << 20;
 
 /// Chunks a worker claims and fetches at once (4 MiB): one window is one full
 /// SFTP pipeline, so the link stays busy; a reader waiting for a chunk in a
@@ -406,7 +406,7 @@ fn first_look(link: &mut Link, shared: &Shared, index: usize) -> bool {
 }
 
 /// Fetches whole small files in one pipeline.
-fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
+pub(super) fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
     // A file read in more than one request could mix versions if it changes
     // meanwhile: note the sizes and mtimes of those first (one pipeline), for
     // the verifier to compare with after.

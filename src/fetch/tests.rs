@@ -33,7 +33,8 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
     };
     let file = Arc::new(FetchFile::new(spec, spill, len, Presence::new(size), Phase::Pending));
     let journal = journal(dir.path());
-    let config = FetchConfig { jobs: 0, order: Order::Image, reconnect_timeout: Duration::from_secs(1) };
+    let config =
+        FetchConfig { jobs: 0, order: Order::Image, replay: Arc::new([]), reconnect_timeout: Duration::from_secs(1) };
     let connection = source.connect().unwrap();
     let fetcher = Fetcher::start(source, Some(connection), vec![file], journal, config);
     Setup { _dir: dir, fetcher }

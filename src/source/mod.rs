@@ -233,6 +233,50 @@ impl SourceError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, SourceError::TimedOut { .. })
     }
+
+    /// The same error again (for another request it ended).
+    pub fn again(&self) -> SourceError {
+        use crate::store::io_again;
+        match self {
+            SourceError::NotFound { path, looked } => {
+                SourceError::NotFound { path: path.clone(), looked: looked.clone() }
+            }
+            SourceError::Short { path, end, wanted } => {
+                SourceError::Short { path: path.clone(), end: *end, wanted: *wanted }
+            }
+            SourceError::Longer { path, size } => SourceError::Longer { path: path.clone(), size: *size },
+            SourceError::Changed { path, reason } => {
+                SourceError::Changed { path: path.clone(), reason: reason.clone() }
+            }
+            SourceError::Io { path, source } => SourceError::Io { path: path.clone(), source: io_again(source) },
+            SourceError::Connect { addr, source } => {
+                SourceError::Connect { addr: addr.clone(), source: io_again(source) }
+            }
+            SourceError::Session { host, message } => {
+                SourceError::Session { host: host.clone(), message: message.clone() }
+            }
+            SourceError::TimedOut { host, waited, path } => {
+                SourceError::TimedOut { host: host.clone(), waited: *waited, path: path.clone() }
+            }
+            SourceError::UnknownHostKey { host, key_type, fingerprint, known_hosts } => SourceError::UnknownHostKey {
+                host: host.clone(),
+                key_type: key_type.clone(),
+                fingerprint: fingerprint.clone(),
+                known_hosts: known_hosts.clone(),
+            },
+            SourceError::ChangedHostKey { host, key_type, fingerprint, known_hosts } => SourceError::ChangedHostKey {
+                host: host.clone(),
+                key_type: key_type.clone(),
+                fingerprint: fingerprint.clone(),
+                known_hosts: known_hosts.clone(),
+            },
+            SourceError::Auth { user, host, tried } => {
+                SourceError::Auth { user: user.clone(), host: host.clone(), tried: tried.clone() }
+            }
+            SourceError::Config(message) => SourceError::Config(message.clone()),
+            SourceError::Unusable(reason) => SourceError::Unusable(reason.clone()),
+        }
+    }
 }
 
 /// Opens the source a SOURCE argument names.

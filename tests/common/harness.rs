@@ -207,6 +207,7 @@ impl Core {
             passthrough: false,
             reconnect_timeout: Duration::from_secs(2),
             wait_for_source: false,
+            replay: true,
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
