@@ -495,7 +495,7 @@ impl SshConnection {
     fn open(&mut self, path: &Path, generation: u64) -> Result<(Vec<u8>, Attrs), SourceError> {
         let stale = self.open.iter().position(|(p, _, _, _)| p == path);
         if let Some(at) = stale.or((self.open.len() >= OPEN_HANDLES).then_some(0)) {
-            self.close(at)?;
+            self.close(at);
         }
         let full = self.full(path);
         let (handle, looked) = self.sftp.open_checked(&full).map_err(|e| self.error(path, e, 0))?;
@@ -503,9 +503,9 @@ impl SshConnection {
         Ok((handle, looked))
     }
 
-    fn close(&mut self, at: usize) -> Result<(), SourceError> {
-        let (old_path, _, old, _) = self.open.remove(at);
-        self.sftp.close(&old).map_err(|e| self.error(&old_path, e, 0))
+    fn close(&mut self, at: usize) {
+        let (_, _, old, _) = self.open.remove(at);
+        self.sftp.close(&old);
     }
 
     /// Reads the files through `tar` if the host lets this account run it,
@@ -594,7 +594,7 @@ impl Connection for SshConnection {
             Err(SftpError::Changed(reason)) => {
                 // Not this file any more: never read through this handle again.
                 let at = self.open.len() - 1;
-                self.close(at)?;
+                self.close(at);
                 Err(self.error(path, SftpError::Changed(reason), wanted))
             }
             result => {
