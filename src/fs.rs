@@ -350,10 +350,15 @@ impl Filesystem {
             .node(ino)
             .is_some_and(|n| crate::privileges::privileged(n.meta.perm, n.meta.xattrs.keys().map(|k| k.as_os_str())));
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::File(index)) => match *index {
-                index if write || self.files[index].written => None,
-                index => self.fetcher.file(index).verified_file()?,
-            },
+            Some(NodeKind::File(_)) if write => None,
+            Some(NodeKind::File(index)) => {
+                // Read next, as a rule: a small file is fetched whole at once.
+                self.fetcher.opened(*index);
+                match self.files[*index].written {
+                    true => None,
+                    false => self.fetcher.file(*index).verified_file()?,
+                }
+            }
             Some(NodeKind::Local(_)) if write && privileged => None,
             Some(NodeKind::Local(id)) => Some(self.local_file(*id)?.try_clone().map_err(|e| io_error(&e))?),
             Some(NodeKind::Dir(_)) => return Err(FsError::new(libc::EISDIR, "a directory")),

@@ -224,21 +224,6 @@ pub fn prepare_with(
     let store = Store::open(&request.cache_dir)?;
     // What a mount that was killed recorded is this cache dir's recording now.
     recording::recover(store.dir())?;
-    // What the last restore read first: replayed once the source is up
-    // (unless --no-replay), and with `--prefetch-order recorded` the order of prefetch.
-    let recorded_order = matches!(request.order, PrefetchOrder::Recorded(_));
-    let recording = match given_recording {
-        Some(given) => Some(given),
-        None if recorded_order || request.replay => {
-            let (found, warning) = find_recording(&store, manifest.as_ref(), recorded_order);
-            warnings.extend(warning);
-            found
-        }
-        None => None,
-    };
-    for warning in &warnings {
-        log::warn!("{warning}");
-    }
     let (loaded, warning) = journal::load(store.dir())?;
     if let Some(warning) = warning {
         log::warn!("{warning}");
@@ -253,8 +238,24 @@ pub fn prepare_with(
         };
         log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().path().display(), owner.name);
         store.clear_spills()?;
+        recording::forget(store.dir())?;
         records.clear();
         local_changes.clear();
+    }
+    // What the last restore read first: replayed once the source is up
+    // (unless --no-replay), and with `--prefetch-order recorded` the order of prefetch.
+    let recorded_order = matches!(request.order, PrefetchOrder::Recorded(_));
+    let recording = match given_recording {
+        Some(given) => Some(given),
+        None if recorded_order || request.replay => {
+            let (found, warning) = find_recording(&store, manifest.as_ref(), recorded_order);
+            warnings.extend(warning);
+            found
+        }
+        None => None,
+    };
+    for warning in &warnings {
+        log::warn!("{warning}");
     }
     let source = open_source()?;
     // The connection comes up in the background (see `fetch::connect`),

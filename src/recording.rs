@@ -172,6 +172,12 @@ pub fn recover(cache_dir: &CacheDir) -> Result<(), crate::store::StoreError> {
     cache_dir.remove(GROWING).map_err(io)
 }
 
+/// Drops the cache dir's recording (it is of another checkpoint or source).
+pub fn forget(cache_dir: &CacheDir) -> Result<(), crate::store::StoreError> {
+    let gone = cache_dir.remove(FILE_NAME);
+    gone.map_err(|source| crate::store::StoreError::Io { path: cache_dir.join(FILE_NAME), source })
+}
+
 /// After a clean unmount: `recording` holds it all, the growing copy goes.
 fn finish_growing(cache_dir: &CacheDir) -> Result<(), crate::store::StoreError> {
     cache_dir.remove(GROWING).map_err(|source| crate::store::StoreError::Io { path: cache_dir.join(GROWING), source })

@@ -74,14 +74,24 @@ pub(super) struct Requests {
 
 struct Queued {
     jobs: VecDeque<Job>,
+    /// Small files a process opened, to fetch whole before they are read
+    /// (by the first lane, between readers' requests).
+    opened: VecDeque<usize>,
     closed: bool,
     /// Jobs a lane took and has not done yet.
     serving: usize,
 }
 
+/// What a lane is given.
+enum Work {
+    Read(Job),
+    /// Small files opened, to fetch whole.
+    Opened(Vec<usize>),
+}
+
 impl Requests {
     pub(super) fn new() -> Requests {
-        let state = Queued { jobs: VecDeque::new(), closed: false, serving: 0 };
+        let state = Queued { jobs: VecDeque::new(), opened: VecDeque::new(), closed: false, serving: 0 };
         Requests { state: Mutex::new(state), ready: Condvar::new(), quiet: Condvar::new() }
     }
 
@@ -98,6 +108,15 @@ impl Requests {
         state.jobs.push_back(job);
         self.ready.notify_all();
         Ok(())
+    }
+
+    /// Queues small file `index`, just opened, to be fetched whole.
+    pub(super) fn opened(&self, index: usize) {
+        let mut state = self.lock();
+        if !state.closed {
+            state.opened.push_back(index);
+            self.ready.notify_all();
+        }
     }
 
     pub(super) fn close(&self) {
@@ -144,9 +163,10 @@ impl Requests {
     }
 
     /// The next job with the queued jobs that continue it merged in, waiting
-    /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago.
-    /// `None` once closed. While there is none, `idle` is called every `IDLE_CHECK`.
-    fn take(&self, relief: bool, idle: &mut dyn FnMut()) -> Option<Job> {
+    /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago, the
+    /// first lane also opened files when no job waits. `None` once closed.
+    /// While there is none, `idle` is called every `IDLE_CHECK`.
+    fn take(&self, relief: bool, idle: &mut dyn FnMut()) -> Option<Work> {
         let mut state = self.lock();
         loop {
             if state.closed {
@@ -155,13 +175,16 @@ impl Requests {
             let wait = match state.jobs.front() {
                 Some(_) if !relief => Duration::ZERO,
                 Some(front) => RELIEF_AFTER.saturating_sub(front.queued.elapsed()),
+                None if !relief && !state.opened.is_empty() => {
+                    return Some(Work::Opened(state.opened.drain(..).collect()));
+                }
                 None => Duration::MAX,
             };
             if wait.is_zero() {
                 let mut job = state.jobs.pop_front().expect("a job");
                 absorb_adjacent(&mut job, &mut state.jobs);
                 state.serving += 1;
-                return Some(job);
+                return Some(Work::Read(job));
             }
             state = match wait {
                 Duration::MAX => {
@@ -575,9 +598,9 @@ impl OnDemandLane {
         // meanwhile between its steps.
         let mut replay = if relief { None } else { shared.take_replay() };
         loop {
-            let job = match replay.as_mut().filter(|r| !r.is_done()) {
+            let work = match replay.as_mut().filter(|r| !r.is_done()) {
                 Some(replay) => match requests.try_take() {
-                    Some(job) => job,
+                    Some(job) => Work::Read(job),
                     None if requests.is_closed() => return,
                     None => {
                         replay.step(&mut self.link, &shared);
@@ -590,12 +613,17 @@ impl OnDemandLane {
                         self.link.release();
                     }
                 }) {
-                    Some(job) => job,
+                    Some(work) => work,
                     None => return,
                 },
             };
-            self.serve(job);
-            requests.done();
+            match work {
+                Work::Read(job) => {
+                    self.serve(job);
+                    requests.done();
+                }
+                Work::Opened(files) => super::replay::fetch_whole(&mut self.link, &shared, files),
+            }
         }
     }
 
@@ -660,20 +688,48 @@ mod tests {
         Job::new(file, Claim { generation, chunks }, Instant::now())
     }
 
+    /// The file of a reader's job a lane was given.
+    fn read_file(work: Option<Work>) -> usize {
+        match work {
+            Some(Work::Read(job)) => job.file,
+            _ => panic!("not a reader's job"),
+        }
+    }
+
     #[test]
     fn relief_lanes_take_only_requests_that_waited() {
         let requests = Requests::new();
         assert!(requests.push(job(1, 0, 0..1)).is_ok());
         let started = Instant::now();
-        assert_eq!(requests.take(true, &mut || {}).expect("a job").file, 1);
+        assert_eq!(read_file(requests.take(true, &mut || {})), 1);
         assert!(started.elapsed() >= RELIEF_AFTER - Duration::from_millis(20), "{:?}", started.elapsed());
         assert!(requests.push(job(2, 0, 0..1)).is_ok());
         let started = Instant::now();
-        assert_eq!(requests.take(false, &mut || {}).expect("a job").file, 2);
+        assert_eq!(read_file(requests.take(false, &mut || {})), 2);
         assert!(started.elapsed() < RELIEF_AFTER);
         requests.close();
         assert!(requests.take(false, &mut || {}).is_none());
         assert!(requests.push(job(3, 0, 0..1)).is_err());
+    }
+
+    /// Opened files go to the first lane, after readers' jobs.
+    #[test]
+    fn opened_files_come_after_readers_and_to_the_first_lane_only() {
+        let requests = Requests::new();
+        requests.opened(7);
+        requests.opened(8);
+        assert!(requests.push(job(1, 0, 0..1)).is_ok());
+        assert_eq!(read_file(requests.take(false, &mut || {})), 1);
+        requests.done();
+        assert!(matches!(requests.take(false, &mut || {}), Some(Work::Opened(files)) if files == [7, 8]));
+        requests.opened(9);
+        let taken = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            scope.spawn(|| *taken.lock().unwrap() = Some(requests.take(true, &mut || {}).is_none()));
+            std::thread::sleep(RELIEF_AFTER * 2);
+            requests.close();
+        });
+        assert_eq!(*taken.lock().unwrap(), Some(true), "a relief lane took opened files");
     }
 
     #[test]

@@ -163,6 +163,8 @@ pub struct FetchFile {
     /// Where the images first list it.
     pub image_order: u64,
     pub stats: FileStats,
+    /// It was opened for reading (and, small, queued to be fetched whole).
+    opened: AtomicBool,
     /// The original's size: what the chunks cover.
     size: u64,
     spill: SpillFile,
@@ -224,6 +226,7 @@ impl FetchFile {
             expected: spec.expected,
             image_order: spec.image_order,
             stats: FileStats::new(),
+            opened: AtomicBool::new(false),
             size: spec.size,
             spill,
             state: Mutex::new(Owned {
@@ -870,6 +873,9 @@ impl Shared {
     }
 }
 
+/// Files up to this size are fetched whole when opened for reading.
+const OPENED_WHOLE: u64 = 1 << 20;
+
 /// Unanswered requests (while the source answered others) after which a file fails.
 const STUCK_TIMEOUTS: u32 = 2;
 /// How long stopping waits for prefetch workers still waiting on the source.
@@ -999,6 +1005,16 @@ impl Fetcher {
     /// (at once if they are), fetching the missing ones nobody fetches yet.
     pub fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
         self.shared.when_present(index, chunks, done)
+    }
+
+    /// File `index` was opened for reading: a small one is fetched whole
+    /// at once, in a batch with the others opened meanwhile (a process reads
+    /// what it opens; a restore opens them all at once).
+    pub fn opened(&self, index: usize) {
+        let file = &self.shared.files[index];
+        if file.size <= OPENED_WHOLE && !file.needs_nothing() && !file.opened.swap(true, Ordering::Relaxed) {
+            self.shared.requests.opened(index);
+        }
     }
 
     /// Replies with bytes `offset..offset+len` of file `index` (cut at its

@@ -1,3 +1,6 @@
+//! Fetching ahead of readers on the first on-demand lane, between their
+//! requests: a recording's replay, and the small files a process opens.
+//!
 //! Replaying a recording: what the last restore of this checkpoint read first
 //! (the cache dir's recording, or the one the manifest ships) is fetched as
 //! soon as the source is up, in the recorded order, on the first on-demand
@@ -31,7 +34,7 @@ impl Replay {
         self.plan.is_empty()
     }
 
-    /// Fetches the next step of the plan.
+    /// Fetches the next step of the plan: whole small files, or a large file's runs.
     pub(super) fn step(&mut self, link: &mut Link, shared: &Shared) {
         let Some(&(first, _)) = self.plan.front() else { return };
         if shared.files[first].size <= prefetch::SMALL_FILE {
@@ -49,7 +52,7 @@ impl Replay {
                     batch.push(index);
                 }
             }
-            return prefetch::fetch_small_files(link, shared, &batch);
+            return fetch_whole(link, shared, batch);
         }
         // This file's runs next in the plan (and its later ones), up to a step's bytes.
         let file = &shared.files[first];
@@ -65,5 +68,25 @@ impl Replay {
         });
         let claims = runs.into_iter().flat_map(|run| file.claim(run)).collect();
         shared.fetch_claims(link, first, claims, Lane::Prefetch);
+    }
+}
+
+/// Fetches the small `files` whole (those that still need it), a batch of
+/// up to `BATCH_BYTES` per pipeline.
+pub(super) fn fetch_whole(link: &mut Link, shared: &Shared, mut files: Vec<usize>) {
+    files.retain(|&index| !shared.files[index].needs_nothing());
+    files.dedup();
+    while !files.is_empty() {
+        let mut bytes = 0;
+        let take = files
+            .iter()
+            .take_while(|&&index| {
+                bytes += shared.files[index].size;
+                bytes <= prefetch::BATCH_BYTES
+            })
+            .count()
+            .max(1);
+        let batch: Vec<usize> = files.drain(..take).collect();
+        prefetch::fetch_small_files(link, shared, &batch);
     }
 }

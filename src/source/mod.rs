@@ -285,10 +285,9 @@ pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, So
         SourceSpec::Local(dir) => Ok(Box::new(LocalSource::new(&dir.join(relative(source_root)))?)),
         SourceSpec::Ssh(options) => match (options.transport, which_ssh()) {
             // Each transport where it wins, when both can reach the host.
-            (Transport::Auto, true) if options.needs_openssh.is_none() => Ok(Box::new(SplitSource::new(
-                SshSource::new((**options).clone(), source_root)?,
-                OpensshSource::new((**options).clone(), source_root)?,
-            ))),
+            (Transport::Auto, true) if options.needs_openssh.is_none() => {
+                Ok(Box::new(SplitSource::new((**options).clone(), source_root.to_path_buf())?))
+            }
             (Transport::Openssh, _) | (Transport::Auto, true) => {
                 Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?))
             }

@@ -36,11 +36,14 @@ const FXF_READ: u32 = 1;
 
 /// Bytes asked for by one READ: OpenSSH's sftp-server answers up to 256 KiB.
 pub const REQUEST: u64 = 256 << 10;
-/// READs in flight at once per pipeline: 4 MiB, enough for a 1 Gbit/s link at 20 ms RTT.
-const DEPTH: usize = 16;
-/// Files opened at once when many files are read together, and READs in
-/// flight per file then.
-const FILES_IN_FLIGHT: usize = 64;
+/// Bytes a pipeline of ranged reads keeps in flight at most (8 MiB: more
+/// than a 1 Gbit/s link carries in a 20 ms round trip, also when the ranges
+/// are small, a recording's runs), and READs at most.
+const IN_FLIGHT: u64 = 8 << 20;
+const DEPTH: usize = 64;
+/// Files opened at once when many files are read together (a tree of small
+/// files in a few round trips), and READs in flight per file then.
+const FILES_IN_FLIGHT: usize = 256;
 const DEPTH_PER_FILE: usize = 4;
 /// No SFTP reply lazyfs asks for is larger (a DATA of REQUEST bytes and its header).
 const MAX_PACKET: usize = 1 << 20;
@@ -554,7 +557,6 @@ impl<C: Wire> Sftp<C> {
         sink: &mut dyn Sink,
     ) -> Result<(), SftpError> {
         let mut buffers = std::mem::take(&mut self.buffers);
-        buffers.resize_with(DEPTH, Vec::new);
         let read = self.read_pieces(handle, ranges, check, sink, &mut buffers);
         self.buffers = buffers;
         read
@@ -566,7 +568,7 @@ impl<C: Wire> Sftp<C> {
         ranges: &[Range<u64>],
         check: Option<&Attrs>,
         sink: &mut dyn Sink,
-        buffers: &mut [Vec<u8>],
+        buffers: &mut Vec<Vec<u8>>,
     ) -> Result<(), SftpError> {
         /// A request of a piece: its buffer, where the piece starts, its length,
         /// and how much of it arrived before this request (a short reply asks again).
@@ -578,8 +580,10 @@ impl<C: Wire> Sftp<C> {
         }
         let mut pieces = ranges
             .iter()
-            .flat_map(|r| (r.start..r.end).step_by(REQUEST as usize).map(move |at| at..(at + REQUEST).min(r.end)));
+            .flat_map(|r| (r.start..r.end).step_by(REQUEST as usize).map(move |at| at..(at + REQUEST).min(r.end)))
+            .peekable();
         let mut free: Vec<usize> = (0..buffers.len()).collect();
+        let mut in_flight_bytes = 0;
         let mut in_flight: HashMap<u32, Piece> = HashMap::new();
         // Landed only once FSTAT agreed: held back until then.
         let mut held: Vec<Piece> = Vec::new();
@@ -591,11 +595,19 @@ impl<C: Wire> Sftp<C> {
         });
         let mut checked = fstat.is_none();
         loop {
-            while !stopped && failure.is_none() && !free.is_empty() && sink.may_request(in_flight.is_empty()) {
-                let Some(piece) = pieces.next() else { break };
-                let buffer = free.pop().expect("a free buffer");
-                buffers[buffer].resize(REQUEST as usize, 0);
-                let len = piece.end - piece.start;
+            while let Some(next) = pieces.peek() {
+                let len = next.end - next.start;
+                let room = in_flight.len() < DEPTH && (in_flight.is_empty() || in_flight_bytes + len <= IN_FLIGHT);
+                if stopped || failure.is_some() || !room || !sink.may_request(in_flight.is_empty()) {
+                    break;
+                }
+                let piece = pieces.next().expect("peeked");
+                let buffer = free.pop().unwrap_or_else(|| {
+                    buffers.push(Vec::new());
+                    buffers.len() - 1
+                });
+                buffers[buffer].resize(len as usize, 0);
+                in_flight_bytes += len;
                 in_flight.insert(
                     self.read_request(handle, piece.start, len),
                     Piece { buffer, start: piece.start, len, filled: 0 },
@@ -623,6 +635,7 @@ impl<C: Wire> Sftp<C> {
             let Some(mut piece) = in_flight.remove(&id) else {
                 return Err(SftpError::Broken(format!("a reply to unknown request {id}")));
             };
+            in_flight_bytes -= piece.len;
             let asked = piece.len - piece.filled;
             match reply {
                 Reply::Data(got) if got as u64 > asked => {
@@ -644,6 +657,7 @@ impl<C: Wire> Sftp<C> {
                 Reply::Data(got) if got > 0 && failure.is_none() && !stopped => {
                     piece.filled += got as u64;
                     let id = self.read_request(handle, piece.start + piece.filled, piece.len - piece.filled);
+                    in_flight_bytes += piece.len;
                     in_flight.insert(id, piece);
                     continue;
                 }
