@@ -107,10 +107,18 @@ pub struct MountArgs {
     /// (the naming of the original Go prototype).
     #[arg(long, value_enum, default_value_t = LayoutArg::Tree)]
     pub layout: LayoutArg,
-    /// Serve only the recorded files below DIR, with DIR as the mount's root. Mounted at DIR
-    /// itself, every file is at its original path, as a stock `criu restore` needs.
+    /// Serve the old host's whole directory DIR as the mount's root: every file, directory,
+    /// symlink, hard link and FIFO below it, with the source's sizes, modes, numeric owners and
+    /// times, each directory listed when something first looks in it. The files the images
+    /// record are there at once (the mode and size they record); the rest arrives as it is read
+    /// (or with --prefetch, after them). Mounted at DIR itself, every file is at its original
+    /// path, as a stock `criu restore` needs.
     #[arg(long, value_name = "DIR")]
     pub subtree: Option<PathBuf>,
+    /// With --subtree: only the files the images record below DIR (and the directories that
+    /// lead to them), not the rest of DIR.
+    #[arg(long, requires = "subtree")]
+    pub recorded_only: bool,
     /// On the source, read file /a/b from DIR/a/b.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub source_root: PathBuf,
@@ -163,7 +171,9 @@ pub struct MountArgs {
     /// `degraded` meanwhile.
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = seconds)]
     pub reconnect_timeout: std::time::Duration,
-    /// Let other users than the one mounting use the mount.
+    /// Let other users than the one mounting use the mount (the kernel checks each access
+    /// against the files' modes and owners). On by itself when the images record a process
+    /// that runs as another user than the one mounting, so the restored process can use its files.
     #[arg(long)]
     pub allow_other: bool,
     /// Serve verified files through lazyfs even where the kernel could read
@@ -293,7 +303,10 @@ pub struct ManifestArgs {
     /// Read file /a/b from DIR/a/b.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: PathBuf,
-    /// Hash only the recorded files below DIR (the --subtree the mount will use).
+    /// Hash every file below DIR (the --subtree the mount will use), not only the recorded
+    /// ones, and record what lstat says of each file, directory and symlink (inode number,
+    /// link count, exact times): a mount reports those inode numbers and times, and serves no
+    /// file of DIR whose bytes differ.
     #[arg(long, value_name = "DIR")]
     pub subtree: Option<PathBuf>,
     /// Where to write it [default: IMGDIR/lazyfs.manifest].

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::time::{Duration, SystemTime};
 
 use crate::fetch::{FetchError, Fetcher};
-use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, ROOT_INO};
+use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
+use crate::source::{DirEntry, SourceAttrs};
 use crate::store::journal::proto::{Local, LocalOp};
 use crate::store::local::LocalFiles;
+use crate::tree::{Listed, Tree};
 
 /// An operation's failure: the errno the caller gets, and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -21,11 +23,19 @@ use crate::store::local::LocalFiles;
 pub struct FsError {
     pub errno: i32,
     pub message: String,
+    /// The operation needs this directory of the tree listed first (it is
+    /// then tried again): never seen outside the core.
+    unlisted: Option<Ino>,
 }
 
 impl FsError {
     fn new(errno: i32, message: impl Into<String>) -> Self {
-        FsError { errno, message: message.into() }
+        FsError { errno, message: message.into(), unlisted: None }
+    }
+
+    /// Directory `dir` must be listed before the operation can go on.
+    fn unlisted(dir: Ino) -> Self {
+        FsError { errno: libc::EAGAIN, message: "the directory is not listed yet".into(), unlisted: Some(dir) }
     }
 }
 
@@ -52,6 +62,9 @@ pub enum Kind {
 #[derive(Debug, Clone, Copy)]
 pub struct Attr {
     pub ino: Ino,
+    /// What the images say until the source's listing of its directory
+    /// tells its owner and times: the kernel should not keep it.
+    pub provisional: bool,
     pub kind: Kind,
     pub size: u64,
     /// Permission bits only.
@@ -82,21 +95,10 @@ pub struct StatFs {
     pub files: u64,
 }
 
-/// A file of the checkpoint the mount serves.
-pub struct ServedFile {
-    /// The path the checkpoint recorded.
-    pub path: PathBuf,
-    /// Whether a process of the checkpoint had it open for writing.
-    written: bool,
-}
-
 /// What the checkpoint says of a file the mount serves.
 pub struct ServedSpec {
     pub path: PathBuf,
     pub mode: u32,
-    /// A process had it open for writing (or mapped it shared and writable):
-    /// `criu restore` will open it for writing too.
-    pub written: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +116,8 @@ pub struct Creator {
 }
 
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+/// Directories the background walk of the tree lists in one pipeline.
+const WALK_BATCH: usize = 64;
 pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
 const XATTR_CREATE: i32 = libc::XATTR_CREATE;
 const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
@@ -125,7 +129,9 @@ pub struct Filesystem {
     ns: Arc<RwLock<Namespace>>,
     /// The local changes made so far (replayed and new), in order.
     changes: Mutex<Vec<Local>>,
-    files: Vec<ServedFile>,
+    /// With `--subtree` (and not `--recorded-only`): the source's tree
+    /// below it, listed as it is needed.
+    tree: Option<Tree>,
     local: LocalFiles,
     /// Open handles per inode: an unlinked file lives until its last close.
     opens: Mutex<HashMap<Ino, u32>>,
@@ -136,6 +142,7 @@ pub struct Filesystem {
 pub type ReadReply = Box<dyn FnOnce(Result<&[u8], FsError>) + Send>;
 pub type WriteReply = Box<dyn FnOnce(Result<u32, FsError>) + Send>;
 pub type AttrReply = Box<dyn FnOnce(Result<Attr, FsError>) + Send>;
+pub type DirReply = Box<dyn FnOnce(Result<Vec<(Ino, Kind, OsString)>, FsError>) + Send>;
 
 fn not_found(ino: Ino) -> FsError {
     FsError::new(libc::ENOENT, format!("no inode {ino}"))
@@ -173,10 +180,13 @@ impl Filesystem {
         local: LocalFiles,
         replay: &[Local],
         config: FsConfig,
+        tree: Option<Tree>,
     ) -> Result<Self, crate::store::StoreError> {
         let started = SystemTime::now();
+        // What the images say, until a listing (or the manifest) says more.
         for node in ns.nodes_mut() {
             node.meta = Meta {
+                perm: node.meta.perm,
                 uid: config.uid,
                 gid: config.gid,
                 atime: started,
@@ -188,29 +198,259 @@ impl Filesystem {
                 node.meta.perm = specs[index].mode & 0o7777;
             }
         }
-        let files = specs.into_iter().map(|ServedSpec { path, written, .. }| ServedFile { path, written }).collect();
+        if let Some(root) = tree.as_ref().and_then(|t| t.root) {
+            let pinned = ns.is_pinned(ROOT_INO);
+            if let Some(node) = ns.node_mut(ROOT_INO) {
+                apply_source_attrs(&mut node.meta, &root, !pinned);
+            }
+        }
+        fetcher.set_unlisted_dirs(if tree.is_some() { ns.unlisted_count() } else { 0 });
         let fs = Filesystem {
             ns: Arc::new(RwLock::new(ns)),
             changes: Mutex::new(replay.to_vec()),
-            files,
+            tree,
             local,
             opens: Mutex::new(HashMap::new()),
             fetcher,
             config,
         };
-        {
-            let mut ns = fs.ns_mut();
-            for change in replay {
-                if change.op() == LocalOp::File {
-                    fs.local.reopen(change.id)?;
-                }
-                if let Err(e) = fs.apply(&mut ns, change) {
-                    log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
-                }
+        for (seq, change) in replay.iter().enumerate() {
+            if change.op() == LocalOp::File {
+                fs.local.reopen(change.id)?;
+            }
+            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64));
+            if let Err(e) = applied {
+                log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
             }
         }
         fs.local.sweep()?;
         Ok(fs)
+    }
+
+    /// Runs `op`, listing first each directory of the tree it needs listed
+    /// (and running it again).
+    fn listing_first<T>(&self, mut op: impl FnMut(&Self) -> Result<T, FsError>) -> Result<T, FsError> {
+        // Each try lists one more directory at least: a path is not deeper than this.
+        for _ in 0..4096 {
+            match op(self) {
+                Err(FsError { unlisted: Some(dir), .. }) => self.ensure_listed(dir)?,
+                other => return other,
+            }
+        }
+        Err(FsError::new(libc::ELOOP, "too many directories to list on the way"))
+    }
+
+    /// Lists directory `dir` of the tree unless it is listed already (from
+    /// the listings the cache dir kept, else the source, for a reader who
+    /// waits); waits for a listing of it already under way.
+    pub fn ensure_listed(&self, dir: Ino) -> Result<(), FsError> {
+        let Some(tree) = &self.tree else { return Ok(()) };
+        for _ in 0..3 {
+            if !self.namespace().is_unlisted(dir) {
+                return Ok(());
+            }
+            if tree.begin(dir) {
+                let listed = self.list(tree, &[dir], true);
+                tree.end(dir);
+                return listed;
+            }
+        }
+        Err(FsError::new(libc::EIO, "the directory could not be listed"))
+    }
+
+    /// Directories of the tree not listed yet.
+    pub fn unlisted_dirs(&self) -> usize {
+        match self.tree {
+            Some(_) => self.namespace().unlisted_count(),
+            None => 0,
+        }
+    }
+
+    /// Lists directories of the tree in the background, for as long as the
+    /// mount lives: first those holding files of the images (until then
+    /// their owners and times are provisional), then, once prefetch of every
+    /// file is asked for, all of them (each listing queues its files).
+    pub fn walk_tree(self: &Arc<Self>) {
+        if self.tree.is_none() {
+            return;
+        }
+        let fs = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("lazyfs-tree".into())
+            .spawn(move || {
+                let mut failing = false;
+                while let Some(fs) = fs.upgrade() {
+                    let everything = fs.fetcher.prefetching_all();
+                    let pause = match fs.list_some(WALK_BATCH, !everything) {
+                        Ok(0) if everything => return,
+                        Ok(0) => Some(Duration::from_millis(500)),
+                        Ok(_) => None,
+                        Err(e) => {
+                            if !std::mem::replace(&mut failing, true) {
+                                log::warn!("listing the tree: {e}; trying again");
+                            }
+                            Some(Duration::from_secs(1))
+                        }
+                    };
+                    drop(fs);
+                    if let Some(pause) = pause {
+                        std::thread::sleep(pause);
+                    }
+                }
+            })
+            .expect("spawning the tree walker");
+    }
+
+    /// Lists some directories of the tree not listed yet (at most `max`;
+    /// with `images_only`, only those holding nodes of the images), for a
+    /// walk nobody waits on; how many it listed.
+    fn list_some(&self, max: usize, images_only: bool) -> Result<usize, FsError> {
+        let Some(tree) = &self.tree else { return Ok(0) };
+        let mut unlisted: Vec<Ino> = {
+            let ns = self.namespace();
+            let holds_nodes =
+                |dir: Ino| matches!(ns.node(dir).map(|n| &n.kind), Some(NodeKind::Dir(c)) if !c.is_empty());
+            ns.unlisted().filter(|&dir| !images_only || holds_nodes(dir)).collect()
+        };
+        // Found first, listed first: the walk goes breadth first.
+        unlisted.sort_unstable();
+        unlisted.truncate(max);
+        let claimed: Vec<Ino> = unlisted.into_iter().filter(|&dir| tree.begin(dir)).collect();
+        let listed = self.list(tree, &claimed, false);
+        claimed.iter().for_each(|&dir| tree.end(dir));
+        listed.map(|()| claimed.len())
+    }
+
+    /// Lists `dirs` (claimed by [`Tree::begin`]) and merges what is found.
+    fn list(&self, tree: &Tree, dirs: &[Ino], for_reader: bool) -> Result<(), FsError> {
+        let paths: Vec<(Ino, PathBuf)> = {
+            let ns = self.namespace();
+            dirs.iter()
+                .filter(|&&dir| ns.is_unlisted(dir))
+                .filter_map(|&dir| Some((dir, ns.source_path(dir)?.to_path_buf())))
+                .collect()
+        };
+        let mut from_source = Vec::new();
+        for (dir, path) in paths {
+            match tree.take_persisted(&path) {
+                Some(listed) => self.merge(tree, dir, &path, listed, true),
+                None => from_source.push((dir, path)),
+            }
+        }
+        if from_source.is_empty() {
+            return Ok(());
+        }
+        let on_source = from_source.iter().map(|(_, path)| tree.subtree.join(path)).collect();
+        let listings =
+            self.fetcher.list_dirs(on_source, for_reader).map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
+        let mut failed = None;
+        for ((dir, path), listing) in from_source.into_iter().zip(listings) {
+            let listed = match listing {
+                Ok(entries) => Listed::Entries(entries),
+                // Gone for good: what the images put in it is what it shows.
+                Err(e @ (crate::source::SourceError::NotFound { .. } | crate::source::SourceError::Changed { .. })) => {
+                    Listed::Missing(e.to_string())
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            tree.keep(&path, &listed)?;
+            self.merge(tree, dir, &path, listed, false);
+        }
+        match failed {
+            Some(e) => Err(FsError::new(libc::EIO, e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts what a listing of directory `dir` (at `path` below the root)
+    /// found into the namespace: a name the directory has already (the
+    /// images', or the local layer's) stays as it is, taking the source's
+    /// owner and times if it came from the images; any other becomes a node,
+    /// a regular file with an owner of its own. `from_log`: the listing is
+    /// the one the cache dir kept, under which its files' bytes were fetched.
+    fn merge(&self, tree: &Tree, dir: Ino, path: &Path, listed: Listed, from_log: bool) {
+        let entries = match listed {
+            Listed::Entries(entries) => entries,
+            Listed::Missing(why) => {
+                log::warn!("{why}: it shows only what the images and local changes put in it");
+                Vec::new()
+            }
+        };
+        let entries: Vec<(DirEntry, SourceAttrs, bool)> = entries
+            .into_iter()
+            .map(|entry| {
+                let (attrs, exact) = tree.attrs_of(&path.join(&entry.name), &entry.attrs);
+                (entry, attrs, exact)
+            })
+            .collect();
+        // Owners of the new files, made outside the namespace's lock (each
+        // looks at its spill file).
+        let existing: std::collections::HashSet<OsString> = match self.namespace().node(dir).map(|n| &n.kind) {
+            Some(NodeKind::Dir(children)) => children.keys().cloned().collect(),
+            _ => return,
+        };
+        let mut made: Vec<Option<crate::fetch::FetchFile>> = entries
+            .iter()
+            .map(|(entry, attrs, _)| {
+                let new_file = attrs.kind() == libc::S_IFREG
+                    && !existing.contains(&entry.name)
+                    && tree.hard_link(attrs, None).is_none();
+                new_file
+                    .then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
+                    .and_then(|made| made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok())
+            })
+            .collect();
+        let mut ns = self.ns_mut();
+        for ((entry, attrs, exact), file) in entries.into_iter().zip(made.drain(..)) {
+            let name = entry.name.as_os_str();
+            if let Some(ino) = ns.lookup(dir, name) {
+                let pinned = ns.is_pinned(ino);
+                let Some(node) = ns.node_mut(ino) else { continue };
+                let from_images = matches!(node.origin, Origin::File | Origin::Source(_));
+                if from_images && !node.meta.changed_locally {
+                    // A recorded file keeps the images' mode, a recorded directory its recorded one.
+                    let perm = matches!(node.kind, NodeKind::Dir(_)) && !pinned;
+                    apply_source_attrs(&mut node.meta, &attrs, perm);
+                }
+                continue;
+            }
+            let wanted = exact.then(|| tree.manifest_ino(&attrs)).flatten();
+            let mut meta = Meta::default();
+            apply_source_attrs(&mut meta, &attrs, true);
+            let origin = Origin::Source(path.join(name).into_boxed_path());
+            match attrs.kind() {
+                libc::S_IFREG => {
+                    if let Some(first) = tree.hard_link(&attrs, None).filter(|&first| ns.node(first).is_some()) {
+                        ns.link(first, dir, name);
+                        continue;
+                    }
+                    let Some(file) = file else { continue };
+                    let index = self.fetcher.add_file(file);
+                    let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
+                    ns.set_file_ino(index, ino);
+                    tree.hard_link(&attrs, Some(ino));
+                }
+                libc::S_IFDIR => {
+                    let ino = ns.add_as(wanted, dir, name, NodeKind::Dir(Default::default()), meta, origin);
+                    ns.set_unlisted(ino, true);
+                }
+                libc::S_IFLNK => {
+                    let Some(target) = entry.target else { continue };
+                    ns.add_as(wanted, dir, name, NodeKind::Symlink(target), meta, origin);
+                }
+                libc::S_IFIFO => {
+                    ns.add_as(wanted, dir, name, NodeKind::Fifo, meta, origin);
+                }
+                // Devices and sockets have no place in a data mount (it is nodev).
+                _ => log::debug!("{}: a device or socket on the source: not shown", path.join(name).display()),
+            }
+        }
+        ns.set_unlisted(dir, false);
+        self.fetcher.set_unlisted_dirs(ns.unlisted_count());
     }
 
     pub fn read_only(&self) -> bool {
@@ -233,19 +473,38 @@ impl Filesystem {
         &self.fetcher
     }
 
-    pub fn served(&self, index: usize) -> &ServedFile {
-        &self.files[index]
-    }
-
     /// What the local layer changed, in order, for a compacted journal.
     pub fn local_changes(&self) -> Vec<Local> {
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// The entry `name` of `parent`: a name the images record is answered at
+    /// once; another one in a directory of the tree not listed yet waits
+    /// for its listing.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
+        self.listing_first(|fs| fs.lookup_listed(parent, name))
+    }
+
+    /// [`Filesystem::lookup`] for a caller that must not block (the FUSE
+    /// session's threads): a lookup that needs a listing is answered from a
+    /// thread of its own.
+    pub fn lookup_then(self: &Arc<Self>, parent: Ino, name: &OsStr, reply: AttrReply) {
+        match self.lookup_listed(parent, name) {
+            Err(FsError { unlisted: Some(_), .. }) => {
+                let (fs, name) = (self.clone(), name.to_os_string());
+                std::thread::spawn(move || reply(fs.lookup(parent, &name)));
+            }
+            answer => reply(answer),
+        }
+    }
+
+    fn lookup_listed(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         let ns = self.namespace();
-        let ino = Self::child(&ns, parent, name)?.ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
-        self.attr(&ns, ino)
+        match Self::child(&ns, parent, name)? {
+            Some(ino) => self.attr(&ns, ino),
+            None if ns.is_unlisted(parent) => Err(FsError::unlisted(parent)),
+            None => Err(FsError::new(libc::ENOENT, "no such file")),
+        }
     }
 
     /// The entry `name` of directory `parent`, if any.
@@ -277,8 +536,15 @@ impl Filesystem {
             NodeKind::Fifo => (Kind::Fifo, 0, node.links.len() as u32),
         };
         let meta = &node.meta;
+        let size = if kind == Kind::Dir { meta.dir_size } else { size };
+        // Until its directory is listed, a node of the images shows the
+        // mounting user as its owner: the kernel asks again.
+        let provisional = self.tree.is_some()
+            && !matches!(node.origin, Origin::Local(_))
+            && node.links.first().is_some_and(|&(parent, _)| ns.is_unlisted(parent));
         Ok(Attr {
             ino,
+            provisional,
             kind,
             size,
             perm: (meta.perm & 0o7777) as u16,
@@ -308,8 +574,26 @@ impl Filesystem {
         self.local.get(id).ok_or_else(|| FsError::new(libc::EIO, format!("local file {id} is not open")))
     }
 
-    /// The entries of a directory, `.` and `..` first.
+    /// The entries of a directory, `.` and `..` first (a directory of the
+    /// tree is listed first).
     pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
+        self.ensure_listed(ino)?;
+        self.entries(ino)
+    }
+
+    /// [`Filesystem::readdir`] for a caller that must not block: one that
+    /// needs a listing is answered from a thread of its own.
+    pub fn readdir_then(self: &Arc<Self>, ino: Ino, reply: DirReply) {
+        match self.namespace().is_unlisted(ino) {
+            true => {
+                let fs = self.clone();
+                std::thread::spawn(move || reply(fs.readdir(ino)));
+            }
+            false => reply(self.entries(ino)),
+        }
+    }
+
+    fn entries(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
         let ns = self.namespace();
         let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
         let NodeKind::Dir(children) = &node.kind else {
@@ -354,9 +638,10 @@ impl Filesystem {
             Some(NodeKind::File(index)) => {
                 // Read next, as a rule: a small file is fetched whole at once.
                 self.fetcher.opened(*index);
-                match self.files[*index].written {
+                let file = self.fetcher.file(*index);
+                match file.written {
                     true => None,
-                    false => self.fetcher.file(*index).verified_file()?,
+                    false => file.verified_file()?,
                 }
             }
             Some(NodeKind::Local(_)) if write && privileged => None,
@@ -482,6 +767,20 @@ impl Filesystem {
     fn touch(&self, ino: Ino) {
         touch(&mut self.ns_mut(), ino);
     }
+}
+
+/// Takes what the source (or the manifest) says of a node into its
+/// attributes; its permission bits too with `perm`.
+fn apply_source_attrs(meta: &mut Meta, attrs: &SourceAttrs, perm: bool) {
+    if perm {
+        meta.perm = attrs.mode & 0o7777;
+    }
+    meta.uid = attrs.uid;
+    meta.gid = attrs.gid;
+    meta.atime = from_nanos(attrs.atime_ns);
+    meta.mtime = from_nanos(attrs.mtime_ns);
+    meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    meta.dir_size = attrs.size;
 }
 
 fn touch(ns: &mut Namespace, ino: Ino) {
@@ -710,6 +1009,7 @@ impl Filesystem {
 
     fn new_node(&self, parent: Ino, name: &OsStr, record: Local) -> Result<Attr, FsError> {
         self.writable()?;
+        self.ensure_listed(parent)?;
         let mut ns = self.ns_mut();
         let path = Self::entry_path(&ns, parent, name)?;
         if Self::child(&ns, parent, name)?.is_some() {
@@ -773,6 +1073,7 @@ impl Filesystem {
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         self.writable()?;
+        self.ensure_listed(parent)?;
         let mut ns = self.ns_mut();
         let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
         if node.links.is_empty() {
@@ -790,6 +1091,7 @@ impl Filesystem {
 
     fn remove_entry(&self, parent: Ino, name: &OsStr, op: LocalOp) -> Result<(), FsError> {
         self.writable()?;
+        self.ensure_listed(parent)?;
         let mut ns = self.ns_mut();
         let record = Local { op: op.into(), path: Self::entry_path(&ns, parent, name)?, ..Local::default() };
         self.change(&mut ns, record).map(drop)
@@ -814,6 +1116,8 @@ impl Filesystem {
         flags: u32,
     ) -> Result<(), FsError> {
         self.writable()?;
+        self.ensure_listed(parent)?;
+        self.ensure_listed(to_parent)?;
         let mut ns = self.ns_mut();
         let record = Local {
             op: LocalOp::Rename.into(),
@@ -864,7 +1168,12 @@ impl Filesystem {
 
     /// Applies `record`, then makes it durable in the journal.
     fn change(&self, ns: &mut Namespace, record: Local) -> Result<Option<Ino>, FsError> {
-        let ino = self.apply(ns, &record)?;
+        let seq = self.changes.lock().unwrap_or_else(PoisonError::into_inner).len() as u64;
+        let ino = self.apply(ns, &record, seq)?;
+        // The listings the change was made over are durable before it is.
+        if let Some(tree) = &self.tree {
+            tree.sync()?;
+        }
         let journal = self.fetcher.journal();
         journal.local(record.clone());
         journal.flush()?;
@@ -874,11 +1183,15 @@ impl Filesystem {
 
     /// Makes the change `record` says, resolving its paths: the same live and
     /// when a journal is replayed. A new node's inode is returned.
-    fn apply(&self, ns: &mut Namespace, record: &Local) -> Result<Option<Ino>, FsError> {
+    /// A directory of the tree on the way that is not listed yet (and does
+    /// not have the name) fails with [`FsError::unlisted`], as does the
+    /// directory whose names the change changes: the caller lists it and
+    /// applies the change again. `seq` numbers the change among the local ones.
+    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64) -> Result<Option<Ino>, FsError> {
         let path = Path::new(os(&record.path));
         let op = record.op();
         if matches!(op, LocalOp::Setattr | LocalOp::Setxattr | LocalOp::Removexattr) {
-            let ino = ns.resolve(path).ok_or_else(|| FsError::new(libc::ENOENT, "no such file"))?;
+            let ino = Self::walk(ns, path)?;
             return match op {
                 LocalOp::Setattr => Self::set_meta(ns, ino, record).map(|_| None),
                 _ => Self::set_xattr(ns, ino, record).map(|_| None),
@@ -905,9 +1218,9 @@ impl Filesystem {
                 atime: time,
                 mtime: time,
                 ctime: time,
-                xattrs: Default::default(),
+                ..Meta::default()
             };
-            let ino = ns.add(parent, name, kind, meta);
+            let ino = ns.add(parent, name, kind, meta, Origin::Local(seq));
             touch(ns, parent);
             return Ok(Some(ino));
         }
@@ -941,11 +1254,23 @@ impl Filesystem {
     }
 
     /// The directory and name of `path`.
+    /// The directory and name of `path`; the directory is listed.
     fn split<'a>(ns: &Namespace, path: &'a Path) -> Result<(Ino, &'a OsStr), FsError> {
         let name = path.file_name().ok_or_else(|| FsError::new(libc::EINVAL, "no name"))?;
-        let parent = path.parent().unwrap_or(Path::new(""));
-        let parent = ns.resolve(parent).ok_or_else(|| FsError::new(libc::ENOENT, "no such directory"))?;
+        let parent = Self::walk(ns, path.parent().unwrap_or(Path::new("")))?;
+        if ns.is_unlisted(parent) {
+            return Err(FsError::unlisted(parent));
+        }
         Ok((parent, name))
+    }
+
+    /// The inode at `path` (from the root), as a lookup of each name finds it.
+    fn walk(ns: &Namespace, path: &Path) -> Result<Ino, FsError> {
+        path.iter().try_fold(ROOT_INO, |dir, name| match Self::child(ns, dir, name)? {
+            Some(child) => Ok(child),
+            None if ns.is_unlisted(dir) => Err(FsError::unlisted(dir)),
+            None => Err(FsError::new(libc::ENOENT, "no such file")),
+        })
     }
 
     /// Whether `ino` may be removed by rmdir (`dir`) or unlink.
@@ -1010,6 +1335,7 @@ impl Filesystem {
 
     fn set_meta(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
         let meta = &mut Self::node_mut(ns, ino)?.meta;
+        meta.changed_locally = true;
         if let Some(mode) = record.mode {
             meta.perm = mode & 0o7777;
         }

@@ -16,8 +16,9 @@ use fuser::{
 
 use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
-/// The file set and its sizes come from the checkpoint and change only through
-/// this mount: the kernel may cache names and attributes for long.
+/// The file set and its sizes come from the checkpoint and the source's
+/// listings, and change only through this mount: the kernel may cache names
+/// and attributes for long (but provisional ones: see [`ttl`]).
 const TTL: Duration = Duration::from_secs(3600);
 /// Concurrent background requests (readahead, async reads) the kernel may send.
 const MAX_BACKGROUND: u16 = 64;
@@ -135,15 +136,12 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.fs.lookup_then(parent.0, name, Box::new(move |result| entry(result, reply)));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -174,7 +172,7 @@ impl fuser::Filesystem for FuseAdapter {
             ino.0,
             change,
             Box::new(move |result| match result {
-                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
                 Err(e) => reply.error(errno(&e)),
             }),
         );
@@ -289,17 +287,20 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.fs.readdir(ino.0) {
-            Ok(entries) => {
-                for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
-                        break;
+        self.fs.readdir_then(
+            ino.0,
+            Box::new(move |result| match result {
+                Ok(entries) => {
+                    for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+                        if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+                Err(e) => reply.error(errno(&e)),
+            }),
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -352,7 +353,7 @@ impl fuser::Filesystem for FuseAdapter {
             );
         }
         opens.cached += 1;
-        reply.created(&TTL, &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
+        reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -435,9 +436,15 @@ fn creator(req: &Request) -> Creator {
 
 fn entry(result: Result<Attr, FsError>, reply: ReplyEntry) {
     match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Ok(attr) => reply.entry(&ttl(&attr), &file_attr(&attr), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
+}
+
+/// How long the kernel may keep a node's name and attributes: not at all
+/// while they are provisional (its directory of the tree not listed yet).
+fn ttl(attr: &Attr) -> Duration {
+    if attr.provisional { Duration::ZERO } else { TTL }
 }
 
 fn empty(result: Result<(), FsError>, reply: ReplyEmpty) {

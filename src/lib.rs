@@ -17,4 +17,5 @@ pub mod recording;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod tree;
 pub mod ui;

@@ -392,7 +392,9 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         }
         let waiting =
             selected.iter().filter(|f| !matches!(f.state(), FileState::Verified | FileState::Modified)).count();
-        if waiting == 0 {
+        // Every file: those of directories not listed yet too.
+        let unlisted = if args.paths.is_empty() { status.dirs_unlisted } else { 0 };
+        if waiting == 0 && unlisted == 0 {
             return Ok(exit::SUCCESS);
         }
         if !status.source_error.is_empty() {
@@ -409,7 +411,11 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
                     args.mountpoint.display()
                 )
             };
-            eprintln!("lazyfs: timed out: {waiting} of {} file(s) not verified yet{why}", selected.len());
+            let dirs = match unlisted {
+                0 => String::new(),
+                n => format!(", {n} director(ies) of the tree not listed yet"),
+            };
+            eprintln!("lazyfs: timed out: {waiting} of {} file(s) not verified yet{dirs}{why}", selected.len());
             return Ok(exit::TIMEOUT);
         }
         std::thread::sleep(Duration::from_millis(100));

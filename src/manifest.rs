@@ -18,9 +18,10 @@ use rayon::prelude::*;
 
 use crate::images::Checkpoint;
 use crate::recording::{self, Recording};
+use crate::source::SourceAttrs;
 use crate::source::relative;
 use crate::store::CHUNK_SIZE;
-use crate::store::journal::proto::{Manifest as ManifestProto, ManifestFile};
+use crate::store::journal::proto::{Manifest as ManifestProto, ManifestEntry, ManifestFile};
 
 const MAGIC: &[u8] = b"lazyfs-manifest\n";
 const VERSION: u32 = 1;
@@ -76,6 +77,10 @@ pub fn hash_chunks(
 
 pub struct Manifest {
     files: HashMap<Vec<u8>, FileHashes>,
+    /// What the old host's lstat said of each file and entry (`--subtree`).
+    attrs: HashMap<Vec<u8>, SourceAttrs>,
+    /// With `--subtree`: the directory whose every file it holds.
+    subtree: Option<PathBuf>,
     /// The access order shipped with the images, if any.
     pub recording: Option<Recording>,
 }
@@ -83,6 +88,23 @@ pub struct Manifest {
 impl Manifest {
     pub fn get(&self, path: &Path) -> Option<&FileHashes> {
         self.files.get(path.as_os_str().as_bytes())
+    }
+
+    /// What the old host said of the file, directory or symlink at `path`
+    /// (its inode number, link count, exact times), if the manifest records it.
+    pub fn attrs(&self, path: &Path) -> Option<SourceAttrs> {
+        self.attrs.get(path.as_os_str().as_bytes()).copied()
+    }
+
+    /// The largest inode number it records.
+    pub fn max_ino(&self) -> Option<u64> {
+        self.attrs.values().filter_map(|a| a.dev_ino.map(|(_, ino)| ino)).max()
+    }
+
+    /// Whether the manifest holds every file below `path`'s directory as it
+    /// was: a file there it does not hold appeared after it.
+    pub fn covers(&self, path: &Path) -> bool {
+        self.subtree.as_ref().is_some_and(|dir| path.starts_with(dir) && path != dir)
     }
 
     pub fn len(&self) -> usize {
@@ -105,7 +127,16 @@ impl Manifest {
             )));
         }
         let mut files = HashMap::new();
+        let mut attrs = HashMap::new();
+        for entry in &proto.entries {
+            if let Some(a) = &entry.attrs {
+                attrs.insert(entry.path.clone(), crate::tree::from_attrs(a));
+            }
+        }
         for file in proto.files {
+            if let Some(a) = &file.attrs {
+                attrs.insert(file.path.clone(), crate::tree::from_attrs(a));
+            }
             let whole: [u8; 32] =
                 file.blake3.as_slice().try_into().map_err(|_| bad("a hash that is not 32 bytes".into()))?;
             let expected_chunks = file.size.div_ceil(CHUNK_SIZE) as usize;
@@ -118,7 +149,8 @@ impl Manifest {
         if let Some(recording) = &proto.recording {
             recording::check(recording).map_err(|reason| bad(format!("its recording: {reason}")))?;
         }
-        Ok(Manifest { files, recording: proto.recording })
+        let subtree = (!proto.subtree.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&proto.subtree)));
+        Ok(Manifest { files, attrs, subtree, recording: proto.recording })
     }
 }
 
@@ -146,36 +178,62 @@ pub fn create(
         Ok(_) => return Err(ManifestError::Root { path: root.into(), reason: "not a directory".into() }),
         Err(e) => return Err(ManifestError::Root { path: root.into(), reason: e.to_string() }),
     }
-    let files: Vec<_> = checkpoint
+    let recorded: HashMap<&Path, Option<u64>> = checkpoint
         .servable()
         .filter(|f| subtree.is_none_or(|dir| f.path.strip_prefix(dir).is_ok_and(|p| !p.as_os_str().is_empty())))
+        .map(|f| (f.source_path.as_path(), f.size))
         .collect();
-    if let (Some(dir), true) = (subtree, files.is_empty()) {
+    // With --subtree, every file below it (the mount serves them all);
+    // otherwise the recorded files.
+    let mut entries = Vec::new();
+    let files: Vec<(PathBuf, Option<u64>)> = match subtree {
+        Some(dir) => {
+            if !root.join(relative(dir)).is_dir() {
+                return Err(ManifestError::EmptySubtree(dir.into()));
+            }
+            let mut files = Vec::new();
+            walk(root, dir, &mut files, &mut entries)?;
+            files.into_iter().map(|path| (path.clone(), recorded.get(path.as_path()).copied().flatten())).collect()
+        }
+        None => recorded.iter().map(|(path, size)| (path.to_path_buf(), *size)).collect(),
+    };
+    if let (Some(dir), true) = (subtree, files.is_empty() && recorded.is_empty() && entries.is_empty()) {
         return Err(ManifestError::EmptySubtree(dir.into()));
     }
-    let results: Vec<(PathBuf, Result<FileHashes, String>)> = files
+    type Hashed = Result<(FileHashes, SourceAttrs), String>;
+    let results: Vec<(PathBuf, Hashed)> = files
         .par_iter()
-        .map(|file| {
-            let on_disk = root.join(relative(&file.source_path));
+        .map(|(path, recorded_size)| {
+            let on_disk = root.join(relative(path));
             let result = (|| {
                 let handle = File::open(&on_disk).map_err(|e| format!("{}: {e}", on_disk.display()))?;
-                let size = handle.metadata().map_err(|e| e.to_string())?.len();
-                if let Some(recorded) = file.size.filter(|&r| r != size) {
+                let meta = handle.metadata().map_err(|e| e.to_string())?;
+                let size = meta.len();
+                if let Some(recorded) = recorded_size.filter(|&r| r != size) {
                     return Err(format!(
                         "{size} bytes, but the images record {recorded}: changed since the checkpoint"
                     ));
                 }
-                hash_chunks(size, |offset, buf| handle.read_exact_at(buf, offset)).map_err(|e| e.to_string())
+                let hashes =
+                    hash_chunks(size, |offset, buf| handle.read_exact_at(buf, offset)).map_err(|e| e.to_string())?;
+                Ok((hashes, attrs_of(&meta)))
             })();
-            (file.path.clone(), result)
+            (path.clone(), result)
         })
         .collect();
 
     let mut summary = Summary { hashed: 0, bytes: 0, skipped: Vec::new() };
-    let mut proto = ManifestProto { version: VERSION, chunk_size: CHUNK_SIZE, files: Vec::new(), recording };
+    let mut proto = ManifestProto {
+        version: VERSION,
+        chunk_size: CHUNK_SIZE,
+        files: Vec::new(),
+        recording,
+        subtree: subtree.map(|s| s.as_os_str().as_bytes().to_vec()).unwrap_or_default(),
+        entries,
+    };
     for (path, result) in results {
         match result {
-            Ok(hashes) => {
+            Ok((hashes, attrs)) => {
                 summary.hashed += 1;
                 summary.bytes += hashes.size;
                 proto.files.push(ManifestFile {
@@ -183,6 +241,7 @@ pub fn create(
                     size: hashes.size,
                     blake3: hashes.whole.to_vec(),
                     chunk_blake3: hashes.chunks.concat(),
+                    attrs: subtree.map(|_| crate::tree::to_attrs(&attrs)),
                 });
             }
             Err(reason) => summary.skipped.push((path, reason)),
@@ -199,6 +258,70 @@ pub fn create(
     std::fs::write(&tmp, &bytes).map_err(io)?;
     std::fs::rename(&tmp, output).map_err(io)?;
     Ok(summary)
+}
+
+/// What `lstat` says, as a source tells it.
+fn attrs_of(meta: &std::fs::Metadata) -> SourceAttrs {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    SourceAttrs {
+        mode: meta.mode(),
+        size: meta.size(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        atime_ns: ns(meta.atime(), meta.atime_nsec()),
+        mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: Some(ns(meta.ctime(), meta.ctime_nsec())),
+        dev_ino: Some((meta.dev(), meta.ino())),
+        nlink: u32::try_from(meta.nlink()).ok(),
+    }
+}
+
+/// Every regular file below `dir` (read below `root`) into `files`, and
+/// every other entry (directories, `dir` itself included, symlinks, FIFOs)
+/// with its attributes into `entries`. Symlinks are not followed.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    entries: &mut Vec<ManifestEntry>,
+) -> Result<(), ManifestError> {
+    let on_disk = root.join(relative(dir));
+    let io = |source| ManifestError::Io { path: on_disk.clone(), source };
+    let meta = std::fs::symlink_metadata(&on_disk).map_err(io)?;
+    entries.push(ManifestEntry {
+        path: dir.as_os_str().as_bytes().to_vec(),
+        attrs: Some(crate::tree::to_attrs(&attrs_of(&meta))),
+        target: Vec::new(),
+    });
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&on_disk)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let at = on_disk.join(&name);
+        let meta = std::fs::symlink_metadata(&at).map_err(|source| ManifestError::Io { path: at.clone(), source })?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            walk(root, &path, files, entries)?;
+        } else if kind.is_file() {
+            files.push(path);
+        } else {
+            let target = match kind.is_symlink() {
+                true => std::fs::read_link(&at).map_err(|source| ManifestError::Io { path: at.clone(), source })?,
+                false => PathBuf::new(),
+            };
+            entries.push(ManifestEntry {
+                path: path.as_os_str().as_bytes().to_vec(),
+                attrs: Some(crate::tree::to_attrs(&attrs_of(&meta))),
+                target: target.as_os_str().as_bytes().to_vec(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

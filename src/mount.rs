@@ -1,10 +1,11 @@
 //! `lazyfs mount`: from the command line's request to a live FUSE mount, and
 //! its life until it is unmounted.
 
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
@@ -22,6 +23,7 @@ use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
 use crate::store::journal::{self, Journal, Owner};
 use crate::store::{Store, StoreError};
+use crate::tree::{Tree, TreeFiles};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
@@ -89,6 +91,16 @@ pub struct MountRequest {
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
     pub manifest: Option<PathBuf>,
+    /// `--recorded-only`: with `--subtree`, only the files the images record.
+    pub recorded_only: bool,
+}
+
+impl MountRequest {
+    /// With `--subtree DIR` (tree layout, not `--recorded-only`): DIR, whose
+    /// whole tree on the source the mount serves.
+    pub fn tree_root(&self) -> Option<&Path> {
+        self.subtree.as_deref().filter(|_| !self.recorded_only && self.layout == Layout::Tree)
+    }
 }
 
 impl MountRequest {
@@ -137,6 +149,7 @@ impl MountRequest {
                 .manifest
                 .clone()
                 .or_else(|| Some(args.imgdir.join(manifest::DEFAULT_NAME)).filter(|p| p.exists())),
+            recorded_only: args.recorded_only,
         })
     }
 }
@@ -168,7 +181,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Res
 pub struct Prepared {
     pub request: MountRequest,
     pub fs: Arc<Filesystem>,
-    pub store: Store,
+    pub store: Arc<Store>,
     pub source_name: String,
     /// Whose files the cache dir holds.
     owner: Owner,
@@ -208,20 +221,29 @@ pub fn prepare_with(
         .filter(|f| f.path.strip_prefix(subtree).is_ok_and(|p| !p.as_os_str().is_empty()))
         .collect();
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
-    let ns = Namespace::build(&paths, request.layout, Some(subtree))?;
-    if served.is_empty() {
-        return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into());
+    let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?.map(Arc::new);
+    let tree_root = request.tree_root();
+    let mut ns = match tree_root {
+        Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths))?,
+        None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
+        None => Namespace::build(&paths, request.layout, Some(subtree))?,
+    };
+    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
+        ns.reserve_inos(max);
+    }
+    if request.layout == Layout::Tree {
+        ns.add_recorded_dirs(&recorded_dirs(&checkpoint), subtree);
     }
     // What is local is checked before the source is asked anything.
     check_mountpoint(&request.mountpoint)?;
     registry::check()?;
     let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
-    let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?;
+    let allow_other = request.allow_other || needs_allow_other(&checkpoint);
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
         _ => None,
     };
-    let store = Store::open(&request.cache_dir)?;
+    let store = Arc::new(Store::open(&request.cache_dir)?);
     // What a mount that was killed recorded is this cache dir's recording now.
     recording::recover(store.dir())?;
     let (loaded, warning) = journal::load(store.dir())?;
@@ -231,7 +253,8 @@ pub fn prepare_with(
     let owner = cache_owner(&request)?;
     let mut records = loaded.records;
     let mut local_changes = loaded.local;
-    if loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty()) {
+    let afresh = loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty());
+    if afresh {
         let held = match loaded.owner.name.as_str() {
             "" => "files of an unknown checkpoint".to_string(),
             name => format!("the files of {name}"),
@@ -248,7 +271,7 @@ pub fn prepare_with(
     let recording = match given_recording {
         Some(given) => Some(given),
         None if recorded_order || request.replay => {
-            let (found, warning) = find_recording(&store, manifest.as_ref(), recorded_order);
+            let (found, warning) = find_recording(&store, manifest.as_deref(), recorded_order);
             warnings.extend(warning);
             found
         }
@@ -279,11 +302,13 @@ pub fn prepare_with(
                 size: file.size.unwrap_or(record.size),
                 expected: None,
                 image_order: file.image_order as u64,
+                listed: None,
+                written: is_written(file),
             };
             files.push(Arc::new(open_file(&store, spec, Some(record))?));
             continue;
         }
-        let expected = manifest.as_ref().and_then(|m| m.get(&file.path)).cloned();
+        let expected = manifest.as_deref().and_then(|m| m.get(&file.path)).cloned();
         // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
         let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
             Some(size) => size,
@@ -311,6 +336,8 @@ pub fn prepare_with(
             size,
             expected,
             image_order: file.image_order as u64,
+            listed: None,
+            written: is_written(file),
         };
         let fetch_file = match open_file(&store, spec, record) {
             Err(e @ StoreError::TooLarge { .. }) => failed_file(&store, file, e.to_string())?,
@@ -320,6 +347,28 @@ pub fn prepare_with(
     }
     let kept = local_changes.iter().cloned().map(journal::local_record).collect();
     let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
+    let tree = match tree_root {
+        Some(root) => {
+            let files =
+                TreeFiles { store: store.clone(), records: Mutex::new(records.clone()), manifest: manifest.clone() };
+            let mut tree = Tree::open(store.dir(), &owner, afresh, root, files)?;
+            // The root's own attributes: the manifest's (exact), the log's, else the source's.
+            match manifest.as_deref().and_then(|m| m.attrs(root)) {
+                Some(attrs) => tree.set_root(attrs)?,
+                None if tree.root.is_some() => {}
+                // The first mount of this tree: the root's attributes are shown before any read.
+                None => {
+                    let connection = match &mut connection {
+                        Some(connection) => connection,
+                        None => connection.insert(source.connect()?),
+                    };
+                    tree.set_root(connection.attrs(root)?)?
+                }
+            }
+            Some(tree)
+        }
+        None => None,
+    };
 
     let source_name = source.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
@@ -345,17 +394,53 @@ pub fn prepare_with(
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
     };
-    let specs = served
-        .iter()
-        .map(|f| ServedSpec {
-            path: f.path.clone(),
-            mode: f.mode.unwrap_or(0o100644),
-            written: f.flags & libc::O_ACCMODE as u32 != 0,
-        })
-        .collect();
+    let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
     let local = crate::store::local::LocalFiles::open(store.dir())?;
-    let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config)?;
+    let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config, tree)?;
+    let mut request = request;
+    request.allow_other = allow_other;
     Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
+}
+
+/// The inode numbers a manifest made on the old host gives the recorded
+/// files below `root` (those on `root`'s own filesystem: two filesystems'
+/// numbers may collide).
+fn manifest_inos<'a>(manifest: Option<&Manifest>, root: &Path, paths: &[&'a Path]) -> HashMap<&'a Path, u64> {
+    let Some(manifest) = manifest else { return HashMap::new() };
+    let Some((root_dev, _)) = manifest.attrs(root).and_then(|a| a.dev_ino) else { return HashMap::new() };
+    paths
+        .iter()
+        .filter_map(|&path| {
+            let (dev, ino) = manifest.attrs(path)?.dev_ino?;
+            (dev == root_dev).then_some((path, ino))
+        })
+        .collect()
+}
+
+/// The directories the images record (working directories, roots,
+/// directories opened `O_DIRECTORY` or `O_PATH`), with their modes.
+fn recorded_dirs(checkpoint: &Checkpoint) -> Vec<(&Path, u32)> {
+    checkpoint
+        .files
+        .iter()
+        .filter_map(|f| match (f.mode, &f.unservable) {
+            (Some(mode), Some(crate::images::Unservable::NotRegular(_))) if mode & libc::S_IFMT == libc::S_IFDIR => {
+                Some((f.path.as_path(), mode))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether the images record a process that accesses files as another user
+/// than the one mounting: without `allow_other` the kernel lets only the
+/// mounting user into a FUSE mount, so a restored process running as
+/// `postgres` could not open its own files. With it, the kernel still checks
+/// every access against the files' modes and owners (`default_permissions`),
+/// as on the old host: other local users can do what those modes let them.
+fn needs_allow_other(checkpoint: &Checkpoint) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    checkpoint.fsuids.iter().any(|&uid| uid != me)
 }
 
 /// Claims `mountpoint` for this process before anything else is done: of
@@ -559,12 +644,10 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         .map_err(mount_err)?;
     // The kernel keeps pages across opens: a file fetched again must drop them.
     let notifier = session.notifier();
-    let inos: Vec<Option<u64>> = {
-        let ns = prepared.fs.namespace();
-        (0..prepared.fs.fetcher().files().len()).map(|i| ns.file_ino(i)).collect()
-    };
+    let fs = Arc::downgrade(&prepared.fs);
     prepared.fs.fetcher().on_started_over(Box::new(move |index| {
-        if let Some(ino) = inos.get(index).copied().flatten()
+        let ino = fs.upgrade().and_then(|fs| fs.namespace().file_ino(index));
+        if let Some(ino) = ino
             && let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
         {
             log::debug!("invalidating inode {ino}: {e}");
@@ -610,6 +693,7 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             status
         })
     };
+    prepared.fs.walk_tree();
     let prefetch: control::PrefetchHook = {
         let (fs, jobs) = (prepared.fs.clone(), request.jobs);
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
@@ -830,6 +914,14 @@ fn failed_file(store: &Store, file: &RecordedFile, message: String) -> Result<Fe
         size: 0,
         expected: None,
         image_order: file.image_order as u64,
+        listed: None,
+        written: is_written(file),
     };
     Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(message.into())))
+}
+
+/// Whether a process of the checkpoint had `file` open for writing (or
+/// mapped it shared and writable): `criu restore` will open it for writing too.
+fn is_written(file: &RecordedFile) -> bool {
+    file.flags & libc::O_ACCMODE as u32 != 0
 }

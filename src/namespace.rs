@@ -3,7 +3,7 @@
 //! inode number for every file and synthesised directory; then whatever the
 //! local layer changed (files, directories, links made, renamed, removed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,24 @@ pub struct Node {
     pub links: Vec<(Ino, OsString)>,
     pub kind: NodeKind,
     pub meta: Meta,
+    pub origin: Origin,
+}
+
+/// Where a node comes from: what a remount, or a process taking over the
+/// mount, finds it again by (the namespace is rebuilt the same way from the
+/// images, the persisted listings and the journal).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// A file of the images or of the tree: the fetcher's file its
+    /// [`NodeKind::File`] names (whose path says where).
+    File,
+    /// The root, or a directory, symlink or FIFO of the images or the source:
+    /// its path below the mount's root where it first appeared (empty for
+    /// the root).
+    Source(Box<Path>),
+    /// Made through the mount by the local change with this number (counted
+    /// from 0 in the order the journal keeps them).
+    Local(u64),
 }
 
 #[derive(Debug)]
@@ -51,12 +69,27 @@ pub struct Meta {
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
+    /// A directory's size as the source reports it.
+    pub dir_size: u64,
+    /// Changed through the mount (chmod, chown, utimens): a listing of its
+    /// directory leaves these attributes as they are.
+    pub changed_locally: bool,
 }
 
 impl Default for Meta {
     fn default() -> Self {
         let t = SystemTime::UNIX_EPOCH;
-        Meta { perm: 0o755, uid: 0, gid: 0, atime: t, mtime: t, ctime: t, xattrs: BTreeMap::new() }
+        Meta {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            xattrs: BTreeMap::new(),
+            dir_size: 0,
+            changed_locally: false,
+        }
     }
 }
 
@@ -66,6 +99,14 @@ pub struct Namespace {
     next_ino: Ino,
     /// Inode of each file, by index; `None` for files outside the subtree.
     file_inos: Vec<Option<Ino>>,
+    /// Directories of the source whose entries are not listed yet (with
+    /// `--subtree`, every directory at first): the images' names in them
+    /// are served at once, any other name waits for the listing.
+    unlisted: HashSet<Ino>,
+    /// Directories whose mode the images record (a process's working
+    /// directory or root, one opened `O_DIRECTORY` or `O_PATH`): CRIU checks
+    /// it, so a listing keeps it.
+    pinned: HashSet<Ino>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,15 +124,51 @@ pub enum NamespaceError {
 impl Namespace {
     /// `paths` are the original absolute paths of the files to serve, each once.
     pub fn build(paths: &[&Path], layout: Layout, subtree: Option<&Path>) -> Result<Namespace, NamespaceError> {
+        let ns = Self::build_files(paths, layout, subtree, &HashMap::new())?;
+        if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
+            return Err(NamespaceError::EmptySubtree(subtree.unwrap_or(Path::new("/")).to_path_buf()));
+        }
+        Ok(ns)
+    }
+
+    /// The names of `--subtree` (tree layout): the recorded files below it,
+    /// in directories not listed yet, the root and every directory made for
+    /// them included. `inos` are inode numbers to give files (those a
+    /// manifest made on the old host records); a subtree with no recorded
+    /// file is a valid mount.
+    pub fn build_tree(
+        paths: &[&Path],
+        subtree: &Path,
+        inos: &HashMap<&Path, Ino>,
+    ) -> Result<Namespace, NamespaceError> {
+        let mut ns = Self::build_files(paths, Layout::Tree, Some(subtree), inos)?;
+        ns.unlisted = ns.nodes.iter().filter(|(_, n)| matches!(n.kind, NodeKind::Dir(_))).map(|(&i, _)| i).collect();
+        Ok(ns)
+    }
+
+    fn build_files(
+        paths: &[&Path],
+        layout: Layout,
+        subtree: Option<&Path>,
+        inos: &HashMap<&Path, Ino>,
+    ) -> Result<Namespace, NamespaceError> {
         let subtree = subtree.unwrap_or(Path::new("/"));
         if !subtree.is_absolute() {
             return Err(NamespaceError::SubtreeNotAbsolute(subtree.to_path_buf()));
         }
-        let root = Node { links: Vec::new(), kind: NodeKind::Dir(BTreeMap::new()), meta: Meta::default() };
+        let root = Node {
+            links: Vec::new(),
+            kind: NodeKind::Dir(BTreeMap::new()),
+            meta: Meta::default(),
+            origin: Origin::Source(Path::new("").into()),
+        };
         let mut ns = Namespace {
             nodes: HashMap::from([(ROOT_INO, root)]),
-            next_ino: ROOT_INO + 1,
+            // Inode numbers the manifest gives stay free for their files.
+            next_ino: inos.values().max().map_or(ROOT_INO, |&max| max.max(ROOT_INO)) + 1,
             file_inos: vec![None; paths.len()],
+            unlisted: HashSet::new(),
+            pinned: HashSet::new(),
         };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
@@ -115,18 +192,49 @@ impl Namespace {
                 });
             }
             owners.insert(mount_path, path.to_path_buf());
-            ns.file_inos[index] = Some(ns.insert(&components, index, path, &owners)?);
-        }
-        if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
-            return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()));
+            let ino = inos.get(path).copied();
+            ns.file_inos[index] = Some(ns.insert(&components, index, ino, path, &owners)?);
         }
         Ok(ns)
+    }
+
+    /// Makes the directories the images record below `subtree` (those
+    /// missing), each with the mode recorded: CRIU checks it at restore.
+    pub fn add_recorded_dirs(&mut self, dirs: &[(&Path, u32)], subtree: &Path) {
+        for &(path, perm) in dirs {
+            let Ok(below) = path.strip_prefix(subtree) else { continue };
+            let mut dir = ROOT_INO;
+            let mut walked = PathBuf::new();
+            for name in below.iter() {
+                walked.push(name);
+                dir = match self.lookup(dir, name) {
+                    Some(child) if matches!(self.nodes[&child].kind, NodeKind::Dir(_)) => child,
+                    // A recorded file has that name: the images contradict themselves; the file stays.
+                    Some(_) => break,
+                    None => {
+                        let origin = Origin::Source(walked.clone().into_boxed_path());
+                        let child = self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin);
+                        if self.unlisted.contains(&dir) {
+                            self.unlisted.insert(child);
+                        }
+                        child
+                    }
+                };
+            }
+            if walked == below
+                && let Some(node) = self.nodes.get_mut(&dir)
+            {
+                node.meta.perm = perm & 0o7777;
+                self.pinned.insert(dir);
+            }
+        }
     }
 
     fn insert(
         &mut self,
         components: &[OsString],
         index: usize,
+        ino: Option<Ino>,
         path: &Path,
         owners: &BTreeMap<PathBuf, PathBuf>,
     ) -> Result<Ino, NamespaceError> {
@@ -137,7 +245,10 @@ impl Namespace {
             walked.push(name);
             let child = match self.lookup(dir, name) {
                 Some(child) => child,
-                None => self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default()),
+                None => {
+                    let origin = Origin::Source(walked.clone().into_boxed_path());
+                    self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin)
+                }
             };
             if matches!(self.nodes[&child].kind, NodeKind::File(_)) {
                 let file = owners.get(&walked).cloned().unwrap_or_else(|| walked.clone());
@@ -146,7 +257,7 @@ impl Namespace {
             dir = child;
         }
         match self.lookup(dir, file_name) {
-            None => Ok(self.add(dir, file_name, NodeKind::File(index), Meta::default())),
+            None => Ok(self.add_as(ino, dir, file_name, NodeKind::File(index), Meta::default(), Origin::File)),
             Some(_) => {
                 // A directory synthesised for deeper files already has this name.
                 let dir = walked.join(file_name);
@@ -188,12 +299,80 @@ impl Namespace {
     }
 
     /// A new node named `name` in directory `parent` (which must not hold the name yet).
-    pub fn add(&mut self, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta) -> Ino {
-        let ino = self.next_ino;
-        self.next_ino += 1;
-        self.nodes.insert(ino, Node { links: Vec::new(), kind, meta });
+    pub fn add(&mut self, parent: Ino, name: &OsStr, kind: NodeKind, meta: Meta, origin: Origin) -> Ino {
+        self.add_as(None, parent, name, kind, meta, origin)
+    }
+
+    /// [`Namespace::add`], with inode number `wanted` if it is free (the
+    /// number the old host gave it, from a manifest).
+    pub fn add_as(
+        &mut self,
+        wanted: Option<Ino>,
+        parent: Ino,
+        name: &OsStr,
+        kind: NodeKind,
+        meta: Meta,
+        origin: Origin,
+    ) -> Ino {
+        let ino = match wanted.filter(|&i| i > ROOT_INO && !self.nodes.contains_key(&i)) {
+            Some(ino) => ino,
+            None => {
+                self.next_ino += 1;
+                self.next_ino - 1
+            }
+        };
+        self.nodes.insert(ino, Node { links: Vec::new(), kind, meta, origin });
         self.link(ino, parent, name);
         ino
+    }
+
+    /// Inode numbers up to `max` are left to the nodes a manifest numbers.
+    pub fn reserve_inos(&mut self, max: Ino) {
+        self.next_ino = self.next_ino.max(max.saturating_add(1));
+    }
+
+    /// File `index` (of the fetcher's) is node `ino`.
+    pub fn set_file_ino(&mut self, index: usize, ino: Ino) {
+        if self.file_inos.len() <= index {
+            self.file_inos.resize(index + 1, None);
+        }
+        self.file_inos[index] = Some(ino);
+    }
+
+    /// Whether directory `ino` is still to be listed.
+    pub fn is_unlisted(&self, ino: Ino) -> bool {
+        self.unlisted.contains(&ino)
+    }
+
+    /// Directory `ino` is a directory of the source not listed yet (or no longer to be listed).
+    pub fn set_unlisted(&mut self, ino: Ino, unlisted: bool) {
+        if unlisted {
+            self.unlisted.insert(ino);
+        } else {
+            self.unlisted.remove(&ino);
+        }
+    }
+
+    /// Directories still to be listed.
+    pub fn unlisted(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.unlisted.iter().copied()
+    }
+
+    pub fn unlisted_count(&self) -> usize {
+        self.unlisted.len()
+    }
+
+    /// Whether the images record directory `ino`'s mode.
+    pub fn is_pinned(&self, ino: Ino) -> bool {
+        self.pinned.contains(&ino)
+    }
+
+    /// Where the source has directory (or symlink, FIFO) `ino`, below the mount's root.
+    pub fn source_path(&self, ino: Ino) -> Option<&Path> {
+        match &self.node(ino)?.origin {
+            Origin::Source(path) => Some(path),
+            _ => None,
+        }
     }
 
     /// Names `ino` `name` in directory `parent` too (which must not hold the name yet).

@@ -263,6 +263,10 @@ impl Recorder {
     pub fn note(&self, file: usize, chunks: Range<u64>, chunk_count: u64, at_us: u64) {
         let mut state = self.state.lock().expect("recorder");
         let RecorderState { touched, runs, growing } = &mut *state;
+        if touched.len() <= file {
+            // A file of the tree found after the mount began.
+            touched.resize(file + 1, Vec::new());
+        }
         let bits = &mut touched[file];
         if bits.is_empty() {
             bits.resize(chunk_count.div_ceil(64) as usize, 0);

@@ -102,7 +102,6 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             // Removed through the mount: no longer one of its files.
             continue;
         }
-        let served = fs.served(index);
         let progress = file.progress();
         let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
         let (blake3, against) = match &phase {
@@ -136,7 +135,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             continue;
         }
         status.files.push(FileStatus {
-            path: served.path.as_os_str().as_bytes().to_vec(),
+            path: file.path.as_os_str().as_bytes().to_vec(),
             mount_path: mount_path.as_os_str().as_bytes().to_vec(),
             size,
             bytes_present: present,
@@ -164,6 +163,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
             .collect();
     }
     status.source_needed = fs.fetcher().source_needed();
+    status.dirs_unlisted = fs.unlisted_dirs() as u64;
     let (local_files, local_bytes) = fs.local_usage();
     status.local_files += local_files;
     status.local_bytes += local_bytes;
@@ -171,7 +171,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     status.source_error = fs.fetcher().source_error().map(|e| e.to_string()).unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
         MountState::Degraded
-    } else if settled == status.files_total {
+    } else if settled == status.files_total && status.dirs_unlisted == 0 {
         MountState::Complete
     } else {
         MountState::Fetching
@@ -243,6 +243,7 @@ pub fn to_json(status: &Status) -> Value {
         "local_bytes": status.local_bytes,
         "source_needed": status.source_needed,
         "source_error": non_empty(&status.source_error),
+        "dirs_unlisted": status.dirs_unlisted,
         "rate_bytes_per_s": status.rate_bytes_per_s,
         "eta_s": status.eta_s,
         "elapsed_s": status.elapsed_s,

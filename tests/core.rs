@@ -6,13 +6,14 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::harness::{Core, Fault, Gate, replace_atomically};
 use common::mount::content;
+use lazyfs::namespace::ROOT_INO;
 
 const CHUNK: u64 = 16 << 10;
 
@@ -324,4 +325,36 @@ fn a_prefetch_that_found_the_cache_full_finishes_once_there_is_room() {
     assert_eq!(core.degraded(), None);
     assert!(core.read("/big", 0, 1 << 20).unwrap() == bytes);
     core.unmount();
+}
+
+/// With `--subtree`, the names the images record answer at once; any other
+/// name waits for its directory's listing, made once (a remount takes it from
+/// the cache dir's `tree`, not the source).
+#[test]
+fn a_subtree_lists_a_directory_once_when_a_name_the_images_lack_is_needed() {
+    let mut core = Core::new(&[("/srv/app/rec", b"recorded".to_vec(), true)]);
+    std::fs::create_dir_all(core.source.join("srv/app/a/deeper")).unwrap();
+    std::fs::write(core.source.join("srv/app/a/b.txt"), b"listed").unwrap();
+    std::os::unix::fs::symlink("a/b.txt", core.source.join("srv/app/link")).unwrap();
+    core.subtree = Some(PathBuf::from("/srv/app"));
+    core.mount(0).unwrap();
+    let listed = || core.plan.listed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(core.read("/rec", 0, 100).unwrap(), b"recorded");
+    assert_eq!(listed(), 0, "a recorded name needs no listing");
+    assert_eq!(core.read("/a/b.txt", 0, 100).unwrap(), b"listed");
+    assert_eq!(listed(), 2, "the root, then a/");
+    let names: Vec<_> = core.fs().readdir(ROOT_INO).unwrap().into_iter().map(|(_, _, n)| n).collect();
+    assert_eq!(names, [".", "..", "a", "link", "rec"]);
+    assert_eq!(core.fs().readlink(core.ino("/link")).unwrap(), b"a/b.txt");
+    assert_eq!(listed(), 2, "listed once each");
+    assert!(core.fs().fetcher().source_needed(), "a/deeper is not listed yet");
+    core.unmount();
+    std::fs::remove_file(core.source.join("srv/app/a/b.txt")).unwrap();
+    core.mount(0).unwrap();
+    assert_eq!(core.read("/a/b.txt", 0, 100).unwrap(), b"listed", "kept in the cache: no source needed");
+    assert_eq!(
+        core.plan.listed.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the remount lists nothing it listed before"
+    );
 }

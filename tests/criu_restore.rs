@@ -14,14 +14,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::criu::{PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, log_tail, start_pids_high};
+use common::apps::{snapshot, wait_for_file};
+use common::criu::{PATIENCE, PYTHON, Reaper, Tree, build_criu, criu_dir, dump, restore, start_pids_high};
 use common::listing::{expected_rows, loaded_rows};
 use common::mount::{Mount, TestEnv, is_mounted};
 use common::sshd::Sshd;
@@ -33,17 +33,9 @@ fn state_of(pid: i64) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + PATIENCE;
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn report(run: &Path, n: u32) -> Value {
     let path = run.join(format!("report-{n}.json"));
-    wait_for(&path);
+    wait_for_file(&path);
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
@@ -56,23 +48,6 @@ fn ask(run: &Path, word: &str, n: u32) -> Value {
         .unwrap_or_else(|e| panic!("nobody reads the workload's FIFO ({e}): the restored tree is not running"));
     fifo.write_all(format!("{word} {n}\n").as_bytes()).unwrap();
     report(run, n)
-}
-
-/// Every file below `dir`, by path relative to it, with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
 }
 
 /// `lazyfs ls --json` of the fresh dump: who uses what, by task state.
@@ -142,18 +117,10 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     let original = Reaper::start(&[PYTHON.as_ref(), workload.as_os_str(), data.as_os_str(), run.as_os_str()]);
     let mut tree = Tree { pids: vec![original.expect("pid")], script: "workload.py" };
     let before = report(&run, 0);
-    wait_for(&run.join("ready"));
+    wait_for_file(&run.join("ready"));
     let pids = before["pids"].clone();
     tree.pids = ["root", "zombie", "stopped", "writer"].iter().map(|k| pids[k].as_i64().unwrap() as i32).collect();
-    let started = Instant::now();
-    let dump = Command::new(&criu)
-        .args(["dump", "-t", &pids["root"].to_string(), "-D"])
-        .arg(&img)
-        .args(["-o", "dump.log", "-v4"])
-        .output()
-        .unwrap();
-    assert!(dump.status.success(), "criu dump failed:\n{}", log_tail(&img.join("dump.log")));
-    eprintln!("criu dump: {:.2} s", started.elapsed().as_secs_f64());
+    dump(&criu, pids["root"].as_i64().unwrap() as i32, &img, None, &[]);
     assert_eq!(original.expect("exit"), 128 + libc::SIGKILL, "criu dump ends the tree");
     drop(original);
     if let Some(keep) = std::env::var_os("LAZYFS_KEEP_DUMP") {
@@ -210,22 +177,8 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     assert!(out.status.success(), "lazyfs mount: {}", String::from_utf8_lossy(&out.stderr));
 
     // Stock `criu restore`, detached, under a reaper of its own.
-    let started = Instant::now();
-    let mut restore = Reaper::start(&[
-        criu.as_os_str(),
-        "restore".as_ref(),
-        "-D".as_ref(),
-        img.as_os_str(),
-        "-d".as_ref(),
-        "-o".as_ref(),
-        "restore.log".as_ref(),
-        "-v4".as_ref(),
-    ]);
-    let _criu_pid = restore.expect("pid");
+    let mut restore = restore(&criu, &img, "restore.log", &[]);
     let restored = Tree { pids: tree.pids.clone(), script: "workload.py" };
-    let code = restore.expect("exit");
-    assert_eq!(code, 0, "criu restore failed:\n{}", log_tail(&img.join("restore.log")));
-    eprintln!("criu restore over lazyfs: {:.2} s", started.elapsed().as_secs_f64());
 
     // The restored tree runs and reads the same bytes through its
     // descriptors and mappings as before the dump.

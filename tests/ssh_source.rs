@@ -185,8 +185,11 @@ fn read_batch(conn: &mut dyn source::Connection, root: &Path) {
     wanted[4].1 -= 1;
     wanted.push(("/d/missing".into(), 5));
     let mut bufs: Vec<Vec<u8>> = wanted.iter().map(|(_, l)| vec![0; *l]).collect();
-    let mut reads: Vec<WholeRead<'_>> =
-        wanted.iter().zip(bufs.iter_mut()).map(|((path, _), buf)| WholeRead { path, buf, result: Ok(()) }).collect();
+    let mut reads: Vec<WholeRead<'_>> = wanted
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|((path, _), buf)| WholeRead { path, buf, listed: None, result: Ok(()) })
+        .collect();
     conn.read_files(&mut reads).unwrap();
     let results: Vec<Result<(), SourceError>> = reads.into_iter().map(|r| r.result).collect();
     for (i, ((path, len), result)) in wanted.iter().zip(&results).enumerate() {

@@ -16,13 +16,18 @@
 //!   d. the daemon's peak RSS and CPU seconds per GiB during (b);
 //!   e. a checkpoint of 100,000 files (1 KiB each) under `ulimit -n 1024`:
 //!      time until `lazyfs mount` returns, until all verified with
-//!      `--prefetch`, and the daemon's peak RSS.
+//!      `--prefetch`, and the daemon's peak RSS;
+//!   f. `--subtree` over a directory of 100,000 files against one of 100:
+//!      time until `lazyfs mount` returns, and the first lookup in it;
 //!   p. 4 KiB reads of missing chunks during a full `--prefetch` (p50, p99)
 //!      beside the same reads on an idle lazy mount;
 //!   w. 1,500 random 4 KiB `pwrite`s and an `fsync` into a file made through a
-//!      mount, beside the same on the cache's filesystem;
-//! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
-//! `-- --only GROUPS` runs only those (e.g. `--only a,w`); `-- --many` is `--only e`.
+//!      mount, beside the same on the cache's filesystem.
+//! (b) includes the 5,000-file tree mounted with `--subtree` with nothing of it
+//! recorded: listed and fetched whole, against `tar` and `rsync -a` of it.
+//! `-- --wan` runs a, b and p over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
+//! `-- --only GROUPS` runs only those (e.g. `--only a,w`); `-- --many` is
+//! `--only e`; `-- --tree` only the 5,000-file rows of b, and f.
 //! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
 #[path = "../../tests/common/sshd.rs"]
@@ -52,6 +57,8 @@ struct Dataset {
     images: PathBuf,
     bytes: u64,
     files: usize,
+    /// Added to each `lazyfs mount` of it.
+    mount_args: &'static [&'static str],
 }
 
 struct Row {
@@ -227,7 +234,7 @@ impl Bench {
             let images = self.path(&format!("images-{name}"));
             write_dump(&images, &records).unwrap();
             let bytes = records.iter().map(|r| r.size.unwrap()).sum();
-            sets.push(Dataset { name, rel, images, bytes, files: records.len() });
+            sets.push(Dataset { name, rel, images, bytes, files: records.len(), mount_args: &[] });
         };
         dump("1 GiB file", "big/file.bin", vec![DumpFile::new("/big/file.bin", GIB)]);
         let mut small = Vec::new();
@@ -239,7 +246,17 @@ impl Bench {
             std::fs::write(&path, &buf[..4096]).unwrap();
             small.push(DumpFile::new(format!("/{rel}"), 4096));
         }
+        let tree = Dataset {
+            name: "5,000-file tree, --subtree, nothing recorded",
+            rel: "small",
+            images: self.path("images-tree"),
+            bytes: small.iter().map(|r| r.size.unwrap()).sum(),
+            files: small.len(),
+            mount_args: &["--subtree", "/small"],
+        };
         dump("5,000 x 4 KiB", "small", small);
+        // The same files as a directory the images record nothing of: listed, then fetched.
+        write_dump(&tree.images, &[]).unwrap();
         let mut medium = Vec::new();
         for i in 0..200u64 {
             let rel = format!("medium/m{i:03}");
@@ -249,6 +266,7 @@ impl Bench {
             medium.push(DumpFile::new(format!("/{rel}"), 1 << 20));
         }
         dump("200 x 1 MiB", "medium", medium);
+        sets.push(tree);
         sets
     }
 
@@ -298,6 +316,41 @@ impl Bench {
         status["pid"].as_u64().unwrap() as u32
     }
 
+    /// (f) `--subtree` over a directory of 100,000 files and one of 100 (the
+    /// images record none of them): time until `lazyfs mount` returns, and
+    /// until the first lookup of a name in it (which lists the directory).
+    fn tree_mounts(&mut self) {
+        for files in [100u64, 100_000] {
+            eprintln!("f. a directory of {files} files");
+            let rel = format!("flat{files}");
+            let dir = self.source().join(&rel);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..files {
+                std::fs::write(dir.join(format!("f{i:06}")), b"x").unwrap();
+            }
+            let images = self.path(&format!("images-flat{files}"));
+            write_dump(&images, &[]).unwrap();
+            let set = Dataset { name: "", rel: "", images, bytes: files, files: files as usize, mount_args: &[] };
+            let subtree = format!("/{rel}");
+            let (mut mounted, mut looked) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                let started = Instant::now();
+                let (mountpoint, _) = self.mount(&set, "flat", &["--subtree", &subtree]);
+                mounted.push(started.elapsed().as_secs_f64());
+                let started = Instant::now();
+                assert!(mountpoint.join("f000000").exists());
+                looked.push(started.elapsed().as_secs_f64());
+                self.umount(&mountpoint);
+            }
+            let what = format!("--subtree over a directory of {files} files: `lazyfs mount` returns");
+            let against = (files > 100).then_some("--subtree over a directory of 100 files: `lazyfs mount` returns");
+            self.record("f", what, "s", mounted, against);
+            let what = format!("--subtree over a directory of {files} files: first lookup (lists it)");
+            self.record("f", what, "s", looked, None);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// (e) 100,000 files of 1 KiB under `ulimit -n 1024`: mount time, time
     /// until all verified with --prefetch, peak RSS.
     fn many_files(&mut self) {
@@ -317,7 +370,14 @@ impl Bench {
         }
         let images = self.path("images-many");
         write_dump(&images, &records).unwrap();
-        let set = Dataset { name: "100,000 x 1 KiB", rel: "many", images, bytes: FILES * 1024, files: FILES as usize };
+        let set = Dataset {
+            name: "100,000 x 1 KiB",
+            rel: "many",
+            images,
+            bytes: FILES * 1024,
+            files: FILES as usize,
+            mount_args: &[],
+        };
         let (mut mounted, mut verified, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.runs {
             let started = Instant::now();
@@ -480,7 +540,8 @@ impl Bench {
             let (mut times, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..self.runs {
                 let started = Instant::now();
-                let (mountpoint, _) = self.mount(set, "bulk", &[&["--prefetch", "--ssh", transport], tar].concat());
+                let args = [&["--prefetch", "--ssh", transport], tar, set.mount_args].concat();
+                let (mountpoint, _) = self.mount(set, "bulk", &args);
                 let pid = self.daemon_pid(&mountpoint);
                 run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
                 times.push(started.elapsed().as_secs_f64());
@@ -783,9 +844,12 @@ fn main() {
     let mut bench = Bench::new(runs, profile);
     std::fs::create_dir_all(bench.path("home")).unwrap();
     eprintln!("making data sets in {}", bench.work.path().display());
-    // `--only GROUPS` (letters, e.g. `--only a,w`) runs those groups alone; `--many` is `--only e`.
+    // `--only GROUPS` (letters, e.g. `--only a,w`) runs those groups alone; `--many` is
+    // `--only e`; `--tree` the 5,000-file rows of b, and f.
+    let tree_only = args.iter().any(|a| a == "--tree");
     let only: Option<String> = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(args.get(i + 1).expect("--only GROUPS, e.g. --only a,w").clone()),
+        None if tree_only => Some("bf".to_string()),
         None => args.iter().any(|a| a == "--many").then(|| "e".to_string()),
     };
     let wants = |group: char| only.as_ref().is_none_or(|groups| groups.contains(group));
@@ -795,7 +859,8 @@ fn main() {
         bench.first_byte(&sets[0]);
     }
     if wants('b') || wants('d') {
-        for set in &sets {
+        // `--tree`: the 5,000 small files only (recorded, then as a tree).
+        for set in sets.iter().filter(|s| !tree_only || s.rel == "small") {
             bench.bulk(set);
         }
     }
@@ -812,13 +877,21 @@ fn main() {
     if !wan && wants('e') {
         bench.many_files();
     }
+    if !wan && wants('f') {
+        bench.tree_mounts();
+    }
     let (table, json) = bench.report();
     let link = if wan { "WAN profile: 20 ms RTT, 1 Gbit/s through two network namespaces" } else { "loopback sshd" };
-    let command = format!(
-        "{}{}",
-        if wan { " -- --wan" } else { "" },
-        only.as_ref().map(|o| format!("{} --only {o}", if wan { "" } else { " --" })).unwrap_or_default()
-    );
+    let command = match (tree_only, &only) {
+        (true, _) => " --tree".to_string(),
+        (false, Some(groups)) => format!(" --only {groups}"),
+        (false, None) => String::new(),
+    };
+    let command = match (wan, command.is_empty()) {
+        (true, _) => format!(" -- --wan{command}"),
+        (false, false) => format!(" --{command}"),
+        (false, true) => String::new(),
+    };
     let header = format!(
         "Measured on {}, {link}; {runs} run(s) each; load average {load_before} before, {} after; \
          `cargo bench --bench transfer{command}`{}.\n\n",
@@ -826,11 +899,13 @@ fn main() {
         load(),
         std::env::var("LAZYFS_BENCH_BIN").map(|bin| format!(" with LAZYFS_BENCH_BIN={bin}")).unwrap_or_default(),
     );
-    let name = match (wan, &only) {
-        (true, None) => "transfer-wan".to_string(),
-        (false, None) => "transfer".to_string(),
-        (true, Some(groups)) => format!("transfer-wan-{}", groups.replace(',', "")),
-        (false, Some(groups)) => format!("transfer-{}", groups.replace(',', "")),
+    let name = match (wan, tree_only, &only) {
+        (true, true, _) => "transfer-wan-tree".to_string(),
+        (false, true, _) => "transfer-tree".to_string(),
+        (true, false, None) => "transfer-wan".to_string(),
+        (false, false, None) => "transfer".to_string(),
+        (true, false, Some(groups)) => format!("transfer-wan-{}", groups.replace(',', "")),
+        (false, false, Some(groups)) => format!("transfer-{}", groups.replace(',', "")),
     };
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();

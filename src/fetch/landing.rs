@@ -49,7 +49,7 @@ impl<'a> Landing<'a> {
     /// The bytes of the claim still to fetch (all of them at first; after a
     /// lost connection, what had not arrived).
     fn remaining(&self) -> Vec<Range<u64>> {
-        let file = &self.shared.files[self.index];
+        let file = &self.shared.files.get(self.index);
         let mut runs: Vec<Range<u64>> = Vec::new();
         for (i, _) in self.done.iter().enumerate().filter(|(_, done)| !**done) {
             let chunk = self.claim.chunks.start + i as u64;
@@ -85,7 +85,7 @@ impl<'a> Landing<'a> {
         if let Some(failure) = self.failed.take() {
             return Err(failure);
         }
-        let file = &self.shared.files[self.index];
+        let file = &self.shared.files.get(self.index);
         for chunk in std::mem::take(&mut self.bad) {
             log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
             let claim = [Claim { generation: self.claim.generation, chunks: chunk..chunk + 1 }];
@@ -153,7 +153,7 @@ impl<'a> Landings<'a> {
 
     fn covering(&mut self, offset: u64) -> Option<&mut Landing<'a>> {
         self.landings.iter_mut().find(|l| {
-            let bytes = l.shared.files[l.index].chunk_bytes(l.claim.chunks.clone());
+            let bytes = l.shared.files.get(l.index).chunk_bytes(l.claim.chunks.clone());
             bytes.start <= offset && offset < bytes.end
         })
     }
@@ -192,11 +192,11 @@ impl Sink for Landing<'_> {
     fn looked(&mut self, stat: SourceStat) -> bool {
         self.looked = true;
         self.shared.set_baseline(self.index, stat);
-        !self.shared.files[self.index].phase().is_settled()
+        !self.shared.files.get(self.index).phase().is_settled()
     }
 
     fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
-        let file = &self.shared.files[self.index];
+        let file = &self.shared.files.get(self.index);
         let first = offset / CHUNK_SIZE;
         let mut run = first..first;
         for (i, piece) in bytes.chunks(CHUNK_SIZE as usize).enumerate() {

@@ -576,7 +576,7 @@ impl Link {
         for file in files {
             let (buf, tail) = rest.split_at_mut(file.size as usize);
             rest = tail;
-            reads.push(WholeRead { path: &file.source_path, buf, result: Ok(()) });
+            reads.push(WholeRead { path: &file.source_path, buf, listed: file.listed, result: Ok(()) });
         }
         let outcome = self.with_retry(|connection| connection.read_files(&mut reads));
         results.clear();
@@ -633,7 +633,7 @@ impl OnDemandLane {
         if piece_end < chunks.end {
             let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
             if let Err(rest) = self.shared.requests.push(rest) {
-                self.shared.files[job.file].fail(
+                self.shared.files.get(job.file).fail(
                     &rest.claim,
                     &super::FetchError::new("lazyfs is shutting down"),
                     false,

@@ -20,6 +20,7 @@
 mod connect;
 mod landing;
 mod lane;
+mod listing;
 pub mod prefetch;
 mod replay;
 pub mod restore;
@@ -31,13 +32,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::control::proto::FileState;
 use crate::manifest::FileHashes;
 use crate::recording::{self, Recorder, Recording, Touch};
-use crate::source::{Connection, Sink, Source, SourceError, SourceStat};
+use crate::source::{Connection, Listings, Sink, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
 use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
 use landing::Landings;
@@ -160,8 +161,16 @@ pub struct FetchFile {
     pub source_path: PathBuf,
     /// Its hashes from the manifest, if there is one.
     pub expected: Option<FileHashes>,
-    /// Where the images first list it.
+    /// Where the images first list it (files of the tree after them all).
     pub image_order: u64,
+    /// Found by listing the tree (not recorded by the images), with the size
+    /// and mtime the listing gave: a source file that no longer has them
+    /// is refused.
+    pub listed: Option<SourceStat>,
+    /// A process of the checkpoint had it open for writing.
+    pub written: bool,
+    /// Background prefetch was asked for it.
+    prefetch_wanted: AtomicBool,
     pub stats: FileStats,
     /// It was opened for reading (and, small, queued to be fetched whole).
     opened: AtomicBool,
@@ -225,6 +234,9 @@ impl FetchFile {
             source_path: spec.source_path,
             expected: spec.expected,
             image_order: spec.image_order,
+            listed: spec.listed,
+            written: spec.written,
+            prefetch_wanted: AtomicBool::new(false),
             stats: FileStats::new(),
             opened: AtomicBool::new(false),
             size: spec.size,
@@ -464,6 +476,38 @@ impl FetchFile {
     }
 }
 
+/// The served files by number. Files found in the tree after the mount
+/// began are added at the end: a file's number never changes.
+#[derive(Default)]
+pub(crate) struct FileTable {
+    files: RwLock<Vec<Arc<FetchFile>>>,
+}
+
+impl FileTable {
+    fn new(files: Vec<Arc<FetchFile>>) -> FileTable {
+        FileTable { files: RwLock::new(files) }
+    }
+
+    pub(crate) fn get(&self, index: usize) -> Arc<FetchFile> {
+        self.files.read().unwrap_or_else(PoisonError::into_inner)[index].clone()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.files.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn push(&self, file: Arc<FetchFile>) -> usize {
+        let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
+        files.push(file);
+        files.len() - 1
+    }
+
+    /// Every file now.
+    pub(crate) fn all(&self) -> Vec<Arc<FetchFile>> {
+        self.files.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
 /// Settings of the fetcher.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -483,18 +527,25 @@ const NO_SPACE_RETRY: Duration = Duration::from_secs(2);
 
 /// What the lanes share.
 pub(crate) struct Shared {
-    files: Vec<Arc<FetchFile>>,
+    files: FileTable,
+    /// Directories of the tree still to be listed: until there are none,
+    /// the tree still needs the source.
+    unlisted_dirs: std::sync::atomic::AtomicUsize,
     journal: Journal,
     queue: prefetch::Queue,
     verify: Mutex<Sender<usize>>,
     /// What the on-demand lanes are asked.
     requests: lane::Requests,
+    /// What the listing lane is asked.
+    list: Mutex<Sender<listing::ListJob>>,
     started: Instant,
     health: Arc<lane::Health>,
     /// How to name the source in messages.
     source_name: String,
     /// Background prefetch runs (from the start, or since `lazyfs prefetch`).
     prefetching: AtomicBool,
+    /// ... for every file, those the tree adds later too.
+    prefetch_all: AtomicBool,
     /// Told the index of a file whose bytes start over, so copies of the old
     /// ones (the kernel's page cache) are dropped.
     started_over: OnceLock<StartedOver>,
@@ -543,7 +594,7 @@ impl Shared {
         if claims.is_empty() {
             return None;
         }
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         // The first look goes with the first read (no extra round trip over
         // SSH), before its bytes: a look after could see a file replaced
         // since the bytes were read, and vouch for them.
@@ -571,7 +622,7 @@ impl Shared {
         lane: Lane,
     ) -> Result<(), FetchFailure> {
         let mut landings = Landings::new(self, index, std::slice::from_ref(claim), lane, false);
-        landings.land(self.files[index].chunk_bytes(claim.chunks.clone()).start, data);
+        landings.land(self.files.get(index).chunk_bytes(claim.chunks.clone()).start, data);
         landings.finish(link, &Ok(())).pop().expect("one claim")
     }
 
@@ -580,7 +631,7 @@ impl Shared {
     /// waiting for them, and queues the file for verification once complete.
     /// False if the claim no longer holds.
     fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<bool, StoreError> {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let (ready, complete) = {
             let mut state = file.lock();
             if state.generation != claim.generation || state.phase.is_settled() {
@@ -627,7 +678,7 @@ impl Shared {
 
     /// Ends a claim however its fetch went.
     fn finish(&self, index: usize, claim: &Claim, lane: Lane, result: Result<(), FetchFailure>) {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let (message, whole_file) = match result {
             Ok(()) => return,
             Err(FetchFailure::Mismatch(chunk)) => (
@@ -693,7 +744,7 @@ impl Shared {
     /// A claim of file `index` was not fetched, through no fault of the
     /// file: drop it, and hand its waiting readers' chunks to the on-demand lanes.
     fn release(&self, index: usize, claim: &Claim) {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let claims: Vec<Claim> = {
             let mut state = file.lock();
             if state.generation != claim.generation {
@@ -712,7 +763,7 @@ impl Shared {
     fn ask_on_demand(&self, index: usize, claims: Vec<Claim>, asked: Instant) {
         for claim in claims {
             if let Err(lost) = self.requests.push(lane::Job::new(index, claim, asked)) {
-                self.files[index].fail(&lost.claim, &FetchError::new("lazyfs is shutting down"), false);
+                self.files.get(index).fail(&lost.claim, &FetchError::new("lazyfs is shutting down"), false);
             }
         }
     }
@@ -739,7 +790,7 @@ impl Shared {
             link.wait_for_source();
             return;
         }
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let failed = {
             let mut state = file.lock();
             state.timeouts += 1;
@@ -760,7 +811,7 @@ impl Shared {
     /// it. Nothing happens if the file is no longer complete and unchecked in
     /// that generation (a local write made it local, or it already started over).
     fn restart(&self, index: usize, generation: u64, reason: &str) {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let again = {
             let mut state = file.lock();
             if state.generation != generation || state.phase != Phase::Present {
@@ -797,7 +848,7 @@ impl Shared {
     /// The file is complete and checked: verified, if generation
     /// `generation` is still complete and unchecked.
     fn settle(&self, index: usize, generation: u64, hash: [u8; 32], against: &'static str) {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let mut state = file.lock();
         if state.generation == generation && state.phase == Phase::Present {
             state.phase = Phase::Verified { hash, against };
@@ -817,7 +868,7 @@ impl Shared {
         if !self.needs_baseline(index) {
             return Ok(());
         }
-        let stat = connection.stat(&self.files[index].source_path)?;
+        let stat = connection.stat(&self.files.get(index).source_path)?;
         self.set_baseline(index, stat);
         Ok(())
     }
@@ -825,14 +876,18 @@ impl Shared {
     /// Whether the file still needs its first look at the source (with a
     /// manifest, the chunk hashes say everything).
     fn needs_baseline(&self, index: usize) -> bool {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         file.expected.is_none() && file.lock().baseline.is_none()
     }
 
     /// The first look: the size must be what the images record; the size and
     /// mtime are kept to compare with after the transfer.
     fn set_baseline(&self, index: usize, stat: SourceStat) {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
+        if let Some(reason) = crate::source::changed_since_listed(file.listed, stat) {
+            file.fail_file(format!("{}: {reason}: not served", file.path.display()));
+            return;
+        }
         if stat.size != file.size {
             file.fail_file(format!(
                 "{}: changed since the checkpoint: the source has {} bytes, the images record {}",
@@ -848,7 +903,7 @@ impl Shared {
     /// Calls `done` once every chunk of `chunks` of file `index` is present
     /// (at once if they are), fetching the missing ones nobody fetches yet.
     fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
-        let file = &self.files[index];
+        let file = &self.files.get(index);
         let claims = {
             let mut state = file.lock();
             if let Phase::Failed(message) = &state.phase {
@@ -886,8 +941,6 @@ pub struct Fetcher {
     source: Arc<dyn Source>,
     /// Started by `--prefetch`, or later by `lazyfs prefetch`.
     prefetch: OnceLock<prefetch::Workers>,
-    /// The files background prefetch was asked for.
-    prefetch_wanted: Vec<AtomicBool>,
     /// The order readers first touched chunks in.
     recorder: Recorder,
 }
@@ -906,13 +959,16 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Fetcher {
         let (verify_tx, verify_rx) = std::sync::mpsc::channel();
+        let (list_tx, list_rx) = std::sync::mpsc::channel();
         let order: Vec<(u64, u64)> = files.iter().map(|f| (f.size, f.image_order)).collect();
         let shared = Arc::new(Shared {
             queue: prefetch::Queue::new(&order, &config.order),
-            files,
+            files: FileTable::new(files),
+            unlisted_dirs: 0.into(),
             journal,
             verify: Mutex::new(verify_tx),
             requests: lane::Requests::new(),
+            list: Mutex::new(list_tx),
             started: Instant::now(),
             health: Arc::new(lane::Health::new(
                 config.reconnect_timeout,
@@ -920,11 +976,13 @@ impl Fetcher {
             )),
             source_name: source.describe(),
             prefetching: AtomicBool::new(false),
+            prefetch_all: AtomicBool::new(false),
             started_over: OnceLock::new(),
             replay: Mutex::new((!config.replay.is_empty()).then(|| replay::Replay::new(&config.replay))),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
-        for (index, file) in shared.files.iter().enumerate() {
+        listing::spawn(source.clone(), shared.clone(), list_rx);
+        for (index, file) in shared.files.all().iter().enumerate() {
             if file.phase() == Phase::Present {
                 shared.send_to_verifier(index);
             }
@@ -933,18 +991,66 @@ impl Fetcher {
             shared.health.first.start();
         }
         lane::spawn_on_demand(lane::Link::first(source.clone(), shared.health.clone()), &source, &shared);
-        let prefetch_wanted = shared.files.iter().map(|_| AtomicBool::new(false)).collect();
         let recorder = Recorder::new(shared.files.len());
-        let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), prefetch_wanted, recorder };
+        let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), recorder };
         if config.jobs > 0 {
             fetcher.prefetch(None, config.jobs);
         }
         fetcher
     }
 
-    /// Streams `files` (every file when `None`) in the background, starting
-    /// `jobs` workers unless prefetch runs already. Returns how many of them
-    /// still had bytes to fetch.
+    /// Serves `file` too, a file of the tree found after the mount began:
+    /// its number. With prefetch of every file under way, it is queued
+    /// (after the checkpoint's own files).
+    pub fn add_file(&self, file: FetchFile) -> usize {
+        let shared = &self.shared;
+        let journal_file = journal::JournalFile {
+            path: file.path_bytes().to_vec(),
+            size: file.size,
+            spill: file.spill.path().to_path_buf(),
+        };
+        let (size, present) = (file.size, file.phase() == Phase::Present);
+        let index = shared.files.push(Arc::new(file));
+        shared.journal.add_file(index, journal_file);
+        shared.queue.add(index, size);
+        if present {
+            shared.send_to_verifier(index);
+        }
+        if shared.prefetch_all.load(Ordering::Relaxed) {
+            self.want(index);
+        }
+        index
+    }
+
+    /// Lists `dirs` on the source (paths on it), on the listing lane: for a
+    /// reader (its deadline counts from now), or for a walk nobody waits on.
+    /// Blocks until the source answers or the deadline passes.
+    pub fn list_dirs(&self, dirs: Vec<PathBuf>, for_reader: bool) -> Result<Listings, SourceError> {
+        let (done, answer) = std::sync::mpsc::channel();
+        let job = listing::ListJob { dirs, asked: for_reader.then(Instant::now), done };
+        let sent = self.shared.list.lock().unwrap_or_else(PoisonError::into_inner).send(job);
+        let stopped = || SourceError::Session {
+            host: self.shared.source_name.clone(),
+            message: "lazyfs is shutting down".into(),
+        };
+        sent.map_err(|_| stopped())?;
+        answer.recv().map_err(|_| stopped())?
+    }
+
+    /// How many directories of the tree are still to be listed (the tree
+    /// needs the source until none is).
+    pub fn set_unlisted_dirs(&self, count: usize) {
+        self.shared.unlisted_dirs.store(count, Ordering::Relaxed);
+    }
+
+    /// Whether background prefetch of every file (those the tree adds too) was asked for.
+    pub fn prefetching_all(&self) -> bool {
+        self.shared.prefetch_all.load(Ordering::Relaxed)
+    }
+
+    /// Streams `files` (every file when `None`, and those the tree adds
+    /// later) in the background, starting `jobs` workers unless prefetch runs
+    /// already. Returns how many of them still had bytes to fetch.
     pub fn prefetch(&self, files: Option<&[usize]>, jobs: usize) -> usize {
         let shared = &self.shared;
         self.prefetch.get_or_init(|| prefetch::Workers::start(self.source.clone(), shared.clone(), jobs));
@@ -953,32 +1059,42 @@ impl Fetcher {
         let files = match files {
             Some(files) => files,
             None => {
+                shared.prefetch_all.store(true, Ordering::Relaxed);
                 all = (0..shared.files.len()).collect();
                 &all
             }
         };
-        let mut queued = 0;
-        for &index in files {
-            self.prefetch_wanted[index].store(true, Ordering::Relaxed);
-            if !shared.files[index].needs_nothing() {
-                shared.queue.push(index);
-                queued += 1;
-            }
+        files.iter().filter(|&&index| self.want(index)).count()
+    }
+
+    /// Marks file `index` wanted by background prefetch and queues it;
+    /// whether it had bytes to fetch.
+    fn want(&self, index: usize) -> bool {
+        let file = self.shared.files.get(index);
+        file.prefetch_wanted.store(true, Ordering::Relaxed);
+        let needed = !file.needs_nothing();
+        if needed {
+            self.shared.queue.push(index);
         }
-        queued
+        needed
     }
 
     /// Whether background prefetch was asked for file `index`.
     pub fn prefetch_wanted(&self, index: usize) -> bool {
-        self.prefetch_wanted[index].load(Ordering::Relaxed)
+        self.shared.files.get(index).prefetch_wanted.load(Ordering::Relaxed)
     }
 
-    pub fn file(&self, index: usize) -> &Arc<FetchFile> {
-        &self.shared.files[index]
+    pub fn file(&self, index: usize) -> Arc<FetchFile> {
+        self.shared.files.get(index)
     }
 
-    pub fn files(&self) -> &[Arc<FetchFile>] {
-        &self.shared.files
+    /// Every file served now, by number.
+    pub fn files(&self) -> Vec<Arc<FetchFile>> {
+        self.shared.files.all()
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.shared.files.len()
     }
 
     /// Why the mount is degraded (the source not answering, the cache full).
@@ -1011,7 +1127,7 @@ impl Fetcher {
     /// at once, in a batch with the others opened meanwhile (a process reads
     /// what it opens; a restore opens them all at once).
     pub fn opened(&self, index: usize) {
-        let file = &self.shared.files[index];
+        let file = &self.shared.files.get(index);
         if file.size <= OPENED_WHOLE && !file.needs_nothing() && !file.opened.swap(true, Ordering::Relaxed) {
             self.shared.requests.opened(index);
         }
@@ -1021,12 +1137,12 @@ impl Fetcher {
     /// end) once their chunks are present. Read with `pread` under the
     /// owner's lock: never torn by a write or a truncate.
     pub fn read(&self, index: usize, offset: u64, len: u32, reply: Reply<Vec<u8>>) {
-        let stats = &self.shared.files[index].stats;
+        let stats = &self.shared.files.get(index).stats;
         stats.reads.fetch_add(1, Ordering::Relaxed);
         let now = self.shared.started.elapsed().as_micros() as u64;
         let _ = stats.first_read_us.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
-        let chunks = self.shared.files[index].chunks_of(offset, u64::from(len));
-        self.recorder.note(index, chunks.clone(), self.shared.files[index].chunk_count(), now);
+        let chunks = self.shared.files.get(index).chunks_of(offset, u64::from(len));
+        self.recorder.note(index, chunks.clone(), self.shared.files.get(index).chunk_count(), now);
         let op = move |file: &FetchFile, state: &mut Owned| {
             let len = u64::from(len).min(state.len.saturating_sub(offset)) as usize;
             let mut buf = vec![0u8; len];
@@ -1040,13 +1156,13 @@ impl Fetcher {
     /// Keeps the recording in `cache_dir` as it grows (see [`crate::recording`]).
     pub fn record_in(&self, cache_dir: CacheDir) {
         let shared = self.shared.clone();
-        self.recorder.grow_in(cache_dir, move |index| shared.files[index].path_bytes().to_vec());
+        self.recorder.grow_in(cache_dir, move |index| shared.files.get(index).path_bytes().to_vec());
     }
 
     /// The order readers first touched chunks in so far.
     pub fn recording(&self) -> Recording {
         let touches = self.recorder.runs().into_iter().map(|(index, chunks, at_us)| Touch {
-            path: self.shared.files[index].path_bytes().to_vec(),
+            path: self.shared.files.get(index).path_bytes().to_vec(),
             first: chunks.start,
             end: chunks.end,
             at_us,
@@ -1058,7 +1174,7 @@ impl Fetcher {
     /// file is present: the source is never written. Answered once the
     /// journal durably says the file is local (EIO if it cannot).
     pub fn write(&self, index: usize, offset: u64, data: Vec<u8>, reply: Reply<u32>) {
-        let all = 0..self.shared.files[index].chunk_count();
+        let all = 0..self.shared.files.get(index).chunk_count();
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
             file.spill.write_at(offset, &data)?;
@@ -1075,7 +1191,7 @@ impl Fetcher {
     /// Truncates (or extends) file `index` to `size`, locally, once the bytes
     /// below `size` are present. Fetches still in flight for it are dropped.
     pub fn truncate(&self, index: usize, size: u64, reply: Reply<u64>) {
-        let keep = self.shared.files[index].chunks_of(0, size);
+        let keep = self.shared.files.get(index).chunks_of(0, size);
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
             file.spill.set_len(size)?;
@@ -1133,7 +1249,7 @@ impl Fetcher {
     /// Spill files are synced first, so no record claims bytes still in flight
     /// to the disk.
     pub fn snapshot(&self) -> Vec<JournalRecord> {
-        snapshot(&self.shared.files)
+        snapshot(&self.shared.files.all())
     }
 }
 
@@ -1152,10 +1268,11 @@ impl Shared {
     }
 
     fn source_needed(&self) -> bool {
-        self.files.iter().any(|f| {
-            let state = f.lock();
-            !state.removed && !matches!(state.phase, Phase::Verified { .. } | Phase::Modified)
-        })
+        self.unlisted_dirs.load(Ordering::Relaxed) > 0
+            || self.files.all().iter().any(|f| {
+                let state = f.lock();
+                !state.removed && !matches!(state.phase, Phase::Verified { .. } | Phase::Modified)
+            })
     }
 
     /// The file (locked as `state`) was just changed locally: it is local from
@@ -1164,7 +1281,7 @@ impl Shared {
         let newly = state.phase != Phase::Modified;
         state.phase = Phase::Modified;
         if newly {
-            self.journal.modified(self.files[index].path_bytes());
+            self.journal.modified(self.files.get(index).path_bytes());
         }
         newly
     }
@@ -1193,7 +1310,7 @@ fn with_present<T: Send + 'static>(
         if let Err(e) = present {
             return reply(Err(e));
         }
-        let file = &shared_again.files[index];
+        let file = &shared_again.files.get(index);
         let mut state = file.lock();
         if let Phase::Failed(message) = &state.phase {
             let error = FetchError::new(message.clone());

@@ -37,6 +37,8 @@ pub enum Order {
 
 /// Keys of files no recording names: after every recorded run.
 const AFTER_RECORDED: u64 = 1 << 62;
+/// Keys of the files of the tree the images do not record: after all of theirs.
+const TREE_FILES: u64 = 1 << 63;
 
 /// What a worker is given: a whole file, or a recorded run of a large one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +110,7 @@ impl Queue {
             .iter()
             .map(|&(size, image_order)| match order {
                 Order::SmallestFirst => size,
-                Order::LargestFirst => u64::MAX - size,
+                Order::LargestFirst => (TREE_FILES - 1).saturating_sub(size),
                 Order::Image => image_order,
                 Order::Recorded(_) => AFTER_RECORDED.saturating_add(size),
             })
@@ -147,6 +149,20 @@ impl Queue {
 
     /// Queues `file` in its ordinary place (if it is not queued already),
     /// and its recorded runs the first time.
+    /// A file of the tree found after the mount began, `size` bytes: its
+    /// place is after the checkpoint's own files, smallest first.
+    pub(super) fn add(&self, file: usize, size: u64) {
+        let mut state = self.lock();
+        if state.order_keys.len() <= file {
+            state.order_keys.resize(file + 1, TREE_FILES);
+            state.keys.resize(file + 1, None);
+            if !state.pending_runs.is_empty() {
+                state.pending_runs.resize(file + 1, Vec::new());
+            }
+        }
+        state.order_keys[file] = TREE_FILES.saturating_add(size);
+    }
+
     pub(super) fn push(&self, file: usize) {
         let mut state = self.lock();
         let runs = state.pending_runs.get_mut(file).map(std::mem::take).unwrap_or_default();
@@ -320,13 +336,13 @@ fn worker(mut link: Link, shared: &Shared) {
                 continue;
             }
         };
-        let small = |index: usize| shared.files[index].size <= SMALL_FILE;
+        let small = |index: usize| shared.files.get(index).size <= SMALL_FILE;
         let mut batch = vec![first];
         if small(first) {
-            let mut bytes = shared.files[first].size;
+            let mut bytes = shared.files.get(first).size;
             // Bounded by count and bytes: the batch passes through one buffer.
             batch.extend(shared.queue.pop_while(BATCH_FILES - 1, |index| {
-                bytes += shared.files[index].size;
+                bytes += shared.files.get(index).size;
                 small(index) && bytes <= BATCH_BYTES
             }));
         }
@@ -339,9 +355,11 @@ fn worker(mut link: Link, shared: &Shared) {
         if let Err(panic) = outcome {
             let what = super::lane::panic_message(panic.as_ref());
             for &index in &batch {
-                let path = shared.files[index].path.display();
-                shared.files[index]
-                    .fail_file(format!("{path}: an internal error while fetching it ({what}): not served"));
+                let file = shared.files.get(index);
+                file.fail_file(format!(
+                    "{}: an internal error while fetching it ({what}): not served",
+                    file.path.display()
+                ));
             }
             link.reset();
         }
@@ -350,7 +368,7 @@ fn worker(mut link: Link, shared: &Shared) {
 
 /// Streams one file, window after window, over one SFTP handle.
 fn stream(link: &mut Link, shared: &Shared, index: usize) {
-    let file = &shared.files[index];
+    let file = &shared.files.get(index);
     if file.needs_nothing() || !first_look(link, shared, index) {
         return;
     }
@@ -376,7 +394,7 @@ fn stream(link: &mut Link, shared: &Shared, index: usize) {
 
 /// Fetches a recorded run of a large file.
 fn fetch_run(link: &mut Link, shared: &Shared, index: usize, chunks: Range<u64>) {
-    let file = &shared.files[index];
+    let file = &shared.files.get(index);
     if file.needs_nothing() || !first_look(link, shared, index) {
         return;
     }
@@ -413,10 +431,11 @@ pub(super) fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize
     let first_looks: Vec<usize> = batch
         .iter()
         .copied()
-        .filter(|&i| shared.files[i].size > crate::source::ONE_READ && shared.needs_baseline(i))
+        .filter(|&i| shared.files.get(i).size > crate::source::ONE_READ && shared.needs_baseline(i))
         .collect();
     if !first_looks.is_empty() {
-        let paths: Vec<&std::path::Path> = first_looks.iter().map(|&i| shared.files[i].source_path.as_path()).collect();
+        let looked: Vec<Arc<FetchFile>> = first_looks.iter().map(|&i| shared.files.get(i)).collect();
+        let paths: Vec<&std::path::Path> = looked.iter().map(|f| f.source_path.as_path()).collect();
         match link.with_retry(|connection| connection.stat_many(&paths)) {
             Ok(stats) => {
                 for (&index, stat) in first_looks.iter().zip(stats) {
@@ -431,7 +450,7 @@ pub(super) fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize
     }
     let mut whole: Vec<(usize, Claim)> = Vec::new();
     for &index in batch {
-        let file = &shared.files[index];
+        let file = &shared.files.get(index);
         if file.needs_nothing() {
             continue;
         }
@@ -448,7 +467,8 @@ pub(super) fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize
             }
         }
     }
-    let files: Vec<&FetchFile> = whole.iter().map(|(i, _)| &*shared.files[*i]).collect();
+    let owned: Vec<Arc<FetchFile>> = whole.iter().map(|(i, _)| shared.files.get(*i)).collect();
+    let files: Vec<&FetchFile> = owned.iter().map(|f| &**f).collect();
     let mut buffer = link.take_buffer();
     let mut results = Vec::new();
     let outcome = super::lane::contained(link, |link| {
@@ -471,7 +491,7 @@ pub(super) fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize
     let mut at = 0;
     let mut stuck = None;
     for (i, (index, claim)) in whole.iter().enumerate() {
-        let file = &shared.files[*index];
+        let file = &shared.files.get(*index);
         let data = &mut buffer[at..at + file.size as usize];
         at += file.size as usize;
         let own = results.get_mut(i).map(|r| std::mem::replace(r, Ok(())));

@@ -37,12 +37,12 @@ impl Replay {
     /// Fetches the next step of the plan: whole small files, or a large file's runs.
     pub(super) fn step(&mut self, link: &mut Link, shared: &Shared) {
         let Some(&(first, _)) = self.plan.front() else { return };
-        if shared.files[first].size <= prefetch::SMALL_FILE {
+        if shared.files.get(first).size <= prefetch::SMALL_FILE {
             // The small files next in the plan, whole, in one pipeline.
             let mut batch: Vec<usize> = Vec::new();
             let mut bytes = 0;
             while let Some(&(index, _)) = self.plan.front() {
-                let size = shared.files[index].size;
+                let size = shared.files.get(index).size;
                 if size > prefetch::SMALL_FILE || (!batch.is_empty() && bytes + size > prefetch::BATCH_BYTES) {
                     break;
                 }
@@ -55,7 +55,7 @@ impl Replay {
             return fetch_whole(link, shared, batch);
         }
         // This file's runs next in the plan (and its later ones), up to a step's bytes.
-        let file = &shared.files[first];
+        let file = &shared.files.get(first);
         let mut runs: Vec<Range<u64>> = Vec::new();
         let mut bytes = 0;
         self.plan.retain(|(index, chunks)| {
@@ -74,14 +74,14 @@ impl Replay {
 /// Fetches the small `files` whole (those that still need it), a batch of
 /// up to `BATCH_BYTES` per pipeline.
 pub(super) fn fetch_whole(link: &mut Link, shared: &Shared, mut files: Vec<usize>) {
-    files.retain(|&index| !shared.files[index].needs_nothing());
+    files.retain(|&index| !shared.files.get(index).needs_nothing());
     files.dedup();
     while !files.is_empty() {
         let mut bytes = 0;
         let take = files
             .iter()
             .take_while(|&&index| {
-                bytes += shared.files[index].size;
+                bytes += shared.files.get(index).size;
                 bytes <= prefetch::BATCH_BYTES
             })
             .count()

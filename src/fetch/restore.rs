@@ -18,6 +18,10 @@ pub struct FileSpec {
     pub expected: Option<FileHashes>,
     /// Where the images first list it.
     pub image_order: u64,
+    /// Found by listing the tree, with this size and mtime (see [`super::FetchFile::listed`]).
+    pub listed: Option<crate::source::SourceStat>,
+    /// A process of the checkpoint had it open for writing.
+    pub written: bool,
 }
 
 pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> Result<FetchFile, StoreError> {
@@ -106,8 +110,15 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let spec =
-            FileSpec { path: path.clone(), source_path: path, size: 9, expected: Some(expected), image_order: 0 };
+        let spec = FileSpec {
+            path: path.clone(),
+            source_path: path,
+            size: 9,
+            expected: Some(expected),
+            image_order: 0,
+            listed: None,
+            written: false,
+        };
         let file = open_file(&store, spec, Some(&record)).unwrap();
         assert_eq!(file.phase(), Phase::Pending, "the stale chunk is dropped, nothing is verified");
     }

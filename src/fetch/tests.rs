@@ -30,6 +30,8 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
         size,
         expected: None,
         image_order: 0,
+        listed: None,
+        written: false,
     };
     let file = Arc::new(FetchFile::new(spec, spill, len, Presence::new(size), Phase::Pending));
     let journal = journal(dir.path());
@@ -73,7 +75,8 @@ fn a_restart_decided_before_a_local_write_leaves_the_write_alone() {
     wait(|reply| fetcher.read(0, 0, 40_000, reply)).unwrap();
     // The verifier takes the generation the file was complete in...
     let generation = {
-        let state = fetcher.file(0).lock();
+        let file = fetcher.file(0);
+        let state = file.lock();
         assert!(state.presence.is_complete());
         state.generation
     };

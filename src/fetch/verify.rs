@@ -31,8 +31,11 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
                     // Contained: these files fail, the verifier goes on.
                     let what = super::lane::panic_message(panic.as_ref());
                     for &index in &batch {
-                        let path = shared.files[index].path.display();
-                        shared.files[index].fail_file(format!("{path}: an internal error while checking it ({what})"));
+                        let file = shared.files.get(index);
+                        file.fail_file(format!(
+                            "{}: an internal error while checking it ({what})",
+                            file.path.display()
+                        ));
                     }
                     link.reset();
                 }
@@ -44,18 +47,19 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
 fn verify_batch(link: &mut Link, shared: &Shared, batch: &[usize]) {
     // Each file in the generation it is complete in: what is found applies to it only.
     let ready: Vec<(usize, u64)> =
-        batch.iter().filter_map(|&i| Some((i, shared.files[i].present_generation()?))).collect();
+        batch.iter().filter_map(|&i| Some((i, shared.files.get(i).present_generation()?))).collect();
     // The files whose source must be looked at again (no manifest, read in
     // more than one request).
     let looks: Vec<usize> = ready
         .iter()
         .map(|&(i, _)| i)
         .filter(|&i| {
-            let file = &shared.files[i];
+            let file = &shared.files.get(i);
             file.expected.is_none() && !file.lock().read_whole
         })
         .collect();
-    let paths: Vec<&Path> = looks.iter().map(|&i| shared.files[i].source_path.as_path()).collect();
+    let looked: Vec<Arc<super::FetchFile>> = looks.iter().map(|&i| shared.files.get(i)).collect();
+    let paths: Vec<&Path> = looked.iter().map(|f| f.source_path.as_path()).collect();
     let mut second_looks: HashMap<usize, Result<SourceStat, SourceError>> = HashMap::new();
     if !paths.is_empty() {
         match link.with_retry(|connection| connection.stat_many(&paths)) {
@@ -71,12 +75,17 @@ fn verify_batch(link: &mut Link, shared: &Shared, batch: &[usize]) {
 /// Settles one complete file, given the source's state after the transfer
 /// (`None` when there was no need, or no way, to look).
 fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Result<SourceStat, SourceError>>) {
-    let file = &shared.files[index];
+    let file = &shared.files.get(index);
     let (hash, against) = match &file.expected {
         Some(expected) => (expected.whole, "manifest"),
         None => {
             let size = file.size;
             let baseline = file.lock().baseline;
+            let now = second_look.as_ref().and_then(|look| look.as_ref().ok());
+            if let Some(reason) = now.and_then(|now| crate::source::changed_since_listed(file.listed, *now)) {
+                // Shown with the attributes its listing gave: never fetched again under other ones.
+                return file.fail_file(format!("{}: {reason}: not served", file.path.display()));
+            }
             match second_look {
                 Some(Ok(now)) if now.size != size => {
                     file.fail_file(format!(

@@ -92,6 +92,7 @@ impl TaskState {
 #[derive(Default)]
 struct Walk {
     users: BTreeMap<u32, Vec<User>>,
+    fsuids: std::collections::BTreeSet<u32>,
     fdinfo_cache: HashMap<String, Option<Vec<FdinfoEntry>>>,
     incomplete: Option<Incomplete>,
 }
@@ -161,6 +162,7 @@ impl<'a> Loader<'a> {
             dir: self.dir.to_path_buf(),
             file_records: table.file_records,
             pids: processes.unwrap_or_default().iter().map(|p| p.pid).collect(),
+            fsuids: walk.fsuids.iter().copied().collect(),
             incomplete,
             files,
         })
@@ -184,6 +186,9 @@ impl<'a> Loader<'a> {
             Some(value) => TaskState::from_image(value)
                 .ok_or_else(|| self.invalid(&core_name, Invalid::UnknownTaskState(value)))?,
         };
+        if let Some(creds) = core.as_ref().and_then(|c| c.thread_core.clone()).and_then(|t| t.creds) {
+            walk.fsuids.extend(creds.fsuid.or(creds.euid));
+        }
         let required = match state {
             TaskState::Dead => return Ok(()),
             TaskState::Helper => false,

@@ -13,6 +13,9 @@ pub struct Checkpoint {
     pub file_records: FileRecords,
     /// Every process of the dump, as pstree.img lists them.
     pub pids: Vec<u32>,
+    /// The user ids the processes access files as (their fsuid), where the
+    /// core images record credentials.
+    pub fsuids: Vec<u32>,
     /// Set when an image that ties descriptors to processes is missing: then
     /// `files` is what every `fdinfo-*.img` refers to, and users have no pid.
     pub incomplete: Option<Incomplete>,

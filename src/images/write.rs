@@ -74,7 +74,10 @@ pub fn write_dump(dir: &Path, files: &[DumpFile]) -> std::io::Result<()> {
     )?;
     write(
         &format!("core-{PID}.img"),
-        encode_entries(framing::CORE, &[CoreEntry { tc: Some(TaskCoreEntry { task_state: Some(1) }), ids: Some(ids) }]),
+        encode_entries(
+            framing::CORE,
+            &[CoreEntry { tc: Some(TaskCoreEntry { task_state: Some(1) }), ids: Some(ids), ..Default::default() }],
+        ),
     )?;
     write("files.img", encode_entries(framing::FILES, &entries))?;
     write("fdinfo-1.img", encode_entries(framing::FDINFO, &fds))?;

@@ -13,7 +13,10 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
-use super::{Connection, Source, SourceError, SourceStat, WholeRead, relative};
+use super::{
+    Connection, DirEntry, Listings, Source, SourceAttrs, SourceError, SourceStat, WholeRead, changed_since_listed,
+    is_safe_name, relative,
+};
 
 pub struct LocalSource {
     root: PathBuf,
@@ -59,7 +62,11 @@ impl LocalConnection {
         let how = OpenHow::new()
             .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        match nix::fcntl::openat2(&*self.fd, relative(path), how) {
+        let below = match relative(path) {
+            p if p.as_os_str().is_empty() => Path::new("."),
+            p => p,
+        };
+        match nix::fcntl::openat2(&*self.fd, below, how) {
             Ok(fd) => Ok(File::from(fd)),
             Err(Errno::ELOOP | Errno::EXDEV) => {
                 Err(SourceError::Changed { path: path.to_path_buf(), reason: "reached through a symbolic link".into() })
@@ -121,7 +128,81 @@ impl LocalConnection {
     }
 }
 
+impl LocalConnection {
+    /// The entries of the directory at `path`: opened below the root without
+    /// following a symlink, each entry looked at (`fstatat`, not following)
+    /// and a symlink's target read relative to that directory's descriptor.
+    fn list_dir(&self, path: &Path) -> Result<Vec<DirEntry>, SourceError> {
+        use std::os::fd::AsFd;
+        use std::os::unix::ffi::OsStringExt;
+        let opened = self.resolve(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NONBLOCK)?;
+        let io = |e: Errno| io_error(path, &self.full(path), e.into());
+        let mut dir = nix::dir::Dir::from_fd(opened.into()).map_err(|e| match e {
+            Errno::ENOTDIR => SourceError::Changed { path: path.to_path_buf(), reason: "no longer a directory".into() },
+            e => io(e),
+        })?;
+        let names: Vec<std::ffi::CString> = dir
+            .iter()
+            .filter_map(|entry| entry.ok().map(|e| e.file_name().to_owned()))
+            .filter(|name| name.as_bytes() != b"." && name.as_bytes() != b"..")
+            .collect();
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            if !is_safe_name(name.as_bytes()) {
+                log::warn!("{}: an entry named {name:?} is left out", path.display());
+                continue;
+            }
+            let stat =
+                match nix::sys::stat::fstatat(dir.as_fd(), name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(stat) => stat,
+                    // Gone since the directory was read.
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(io(e)),
+                };
+            let attrs = local_attrs(&stat);
+            let target = match attrs.kind() {
+                libc::S_IFLNK => match nix::fcntl::readlinkat(dir.as_fd(), name.as_c_str()) {
+                    Ok(target) => Some(target),
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(io(e)),
+                },
+                _ => None,
+            };
+            let name = std::ffi::OsString::from_vec(name.into_bytes());
+            entries.push(DirEntry { name, attrs, target });
+        }
+        Ok(entries)
+    }
+}
+
+/// What `stat` says, as the source tells it.
+fn local_attrs(stat: &nix::sys::stat::FileStat) -> SourceAttrs {
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    SourceAttrs {
+        mode: stat.st_mode,
+        size: stat.st_size as u64,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        atime_ns: ns(stat.st_atime, stat.st_atime_nsec),
+        mtime_ns: ns(stat.st_mtime, stat.st_mtime_nsec),
+        ctime_ns: Some(ns(stat.st_ctime, stat.st_ctime_nsec)),
+        dev_ino: Some((stat.st_dev, stat.st_ino)),
+        nlink: u32::try_from(stat.st_nlink).ok(),
+    }
+}
+
 impl Connection for LocalConnection {
+    fn attrs(&mut self, path: &Path) -> Result<SourceAttrs, SourceError> {
+        use std::os::fd::AsFd;
+        let looked = self.resolve(path, OFlag::O_PATH)?;
+        let stat = nix::sys::stat::fstat(looked.as_fd()).map_err(|e| io_error(path, &self.full(path), e.into()))?;
+        Ok(local_attrs(&stat))
+    }
+
+    fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Listings, SourceError> {
+        Ok(dirs.iter().map(|dir| self.list_dir(dir)).collect())
+    }
+
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
         let meta = self.regular(path, &self.resolve(path, OFlag::O_PATH)?)?;
         Ok(SourceStat { size: meta.len(), mtime: meta.mtime() })
@@ -151,7 +232,13 @@ impl Connection for LocalConnection {
     fn read_files(&mut self, files: &mut [WholeRead<'_>]) -> Result<(), SourceError> {
         for file in files.iter_mut() {
             let size = file.buf.len() as u64;
+            let listed = file.listed;
             file.result = self.read_exact_at(file.path, 0, 0, file.buf).and_then(|()| {
+                let opened = self.file(file.path, 0)?.metadata().map_err(|e| io_error(file.path, file.path, e))?;
+                let now = SourceStat { size: opened.len(), mtime: opened.mtime() };
+                if let Some(reason) = changed_since_listed(listed, now) {
+                    return Err(SourceError::Changed { path: file.path.to_path_buf(), reason });
+                }
                 match self.has_byte_at(file.path, size)? {
                     true => Err(SourceError::Longer { path: file.path.to_path_buf(), size }),
                     false => Ok(()),

@@ -11,6 +11,7 @@ mod split;
 mod ssh;
 mod tar;
 
+use std::ffi::OsString;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +33,57 @@ pub struct SourceStat {
     pub size: u64,
     /// Seconds since the epoch; lets a reader notice a file changed underneath.
     pub mtime: i64,
+}
+
+/// What the source says of a file, directory or symlink itself (a symlink is
+/// not followed): what a listing gives for each name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SourceAttrs {
+    /// `st_mode`: file type and permission bits.
+    pub mode: u32,
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    /// Nanoseconds since the epoch; whole seconds where the source tells no
+    /// more (SFTP v3).
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    /// What SFTP v3 does not tell: a local directory does.
+    pub ctime_ns: Option<i64>,
+    /// Device and inode number, and the link count (hard links share them).
+    pub dev_ino: Option<(u64, u64)>,
+    pub nlink: Option<u32>,
+}
+
+impl SourceAttrs {
+    /// The size and whole-second mtime a change is told by.
+    pub fn stat(&self) -> SourceStat {
+        SourceStat { size: self.size, mtime: self.mtime_ns.div_euclid(1_000_000_000) }
+    }
+
+    /// The file type bits.
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
+/// One name of a listed directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub attrs: SourceAttrs,
+    /// A symlink's target, as it is (never followed).
+    pub target: Option<OsString>,
+}
+
+/// The entries of each listed directory, or why one could not be listed.
+pub type Listings = Vec<Result<Vec<DirEntry>, SourceError>>;
+
+/// Whether a name the source gives for a directory entry is one lazyfs may
+/// show: a single component (no `/`, no NUL, not `.` or `..`, not empty,
+/// at most NAME_MAX bytes). Spaces, quotes, `$`, `;`, newlines are legal.
+pub fn is_safe_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= 255 && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
 }
 
 pub trait Source: Send + Sync {
@@ -129,6 +181,22 @@ pub trait Connection: Send {
         Ok(stats)
     }
 
+    /// The attributes of `path` itself (a symlink is not followed).
+    fn attrs(&mut self, path: &Path) -> Result<SourceAttrs, SourceError> {
+        Err(SourceError::Config(format!("{}: this source cannot list directories", path.display())))
+    }
+
+    /// Lists each of `dirs`: its entries but `.` and `..`, each with its own
+    /// attributes (a symlink's, not its target's) and a symlink's target.
+    /// A directory that is a symlink now, or is reached through one, is
+    /// [`SourceError::Changed`]; a name that could escape the mount is left
+    /// out (with a warning). Over SSH, one pipeline for them all. The error
+    /// returned means the connection itself failed.
+    fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Listings, SourceError> {
+        let path = dirs.first().map_or_else(|| Path::new("/"), |p| *p);
+        Err(SourceError::Config(format!("{}: this source cannot list directories", path.display())))
+    }
+
     /// Reads many whole small files, each into its buffer, setting each
     /// one's result. Over SSH this is one pipeline instead of a round trip per
     /// step; the error returned means the connection itself failed.
@@ -179,7 +247,20 @@ impl Sink for Copy<'_> {
 pub struct WholeRead<'a> {
     pub path: &'a Path,
     pub buf: &'a mut [u8],
+    /// The size and mtime it was listed with, if it was: a file that no
+    /// longer has them is [`SourceError::Changed`].
+    pub listed: Option<SourceStat>,
     pub result: Result<(), SourceError>,
+}
+
+/// The reason a file that no longer has the size and mtime it was listed
+/// with is refused (`None` if it still has them).
+pub fn changed_since_listed(listed: Option<SourceStat>, now: SourceStat) -> Option<String> {
+    let listed = listed.filter(|l| *l != now)?;
+    Some(format!(
+        "changed since it was listed (then {} bytes, mtime {}; now {} bytes, mtime {})",
+        listed.size, listed.mtime, now.size, now.mtime
+    ))
 }
 
 #[derive(Debug, thiserror::Error)]

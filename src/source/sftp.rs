@@ -23,7 +23,10 @@ const CLOSE: u8 = 4;
 const READ: u8 = 5;
 const LSTAT: u8 = 7;
 const FSTAT: u8 = 8;
+const OPENDIR: u8 = 11;
+const READDIR: u8 = 12;
 const REALPATH: u8 = 16;
+const READLINK: u8 = 19;
 const STATUS: u8 = 101;
 const HANDLE: u8 = 102;
 const DATA: u8 = 103;
@@ -45,8 +48,14 @@ const DEPTH: usize = 64;
 /// files in a few round trips), and READs in flight per file then.
 const FILES_IN_FLIGHT: usize = 256;
 const DEPTH_PER_FILE: usize = 4;
-/// No SFTP reply lazyfs asks for is larger (a DATA of REQUEST bytes and its header).
+/// No SFTP reply lazyfs asks for is larger (a DATA of REQUEST bytes and its
+/// header; OpenSSH keeps a READDIR answer under 256 KiB too).
 const MAX_PACKET: usize = 1 << 20;
+/// Directories listed at once, READDIRs in flight per directory, and
+/// requests in flight in all when many directories are listed together.
+const DIRS_IN_FLIGHT: usize = 32;
+const READDIRS_PER_DIR: usize = 2;
+const LISTING_REQUESTS: usize = 128;
 
 /// Why an SFTP operation failed.
 #[derive(Debug)]
@@ -90,30 +99,57 @@ pub struct Attrs {
     /// `st_mode`, file type bits included (OpenSSH sends them).
     pub mode: Option<u32>,
     pub mtime: Option<u32>,
+    pub atime: Option<u32>,
+}
+
+/// A big-endian u32 at `at` of `body`.
+fn word(body: &[u8], at: usize) -> Option<u32> {
+    body.get(at..at.checked_add(4)?).map(|w| u32::from_be_bytes(w.try_into().expect("4")))
+}
+
+/// The SFTP string at `at` of `body`, and where what follows it starts.
+fn string(body: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let len = word(body, at)? as usize;
+    let start = at + 4;
+    let end = start.checked_add(len)?;
+    Some((body.get(start..end)?, end))
 }
 
 impl Attrs {
     fn parse(body: &[u8]) -> Option<Attrs> {
-        let word = |at: usize| body.get(at..at + 4).map(|w| u32::from_be_bytes(w.try_into().expect("4")));
-        let flags = word(0)?;
+        Self::parse_at(body, 0).map(|(attrs, _)| attrs)
+    }
+
+    /// The ATTRS at `at` of `body`, and where what follows them starts.
+    fn parse_at(body: &[u8], mut at: usize) -> Option<(Attrs, usize)> {
+        let flags = word(body, at)?;
         let mut attrs = Attrs::default();
-        let mut at = 4;
+        at += 4;
         if flags & 1 != 0 {
             attrs.size = Some(u64::from_be_bytes(body.get(at..at + 8)?.try_into().ok()?));
             at += 8;
         }
         if flags & 2 != 0 {
-            (attrs.uid, attrs.gid) = (Some(word(at)?), Some(word(at + 4)?));
+            (attrs.uid, attrs.gid) = (Some(word(body, at)?), Some(word(body, at + 4)?));
             at += 8;
         }
         if flags & 4 != 0 {
-            attrs.mode = Some(word(at)?);
+            attrs.mode = Some(word(body, at)?);
             at += 4;
         }
         if flags & 8 != 0 {
-            attrs.mtime = Some(word(at + 4)?);
+            (attrs.atime, attrs.mtime) = (Some(word(body, at)?), Some(word(body, at + 4)?));
+            at += 8;
         }
-        Some(attrs)
+        if flags & 0x8000_0000 != 0 {
+            let count = word(body, at)?;
+            at += 4;
+            for _ in 0..count {
+                at = string(body, at)?.1;
+                at = string(body, at)?.1;
+            }
+        }
+        Some((attrs, at))
     }
 
     /// What kind of file this is, if it is not a regular file.
@@ -146,6 +182,23 @@ fn check_lookup(path: &Path, real: &[u8], lstat: &Attrs) -> Result<(), SftpError
     Ok(())
 }
 
+/// Checks what LSTAT and REALPATH said of a directory about to be listed: a
+/// directory reached without a symlink.
+fn check_dir_lookup(path: &Path, real: &[u8], lstat: &Attrs) -> Result<(), SftpError> {
+    match lstat.irregular() {
+        Some("a directory") => {}
+        None => return Err(SftpError::Changed("now a regular file".into())),
+        Some(kind) => return Err(SftpError::Changed(format!("now {kind}"))),
+    }
+    if real != path.as_os_str().as_bytes() {
+        return Err(SftpError::Changed(format!(
+            "reached through a symbolic link (it resolves to {})",
+            String::from_utf8_lossy(real)
+        )));
+    }
+    Ok(())
+}
+
 /// Checks FSTAT of the opened handle against LSTAT of the path before the
 /// OPEN: a file swapped in between (a symlink there only while it was
 /// opened) shows as another owner, mode, size or time.
@@ -160,6 +213,8 @@ fn check_opened(lstat: &Attrs, fstat: &Attrs) -> Result<(), SftpError> {
 pub struct FileRead<'a> {
     pub path: &'a Path,
     pub buf: &'a mut [u8],
+    /// The size and mtime it was listed with: LSTAT must agree.
+    pub listed: Option<super::SourceStat>,
     pub result: Result<(), SftpError>,
 }
 
@@ -211,8 +266,16 @@ enum Reply {
     /// DATA: how many bytes were placed in the request's destination.
     Data(usize),
     Attrs(Attrs),
-    /// NAME: the first name (REALPATH answers with one).
+    /// NAME: its body (a count, then each name with its long form and attributes).
     Name(Vec<u8>),
+}
+
+/// One name of a READDIR answer, with its attributes.
+pub struct Listed {
+    pub name: Vec<u8>,
+    pub attrs: Attrs,
+    /// A symlink's target (READLINK).
+    pub target: Option<Vec<u8>>,
 }
 
 impl Reply {
@@ -224,12 +287,39 @@ impl Reply {
         }
     }
 
+    /// The first name (REALPATH and READLINK answer with one).
     fn name(self) -> Result<Vec<u8>, SftpError> {
         match self {
-            Reply::Name(name) => Ok(name),
+            Reply::Name(body) => match word(&body, 0).filter(|&n| n > 0).and_then(|_| string(&body, 4)) {
+                Some((name, _)) => Ok(name.to_vec()),
+                None => Err(SftpError::Broken("a NAME without a name".into())),
+            },
             Reply::Status { code, message } => Err(SftpError::Status { code, message }),
             _ => Err(SftpError::Broken("unexpected reply to REALPATH".into())),
         }
+    }
+
+    /// Every name of a READDIR answer, with its attributes.
+    fn names(self) -> Result<Vec<Listed>, SftpError> {
+        let Reply::Name(body) = self else {
+            return Err(match self {
+                Reply::Status { code, message } => SftpError::Status { code, message },
+                _ => SftpError::Broken("unexpected reply to READDIR".into()),
+            });
+        };
+        let broken = || SftpError::Broken("a malformed READDIR answer".into());
+        let count = word(&body, 0).ok_or_else(broken)?;
+        let mut at = 4;
+        // Each name takes at least 12 bytes: a count past that is a lie.
+        let mut names = Vec::with_capacity((count as usize).min(body.len() / 12));
+        for _ in 0..count {
+            let (name, next) = string(&body, at).ok_or_else(broken)?;
+            let (_, next) = string(&body, next).ok_or_else(broken)?;
+            let (attrs, next) = Attrs::parse_at(&body, next).ok_or_else(broken)?;
+            names.push(Listed { name: name.to_vec(), attrs, target: None });
+            at = next;
+        }
+        Ok(names)
     }
 }
 
@@ -451,12 +541,7 @@ impl<C: Wire> Sftp<C> {
                 let body = self.read_body(rest)?;
                 Reply::Attrs(Attrs::parse(&body).ok_or_else(|| SftpError::Broken("truncated ATTRS".into()))?)
             }
-            NAME => {
-                let body = self.read_body(rest)?;
-                let len = body.get(4..8).map(|l| u32::from_be_bytes(l.try_into().expect("4")) as usize);
-                let name = len.and_then(|l| body.get(8..8usize.checked_add(l)?));
-                Reply::Name(name.ok_or_else(|| SftpError::Broken("a NAME without a name".into()))?.to_vec())
-            }
+            NAME => Reply::Name(self.read_body(rest)?),
             other => {
                 self.skip(rest)?;
                 return Err(SftpError::Broken(format!("unexpected packet type {other}")));
@@ -508,6 +593,176 @@ impl<C: Wire> Sftp<C> {
                 let lstat = lstat.expect("answered")?.attrs("LSTAT")?;
                 check_lookup(path, &real.expect("answered")?.name()?, &lstat)?;
                 Ok(lstat)
+            })
+            .collect())
+    }
+
+    /// LSTAT of `path`, which must be reached without a symlink (REALPATH, in
+    /// the same round trip, gives back `path` itself).
+    pub fn lstat_checked(&mut self, path: &Path) -> Result<Attrs, SftpError> {
+        let lstat = self.path_request(LSTAT, path);
+        let real = self.path_request(REALPATH, path);
+        self.flush()?;
+        let (mut looked, mut resolved) = (None, None);
+        while looked.is_none() || resolved.is_none() {
+            let (id, reply) = self.reply(|_| None)?;
+            match id {
+                _ if id == lstat => looked = Some(reply),
+                _ if id == real => resolved = Some(reply),
+                _ => return Err(SftpError::Broken(format!("a reply to unknown request {id}"))),
+            }
+        }
+        let attrs = looked.expect("answered").attrs("LSTAT")?;
+        let real = resolved.expect("answered").name()?;
+        if real != path.as_os_str().as_bytes() {
+            let reason = format!("reached through a symbolic link (it resolves to {})", String::from_utf8_lossy(&real));
+            return Err(SftpError::Changed(reason));
+        }
+        Ok(attrs)
+    }
+
+    /// Lists many directories in one pipeline: for each, LSTAT and REALPATH
+    /// (it must still be a directory reached without a symlink) with
+    /// OPENDIR, then READDIRs (a few in flight per handle) until EOF, a
+    /// READLINK for each symlink among the names, and CLOSE; several
+    /// directories at once. `.`, `..` and names that could escape the mount
+    /// are left out. The error returned means the session failed.
+    #[allow(clippy::type_complexity)]
+    pub fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Vec<Result<Vec<Listed>, SftpError>>, SftpError> {
+        enum Step {
+            Lstat(usize),
+            Real(usize),
+            Opendir(usize),
+            Readdir(usize),
+            /// Directory, index of the name.
+            Readlink(usize, usize),
+            Close(usize),
+        }
+        #[derive(Default)]
+        struct Dir {
+            lstat: Option<Result<Attrs, SftpError>>,
+            real: Option<Result<Vec<u8>, SftpError>>,
+            handle: Option<Vec<u8>>,
+            reading: usize,
+            done_reading: bool,
+            names: Vec<Listed>,
+            error: Option<SftpError>,
+            /// Requests for it not answered yet.
+            outstanding: usize,
+        }
+        let mut state: Vec<Dir> = dirs.iter().map(|_| Dir::default()).collect();
+        let mut steps: HashMap<u32, Step> = HashMap::new();
+        let (mut next, mut active) = (0, 0);
+        loop {
+            while active < DIRS_IN_FLIGHT && next < dirs.len() && steps.len() + 3 <= LISTING_REQUESTS {
+                steps.insert(self.path_request(LSTAT, dirs[next]), Step::Lstat(next));
+                steps.insert(self.path_request(REALPATH, dirs[next]), Step::Real(next));
+                steps.insert(self.path_request(OPENDIR, dirs[next]), Step::Opendir(next));
+                state[next].outstanding = 3;
+                next += 1;
+                active += 1;
+            }
+            if steps.is_empty() {
+                break;
+            }
+            self.flush()?;
+            let (id, reply) = self.reply(|_| None)?;
+            let step =
+                steps.remove(&id).ok_or_else(|| SftpError::Broken(format!("a reply to unknown request {id}")))?;
+            let at = match step {
+                Step::Lstat(i) => {
+                    state[i].lstat = Some(reply.attrs("LSTAT"));
+                    i
+                }
+                Step::Real(i) => {
+                    state[i].real = Some(reply.name());
+                    i
+                }
+                Step::Opendir(i) => {
+                    match reply {
+                        Reply::Handle(handle) => state[i].handle = Some(handle),
+                        Reply::Status { code, message } => {
+                            state[i].error.get_or_insert(SftpError::Status { code, message });
+                            state[i].done_reading = true;
+                        }
+                        _ => return Err(SftpError::Broken("unexpected reply to OPENDIR".into())),
+                    }
+                    i
+                }
+                Step::Readdir(i) => {
+                    state[i].reading -= 1;
+                    match reply {
+                        Reply::Status { code: FX_EOF, .. } => state[i].done_reading = true,
+                        Reply::Status { code, message } => {
+                            state[i].error.get_or_insert(SftpError::Status { code, message });
+                            state[i].done_reading = true;
+                        }
+                        reply => {
+                            for listed in reply.names()? {
+                                if listed.name == b"." || listed.name == b".." {
+                                    continue;
+                                }
+                                if !super::is_safe_name(&listed.name) {
+                                    log::warn!(
+                                        "{}: an entry named {:?} is left out",
+                                        dirs[i].display(),
+                                        String::from_utf8_lossy(&listed.name)
+                                    );
+                                    continue;
+                                }
+                                let dir = &mut state[i];
+                                if listed.attrs.mode.map(|m| m & libc::S_IFMT) == Some(libc::S_IFLNK) {
+                                    let mut link = dirs[i].as_os_str().as_bytes().to_vec();
+                                    link.push(b'/');
+                                    link.extend_from_slice(&listed.name);
+                                    let id = self.request(READLINK, &[&Self::string(&link)]);
+                                    steps.insert(id, Step::Readlink(i, dir.names.len()));
+                                    dir.outstanding += 1;
+                                }
+                                dir.names.push(listed);
+                            }
+                        }
+                    }
+                    i
+                }
+                Step::Readlink(i, k) => {
+                    // A link gone meanwhile keeps no target and is left out.
+                    state[i].names[k].target = reply.name().ok();
+                    i
+                }
+                Step::Close(i) => i,
+            };
+            let dir = &mut state[at];
+            dir.outstanding -= 1;
+            if let Some(handle) = dir.handle.clone() {
+                while !dir.done_reading && dir.reading < READDIRS_PER_DIR {
+                    let id = self.request(READDIR, &[&Self::string(&handle)]);
+                    steps.insert(id, Step::Readdir(at));
+                    dir.reading += 1;
+                    dir.outstanding += 1;
+                }
+                if dir.done_reading && dir.reading == 0 {
+                    let id = self.close_request(&handle);
+                    steps.insert(id, Step::Close(at));
+                    dir.handle = None;
+                    dir.outstanding += 1;
+                }
+            }
+            if dir.outstanding == 0 {
+                active -= 1;
+            }
+        }
+        Ok(dirs
+            .iter()
+            .zip(state)
+            .map(|(path, dir)| {
+                let lstat = dir.lstat.expect("answered")?;
+                check_dir_lookup(path, &dir.real.expect("answered")?, &lstat)?;
+                if let Some(error) = dir.error {
+                    return Err(error);
+                }
+                let is_link = |l: &Listed| l.attrs.mode.map(|m| m & libc::S_IFMT) == Some(libc::S_IFLNK);
+                Ok(dir.names.into_iter().filter(|l| !is_link(l) || l.target.is_some()).collect())
             })
             .collect())
     }
@@ -792,6 +1047,16 @@ impl<C: Wire> Sftp<C> {
                         }
                     };
                     looking -= 1;
+                    let looked = looked.and_then(|lstat| {
+                        let now = super::SourceStat {
+                            size: lstat.size.unwrap_or(0),
+                            mtime: i64::from(lstat.mtime.unwrap_or(0)),
+                        };
+                        match super::changed_since_listed(files[i].listed, now) {
+                            Some(reason) => Err(SftpError::Changed(reason)),
+                            None => Ok(lstat),
+                        }
+                    });
                     match looked {
                         Ok(lstat) => {
                             p.looked = lstat;
@@ -992,7 +1257,7 @@ mod tests {
         let (lstat, real, open, fstat) = (attrs(2, REGULAR), name(3, "/f"), handle(4), attrs(5, REGULAR));
         let mut sftp = session(&[lstat, real, open, fstat, data(6, &[7; 64])]);
         let mut buf = [0u8; 10];
-        let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
+        let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, listed: None, result: Ok(()) }];
         let err = sftp.read_files(&mut files).unwrap_err();
         assert!(matches!(&err, SftpError::Broken(m) if m.contains("64 bytes")), "{err:?}");
     }
@@ -1006,8 +1271,8 @@ mod tests {
         let mut sftp = session(&[attrs(2, REGULAR), name(3, "/f")]);
         let (mut f, mut g) = ([0u8; 10], [0u8; 10]);
         let mut files = [
-            FileRead { path: Path::new("/f"), buf: &mut f, result: Ok(()) },
-            FileRead { path: Path::new("/g"), buf: &mut g, result: Ok(()) },
+            FileRead { path: Path::new("/f"), buf: &mut f, listed: None, result: Ok(()) },
+            FileRead { path: Path::new("/g"), buf: &mut g, listed: None, result: Ok(()) },
         ];
         assert!(matches!(sftp.read_files(&mut files), Err(SftpError::TimedOut)));
         assert!(files[0].result.is_ok(), "{:?}", files[0].result);
@@ -1048,7 +1313,7 @@ mod tests {
             assert!(matches!(&err, SftpError::Changed(m) if m == reason), "{err:?}");
             let mut sftp = session(&[attrs(2, lstat), name(3, real)]);
             let mut buf = [0u8; 10];
-            let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, result: Ok(()) }];
+            let mut files = [FileRead { path: Path::new("/f"), buf: &mut buf, listed: None, result: Ok(()) }];
             sftp.read_files(&mut files).unwrap();
             assert!(matches!(&files[0].result, Err(SftpError::Changed(m)) if m == reason), "{:?}", files[0].result);
         }

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,10 @@ use ssh2::{HashType, MethodType, Session};
 use super::known_hosts::{self, HostKeyCheck, KnownHosts};
 use super::sftp::{Attrs, FileRead, Sftp, SftpError, Wire};
 use super::tar::{self, TarUse};
-use super::{Connection, Limits, Sink, Source, SourceError, SourceStat, SshOptions, WholeRead, relative};
+use super::{
+    Connection, DirEntry, Limits, Listings, Sink, Source, SourceAttrs, SourceError, SourceStat, SshOptions, WholeRead,
+    relative,
+};
 
 /// AES-GCM first: libssh2 decrypts it with OpenSSL (AES-NI); its chacha20-poly1305
 /// is portable C and took half the daemon's CPU in a perf profile of a bulk transfer.
@@ -521,16 +525,26 @@ impl SshConnection {
     /// file's result, and the pipeline's: an error there means the connection
     /// failed (a file's result then tells if the SFTP server was stuck on it).
     fn read_whole(&mut self, reads: Vec<FileRead<'_>>) -> (Vec<Result<(), SftpError>>, Result<(), SftpError>) {
-        let mut reads: Vec<(usize, FileRead<'_>)> = reads.into_iter().enumerate().collect();
-        let left = if self.use_tar && self.tar.allowed() && reads.len() >= TAR_MIN_FILES {
+        // A file listed from the tree is checked against its listing by the
+        // LSTAT before its OPEN: it goes through SFTP.
+        let (mut reads, listed): (Vec<(usize, FileRead<'_>)>, Vec<_>) =
+            reads.into_iter().enumerate().partition(|(_, r)| r.listed.is_none());
+        let mut left = if self.use_tar && self.tar.allowed() && reads.len() >= TAR_MIN_FILES {
             let wait = self.sftp.next_wait();
             match tar::read_files(self.remote.as_mut(), wait, &self.tar, &self.host, &mut reads) {
                 Ok(left) => left,
-                Err(e) => return (reads.into_iter().map(|(_, r)| r.result).collect(), Err(e)),
+                Err(e) => {
+                    reads.extend(listed);
+                    reads.sort_by_key(|(i, _)| *i);
+                    return (reads.into_iter().map(|(_, r)| r.result).collect(), Err(e));
+                }
             }
         } else {
             reads.iter().map(|(i, _)| *i).collect()
         };
+        left.extend(listed.iter().map(|(i, _)| *i));
+        reads.extend(listed);
+        reads.sort_by_key(|(i, _)| *i);
         let (mut rest, done): (Vec<_>, Vec<_>) = reads.into_iter().partition(|(i, _)| left.contains(i));
         let mut results: Vec<Option<Result<(), SftpError>>> = (0..rest.len() + done.len()).map(|_| None).collect();
         for (i, read) in done {
@@ -554,6 +568,36 @@ impl Connection for SshConnection {
 
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
         self.stat_many(&[path])?.pop().expect("one path")
+    }
+
+    fn attrs(&mut self, path: &Path) -> Result<SourceAttrs, SourceError> {
+        let full = self.full(path);
+        match self.sftp.lstat_checked(&full) {
+            Ok(attrs) => Ok(source_attrs(&attrs)),
+            Err(SftpError::TimedOut) => Err(self.timed_out(Some(path))),
+            Err(e) => Err(self.error(path, e, 0)),
+        }
+    }
+
+    fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Listings, SourceError> {
+        let fulls: Vec<PathBuf> = dirs.iter().map(|p| self.full(p)).collect();
+        let refs: Vec<&Path> = fulls.iter().map(PathBuf::as_path).collect();
+        let listed = self.sftp.list_dirs(&refs).map_err(|e| self.pipeline_error(e))?;
+        Ok(dirs
+            .iter()
+            .zip(listed)
+            .map(|(dir, listing)| {
+                let names = listing.map_err(|e| self.error(dir, e, 0))?;
+                Ok(names
+                    .into_iter()
+                    .map(|l| DirEntry {
+                        name: std::ffi::OsString::from_vec(l.name),
+                        attrs: source_attrs(&l.attrs),
+                        target: l.target.map(std::ffi::OsString::from_vec),
+                    })
+                    .collect())
+            })
+            .collect())
     }
 
     fn stat_many(&mut self, paths: &[&Path]) -> Result<Vec<Result<SourceStat, SourceError>>, SourceError> {
@@ -617,7 +661,7 @@ impl Connection for SshConnection {
         let reads: Vec<FileRead<'_>> = files
             .iter_mut()
             .zip(&fulls)
-            .map(|(f, full)| FileRead { path: full, buf: &mut *f.buf, result: Ok(()) })
+            .map(|(f, full)| FileRead { path: full, buf: &mut *f.buf, listed: f.listed, result: Ok(()) })
             .collect();
         let (results, outcome) = self.read_whole(reads);
         for (file, result) in files.iter_mut().zip(results) {
@@ -625,6 +669,23 @@ impl Connection for SshConnection {
             file.result = result.map_err(|e| self.error(file.path, e, wanted));
         }
         outcome.map_err(|e| self.pipeline_error(e))
+    }
+}
+
+/// What SFTP v3 tells of a file: no inode number, link count, ctime or
+/// fraction of a second.
+fn source_attrs(attrs: &Attrs) -> SourceAttrs {
+    let ns = |secs: Option<u32>| i64::from(secs.unwrap_or(0)) * 1_000_000_000;
+    SourceAttrs {
+        mode: attrs.mode.unwrap_or(0),
+        size: attrs.size.unwrap_or(0),
+        uid: attrs.uid.unwrap_or(0),
+        gid: attrs.gid.unwrap_or(0),
+        atime_ns: ns(attrs.atime),
+        mtime_ns: ns(attrs.mtime),
+        ctime_ns: None,
+        dev_ino: None,
+        nlink: None,
     }
 }
 

@@ -363,7 +363,7 @@ mod tests {
             .iter()
             .zip(bufs.iter_mut())
             .enumerate()
-            .map(|(i, ((path, _), buf))| (i, FileRead { path, buf, result: Ok(()) }))
+            .map(|(i, ((path, _), buf))| (i, FileRead { path, buf, listed: None, result: Ok(()) }))
             .collect();
         let seen = parse(&mut out.as_slice(), &mut reads).unwrap();
         assert_eq!(seen, [true, false, true, true, true]);
@@ -424,7 +424,7 @@ mod tests {
     fn a_silent_tar_is_a_timeout_and_is_cut_not_a_refusal() {
         let cut = std::sync::Arc::new(AtomicBool::new(false));
         let mut buf = [0u8; 4];
-        let mut reads = [(0, FileRead { path: Path::new("/a"), buf: &mut buf, result: Ok(()) })];
+        let mut reads = [(0, FileRead { path: Path::new("/a"), buf: &mut buf, listed: None, result: Ok(()) })];
         let tar = TarUse::default();
         let result = read_files(&mut Silent(cut.clone()), Duration::from_secs(1), &tar, "host", &mut reads);
         assert!(matches!(result, Err(SftpError::TimedOut)), "{result:?}");

@@ -101,7 +101,7 @@ fn read_all(dir: &CacheDir) -> Result<Result<Loaded, String>, StoreError> {
 
 /// One record on disk: its length (varint), the record, and 4 bytes of its
 /// blake3, so a damaged record is told from a good one.
-fn encode(record: &JournalRecord) -> Vec<u8> {
+pub(crate) fn encode(record: &impl Message) -> Vec<u8> {
     let body = record.encode_to_vec();
     let mut out = Vec::with_capacity(body.len() + 9);
     prost::encoding::encode_varint(body.len() as u64, &mut out);
@@ -110,24 +110,37 @@ fn encode(record: &JournalRecord) -> Vec<u8> {
     out
 }
 
-fn parse(mut bytes: &[u8]) -> Result<Loaded, String> {
+/// The records of a file in the journal's framing, as their bodies: a
+/// torn record at the end (a crash mid-append) ends them; a damaged one is
+/// an error.
+pub(crate) fn frames(mut bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> {
+    std::iter::from_fn(move || {
+        if bytes.is_empty() {
+            return None;
+        }
+        let len = match prost::encoding::decode_varint(&mut bytes) {
+            Ok(len) => len,
+            Err(e) => return Some(Err(format!("unreadable record length: {e}"))),
+        };
+        // The last append stopped part way (a crash): what came before stands.
+        let end = usize::try_from(len).ok().and_then(|l| l.checked_add(4)).filter(|&end| end <= bytes.len())?;
+        let (body, check) = (&bytes[..end - 4], &bytes[end - 4..end]);
+        bytes = &bytes[end..];
+        if blake3::hash(body).as_bytes()[..4] != *check {
+            bytes = &[];
+            return Some(Err("a damaged record (checksum mismatch)".into()));
+        }
+        Some(Ok(body))
+    })
+}
+
+fn parse(bytes: &[u8]) -> Result<Loaded, String> {
     let mut owner = Owner::default();
     let mut files: HashMap<Vec<u8>, FileRecord> = HashMap::new();
     let mut local = Vec::new();
     let mut first = true;
-    while !bytes.is_empty() {
-        let len = prost::encoding::decode_varint(&mut bytes).map_err(|e| format!("unreadable record length: {e}"))?;
-        let Some(end) = usize::try_from(len).ok().and_then(|l| l.checked_add(4)).filter(|&end| end <= bytes.len())
-        else {
-            // The last append stopped part way (a crash): what came before stands.
-            break;
-        };
-        let (body, check) = (&bytes[..end - 4], &bytes[end - 4..end]);
-        if blake3::hash(body).as_bytes()[..4] != *check {
-            return Err("a damaged record (checksum mismatch)".into());
-        }
-        let record = JournalRecord::decode(body).map_err(|e| format!("unreadable record: {e}"))?;
-        bytes = &bytes[end..];
+    for body in frames(bytes) {
+        let record = JournalRecord::decode(body?).map_err(|e| format!("unreadable record: {e}"))?;
         match (first, record.kind) {
             (true, Some(Kind::Header(h))) if h.version == VERSION && h.chunk_size == CHUNK_SIZE => {
                 owner = Owner { id: h.owner, name: h.owner_name };
@@ -168,7 +181,12 @@ fn parse(mut bytes: &[u8]) -> Result<Loaded, String> {
 }
 
 enum Op {
-    Present { file: usize, chunks: Range<u64> },
+    /// File number `file` is `JournalFile` (a file of the tree found after the mount began).
+    File(usize, JournalFile),
+    Present {
+        file: usize,
+        chunks: Range<u64>,
+    },
     Record(JournalRecord),
     Flush(Sender<Result<(), String>>),
 }
@@ -186,6 +204,7 @@ const SYNC_EACH_UP_TO: usize = 16;
 /// A file the journal writes `Present` records for: its path, spill size, and
 /// the spill file to fsync before claiming its chunks (opened for that: only
 /// a bounded set of spill files is open at a time).
+#[derive(Default)]
 pub struct JournalFile {
     pub path: Vec<u8>,
     pub size: u64,
@@ -218,6 +237,11 @@ impl Journal {
             .spawn(move || writer.run(rx))
             .map_err(io_err(path))?;
         Ok(Journal { path: path.to_path_buf(), tx, thread: Some(thread) })
+    }
+
+    /// File number `index` (after those given at creation) is `file`.
+    pub fn add_file(&self, index: usize, file: JournalFile) {
+        let _ = self.tx.send(Op::File(index, file));
     }
 
     /// Chunks of file `file` (its index among the `files` given) are written.
@@ -279,14 +303,12 @@ impl Drop for Journal {
 }
 
 fn header(owner: &Owner) -> JournalRecord {
-    JournalRecord {
-        kind: Some(Kind::Header(Header {
-            version: VERSION,
-            chunk_size: CHUNK_SIZE,
-            owner: owner.id.clone(),
-            owner_name: owner.name.clone(),
-        })),
-    }
+    JournalRecord { kind: Some(Kind::Header(owner_header(owner))) }
+}
+
+/// The header saying whose files a cache dir's logs hold.
+pub(crate) fn owner_header(owner: &Owner) -> Header {
+    Header { version: VERSION, chunk_size: CHUNK_SIZE, owner: owner.id.clone(), owner_name: owner.name.clone() }
 }
 
 /// The record saying chunks `chunks` of `path` (spill `size` bytes) are present.
@@ -326,6 +348,12 @@ impl Writer {
                 Some(since) => rx.recv_timeout(BATCH_TIME.saturating_sub(since.elapsed())),
             };
             match op {
+                Ok(Op::File(index, file)) => {
+                    if self.files.len() <= index {
+                        self.files.resize_with(index + 1, JournalFile::default);
+                    }
+                    self.files[index] = file;
+                }
                 Ok(op) => {
                     let flush_now = matches!(op, Op::Flush(_));
                     pending.push(op);
@@ -386,6 +414,7 @@ impl Writer {
                 }
                 Op::Record(record) => bytes.extend(encode(&record)),
                 Op::Flush(done) => waiters.push(done),
+                Op::File(..) => {}
             }
         }
         let written = match bytes.is_empty() {

@@ -115,14 +115,150 @@ pub struct Tree {
 }
 
 impl Drop for Tree {
+    /// Kills the tree's processes and whatever they started since (a
+    /// database's new backends), all still naming `script`.
     fn drop(&mut self) {
-        for &pid in &self.pids {
+        let names_script = |pid: i32| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline.windows(self.script.len()).any(|w| w == self.script.as_bytes()) {
+            cmdline.windows(self.script.len()).any(|w| w == self.script.as_bytes())
+        };
+        let mut pids = self.pids.clone();
+        pids.extend(self.pids.iter().flat_map(|&pid| descendants(pid)));
+        for pid in pids {
+            if names_script(pid) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
+}
+
+/// The processes below `pid`, children first (from /proc/PID/task/*/children).
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// One real CRIU test at a time in a test binary: CRIU gives a restored tree
+/// its original pids, and two trees started near each other could want the
+/// same ones. Holding this for the whole test keeps them apart.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `criu dump -t PID -D IMGDIR OPTIONS` (log `dump.log` in IMGDIR); panics with the
+/// log's tail if it fails. With `user`, the dump runs as that user in CRIU's
+/// unprivileged mode, with every capability of the bounding set: root on these
+/// machines lacks `CAP_SYS_RESOURCE`, and CRIU as root cannot read the rlimits
+/// of another user's process without it (`Can't get rlimit 0: Operation not
+/// permitted`), while the owner itself can. IMGDIR is then made that user's.
+pub fn dump(criu: &Path, pid: i32, imgdir: &Path, user: Option<&str>, options: &[&str]) {
+    std::fs::create_dir_all(imgdir).unwrap();
+    let mut command = match user {
+        None => Command::new(criu),
+        Some(user) => {
+            let chown = Command::new("chown").arg(format!("{user}:")).arg(imgdir).status().unwrap();
+            assert!(chown.success(), "chown {user}: {}", imgdir.display());
+            let caps = bounding_capabilities().iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",");
+            let mut command = Command::new("setpriv");
+            command.args([&format!("--reuid={user}"), &format!("--regid={user}"), "--init-groups"]);
+            command.args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}")]);
+            command.arg("--").arg(criu);
+            command
+        }
+    };
+    command.args(["dump", "-t", &pid.to_string(), "-D"]).arg(imgdir).args(["-o", "dump.log", "-v4"]).args(options);
+    if user.is_some() {
+        command.arg("--unprivileged");
+    }
+    let started = Instant::now();
+    let out = command.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "criu dump failed ({}):\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log_tail(&imgdir.join("dump.log"))
+    );
+    eprintln!("criu dump: {:.2} s", started.elapsed().as_secs_f64());
+}
+
+/// Stock `criu restore -D IMGDIR -d OPTIONS` (log `LOG` in IMGDIR) under a
+/// reaper of its own, which then reaps the restored tree; panics with the
+/// log's tail if the restore fails.
+pub fn restore(criu: &Path, imgdir: &Path, log: &str, options: &[&str]) -> Reaper {
+    let started = Instant::now();
+    let mut args: Vec<&OsStr> = vec![criu.as_os_str(), "restore".as_ref(), "-D".as_ref(), imgdir.as_os_str()];
+    args.extend(["-d", "-o", log, "-v4"].map(OsStr::new));
+    args.extend(options.iter().map(OsStr::new));
+    let restore = Reaper::start(&args);
+    let _criu_pid = restore.expect("pid");
+    let code = restore.expect("exit");
+    assert_eq!(code, 0, "criu restore failed:\n{}", log_tail(&imgdir.join(log)));
+    eprintln!("criu restore: {:.2} s", started.elapsed().as_secs_f64());
+    restore
+}
+
+/// The names (for setpriv) of the capabilities in this process's bounding set.
+fn bounding_capabilities() -> Vec<&'static str> {
+    // capabilities(7), by number.
+    const NAMES: [&str; 41] = [
+        "chown",
+        "dac_override",
+        "dac_read_search",
+        "fowner",
+        "fsetid",
+        "kill",
+        "setgid",
+        "setuid",
+        "setpcap",
+        "linux_immutable",
+        "net_bind_service",
+        "net_broadcast",
+        "net_admin",
+        "net_raw",
+        "ipc_lock",
+        "ipc_owner",
+        "sys_module",
+        "sys_rawio",
+        "sys_chroot",
+        "sys_ptrace",
+        "sys_pacct",
+        "sys_admin",
+        "sys_boot",
+        "sys_nice",
+        "sys_resource",
+        "sys_time",
+        "sys_tty_config",
+        "mknod",
+        "lease",
+        "audit_write",
+        "audit_control",
+        "setfcap",
+        "mac_override",
+        "mac_admin",
+        "syslog",
+        "wake_alarm",
+        "block_suspend",
+        "audit_read",
+        "perfmon",
+        "bpf",
+        "checkpoint_restore",
+    ];
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).expect("CapBnd in /proc/self/status");
+    let mask = u64::from_str_radix(hex.trim(), 16).unwrap();
+    NAMES.iter().enumerate().filter(|(bit, _)| mask & (1 << bit) != 0).map(|(_, name)| *name).collect()
 }
 
 pub fn log_tail(path: &Path) -> String {

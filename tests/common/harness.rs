@@ -12,7 +12,7 @@ use lazyfs::fs::{Filesystem, SetAttr};
 use lazyfs::images::write::{DumpFile, write_dump};
 use lazyfs::mount::{MountError, MountRequest, Prepared, prepare_with};
 use lazyfs::namespace::{Layout, ROOT_INO};
-use lazyfs::source::{Connection, Source, SourceError, SourceSpec, SourceStat};
+use lazyfs::source::{Connection, Listings, Source, SourceAttrs, SourceError, SourceSpec, SourceStat};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -61,6 +61,8 @@ pub struct Plan {
     hook: Mutex<Option<Hook>>,
     stat_hook: Mutex<Option<StatHook>>,
     pub reads: AtomicUsize,
+    /// Directories listed on the source.
+    pub listed: AtomicUsize,
 }
 
 impl Plan {
@@ -116,6 +118,15 @@ impl Connection for FaultConnection {
         self.inner.stat(path)
     }
 
+    fn attrs(&mut self, path: &Path) -> Result<SourceAttrs, SourceError> {
+        self.inner.attrs(path)
+    }
+
+    fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Listings, SourceError> {
+        self.plan.listed.fetch_add(dirs.len(), Ordering::Relaxed);
+        self.inner.list_dirs(dirs)
+    }
+
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         match self.plan.fault(path, offset, buf.len()) {
             Fault::Pass => {}
@@ -153,6 +164,8 @@ pub struct Core {
     pub cache: PathBuf,
     pub images: PathBuf,
     pub source: PathBuf,
+    /// `--subtree` (the whole directory of the source below it).
+    pub subtree: Option<PathBuf>,
     prepared: Option<Prepared>,
 }
 
@@ -164,7 +177,7 @@ impl Core {
         Core::write_checkpoint(&images, &source, files);
         // The core checks its mountpoint (empty, there), though it mounts nothing.
         std::fs::create_dir_all(dir.path().join("mnt")).unwrap();
-        Core { dir, plan: Arc::default(), cache, images, source, prepared: None }
+        Core { dir, plan: Arc::default(), cache, images, source, subtree: None, prepared: None }
     }
 
     /// Writes the images of `files` into `images` and their bytes below `source`.
@@ -199,7 +212,7 @@ impl Core {
             source: SourceSpec::Local(self.source.clone()),
             source_root: PathBuf::from("/"),
             layout: Layout::Tree,
-            subtree: None,
+            subtree: self.subtree.clone(),
             cache_dir: self.cache.clone(),
             read_only: false,
             allow_other: false,
@@ -211,6 +224,7 @@ impl Core {
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
+            recorded_only: false,
         }
     }
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod apps;
 pub mod criu;
 pub mod harness;
 pub mod listing;

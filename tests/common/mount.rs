@@ -84,7 +84,7 @@ pub enum Source<'a> {
 }
 
 impl Source<'_> {
-    fn add_args(&self, command: &mut Command) {
+    pub fn add_args(&self, command: &mut Command) {
         match self {
             Source::Local(dir) => {
                 command.arg(dir);
