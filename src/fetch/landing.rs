@@ -1,7 +1,7 @@
-//! Fetched bytes on their way into a file: the file's owner takes each piece
-//! as the source delivers it (a READ's worth, whole chunks), checks it (the
-//! manifest's chunk hashes; before any byte, the first look) and lands it at
-//! once. A reader waiting for a chunk waits for its piece, not for the whole
+//! Fetched bytes on their way into a file, one way: the transport hands each
+//! piece as it arrives (a READ's worth, whole chunks) to this sink, which
+//! checks it (the manifest's chunk hashes; before any byte, the first look)
+//! and has the file's owner land it at once. A reader waiting for a chunk waits for its piece, not for the whole
 //! claim (a 4 MiB prefetch window); a connection lost midway costs only the
 //! pieces that had not arrived.
 
@@ -79,26 +79,6 @@ impl<'a> Landing<'a> {
         }
     }
 
-    /// After the fetch: the chunks that did not match are fetched once more
-    /// (a second mismatch fails the file); the first failure met, if any.
-    fn finish(&mut self, link: &mut super::lane::Link) -> Result<(), FetchFailure> {
-        if let Some(failure) = self.failed.take() {
-            return Err(failure);
-        }
-        let file = &self.shared.files.get(self.index);
-        for chunk in std::mem::take(&mut self.bad) {
-            log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
-            let claim = [Claim { generation: self.claim.generation, chunks: chunk..chunk + 1 }];
-            let mut again = Landings::new(self.shared, self.index, &claim, self.lane, false);
-            again.landings[0].second_try = true;
-            link.fetch(file, &mut again, false).map_err(FetchFailure::Source)?;
-            if let Some(failure) = again.landings[0].failed.take() {
-                return Err(failure);
-            }
-        }
-        Ok(())
-    }
-
     /// Whether every chunk of the claim arrived (landed, or to be tried again).
     fn arrived(&self) -> bool {
         self.done.iter().all(|&done| done)
@@ -134,21 +114,34 @@ impl<'a> Landings<'a> {
         self.landings.iter().flat_map(Landing::remaining).collect()
     }
 
-    /// How each claim ended, given how the fetch itself did (`fetched`): a
-    /// claim whose every chunk arrived is finished by its own landing; the
-    /// others share the fetch's failure.
-    pub(super) fn finish(
-        self,
-        link: &mut super::lane::Link,
-        fetched: &Result<(), FetchFailure>,
-    ) -> Vec<Result<(), FetchFailure>> {
-        self.landings
+    /// How each claim ended, given how the fetch itself did (`fetched`): its
+    /// own failure (a store error, a second mismatch), else the fetch's if
+    /// not every chunk of it arrived; and the chunks that did not match the
+    /// manifest, for a second try (as claims of their own).
+    pub(super) fn finish(self, fetched: &Result<(), FetchFailure>) -> (Vec<Result<(), FetchFailure>>, Vec<Claim>) {
+        let mut again = Vec::new();
+        let results = self
+            .landings
             .into_iter()
-            .map(|mut landing| match fetched {
-                Err(failure) if !landing.arrived() && landing.failed.is_none() => Err(failure.again()),
-                _ => landing.finish(link),
+            .map(|mut landing| {
+                let generation = landing.claim.generation;
+                again.extend(landing.bad.drain(..).map(|chunk| Claim { generation, chunks: chunk..chunk + 1 }));
+                match (landing.failed.take(), fetched) {
+                    (Some(failure), _) => Err(failure),
+                    (None, Err(failure)) if !landing.arrived() => Err(failure.again()),
+                    (None, _) => Ok(()),
+                }
             })
-            .collect()
+            .collect();
+        (results, again)
+    }
+
+    /// A second try of chunks that did not match: a mismatch now fails the file.
+    pub(super) fn second_try(mut self) -> Self {
+        for landing in &mut self.landings {
+            landing.second_try = true;
+        }
+        self
     }
 
     fn covering(&mut self, offset: u64) -> Option<&mut Landing<'a>> {

@@ -18,495 +18,33 @@
 //! fetching fails that file; the lanes keep going.
 
 mod connect;
+mod file;
 mod landing;
 mod lane;
 mod listing;
+mod outcome;
 pub mod prefetch;
 mod replay;
 pub mod restore;
 mod verify;
 
-use std::collections::HashSet;
 use std::ops::Range;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::control::proto::FileState;
-use crate::manifest::FileHashes;
 use crate::recording::{self, Recorder, Recording, Touch};
 use crate::source::{Connection, Listings, Sink, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
-use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
+use crate::store::{CacheDir, StoreError};
+pub(crate) use file::{Claim, FileTable};
+pub use file::{Done, FetchError, FetchFile, FileStats, Lane, Phase, Progress, Reply};
+use file::{NEVER, Owned, Waiter};
 use landing::Landings;
+use outcome::FetchFailure;
 pub use prefetch::Order;
-
-/// What a waiting reader is told once its chunks are present, or cannot be.
-pub type Done = Box<dyn FnOnce(Result<(), FetchError>) + Send>;
-/// What an operation on a file's bytes answers.
-pub type Reply<T> = Box<dyn FnOnce(Result<T, FetchError>) + Send>;
-
-/// Why bytes cannot be had, and the errno that says so to a writer.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct FetchError {
-    pub message: Arc<str>,
-    pub errno: i32,
-}
-
-impl FetchError {
-    fn new(message: impl Into<Arc<str>>) -> Self {
-        FetchError { message: message.into(), errno: libc::EIO }
-    }
-}
-
-impl From<StoreError> for FetchError {
-    fn from(e: StoreError) -> Self {
-        FetchError { errno: e.errno(), message: e.to_string().into() }
-    }
-}
-
-/// Where a file stands, with what is known of it (`lazyfs status` shows its [`FileState`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    /// Nothing of it is here.
-    Pending,
-    /// Some of it is here.
-    Fetching,
-    /// Every byte is here; the check is under way.
-    Present,
-    /// Every byte is here and its blake3 matched.
-    Verified {
-        hash: [u8; 32],
-        against: &'static str,
-    },
-    /// Changed by a local write after it was complete: local from now on.
-    Modified,
-    Failed(Arc<str>),
-}
-
-impl Phase {
-    /// The state the control protocol and `lazyfs status` report.
-    pub fn state(&self) -> FileState {
-        match self {
-            Phase::Pending => FileState::Pending,
-            Phase::Fetching => FileState::Fetching,
-            Phase::Present => FileState::Present,
-            Phase::Verified { .. } => FileState::Verified,
-            Phase::Modified => FileState::Modified,
-            Phase::Failed(_) => FileState::Failed,
-        }
-    }
-
-    /// No more bytes will be fetched for it.
-    pub fn is_settled(&self) -> bool {
-        matches!(self, Phase::Verified { .. } | Phase::Modified | Phase::Failed(_))
-    }
-}
-
-/// Which lane brought bytes in (for the per-file counters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    OnDemand,
-    Prefetch,
-}
-
-const NEVER: u64 = u64::MAX;
-
-/// Counters harnesses read through `lazyfs status --json`.
-pub struct FileStats {
-    pub reads: AtomicU64,
-    pub bytes_on_demand: AtomicU64,
-    pub bytes_prefetched: AtomicU64,
-    /// Microseconds since the mount started; `NEVER` until it happens.
-    first_read_us: AtomicU64,
-    completed_us: AtomicU64,
-}
-
-impl FileStats {
-    fn new() -> Self {
-        FileStats {
-            reads: AtomicU64::new(0),
-            bytes_on_demand: AtomicU64::new(0),
-            bytes_prefetched: AtomicU64::new(0),
-            first_read_us: AtomicU64::new(NEVER),
-            completed_us: AtomicU64::new(NEVER),
-        }
-    }
-
-    fn at(us: &AtomicU64) -> Option<f64> {
-        match us.load(Ordering::Relaxed) {
-            NEVER => None,
-            us => Some(us as f64 / 1e6),
-        }
-    }
-
-    pub fn first_read_s(&self) -> Option<f64> {
-        Self::at(&self.first_read_us)
-    }
-
-    pub fn completed_s(&self) -> Option<f64> {
-        Self::at(&self.completed_us)
-    }
-}
-
-/// One served file and the only way to its bytes: its owner.
-pub struct FetchFile {
-    /// The path the images record: the file's name in the journal.
-    pub path: PathBuf,
-    /// The path on the source (the source applies its root).
-    pub source_path: PathBuf,
-    /// Its hashes from the manifest, if there is one.
-    pub expected: Option<FileHashes>,
-    /// Where the images first list it (files of the tree after them all).
-    pub image_order: u64,
-    /// Found by listing the tree (not recorded by the images), with the size
-    /// and mtime the listing gave: a source file that no longer has them
-    /// is refused.
-    pub listed: Option<SourceStat>,
-    /// A process of the checkpoint had it open for writing.
-    pub written: bool,
-    /// Background prefetch was asked for it.
-    prefetch_wanted: AtomicBool,
-    pub stats: FileStats,
-    /// It was opened for reading (and, small, queued to be fetched whole).
-    opened: AtomicBool,
-    /// The original's size: what the chunks cover.
-    size: u64,
-    spill: SpillFile,
-    state: Mutex<Owned>,
-}
-
-/// What a file's owner keeps under its lock.
-struct Owned {
-    presence: Presence,
-    /// The file's length now (local writes and truncates change it).
-    len: u64,
-    /// Bumped whenever the bytes start over: fetched bytes of an older
-    /// generation never land.
-    generation: u64,
-    in_flight: HashSet<u64>,
-    waiters: Vec<Waiter>,
-    phase: Phase,
-    /// The source's size and mtime when the transfer began.
-    baseline: Option<SourceStat>,
-    /// Times the file was fetched again because it changed on the source.
-    restarts: u32,
-    /// Every byte came in one SFTP read, which also showed the size matched:
-    /// no mix of versions is possible, so no second look at the source.
-    read_whole: bool,
-    /// Removed through the mount and closed: nobody can reach it, so nothing
-    /// more of it is fetched.
-    removed: bool,
-    /// Requests for it the source left unanswered while answering others.
-    timeouts: u32,
-}
-
-struct Waiter {
-    chunks: Range<u64>,
-    done: Done,
-}
-
-/// Chunks claimed for fetching, in the generation they were claimed in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Claim {
-    pub(crate) generation: u64,
-    pub(crate) chunks: Range<u64>,
-}
-
-/// Where a file stands, all read at one moment.
-pub struct Progress {
-    pub len: u64,
-    pub present_bytes: u64,
-    pub complete: bool,
-    pub phase: Phase,
-}
-
-impl FetchFile {
-    /// The owner of `spill` (`len` bytes long now), with `presence` saying
-    /// which chunks of the original are in it.
-    pub fn new(spec: restore::FileSpec, spill: SpillFile, len: u64, presence: Presence, phase: Phase) -> Self {
-        FetchFile {
-            path: spec.path,
-            source_path: spec.source_path,
-            expected: spec.expected,
-            image_order: spec.image_order,
-            listed: spec.listed,
-            written: spec.written,
-            prefetch_wanted: AtomicBool::new(false),
-            stats: FileStats::new(),
-            opened: AtomicBool::new(false),
-            size: spec.size,
-            spill,
-            state: Mutex::new(Owned {
-                presence,
-                len,
-                generation: 0,
-                in_flight: HashSet::new(),
-                waiters: Vec::new(),
-                phase,
-                baseline: None,
-                restarts: 0,
-                timeouts: 0,
-                read_whole: false,
-                removed: false,
-            }),
-        }
-    }
-
-    /// A poisoned lock means a panic elsewhere, already contained: the state
-    /// itself is always left consistent, so carry on.
-    fn lock(&self) -> MutexGuard<'_, Owned> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.lock().phase.clone()
-    }
-
-    pub fn progress(&self) -> Progress {
-        let state = self.lock();
-        let present_bytes = match state.presence.is_complete() {
-            true => self.size,
-            false => state.presence.runs().into_iter().map(|r| self.chunk_len(r)).sum(),
-        };
-        Progress {
-            len: state.len,
-            present_bytes: present_bytes.min(state.len),
-            complete: state.presence.is_complete(),
-            phase: state.phase.clone(),
-        }
-    }
-
-    /// The file's length now.
-    pub fn len(&self) -> u64 {
-        self.lock().len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The spill file's descriptor once the file is verified (its bytes no
-    /// longer change but by a writable open, which passthrough never gets).
-    pub fn verified_file(&self) -> Result<Option<std::fs::File>, StoreError> {
-        match self.lock().phase {
-            Phase::Verified { .. } => self.spill.open_file().map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.spill.sync()
-    }
-
-    fn path_bytes(&self) -> &[u8] {
-        self.path.as_os_str().as_bytes()
-    }
-
-    pub fn chunk_count(&self) -> u64 {
-        self.size.div_ceil(CHUNK_SIZE)
-    }
-
-    /// The bytes of the original that `chunks` cover.
-    pub fn chunk_bytes(&self, chunks: Range<u64>) -> Range<u64> {
-        (chunks.start * CHUNK_SIZE).min(self.size)..(chunks.end.saturating_mul(CHUNK_SIZE)).min(self.size)
-    }
-
-    fn chunk_len(&self, chunks: Range<u64>) -> u64 {
-        let bytes = self.chunk_bytes(chunks);
-        bytes.end - bytes.start
-    }
-
-    /// The chunks holding bytes `offset..offset+len` of the original.
-    pub fn chunks_of(&self, offset: u64, len: u64) -> Range<u64> {
-        let end = offset.saturating_add(len).min(self.size);
-        if offset >= end {
-            return 0..0;
-        }
-        offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE)
-    }
-
-    /// Claims the chunks of `chunks` that are neither present nor in flight,
-    /// as maximal runs; each must end in `Shared::finish`.
-    fn claim(&self, chunks: Range<u64>) -> Vec<Claim> {
-        Self::claim_locked(&mut self.lock(), chunks)
-    }
-
-    fn claim_locked(state: &mut Owned, chunks: Range<u64>) -> Vec<Claim> {
-        if state.phase.is_settled() || state.removed {
-            return Vec::new();
-        }
-        let mut runs: Vec<Range<u64>> = Vec::new();
-        for chunk in chunks {
-            if state.presence.is_present(chunk) || !state.in_flight.insert(chunk) {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(run) if run.end == chunk => run.end += 1,
-                _ => runs.push(chunk..chunk + 1),
-            }
-        }
-        if !runs.is_empty() && state.phase == Phase::Pending {
-            state.phase = Phase::Fetching;
-        }
-        runs.into_iter().map(|chunks| Claim { generation: state.generation, chunks }).collect()
-    }
-
-    /// The claim could not be fetched. With `whole_file`, the file fails for
-    /// good; otherwise only the readers of these chunks are told. A claim of
-    /// an older generation was dropped with it: nothing to do.
-    fn fail(&self, claim: &Claim, error: &FetchError, whole_file: bool) {
-        let failed: Vec<Waiter> = {
-            let mut state = self.lock();
-            if state.generation != claim.generation {
-                return;
-            }
-            for chunk in claim.chunks.clone() {
-                state.in_flight.remove(&chunk);
-            }
-            if whole_file {
-                state.phase = Phase::Failed(error.message.clone());
-            }
-            let chunks = &claim.chunks;
-            let (failed, waiting) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end));
-            state.waiters = waiting;
-            failed
-        };
-        for waiter in failed {
-            (waiter.done)(Err(error.clone()));
-        }
-    }
-
-    /// Fails the file for good (nothing was claimed).
-    fn fail_file(&self, message: String) {
-        log::error!("{message}");
-        let generation = self.lock().generation;
-        self.fail(&Claim { generation, chunks: 0..0 }, &FetchError::new(message), true);
-    }
-
-    fn mark_read_whole(&self) {
-        self.lock().read_whole = true;
-    }
-
-    /// Chunks neither present nor being fetched.
-    fn unclaimed_chunks(&self) -> u64 {
-        let state = self.lock();
-        (0..self.chunk_count()).filter(|&c| !state.presence.is_present(c) && !state.in_flight.contains(&c)).count()
-            as u64
-    }
-
-    /// Whether prefetch has nothing to do for it.
-    fn needs_nothing(&self) -> bool {
-        let state = self.lock();
-        state.phase.is_settled() || state.presence.is_complete() || state.removed
-    }
-
-    /// Nobody can reach the file any more (removed through the mount, and
-    /// closed): stop fetching it.
-    pub fn forget(&self) {
-        self.lock().removed = true;
-    }
-
-    pub fn is_removed(&self) -> bool {
-        self.lock().removed
-    }
-
-    /// The file's generation while it is complete and waiting for its check.
-    fn present_generation(&self) -> Option<u64> {
-        let state = self.lock();
-        (state.phase == Phase::Present).then_some(state.generation)
-    }
-
-    /// The blake3 of the file as generation `generation` has it; `None` if
-    /// the bytes started over or changed locally meanwhile. Read a window at a
-    /// time, each under the lock.
-    fn hash(&self, generation: u64) -> Option<Result<blake3::Hash, StoreError>> {
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; crate::store::HASH_WINDOW.min(self.size) as usize];
-        let mut offset = 0;
-        while offset < self.size {
-            let take = (self.size - offset).min(buf.len() as u64) as usize;
-            let state = self.lock();
-            if state.generation != generation || state.phase != Phase::Present {
-                return None;
-            }
-            match self.spill.read_at(offset, &mut buf[..take]) {
-                Ok(got) if got == take => {}
-                Ok(got) => {
-                    let message = format!("ends at byte {} while {} were fetched", offset + got as u64, self.size);
-                    let error = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, message);
-                    return Some(Err(StoreError::Io { path: self.spill.path().into(), source: error }));
-                }
-                Err(e) => return Some(Err(e)),
-            }
-            drop(state);
-            hasher.update(&buf[..take]);
-            offset += take as u64;
-        }
-        Some(Ok(hasher.finalize()))
-    }
-
-    /// Journal records saying what is known of the file now. Present chunks
-    /// are claimed only after the spill file is synced.
-    fn snapshot(&self) -> Vec<JournalRecord> {
-        let (runs, phase) = {
-            let state = self.lock();
-            (state.presence.runs(), state.phase.clone())
-        };
-        let path = self.path_bytes();
-        let mut records = Vec::new();
-        match self.spill.sync() {
-            Ok(()) => records.extend(runs.into_iter().map(|run| journal::present_record(path, run, self.size))),
-            Err(e) => log::error!("{e}: its chunks will be fetched again"),
-        }
-        match phase {
-            Phase::Verified { hash, against } if !records.is_empty() || self.size == 0 => {
-                records.push(journal::verified_record(path, &hash, against))
-            }
-            Phase::Modified => records.push(journal::modified_record(path)),
-            _ => {}
-        }
-        records
-    }
-}
-
-/// The served files by number. Files found in the tree after the mount
-/// began are added at the end: a file's number never changes.
-#[derive(Default)]
-pub(crate) struct FileTable {
-    files: RwLock<Vec<Arc<FetchFile>>>,
-}
-
-impl FileTable {
-    fn new(files: Vec<Arc<FetchFile>>) -> FileTable {
-        FileTable { files: RwLock::new(files) }
-    }
-
-    pub(crate) fn get(&self, index: usize) -> Arc<FetchFile> {
-        self.files.read().unwrap_or_else(PoisonError::into_inner)[index].clone()
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.files.read().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    fn push(&self, file: Arc<FetchFile>) -> usize {
-        let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
-        files.push(file);
-        files.len() - 1
-    }
-
-    /// Every file now.
-    pub(crate) fn all(&self) -> Vec<Arc<FetchFile>> {
-        self.files.read().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-}
 
 /// Settings of the fetcher.
 #[derive(Debug, Clone)]
@@ -520,10 +58,6 @@ pub struct FetchConfig {
     /// How long a lane keeps reconnecting before its readers get EIO.
     pub reconnect_timeout: Duration,
 }
-
-/// How long a file that found the cache filesystem full waits before its
-/// prefetch is tried again.
-const NO_SPACE_RETRY: Duration = Duration::from_secs(2);
 
 /// What the lanes share.
 pub(crate) struct Shared {
@@ -556,28 +90,6 @@ pub(crate) struct Shared {
 /// What is told of a file whose bytes start over.
 pub type StartedOver = Box<dyn Fn(usize) + Send + Sync>;
 
-/// Why fetched bytes did not land.
-enum FetchFailure {
-    Source(SourceError),
-    Mismatch(u64),
-    Store(StoreError),
-    /// A bug met while fetching (a malformed reply the code did not expect):
-    /// contained, the file fails.
-    Panic(String),
-}
-
-impl FetchFailure {
-    /// The same failure again, for another claim it ended.
-    fn again(&self) -> FetchFailure {
-        match self {
-            FetchFailure::Source(e) => FetchFailure::Source(e.again()),
-            FetchFailure::Mismatch(chunk) => FetchFailure::Mismatch(*chunk),
-            FetchFailure::Store(e) => FetchFailure::Store(e.again()),
-            FetchFailure::Panic(panic) => FetchFailure::Panic(panic.clone()),
-        }
-    }
-}
-
 impl Shared {
     /// Fetches the claimed chunks of file `index`, each piece checked against
     /// the manifest and landed as it arrives (a bad chunk fetched once more),
@@ -589,26 +101,60 @@ impl Shared {
     }
 
     /// [`Shared::fetch`] of several claims of file `index` (of one
-    /// generation), in one pipeline of ranged reads.
+    /// generation), in one pipeline of ranged reads. Data flows one way: the
+    /// transport hands each piece to the check (`landing.rs`), which has the
+    /// owner land it; chunks that did not match the manifest come back here
+    /// for a second pass.
     fn fetch_claims(&self, link: &mut lane::Link, index: usize, claims: Vec<Claim>, lane: Lane) -> Option<SourceError> {
         if claims.is_empty() {
             return None;
         }
         let file = &self.files.get(index);
-        // The first look goes with the first read (no extra round trip over
-        // SSH), before its bytes: a look after could see a file replaced
-        // since the bytes were read, and vouch for them.
-        let look = self.needs_baseline(index);
-        let mut landings = Landings::new(self, index, &claims, lane, link.is_bulk());
-        let fetched = lane::contained(link, |link| link.fetch(file, &mut landings, look).map_err(FetchFailure::Source));
-        let results = lane::contained(link, |link| Ok(landings.finish(link, &fetched)))
-            .unwrap_or_else(|failure| claims.iter().map(|_| Err(failure.again())).collect());
+        let (mut results, again) = self.fetch_pass(link, index, &claims, lane, false);
+        if !again.is_empty() {
+            for claim in &again {
+                let chunk = claim.chunks.start;
+                log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
+            }
+            let (second, _) = self.fetch_pass(link, index, &again, lane, true);
+            for (bad, result) in again.iter().zip(second) {
+                if let (Err(failure), Some(at)) =
+                    (result, claims.iter().position(|c| c.chunks.contains(&bad.chunks.start)))
+                    && results[at].is_ok()
+                {
+                    results[at] = Err(failure);
+                }
+            }
+        }
         let mut stuck = None;
         for (claim, result) in claims.iter().zip(results) {
             stuck = stuck.or_else(|| lane::stuck_on(&result, &file.source_path));
             self.finish(index, claim, lane, result);
         }
         stuck
+    }
+
+    /// One pass of [`Shared::fetch_claims`]: how each claim ended, and the
+    /// chunks that did not match (on a first pass).
+    fn fetch_pass(
+        &self,
+        link: &mut lane::Link,
+        index: usize,
+        claims: &[Claim],
+        lane: Lane,
+        second_try: bool,
+    ) -> (Vec<Result<(), FetchFailure>>, Vec<Claim>) {
+        let file = &self.files.get(index);
+        // The first look goes with the first read (no extra round trip over
+        // SSH), before its bytes: a look after could see a file replaced
+        // since the bytes were read, and vouch for them.
+        let look = self.needs_baseline(index);
+        let mut landings = Landings::new(self, index, claims, lane, link.is_bulk());
+        if second_try {
+            landings = landings.second_try();
+        }
+        let fetched = lane::contained(link, |link| link.fetch(file, &mut landings, look).map_err(FetchFailure::Source));
+        landings.finish(&fetched)
     }
 
     /// Lands a claim's bytes `data`, read whole already (a small file of a
@@ -623,38 +169,27 @@ impl Shared {
     ) -> Result<(), FetchFailure> {
         let mut landings = Landings::new(self, index, std::slice::from_ref(claim), lane, false);
         landings.land(self.files.get(index).chunk_bytes(claim.chunks.clone()).start, data);
-        landings.finish(link, &Ok(())).pop().expect("one claim")
+        let (mut results, again) = landings.finish(&Ok(()));
+        match again.is_empty() {
+            true => results.pop().expect("one claim"),
+            // A chunk that did not match: fetched once more (a mismatch then fails the file).
+            false => {
+                let (second, _) = self.fetch_pass(link, index, &again, lane, true);
+                for (claim, result) in again.iter().zip(second) {
+                    self.finish(index, claim, lane, result);
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Writes a claim's checked bytes into the spill file, if the claim still
-    /// holds (same generation), marks them present, answers the readers
-    /// waiting for them, and queues the file for verification once complete.
-    /// False if the claim no longer holds.
+    /// Lands a claim's checked bytes through the file's owner (if the claim
+    /// still holds: false if not), then answers the readers they complete
+    /// and queues the file for verification once it is complete.
     fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<bool, StoreError> {
         let file = &self.files.get(index);
-        let (ready, complete) = {
-            let mut state = file.lock();
-            if state.generation != claim.generation || state.phase.is_settled() {
-                // Restarted or truncated meanwhile: these bytes are of no use.
-                return Ok(false);
-            }
-            let bytes = file.chunk_bytes(claim.chunks.clone());
-            file.spill.write_at(bytes.start, data)?;
-            // Sent under the lock: a Reset of a restart is always journaled after it.
-            self.journal.present(index, claim.chunks.clone());
-            state.presence.mark(claim.chunks.clone());
-            for chunk in claim.chunks.clone() {
-                state.in_flight.remove(&chunk);
-            }
-            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| state.presence.all_present(w.chunks.clone()));
-            state.waiters = waiting;
-            let complete = state.presence.is_complete() && state.phase == Phase::Fetching;
-            if complete {
-                state.phase = Phase::Present;
-            }
-            (ready, complete)
+        let Some(file::Landed { ready, complete }) = file.land(index, claim, data, &self.journal)? else {
+            return Ok(false);
         };
         self.health.cache_full(None);
         let counter = match lane {
@@ -676,136 +211,6 @@ impl Shared {
         let _ = self.verify.lock().unwrap_or_else(PoisonError::into_inner).send(index);
     }
 
-    /// Ends a claim however its fetch went.
-    fn finish(&self, index: usize, claim: &Claim, lane: Lane, result: Result<(), FetchFailure>) {
-        let file = &self.files.get(index);
-        let (message, whole_file) = match result {
-            Ok(()) => return,
-            Err(FetchFailure::Mismatch(chunk)) => (
-                format!(
-                    "{}: chunk {chunk} does not match the manifest even when fetched again: not served",
-                    file.path.display()
-                ),
-                true,
-            ),
-            Err(FetchFailure::Source(e @ SourceError::Unusable(_))) => {
-                // Not the file's fault, and said once already (the log, status).
-                file.fail(claim, &FetchError::new(e.to_string()), false);
-                return;
-            }
-            Err(FetchFailure::Source(e)) => {
-                // A lost connection may come back; a file that is missing or
-                // shorter than recorded will not.
-                let whole_file = !e.is_connection_lost();
-                let stuck_here = matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
-                if !whole_file && lane == Lane::Prefetch {
-                    if stuck_here {
-                        log::error!("{e}");
-                        file.fail(claim, &FetchError::new(e.to_string()), false);
-                    } else {
-                        // Readers of these chunks are not this failure's
-                        // hostages: the on-demand lanes serve them.
-                        log::warn!("{e}");
-                        self.release(index, claim);
-                    }
-                    // Queued again only once its claim is dropped: a worker
-                    // taking it at once must find its chunks unclaimed.
-                    return self.queue.push(index);
-                }
-                (e.to_string(), whole_file)
-            }
-            Err(FetchFailure::Store(e)) if e.is_no_space() => {
-                // Not the file's fault: give the blocks back, tell the readers
-                // waiting, and try again once there may be room.
-                file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
-                let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
-                self.health.cache_full(Some(reason.clone()));
-                if self.prefetching.load(Ordering::Relaxed) {
-                    self.queue.push_later(index, NO_SPACE_RETRY);
-                }
-                log::warn!("{reason}");
-                let error = FetchError::from(e);
-                file.fail(claim, &error, false);
-                return;
-            }
-            Err(FetchFailure::Store(e)) => (e.to_string(), true),
-            Err(FetchFailure::Panic(panic)) => (
-                format!(
-                    "{}: an internal error while fetching it ({panic}): not served; please report it",
-                    file.path.display()
-                ),
-                true,
-            ),
-        };
-        log::error!("{message}");
-        file.fail(claim, &FetchError::new(message), whole_file);
-    }
-
-    /// A claim of file `index` was not fetched, through no fault of the
-    /// file: drop it, and hand its waiting readers' chunks to the on-demand lanes.
-    fn release(&self, index: usize, claim: &Claim) {
-        let file = &self.files.get(index);
-        let claims: Vec<Claim> = {
-            let mut state = file.lock();
-            if state.generation != claim.generation {
-                return;
-            }
-            for chunk in claim.chunks.clone() {
-                state.in_flight.remove(&chunk);
-            }
-            let wanted: Vec<Range<u64>> = state.waiters.iter().map(|w| w.chunks.clone()).collect();
-            wanted.into_iter().flat_map(|chunks| FetchFile::claim_locked(&mut state, chunks)).collect()
-        };
-        self.ask_on_demand(index, claims, Instant::now());
-    }
-
-    /// Queues `claims` of file `index` on the on-demand lanes.
-    fn ask_on_demand(&self, index: usize, claims: Vec<Claim>, asked: Instant) {
-        for claim in claims {
-            if let Err(lost) = self.requests.push(lane::Job::new(index, claim, asked)) {
-                self.files.get(index).fail(&lost.claim, &FetchError::new("lazyfs is shutting down"), false);
-            }
-        }
-    }
-
-    /// A request for file `index` went unanswered (`error`). If the source
-    /// answers a new connection, the file is to blame (a FIFO, a hung mount
-    /// on the old host): it is tried again later, and fails the second time.
-    /// If not, the source is silent: this lane probes it until it answers.
-    fn timed_out(&self, link: &mut lane::Link, index: usize, error: &SourceError) {
-        let waited = match error {
-            SourceError::TimedOut { waited, .. } => *waited,
-            _ => Duration::ZERO,
-        };
-        // A request sent with little time left says little about its file.
-        if waited < self.health.stall() / 2 {
-            return;
-        }
-        if !self.health.suspect(Instant::now() - waited) {
-            // Another lane is finding out whether the source is silent.
-            return;
-        }
-        if !link.source_answers() {
-            log::warn!("{error}, and no new connection is answered: probing it until it is");
-            link.wait_for_source();
-            return;
-        }
-        let file = &self.files.get(index);
-        let failed = {
-            let mut state = file.lock();
-            state.timeouts += 1;
-            state.timeouts >= STUCK_TIMEOUTS
-        };
-        if failed {
-            file.fail_file(format!(
-                "{}: {error}, twice, while it answered other requests: not served (a FIFO or a hung mount on the old host?)",
-                file.path.display()
-            ));
-        } else {
-            log::warn!("{}: {error}, while it answers other requests: trying it again later", file.path.display());
-        }
-    }
-
     /// The file changed on the source while generation `generation` was
     /// fetched: forget its chunks and fetch it again (at most twice), or fail
     /// it. Nothing happens if the file is no longer complete and unchecked in
@@ -822,6 +227,7 @@ impl Shared {
             state.baseline = None;
             state.read_whole = false;
             state.in_flight.clear();
+            state.in_order = None;
             self.journal.reset(file.path_bytes());
             if state.restarts > 2 {
                 state.phase = Phase::Failed(format!("{reason}, and again after fetching it twice more").into());
@@ -931,8 +337,6 @@ impl Shared {
 /// Files up to this size are fetched whole when opened for reading.
 const OPENED_WHOLE: u64 = 1 << 20;
 
-/// Unanswered requests (while the source answered others) after which a file fails.
-const STUCK_TIMEOUTS: u32 = 2;
 /// How long stopping waits for prefetch workers still waiting on the source.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 

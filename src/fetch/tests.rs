@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::source::SourceSpec;
+use crate::store::{CHUNK_SIZE, Presence, SpillFile};
 
 const WAIT: Duration = Duration::from_secs(60);
 

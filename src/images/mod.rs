@@ -186,7 +186,7 @@ impl<'a> Loader<'a> {
             Some(value) => TaskState::from_image(value)
                 .ok_or_else(|| self.invalid(&core_name, Invalid::UnknownTaskState(value)))?,
         };
-        if let Some(creds) = core.as_ref().and_then(|c| c.thread_core.clone()).and_then(|t| t.creds) {
+        if let Some(creds) = core.as_ref().and_then(|c| c.thread_core).and_then(|t| t.creds) {
             walk.fsuids.extend(creds.fsuid.or(creds.euid));
         }
         let required = match state {

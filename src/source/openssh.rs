@@ -21,6 +21,12 @@ use super::ssh::{Remote, RemoteCommand, SESSION_TIMEOUT, SshConnection, Stream};
 use super::tar::TarUse;
 use super::{Connection, Limits, Source, SourceError, SshOptions};
 
+/// What lazyfs reads from `ssh` goes through a buffer of this size: enough
+/// for many small replies at once, while the bytes of a large one (a READ's
+/// 256 KiB) mostly go straight where they belong, copied once.
+const READ_BUFFER: usize = 16 << 10;
+/// The pipe from `ssh` holds this much (the kernel's default is 64 KiB).
+const PIPE_BYTES: libc::c_int = 1 << 20;
 /// What `ssh` writes to stderr is kept up to this much, for messages.
 const STDERR_KEPT: usize = 16 << 10;
 /// `ConnectTimeout` where the user's config sets none (a connection's
@@ -451,7 +457,11 @@ impl Piped {
                 libc::fcntl(stdin.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
             }
         }
-        let stdout = BufReader::with_capacity(256 << 10, child.stdout.take().expect("piped"));
+        let stdout = child.stdout.take().expect("piped");
+        // SAFETY: fcntl on the open pipe from the child's stdout (our end only).
+        // A larger pipe: `ssh` waits less often for lazyfs to drain it.
+        unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+        let stdout = BufReader::with_capacity(READ_BUFFER, stdout);
         let stderr = Stderr::collect(child.stderr.take().expect("piped"), label);
         Ok(Piped { child, stdin, stdout, stderr, wait: None })
     }

@@ -201,9 +201,12 @@ fn check_dir_lookup(path: &Path, real: &[u8], lstat: &Attrs) -> Result<(), SftpE
 
 /// Checks FSTAT of the opened handle against LSTAT of the path before the
 /// OPEN: a file swapped in between (a symlink there only while it was
-/// opened) shows as another owner, mode, size or time.
+/// opened) shows as another owner, mode, size or modification time. Not the
+/// access time: a read of the file meanwhile (another session of this mount)
+/// moves it.
 fn check_opened(lstat: &Attrs, fstat: &Attrs) -> Result<(), SftpError> {
-    if fstat.irregular().is_some() || fstat != lstat {
+    let identity = |a: &Attrs| (a.size, a.uid, a.gid, a.mode, a.mtime);
+    if fstat.irregular().is_some() || identity(fstat) != identity(lstat) {
         return Err(SftpError::Changed("replaced while it was being opened".into()));
     }
     Ok(())
