@@ -311,16 +311,16 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
         match (&mut bars, args.json, args.watch) {
             (_, true, true) => {
                 for value in &values {
-                    writeln!(out, "{value}")?;
+                    serde_json::to_writer(&mut out, value)?;
+                    writeln!(out)?;
                 }
                 out.flush()?;
             }
             (_, true, false) => {
-                let value = match (&args.mountpoint, values.len()) {
-                    (Some(_), 1) => values.into_iter().next().expect("one"),
-                    _ => serde_json::Value::Array(values),
-                };
-                serde_json::to_writer_pretty(&mut out, &value)?;
+                match (&args.mountpoint, values.as_slice()) {
+                    (Some(_), [value]) => serde_json::to_writer_pretty(&mut out, value)?,
+                    _ => serde_json::to_writer_pretty(&mut out, &values)?,
+                }
                 writeln!(out)?;
             }
             (Some(bars), false, _) => bars.update(&statuses),

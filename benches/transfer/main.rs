@@ -47,8 +47,9 @@ use sshd::Sshd;
 
 const GIB: u64 = 1 << 30;
 
-/// lazyfs's two SSH transports, each measured: `--ssh VALUE` and its label.
-const TRANSPORTS: [(&str, &str); 2] = [("openssh", "ssh"), ("libssh2", "libssh2")];
+/// lazyfs's SSH transports, each measured: `--ssh VALUE` and its label. `auto`
+/// (the default) is libssh2 for what readers wait on, `ssh` for bulk.
+const TRANSPORTS: [(&str, &str); 3] = [("auto", "auto"), ("openssh", "ssh"), ("libssh2", "libssh2")];
 
 struct Dataset {
     name: &'static str,
@@ -351,6 +352,17 @@ impl Bench {
         }
     }
 
+    /// A shell line: `ssh HOST tar cf - -C PARENT REL | tar xf - -C INTO`, then a sync of INTO's filesystem.
+    fn tar_into(&self, parent: &Path, rel: &str, into: &Path) -> String {
+        let mut ssh = self.ssh();
+        ssh.args(["tar", "cf", "-", "-C"]).arg(parent).arg(rel);
+        let words: Vec<String> = std::iter::once(ssh.get_program())
+            .chain(ssh.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect();
+        format!("{} | tar xf - -C '{}' && sync -f '{}'", words.join(" "), into.display(), into.display())
+    }
+
     /// (e) 100,000 files of 1 KiB under `ulimit -n 1024`: mount time, time
     /// until all verified with --prefetch, peak RSS.
     fn many_files(&mut self) {
@@ -378,7 +390,22 @@ impl Bench {
             files: FILES as usize,
             mount_args: &[],
         };
+        // The ceiling: the same files through one `ssh tar` stream, landed and synced.
+        let landed = self.path("landed-many");
+        let (mut tar, mut tar_cpu) = (Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let _ = std::fs::remove_dir_all(&landed);
+            std::fs::create_dir_all(&landed).unwrap();
+            let (wall, cpu) =
+                timed_cpu(Command::new("sh").arg("-c").arg(self.tar_into(&self.source(), "many", &landed)));
+            tar.push(wall);
+            tar_cpu.push(cpu);
+        }
+        let _ = std::fs::remove_dir_all(&landed);
+        let ceiling = format!("{}: `ssh HOST tar cf - DIR | tar xf -`", set.name);
+        self.record("e", ceiling.clone(), "s", tar, None);
         let (mut mounted, mut verified, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut idle, mut status_growth) = (Vec::new(), Vec::new());
         for _ in 0..self.runs {
             let started = Instant::now();
             let (mountpoint, _) = self.mount_with(&set, "many", &["--prefetch"], |command| {
@@ -398,11 +425,25 @@ impl Bench {
             run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
             verified.push(started.elapsed().as_secs_f64());
             rss.push(peak_rss_mib(pid));
+            // What a settled mount of them holds, and what a full `status --json` adds to its peak.
+            idle.push(rss_mib(pid, "VmRSS:"));
+            let before = peak_rss_mib(pid);
+            run(self.lazyfs().arg("status").arg(&mountpoint).arg("--json").stdout(Stdio::null()));
+            status_growth.push(peak_rss_mib(pid) - before);
             self.umount(&mountpoint);
         }
         self.record("e", format!("{}, ulimit -n 1024: `lazyfs mount` returns", set.name), "s", mounted, None);
-        self.record("e", format!("{}: lazyfs --prefetch, until all verified", set.name), "s", verified, None);
+        let what = format!("{}: lazyfs --prefetch, until all verified", set.name);
+        self.record("e", what, "s", verified, Some(&ceiling));
         self.record("e", format!("{}: daemon peak RSS", set.name), "MiB", rss, None);
+        self.record("e", format!("{}: daemon RSS once all are verified", set.name), "MiB", idle, None);
+        self.record(
+            "e",
+            format!("{}: a full `status --json` raises the peak by", set.name),
+            "MiB",
+            status_growth,
+            None,
+        );
     }
 
     /// (a) The first 4 KiB at the middle of the 1 GiB file: from the start
@@ -508,19 +549,8 @@ impl Bench {
             let (mut runs, mut cpu) = (Vec::new(), Vec::new());
             for _ in 0..self.runs {
                 fresh(&landed);
-                let mut ssh = self.ssh();
-                ssh.args(["tar", "cf", "-", "-C"]).arg(&parent).arg(set.rel);
-                let words: Vec<String> = std::iter::once(ssh.get_program())
-                    .chain(ssh.get_args())
-                    .map(|a| format!("'{}'", a.to_string_lossy()))
-                    .collect();
-                let script = format!(
-                    "{} | tar xf - -C '{}' && sync -f '{}'",
-                    words.join(" "),
-                    landed.display(),
-                    landed.display()
-                );
-                let (wall, secs) = timed_cpu(Command::new("sh").arg("-c").arg(script));
+                let (wall, secs) =
+                    timed_cpu(Command::new("sh").arg("-c").arg(self.tar_into(&parent, set.rel, &landed)));
                 runs.push(wall);
                 cpu.push(secs / gib);
             }
@@ -807,7 +837,7 @@ fn machine() -> String {
         .unwrap_or_default();
     let kernel = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores ({cpu}), Linux {}, loopback sshd", kernel.trim())
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
 /// The load average now (the machine is shared: every figure says it).
@@ -953,15 +983,20 @@ fn is_mount(path: &Path) -> bool {
 
 /// The peak resident set of process `pid`, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
+    rss_mib(pid, "VmHWM:")
+}
+
+/// A resident-set figure (`field` of /proc/PID/status) of process `pid`, in MiB.
+fn rss_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hwm_kib: f64 = status
+    let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap()
         .parse()
         .unwrap();
-    hwm_kib / 1024.0
+    kib / 1024.0
 }
 
 fn nix_is_root() -> bool {

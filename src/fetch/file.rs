@@ -4,7 +4,7 @@
 //! chunks present; fetched bytes reach it one way, from a transport through a
 //! check (`landing.rs`), and land only in the generation they were claimed in.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -54,7 +54,8 @@ pub enum Phase {
     Present,
     /// Every byte is here and its blake3 matched.
     Verified {
-        hash: [u8; 32],
+        /// Boxed: a file's state stays small (most files of a large mount are settled).
+        hash: Box<[u8; 32]>,
         against: &'static str,
     },
     /// Changed by a local write after it was complete: local from now on.
@@ -134,7 +135,7 @@ pub struct FetchFile {
     /// The path on the source (the source applies its root).
     pub source_path: PathBuf,
     /// Its hashes from the manifest, if there is one.
-    pub expected: Option<FileHashes>,
+    pub expected: Option<Box<FileHashes>>,
     /// Where the images first list it (files of the tree after them all).
     pub image_order: u64,
     /// Found by listing the tree (not recorded by the images), with the size
@@ -162,7 +163,8 @@ pub(super) struct Owned {
     /// Bumped whenever the bytes start over: fetched bytes of an older
     /// generation never land.
     pub(super) generation: u64,
-    pub(super) in_flight: HashSet<u64>,
+    /// Chunks being fetched (a B-tree: small when empty, as most are).
+    pub(super) in_flight: BTreeSet<u64>,
     pub(super) waiters: Vec<Waiter>,
     pub(super) phase: Phase,
     /// The source's size and mtime when the transfer began.
@@ -180,7 +182,7 @@ pub(super) struct Owned {
     /// The blake3 of the bytes that landed in order from the start, taken as
     /// they landed (without a manifest, the verifier needs the whole file's):
     /// the bytes are hashed once, in hand, not read back.
-    pub(super) in_order: Option<InOrder>,
+    pub(super) in_order: Option<Box<InOrder>>,
 }
 
 /// A file's bytes hashed as they landed, from the start on.
@@ -218,7 +220,7 @@ impl FetchFile {
         FetchFile {
             path: spec.path,
             source_path: spec.source_path,
-            expected: spec.expected,
+            expected: spec.expected.map(Box::new),
             image_order: spec.image_order,
             listed: spec.listed,
             written: spec.written,
@@ -231,7 +233,7 @@ impl FetchFile {
                 presence,
                 len,
                 generation: 0,
-                in_flight: HashSet::new(),
+                in_flight: BTreeSet::new(),
                 waiters: Vec::new(),
                 phase,
                 baseline: None,
@@ -420,7 +422,7 @@ impl FetchFile {
             if state.generation != generation || state.phase != Phase::Present {
                 return None;
             }
-            match state.in_order.take() {
+            match state.in_order.take().map(|in_order| *in_order) {
                 Some(InOrder::Done(hash)) => return Some(Ok(hash)),
                 Some(InOrder::Hashing(hasher, up_to)) => (hasher, up_to),
                 None => (Box::default(), 0),
@@ -438,7 +440,7 @@ impl FetchFile {
                 Ok(got) => {
                     let message = format!("ends at byte {} while {} were fetched", offset + got as u64, self.size);
                     let error = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, message);
-                    return Some(Err(StoreError::Io { path: self.spill.path().into(), source: error }));
+                    return Some(Err(StoreError::Io { path: self.spill.path(), source: error }));
                 }
                 Err(e) => return Some(Err(e)),
             }
@@ -500,17 +502,16 @@ impl FetchFile {
         let bytes = self.chunk_bytes(claim.chunks.clone());
         self.spill.write_at(bytes.start, data)?;
         if self.expected.is_none() {
-            state.in_order = match state.in_order.take() {
-                None if bytes.start == 0 => Some(InOrder::Hashing(Box::default(), 0)),
-                other => other,
-            };
-            if let Some(InOrder::Hashing(hasher, up_to)) = &mut state.in_order
+            if state.in_order.is_none() && bytes.start == 0 {
+                state.in_order = Some(Box::new(InOrder::Hashing(Box::default(), 0)));
+            }
+            if let Some(InOrder::Hashing(hasher, up_to)) = state.in_order.as_deref_mut()
                 && *up_to == bytes.start
             {
                 hasher.update(data);
                 *up_to = bytes.end;
                 if *up_to == self.size {
-                    state.in_order = Some(InOrder::Done(hasher.finalize()));
+                    state.in_order = Some(Box::new(InOrder::Done(hasher.finalize())));
                 }
             }
         }

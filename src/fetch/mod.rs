@@ -257,7 +257,7 @@ impl Shared {
         let file = &self.files.get(index);
         let mut state = file.lock();
         if state.generation == generation && state.phase == Phase::Present {
-            state.phase = Phase::Verified { hash, against };
+            state.phase = Phase::Verified { hash: Box::new(hash), against };
             self.journal.verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
             log::debug!("{}: verified against the {against}", file.path.display());
             if state.restarts > 0 {

@@ -135,7 +135,7 @@ fn a_complete_file_is_verified_from_what_arrived() {
     match settled(&setup.fetcher) {
         Phase::Verified { hash, against } => {
             assert_eq!(against, "received");
-            assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
+            assert_eq!(*hash, *blake3::hash(&bytes).as_bytes());
         }
         other => panic!("{other:?}"),
     }
@@ -154,14 +154,18 @@ fn the_hash_taken_while_landing_is_the_files_in_any_order() {
             let at = file.chunk_bytes(chunk..chunk + 1);
             assert!(shared.land(0, &claim, &bytes[at.start as usize..at.end as usize], Lane::Prefetch).unwrap());
             if order == [0, 1, 2, 3, 4, 5] && chunk < 5 {
-                assert!(matches!(file.lock().in_order, Some(InOrder::Hashing(_, up_to)) if up_to == at.end));
+                assert!(
+                    matches!(file.lock().in_order.as_deref(), Some(InOrder::Hashing(_, up_to)) if *up_to == at.end)
+                );
             }
         }
         if order == [0, 1, 2, 3, 4, 5] {
-            assert!(matches!(file.lock().in_order, Some(InOrder::Done(_))), "hashed whole as it landed");
+            // Done, unless the verifier (woken by the last chunk) already took it.
+            let in_order = file.lock().in_order.as_deref().map(|i| matches!(i, InOrder::Done(_)));
+            assert_ne!(in_order, Some(false), "hashed whole as it landed");
         }
         match settled(&setup.fetcher) {
-            Phase::Verified { hash, .. } => assert_eq!(hash, *blake3::hash(&bytes).as_bytes(), "{order:?}"),
+            Phase::Verified { hash, .. } => assert_eq!(*hash, *blake3::hash(&bytes).as_bytes(), "{order:?}"),
             other => panic!("{order:?}: {other:?}"),
         }
     }
