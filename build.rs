@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let criu = protox::compile(criu, ["proto/criu"])?;
     prost_build::Config::new().out_dir(&out).compile_fds(criu)?;
-    let control = protox::compile(["proto/lazyfs/control.proto", "proto/lazyfs/cache.proto"], ["proto/lazyfs"])?;
+    let control = protox::compile(
+        ["proto/lazyfs/control.proto", "proto/lazyfs/cache.proto", "proto/lazyfs/index.proto"],
+        ["proto/lazyfs"],
+    )?;
     prost_build::Config::new().out_dir(&out).compile_fds(control)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

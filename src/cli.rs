@@ -24,8 +24,8 @@ pub mod exit {
     about = "Serve a CRIU checkpoint's files on the host it restarts on, fetched lazily over SSH",
     long_about = "lazyfs reads the images of a `criu dump` and mounts a FUSE filesystem that shows every \
 regular file the checkpointed processes had open or mapped, at once, with the sizes and modes the images \
-record. Contents come from the old host over SSH (or from a local directory): a read fetches only the \
-chunks it touches, and with --prefetch everything streams in the background, smallest file first. \
+record. Contents come from the old host over SSH (or from a local directory, or from an S3-compatible \
+store that `lazyfs push` filled): a read fetches only the chunks it touches, and with --prefetch everything streams in the background, smallest file first. \
 Writes stay local; the source is never modified.",
     after_help = "Exit codes: 0 success, 1 runtime failure (source unreachable, authentication, I/O), \
 2 bad usage or bad input (arguments, malformed images), 3 `wait` timed out, 4 verification failed."
@@ -41,10 +41,12 @@ pub enum Command {
     Status(StatusArgs),
     Wait(WaitArgs),
     Umount(UmountArgs),
+    Upgrade(UpgradeArgs),
     Export(ExportArgs),
     Prefetch(PrefetchArgs),
     Ls(LsArgs),
     Manifest(ManifestArgs),
+    Push(PushArgs),
     Verify(VerifyArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
@@ -81,8 +83,10 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     /// Directory of CRIU images (`criu dump -D`).
     pub imgdir: PathBuf,
-    /// Where the bytes are: `[USER@]HOST[:PORT]`, `ssh://[USER@]HOST[:PORT]`, or a local
-    /// directory holding the old host's root (`file:///DIR`, or any path with a `/`).
+    /// Where the bytes are: `[USER@]HOST[:PORT]`, `ssh://[USER@]HOST[:PORT]`, a local
+    /// directory holding the old host's root (`file:///DIR`, or any path with a `/`), or
+    /// `s3://BUCKET/PREFIX`, where `lazyfs push` put them (endpoint and credentials from the
+    /// AWS_* variables and profile, as for `lazyfs push`).
     pub source: String,
 
     /// Stream every file in the background until all are present.
@@ -122,10 +126,22 @@ pub struct MountArgs {
     /// On the source, read file /a/b from DIR/a/b.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub source_root: PathBuf,
-    /// Spill files and state; mounting again with the same dir resumes from it.
+    /// Spill files and state; mounting again with the same dir resumes from it, local changes
+    /// included, whichever way SOURCE is spelled.
     /// [default: a per-mount dir under $XDG_CACHE_HOME/lazyfs, or /var/cache/lazyfs for root]
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Drop every change earlier mounts of the cache dir made (new, renamed, removed files,
+    /// writes). Without it, a cache dir holding local changes to other images, or made under
+    /// another --layout or --subtree, refuses the mount; and a cache dir filled from another
+    /// source fetches nothing from this one. With it, such a cache dir starts afresh.
+    #[arg(long)]
+    pub discard_local_changes: bool,
+    /// Mount a cache dir whose journal is damaged (the mount otherwise refuses, saying where)
+    /// with the records before the damage; what was journaled after it is lost. The damaged
+    /// journal is kept beside it as journal.damaged-SECS.
+    #[arg(long)]
+    pub recover_journal: bool,
     /// Source-side hashes (from `lazyfs manifest`) to verify every chunk against.
     /// [default: IMGDIR/lazyfs.manifest if it exists]
     #[arg(long, value_name = "FILE")]
@@ -180,9 +196,18 @@ pub struct MountArgs {
     /// their cached copies directly (FUSE passthrough, Linux 6.9 and later).
     #[arg(long)]
     pub no_passthrough: bool,
-    /// Internal: run as the background process, reporting readiness on stdout.
+    /// How often in a row the process serving the mount may die (crash, kill, OOM) and be
+    /// replaced by a new one on the same mount, the application's open files kept; the first
+    /// replacement starts at once, the next after 0.25 s doubling to 5 s; a process that served
+    /// for 10 s resets the count. Past it the mount fails: `status` and the log say why.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub max_restarts: u32,
+    /// Internal: run as the supervisor (the background process), reporting readiness on stdout.
     #[arg(long, hide = true)]
     pub daemon: bool,
+    /// Internal: serve the mount for the supervisor that started this process (link on fd 3).
+    #[arg(long, hide = true, conflicts_with = "daemon")]
+    pub serve: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -270,6 +295,24 @@ pub struct UmountArgs {
     pub mountpoint: PathBuf,
 }
 
+/// Hand a live mount over to another lazyfs binary, without unmounting.
+///
+/// A new serving process (BINARY, by default this `lazyfs`) takes the mount over from the running one, which is
+/// stopped; the application's open files keep working, and requests in flight are answered by
+/// the new process. Run it with the newly installed binary after an upgrade. If the new process
+/// does not come up, the old binary serves again and this command fails.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// A live lazyfs mount.
+    pub mountpoint: PathBuf,
+    /// The lazyfs binary to serve the mount from now on (default: the one running this command).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// How long to wait for the new process to serve.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = seconds)]
+    pub timeout: std::time::Duration,
+}
+
 /// Start fetching files in the background on a live mount (one mounted without --prefetch
 /// fetches only what is read); each PATH, or every file.
 ///
@@ -317,6 +360,78 @@ pub struct ManifestArgs {
     /// `--prefetch-order recorded` fetches in that order.
     #[arg(long, value_name = "FILE|DIR")]
     pub recording: Option<PathBuf>,
+}
+
+/// Upload a checkpoint's files to an S3-compatible store (run on the old host), for any number
+/// of hosts to mount with `lazyfs mount MOUNTPOINT IMGDIR s3://BUCKET/PREFIX`.
+///
+/// Every file a mount of the same arguments would serve goes up as content-addressed objects
+/// (one the bucket already has, from this push, another file or an earlier push, is not sent
+/// again: after an interruption, run it again and it sends only what is missing), with an index
+/// that goes up first, so a mount can start before the push ends. The recorded access order
+/// goes first. Endpoint and credentials as for the AWS tools: AWS_ENDPOINT_URL,
+/// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_PROFILE (static
+/// keys from ~/.aws/credentials), AWS_ALLOW_HTTP=true for a plain-http endpoint.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Directory of CRIU images (copy it to the new host too: a mount reads it).
+    pub imgdir: PathBuf,
+    /// Where to: s3://BUCKET/PREFIX (PREFIX holds this checkpoint's index; a later push there
+    /// replaces it).
+    #[arg(value_name = "s3://BUCKET/PREFIX")]
+    pub url: String,
+    /// Read file /a/b from DIR/a/b.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub source_root: PathBuf,
+    /// Push only the recorded files below DIR (the --subtree the mounts will use).
+    #[arg(long, value_name = "DIR")]
+    pub subtree: Option<PathBuf>,
+    /// Objects sent at once.
+    #[arg(short = 'j', long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// The access order a restore recorded (a lazyfs `recording` file, or the cache dir of the
+    /// mount it ran on): its objects go first, and mounts with `--prefetch-order recorded`
+    /// follow it. [default: the one IMGDIR/lazyfs.manifest ships, if any]
+    #[arg(long, value_name = "FILE|DIR")]
+    pub recording: Option<PathBuf>,
+    /// Bytes of a file per stored object (the unit of upload and of deduplication; reads are
+    /// ranged GETs of 16 KiB and up, whatever this is): a multiple of 16K up to 64M.
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = object_size)]
+    pub object_size: u64,
+    /// Key prefix of the objects in the bucket: every push that uses the same one shares them.
+    #[arg(long, value_name = "KEYPREFIX", default_value = "lazyfs-chunks/", value_parser = key_prefix)]
+    pub objects: String,
+    /// One JSON object per line on stdout: the progress every second, then the summary
+    /// (fields in the README).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `4M`, `512K`, `16384`: a multiple of 16 KiB up to 64 MiB.
+fn object_size(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.strip_suffix(['K', 'k']) {
+        Some(n) => (n, 1 << 10),
+        None => match text.strip_suffix(['M', 'm']) {
+            Some(n) => (n, 1 << 20),
+            None => (text, 1),
+        },
+    };
+    let size = number.parse::<u64>().ok().and_then(|n| n.checked_mul(unit));
+    match size {
+        Some(size)
+            if crate::s3::index::OBJECT_SIZES.contains(&size) && size.is_multiple_of(crate::store::CHUNK_SIZE) =>
+        {
+            Ok(size)
+        }
+        _ => Err(format!("{text:?}: a multiple of 16K from 16K to 64M (e.g. 1M, 4M)")),
+    }
+}
+
+/// A key prefix ending in `/`, with no empty part.
+fn key_prefix(text: &str) -> Result<String, String> {
+    let ok = text.ends_with('/')
+        && text.trim_end_matches('/').split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    if ok { Ok(text.to_string()) } else { Err(format!("{text:?}: a key prefix such as `lazyfs-chunks/`")) }
 }
 
 /// Re-hash every present file; exit 4 if one no longer matches.

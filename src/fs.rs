@@ -95,6 +95,16 @@ pub struct StatFs {
     pub files: u64,
 }
 
+/// What a new [`Filesystem`] makes again.
+pub struct Replay<'a> {
+    /// The local changes a journal holds, made again in order over the
+    /// checkpoint's tree.
+    pub changes: &'a [Local],
+    /// The open handles per inode the kernel holds already (a successor's
+    /// predecessor opened them): a file unlinked but open stays.
+    pub held_open: &'a HashMap<Ino, u32>,
+}
+
 /// What the checkpoint says of a file the mount serves.
 pub struct ServedSpec {
     pub path: PathBuf,
@@ -106,6 +116,9 @@ pub struct FsConfig {
     pub read_only: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The times the checkpoint's files and directories show: the cache
+    /// dir's first mount, the same at every mount.
+    pub created: SystemTime,
 }
 
 /// Who makes a new node: its owner.
@@ -113,6 +126,13 @@ pub struct FsConfig {
 pub struct Creator {
     pub uid: u32,
     pub gid: u32,
+}
+
+/// Whether [`Filesystem::apply`] makes a change or only checks it can be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Check,
+    Make,
 }
 
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
@@ -124,7 +144,7 @@ const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
 
 /// The checkpoint's files plus the local layer: names, attributes and new
 /// files changed through the mount, each change journaled (and the journal
-/// fsynced) before it is acknowledged. The source is never written.
+/// fsynced) before it is made and acknowledged. The source is never written.
 pub struct Filesystem {
     ns: Arc<RwLock<Namespace>>,
     /// The local changes made so far (replayed and new), in order.
@@ -171,27 +191,27 @@ fn os(bytes: &[u8]) -> &OsStr {
 }
 
 impl Filesystem {
-    /// `specs[i]` describes fetcher file `i`; `replay` are the local changes a
-    /// journal holds, made again in order over the checkpoint's tree.
+    /// `specs[i]` describes fetcher file `i`; `replay` what a journal holds
+    /// and the kernel still has open.
     pub fn new(
         mut ns: Namespace,
         specs: Vec<ServedSpec>,
         fetcher: Fetcher,
         local: LocalFiles,
-        replay: &[Local],
+        replay: Replay<'_>,
         config: FsConfig,
         tree: Option<Tree>,
     ) -> Result<Self, crate::store::StoreError> {
-        let started = SystemTime::now();
+        let created = config.created;
         // What the images say, until a listing (or the manifest) says more.
         for node in ns.nodes_mut() {
             node.meta = Meta {
                 perm: node.meta.perm,
                 uid: config.uid,
                 gid: config.gid,
-                atime: started,
-                mtime: started,
-                ctime: started,
+                atime: created,
+                mtime: created,
+                ctime: created,
                 ..Meta::default()
             };
             if let NodeKind::File(index) = node.kind {
@@ -207,18 +227,18 @@ impl Filesystem {
         fetcher.set_unlisted_dirs(if tree.is_some() { ns.unlisted_count() } else { 0 });
         let fs = Filesystem {
             ns: Arc::new(RwLock::new(ns)),
-            changes: Mutex::new(replay.to_vec()),
+            changes: Mutex::new(replay.changes.to_vec()),
             tree,
             local,
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new(replay.held_open.clone()),
             fetcher,
             config,
         };
-        for (seq, change) in replay.iter().enumerate() {
+        for (seq, change) in replay.changes.iter().enumerate() {
             if change.op() == LocalOp::File {
                 fs.local.reopen(change.id)?;
             }
-            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64));
+            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64, Step::Make));
             if let Err(e) = applied {
                 log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
             }
@@ -256,6 +276,34 @@ impl Filesystem {
             }
         }
         Err(FsError::new(libc::EIO, "the directory could not be listed"))
+    }
+
+    /// For a process taking a live mount over: lists again, from the
+    /// listings the cache dir kept (never the source), every directory its
+    /// predecessor listed, so every node the kernel may ask for by number
+    /// exists (numbered by its origin, as it was).
+    pub fn relist_kept(&self) {
+        let Some(tree) = &self.tree else { return };
+        loop {
+            let unlisted: Vec<(Ino, PathBuf)> = {
+                let ns = self.namespace();
+                ns.unlisted().filter_map(|dir| Some((dir, ns.source_path(dir)?.to_path_buf()))).collect()
+            };
+            let mut merged = 0;
+            for (dir, path) in unlisted {
+                if tree.begin(dir) {
+                    if let Some(listed) = tree.take_persisted(&path) {
+                        self.merge(tree, dir, &path, listed, true);
+                        merged += 1;
+                    }
+                    tree.end(dir);
+                }
+            }
+            // A listing shows directories of its own: their listings next.
+            if merged == 0 {
+                return;
+            }
+        }
     }
 
     /// Directories of the tree not listed yet.
@@ -471,6 +519,13 @@ impl Filesystem {
 
     pub fn fetcher(&self) -> &Fetcher {
         &self.fetcher
+    }
+
+    /// The requests of kernel connection `connection` whose changes the
+    /// journal holds.
+    pub fn requests_made(&self, connection: u64) -> std::collections::HashSet<u64> {
+        let changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        changes.iter().filter(|c| c.connection == connection && connection != 0).map(|c| c.request).collect()
     }
 
     /// What the local layer changed, in order, for a compacted journal.
@@ -803,8 +858,8 @@ fn io_error_errno(e: &std::io::Error) -> FsError {
     FsError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
 }
 
-/// The local layer's changes: each made in memory, then journaled and the
-/// journal fsynced, before it is acknowledged.
+/// The local layer's changes: each checked, journaled and the journal
+/// fsynced, then made, before it is acknowledged.
 impl Filesystem {
     fn writable(&self) -> Result<(), FsError> {
         match self.config.read_only {
@@ -928,7 +983,7 @@ impl Filesystem {
             match path.is_empty() {
                 // Unlinked but open: nothing to journal, no name to journal it by.
                 true if record.op() == LocalOp::Setattr => Self::set_meta(&mut ns, ino, &record)?,
-                true => Self::set_xattr(&mut ns, ino, &record)?,
+                true => Self::set_xattr(&mut ns, ino, &record, Step::Make)?,
                 false => self.change(&mut ns, record).map(drop)?,
             }
         }
@@ -1007,7 +1062,10 @@ impl Filesystem {
         Ok(bytes(&ns.mount_path(parent).join(name)))
     }
 
-    fn new_node(&self, parent: Ino, name: &OsStr, record: Local) -> Result<Attr, FsError> {
+    /// Makes a node as `record` says; with `open`, counts an open of it
+    /// before anyone else can see it (an unlink right after must not take a
+    /// file its creator holds open).
+    fn new_node(&self, parent: Ino, name: &OsStr, record: Local, open: bool) -> Result<Attr, FsError> {
         self.writable()?;
         self.ensure_listed(parent)?;
         let mut ns = self.ns_mut();
@@ -1018,6 +1076,9 @@ impl Filesystem {
         let now = Some(nanos(SystemTime::now()));
         let record = Local { path, atime_ns: now, mtime_ns: now, ..record };
         let ino = self.change(&mut ns, record)?.expect("a new node");
+        if open {
+            *self.opens().entry(ino).or_default() += 1;
+        }
         self.attr(&ns, ino)
     }
 
@@ -1028,18 +1089,13 @@ impl Filesystem {
         let id = self.local.create()?;
         let record = Self::node_record(LocalOp::File, mode, by);
         let made = self
-            .new_node(parent, name, Local { id, ..record })
-            .and_then(|attr| Ok((attr, self.local_file(id)?.try_clone().map_err(|e| io_error(&e))?)));
-        match made {
-            Ok(made) => {
-                *self.opens().entry(made.0.ino).or_default() += 1;
-                Ok(made)
-            }
-            Err(e) => {
-                self.local.remove(id);
-                Err(e)
-            }
+            .local_file(id)
+            .and_then(|file| file.try_clone().map_err(|e| io_error(&e)))
+            .and_then(|file| Ok((self.new_node(parent, name, Local { id, ..record }, true)?, file)));
+        if made.is_err() {
+            self.local.remove(id);
         }
+        made
     }
 
     fn node_record(op: LocalOp, mode: u32, by: Creator) -> Local {
@@ -1047,18 +1103,18 @@ impl Filesystem {
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
-        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by))
+        self.new_node(parent, name, Self::node_record(LocalOp::Dir, mode, by), false)
     }
 
     pub fn symlink(&self, parent: Ino, name: &OsStr, target: &Path, by: Creator) -> Result<Attr, FsError> {
         let record = Local { to: bytes(target), ..Self::node_record(LocalOp::Symlink, 0o777, by) };
-        self.new_node(parent, name, record)
+        self.new_node(parent, name, record, false)
     }
 
     /// Only FIFOs: device nodes and sockets have no place in a data mount.
     pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, by: Creator) -> Result<Attr, FsError> {
         match mode & libc::S_IFMT {
-            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by)),
+            libc::S_IFIFO => self.new_node(parent, name, Self::node_record(LocalOp::Fifo, mode, by), false),
             libc::S_IFREG => {
                 let (attr, _) = self.create(parent, name, mode, by)?;
                 self.release(attr.ino);
@@ -1148,7 +1204,7 @@ impl Filesystem {
         };
         let record = Local { op: op.into(), path, name: name.as_bytes().to_vec(), value, flags, ..Local::default() };
         match record.path.is_empty() && ino != ROOT_INO {
-            true => Self::set_xattr(&mut ns, ino, &record),
+            true => Self::set_xattr(&mut ns, ino, &record, Step::Make),
             false => self.change(&mut ns, record).map(drop),
         }
     }
@@ -1166,35 +1222,42 @@ impl Filesystem {
         Ok(node.meta.xattrs.keys().flat_map(|k| k.as_bytes().iter().copied().chain([0])).collect())
     }
 
-    /// Applies `record`, then makes it durable in the journal.
-    fn change(&self, ns: &mut Namespace, record: Local) -> Result<Option<Ino>, FsError> {
+    /// Checks `record` can be made, makes it durable in the journal (naming
+    /// the request it was made for, if any), then makes it, all under the
+    /// namespace's lock: a change the journal cannot hold (a full disk:
+    /// ENOSPC) is never made, and one that is answered is never lost.
+    fn change(&self, ns: &mut Namespace, mut record: Local) -> Result<Option<Ino>, FsError> {
         let seq = self.changes.lock().unwrap_or_else(PoisonError::into_inner).len() as u64;
-        let ino = self.apply(ns, &record, seq)?;
-        // The listings the change was made over are durable before it is.
+        self.apply(ns, &record, seq, Step::Check)?;
+        if let Some((connection, request)) = crate::failover::request::current() {
+            (record.connection, record.request) = (connection, request);
+        }
+        // The listings the change is made over are durable before it is.
         if let Some(tree) = &self.tree {
             tree.sync()?;
         }
-        let journal = self.fetcher.journal();
-        journal.local(record.clone());
-        journal.flush()?;
+        self.fetcher.journal().change(record.clone())?;
+        let ino = self.apply(ns, &record, seq, Step::Make)?;
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(record);
         Ok(ino)
     }
 
-    /// Makes the change `record` says, resolving its paths: the same live and
-    /// when a journal is replayed. A new node's inode is returned.
+    /// Makes the change `record` says (or with [`Step::Check`] only finds out
+    /// whether it can be), resolving its paths: the same live and when a
+    /// journal is replayed. A new node's inode is returned.
     /// A directory of the tree on the way that is not listed yet (and does
     /// not have the name) fails with [`FsError::unlisted`], as does the
     /// directory whose names the change changes: the caller lists it and
     /// applies the change again. `seq` numbers the change among the local ones.
-    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64) -> Result<Option<Ino>, FsError> {
+    fn apply(&self, ns: &mut Namespace, record: &Local, seq: u64, step: Step) -> Result<Option<Ino>, FsError> {
         let path = Path::new(os(&record.path));
         let op = record.op();
         if matches!(op, LocalOp::Setattr | LocalOp::Setxattr | LocalOp::Removexattr) {
             let ino = Self::walk(ns, path)?;
             return match op {
+                LocalOp::Setattr if step == Step::Check => Ok(None),
                 LocalOp::Setattr => Self::set_meta(ns, ino, record).map(|_| None),
-                _ => Self::set_xattr(ns, ino, record).map(|_| None),
+                _ => Self::set_xattr(ns, ino, record, step).map(|_| None),
             };
         }
         let (parent, name) = Self::split(ns, path)?;
@@ -1209,6 +1272,9 @@ impl Filesystem {
         if let Some(kind) = new_kind {
             if existing.is_some() {
                 return Err(FsError::new(libc::EEXIST, "exists"));
+            }
+            if step == Step::Check {
+                return Ok(None);
             }
             let time = from_nanos(record.mtime_ns.unwrap_or_default());
             let meta = Meta {
@@ -1234,11 +1300,17 @@ impl Filesystem {
                 if Self::child(ns, to_parent, to_name)?.is_some() {
                     return Err(FsError::new(libc::EEXIST, "exists"));
                 }
+                if step == Step::Check {
+                    return Ok(None);
+                }
                 ns.link(ino, to_parent, to_name);
                 touch(ns, to_parent);
             }
             LocalOp::Unlink | LocalOp::Rmdir => {
                 Self::check_removable(ns, ino, op == LocalOp::Rmdir)?;
+                if step == Step::Check {
+                    return Ok(None);
+                }
                 ns.unlink(parent, name);
                 touch(ns, parent);
                 self.drop_if_gone(ns, ino);
@@ -1246,7 +1318,7 @@ impl Filesystem {
             LocalOp::Rename => {
                 let (to_parent, to_name) = Self::split(ns, Path::new(os(&record.to)))?;
                 let target = Self::child(ns, to_parent, to_name)?;
-                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags)?;
+                self.rename_in(ns, (parent, name, ino), (to_parent, to_name, target), record.flags, step)?;
             }
             _ => return Err(FsError::new(libc::EINVAL, format!("unknown local change {}", record.op))),
         }
@@ -1290,6 +1362,7 @@ impl Filesystem {
         (parent, name, ino): (Ino, &OsStr, Ino),
         (to_parent, to_name, target): (Ino, &OsStr, Option<Ino>),
         flags: u32,
+        step: Step,
     ) -> Result<(), FsError> {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "unsupported rename flags"));
@@ -1306,18 +1379,23 @@ impl Filesystem {
         if into_itself(ino, to_parent) || target.is_some_and(|t| into_itself(t, parent)) && flags == RENAME_EXCHANGE {
             return Err(FsError::new(libc::EINVAL, "a directory cannot move below itself"));
         }
+        match (flags, target) {
+            (RENAME_EXCHANGE, None) => return Err(FsError::new(libc::ENOENT, "nothing to exchange with")),
+            (RENAME_NOREPLACE, Some(_)) => return Err(FsError::new(libc::EEXIST, "exists")),
+            (RENAME_EXCHANGE, _) | (_, None) => {}
+            (_, Some(target)) => Self::check_removable(ns, target, Self::is_dir(ns, ino))?,
+        }
+        if step == Step::Check {
+            return Ok(());
+        }
         if flags == RENAME_EXCHANGE {
-            let target = target.ok_or_else(|| FsError::new(libc::ENOENT, "nothing to exchange with"))?;
+            let target = target.expect("checked above");
             ns.unlink(parent, name);
             ns.unlink(to_parent, to_name);
             ns.link(ino, to_parent, to_name);
             ns.link(target, parent, name);
         } else {
             if let Some(target) = target {
-                if flags == RENAME_NOREPLACE {
-                    return Err(FsError::new(libc::EEXIST, "exists"));
-                }
-                Self::check_removable(ns, target, Self::is_dir(ns, ino))?;
                 ns.unlink(to_parent, to_name);
                 self.drop_if_gone(ns, target);
             }
@@ -1347,20 +1425,21 @@ impl Filesystem {
         Ok(())
     }
 
-    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
+    fn set_xattr(ns: &mut Namespace, ino: Ino, record: &Local, step: Step) -> Result<(), FsError> {
         let xattrs = &mut Self::node_mut(ns, ino)?.meta.xattrs;
         let name = OsString::from_vec(record.name.clone());
         let exists = xattrs.contains_key(&name);
         match record.op() {
             LocalOp::Removexattr if !exists => return Err(FsError::new(libc::ENODATA, "no such attribute")),
-            LocalOp::Removexattr => {
-                xattrs.remove(&name);
-            }
             _ if exists && record.flags as i32 & XATTR_CREATE != 0 => {
                 return Err(FsError::new(libc::EEXIST, "the attribute exists"));
             }
             _ if !exists && record.flags as i32 & XATTR_REPLACE != 0 => {
                 return Err(FsError::new(libc::ENODATA, "no such attribute"));
+            }
+            _ if step == Step::Check => {}
+            LocalOp::Removexattr => {
+                xattrs.remove(&name);
             }
             _ => {
                 xattrs.insert(name, record.value.clone());

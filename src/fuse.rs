@@ -1,8 +1,9 @@
 //! The thin FUSE adapter: each `fuser` callback calls the filesystem core and
 //! turns its answer into a reply or an errno. No lazyfs logic lives here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,8 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::failover::opens::{Count, Held, OpenTable};
+use crate::failover::request;
 use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
 
 /// The file set and its sizes come from the checkpoint and the source's
@@ -30,8 +33,22 @@ const PASSTHROUGH: FileHandle = FileHandle(1);
 pub struct FuseAdapter {
     fs: Arc<crate::fs::Filesystem>,
     /// Whether to hand the kernel verified files' spill files (FUSE passthrough).
-    passthrough: AtomicBool,
-    opens: Mutex<HashMap<u64, Opens>>,
+    passthrough: Arc<AtomicBool>,
+    opens: Mutex<OpenState>,
+    /// Names the kernel connection in journal records (0: unsupervised, not named).
+    connection: u64,
+    /// Requests of this connection a predecessor made the change of.
+    made: HashSet<u64>,
+}
+
+/// The open handles the kernel holds, per inode, and where a successor
+/// finds them (a supervised mount's open table).
+#[derive(Default)]
+struct OpenState {
+    by_ino: HashMap<u64, Opens>,
+    table: Option<OpenTable>,
+    /// The connection, to close backing files a predecessor registered.
+    connection: Option<OwnedFd>,
 }
 
 /// The open handles of one inode. The kernel allows one backing file per
@@ -39,37 +56,183 @@ pub struct FuseAdapter {
 /// it was incomplete stays cached until every such open is closed.
 #[derive(Default)]
 struct Opens {
-    cached: usize,
-    passthrough: usize,
-    backing: Option<BackingId>,
+    cached: u32,
+    passthrough: u32,
+    backing: Option<Backing>,
+    /// The last request that changed the counts, and how.
+    last: Option<(u64, Count)>,
+}
+
+enum Backing {
+    /// Registered by this process; closed when dropped.
+    Ours(BackingId, u32),
+    /// Registered by a predecessor: its id, until an open of ours needs it.
+    Inherited(u32),
+}
+
+impl Opens {
+    fn held(&self) -> Held {
+        let backing = self.backing.as_ref().map(|b| match b {
+            Backing::Ours(_, id) | Backing::Inherited(id) => *id,
+        });
+        Held { cached: self.cached, passthrough: self.passthrough, backing, last: self.last }
+    }
+}
+
+// FUSE_DEV_IOC_BACKING_CLOSE: _IOW(229, 2, uint32_t).
+nix::ioctl_write_ptr!(backing_close, 229, 2, u32);
+
+impl OpenState {
+    /// The backing file registered for `ino`, ours from now on (`wrap` takes
+    /// over one a predecessor registered).
+    fn ours(&mut self, ino: u64, wrap: impl FnOnce(u32) -> BackingId) -> Option<&BackingId> {
+        let opens = self.by_ino.get_mut(&ino)?;
+        if let Some(Backing::Inherited(id)) = opens.backing {
+            opens.backing = Some(Backing::Ours(wrap(id), id));
+        }
+        match opens.backing.as_ref()? {
+            Backing::Ours(backing, _) => Some(backing),
+            Backing::Inherited(_) => None,
+        }
+    }
+
+    /// How `req` changed the counts of `ino`, if it did before (it is sent
+    /// again: its first taker died between counting and answering).
+    fn counted(&self, req: &Request, ino: u64) -> Option<Count> {
+        let (request, count) = self.by_ino.get(&ino)?.last?;
+        (resent(req) && request == req.unique().0 & !FUSE_UNIQUE_RESEND).then_some(count)
+    }
+
+    /// Writes what is held of `ino` to the open table, and forgets an inode
+    /// with nothing open any more (closing its backing file).
+    fn settle(&mut self, ino: u64, req: &Request, count: Count) {
+        let Some(opens) = self.by_ino.get_mut(&ino) else { return };
+        opens.last = Some((req.unique().0 & !FUSE_UNIQUE_RESEND, count));
+        let gone = opens.cached == 0 && opens.passthrough == 0;
+        let held = if gone { Held::default() } else { opens.held() };
+        if let Some(table) = &mut self.table
+            && let Err(e) = table.record(ino, &held)
+        {
+            log::error!("recording the open handles of inode {ino}: {e}");
+        }
+        // Dropping our BackingId closes it with the kernel; an inherited one is closed by number.
+        if gone && let Some(Backing::Inherited(id)) = self.by_ino.remove(&ino).and_then(|o| o.backing) {
+            // SAFETY: the ioctl reads one u32 the kernel is given a pointer to.
+            let closed = self.connection.as_ref().map(|fd| unsafe { backing_close(fd.as_raw_fd(), &id) });
+            if let Some(Err(e)) = closed {
+                log::debug!("closing inherited backing file {id}: {e}");
+            }
+        }
+    }
 }
 
 impl FuseAdapter {
-    /// The backing id for a passthrough open of `file` (counted as one), if
-    /// passthrough is on and no cached open of the inode is live.
-    fn backing<'a>(
+    /// Whether an open of `file` goes through passthrough (counted as one,
+    /// its backing file registered): passthrough is on and no cached open of
+    /// the inode is live.
+    fn backing(
         &self,
-        opens: &'a mut Opens,
+        opens: &mut Opens,
         file: Option<std::fs::File>,
         open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
-    ) -> Option<&'a BackingId> {
-        let file = file.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed))?;
-        if opens.backing.is_none() {
-            match open_backing(&file) {
-                Ok(backing) => opens.backing = Some(backing),
+        wrap: impl Fn(u32) -> BackingId,
+    ) -> bool {
+        let Some(file) = file.filter(|_| opens.cached == 0 && self.passthrough.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        match opens.backing.take() {
+            Some(Backing::Inherited(id)) => opens.backing = Some(Backing::Ours(wrap(id), id)),
+            Some(ours) => opens.backing = Some(ours),
+            None => match open_backing(&file) {
+                Ok(backing) => {
+                    // Its number goes into the open table, for a successor.
+                    let id = backing.into_raw();
+                    opens.backing = Some(Backing::Ours(wrap(id), id));
+                }
                 Err(e) => {
                     log::warn!("FUSE passthrough refused ({e}): files are served through lazyfs");
                     self.passthrough.store(false, Ordering::Relaxed);
-                    return None;
+                    return false;
                 }
-            }
+            },
         }
         opens.passthrough += 1;
-        opens.backing.as_ref()
+        true
     }
 
-    pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: bool) -> Self {
-        FuseAdapter { fs, passthrough: AtomicBool::new(passthrough), opens: Mutex::new(HashMap::new()) }
+    /// Whether `req` comes again (its first taker died before answering) and
+    /// the change it asks for was made then (the journal says so).
+    fn made_before(&self, req: &Request) -> bool {
+        let made = resent(req) && self.made.contains(&(req.unique().0 & !FUSE_UNIQUE_RESEND));
+        if resent(req) {
+            log::debug!(
+                "request {} sent again: {}",
+                req.unique().0 & !FUSE_UNIQUE_RESEND,
+                if made { "made before" } else { "not made yet" }
+            );
+        }
+        made
+    }
+
+    /// Makes a change on behalf of `req`: its journal record names the request.
+    fn on_behalf<T>(&self, req: &Request, change: impl FnOnce() -> T) -> T {
+        match self.connection {
+            0 => change(),
+            connection => request::on_behalf_of(connection, req.unique().0 & !FUSE_UNIQUE_RESEND, change),
+        }
+    }
+
+    /// A change of names: made once, however often the kernel asks.
+    fn made_empty(&self, req: &Request, change: impl FnOnce() -> Result<(), FsError>, reply: ReplyEmpty) {
+        if self.made_before(req) {
+            return reply.ok();
+        }
+        empty(self.on_behalf(req, change), reply)
+    }
+
+    /// A new name `name` in `parent`: made once; sent again, the entry as it is.
+    fn made_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        make: impl FnOnce() -> Result<Attr, FsError>,
+        reply: ReplyEntry,
+    ) {
+        if self.made_before(req) {
+            return entry(self.fs.lookup(parent.0, name), reply);
+        }
+        entry(self.on_behalf(req, make), reply)
+    }
+
+    /// `passthrough`: whether to use FUSE passthrough (if the kernel agrees
+    /// at INIT); it says afterwards whether it is on.
+    pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: Arc<AtomicBool>) -> Self {
+        FuseAdapter { fs, passthrough, opens: Mutex::new(OpenState::default()), connection: 0, made: HashSet::new() }
+    }
+
+    /// Serves kernel connection `connection` for a supervisor: keeps the open
+    /// handles in `table` and names the requests in journal records, for a
+    /// successor. For that successor: `held`, what its predecessor left open,
+    /// and `device`, the connection (to close the predecessor's backing files).
+    pub fn supervised(
+        mut self,
+        connection: u64,
+        table: OpenTable,
+        held: &HashMap<u64, Held>,
+        device: Option<OwnedFd>,
+    ) -> Self {
+        self.connection = connection;
+        self.made = self.fs.requests_made(connection);
+        let by_ino = held
+            .iter()
+            .map(|(&ino, held)| {
+                let backing = held.backing.map(Backing::Inherited);
+                (ino, Opens { cached: held.cached, passthrough: held.passthrough, backing, last: held.last })
+            })
+            .collect();
+        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device };
+        self
     }
 }
 
@@ -114,6 +277,8 @@ fn time(t: TimeOrNow) -> SystemTime {
 }
 
 impl fuser::Filesystem for FuseAdapter {
+    /// Only the first serving process of a mount is asked: a successor keeps
+    /// to what was agreed here (see `failover::link::Negotiated`).
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
         // lazyfs drops set-ID bits and capabilities itself (`fs.rs`), so the
@@ -178,32 +343,49 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // SAFETY (wrap_backing): the id is registered with this connection and
+        // owned by this inode's entry alone.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
+        {
+            let mut state = self.opens.lock().expect("opens");
+            match state.counted(req, ino.0) {
+                Some(Count::PassthroughOpen) if let Some(backing) = state.ours(ino.0, wrap) => {
+                    return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
+                }
+                Some(Count::CachedOpen) => return reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE),
+                _ => {}
+            }
+        }
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let backing_file = match self.fs.open(ino.0, write) {
             Ok(backing_file) => backing_file,
             Err(e) => return reply.error(errno(&e)),
         };
-        let mut all = self.opens.lock().expect("opens");
-        let opens = all.entry(ino.0).or_default();
+        let mut state = self.opens.lock().expect("opens");
+        let opens = state.by_ino.entry(ino.0).or_default();
         // The kernel reads (and writes) the local file itself.
-        if let Some(backing) = self.backing(opens, backing_file, |f| reply.open_backing(f)) {
+        if self.backing(opens, backing_file, |f| reply.open_backing(f), wrap) {
+            // Recorded before the kernel hears of it: a successor must know every open.
+            state.settle(ino.0, req, Count::PassthroughOpen);
+            let backing = state.ours(ino.0, wrap).expect("registered above");
             return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
         }
         if opens.passthrough > 0 {
             // The kernel refuses a cached open beside passthrough ones.
-            drop(all);
+            drop(state);
             self.fs.release(ino.0);
             return reply.error(Errno::ETXTBSY);
         }
         opens.cached += 1;
+        state.settle(ino.0, req, Count::CachedOpen);
         // Contents change only through this mount: keep the page cache across opens.
         reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -211,19 +393,19 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut all = self.opens.lock().expect("opens");
-        if let Some(opens) = all.get_mut(&ino.0) {
+        let mut state = self.opens.lock().expect("opens");
+        if state.counted(req, ino.0) == Some(Count::Release) {
+            return reply.ok();
+        }
+        if let Some(opens) = state.by_ino.get_mut(&ino.0) {
             if fh == PASSTHROUGH {
                 opens.passthrough = opens.passthrough.saturating_sub(1);
             } else {
                 opens.cached = opens.cached.saturating_sub(1);
             }
-            if opens.passthrough == 0 && opens.cached == 0 {
-                // Dropping the BackingId closes it with the kernel.
-                all.remove(&ino.0);
-            }
+            state.settle(ino.0, req, Count::Release);
         }
-        drop(all);
+        drop(state);
         self.fs.release(ino.0);
         reply.ok();
     }
@@ -319,11 +501,11 @@ impl fuser::Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
+        self.made_entry(req, parent, name, || self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        entry(self.fs.mkdir(parent.0, name, mode & !umask, creator(req)), reply)
+        self.made_entry(req, parent, name, || self.fs.mkdir(parent.0, name, mode & !umask, creator(req)), reply)
     }
 
     fn create(
@@ -333,18 +515,63 @@ impl fuser::Filesystem for FuseAdapter {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        let (attr, file) = match self.fs.create(parent.0, name, mode & !umask, creator(req)) {
-            Ok(created) => created,
+        let made_before = self.made_before(req);
+        let created = match made_before {
+            false => self
+                .on_behalf(req, || self.fs.create(parent.0, name, mode & !umask, creator(req)))
+                .map(|(attr, file)| (attr, Some(file))),
+            true => self.fs.lookup(parent.0, name).map(|attr| (attr, None)),
+        };
+        // SAFETY: as in `open`.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
+        let (attr, file) = match created {
+            Ok((attr, Some(file))) => (attr, Some(file)),
+            // Sent again: made before (or, without O_EXCL, made at all), what is there is opened.
+            Ok((attr, None)) => {
+                let mut state = self.opens.lock().expect("opens");
+                match state.counted(req, attr.ino) {
+                    // Counted then too: answered as it was counted.
+                    Some(Count::PassthroughOpen) if let Some(backing) = state.ours(attr.ino, wrap) => {
+                        let (fh, flags) = (PASSTHROUGH, FopenFlags::empty());
+                        return reply.created_passthrough(
+                            &ttl(&attr),
+                            &file_attr(&attr),
+                            Generation(0),
+                            fh,
+                            flags,
+                            backing,
+                        );
+                    }
+                    Some(Count::CachedOpen) => {
+                        let (fh, flags) = (CACHED, FopenFlags::FOPEN_KEEP_CACHE);
+                        return reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), fh, flags);
+                    }
+                    _ => {}
+                }
+                drop(state);
+                match self.fs.open(attr.ino, true) {
+                    Ok(file) => (attr, file),
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
+            Err(e) if e.errno == libc::EEXIST && resent(req) && flags & libc::O_EXCL == 0 => {
+                match self.fs.lookup(parent.0, name).and_then(|attr| Ok((attr, self.fs.open(attr.ino, true)?))) {
+                    Ok(opened) => opened,
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
             Err(e) => return reply.error(errno(&e)),
         };
-        let mut all = self.opens.lock().expect("opens");
-        let opens = all.entry(attr.ino).or_default();
-        if let Some(backing) = self.backing(opens, Some(file), |f| reply.open_backing(f)) {
+        let mut state = self.opens.lock().expect("opens");
+        let opens = state.by_ino.entry(attr.ino).or_default();
+        if self.backing(opens, file, |f| reply.open_backing(f), wrap) {
+            state.settle(attr.ino, req, Count::PassthroughOpen);
+            let backing = state.ours(attr.ino, wrap).expect("registered above");
             return reply.created_passthrough(
-                &TTL,
+                &ttl(&attr),
                 &file_attr(&attr),
                 Generation(0),
                 PASSTHROUGH,
@@ -353,19 +580,20 @@ impl fuser::Filesystem for FuseAdapter {
             );
         }
         opens.cached += 1;
+        state.settle(attr.ino, req, Count::CachedOpen);
         reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.fs.unlink(parent.0, name), reply)
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.made_empty(req, || self.fs.unlink(parent.0, name), reply)
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.fs.rmdir(parent.0, name), reply)
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.made_empty(req, || self.fs.rmdir(parent.0, name), reply)
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
-        entry(self.fs.symlink(parent.0, name, target, creator(req)), reply)
+        self.made_entry(req, parent, name, || self.fs.symlink(parent.0, name, target, creator(req)), reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -377,7 +605,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -385,11 +613,11 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()), reply)
+        self.made_empty(req, || self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()), reply)
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        entry(self.fs.link(ino.0, newparent.0, newname), reply)
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.made_entry(req, newparent, newname, || self.fs.link(ino.0, newparent.0, newname), reply)
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
@@ -406,7 +634,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -414,7 +642,7 @@ impl fuser::Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(self.fs.setxattr(ino.0, name, value, flags), reply)
+        self.made_empty(req, || self.fs.setxattr(ino.0, name, value, flags), reply)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
@@ -425,9 +653,16 @@ impl fuser::Filesystem for FuseAdapter {
         xattr(self.fs.listxattr(ino.0), size, reply)
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.fs.removexattr(ino.0, name), reply)
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.made_empty(req, || self.fs.removexattr(ino.0, name), reply)
     }
+}
+
+/// The kernel marks a request it sends again (`FUSE_NOTIFY_RESEND`).
+const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
+fn resent(req: &Request) -> bool {
+    req.unique().0 & FUSE_UNIQUE_RESEND != 0
 }
 
 fn creator(req: &Request) -> Creator {

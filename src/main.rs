@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use lazyfs::cli::{
-    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, StatusArgs, UmountArgs,
-    VerifyArgs, WaitArgs, exit,
+    Cli, Command, ExportArgs, LsArgs, ManArgs, ManifestArgs, MountArgs, PrefetchArgs, PushArgs, StatusArgs, UmountArgs,
+    UpgradeArgs, VerifyArgs, WaitArgs, exit,
 };
 use lazyfs::commands::ls;
 use lazyfs::commands::verify::VerifyError;
@@ -91,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Ls(args) => run_ls(&args),
         Command::Mount(args) => run_mount(&args),
         Command::Umount(args) => run_umount(&args),
+        Command::Upgrade(args) => run_upgrade(&args),
         Command::Export(args) => run_export(&args),
         Command::Prefetch(args) => run_prefetch(&args),
         Command::Status(args) => run_status(&args),
@@ -102,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Man(args) => run_man(&args),
         Command::Manifest(args) => run_manifest(&args),
+        Command::Push(args) => run_push(&args),
         Command::Verify(args) => run_verify(&args),
     }
 }
@@ -132,7 +134,10 @@ fn mount_failed(e: MountError) -> anyhow::Error {
 fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     let request = MountRequest::from_args(args).map_err(mount_failed)?;
     if args.daemon {
-        return Ok(serve_as_daemon(request));
+        return Ok(lazyfs::failover::supervisor::run(&request, serving_args(), args.max_restarts));
+    }
+    if args.serve {
+        return Ok(serve_supervised(request));
     }
     if !args.foreground {
         return spawn_daemon(args, &request);
@@ -142,7 +147,7 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     for warning in &prepared.warnings {
         eprintln!("lazyfs: warning: {warning}");
     }
-    mount::serve(prepared, |mountpoint| {
+    mount::serve(prepared, None, |mountpoint: &Path| {
         if std::io::stderr().is_terminal() {
             eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
             show_bars(mountpoint.to_path_buf());
@@ -171,10 +176,21 @@ fn show_bars(mountpoint: PathBuf) {
     });
 }
 
-/// The background process: says `warning MESSAGE` (images not a whole dump),
-/// then `ready` or `error CODE MESSAGE` on stdout (read by the `lazyfs mount`
-/// that started it), then serves.
-fn serve_as_daemon(request: MountRequest) -> u8 {
+/// The serving process's arguments: the supervisor's own, `--daemon` (the
+/// last one, which `lazyfs mount` added) turned into `--serve`.
+fn serving_args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(daemon) = args.iter().rposition(|a| a == "--daemon") {
+        args[daemon] = "--serve".into();
+    }
+    args
+}
+
+/// The process serving a mount for its supervisor: says `warning MESSAGE`
+/// (images not a whole dump), then `ready` or `error CODE MESSAGE` on stdout
+/// (read by the `lazyfs mount` that started the supervisor; a successor's
+/// stdout is /dev/null), then serves.
+fn serve_supervised(request: MountRequest) -> u8 {
     let ready = |_: &Path| {
         println!("ready");
         let _ = std::io::stdout().flush();
@@ -183,11 +199,14 @@ fn serve_as_daemon(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
-    let served = mount::prepare(request).and_then(|prepared| {
+    let supervised = lazyfs::failover::Supervised::from_supervisor()
+        .map_err(|source| MountError::Mount { path: request.mountpoint.clone(), source });
+    let served = supervised.and_then(|supervised| {
+        let prepared = mount::prepare_supervised(request, &supervised)?;
         for warning in &prepared.warnings {
             println!("warning {}", warning.replace('\n', " "));
         }
-        mount::serve(prepared, ready)
+        mount::serve(prepared, Some(supervised), ready)
     });
     match served {
         Ok(()) => exit::SUCCESS,
@@ -259,7 +278,10 @@ fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
 fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
     match control::Client::connect(&args.mountpoint) {
         Ok(mut client) => {
+            let supervisor = client.supervisor();
             client.umount()?;
+            // Done once nothing of the mount runs: its mountpoint is free again.
+            wait_ended(supervisor);
             Ok(exit::SUCCESS)
         }
         Err(ControlError::NotAMount(path)) => {
@@ -271,6 +293,68 @@ fn run_umount(args: &UmountArgs) -> anyhow::Result<u8> {
             Err(ControlError::NotAMount(path).into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `lazyfs upgrade`: the mount's supervisor starts BINARY on the live mount;
+/// done once the new process serves it (its pid in status, restarted for the
+/// upgrade), failed if the supervisor fell back to the old binary.
+fn run_upgrade(args: &UpgradeArgs) -> anyhow::Result<u8> {
+    let binary = match &args.binary {
+        Some(binary) => std::path::absolute(binary)?,
+        None => std::env::current_exe().context("finding the lazyfs binary")?,
+    };
+    let mut client = control::Client::connect(&args.mountpoint)?;
+    let before = client.totals()?;
+    client.upgrade(&binary)?;
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = control::Client::connect(&args.mountpoint).and_then(|mut c| c.totals());
+        if let Ok(status) = now.as_ref()
+            && status.pid != before.pid
+            && status.restarts > before.restarts
+        {
+            if status.last_restart_reason.starts_with("upgrade to ") {
+                eprintln!(
+                    "lazyfs: {} is served by pid {} ({}, lazyfs {}) now",
+                    args.mountpoint.display(),
+                    status.pid,
+                    status.binary,
+                    status.version
+                );
+                return Ok(exit::SUCCESS);
+            }
+            return Err(Exit {
+                code: exit::RUNTIME,
+                message: format!("the upgrade did not take: {}", status.last_restart_reason),
+            }
+            .into());
+        }
+        if Instant::now() >= deadline {
+            let why = now.map_or_else(|e| e.to_string(), |s| format!("pid {} still serves it", s.pid));
+            return Err(Exit {
+                code: exit::RUNTIME,
+                message: format!(
+                    "no new process served {} within {:?}: {why}",
+                    args.mountpoint.display(),
+                    args.timeout
+                ),
+            }
+            .into());
+        }
+    }
+}
+
+/// Waits (10 s at most) until process `pid` has ended (0: none).
+fn wait_ended(pid: u32) {
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid != 0 && running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -527,6 +611,43 @@ fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
         output.display(),
         if summary.skipped.is_empty() { String::new() } else { format!("; left out {}", summary.skipped.len()) }
     );
+    Ok(exit::SUCCESS)
+}
+
+fn run_push(args: &PushArgs) -> anyhow::Result<u8> {
+    use lazyfs::commands::push::{self, Show};
+    let bad = |message: String| Exit { code: exit::BAD_INPUT, message };
+    let url = lazyfs::s3::S3Url::parse(&args.url).map_err(|e| bad(e.to_string()))?;
+    let recording = match &args.recording {
+        Some(path) => Some(lazyfs::recording::load(path).map_err(|e| bad(format!("--recording {e}")))?),
+        None => {
+            let manifest = args.imgdir.join(lazyfs::manifest::DEFAULT_NAME);
+            match manifest.exists() {
+                true => lazyfs::manifest::Manifest::load(&manifest).map_err(|e| bad(e.to_string()))?.recording,
+                false => None,
+            }
+        }
+    };
+    let request = lazyfs::push::PushRequest {
+        imgdir: args.imgdir.clone(),
+        url,
+        source_root: args.source_root.clone(),
+        subtree: args.subtree.clone(),
+        jobs: usize::from(args.jobs),
+        object_size: args.object_size,
+        objects: args.objects.clone(),
+        recording,
+    };
+    let show = match (args.json, std::io::stderr().is_terminal()) {
+        (true, _) => Show::Json,
+        (false, true) => Show::Bars,
+        (false, false) => Show::Plain,
+    };
+    let summary = push::run(&request, show).map_err(|e| Exit { code: e.exit_code(), message: e.to_string() })?;
+    for (path, reason) in &summary.skipped {
+        eprintln!("lazyfs: left out {}: {reason}", ls::escape_path(path));
+    }
+    eprintln!("lazyfs: {}", push::summary_line(&request, &summary));
     Ok(exit::SUCCESS)
 }
 

@@ -2,8 +2,10 @@
 //! its life until it is unmounted.
 
 use std::collections::HashMap;
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,18 +13,25 @@ use std::time::{Duration, Instant};
 use crate::cli::{LayoutArg, MountArgs, PrefetchOrder, SshArg, exit};
 use crate::control::{self, ControlEvent, registry};
 use crate::detached::Attachment;
+use crate::failover::Supervised;
+use crate::failover::link::{Message, Negotiated, Restarts};
 use crate::fetch::restore::{FileSpec, open_file};
 use crate::fetch::{FetchConfig, FetchFile, Fetcher, Order, Phase};
-use crate::fs::{Filesystem, FsConfig, ServedSpec};
+use crate::fs::{Filesystem, FsConfig, Replay, ServedSpec};
 use crate::fuse::FuseAdapter;
+use crate::identity::{self, CacheIdentity, CheckedSource, SourceIdentity, Verdict};
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
-use crate::namespace::{Layout, Namespace, NamespaceError};
+use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
 use crate::recording::{self, Recording, RecordingError};
-use crate::source::{self, SourceError, SourceSpec, SshOverrides, Transport};
+use crate::s3::index::Index;
+use crate::source::Connection;
+use crate::source::{self, Source, SourceError, SourceSpec, SshOverrides, Transport};
 use crate::store::Presence;
-use crate::store::journal::{self, Journal, Owner};
-use crate::store::{Store, StoreError};
+use crate::store::inodes::InodeTable;
+use crate::store::journal::proto::JournalRecord;
+use crate::store::journal::{self, Journal, Loaded, Owner};
+use crate::store::{CacheDir, Store, StoreError};
 use crate::tree::{Tree, TreeFiles};
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -47,6 +56,10 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("{0}")]
+    Journal(journal::Damage),
 }
 
 impl MountError {
@@ -57,7 +70,8 @@ impl MountError {
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
             | MountError::Manifest(_)
-            | MountError::Recording(_) => exit::BAD_INPUT,
+            | MountError::Recording(_)
+            | MountError::Identity(_) => exit::BAD_INPUT,
             MountError::Source(SourceError::Config(_)) | MountError::Store(StoreError::Unsafe { .. }) => {
                 exit::BAD_INPUT
             }
@@ -91,6 +105,11 @@ pub struct MountRequest {
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
     pub manifest: Option<PathBuf>,
+    /// Drop the local changes earlier mounts made (and start afresh where
+    /// the cache dir's files are not this mount's).
+    pub discard_local_changes: bool,
+    /// Mount with the records before the damage of a damaged journal.
+    pub recover_journal: bool,
     /// `--recorded-only`: with `--subtree`, only the files the images record.
     pub recorded_only: bool,
 }
@@ -122,7 +141,7 @@ impl MountRequest {
         let source = SourceSpec::parse(&args.source, &overrides, home.as_deref())?;
         let cache_dir = match &args.cache_dir {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-            None => default_cache_dir(&args.imgdir, &args.source, &args.source_root)?,
+            None => default_cache_dir(&args.imgdir, &source::spelling(&source, &args.source_root))?,
         };
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
@@ -149,6 +168,8 @@ impl MountRequest {
                 .manifest
                 .clone()
                 .or_else(|| Some(args.imgdir.join(manifest::DEFAULT_NAME)).filter(|p| p.exists())),
+            discard_local_changes: args.discard_local_changes,
+            recover_journal: args.recover_journal,
             recorded_only: args.recorded_only,
         })
     }
@@ -156,8 +177,10 @@ impl MountRequest {
 
 /// `$XDG_CACHE_HOME/lazyfs/ID` (root: `/var/cache/lazyfs/ID`; without a
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
-/// where ID names the images and the source, so mounting them again resumes.
-pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Result<PathBuf, MountError> {
+/// where ID names the images and the source (`spelling`: SOURCE and
+/// --source-root normalized, see `source::spelling`), so mounting them again
+/// resumes, however SOURCE is spelled.
+pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/cache/lazyfs")
@@ -170,7 +193,7 @@ pub fn default_cache_dir(imgdir: &Path, source: &str, source_root: &Path) -> Res
     };
     let imgdir = std::fs::canonicalize(imgdir).unwrap_or_else(|_| imgdir.to_path_buf());
     let mut key = Vec::new();
-    for part in [imgdir.as_os_str().as_bytes(), source.as_bytes(), source_root.as_os_str().as_bytes()] {
+    for part in [imgdir.as_os_str().as_bytes(), spelling.as_bytes()] {
         key.extend_from_slice(part);
         key.push(0);
     }
@@ -185,10 +208,15 @@ pub struct Prepared {
     pub source_name: String,
     /// Whose files the cache dir holds.
     owner: Owner,
+    /// The source, and what is known of it (journaled at unmount).
+    source: Arc<CheckedSource>,
+    /// What the journal says of the files this mount does not serve (outside
+    /// its --subtree): kept for the mounts that do.
+    outside: Vec<JournalRecord>,
     /// What the person mounting should know (the mount works regardless).
     pub warnings: Vec<String>,
-    /// The mountpoint is this process's until it exits.
-    _claim: registry::Claim,
+    /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
+    _claim: Option<registry::Claim>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -204,6 +232,33 @@ pub fn prepare_with(
     request: MountRequest,
     open_source: impl FnOnce() -> Result<Arc<dyn source::Source>, SourceError>,
 ) -> Result<Prepared, MountError> {
+    prepare_inner(request, open_source, None)
+}
+
+/// [`prepare`] for a process its supervisor started: the supervisor holds the
+/// mountpoint's claim. A successor touches nothing below the mountpoint (it
+/// is the one to answer for it) and connects to the source only when a read
+/// needs it: the old host may be gone by now.
+pub fn prepare_supervised(request: MountRequest, supervised: &Supervised) -> Result<Prepared, MountError> {
+    let (spec, root) = (request.source.clone(), request.source_root.clone());
+    let takeover = Takeover { held_open: supervised.open_counts(), resuming: supervised.resume.is_some() };
+    prepare_inner(request, move || Ok(source::open(&spec, &root)?.into()), Some(takeover))
+}
+
+/// What a supervised serving process brings to [`prepare_inner`].
+struct Takeover {
+    /// Open handles per inode the kernel holds (a predecessor's).
+    held_open: std::collections::HashMap<Ino, u32>,
+    /// A successor on a live connection.
+    resuming: bool,
+}
+
+fn prepare_inner(
+    request: MountRequest,
+    open_source: impl FnOnce() -> Result<Arc<dyn source::Source>, SourceError>,
+    takeover: Option<Takeover>,
+) -> Result<Prepared, MountError> {
+    let resuming = takeover.as_ref().is_some_and(|t| t.resuming);
     // Where each attempt starts, in a log that keeps earlier ones.
     log::info!(
         "==== lazyfs {} (pid {}): mounting {} at {} from {}",
@@ -213,7 +268,10 @@ pub fn prepare_with(
         request.mountpoint.display(),
         request.source_arg
     );
-    let claim = claim_mountpoint(&request.mountpoint)?;
+    let claim = match takeover {
+        None => Some(claim_mountpoint(&request.mountpoint)?),
+        Some(_) => None,
+    };
     let checkpoint = Checkpoint::load(&request.imgdir)?;
     let subtree = request.subtree.as_deref().unwrap_or(Path::new("/"));
     let served: Vec<&RecordedFile> = checkpoint
@@ -223,10 +281,25 @@ pub fn prepare_with(
     let paths: Vec<&Path> = served.iter().map(|f| f.path.as_path()).collect();
     let manifest = request.manifest.as_deref().map(Manifest::load).transpose()?.map(Arc::new);
     let tree_root = request.tree_root();
+    if let (SourceSpec::S3(url), Some(root)) = (&request.source, tree_root) {
+        return Err(SourceError::Config(format!(
+            "--subtree {}: {url} holds the recorded files only (`lazyfs push` does not send the whole directory \
+             yet): add --recorded-only",
+            root.display()
+        ))
+        .into());
+    }
+    // Supervised, numbers a successor can give again (the cache dir's inode
+    // table: a successor's, a fresh mount's kept once the cache dir is open).
+    let numbers: Box<dyn Numbers> = match (&takeover, resuming) {
+        (_, true) => Box::new(InodeTable::load(&CacheDir::open_cache(&request.cache_dir)?)?),
+        (Some(_), false) => Box::new(InodeTable::fresh()),
+        (None, _) => Box::new(Counter::default()),
+    };
     let mut ns = match tree_root {
-        Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths))?,
+        Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths), numbers)?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
-        None => Namespace::build(&paths, request.layout, Some(subtree))?,
+        None => Namespace::build_numbered(&paths, request.layout, Some(subtree), numbers)?,
     };
     if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
         ns.reserve_inos(max);
@@ -235,35 +308,82 @@ pub fn prepare_with(
         ns.add_recorded_dirs(&recorded_dirs(&checkpoint), subtree);
     }
     // What is local is checked before the source is asked anything.
-    check_mountpoint(&request.mountpoint)?;
+    if !resuming {
+        check_mountpoint(&request.mountpoint)?;
+    }
     registry::check()?;
-    let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning(&request, &paths)).collect();
+    let subtree_warning = if resuming { None } else { subtree_warning(&request, &paths) };
+    let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning).collect();
     let allow_other = request.allow_other || needs_allow_other(&checkpoint);
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
         _ => None,
     };
     let store = Arc::new(Store::open(&request.cache_dir)?);
-    // What a mount that was killed recorded is this cache dir's recording now.
+    if takeover.is_some() && !resuming {
+        ns.numbers_mut().keep_in(store.dir())?;
+    }
+    let (spelling, shown) = source::identify(&request.source, &request.source_root);
+    let (wanted, legacy) = wanted_identity(&request, spelling.clone(), shown)?;
+    let (loaded, verdict) = match load_journal(&store, &request, &mut warnings)? {
+        Some(loaded) => {
+            let cache = store.dir().path();
+            let verdict = identity::judge(cache, &loaded, (&wanted, &legacy), request.discard_local_changes)?;
+            (loaded, verdict)
+        }
+        None => (Loaded::default(), Verdict::Afresh("its damaged journal was set aside".into())),
+    };
+    // What a mount that was killed recorded is this cache dir's recording now
+    // (once the journal let the mount go on: a refused mount changes nothing).
     recording::recover(store.dir())?;
-    let (loaded, warning) = journal::load(store.dir())?;
-    if let Some(warning) = warning {
+    let local = crate::store::local::LocalFiles::open(store.dir())?;
+    let (mut records, mut local_changes) = (loaded.records, loaded.local);
+    let mut created_ns = loaded.owner.created_ns;
+    match &verdict {
+        Verdict::Use => {}
+        Verdict::Afresh(reason) => {
+            warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
+            store.clear_spills()?;
+            recording::forget(store.dir())?;
+            local.clear()?;
+            records.clear();
+            local_changes.clear();
+            created_ns = 0;
+        }
+        Verdict::Discard => {
+            let modified = records.values().filter(|r| r.modified).count();
+            warnings.push(format!(
+                "{}: dropping {} local change(s) to names and attributes and the local writes to {modified} file(s) \
+                 (--discard-local-changes)",
+                store.dir().path().display(),
+                local_changes.len()
+            ));
+            records.retain(|_, r| !r.modified);
+            local.clear()?;
+            local_changes.clear();
+        }
+    }
+    if created_ns == 0 {
+        created_ns = nanos_now();
+    }
+    let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if !identity::knows(&identity, &spelling) {
+        log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
+    }
+    let known = identity.source.clone().unwrap_or_default();
+    for warning in &warnings {
         log::warn!("{warning}");
     }
-    let owner = cache_owner(&request)?;
-    let mut records = loaded.records;
-    let mut local_changes = loaded.local;
-    let afresh = loaded.owner != owner && (!records.is_empty() || !loaded.owner.id.is_empty());
-    if afresh {
-        let held = match loaded.owner.name.as_str() {
-            "" => "files of an unknown checkpoint".to_string(),
-            name => format!("the files of {name}"),
-        };
-        log::warn!("{}: held {held}, not of {}: starting afresh", store.dir().path().display(), owner.name);
-        store.clear_spills()?;
-        recording::forget(store.dir())?;
-        records.clear();
-        local_changes.clear();
+
+    let mut source = SourceNeeded { open: Some(open_source), spelling, known, source: None, connection: None };
+    // An object store's index (read as it is opened) says what its files are.
+    let store_source = match request.source {
+        SourceSpec::S3(_) => Some(source.open()?),
+        _ => None,
+    };
+    let pushed = store_source.as_deref().and_then(|s| s.pushed());
+    if let (Some(pushed), Some(store_source)) = (pushed, &store_source) {
+        check_pushed_images(&request, pushed, &store_source.describe())?;
     }
     // What the last restore read first: replayed once the source is up
     // (unless --no-replay), and with `--prefetch-order recorded` the order of prefetch.
@@ -271,26 +391,17 @@ pub fn prepare_with(
     let recording = match given_recording {
         Some(given) => Some(given),
         None if recorded_order || request.replay => {
-            let (found, warning) = find_recording(&store, manifest.as_deref(), recorded_order);
+            let shipped = pushed.and_then(|p| p.recording.as_ref());
+            let shipped = shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref()));
+            let (found, warning) = find_recording(&store, shipped, recorded_order);
+            if let Some(warning) = &warning {
+                log::warn!("{warning}");
+            }
             warnings.extend(warning);
             found
         }
         None => None,
     };
-    for warning in &warnings {
-        log::warn!("{warning}");
-    }
-    let source = open_source()?;
-    // The connection comes up in the background (see `fetch::connect`),
-    // unless asked for now or needed now: CRIU left a size out (O_APPEND
-    // opens) that no manifest has, and a size is shown before any read.
-    let sizes_unknown =
-        served.iter().any(|f| f.size.is_none() && manifest.as_ref().is_none_or(|m| m.get(&f.path).is_none()));
-    let mut connection = match request.wait_for_source || sizes_unknown {
-        true => Some(source.connect()?),
-        false => None,
-    };
-
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
         let record = records.get(file.path.as_os_str().as_bytes());
@@ -308,13 +419,21 @@ pub fn prepare_with(
             files.push(Arc::new(open_file(&store, spec, Some(record))?));
             continue;
         }
-        let expected = manifest.as_deref().and_then(|m| m.get(&file.path)).cloned();
-        // CRIU records no size for some files (O_APPEND opens): ask the manifest, or the source.
-        let size = match file.size.or(expected.as_ref().map(|e| e.size)) {
+        // What a store holds is checked against its own index.
+        let expected = match pushed {
+            Some(pushed) => pushed.get(&file.source_path).map(|entry| entry.hashes.clone()),
+            None => manifest.as_deref().and_then(|m| m.get(&file.path)).cloned(),
+        };
+        // CRIU records no size for some files (O_APPEND opens): ask the
+        // manifest, what arrived of it whole before, or the source.
+        let verified = record.filter(|r| r.verified.is_some()).map(|r| r.size);
+        let size = match file.size.or(expected.as_ref().map(|e| e.size)).or(verified) {
             Some(size) => size,
-            None => match connection.as_mut().expect("connected: a size is unknown").stat(&file.source_path) {
+            None => match source.connection().and_then(|c| c.stat(&file.source_path)) {
                 Ok(stat) => stat.size,
-                Err(e @ (SourceError::NotFound { .. } | SourceError::Changed { .. })) => {
+                Err(
+                    e @ (SourceError::NotFound { .. } | SourceError::Changed { .. } | SourceError::NotTheSource(_)),
+                ) => {
                     files.push(Arc::new(failed_file(&store, file, e.to_string())?));
                     continue;
                 }
@@ -345,32 +464,54 @@ pub fn prepare_with(
         };
         files.push(Arc::new(fetch_file));
     }
-    let kept = local_changes.iter().cloned().map(journal::local_record).collect();
-    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, kept)?;
-    let tree = match tree_root {
+    // What this mount does not serve (outside --subtree) stays known.
+    let served_paths: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    let mut kept: Vec<JournalRecord> = records
+        .iter()
+        .filter(|(path, _)| !served_paths.contains(path.as_slice()))
+        .flat_map(|(path, record)| journal::file_records(path, record))
+        .collect();
+    let outside = kept.clone();
+    kept.extend(local_changes.iter().cloned().map(journal::local_record));
+
+    let owner = Owner { identity: Some(identity), created_ns, legacy: Vec::new() };
+    let mut tree = match tree_root {
         Some(root) => {
             let files =
                 TreeFiles { store: store.clone(), records: Mutex::new(records.clone()), manifest: manifest.clone() };
+            let afresh = matches!(verdict, Verdict::Afresh(_));
             let mut tree = Tree::open(store.dir(), &owner, afresh, root, files)?;
             // The root's own attributes: the manifest's (exact), the log's, else the source's.
-            match manifest.as_deref().and_then(|m| m.attrs(root)) {
-                Some(attrs) => tree.set_root(attrs)?,
-                None if tree.root.is_some() => {}
-                // The first mount of this tree: the root's attributes are shown before any read.
-                None => {
-                    let connection = match &mut connection {
-                        Some(connection) => connection,
-                        None => connection.insert(source.connect()?),
-                    };
-                    tree.set_root(connection.attrs(root)?)?
-                }
+            if let Some(attrs) = manifest.as_deref().and_then(|m| m.attrs(root)) {
+                tree.set_root(attrs)?;
             }
             Some(tree)
         }
         None => None,
     };
+    let root_unknown = tree.as_ref().is_some_and(|t| t.root.is_none());
+    // The mount (or a successor taking one over) comes up without waiting for
+    // the source: its first connection comes up in the background (see
+    // `fetch::connect`), beside `criu restore`. Unless asked to wait for it,
+    // or for the tree root's attributes, shown before any read.
+    let need = match needs_source(&files) || root_unknown {
+        true if request.wait_for_source || root_unknown => Need::Now,
+        true => Need::Later,
+        false => Need::Not,
+    };
+    let (checked, mut connection) = source.finish(need, &request.source_arg, &mut warnings)?;
+    if let (Some(tree), Some(root), Some(connection)) = (&mut tree, tree_root, &mut connection)
+        && root_unknown
+    {
+        tree.set_root(connection.attrs(root)?)?;
+    }
+    let owner =
+        Owner { identity: owner.identity.map(|i| CacheIdentity { source: Some(checked.known()), ..i }), ..owner };
+    let resumable = (verdict == Verdict::Use).then_some(loaded.whole_len);
+    let journal = crate::fetch::create_journal(store.dir(), &owner, &files, (kept, resumable))?;
+    checked.on_confirmed(journal.source_recorder());
 
-    let source_name = source.describe();
+    let source_name = checked.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
     let plan = recorded_plan(recording.as_ref(), &files);
     let order = match &request.order {
@@ -381,7 +522,7 @@ pub fn prepare_with(
     };
     let replay = if request.replay { plan } else { Arc::new([]) };
     let fetcher = Fetcher::start(
-        source,
+        checked.clone(),
         connection,
         files,
         journal,
@@ -393,13 +534,30 @@ pub fn prepare_with(
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
+        created: from_nanos(created_ns),
     };
     let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
-    let local = crate::store::local::LocalFiles::open(store.dir())?;
-    let fs = Filesystem::new(ns, specs, fetcher, local, &local_changes, config, tree)?;
+    // The tree as built: from now on each number a successor must give again is kept as it is given.
+    ns.numbers_mut().settle();
+    let held_open = takeover.map(|t| t.held_open).unwrap_or_default();
+    let replay = Replay { changes: &local_changes, held_open: &held_open };
+    let fs = Filesystem::new(ns, specs, fetcher, local, replay, config, tree)?;
+    if resuming {
+        fs.relist_kept();
+    }
     let mut request = request;
     request.allow_other = allow_other;
-    Ok(Prepared { request, fs: Arc::new(fs), store, source_name, owner, warnings, _claim: claim })
+    Ok(Prepared {
+        request,
+        fs: Arc::new(fs),
+        store,
+        source_name,
+        owner,
+        source: checked,
+        outside,
+        warnings,
+        _claim: claim,
+    })
 }
 
 /// The inode numbers a manifest made on the old host gives the recorded
@@ -445,7 +603,7 @@ fn needs_allow_other(checkpoint: &Checkpoint) -> bool {
 
 /// Claims `mountpoint` for this process before anything else is done: of
 /// racing mounts of one mountpoint, the losers stop here, leaving nothing.
-fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
+pub fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
     match registry::claim(mountpoint) {
         Ok(Ok(claim)) => Ok(claim),
         Ok(Err(pid)) => Err(MountError::Mountpoint {
@@ -459,52 +617,200 @@ fn claim_mountpoint(mountpoint: &Path) -> Result<registry::Claim, MountError> {
     }
 }
 
-/// Which checkpoint and source a cache dir is for: a blake3 of every image
-/// file (but the memory pages, which are large and say nothing of files), the
-/// source and its root.
-fn cache_owner(request: &MountRequest) -> Result<Owner, MountError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MountError::Store(StoreError::Io { path, source })
+/// Whether a mount of `files`, as the cache dir holds them, needs the
+/// source: once every file is verified or changed locally, the cache is the
+/// source and the old host may be gone.
+fn needs_source(files: &[Arc<FetchFile>]) -> bool {
+    files.iter().any(|f| matches!(f.phase(), Phase::Pending | Phase::Fetching | Phase::Present))
+}
+
+/// What this mount asks its cache dir's files to be (see `identity`), and
+/// what a journal older than identities would say of it.
+fn wanted_identity(
+    request: &MountRequest,
+    spelling: String,
+    shown: Option<source::Shown>,
+) -> Result<(CacheIdentity, Vec<u8>), MountError> {
+    let (images, legacy) = identity::images_hash(&request.imgdir, &request.source_arg, &request.source_root)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
+    let identity = CacheIdentity {
+        images,
+        imgdir: request.imgdir.display().to_string(),
+        layout: match request.subtree.is_some() && request.recorded_only && request.layout == Layout::Tree {
+            // Local changes made over the whole directory may name files the images do not.
+            true => "tree --recorded-only".into(),
+            false => identity::layout_name(request.layout).into(),
+        },
+        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        source: Some(SourceIdentity {
+            spellings: vec![spelling],
+            kind: shown.as_ref().map_or("", |s| s.kind).into(),
+            host_keys: shown.as_ref().map(|s| s.host_keys.clone()).unwrap_or_default(),
+            root: shown.map(|s| s.root.into_os_string().into_vec()).unwrap_or_default(),
+        }),
     };
-    let dir = &request.imgdir;
-    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .map(|entry| entry.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(io(dir))?;
-    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
-    names.sort();
-    let mut hasher = blake3::Hasher::new();
-    for name in names {
-        let path = dir.join(&name);
-        hasher.update(name.as_bytes()).update(&[0]);
-        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, &mut hasher).map_err(io(&path))?;
+    Ok((identity, legacy))
+}
+
+/// The cache dir's journal. A damaged one refuses the mount, unless
+/// `--recover-journal` (keep what comes before the damage) or
+/// `--discard-local-changes` (set it aside: `None`, start afresh) says what to do.
+fn load_journal(
+    store: &Store,
+    request: &MountRequest,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Loaded>, MountError> {
+    let damage = match journal::load(store.dir())? {
+        Ok(loaded) => return Ok(Some(loaded)),
+        Err(damage) => damage,
+    };
+    if request.recover_journal {
+        let kept = journal::keep_intact(store.dir(), &damage)?;
+        warnings.push(format!(
+            "{}: kept the {} record(s) before the damage at byte {}; the damaged journal is kept as {}",
+            damage.path.display(),
+            damage.intact,
+            damage.at,
+            kept.display()
+        ));
+        return journal::load(store.dir())?.map(Some).map_err(MountError::Journal);
     }
-    for part in [request.source_arg.as_bytes(), request.source_root.as_os_str().as_bytes()] {
-        hasher.update(&[0]).update(part);
+    if request.discard_local_changes {
+        let aside = journal::set_aside(store.dir(), "discarded")?;
+        warnings.push(format!(
+            "{}: {} (--discard-local-changes: set aside as {}, starting afresh)",
+            damage.path.display(),
+            damage.reason,
+            aside.unwrap_or_default().display()
+        ));
+        return Ok(None);
     }
-    Ok(Owner {
-        id: hasher.finalize().as_bytes().to_vec(),
-        name: format!("{} from {}", dir.display(), request.source_arg),
-    })
+    Err(MountError::Journal(damage))
+}
+
+fn nanos_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn from_nanos(ns: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+}
+
+/// The source, and the connection made to it at mount time, if any.
+type Reached = (Arc<CheckedSource>, Option<Box<dyn Connection>>);
+
+/// When a mount needs its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// To mount (a connection is made, or the mount fails).
+    Now,
+    /// Soon, not to mount: its first connection comes up in the background.
+    Later,
+    /// Not at all: every file is in the cache dir.
+    Not,
+}
+
+/// The source, opened (checked on every connection: [`CheckedSource`]) and
+/// connected only if the mount needs it.
+struct SourceNeeded<F> {
+    open: Option<F>,
+    spelling: String,
+    known: SourceIdentity,
+    source: Option<Arc<CheckedSource>>,
+    connection: Option<Box<dyn Connection>>,
+}
+
+impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
+    fn open(&mut self) -> Result<Arc<CheckedSource>, SourceError> {
+        if let Some(source) = &self.source {
+            return Ok(source.clone());
+        }
+        let inner = (self.open.take().expect("opened once"))()?;
+        let source = Arc::new(CheckedSource::new(inner, self.spelling.clone(), self.known.clone()));
+        self.source = Some(source.clone());
+        Ok(source)
+    }
+
+    /// A connection, made at the first call.
+    fn connection(&mut self) -> Result<&mut dyn Connection, SourceError> {
+        if self.connection.is_none() {
+            self.connection = Some(self.open()?.connect()?);
+        }
+        Ok(self.connection.as_mut().expect("connected above").as_mut())
+    }
+
+    /// The source, and a connection to it if the mount needs it now (an
+    /// unreachable source then fails the mount). One that is not the source
+    /// the cache dir was filled from is not fetched from: the files that need
+    /// it fail, saying why, and nothing held is dropped. Not needed, the
+    /// source is not contacted, and need not be there at all.
+    fn finish(mut self, need: Need, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
+        if need == Need::Later {
+            return Ok((self.open()?, self.connection));
+        }
+        if need == Need::Now {
+            return match self.connection() {
+                Ok(_) => Ok((self.open()?, self.connection)),
+                Err(SourceError::NotTheSource(message)) => {
+                    log::warn!("{message}");
+                    warnings.push(message);
+                    Ok((self.open()?, None))
+                }
+                Err(e) => Err(e),
+            };
+        }
+        warnings.push(format!(
+            "every file is in the cache dir: {name} is not contacted (the cache is the source: the old host is no \
+             longer needed)"
+        ));
+        let source = match self.open() {
+            Ok(source) => source,
+            Err(e) => {
+                let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
+                Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
+            }
+        };
+        Ok((source, self.connection))
+    }
 }
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
-/// last restore of these images from this source, here), else the one the
-/// manifest ships; a warning when there is none (prefetch goes smallest-first).
-fn find_recording(store: &Store, manifest: Option<&Manifest>, for_order: bool) -> (Option<Recording>, Option<String>) {
+/// last restore of these images from this source, here), else the one
+/// `shipped` with the images (by the manifest, or the push's index); for
+/// the prefetch order, a warning when there is none (prefetch goes smallest-first).
+fn find_recording(store: &Store, shipped: Option<&Recording>, for_order: bool) -> (Option<Recording>, Option<String>) {
     let (cached, damaged) = match recording::load_cached(store.dir()) {
         Ok(cached) => (cached, None),
         Err(e) => (None, Some(format!("{e}: ignored"))),
     };
-    let found = cached.or_else(|| manifest.and_then(|m| m.recording.clone()));
+    let found = cached.or_else(|| shipped.cloned());
     let none = (found.is_none() && for_order).then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
-         smallest-first (`lazyfs manifest --recording` ships one with the images)"
+         smallest-first (`lazyfs manifest --recording` ships one with the images, `lazyfs push --recording` \
+         with the index)"
             .to_string()
     });
     (found, damaged.into_iter().chain(none).reduce(|a, b| format!("{a}; {b}")))
+}
+
+/// An object store's index is of the images it was pushed with: other
+/// images would be served another checkpoint's files (verified, but not theirs).
+fn check_pushed_images(request: &MountRequest, pushed: &Index, source: &str) -> Result<(), MountError> {
+    let mut hasher = blake3::Hasher::new();
+    crate::images::hash_files(&request.imgdir, &mut hasher)
+        .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
+    if hasher.finalize().as_bytes() == &pushed.images {
+        return Ok(());
+    }
+    Err(SourceError::Config(format!(
+        "{source} holds the files of other images (pushed from {}), not of {}: mount with those images, or \
+         `lazyfs push {}` there first",
+        pushed.origin,
+        request.imgdir.display(),
+        request.imgdir.display()
+    ))
+    .into())
 }
 
 /// The recording's runs on this mount's files, in order.
@@ -616,15 +922,26 @@ enum Event {
     Signal(i32),
     Control(ControlEvent),
     SessionEnded,
+    /// From the supervisor; `None` once it is gone.
+    Supervisor(Option<Message>),
 }
 
-/// Mounts, calls `on_ready` once the mount answers, and serves until
-/// unmounted (by `lazyfs umount`, a signal, or `umount`).
-pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), MountError> {
+/// Mounts (or, for a successor, takes the live connection over), calls
+/// `on_ready` once the mount answers, and serves until unmounted (by `lazyfs
+/// umount`, a signal, or `umount`).
+pub fn serve(
+    prepared: Prepared,
+    supervised: Option<Supervised>,
+    on_ready: impl FnOnce(&Path),
+) -> Result<(), MountError> {
     let request = &prepared.request;
     let mountpoint = request.mountpoint.clone();
-    check_mountpoint(&mountpoint)?;
     let mount_err = |source| MountError::Mount { path: mountpoint.clone(), source };
+    let mut supervised = supervised;
+    let resume = supervised.as_mut().and_then(|s| s.resume.take());
+    if resume.is_none() {
+        check_mountpoint(&mountpoint)?;
+    }
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -639,11 +956,50 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(4);
-    config.clone_fd = true;
-    let session = fuser::Session::new(FuseAdapter::new(prepared.fs.clone(), request.passthrough), &mountpoint, &config)
-        .map_err(mount_err)?;
+    // A cloned descriptor is its process's: the requests read through it die
+    // with it. Supervised, every thread reads the descriptor the supervisor
+    // holds too, so a successor can have them sent again.
+    config.clone_fd = supervised.is_none();
+    let passthrough = Arc::new(AtomicBool::new(resume.as_ref().map_or(request.passthrough, |r| r.1.passthrough)));
+    let mut adapter = FuseAdapter::new(prepared.fs.clone(), passthrough.clone());
+    let mut link = None;
+    let mut restarts = Restarts::default();
+    if let Some(supervised) = supervised {
+        let connection = resume.as_ref().map(|(fd, _)| fd.try_clone()).transpose().map_err(mount_err)?;
+        adapter = adapter.supervised(supervised.connection, supervised.table, &supervised.held, connection);
+        link = Some(supervised.link);
+        restarts = supervised.restarts;
+    }
+    let resumed = resume.is_some();
+    let session = match resume {
+        None => {
+            let session = fuser::Session::new(adapter, &mountpoint, &config).map_err(mount_err)?;
+            if let (Some(link), Some(version)) = (&link, session.proto_version()) {
+                let negotiated =
+                    Negotiated { major: version.0, minor: version.1, passthrough: passthrough.load(Ordering::Relaxed) };
+                link.send(&Message::Mounted { negotiated }, &[session.as_fd()]).map_err(mount_err)?;
+            }
+            session
+        }
+        Some((fd, negotiated)) => {
+            let version = fuser::Version(negotiated.major, negotiated.minor);
+            fuser::Session::resume(adapter, fd, config.acl, config.clone(), version)
+        }
+    };
     // The kernel keeps pages across opens: a file fetched again must drop them.
     let notifier = session.notifier();
+    if resumed {
+        // What the predecessor read but never answered comes again, to us.
+        // Before any thread of ours reads: the kernel resends every request
+        // read and not answered, and one of ours would be made twice.
+        match session.notifier().resend() {
+            Ok(()) => log::info!("took over the mount; the kernel resends what was in flight"),
+            Err(e) => log::warn!(
+                "the kernel cannot resend the requests in flight (FUSE_NOTIFY_RESEND, Linux 6.9): {e}; \
+                 their callers wait until the mount ends"
+            ),
+        }
+    }
     let fs = Arc::downgrade(&prepared.fs);
     prepared.fs.fetcher().on_started_over(Box::new(move |index| {
         let ino = fs.upgrade().and_then(|fs| fs.namespace().file_ino(index));
@@ -665,11 +1021,12 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
             let _ = ended.send(Event::SessionEnded);
         })
         .map_err(mount_err)?;
-
     let answered =
         nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
     if !answered {
-        let _ = detach(&mountpoint);
+        if !resumed {
+            let _ = detach(&mountpoint);
+        }
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
     }
 
@@ -683,6 +1040,8 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         let source_name = prepared.source_name.clone();
         let meter = meter.clone();
         let attachment = attachment.clone();
+        let restarts = restarts.clone();
+        let binary = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         Arc::new(move |per_file| {
             let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
             let mut status = crate::status::snapshot(&fs, &context, per_file);
@@ -690,6 +1049,11 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
                 status.detached = true;
                 status.holders = attachment.holders();
             }
+            status.supervisor_pid = restarts.supervisor_pid;
+            status.restarts = restarts.count;
+            status.last_restart_reason = restarts.last_reason.clone();
+            status.version = env!("CARGO_PKG_VERSION").into();
+            status.binary = binary.clone();
             status
         })
     };
@@ -711,7 +1075,21 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
         mountpoint: mountpoint.clone(),
         socket: server.socket(),
         pid: std::process::id(),
+        supervisor: restarts.supervisor_pid,
     })?;
+    if let Some(link) = &link {
+        let reader = link.try_clone().map_err(mount_err)?;
+        let forward = events_tx.clone();
+        std::thread::spawn(move || {
+            loop {
+                let message = reader.recv().ok().flatten().map(|(message, _)| message);
+                let gone = message.is_none();
+                if forward.send(Event::Supervisor(message)).is_err() || gone {
+                    return;
+                }
+            }
+        });
+    }
 
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]).map_err(mount_err)?;
@@ -726,15 +1104,23 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
     });
 
     log::info!(
-        "mounted {} files of {} at {} from {}",
+        "{} {} files of {} at {} from {}",
+        if resumed { "serving" } else { "mounted" },
         prepared.fs.fetcher().files().len(),
         request.imgdir.display(),
         mountpoint.display(),
         prepared.source_name
     );
+    // The supervisor first: once `lazyfs mount` has returned, a crash is one to recover from.
+    if let Some(link) = &link
+        && let Err(e) = link.send(&Message::Serving, &[])
+    {
+        log::warn!("telling the supervisor: {e}");
+    }
     on_ready(&mountpoint);
 
     let mut umount_clients = Vec::new();
+    let mut upgrade_clients = Vec::new();
     // Once unmounted, the session ends unless another mount namespace copied
     // the mount (a private-propagation `unshare`): its copy keeps the
     // connection alive. Past a grace period lazyfs ends anyway; closing
@@ -788,6 +1174,37 @@ pub fn serve(prepared: Prepared, on_ready: impl FnOnce(&Path)) -> Result<(), Mou
                     );
                 }
             },
+            Event::Control(ControlEvent::Upgrade(mut stream, binary)) => {
+                let Some(link) = &link else {
+                    let refused = "this mount has no supervisor (mounted with -f): it cannot be handed over";
+                    control::upgrade_answer(&mut stream, Some(refused.into()));
+                    continue;
+                };
+                // What arrived so far is kept: the successor need not fetch it again.
+                if let Err(e) = prepared.fs.fetcher().journal().flush() {
+                    log::warn!("flushing the journal before the upgrade: {e}");
+                }
+                match link.send(&Message::Upgrade { binary }, &[]) {
+                    Ok(()) => upgrade_clients.push(stream),
+                    Err(e) => control::upgrade_answer(&mut stream, Some(format!("asking the supervisor: {e}"))),
+                }
+            }
+            Event::Supervisor(Some(Message::UpgradeAnswer { refused })) => {
+                for mut stream in upgrade_clients.drain(..) {
+                    control::upgrade_answer(&mut stream, refused.clone());
+                }
+                if refused.is_none()
+                    && let Some(link) = &link
+                    && let Err(e) = link.send(&Message::Release, &[])
+                {
+                    log::warn!("telling the supervisor: {e}");
+                }
+            }
+            Event::Supervisor(Some(other)) => log::warn!("unexpected message from the supervisor: {other:?}"),
+            Event::Supervisor(None) => {
+                log::warn!("the supervisor is gone: this process serves on, but nothing restarts it if it dies");
+                link = None;
+            }
         }
     }
     if session_ended {
@@ -842,8 +1259,11 @@ impl Prepared {
             log::error!("{e}");
         }
         let mut snapshot = fetcher.snapshot();
+        snapshot.extend(self.outside.iter().cloned());
         snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
-        if let Err(e) = Journal::create(self.store.dir(), &self.owner, snapshot, Vec::new()) {
+        let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
+        let owner = Owner { identity, ..self.owner.clone() };
+        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
             log::error!("compacting the journal: {e}");
         }
         // A mount nobody read through keeps the recording of the one before.

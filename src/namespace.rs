@@ -93,10 +93,47 @@ impl Default for Meta {
     }
 }
 
+/// Where a namespace's inode numbers come from. A number is never given
+/// twice; a node whose origin had a number gets it again.
+pub trait Numbers: std::fmt::Debug + Send + Sync {
+    /// The number for a new node known by `key` (none: it has no stable key).
+    fn number(&mut self, key: Option<&[u8]>) -> Ino;
+    /// Numbers up to `max` are not to be given (a manifest gives them).
+    fn reserve_up_to(&mut self, max: Ino);
+    /// The namespace is built: from now on each number is kept where a
+    /// successor finds it as it is given (until now, in one go).
+    fn settle(&mut self) {}
+    /// Keeps the numbers in cache dir `dir` from now on (a fresh mount's).
+    fn keep_in(&mut self, _dir: &crate::store::CacheDir) -> Result<(), crate::store::StoreError> {
+        Ok(())
+    }
+}
+
+/// Numbers in order, for a mount nobody takes over (`mount -f`, tests).
+#[derive(Debug)]
+pub struct Counter(Ino);
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter(ROOT_INO + 1)
+    }
+}
+
+impl Numbers for Counter {
+    fn number(&mut self, _key: Option<&[u8]>) -> Ino {
+        self.0 += 1;
+        self.0 - 1
+    }
+
+    fn reserve_up_to(&mut self, max: Ino) {
+        self.0 = self.0.max(max.saturating_add(1));
+    }
+}
+
 #[derive(Debug)]
 pub struct Namespace {
     nodes: HashMap<Ino, Node>,
-    next_ino: Ino,
+    numbers: Box<dyn Numbers>,
     /// Inode of each file, by index; `None` for files outside the subtree.
     file_inos: Vec<Option<Ino>>,
     /// Directories of the source whose entries are not listed yet (with
@@ -124,7 +161,17 @@ pub enum NamespaceError {
 impl Namespace {
     /// `paths` are the original absolute paths of the files to serve, each once.
     pub fn build(paths: &[&Path], layout: Layout, subtree: Option<&Path>) -> Result<Namespace, NamespaceError> {
-        let ns = Self::build_files(paths, layout, subtree, &HashMap::new())?;
+        Self::build_numbered(paths, layout, subtree, Box::new(Counter::default()))
+    }
+
+    /// [`Namespace::build`], each node numbered by `numbers`.
+    pub fn build_numbered(
+        paths: &[&Path],
+        layout: Layout,
+        subtree: Option<&Path>,
+        numbers: Box<dyn Numbers>,
+    ) -> Result<Namespace, NamespaceError> {
+        let ns = Self::build_files(paths, layout, subtree, &HashMap::new(), numbers)?;
         if ns.file_inos.iter().all(Option::is_none) && !paths.is_empty() {
             return Err(NamespaceError::EmptySubtree(subtree.unwrap_or(Path::new("/")).to_path_buf()));
         }
@@ -140,8 +187,9 @@ impl Namespace {
         paths: &[&Path],
         subtree: &Path,
         inos: &HashMap<&Path, Ino>,
+        numbers: Box<dyn Numbers>,
     ) -> Result<Namespace, NamespaceError> {
-        let mut ns = Self::build_files(paths, Layout::Tree, Some(subtree), inos)?;
+        let mut ns = Self::build_files(paths, Layout::Tree, Some(subtree), inos, numbers)?;
         ns.unlisted = ns.nodes.iter().filter(|(_, n)| matches!(n.kind, NodeKind::Dir(_))).map(|(&i, _)| i).collect();
         Ok(ns)
     }
@@ -151,6 +199,7 @@ impl Namespace {
         layout: Layout,
         subtree: Option<&Path>,
         inos: &HashMap<&Path, Ino>,
+        mut numbers: Box<dyn Numbers>,
     ) -> Result<Namespace, NamespaceError> {
         let subtree = subtree.unwrap_or(Path::new("/"));
         if !subtree.is_absolute() {
@@ -162,10 +211,11 @@ impl Namespace {
             meta: Meta::default(),
             origin: Origin::Source(Path::new("").into()),
         };
+        // Inode numbers the manifest gives stay free for their files.
+        numbers.reserve_up_to(inos.values().max().map_or(ROOT_INO, |&max| max.max(ROOT_INO)));
         let mut ns = Namespace {
             nodes: HashMap::from([(ROOT_INO, root)]),
-            // Inode numbers the manifest gives stay free for their files.
-            next_ino: inos.values().max().map_or(ROOT_INO, |&max| max.max(ROOT_INO)) + 1,
+            numbers,
             file_inos: vec![None; paths.len()],
             unlisted: HashSet::new(),
             pinned: HashSet::new(),
@@ -317,8 +367,12 @@ impl Namespace {
         let ino = match wanted.filter(|&i| i > ROOT_INO && !self.nodes.contains_key(&i)) {
             Some(ino) => ino,
             None => {
-                self.next_ino += 1;
-                self.next_ino - 1
+                let key = self.origin_key(&origin, parent, name);
+                match self.numbers.number(key.as_deref()) {
+                    // Its origin's number, still taken (a node of that origin unlinked but open).
+                    ino if ino <= ROOT_INO || self.nodes.contains_key(&ino) => self.numbers.number(None),
+                    ino => ino,
+                }
             }
         };
         self.nodes.insert(ino, Node { links: Vec::new(), kind, meta, origin });
@@ -328,7 +382,24 @@ impl Namespace {
 
     /// Inode numbers up to `max` are left to the nodes a manifest numbers.
     pub fn reserve_inos(&mut self, max: Ino) {
-        self.next_ino = self.next_ino.max(max.saturating_add(1));
+        self.numbers.reserve_up_to(max);
+    }
+
+    /// Where the numbers are kept; see [`Numbers`].
+    pub fn numbers_mut(&mut self) -> &mut dyn Numbers {
+        self.numbers.as_mut()
+    }
+
+    /// What a node of `origin` named `name` in `parent` is known by, in
+    /// every process serving the mount: a file by the path it first appears
+    /// at, a node of the source by its path, a local one by its change.
+    fn origin_key(&self, origin: &Origin, parent: Ino, name: &OsStr) -> Option<Vec<u8>> {
+        let key = |tag: &[u8], bytes: &[u8]| [tag, bytes].concat();
+        match origin {
+            Origin::File => Some(key(b"file\0", self.mount_path(parent).join(name).as_os_str().as_bytes())),
+            Origin::Source(path) => Some(key(b"source\0", path.as_os_str().as_bytes())),
+            Origin::Local(change) => Some(key(b"local\0", &change.to_le_bytes())),
+        }
     }
 
     /// File `index` (of the fetcher's) is node `ino`.

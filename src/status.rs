@@ -206,6 +206,12 @@ impl Serialize for StatusJson<'_> {
         map.serialize_entry("cache_dir", &status.cache_dir)?;
         map.serialize_entry("layout", &status.layout)?;
         map.serialize_entry("pid", &status.pid)?;
+        map.serialize_entry("supervisor_pid", &status.supervisor_pid)?;
+        map.serialize_entry("restarts", &status.restarts)?;
+        map.serialize_entry("last_restart_reason", &non_empty(&status.last_restart_reason))?;
+        map.serialize_entry("version", &status.version)?;
+        map.serialize_entry("binary", &status.binary)?;
+        map.serialize_entry("failure", &non_empty(&status.failure))?;
         map.serialize_entry("prefetch", &status.prefetch)?;
         map.serialize_entry("state", status.state().word())?;
         map.serialize_entry("degraded_reason", &non_empty(&status.degraded_reason))?;

@@ -303,7 +303,7 @@ fn read_log(bytes: &[u8], owner: &Owner, kept: &mut Vec<TreeRecord>) -> Result<(
     for body in journal::frames(bytes) {
         let record = TreeRecord::decode(body?).map_err(|e| format!("an unreadable record ({e})"))?;
         match (first, &record.kind) {
-            (true, Some(tree_record::Kind::Header(h))) if h.owner == owner.id => {}
+            (true, Some(tree_record::Kind::Header(h))) if same_checkpoint(h, owner) => {}
             (true, _) => return Err("the listings of another checkpoint or source".into()),
             (false, Some(tree_record::Kind::Header(_)) | None) => return Err("a record out of place".into()),
             (false, _) => kept.push(record),
@@ -311,6 +311,13 @@ fn read_log(bytes: &[u8], owner: &Owner, kept: &mut Vec<TreeRecord>) -> Result<(
         first = false;
     }
     Ok(())
+}
+
+/// Whether the log's header is of the checkpoint `owner` holds, listed below
+/// the same subtree (its listings are of that subtree's directories).
+fn same_checkpoint(header: &crate::store::journal::proto::Header, owner: &Owner) -> bool {
+    let key = |i: &crate::identity::CacheIdentity| (i.images.clone(), i.subtree.clone());
+    header.identity.as_ref().map(key) == owner.identity.as_ref().map(key)
 }
 
 fn from_listing(listing: &Listing) -> Listed {

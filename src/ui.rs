@@ -25,6 +25,8 @@ pub fn summary(status: &Status) -> String {
         }
         MountState::Fetching => "fetching in the background".to_string(),
         MountState::Degraded => format!("degraded: {}", status.degraded_reason),
+        // Nothing serves it: the counts below mean nothing.
+        MountState::Failed => return format!("failed: {}", status.failure),
         // Settled, but not every byte is here: say so before the counts do.
         MountState::Complete if status.files_failed > 0 => {
             format!("complete except {} failed file(s)", status.files_failed)
@@ -56,6 +58,10 @@ pub fn summary(status: &Status) -> String {
     }
     if !status.source_needed {
         text += "; every file is here: the old host is no longer needed";
+    }
+    if status.restarts > 0 {
+        text +=
+            &format!("; serving process restarted {} time(s), last: {}", status.restarts, status.last_restart_reason);
     }
     text
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::harness::{Core, Fault, Gate, replace_atomically};
 use common::mount::content;
+use common::tmpfs::Tmpfs;
 use lazyfs::namespace::ROOT_INO;
 
 const CHUNK: u64 = 16 << 10;
@@ -256,35 +257,6 @@ fn a_cache_dir_of_another_source_starts_afresh() {
     core.mount(0).unwrap();
     assert_eq!(core.state("/f"), "pending");
     assert!(core.read("/f", 0, 50_000).unwrap() == new, "served the other source's bytes");
-}
-
-/// A tmpfs of `size` for a cache dir, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let options = format!("size={size},mode=0700");
-        nix::mount::mount(Some("tmpfs"), at, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(options.as_str()))
-            .expect("mounting a tmpfs (tests run as root)");
-        Tmpfs(at.to_path_buf())
-    }
-
-    /// Writes a file until the filesystem is full.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write;
-        let path = self.0.join("filler");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let block = vec![1u8; 4096];
-        while file.write_all(&block).is_ok() {}
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// Finding 12: with the cache filesystem full, a local write answers ENOSPC

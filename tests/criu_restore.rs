@@ -203,6 +203,17 @@ fn a_real_tree_restored_by_stock_criu_runs_over_a_lazy_mount() {
     let log = data.join("app.log");
     let log_len = std::fs::metadata(&log).unwrap().len();
 
+    // The process serving the mount dies under the restored tree (`kill -9`):
+    // another takes the mount over, and the tree, its descriptors and
+    // mappings opened before, notices nothing (what follows runs on them).
+    let serving = mount.status()["pid"].as_i64().unwrap();
+    // SAFETY: kill(2) of the lazyfs process this test's mount started.
+    unsafe { libc::kill(serving as i32, libc::SIGKILL) };
+    while state_of(serving).is_some_and(|s| s != 'Z') {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    mount.wait_for(|s| s["restarts"] == 1 && s["pid"].as_i64() != Some(serving), "no process took the mount over");
+
     // Its writes stay local: a write through its read-write descriptor, and
     // the appending child's lines.
     let later = ask(&run, "write", 2);

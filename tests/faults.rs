@@ -134,19 +134,13 @@ fn kill_9_at_random_moments_then_the_next_mount_resumes_and_verifies() {
         env.run(&["manifest", env.path("images").to_str().unwrap(), "--root", env.path("source").to_str().unwrap()]);
     assert!(out.status.success());
     let mut state = 0x2545F4914F6CDD1Du64;
-    for round in 0..6 {
+    for _ in 0..6 {
         let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "2"]);
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         std::thread::sleep(Duration::from_millis(20 + state % 300));
-        let pid = mount.status()["pid"].as_i64().unwrap() as i32;
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::path::Path::new(&format!("/proc/{pid}/exe")).exists() {
-            assert!(Instant::now() < deadline, "round {round}: pid {pid} lives on");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        mount.kill_all();
         std::mem::forget(mount); // Its mount is stale now: the next mount must clear it.
     }
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
@@ -160,7 +154,7 @@ fn kill_9_at_random_moments_then_the_next_mount_resumes_and_verifies() {
 }
 
 #[test]
-fn a_damaged_journal_is_set_aside_and_everything_fetched_again() {
+fn a_damaged_journal_refuses_the_mount_until_recovered() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
     dataset(&env.path("source"), &env.path("images"), &[("/j/a", 500_000)]);
@@ -173,12 +167,17 @@ fn a_damaged_journal_is_set_aside_and_everything_fetched_again() {
     bytes[middle] ^= 0xff;
     std::fs::write(&journal, &bytes).unwrap();
 
-    let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
-    let status = complete(&again);
-    assert_eq!(status["bytes_prefetched"], 500_000, "the damaged journal was trusted");
+    let refused = env.try_mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch"]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{message}");
+    assert!(message.contains(&journal.display().to_string()) && message.contains("--recover-journal"), "{message}");
+    assert_eq!(std::fs::read(&journal).unwrap(), bytes, "nothing changed");
+
+    let again = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "--recover-journal"]);
+    complete(&again);
     assert!(std::fs::read(again.at("/j/a")).unwrap() == content("/j/a", 500_000));
-    let log = std::fs::read_to_string(again.cache.join("lazyfs.log")).unwrap();
-    assert!(log.contains("set aside"), "{log}");
+    let kept = std::fs::read_dir(&again.cache).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name());
+    assert!(kept.into_iter().any(|n| n.to_string_lossy().starts_with("journal.damaged-")), "the damaged journal kept");
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn a_file_fetched_again_drops_what_the_kernel_cached_of_it() {
     let _unmount = Unmount(mountpoint.clone());
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let serving = std::thread::spawn(move || {
-        lazyfs::mount::serve(prepared, |_| ready_tx.send(()).unwrap()).unwrap();
+        lazyfs::mount::serve(prepared, None, |_| ready_tx.send(()).unwrap()).unwrap();
     });
     ready.recv_timeout(Duration::from_secs(60)).unwrap();
     let at = mountpoint.join("c/file");

@@ -235,9 +235,7 @@ fn a_stale_mount_of_a_killed_process_is_cleared_by_the_next_mount() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/st/file", 1000)]);
     let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
-    let pid = daemon_pid(&env, &mount);
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_gone(pid);
+    mount.kill_all();
     let err = std::fs::metadata(&mount.mountpoint).unwrap_err();
     assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)), "not a stale mount: {err}");
 

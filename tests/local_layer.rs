@@ -10,7 +10,6 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::mount::{Mount, Source, TestEnv, content, dataset};
 use common::sshd::Sshd;
@@ -45,15 +44,7 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn kill9(mount: &Mount) {
-    let pid = mount.status()["pid"].as_i64().unwrap() as i32;
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-    {
-        assert!(Instant::now() < deadline, "lazyfs {pid} still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    mount.kill_all();
 }
 
 #[test]

@@ -175,13 +175,12 @@ fn a_killed_mount_resumes_fetching_only_the_missing_chunks() {
             .sum()
     };
     let first = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--prefetch", "-j", "1"]);
-    let pid = first.status()["pid"].as_i64().unwrap() as i32;
     let deadline = Instant::now() + Duration::from_secs(60);
     while journaled(&first.cache) < total / 4 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    first.kill_all();
     std::thread::sleep(Duration::from_millis(200));
     let restored = journaled(&first.cache);
     assert!(restored > 0 && restored < total, "restored {restored} of {total}");

@@ -143,14 +143,8 @@ fn a_killed_mount_keeps_its_recording() {
     dataset(&env.path("source"), &env.path("images"), &FILES);
     let (mount, _) = record_reads(&env, &sshd, "killed");
     let before = recorded_runs(&mount.status());
-    let pid = mount.status()["pid"].as_i64().unwrap() as i32;
-    // SAFETY: kill(2) of the lazyfs daemon this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // The whole mount: killed alone, the serving process is replaced on the same mount.
+    mount.kill_all();
     assert!(!mount.cache.join("recording").exists(), "written at unmount only, yet there was none");
     // Fetched again from nothing, so the order of completion is prefetch's own.
     std::fs::remove_dir_all(mount.cache.join("spill")).unwrap();

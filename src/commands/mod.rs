@@ -2,4 +2,5 @@
 
 pub mod export;
 pub mod ls;
+pub mod push;
 pub mod verify;

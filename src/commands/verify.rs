@@ -15,7 +15,7 @@ pub struct Report {
 pub enum VerifyError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("{}: the journal cannot be trusted ({reason}); a mount of this cache dir fetches everything again", path.display())]
+    #[error("the journal cannot be read: {reason}")]
     Journal { path: PathBuf, reason: String },
     #[error("{}: not a lazyfs cache dir ({reason})", path.display())]
     NotACache { path: PathBuf, reason: String },

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done};
+pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done, upgrade_answer};
 
 use proto::{FileState, MountState, Request, Response, request, response};
 
@@ -27,6 +27,7 @@ impl MountState {
             MountState::Fetching => "fetching",
             MountState::Complete => "complete",
             MountState::Degraded => "degraded",
+            MountState::Failed => "failed",
         }
     }
 }
@@ -95,6 +96,8 @@ pub fn read_message<M: Message + Default>(stream: &mut impl Read) -> std::io::Re
 pub struct Client {
     mountpoint: PathBuf,
     stream: UnixStream,
+    /// The mount's supervisor, as its registry entry says (0: none).
+    supervisor: u32,
 }
 
 impl Client {
@@ -109,11 +112,16 @@ impl Client {
         if peer.uid() != nix::unistd::geteuid().as_raw() {
             return Err(ControlError::Impostor { path: entry.socket, uid: peer.uid() });
         }
-        Ok(Client { mountpoint: entry.mountpoint, stream })
+        Ok(Client { mountpoint: entry.mountpoint, stream, supervisor: entry.supervisor })
     }
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The pid of the mount's supervisor (0: none, `mount -f`).
+    pub fn supervisor(&self) -> u32 {
+        self.supervisor
     }
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
@@ -173,6 +181,17 @@ impl Client {
         self.send(request::Kind::Prefetch(proto::PrefetchRequest { paths }))?;
         match self.receive()? {
             response::Kind::Prefetch(started) => Ok(started.files_queued),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+
+    /// Asks the mount to hand over to `binary`; returns once its supervisor agreed.
+    pub fn upgrade(&mut self, binary: &Path) -> Result<(), ControlError> {
+        use std::os::unix::ffi::OsStrExt;
+        let binary = binary.as_os_str().as_bytes().to_vec();
+        self.send(request::Kind::Upgrade(proto::UpgradeRequest { binary }))?;
+        match self.receive()? {
+            response::Kind::Upgrade(_) => Ok(()),
             other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }

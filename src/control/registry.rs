@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,10 @@ pub struct Entry {
     pub mountpoint: PathBuf,
     pub socket: PathBuf,
     pub pid: u32,
+    /// The supervisor holding the mount (0: none, `mount -f`): while it
+    /// lives, a socket that does not answer is a serving process restarting.
+    #[serde(default)]
+    pub supervisor: u32,
 }
 
 pub fn dir() -> PathBuf {
@@ -99,13 +104,23 @@ pub fn find(mountpoint: &Path) -> Option<Entry> {
     find_in(&open_dir()?, entry_name(mountpoint).as_ref())
 }
 
+/// How long a restarting mount may leave its socket unanswered.
+const RESTART_WAIT: Duration = Duration::from_secs(5);
+
 fn find_in(dir: &CacheDir, name: &std::ffi::OsStr) -> Option<Entry> {
-    let entry: Entry = serde_json::from_slice(&dir.read(name).ok()?).ok()?;
-    if UnixStream::connect(&entry.socket).is_ok() {
-        Some(entry)
-    } else {
-        let _ = dir.remove(name);
-        None
+    let deadline = Instant::now() + RESTART_WAIT;
+    loop {
+        let entry: Entry = serde_json::from_slice(&dir.read(name).ok()?).ok()?;
+        if UnixStream::connect(&entry.socket).is_ok() {
+            return Some(entry);
+        }
+        let restarting = entry.supervisor != 0
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(entry.supervisor as i32), None).is_ok();
+        if !restarting || Instant::now() >= deadline {
+            let _ = dir.remove(name);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,5 +1,6 @@
 //! The background process's side of the control socket.
 
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use super::proto::{PrefetchStarted, Request, Response, Status, UmountDone, request, response};
+use super::proto::{PrefetchStarted, Request, Response, Status, UmountDone, UpgradeAccepted, request, response};
 use super::{read_message, write_message};
 use crate::store::CacheDir;
 
@@ -15,6 +16,8 @@ use crate::store::CacheDir;
 pub enum ControlEvent {
     /// Unmount, flush, then answer on this stream.
     Umount(UnixStream),
+    /// Hand the mount over to this lazyfs binary, then answer on this stream.
+    Upgrade(UnixStream, PathBuf),
 }
 
 pub struct Server {
@@ -93,6 +96,16 @@ fn serve_client(mut stream: UnixStream, status: StatusHook, prefetch: PrefetchHo
                 }
                 return;
             }
+            Some(request::Kind::Upgrade(request)) => {
+                let Ok(answer) = stream.try_clone() else {
+                    return;
+                };
+                let binary = PathBuf::from(std::ffi::OsString::from_vec(request.binary));
+                if events.send(ControlEvent::Upgrade(answer, binary)).is_err() {
+                    let _ = reply(&mut stream, response::Kind::Error("the mount is stopping".into()));
+                }
+                return;
+            }
             Some(request::Kind::Prefetch(request)) => match prefetch(&request.paths) {
                 Ok(files_queued) => reply(&mut stream, response::Kind::Prefetch(PrefetchStarted { files_queued })),
                 Err(message) => reply(&mut stream, response::Kind::Error(message)),
@@ -103,6 +116,15 @@ fn serve_client(mut stream: UnixStream, status: StatusHook, prefetch: PrefetchHo
             return;
         }
     }
+}
+
+/// Tells a `lazyfs upgrade` client the handover goes ahead, or why not.
+pub fn upgrade_answer(stream: &mut UnixStream, refused: Option<String>) {
+    let kind = match refused {
+        None => response::Kind::Upgrade(UpgradeAccepted {}),
+        Some(message) => response::Kind::Error(message),
+    };
+    let _ = reply(stream, kind);
 }
 
 /// Tells a `lazyfs umount` client that the mount is gone.

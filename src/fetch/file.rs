@@ -179,6 +179,8 @@ pub(super) struct Owned {
     pub(super) removed: bool,
     /// Requests for it the source left unanswered while answering others.
     pub(super) timeouts: u32,
+    /// Its `Modified` record is known to be durable (a write is answered only then).
+    pub(super) modified_durable: bool,
     /// The blake3 of the bytes that landed in order from the start, taken as
     /// they landed (without a manifest, the verifier needs the whole file's):
     /// the bytes are hashed once, in hand, not read back.
@@ -235,12 +237,13 @@ impl FetchFile {
                 generation: 0,
                 in_flight: BTreeSet::new(),
                 waiters: Vec::new(),
-                phase,
                 baseline: None,
                 restarts: 0,
                 timeouts: 0,
                 read_whole: false,
                 removed: false,
+                modified_durable: phase == Phase::Modified,
+                phase,
                 in_order: None,
             }),
         }
@@ -347,11 +350,12 @@ impl FetchFile {
 
     /// The claim could not be fetched. With `whole_file`, the file fails for
     /// good; otherwise only the readers of these chunks are told. A claim of
-    /// an older generation was dropped with it: nothing to do.
+    /// an older generation was dropped with it, and a file changed locally no
+    /// longer depends on the source: nothing to do.
     pub(super) fn fail(&self, claim: &Claim, error: &FetchError, whole_file: bool) {
         let failed: Vec<Waiter> = {
             let mut state = self.lock();
-            if state.generation != claim.generation {
+            if state.generation != claim.generation || state.phase == Phase::Modified {
                 return;
             }
             for chunk in claim.chunks.clone() {
@@ -372,11 +376,27 @@ impl FetchFile {
         }
     }
 
-    /// Fails the file for good (nothing was claimed).
+    /// Fails the file for good (nothing was claimed), unless it was changed
+    /// locally (see [`FetchFile::fail`]).
     pub(super) fn fail_file(&self, message: String) {
-        log::error!("{message}");
         let generation = self.lock().generation;
+        self.fail_in(generation, message);
+    }
+
+    /// [`FetchFile::fail_file`] if it is still in generation `generation`.
+    pub(super) fn fail_in(&self, generation: u64, message: String) {
+        log::error!("{message}");
         self.fail(&Claim { generation, chunks: 0..0 }, &FetchError::new(message), true);
+    }
+
+    /// Gives back the disk blocks of a claim that could not land (the cache
+    /// filesystem is full), if the claim still holds: under the lock, so
+    /// never bytes a restart or a local write put there since.
+    pub(super) fn give_back(&self, claim: &Claim) {
+        let state = self.lock();
+        if state.generation == claim.generation && !state.phase.is_settled() {
+            self.spill.discard(self.chunk_bytes(claim.chunks.clone()));
+        }
     }
 
     pub(super) fn mark_read_whole(&self) {

@@ -408,11 +408,8 @@ impl Fetcher {
     /// (after the checkpoint's own files).
     pub fn add_file(&self, file: FetchFile) -> usize {
         let shared = &self.shared;
-        let journal_file = journal::JournalFile {
-            path: file.path_bytes().to_vec(),
-            size: file.size,
-            spill: file.spill.path().to_path_buf(),
-        };
+        let journal_file =
+            journal::JournalFile { path: file.path_bytes().to_vec(), size: file.size, spill: file.spill.location() };
         let (size, present) = (file.size, file.phase() == Phase::Present);
         let index = shared.files.push(Arc::new(file));
         shared.journal.add_file(index, journal_file);
@@ -501,9 +498,11 @@ impl Fetcher {
         self.shared.files.len()
     }
 
-    /// Why the mount is degraded (the source not answering, the cache full).
+    /// Why the mount is degraded (the source not answering or not the one
+    /// the cache dir's files come from, the cache full).
     pub fn degraded(&self) -> Option<String> {
-        self.shared.health.degraded()
+        let health = self.shared.health.degraded();
+        health.or_else(|| self.source.refusal()).or_else(|| self.shared.journal.refusing())
     }
 
     /// Why the source cannot be used, if the mount's first connection to it failed.
@@ -581,15 +580,12 @@ impl Fetcher {
         let all = 0..self.shared.files.get(index).chunk_count();
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
+            shared.make_local(index, state)?;
             file.spill.write_at(offset, &data)?;
             state.len = state.len.max(offset + data.len() as u64);
-            Ok((data.len() as u32, shared.made_local(index, state)))
+            Ok(data.len() as u32)
         };
-        let shared = self.shared.clone();
-        let done = Box::new(move |result: Result<(u32, bool), FetchError>| {
-            reply(result.and_then(|(written, newly)| shared.durable(newly, written)))
-        });
-        with_present(&self.shared, index, all, op, done)
+        with_present(&self.shared, index, all, op, reply)
     }
 
     /// Truncates (or extends) file `index` to `size`, locally, once the bytes
@@ -598,6 +594,7 @@ impl Fetcher {
         let keep = self.shared.files.get(index).chunks_of(0, size);
         let shared = self.shared.clone();
         let op = move |file: &FetchFile, state: &mut Owned| {
+            shared.make_local(index, state)?;
             file.spill.set_len(size)?;
             state.len = size;
             // What was not fetched is gone: the file is local from here on,
@@ -605,19 +602,16 @@ impl Fetcher {
             state.generation += 1;
             state.in_flight.clear();
             state.presence.mark(0..file.chunk_count());
-            let newly = shared.made_local(index, state);
-            Ok((size, newly, std::mem::take(&mut state.waiters)))
+            Ok((size, std::mem::take(&mut state.waiters)))
         };
-        let shared = self.shared.clone();
-        let done = Box::new(move |result: Result<(u64, bool, Vec<Waiter>), FetchError>| {
-            let result = result.and_then(|(size, newly, waiters)| {
+        let done = Box::new(move |result: Result<(u64, Vec<Waiter>), FetchError>| {
+            reply(result.map(|(size, waiters)| {
                 // Every chunk is "present" now: whoever waited reads the new length.
                 for waiter in waiters {
                     (waiter.done)(Ok(()));
                 }
-                shared.durable(newly, size)
-            });
-            reply(result)
+                size
+            }))
         });
         with_present(&self.shared, index, keep, op, done)
     }
@@ -679,23 +673,20 @@ impl Shared {
             })
     }
 
-    /// The file (locked as `state`) was just changed locally: it is local from
-    /// now on. Whether it was not before (its journal record is then sent).
-    fn made_local(&self, index: usize, state: &mut Owned) -> bool {
-        let newly = state.phase != Phase::Modified;
+    /// File `index` (locked as `state`) is about to be changed locally: it
+    /// is local from then on. Returns once the journal durably says so, or
+    /// why it cannot (the change must then not be made): a local change to a
+    /// checkpoint's file is journaled before it is made, like any other. The
+    /// fsync is paid once, under the file's lock.
+    fn make_local(&self, index: usize, state: &mut Owned) -> Result<(), FetchError> {
+        if state.modified_durable {
+            return Ok(());
+        }
+        self.journal.modified(self.files.get(index).path_bytes());
+        self.journal.flush()?;
         state.phase = Phase::Modified;
-        if newly {
-            self.journal.modified(self.files.get(index).path_bytes());
-        }
-        newly
-    }
-
-    /// `value`, once the journal has on disk what a local change sent it.
-    fn durable<T>(&self, newly: bool, value: T) -> Result<T, FetchError> {
-        if newly {
-            self.journal.flush().map_err(|e| FetchError::new(e.to_string()))?;
-        }
-        Ok(value)
+        state.modified_durable = true;
+        Ok(())
     }
 }
 
@@ -738,24 +729,30 @@ pub fn snapshot(files: &[Arc<FetchFile>]) -> Vec<JournalRecord> {
 }
 
 /// Makes the journal for `files`, owned by `owner`, holding what is known now
-/// (and the records `kept`).
+/// (and the records `kept`). Where the cache filesystem has no room for the
+/// new journal and the old one's records are this mount's as they are
+/// (`resumable`: where they end), it goes on appending to the old one.
 pub fn create_journal(
     dir: &CacheDir,
     owner: &Owner,
     files: &[Arc<FetchFile>],
-    kept: Vec<JournalRecord>,
+    (kept, resumable): (Vec<JournalRecord>, Option<u64>),
 ) -> Result<Journal, StoreError> {
-    let journal_files = files
-        .iter()
-        .map(|f| journal::JournalFile {
-            path: f.path_bytes().to_vec(),
-            size: f.size,
-            spill: f.spill.path().to_path_buf(),
-        })
-        .collect();
+    let journal_files = || {
+        files
+            .iter()
+            .map(|f| journal::JournalFile { path: f.path_bytes().to_vec(), size: f.size, spill: f.spill.location() })
+            .collect()
+    };
     let mut records = snapshot(files);
     records.extend(kept);
-    Journal::create(dir, owner, records, journal_files)
+    match (Journal::create(dir, owner, records, journal_files()), resumable) {
+        (Err(e), Some(whole_len)) if e.is_no_space() => {
+            log::warn!("{e}: no room to compact the journal: appending to it as it is");
+            Journal::resume(dir, owner, whole_len, journal_files())
+        }
+        (created, _) => created,
+    }
 }
 
 #[cfg(test)]

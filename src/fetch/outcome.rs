@@ -82,7 +82,7 @@ impl Shared {
             Err(FetchFailure::Store(e)) if e.is_no_space() => {
                 // Not the file's fault: give the blocks back, tell the readers
                 // waiting, and try again once there may be room.
-                file.spill.discard(file.chunk_bytes(claim.chunks.clone()));
+                file.give_back(claim);
                 let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
                 self.health.cache_full(Some(reason.clone()));
                 if self.prefetching.load(Ordering::Relaxed) {

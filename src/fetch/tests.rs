@@ -170,3 +170,34 @@ fn the_hash_taken_while_landing_is_the_files_in_any_order() {
         }
     }
 }
+
+/// Issue 21, finding 7: a fetch that found the cache full gives its claim's
+/// blocks back only if the claim still holds: never bytes a local truncate
+/// and write put there meanwhile.
+#[test]
+fn a_claim_that_found_the_cache_full_gives_back_only_its_own_blocks() {
+    let setup = setup(&[4; 2 * CHUNK_SIZE as usize], plain_journal);
+    let fetcher = &setup.fetcher;
+    // A fetch claims chunk 0 (and will find the cache full)...
+    let claim = fetcher.file(0).claim(0..1).remove(0);
+    // ...meanwhile the file is truncated and written locally...
+    wait(|reply| fetcher.truncate(0, 0, reply)).unwrap();
+    wait(|reply| fetcher.write(0, 0, b"local".to_vec(), reply)).unwrap();
+    // ...then the fetch's failure is handled.
+    let full = StoreError::Io { path: "spill".into(), source: std::io::Error::from_raw_os_error(libc::ENOSPC) };
+    fetcher.shared.finish(0, &claim, Lane::OnDemand, Err(FetchFailure::Store(full)));
+    assert_eq!(wait(|reply| fetcher.read(0, 0, 5, reply)).unwrap(), b"local");
+}
+
+/// Issue 21: a write is journaled before it is made: one whose `Modified`
+/// record cannot be written changes nothing, and neither does the next.
+#[test]
+fn a_write_the_journal_cannot_record_changes_nothing() {
+    let setup = setup(&[5; 1000], Journal::failing);
+    let fetcher = &setup.fetcher;
+    assert!(wait(|reply| fetcher.write(0, 0, b"x".to_vec(), reply)).is_err());
+    assert!(wait(|reply| fetcher.write(0, 1, b"y".to_vec(), reply)).is_err(), "acknowledged, not durable");
+    assert!(wait(|reply| fetcher.truncate(0, 10, reply)).is_err());
+    assert_eq!(wait(|reply| fetcher.read(0, 0, 1000, reply)).unwrap(), [5; 1000]);
+    assert_ne!(fetcher.file(0).phase(), Phase::Modified);
+}

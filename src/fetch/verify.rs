@@ -88,11 +88,14 @@ fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Re
             }
             match second_look {
                 Some(Ok(now)) if now.size != size => {
-                    file.fail_file(format!(
-                        "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",
-                        file.path.display(),
-                        now.size
-                    ));
+                    file.fail_in(
+                        generation,
+                        format!(
+                            "{}: changed since the checkpoint: the source has {} bytes, the images record {size}",
+                            file.path.display(),
+                            now.size
+                        ),
+                    );
                     return;
                 }
                 Some(Ok(now)) if baseline.is_some_and(|b| b != now) => {
@@ -105,7 +108,7 @@ fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Re
                     if matches!(e, SourceError::Changed { .. })
                         || (matches!(e, SourceError::NotFound { .. }) && size == 0) =>
                 {
-                    return file.fail_file(e.to_string());
+                    return file.fail_in(generation, e.to_string());
                 }
                 // Every byte arrived and matched the recorded size: keep them.
                 Some(Err(e @ SourceError::NotFound { .. })) => {
@@ -116,7 +119,7 @@ fn verify(shared: &Shared, index: usize, generation: u64, second_look: Option<Re
             }
             match file.hash(generation) {
                 Some(Ok(hash)) => (*hash.as_bytes(), "received"),
-                Some(Err(e)) => return file.fail_file(format!("{}: {e}", file.path.display())),
+                Some(Err(e)) => return file.fail_in(generation, format!("{}: {e}", file.path.display())),
                 // Started over or changed locally meanwhile: nothing to settle.
                 None => return,
             }

@@ -50,6 +50,29 @@ impl Checkpoint {
     }
 }
 
+/// Feeds every image file of `dir` but the memory pages (large, and they say
+/// nothing of files) to `hasher`, name and bytes, in name order: what tells
+/// one checkpoint from another. An error names the file it is about.
+pub fn hash_files(dir: &Path, hasher: &mut blake3::Hasher) -> Result<(), (PathBuf, std::io::Error)> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| (path, e)
+    };
+    let mut names: Vec<OsString> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
+    names.retain(|n| n.as_bytes().ends_with(b".img") && !n.as_bytes().starts_with(b"pages-"));
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        hasher.update(name.as_bytes()).update(&[0]);
+        std::io::copy(&mut std::fs::File::open(&path).map_err(io(&path))?, hasher).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
 struct Loader<'a> {
     dir: &'a Path,
 }

@@ -48,6 +48,11 @@ pub fn host_name(host: &str, port: u16) -> String {
     if port == 22 { host.to_string() } else { format!("[{host}]:{port}") }
 }
 
+/// A public key as known_hosts writes it: `TYPE BASE64`.
+pub fn public_key(key_type: &str, blob: &[u8]) -> String {
+    format!("{key_type} {}", STANDARD.encode(blob))
+}
+
 /// The key type a public key blob starts with (`ssh-ed25519`, ...).
 pub fn blob_key_type(blob: &[u8]) -> Option<String> {
     let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
@@ -82,6 +87,12 @@ impl KnownHosts {
             }
         }
         types
+    }
+
+    /// The keys recorded for `name` (not revoked), as `TYPE BASE64`.
+    pub fn keys(&self, name: &str) -> Vec<String> {
+        let keys = self.entries.iter().filter(|e| !e.revoked && e.matches(name));
+        keys.map(|e| public_key(&e.key_type, &e.key)).collect()
     }
 
     pub fn check(&self, name: &str, blob: &[u8]) -> HostKeyCheck {
@@ -212,6 +223,8 @@ mod tests {
         assert_eq!(kh.key_types("[127.0.0.1]:2222"), vec!["ssh-ed25519".to_string()]);
         assert_eq!(kh.check("[127.0.0.1]:2222", &blob("ssh-ed25519", b"other")), HostKeyCheck::Mismatch);
         assert_eq!(kh.check("127.0.0.1", &ed), HostKeyCheck::NotFound);
+        assert_eq!(kh.keys("[127.0.0.1]:2222"), vec![public_key("ssh-ed25519", &ed)]);
+        assert!(kh.keys("127.0.0.1").is_empty());
     }
 
     #[test]

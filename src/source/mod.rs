@@ -1,10 +1,12 @@
-//! Where file contents come from: the old host over SSH, or a local directory
-//! holding its root. A [`Source`] opens [`Connection`]s; each lane of the
-//! fetcher owns one, so on-demand reads never queue behind bulk transfers.
+//! Where file contents come from: the old host over SSH, a local directory
+//! holding its root, or what `lazyfs push` put in an object store. A
+//! [`Source`] opens [`Connection`]s; each lane of the fetcher owns one, so
+//! on-demand reads never queue behind bulk transfers.
 
 mod known_hosts;
 mod local;
 mod openssh;
+mod s3;
 mod sftp;
 mod spec;
 mod split;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use local::LocalSource;
 use openssh::OpensshSource;
 pub(crate) use openssh::background_priority;
+use s3::S3Source;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use split::SplitSource;
 use ssh::SshSource;
@@ -26,6 +29,16 @@ use ssh::SshSource;
 /// Files up to this size are read by one request (SFTP READ), so their bytes
 /// are one snapshot of the file.
 pub const ONE_READ: u64 = sftp::REQUEST;
+
+/// What a connection shows of the source, to tell it from another source
+/// whatever SOURCE spelled it: a local directory or a host, the host's public
+/// keys (`TYPE BASE64`, as known_hosts lists them), and where the root really is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    pub kind: &'static str,
+    pub host_keys: Vec<String>,
+    pub root: PathBuf,
+}
 
 /// What the source says of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +116,16 @@ pub trait Source: Send + Sync {
     /// Nothing needs the source any more: close whatever is kept open for
     /// further connections (a new connection opens it again).
     fn idle(&self) {}
+    /// Why nothing is fetched from this source, if a connection showed it is
+    /// not the source the cache dir's files come from.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
+    /// The index of what `lazyfs push` put there (an object store): it
+    /// vouches for every file's hashes, like a manifest.
+    fn pushed(&self) -> Option<&crate::s3::index::Index> {
+        None
+    }
 }
 
 /// How long a connection may take when no reader waits for it (at mount time).
@@ -132,6 +155,10 @@ impl Limits {
 pub trait Connection: Send {
     /// Bounds every request from now on (a local directory has none).
     fn set_limits(&mut self, _limits: Limits) {}
+    /// Which source this connection reached; `None` where it cannot tell.
+    fn shows(&self) -> Option<Shown> {
+        None
+    }
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError>;
     /// Fills `buf` with the bytes at `offset`; a file too short for that is
     /// an error. `generation` is the file's generation in lazyfs: an open
@@ -303,12 +330,25 @@ pub enum SourceError {
     /// The mount's first connection to the source failed: it is not used.
     #[error("the source cannot be used: {0}")]
     Unusable(std::sync::Arc<str>),
+    /// A connection reached another source than the one the cache dir's
+    /// files come from: nothing is fetched from it.
+    #[error("{0}")]
+    NotTheSource(String),
+    /// An object store's answer; `transient` if a new request may fare better.
+    #[error("{message}")]
+    Store { message: String, transient: bool },
 }
 
 impl SourceError {
     /// Whether retrying on a new connection could succeed.
     pub fn is_connection_lost(&self) -> bool {
-        matches!(self, SourceError::Session { .. } | SourceError::Connect { .. } | SourceError::TimedOut { .. })
+        matches!(
+            self,
+            SourceError::Session { .. }
+                | SourceError::Connect { .. }
+                | SourceError::TimedOut { .. }
+                | SourceError::Store { transient: true, .. }
+        )
     }
 
     pub fn is_timeout(&self) -> bool {
@@ -356,6 +396,10 @@ impl SourceError {
             }
             SourceError::Config(message) => SourceError::Config(message.clone()),
             SourceError::Unusable(reason) => SourceError::Unusable(reason.clone()),
+            SourceError::NotTheSource(message) => SourceError::NotTheSource(message.clone()),
+            SourceError::Store { message, transient } => {
+                SourceError::Store { message: message.clone(), transient: *transient }
+            }
         }
     }
 }
@@ -364,15 +408,18 @@ impl SourceError {
 pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, SourceError> {
     match spec {
         SourceSpec::Local(dir) => Ok(Box::new(LocalSource::new(&dir.join(relative(source_root)))?)),
+        SourceSpec::S3(_) if source_root != Path::new("/") => Err(SourceError::Config(
+            "--source-root is for `lazyfs push` (where it reads the old host's files); an s3:// source holds what it pushed"
+                .into(),
+        )),
+        SourceSpec::S3(url) => Ok(Box::new(S3Source::open(url)?)),
         SourceSpec::Ssh(options) => match (options.transport, which_ssh()) {
             // Each transport where it wins, when both can reach the host.
             (Transport::Auto, true) if options.needs_openssh.is_none() => {
                 Ok(Box::new(SplitSource::new((**options).clone(), source_root.to_path_buf())?))
             }
-            (Transport::Openssh, _) | (Transport::Auto, true) => {
-                Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?))
-            }
-            (Transport::Libssh2, _) | (Transport::Auto, false) => {
+            _ if uses_openssh(options) => Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?)),
+            _ => {
                 if let Some(setting) = &options.needs_openssh {
                     let fix = match options.transport {
                         Transport::Auto => "install openssh-client",
@@ -387,6 +434,67 @@ pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, So
             }
         },
     }
+}
+
+/// SOURCE and `--source-root` as one normalized name, without the network:
+/// `ssh://USER@HOST:PORT/ROOT` (the name resolved as `ssh -G` resolves it
+/// where OpenSSH carries the session, else as the ssh config says) or
+/// `file:///DIR` (its real path, if it exists). Spellings of one source
+/// that resolve alike give one name.
+pub fn spelling(spec: &SourceSpec, source_root: &Path) -> String {
+    identify(spec, source_root).0
+}
+
+/// [`spelling`], and what a connection would show of the source where that
+/// is known without one (a local directory that exists).
+pub fn identify(spec: &SourceSpec, source_root: &Path) -> (String, Option<Shown>) {
+    match spec {
+        SourceSpec::Local(dir) => {
+            let root = dir.join(relative(source_root));
+            match std::fs::canonicalize(&root) {
+                Ok(real) => {
+                    let spelling = format!("file://{}", real.display());
+                    (spelling, Some(Shown { kind: "local", host_keys: Vec::new(), root: real }))
+                }
+                Err(_) => (format!("file://{}", normalized(&root).display()), None),
+            }
+        }
+        SourceSpec::Ssh(options) => {
+            let resolved = match uses_openssh(options) {
+                true => openssh::target(options).ok(),
+                false => None,
+            };
+            let (user, host, port) =
+                resolved.unwrap_or_else(|| (options.user.clone(), options.host.clone(), options.port));
+            let root = normalized(source_root);
+            (format!("ssh://{user}@{}:{port}{}", host.to_lowercase(), root.display()), None)
+        }
+        // What push put there: the objects vouch for themselves (the index).
+        SourceSpec::S3(url) => (url.to_string(), None),
+    }
+}
+
+/// `path` made absolute, without `.`, `..` and repeated or trailing slashes
+/// (as written: for paths that cannot be resolved here).
+fn normalized(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::from("/");
+    for component in absolute.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// Whether OpenSSH's `ssh` carries the sessions of `options`.
+fn uses_openssh(options: &SshOptions) -> bool {
+    matches!((options.transport, which_ssh()), (Transport::Openssh, _) | (Transport::Auto, true))
 }
 
 /// Whether the system's `ssh` client is installed (on PATH).

@@ -53,6 +53,9 @@ pub struct OpensshSource {
     mux: Option<Arc<Mux>>,
     /// It carries background transfers only: its `ssh` runs at a lower priority.
     background: bool,
+    /// Where `ssh` looks up the host's keys, and under which name: what a
+    /// connection shows of the host (`ssh` checked its key against them).
+    known_hosts: (Vec<PathBuf>, String),
 }
 
 /// A master `ssh` of the source's own (`-M -N`), its socket in a private
@@ -165,6 +168,7 @@ impl OpensshSource {
         );
         // `ssh -G` prints no controlpath where none is set.
         let mux = if resolved.contains_key("controlpath") { None } else { Mux::new().map(Arc::new) };
+        let known_hosts = known_hosts_of(&resolved, &options);
         Ok(OpensshSource {
             options,
             root: root.to_path_buf(),
@@ -174,12 +178,23 @@ impl OpensshSource {
             tar: Arc::default(),
             mux,
             background: false,
+            known_hosts,
         })
     }
 
     /// The source for background transfers only (see [`background_priority`]).
     pub fn for_background(self) -> OpensshSource {
         OpensshSource { background: true, ..self }
+    }
+
+    /// The host's keys as the known_hosts files `ssh` checks list them.
+    fn host_keys(&self) -> Vec<String> {
+        let (files, name) = &self.known_hosts;
+        let known = files.iter().filter_map(|file| super::known_hosts::KnownHosts::load(file).ok());
+        let mut keys: Vec<String> = known.flat_map(|k| k.keys(name)).collect();
+        keys.sort();
+        keys.dedup();
+        keys
     }
 
     /// `ssh` with this source's options, given up connecting by `deadline`
@@ -207,7 +222,8 @@ impl OpensshSource {
         let sftp = Sftp::start(Box::new(child) as Box<dyn Stream>, limits);
         let tar = (self.tar.clone(), self.options.tar);
         // On failure the child is dropped, so waited for: its stderr is complete.
-        SshConnection::new(sftp, remote, tar, &self.root, self.label.clone()).map_err(|e| match e {
+        let shown = (self.host_keys(), self.label.clone());
+        SshConnection::new(sftp, remote, tar, &self.root, shown).map_err(|e| match e {
             SourceError::Session { message, .. } => self.failure(&stderr.finish(), &message),
             e => e,
         })
@@ -397,8 +413,54 @@ fn passwd_ssh_dir() -> Option<PathBuf> {
     Some(user.dir.join(".ssh"))
 }
 
+/// User, host name and port of `options`' host as `ssh -G` resolves them.
+pub(super) fn target(options: &SshOptions) -> Result<(String, String, u16), SourceError> {
+    let resolved = resolve(&base_args(options), &options.alias)?;
+    let get = |key: &str| resolved.get(key).cloned();
+    Ok((
+        get("user").unwrap_or_else(|| options.user.clone()),
+        get("hostname").unwrap_or_else(|| options.host.clone()),
+        get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port),
+    ))
+}
+
+/// The known_hosts files `ssh` checks the host's key against (`~` as the
+/// home lazyfs uses), and the name it looks the host up by.
+fn known_hosts_of(resolved: &HashMap<String, String>, options: &SshOptions) -> (Vec<PathBuf>, String) {
+    let home = options.given.ssh_dir.as_deref().and_then(Path::parent);
+    let files = ["userknownhostsfile", "globalknownhostsfile"]
+        .iter()
+        .filter_map(|key| resolved.get(*key))
+        .flat_map(|list| list.split_whitespace())
+        .map(|file| match (file.strip_prefix("~/"), home) {
+            (Some(rest), Some(home)) => home.join(rest),
+            _ => PathBuf::from(file),
+        })
+        .collect();
+    let port = resolved.get("port").and_then(|p| p.parse().ok()).unwrap_or(options.port);
+    let host = resolved.get("hostname").cloned().unwrap_or_else(|| options.host.clone());
+    let name = resolved.get("hostkeyalias").cloned().unwrap_or_else(|| super::known_hosts::host_name(&host, port));
+    (files, name)
+}
+
+/// What `ssh -G` said, per command line: a mount asks twice (its source's
+/// spelling, then the source itself), and each run costs a process (30 ms
+/// on a loaded machine).
+type Resolved = HashMap<(Vec<OsString>, String), HashMap<String, String>>;
+static RESOLVED: std::sync::LazyLock<Mutex<Resolved>> = std::sync::LazyLock::new(Mutex::default);
+
 /// The host's settings as `ssh -G` resolves them from the config.
 fn resolve(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
+    let key = (args.to_vec(), alias.to_string());
+    if let Some(resolved) = RESOLVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
+        return Ok(resolved.clone());
+    }
+    let resolved = resolve_now(args, alias)?;
+    RESOLVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, resolved.clone());
+    Ok(resolved)
+}
+
+fn resolve_now(args: &[OsString], alias: &str) -> Result<HashMap<String, String>, SourceError> {
     let out = Command::new("ssh").args(args).args(["-G", "--", alias]).stdin(Stdio::null()).output().map_err(|e| {
         SourceError::Config(format!("cannot run ssh ({e}): install openssh-client, or give --ssh libssh2"))
     })?;

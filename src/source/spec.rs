@@ -12,6 +12,8 @@ pub enum SourceSpec {
     /// A directory holding the old host's root.
     Local(PathBuf),
     Ssh(Box<SshOptions>),
+    /// What `lazyfs push` put in an object store.
+    S3(crate::s3::S3Url),
 }
 
 /// Everything needed to open an SSH session, resolved.
@@ -85,9 +87,13 @@ const OPENSSH_ONLY: [&str; 6] =
     ["ProxyCommand", "PKCS11Provider", "ControlPath", "SecurityKeyProvider", "Match", "KnownHostsCommand"];
 
 impl SourceSpec {
-    /// `file:///DIR` or any path with a `/` is a local directory; otherwise
-    /// `[ssh://][USER@]HOST[:PORT]`, completed from `HOME/.ssh/config`.
+    /// `s3://BUCKET/PREFIX` is an object store; `file:///DIR` or any path
+    /// with a `/` a local directory; otherwise `[ssh://][USER@]HOST[:PORT]`,
+    /// completed from `HOME/.ssh/config`.
     pub fn parse(arg: &str, overrides: &SshOverrides, home: Option<&Path>) -> Result<Self, SourceError> {
+        if arg.starts_with("s3://") {
+            return crate::s3::S3Url::parse(arg).map(SourceSpec::S3).map_err(|e| SourceError::Config(e.to_string()));
+        }
         if let Some(dir) = arg.strip_prefix("file://") {
             if !dir.starts_with('/') {
                 return Err(SourceError::Config(format!(
@@ -260,6 +266,9 @@ mod tests {
         assert_eq!(parse("./old-root"), SourceSpec::Local("./old-root".into()));
         assert_eq!(parse("/mnt/old"), SourceSpec::Local("/mnt/old".into()));
         assert!(SourceSpec::parse("file://relative", &SshOverrides::default(), None).is_err());
+        let SourceSpec::S3(url) = parse("s3://ckpts/app/one") else { panic!("not s3") };
+        assert_eq!((url.bucket.as_str(), url.prefix.as_str()), ("ckpts", "app/one"));
+        assert!(SourceSpec::parse("s3://", &SshOverrides::default(), None).is_err());
     }
 
     #[test]

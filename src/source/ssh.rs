@@ -226,6 +226,9 @@ impl Source for SshSource {
         prefer(MethodType::HostKey, &host_key_preference(&known.key_types(&self.known_hosts_name())))?;
         session.handshake().map_err(|e| self.step_error("handshake failed", e, time))?;
         self.verify_host_key(&session, &mut known)?;
+        let host_key = session
+            .host_key()
+            .map(|(blob, _)| known_hosts::public_key(&known_hosts::blob_key_type(blob).unwrap_or_default(), blob));
         session.set_keepalive(true, KEEPALIVE_SECS);
         let handshake = started.elapsed();
         session.set_timeout(timeout_ms(deadline.saturating_duration_since(Instant::now())));
@@ -239,7 +242,8 @@ impl Source for SshSource {
         let channel = Channel { channel, session: session.clone(), fd };
         let sftp = Sftp::start(Box::new(channel) as Box<dyn Stream>, limits);
         let tar = (self.tar.clone(), self.options.tar);
-        let connection = SshConnection::new(sftp, Box::new(session), tar, &self.root, self.host_label())?;
+        let shown = (host_key.into_iter().collect(), self.host_label());
+        let connection = SshConnection::new(sftp, Box::new(session), tar, &self.root, shown)?;
         log::debug!(
             "connected to {}: handshake {handshake:?}, authenticated at {authenticated:?}, SFTP at {:?}",
             self.host_label(),
@@ -420,6 +424,8 @@ pub(super) struct SshConnection {
     /// The source root as the server resolves it.
     root: PathBuf,
     host: String,
+    /// The host's public keys (see [`super::Shown`]).
+    host_keys: Vec<String>,
     /// Open handles with the generation they were opened for, most recently
     /// used last, each with the LSTAT its FSTAT is still to be checked
     /// against (until its first read).
@@ -432,7 +438,7 @@ impl SshConnection {
         remote: Box<dyn Remote>,
         (tar, use_tar): (Arc<TarUse>, bool),
         root: &Path,
-        host: String,
+        (host_keys, host): (Vec<String>, String),
     ) -> Result<Self, SourceError> {
         // Paths below the root are checked against REALPATH, so the root is
         // taken as the server resolves it.
@@ -448,7 +454,7 @@ impl SshConnection {
             }
             e => SourceError::Config(format!("--source-root {}: {e:?}", root.display())),
         })?;
-        Ok(SshConnection { sftp, remote, tar, use_tar, root, host, open: Vec::new() })
+        Ok(SshConnection { sftp, remote, tar, use_tar, root, host, host_keys, open: Vec::new() })
     }
 
     fn full(&self, path: &Path) -> PathBuf {
@@ -561,6 +567,10 @@ impl SshConnection {
 }
 
 impl Connection for SshConnection {
+    fn shows(&self) -> Option<super::Shown> {
+        Some(super::Shown { kind: "ssh", host_keys: self.host_keys.clone(), root: self.root.clone() })
+    }
+
     fn set_limits(&mut self, limits: Limits) {
         self.sftp.set_limits(limits);
         self.remote.keepalive();

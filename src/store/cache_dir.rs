@@ -15,7 +15,6 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -74,22 +73,24 @@ impl CacheDir {
             return Err(StoreError::Unsafe { path: path.into(), reason: "not a directory lazyfs can use".into() });
         };
         let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let parent_fd = walk(parent, create)?;
+        CacheDir::open_in(&parent_fd, name, path, create)
+    }
+
+    /// The directory `name` in the directory `parent_fd` (`path` for
+    /// messages), under the rules of [`CacheDir::open_private`].
+    fn open_in(parent_fd: &OwnedFd, name: &OsStr, path: &Path, create: bool) -> Result<CacheDir, StoreError> {
         if create {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io_err(parent))?;
-        }
-        let parent_fd = nix::fcntl::open(parent, OFlag::O_DIRECTORY | OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| io_err(parent)(e.into()))?;
-        if create {
-            match nix::sys::stat::mkdirat(&parent_fd, name, Mode::S_IRWXU) {
+            match nix::sys::stat::mkdirat(parent_fd, name, Mode::S_IRWXU) {
                 Ok(()) | Err(Errno::EEXIST) => {}
                 Err(e) => return Err(io_err(path)(e.into())),
             }
         }
         let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        let fd = match nix::fcntl::openat(&parent_fd, name, flags, Mode::empty()) {
+        let fd = match nix::fcntl::openat(parent_fd, name, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                let link = nix::sys::stat::fstatat(&parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                let link = nix::sys::stat::fstatat(parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
                     .is_ok_and(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
                 let reason = if link { "a symbolic link" } else { "not a directory" };
                 return Err(StoreError::Unsafe { path: path.into(), reason: reason.into() });
@@ -148,7 +149,7 @@ impl CacheDir {
 
     /// The subdirectory `name`, under the same rules.
     pub fn subdir(&self, name: &str) -> Result<CacheDir, StoreError> {
-        CacheDir::open_private(&self.pinned(name)).map(|dir| CacheDir { path: self.join(name), ..dir })
+        CacheDir::open_in(&self.fd, name.as_ref(), &self.join(name), true)
     }
 
     /// Bytes the filesystem holding this directory holds.
@@ -206,9 +207,24 @@ impl CacheDir {
         let mut out = self
             .open_with(tmp.as_ref(), OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
             .map_err(io_err(&tmp_path))?;
-        out.write_all(bytes).and_then(|()| out.sync_all()).map_err(io_err(&tmp_path))?;
+        if let Err(e) = out.write_all(bytes).and_then(|()| out.sync_all()) {
+            // A full disk: what was written of it gives its room back.
+            let _ = self.remove(&tmp);
+            return Err(io_err(&tmp_path)(e));
+        }
         self.rename(&tmp, name)?;
         self.sync()
+    }
+
+    /// fsyncs the data of `name` here, opened through this directory's
+    /// descriptor (never a path that could lead elsewhere); a missing one
+    /// holds nothing to sync.
+    pub fn sync_file(&self, name: &str) -> Result<(), StoreError> {
+        match self.open_read(name) {
+            Ok(file) => file.sync_data().map_err(io_err(&self.join(name))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&self.join(name))(e)),
+        }
     }
 
     /// Renames `from` to `to`, both in this directory.
@@ -238,6 +254,95 @@ impl CacheDir {
         let entries = std::fs::read_dir(self.pinned("")).map_err(io_err(&self.path))?;
         entries.map(|e| e.map(|e| e.file_name()).map_err(io_err(&self.path))).collect()
     }
+}
+
+/// How many symbolic links a path may go through (as the kernel's MAXSYMLINKS).
+const MAX_LINKS: usize = 40;
+
+/// The directory `path`, reached from `/` one name at a time, never through
+/// a symbolic link someone else could have put there: a link is followed
+/// only if root or the caller owns it, and the directory it is in, and
+/// nobody else may change that directory (but a sticky one, where nobody
+/// else may replace a link they do not own). Missing directories are
+/// created 0700 (with `create`).
+fn walk(path: &Path, create: bool) -> Result<OwnedFd, StoreError> {
+    use std::collections::VecDeque;
+    use std::os::unix::ffi::OsStrExt;
+    let absolute = std::path::absolute(path).map_err(io_err(path))?;
+    let names = |path: &Path| -> Vec<OsString> { path.iter().skip(1).map(OsStr::to_os_string).collect() };
+    let mut pending: VecDeque<OsString> = names(&absolute).into();
+    let open = |dir: &OwnedFd, name: &OsStr| {
+        nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let root = || nix::fcntl::open("/", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty());
+    let fail = |e: Errno| io_err(path)(e.into());
+    // The directories walked so far, `/` first (`..` goes back one).
+    let mut dirs = vec![root().map_err(fail)?];
+    let mut links = 0;
+    let me = nix::unistd::geteuid().as_raw();
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            if dirs.len() > 1 {
+                dirs.pop();
+            }
+            continue;
+        }
+        if name == "." {
+            continue;
+        }
+        let dir = dirs.last().expect("the root at least");
+        let stat = match nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Err(Errno::ENOENT) if create => {
+                match nix::sys::stat::mkdirat(dir, name.as_os_str(), Mode::S_IRWXU) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(fail(e)),
+                }
+                pending.push_front(name);
+                continue;
+            }
+            other => other.map_err(fail)?,
+        };
+        match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => dirs.push(open(dir, &name).map_err(fail)?),
+            SFlag::S_IFLNK => {
+                let holder = nix::sys::stat::fstat(dir).map_err(fail)?;
+                let trusted = |uid: u32| uid == 0 || uid == me;
+                let others_may_replace = holder.st_mode & 0o022 != 0 && holder.st_mode & libc::S_ISVTX == 0;
+                if !trusted(stat.st_uid) || !trusted(holder.st_uid) || others_may_replace {
+                    return Err(StoreError::Unsafe {
+                        path: path.into(),
+                        reason: format!(
+                            "goes through the symbolic link {:?} (owned by uid {}, in a directory of uid {} with mode                              {:o}), which another user could have put there: refused",
+                            name,
+                            stat.st_uid,
+                            holder.st_uid,
+                            holder.st_mode & 0o7777
+                        ),
+                    });
+                }
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(fail(Errno::ELOOP));
+                }
+                let target = nix::fcntl::readlinkat(dir, name.as_os_str()).map_err(fail)?;
+                let target = Path::new(OsStr::from_bytes(target.as_bytes()));
+                if target.is_absolute() {
+                    dirs.truncate(1);
+                }
+                let rest: Vec<OsString> = target.iter().filter(|n| *n != "/").map(OsStr::to_os_string).collect();
+                for name in rest.into_iter().rev() {
+                    pending.push_front(name);
+                }
+            }
+            _ => return Err(StoreError::Unsafe { path: path.into(), reason: format!("{name:?} is not a directory") }),
+        }
+    }
+    Ok(dirs.pop().expect("the root at least"))
 }
 
 #[cfg(test)]
@@ -288,6 +393,50 @@ mod tests {
         assert!(err.contains("symbolic link"), "{err}");
         let err = CacheDir::open_existing_cache(&full).unwrap_err().to_string();
         assert!(err.contains("not a lazyfs cache"), "{err}");
+    }
+
+    /// Finding 6 of issue 21: root never creates its cache dir through a
+    /// link another user could have put on the way (the directory of uid
+    /// 65534 here), and follows only links nobody else controls.
+    #[test]
+    fn never_goes_through_a_link_another_user_controls() {
+        use nix::unistd::{Gid, Uid, chown};
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        chown(&theirs, Some(Uid::from_raw(65534)), Some(Gid::from_raw(65534))).unwrap();
+        std::os::unix::fs::symlink(&target, theirs.join("link")).unwrap();
+        let err = CacheDir::open_cache(&theirs.join("link/sub/cache")).unwrap_err().to_string();
+        assert!(err.contains("symbolic link") && err.contains("65534"), "{err}");
+        assert!(std::fs::read_dir(&target).unwrap().next().is_none(), "nothing made where the link points");
+
+        // A link they own in a directory of root's: refused too.
+        let mine = tmp.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::os::unix::fs::symlink(&target, mine.join("link")).unwrap();
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &mine.join("link"),
+            Some(Uid::from_raw(65534)),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        assert!(CacheDir::open_cache(&mine.join("link/cache")).is_err());
+        assert!(std::fs::read_dir(&target).unwrap().next().is_none());
+
+        // Links only root and the caller control are followed, relative and
+        // absolute, in a sticky directory too.
+        std::os::unix::fs::symlink("target", tmp.path().join("relative")).unwrap();
+        let sticky = tmp.path().join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::os::unix::fs::symlink(&target, sticky.join("absolute")).unwrap();
+        CacheDir::open_cache(&tmp.path().join("relative/a/../b/cache")).unwrap();
+        CacheDir::open_cache(&sticky.join("absolute/c/cache")).unwrap();
+        assert!(target.join("b/cache").is_dir() && target.join("c/cache").is_dir() && !target.join("a/cache").exists());
     }
 
     #[test]

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{CacheDir, StoreError};
 
+/// The name a data file nothing names is kept under.
+const LOST: &str = "lost+found-";
+
 pub struct LocalFiles {
     dir: CacheDir,
     open: Mutex<HashMap<u64, Arc<File>>>,
@@ -54,13 +57,41 @@ impl LocalFiles {
         }
     }
 
-    /// Deletes the data files nothing names (left by a crash between making
-    /// one and journaling it, or between unlinking and deleting it).
+    /// Deletes the empty data files nothing names (left by a crash between
+    /// making one and journaling it: nobody could write to it yet). One that
+    /// holds bytes (its records were lost: `--recover-journal`) is kept, as
+    /// `lost+found-ID`, and said so.
     pub fn sweep(&self) -> Result<(), StoreError> {
         let keep: HashSet<String> =
             self.open.lock().unwrap_or_else(PoisonError::into_inner).keys().map(u64::to_string).collect();
         for name in self.dir.names()? {
-            if !keep.contains(name.to_string_lossy().as_ref()) {
+            let name = name.to_string_lossy().into_owned();
+            if keep.contains(&name) || name.starts_with(LOST) {
+                continue;
+            }
+            let io = |source| StoreError::Io { path: self.dir.join(&name), source };
+            let len = self.dir.open_read(&name).and_then(|f| f.metadata()).map_err(io)?.len();
+            if len == 0 {
+                self.dir.remove(&name).map_err(io)?;
+            } else {
+                let kept = format!("{LOST}{name}");
+                self.dir.rename(&name, &kept)?;
+                log::warn!(
+                    "{}: {len} bytes no journal record names (lost with a damaged journal?): kept as {}",
+                    self.dir.join(&name).display(),
+                    self.dir.join(&kept).display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every data file (the local changes are dropped); those kept
+    /// aside (`lost+found-ID`) stay for a person to look at.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        for name in self.dir.names()? {
+            if !name.to_string_lossy().starts_with(LOST) {
                 self.dir.remove(&name).map_err(|source| StoreError::Io { path: self.dir.join(&name), source })?;
             }
         }

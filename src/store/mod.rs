@@ -4,6 +4,7 @@
 //! Spill files are named by a hash of the original path, never by the path.
 
 mod cache_dir;
+pub mod inodes;
 pub mod journal;
 pub mod local;
 mod open;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 pub use cache_dir::CacheDir;
 pub use open::OpenSpills;
-pub use spill::{HASH_WINDOW, Presence, SpillFile, read_full, sync_path};
+pub use spill::{HASH_WINDOW, Presence, SpillFile, read_full};
 
 /// The unit of presence: a read waits for the chunks it covers and no more.
 /// 16 KiB: a small read costs one request barely dearer than the read itself

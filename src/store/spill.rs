@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -75,7 +75,7 @@ impl SpillFile {
 
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
-    pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+    pub fn open_path(path: &std::path::Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
         let dir = Arc::new(CacheDir::open_private(path.parent().expect("a parent"))?);
         let name = path.file_name().expect("a name").to_string_lossy().into_owned();
         Self::open(&dir, name, size, keep, &Arc::new(OpenSpills::new(16)))
@@ -158,9 +158,15 @@ impl SpillFile {
     }
 
     /// Makes what was written durable (a closed spill file is opened for
-    /// it: fsync covers every write to the file, through any descriptor).
+    /// it through its directory's descriptor: fsync covers every write to
+    /// the file, through any descriptor).
     pub fn sync(&self) -> Result<(), StoreError> {
-        sync_path(&self.path())
+        self.dir.sync_file(&self.name)
+    }
+
+    /// Its directory and name, for syncing it without holding it open.
+    pub fn location(&self) -> (Arc<CacheDir>, String) {
+        (self.dir.clone(), self.name.clone())
     }
 
     /// The blake3 of the first `len` bytes, read a window at a time.
@@ -178,18 +184,6 @@ impl SpillFile {
             offset += take as u64;
         }
         Ok(hasher.finalize())
-    }
-}
-
-/// fsyncs the data of the spill file at `path`, never through a symbolic
-/// link (one never created holds nothing to sync).
-pub fn sync_path(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    match File::options().read(true).custom_flags(flags).open(path) {
-        Ok(file) => file.sync_data().map_err(io_err(path)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(path)(e)),
     }
 }
 

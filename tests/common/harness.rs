@@ -15,6 +15,7 @@ use lazyfs::namespace::{Layout, ROOT_INO};
 use lazyfs::source::{Connection, Listings, Source, SourceAttrs, SourceError, SourceSpec, SourceStat};
 
 const WAIT: Duration = Duration::from_secs(60);
+const BY: lazyfs::fs::Creator = lazyfs::fs::Creator { uid: 0, gid: 0 };
 
 /// What a read of the source does instead of (or before) reading.
 pub enum Fault {
@@ -111,6 +112,10 @@ struct FaultConnection {
 }
 
 impl Connection for FaultConnection {
+    fn shows(&self) -> Option<lazyfs::source::Shown> {
+        self.inner.shows()
+    }
+
     fn stat(&mut self, path: &Path) -> Result<SourceStat, SourceError> {
         if let Some(hook) = self.plan.stat_hook.lock().unwrap().as_mut() {
             hook(path);
@@ -224,23 +229,38 @@ impl Core {
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
+            discard_local_changes: false,
+            recover_journal: false,
             recorded_only: false,
         }
     }
 
     /// Prepares the core over the source (prefetch with `jobs` workers, none for 0).
     pub fn mount(&mut self, jobs: usize) -> Result<(), MountError> {
+        self.mount_with(jobs, |_| {})
+    }
+
+    /// [`Core::mount`] with the request changed by `edit` first.
+    pub fn mount_with(&mut self, jobs: usize, edit: impl FnOnce(&mut MountRequest)) -> Result<(), MountError> {
         assert!(self.prepared.is_none(), "mounted already");
-        let prepared = self.prepare(jobs)?;
+        let mut request = self.request(jobs);
+        edit(&mut request);
+        let prepared = self.prepare_request(request)?;
         self.prepared = Some(prepared);
         Ok(())
     }
 
     /// The core, prepared for `mount::serve` (a real FUSE mount).
     pub fn prepare(&self, jobs: usize) -> Result<Prepared, MountError> {
-        let (root, plan) = (self.source.clone(), self.plan.clone());
-        prepare_with(self.request(jobs), move || {
-            let inner = lazyfs::source::open(&SourceSpec::Local(root), Path::new("/"))?;
+        self.prepare_request(self.request(jobs))
+    }
+
+    /// Prepares `request`, its source seen through the fault plan.
+    pub fn prepare_request(&self, request: MountRequest) -> Result<Prepared, MountError> {
+        let plan = self.plan.clone();
+        let (spec, root) = (request.source.clone(), request.source_root.clone());
+        prepare_with(request, move || {
+            let inner = lazyfs::source::open(&spec, &root)?;
             Ok(Arc::new(FaultSource { inner, plan }) as Arc<dyn Source>)
         })
     }
@@ -261,11 +281,56 @@ impl Core {
     }
 
     pub fn ino(&self, path: &str) -> u64 {
+        self.try_ino(path).unwrap_or_else(|e| panic!("{path}: errno {e}"))
+    }
+
+    /// The inode at `path` (below the mount's root), or the errno of the lookup.
+    pub fn try_ino(&self, path: &str) -> Result<u64, i32> {
         let mut ino = ROOT_INO;
         for name in Path::new(path).iter().skip(1) {
-            ino = self.fs().lookup(ino, name).unwrap().ino;
+            ino = self.fs().lookup(ino, name).map_err(|e| e.errno)?.ino;
         }
-        ino
+        Ok(ino)
+    }
+
+    pub fn exists(&self, path: &str) -> bool {
+        self.try_ino(path).is_ok()
+    }
+
+    /// The directory of `path` and its name.
+    fn parent(&self, path: &str) -> Result<(u64, std::ffi::OsString), i32> {
+        let path = Path::new(path);
+        let dir = path.parent().and_then(Path::to_str).unwrap_or("/");
+        Ok((self.try_ino(dir)?, path.file_name().expect("a name").to_os_string()))
+    }
+
+    /// Creates a file (and closes it).
+    pub fn create(&self, path: &str) -> Result<u64, i32> {
+        let (dir, name) = self.parent(path)?;
+        let (attr, _) = self.fs().create(dir, &name, 0o644, BY).map_err(|e| e.errno)?;
+        self.fs().release(attr.ino);
+        Ok(attr.ino)
+    }
+
+    pub fn mkdir(&self, path: &str) -> Result<u64, i32> {
+        let (dir, name) = self.parent(path)?;
+        self.fs().mkdir(dir, &name, 0o755, BY).map(|a| a.ino).map_err(|e| e.errno)
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), i32> {
+        let ((dir, name), (to_dir, to_name)) = (self.parent(from)?, self.parent(to)?);
+        self.fs().rename(dir, &name, to_dir, &to_name, 0).map_err(|e| e.errno)
+    }
+
+    pub fn unlink(&self, path: &str) -> Result<(), i32> {
+        let (dir, name) = self.parent(path)?;
+        self.fs().unlink(dir, &name).map_err(|e| e.errno)
+    }
+
+    /// The names in directory `path`.
+    pub fn list(&self, path: &str) -> Vec<String> {
+        let entries = self.fs().readdir(self.ino(path)).unwrap();
+        entries.into_iter().skip(2).map(|(_, _, name)| name.to_string_lossy().into_owned()).collect()
     }
 
     fn index(&self, path: &str) -> usize {

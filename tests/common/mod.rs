@@ -6,10 +6,12 @@ use std::process::{Command, Output};
 
 pub mod apps;
 pub mod criu;
+pub mod garage;
 pub mod harness;
 pub mod listing;
 pub mod mount;
 pub mod sshd;
+pub mod tmpfs;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

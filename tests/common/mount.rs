@@ -59,6 +59,33 @@ impl TestEnv {
         }
     }
 
+    /// `lazyfs mount` of `imgdir` on `mnt/NAME` from SOURCE spelled `target`
+    /// (another spelling of `sshd`: its key and known_hosts go with it).
+    pub fn mount_spelled(&self, name: &str, imgdir: &Path, sshd: &Sshd, target: &str, extra: &[&str]) -> Output {
+        let mountpoint = self.path("mnt").join(name);
+        if std::fs::symlink_metadata(&mountpoint).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            std::fs::create_dir_all(&mountpoint).unwrap();
+        }
+        let mut command = self.lazyfs();
+        command.arg("mount").arg(&mountpoint).arg(imgdir).arg(target);
+        if let Some(transport) = std::env::var_os("LAZYFS_TEST_SSH") {
+            command.arg("--ssh").arg(transport);
+        }
+        command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
+        command.arg("--cache-dir").arg(self.path("cache").join(name)).args(extra);
+        command.output().unwrap()
+    }
+
+    /// The mount on `mnt/NAME` a successful `out` made.
+    pub fn mounted(&self, name: &str, out: &Output) -> Mount {
+        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        Mount {
+            mountpoint: self.path("mnt").join(name),
+            cache: self.path("cache").join(name),
+            env_home: self.tmp.path().into(),
+        }
+    }
+
     pub fn try_mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Output {
         let mountpoint = self.path("mnt").join(name);
         // A stale mount answers ENOTCONN but exists: leave it for lazyfs to clear.
@@ -81,6 +108,11 @@ pub enum Source<'a> {
         sshd: &'a Sshd,
         root: PathBuf,
     },
+    /// `s3://BUCKET/PREFIX`, reached with these `AWS_*` variables.
+    S3 {
+        url: String,
+        env: Vec<(String, String)>,
+    },
 }
 
 impl Source<'_> {
@@ -88,6 +120,9 @@ impl Source<'_> {
         match self {
             Source::Local(dir) => {
                 command.arg(dir);
+            }
+            Source::S3 { url, env } => {
+                command.arg(url).envs(env.iter().map(|(k, v)| (k, v)));
             }
             Source::Ssh { sshd, root } => {
                 // CI runs the SSH tests once more with `LAZYFS_TEST_SSH=libssh2`.
@@ -132,6 +167,12 @@ impl Mount {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `status --json`, if the mount answers.
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.lazyfs().arg("status").arg(&self.mountpoint).arg("--json").output().ok()?;
+        serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())
+    }
+
     /// `status --json` once `done` holds of it (panics with `what` after 120 s).
     pub fn wait_for(&self, done: impl Fn(&Value) -> bool, what: &str) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -150,6 +191,20 @@ impl Mount {
         self.wait_for(|s| s["state"] == "complete", "not complete")
     }
 
+    /// `kill -9` of the whole mount, supervisor first (killed alone, the
+    /// serving process is replaced on the same mount): the mount goes stale.
+    /// Returns once both are gone.
+    pub fn kill_all(&self) {
+        let status = self.status();
+        for key in ["supervisor_pid", "pid"] {
+            let pid = status[key].as_i64().unwrap() as i32;
+            assert!(pid > 0, "{key}: {status}");
+            // SAFETY: kill(2) of a process this test's mount started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_gone(pid);
+        }
+    }
+
     pub fn umount(&self) -> Output {
         self.lazyfs().arg("umount").arg(&self.mountpoint).output().unwrap()
     }
@@ -163,6 +218,17 @@ impl Drop for Mount {
         if is_mounted(&self.mountpoint) {
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
+    }
+}
+
+/// Waits until process `pid` is gone (or a zombie).
+pub fn wait_gone(pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    {
+        assert!(std::time::Instant::now() < deadline, "process {pid} still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

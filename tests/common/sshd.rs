@@ -146,6 +146,13 @@ impl Sshd {
         self.dir.path().join("known_hosts")
     }
 
+    /// Makes known_hosts know this host by `name` too (`[name]:PORT`).
+    pub fn know_as(&self, name: &str) {
+        let line = format!("[{name}]:{} {}\n", self.port, self.host_key());
+        let known = std::fs::read_to_string(self.known_hosts()).unwrap();
+        std::fs::write(self.known_hosts(), known + &line).unwrap();
+    }
+
     /// The host's public key, `TYPE BASE64`.
     pub fn host_key(&self) -> String {
         let line = std::fs::read_to_string(self.dir.path().join("host_ed25519.pub")).unwrap();
