@@ -335,7 +335,7 @@ fn prepare_inner(
     };
     // What a mount that was killed recorded is this cache dir's recording now
     // (once the journal let the mount go on: a refused mount changes nothing).
-    recording::recover(store.dir())?;
+    let recovered = recording::recover(store.dir())?;
     let local = crate::store::local::LocalFiles::open(store.dir())?;
     let (mut records, mut local_changes) = (loaded.records, loaded.local);
     let mut created_ns = loaded.owner.created_ns;
@@ -530,6 +530,17 @@ fn prepare_inner(
     );
     fetcher
         .record_in(store.dir().try_clone().map_err(|e| StoreError::Io { path: request.cache_dir.clone(), source: e })?);
+    // A successor goes on with what the process it took over from recorded:
+    // the restore's first reads, from before the crash, stay first.
+    if let Some(earlier) = recovered.filter(|_| resuming) {
+        let index: HashMap<Vec<u8>, usize> =
+            fetcher.files().iter().enumerate().map(|(i, f)| (f.path.as_os_str().as_bytes().to_vec(), i)).collect();
+        for touch in &earlier.touches {
+            if let Some(&file) = index.get(&touch.path) {
+                fetcher.note_recorded(file, touch.first..touch.end, touch.at_us);
+            }
+        }
+    }
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),

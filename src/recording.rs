@@ -150,26 +150,31 @@ fn whole_fields(body: &[u8]) -> usize {
 }
 
 /// Takes the recording a killed mount left growing as the cache dir's
-/// recording (what of it is whole); gone either way. Call before anything
-/// reads the cache dir's recording or records a new one.
-pub fn recover(cache_dir: &CacheDir) -> Result<(), crate::store::StoreError> {
+/// recording (what of it is whole), and returns it; gone either way. Call
+/// before anything reads the cache dir's recording or records a new one.
+pub fn recover(cache_dir: &CacheDir) -> Result<Option<Recording>, crate::store::StoreError> {
     let path = cache_dir.join(GROWING);
     let io = |source| crate::store::StoreError::Io { path: path.clone(), source };
     let bytes = match cache_dir.read(GROWING) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(e)),
     };
     let whole = bytes.strip_prefix(MAGIC).map_or(0, |body| MAGIC.len() + whole_fields(body));
-    match decode(&bytes[..whole], &path) {
+    let recovered = match decode(&bytes[..whole], &path) {
         Ok(recording) if !recording.touches.is_empty() => {
             log::info!("{}: the recording of a mount that did not end cleanly: kept", path.display());
             save(cache_dir, &recording)?;
+            Some(recording)
         }
-        Ok(_) => {}
-        Err(e) => log::warn!("{e}: ignored"),
-    }
-    cache_dir.remove(GROWING).map_err(io)
+        Ok(_) => None,
+        Err(e) => {
+            log::warn!("{e}: ignored");
+            None
+        }
+    };
+    cache_dir.remove(GROWING).map_err(io)?;
+    Ok(recovered)
 }
 
 /// Drops the cache dir's recording (it is of another checkpoint or source).

@@ -157,6 +157,31 @@ fn a_killed_mount_keeps_its_recording() {
     assert_eq!(kept, before);
 }
 
+/// A failover keeps the recording whole: the successor of a killed serving
+/// process goes on with what its predecessor recorded (the restore's first
+/// reads stay first), and the unmount saves both.
+#[test]
+fn a_successor_goes_on_with_the_recording_of_the_process_it_replaced() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &FILES);
+    let (mount, _) = record_reads(&env, &sshd, "failover");
+    let before = recorded_runs(&mount.status());
+    let pid = mount.status()["pid"].as_i64().unwrap();
+    // SAFETY: kill(2) of the serving process this test's mount started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let successor =
+        mount.wait_for(|s| s["pid"].as_i64().is_some_and(|p| p != pid) && s["restarts"] == 1, "no successor");
+    assert_eq!(recorded_runs(&successor), before, "taken over: {successor}");
+    assert_eq!(std::fs::read(mount.at("/r/u1")).unwrap(), content("/r/u1", 50_000));
+    assert!(mount.umount().status.success());
+    let kept = lazyfs::recording::load(&mount.cache).unwrap();
+    let kept: Vec<(String, u64, u64)> =
+        kept.touches.iter().map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end)).collect();
+    assert_eq!(kept[..before.len()], before[..]);
+    assert_eq!(kept[before.len()..], [("/r/u1".to_string(), 0, 4)]);
+}
+
 /// A lazy mount replays the cache dir's recording once the source answers:
 /// what the last restore read first arrives with nobody reading it (the small
 /// files whole, the large one's recorded runs only), and nothing else;

@@ -562,6 +562,12 @@ impl Fetcher {
         self.recorder.grow_in(cache_dir, move |index| shared.files.get(index).path_bytes().to_vec());
     }
 
+    /// Records that readers first touched `chunks` of file `index` at
+    /// `at_us` (before this process: see `mount.rs`).
+    pub fn note_recorded(&self, index: usize, chunks: Range<u64>, at_us: u64) {
+        self.recorder.note(index, chunks, self.shared.files.get(index).chunk_count(), at_us);
+    }
+
     /// The order readers first touched chunks in so far.
     pub fn recording(&self) -> Recording {
         let touches = self.recorder.runs().into_iter().map(|(index, chunks, at_us)| Touch {
