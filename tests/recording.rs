@@ -41,8 +41,7 @@ fn record(env: &TestEnv, sshd: &Sshd, name: &str) -> Mount {
     let (mount, paths) = record_reads(env, sshd, name);
     let out = mount.umount();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let saved = lazyfs::recording::load(&mount.cache).unwrap();
-    let saved_paths: Vec<String> = saved.touches.iter().map(|t| String::from_utf8_lossy(&t.path).into()).collect();
+    let saved_paths: Vec<String> = saved_runs(&mount.cache).into_iter().map(|(path, ..)| path).collect();
     assert_eq!(saved_paths, paths, "CACHE/recording differs from what status showed");
     mount
 }
@@ -54,6 +53,12 @@ fn recorded_runs(status: &Value) -> Vec<(String, u64, u64)> {
         (r["path"].as_str().unwrap().into(), r["first_chunk"].as_u64().unwrap(), r["end_chunk"].as_u64().unwrap())
     })
     .collect()
+}
+
+/// The runs of the recording saved in `cache`: (path, first chunk, end chunk).
+fn saved_runs(cache: &Path) -> Vec<(String, u64, u64)> {
+    let saved = lazyfs::recording::load(cache).unwrap();
+    saved.touches.iter().map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end)).collect()
 }
 
 /// The reads of [`record`] on a new lazy mount, checked in status; the mount
@@ -151,9 +156,7 @@ fn a_killed_mount_keeps_its_recording() {
     std::fs::remove_file(mount.cache.join("journal")).unwrap();
     let (order, ..) = prefetch(&env, &sshd, "killed", "recorded");
     assert_eq!(order, RECORDED_ORDER);
-    let kept = lazyfs::recording::load(&mount.cache).unwrap();
-    let kept: Vec<(String, u64, u64)> =
-        kept.touches.iter().map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end)).collect();
+    let kept = saved_runs(&mount.cache);
     assert_eq!(kept, before);
 }
 
@@ -175,9 +178,7 @@ fn a_successor_goes_on_with_the_recording_of_the_process_it_replaced() {
     assert_eq!(recorded_runs(&successor), before, "taken over: {successor}");
     assert_eq!(std::fs::read(mount.at("/r/u1")).unwrap(), content("/r/u1", 50_000));
     assert!(mount.umount().status.success());
-    let kept = lazyfs::recording::load(&mount.cache).unwrap();
-    let kept: Vec<(String, u64, u64)> =
-        kept.touches.iter().map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end)).collect();
+    let kept = saved_runs(&mount.cache);
     assert_eq!(kept[..before.len()], before[..]);
     assert_eq!(kept[before.len()..], [("/r/u1".to_string(), 0, 4)]);
 }
@@ -192,12 +193,7 @@ fn a_lazy_mount_replays_the_recording_and_no_replay_does_not() {
     let sshd = Sshd::start();
     dataset(&env.path("source"), &env.path("images"), &FILES);
     let first = record(&env, &sshd, "replay");
-    let recorded: Vec<(String, u64, u64)> = lazyfs::recording::load(&first.cache)
-        .unwrap()
-        .touches
-        .iter()
-        .map(|t| (String::from_utf8_lossy(&t.path).into(), t.first, t.end))
-        .collect();
+    let recorded = saved_runs(&first.cache);
     let big_chunks: u64 = recorded.iter().filter(|(p, ..)| p == "/r/big").map(|(_, a, b)| b - a).sum();
     let afresh = || {
         std::fs::remove_dir_all(first.cache.join("spill")).unwrap();
