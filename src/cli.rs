@@ -374,7 +374,8 @@ pub struct ManifestArgs {
 /// keys from ~/.aws/credentials), AWS_ALLOW_HTTP=true for a plain-http endpoint.
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// Directory of CRIU images (copy it to the new host too: a mount reads it).
+    /// Directory of CRIU images. The push writes IMGDIR/lazyfs.pushed (the blake3 of its index:
+    /// a mount serves no other index); copy IMGDIR to the new hosts once the push has started.
     pub imgdir: PathBuf,
     /// Where to: s3://BUCKET/PREFIX (PREFIX holds this checkpoint's index; a later push there
     /// replaces it).

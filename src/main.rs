@@ -46,11 +46,12 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes as one line, each said once: a cause whose text
-/// its effect already includes is left out.
+/// its effect already includes is left out. Other control characters (a
+/// terminal escape in a remote's words) are shown escaped.
 fn one_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
-        let text = cause.to_string().replace('\n', " ");
+        let text = lazyfs::ui::printable(&cause.to_string().replace('\n', " "));
         if !line.contains(&text) {
             if !line.is_empty() {
                 line += ": ";

@@ -806,13 +806,16 @@ fn find_recording(store: &Store, shipped: Option<&Recording>, for_order: bool) -
 }
 
 /// An object store's index is of the images it was pushed with: other
-/// images would be served another checkpoint's files (verified, but not theirs).
+/// images would be served another checkpoint's files (verified, but not
+/// theirs); and it is one their `lazyfs.pushed` names (`s3::pin`).
 fn check_pushed_images(request: &MountRequest, pushed: &Index, source: &str) -> Result<(), MountError> {
     let mut hasher = blake3::Hasher::new();
     crate::images::hash_files(&request.imgdir, &mut hasher)
         .map_err(|(path, source)| MountError::Store(StoreError::Io { path, source }))?;
     if hasher.finalize().as_bytes() == &pushed.images {
-        return Ok(());
+        // The same images' hash is easily copied into a forged index: the images name the index itself.
+        return crate::s3::pin::check(&request.imgdir, &pushed.id, source)
+            .map_err(|reason| SourceError::Config(reason).into());
     }
     Err(SourceError::Config(format!(
         "{source} holds the files of other images (pushed from {}), not of {}: mount with those images, or \

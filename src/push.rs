@@ -11,10 +11,14 @@
 //!    object already in the bucket is not sent again, so a push interrupted
 //!    and run again sends only what is missing: a listing of the objects'
 //!    prefix (made while the files are hashed) says which are there, or, for
-//!    a store too large to list cheaply, a HEAD per object. Each object
-//!    is read and hashed again as it is sent: a file that changed since it
-//!    was hashed fails the push rather than go up under a wrong name.
-//! 4. `lazyfs.done` says the push is complete.
+//!    a store too large to list cheaply, a HEAD per object; one there is
+//!    checked to hold its bytes (its ETag against their MD5, else fetched
+//!    and hashed), or sent again. Each object is read and hashed again as it
+//!    is sent: a file that changed since it was hashed fails the push rather
+//!    than go up under a wrong name.
+//! 4. `lazyfs.done.BLAKE3` says the push of the index of that blake3 is
+//!    complete; then the index is read again: one another push replaced
+//!    meanwhile is an error (its images no longer mount from the prefix).
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
@@ -31,7 +35,7 @@ use rayon::prelude::*;
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::recording::Recording;
 use crate::s3::index::{self, Entry, Index, IndexFile, IndexProto, ObjectName};
-use crate::s3::{Bucket, S3Error, S3Url};
+use crate::s3::{Bucket, ObjectInfo, S3Error, S3Url, pin};
 use crate::source::{self, Limits, SourceError, SourceSpec, relative};
 use crate::store::CHUNK_SIZE;
 
@@ -68,6 +72,17 @@ pub enum PushError {
     NothingRead { count: usize, example: String },
     #[error("{}: changed while it was being pushed; run `lazyfs push` again (what went up stays)", .0.display())]
     Changed(PathBuf),
+    #[error(
+        "cannot write {} (it tells the new hosts which index to trust): {source}; push from a copy of the images you can write",
+        path.display()
+    )]
+    Pin { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{url}: another push (from {origin}) replaced the index while this one ran: {} no longer mounts from \
+         there; push to another prefix, or run this push again once the other is done (what went up stays)",
+        imgdir.display()
+    )]
+    Replaced { url: S3Url, origin: String, imgdir: PathBuf },
 }
 
 impl PushError {
@@ -75,7 +90,9 @@ impl PushError {
     pub fn exit_code(&self) -> u8 {
         use crate::cli::exit;
         match self {
-            PushError::Images(_) | PushError::EmptySubtree(_) | PushError::Root { .. } => exit::BAD_INPUT,
+            PushError::Images(_) | PushError::EmptySubtree(_) | PushError::Root { .. } | PushError::Pin { .. } => {
+                exit::BAD_INPUT
+            }
             PushError::Store(e) if e.is_bad_input() => exit::BAD_INPUT,
             _ => exit::RUNTIME,
         }
@@ -120,7 +137,6 @@ struct Hashed {
     source_path: PathBuf,
     entry: Entry,
     ctime_ns: i64,
-    atime_ns: i64,
 }
 
 /// One object to store: where its bytes are.
@@ -184,6 +200,9 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     };
     let bytes = Index::encode(proto);
     let id = blake3::hash(&bytes).to_hex().to_string();
+    // Before the index goes up: a mount serves only an index its images name.
+    pin::write(&request.imgdir, &request.url, &id)
+        .map_err(|source| PushError::Pin { path: pin::path(&request.imgdir), source })?;
     bucket.block_on(bucket.put(&request.url.key(index::INDEX), Bytes::from(bytes)))?;
     progress.index_stored.store(true, Ordering::Relaxed);
 
@@ -191,7 +210,8 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
     progress.objects_total.store(uploads.len() as u64, Ordering::Relaxed);
     progress.object_bytes_total.store(uploads.iter().map(|u| u.len).sum(), Ordering::Relaxed);
     bucket.block_on(upload_all(&bucket, &root, uploads, &stored, request, progress))?;
-    bucket.block_on(bucket.put(&request.url.key(index::DONE), Bytes::from(id)))?;
+    bucket.block_on(bucket.put(&request.url.key(&index::done_name(&id)), Bytes::from(id.clone())))?;
+    still_ours(&bucket, request, &id)?;
 
     Ok(Summary {
         files: hashed.len(),
@@ -202,6 +222,20 @@ pub fn push(request: &PushRequest, progress: &Progress) -> Result<Summary, PushE
         bytes_sent: progress.bytes_sent.load(Ordering::Relaxed),
         objects_present: progress.objects_present.load(Ordering::Relaxed),
     })
+}
+
+/// Whether the index at the prefix is still this push's (of blake3 `id`):
+/// another push may have replaced it meanwhile, and these images would no
+/// longer mount from there.
+fn still_ours(bucket: &Bucket, request: &PushRequest, id: &str) -> Result<(), PushError> {
+    let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
+    let key = request.url.key(index::INDEX);
+    let there = bucket.block_on(bucket.get(&key, None, index::MAX_INDEX_BYTES, limits))?;
+    if blake3::hash(&there).to_hex().as_str() == id {
+        return Ok(());
+    }
+    let origin = Index::decode(&there).map_or_else(|_| "not a lazyfs index".to_string(), |other| other.origin);
+    Err(PushError::Replaced { url: request.url.clone(), origin, imgdir: request.imgdir.clone() })
 }
 
 /// Reads and hashes every file, in parallel; files that cannot be read (or
@@ -251,7 +285,6 @@ fn hash_all(
                         objects,
                     },
                     ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
-                    atime_ns: nanos(meta.atime(), meta.atime_nsec()),
                 })
             })();
             (file.path.clone(), result)
@@ -277,7 +310,6 @@ fn index_file(hashed: &Hashed) -> IndexFile {
         uid: e.uid,
         gid: e.gid,
         mtime_ns: e.mtime_ns,
-        atime_ns: hashed.atime_ns,
         ctime_ns: hashed.ctime_ns,
         blake3: e.hashes.whole.to_vec(),
         chunk_blake3: e.hashes.chunks.concat(),
@@ -322,8 +354,8 @@ fn plan(hashed: &[Hashed], recording: Option<&Recording>, object_size: u64) -> V
 /// What the bucket has under the objects' prefix, as far as a listing
 /// cheaper than a HEAD per object tells.
 struct Stored {
-    /// Object names and sizes listed.
-    sizes: HashMap<ObjectName, u64>,
+    /// Object names listed, and what the listing says of each.
+    listed: HashMap<ObjectName, ObjectInfo>,
     /// The listing was complete: an object not in it is not in the bucket.
     complete: bool,
 }
@@ -336,15 +368,15 @@ async fn stored_objects(bucket: &Bucket, prefix: &str, objects: u64) -> Stored {
     let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
     match bucket.list(prefix, (pages * 1000) as usize, limits).await {
         Ok((listed, complete)) => {
-            let sizes = listed
+            let listed = listed
                 .into_iter()
-                .filter_map(|(name, size)| Some((*blake3::Hash::from_hex(name).ok()?.as_bytes(), size)))
+                .filter_map(|(name, info)| Some((*blake3::Hash::from_hex(name).ok()?.as_bytes(), info)))
                 .collect();
-            Stored { sizes, complete }
+            Stored { listed, complete }
         }
         Err(e) => {
             log::warn!("listing {prefix}: {e}: asking for each object instead");
-            Stored { sizes: HashMap::new(), complete: false }
+            Stored { listed: HashMap::new(), complete: false }
         }
     }
 }
@@ -378,21 +410,24 @@ async fn upload_one(
 ) -> Result<(), PushError> {
     let key = index::object_key(objects, &upload.name);
     let limits = Limits { deadline: None, stall: Duration::from_secs(30) };
-    let listed = stored.sizes.get(&upload.name).copied();
+    let listed = stored.listed.get(&upload.name).copied();
     let mut tries = 0;
     loop {
         tries += 1;
         let attempt = async {
             let present = match listed {
-                Some(size) => Some(size),
+                Some(info) => Some(info),
                 // A complete listing said it is not there (a try after a failed PUT asks again).
                 None if stored.complete && tries == 1 => None,
                 None => bucket.head(&key, limits).await?,
             };
-            if present == Some(upload.len) {
-                return Ok(false);
-            }
             let bytes = read_object(root, &upload).await?;
+            if let Some(info) = present.filter(|info| info.size == upload.len) {
+                if holds(bucket, &key, info, &bytes, &upload.name, limits).await? {
+                    return Ok(false);
+                }
+                log::warn!("{key}: the store holds other bytes under this name (damaged, or overwritten): sent again");
+            }
             bucket.put(&key, bytes).await?;
             Ok::<bool, PushError>(true)
         };
@@ -413,6 +448,35 @@ async fn upload_one(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether the object the store has under `key` (of `info`) holds `bytes`
+/// (named `name`): its ETag against their MD5 where the store gives one
+/// (no request), else its bytes fetched and hashed. The size alone would
+/// keep an object damaged or overwritten in the store for good.
+async fn holds(
+    bucket: &Bucket,
+    key: &str,
+    info: ObjectInfo,
+    bytes: &Bytes,
+    name: &ObjectName,
+    limits: Limits,
+) -> Result<bool, PushError> {
+    if let Some(e_tag) = info.md5 {
+        let bytes = bytes.clone();
+        let md5 = tokio::task::spawn_blocking(move || <md5::Md5 as md5::Digest>::digest(&bytes))
+            .await
+            .expect("hashing does not panic");
+        if md5.as_slice() == e_tag {
+            return Ok(true);
+        }
+    }
+    // Not an MD5 of these bytes: damaged, or a store whose ETags are something else.
+    match bucket.get(key, None, info.size, limits).await {
+        Ok(stored) => Ok(blake3::hash(&stored).as_bytes() == name),
+        Err(S3Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

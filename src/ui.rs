@@ -16,6 +16,20 @@ const MAX_FILE_BARS: usize = 8;
 const MOUNT_BAR: usize = 30;
 const FILE_BAR: usize = 20;
 
+/// Text from elsewhere (a name, a store's words) as a person may see it:
+/// control characters (a newline, a terminal escape) shown escaped.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// What a mount is doing, its bytes, files, rate and ETA, in words.
 pub fn summary(status: &Status) -> String {
     let state = status.state();
@@ -221,6 +235,14 @@ impl Default for Bars {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_words_cannot_drive_the_terminal() {
+        assert_eq!(
+            printable("ckpt on host\nlazyfs: ok \x1b[2K\u{9b}1m é"),
+            "ckpt on host\\nlazyfs: ok \\u{1b}[2K\\u{9b}1m é"
+        );
+    }
 
     fn status(state: MountState, prefetch: bool, present: u64, eta: Option<f64>) -> Status {
         Status {

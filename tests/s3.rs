@@ -7,18 +7,17 @@ mod common;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::garage::Garage;
 use common::mount::{Mount, Source, TestEnv, content, dataset, is_mounted};
 use serde_json::Value;
 
-/// `lazyfs push IMGDIR URL --source-root ROOT EXTRA... --json` against `garage`;
-/// the output and its last JSON line.
-fn push(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, extra: &[&str]) -> (Output, Value) {
-    let out = env
-        .lazyfs()
+/// `lazyfs push IMGDIR URL --source-root ROOT EXTRA... --json` against `garage`.
+fn push_command(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, extra: &[&str]) -> Command {
+    let mut command = env.lazyfs();
+    command
         .envs(garage.env())
         .arg("push")
         .arg(env.path(images))
@@ -26,9 +25,13 @@ fn push(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, ext
         .arg("--source-root")
         .arg(env.path(root))
         .args(extra)
-        .arg("--json")
-        .output()
-        .unwrap();
+        .arg("--json");
+    command
+}
+
+/// [`push_command`], run: the output and its last JSON line.
+fn push(env: &TestEnv, garage: &Garage, images: &str, root: &str, url: &str, extra: &[&str]) -> (Output, Value) {
+    let out = push_command(env, garage, images, root, url, extra).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().map(|l| serde_json::from_str(l).unwrap()).unwrap_or(Value::Null);
     (out, last)
@@ -164,8 +167,9 @@ fn a_second_push_of_a_changed_checkpoint_sends_only_the_changed_objects() {
     assert_eq!(two["objects_sent"], 3, "{two}");
     assert_eq!(two["objects_present"], two["objects_total"].as_u64().unwrap() - 3, "{two}");
     assert_eq!(two["bytes_sent"], (1 << 20) + 14 + 70_000, "{two}");
-    // The store counts three more objects (the index replaced in place).
-    assert_eq!(garage.objects(), stored + 3);
+    // The store counts three more objects and the new index's
+    // `lazyfs.done.BLAKE3` (the index replaced in place).
+    assert_eq!(garage.objects(), stored + 3 + 1);
 
     // The new checkpoint mounts and reads its new bytes; the old images are refused.
     let mount = env.mount("new", &env.path("images2"), &s3(&garage, &url), &["--prefetch"]);
@@ -215,15 +219,7 @@ fn an_interrupted_push_is_resumed_and_a_mount_started_before_it_ends_completes()
     let url = garage.url("resume");
 
     // Small objects one at a time (a few hundred requests), killed (-9) once some went up.
-    let mut child = env
-        .lazyfs()
-        .envs(garage.env())
-        .arg("push")
-        .arg(env.path("images"))
-        .arg(&url)
-        .arg("--source-root")
-        .arg(env.path("source"))
-        .args(["--object-size", "64K", "-j", "1", "--json"])
+    let mut child = push_command(&env, &garage, "images", "source", &url, &["--object-size", "64K", "-j", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -239,7 +235,7 @@ fn an_interrupted_push_is_resumed_and_a_mount_started_before_it_ends_completes()
     child.wait().unwrap();
     // A request the server had whole when the client died may still land.
     std::thread::sleep(Duration::from_secs(1));
-    // Every object stored so far, and the index (no `lazyfs.done`).
+    // Every object stored so far, and the index (no `lazyfs.done.BLAKE3`).
     let stored = garage.objects() - 1;
     assert!(stored >= 1 && stored < total, "{stored} of {total}");
 
@@ -515,5 +511,346 @@ fn push_help_and_bad_arguments() {
         let out = env.run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{args:?}");
+    }
+}
+
+// What a hostile or damaged store, and pushes that meet, can do to a mount
+// (the review of issue 26). Each test names the behaviour it expects.
+
+/// The store's index of `url`, as its protobuf.
+fn stored_index(bucket: &lazyfs::s3::Bucket, url: &str) -> lazyfs::s3::index::IndexProto {
+    use prost::Message;
+    let key = lazyfs::s3::S3Url::parse(url).unwrap().key(lazyfs::s3::index::INDEX);
+    let bytes = bucket.block_on(bucket.get(&key, None, 1 << 30, limits())).unwrap();
+    lazyfs::s3::index::IndexProto::decode(bytes.strip_prefix(b"lazyfs-index\n".as_slice()).unwrap()).unwrap()
+}
+
+/// Replaces the index of `url` with `proto`, and says the push of it is complete.
+fn replace_index(bucket: &lazyfs::s3::Bucket, url: &str, proto: lazyfs::s3::index::IndexProto) {
+    let url = lazyfs::s3::S3Url::parse(url).unwrap();
+    let bytes = lazyfs::s3::index::Index::encode(proto);
+    let id = blake3::hash(&bytes).to_hex().to_string();
+    bucket.block_on(bucket.put(&url.key(lazyfs::s3::index::INDEX), bytes.into())).unwrap();
+    bucket.block_on(bucket.put(&url.key(&lazyfs::s3::index::done_name(&id)), id.into_bytes().into())).unwrap();
+}
+
+/// Replaces object `key` with `change` of its bytes.
+fn rewrite_object(bucket: &lazyfs::s3::Bucket, key: &str, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = bucket.block_on(bucket.get(key, None, 64 << 20, limits())).unwrap().to_vec();
+    change(&mut bytes);
+    bucket.block_on(bucket.put(key, bytes.into())).unwrap();
+}
+
+/// `try_mount`, kept mounted (and unmounted when dropped) if it mounted.
+fn mount_if_it_does(env: &TestEnv, name: &str, source: &Source, extra: &[&str]) -> (Output, Option<Mount>) {
+    let out = env.try_mount(name, &env.path("images"), source, extra);
+    let mount = out.status.success().then(|| Mount {
+        mountpoint: env.path("mnt").join(name),
+        cache: env.path("cache").join(name),
+        env_home: env.tmp.path().into(),
+    });
+    (out, mount)
+}
+
+#[test]
+fn a_forged_index_in_the_store_never_makes_a_mount_serve_other_bytes() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    let files = [("/f/config", 40_000), ("/f/other", 20_000)];
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let url = garage.url("forged");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+
+    // Whoever can write the prefix (not the old host, not the images) gives
+    // /f/config other bytes: stored under their own name, hashed into the
+    // index, the images' hash copied from the index that was there.
+    let bucket = bucket(&garage, &url);
+    let mut proto = stored_index(&bucket, &url);
+    let forged = content("forged", 40_000);
+    let (hashes, objects) = lazyfs::s3::index::hash_file(40_000, proto.object_size, |offset, buf| {
+        buf.copy_from_slice(&forged[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    })
+    .unwrap();
+    let key = lazyfs::s3::index::object_key(&proto.objects, &objects[0]);
+    bucket.block_on(bucket.put(&key, forged.clone().into())).unwrap();
+    let file = proto.files.iter_mut().find(|f| f.path == b"/f/config").unwrap();
+    file.blake3 = hashes.whole.to_vec();
+    file.chunk_blake3 = hashes.chunks.concat();
+    file.objects = objects.concat();
+    replace_index(&bucket, &url, proto);
+
+    // The images are what the new host trusts (copied from the old host):
+    // a mount either refuses the index or serves the old host's bytes.
+    let (out, mount) = mount_if_it_does(&env, "m", &s3(&garage, &url), &[]);
+    if let Some(mount) = mount {
+        let served = std::fs::read(mount.at("/f/config"));
+        assert!(
+            served.as_ref().is_ok_and(|b| *b == content("/f/config", 40_000)) || served.is_err(),
+            "a mount served bytes that only the store's index vouches for, not the images"
+        );
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("not one pushed with") && stderr.contains("lazyfs.pushed"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn images_copied_without_the_pushs_lazyfs_pushed_are_refused_saying_what_to_do() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/p/a", 1000)]);
+    let url = garage.url("pinned");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let pin = env.path("images").join("lazyfs.pushed");
+    let text = std::fs::read_to_string(&pin).unwrap();
+    assert!(text.ends_with(&format!(" {url}\n")), "one line per URL pushed to: {text}");
+    // Copied to the new host before the push wrote it.
+    std::fs::remove_file(&pin).unwrap();
+    let out = env.try_mount("m", &env.path("images"), &s3(&garage, &url), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lazyfs.pushed: not there") && stderr.contains("lazyfs push"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // Pushed again, the images mount.
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let mount = env.mount("m", &env.path("images"), &s3(&garage, &url), &[]);
+    assert_eq!(std::fs::read(mount.at("/p/a")).unwrap(), content("/p/a", 1000));
+}
+
+#[test]
+fn a_push_again_replaces_an_object_the_store_holds_with_other_bytes_of_its_size() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    let files = [("/d/db", 3 << 20)];
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let url = garage.url("mend");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
+    ok(&out);
+    let bucket = bucket(&garage, &url);
+    let key = object_key(&bucket, &url, "/d/db");
+    // The store's ETag is the MD5 of an object's bytes: an unchanged object costs the push no GET.
+    let stored = bucket.block_on(bucket.get(&key, None, 1 << 20, limits())).unwrap();
+    let info = bucket.block_on(bucket.head(&key, limits())).unwrap().unwrap();
+    assert_eq!(info.md5.map(|m| m.to_vec()), Some(<md5::Md5 as md5::Digest>::digest(&stored).to_vec()));
+    let (listed, _) = bucket.block_on(bucket.list("lazyfs-chunks/", 100, limits())).unwrap();
+    assert!(listed.iter().any(|(name, listed)| key.ends_with(name.as_str()) && *listed == info), "{listed:?}");
+    rewrite_object(&bucket, &key, |bytes| bytes[100] ^= 1);
+
+    // A mount finds it (the file fails, naming the object); the user pushes again.
+    let (out, again) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
+    ok(&out);
+    assert_eq!(again["objects_sent"], 1, "the damaged object is sent again: {again}");
+    let mount = env.mount("m", &env.path("images"), &s3(&garage, &url), &["--prefetch"]);
+    let out = wait(&env, &mount);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    read_everything(&mount, &files);
+}
+
+#[test]
+fn an_object_shorter_than_its_index_says_fails_its_file_rather_than_the_store() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    let files = [("/t/big", 3 << 20), ("/t/fine", 50_000)];
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let url = garage.url("short");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &["--object-size", "1M"]);
+    ok(&out);
+    // The object of bytes 1 MiB to 2 MiB keeps its first 100 bytes.
+    let bucket = bucket(&garage, &url);
+    rewrite_object(&bucket, &object_key(&bucket, &url, "/t/big"), |bytes| bytes.truncate(100));
+
+    let mount = env.mount("m", &env.path("images"), &s3(&garage, &url), &["--reconnect-timeout", "3"]);
+    // A read past the object's end: the store answers that range is not
+    // there (416), as it answers bytes that do not match: not served.
+    let mut buf = vec![0u8; 4096];
+    let err = File::open(mount.at("/t/big")).unwrap().read_exact_at(&mut buf, (3 << 20) / 2).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let status = mount.status();
+    let big = file(&status, "/t/big");
+    assert_eq!(big["state"], "failed", "a damaged object fails its file: {big}");
+    assert_ne!(status["state"], "degraded", "the store answers: it is not lost: {}", status["degraded_reason"]);
+    assert_eq!(std::fs::read(mount.at("/t/fine")).unwrap(), content("/t/fine", 50_000));
+}
+
+#[test]
+fn pushing_an_unchanged_checkpoint_again_stores_the_same_index() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/u/a", 70_000), ("/u/b", 10)]);
+    let url = garage.url("same");
+    let bucket = bucket(&garage, &url);
+    let index = lazyfs::s3::S3Url::parse(&url).unwrap().key(lazyfs::s3::index::INDEX);
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let first = bucket.block_on(bucket.get(&index, None, 1 << 30, limits())).unwrap();
+    // A mount started during the first push (interrupted, then run again)
+    // holds the first index: the push again must say that one is complete
+    // (`lazyfs.done.BLAKE3`) for the mount to learn it.
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let second = bucket.block_on(bucket.get(&index, None, 1 << 30, limits())).unwrap();
+    assert_eq!(first, second, "the push's own reads changed what it stores (the files' atimes)");
+    let done =
+        lazyfs::s3::S3Url::parse(&url).unwrap().key(&lazyfs::s3::index::done_name(&blake3::hash(&first).to_hex()));
+    assert!(bucket.block_on(bucket.head(&done, limits())).unwrap().is_some(), "{done}");
+}
+
+#[test]
+fn no_credentials_off_ec2_say_so_rather_than_blame_the_endpoint() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/n/a", 1000)]);
+    let url = garage.url("nocreds");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    // A host that is not an EC2 instance: nothing answers the instance
+    // metadata service's address (here a closed port on 127.0.0.1).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut vars: Vec<(String, String)> = garage
+        .env()
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_EC2_METADATA_DISABLED")
+        })
+        .collect();
+    vars.push(("AWS_METADATA_ENDPOINT".into(), format!("http://127.0.0.1:{closed}")));
+    let endpoint = &garage.env()[0].1;
+    let out = env.try_mount("m", &env.path("images"), &Source::S3 { url: url.clone(), env: vars.clone() }, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("credentials"), "{stderr}");
+    assert!(!stderr.contains(&format!("cannot connect to {endpoint}")), "the endpoint answers: {stderr}");
+    assert!(stderr.contains("set AWS_ACCESS_KEY_ID") && stderr.contains(&closed.to_string()), "what to do: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let out = env
+        .lazyfs()
+        .envs(vars)
+        .arg("push")
+        .arg(env.path("images"))
+        .arg(&url)
+        .arg("--source-root")
+        .arg(env.path("source"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "push: {stderr}");
+    assert!(stderr.contains("credentials") && stderr.contains("set AWS_ACCESS_KEY_ID"), "push: {stderr}");
+}
+
+#[test]
+fn an_index_for_other_images_is_refused_in_one_line_whatever_its_origin_says() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/o/a", 1000)]);
+    let url = garage.url("origin");
+    let (out, _) = push(&env, &garage, "images", "source", &url, &[]);
+    ok(&out);
+    let bucket = bucket(&garage, &url);
+    let mut proto = stored_index(&bucket, &url);
+    proto.images = vec![0; 32];
+    proto.origin = "/srv/ckpt on host\nlazyfs: mounted, all is well \x1b[2K".into();
+    replace_index(&bucket, &url, proto);
+    let out = env.try_mount("m", &env.path("images"), &s3(&garage, &url), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("holds the files of other images"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "the store's words are shown as they are: {stderr}");
+    assert!(!stderr.contains('\x1b'), "a terminal escape from the store reached the terminal: {stderr:?}");
+}
+
+#[test]
+fn a_push_whose_index_another_push_replaced_meanwhile_does_not_say_it_pushed() {
+    let env = TestEnv::new();
+    let garage = Garage::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/a/slow", 8 << 20)]);
+    dataset(&env.path("source-b"), &env.path("images-b"), &[("/b/quick", 30_000)]);
+    let url = garage.url("race");
+    // Push A: many small objects one at a time, so it is still sending when B runs whole.
+    let mut a = push_command(&env, &garage, "images", "source", &url, &["--object-size", "16K", "-j", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(a.stdout.take().unwrap()).lines();
+    loop {
+        let line: Value = serde_json::from_str(&lines.next().expect("a progress line").unwrap()).unwrap();
+        if line["index_stored"] == true {
+            break;
+        }
+    }
+    let (out, _) = push(&env, &garage, "images-b", "source-b", &url, &[]);
+    ok(&out);
+    for _ in lines.by_ref() {}
+    let a = a.wait_with_output().unwrap();
+    let (a_stderr, a_code) = (String::from_utf8_lossy(&a.stderr), a.status.code());
+
+    // Either push A says it lost the prefix to another push, or what A
+    // told its user holds: its images mount from the prefix.
+    let (mounted, mount) = mount_if_it_does(&env, "a", &s3(&garage, &url), &[]);
+    if a_code == Some(0) {
+        assert!(
+            mount.is_some(),
+            "push A said `{}` (exit 0), but its images do not mount: {}",
+            a_stderr.trim(),
+            String::from_utf8_lossy(&mounted.stderr)
+        );
+    }
+    if a_code != Some(0) {
+        assert_eq!(a_code, Some(1), "{a_stderr}");
+        assert!(a_stderr.contains("another push") && a_stderr.contains("images-b"), "names the other push: {a_stderr}");
+        assert_eq!(a_stderr.trim().lines().count(), 1, "{a_stderr}");
+    }
+    // And the index that is there is said complete (push B finished), by
+    // a marker of its own that push A's cannot stand for.
+    let bucket = bucket(&garage, &url);
+    let parsed = lazyfs::s3::S3Url::parse(&url).unwrap();
+    let index = bucket.block_on(bucket.get(&parsed.key(lazyfs::s3::index::INDEX), None, 1 << 30, limits())).unwrap();
+    let done = parsed.key(&lazyfs::s3::index::done_name(&blake3::hash(&index).to_hex()));
+    assert!(
+        bucket.block_on(bucket.head(&done, limits())).unwrap().is_some(),
+        "{done}: the index there is not said complete"
+    );
+}
+
+#[test]
+fn an_endpoint_without_a_scheme_is_a_one_line_error_not_a_panic() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/s/a", 1000)]);
+    // What a newcomer types for a store on this host (no Garage needed: it is refused before any request).
+    for endpoint in ["127.0.0.1:3900", "localhost:3900"] {
+        let vars = [
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_ACCESS_KEY_ID", "GK0123456789abcdef01234567"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ];
+        let source = Source::S3 {
+            url: "s3://lazyfs-test/x".into(),
+            env: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let mount = env.try_mount("m", &env.path("images"), &source, &[]);
+        let push = env
+            .lazyfs()
+            .envs(vars)
+            .arg("push")
+            .arg(env.path("images"))
+            .arg("s3://lazyfs-test/x")
+            .arg("--source-root")
+            .arg(env.path("source"))
+            .output()
+            .unwrap();
+        for (what, out) in [("mount", mount), ("push", push)] {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what} with AWS_ENDPOINT_URL={endpoint}: {stderr}");
+            assert!(stderr.contains(endpoint) && stderr.contains("http://"), "{what}: says what to give: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "{what}: {stderr}");
+        }
     }
 }

@@ -285,7 +285,7 @@ impl Bench {
             }
             self.record("a", format!("lazyfs push, {size} objects, to an empty bucket"), "MiB/s", times, Some(ceiling));
             if !again.is_empty() {
-                self.record("a", "lazyfs push again, nothing changed (HEADs only)", "s", again, None);
+                self.record("a", "lazyfs push again, nothing changed (no object sent)", "s", again, None);
             }
         }
     }

@@ -119,15 +119,7 @@ pub fn mode_string(mode: u32) -> String {
 /// A name as one printable line: control characters (a newline is legal in a
 /// name) and invalid UTF-8 are shown escaped.
 pub fn escape_path(path: &std::path::Path) -> String {
-    let mut out = String::new();
-    for c in path.to_string_lossy().chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::ui::printable(&path.to_string_lossy())
 }
 
 #[cfg(test)]

@@ -141,8 +141,8 @@ fn progress_json(request: &PushRequest, p: &Progress, started: Instant, phase: &
 /// The summary line a person reads at the end.
 pub fn summary_line(request: &PushRequest, summary: &Summary) -> String {
     format!(
-        "pushed {} files ({}) to {}: {} objects, {} sent ({}), {} already in the store{}; mount with \
-         `lazyfs mount MOUNTPOINT IMGDIR {}`",
+        "pushed {} files ({}) to {}: {} objects, {} sent ({}), {} already in the store{}; copy IMGDIR \
+         (with its lazyfs.pushed) to the new hosts and mount with `lazyfs mount MOUNTPOINT IMGDIR {}`",
         summary.files,
         BinaryBytes(summary.bytes),
         request.url,

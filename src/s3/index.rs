@@ -3,7 +3,9 @@
 //!
 //! Below `s3://BUCKET/PREFIX`: `lazyfs.index` (the line `lazyfs-index\n`, then
 //! one protobuf `Index`, `proto/lazyfs/index.proto`) and, once every object
-//! it names is stored, `lazyfs.done` (the hex blake3 of the index's bytes).
+//! it names is stored, `lazyfs.done.BLAKE3` (BLAKE3 the hex blake3 of the
+//! index's bytes: one per index, so a push that finishes after another
+//! replaced its index cannot say the other one is complete).
 //! Each file is cut into objects of `object_size` bytes at fixed offsets (the
 //! last one shorter), stored once in the bucket under the index's `objects`
 //! key prefix and the hex blake3 of their bytes: an object already there,
@@ -24,7 +26,10 @@ use crate::store::CHUNK_SIZE;
 pub use crate::store::journal::proto::{Index as IndexProto, IndexFile};
 
 pub const INDEX: &str = "lazyfs.index";
-pub const DONE: &str = "lazyfs.done";
+/// The name, below the prefix, that says every object of the index of blake3 `id` (hex) is stored.
+pub fn done_name(id: &str) -> String {
+    format!("lazyfs.done.{id}")
+}
 /// Where objects go in the bucket unless `lazyfs push --objects` says otherwise.
 pub const DEFAULT_OBJECTS: &str = "lazyfs-chunks/";
 /// Bytes of a file per object unless `lazyfs push --object-size` says otherwise
@@ -57,6 +62,9 @@ pub struct Entry {
 /// A decoded, checked index.
 #[derive(Debug)]
 pub struct Index {
+    /// The hex blake3 of its bytes: what `lazyfs.done.BLAKE3` and the images'
+    /// `lazyfs.pushed` name it by.
+    pub id: String,
     pub object_size: u64,
     /// Key prefix of the objects in the bucket.
     pub objects: String,
@@ -125,10 +133,12 @@ impl Index {
             }
         }
         Ok(Index {
+            id: blake3::hash(bytes).to_hex().to_string(),
             object_size,
             objects: proto.objects,
             images,
-            origin: proto.origin,
+            // Shown in messages and logs: the store's words, escaped.
+            origin: crate::ui::printable(&proto.origin),
             recording: proto.recording,
             files,
         })

@@ -9,6 +9,7 @@
 //! with [`Bucket::block_on`].
 
 pub mod index;
+pub mod pin;
 mod profile;
 
 use std::collections::HashMap;
@@ -82,10 +83,19 @@ pub enum S3Error {
     NoBucket { bucket: String, endpoint: String },
     #[error("{what}: not in the store")]
     NotFound { what: String },
+    /// The object ends before the range asked for (HTTP 416): it is shorter than it should be.
+    #[error("{what}: the store holds fewer bytes than the range asked for")]
+    OutOfRange { what: String },
     #[error(
         "{endpoint} refused the credentials ({reason}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile (AWS_PROFILE)"
     )]
     Denied { endpoint: String, reason: String },
+    /// Credentials were to come from the EC2 instance metadata service, which gave none.
+    #[error(
+        "no AWS credentials: none set, and the EC2 instance metadata service ({metadata}) gave none ({reason}): {}",
+        profile::SET_CREDENTIALS
+    )]
+    NoCredentials { metadata: String, reason: String },
     #[error("cannot connect to {endpoint}: {reason}")]
     Unreachable { endpoint: String, reason: String },
     #[error("{endpoint} did not answer within {:.1} s", waited.as_secs_f64())]
@@ -100,9 +110,38 @@ impl S3Error {
         matches!(self, S3Error::Unreachable { .. } | S3Error::TimedOut { .. } | S3Error::Other { .. })
     }
 
-    /// Bad input (exit 2) rather than a failure to reach or use the store (exit 1).
+    /// Bad input (exit 2) rather than a failure to reach or use the store
+    /// (exit 1). No credentials at all is a setting to make; while a mount
+    /// serves, it may be the metadata service passing (a role's keys renewed).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, S3Error::Config(_) | S3Error::NoBucket { .. } | S3Error::NotFound { .. })
+        matches!(
+            self,
+            S3Error::Config(_) | S3Error::NoBucket { .. } | S3Error::NotFound { .. } | S3Error::NoCredentials { .. }
+        )
+    }
+}
+
+/// What a listing or a HEAD says of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// Its ETag when that has the form of an MD5 (32 hex digits): the MD5 of
+    /// its bytes for a single-part upload on most stores (not with SSE-KMS or
+    /// SSE-C, where it is something else of the same form).
+    pub md5: Option<[u8; 16]>,
+}
+
+impl ObjectInfo {
+    fn of(meta: &object_store::ObjectMeta) -> ObjectInfo {
+        let e_tag = meta.e_tag.as_deref().unwrap_or_default().trim_matches('"');
+        let md5 = (e_tag.len() == 32 && e_tag.is_ascii()).then(|| {
+            let mut md5 = [0u8; 16];
+            for (i, byte) in md5.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&e_tag[2 * i..2 * i + 2], 16).ok()?;
+            }
+            Some(md5)
+        });
+        ObjectInfo { size: meta.size, md5: md5.flatten() }
     }
 }
 
@@ -119,6 +158,8 @@ pub struct Bucket {
     pub url: S3Url,
     /// The endpoint, for messages: `AWS_ENDPOINT_URL`, or AWS's for the region.
     pub endpoint: String,
+    /// The EC2 instance metadata service, when credentials are to come from it.
+    instance_metadata: Option<String>,
 }
 
 impl Bucket {
@@ -161,9 +202,18 @@ impl Bucket {
         for (key, value) in settings.overrides {
             builder = builder.with_config(key, value);
         }
+        // The one the client uses: `AWS_ENDPOINT_URL_S3` before `AWS_ENDPOINT_URL`.
         let endpoint = builder
-            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint))
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", settings.region));
+        let instance_metadata = settings.instance_role.then(|| {
+            builder
+                .get_config_value(&AmazonS3ConfigKey::MetadataEndpoint)
+                .unwrap_or_else(|| "http://169.254.169.254".into())
+                .trim_end_matches('/')
+                .to_string()
+        });
         let store =
             builder.with_region(&settings.region).build().map_err(|e| S3Error::Config(format!("{url}: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -172,7 +222,7 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| S3Error::Config(format!("starting the S3 client: {e}")))?;
-        Ok(Bucket { store, runtime, url: url.clone(), endpoint })
+        Ok(Bucket { store, runtime, url: url.clone(), endpoint, instance_metadata })
     }
 
     /// Runs `future` on the bucket's runtime, from a thread outside it.
@@ -208,11 +258,11 @@ impl Bucket {
         Ok(bytes.freeze())
     }
 
-    /// The size of object `key`; `None` if there is none.
-    pub async fn head(&self, key: &str, limits: Limits) -> Result<Option<u64>, S3Error> {
+    /// What the store says of object `key`; `None` if there is none.
+    pub async fn head(&self, key: &str, limits: Limits) -> Result<Option<ObjectInfo>, S3Error> {
         let location = self.location(key)?;
         match self.bounded(limits, Instant::now(), self.store.head(&location)).await? {
-            Ok(meta) => Ok(Some(meta.size)),
+            Ok(meta) => Ok(Some(ObjectInfo::of(&meta))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(e, key)),
         }
@@ -229,8 +279,13 @@ impl Bucket {
     }
 
     /// The objects below key prefix `prefix` (name after the prefix, and
-    /// size), at most `max` of them; whether that was all.
-    pub async fn list(&self, prefix: &str, max: usize, limits: Limits) -> Result<(Vec<(String, u64)>, bool), S3Error> {
+    /// what the listing says of it), at most `max` of them; whether that was all.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        max: usize,
+        limits: Limits,
+    ) -> Result<(Vec<(String, ObjectInfo)>, bool), S3Error> {
         let location = self.location(prefix.trim_end_matches('/'))?;
         let mut listing = self.store.list(Some(&location));
         let mut objects = Vec::new();
@@ -242,7 +297,7 @@ impl Bucket {
             let meta = meta.map_err(|e| self.error(e, prefix))?;
             let key = meta.location.as_ref();
             if let Some(name) = key.strip_prefix(prefix) {
-                objects.push((name.to_string(), meta.size));
+                objects.push((name.to_string(), ObjectInfo::of(&meta)));
             }
         }
         Ok((objects, true))
@@ -280,9 +335,19 @@ impl Bucket {
     /// The one-line error an `object_store` error about `key` means.
     fn error(&self, error: object_store::Error, key: &str) -> S3Error {
         let endpoint = self.endpoint.clone();
+        // A request that never went out: the client could not get the instance role's credentials.
+        let text = chain_text(&error);
+        let from_metadata = |m: &&String| {
+            text.contains(&format!("{m}/latest/api/token")) || text.contains(&format!("{m}/latest/meta-data/"))
+        };
+        if let Some(metadata) = self.instance_metadata.as_ref().filter(from_metadata) {
+            return S3Error::NoCredentials { metadata: metadata.clone(), reason: innermost(&error) };
+        }
         let code = s3_code(&error);
-        if code.as_deref() == Some("NoSuchBucket") {
-            return S3Error::NoBucket { bucket: self.url.bucket.clone(), endpoint };
+        match code.as_deref() {
+            Some("NoSuchBucket") => return S3Error::NoBucket { bucket: self.url.bucket.clone(), endpoint },
+            Some("InvalidRange") => return S3Error::OutOfRange { what: format!("s3://{}/{key}", self.url.bucket) },
+            _ => {}
         }
         match &error {
             object_store::Error::NotFound { .. } => {
@@ -326,7 +391,7 @@ fn s3_code(error: &object_store::Error) -> Option<String> {
     let text = chain_text(error);
     let start = text.find("<Code>")? + "<Code>".len();
     let len = text[start..].find("</Code>")?;
-    Some(text[start..start + len].to_string())
+    Some(crate::ui::printable(&text[start..start + len]))
 }
 
 /// The kind of HTTP failure behind an error, if it was one.
@@ -352,18 +417,34 @@ fn chain_text(error: &object_store::Error) -> String {
     text
 }
 
-/// The last cause of an error: the one that says what happened ("Connection refused").
+/// The last cause of an error: the one that says what happened ("Connection
+/// refused"); it may hold the endpoint's words, escaped.
 fn innermost(error: &object_store::Error) -> String {
     let mut cause: &(dyn std::error::Error + 'static) = error;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    cause.to_string()
+    crate::ui::printable(&cause.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_the_endpoint_the_client_uses() {
+        let url = S3Url::parse("s3://ckpt-bucket/app").unwrap();
+        let vars = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            let base = [("AWS_ACCESS_KEY_ID", "a"), ("AWS_SECRET_ACCESS_KEY", "b"), ("AWS_ALLOW_HTTP", "true")];
+            base.iter().chain(pairs).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let only_s3 = Bucket::open_with(&url, &vars(&[("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9001")])).unwrap();
+        assert_eq!(only_s3.endpoint, "http://127.0.0.1:9001");
+        let both = [("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9001"), ("AWS_ENDPOINT_URL", "http://127.0.0.1:9002")];
+        assert_eq!(Bucket::open_with(&url, &vars(&both)).unwrap().endpoint, "http://127.0.0.1:9001");
+        let general = Bucket::open_with(&url, &vars(&[("AWS_ENDPOINT_URL", "http://127.0.0.1:9002")])).unwrap();
+        assert_eq!(general.endpoint, "http://127.0.0.1:9002");
+    }
 
     #[test]
     fn urls() {

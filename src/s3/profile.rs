@@ -16,6 +16,10 @@ use object_store::aws::AmazonS3ConfigKey;
 
 use super::S3Error;
 
+/// No AWS credentials: what to set.
+pub(super) const SET_CREDENTIALS: &str =
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming a profile with keys in ~/.aws/credentials";
+
 /// What the client is to be built with, besides what `from_env` reads.
 pub(super) struct Settings {
     pub region: String,
@@ -23,6 +27,9 @@ pub(super) struct Settings {
     pub allow_http: bool,
     /// Settings from the profile that no variable gave.
     pub overrides: Vec<(AmazonS3ConfigKey, String)>,
+    /// No variable or profile gives credentials: the client asks the EC2
+    /// instance metadata service for the instance role's.
+    pub instance_role: bool,
 }
 
 /// Profile settings that get credentials in ways lazyfs does not follow.
@@ -77,7 +84,8 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
         ["AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"]
             .iter()
             .any(|var| env(var).is_some());
-    if !from_env_keys && !from_profile_keys && !by_other_means {
+    let instance_role = !from_env_keys && !from_profile_keys && !by_other_means;
+    if instance_role {
         if let Some(key) = UNFOLLOWED.iter().find(|key| profile.contains_key(**key)) {
             return Err(S3Error::Config(format!(
                 "AWS profile {name} gets its credentials through {key}, which lazyfs does not follow: export them \
@@ -85,11 +93,7 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
             )));
         }
         if env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-            return Err(S3Error::Config(
-                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming a profile \
-                 with keys in ~/.aws/credentials"
-                    .into(),
-            ));
+            return Err(S3Error::Config(format!("no AWS credentials: {SET_CREDENTIALS}")));
         }
     }
 
@@ -104,6 +108,14 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
             value
         }
     };
+    // The client takes any text and panics on the first request if it is not a URL.
+    let is_url = |e: &str| reqwest::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+    if let Some(endpoint) = endpoint.as_ref().filter(|e| !is_url(e)) {
+        return Err(S3Error::Config(format!(
+            "the endpoint {endpoint} is not a URL: give https://HOST[:PORT] (or http://HOST:PORT with \
+             AWS_ALLOW_HTTP=true for a plain-http test store)"
+        )));
+    }
     let allow_http = env("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
     if let Some(endpoint) = endpoint.filter(|e| e.starts_with("http://") && !allow_http) {
         return Err(S3Error::Config(format!(
@@ -114,7 +126,7 @@ pub(super) fn settings(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings,
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .or_else(|| profile.get("region").cloned())
         .unwrap_or_else(|| "us-east-1".into());
-    Ok(Settings { region, allow_http, overrides })
+    Ok(Settings { region, allow_http, overrides, instance_role })
 }
 
 /// The sections of an AWS config or credentials file, each a map of its
@@ -215,5 +227,20 @@ mod tests {
         let err = settings(&with(&[("AWS_EC2_METADATA_DISABLED", "true")])).err().expect("refused").to_string();
         assert!(err.starts_with("no AWS credentials"), "{err}");
         assert!(settings(&with(&[])).is_ok(), "the instance's role is tried last");
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_a_url_is_said_before_any_request() {
+        for endpoint in ["127.0.0.1:3900", "localhost:3900", "s3.example.com", "ftp://127.0.0.1/", "http://"] {
+            let vars = [("AWS_ENDPOINT_URL", endpoint), ("AWS_ALLOW_HTTP", "true"), ("AWS_ACCESS_KEY_ID", "a")];
+            let err = settings(&with(&vars)).err().expect("refused").to_string();
+            assert!(err.contains("is not a URL") && err.contains("https://"), "{endpoint}: {err}");
+        }
+        let vars = [("AWS_ENDPOINT_URL_S3", "localhost:3900"), ("AWS_ENDPOINT_URL", "http://127.0.0.1:3900")];
+        assert!(settings(&with(&vars)).is_err(), "the endpoint used is the S3 one");
+        for endpoint in ["http://127.0.0.1:3900", "https://s3.example.com", "http://localhost:3900/"] {
+            let vars = [("AWS_ENDPOINT_URL", endpoint), ("AWS_ALLOW_HTTP", "true"), ("AWS_ACCESS_KEY_ID", "a")];
+            assert!(settings(&with(&vars)).is_ok(), "{endpoint}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! A mount may start while the push still runs (the index goes up first): an
 //! object not there yet is a transient failure, waited for like a lost
-//! connection, until `lazyfs.done` says the push is complete; then a missing
+//! connection, until `lazyfs.done.BLAKE3` says the push is complete; then a missing
 //! object is the store's loss, and the file fails.
 
 use std::path::Path;
@@ -24,7 +24,7 @@ use crate::s3::{Bucket, S3Error, S3Url};
 
 /// How long opening the source (reading the index) may wait on the store.
 const OPEN_TIME: Duration = Duration::from_secs(30);
-/// How often an incomplete push's `lazyfs.done` is looked at again, at most.
+/// How often an incomplete push's `lazyfs.done.BLAKE3` is looked for again, at most.
 const DONE_LOOK_EVERY: Duration = Duration::from_secs(1);
 /// Small files fetched at once by one connection.
 const FILES_IN_FLIGHT: usize = 32;
@@ -36,11 +36,8 @@ pub struct S3Source {
 struct Shared {
     bucket: Bucket,
     index: Index,
-    /// The hex blake3 of the index's bytes: what `lazyfs.done` holds once
-    /// every object it names is stored.
-    id: String,
     complete: AtomicBool,
-    /// When `lazyfs.done` was last looked at.
+    /// When `lazyfs.done.BLAKE3` was last looked for.
     looked: Mutex<Option<Instant>>,
 }
 
@@ -68,13 +65,7 @@ impl S3Source {
         };
         let index = Index::decode(&bytes)
             .map_err(|reason| SourceError::Config(format!("{url}/{}: not a lazyfs index: {reason}", index::INDEX)))?;
-        let shared = Shared {
-            id: blake3::hash(&bytes).to_hex().to_string(),
-            bucket,
-            index,
-            complete: AtomicBool::new(false),
-            looked: Mutex::new(None),
-        };
+        let shared = Shared { bucket, index, complete: AtomicBool::new(false), looked: Mutex::new(None) };
         let complete = shared.bucket.block_on(shared.complete());
         log::info!(
             "{url}: {} files pushed from {}{}",
@@ -126,7 +117,7 @@ impl Shared {
     }
 
     /// Whether the push is complete: once seen, for good; until then
-    /// `lazyfs.done` is looked at again at most every `DONE_LOOK_EVERY`.
+    /// `lazyfs.done.BLAKE3` is looked for again at most every `DONE_LOOK_EVERY`.
     async fn complete(&self) -> bool {
         if self.complete.load(Ordering::Relaxed) {
             return true;
@@ -139,9 +130,9 @@ impl Shared {
             *looked = Some(Instant::now());
         }
         let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
-        let key = self.bucket.url.key(index::DONE);
+        let key = self.bucket.url.key(&index::done_name(&self.index.id));
         let done = self.bucket.get(&key, None, 64, limits).await;
-        let complete = done.is_ok_and(|bytes| bytes.trim_ascii() == self.id.as_bytes());
+        let complete = done.is_ok_and(|bytes| bytes.trim_ascii() == self.index.id.as_bytes());
         if complete {
             self.complete.store(true, Ordering::Relaxed);
         }
@@ -173,6 +164,7 @@ impl Shared {
         let len = piece.range.end - piece.range.start;
         let bytes = self.bucket.get(&key, Some(piece.range.clone()), len, limits).await.map_err(|e| match e {
             S3Error::NotFound { .. } => Failure::Missing(key.clone()),
+            S3Error::OutOfRange { .. } => Failure::Damaged(key.clone()),
             e => Failure::Store(e),
         })?;
         let damaged = bytes.len() as u64 != len || (piece.whole && blake3::hash(&bytes).as_bytes() != &piece.object);
@@ -189,7 +181,8 @@ impl Shared {
             Failure::Store(e) => runtime_error(e, Some(path)),
             Failure::Damaged(key) => SourceError::Store {
                 message: format!(
-                    "{}: object {key} does not hold the bytes it is named for (damaged or tampered with in the store): not served",
+                    "{}: object {key} does not hold the bytes it is named for (damaged or tampered with in the store): not \
+                     served; `lazyfs push` of these images again replaces it",
                     path.display()
                 ),
                 transient: false,
@@ -312,7 +305,7 @@ fn runtime_error(error: S3Error, path: Option<&Path>) -> SourceError {
         S3Error::Unreachable { endpoint, reason } => {
             SourceError::Connect { addr: endpoint, source: std::io::Error::other(reason) }
         }
-        e @ (S3Error::Config(_) | S3Error::NoBucket { .. }) => {
+        e @ (S3Error::Config(_) | S3Error::NoBucket { .. } | S3Error::OutOfRange { .. }) => {
             SourceError::Store { message: about(e.to_string()), transient: false }
         }
         e => SourceError::Store { message: about(e.to_string()), transient: true },
