@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Attachment {
     dev: u64,
     /// Its mount ID (what `/proc/PID/fdinfo` says of each open file).
-    mount_id: String,
+    mount_id: u64,
     detached: AtomicBool,
 }
 
@@ -46,10 +46,20 @@ impl Attachment {
             .next_back()
             .and_then(|(id, dev)| {
                 let (major, minor) = dev.split_once(':')?;
-                Some((id.to_string(), libc::makedev(major.parse().ok()?, minor.parse().ok()?)))
+                Some((id.parse().ok()?, libc::makedev(major.parse().ok()?, minor.parse().ok()?)))
             })
             .ok_or_else(|| std::io::Error::other("not in the mount table"))?;
         Ok(Attachment { dev, mount_id, detached: AtomicBool::new(false) })
+    }
+
+    /// The mount another process made (`of` told it these numbers), attached or not.
+    pub fn known(dev: u64, mount_id: u64) -> Attachment {
+        Attachment { dev, mount_id, detached: AtomicBool::new(false) }
+    }
+
+    /// Its device number and mount ID, for [`Attachment::known`].
+    pub fn numbers(&self) -> (u64, u64) {
+        (self.dev, self.mount_id)
     }
 
     /// lazyfs detached it itself.

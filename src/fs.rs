@@ -147,8 +147,9 @@ const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
 /// fsynced) before it is made and acknowledged. The source is never written.
 pub struct Filesystem {
     ns: Arc<RwLock<Namespace>>,
-    /// The local changes made so far (replayed and new), in order.
-    changes: Mutex<Vec<Local>>,
+    /// The local changes made so far (replayed and new), in order, each
+    /// with what it touched (to leave out, compacted, what no longer counts).
+    changes: Mutex<Vec<(Local, Footprint)>>,
     /// With `--subtree` (and not `--recorded-only`): the source's tree
     /// below it, listed as it is needed.
     tree: Option<Tree>,
@@ -163,6 +164,49 @@ pub type ReadReply = Box<dyn FnOnce(Result<&[u8], FsError>) + Send>;
 pub type WriteReply = Box<dyn FnOnce(Result<u32, FsError>) + Send>;
 pub type AttrReply = Box<dyn FnOnce(Result<Attr, FsError>) + Send>;
 pub type DirReply = Box<dyn FnOnce(Result<Vec<(Ino, Kind, OsString)>, FsError>) + Send>;
+
+/// The nodes a local change needed and changed, as it was made.
+#[derive(Debug, Clone, Default)]
+struct Footprint {
+    /// The nodes it cannot be made again without: those its paths named on
+    /// the way, and the node it made (not a file a rename replaced: without
+    /// it the rename ends the same).
+    touched: Vec<Ino>,
+    /// The nodes it made, removed, moved, linked or changed; `None`: it did
+    /// not apply (it is kept as it is).
+    changed: Option<Vec<Ino>>,
+}
+
+impl Footprint {
+    /// What `record` is about to touch in `ns`; [`Footprint::made`] completes it.
+    fn before(ns: &Namespace, record: &Local) -> Footprint {
+        let (mut touched, at) = Filesystem::resolve_all(ns, &record.path);
+        let (mut on_to, target) = Filesystem::resolve_all(ns, &record.to);
+        let replaces = record.op() == LocalOp::Rename && record.flags != RENAME_EXCHANGE;
+        if replaces && target.is_some() && target != at {
+            on_to.pop();
+        }
+        touched.extend(on_to);
+        let changed = match record.op() {
+            LocalOp::File | LocalOp::Dir | LocalOp::Symlink | LocalOp::Fifo => Vec::new(),
+            LocalOp::Rename => at.into_iter().chain(target).collect(),
+            _ => at.into_iter().collect(),
+        };
+        Footprint { touched, changed: Some(changed) }
+    }
+
+    /// The change applied (`made`: the node it made), or did not (`None`).
+    fn made(mut self, applied: Option<Option<Ino>>) -> Footprint {
+        match applied {
+            Some(made) => {
+                self.touched.extend(made);
+                self.changed.as_mut().expect("before").extend(made);
+            }
+            None => self.changed = None,
+        }
+        self
+    }
+}
 
 fn not_found(ino: Ino) -> FsError {
     FsError::new(libc::ENOENT, format!("no inode {ino}"))
@@ -227,7 +271,7 @@ impl Filesystem {
         fetcher.set_unlisted_dirs(if tree.is_some() { ns.unlisted_count() } else { 0 });
         let fs = Filesystem {
             ns: Arc::new(RwLock::new(ns)),
-            changes: Mutex::new(replay.changes.to_vec()),
+            changes: Mutex::new(Vec::with_capacity(replay.changes.len())),
             tree,
             local,
             opens: Mutex::new(replay.held_open.clone()),
@@ -238,10 +282,17 @@ impl Filesystem {
             if change.op() == LocalOp::File {
                 fs.local.reopen(change.id)?;
             }
-            let applied = fs.listing_first(|fs| fs.apply(&mut fs.ns_mut(), change, seq as u64, Step::Make));
-            if let Err(e) = applied {
+            let mut footprint = Footprint::default();
+            let applied = fs.listing_first(|fs| {
+                let mut ns = fs.ns_mut();
+                footprint = Footprint::before(&ns, change);
+                fs.apply(&mut ns, change, seq as u64, Step::Make)
+            });
+            if let Err(e) = &applied {
                 log::warn!("the journal's {:?} of {:?} does not apply: {e}", change.op(), os(&change.path));
             }
+            let footprint = footprint.made(applied.ok());
+            fs.changes.lock().unwrap_or_else(PoisonError::into_inner).push((change.clone(), footprint));
         }
         fs.local.sweep()?;
         Ok(fs)
@@ -525,12 +576,96 @@ impl Filesystem {
     /// journal holds.
     pub fn requests_made(&self, connection: u64) -> std::collections::HashSet<u64> {
         let changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
-        changes.iter().filter(|c| c.connection == connection && connection != 0).map(|c| c.request).collect()
+        changes.iter().filter(|(c, _)| c.connection == connection && connection != 0).map(|(c, _)| c.request).collect()
     }
 
-    /// What the local layer changed, in order, for a compacted journal.
-    pub fn local_changes(&self) -> Vec<Local> {
-        self.changes.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    /// The local changes a replay needs to make the local layer as it is
+    /// now, in order, and the data files of the files made here and gone
+    /// since (for a journal rewritten at unmount, when nothing is open).
+    /// Left out: all that made, moved, linked, changed and removed nodes
+    /// made here and gone since, unless a change kept went through one of
+    /// them (a file moved out of a directory since removed keeps that
+    /// directory's making); an attribute change a later one on the same
+    /// node overwrites whole.
+    pub fn compacted_local_changes(&self) -> (Vec<Local>, Vec<u64>) {
+        use std::collections::HashSet;
+        let ns = self.namespace();
+        let changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone = |ino: &Ino| ns.node(*ino).is_none_or(|n| n.links.is_empty());
+        let makes = |c: &Local| matches!(c.op(), LocalOp::File | LocalOp::Dir | LocalOp::Symlink | LocalOp::Fifo);
+        let mut dead: HashSet<Ino> = changes
+            .iter()
+            .filter(|(c, _)| makes(c))
+            .filter_map(|(_, f)| f.changed.as_ref()?.first().copied())
+            .filter(gone)
+            .collect();
+        // Whether a change can be left out depends on the nodes it changed.
+        let mut changing: HashMap<Ino, Vec<usize>> = HashMap::new();
+        for (at, (_, footprint)) in changes.iter().enumerate() {
+            for ino in footprint.changed.iter().flatten().filter(|ino| dead.contains(ino)) {
+                changing.entry(*ino).or_default().push(at);
+            }
+        }
+        let only_dead = |f: &Footprint, dead: &HashSet<Ino>| {
+            f.changed.as_ref().is_some_and(|c| !c.is_empty() && c.iter().all(|ino| dead.contains(ino)))
+        };
+        // A change kept keeps every node it went through.
+        let mut work: Vec<usize> = (0..changes.len()).collect();
+        while let Some(at) = work.pop() {
+            let footprint = &changes[at].1;
+            if only_dead(footprint, &dead) {
+                continue;
+            }
+            for ino in &footprint.touched {
+                if dead.remove(ino) {
+                    work.extend(changing.get(ino).into_iter().flatten());
+                }
+            }
+        }
+        // Attributes set again later, on the same node, are overwritten; so
+        // is an xattr set or removed before one set whatever was there.
+        let fields = |c: &Local| {
+            [c.mode.is_some(), c.uid.is_some(), c.gid.is_some(), c.atime_ns.is_some(), c.mtime_ns.is_some()]
+        };
+        let mut set_later: HashMap<Ino, [bool; 5]> = HashMap::new();
+        let mut xattr_set_later: HashSet<(Ino, &[u8])> = HashSet::new();
+        let mut keep = vec![true; changes.len()];
+        for (at, (change, footprint)) in changes.iter().enumerate().rev() {
+            if only_dead(footprint, &dead) {
+                keep[at] = false;
+                continue;
+            }
+            let Some(&[ino]) = footprint.changed.as_deref() else { continue };
+            match change.op() {
+                LocalOp::Setattr => {
+                    let later = set_later.entry(ino).or_default();
+                    let now = fields(change);
+                    keep[at] = now.iter().zip(later.iter()).any(|(&now, &later)| now && !later);
+                    later.iter_mut().zip(now).for_each(|(later, now)| *later |= now);
+                }
+                LocalOp::Setxattr | LocalOp::Removexattr => {
+                    let name = (ino, change.name.as_slice());
+                    keep[at] = !xattr_set_later.contains(&name);
+                    if keep[at] && change.op() == LocalOp::Setxattr && change.flags == 0 {
+                        xattr_set_later.insert(name);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let dropped_files = changes
+            .iter()
+            .zip(&keep)
+            .filter(|((c, _), kept)| !**kept && c.op() == LocalOp::File)
+            .map(|((c, _), _)| c.id);
+        let dropped_files = dropped_files.collect();
+        let kept = changes.iter().zip(&keep).filter(|(_, kept)| **kept).map(|((c, _), _)| c.clone()).collect();
+        (kept, dropped_files)
+    }
+
+    /// Data file `id` (of a file made here and gone) is no one's.
+    pub fn remove_local_file(&self, id: u64) {
+        self.local.remove(id);
     }
 
     /// The entry `name` of `parent`: a name the images record is answered at
@@ -577,15 +712,23 @@ impl Filesystem {
 
     fn attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
         let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+        let mut mtime = node.meta.mtime;
         let (kind, size, nlink) = match &node.kind {
             NodeKind::Dir(children) => {
                 let dirs = children.values().filter(|&&c| Self::is_dir(ns, c)).count() as u32;
                 (Kind::Dir, 0, 2 + dirs)
             }
-            NodeKind::File(index) => (Kind::File, self.fetcher.file(*index).len(), node.links.len() as u32),
+            NodeKind::File(index) => {
+                let file = self.fetcher.file(*index);
+                mtime = file.local_mtime().unwrap_or(mtime);
+                (Kind::File, file.len(), node.links.len() as u32)
+            }
             NodeKind::Local(id) => {
-                let size = self.local_file(*id)?.metadata().map_err(|e| FsError::new(libc::EIO, e.to_string()))?.len();
-                (Kind::File, size, node.links.len() as u32)
+                let data = self.local_file(*id)?.metadata().map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
+                // The data file's own time: every write (passthrough ones
+                // too) moves it, a set time is given to it, and it outlives the process.
+                mtime = data.modified().unwrap_or(mtime);
+                (Kind::File, data.len(), node.links.len() as u32)
             }
             NodeKind::Symlink(target) => (Kind::Symlink, target.len() as u64, node.links.len() as u32),
             NodeKind::Fifo => (Kind::Fifo, 0, node.links.len() as u32),
@@ -607,7 +750,7 @@ impl Filesystem {
             uid: meta.uid,
             gid: meta.gid,
             atime: meta.atime,
-            mtime: meta.mtime,
+            mtime,
             ctime: meta.ctime,
         })
     }
@@ -913,6 +1056,20 @@ impl Filesystem {
                 (_, true) => Self::set_meta(&mut ns, ino, &record).map(|_| None),
             };
             if let Err(e) = changed {
+                return reply(Err(e));
+            }
+            // A file's time, once it is local, is its bytes' (see `attr`):
+            // set once the change is journaled.
+            let set = match (ns.node(ino).map(|n| &n.kind), change.mtime) {
+                (Some(NodeKind::Local(id)), Some(mtime)) => {
+                    self.local_file(*id).and_then(|f| f.set_modified(mtime).map_err(|e| io_error(&e)))
+                }
+                (Some(NodeKind::File(index)), Some(mtime)) => {
+                    self.fetcher.file(*index).set_local_mtime(mtime).map_err(FsError::from)
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = set {
                 return reply(Err(e));
             }
         }
@@ -1237,8 +1394,10 @@ impl Filesystem {
             tree.sync()?;
         }
         self.fetcher.journal().change(record.clone())?;
+        let footprint = Footprint::before(ns, &record);
         let ino = self.apply(ns, &record, seq, Step::Make)?;
-        self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(record);
+        let footprint = footprint.made(Some(ino));
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner).push((record, footprint));
         Ok(ino)
     }
 
@@ -1334,6 +1493,24 @@ impl Filesystem {
             return Err(FsError::unlisted(parent));
         }
         Ok((parent, name))
+    }
+
+    /// The nodes on `path` (from the root) as far as it leads, and the one it
+    /// names (the root for an empty path), if it leads all the way.
+    fn resolve_all(ns: &Namespace, path: &[u8]) -> (Vec<Ino>, Option<Ino>) {
+        let names = Path::new(os(path)).iter();
+        let (count, mut on) = (names.clone().count(), Vec::new());
+        for name in names {
+            match Self::child(ns, on.last().copied().unwrap_or(ROOT_INO), name) {
+                Ok(Some(child)) => on.push(child),
+                _ => break,
+            }
+        }
+        let at = match on.len() == count {
+            true => Some(on.last().copied().unwrap_or(ROOT_INO)),
+            false => None,
+        };
+        (on, at)
     }
 
     /// The inode at `path` (from the root), as a lookup of each name finds it.

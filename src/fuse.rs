@@ -49,6 +49,11 @@ struct OpenState {
     table: Option<OpenTable>,
     /// The connection, to close backing files a predecessor registered.
     connection: Option<OwnedFd>,
+    /// Per inode, the last request the predecessor counted: the requests
+    /// the kernel sends again are the predecessor's, in any order, so they
+    /// are checked against this, not against `last`, which this process's
+    /// own counts move on.
+    inherited: HashMap<u64, (u64, Count)>,
 }
 
 /// The open handles of one inode. The kernel allows one backing file per
@@ -99,7 +104,7 @@ impl OpenState {
     /// How `req` changed the counts of `ino`, if it did before (it is sent
     /// again: its first taker died between counting and answering).
     fn counted(&self, req: &Request, ino: u64) -> Option<Count> {
-        let (request, count) = self.by_ino.get(&ino)?.last?;
+        let &(request, count) = self.inherited.get(&ino)?;
         (resent(req) && request == req.unique().0 & !FUSE_UNIQUE_RESEND).then_some(count)
     }
 
@@ -231,7 +236,8 @@ impl FuseAdapter {
                 (ino, Opens { cached: held.cached, passthrough: held.passthrough, backing, last: held.last })
             })
             .collect();
-        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device };
+        let inherited = held.iter().filter_map(|(&ino, held)| Some((ino, held.last?))).collect();
+        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device, inherited };
         self
     }
 }
@@ -405,9 +411,12 @@ impl fuser::Filesystem for FuseAdapter {
             }
             state.settle(ino.0, req, Count::Release);
         }
+        // Answered before the lock is let go, as every counted request is:
+        // then at most one is counted and unanswered at a crash, the last
+        // of its inode, which is all the open table remembers.
+        reply.ok();
         drop(state);
         self.fs.release(ino.0);
-        reply.ok();
     }
 
     fn read(

@@ -49,6 +49,13 @@ pub fn layout_name(layout: Layout) -> &'static str {
     }
 }
 
+/// `--subtree` as a cache dir's identity names it: without `.`, `..`,
+/// repeated or trailing slashes (`/srv/a/` and `/srv/./a` are `/srv/a`).
+pub fn subtree_name(subtree: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStringExt;
+    crate::source::lexically_absolute(subtree).into_os_string().into_vec()
+}
+
 /// What a mount does with what its cache dir holds.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
@@ -127,8 +134,10 @@ pub fn judge(
         return Ok(if changed { Verdict::Discard } else { Verdict::Use });
     }
     let names = |identity: &CacheIdentity| {
-        let subtree = String::from_utf8_lossy(&identity.subtree).into_owned();
-        format!("--layout {} --subtree {}", identity.layout, if subtree.is_empty() { "/" } else { &subtree })
+        use std::os::unix::ffi::OsStrExt;
+        // Normalized again: a journal written before its spelling was.
+        let subtree = subtree_name(Path::new(std::ffi::OsStr::from_bytes(&identity.subtree)));
+        format!("--layout {} --subtree {}", identity.layout, String::from_utf8_lossy(&subtree))
     };
     if !loaded.local.is_empty() && names(held) != names(wanted) {
         return Err(IdentityError::OtherNames { cache: cache.into(), held: names(held), wanted: names(wanted) });

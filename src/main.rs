@@ -192,6 +192,7 @@ fn serving_args() -> Vec<std::ffi::OsString> {
 /// (read by the `lazyfs mount` that started the supervisor; a successor's
 /// stdout is /dev/null), then serves.
 fn serve_supervised(request: MountRequest) -> u8 {
+    lazyfs::failover::abort_on_fuse_thread_panic();
     let ready = |_: &Path| {
         println!("ready");
         let _ = std::io::stdout().flush();

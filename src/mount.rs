@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -179,7 +179,8 @@ impl MountRequest {
 /// cache home, `$XDG_RUNTIME_DIR/lazyfs-cache/ID`, never a shared directory),
 /// where ID names the images and the source (`spelling`: SOURCE and
 /// --source-root normalized, see `source::spelling`), so mounting them again
-/// resumes, however SOURCE is spelled.
+/// resumes whatever the normalization makes equal (not two host names of one
+/// host: those are told apart only by the host-key check of a given cache dir).
 pub fn default_cache_dir(imgdir: &Path, spelling: &str) -> Result<PathBuf, MountError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if nix::unistd::geteuid().is_root() {
@@ -343,9 +344,6 @@ fn prepare_inner(
         Verdict::Use => {}
         Verdict::Afresh(reason) => {
             warnings.push(format!("{}: {reason}: starting afresh", store.dir().path().display()));
-            store.clear_spills()?;
-            recording::forget(store.dir())?;
-            local.clear()?;
             records.clear();
             local_changes.clear();
             created_ns = 0;
@@ -359,7 +357,6 @@ fn prepare_inner(
                 local_changes.len()
             ));
             records.retain(|_, r| !r.modified);
-            local.clear()?;
             local_changes.clear();
         }
     }
@@ -367,6 +364,27 @@ fn prepare_inner(
         created_ns = nanos_now();
     }
     let identity = identity::merged(loaded.owner.identity.as_ref(), &verdict, wanted);
+    if verdict != Verdict::Use {
+        // The journal stops claiming what is dropped before it goes: a crash
+        // in between must not leave records of bytes no longer there. With
+        // no room for a copy, what it knew of fetched bytes goes too (they
+        // are fetched again); so it does when nothing is kept.
+        let kept: Vec<JournalRecord> =
+            records.iter().flat_map(|(path, record)| journal::file_records(path, record)).collect();
+        let owner = Owner { identity: Some(identity.clone()), created_ns, legacy: Vec::new() };
+        match kept.is_empty() {
+            true => journal::remove(store.dir())?,
+            false => match journal::rewrite(store.dir(), &owner, &kept) {
+                Err(e) if e.is_no_space() => journal::remove(store.dir())?,
+                other => other?,
+            },
+        }
+        if matches!(verdict, Verdict::Afresh(_)) {
+            store.clear_spills()?;
+            recording::forget(store.dir())?;
+        }
+        local.clear()?;
+    }
     if !identity::knows(&identity, &spelling) {
         log::info!("{spelling}: a spelling of the source this cache dir does not know yet: checked once connected");
     }
@@ -652,7 +670,7 @@ fn wanted_identity(
             true => "tree --recorded-only".into(),
             false => identity::layout_name(request.layout).into(),
         },
-        subtree: request.subtree.as_deref().unwrap_or(Path::new("/")).as_os_str().as_bytes().to_vec(),
+        subtree: identity::subtree_name(request.subtree.as_deref().unwrap_or(Path::new("/"))),
         source: Some(SourceIdentity {
             spellings: vec![spelling],
             kind: shown.as_ref().map_or("", |s| s.kind).into(),
@@ -985,19 +1003,28 @@ pub fn serve(
         restarts = supervised.restarts;
     }
     let resumed = resume.is_some();
-    let session = match resume {
+    let (session, attachment) = match resume {
         None => {
             let session = fuser::Session::new(adapter, &mountpoint, &config).map_err(mount_err)?;
+            let attachment = Attachment::of(&mountpoint).map_err(mount_err)?;
             if let (Some(link), Some(version)) = (&link, session.proto_version()) {
-                let negotiated =
-                    Negotiated { major: version.0, minor: version.1, passthrough: passthrough.load(Ordering::Relaxed) };
+                let (device, mount_id) = attachment.numbers();
+                let negotiated = Negotiated {
+                    major: version.0,
+                    minor: version.1,
+                    passthrough: passthrough.load(Ordering::Relaxed),
+                    device,
+                    mount_id,
+                };
                 link.send(&Message::Mounted { negotiated }, &[session.as_fd()]).map_err(mount_err)?;
             }
-            session
+            (session, Some(attachment))
         }
         Some((fd, negotiated)) => {
             let version = fuser::Version(negotiated.major, negotiated.minor);
-            fuser::Session::resume(adapter, fd, config.acl, config.clone(), version)
+            let attachment =
+                (negotiated.device != 0).then(|| Attachment::known(negotiated.device, negotiated.mount_id));
+            (fuser::Session::resume(adapter, fd, config.acl, config.clone(), version), attachment)
         }
     };
     // The kernel keeps pages across opens: a file fetched again must drop them.
@@ -1035,19 +1062,29 @@ pub fn serve(
             let _ = ended.send(Event::SessionEnded);
         })
         .map_err(mount_err)?;
-    let answered =
-        nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
+    // A detached mount (`umount -l`) a predecessor served is served on, for
+    // the files still open under it: its path shows something else now.
+    let detached = attachment.as_ref().is_some_and(Attachment::is_detached);
+    let answered = detached
+        || nix::sys::statfs::statfs(&mountpoint).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false);
     if !answered {
         if !resumed {
             let _ = detach(&mountpoint);
         }
         return Err(mount_err(std::io::Error::other("the mount did not answer")));
     }
-
-    let attachment = Arc::new(Attachment::of(&mountpoint).map_err(mount_err)?);
+    if detached {
+        log::info!("the mount was detached: serving the files still open under it");
+    }
+    let attachment = Arc::new(match attachment {
+        Some(attachment) => attachment,
+        None => Attachment::of(&mountpoint).map_err(mount_err)?,
+    });
     let started = Instant::now();
     let meter = Arc::new(crate::status::Meter::new());
     sample_rate(&prepared.fs, &meter);
+    // 0 once the supervisor is gone: nothing restarts the mount then.
+    let supervisor_pid = Arc::new(AtomicU32::new(restarts.supervisor_pid));
     let status = {
         let fs = prepared.fs.clone();
         let request = request.clone();
@@ -1055,6 +1092,7 @@ pub fn serve(
         let meter = meter.clone();
         let attachment = attachment.clone();
         let restarts = restarts.clone();
+        let supervisor_pid = supervisor_pid.clone();
         let binary = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         Arc::new(move |per_file| {
             let context = crate::status::Context { request: &request, source: &source_name, started, meter: &meter };
@@ -1063,7 +1101,7 @@ pub fn serve(
                 status.detached = true;
                 status.holders = attachment.holders();
             }
-            status.supervisor_pid = restarts.supervisor_pid;
+            status.supervisor_pid = supervisor_pid.load(Ordering::Relaxed);
             status.restarts = restarts.count;
             status.last_restart_reason = restarts.last_reason.clone();
             status.version = env!("CARGO_PKG_VERSION").into();
@@ -1085,12 +1123,13 @@ pub fn serve(
             let _ = forward.send(Event::Control(event));
         }
     });
-    registry::register(&registry::Entry {
+    let mut entry = registry::Entry {
         mountpoint: mountpoint.clone(),
         socket: server.socket(),
         pid: std::process::id(),
         supervisor: restarts.supervisor_pid,
-    })?;
+    };
+    registry::register(&entry)?;
     if let Some(link) = &link {
         let reader = link.try_clone().map_err(mount_err)?;
         let forward = events_tx.clone();
@@ -1190,7 +1229,13 @@ pub fn serve(
             },
             Event::Control(ControlEvent::Upgrade(mut stream, binary)) => {
                 let Some(link) = &link else {
-                    let refused = "this mount has no supervisor (mounted with -f): it cannot be handed over";
+                    let refused = match restarts.supervisor_pid {
+                        0 => "this mount has no supervisor (mounted with -f): it cannot be handed over",
+                        _ => {
+                            "this mount's supervisor is gone (killed?): it cannot be handed over; \
+                              `lazyfs umount` it and mount again"
+                        }
+                    };
                     control::upgrade_answer(&mut stream, Some(refused.into()));
                     continue;
                 };
@@ -1218,6 +1263,11 @@ pub fn serve(
             Event::Supervisor(None) => {
                 log::warn!("the supervisor is gone: this process serves on, but nothing restarts it if it dies");
                 link = None;
+                supervisor_pid.store(0, Ordering::Relaxed);
+                entry.supervisor = 0;
+                if let Err(e) = registry::register(&entry) {
+                    log::warn!("{e}");
+                }
             }
         }
     }
@@ -1274,11 +1324,16 @@ impl Prepared {
         }
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.outside.iter().cloned());
-        snapshot.extend(self.fs.local_changes().into_iter().map(journal::local_record));
+        // The local layer as it is, not every change that led there: a
+        // replay takes as long as what is there, not as the mount's history.
+        let (local_changes, gone_files) = self.fs.compacted_local_changes();
+        snapshot.extend(local_changes.into_iter().map(journal::local_record));
         let identity = self.owner.identity.clone().map(|i| CacheIdentity { source: Some(self.source.known()), ..i });
         let owner = Owner { identity, ..self.owner.clone() };
-        if let Err(e) = Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
-            log::error!("compacting the journal: {e}");
+        match Journal::create(self.store.dir(), &owner, snapshot, Vec::new()) {
+            // Named by no record any more (a crash before this keeps them as lost+found).
+            Ok(_) => gone_files.into_iter().for_each(|id| self.fs.remove_local_file(id)),
+            Err(e) => log::error!("compacting the journal: {e}"),
         }
         // A mount nobody read through keeps the recording of the one before.
         let recording = fetcher.recording();

@@ -51,14 +51,21 @@ pub enum Message {
     Release,
 }
 
-/// What the kernel and the first serving process agreed on at INIT, which a
-/// successor must keep to.
+/// What the kernel and the first serving process agreed on at INIT, and the
+/// mount it made, which a successor must keep to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Negotiated {
     pub major: u32,
     pub minor: u32,
     /// FUSE passthrough is on.
     pub passthrough: bool,
+    /// The mount's device number and mount ID: a successor finds it by them
+    /// in the mount table, or knows it detached (`umount -l`), still serving
+    /// the files open under it. 0: unknown (a build before these).
+    #[serde(default)]
+    pub device: u64,
+    #[serde(default)]
+    pub mount_id: u64,
 }
 
 #[derive(Debug)]

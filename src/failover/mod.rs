@@ -81,3 +81,21 @@ impl Supervised {
         self.held.iter().map(|(&ino, held)| (ino, held.opens())).filter(|&(_, n)| n > 0).collect()
     }
 }
+
+/// In a supervised serving process, a panic on a thread serving the kernel
+/// (fuser's `fuser-N`) ends the process. Unwound, it would answer its request
+/// with EIO and end that thread; once the first thread ended, fuser's
+/// session returns as if unmounted and the supervisor, told so, would end
+/// with the mount. Aborted, it is a crash like `kill -9`: a successor takes
+/// over and the kernel sends it the request again. (Panics contained on
+/// purpose, in the fetch lanes, are on other threads.)
+pub fn abort_on_fuse_thread_panic() {
+    let unwind = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        unwind(info);
+        if std::thread::current().name().is_some_and(|name| name.starts_with("fuser-")) {
+            log::error!("a thread serving the kernel panicked: ending this process, a successor takes over");
+            std::process::abort();
+        }
+    }));
+}

@@ -6,11 +6,12 @@
 //! in the cache dir, the open table and the kernel's connection.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ use crate::store::CacheDir;
 const STABLE: Duration = Duration::from_secs(10);
 /// The longest pause between two restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long an upgraded build may take to serve before the build it
+/// replaced is started again (a build that hangs would hang the mount).
+const UPGRADE_START: Duration = Duration::from_secs(30);
 
 /// How long to wait before restart number `consecutive` (1 for the first
 /// crash in a row): none for the first, then 0.25 s doubling up to 5 s.
@@ -44,6 +48,8 @@ pub fn backoff(consecutive: u32) -> Duration {
 enum Event {
     /// A message from serving process `generation`.
     Link(u64, (Message, Vec<OwnedFd>)),
+    /// The build serving process `generation` asked to upgrade to, checked.
+    Checked(u64, Result<Binary, String>),
     Exited(u64, ExitStatus),
     Signal(i32),
     Control(ControlEvent),
@@ -53,10 +59,12 @@ struct Server {
     generation: u64,
     pid: Pid,
     link: Link,
-    binary: PathBuf,
+    binary: Binary,
     started: Instant,
     /// It said it serves (after its first answer through the mount).
     serving: bool,
+    /// Killed for not serving within [`UPGRADE_START`].
+    given_up: bool,
 }
 
 struct Supervisor<'a> {
@@ -74,13 +82,13 @@ struct Supervisor<'a> {
     /// Crashes in a row.
     consecutive: u32,
     /// The binary successors run.
-    binary: PathBuf,
+    binary: Binary,
     server: Option<Server>,
     generation: u64,
     /// `lazyfs upgrade` asked this binary to take over; the server is being killed.
-    upgrade: Option<PathBuf>,
+    upgrade: Option<Binary>,
     /// The binary to fall back to if the upgraded one does not come up.
-    fallback: Option<PathBuf>,
+    fallback: Option<Binary>,
     /// Some serving process said it serves: the mount is up.
     up: bool,
     /// A signal asked everything to end.
@@ -96,7 +104,7 @@ pub fn run(request: &MountRequest, args: Vec<OsString>, max_restarts: u32) -> u8
     };
     let started = (|| {
         let table = OpenTable::create()?;
-        let binary = std::env::current_exe()?;
+        let binary = Binary { path: std::env::current_exe()?, file: Arc::new(File::open("/proc/self/exe")?) };
         std::io::Result::Ok((table, binary))
     })();
     let (table, binary) = match started {
@@ -176,10 +184,15 @@ impl Supervisor<'_> {
     fn supervise(&mut self, receiver: &mpsc::Receiver<Event>) -> u8 {
         let mut restart_at: Option<Instant> = None;
         loop {
-            let event = match restart_at {
+            let upgrade_due = self.upgrade_due();
+            let event = match restart_at.into_iter().chain(upgrade_due).min() {
                 None => receiver.recv().ok(),
                 Some(at) => match receiver.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(event) => Some(event),
+                    Err(RecvTimeoutError::Timeout) if restart_at.is_none_or(|at| at > Instant::now()) => {
+                        self.give_up_upgrade();
+                        continue;
+                    }
                     Err(RecvTimeoutError::Timeout) => {
                         restart_at = None;
                         if let Err(e) = self.resume() {
@@ -205,7 +218,7 @@ impl Supervisor<'_> {
                     }
                     match self.upgrade.take() {
                         Some(binary) => {
-                            self.restart_for(format!("upgrade to {}", binary.display()));
+                            self.restart_for(format!("upgrade to {}", binary.path.display()));
                             self.fallback = Some(std::mem::replace(&mut self.binary, binary));
                             restart_at = Some(Instant::now());
                         }
@@ -217,8 +230,8 @@ impl Supervisor<'_> {
                             if let Some(fallback) = self.fallback.take().filter(|_| !server.serving) {
                                 reason = format!(
                                     "{reason} before serving: the upgrade to {} failed, back to {}",
-                                    server.binary.display(),
-                                    fallback.display()
+                                    server.binary.path.display(),
+                                    fallback.path.display()
                                 );
                                 self.binary = fallback;
                             }
@@ -229,7 +242,9 @@ impl Supervisor<'_> {
                         }
                     }
                 }
-                Event::Link(..) | Event::Exited(..) => {}
+                Event::Checked(generation, checked) if self.is_current(generation) => self.on_checked(checked),
+                // From a serving process that ended since: its clients went with it.
+                Event::Link(..) | Event::Exited(..) | Event::Checked(..) => {}
                 Event::Signal(signal) => {
                     log::info!("signal {signal}: ending the mount");
                     self.stopping = true;
@@ -244,6 +259,29 @@ impl Supervisor<'_> {
                 Event::Control(_) => {}
             }
         }
+    }
+
+    /// When the upgraded build starting now must serve by.
+    fn upgrade_due(&self) -> Option<Instant> {
+        self.fallback.as_ref()?;
+        let server = self.server.as_ref().filter(|s| !s.serving && !s.given_up)?;
+        Some(server.started + UPGRADE_START)
+    }
+
+    /// Stops an upgraded build that did not serve in time: it ends as one
+    /// that failed before serving, and the build before it is started again.
+    fn give_up_upgrade(&mut self) {
+        if self.upgrade_due().is_none_or(|due| due > Instant::now()) {
+            return;
+        }
+        let Some(server) = self.server.as_mut() else { return };
+        log::warn!(
+            "{} (pid {}) did not serve within {UPGRADE_START:?}: stopping it",
+            server.binary.path.display(),
+            server.pid
+        );
+        server.given_up = true;
+        let _ = kill(server.pid, Signal::SIGKILL);
     }
 
     fn is_current(&self, generation: u64) -> bool {
@@ -324,18 +362,20 @@ impl Supervisor<'_> {
                 }
             }
             Message::Upgrade { binary } => {
-                let refused = check_binary(&binary).err();
                 let Some(server) = &self.server else { return };
-                if let Err(e) = server.link.send(&Message::UpgradeAnswer { refused: refused.clone() }, &[]) {
-                    log::warn!("answering the upgrade request: {e}");
-                }
-                if refused.is_none() && self.connection.is_some() {
-                    self.upgrade = Some(binary);
-                }
+                let (events, generation) = (self.events.clone(), server.generation);
+                // Off the event loop: a crash while the build is checked is recovered at once.
+                std::thread::spawn(move || {
+                    let checked = File::open(&binary)
+                        .map_err(|e| format!("{}: {e}", binary.display()))
+                        .map(|file| Binary { path: binary, file: Arc::new(file) })
+                        .and_then(|binary| check_binary(&binary).map(|()| binary));
+                    let _ = events.send(Event::Checked(generation, checked));
+                });
             }
             Message::Release => {
                 let (Some(server), Some(binary)) = (&self.server, &self.upgrade) else { return };
-                log::info!("upgrade: {} takes over from pid {}", binary.display(), server.pid);
+                log::info!("upgrade: {} takes over from pid {}", binary.path.display(), server.pid);
                 // The successor answers what it was doing (FUSE_NOTIFY_RESEND).
                 let _ = kill(server.pid, Signal::SIGKILL);
             }
@@ -343,10 +383,24 @@ impl Supervisor<'_> {
         }
     }
 
+    /// Answers the serving process that asked for an upgrade to `checked`.
+    fn on_checked(&mut self, checked: Result<Binary, String>) {
+        let Some(server) = &self.server else { return };
+        let refused = checked.as_ref().err().cloned();
+        if let Err(e) = server.link.send(&Message::UpgradeAnswer { refused }, &[]) {
+            log::warn!("answering the upgrade request: {e}");
+        }
+        if let Ok(binary) = checked
+            && self.connection.is_some()
+        {
+            self.upgrade = Some(binary);
+        }
+    }
+
     /// Starts a serving process with `message` (and the descriptors it names).
     fn spawn(&mut self, message: Message) -> std::io::Result<()> {
         let (ours, theirs) = Link::pair()?;
-        let mut command = std::process::Command::new(&self.binary);
+        let mut command = self.binary.command();
         command.args(&self.args).stdin(Stdio::null());
         let fd = theirs.as_fd().as_raw_fd();
         // SAFETY: dup2 and fcntl are async-signal-safe; they give the child
@@ -394,12 +448,13 @@ impl Supervisor<'_> {
             binary: self.binary.clone(),
             started: Instant::now(),
             serving: false,
+            given_up: false,
         });
         if let Err(e) = sent {
             let _ = kill(pid, Signal::SIGKILL);
             return Err(e);
         }
-        log::info!("serving process {pid} started ({})", self.binary.display());
+        log::info!("serving process {pid} started ({})", self.binary.path.display());
         Ok(())
     }
 
@@ -512,20 +567,73 @@ fn failed_status(request: &MountRequest, restarts: &Restarts, failure: &str) -> 
     status
 }
 
+/// A lazyfs build, held open from when it started the supervisor or was
+/// checked for an upgrade: a successor runs that very file, even once its
+/// path is removed or replaced (a package upgrade, a rebuild).
+#[derive(Clone)]
+struct Binary {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl Binary {
+    /// A command running the held file, `argv[0]` its path.
+    fn command(&self) -> Command {
+        // By the supervisor's descriptor: the interpreter of a script opens it by that name too.
+        let mut command = Command::new(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()));
+        command.arg0(&self.path);
+        command
+    }
+}
+
+/// How long a build may take to answer `--version`.
+const CHECK_TIME: Duration = Duration::from_secs(10);
+
 /// Whether `binary` is a lazyfs that runs here (`--version`).
-fn check_binary(binary: &Path) -> Result<(), String> {
-    let output = std::process::Command::new(binary)
+fn check_binary(binary: &Binary) -> Result<(), String> {
+    let failed = |e: std::io::Error| format!("{}: {e}", binary.path.display());
+    let mut child = binary
+        .command()
         .arg("--version")
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", binary.display()))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    match output.status.success() && text.starts_with("lazyfs ") {
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(failed)?;
+    let deadline = Instant::now() + CHECK_TIME;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(failed)? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{}: no answer to `--version` within {CHECK_TIME:?}", binary.path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+    }
+    match status.success() && text.starts_with("lazyfs ") {
         true => Ok(()),
         false => Err(format!(
             "{}: not a lazyfs binary that runs here (`--version` said {:?})",
-            binary.display(),
+            binary.path.display(),
             text.trim()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_from_none_to_five_seconds_without_overflowing() {
+        let pauses: Vec<u64> = (0..8).map(|n| backoff(n).as_millis() as u64).collect();
+        assert_eq!(pauses, [0, 0, 250, 500, 1000, 2000, 4000, 5000]);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
     }
 }

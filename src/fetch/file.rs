@@ -295,6 +295,20 @@ impl FetchFile {
         self.spill.sync()
     }
 
+    /// Once changed locally, the time its bytes last changed (its spill
+    /// file's: every write moves it, and it outlives the process).
+    pub fn local_mtime(&self) -> Option<std::time::SystemTime> {
+        (self.phase() == Phase::Modified).then(|| self.spill.modified().ok()).flatten()
+    }
+
+    /// Sets the time [`FetchFile::local_mtime`] gives, if it is changed locally.
+    pub fn set_local_mtime(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
+        match self.phase() {
+            Phase::Modified => self.spill.set_modified(time),
+            _ => Ok(()),
+        }
+    }
+
     pub(super) fn path_bytes(&self) -> &[u8] {
         self.path.as_os_str().as_bytes()
     }

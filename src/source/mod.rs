@@ -467,7 +467,9 @@ pub fn identify(spec: &SourceSpec, source_root: &Path) -> (String, Option<Shown>
             let (user, host, port) =
                 resolved.unwrap_or_else(|| (options.user.clone(), options.host.clone(), options.port));
             let root = normalized(source_root);
-            (format!("ssh://{user}@{}:{port}{}", host.to_lowercase(), root.display()), None)
+            // An address one way, as `ssh -G` writes it (`[0::1]` is `::1`).
+            let host = host.parse::<std::net::IpAddr>().map_or_else(|_| host.to_lowercase(), |ip| ip.to_string());
+            (format!("ssh://{user}@{host}:{port}{}", root.display()), None)
         }
         // What push put there: the objects vouch for themselves (the index).
         SourceSpec::S3(url) => (url.to_string(), None),
@@ -477,10 +479,15 @@ pub fn identify(spec: &SourceSpec, source_root: &Path) -> (String, Option<Shown>
 /// `path` made absolute, without `.`, `..` and repeated or trailing slashes
 /// (as written: for paths that cannot be resolved here).
 fn normalized(path: &Path) -> PathBuf {
+    lexically_absolute(&std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
+/// `path` below `/`, without `.`, `..` and repeated or trailing slashes, as
+/// written (a path on another host, say).
+pub fn lexically_absolute(path: &Path) -> PathBuf {
     use std::path::Component;
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut out = PathBuf::from("/");
-    for component in absolute.components() {
+    for component in path.components() {
         match component {
             Component::ParentDir => {
                 out.pop();

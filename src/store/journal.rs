@@ -156,6 +156,22 @@ pub fn keep_intact(dir: &CacheDir, damage: &Damage) -> Result<PathBuf, StoreErro
     Ok(dir.join(kept))
 }
 
+/// Replaces the journal of `dir` by one owned by `owner` holding `records`,
+/// atomically (a temporary file renamed over it, both synced).
+pub fn rewrite(dir: &CacheDir, owner: &Owner, records: &[JournalRecord]) -> Result<(), StoreError> {
+    let mut bytes = encode(&header(owner));
+    for record in records {
+        bytes.extend(encode(record));
+    }
+    dir.write_atomic(NAME, &bytes)
+}
+
+/// Removes the journal of `dir` (nothing is known any more), durably.
+pub fn remove(dir: &CacheDir) -> Result<(), StoreError> {
+    dir.remove(NAME).map_err(io_err(&dir.join(NAME)))?;
+    dir.sync()
+}
+
 /// Moves the journal aside as `journal.TAG-SECS` (its records no longer
 /// count); returns where it went, if there was one.
 pub fn set_aside(dir: &CacheDir, tag: &str) -> Result<Option<PathBuf>, StoreError> {
@@ -360,11 +376,7 @@ impl Journal {
         snapshot: Vec<JournalRecord>,
         files: Vec<JournalFile>,
     ) -> Result<Journal, StoreError> {
-        let mut bytes = encode(&header(owner));
-        for record in &snapshot {
-            bytes.extend(encode(record));
-        }
-        dir.write_atomic(NAME, &bytes)?;
+        rewrite(dir, owner, &snapshot)?;
         let journal = dir.open_append(NAME)?;
         Self::start(&dir.join(NAME), journal, files)
     }

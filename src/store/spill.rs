@@ -136,6 +136,15 @@ impl SpillFile {
         self.with_file(|file| file.set_len(size).map_err(self.io_err()))
     }
 
+    /// When its bytes last changed.
+    pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
+        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(self.io_err()))
+    }
+
+    pub fn set_modified(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
+        self.with_file(|file| file.set_modified(time).map_err(self.io_err()))
+    }
+
     /// Gives back the disk blocks of `bytes`, which hold nothing anyone may
     /// read (a fetch that failed part way): they read as zeros after.
     pub fn discard(&self, bytes: Range<u64>) {
