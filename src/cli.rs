@@ -1,4 +1,4 @@
-//! The command line, as `../shared/design/cli.md` and the README describe it.
+//! The command line, as the README describes it.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,8 @@ pub mod exit {
     pub const SUCCESS: u8 = 0;
     /// Source unreachable, authentication, I/O: the run failed.
     pub const RUNTIME: u8 = 1;
-    /// Bad arguments, unreadable or malformed images.
+    /// Bad arguments, unreadable or malformed images, a missing file or
+    /// directory, a mountpoint that is not empty.
     pub const BAD_INPUT: u8 = 2;
     /// `lazyfs wait` ran out of time.
     pub const TIMEOUT: u8 = 3;
@@ -27,8 +28,10 @@ regular file the checkpointed processes had open or mapped, at once, with the si
 record. Contents come from the old host over SSH (or from a local directory, or from an S3-compatible \
 store that `lazyfs push` filled): a read fetches only the chunks it touches, and with --prefetch everything streams in the background, smallest file first. \
 Writes stay local; the source is never modified.",
-    after_help = "Exit codes: 0 success, 1 runtime failure (source unreachable, authentication, I/O), \
-2 bad usage or bad input (arguments, malformed images), 3 `wait` timed out, 4 verification failed."
+    after_help = "Exit codes: 0 success · 1 runtime failure (source unreachable, authentication, host key, I/O, \
+not a mount) · 2 bad usage or bad input (arguments, unreadable or malformed images, a missing file or \
+directory, a mountpoint that is not empty, flat names that collide) · 3 `wait` timed out · 4 verification \
+failed."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -11,6 +11,7 @@ pub mod fs;
 pub mod fuse;
 pub mod identity;
 pub mod images;
+pub mod log_sink;
 pub mod manifest;
 pub mod mount;
 pub mod namespace;

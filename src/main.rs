@@ -20,8 +20,9 @@ use lazyfs::commands::verify::VerifyError;
 use lazyfs::control::proto::{FileState, MountState};
 use lazyfs::control::{self, ControlError, registry};
 use lazyfs::images::{Checkpoint, ImageError};
+use lazyfs::log_sink;
 use lazyfs::mount::{self, MountError, MountRequest};
-use lazyfs::store::{CacheDir, StoreError};
+use lazyfs::store::{CacheDir, NewCache};
 
 /// An error that carries its own exit code (mount failures do).
 #[derive(Debug, thiserror::Error)]
@@ -70,21 +71,32 @@ fn init_logging(command: &Command) {
     let default = if matches!(command, Command::Mount(_)) { "info,fuser=error,fuser::reply=off" } else { "warn" };
     let mut builder = env_logger::Builder::from_env(env_logger::Env::new().filter_or("LAZYFS_LOG", default));
     builder.format_timestamp_millis();
-    // `mount -f` draws bars on the terminal: its log goes to the cache dir, like a background mount's.
+    // The background processes, and `mount -f` drawing bars on a terminal, log
+    // to the cache dir's lazyfs.log: held until the inputs are checked and the
+    // cache dir is there (a mount that fails before makes none).
     if let Command::Mount(args) = command
-        && args.foreground
-        && std::io::stderr().is_terminal()
-        && let Ok(request) = MountRequest::from_args(args)
-        && let Ok(log) = open_log(&request.cache_dir)
+        && (args.daemon || args.serve || args.foreground && std::io::stderr().is_terminal())
     {
-        builder.target(env_logger::Target::Pipe(Box::new(log)));
+        log_sink::hold();
+        builder.target(env_logger::Target::Pipe(Box::new(log_sink::Writer)));
     }
     builder.init();
 }
 
-/// The cache dir's `lazyfs.log` (the dir made, or checked, as a cache first), to append to.
-fn open_log(cache_dir: &Path) -> Result<std::fs::File, StoreError> {
-    CacheDir::open_cache(cache_dir)?.open_append("lazyfs.log")
+/// A mount that failed: what it logged goes into the cache dir's log if an
+/// earlier mount made that cache dir; otherwise there is none to keep it in.
+/// (On stderr, the error is said once, by `main`.)
+fn log_failure(cache_dir: &Path, error: &MountError) {
+    match log_sink::state() {
+        log_sink::State::File => log::error!("{error}"),
+        log_sink::State::Held => {
+            if let Ok(dir) = CacheDir::open_existing_cache(cache_dir) {
+                log::error!("{error}");
+                let _ = log_sink::into_cache_dir(&dir, false);
+            }
+        }
+        log_sink::State::Stderr => {}
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -135,7 +147,14 @@ fn mount_failed(e: MountError) -> anyhow::Error {
 fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
     let request = MountRequest::from_args(args).map_err(mount_failed)?;
     if args.daemon {
-        return Ok(lazyfs::failover::supervisor::run(&request, serving_args(), args.max_restarts));
+        let code = lazyfs::failover::supervisor::run(&request, serving_args(), args.max_restarts);
+        // Its mount never came up: what it said goes into an earlier mount's log, if any.
+        if log_sink::state() == log_sink::State::Held
+            && let Ok(dir) = CacheDir::open_existing_cache(&request.cache_dir)
+        {
+            let _ = log_sink::into_cache_dir(&dir, false);
+        }
+        return Ok(code);
     }
     if args.serve {
         return Ok(serve_supervised(request));
@@ -144,20 +163,41 @@ fn run_mount(args: &MountArgs) -> anyhow::Result<u8> {
         return spawn_daemon(args, &request);
     }
     let log = request.cache_dir.join("lazyfs.log");
-    let prepared = mount::prepare(request).map_err(mount_failed)?;
-    for warning in &prepared.warnings {
-        eprintln!("lazyfs: warning: {warning}");
-    }
-    mount::serve(prepared, None, |mountpoint: &Path| {
-        if std::io::stderr().is_terminal() {
-            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
-            show_bars(mountpoint.to_path_buf());
-        } else {
-            eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
+    let cache_dir = request.cache_dir.clone();
+    let new_cache = NewCache::before_mount(&cache_dir);
+    let terminal = std::io::stderr().is_terminal();
+    let served = mount::prepare(request).and_then(|prepared| {
+        if terminal {
+            log_sink::into_cache_dir(prepared.store.dir(), false)?;
         }
-    })
-    .map_err(mount_failed)?;
+        for warning in &prepared.warnings {
+            eprintln!("lazyfs: warning: {warning}");
+        }
+        mount::serve(prepared, None, |mountpoint: &Path| {
+            if terminal {
+                eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts; log: {}", mountpoint.display(), log.display());
+                show_bars(mountpoint.to_path_buf());
+            } else {
+                eprintln!("lazyfs: mounted at {}; Ctrl-C unmounts", mountpoint.display());
+            }
+        })
+    });
+    lazyfs::source::remove_own_socket_dirs();
+    if let Err(e) = served {
+        fail_mount(&cache_dir, new_cache, &e);
+        return Err(mount_failed(e));
+    }
     Ok(exit::SUCCESS)
+}
+
+/// A mount that failed leaves no cache dir it made, and logs into one it did not.
+fn fail_mount(cache_dir: &Path, new_cache: Option<NewCache>, error: &MountError) {
+    log_failure(cache_dir, error);
+    if let Some(new_cache) = new_cache
+        && let Err(e) = new_cache.discard()
+    {
+        log::warn!("removing the cache dir this failed mount made: {e}");
+    }
 }
 
 /// `lazyfs mount -f` on a terminal: the bars of `lazyfs status --watch`,
@@ -201,19 +241,24 @@ fn serve_supervised(request: MountRequest) -> u8 {
             let _ = nix::unistd::dup2_stdout(null);
         }
     };
+    let cache_dir = request.cache_dir.clone();
+    let new_cache = NewCache::before_mount(&cache_dir);
     let supervised = lazyfs::failover::Supervised::from_supervisor()
         .map_err(|source| MountError::Mount { path: request.mountpoint.clone(), source });
     let served = supervised.and_then(|supervised| {
         let prepared = mount::prepare_supervised(request, &supervised)?;
+        // The log is this process's stderr from now on (a panic's message too).
+        log_sink::into_cache_dir(prepared.store.dir(), true)?;
         for warning in &prepared.warnings {
             println!("warning {}", warning.replace('\n', " "));
         }
         mount::serve(prepared, Some(supervised), ready)
     });
+    lazyfs::source::remove_own_socket_dirs();
     match served {
         Ok(()) => exit::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            fail_mount(&cache_dir, new_cache, &e);
             println!("error {} {}", e.exit_code(), e.to_string().replace('\n', " "));
             e.exit_code()
         }
@@ -223,14 +268,14 @@ fn serve_supervised(request: MountRequest) -> u8 {
 /// Starts the background process and returns once the mount answers (0) or
 /// the process gave up (its reason and exit code).
 fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> {
-    let log = open_log(&request.cache_dir).map_err(|e| mount_failed(e.into()))?;
     let log_path = request.cache_dir.join("lazyfs.log");
     let mut command = std::process::Command::new(std::env::current_exe().context("finding the lazyfs binary")?);
     command.args(std::env::args_os().skip(1)).arg("--daemon");
     if args.cache_dir.is_none() {
         command.arg("--cache-dir").arg(&request.cache_dir);
     }
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // Its stderr is the log once the cache dir is there; before, what a crash says comes here.
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
     // terminal so the shell's Ctrl-C and hangup do not reach it.
     unsafe {
@@ -256,12 +301,16 @@ fn spawn_daemon(args: &MountArgs, request: &MountRequest) -> anyhow::Result<u8> 
         }
         _ => {
             let status = child.wait().ok();
+            let mut said = String::new();
+            let _ = child.stderr.take().map(|mut stderr| std::io::Read::read_to_string(&mut stderr, &mut said));
+            let said = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().trim();
+            let see = if log_path.exists() { format!("; see {}", log_path.display()) } else { String::new() };
             Err(Exit {
                 code: exit::RUNTIME,
                 message: format!(
-                    "the background process exited ({}) before the mount was ready; see {}",
+                    "the background process exited ({}) before the mount was ready{}{see}",
                     status.map_or("?".into(), |s| s.to_string()),
-                    log_path.display()
+                    if said.is_empty() { String::new() } else { format!(": {said}") },
                 ),
             }
             .into())
@@ -563,9 +612,18 @@ fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
     let man = |page: &clap::Command| {
         clap_mangen::Man::new(page.clone()).source(concat!("lazyfs ", env!("CARGO_PKG_VERSION")))
     };
+    let render = |man: &clap_mangen::Man| -> std::io::Result<Vec<u8>> {
+        let mut roff = Vec::new();
+        man.render(&mut roff)?;
+        Ok(code_in_bold(&String::from_utf8_lossy(&roff)).into_bytes())
+    };
     if let Some(dir) = &args.dir {
         for page in std::iter::once(&command).chain(command.get_subcommands().filter(|c| !c.is_hide_set())) {
-            man(page).generate_to(dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
+            let page = man(page);
+            let path = dir.join(page.get_filename());
+            render(&page)
+                .and_then(|roff| std::fs::write(&path, roff))
+                .with_context(|| format!("writing man page {}", path.display()))?;
         }
         return Ok(exit::SUCCESS);
     }
@@ -580,8 +638,29 @@ fn run_man(args: &ManArgs) -> anyhow::Result<u8> {
             }
         },
     };
-    man(page).render(&mut std::io::stdout())?;
+    std::io::stdout().write_all(&render(&man(page))?)?;
     Ok(exit::SUCCESS)
+}
+
+/// The help text marks commands and values as `code`, as Markdown does; a
+/// man page sets them in bold instead (roff would show the backticks).
+fn code_in_bold(roff: &str) -> String {
+    roff.lines()
+        .map(|line| {
+            let mut parts = line.split('`');
+            let mut out = parts.next().unwrap_or_default().to_string();
+            let rest: Vec<&str> = parts.collect();
+            // Pairs only: an odd backtick at the end stays as it is.
+            for pair in rest.chunks(2) {
+                match pair {
+                    [code, after] => out += &format!("\\fB{code}\\fR{after}"),
+                    [alone] => out += &format!("`{alone}"),
+                    _ => {}
+                }
+            }
+            out + "\n"
+        })
+        .collect()
 }
 
 fn run_manifest(args: &ManifestArgs) -> anyhow::Result<u8> {
@@ -687,12 +766,24 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(exit) = err.downcast_ref::<Exit>() {
         return exit.code;
     }
-    if err.chain().any(|cause| cause.is::<ImageError>()) { exit::BAD_INPUT } else { exit::RUNTIME }
+    let bad_input = |cause: &(dyn std::error::Error + 'static)| {
+        cause.is::<ImageError>() || matches!(cause.downcast_ref(), Some(ControlError::NoSuchDirectory(_)))
+    };
+    if err.chain().any(bad_input) { exit::BAD_INPUT } else { exit::RUNTIME }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_spans_are_bold_in_roff() {
+        assert_eq!(
+            code_in_bold("until `lazyfs umount`, or `a` b\nnone\n"),
+            "until \\fBlazyfs umount\\fR, or \\fBa\\fR b\nnone\n"
+        );
+        assert_eq!(code_in_bold("one ` alone\n"), "one ` alone\n");
+    }
 
     #[test]
     fn an_error_says_each_thing_once() {

@@ -143,6 +143,12 @@ impl MountRequest {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
             None => default_cache_dir(&args.imgdir, &source::spelling(&source, &args.source_root))?,
         };
+        // A first mount needs its source: a missing SOURCE or key is said
+        // before anything is made. A remount may not (every file is in the
+        // cache dir: the old host may be gone); it is checked when opened.
+        if CacheDir::open_existing_cache(&cache_dir).is_err() {
+            source.check_local()?;
+        }
         Ok(MountRequest {
             mountpoint: std::path::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone()),
             imgdir: args.imgdir.clone(),
@@ -511,9 +517,11 @@ fn prepare_inner(
     // The mount (or a successor taking one over) comes up without waiting for
     // the source: its first connection comes up in the background (see
     // `fetch::connect`), beside `criu restore`. Unless asked to wait for it,
-    // or for the tree root's attributes, shown before any read.
+    // or for the tree root's attributes, shown before any read; a local
+    // directory costs no round trip, and a mistake in it is said by `mount`.
+    let local_source = matches!(request.source, SourceSpec::Local(_));
     let need = match needs_source(&files) || root_unknown {
-        true if request.wait_for_source || root_unknown => Need::Now,
+        true if request.wait_for_source || root_unknown || local_source => Need::Now,
         true => Need::Later,
         false => Need::Not,
     };
@@ -776,7 +784,9 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
     /// source is not contacted, and need not be there at all.
     fn finish(mut self, need: Need, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
         if need == Need::Later {
-            return Ok((self.open()?, self.connection));
+            // A successor must take the mount over whatever became of the
+            // source: what is cached is served, what is not fails saying why.
+            return Ok((self.open_or_unopened(name), self.connection));
         }
         if need == Need::Now {
             return match self.connection() {
@@ -793,14 +803,16 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
             "every file is in the cache dir: {name} is not contacted (the cache is the source: the old host is no \
              longer needed)"
         ));
-        let source = match self.open() {
-            Ok(source) => source,
-            Err(e) => {
-                let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
-                Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
-            }
-        };
-        Ok((source, self.connection))
+        Ok((self.open_or_unopened(name), self.connection))
+    }
+
+    /// The source, or one whose every connection fails saying why it could
+    /// not be opened (a local SOURCE or `-i` file gone since the first mount).
+    fn open_or_unopened(&mut self, name: &str) -> Arc<CheckedSource> {
+        self.open().unwrap_or_else(|e| {
+            let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
+            Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
+        })
     }
 }
 
@@ -1202,10 +1214,15 @@ pub fn serve(
                 break;
             }
             Event::Signal(signal) => {
-                log::info!("signal {signal}: unmounting");
                 if attachment.is_detached() {
-                    continue;
+                    // Asked again, or detached by someone else (`umount -l`): a
+                    // holder may never close, or wait on a request that never
+                    // ends. Exiting closes /dev/fuse: the kernel then fails those
+                    // requests and the files still open answer ENOTCONN.
+                    log::warn!("signal {signal}: already detached: ending now");
+                    break;
                 }
+                log::info!("signal {signal}: unmounting");
                 if unmount(&mountpoint).is_ok() {
                     unmounted_at.get_or_insert_with(Instant::now);
                 } else {
@@ -1280,6 +1297,9 @@ pub fn serve(
     log::info!("unmounted {}", mountpoint.display());
     prepared.finish();
     write_summary(&prepared, started, &meter);
+    // The mountpoint's claim and the cache dir's lock go before `lazyfs umount`
+    // returns: a mount right after it finds both free.
+    drop(prepared);
     for mut stream in umount_clients {
         control::umount_done(&mut stream);
     }

@@ -23,31 +23,57 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// How often the mount samples its byte counters for the rate.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
+/// How long bytes must have been moving before the rate says anything: right
+/// after a mount (connections still opening, transfers ramping up) a rate,
+/// and an ETA from it, can be many times off.
+const MEASURED_AFTER: Duration = Duration::from_secs(2);
+
 /// The one transfer rate every form of `lazyfs status` shows: bytes fetched
 /// (on demand and by prefetch) over the last [`RATE_WINDOW`], from samples
 /// of the mount's counters (taken every [`SAMPLE_EVERY`] and at each snapshot).
 pub struct Meter {
-    samples: Mutex<VecDeque<(Instant, u64)>>,
+    samples: Mutex<Samples>,
+}
+
+#[derive(Default)]
+struct Samples {
+    /// (when, bytes fetched so far), oldest first.
+    taken: VecDeque<(Instant, u64)>,
+    /// The last sample before bytes first moved.
+    moving_since: Option<Instant>,
 }
 
 impl Meter {
     pub fn new() -> Meter {
-        Meter { samples: Mutex::new(VecDeque::new()) }
+        Meter { samples: Mutex::new(Samples::default()) }
     }
 
     /// Records that `fetched` bytes have been fetched so far; returns the
-    /// rate over the window (0 until two samples span a tenth of a second).
-    pub fn sample(&self, fetched: u64) -> f64 {
-        let now = Instant::now();
+    /// rate over the window, or `None` until bytes have been moving for
+    /// [`MEASURED_AFTER`].
+    pub fn sample(&self, fetched: u64) -> Option<f64> {
+        self.sample_at(Instant::now(), fetched)
+    }
+
+    fn sample_at(&self, now: Instant, fetched: u64) -> Option<f64> {
         let mut samples = self.samples.lock().expect("rate samples");
-        samples.push_back((now, fetched));
-        // Keep one sample at or past the window's edge.
-        while samples.len() > 2 && now.duration_since(samples[1].0) >= RATE_WINDOW {
-            samples.pop_front();
+        let Samples { taken, moving_since } = &mut *samples;
+        if moving_since.is_none() {
+            match taken.back() {
+                Some(&(since, before)) if before != fetched => *moving_since = Some(since),
+                // Idle so far: the latest sample is where moving will start from.
+                _ => taken.clear(),
+            }
         }
-        let (since, before) = samples[0];
+        taken.push_back((now, fetched));
+        // Keep one sample at or past the window's edge.
+        while taken.len() > 2 && now.duration_since(taken[1].0) >= RATE_WINDOW {
+            taken.pop_front();
+        }
+        let measured = moving_since.is_some_and(|since| now.duration_since(since) >= MEASURED_AFTER);
+        let (since, before) = taken[0];
         let span = now.duration_since(since).as_secs_f64();
-        if span < 0.1 { 0.0 } else { fetched.saturating_sub(before) as f64 / span }
+        measured.then(|| fetched.saturating_sub(before) as f64 / span)
     }
 }
 
@@ -180,10 +206,11 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     status.set_state(state);
     let rate = meter.sample(status.bytes_on_demand + status.bytes_prefetched);
     // Nothing more is fetched once complete: no rate decaying towards zero.
-    status.rate_bytes_per_s = if state == MountState::Complete { 0.0 } else { rate };
+    status.rate_bytes_per_s = if state == MountState::Complete { Some(0.0) } else { rate };
     // An ETA only for what is being fetched in the background; reads come when they come.
-    status.eta_s =
-        (state == MountState::Fetching && prefetch_left > 0 && rate > 0.0).then(|| prefetch_left as f64 / rate);
+    status.eta_s = rate
+        .filter(|&rate| state == MountState::Fetching && prefetch_left > 0 && rate > 0.0)
+        .map(|rate| prefetch_left as f64 / rate);
     status
 }
 /// `lazyfs status --json`: the fields the README documents, written as they
@@ -277,4 +304,28 @@ fn range_json(r: &RecordedRange) -> Value {
 
 fn non_empty(s: &str) -> Value {
     if s.is_empty() { Value::Null } else { Value::String(s.to_string()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Right after a mount the counters barely moved while connections
+    /// opened: no rate (and so no ETA) until bytes have moved for a while,
+    /// then the rate of the moving alone.
+    #[test]
+    fn no_rate_until_bytes_have_moved_for_a_while() {
+        let meter = Meter::new();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(meter.sample_at(at(0), 0), None);
+        assert_eq!(meter.sample_at(at(900), 0), None, "idle");
+        assert_eq!(meter.sample_at(at(1000), 100_000), None, "just started moving");
+        assert_eq!(meter.sample_at(at(2500), 10_000_000), None, "moving for 1.6 s");
+        let rate = meter.sample_at(at(2900), 20_000_000).expect("moving for 2 s");
+        // 20 MB since the last idle sample at 0.9 s, not since the mount started.
+        assert!((rate - 10_000_000.0).abs() < 1.0, "{rate}");
+        // Idle for longer than the window: measured, and 0.
+        assert_eq!(meter.sample_at(at(9000), 20_000_000), Some(0.0));
+    }
 }

@@ -60,8 +60,8 @@ pub fn summary(status: &Status) -> String {
     if status.files_failed > 0 && state != MountState::Complete {
         text += &format!(", {} failed", status.files_failed);
     }
-    if state != MountState::Complete {
-        text += &format!(", {}/s", BinaryBytes(status.rate_bytes_per_s as u64));
+    if let Some(rate) = status.rate_bytes_per_s.filter(|_| state != MountState::Complete) {
+        text += &format!(", {}/s", BinaryBytes(rate as u64));
     }
     if let Some(eta) = status.eta_s {
         text += &format!(", ETA {}", duration(eta));
@@ -253,7 +253,7 @@ mod tests {
             bytes_present: present,
             files_total: 40,
             files_present: 3,
-            rate_bytes_per_s: 6.5 * 1024.0 * 1024.0,
+            rate_bytes_per_s: Some(6.5 * 1024.0 * 1024.0),
             eta_s: eta,
             source_needed: true,
             ..Default::default()

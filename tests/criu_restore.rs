@@ -1,6 +1,6 @@
 //! A real `criu dump` of a process tree, its files moved to the tests' own
 //! sshd, and a stock `criu restore` over a lazyfs mount at the original
-//! directory. CRIU 4.2 comes from ../shared/vendor/build-criu (scripts/test
+//! directory. CRIU 4.2 comes from third_party/criu/build (scripts/test
 //! builds it first); if it cannot be built this test fails and says why.
 //!
 //! The tree is tests/criu/workload.py (threads, a zombie, a stopped child, a

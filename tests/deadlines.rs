@@ -7,23 +7,12 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::mount::{Mount, Source, TestEnv, content, dataset, is_mounted};
-use common::sshd::{Sshd, children_of};
+use common::mount::{Mount, Source, TestEnv, content, dataset, is_alive, is_mounted, processes_using};
+use common::sshd::{Sshd, descendants};
 use lazyfs::images::write::{DumpFile, write_dump};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::Value;
-
-/// Every process below `pid`.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut all = Vec::new();
-    let mut next = vec![pid];
-    while let Some(parent) = next.pop() {
-        for child in children_of(parent) {
-            all.push(child);
-            next.push(child);
-        }
-    }
-    all
-}
 
 /// The test's sshd and every session process it started, stopped (SIGSTOP):
 /// connections stay open, nothing answers. Resumed when dropped, always.
@@ -114,10 +103,11 @@ fn a_silent_source_answers_readers_eio_within_the_reconnect_timeout_then_bytes_a
 /// A hung mount on the old host: below the source root, `/h` is a lazyfs
 /// mount whose own source (a second sshd) is silenced, so reading `/h/stuck`
 /// there blocks while its look (LSTAT) and OPEN are answered. Dropped in
-/// order: the silence ends, then the inner mount goes.
+/// field order: the silence ends, then the inner mount goes (its daemon
+/// ends even if the outer sshd's session still waits on it), then its sshd.
 struct HungMount {
-    _inner: Mount,
     _silenced: Silenced,
+    inner: Mount,
     _sshd: Sshd,
 }
 
@@ -140,7 +130,7 @@ fn hung_world(env: &TestEnv, fine: &[(&str, usize)]) -> HungMount {
     records.push(DumpFile::new("/h/stuck", 10));
     write_dump(&env.path("images"), &records).unwrap();
     let silenced = Silenced::new(&sshd);
-    HungMount { _inner: inner, _silenced: silenced, _sshd: sshd }
+    HungMount { _silenced: silenced, inner, _sshd: sshd }
 }
 
 fn bounded_umount(mount: &Mount) {
@@ -223,4 +213,46 @@ fn umount_ends_in_bounded_time_while_the_source_is_silent() {
     let _silenced = Silenced::new(&sshd);
     std::thread::sleep(Duration::from_millis(500));
     bounded_umount(&mount);
+}
+
+/// A daemon ends on SIGTERM even while a request to it hangs: the old host's
+/// sftp-server waits in the kernel on a read of the hung inner mount, so that
+/// mount stays busy (the first SIGTERM detaches it) and the request never
+/// ends; the next SIGTERM ends the daemon, and the waiting session with it.
+#[test]
+fn a_daemon_ends_on_sigterm_while_a_request_to_it_hangs() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    let hung = hung_world(&env, &[("/f/fine.txt", 5_000)]);
+    let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--reconnect-timeout", "4"]);
+    let stuck = read_timed(mount.at("/h/stuck"));
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let waiting = processes_using(&hung.inner.mountpoint);
+        if !waiting.is_empty() {
+            break waiting;
+        }
+        assert!(Instant::now() < deadline, "nothing reads the hung mount");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let daemon = Pid::from_raw(hung.inner.status()["pid"].as_i64().unwrap() as i32);
+    kill(daemon, Signal::SIGTERM).unwrap();
+    hung.inner.wait_for(|s| s["detached"] == true, "the busy mount was not detached");
+    kill(daemon, Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(daemon.as_raw()) {
+        assert!(Instant::now() < deadline, "the daemon did not end on the second SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The request that hung is answered: no session waits in the kernel any more.
+    let in_kernel_wait =
+        |pid: &i32| std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") D "));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting.iter().any(in_kernel_wait) {
+        assert!(Instant::now() < deadline, "a session still waits on the ended mount: {waiting:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (result, _) = stuck.join().unwrap();
+    assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EIO));
 }

@@ -342,3 +342,16 @@ fn umount_ends_even_when_another_mount_namespace_holds_a_copy() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.trim().starts_with("cat=") && said.trim() != "cat=0", "the copy still served the file: {said}");
 }
+
+/// A test that passes but leaves a process (or a mount) below its directory
+/// fails, and what it left is ended: the suite leaves nothing behind.
+#[test]
+fn a_test_that_leaves_a_process_behind_fails_and_the_process_ends() {
+    let env = TestEnv::new();
+    let mut left = Command::new("sleep").arg("600").current_dir(env.path("source")).spawn().unwrap();
+    let pid = left.id() as i32;
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(env)));
+    assert!(dropped.is_err(), "a process left behind went unnoticed");
+    left.wait().unwrap();
+    assert!(!common::mount::is_alive(pid));
+}

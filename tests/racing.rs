@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::mount::{Mount, Source, TestEnv, dataset, is_mounted};
+use common::mount::{Mount, Source, TestEnv, dataset, is_alive, is_mounted};
 
 /// How many times `path` is a mountpoint (stacked mounts count each).
 fn mounts_at(path: &Path) -> usize {
@@ -80,9 +80,30 @@ fn of_twenty_racing_mounts_exactly_one_wins_and_the_others_leave_nothing() {
     assert!(std::fs::read(again.at("/r/file")).is_ok());
 }
 
-/// A process holding `path` open (as its stdin) until killed.
-fn holder(path: &Path) -> std::process::Child {
-    std::process::Command::new("sleep").arg("600").stdin(std::fs::File::open(path).unwrap()).spawn().unwrap()
+/// A process holding `path` open (as its stdin) until killed, or dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start(path: &Path) -> Holder {
+        let file = std::fs::File::open(path).unwrap();
+        Holder(std::process::Command::new("sleep").arg("600").stdin(file).spawn().unwrap())
+    }
+
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits for `done` to hold of `lazyfs status --json` (all mounts).
@@ -103,7 +124,7 @@ fn detached_mount_shows_until_its_holders_close(detach: impl FnOnce(&Mount)) {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/d/file", 10_000)]);
     let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
-    let mut held = holder(&mount.at("/d/file"));
+    let mut held = Holder::start(&mount.at("/d/file"));
     let pid = mount.status()["pid"].as_u64().unwrap();
     detach(&mount);
 
@@ -120,8 +141,7 @@ fn detached_mount_shows_until_its_holders_close(detach: impl FnOnce(&Mount)) {
     assert!(stderr.contains("already unmounted (detached)") && stderr.contains(&held.id().to_string()), "{stderr}");
     assert!(!stderr.contains("Invalid argument"), "{stderr}");
 
-    held.kill().unwrap();
-    held.wait().unwrap();
+    held.kill();
     wait_listed(&env, |l| l.as_array().is_some_and(Vec::is_empty), "the detached daemon did not end");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{pid}")).exists() {
@@ -145,4 +165,28 @@ fn a_busy_mount_detached_on_sigterm_shows_as_detached_with_its_holders() {
         // SAFETY: kill(2) on the daemon this test started.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     });
+}
+
+/// Signalled again, a detached mount ends at once: a holder that never
+/// closes does not keep lazyfs alive; its file then answers ENOTCONN.
+#[test]
+fn a_second_sigterm_ends_a_detached_mount_at_once() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/d/file", 10_000)]);
+    let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    let held = Holder::start(&mount.at("/d/file"));
+    let pid = mount.status()["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_listed(&env, |l| l[0]["detached"] == true, "never shown as detached");
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(pid) {
+        assert!(Instant::now() < deadline, "the detached daemon {pid} did not end on the second SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Path::new(&format!("/proc/{}", held.id())).exists(), "the holder is still there");
+    let err = std::fs::read(format!("/proc/{}/fd/0", held.id())).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    wait_listed(&env, |l| l.as_array().is_some_and(Vec::is_empty), "the ended mount is still listed");
 }

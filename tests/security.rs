@@ -151,6 +151,7 @@ fn a_shared_cache_dir_such_as_tmp_is_refused_and_never_chmodded() {
     let sticky = env.path("sticky");
     std::fs::create_dir(&sticky).unwrap();
     std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::create_dir_all(env.path("mnt/m")).unwrap();
     for dir in [Path::new("/tmp"), sticky.as_path()] {
         let before = std::fs::metadata(dir).unwrap();
         let out = env

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::sshd::{Sshd, keygen};
+use common::sshd::{Sshd, keygen, whoami};
 use lazyfs::source::{self, SourceError, SourceSpec, SshOverrides, Transport, WholeRead};
 
 /// Runs each test once per transport: `openssh::NAME` and `libssh2::NAME`.
@@ -136,6 +136,9 @@ fn wrong_key_fails_authentication_with_what_was_tried(transport: Transport) {
     let err = open(&sshd, o, Path::new("/")).err().expect("refused");
     assert!(matches!(err, SourceError::Auth { .. }), "{err}");
     assert!(err.to_string().contains(&stranger.display().to_string()), "{err}");
+    // The user and the host, each said once.
+    let said = format!("authentication as {} on [127.0.0.1]:{} failed", whoami(), sshd.port);
+    assert!(err.to_string().contains(&said), "{err}");
 }
 
 /// `HostKeyAlias` in ~/.ssh/config: the host is known (hashed) under the

@@ -29,8 +29,11 @@ fn check_fields(status: &Value) {
     ] {
         assert!(status[key].is_u64(), "{key}: {status}");
     }
-    for key in ["rate_bytes_per_s", "elapsed_s"] {
-        assert!(status[key].is_f64(), "{key}: {status}");
+    assert!(status["elapsed_s"].is_f64(), "{status}");
+    // No rate until bytes have moved for a while (then no ETA either), 0 once complete.
+    assert!(status["rate_bytes_per_s"].is_f64() || status["rate_bytes_per_s"].is_null(), "{status}");
+    if status["rate_bytes_per_s"].is_null() {
+        assert!(status["eta_s"].is_null() && status["state"] != "complete", "{status}");
     }
     assert!(status["eta_s"].is_f64() || status["eta_s"].is_null());
     assert!(status["local_files"].is_u64() && status["local_bytes"].is_u64(), "{status}");
@@ -196,6 +199,10 @@ fn the_rate_is_recent_and_the_eta_is_for_background_prefetch_only() {
     let env = TestEnv::new();
     dataset(&env.path("source"), &env.path("images"), &[("/r/a", 2_000_000), ("/r/b", 3_000_000)]);
     let mount = env.mount("m", &env.path("images"), &Source::Local(env.path("source")), &[]);
+    // Nothing has moved yet: nothing to say a rate from.
+    assert!(mount.status()["rate_bytes_per_s"].is_null());
+    let out = env.run(&["status", mount.mountpoint.to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("/s"), "{}", String::from_utf8_lossy(&out.stdout));
     std::fs::read(mount.at("/r/a")).unwrap();
     let status = mount.status();
     assert_eq!(status["bytes_on_demand"], 2_000_000);

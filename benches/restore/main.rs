@@ -2,7 +2,7 @@
 //!
 //! What a user of lazyfs buys is downtime: the time from "start moving the
 //! files" to the restored process answering again. For each workload, dumped
-//! by a real CRIU 4.2 (`../shared/vendor/build-criu`), and each data size,
+//! by a real CRIU 4.2 (`third_party/criu/build`), and each data size,
 //! this measures the time to the first correct answer of the restored process
 //! after its files moved to the old host (this machine's own sshd):
 //!   a. files already local (the floor): `criu restore` alone;
@@ -114,6 +114,8 @@ struct Outcome {
     answer_s: f64,
     /// Until the old host is no longer needed; `None`: never (it serves reads).
     free_s: Option<f64>,
+    /// A lazyfs mount's byte counts at the first answer, shown under its row.
+    at_answer: Option<String>,
 }
 
 struct Row {
@@ -390,14 +392,15 @@ impl Bench {
         };
         let answer_s = started.elapsed().as_secs_f64();
         assert_eq!(answer, w.expected, "{method:?}: a wrong answer");
-        if matches!(method, Method::Lazy | Method::Prefetch | Method::Recorded | Method::Replayed) {
-            let status = run(self.lazyfs().arg("status").arg(&w.data).arg("--json"));
-            let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-            eprintln!(
-                "    at the answer: {} bytes fetched for readers, {} by prefetch",
-                status["bytes_on_demand"], status["bytes_prefetched"]
-            );
-        }
+        let at_answer =
+            matches!(method, Method::Lazy | Method::Prefetch | Method::Recorded | Method::Replayed).then(|| {
+                let status = run(self.lazyfs().arg("status").arg(&w.data).arg("--json"));
+                let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+                format!(
+                    "at the answer: {} bytes fetched for readers, {} by prefetch",
+                    status["bytes_on_demand"], status["bytes_prefetched"]
+                )
+            });
         if matches!(method, Method::Prefetch | Method::Recorded) {
             run(self.lazyfs().arg("wait").arg(&w.data).args(["--timeout", "3600"]));
             free = Some(started.elapsed().as_secs_f64());
@@ -431,7 +434,7 @@ impl Bench {
                 std::fs::remove_dir_all(&cache).unwrap();
             }
         }
-        Outcome { answer_s, free_s: free }
+        Outcome { answer_s, free_s: free, at_answer }
     }
 
     fn measure(&mut self, mode: &'static str, size: u64) {
@@ -449,10 +452,12 @@ impl Bench {
                 continue;
             }
             let mut row = Row { mode, size, method, answers: Vec::new(), frees: Vec::new() };
+            let mut details = Vec::new();
             for _ in 0..self.runs {
                 let outcome = self.resume(&w, method);
                 row.answers.push(outcome.answer_s);
                 row.frees.push(outcome.free_s);
+                details.extend(outcome.at_answer);
             }
             eprintln!(
                 "  {:<40} first answer {:>8.3} s, old host free {}",
@@ -460,6 +465,10 @@ impl Bench {
                 row.answer(),
                 row.free().map_or("never".into(), |f| format!("{f:.3} s"))
             );
+            // Under the row they belong to.
+            for detail in details {
+                eprintln!("    {detail}");
+            }
             self.rows.push(row);
         }
         let _ = std::fs::remove_dir_all(&w.moved);

@@ -53,6 +53,8 @@ const MAX_MESSAGE: usize = 64 << 20;
 pub enum ControlError {
     #[error("{}: not a lazyfs mount (no live lazyfs process serves it)", .0.display())]
     NotAMount(PathBuf),
+    #[error("{}: no such directory", .0.display())]
+    NoSuchDirectory(PathBuf),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: served by uid {uid}, not by this user: refused (not a lazyfs process of yours)", path.display())]
@@ -103,7 +105,10 @@ pub struct Client {
 impl Client {
     /// Connects to the process serving `mountpoint`.
     pub fn connect(mountpoint: &Path) -> Result<Client, ControlError> {
-        let entry = registry::find(mountpoint).ok_or_else(|| ControlError::NotAMount(mountpoint.to_path_buf()))?;
+        let entry = registry::find(mountpoint).ok_or_else(|| match std::fs::symlink_metadata(mountpoint) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ControlError::NoSuchDirectory(mountpoint.into()),
+            _ => ControlError::NotAMount(mountpoint.to_path_buf()),
+        })?;
         let stream =
             UnixStream::connect(&entry.socket).map_err(|_| ControlError::NotAMount(mountpoint.to_path_buf()))?;
         // Only a process of this user speaks for a mount of this user.

@@ -66,30 +66,51 @@ pub fn register(entry: &Entry) -> Result<(), StoreError> {
 
 /// A mountpoint claimed by this process: held (a lock on a file next to the
 /// entries) from before anything is prepared until the process exits, so of
-/// two `lazyfs mount` of one mountpoint exactly one goes ahead.
+/// two `lazyfs mount` of one mountpoint exactly one goes ahead. The file is
+/// removed when the claim ends (a `kill -9` leaves it to the next claim).
 pub struct Claim {
+    dir: CacheDir,
+    name: String,
     _lock: nix::fcntl::Flock<File>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Removed while still locked: a process that opened it meanwhile
+        // finds it gone once it holds the lock, and claims afresh.
+        let _ = self.dir.remove(&self.name);
+    }
 }
 
 /// Claims `mountpoint`; when another process holds it, `Err` with its pid
 /// (if it said).
 pub fn claim(mountpoint: &Path) -> Result<Result<Claim, Option<u32>>, StoreError> {
+    use std::os::unix::fs::MetadataExt;
     let name = format!("{}.lock", entry_name(mountpoint));
-    let file = CacheDir::open_private(&dir())?.open_rw(&name)?;
-    let io = |source| StoreError::Io { path: dir().join(&name), source };
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(mut locked) => {
-            locked.set_len(0).map_err(io)?;
-            locked.rewind().map_err(io)?;
-            write!(locked, "{}", std::process::id()).map_err(io)?;
-            Ok(Ok(Claim { _lock: locked }))
+    let dir = CacheDir::open_private(&dir())?;
+    let io = |source| StoreError::Io { path: dir.join(&name), source };
+    loop {
+        let file = dir.open_rw(&name)?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut locked) => {
+                // The file this lock is on must still be the one named so.
+                let held = locked.metadata().map_err(io)?;
+                let named = std::fs::symlink_metadata(dir.join(&name));
+                if !named.is_ok_and(|n| (n.dev(), n.ino()) == (held.dev(), held.ino())) {
+                    continue;
+                }
+                locked.set_len(0).map_err(io)?;
+                locked.rewind().map_err(io)?;
+                write!(locked, "{}", std::process::id()).map_err(io)?;
+                return Ok(Ok(Claim { dir, name, _lock: locked }));
+            }
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut pid = String::new();
+                file.read_to_string(&mut pid).map_err(io)?;
+                return Ok(Err(pid.trim().parse().ok()));
+            }
+            Err((_, e)) => return Err(io(e.into())),
         }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut pid = String::new();
-            file.read_to_string(&mut pid).map_err(io)?;
-            Ok(Err(pid.trim().parse().ok()))
-        }
-        Err((_, e)) => Err(io(e.into())),
     }
 }
 

@@ -359,6 +359,13 @@ impl Supervisor<'_> {
                     if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
                         let _ = nix::unistd::dup2_stdout(null);
                     }
+                    // The cache dir is there now: the log (and stderr, which successors
+                    // inherit) go into it.
+                    let log = CacheDir::open_existing_cache(&self.request.cache_dir)
+                        .and_then(|dir| crate::log_sink::into_cache_dir(&dir, true));
+                    if let Err(e) = log {
+                        log::warn!("{e}");
+                    }
                 }
             }
             Message::Upgrade { binary } => {

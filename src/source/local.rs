@@ -28,6 +28,11 @@ impl LocalSource {
         match nix::fcntl::open(root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) {
             Ok(fd) => Ok(LocalSource { root: root.to_path_buf(), fd: Arc::new(fd) }),
             Err(Errno::ENOTDIR) => Err(SourceError::Config(format!("{}: not a directory", root.display()))),
+            // SOURCE itself was checked: what is missing is its --source-root below it.
+            Err(Errno::ENOENT) => Err(SourceError::Config(format!(
+                "{}: no such directory (SOURCE with --source-root below it)",
+                root.display()
+            ))),
             Err(e) => Err(SourceError::Io { path: root.to_path_buf(), source: e.into() }),
         }
     }

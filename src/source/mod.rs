@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use local::LocalSource;
 use openssh::OpensshSource;
 pub(crate) use openssh::background_priority;
+pub use openssh::remove_own_socket_dirs;
 use s3::S3Source;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
 use split::SplitSource;
@@ -406,6 +407,7 @@ impl SourceError {
 
 /// Opens the source a SOURCE argument names.
 pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, SourceError> {
+    spec.check_local()?;
     match spec {
         SourceSpec::Local(dir) => Ok(Box::new(LocalSource::new(&dir.join(relative(source_root)))?)),
         SourceSpec::S3(_) if source_root != Path::new("/") => Err(SourceError::Config(

@@ -284,11 +284,9 @@ impl OpensshSource {
             let mut tried: Vec<String> =
                 self.options.given.identities.iter().map(|i| i.display().to_string()).collect();
             tried.push(format!("what the ssh config and ssh-agent offer ({denied})"));
-            return SourceError::Auth {
-                user: self.options.user.clone(),
-                host: self.label.clone(),
-                tried: tried.join(", "),
-            };
+            // The label is USER@HOST: the message names each once.
+            let (user, host) = self.label.rsplit_once('@').unwrap_or((&self.options.user, &self.label));
+            return SourceError::Auth { user: user.to_string(), host: host.to_string(), tried: tried.join(", ") };
         }
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim);
         for refused in ["Connection refused", "Could not resolve", "Connection timed out", "No route to host"] {
@@ -374,9 +372,25 @@ pub(crate) fn background_priority(id: u32) {
     unsafe { libc::setpriority(libc::PRIO_PROCESS, id, 10) };
 }
 
+/// Removes this process's socket directories: it is ending, and its masters
+/// with it (the sources may still be held by threads that never drop them).
+pub fn remove_own_socket_dirs() {
+    remove_socket_dirs(|pid| pid == std::process::id().to_string());
+}
+
 /// Removes the socket directories of lazyfs processes that ended without
 /// removing theirs (their masters ended with them).
 fn remove_stale_dirs() {
+    // A killed lazyfs nobody has reaped yet is a zombie: ended too.
+    let running = |pid: &str| {
+        let stat = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")).unwrap_or_default();
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z")
+    };
+    remove_socket_dirs(|pid| !running(pid));
+}
+
+/// Removes the socket directories of this user whose lazyfs process `pid` says they go.
+fn remove_socket_dirs(remove: impl Fn(&str) -> bool) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -388,7 +402,7 @@ fn remove_stale_dirs() {
             continue;
         };
         let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::getuid().as_raw());
-        if ours && !Path::new("/proc").join(pid).exists() {
+        if ours && remove(pid) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

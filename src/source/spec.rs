@@ -116,6 +116,30 @@ impl SourceSpec {
     }
 }
 
+impl SourceSpec {
+    /// What the command line names on this host is there: a local SOURCE
+    /// directory, each `-i` file. Checked before anything is made or the
+    /// source is asked anything, so a typo is said as such.
+    pub fn check_local(&self) -> Result<(), SourceError> {
+        match self {
+            SourceSpec::Local(dir) if !dir.is_dir() => Err(SourceError::Config(format!(
+                "SOURCE {}: {}: a local SOURCE is the directory that holds the old host's files",
+                dir.display(),
+                if dir.exists() { "not a directory" } else { "no such directory" }
+            ))),
+            SourceSpec::Ssh(options) => match options.given.identities.iter().find(|i| !i.is_file()) {
+                Some(missing) => Err(SourceError::Config(format!(
+                    "-i {}: {}: give the private key to log in with",
+                    missing.display(),
+                    if missing.exists() { "not a file" } else { "no such file" }
+                ))),
+                None => Ok(()),
+            },
+            SourceSpec::Local(_) | SourceSpec::S3(_) => Ok(()),
+        }
+    }
+}
+
 /// `user@host:port`, `host`, `[::1]:22`.
 fn split_target(target: &str) -> Option<(Option<String>, String, Option<u16>)> {
     let (user, hostport) = match target.rsplit_once('@') {

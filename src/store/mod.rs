@@ -7,6 +7,7 @@ mod cache_dir;
 pub mod inodes;
 pub mod journal;
 pub mod local;
+mod new_cache;
 mod open;
 mod spill;
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use cache_dir::CacheDir;
+pub use new_cache::NewCache;
 pub use open::OpenSpills;
 pub use spill::{HASH_WINDOW, Presence, SpillFile, read_full};
 

@@ -18,11 +18,11 @@ pub fn criu_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/criu")
 }
 
-/// The path of a working CRIU 4.2, built here if needed.
+/// The path of a working CRIU 4.2 (third_party/criu), built once per machine.
 pub fn build_criu() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vendor/build-criu");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("third_party/criu/build");
     let out = Command::new(&script).stdin(Stdio::null()).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}; this test needs CRIU 4.2 built from ../shared/vendor", script.display())
+        panic!("cannot run {}: {e}; this test needs CRIU 4.2 built from third_party/criu", script.display())
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

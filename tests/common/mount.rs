@@ -1,6 +1,7 @@
 //! Running `lazyfs mount` for a test: an isolated HOME and mount registry,
 //! data sets with their images, and a guard that unmounts.
 
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -50,13 +51,7 @@ impl TestEnv {
 
     /// Mounts `imgdir` from `source` on `mnt/NAME`; panics if it fails.
     pub fn mount(&self, name: &str, imgdir: &Path, source: &Source, extra: &[&str]) -> Mount {
-        let out = self.try_mount(name, imgdir, source, extra);
-        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
-        Mount {
-            mountpoint: self.path("mnt").join(name),
-            cache: self.path("cache").join(name),
-            env_home: self.tmp.path().into(),
-        }
+        self.mounted(name, &self.try_mount(name, imgdir, source, extra))
     }
 
     /// `lazyfs mount` of `imgdir` on `mnt/NAME` from SOURCE spelled `target`
@@ -212,21 +207,127 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        let daemons = processes_naming(&self.mountpoint);
         if is_mounted(&self.mountpoint) {
             let _ = self.umount();
         }
         if is_mounted(&self.mountpoint) {
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
+        // A daemon still serving the detached mount (a file held open, a
+        // request that hangs) ends on a signal.
+        end_processes(&daemons);
     }
+}
+
+impl Drop for TestEnv {
+    /// Whatever the test left below its directory, however it ended: mounts
+    /// detached, and the processes naming the directory or holding a file in
+    /// it ended. A test that passed but left one fails: it must end what it
+    /// started itself.
+    fn drop(&mut self) {
+        let root = self.tmp.path();
+        let mounts = mounts_below(root);
+        for mountpoint in mounts.iter().rev() {
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let signalled = end_processes(&processes_using(root));
+        if !std::thread::panicking() && (!mounts.is_empty() || !signalled.is_empty()) {
+            panic!("the test left mounts {mounts:?} and processes {signalled:?} (ended now)");
+        }
+    }
+}
+
+/// The mount points at or below `dir`, outermost first.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let unescape = |field: &str| {
+        let mut bytes = Vec::new();
+        let mut rest = field.as_bytes();
+        while let Some((&byte, tail)) = rest.split_first() {
+            match (byte, tail.get(..3).and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok())) {
+                (b'\\', Some(escaped)) => {
+                    bytes.push(escaped);
+                    rest = &tail[3..];
+                }
+                _ => {
+                    bytes.push(byte);
+                    rest = tail;
+                }
+            }
+        }
+        PathBuf::from(std::ffi::OsString::from_vec(bytes))
+    };
+    mountinfo.lines().filter_map(|line| line.split(' ').nth(4)).map(unescape).filter(|m| m.starts_with(dir)).collect()
+}
+
+/// Live processes (not this one) whose command line names `path`.
+pub fn processes_naming(path: &Path) -> Vec<i32> {
+    live_processes(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        cmdline.split(|&b| b == 0).any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)).starts_with(path))
+    })
+}
+
+/// Live processes (not this one) whose command line names `dir` or a path
+/// below it, or whose working directory or an open file is below it.
+pub fn processes_using(dir: &Path) -> Vec<i32> {
+    let naming = processes_naming(dir);
+    live_processes(|pid| {
+        let links = ["cwd", "root"].map(|l| PathBuf::from(format!("/proc/{pid}/{l}")));
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten().map(|e| e.path());
+        naming.contains(&pid)
+            || links.into_iter().chain(fds).any(|link| std::fs::read_link(link).is_ok_and(|t| t.starts_with(dir)))
+    })
+}
+
+fn live_processes(wanted: impl Fn(i32) -> bool) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != me && is_alive(pid) && wanted(pid))
+        .collect()
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn is_alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+}
+
+/// Ends `pids`: a moment to exit on their own, then SIGTERM, again (a lazyfs
+/// daemon detaches a busy mount on the first and ends on the next), then
+/// SIGKILL. Returns those that needed a signal.
+pub fn end_processes(pids: &[i32]) -> Vec<i32> {
+    use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
+    let mut signalled = Vec::new();
+    for signal in [None, Some(SIGTERM), Some(SIGTERM), Some(SIGKILL)] {
+        let left: Vec<i32> = pids.iter().copied().filter(|&pid| is_alive(pid)).collect();
+        if left.is_empty() {
+            break;
+        }
+        for &pid in &left {
+            if let Some(signal) = signal {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                if !signalled.contains(&pid) {
+                    signalled.push(pid);
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while left.iter().any(|&pid| is_alive(pid)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    signalled
 }
 
 /// Waits until process `pid` is gone (or a zombie).
 pub fn wait_gone(pid: i32) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-    {
+    while is_alive(pid) {
         assert!(std::time::Instant::now() < deadline, "process {pid} still running");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

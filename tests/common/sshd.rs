@@ -173,12 +173,14 @@ impl Sshd {
         self.child.as_ref().map(|c| children_of(c.id() as i32)).unwrap_or_default()
     }
 
-    /// Stops the listener and every session it started: they are its children.
+    /// Stops the listener and every session it started: they are its
+    /// descendants (a session's monitor forks the process that serves it).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = child.id() as i32;
-            // Session processes are children of the listener: end them first.
-            for session in children_of(pid) {
+            // Sessions first, so none outlives the listener as an orphan.
+            for session in descendants(pid) {
+                // SAFETY: kill(2) on processes this sshd started.
                 unsafe { libc::kill(session, libc::SIGKILL) };
             }
             let _ = child.kill();
@@ -216,6 +218,19 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         }
     }
     children
+}
+
+/// Every process below `pid`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut all = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        for child in children_of(parent) {
+            all.push(child);
+            next.push(child);
+        }
+    }
+    all
 }
 
 pub fn whoami() -> String {
