@@ -518,10 +518,11 @@ fn prepare_inner(
     // the source: its first connection comes up in the background (see
     // `fetch::connect`), beside `criu restore`. Unless asked to wait for it,
     // or for the tree root's attributes, shown before any read; a local
-    // directory costs no round trip, and a mistake in it is said by `mount`.
+    // directory costs no round trip, and a mistake in it is said by `mount`
+    // (a successor serves what is cached even when it is gone).
     let local_source = matches!(request.source, SourceSpec::Local(_));
     let need = match needs_source(&files) || root_unknown {
-        true if request.wait_for_source || root_unknown || local_source => Need::Now,
+        true if request.wait_for_source || root_unknown || (local_source && !resuming) => Need::Now,
         true => Need::Later,
         false => Need::Not,
     };
