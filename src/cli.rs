@@ -111,7 +111,8 @@ pub struct MountArgs {
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
     /// `tree`: /srv/app/db appears as MOUNTPOINT/srv/app/db; `flat`: as MOUNTPOINT/srv.app.db
-    /// (the naming of the original Go prototype).
+    /// (the naming of the original Go prototype; recorded files only: with --subtree, give
+    /// --recorded-only too).
     #[arg(long, value_enum, default_value_t = LayoutArg::Tree)]
     pub layout: LayoutArg,
     /// Serve the old host's whole directory DIR as the mount's root: every file, directory,
@@ -281,8 +282,8 @@ pub struct WaitArgs {
 }
 
 /// Copy a mount's current tree (checkpoint files with their local changes, and the files made
-/// through it) into a plain directory, holes kept: the next start of the application needs no
-/// lazyfs.
+/// through it) into a plain directory, holes kept, with the numeric owners (as root), modes and
+/// times the mount shows: the next start of the application needs no lazyfs.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// A live lazyfs mount.

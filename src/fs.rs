@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use crate::fetch::{FetchError, Fetcher};
-use crate::namespace::{Ino, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
+use crate::fetch::{FetchError, Fetcher, Phase};
+use crate::namespace::{Ino, LocalAttrs, Meta, Namespace, Node, NodeKind, Origin, ROOT_INO};
 use crate::source::{DirEntry, SourceAttrs};
 use crate::store::journal::proto::{Local, LocalOp};
 use crate::store::local::LocalFiles;
@@ -37,6 +37,25 @@ impl FsError {
     fn unlisted(dir: Ino) -> Self {
         FsError { errno: libc::EAGAIN, message: "the directory is not listed yet".into(), unlisted: Some(dir) }
     }
+}
+
+thread_local! {
+    /// Set while an operation runs that must not wait for a listing (see
+    /// [`Filesystem::then`]).
+    static NO_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `op` on this thread without ever waiting for a listing: a listing
+/// it needs fails it (with the directory to list) instead.
+fn without_waiting<T>(op: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_WAIT.set(self.0);
+        }
+    }
+    let _restore = Restore(NO_WAIT.replace(true));
+    op()
 }
 
 impl From<FetchError> for FsError {
@@ -119,6 +138,10 @@ pub struct FsConfig {
     /// The times the checkpoint's files and directories show: the cache
     /// dir's first mount, the same at every mount.
     pub created: SystemTime,
+    /// Other users may use the mount (`allow_other`): a node of the images
+    /// is shown to nobody before its directory's listing gives its owner and
+    /// mode (made-up ones could let another user through a private directory).
+    pub shared: bool,
 }
 
 /// Who makes a new node: its owner.
@@ -158,7 +181,13 @@ pub struct Filesystem {
     opens: Mutex<HashMap<Ino, u32>>,
     fetcher: Fetcher,
     config: FsConfig,
+    /// Operations that wait for a listing, off the caller's thread.
+    waiting: crate::deferred::Deferred,
 }
+
+/// Threads at most for operations waiting for a listing: each waits for
+/// one pipeline of the listing lane, bounded by the readers' deadline.
+const WAITING_THREADS: usize = 64;
 
 pub type ReadReply = Box<dyn FnOnce(Result<&[u8], FsError>) + Send>;
 pub type WriteReply = Box<dyn FnOnce(Result<u32, FsError>) + Send>;
@@ -277,6 +306,7 @@ impl Filesystem {
             opens: Mutex::new(replay.held_open.clone()),
             fetcher,
             config,
+            waiting: crate::deferred::Deferred::new(WAITING_THREADS, "lazyfs-listing-wait"),
         };
         for (seq, change) in replay.changes.iter().enumerate() {
             if change.op() == LocalOp::File {
@@ -320,10 +350,11 @@ impl Filesystem {
             if !self.namespace().is_unlisted(dir) {
                 return Ok(());
             }
+            if NO_WAIT.get() {
+                return Err(FsError::unlisted(dir));
+            }
             if tree.begin(dir) {
-                let listed = self.list(tree, &[dir], true);
-                tree.end(dir);
-                return listed;
+                return self.list(tree, &[dir], true);
             }
         }
         Err(FsError::new(libc::EIO, "the directory could not be listed"))
@@ -355,6 +386,22 @@ impl Filesystem {
                 return;
             }
         }
+    }
+
+    /// Directories of the tree that could not be listed for good: their
+    /// original paths, paths in the mount, and why.
+    pub fn failed_dirs(&self) -> Vec<(PathBuf, PathBuf, String)> {
+        let Some(tree) = &self.tree else { return Vec::new() };
+        let ns = self.namespace();
+        let mut failed: Vec<_> = ns
+            .failed()
+            .map(|(dir, why)| {
+                let at = ns.mount_path(dir);
+                (tree.subtree.join(&at), at, why.to_string())
+            })
+            .collect();
+        failed.sort();
+        failed
     }
 
     /// Directories of the tree not listed yet.
@@ -415,13 +462,15 @@ impl Filesystem {
         unlisted.sort_unstable();
         unlisted.truncate(max);
         let claimed: Vec<Ino> = unlisted.into_iter().filter(|&dir| tree.begin(dir)).collect();
-        let listed = self.list(tree, &claimed, false);
-        claimed.iter().for_each(|&dir| tree.end(dir));
-        listed.map(|()| claimed.len())
+        let count = claimed.len();
+        self.list(tree, &claimed, false).map(|()| count)
     }
 
-    /// Lists `dirs` (claimed by [`Tree::begin`]) and merges what is found.
+    /// Lists `dirs` (claimed by [`Tree::begin`]) and merges what is found;
+    /// each claim ends as soon as its directory is done (one the cache dir
+    /// kept at once: a reader waiting for it does not wait for the source's).
     fn list(&self, tree: &Tree, dirs: &[Ino], for_reader: bool) -> Result<(), FsError> {
+        let mut claims = Claims { tree, dirs: dirs.to_vec() };
         let paths: Vec<(Ino, PathBuf)> = {
             let ns = self.namespace();
             dirs.iter()
@@ -432,7 +481,10 @@ impl Filesystem {
         let mut from_source = Vec::new();
         for (dir, path) in paths {
             match tree.take_persisted(&path) {
-                Some(listed) => self.merge(tree, dir, &path, listed, true),
+                Some(listed) => {
+                    self.merge(tree, dir, &path, listed, true);
+                    claims.end(dir);
+                }
                 None => from_source.push((dir, path)),
             }
         }
@@ -442,24 +494,27 @@ impl Filesystem {
         let on_source = from_source.iter().map(|(_, path)| tree.subtree.join(path)).collect();
         let listings =
             self.fetcher.list_dirs(on_source, for_reader).map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
-        let mut failed = None;
+        let mut lost = None;
         for ((dir, path), listing) in from_source.into_iter().zip(listings) {
             let listed = match listing {
                 Ok(entries) => Listed::Entries(entries),
-                // Gone for good: what the images put in it is what it shows.
-                Err(e @ (crate::source::SourceError::NotFound { .. } | crate::source::SourceError::Changed { .. })) => {
-                    Listed::Missing(e.to_string())
-                }
-                Err(e) => {
+                // The connection, not the directory: listed again later.
+                Err(e) if e.is_connection_lost() => {
                     log::warn!("{e}");
-                    failed.get_or_insert(e);
+                    lost.get_or_insert(e);
                     continue;
                 }
+                // Gone, no longer a directory, refused (permission denied):
+                // what the images put in it is what it shows, and it is
+                // reported failed, as a file would be; the log keeps it so,
+                // for a remount's local changes to apply as they were made.
+                Err(e) => Listed::Missing(e.to_string()),
             };
             tree.keep(&path, &listed)?;
             self.merge(tree, dir, &path, listed, false);
+            claims.end(dir);
         }
-        match failed {
+        match lost {
             Some(e) => Err(FsError::new(libc::EIO, e.to_string())),
             None => Ok(()),
         }
@@ -475,8 +530,12 @@ impl Filesystem {
         let entries = match listed {
             Listed::Entries(entries) => entries,
             Listed::Missing(why) => {
-                log::warn!("{why}: it shows only what the images and local changes put in it");
-                Vec::new()
+                log::error!("{why}: the directory shows only what the images and local changes put in it");
+                let mut ns = self.ns_mut();
+                ns.set_failed(dir, why);
+                ns.set_unlisted(dir, false);
+                self.count_unlisted(&ns);
+                return;
             }
         };
         let entries: Vec<(DirEntry, SourceAttrs, bool)> = entries
@@ -488,20 +547,22 @@ impl Filesystem {
             .collect();
         // Owners of the new files, made outside the namespace's lock (each
         // looks at its spill file).
-        let existing: std::collections::HashSet<OsString> = match self.namespace().node(dir).map(|n| &n.kind) {
-            Some(NodeKind::Dir(children)) => children.keys().cloned().collect(),
-            _ => return,
+        let new_files: Vec<bool> = {
+            let ns = self.namespace();
+            let Some(NodeKind::Dir(children)) = ns.node(dir).map(|n| &n.kind) else { return };
+            entries
+                .iter()
+                .map(|(entry, attrs, _)| {
+                    attrs.kind() == libc::S_IFREG
+                        && !children.contains_key(&entry.name)
+                        && Self::linked(&ns, tree, &path.join(&entry.name), attrs).is_none()
+                })
+                .collect()
         };
         let mut made: Vec<Option<crate::fetch::FetchFile>> = entries
             .iter()
-            .map(|(entry, attrs, _)| {
-                let new_file = attrs.kind() == libc::S_IFREG
-                    && !existing.contains(&entry.name)
-                    && tree.hard_link(attrs, None).is_none();
-                new_file
-                    .then(|| tree.make_file(&path.join(&entry.name), attrs, from_log))
-                    .and_then(|made| made.map_err(|e| log::error!("{}: {e}", path.join(&entry.name).display())).ok())
-            })
+            .zip(new_files)
+            .map(|((entry, attrs, _), new)| new.then(|| tree.make_file(&path.join(&entry.name), attrs, from_log)))
             .collect();
         let mut ns = self.ns_mut();
         for ((entry, attrs, exact), file) in entries.into_iter().zip(made.drain(..)) {
@@ -510,10 +571,16 @@ impl Filesystem {
                 let pinned = ns.is_pinned(ino);
                 let Some(node) = ns.node_mut(ino) else { continue };
                 let from_images = matches!(node.origin, Origin::File | Origin::Source(_));
-                if from_images && !node.meta.changed_locally {
+                // Another kind of file there now (a directory replaced by a
+                // symlink): its mode and owner are not this node's.
+                if from_images && same_kind(&node.kind, attrs.kind()) {
                     // A recorded file keeps the images' mode, a recorded directory its recorded one.
                     let perm = matches!(node.kind, NodeKind::Dir(_)) && !pinned;
                     apply_source_attrs(&mut node.meta, &attrs, perm);
+                    // Its other names on the source (hard links) are names of it.
+                    if matches!(node.kind, NodeKind::File(_)) {
+                        tree.note_link(&path.join(name), &attrs, ino);
+                    }
                 }
                 continue;
             }
@@ -523,15 +590,17 @@ impl Filesystem {
             let origin = Origin::Source(path.join(name).into_boxed_path());
             match attrs.kind() {
                 libc::S_IFREG => {
-                    if let Some(first) = tree.hard_link(&attrs, None).filter(|&first| ns.node(first).is_some()) {
+                    let at = path.join(name);
+                    if let Some(first) = Self::linked(&ns, tree, &at, &attrs) {
                         ns.link(first, dir, name);
                         continue;
                     }
-                    let Some(file) = file else { continue };
+                    // The first name went meanwhile: this one is the file now.
+                    let file = file.unwrap_or_else(|| tree.make_file(&at, &attrs, from_log));
                     let index = self.fetcher.add_file(file);
                     let ino = ns.add_as(wanted, dir, name, NodeKind::File(index), meta, Origin::File);
                     ns.set_file_ino(index, ino);
-                    tree.hard_link(&attrs, Some(ino));
+                    tree.note_link(&at, &attrs, ino);
                 }
                 libc::S_IFDIR => {
                     let ino = ns.add_as(wanted, dir, name, NodeKind::Dir(Default::default()), meta, origin);
@@ -549,7 +618,37 @@ impl Filesystem {
             }
         }
         ns.set_unlisted(dir, false);
-        self.fetcher.set_unlisted_dirs(ns.unlisted_count());
+        self.count_unlisted(&ns);
+    }
+
+    /// The node of an earlier name of the file at `at` (a hard link), if it
+    /// is still there (its names may all have been removed since, and it
+    /// closed: then this name is the file).
+    fn linked(ns: &Namespace, tree: &Tree, at: &Path, attrs: &SourceAttrs) -> Option<Ino> {
+        tree.hard_link(at, attrs).filter(|&first| ns.node(first).is_some())
+    }
+
+    /// Tells the fetcher how many directories of the tree are still to be
+    /// listed (the source is needed until none is). Once none is, the old
+    /// host may go: every listing is made durable first.
+    fn count_unlisted(&self, ns: &Namespace) {
+        let Some(tree) = &self.tree else { return };
+        let unlisted = ns.unlisted_count();
+        if unlisted == 0
+            && let Err(e) = tree.sync()
+        {
+            log::error!("making the tree's listings durable: {e}");
+        }
+        self.fetcher.set_unlisted_dirs(unlisted);
+    }
+
+    /// Makes every listing kept so far durable (at unmount).
+    pub fn sync_listings(&self) {
+        if let Some(tree) = &self.tree
+            && let Err(e) = tree.sync()
+        {
+            log::error!("making the tree's listings durable: {e}");
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -675,23 +774,34 @@ impl Filesystem {
         self.listing_first(|fs| fs.lookup_listed(parent, name))
     }
 
-    /// [`Filesystem::lookup`] for a caller that must not block (the FUSE
-    /// session's threads): a lookup that needs a listing is answered from a
-    /// thread of its own.
-    pub fn lookup_then(self: &Arc<Self>, parent: Ino, name: &OsStr, reply: AttrReply) {
-        match self.lookup_listed(parent, name) {
+    /// Runs `op` and replies with its answer, for a caller that must not
+    /// block (the FUSE session's threads): an `op` that needs a listing (a
+    /// lookup of a name the images lack, a readdir, a change of a directory's
+    /// names) is run again, and answered, from a thread of the pool for work
+    /// that waits. `op` changes nothing before it has every listing it needs.
+    pub fn then<T: 'static>(
+        self: &Arc<Self>,
+        op: impl Fn(&Self) -> Result<T, FsError> + Send + 'static,
+        reply: impl FnOnce(Result<T, FsError>) + Send + 'static,
+    ) {
+        match without_waiting(|| op(self)) {
             Err(FsError { unlisted: Some(_), .. }) => {
-                let (fs, name) = (self.clone(), name.to_os_string());
-                std::thread::spawn(move || reply(fs.lookup(parent, &name)));
+                let fs = self.clone();
+                self.waiting.run(move || reply(op(&fs)));
             }
             answer => reply(answer),
         }
     }
 
+    /// Threads now waiting for listings on behalf of callers that must not block.
+    pub fn waiting_threads(&self) -> usize {
+        self.waiting.threads()
+    }
+
     fn lookup_listed(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         let ns = self.namespace();
         match Self::child(&ns, parent, name)? {
-            Some(ino) => self.attr(&ns, ino),
+            Some(ino) => self.owned_attr(&ns, ino),
             None if ns.is_unlisted(parent) => Err(FsError::unlisted(parent)),
             None => Err(FsError::new(libc::ENOENT, "no such file")),
         }
@@ -708,6 +818,23 @@ impl Filesystem {
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
         self.attr(&self.namespace(), ino)
+    }
+
+    /// The attributes the kernel checks accesses against (GETATTR, see
+    /// [`FsConfig::shared`]): on a mount other users may use, those of a node
+    /// of the images wait for its directory's listing.
+    pub fn getattr_owned(&self, ino: Ino) -> Result<Attr, FsError> {
+        self.listing_first(|fs| fs.owned_attr(&fs.namespace(), ino))
+    }
+
+    fn owned_attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
+        let attr = self.attr(ns, ino)?;
+        match ns.node(ino).and_then(|n| n.links.first()) {
+            Some(&(parent, _)) if self.config.shared && ns.is_unlisted(parent) && attr.provisional => {
+                Err(FsError::unlisted(parent))
+            }
+            _ => Ok(attr),
+        }
     }
 
     fn attr(&self, ns: &Namespace, ino: Ino) -> Result<Attr, FsError> {
@@ -736,10 +863,11 @@ impl Filesystem {
         let meta = &node.meta;
         let size = if kind == Kind::Dir { meta.dir_size } else { size };
         // Until its directory is listed, a node of the images shows the
-        // mounting user as its owner: the kernel asks again.
+        // mounting user as its owner; until a directory is listed itself,
+        // its link count counts none of its subdirectories: the kernel asks again.
         let provisional = self.tree.is_some()
             && !matches!(node.origin, Origin::Local(_))
-            && node.links.first().is_some_and(|&(parent, _)| ns.is_unlisted(parent));
+            && (node.links.first().is_some_and(|&(parent, _)| ns.is_unlisted(parent)) || ns.is_unlisted(ino));
         Ok(Attr {
             ino,
             provisional,
@@ -777,18 +905,6 @@ impl Filesystem {
     pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
         self.ensure_listed(ino)?;
         self.entries(ino)
-    }
-
-    /// [`Filesystem::readdir`] for a caller that must not block: one that
-    /// needs a listing is answered from a thread of its own.
-    pub fn readdir_then(self: &Arc<Self>, ino: Ino, reply: DirReply) {
-        match self.namespace().is_unlisted(ino) {
-            true => {
-                let fs = self.clone();
-                std::thread::spawn(move || reply(fs.readdir(ino)));
-            }
-            false => reply(self.entries(ino)),
-        }
     }
 
     fn entries(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>, FsError> {
@@ -832,6 +948,10 @@ impl Filesystem {
             .node(ino)
             .is_some_and(|n| crate::privileges::privileged(n.meta.perm, n.meta.xattrs.keys().map(|k| k.as_os_str())));
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
+            // A failed file shows no bytes (size 0): the kernel would read it as empty.
+            Some(NodeKind::File(index)) if !write && let Phase::Failed(why) = self.fetcher.file(*index).phase() => {
+                return Err(FsError::new(libc::EIO, why.to_string()));
+            }
             Some(NodeKind::File(_)) if write => None,
             Some(NodeKind::File(index)) => {
                 // Read next, as a rule: a small file is fetched whole at once.
@@ -967,17 +1087,61 @@ impl Filesystem {
     }
 }
 
+/// Listings claimed ([`Tree::begin`]) and not ended yet: ended when dropped.
+struct Claims<'a> {
+    tree: &'a Tree,
+    dirs: Vec<Ino>,
+}
+
+impl Claims<'_> {
+    fn end(&mut self, dir: Ino) {
+        if let Some(at) = self.dirs.iter().position(|&d| d == dir) {
+            self.dirs.swap_remove(at);
+            self.tree.end(dir);
+        }
+    }
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        self.dirs.drain(..).for_each(|dir| self.tree.end(dir));
+    }
+}
+
+/// Whether a node of kind `kind` and a source entry of type `file_type` (`S_IFMT` bits) are one kind of file.
+fn same_kind(kind: &NodeKind, file_type: u32) -> bool {
+    let node_type = match kind {
+        NodeKind::Dir(_) => libc::S_IFDIR,
+        NodeKind::File(_) | NodeKind::Local(_) => libc::S_IFREG,
+        NodeKind::Symlink(_) => libc::S_IFLNK,
+        NodeKind::Fifo => libc::S_IFIFO,
+    };
+    node_type == file_type
+}
+
 /// Takes what the source (or the manifest) says of a node into its
-/// attributes; its permission bits too with `perm`.
+/// attributes (its permission bits too with `perm`), but those changed
+/// through the mount: a local change is newer than any listing.
 fn apply_source_attrs(meta: &mut Meta, attrs: &SourceAttrs, perm: bool) {
-    if perm {
+    let local = meta.changed_locally;
+    if perm && !local.perm {
         meta.perm = attrs.mode & 0o7777;
     }
-    meta.uid = attrs.uid;
-    meta.gid = attrs.gid;
-    meta.atime = from_nanos(attrs.atime_ns);
-    meta.mtime = from_nanos(attrs.mtime_ns);
-    meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    if !local.uid {
+        meta.uid = attrs.uid;
+    }
+    if !local.gid {
+        meta.gid = attrs.gid;
+    }
+    if !local.atime {
+        meta.atime = from_nanos(attrs.atime_ns);
+    }
+    if !local.mtime {
+        meta.mtime = from_nanos(attrs.mtime_ns);
+    }
+    if local == LocalAttrs::default() {
+        meta.ctime = from_nanos(attrs.ctime_ns.unwrap_or(attrs.mtime_ns));
+    }
     meta.dir_size = attrs.size;
 }
 
@@ -1224,19 +1388,27 @@ impl Filesystem {
     /// file its creator holds open).
     fn new_node(&self, parent: Ino, name: &OsStr, record: Local, open: bool) -> Result<Attr, FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        let mut ns = self.ns_mut();
-        let path = Self::entry_path(&ns, parent, name)?;
-        if Self::child(&ns, parent, name)?.is_some() {
-            return Err(FsError::new(libc::EEXIST, "exists"));
-        }
-        let now = Some(nanos(SystemTime::now()));
-        let record = Local { path, atime_ns: now, mtime_ns: now, ..record };
-        let ino = self.change(&mut ns, record)?.expect("a new node");
-        if open {
-            *self.opens().entry(ino).or_default() += 1;
-        }
-        self.attr(&ns, ino)
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let path = Self::entry_path(&ns, parent, name)?;
+            if Self::child(&ns, parent, name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, "exists"));
+            }
+            let now = Some(nanos(SystemTime::now()));
+            let mut record = Local { path, atime_ns: now, mtime_ns: now, ..record.clone() };
+            // In a set-group-ID directory, a new node takes its group (and a directory the bit).
+            if let Some(dir) = ns.node(parent).map(|n| &n.meta).filter(|m| m.perm & libc::S_ISGID != 0) {
+                record.gid = Some(dir.gid);
+                if record.op() == LocalOp::Dir {
+                    record.mode = record.mode.map(|mode| mode | libc::S_ISGID);
+                }
+            }
+            let ino = fs.change(&mut ns, record)?.expect("a new node");
+            if open {
+                *fs.opens().entry(ino).or_default() += 1;
+            }
+            fs.attr(&ns, ino)
+        })
     }
 
     /// Creates a regular file, opened once (released by [`Filesystem::release`]);
@@ -1286,28 +1458,31 @@ impl Filesystem {
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        let mut ns = self.ns_mut();
-        let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
-        if node.links.is_empty() {
-            return Err(FsError::new(libc::ENOENT, "unlinked"));
-        }
-        let record = Local {
-            op: LocalOp::Link.into(),
-            path: bytes(&ns.mount_path(ino)),
-            to: Self::entry_path(&ns, parent, name)?,
-            ..Local::default()
-        };
-        self.change(&mut ns, record)?;
-        self.attr(&ns, ino)
+        // The file's own directories are on the change's way too.
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let node = ns.node(ino).ok_or_else(|| not_found(ino))?;
+            if node.links.is_empty() {
+                return Err(FsError::new(libc::ENOENT, "unlinked"));
+            }
+            let record = Local {
+                op: LocalOp::Link.into(),
+                path: bytes(&ns.mount_path(ino)),
+                to: Self::entry_path(&ns, parent, name)?,
+                ..Local::default()
+            };
+            fs.change(&mut ns, record)?;
+            fs.attr(&ns, ino)
+        })
     }
 
     fn remove_entry(&self, parent: Ino, name: &OsStr, op: LocalOp) -> Result<(), FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        let mut ns = self.ns_mut();
-        let record = Local { op: op.into(), path: Self::entry_path(&ns, parent, name)?, ..Local::default() };
-        self.change(&mut ns, record).map(drop)
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let record = Local { op: op.into(), path: Self::entry_path(&ns, parent, name)?, ..Local::default() };
+            fs.change(&mut ns, record).map(drop)
+        })
     }
 
     /// Removes a name; an open file keeps working until its last close.
@@ -1329,17 +1504,17 @@ impl Filesystem {
         flags: u32,
     ) -> Result<(), FsError> {
         self.writable()?;
-        self.ensure_listed(parent)?;
-        self.ensure_listed(to_parent)?;
-        let mut ns = self.ns_mut();
-        let record = Local {
-            op: LocalOp::Rename.into(),
-            path: Self::entry_path(&ns, parent, name)?,
-            to: Self::entry_path(&ns, to_parent, to_name)?,
-            flags,
-            ..Local::default()
-        };
-        self.change(&mut ns, record).map(drop)
+        self.listing_first(|fs| {
+            let mut ns = fs.ns_mut();
+            let record = Local {
+                op: LocalOp::Rename.into(),
+                path: Self::entry_path(&ns, parent, name)?,
+                to: Self::entry_path(&ns, to_parent, to_name)?,
+                flags,
+                ..Local::default()
+            };
+            fs.change(&mut ns, record).map(drop)
+        })
     }
 
     /// `flags`: XATTR_CREATE, XATTR_REPLACE or none.
@@ -1398,6 +1573,7 @@ impl Filesystem {
         let ino = self.apply(ns, &record, seq, Step::Make)?;
         let footprint = footprint.made(Some(ino));
         self.changes.lock().unwrap_or_else(PoisonError::into_inner).push((record, footprint));
+        self.count_unlisted(ns);
         Ok(ino)
     }
 
@@ -1484,8 +1660,7 @@ impl Filesystem {
         Ok(None)
     }
 
-    /// The directory and name of `path`.
-    /// The directory and name of `path`; the directory is listed.
+    /// The directory and name of `path`; the directory must be listed.
     fn split<'a>(ns: &Namespace, path: &'a Path) -> Result<(Ino, &'a OsStr), FsError> {
         let name = path.file_name().ok_or_else(|| FsError::new(libc::EINVAL, "no name"))?;
         let parent = Self::walk(ns, path.parent().unwrap_or(Path::new("")))?;
@@ -1522,9 +1697,12 @@ impl Filesystem {
         })
     }
 
-    /// Whether `ino` may be removed by rmdir (`dir`) or unlink.
+    /// Whether `ino` may be removed by rmdir (`dir`) or unlink. A directory
+    /// of the tree not listed yet is listed first: the source may hold
+    /// entries in it.
     fn check_removable(ns: &Namespace, ino: Ino, dir: bool) -> Result<(), FsError> {
         match (&ns.node(ino).ok_or_else(|| not_found(ino))?.kind, dir) {
+            (NodeKind::Dir(_), true) if ns.is_unlisted(ino) => Err(FsError::unlisted(ino)),
             (NodeKind::Dir(children), true) if children.is_empty() => Ok(()),
             (NodeKind::Dir(_), true) => Err(FsError::new(libc::ENOTEMPTY, "not empty")),
             (NodeKind::Dir(_), false) => Err(FsError::new(libc::EISDIR, "a directory")),
@@ -1590,7 +1768,12 @@ impl Filesystem {
 
     fn set_meta(ns: &mut Namespace, ino: Ino, record: &Local) -> Result<(), FsError> {
         let meta = &mut Self::node_mut(ns, ino)?.meta;
-        meta.changed_locally = true;
+        let local = &mut meta.changed_locally;
+        local.perm |= record.mode.is_some();
+        local.uid |= record.uid.is_some();
+        local.gid |= record.gid.is_some();
+        local.atime |= record.atime_ns.is_some();
+        local.mtime |= record.mtime_ns.is_some();
         if let Some(mode) = record.mode {
             meta.perm = mode & 0o7777;
         }

@@ -15,9 +15,10 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::dir_handles::{DirHandles, Entries};
 use crate::failover::opens::{Count, Held, OpenTable};
 use crate::failover::request;
-use crate::fs::{Attr, Creator, FsError, Kind, SetAttr};
+use crate::fs::{Attr, Creator, Filesystem, FsError, Kind, SetAttr};
 
 /// The file set and its sizes come from the checkpoint and the source's
 /// listings, and change only through this mount: the kernel may cache names
@@ -30,7 +31,11 @@ const MAX_BACKGROUND: u16 = 64;
 const CACHED: FileHandle = FileHandle(0);
 const PASSTHROUGH: FileHandle = FileHandle(1);
 
-pub struct FuseAdapter {
+/// The adapter the session calls; what it holds is shared with the
+/// answers given later from threads that waited for a listing.
+pub struct FuseAdapter(Arc<Adapter>);
+
+pub struct Adapter {
     fs: Arc<crate::fs::Filesystem>,
     /// Whether to hand the kernel verified files' spill files (FUSE passthrough).
     passthrough: Arc<AtomicBool>,
@@ -39,6 +44,8 @@ pub struct FuseAdapter {
     connection: u64,
     /// Requests of this connection a predecessor made the change of.
     made: HashSet<u64>,
+    /// Open directories and the entries each is reading.
+    dirs: Arc<DirHandles>,
 }
 
 /// The open handles the kernel holds, per inode, and where a successor
@@ -87,6 +94,29 @@ impl Opens {
 // FUSE_DEV_IOC_BACKING_CLOSE: _IOW(229, 2, uint32_t).
 nix::ioctl_write_ptr!(backing_close, 229, 2, u32);
 
+impl std::ops::Deref for FuseAdapter {
+    type Target = Adapter;
+
+    fn deref(&self) -> &Adapter {
+        &self.0
+    }
+}
+
+/// What an answer given later needs of the request it answers.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// The request's number, without the mark of one sent again.
+    unique: u64,
+    /// Sent again (`FUSE_NOTIFY_RESEND`): its first taker died before answering.
+    resent: bool,
+}
+
+impl Asked {
+    fn of(req: &Request) -> Asked {
+        Asked { unique: req.unique().0 & !FUSE_UNIQUE_RESEND, resent: resent(req) }
+    }
+}
+
 impl OpenState {
     /// The backing file registered for `ino`, ours from now on (`wrap` takes
     /// over one a predecessor registered).
@@ -103,16 +133,16 @@ impl OpenState {
 
     /// How `req` changed the counts of `ino`, if it did before (it is sent
     /// again: its first taker died between counting and answering).
-    fn counted(&self, req: &Request, ino: u64) -> Option<Count> {
+    fn counted(&self, asked: Asked, ino: u64) -> Option<Count> {
         let &(request, count) = self.inherited.get(&ino)?;
-        (resent(req) && request == req.unique().0 & !FUSE_UNIQUE_RESEND).then_some(count)
+        (asked.resent && request == asked.unique).then_some(count)
     }
 
     /// Writes what is held of `ino` to the open table, and forgets an inode
     /// with nothing open any more (closing its backing file).
-    fn settle(&mut self, ino: u64, req: &Request, count: Count) {
+    fn settle(&mut self, ino: u64, asked: Asked, count: Count) {
         let Some(opens) = self.by_ino.get_mut(&ino) else { return };
-        opens.last = Some((req.unique().0 & !FUSE_UNIQUE_RESEND, count));
+        opens.last = Some((asked.unique, count));
         let gone = opens.cached == 0 && opens.passthrough == 0;
         let held = if gone { Held::default() } else { opens.held() };
         if let Some(table) = &mut self.table
@@ -131,7 +161,7 @@ impl OpenState {
     }
 }
 
-impl FuseAdapter {
+impl Adapter {
     /// Whether an open of `file` goes through passthrough (counted as one,
     /// its backing file registered): passthrough is on and no cached open of
     /// the inode is live.
@@ -168,31 +198,105 @@ impl FuseAdapter {
     /// Whether `req` comes again (its first taker died before answering) and
     /// the change it asks for was made then (the journal says so).
     fn made_before(&self, req: &Request) -> bool {
-        let made = resent(req) && self.made.contains(&(req.unique().0 & !FUSE_UNIQUE_RESEND));
-        if resent(req) {
-            log::debug!(
-                "request {} sent again: {}",
-                req.unique().0 & !FUSE_UNIQUE_RESEND,
-                if made { "made before" } else { "not made yet" }
-            );
+        let asked = Asked::of(req);
+        let made = asked.resent && self.made.contains(&asked.unique);
+        if asked.resent {
+            log::debug!("request {} sent again: {}", asked.unique, if made { "made before" } else { "not made yet" });
         }
         made
     }
 
-    /// Makes a change on behalf of `req`: its journal record names the request.
-    fn on_behalf<T>(&self, req: &Request, change: impl FnOnce() -> T) -> T {
+    /// Makes a change on behalf of the request `asked`: its journal record names the request.
+    fn on_behalf<T>(&self, asked: Asked, change: impl FnOnce() -> T) -> T {
         match self.connection {
             0 => change(),
-            connection => request::on_behalf_of(connection, req.unique().0 & !FUSE_UNIQUE_RESEND, change),
+            connection => request::on_behalf_of(connection, asked.unique, change),
         }
     }
+}
 
-    /// A change of names: made once, however often the kernel asks.
-    fn made_empty(&self, req: &Request, change: impl FnOnce() -> Result<(), FsError>, reply: ReplyEmpty) {
+/// What a create found or made.
+enum Created {
+    /// Made now: its data file.
+    New(std::fs::File),
+    /// Made by a predecessor for the same request (sent again).
+    Before,
+    /// There already and opened (a create sent again without `O_EXCL`).
+    Opened(Option<std::fs::File>),
+}
+
+impl Adapter {
+    /// Answers a create once the file is made (or found).
+    fn created(&self, asked: Asked, created: Result<(Attr, Created), FsError>, reply: ReplyCreate) {
+        // SAFETY: as in `open`.
+        let wrap = |id| unsafe { reply.wrap_backing(id) };
+        let (attr, file) = match created {
+            Ok((attr, Created::New(file))) => (attr, Some(file)),
+            Ok((attr, Created::Opened(file))) => (attr, file),
+            // Sent again: made before, what is there is opened.
+            Ok((attr, Created::Before)) => {
+                let mut state = self.opens.lock().expect("opens");
+                match state.counted(asked, attr.ino) {
+                    // Counted then too: answered as it was counted.
+                    Some(Count::PassthroughOpen) if let Some(backing) = state.ours(attr.ino, wrap) => {
+                        let (fh, flags) = (PASSTHROUGH, FopenFlags::empty());
+                        return reply.created_passthrough(
+                            &ttl(&attr),
+                            &file_attr(&attr),
+                            Generation(0),
+                            fh,
+                            flags,
+                            backing,
+                        );
+                    }
+                    Some(Count::CachedOpen) => {
+                        let (fh, flags) = (CACHED, FopenFlags::FOPEN_KEEP_CACHE);
+                        return reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), fh, flags);
+                    }
+                    _ => {}
+                }
+                drop(state);
+                match self.fs.open(attr.ino, true) {
+                    Ok(file) => (attr, file),
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut state = self.opens.lock().expect("opens");
+        let opens = state.by_ino.entry(attr.ino).or_default();
+        if self.backing(opens, file, |f| reply.open_backing(f), wrap) {
+            state.settle(attr.ino, asked, Count::PassthroughOpen);
+            let backing = state.ours(attr.ino, wrap).expect("registered above");
+            return reply.created_passthrough(
+                &ttl(&attr),
+                &file_attr(&attr),
+                Generation(0),
+                PASSTHROUGH,
+                FopenFlags::empty(),
+                backing,
+            );
+        }
+        opens.cached += 1;
+        state.settle(attr.ino, asked, Count::CachedOpen);
+        reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
+    }
+}
+
+impl FuseAdapter {
+    /// A change of names: made once, however often the kernel asks; one
+    /// that waits for a listing is answered from a thread of its own.
+    fn made_empty(
+        &self,
+        req: &Request,
+        change: impl Fn(&Filesystem) -> Result<(), FsError> + Send + 'static,
+        reply: ReplyEmpty,
+    ) {
         if self.made_before(req) {
             return reply.ok();
         }
-        empty(self.on_behalf(req, change), reply)
+        let (adapter, asked) = (self.0.clone(), Asked::of(req));
+        self.fs.then(move |fs| adapter.on_behalf(asked, || change(fs)), move |result| empty(result, reply))
     }
 
     /// A new name `name` in `parent`: made once; sent again, the entry as it is.
@@ -201,19 +305,23 @@ impl FuseAdapter {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        make: impl FnOnce() -> Result<Attr, FsError>,
+        make: impl Fn(&Filesystem) -> Result<Attr, FsError> + Send + 'static,
         reply: ReplyEntry,
     ) {
         if self.made_before(req) {
-            return entry(self.fs.lookup(parent.0, name), reply);
+            let name = name.to_owned();
+            return self.fs.then(move |fs| fs.lookup(parent.0, &name), move |result| entry(result, reply));
         }
-        entry(self.on_behalf(req, make), reply)
+        let (adapter, asked) = (self.0.clone(), Asked::of(req));
+        self.fs.then(move |fs| adapter.on_behalf(asked, || make(fs)), move |result| entry(result, reply))
     }
 
     /// `passthrough`: whether to use FUSE passthrough (if the kernel agrees
     /// at INIT); it says afterwards whether it is on.
     pub fn new(fs: Arc<crate::fs::Filesystem>, passthrough: Arc<AtomicBool>) -> Self {
-        FuseAdapter { fs, passthrough, opens: Mutex::new(OpenState::default()), connection: 0, made: HashSet::new() }
+        let opens = Mutex::new(OpenState::default());
+        let dirs = Arc::default();
+        FuseAdapter(Arc::new(Adapter { fs, passthrough, opens, connection: 0, made: HashSet::new(), dirs }))
     }
 
     /// Serves kernel connection `connection` for a supervisor: keeps the open
@@ -227,8 +335,9 @@ impl FuseAdapter {
         held: &HashMap<u64, Held>,
         device: Option<OwnedFd>,
     ) -> Self {
-        self.connection = connection;
-        self.made = self.fs.requests_made(connection);
+        let adapter = Arc::get_mut(&mut self.0).expect("not serving yet");
+        adapter.connection = connection;
+        adapter.made = adapter.fs.requests_made(connection);
         let by_ino = held
             .iter()
             .map(|(&ino, held)| {
@@ -237,9 +346,20 @@ impl FuseAdapter {
             })
             .collect();
         let inherited = held.iter().filter_map(|(&ino, held)| Some((ino, held.last?))).collect();
-        *self.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device, inherited };
+        *adapter.opens.lock().expect("opens") = OpenState { by_ino, table: Some(table), connection: device, inherited };
         self
     }
+}
+
+/// Answers a READDIR with the entries from `offset` on (each entry's offset
+/// is the next one's index), as many as the kernel's buffer takes.
+fn fill_dir(entries: &Entries, offset: u64, mut reply: ReplyDirectory) {
+    for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -307,14 +427,18 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.fs.lookup_then(parent.0, name, Box::new(move |result| entry(result, reply)));
+        let name = name.to_owned();
+        self.fs.then(move |fs| fs.lookup(parent.0, &name), move |result| entry(result, reply));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.fs.then(
+            move |fs| fs.getattr_owned(ino.0),
+            move |result| match result {
+                Ok(attr) => reply.attr(&ttl(&attr), &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn setattr(
@@ -355,7 +479,7 @@ impl fuser::Filesystem for FuseAdapter {
         let wrap = |id| unsafe { reply.wrap_backing(id) };
         {
             let mut state = self.opens.lock().expect("opens");
-            match state.counted(req, ino.0) {
+            match state.counted(Asked::of(req), ino.0) {
                 Some(Count::PassthroughOpen) if let Some(backing) = state.ours(ino.0, wrap) => {
                     return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
                 }
@@ -373,7 +497,7 @@ impl fuser::Filesystem for FuseAdapter {
         // The kernel reads (and writes) the local file itself.
         if self.backing(opens, backing_file, |f| reply.open_backing(f), wrap) {
             // Recorded before the kernel hears of it: a successor must know every open.
-            state.settle(ino.0, req, Count::PassthroughOpen);
+            state.settle(ino.0, Asked::of(req), Count::PassthroughOpen);
             let backing = state.ours(ino.0, wrap).expect("registered above");
             return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), backing);
         }
@@ -384,7 +508,7 @@ impl fuser::Filesystem for FuseAdapter {
             return reply.error(Errno::ETXTBSY);
         }
         opens.cached += 1;
-        state.settle(ino.0, req, Count::CachedOpen);
+        state.settle(ino.0, Asked::of(req), Count::CachedOpen);
         // Contents change only through this mount: keep the page cache across opens.
         reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
@@ -400,7 +524,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let mut state = self.opens.lock().expect("opens");
-        if state.counted(req, ino.0) == Some(Count::Release) {
+        if state.counted(Asked::of(req), ino.0) == Some(Count::Release) {
             return reply.ok();
         }
         if let Some(opens) = state.by_ino.get_mut(&ino.0) {
@@ -409,7 +533,7 @@ impl fuser::Filesystem for FuseAdapter {
             } else {
                 opens.cached = opens.cached.saturating_sub(1);
             }
-            state.settle(ino.0, req, Count::Release);
+            state.settle(ino.0, Asked::of(req), Count::Release);
         }
         // Answered before the lock is let go, as every counted request is:
         // then at most one is counted and unanswered at a crash, the last
@@ -477,21 +601,31 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.fs.readdir_then(
-            ino.0,
-            Box::new(move |result| match result {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(self.dirs.open()), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        if let Some(entries) = self.dirs.entries(ino.0, fh.0, offset) {
+            return fill_dir(&entries, offset, reply);
+        }
+        let dirs = self.dirs.clone();
+        self.fs.then(
+            move |fs| fs.readdir(ino.0),
+            move |result| match result {
                 Ok(entries) => {
-                    for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-                        if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), name) {
-                            break;
-                        }
-                    }
-                    reply.ok();
+                    let entries = Arc::new(entries);
+                    dirs.keep(ino.0, fh.0, entries.clone());
+                    fill_dir(&entries, offset, reply);
                 }
                 Err(e) => reply.error(errno(&e)),
-            }),
+            },
         );
+    }
+
+    fn releasedir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.release(ino.0, fh.0);
+        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -510,11 +644,13 @@ impl fuser::Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.made_entry(req, parent, name, || self.fs.mknod(parent.0, name, mode & !umask, creator(req)), reply)
+        let (name_owned, by) = (name.to_owned(), creator(req));
+        self.made_entry(req, parent, name, move |fs| fs.mknod(parent.0, &name_owned, mode & !umask, by), reply)
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.made_entry(req, parent, name, || self.fs.mkdir(parent.0, name, mode & !umask, creator(req)), reply)
+        let (name_owned, by) = (name.to_owned(), creator(req));
+        self.made_entry(req, parent, name, move |fs| fs.mkdir(parent.0, &name_owned, mode & !umask, by), reply)
     }
 
     fn create(
@@ -528,81 +664,40 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let made_before = self.made_before(req);
-        let created = match made_before {
-            false => self
-                .on_behalf(req, || self.fs.create(parent.0, name, mode & !umask, creator(req)))
-                .map(|(attr, file)| (attr, Some(file))),
-            true => self.fs.lookup(parent.0, name).map(|attr| (attr, None)),
-        };
-        // SAFETY: as in `open`.
-        let wrap = |id| unsafe { reply.wrap_backing(id) };
-        let (attr, file) = match created {
-            Ok((attr, Some(file))) => (attr, Some(file)),
-            // Sent again: made before (or, without O_EXCL, made at all), what is there is opened.
-            Ok((attr, None)) => {
-                let mut state = self.opens.lock().expect("opens");
-                match state.counted(req, attr.ino) {
-                    // Counted then too: answered as it was counted.
-                    Some(Count::PassthroughOpen) if let Some(backing) = state.ours(attr.ino, wrap) => {
-                        let (fh, flags) = (PASSTHROUGH, FopenFlags::empty());
-                        return reply.created_passthrough(
-                            &ttl(&attr),
-                            &file_attr(&attr),
-                            Generation(0),
-                            fh,
-                            flags,
-                            backing,
-                        );
-                    }
-                    Some(Count::CachedOpen) => {
-                        let (fh, flags) = (CACHED, FopenFlags::FOPEN_KEEP_CACHE);
-                        return reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), fh, flags);
-                    }
-                    _ => {}
+        let (adapter, asked, by, name) = (self.0.clone(), Asked::of(req), creator(req), name.to_owned());
+        let make = move |fs: &Filesystem| {
+            let created = match made_before {
+                false => adapter
+                    .on_behalf(asked, || fs.create(parent.0, &name, mode & !umask, by))
+                    .map(|(attr, file)| (attr, Created::New(file))),
+                true => fs.lookup(parent.0, &name).map(|attr| (attr, Created::Before)),
+            };
+            match created {
+                // Sent again, made before without O_EXCL: what is there is opened.
+                Err(e) if e.errno == libc::EEXIST && asked.resent && flags & libc::O_EXCL == 0 => {
+                    let attr = fs.lookup(parent.0, &name)?;
+                    Ok((attr, Created::Opened(fs.open(attr.ino, true)?)))
                 }
-                drop(state);
-                match self.fs.open(attr.ino, true) {
-                    Ok(file) => (attr, file),
-                    Err(e) => return reply.error(errno(&e)),
-                }
+                created => created,
             }
-            Err(e) if e.errno == libc::EEXIST && resent(req) && flags & libc::O_EXCL == 0 => {
-                match self.fs.lookup(parent.0, name).and_then(|attr| Ok((attr, self.fs.open(attr.ino, true)?))) {
-                    Ok(opened) => opened,
-                    Err(e) => return reply.error(errno(&e)),
-                }
-            }
-            Err(e) => return reply.error(errno(&e)),
         };
-        let mut state = self.opens.lock().expect("opens");
-        let opens = state.by_ino.entry(attr.ino).or_default();
-        if self.backing(opens, file, |f| reply.open_backing(f), wrap) {
-            state.settle(attr.ino, req, Count::PassthroughOpen);
-            let backing = state.ours(attr.ino, wrap).expect("registered above");
-            return reply.created_passthrough(
-                &ttl(&attr),
-                &file_attr(&attr),
-                Generation(0),
-                PASSTHROUGH,
-                FopenFlags::empty(),
-                backing,
-            );
-        }
-        opens.cached += 1;
-        state.settle(attr.ino, req, Count::CachedOpen);
-        reply.created(&ttl(&attr), &file_attr(&attr), Generation(0), CACHED, FopenFlags::FOPEN_KEEP_CACHE)
+        let adapter = self.0.clone();
+        self.fs.then(make, move |created| adapter.created(asked, created, reply));
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.made_empty(req, || self.fs.unlink(parent.0, name), reply)
+        let name = name.to_owned();
+        self.made_empty(req, move |fs| fs.unlink(parent.0, &name), reply)
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.made_empty(req, || self.fs.rmdir(parent.0, name), reply)
+        let name = name.to_owned();
+        self.made_empty(req, move |fs| fs.rmdir(parent.0, &name), reply)
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
-        self.made_entry(req, parent, name, || self.fs.symlink(parent.0, name, target, creator(req)), reply)
+        let (name_owned, target, by) = (name.to_owned(), target.to_owned(), creator(req));
+        self.made_entry(req, parent, name, move |fs| fs.symlink(parent.0, &name_owned, &target, by), reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -622,11 +717,13 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.made_empty(req, || self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()), reply)
+        let (name, newname, flags) = (name.to_owned(), newname.to_owned(), flags.bits());
+        self.made_empty(req, move |fs| fs.rename(parent.0, &name, newparent.0, &newname, flags), reply)
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.made_entry(req, newparent, newname, || self.fs.link(ino.0, newparent.0, newname), reply)
+        let name = newname.to_owned();
+        self.made_entry(req, newparent, newname, move |fs| fs.link(ino.0, newparent.0, &name), reply)
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
@@ -651,7 +748,8 @@ impl fuser::Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.made_empty(req, || self.fs.setxattr(ino.0, name, value, flags), reply)
+        let (name, value) = (name.to_owned(), value.to_vec());
+        self.made_empty(req, move |fs| fs.setxattr(ino.0, &name, &value, flags), reply)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
@@ -663,7 +761,8 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.made_empty(req, || self.fs.removexattr(ino.0, name), reply)
+        let name = name.to_owned();
+        self.made_empty(req, move |fs| fs.removexattr(ino.0, &name), reply)
     }
 }
 

@@ -4,7 +4,9 @@
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod deferred;
 pub mod detached;
+pub mod dir_handles;
 pub mod failover;
 pub mod fetch;
 pub mod fs;

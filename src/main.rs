@@ -2,7 +2,7 @@
 //! one-line message and an exit code.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::path::PathBuf;
@@ -323,6 +323,12 @@ fn run_export(args: &ExportArgs) -> anyhow::Result<u8> {
     control::Client::connect(&args.mountpoint)?;
     let done = lazyfs::commands::export::export(&args.mountpoint, &args.dir)?;
     eprintln!("lazyfs: exported {} files ({} bytes) to {}", done.files, done.bytes, args.dir.display());
+    if done.owners_not_kept > 0 {
+        eprintln!(
+            "lazyfs: {} entries are yours, not their owners' on the mount: only root may give files away",
+            done.owners_not_kept
+        );
+    }
     Ok(exit::SUCCESS)
 }
 
@@ -505,7 +511,7 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
             if !totals.source_error.is_empty() && totals.state() != MountState::Complete {
                 return Err(unusable(&totals.source_error).into());
             }
-            if totals.files_failed == 0 {
+            if totals.files_failed == 0 && totals.dirs_failed == 0 {
                 if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
                 }
@@ -516,12 +522,17 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
             }
             // A failure or the timeout: the per-file list says which files.
         }
-        let status = client.status().map_err(gone)?;
+        let status = status_naming(&mut client, &args.paths, &mountpoint).map_err(gone)?;
         let selected = select_files(&status, &args.paths, &mountpoint)?;
         let failed: Vec<_> = selected.iter().filter(|f| f.state() == FileState::Failed).collect();
-        if !failed.is_empty() {
+        // Waiting for every file: those of directories that could not be listed too.
+        let failed_dirs = if args.paths.is_empty() { status.failed_dirs.as_slice() } else { &[] };
+        if !failed.is_empty() || !failed_dirs.is_empty() {
             for file in failed {
                 eprintln!("lazyfs: {}", lazyfs::ui::failure_line(file));
+            }
+            for dir in failed_dirs {
+                eprintln!("lazyfs: {}", lazyfs::ui::dir_failure_line(dir));
             }
             return Ok(exit::VERIFY_FAILED);
         }
@@ -557,8 +568,44 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// The files `wanted` names (all when empty), by original path, path in the
-/// mount, or path under the mountpoint.
+/// A snapshot of the mount, per file, that holds every file `wanted` names
+/// if the mount has it: a file of a directory of the tree nothing has listed
+/// yet is not in the first snapshot, so the mount is asked to list the
+/// directories on the way to it first.
+fn status_naming(
+    client: &mut control::Client,
+    wanted: &[PathBuf],
+    mountpoint: &Path,
+) -> Result<control::proto::Status, ControlError> {
+    let status = client.status()?;
+    let missing: Vec<Vec<u8>> = wanted
+        .iter()
+        .filter(|path| find_file(&status, path, mountpoint).is_none())
+        // A relative PATH is relative to the mount (as `find_file` takes it).
+        .map(|path| mountpoint.join(path).into_os_string().into_vec())
+        .collect();
+    if missing.is_empty() {
+        return Ok(status);
+    }
+    client.locate(missing)?;
+    client.status()
+}
+
+/// The file `wanted` names: its original path, its path in the mount, or its
+/// path under the mountpoint.
+fn find_file<'a>(
+    status: &'a control::proto::Status,
+    wanted: &Path,
+    mountpoint: &Path,
+) -> Option<&'a control::proto::FileStatus> {
+    let below = wanted.strip_prefix(mountpoint).unwrap_or(wanted);
+    status.files.iter().find(|f| {
+        Path::new(std::ffi::OsStr::from_bytes(&f.path)) == wanted
+            || Path::new(std::ffi::OsStr::from_bytes(&f.mount_path)) == below
+    })
+}
+
+/// The files `wanted` names (all when empty), as [`find_file`] finds them.
 fn select_files<'a>(
     status: &'a control::proto::Status,
     wanted: &[PathBuf],
@@ -570,18 +617,10 @@ fn select_files<'a>(
     wanted
         .iter()
         .map(|wanted| {
-            let below = wanted.strip_prefix(mountpoint).unwrap_or(wanted);
-            status
-                .files
-                .iter()
-                .find(|f| {
-                    Path::new(std::ffi::OsStr::from_bytes(&f.path)) == wanted
-                        || Path::new(std::ffi::OsStr::from_bytes(&f.mount_path)) == below
-                })
-                .ok_or_else(|| {
-                    Exit { code: exit::BAD_INPUT, message: format!("{}: not a file of this mount", wanted.display()) }
-                        .into()
-                })
+            find_file(status, wanted, mountpoint).ok_or_else(|| {
+                Exit { code: exit::BAD_INPUT, message: format!("{}: not a file of this mount", wanted.display()) }
+                    .into()
+            })
         })
         .collect()
 }
@@ -592,8 +631,8 @@ fn run_prefetch(args: &PrefetchArgs) -> anyhow::Result<u8> {
     let paths = if args.paths.is_empty() {
         Vec::new()
     } else {
-        let status = client.status()?;
         let mountpoint = std::path::absolute(&args.mountpoint)?;
+        let status = status_naming(&mut client, &args.paths, &mountpoint)?;
         select_files(&status, &args.paths, &mountpoint)?.into_iter().map(|f| f.path.clone()).collect()
     };
     let queued = client.prefetch(paths)?;

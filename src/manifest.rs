@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,7 @@ use crate::recording::{self, Recording};
 use crate::source::SourceAttrs;
 use crate::source::relative;
 use crate::store::CHUNK_SIZE;
-use crate::store::journal::proto::{Manifest as ManifestProto, ManifestEntry, ManifestFile};
+use crate::store::journal::proto::{Manifest as ManifestProto, ManifestEntry, ManifestFile, ManifestLeftOut};
 
 const MAGIC: &[u8] = b"lazyfs-manifest\n";
 const VERSION: u32 = 1;
@@ -83,6 +83,8 @@ pub struct Manifest {
     subtree: Option<PathBuf>,
     /// The access order shipped with the images, if any.
     pub recording: Option<Recording>,
+    /// What it could not read below the subtree, and why.
+    left_out: Vec<(PathBuf, String)>,
 }
 
 impl Manifest {
@@ -96,15 +98,21 @@ impl Manifest {
         self.attrs.get(path.as_os_str().as_bytes()).copied()
     }
 
-    /// The largest inode number it records.
+    /// The largest inode number it records that a node may keep (see `namespace::kept_ino`).
     pub fn max_ino(&self) -> Option<u64> {
-        self.attrs.values().filter_map(|a| a.dev_ino.map(|(_, ino)| ino)).max()
+        self.attrs.values().filter_map(|a| crate::namespace::kept_ino(a.dev_ino?.1)).max()
     }
 
     /// Whether the manifest holds every file below `path`'s directory as it
     /// was: a file there it does not hold appeared after it.
     pub fn covers(&self, path: &Path) -> bool {
         self.subtree.as_ref().is_some_and(|dir| path.starts_with(dir) && path != dir)
+    }
+
+    /// Why the manifest holds nothing of `path`, if it left out `path` or a
+    /// directory it is in (it could not read them).
+    pub fn left_out(&self, path: &Path) -> Option<(&Path, &str)> {
+        self.left_out.iter().find(|(out, _)| path.starts_with(out)).map(|(out, why)| (out.as_path(), why.as_str()))
     }
 
     pub fn len(&self) -> usize {
@@ -150,7 +158,12 @@ impl Manifest {
             recording::check(recording).map_err(|reason| bad(format!("its recording: {reason}")))?;
         }
         let subtree = (!proto.subtree.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&proto.subtree)));
-        Ok(Manifest { files, attrs, subtree, recording: proto.recording })
+        let left_out = proto
+            .left_out
+            .into_iter()
+            .map(|out| (PathBuf::from(std::ffi::OsString::from_vec(out.path)), out.reason))
+            .collect();
+        Ok(Manifest { files, attrs, subtree, recording: proto.recording, left_out })
     }
 }
 
@@ -186,13 +199,14 @@ pub fn create(
     // With --subtree, every file below it (the mount serves them all);
     // otherwise the recorded files.
     let mut entries = Vec::new();
+    let mut summary = Summary { hashed: 0, bytes: 0, skipped: Vec::new() };
     let files: Vec<(PathBuf, Option<u64>)> = match subtree {
         Some(dir) => {
             if !root.join(relative(dir)).is_dir() {
                 return Err(ManifestError::EmptySubtree(dir.into()));
             }
             let mut files = Vec::new();
-            walk(root, dir, &mut files, &mut entries)?;
+            walk(root, dir, &mut Walked { files: &mut files, entries: &mut entries, skipped: &mut summary.skipped })?;
             files.into_iter().map(|path| (path.clone(), recorded.get(path.as_path()).copied().flatten())).collect()
         }
         None => recorded.iter().map(|(path, size)| (path.to_path_buf(), *size)).collect(),
@@ -222,7 +236,6 @@ pub fn create(
         })
         .collect();
 
-    let mut summary = Summary { hashed: 0, bytes: 0, skipped: Vec::new() };
     let mut proto = ManifestProto {
         version: VERSION,
         chunk_size: CHUNK_SIZE,
@@ -230,6 +243,7 @@ pub fn create(
         recording,
         subtree: subtree.map(|s| s.as_os_str().as_bytes().to_vec()).unwrap_or_default(),
         entries,
+        left_out: Vec::new(),
     };
     for (path, result) in results {
         match result {
@@ -246,6 +260,16 @@ pub fn create(
             }
             Err(reason) => summary.skipped.push((path, reason)),
         }
+    }
+    if subtree.is_some() {
+        proto.left_out = summary
+            .skipped
+            .iter()
+            .map(|(path, reason)| ManifestLeftOut {
+                path: path.as_os_str().as_bytes().to_vec(),
+                reason: reason.clone(),
+            })
+            .collect();
     }
     if let (0, Some((path, reason))) = (summary.hashed, summary.skipped.first()) {
         let example = format!("{}: {reason}", path.display());
@@ -277,19 +301,24 @@ fn attrs_of(meta: &std::fs::Metadata) -> SourceAttrs {
     }
 }
 
+/// What the walk of a subtree found.
+struct Walked<'a> {
+    files: &'a mut Vec<PathBuf>,
+    entries: &'a mut Vec<ManifestEntry>,
+    /// What it could not read (a directory or entry the user may not see), and why.
+    skipped: &'a mut Vec<(PathBuf, String)>,
+}
+
 /// Every regular file below `dir` (read below `root`) into `files`, and
 /// every other entry (directories, `dir` itself included, symlinks, FIFOs)
-/// with its attributes into `entries`. Symlinks are not followed.
-fn walk(
-    root: &Path,
-    dir: &Path,
-    files: &mut Vec<PathBuf>,
-    entries: &mut Vec<ManifestEntry>,
-) -> Result<(), ManifestError> {
+/// with its attributes into `entries`. Symlinks are not followed. What the
+/// user may not read below `dir` (root's `lost+found`, another user's 0700
+/// directory) is left out, and said why; `dir` itself must be readable.
+fn walk(root: &Path, dir: &Path, walked: &mut Walked) -> Result<(), ManifestError> {
     let on_disk = root.join(relative(dir));
     let io = |source| ManifestError::Io { path: on_disk.clone(), source };
     let meta = std::fs::symlink_metadata(&on_disk).map_err(io)?;
-    entries.push(ManifestEntry {
+    walked.entries.push(ManifestEntry {
         path: dir.as_os_str().as_bytes().to_vec(),
         attrs: Some(crate::tree::to_attrs(&attrs_of(&meta))),
         target: Vec::new(),
@@ -303,18 +332,30 @@ fn walk(
     for name in names {
         let path = dir.join(&name);
         let at = on_disk.join(&name);
-        let meta = std::fs::symlink_metadata(&at).map_err(|source| ManifestError::Io { path: at.clone(), source })?;
+        let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+        let meta = match std::fs::symlink_metadata(&at) {
+            Err(e) if denied(&e) => {
+                walked.skipped.push((path, format!("{}: {e}", at.display())));
+                continue;
+            }
+            other => other.map_err(|source| ManifestError::Io { path: at.clone(), source })?,
+        };
         let kind = meta.file_type();
         if kind.is_dir() {
-            walk(root, &path, files, entries)?;
+            match walk(root, &path, walked) {
+                Err(ManifestError::Io { path: failed, source }) if failed == at && denied(&source) => {
+                    walked.skipped.push((path, format!("{}: {source}", at.display())));
+                }
+                other => other?,
+            }
         } else if kind.is_file() {
-            files.push(path);
+            walked.files.push(path);
         } else {
             let target = match kind.is_symlink() {
                 true => std::fs::read_link(&at).map_err(|source| ManifestError::Io { path: at.clone(), source })?,
                 false => PathBuf::new(),
             };
-            entries.push(ManifestEntry {
+            walked.entries.push(ManifestEntry {
                 path: path.as_os_str().as_bytes().to_vec(),
                 attrs: Some(crate::tree::to_attrs(&attrs_of(&meta))),
                 target: target.as_os_str().as_bytes().to_vec(),

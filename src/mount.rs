@@ -22,7 +22,7 @@ use crate::fuse::FuseAdapter;
 use crate::identity::{self, CacheIdentity, CheckedSource, SourceIdentity, Verdict};
 use crate::images::{Checkpoint, ImageError, RecordedFile};
 use crate::manifest::{self, Manifest, ManifestError};
-use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers};
+use crate::namespace::{Counter, Ino, Layout, Namespace, NamespaceError, Numbers, ROOT_INO};
 use crate::recording::{self, Recording, RecordingError};
 use crate::s3::index::Index;
 use crate::source::Connection;
@@ -56,6 +56,12 @@ pub enum MountError {
     Mount { path: PathBuf, source: std::io::Error },
     #[error("--prefetch-order recorded:{0}")]
     Recording(#[from] RecordingError),
+    #[error(
+        "--layout flat cannot show the whole directory {} (flat names have no directories): give --layout tree, \
+         or --recorded-only to serve only the recorded files below it, flat",
+        .0.display()
+    )]
+    FlatWholeDir(PathBuf),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
@@ -69,6 +75,7 @@ impl MountError {
             | MountError::Namespace(_)
             | MountError::Mountpoint { .. }
             | MountError::NoCacheDir
+            | MountError::FlatWholeDir(_)
             | MountError::Manifest(_)
             | MountError::Recording(_)
             | MountError::Identity(_) => exit::BAD_INPUT,
@@ -124,6 +131,10 @@ impl MountRequest {
 
 impl MountRequest {
     pub fn from_args(args: &MountArgs) -> Result<MountRequest, MountError> {
+        // The whole directory is a tree; the flat names are for the recorded files only.
+        if let (LayoutArg::Flat, Some(subtree), false) = (&args.layout, &args.subtree, args.recorded_only) {
+            return Err(MountError::FlatWholeDir(subtree.clone()));
+        }
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let overrides = SshOverrides {
             identities: args.identity.clone(),
@@ -224,6 +235,9 @@ pub struct Prepared {
     pub warnings: Vec<String>,
     /// The mountpoint is this process's until it exits (its supervisor's, when supervised).
     _claim: Option<registry::Claim>,
+    /// Files of the tree the recording names that the mount has not found
+    /// yet: their directories are listed before the walk lists the rest.
+    recorded_later: Vec<Vec<u8>>,
 }
 
 /// Reads the images, connects to the source and opens the cache: every
@@ -303,14 +317,16 @@ fn prepare_inner(
         (Some(_), false) => Box::new(InodeTable::fresh()),
         (None, _) => Box::new(Counter::default()),
     };
+    let mut numbers = numbers;
+    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
+        // Every number the manifest gives (the tree's too) stays free for its node.
+        numbers.reserve_up_to(max);
+    }
     let mut ns = match tree_root {
         Some(root) => Namespace::build_tree(&paths, root, &manifest_inos(manifest.as_deref(), root, &paths), numbers)?,
         None if served.is_empty() => return Err(NamespaceError::EmptySubtree(subtree.to_path_buf()).into()),
         None => Namespace::build_numbered(&paths, request.layout, Some(subtree), numbers)?,
     };
-    if let Some(max) = manifest.as_deref().and_then(Manifest::max_ino).filter(|_| tree_root.is_some()) {
-        ns.reserve_inos(max);
-    }
     if request.layout == Layout::Tree {
         ns.add_recorded_dirs(&recorded_dirs(&checkpoint), subtree);
     }
@@ -321,7 +337,22 @@ fn prepare_inner(
     registry::check()?;
     let subtree_warning = if resuming { None } else { subtree_warning(&request, &paths) };
     let mut warnings: Vec<String> = checkpoint.warning().into_iter().chain(subtree_warning).collect();
-    let allow_other = request.allow_other || needs_allow_other(&checkpoint);
+    // Only a mount that shows the old host's owners (the tree's) opens
+    // itself to other users by itself: the recorded files alone show the
+    // mounting user as owner, so a restored process of another user could
+    // not open a 0600 file, and every other user could read the 0644 ones
+    // (and through directories lazyfs makes 0755).
+    let other_users = needs_allow_other(&checkpoint);
+    let allow_other = request.allow_other || (other_users && tree_root.is_some());
+    if other_users && !allow_other {
+        warnings.push(
+            "the images record processes running as another user than you: without --subtree lazyfs does not \
+             know the files' owners (they show as yours), so it does not open the mount to other users; give \
+             --subtree DIR to serve the old host's owners and modes, or --allow-other to let every local user \
+             do what the images' modes allow"
+                .to_string(),
+        );
+    }
     let given_recording = match &request.order {
         PrefetchOrder::Recorded(Some(file)) => Some(recording::load(file)?),
         _ => None,
@@ -547,6 +578,11 @@ fn prepare_inner(
         PrefetchOrder::Image => Order::Image,
         PrefetchOrder::Recorded(_) => Order::Recorded(plan.clone()),
     };
+    let later = match (&order, &recording, tree_root) {
+        (Order::Recorded(_), Some(recording), Some(_)) => recorded_later(recording, &files),
+        _ => Default::default(),
+    };
+    let recorded_later = later.keys().cloned().collect();
     let replay = if request.replay { plan } else { Arc::new([]) };
     let fetcher = Fetcher::start(
         checked.clone(),
@@ -568,11 +604,13 @@ fn prepare_inner(
             }
         }
     }
+    fetcher.expect_recorded(later);
     let config = FsConfig {
         read_only: request.read_only,
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         created: from_nanos(created_ns),
+        shared: allow_other,
     };
     let specs = served.iter().map(|f| ServedSpec { path: f.path.clone(), mode: f.mode.unwrap_or(0o100644) }).collect();
     // The tree as built: from now on each number a successor must give again is kept as it is given.
@@ -595,20 +633,22 @@ fn prepare_inner(
         outside,
         warnings,
         _claim: claim,
+        recorded_later,
     })
 }
 
 /// The inode numbers a manifest made on the old host gives the recorded
-/// files below `root` (those on `root`'s own filesystem: two filesystems'
-/// numbers may collide).
+/// files below `root` and the directories on their way (those on `root`'s
+/// own filesystem: two filesystems' numbers may collide).
 fn manifest_inos<'a>(manifest: Option<&Manifest>, root: &Path, paths: &[&'a Path]) -> HashMap<&'a Path, u64> {
     let Some(manifest) = manifest else { return HashMap::new() };
     let Some((root_dev, _)) = manifest.attrs(root).and_then(|a| a.dev_ino) else { return HashMap::new() };
     paths
         .iter()
-        .filter_map(|&path| {
+        .flat_map(|&path| path.ancestors().take_while(|p| p.starts_with(root) && *p != root))
+        .filter_map(|path| {
             let (dev, ino) = manifest.attrs(path)?.dev_ino?;
-            (dev == root_dev).then_some((path, ino))
+            (dev == root_dev).then_some((path, crate::namespace::kept_ino(ino)?))
         })
         .collect()
 }
@@ -868,6 +908,13 @@ fn recorded_plan(recording: Option<&Recording>, files: &[Arc<FetchFile>]) -> Arc
     recording::plan(recording, |path| index.get(path).map(|&i| (i, files[i].chunk_count()))).into()
 }
 
+/// The recording's runs on files this mount does not show yet (see
+/// [`recording::later`]).
+fn recorded_later(recording: &Recording, files: &[Arc<FetchFile>]) -> recording::Later {
+    let shown: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path.as_os_str().as_bytes()).collect();
+    recording::later(recording, |path| shown.contains(path))
+}
+
 /// Mounted on a directory the checkpoint's files were in, without `--subtree`
 /// naming it, the files show one level of that directory too deep
 /// (`/srv/data/srv/data/db`), where `criu restore` does not look.
@@ -1122,13 +1169,30 @@ pub fn serve(
             status
         })
     };
-    prepared.fs.walk_tree();
+    // What the last restore read of the tree is found (listed) before the
+    // walk lists the rest, so it takes its recorded place in the queue.
+    match (request.tree_root(), prepared.recorded_later.is_empty()) {
+        (Some(root), false) => {
+            let (fs, roots, paths) = (prepared.fs.clone(), vec![root.to_path_buf()], prepared.recorded_later.clone());
+            std::thread::spawn(move || {
+                locate(&fs, &roots, &paths);
+                fs.walk_tree();
+            });
+        }
+        _ => prepared.fs.walk_tree(),
+    }
     let prefetch: control::PrefetchHook = {
         let (fs, jobs) = (prepared.fs.clone(), request.jobs);
         Arc::new(move |paths| start_prefetch(&fs, paths, jobs))
     };
+    let locate: control::LocateHook = {
+        let fs = prepared.fs.clone();
+        let roots: Vec<PathBuf> =
+            request.tree_root().map(|root| vec![request.mountpoint.clone(), root.to_path_buf()]).unwrap_or_default();
+        Arc::new(move |paths| locate(&fs, &roots, paths))
+    };
     let (control_tx, control_rx) = mpsc::channel();
-    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, control_tx)
+    let server = control::Server::start(prepared.store.dir(), "control.sock", status, prefetch, locate, control_tx)
         .map_err(mount_err)?;
     let forward = events_tx.clone();
     std::thread::spawn(move || {
@@ -1343,6 +1407,7 @@ impl Prepared {
         if let Err(e) = fetcher.stop() {
             log::error!("{e}");
         }
+        self.fs.sync_listings();
         let mut snapshot = fetcher.snapshot();
         snapshot.extend(self.outside.iter().cloned());
         // The local layer as it is, not every change that led there: a
@@ -1384,6 +1449,20 @@ fn start_prefetch(fs: &Filesystem, paths: &[Vec<u8>], jobs: usize) -> Result<u64
         })
         .collect::<Result<Vec<usize>, String>>()?;
     Ok(fetcher.prefetch(Some(&files), jobs) as u64)
+}
+
+/// Looks each path up through the namespace, name by name, so that every
+/// directory on its way is listed (a lookup waits for its directory's
+/// listing): a file of the tree nothing has listed yet then has an owner in
+/// the fetcher. A path is taken below each of `roots` (the mountpoint, then
+/// the tree's root on the source); one below none of them is left alone.
+fn locate(fs: &Filesystem, roots: &[PathBuf], paths: &[Vec<u8>]) {
+    for path in paths {
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        for below in roots.iter().filter_map(|root| path.strip_prefix(root).ok()) {
+            let _ = below.iter().try_fold(ROOT_INO, |dir, name| fs.lookup(dir, name).map(|a| a.ino));
+        }
+    }
 }
 
 /// Samples the byte counters for the rate while the mount lives, so even the

@@ -11,6 +11,15 @@ use std::time::SystemTime;
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
+/// The largest inode number a manifest may give a node: lazyfs numbers its
+/// own nodes after the manifest's largest, and must never run out (a
+/// manifest is untrusted; `u64::MAX` would overflow).
+pub const MAX_KEPT_INO: Ino = u64::MAX / 2;
+
+/// `ino` if a node may keep it (the old host's number, from a manifest).
+pub fn kept_ino(ino: Ino) -> Option<Ino> {
+    (ROOT_INO < ino && ino <= MAX_KEPT_INO).then_some(ino)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -71,9 +80,19 @@ pub struct Meta {
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
     /// A directory's size as the source reports it.
     pub dir_size: u64,
-    /// Changed through the mount (chmod, chown, utimens): a listing of its
-    /// directory leaves these attributes as they are.
-    pub changed_locally: bool,
+    /// The attributes changed through the mount (chmod, chown, utimens): a
+    /// listing of its directory leaves those as they are, and gives the others.
+    pub changed_locally: LocalAttrs,
+}
+
+/// Which attributes of a node were changed through the mount.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAttrs {
+    pub perm: bool,
+    pub uid: bool,
+    pub gid: bool,
+    pub atime: bool,
+    pub mtime: bool,
 }
 
 impl Default for Meta {
@@ -88,7 +107,7 @@ impl Default for Meta {
             ctime: t,
             xattrs: BTreeMap::new(),
             dir_size: 0,
-            changed_locally: false,
+            changed_locally: LocalAttrs::default(),
         }
     }
 }
@@ -144,6 +163,10 @@ pub struct Namespace {
     /// directory or root, one opened `O_DIRECTORY` or `O_PATH`): CRIU checks
     /// it, so a listing keeps it.
     pinned: HashSet<Ino>,
+    /// Directories of the source that could not be listed for good (gone,
+    /// no longer a directory, refused), and why: they show only what the
+    /// images and the local layer put in them.
+    failed: HashMap<Ino, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,9 +203,9 @@ impl Namespace {
 
     /// The names of `--subtree` (tree layout): the recorded files below it,
     /// in directories not listed yet, the root and every directory made for
-    /// them included. `inos` are inode numbers to give files (those a
-    /// manifest made on the old host records); a subtree with no recorded
-    /// file is a valid mount.
+    /// them included. `inos` are inode numbers to give files and those
+    /// directories by original path (those a manifest made on the old host
+    /// records); a subtree with no recorded file is a valid mount.
     pub fn build_tree(
         paths: &[&Path],
         subtree: &Path,
@@ -219,6 +242,7 @@ impl Namespace {
             file_inos: vec![None; paths.len()],
             unlisted: HashSet::new(),
             pinned: HashSet::new(),
+            failed: HashMap::new(),
         };
         // Which original path owns each name, for error messages.
         let mut owners: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
@@ -242,8 +266,7 @@ impl Namespace {
                 });
             }
             owners.insert(mount_path, path.to_path_buf());
-            let ino = inos.get(path).copied();
-            ns.file_inos[index] = Some(ns.insert(&components, index, ino, path, &owners)?);
+            ns.file_inos[index] = Some(ns.insert(&components, index, (subtree, inos), path, &owners)?);
         }
         Ok(ns)
     }
@@ -280,11 +303,14 @@ impl Namespace {
         }
     }
 
+    /// Puts the file `path` (original) at `components` below the root, with
+    /// the directories on the way; each takes its number in `inos` (by
+    /// original path, below `subtree`) if it has one.
     fn insert(
         &mut self,
         components: &[OsString],
         index: usize,
-        ino: Option<Ino>,
+        (subtree, inos): (&Path, &HashMap<&Path, Ino>),
         path: &Path,
         owners: &BTreeMap<PathBuf, PathBuf>,
     ) -> Result<Ino, NamespaceError> {
@@ -297,7 +323,8 @@ impl Namespace {
                 Some(child) => child,
                 None => {
                     let origin = Origin::Source(walked.clone().into_boxed_path());
-                    self.add(dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin)
+                    let ino = inos.get(subtree.join(&walked).as_path()).copied();
+                    self.add_as(ino, dir, name, NodeKind::Dir(BTreeMap::new()), Meta::default(), origin)
                 }
             };
             if matches!(self.nodes[&child].kind, NodeKind::File(_)) {
@@ -307,7 +334,10 @@ impl Namespace {
             dir = child;
         }
         match self.lookup(dir, file_name) {
-            None => Ok(self.add_as(ino, dir, file_name, NodeKind::File(index), Meta::default(), Origin::File)),
+            None => {
+                let ino = inos.get(path).copied();
+                Ok(self.add_as(ino, dir, file_name, NodeKind::File(index), Meta::default(), Origin::File))
+            }
             Some(_) => {
                 // A directory synthesised for deeper files already has this name.
                 let dir = walked.join(file_name);
@@ -380,11 +410,6 @@ impl Namespace {
         ino
     }
 
-    /// Inode numbers up to `max` are left to the nodes a manifest numbers.
-    pub fn reserve_inos(&mut self, max: Ino) {
-        self.numbers.reserve_up_to(max);
-    }
-
     /// Where the numbers are kept; see [`Numbers`].
     pub fn numbers_mut(&mut self) -> &mut dyn Numbers {
         self.numbers.as_mut()
@@ -433,6 +458,16 @@ impl Namespace {
         self.unlisted.len()
     }
 
+    /// Directory `ino` could not be listed, for good: `why`.
+    pub fn set_failed(&mut self, ino: Ino, why: String) {
+        self.failed.insert(ino, why);
+    }
+
+    /// Directories that could not be listed, and why.
+    pub fn failed(&self) -> impl Iterator<Item = (Ino, &str)> + '_ {
+        self.failed.iter().map(|(&ino, why)| (ino, why.as_str()))
+    }
+
     /// Whether the images record directory `ino`'s mode.
     pub fn is_pinned(&self, ino: Ino) -> bool {
         self.pinned.contains(&ino)
@@ -467,7 +502,12 @@ impl Namespace {
         Some(ino)
     }
 
+    /// Takes node `ino` away for good: a directory removed is no longer one
+    /// to list.
     pub fn remove(&mut self, ino: Ino) -> Option<Node> {
+        self.unlisted.remove(&ino);
+        self.pinned.remove(&ino);
+        self.failed.remove(&ino);
         self.nodes.remove(&ino)
     }
 

@@ -203,6 +203,25 @@ pub fn plan(recording: &Recording, find: impl Fn(&[u8]) -> Option<(usize, u64)>)
         .collect()
 }
 
+/// Runs of `recording` on files this mount does not show yet (files of the
+/// tree in directories not listed yet), by path, in recorded order: each
+/// with the rank of the next run [`plan`] gives (`planned` says which paths
+/// it finds), whose place it takes once its file is found.
+pub type Later = std::collections::HashMap<Vec<u8>, Vec<(u64, Range<u64>)>>;
+
+pub fn later(recording: &Recording, planned: impl Fn(&[u8]) -> bool) -> Later {
+    let mut later = Later::new();
+    let mut rank = 0;
+    for touch in &recording.touches {
+        if planned(&touch.path) {
+            rank += 1;
+        } else if touch.first < touch.end {
+            later.entry(touch.path.clone()).or_default().push((rank, touch.first..touch.end));
+        }
+    }
+    later
+}
+
 /// A mount's recording as it happens: per file, which chunks were touched;
 /// and the runs of first touches in order.
 pub struct Recorder {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
 
-use crate::control::proto::{FileStatus, MountState, RecordedRange, Status};
+use crate::control::proto::{FailedDir, FileStatus, MountState, RecordedRange, Status};
 use crate::fetch::Phase;
 use crate::fs::Filesystem;
 use crate::mount::MountRequest;
@@ -191,6 +191,16 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     }
     status.source_needed = fs.fetcher().source_needed();
     status.dirs_unlisted = fs.unlisted_dirs() as u64;
+    status.failed_dirs = fs
+        .failed_dirs()
+        .into_iter()
+        .map(|(path, mount_path, error)| FailedDir {
+            path: path.as_os_str().as_bytes().to_vec(),
+            mount_path: mount_path.as_os_str().as_bytes().to_vec(),
+            error,
+        })
+        .collect();
+    status.dirs_failed = status.failed_dirs.len() as u64;
     let (local_files, local_bytes) = fs.local_usage();
     status.local_files += local_files;
     status.local_bytes += local_bytes;
@@ -256,6 +266,8 @@ impl Serialize for StatusJson<'_> {
         map.serialize_entry("source_needed", &status.source_needed)?;
         map.serialize_entry("source_error", &non_empty(&status.source_error))?;
         map.serialize_entry("dirs_unlisted", &status.dirs_unlisted)?;
+        map.serialize_entry("dirs_failed", &status.dirs_failed)?;
+        map.serialize_entry("failed_dirs", &Each(&status.failed_dirs, failed_dir_json))?;
         map.serialize_entry("rate_bytes_per_s", &status.rate_bytes_per_s)?;
         map.serialize_entry("eta_s", &status.eta_s)?;
         map.serialize_entry("elapsed_s", &status.elapsed_s)?;
@@ -273,6 +285,14 @@ impl<T> Serialize for Each<'_, T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.0.iter().map(self.1))
     }
+}
+
+fn failed_dir_json(d: &FailedDir) -> Value {
+    json!({
+        "path": String::from_utf8_lossy(&d.path),
+        "mount_path": String::from_utf8_lossy(&d.mount_path),
+        "error": d.error,
+    })
 }
 
 fn file_json(f: &FileStatus) -> Value {

@@ -54,8 +54,20 @@ pub struct Tree {
     listing: Mutex<HashSet<Ino>>,
     listed: Condvar,
     files: TreeFiles,
-    /// Hard links found so far: (device, inode) to the node of the first name.
-    links: Mutex<HashMap<(u64, u64), Ino>>,
+    /// Hard links found so far: what tells one file (see [`LinkKey`]) to the
+    /// node of the first name.
+    links: Mutex<HashMap<LinkKey, Ino>>,
+}
+
+/// What two names of one file (a hard link) share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LinkKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    /// The manifest's blake3 of its bytes, if it has them.
+    hash: Option<[u8; 32]>,
 }
 
 /// How a file found in the tree gets its owner.
@@ -212,28 +224,42 @@ impl Tree {
     /// subtree's own filesystem (numbers of two filesystems may collide).
     pub fn manifest_ino(&self, attrs: &SourceAttrs) -> Option<Ino> {
         let root_dev = self.root.and_then(|r| r.dev_ino).map(|(dev, _)| dev);
-        attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).map(|(_, ino)| ino)
+        attrs.dev_ino.filter(|(dev, _)| Some(*dev) == root_dev).and_then(|(_, ino)| crate::namespace::kept_ino(ino))
     }
 
-    /// The node of an earlier name of the same file (a hard link), if any;
-    /// otherwise `made` becomes it (when it is `Some`).
-    pub fn hard_link(&self, attrs: &SourceAttrs, made: Option<Ino>) -> Option<Ino> {
-        let key = attrs.dev_ino.filter(|_| attrs.nlink.is_some_and(|n| n > 1))?;
-        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-        match (links.get(&key), made) {
-            (Some(&first), _) => Some(first),
-            (None, Some(made)) => {
-                links.insert(key, made);
-                None
-            }
-            (None, None) => None,
+    /// The node noted for an earlier name of the same file (a hard link) as
+    /// the entry at `path` (relative to the root), if any (it may be gone
+    /// since: the caller checks).
+    pub fn hard_link(&self, path: &Path, attrs: &SourceAttrs) -> Option<Ino> {
+        let key = self.link_key(path, attrs)?;
+        self.links.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied()
+    }
+
+    /// Node `ino` is the file at `path` (relative to the root): later names
+    /// of the same file become names of it.
+    pub fn note_link(&self, path: &Path, attrs: &SourceAttrs, ino: Ino) {
+        if let Some(key) = self.link_key(path, attrs) {
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, ino);
         }
+    }
+
+    /// What tells the file at `path` (relative to the root) from others, if it
+    /// may have other names: its device and inode number with a link count
+    /// above 1, and what its bytes are known by. Numbers alone are not enough:
+    /// a manifest is untrusted input, and overlayfs without `xino` gives two
+    /// files of two layers one number; names whose sizes, mtimes or manifest
+    /// hashes differ are never one file.
+    fn link_key(&self, path: &Path, attrs: &SourceAttrs) -> Option<LinkKey> {
+        let (dev, ino) = attrs.dev_ino.filter(|_| attrs.nlink.is_some_and(|n| n > 1))?;
+        let hash = self.files.manifest.as_ref().and_then(|m| m.get(&self.subtree.join(path))).map(|h| h.whole);
+        Some(LinkKey { dev, ino, size: attrs.size, mtime_ns: attrs.mtime_ns, hash })
     }
 
     /// The owner of the file at `path` (relative to the root) the listing
     /// found with `attrs`. The journal's record of it counts only when the
-    /// listing is the one its bytes were fetched under (`from_log`).
-    pub fn make_file(&self, path: &Path, attrs: &SourceAttrs, from_log: bool) -> Result<FetchFile, StoreError> {
+    /// listing is the one its bytes were fetched under (`from_log`). One that
+    /// cannot be served is `failed`, never left out.
+    pub fn make_file(&self, path: &Path, attrs: &SourceAttrs, from_log: bool) -> FetchFile {
         let original = self.subtree.join(path);
         let files = &self.files;
         let record = match from_log {
@@ -253,6 +279,12 @@ impl Tree {
             written: false,
         };
         let refused = match (&files.manifest, &expected) {
+            (Some(m), None) if let Some((out, why)) = m.left_out(&original) => Some(format!(
+                "{}: not in the manifest, which left out {} ({why}): not served; make the manifest as a user \
+                 who may read it (root)",
+                original.display(),
+                out.display()
+            )),
             (Some(m), None) if m.covers(&original) => {
                 Some(format!("{}: not in the manifest (made on the source after it): not served", original.display()))
             }
@@ -264,18 +296,18 @@ impl Tree {
             )),
             _ => None,
         };
-        match refused {
-            Some(reason) => failed_file(&files.store, &original, reason),
-            None => match open_file(&files.store, spec, record.as_ref()) {
-                Err(e @ StoreError::TooLarge { .. }) => failed_file(&files.store, &original, e.to_string()),
-                other => other,
-            },
-        }
+        let made = match refused {
+            Some(reason) => Err(reason),
+            // Too large, or no room for its spill file (out of inodes): still shown, failed.
+            None => open_file(&files.store, spec, record.as_ref()).map_err(|e| e.to_string()),
+        };
+        made.unwrap_or_else(|reason| failed_file(&files.store, &original, reason))
     }
 }
 
-/// A file that is not served: every read of it fails with `reason`.
-pub fn failed_file(store: &Store, original: &Path, reason: String) -> Result<FetchFile, StoreError> {
+/// A file that is not served: every read of it fails with `reason`. Nothing
+/// is made for it in the cache dir (which may have no room left).
+pub fn failed_file(store: &Store, original: &Path, reason: String) -> FetchFile {
     log::error!("{reason}");
     let spec = FileSpec {
         path: original.to_path_buf(),
@@ -286,8 +318,7 @@ pub fn failed_file(store: &Store, original: &Path, reason: String) -> Result<Fet
         listed: None,
         written: false,
     };
-    let (spill, len) = store.open_spill(original, Some(0), false)?;
-    Ok(FetchFile::new(spec, spill, len, Presence::new(0), Phase::Failed(reason.into())))
+    FetchFile::new(spec, store.unmade_spill(original), 0, Presence::new(0), Phase::Failed(reason.into()))
 }
 
 /// Whether two looks at an entry show the same content: same size and

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use indicatif::{BinaryBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::control::proto::{FileState, FileStatus, MountState, Status};
+use crate::control::proto::{FailedDir, FileState, FileStatus, MountState, Status};
 
 /// Files in flight shown at once, beside the mount's bar.
 const MAX_FILE_BARS: usize = 8;
@@ -42,8 +42,12 @@ pub fn summary(status: &Status) -> String {
         // Nothing serves it: the counts below mean nothing.
         MountState::Failed => return format!("failed: {}", status.failure),
         // Settled, but not every byte is here: say so before the counts do.
-        MountState::Complete if status.files_failed > 0 => {
-            format!("complete except {} failed file(s)", status.files_failed)
+        MountState::Complete if status.files_failed > 0 || status.dirs_failed > 0 => {
+            let dirs = match status.dirs_failed {
+                0 => String::new(),
+                n => format!(" and {n} director(ies) that could not be listed"),
+            };
+            format!("complete except {} failed file(s){dirs}", status.files_failed)
         }
         MountState::Complete => state.word().to_string(),
     };
@@ -59,6 +63,13 @@ pub fn summary(status: &Status) -> String {
     }
     if status.files_failed > 0 && state != MountState::Complete {
         text += &format!(", {} failed", status.files_failed);
+    }
+    // The files of those are not counted yet (the words `lazyfs wait` uses).
+    if status.dirs_unlisted > 0 {
+        text += &format!(", {} director(ies) of the tree not listed yet", status.dirs_unlisted);
+    }
+    if status.dirs_failed > 0 && state != MountState::Complete {
+        text += &format!(", {} director(ies) could not be listed", status.dirs_failed);
     }
     if let Some(rate) = status.rate_bytes_per_s.filter(|_| state != MountState::Complete) {
         text += &format!(", {}/s", BinaryBytes(rate as u64));
@@ -98,9 +109,18 @@ pub fn plain_line(status: &Status) -> String {
 /// `failed: PATH: WHY`, without saying the path twice when the reason
 /// starts with it.
 pub fn failure_line(file: &FileStatus) -> String {
-    let path = String::from_utf8_lossy(&file.path);
-    let reason = file.error.strip_prefix(&format!("{path}: ")).unwrap_or(&file.error);
-    format!("failed: {path}: {reason}")
+    format!("failed: {}", path_and_reason(&file.path, &file.error))
+}
+
+/// `could not list directory PATH: WHY`, the same for a directory of the tree.
+pub fn dir_failure_line(dir: &FailedDir) -> String {
+    format!("could not list directory {}", path_and_reason(&dir.path, &dir.error))
+}
+
+fn path_and_reason(path: &[u8], error: &str) -> String {
+    let path = String::from_utf8_lossy(path);
+    let reason = error.strip_prefix(&format!("{path}: ")).unwrap_or(error);
+    format!("{path}: {reason}")
 }
 
 fn in_flight(status: &Status) -> impl Iterator<Item = &FileStatus> {
@@ -136,6 +156,7 @@ pub fn bars_once(status: &Status) -> Vec<String> {
     )];
     lines.extend(in_flight(status).map(|f| file_line(f, &bar(f.bytes_present, f.size, FILE_BAR))));
     lines.extend(failures(status).map(failure_line));
+    lines.extend(status.failed_dirs.iter().map(dir_failure_line));
     lines
 }
 
@@ -148,6 +169,7 @@ pub struct Bars {
 struct MountBars {
     total: ProgressBar,
     files: HashMap<Vec<u8>, ProgressBar>,
+    /// Failed files and directories already printed.
     failures_shown: HashSet<Vec<u8>>,
 }
 
@@ -207,6 +229,11 @@ impl Bars {
             for file in failures(status) {
                 if bars.failures_shown.insert(file.path.clone()) {
                     let _ = multi.println(failure_line(file));
+                }
+            }
+            for dir in &status.failed_dirs {
+                if bars.failures_shown.insert(dir.path.clone()) {
+                    let _ = multi.println(dir_failure_line(dir));
                 }
             }
             if status.state() == MountState::Complete {
@@ -278,6 +305,19 @@ mod tests {
         assert_eq!(
             plain_line(&gone),
             "/mnt: complete: 208.01 MiB/208.01 MiB, 3/40 files present; 2 local file(s), 3.00 MiB; every file is here: the old host is no longer needed"
+        );
+    }
+
+    #[test]
+    fn directories_not_listed_yet_or_that_could_not_be_listed_are_said() {
+        let unlisted = Status { dirs_unlisted: 3, ..status(MountState::Fetching, true, 0, None) };
+        let line = plain_line(&unlisted);
+        assert!(line.contains("3/40 files present, 3 director(ies) of the tree not listed yet"), "{line}");
+        let failed = Status { dirs_failed: 1, ..status(MountState::Complete, true, 218_112_400, None) };
+        let line = plain_line(&failed);
+        assert!(
+            line.starts_with("/mnt: complete except 0 failed file(s) and 1 director(ies) that could not"),
+            "{line}"
         );
     }
 

@@ -259,6 +259,29 @@ fn flat_layout_uses_the_prototype_names() {
     assert!(!is_mounted(&env.path("mnt/collide")));
 }
 
+/// Flat names have no directories, so `--layout flat --subtree DIR` cannot
+/// show DIR whole: refused in one line that says what to give instead
+/// (nothing mounted), not silently served as the recorded files only; with
+/// `--recorded-only` it serves the recorded files below DIR, flat.
+#[test]
+fn flat_layout_with_subtree_says_the_whole_directory_is_not_served() {
+    let env = TestEnv::new();
+    dataset(&env.path("source"), &env.path("images"), &[("/srv/app/x/db", 10), ("/etc/conf", 20)]);
+    std::fs::write(env.path("source/srv/app/not-recorded"), b"the rest of the directory").unwrap();
+    let (images, source) = (env.path("images"), Source::Local(env.path("source")));
+    let out = env.try_mount("whole", &images, &source, &["--layout", "flat", "--subtree", "/srv/app"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--layout flat") && stderr.contains("--recorded-only"), "{stderr}");
+    assert!(!is_mounted(&env.path("mnt/whole")));
+
+    let args = ["--layout", "flat", "--subtree", "/srv/app", "--recorded-only"];
+    let mount = env.mount("recorded", &images, &source, &args);
+    let names: Vec<_> = std::fs::read_dir(&mount.mountpoint).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["x.db"]);
+}
+
 #[test]
 fn subtree_mounted_at_the_original_directory_shows_original_paths() {
     let env = TestEnv::new();

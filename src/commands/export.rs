@@ -5,6 +5,10 @@
 //! holes (SEEK_DATA/SEEK_HOLE where the filesystem tells them, and 1 MiB
 //! blocks of zeros otherwise), data moves with `copy_file_range` where the
 //! kernel allows it between the two filesystems, `pread`/`pwrite` otherwise.
+//! Every entry keeps the numeric owner, mode and times the mount shows, as
+//! `rsync -a --numeric-ids` keeps them (a PostgreSQL data directory exported
+//! by root is still its user's); owners only where the exporting user may
+//! give them (root), otherwise the export is that user's.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,6 +32,8 @@ fn at(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 pub struct Exported {
     pub files: u64,
     pub bytes: u64,
+    /// Entries that could not be given their owner (not root): the exporting user's.
+    pub owners_not_kept: u64,
 }
 
 /// Copies the tree below `from` into `to`, which must not exist yet.
@@ -36,6 +42,8 @@ pub fn export(from: &Path, to: &Path) -> Result<Exported, ExportError> {
     let mut done = Exported::default();
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     copy_dir(from, to, &mut links, &mut done)?;
+    let meta = std::fs::metadata(from).map_err(at(from))?;
+    keep_attrs(to, &meta, &mut done)?;
     Ok(done)
 }
 
@@ -56,7 +64,6 @@ fn copy_dir(
         } else if kind.is_symlink() {
             let link = std::fs::read_link(&source).map_err(at(&source))?;
             std::os::unix::fs::symlink(link, &target).map_err(at(&target))?;
-            continue;
         } else if let Some(first) = links.get(&(meta.dev(), meta.ino())).filter(|_| meta.nlink() > 1) {
             std::fs::hard_link(first, &target).map_err(at(&target))?;
             continue;
@@ -72,17 +79,33 @@ fn copy_dir(
             nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(0o600))
                 .map_err(|e| at(&target)(e.into()))?;
         }
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(at(&target))?;
-        let times = [meta.accessed(), meta.modified()];
-        if let [Ok(atime), Ok(mtime)] = times {
-            let times = std::fs::FileTimes::new().set_accessed(atime).set_modified(mtime);
-            if kind.is_file() {
-                File::options().write(true).open(&target).and_then(|f| f.set_times(times)).map_err(at(&target))?;
-            }
-        }
+        keep_attrs(&target, &meta, done)?;
     }
     Ok(())
+}
+
+/// Gives `target` (made, and filled if a directory) the owner, mode and
+/// times of `meta`: owner first, as a chown clears setuid and setgid bits;
+/// times last, as filling a directory changes its mtime. A symlink keeps its
+/// owner and times (it has no mode of its own).
+fn keep_attrs(target: &Path, meta: &std::fs::Metadata, done: &mut Exported) -> Result<(), ExportError> {
+    match std::os::unix::fs::lchown(target, Some(meta.uid()), Some(meta.gid())) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => done.owners_not_kept += 1,
+        Err(e) => return Err(at(target)(e)),
+    }
+    if !meta.file_type().is_symlink() {
+        std::fs::set_permissions(target, std::fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(at(target))?;
+    }
+    let time = |secs: i64, nanos: i64| nix::sys::time::TimeSpec::new(secs, nanos);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        target,
+        &time(meta.atime(), meta.atime_nsec()),
+        &time(meta.mtime(), meta.mtime_nsec()),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| at(target)(e.into()))
 }
 
 /// Copies the data of `source` (`len` bytes) into a new `target`, leaving

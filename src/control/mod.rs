@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-pub use server::{ControlEvent, PrefetchHook, Server, StatusHook, umount_done, upgrade_answer};
+pub use server::{ControlEvent, LocateHook, PrefetchHook, Server, StatusHook, umount_done, upgrade_answer};
 
 use proto::{FileState, MountState, Request, Response, request, response};
 
@@ -186,6 +186,16 @@ impl Client {
         self.send(request::Kind::Prefetch(proto::PrefetchRequest { paths }))?;
         match self.receive()? {
             response::Kind::Prefetch(started) => Ok(started.files_queued),
+            other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
+        }
+    }
+
+    /// Has the mount list the directories on the way to these paths
+    /// (original, or below the mountpoint); returns once they are listed.
+    pub fn locate(&mut self, paths: Vec<Vec<u8>>) -> Result<(), ControlError> {
+        self.send(request::Kind::Locate(proto::LocateRequest { paths }))?;
+        match self.receive()? {
+            response::Kind::Located(_) => Ok(()),
             other => Err(ControlError::Protocol { path: self.mountpoint.clone(), reason: format!("{other:?}") }),
         }
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use super::proto::{PrefetchStarted, Request, Response, Status, UmountDone, UpgradeAccepted, request, response};
+use super::proto::{
+    Located, PrefetchStarted, Request, Response, Status, UmountDone, UpgradeAccepted, request, response,
+};
 use super::{read_message, write_message};
 use crate::store::CacheDir;
 
@@ -30,6 +32,9 @@ pub type StatusHook = Arc<dyn Fn(bool) -> Status + Send + Sync>;
 /// Starts background prefetch of the files with these original paths (all
 /// when empty): how many were queued, or why not.
 pub type PrefetchHook = Arc<dyn Fn(&[Vec<u8>]) -> Result<u64, String> + Send + Sync>;
+/// Lists the directories on the way to these paths (original, or below the
+/// mountpoint), waiting for the source if it must.
+pub type LocateHook = Arc<dyn Fn(&[Vec<u8>]) + Send + Sync>;
 
 impl Server {
     /// Listens on `name` (mode 0600) in `dir`, bound through the directory's
@@ -39,6 +44,7 @@ impl Server {
         name: &'static str,
         status: StatusHook,
         prefetch: PrefetchHook,
+        locate: LocateHook,
         events: Sender<ControlEvent>,
     ) -> std::io::Result<Server> {
         let dir = dir.try_clone()?;
@@ -48,10 +54,11 @@ impl Server {
         std::fs::set_permissions(&pinned, std::fs::Permissions::from_mode(0o600))?;
         std::thread::Builder::new().name("lazyfs-control".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (status, prefetch, events) = (status.clone(), prefetch.clone(), events.clone());
+                let hooks = Hooks { status: status.clone(), prefetch: prefetch.clone(), locate: locate.clone() };
+                let events = events.clone();
                 let _ = std::thread::Builder::new()
                     .name("lazyfs-control-client".into())
-                    .spawn(move || serve_client(stream, status, prefetch, &events));
+                    .spawn(move || serve_client(stream, hooks, &events));
             }
         })?;
         Ok(Server { dir, name })
@@ -72,7 +79,15 @@ fn reply(stream: &mut UnixStream, kind: response::Kind) -> std::io::Result<()> {
     write_message(stream, &Response { kind: Some(kind) })
 }
 
-fn serve_client(mut stream: UnixStream, status: StatusHook, prefetch: PrefetchHook, events: &Sender<ControlEvent>) {
+/// What a client's requests are answered with.
+struct Hooks {
+    status: StatusHook,
+    prefetch: PrefetchHook,
+    locate: LocateHook,
+}
+
+fn serve_client(mut stream: UnixStream, hooks: Hooks, events: &Sender<ControlEvent>) {
+    let Hooks { status, prefetch, locate } = hooks;
     while let Ok(Some(request)) = read_message::<Request>(&mut stream) {
         let sent = match request.kind {
             Some(request::Kind::Status(request)) => {
@@ -110,6 +125,10 @@ fn serve_client(mut stream: UnixStream, status: StatusHook, prefetch: PrefetchHo
                 Ok(files_queued) => reply(&mut stream, response::Kind::Prefetch(PrefetchStarted { files_queued })),
                 Err(message) => reply(&mut stream, response::Kind::Error(message)),
             },
+            Some(request::Kind::Locate(request)) => {
+                locate(&request.paths);
+                reply(&mut stream, response::Kind::Located(Located {}))
+            }
             None => reply(&mut stream, response::Kind::Error("unknown request".into())),
         };
         if sent.is_err() {

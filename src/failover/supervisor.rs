@@ -513,7 +513,7 @@ impl Supervisor<'_> {
                     let _ = events.send(Event::Control(event));
                 }
             });
-            control::Server::start(&dir, "control.sock", hook, refuse, tx)
+            control::Server::start(&dir, "control.sock", hook, refuse, Arc::new(|_| {}), tx)
         });
         match &server {
             Ok(server) => {

@@ -486,15 +486,16 @@ impl FetchFile {
     }
 
     /// Journal records saying what is known of the file now. Present chunks
-    /// are claimed only after the spill file is synced.
-    pub(super) fn snapshot(&self) -> Vec<JournalRecord> {
+    /// are claimed only after the spill file is synced (`synced`: the whole
+    /// cache filesystem was, after they were written).
+    pub(super) fn snapshot(&self, synced: bool) -> Vec<JournalRecord> {
         let (runs, phase) = {
             let state = self.lock();
             (state.presence.runs(), state.phase.clone())
         };
         let path = self.path_bytes();
         let mut records = Vec::new();
-        match self.spill.sync() {
+        match if synced || runs.is_empty() { Ok(()) } else { self.spill.sync() } {
             Ok(()) => records.extend(runs.into_iter().map(|run| journal::present_record(path, run, self.size))),
             Err(e) => log::error!("{e}: its chunks will be fetched again"),
         }

@@ -1,7 +1,8 @@
-//! The listing lane: a thread with a source connection of its own that
-//! lists directories of the tree for whoever asks (a lookup of a name the
-//! images do not have, a readdir, the walk of a prefetch), taking every
-//! request queued meanwhile into one pipeline.
+//! A listing lane: a thread with a source connection of its own that lists
+//! directories of the tree, taking every request queued meanwhile into one
+//! pipeline. There are two: one for readers (a lookup of a name the images
+//! do not have, a readdir), one for the background walk, so a reader never
+//! waits behind the walk's batch (the second connects when first asked).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -70,6 +70,8 @@ struct QueueState {
     /// Recorded runs taken by a worker and not yet done: what no recording
     /// names waits for them, so bulk transfers do not hold them up.
     runs_active: usize,
+    /// Recorded runs of files not found yet (files of the tree), by path.
+    recorded_later: crate::recording::Later,
     promotions: u64,
     closed: bool,
 }
@@ -119,7 +121,8 @@ impl Queue {
         if let Order::Recorded(plan) = order {
             pending_runs = vec![Vec::new(); files.len()];
             for (rank, (file, chunks)) in plan.iter().enumerate() {
-                let rank = rank as u64;
+                // Odd: a run of a file found later comes before its successor here (see `add`).
+                let rank = 2 * rank as u64 + 1;
                 if files[*file].0 > SMALL_FILE {
                     pending_runs[*file].push((rank, chunks.clone()));
                 } else {
@@ -136,6 +139,7 @@ impl Queue {
                 runs: BTreeSet::new(),
                 pending_runs,
                 runs_active: 0,
+                recorded_later: Default::default(),
                 promotions: 0,
                 closed: false,
             }),
@@ -147,11 +151,20 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `file` in its ordinary place (if it is not queued already),
-    /// and its recorded runs the first time.
-    /// A file of the tree found after the mount began, `size` bytes: its
-    /// place is after the checkpoint's own files, smallest first.
-    pub(super) fn add(&self, file: usize, size: u64) {
+    /// Recorded runs of files the mount will find later (by path, see
+    /// [`crate::recording::later`]): each such file takes its recorded place.
+    pub(super) fn expect(&self, later: crate::recording::Later) {
+        let mut state = self.lock();
+        if !later.is_empty() && state.pending_runs.is_empty() {
+            state.pending_runs = vec![Vec::new(); state.order_keys.len()];
+        }
+        state.recorded_later = later;
+    }
+
+    /// A file of the tree found after the mount began, `size` bytes at
+    /// `path`: its place is the recording's for that path, else after the
+    /// checkpoint's own files, smallest first.
+    pub(super) fn add(&self, file: usize, size: u64, path: &[u8]) {
         let mut state = self.lock();
         if state.order_keys.len() <= file {
             state.order_keys.resize(file + 1, TREE_FILES);
@@ -161,6 +174,24 @@ impl Queue {
             }
         }
         state.order_keys[file] = TREE_FILES.saturating_add(size);
+        let chunks = size.div_ceil(crate::store::CHUNK_SIZE);
+        for (rank, run) in state.recorded_later.remove(path).unwrap_or_default() {
+            // Before the planned run of that rank (keyed 2 rank + 1 by `new`).
+            let rank = 2 * rank;
+            let run = run.start.min(chunks)..run.end.min(chunks);
+            if run.is_empty() {
+                continue;
+            }
+            if size > SMALL_FILE {
+                // (A mount whose images record no file has none yet.)
+                if state.pending_runs.len() <= file {
+                    state.pending_runs.resize(file + 1, Vec::new());
+                }
+                state.pending_runs[file].push((rank, run));
+            } else {
+                state.order_keys[file] = state.order_keys[file].min(rank);
+            }
+        }
     }
 
     pub(super) fn push(&self, file: usize) {
@@ -567,5 +598,34 @@ mod tests {
         (0..4).for_each(|i| queue.push(i));
         queue.promote(3);
         assert_eq!(queue.drain()[..2], [Job::File(3), Job::Run(1, 0..4)]);
+    }
+
+    #[test]
+    fn files_of_the_tree_found_later_take_their_recorded_place() {
+        let big = SMALL_FILE + 1;
+        // 0: the images' file, recorded second; the tree's: 1 unrecorded, 2 small (first), 3 large (third).
+        let plan: Arc<[(usize, Range<u64>)]> = vec![(0, 0..1)].into();
+        let queue = Queue::new(&[(10, 0)], &Order::Recorded(plan));
+        let mut later = crate::recording::Later::new();
+        later.insert(b"/small".to_vec(), vec![(0, 0..1)]);
+        later.insert(b"/large".to_vec(), vec![(1, 2..3), (1, 400..500)]);
+        queue.expect(later);
+        queue.add(1, 20, b"/other");
+        queue.add(2, 30, b"/small");
+        queue.add(3, big, b"/large");
+        (0..4).for_each(|i| queue.push(i));
+        // The large file's run past its end is dropped.
+        assert_eq!(queue.drain(), [Job::File(2), Job::File(0), Job::Run(3, 2..3)]);
+        queue.run_done();
+        assert_eq!(queue.drain(), [Job::File(1), Job::File(3)]);
+
+        // A mount whose images record no file (a --subtree holding none).
+        let queue = Queue::new(&[], &Order::Recorded(Vec::new().into()));
+        let mut later = crate::recording::Later::new();
+        later.insert(b"/large".to_vec(), vec![(0, 2..3)]);
+        queue.expect(later);
+        queue.add(0, big, b"/large");
+        queue.push(0);
+        assert_eq!(queue.drain(), [Job::Run(0, 2..3)]);
     }
 }

@@ -35,7 +35,11 @@ pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> 
         return Ok(FetchFile::new(spec, spill, len, presence, Phase::Modified));
     }
     let record = record.filter(|r| r.size == spec.size);
-    let (spill, len) = store.open_spill(&spec.path, Some(spec.size), record.is_some())?;
+    // A file the images record claims its room; one a listing found does not.
+    let (spill, len) = match spec.listed {
+        Some(_) => store.open_listed_spill(&spec.path, spec.size, record.is_some())?,
+        None => store.open_spill(&spec.path, Some(spec.size), record.is_some())?,
+    };
     let mut presence = Presence::new(spec.size);
     for run in record.map(|r| r.present.as_slice()).unwrap_or_default() {
         presence.mark(run.clone());

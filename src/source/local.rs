@@ -140,10 +140,17 @@ impl LocalConnection {
     fn list_dir(&self, path: &Path) -> Result<Vec<DirEntry>, SourceError> {
         use std::os::fd::AsFd;
         use std::os::unix::ffi::OsStringExt;
-        let opened = self.resolve(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NONBLOCK)?;
+        let no_longer = || SourceError::Changed { path: path.to_path_buf(), reason: "no longer a directory".into() };
+        let opened = match self.resolve(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NONBLOCK) {
+            // A symlink (O_NOFOLLOW with O_DIRECTORY) or a file there now.
+            Err(SourceError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(no_longer());
+            }
+            opened => opened?,
+        };
         let io = |e: Errno| io_error(path, &self.full(path), e.into());
         let mut dir = nix::dir::Dir::from_fd(opened.into()).map_err(|e| match e {
-            Errno::ENOTDIR => SourceError::Changed { path: path.to_path_buf(), reason: "no longer a directory".into() },
+            Errno::ENOTDIR => no_longer(),
             e => io(e),
         })?;
         let names: Vec<std::ffi::CString> = dir

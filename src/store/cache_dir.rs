@@ -227,6 +227,16 @@ impl CacheDir {
         }
     }
 
+    /// Makes everything written to the filesystem this directory is on
+    /// durable at once (syncfs).
+    pub fn sync_filesystem(&self) -> Result<(), StoreError> {
+        // SAFETY: syncfs on the directory's own descriptor.
+        match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&self.fd)) } {
+            0 => Ok(()),
+            _ => Err(io_err(&self.path)(std::io::Error::last_os_error())),
+        }
+    }
+
     /// Renames `from` to `to`, both in this directory.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
         nix::fcntl::renameat(&self.fd, from, &self.fd, to).map_err(|e| io_err(&self.join(to))(e.into()))

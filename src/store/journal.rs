@@ -356,7 +356,7 @@ pub struct Journal {
 }
 
 /// Batches naming more spill files than this sync the filesystem instead.
-const SYNC_EACH_UP_TO: usize = 16;
+pub const SYNC_EACH_UP_TO: usize = 16;
 
 /// A file the journal writes `Present` records for: its path, spill size, and
 /// its spill file, to fsync before claiming its chunks (through the spill

@@ -38,6 +38,8 @@ pub enum StoreError {
     Busy(PathBuf),
     #[error("{}: the images record {size} bytes for it, {before} for the files before: more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
     TooLarge { original: PathBuf, size: u64, before: u64, capacity: u64 },
+    #[error("{}: the source lists {size} bytes for it, more than the cache filesystem holds ({capacity} bytes): not served", original.display())]
+    ListedTooLarge { original: PathBuf, size: u64, capacity: u64 },
 }
 
 impl StoreError {
@@ -66,6 +68,9 @@ impl StoreError {
             StoreError::Busy(path) => StoreError::Busy(path.clone()),
             StoreError::TooLarge { original, size, before, capacity } => {
                 StoreError::TooLarge { original: original.clone(), size: *size, before: *before, capacity: *capacity }
+            }
+            StoreError::ListedTooLarge { original, size, capacity } => {
+                StoreError::ListedTooLarge { original: original.clone(), size: *size, capacity: *capacity }
             }
         }
     }
@@ -135,6 +140,24 @@ impl Store {
             self.claimed.fetch_add(size, Ordering::Relaxed);
         }
         SpillFile::open(&self.spill, spill_name(original), size, keep, &self.spills)
+    }
+
+    /// Opens the spill file of a file a listing of the tree found, `size`
+    /// bytes long: it must fit the cache filesystem by itself, but claims
+    /// nothing (it may never be read; a tree larger than the cache disk is
+    /// served as it is read, and a full disk then fails the reads that do
+    /// not fit).
+    pub fn open_listed_spill(&self, original: &Path, size: u64, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+        if size > self.capacity {
+            return Err(StoreError::ListedTooLarge { original: original.to_path_buf(), size, capacity: self.capacity });
+        }
+        SpillFile::open(&self.spill, spill_name(original), Some(size), keep, &self.spills)
+    }
+
+    /// The spill file of a file that is not served: never made (the cache
+    /// filesystem may have no room left for even an empty file).
+    pub fn unmade_spill(&self, original: &Path) -> SpillFile {
+        SpillFile::unmade(&self.spill, spill_name(original), &self.spills)
     }
 
     /// Removes every spill file (the cache held another checkpoint's files).

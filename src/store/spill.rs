@@ -73,6 +73,18 @@ impl SpillFile {
         Ok((spill, size))
     }
 
+    /// A spill file of no bytes that is not made until something writes it.
+    pub fn unmade(dir: &Arc<CacheDir>, name: String, spills: &Arc<OpenSpills>) -> SpillFile {
+        SpillFile {
+            dir: dir.clone(),
+            name,
+            initial_len: 0,
+            created: AtomicBool::new(false),
+            slot: Arc::new(Slot::default()),
+            spills: spills.clone(),
+        }
+    }
+
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
     pub fn open_path(path: &std::path::Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
@@ -176,6 +188,12 @@ impl SpillFile {
     /// Its directory and name, for syncing it without holding it open.
     pub fn location(&self) -> (Arc<CacheDir>, String) {
         (self.dir.clone(), self.name.clone())
+    }
+
+    /// Makes everything written to the cache's filesystem durable at once
+    /// (syncfs): cheaper than an fsync per file for many files.
+    pub fn sync_filesystem(&self) -> Result<(), StoreError> {
+        self.dir.sync_filesystem()
     }
 
     /// The blake3 of the first `len` bytes, read a window at a time.

@@ -44,7 +44,7 @@ impl Gate {
         self.opened.notify_all();
     }
 
-    fn wait(&self) {
+    pub fn wait(&self) {
         let mut open = self.open.lock().unwrap();
         while !*open {
             open = self.opened.wait(open).unwrap();
@@ -54,6 +54,8 @@ impl Gate {
 
 type Hook = Box<dyn FnMut(&Path, u64, usize) -> Fault + Send>;
 type StatHook = Box<dyn FnMut(&Path) + Send>;
+/// Decides a directory's listing: `Some(error)` fails it, `None` lists it.
+type ListHook = Arc<dyn Fn(&Path) -> Option<SourceError> + Send + Sync>;
 
 /// Decides what each read of the source does (and what happens before each
 /// stat); counts the reads.
@@ -61,6 +63,7 @@ type StatHook = Box<dyn FnMut(&Path) + Send>;
 pub struct Plan {
     hook: Mutex<Option<Hook>>,
     stat_hook: Mutex<Option<StatHook>>,
+    list_hook: Mutex<Option<ListHook>>,
     pub reads: AtomicUsize,
     /// Directories listed on the source.
     pub listed: AtomicUsize,
@@ -70,6 +73,12 @@ impl Plan {
     /// From now on `hook(path)` runs before each stat of the source.
     pub fn on_stat(&self, hook: impl FnMut(&Path) + Send + 'static) {
         *self.stat_hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    /// From now on `hook(dir)` decides each directory's listing (a directory
+    /// the source refuses, or one it stalls on).
+    pub fn on_list(&self, hook: impl Fn(&Path) -> Option<SourceError> + Send + Sync + 'static) {
+        *self.list_hook.lock().unwrap() = Some(Arc::new(hook));
     }
 
     /// From now on `hook(path, offset, len)` decides each read.
@@ -129,7 +138,17 @@ impl Connection for FaultConnection {
 
     fn list_dirs(&mut self, dirs: &[&Path]) -> Result<Listings, SourceError> {
         self.plan.listed.fetch_add(dirs.len(), Ordering::Relaxed);
-        self.inner.list_dirs(dirs)
+        let mut listings = self.inner.list_dirs(dirs)?;
+        // Called outside the lock: a hook holding one lane's listing holds no other's.
+        let hook = self.plan.list_hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            for (dir, listing) in dirs.iter().zip(listings.iter_mut()) {
+                if let Some(error) = hook(dir) {
+                    *listing = Err(error);
+                }
+            }
+        }
+        Ok(listings)
     }
 
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {

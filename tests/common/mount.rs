@@ -370,3 +370,19 @@ pub fn dataset(root: &Path, imgdir: &Path, files: &[(&str, usize)]) -> Vec<DumpF
     write_dump(imgdir, &records).unwrap();
     records
 }
+
+/// With `--subtree /srv/app`: the old host's `/srv/app` below `env`'s `source`: the recorded `rec` (10,000
+/// bytes) and `dirs` directories `d0`... holding a file each. Returns the
+/// image directory.
+pub fn app_with_dirs(env: &TestEnv, dirs: usize) -> PathBuf {
+    let app = env.path("source/srv/app");
+    std::fs::create_dir_all(&app).unwrap();
+    for i in 0..dirs {
+        std::fs::create_dir_all(app.join(format!("d{i}"))).unwrap();
+        std::fs::write(app.join(format!("d{i}/f")), b"a file").unwrap();
+    }
+    std::fs::write(app.join("rec"), content("rec", 10_000)).unwrap();
+    let imgdir = env.path("images");
+    write_dump(&imgdir, &[DumpFile::new("/srv/app/rec", 10_000)]).unwrap();
+    imgdir
+}
