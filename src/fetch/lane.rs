@@ -225,6 +225,10 @@ pub(crate) struct Health {
     /// Lanes down, why, and since when the source may be silent (a request
     /// went unanswered, and nothing answered since).
     down: Mutex<(usize, Option<String>, Option<Instant>)>,
+    /// Since when requests have gone unanswered (the earliest unanswered
+    /// one was sent), until one is answered: bounds readers as `down.2` does,
+    /// without taking over [`Health::suspect`]'s finding out.
+    unanswered: Mutex<Option<Instant>>,
     cache_full: Mutex<Option<String>>,
     /// The fetcher is stopping: lanes give up at once instead of reconnecting.
     stopping: AtomicBool,
@@ -237,6 +241,7 @@ impl Health {
         Health {
             reconnect_timeout,
             down: Mutex::new((0, None, None)),
+            unanswered: Mutex::new(None),
             cache_full: Mutex::new(None),
             stopping: AtomicBool::new(false),
             first,
@@ -262,6 +267,11 @@ impl Health {
         let mut deadline = asked + self.reconnect_timeout;
         if let Some(since) = self.down.lock().unwrap_or_else(PoisonError::into_inner).2 {
             deadline = deadline.min(since + self.reconnect_timeout + PROBE_TIME);
+        }
+        // Each reader still tries for a probe's time: its answer is what
+        // ends the silence (no lane probes for it).
+        if let Some(since) = *self.unanswered.lock().unwrap_or_else(PoisonError::into_inner) {
+            deadline = deadline.min((since + self.reconnect_timeout + PROBE_TIME).max(asked + PROBE_TIME));
         }
         Limits { deadline: Some(deadline), stall: self.reconnect_timeout }
     }
@@ -442,6 +452,7 @@ impl Link {
         let mut health = self.health.down.lock().unwrap_or_else(PoisonError::into_inner);
         if down.is_none() {
             health.2 = None;
+            *self.health.unanswered.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
         match down {
             Some(error) => {
@@ -490,6 +501,12 @@ impl Link {
                 Ok(connection) => match op(connection) {
                     Err(e) if e.is_timeout() => {
                         self.connection = None;
+                        if let SourceError::TimedOut { waited, .. } = &e
+                            && !waited.is_zero()
+                        {
+                            let sent = Instant::now() - *waited;
+                            self.health.unanswered.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(sent);
+                        }
                         return Err(e);
                     }
                     Err(e) if e.is_connection_lost() => e,
@@ -622,7 +639,13 @@ impl OnDemandLane {
                     self.serve(job);
                     requests.done();
                 }
-                Work::Opened(files) => super::replay::fetch_whole(&mut self.link, &shared, files),
+                // A process opened them to read them: a silent source costs it
+                // what it costs a reader, not a prefetch's longer patience.
+                Work::Opened(files) => {
+                    self.link.set_limits(shared.health.reader(Instant::now()));
+                    super::replay::fetch_whole(&mut self.link, &shared, files);
+                    self.link.set_limits(shared.health.background());
+                }
             }
         }
     }
