@@ -75,7 +75,11 @@ pub struct ManArgs {
 /// Mount the files a checkpoint records, fetching contents from SOURCE on demand.
 ///
 /// Returns once the mount answers; the filesystem then runs in the background
-/// (like sshfs) until `lazyfs umount`, unless --foreground.
+/// (like sshfs) until `lazyfs umount`, unless --foreground. The connection to
+/// SOURCE comes up meanwhile (beside `criu restore`): the first read of a missing
+/// byte waits for it, and if it fails (unreachable, host key, authentication) such
+/// reads fail at once, `lazyfs status` and `lazyfs wait` (exit 1) say why, and so
+/// does the log; --wait-for-source makes `mount` wait and fail instead.
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// Empty directory to mount on.
@@ -98,6 +102,11 @@ pub struct MountArgs {
     /// What a reader waits for always goes first.
     #[arg(long, value_name = "ORDER", default_value = "smallest-first", value_parser = prefetch_order)]
     pub prefetch_order: PrefetchOrder,
+    /// Do not replay the recording: without this, what the last restore of this checkpoint read
+    /// first (this cache dir's recording, or the manifest's; `recorded:FILE` gives another) is
+    /// fetched as soon as the source answers, in that order, lazy mount or not.
+    #[arg(long)]
+    pub no_replay: bool,
     /// Parallel transfers (one SSH session each).
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
@@ -169,6 +178,11 @@ pub struct MountArgs {
     /// its stdin), not SFTP. Accounts that may not run commands fall back to SFTP by themselves.
     #[arg(long)]
     pub tar: bool,
+    /// Return only once SOURCE answers (connected and authenticated); a source that cannot be
+    /// used fails the mount (exit 1) and nothing is mounted. Without it, `mount` returns as
+    /// soon as the local side is ready and the connection comes up in the background.
+    #[arg(long)]
+    pub wait_for_source: bool,
     /// Refuse every write.
     #[arg(long)]
     pub read_only: bool,

@@ -105,6 +105,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
+    /// A truncate by a caller without `CAP_FSETID`: set-ID bits go too.
+    pub kill_set_ids: bool,
 }
 
 pub struct StatFs {
@@ -941,15 +943,26 @@ impl Filesystem {
             return Err(FsError::new(libc::EROFS, "mounted --read-only"));
         }
         let ns = self.namespace();
+        // Writes that bypass lazyfs could not drop a file's privileges.
+        let privileged = ns
+            .node(ino)
+            .is_some_and(|n| crate::privileges::privileged(n.meta.perm, n.meta.xattrs.keys().map(|k| k.as_os_str())));
         let passthrough = match ns.node(ino).map(|n| &n.kind) {
             // A failed file shows no bytes (size 0): the kernel would read it as empty.
             Some(NodeKind::File(index)) if !write && let Phase::Failed(why) = self.fetcher.file(*index).phase() => {
                 return Err(FsError::new(libc::EIO, why.to_string()));
             }
-            Some(NodeKind::File(index)) => match *index {
-                index if write || self.fetcher.file(index).written => None,
-                index => self.fetcher.file(index).verified_file()?,
-            },
+            Some(NodeKind::File(_)) if write => None,
+            Some(NodeKind::File(index)) => {
+                // Read next, as a rule: a small file is fetched whole at once.
+                self.fetcher.opened(*index);
+                let file = self.fetcher.file(*index);
+                match file.written {
+                    true => None,
+                    false => file.verified_file()?,
+                }
+            }
+            Some(NodeKind::Local(_)) if write && privileged => None,
             Some(NodeKind::Local(id)) => Some(self.local_file(*id)?.try_clone().map_err(|e| io_error(&e))?),
             Some(NodeKind::Dir(_)) => return Err(FsError::new(libc::EISDIR, "a directory")),
             Some(_) => return Err(FsError::new(libc::EINVAL, "not a regular file")),
@@ -1019,19 +1032,26 @@ impl Filesystem {
         }
     }
 
-    /// Writes locally (a checkpoint's file once it is all present): the source is never written.
-    pub fn write(&self, ino: Ino, offset: u64, data: Vec<u8>, reply: WriteReply) {
+    /// Writes locally (a checkpoint's file once it is all present): the source
+    /// is never written. The file's capabilities go first, and with
+    /// `kill_set_ids` (a writer without `CAP_FSETID`) its set-ID bits.
+    pub fn write(&self, ino: Ino, offset: u64, data: Vec<u8>, kill_set_ids: bool, reply: WriteReply) {
         if self.config.read_only {
             return reply(Err(FsError::new(libc::EROFS, "mounted --read-only")));
         }
-        let kind = match self.namespace().node(ino) {
+        let (kind, dropped) = match self.namespace().node(ino) {
             Some(node) => match node.kind {
-                NodeKind::File(index) => Ok(index),
-                NodeKind::Local(id) => Err(id),
+                NodeKind::File(index) => (Ok(index), Self::dropped(node, kill_set_ids)),
+                NodeKind::Local(id) => (Err(id), Self::dropped(node, kill_set_ids)),
                 _ => return reply(Err(FsError::new(libc::EINVAL, "not a regular file"))),
             },
             None => return reply(Err(not_found(ino))),
         };
+        if let Some(dropped) = dropped
+            && let Err(e) = self.drop_privileges(ino, dropped)
+        {
+            return reply(Err(e));
+        }
         match kind {
             Ok(index) => self.fetcher.write(index, offset, data, self.touch_after(ino, reply)),
             Err(id) => {
@@ -1166,6 +1186,18 @@ impl Filesystem {
         {
             return reply(Err(e));
         }
+        // A chown drops the file's set-ID bits and capabilities, whoever makes
+        // it; a truncate drops them as a write does.
+        let chown = change.uid.is_some() || change.gid.is_some();
+        let dropped = match self.namespace().node(ino) {
+            Some(node) if chown || change.size.is_some() => Self::dropped(node, chown || change.kill_set_ids),
+            _ => None,
+        };
+        if let Some(dropped) = dropped
+            && let Err(e) = self.drop_privileges(ino, dropped)
+        {
+            return reply(Err(e));
+        }
         if meta {
             let mut ns = self.ns_mut();
             let record = Local {
@@ -1237,6 +1269,46 @@ impl Filesystem {
             Some(Err(None)) => reply(Err(FsError::new(libc::EISDIR, "not a regular file"))),
             None => reply(Err(not_found(ino))),
         }
+    }
+
+    /// What a change of `node`'s file drops of its privileges (see
+    /// [`crate::privileges`]); directories keep theirs.
+    fn dropped(node: &Node, set_ids: bool) -> Option<crate::privileges::Dropped> {
+        let file = matches!(node.kind, NodeKind::File(_) | NodeKind::Local(_));
+        let capability = node.meta.xattrs.contains_key(OsStr::new(crate::privileges::CAPABILITY));
+        file.then(|| crate::privileges::dropped(node.meta.perm, capability, set_ids)).flatten()
+    }
+
+    /// Takes `dropped` away from `ino`, journaled like any change.
+    fn drop_privileges(&self, ino: Ino, dropped: crate::privileges::Dropped) -> Result<(), FsError> {
+        let mut ns = self.ns_mut();
+        let path = match ns.node(ino) {
+            Some(node) if node.links.is_empty() => Vec::new(),
+            Some(_) => bytes(&ns.mount_path(ino)),
+            None => return Err(not_found(ino)),
+        };
+        let mut records = Vec::new();
+        if let Some(perm) = dropped.perm {
+            records.push(Local {
+                op: LocalOp::Setattr.into(),
+                path: path.clone(),
+                mode: Some(perm),
+                ..Local::default()
+            });
+        }
+        if dropped.capability {
+            let name = crate::privileges::CAPABILITY.as_bytes().to_vec();
+            records.push(Local { op: LocalOp::Removexattr.into(), path: path.clone(), name, ..Local::default() });
+        }
+        for record in records {
+            match path.is_empty() {
+                // Unlinked but open: nothing to journal, no name to journal it by.
+                true if record.op() == LocalOp::Setattr => Self::set_meta(&mut ns, ino, &record)?,
+                true => Self::set_xattr(&mut ns, ino, &record, Step::Make)?,
+                false => self.change(&mut ns, record).map(drop)?,
+            }
+        }
+        Ok(())
     }
 
     /// Makes a file's written bytes durable.

@@ -407,6 +407,13 @@ impl fuser::Filesystem for FuseAdapter {
     /// to what was agreed here (see `failover::link::Negotiated`).
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // lazyfs drops set-ID bits and capabilities itself (`fs.rs`), so the
+        // kernel does not ask for `security.capability` before every write.
+        if config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_err() {
+            log::info!(
+                "this kernel cannot leave privileges to lazyfs: each write costs it a look at the file's capabilities"
+            );
+        }
         if self.passthrough.load(Ordering::Relaxed) {
             // Spill files may sit on a stacked filesystem (overlayfs) themselves.
             let enabled =
@@ -436,7 +443,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -452,7 +459,10 @@ impl fuser::Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
+        // fuser 0.18 does not pass FATTR_KILL_SUIDGID (a truncate by a caller
+        // without CAP_FSETID): root stands for CAP_FSETID.
+        let kill_set_ids = size.is_some() && req.uid() != 0;
+        let change = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time), kill_set_ids };
         self.fs.setattr(
             ino.0,
             change,
@@ -562,7 +572,7 @@ impl fuser::Filesystem for FuseAdapter {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -571,6 +581,7 @@ impl fuser::Filesystem for FuseAdapter {
             ino.0,
             offset,
             data.to_vec(),
+            write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
             Box::new(move |result| match result {
                 Ok(written) => reply.written(written),
                 Err(e) => reply.error(errno(&e)),

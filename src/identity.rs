@@ -273,13 +273,23 @@ impl CheckedSource {
     }
 }
 
-impl Source for CheckedSource {
-    fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
-        let connection = self.inner.connect_within(time)?;
+impl CheckedSource {
+    /// `connection`, once it showed it reached the source (where it can tell).
+    fn checked(&self, connection: Box<dyn Connection>) -> Result<Box<dyn Connection>, SourceError> {
         match connection.shows() {
             Some(shown) => self.check(&shown).map(|()| connection),
             None => Ok(connection),
         }
+    }
+}
+
+impl Source for CheckedSource {
+    fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        self.checked(self.inner.connect_within(time)?)
+    }
+
+    fn connect_bulk_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        self.checked(self.inner.connect_bulk_within(time)?)
     }
 
     fn describe(&self) -> String {

@@ -17,6 +17,7 @@ pub mod log_sink;
 pub mod manifest;
 pub mod mount;
 pub mod namespace;
+pub mod privileges;
 pub mod push;
 pub mod recording;
 pub mod s3;

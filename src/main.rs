@@ -452,16 +452,16 @@ fn run_status(args: &StatusArgs) -> anyhow::Result<u8> {
         match (&mut bars, args.json, args.watch) {
             (_, true, true) => {
                 for value in &values {
-                    writeln!(out, "{value}")?;
+                    serde_json::to_writer(&mut out, value)?;
+                    writeln!(out)?;
                 }
                 out.flush()?;
             }
             (_, true, false) => {
-                let value = match (&args.mountpoint, values.len()) {
-                    (Some(_), 1) => values.into_iter().next().expect("one"),
-                    _ => serde_json::Value::Array(values),
-                };
-                serde_json::to_writer_pretty(&mut out, &value)?;
+                match (&args.mountpoint, values.as_slice()) {
+                    (Some(_), [value]) => serde_json::to_writer_pretty(&mut out, value)?,
+                    _ => serde_json::to_writer_pretty(&mut out, &values)?,
+                }
                 writeln!(out)?;
             }
             (Some(bars), false, _) => bars.update(&statuses),
@@ -499,10 +499,18 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         code: exit::RUNTIME,
         message: format!("{}: the mount went away while waiting ({e})", args.mountpoint.display()),
     };
+    // The source cannot be used: what is missing never comes.
+    let unusable = |source_error: &str| Exit {
+        code: exit::RUNTIME,
+        message: format!("{}: {source_error}", args.mountpoint.display()),
+    };
     loop {
         // Waiting for everything needs only the totals, cheap enough to poll often.
         if args.paths.is_empty() {
             let totals = client.totals().map_err(gone)?;
+            if !totals.source_error.is_empty() && totals.state() != MountState::Complete {
+                return Err(unusable(&totals.source_error).into());
+            }
             if totals.files_failed == 0 && totals.dirs_failed == 0 && totals.state() != MountState::Failed {
                 if totals.state() == MountState::Complete {
                     return Ok(exit::SUCCESS);
@@ -540,8 +548,13 @@ fn run_wait(args: &WaitArgs) -> anyhow::Result<u8> {
         if waiting == 0 && unlisted == 0 {
             return Ok(exit::SUCCESS);
         }
+        if !status.source_error.is_empty() {
+            return Err(unusable(&status.source_error).into());
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            let why = if status.prefetch {
+            let why = if !status.degraded_reason.is_empty() {
+                format!("; {}", status.degraded_reason)
+            } else if status.prefetch {
                 String::new()
             } else {
                 format!(

@@ -104,6 +104,10 @@ pub struct MountRequest {
     pub prefetch: bool,
     pub passthrough: bool,
     pub reconnect_timeout: std::time::Duration,
+    /// Connect to the source before mounting (else in the background).
+    pub wait_for_source: bool,
+    /// Fetch what a recording says the last restore read first, once the source is up.
+    pub replay: bool,
     pub jobs: usize,
     pub order: PrefetchOrder,
     /// `--manifest`, or IMGDIR/lazyfs.manifest when it exists.
@@ -173,6 +177,8 @@ impl MountRequest {
             prefetch: args.prefetch,
             passthrough: !args.no_passthrough,
             reconnect_timeout: args.reconnect_timeout,
+            wait_for_source: args.wait_for_source,
+            replay: !args.no_replay,
             jobs: usize::from(args.jobs),
             order: args.prefetch_order.clone(),
             manifest: args
@@ -365,6 +371,9 @@ fn prepare_inner(
         }
         None => (Loaded::default(), Verdict::Afresh("its damaged journal was set aside".into())),
     };
+    // What a mount that was killed recorded is this cache dir's recording now
+    // (once the journal let the mount go on: a refused mount changes nothing).
+    let recovered = recording::recover(store.dir())?;
     let local = crate::store::local::LocalFiles::open(store.dir())?;
     let (mut records, mut local_changes) = (loaded.records, loaded.local);
     let mut created_ns = loaded.owner.created_ns;
@@ -409,6 +418,7 @@ fn prepare_inner(
         }
         if matches!(verdict, Verdict::Afresh(_)) {
             store.clear_spills()?;
+            recording::forget(store.dir())?;
         }
         local.clear()?;
     }
@@ -430,19 +440,22 @@ fn prepare_inner(
     if let (Some(pushed), Some(store_source)) = (pushed, &store_source) {
         check_pushed_images(&request, pushed, &store_source.describe())?;
     }
-    let recording = match (&request.order, given_recording) {
-        (PrefetchOrder::Recorded(_), Some(given)) => Some(given),
-        (PrefetchOrder::Recorded(None), None) => {
+    // What the last restore read first: replayed once the source is up
+    // (unless --no-replay), and with `--prefetch-order recorded` the order of prefetch.
+    let recorded_order = matches!(request.order, PrefetchOrder::Recorded(_));
+    let recording = match given_recording {
+        Some(given) => Some(given),
+        None if recorded_order || request.replay => {
             let shipped = pushed.and_then(|p| p.recording.as_ref());
-            let (found, warning) =
-                find_recording(&store, shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref())));
+            let shipped = shipped.or(manifest.as_deref().and_then(|m| m.recording.as_ref()));
+            let (found, warning) = find_recording(&store, shipped, recorded_order);
             if let Some(warning) = &warning {
                 log::warn!("{warning}");
             }
             warnings.extend(warning);
             found
         }
-        _ => None,
+        None => None,
     };
     let mut files = Vec::with_capacity(served.len());
     for file in &served {
@@ -532,11 +545,16 @@ fn prepare_inner(
         None => None,
     };
     let root_unknown = tree.as_ref().is_some_and(|t| t.root.is_none());
-    // A successor comes up without waiting for the source (its lanes connect
-    // when asked), but for the tree root's attributes.
+    // The mount (or a successor taking one over) comes up without waiting for
+    // the source: its first connection comes up in the background (see
+    // `fetch::connect`), beside `criu restore`. Unless asked to wait for it,
+    // or for the tree root's attributes, shown before any read; a local
+    // directory costs no round trip, and a mistake in it is said by `mount`
+    // (a successor serves what is cached even when it is gone).
+    let local_source = matches!(request.source, SourceSpec::Local(_));
     let need = match needs_source(&files) || root_unknown {
-        true if resuming && !root_unknown => Need::Later,
-        true => Need::Now,
+        true if request.wait_for_source || root_unknown || (local_source && !resuming) => Need::Now,
+        true => Need::Later,
         false => Need::Not,
     };
     let (checked, mut connection) = source.finish(need, &request.source_arg, &mut warnings)?;
@@ -553,24 +571,39 @@ fn prepare_inner(
 
     let source_name = checked.describe();
     let jobs = if request.prefetch { request.jobs } else { 0 };
-    let order = match (&request.order, &recording) {
-        (PrefetchOrder::SmallestFirst, _) => Order::SmallestFirst,
-        (PrefetchOrder::LargestFirst, _) => Order::LargestFirst,
-        (PrefetchOrder::Image, _) => Order::Image,
-        (PrefetchOrder::Recorded(_), recording) => Order::Recorded(recorded_plan(recording.as_ref(), &files)),
+    let plan = recorded_plan(recording.as_ref(), &files);
+    let order = match &request.order {
+        PrefetchOrder::SmallestFirst => Order::SmallestFirst,
+        PrefetchOrder::LargestFirst => Order::LargestFirst,
+        PrefetchOrder::Image => Order::Image,
+        PrefetchOrder::Recorded(_) => Order::Recorded(plan.clone()),
     };
     let later = match (&order, &recording, tree_root) {
         (Order::Recorded(_), Some(recording), Some(_)) => recorded_later(recording, &files),
         _ => Default::default(),
     };
     let recorded_later = later.keys().cloned().collect();
+    let replay = if request.replay { plan } else { Arc::new([]) };
     let fetcher = Fetcher::start(
         checked.clone(),
         connection,
         files,
         journal,
-        FetchConfig { jobs, order, reconnect_timeout: request.reconnect_timeout },
+        FetchConfig { jobs, order, replay, reconnect_timeout: request.reconnect_timeout },
     );
+    fetcher
+        .record_in(store.dir().try_clone().map_err(|e| StoreError::Io { path: request.cache_dir.clone(), source: e })?);
+    // A successor goes on with what the process it took over from recorded:
+    // the restore's first reads, from before the crash, stay first.
+    if let Some(earlier) = recovered.filter(|_| resuming) {
+        let index: HashMap<Vec<u8>, usize> =
+            fetcher.files().iter().enumerate().map(|(i, f)| (f.path.as_os_str().as_bytes().to_vec(), i)).collect();
+        for touch in &earlier.touches {
+            if let Some(&file) = index.get(&touch.path) {
+                fetcher.note_recorded(file, touch.first..touch.end, touch.at_us);
+            }
+        }
+    }
     fetcher.expect_recorded(later);
     let config = FsConfig {
         read_only: request.read_only,
@@ -750,7 +783,7 @@ type Reached = (Arc<CheckedSource>, Option<Box<dyn Connection>>);
 enum Need {
     /// To mount (a connection is made, or the mount fails).
     Now,
-    /// Once something asks (a successor taking a mount over).
+    /// Soon, not to mount: its first connection comes up in the background.
     Later,
     /// Not at all: every file is in the cache dir.
     Not,
@@ -826,15 +859,15 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
 
 /// `--prefetch-order recorded` without a file: the cache dir's recording (the
 /// last restore of these images from this source, here), else the one
-/// `shipped` with the images (by the manifest, or the push's index); a
-/// warning when there is none (prefetch goes smallest-first).
-fn find_recording(store: &Store, shipped: Option<&Recording>) -> (Option<Recording>, Option<String>) {
+/// `shipped` with the images (by the manifest, or the push's index); for
+/// the prefetch order, a warning when there is none (prefetch goes smallest-first).
+fn find_recording(store: &Store, shipped: Option<&Recording>, for_order: bool) -> (Option<Recording>, Option<String>) {
     let (cached, damaged) = match recording::load_cached(store.dir()) {
         Ok(cached) => (cached, None),
         Err(e) => (None, Some(format!("{e}: ignored"))),
     };
     let found = cached.or_else(|| shipped.cloned());
-    let none = found.is_none().then(|| {
+    let none = (found.is_none() && for_order).then(|| {
         "--prefetch-order recorded: neither the cache dir nor the manifest holds a recording: prefetching \
          smallest-first (`lazyfs manifest --recording` ships one with the images, `lazyfs push --recording` \
          with the index)"

@@ -7,6 +7,13 @@
 //!
 //! Format (version 1): the line `lazyfs-recording\n`, then one protobuf
 //! `Recording` message (`proto/lazyfs/cache.proto`).
+//!
+//! While a mount runs, its recording grows in `recording.growing`: the same
+//! format, each new or longer run appended as it happens (protobuf appends
+//! repeated fields), as a piece that continues the run before it. A mount
+//! killed (`kill -9`) leaves it; the next mount of the cache dir takes it as
+//! the recording (a piece cut short at the end is left out). A clean
+//! unmount writes `recording` whole and removes it.
 
 use std::io::Read;
 use std::ops::Range;
@@ -22,6 +29,8 @@ const MAGIC: &[u8] = b"lazyfs-recording\n";
 const VERSION: u32 = 1;
 /// The recording's name in a cache dir.
 pub const FILE_NAME: &str = "recording";
+/// The recording of the mount running (or killed), as it grows.
+const GROWING: &str = "recording.growing";
 /// Runs a mount records at most (a few MiB): past that, a workload reading
 /// at random has said what it reads first long ago.
 const MAX_TOUCHES: usize = 100_000;
@@ -80,11 +89,13 @@ pub fn load_cached(cache_dir: &CacheDir) -> Result<Option<Recording>, RecordingE
 }
 
 /// Writes `recording` into `cache_dir` (through a temporary file, so a crash
-/// leaves the old one or the new one).
+/// leaves the old one or the new one), and drops the copy that grew while it
+/// was recorded.
 pub fn save(cache_dir: &CacheDir, recording: &Recording) -> Result<(), crate::store::StoreError> {
     let mut bytes = MAGIC.to_vec();
     recording.encode(&mut bytes).expect("Vec grows");
-    cache_dir.write_atomic(FILE_NAME, &bytes)
+    cache_dir.write_atomic(FILE_NAME, &bytes)?;
+    finish_growing(cache_dir)
 }
 
 /// Decodes a recording file's bytes (`path` names it in errors).
@@ -94,9 +105,87 @@ fn decode(bytes: &[u8], path: &Path) -> Result<Recording, RecordingError> {
         return Err(bad(format!("more than the {MAX_FILE_BYTES} bytes a recording may have")));
     }
     let body = bytes.strip_prefix(MAGIC).ok_or_else(|| bad("no `lazyfs-recording` line".into()))?;
-    let recording = Recording::decode(body).map_err(|e| bad(e.to_string()))?;
+    let mut recording = Recording::decode(body).map_err(|e| bad(e.to_string()))?;
+    recording.touches = joined(std::mem::take(&mut recording.touches));
     check(&recording).map_err(bad)?;
     Ok(recording)
+}
+
+/// Runs as the recorder keeps them: a piece that continues the run before
+/// it (same file, next chunk) is part of that run.
+fn joined(pieces: Vec<Touch>) -> Vec<Touch> {
+    let mut runs: Vec<Touch> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match runs.last_mut() {
+            Some(run) if run.path == piece.path && run.end == piece.first => run.end = piece.end,
+            _ => runs.push(piece),
+        }
+    }
+    runs
+}
+
+/// The length of `body`'s whole fields: a piece cut short by a crash ends it.
+fn whole_fields(body: &[u8]) -> usize {
+    let mut rest = body;
+    let mut whole = 0;
+    while !rest.is_empty() {
+        let Ok((_, wire_type)) = prost::encoding::decode_key(&mut rest) else { break };
+        let complete = match wire_type {
+            prost::encoding::WireType::Varint => prost::encoding::decode_varint(&mut rest).is_ok(),
+            prost::encoding::WireType::LengthDelimited => match prost::encoding::decode_varint(&mut rest) {
+                Ok(len) if len <= rest.len() as u64 => {
+                    rest = &rest[len as usize..];
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if !complete {
+            break;
+        }
+        whole = body.len() - rest.len();
+    }
+    whole
+}
+
+/// Takes the recording a killed mount left growing as the cache dir's
+/// recording (what of it is whole), and returns it; gone either way. Call
+/// before anything reads the cache dir's recording or records a new one.
+pub fn recover(cache_dir: &CacheDir) -> Result<Option<Recording>, crate::store::StoreError> {
+    let path = cache_dir.join(GROWING);
+    let io = |source| crate::store::StoreError::Io { path: path.clone(), source };
+    let bytes = match cache_dir.read(GROWING) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let whole = bytes.strip_prefix(MAGIC).map_or(0, |body| MAGIC.len() + whole_fields(body));
+    let recovered = match decode(&bytes[..whole], &path) {
+        Ok(recording) if !recording.touches.is_empty() => {
+            log::info!("{}: the recording of a mount that did not end cleanly: kept", path.display());
+            save(cache_dir, &recording)?;
+            Some(recording)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            log::warn!("{e}: ignored");
+            None
+        }
+    };
+    cache_dir.remove(GROWING).map_err(io)?;
+    Ok(recovered)
+}
+
+/// Drops the cache dir's recording (it is of another checkpoint or source).
+pub fn forget(cache_dir: &CacheDir) -> Result<(), crate::store::StoreError> {
+    let gone = cache_dir.remove(FILE_NAME);
+    gone.map_err(|source| crate::store::StoreError::Io { path: cache_dir.join(FILE_NAME), source })
+}
+
+/// After a clean unmount: `recording` holds it all, the growing copy goes.
+fn finish_growing(cache_dir: &CacheDir) -> Result<(), crate::store::StoreError> {
+    cache_dir.remove(GROWING).map_err(|source| crate::store::StoreError::Io { path: cache_dir.join(GROWING), source })
 }
 
 /// What to prefetch first: the runs of `recording` that name files of this
@@ -144,18 +233,60 @@ struct RecorderState {
     touched: Vec<Vec<u64>>,
     /// (file, chunks, microseconds since the mount started).
     runs: Vec<(usize, Range<u64>, u64)>,
+    /// Where the runs are appended as they grow, if anywhere.
+    growing: Option<Growing>,
+}
+
+/// `recording.growing` of a cache dir, opened at the first touch.
+struct Growing {
+    dir: CacheDir,
+    file: Option<std::fs::File>,
+    /// A file's recorded path.
+    path_of: Box<dyn Fn(usize) -> Vec<u8> + Send>,
+}
+
+impl Growing {
+    /// Appends `pieces` (file, chunks, at): one write, so a kill leaves whole
+    /// pieces (or a last one cut short, which loading leaves out).
+    fn append(&mut self, pieces: &[(usize, Range<u64>, u64)]) -> Result<(), crate::store::StoreError> {
+        let mut bytes = Vec::new();
+        if self.file.is_none() {
+            bytes.extend_from_slice(MAGIC);
+            new(Vec::new()).encode(&mut bytes).expect("Vec grows");
+        }
+        for (file, chunks, at_us) in pieces {
+            let touch = Touch { path: (self.path_of)(*file), first: chunks.start, end: chunks.end, at_us: *at_us };
+            prost::encoding::message::encode(3, &touch, &mut bytes);
+        }
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(self.dir.open_append(GROWING)?),
+        };
+        std::io::Write::write_all(file, &bytes)
+            .map_err(|source| crate::store::StoreError::Io { path: self.dir.join(GROWING), source })
+    }
 }
 
 impl Recorder {
     pub fn new(files: usize) -> Recorder {
-        Recorder { state: Mutex::new(RecorderState { touched: vec![Vec::new(); files], runs: Vec::new() }) }
+        Recorder {
+            state: Mutex::new(RecorderState { touched: vec![Vec::new(); files], runs: Vec::new(), growing: None }),
+        }
+    }
+
+    /// From now on every new or longer run is also appended to `cache_dir`'s
+    /// `recording.growing` (created at the first touch), naming files by
+    /// `path_of`: a mount that is killed keeps what it recorded.
+    pub fn grow_in(&self, cache_dir: CacheDir, path_of: impl Fn(usize) -> Vec<u8> + Send + 'static) {
+        let growing = Growing { dir: cache_dir, file: None, path_of: Box::new(path_of) };
+        self.state.lock().expect("recorder").growing = Some(growing);
     }
 
     /// A reader touched `chunks` of `file` (of `chunk_count` chunks) at `at_us`:
     /// the chunks nobody touched before join the recording.
     pub fn note(&self, file: usize, chunks: Range<u64>, chunk_count: u64, at_us: u64) {
         let mut state = self.state.lock().expect("recorder");
-        let RecorderState { touched, runs } = &mut *state;
+        let RecorderState { touched, runs, growing } = &mut *state;
         if touched.len() <= file {
             // A file of the tree found after the mount began.
             touched.resize(file + 1, Vec::new());
@@ -164,6 +295,8 @@ impl Recorder {
         if bits.is_empty() {
             bits.resize(chunk_count.div_ceil(64) as usize, 0);
         }
+        // What this touch adds, as pieces: each continues a run or starts one.
+        let mut pieces: Vec<(usize, Range<u64>, u64)> = Vec::new();
         for chunk in chunks.start..chunks.end.min(chunk_count) {
             let (word, bit) = ((chunk / 64) as usize, 1u64 << (chunk % 64));
             if bits[word] & bit != 0 {
@@ -171,11 +304,28 @@ impl Recorder {
             }
             let full = runs.len() >= MAX_TOUCHES;
             match runs.last_mut() {
-                Some((f, run, _)) if *f == file && run.end == chunk => run.end += 1,
-                _ if full => return,
-                _ => runs.push((file, chunk..chunk + 1, at_us)),
+                Some((f, run, at)) if *f == file && run.end == chunk => {
+                    run.end += 1;
+                    match pieces.last_mut() {
+                        Some((_, piece, _)) if piece.end == chunk => piece.end += 1,
+                        _ => pieces.push((file, chunk..chunk + 1, *at)),
+                    }
+                }
+                _ if full => break,
+                _ => {
+                    runs.push((file, chunk..chunk + 1, at_us));
+                    pieces.push((file, chunk..chunk + 1, at_us));
+                }
             }
             bits[word] |= bit;
+        }
+        let failed = match growing.as_mut() {
+            Some(growing) if !pieces.is_empty() => growing.append(&pieces).err(),
+            _ => None,
+        };
+        if let Some(e) = failed {
+            log::warn!("{e}: the recording is kept in memory only (written at unmount)");
+            *growing = None;
         }
     }
 
@@ -214,6 +364,29 @@ mod tests {
         let message = load(&garbage).unwrap_err().to_string();
         assert!(message.contains("not a lazyfs recording"), "{message}");
         assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn a_growing_recording_is_recovered_whole_pieces_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CacheDir::open_cache(&tmp.path().join("cache")).unwrap();
+        let recorder = Recorder::new(2);
+        recorder.grow_in(dir.try_clone().unwrap(), |file| format!("/f{file}").into_bytes());
+        recorder.note(1, 4..6, 10, 1);
+        recorder.note(1, 6..7, 10, 2); // a piece continuing the run
+        recorder.note(0, 0..2, 3, 3);
+        recorder.note(1, 9..10, 10, 4);
+        drop(recorder);
+        let touch = |file: &str, first, end, at_us| Touch { path: file.as_bytes().to_vec(), first, end, at_us };
+        let runs = [touch("/f1", 4, 7, 1), touch("/f0", 0, 2, 3), touch("/f1", 9, 10, 4)];
+        // Whole, then with the last piece cut short (a crash mid-write).
+        let grown = dir.read(GROWING).unwrap();
+        recover(&dir).unwrap();
+        assert!(!dir.exists(GROWING));
+        assert_eq!(load_cached(&dir).unwrap().unwrap().touches, runs);
+        std::fs::write(dir.join(GROWING), &grown[..grown.len() - 2]).unwrap();
+        recover(&dir).unwrap();
+        assert_eq!(load_cached(&dir).unwrap().unwrap().touches, runs[..2]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
 
 use crate::control::proto::{FailedDir, FileStatus, MountState, RecordedRange, Status};
@@ -131,7 +132,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
         let progress = file.progress();
         let (size, present, phase) = (progress.len, progress.present_bytes, progress.phase);
         let (blake3, against) = match &phase {
-            Phase::Verified { hash, against } => (blake3::Hash::from_bytes(*hash).to_hex().to_string(), *against),
+            Phase::Verified { hash, against } => (blake3::Hash::from_bytes(**hash).to_hex().to_string(), *against),
             _ => (String::new(), ""),
         };
         let failed = matches!(phase, Phase::Failed(_));
@@ -204,6 +205,7 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
     status.local_files += local_files;
     status.local_bytes += local_bytes;
     status.degraded_reason = fs.fetcher().degraded().unwrap_or_default();
+    status.source_error = fs.fetcher().source_error().map(|e| e.to_string()).unwrap_or_default();
     let state = if !status.degraded_reason.is_empty() {
         MountState::Degraded
     } else if settled == status.files_total && status.dirs_unlisted == 0 {
@@ -221,82 +223,102 @@ pub fn snapshot(fs: &Filesystem, context: &Context<'_>, per_file: bool) -> Statu
         .map(|rate| prefetch_left as f64 / rate);
     status
 }
-/// `lazyfs status --json`: the fields the README documents.
-pub fn to_json(status: &Status) -> Value {
-    let files: Vec<Value> = status
-        .files
-        .iter()
-        .map(|f| {
-            json!({
-                "path": String::from_utf8_lossy(&f.path),
-                "mount_path": String::from_utf8_lossy(&f.mount_path),
-                "size": f.size,
-                "bytes_present": f.bytes_present,
-                "state": f.state().word(),
-                "blake3": non_empty(&f.blake3),
-                "verified_against": non_empty(&f.verified_against),
-                "reads": f.reads,
-                "error": non_empty(&f.error),
-                "bytes_on_demand": f.bytes_on_demand,
-                "bytes_prefetched": f.bytes_prefetched,
-                "first_read_s": f.first_read_s,
-                "completed_s": f.completed_s,
-            })
-        })
-        .collect();
-    let recording: Vec<Value> = status
-        .recording
-        .iter()
-        .map(|r| {
-            json!({
-                "path": String::from_utf8_lossy(&r.path),
-                "first_chunk": r.first_chunk,
-                "end_chunk": r.end_chunk,
-                "at_s": r.at_s,
-            })
-        })
-        .collect();
+/// `lazyfs status --json`: the fields the README documents, written as they
+/// are serialized (the files one by one: 100,000 of them are never a tree of
+/// JSON values first).
+pub fn to_json(status: &Status) -> StatusJson<'_> {
+    StatusJson(status)
+}
+
+/// A status as JSON (see [`to_json`]).
+pub struct StatusJson<'a>(&'a Status);
+
+impl Serialize for StatusJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let status = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("mountpoint", &status.mountpoint)?;
+        map.serialize_entry("source", &status.source)?;
+        map.serialize_entry("imgdir", &status.imgdir)?;
+        map.serialize_entry("cache_dir", &status.cache_dir)?;
+        map.serialize_entry("layout", &status.layout)?;
+        map.serialize_entry("pid", &status.pid)?;
+        map.serialize_entry("supervisor_pid", &status.supervisor_pid)?;
+        map.serialize_entry("restarts", &status.restarts)?;
+        map.serialize_entry("last_restart_reason", &non_empty(&status.last_restart_reason))?;
+        map.serialize_entry("version", &status.version)?;
+        map.serialize_entry("binary", &status.binary)?;
+        map.serialize_entry("failure", &non_empty(&status.failure))?;
+        map.serialize_entry("prefetch", &status.prefetch)?;
+        map.serialize_entry("state", status.state().word())?;
+        map.serialize_entry("degraded_reason", &non_empty(&status.degraded_reason))?;
+        map.serialize_entry("detached", &status.detached)?;
+        map.serialize_entry("holders", &status.holders)?;
+        map.serialize_entry("files_total", &status.files_total)?;
+        map.serialize_entry("files_present", &status.files_present)?;
+        map.serialize_entry("files_failed", &status.files_failed)?;
+        map.serialize_entry("bytes_total", &status.bytes_total)?;
+        map.serialize_entry("bytes_present", &status.bytes_present)?;
+        map.serialize_entry("bytes_on_demand", &status.bytes_on_demand)?;
+        map.serialize_entry("bytes_prefetched", &status.bytes_prefetched)?;
+        map.serialize_entry("local_files", &status.local_files)?;
+        map.serialize_entry("local_bytes", &status.local_bytes)?;
+        map.serialize_entry("source_needed", &status.source_needed)?;
+        map.serialize_entry("source_error", &non_empty(&status.source_error))?;
+        map.serialize_entry("dirs_unlisted", &status.dirs_unlisted)?;
+        map.serialize_entry("dirs_failed", &status.dirs_failed)?;
+        map.serialize_entry("failed_dirs", &Each(&status.failed_dirs, failed_dir_json))?;
+        map.serialize_entry("rate_bytes_per_s", &status.rate_bytes_per_s)?;
+        map.serialize_entry("eta_s", &status.eta_s)?;
+        map.serialize_entry("elapsed_s", &status.elapsed_s)?;
+        map.serialize_entry("files", &Each(&status.files, file_json))?;
+        map.serialize_entry("chunk_size", &crate::store::CHUNK_SIZE)?;
+        map.serialize_entry("recording", &Each(&status.recording, range_json))?;
+        map.end()
+    }
+}
+
+/// A list serialized element by element, each made into JSON by the function.
+struct Each<'a, T>(&'a [T], fn(&T) -> Value);
+
+impl<T> Serialize for Each<'_, T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(self.1))
+    }
+}
+
+fn failed_dir_json(d: &FailedDir) -> Value {
     json!({
-        "mountpoint": status.mountpoint,
-        "source": status.source,
-        "imgdir": status.imgdir,
-        "cache_dir": status.cache_dir,
-        "layout": status.layout,
-        "pid": status.pid,
-        "supervisor_pid": status.supervisor_pid,
-        "restarts": status.restarts,
-        "last_restart_reason": non_empty(&status.last_restart_reason),
-        "version": status.version,
-        "binary": status.binary,
-        "failure": non_empty(&status.failure),
-        "prefetch": status.prefetch,
-        "state": status.state().word(),
-        "degraded_reason": non_empty(&status.degraded_reason),
-        "detached": status.detached,
-        "holders": status.holders,
-        "files_total": status.files_total,
-        "files_present": status.files_present,
-        "files_failed": status.files_failed,
-        "bytes_total": status.bytes_total,
-        "bytes_present": status.bytes_present,
-        "bytes_on_demand": status.bytes_on_demand,
-        "bytes_prefetched": status.bytes_prefetched,
-        "local_files": status.local_files,
-        "local_bytes": status.local_bytes,
-        "source_needed": status.source_needed,
-        "dirs_unlisted": status.dirs_unlisted,
-        "dirs_failed": status.dirs_failed,
-        "failed_dirs": status.failed_dirs.iter().map(|d| json!({
-            "path": String::from_utf8_lossy(&d.path),
-            "mount_path": String::from_utf8_lossy(&d.mount_path),
-            "error": d.error,
-        })).collect::<Vec<Value>>(),
-        "rate_bytes_per_s": status.rate_bytes_per_s,
-        "eta_s": status.eta_s,
-        "elapsed_s": status.elapsed_s,
-        "files": files,
-        "chunk_size": crate::store::CHUNK_SIZE,
-        "recording": recording,
+        "path": String::from_utf8_lossy(&d.path),
+        "mount_path": String::from_utf8_lossy(&d.mount_path),
+        "error": d.error,
+    })
+}
+
+fn file_json(f: &FileStatus) -> Value {
+    json!({
+        "path": String::from_utf8_lossy(&f.path),
+        "mount_path": String::from_utf8_lossy(&f.mount_path),
+        "size": f.size,
+        "bytes_present": f.bytes_present,
+        "state": f.state().word(),
+        "blake3": non_empty(&f.blake3),
+        "verified_against": non_empty(&f.verified_against),
+        "reads": f.reads,
+        "error": non_empty(&f.error),
+        "bytes_on_demand": f.bytes_on_demand,
+        "bytes_prefetched": f.bytes_prefetched,
+        "first_read_s": f.first_read_s,
+        "completed_s": f.completed_s,
+    })
+}
+
+fn range_json(r: &RecordedRange) -> Value {
+    json!({
+        "path": String::from_utf8_lossy(&r.path),
+        "first_chunk": r.first_chunk,
+        "end_chunk": r.end_chunk,
+        "at_s": r.at_s,
     })
 }
 

@@ -122,7 +122,8 @@ fn hung_world(env: &TestEnv, fine: &[(&str, usize)]) -> HungMount {
     command.arg("mount").arg(&mountpoint).arg(env.path("inner-images")).arg(sshd.target());
     command.arg("-i").arg(sshd.user_key()).arg("--known-hosts").arg(sshd.known_hosts());
     command.arg("--source-root").arg(env.path("inner")).arg("--cache-dir").arg(&cache);
-    let out = command.args(["--reconnect-timeout", "600"]).output().unwrap();
+    // Connected before it returns: silenced after, its LSTAT and OPEN still answer.
+    let out = command.args(["--reconnect-timeout", "600", "--wait-for-source"]).output().unwrap();
     assert!(out.status.success(), "inner mount: {}", String::from_utf8_lossy(&out.stderr));
     let inner = Mount { mountpoint, cache, env_home: env.tmp.path().into() };
     let mut records = dataset(&env.path("source"), &env.path("scratch"), fine);
@@ -226,9 +227,13 @@ fn a_daemon_ends_on_sigterm_while_a_request_to_it_hangs() {
     let mount = env.mount("m", &env.path("images"), &ssh(&sshd, &env), &["--reconnect-timeout", "4"]);
     let stuck = read_timed(mount.at("/h/stuck"));
 
+    // The inner mount's own processes name its mountpoint: the one waiting is the old host's sftp-server.
+    let inner = hung.inner.status();
+    let own = [&inner["pid"], &inner["supervisor_pid"]].map(|pid| pid.as_i64().unwrap() as i32);
     let deadline = Instant::now() + Duration::from_secs(30);
     let waiting = loop {
-        let waiting = processes_using(&hung.inner.mountpoint);
+        let waiting: Vec<i32> =
+            processes_using(&hung.inner.mountpoint).into_iter().filter(|pid| !own.contains(pid)).collect();
         if !waiting.is_empty() {
             break waiting;
         }

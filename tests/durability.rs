@@ -257,7 +257,7 @@ fn finding_4_the_verifier_never_fails_a_file_written_locally() {
     core.plan.on_stat(move |path| {
         if path == Path::new("/v") && looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
             let tx = tx.lock().unwrap().clone();
-            fs.write(ino, 0, b"local".to_vec(), Box::new(move |r| tx.send(r.map_err(|e| e.errno)).unwrap()));
+            fs.write(ino, 0, b"local".to_vec(), false, Box::new(move |r| tx.send(r.map_err(|e| e.errno)).unwrap()));
             std::fs::write(&source_file, b"grown on the old host, after the checkpoint").unwrap();
         }
     });
@@ -413,7 +413,7 @@ fn finding_7_an_unlink_racing_a_create_never_takes_the_open_file() {
         let Ok((attr, _file)) = fs.create(dir, name, 0o644, by) else { continue };
         created += 1;
         let (tx, rx) = std::sync::mpsc::channel();
-        fs.write(attr.ino, 0, b"x".to_vec(), Box::new(move |r| tx.send(r.map_err(|e| e.errno)).unwrap()));
+        fs.write(attr.ino, 0, b"x".to_vec(), false, Box::new(move |r| tx.send(r.map_err(|e| e.errno)).unwrap()));
         let written = rx.recv().unwrap();
         fs.release(attr.ino);
         assert_eq!(written, Ok(1), "create {created}: the file its creator holds open is gone");

@@ -194,7 +194,8 @@ fn a_failed_mount_leaves_no_cache_dir_and_no_mount_leaves_a_lock() {
     let try_mount = |images: &std::path::Path, source: &str, cache: &std::path::Path| {
         let mut command = env.lazyfs();
         command.arg("mount").arg(&mountpoint).arg(images).arg(source).arg("--cache-dir").arg(cache);
-        command.output().unwrap()
+        // Failures of the source said by `mount` itself (else by the mount, later).
+        command.arg("--wait-for-source").output().unwrap()
     };
     let source = env.path("source");
     let source = source.to_str().unwrap();

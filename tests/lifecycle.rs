@@ -28,12 +28,13 @@ fn wait_gone(pid: i32) {
 }
 
 #[test]
-fn unknown_host_key_is_refused_and_nothing_is_mounted() {
+fn unknown_host_key_is_refused_and_nothing_is_mounted_with_wait_for_source() {
     let env = TestEnv::new();
     let sshd = Sshd::start();
     dataset(&env.path("source"), &env.path("images"), &[("/k/file", 10)]);
     std::fs::write(sshd.known_hosts(), "").unwrap();
-    let out = env.try_mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
+    let source = Source::Ssh { sshd: &sshd, root: env.path("source") };
+    let out = env.try_mount("m", &env.path("images"), &source, &["--wait-for-source"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -53,6 +54,67 @@ fn unknown_host_key_is_refused_and_nothing_is_mounted() {
         env_home: env.tmp.path().into(),
     };
     assert_eq!(std::fs::read(mount.at("/k/file")).unwrap(), content("/k/file", 10));
+}
+
+/// Without --wait-for-source, `mount` returns before the source answers.
+/// A source that refuses lazyfs (an unknown host key) is said at once: the
+/// first read of a missing byte fails (EIO), status names the reason, `wait`
+/// exits 1 with it on one line, and the log has it. A source that does not
+/// answer (a closed port) is tried again, as a lost connection is: status
+/// says why at once, a reader gets EIO once --reconnect-timeout passed, and
+/// `wait` times out (exit 3) saying why.
+#[test]
+fn a_source_that_cannot_be_used_after_a_lazy_mount_is_said_at_once() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    dataset(&env.path("source"), &env.path("images"), &[("/k/file", 10)]);
+    std::fs::write(sshd.known_hosts(), "").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let key = sshd.user_key().display().to_string();
+    let cases: [(&str, Vec<String>, &[&str], i32); 2] = [
+        ("unknown-key", vec![sshd.target(), "-i".into(), key], &["--accept-new-host-key", "SHA256:"], 1),
+        ("closed-port", vec![format!("root@127.0.0.1:{closed}")], &["cannot connect", "trying again"], 3),
+    ];
+    for (name, source, said, wait_code) in cases {
+        let mountpoint = env.path("mnt").join(name);
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let out = env
+            .lazyfs()
+            .arg("mount")
+            .arg(&mountpoint)
+            .arg(env.path("images"))
+            .args(&source)
+            .arg("--known-hosts")
+            .arg(sshd.known_hosts())
+            .arg("--cache-dir")
+            .arg(env.path("cache").join(name))
+            .args(["--reconnect-timeout", "3"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let mount = common::mount::Mount {
+            mountpoint: mountpoint.clone(),
+            cache: env.path("cache").join(name),
+            env_home: env.tmp.path().into(),
+        };
+        let status = mount.wait_for(|s| s["state"] == "degraded", "never degraded");
+        let reason = status["degraded_reason"].as_str().unwrap().to_string();
+        assert_eq!(status["source_error"].is_null(), wait_code != 1, "{name}: {status}");
+        let started = Instant::now();
+        let err = std::fs::read(mount.at("/k/file")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(20), "{name}: EIO only after {:?}", started.elapsed());
+        let out = env.run(&["wait", mountpoint.to_str().unwrap(), "--timeout", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(wait_code), "{name}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+        let log = std::fs::read_to_string(mount.cache.join("lazyfs.log")).unwrap();
+        for needle in said {
+            assert!(reason.contains(needle), "{name}: {needle} not in {reason}");
+            assert!(stderr.contains(needle), "{name}: {needle} not in {stderr}");
+        }
+        assert!(log.contains(said[0]), "{name}: {} not in the log:\n{log}", said[0]);
+    }
 }
 
 #[test]
@@ -93,7 +155,8 @@ fn failures_before_the_mount_leave_nothing_mounted() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 
-    // An unreachable host: exit 1 (the mountpoint is fine: it is checked first).
+    // An unreachable host, with --wait-for-source: exit 1 (the mountpoint is
+    // fine: it is checked first).
     std::fs::create_dir_all(env.path("mnt/unreachable")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = env
@@ -104,6 +167,7 @@ fn failures_before_the_mount_leave_nothing_mounted() {
         .arg(format!("root@127.0.0.1:{port}"))
         .arg("--cache-dir")
         .arg(env.path("cache/u"))
+        .arg("--wait-for-source")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

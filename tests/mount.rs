@@ -105,6 +105,45 @@ fn a_small_read_fetches_only_a_chunk_or_two() {
     assert_eq!(status["files"].as_array().unwrap().len(), 2);
 }
 
+/// A process reads what it opens: a small file (up to 1 MiB) opened for
+/// reading is fetched whole at once, in a batch with the others opened
+/// meanwhile (a restore opens them all, then the process reads them one by
+/// one); a larger one, or one opened only for writing, is not.
+#[test]
+fn small_files_opened_for_reading_are_fetched_whole_before_they_are_read() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start();
+    let small: Vec<(String, usize)> = (0..40).map(|i| (format!("/o/mod{i:02}.py"), 3_000 + i * 977)).collect();
+    let mut files: Vec<(&str, usize)> = small.iter().map(|(p, l)| (p.as_str(), *l)).collect();
+    files.extend([("/o/large", 3 << 20), ("/o/written", 5_000)]);
+    dataset(&env.path("source"), &env.path("images"), &files);
+    let mount = env.mount("m", &env.path("images"), &Source::Ssh { sshd: &sshd, root: env.path("source") }, &[]);
+    let held: Vec<File> = small.iter().map(|(path, _)| File::open(mount.at(path)).unwrap()).collect();
+    let large = File::open(mount.at("/o/large")).unwrap();
+    let written = std::fs::OpenOptions::new().write(true).open(mount.at("/o/written")).unwrap();
+    let file = |s: &serde_json::Value, path: &str| {
+        s["files"].as_array().unwrap().iter().find(|f| f["path"] == path).cloned().unwrap()
+    };
+    let status = mount.wait_for(
+        |s| small.iter().all(|(path, _)| file(s, path)["state"] == "verified"),
+        "the small files opened were not fetched",
+    );
+    for (path, len) in &small {
+        assert_eq!(file(&status, path)["reads"], 0, "{path} was read");
+        assert_eq!(file(&status, path)["bytes_present"], *len, "{path}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status = mount.status();
+    assert_eq!(file(&status, "/o/large")["bytes_present"], 0, "a large file opened is not fetched whole");
+    assert_eq!(file(&status, "/o/written")["bytes_present"], 0, "a file opened for writing only is not");
+    for ((path, len), mut held) in small.iter().zip(held) {
+        let mut bytes = Vec::new();
+        held.read_to_end(&mut bytes).unwrap();
+        assert!(bytes == content(path, *len), "{path}");
+    }
+    drop((large, written));
+}
+
 #[test]
 fn concurrent_readers_get_exact_bytes() {
     let env = TestEnv::new();

@@ -12,6 +12,8 @@
 //!   e. `lazyfs mount` (lazy), then restore;
 //!   f. `lazyfs mount --prefetch`, then restore;
 //!   g. as f, with `--prefetch-order recorded:` the recording e left;
+//!   h. as e, given e's recording (`--prefetch-order recorded:`, as a manifest
+//!      made with `--recording` ships it): replayed once the source answers;
 //! and the time until the old host is no longer needed (the copy done, or
 //! `lazyfs wait` exits; never for sshfs and a lazy mount).
 //! Workloads (benches/restore/app.py): `model`, a process that maps a model
@@ -54,11 +56,20 @@ enum Method {
     Lazy,
     Prefetch,
     Recorded,
+    Replayed,
 }
 
 impl Method {
-    const ALL: [Method; 7] =
-        [Method::Local, Method::Rsync, Method::Scp, Method::Sshfs, Method::Lazy, Method::Prefetch, Method::Recorded];
+    const ALL: [Method; 8] = [
+        Method::Local,
+        Method::Rsync,
+        Method::Scp,
+        Method::Sshfs,
+        Method::Lazy,
+        Method::Prefetch,
+        Method::Recorded,
+        Method::Replayed,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -69,6 +80,7 @@ impl Method {
             Method::Lazy => "e. lazyfs, lazy",
             Method::Prefetch => "f. lazyfs --prefetch",
             Method::Recorded => "g. lazyfs --prefetch, recorded order",
+            Method::Replayed => "h. lazyfs, lazy, e's recording replayed",
         }
     }
 
@@ -338,16 +350,17 @@ impl Bench {
             Method::Sshfs => {
                 run(self.cmd("sshfs").arg(&remote).arg(&w.data).args(["-p", &port, "-o", "ro"]).args(&options));
             }
-            Method::Lazy | Method::Prefetch | Method::Recorded => {
+            Method::Lazy | Method::Prefetch | Method::Recorded | Method::Replayed => {
                 let mut mount = self.lazyfs();
                 mount.arg("mount").arg(&w.data).arg(&w.images).arg(self.sshd.target());
                 mount.arg("-i").arg(self.sshd.user_key()).arg("--known-hosts").arg(self.sshd.known_hosts());
                 mount.arg("--source-root").arg(self.source_root()).arg("--subtree").arg(&w.data);
                 mount.arg("--cache-dir").arg(&cache);
-                if method != Method::Lazy {
+                if matches!(method, Method::Prefetch | Method::Recorded) {
                     mount.arg("--prefetch");
                 }
-                if method == Method::Recorded {
+                // As a manifest made with `--recording` ships it (a lazy mount replays it by default).
+                if matches!(method, Method::Recorded | Method::Replayed) {
                     mount.arg("--prefetch-order").arg(format!("recorded:{}", self.recording(w).display()));
                 }
                 run(&mut mount);
@@ -379,14 +392,15 @@ impl Bench {
         };
         let answer_s = started.elapsed().as_secs_f64();
         assert_eq!(answer, w.expected, "{method:?}: a wrong answer");
-        let at_answer = matches!(method, Method::Lazy | Method::Prefetch | Method::Recorded).then(|| {
-            let status = run(self.lazyfs().arg("status").arg(&w.data).arg("--json"));
-            let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-            format!(
-                "at the answer: {} bytes fetched for readers, {} by prefetch",
-                status["bytes_on_demand"], status["bytes_prefetched"]
-            )
-        });
+        let at_answer =
+            matches!(method, Method::Lazy | Method::Prefetch | Method::Recorded | Method::Replayed).then(|| {
+                let status = run(self.lazyfs().arg("status").arg(&w.data).arg("--json"));
+                let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+                format!(
+                    "at the answer: {} bytes fetched for readers, {} by prefetch",
+                    status["bytes_on_demand"], status["bytes_prefetched"]
+                )
+            });
         if matches!(method, Method::Prefetch | Method::Recorded) {
             run(self.lazyfs().arg("wait").arg(&w.data).args(["--timeout", "3600"]));
             free = Some(started.elapsed().as_secs_f64());
@@ -407,10 +421,15 @@ impl Bench {
             Method::Sshfs => {
                 run(Command::new("fusermount3").arg("-u").arg(&w.data));
             }
-            Method::Lazy | Method::Prefetch | Method::Recorded => {
+            Method::Lazy | Method::Prefetch | Method::Recorded | Method::Replayed => {
                 run(self.lazyfs().arg("umount").arg(&w.data));
                 if method == Method::Lazy {
                     std::fs::copy(cache.join("recording"), self.recording(w)).unwrap();
+                }
+                // `LAZYFS_BENCH_LOGS=DIR` keeps each mount's log (with `LAZYFS_LOG=debug`, its timeline).
+                if let Some(dir) = std::env::var_os("LAZYFS_BENCH_LOGS") {
+                    let name = format!("{}-{}-{method:?}.log", w.mode, w.size / MIB);
+                    let _ = std::fs::copy(cache.join("lazyfs.log"), Path::new(&dir).join(name));
                 }
                 std::fs::remove_dir_all(&cache).unwrap();
             }
@@ -515,6 +534,12 @@ fn load() -> String {
         .join(" ")
 }
 
+/// The lazyfs measured: this build's, or `LAZYFS_BENCH_BIN` (another
+/// build, to compare two versions with the same harness).
+fn lazyfs_binary() -> PathBuf {
+    std::env::var_os("LAZYFS_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), PathBuf::from)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
@@ -545,7 +570,7 @@ fn main() {
         wan: profile,
         work: tempfile::Builder::new().prefix("lazyfs-restore").tempdir().unwrap(),
         criu,
-        lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")),
+        lazyfs: lazyfs_binary(),
         app: manifest_dir.join("benches/restore/app.py"),
         modules: if quick { 200 } else { 2000 },
         runs,

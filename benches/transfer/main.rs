@@ -5,8 +5,9 @@
 //! 4 KiB files in 50 directories; 200 x 1 MiB) and their CRIU images, then
 //! measures, each at least 3 times (median, min-max):
 //!   a. the first 4 KiB at the middle of the 1 GiB file through a fresh lazy
-//!      mount, beside one SFTP read of the same bytes on an open session and
-//!      beside `ssh HOST cat` of the whole file;
+//!      mount: from `lazyfs mount` to the bytes in hand (beside a new `ssh`
+//!      login and `ssh HOST cat` of the whole file), and the read alone once
+//!      the mount is connected (beside one SFTP read on an open session);
 //!   b. time until everything is verified with `--prefetch`, beside
 //!      `ssh HOST cat` / `ssh HOST tar cf - DIR` (the OpenSSH ceiling), `scp -r`,
 //!      `rsync -a` and `sshfs` + `cp -r`;
@@ -17,11 +18,16 @@
 //!      time until `lazyfs mount` returns, until all verified with
 //!      `--prefetch`, and the daemon's peak RSS;
 //!   f. `--subtree` over a directory of 100,000 files against one of 100:
-//!      time until `lazyfs mount` returns, and the first lookup in it.
+//!      time until `lazyfs mount` returns, and the first lookup in it;
+//!   p. 4 KiB reads of missing chunks during a full `--prefetch` (p50, p99)
+//!      beside the same reads on an idle lazy mount;
+//!   w. 1,500 random 4 KiB `pwrite`s and an `fsync` into a file made through a
+//!      mount, beside the same on the cache's filesystem.
 //! (b) includes the 5,000-file tree mounted with `--subtree` with nothing of it
 //! recorded: listed and fetched whole, against `tar` and `rsync -a` of it.
-//! `-- --wan` runs a and b over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
-//! `-- --many` runs only e; `-- --tree` only the 5,000-file rows of b and f.
+//! `-- --wan` runs a, b and p over a 20 ms RTT, 1 Gbit/s link (see `wan.rs`);
+//! `-- --only GROUPS` runs only those (e.g. `--only a,w`); `-- --many` is
+//! `--only e`; `-- --tree` only the 5,000-file rows of b, and f.
 //! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
 #[path = "../../tests/common/sshd.rs"]
@@ -41,8 +47,9 @@ use sshd::Sshd;
 
 const GIB: u64 = 1 << 30;
 
-/// lazyfs's two SSH transports, each measured: `--ssh VALUE` and its label.
-const TRANSPORTS: [(&str, &str); 2] = [("openssh", "ssh"), ("libssh2", "libssh2")];
+/// lazyfs's SSH transports, each measured: `--ssh VALUE` and its label. `auto`
+/// (the default) is libssh2 for what readers wait on, `ssh` for bulk.
+const TRANSPORTS: [(&str, &str); 3] = [("auto", "auto"), ("openssh", "ssh"), ("libssh2", "libssh2")];
 
 struct Dataset {
     name: &'static str,
@@ -155,7 +162,7 @@ impl Bench {
             None => Sshd::start(),
         };
         let work = tempfile::Builder::new().prefix("lazyfs-bench").tempdir().unwrap();
-        Bench { sshd, wan, work, lazyfs: PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), runs, rows: Vec::new() }
+        Bench { sshd, wan, work, lazyfs: lazyfs_binary(), runs, rows: Vec::new() }
     }
 
     /// A program that talks to the source: in the client's namespace under --wan.
@@ -345,6 +352,17 @@ impl Bench {
         }
     }
 
+    /// A shell line: `ssh HOST tar cf - -C PARENT REL | tar xf - -C INTO`, then a sync of INTO's filesystem.
+    fn tar_into(&self, parent: &Path, rel: &str, into: &Path) -> String {
+        let mut ssh = self.ssh();
+        ssh.args(["tar", "cf", "-", "-C"]).arg(parent).arg(rel);
+        let words: Vec<String> = std::iter::once(ssh.get_program())
+            .chain(ssh.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect();
+        format!("{} | tar xf - -C '{}' && sync -f '{}'", words.join(" "), into.display(), into.display())
+    }
+
     /// (e) 100,000 files of 1 KiB under `ulimit -n 1024`: mount time, time
     /// until all verified with --prefetch, peak RSS.
     fn many_files(&mut self) {
@@ -372,7 +390,22 @@ impl Bench {
             files: FILES as usize,
             mount_args: &[],
         };
+        // The ceiling: the same files through one `ssh tar` stream, landed and synced.
+        let landed = self.path("landed-many");
+        let (mut tar, mut tar_cpu) = (Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let _ = std::fs::remove_dir_all(&landed);
+            std::fs::create_dir_all(&landed).unwrap();
+            let (wall, cpu) =
+                timed_cpu(Command::new("sh").arg("-c").arg(self.tar_into(&self.source(), "many", &landed)));
+            tar.push(wall);
+            tar_cpu.push(cpu);
+        }
+        let _ = std::fs::remove_dir_all(&landed);
+        let ceiling = format!("{}: `ssh HOST tar cf - DIR | tar xf -`", set.name);
+        self.record("e", ceiling.clone(), "s", tar, None);
         let (mut mounted, mut verified, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut idle, mut status_growth) = (Vec::new(), Vec::new());
         for _ in 0..self.runs {
             let started = Instant::now();
             let (mountpoint, _) = self.mount_with(&set, "many", &["--prefetch"], |command| {
@@ -392,31 +425,56 @@ impl Bench {
             run(self.lazyfs().arg("wait").arg(&mountpoint).args(["--timeout", "900"]));
             verified.push(started.elapsed().as_secs_f64());
             rss.push(peak_rss_mib(pid));
+            // What a settled mount of them holds, and what a full `status --json` adds to its peak.
+            idle.push(rss_mib(pid, "VmRSS:"));
+            let before = peak_rss_mib(pid);
+            run(self.lazyfs().arg("status").arg(&mountpoint).arg("--json").stdout(Stdio::null()));
+            status_growth.push(peak_rss_mib(pid) - before);
             self.umount(&mountpoint);
         }
         self.record("e", format!("{}, ulimit -n 1024: `lazyfs mount` returns", set.name), "s", mounted, None);
-        self.record("e", format!("{}: lazyfs --prefetch, until all verified", set.name), "s", verified, None);
+        let what = format!("{}: lazyfs --prefetch, until all verified", set.name);
+        self.record("e", what, "s", verified, Some(&ceiling));
         self.record("e", format!("{}: daemon peak RSS", set.name), "MiB", rss, None);
+        self.record("e", format!("{}: daemon RSS once all are verified", set.name), "MiB", idle, None);
+        self.record(
+            "e",
+            format!("{}: a full `status --json` raises the peak by", set.name),
+            "MiB",
+            status_growth,
+            None,
+        );
     }
 
-    /// (a) The first 4 KiB at the middle of the 1 GiB file.
+    /// (a) The first 4 KiB at the middle of the 1 GiB file: from the start
+    /// of `lazyfs mount` (which returns before the source answers) to the
+    /// bytes in hand, and the read alone on a mount connected before it
+    /// returned (`--wait-for-source`): the round trips of a first read.
     fn first_byte(&mut self, big: &Dataset) {
         eprintln!("a. first byte");
         let middle = GIB / 2;
-        let mut through_mount = Vec::new();
+        let read = |mountpoint: &Path| {
+            let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
+            let mut buf = [0u8; 4096];
+            file.read_exact_at(&mut buf, middle).unwrap();
+        };
+        let mut measured = Vec::new();
         for (transport, _) in TRANSPORTS {
-            let mut runs = Vec::new();
+            let (mut returned, mut in_hand, mut alone) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..self.runs {
-                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport]);
-                let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
-                let mut buf = [0u8; 4096];
                 let started = Instant::now();
-                file.read_exact_at(&mut buf, middle).unwrap();
-                runs.push(started.elapsed().as_secs_f64());
-                drop(file);
+                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport]);
+                returned.push(started.elapsed().as_secs_f64());
+                read(&mountpoint);
+                in_hand.push(started.elapsed().as_secs_f64());
+                self.umount(&mountpoint);
+                let (mountpoint, _) = self.mount(big, "first-byte", &["--ssh", transport, "--wait-for-source"]);
+                let started = Instant::now();
+                read(&mountpoint);
+                alone.push(started.elapsed().as_secs_f64());
                 self.umount(&mountpoint);
             }
-            through_mount.push(runs);
+            measured.push((returned, in_hand, alone));
         }
         let (target, key, known, home, root, runs) = (
             self.sshd.target(),
@@ -432,13 +490,23 @@ impl Bench {
             None => measure(),
         };
         let file = self.source().join("big/file.bin");
+        let login: Vec<f64> = (0..self.runs.max(3)).map(|_| timed(self.ssh().arg("true"))).collect();
         let cat: Vec<f64> = (0..self.runs).map(|_| timed(self.ssh().arg("cat").arg(&file))).collect();
-        self.record("a", "one SFTP read of those 4 KiB, open session", "s", one_read, None);
-        self.record("a", "`ssh HOST cat` of the whole 1 GiB file", "s", cat, None);
-        for ((_, label), runs) in TRANSPORTS.iter().zip(through_mount) {
-            let what = format!("first 4 KiB at the middle, fresh lazy mount, {label}");
-            self.record("a", what.clone(), "s", runs.clone(), Some("one SFTP read of those 4 KiB, open session"));
-            self.record("a", format!("{what} "), "s", runs, Some("`ssh HOST cat` of the whole 1 GiB file"));
+        let (sftp_read, new_login, whole) = (
+            "one SFTP read of those 4 KiB, open session",
+            "`ssh HOST true` (a new login)",
+            "`ssh HOST cat` of the whole 1 GiB file",
+        );
+        self.record("a", sftp_read, "s", one_read, None);
+        self.record("a", new_login, "s", login, None);
+        self.record("a", whole, "s", cat, None);
+        for ((_, label), (returned, in_hand, alone)) in TRANSPORTS.iter().zip(measured) {
+            self.record("a", format!("`lazyfs mount` returns, {label}"), "s", returned, Some(new_login));
+            let what = format!("`lazyfs mount` started to the first 4 KiB at the middle in hand, {label}");
+            self.record("a", what.clone(), "s", in_hand.clone(), Some(new_login));
+            self.record("a", format!("{what} "), "s", in_hand, Some(whole));
+            let what = format!("first 4 KiB at the middle of a mount connected already, {label}");
+            self.record("a", what, "s", alone, Some(sftp_read));
         }
     }
 
@@ -481,19 +549,8 @@ impl Bench {
             let (mut runs, mut cpu) = (Vec::new(), Vec::new());
             for _ in 0..self.runs {
                 fresh(&landed);
-                let mut ssh = self.ssh();
-                ssh.args(["tar", "cf", "-", "-C"]).arg(&parent).arg(set.rel);
-                let words: Vec<String> = std::iter::once(ssh.get_program())
-                    .chain(ssh.get_args())
-                    .map(|a| format!("'{}'", a.to_string_lossy()))
-                    .collect();
-                let script = format!(
-                    "{} | tar xf - -C '{}' && sync -f '{}'",
-                    words.join(" "),
-                    landed.display(),
-                    landed.display()
-                );
-                let (wall, secs) = timed_cpu(Command::new("sh").arg("-c").arg(script));
+                let (wall, secs) =
+                    timed_cpu(Command::new("sh").arg("-c").arg(self.tar_into(&parent, set.rel, &landed)));
                 runs.push(wall);
                 cpu.push(secs / gib);
             }
@@ -625,6 +682,110 @@ impl Bench {
         }
     }
 
+    /// (p) Foreground reads while prefetch runs: 4 KiB reads of chunks not
+    /// fetched yet (random, in the last quarter of the 1 GiB file, which a
+    /// full `--prefetch` reaches last; readahead off), their p50 and p99
+    /// during a full prefetch beside the same reads on an idle lazy mount.
+    fn foreground(&mut self, big: &Dataset) {
+        const READS: usize = 300;
+        eprintln!("p. foreground reads during prefetch");
+        let reads = |mountpoint: &Path, until: &dyn Fn() -> bool| -> Vec<f64> {
+            let file = std::fs::File::open(mountpoint.join("big/file.bin")).unwrap();
+            // SAFETY: fadvise on an open descriptor: 4 KiB reads stay 4 KiB requests.
+            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_RANDOM) };
+            let mut state = 0x2545_F491_4F6C_DD1Du64;
+            let mut buf = [0u8; 4096];
+            let mut times = Vec::new();
+            let chunks = GIB / (16 << 10);
+            // `until` (a `lazyfs status`) is asked every 10 reads, not to load the machine.
+            while times.len() < READS && (times.len() % 10 != 0 || until()) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // A chunk of the last quarter, each read in a chunk of its own.
+                let chunk = chunks - 1 - (state % (chunks / 4));
+                let started = Instant::now();
+                file.read_exact_at(&mut buf, chunk * (16 << 10)).unwrap();
+                times.push(started.elapsed().as_secs_f64());
+            }
+            times
+        };
+        let quantile = |times: &[f64], q: f64| {
+            let mut sorted = times.to_vec();
+            sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+        };
+        let (mut idle50, mut idle99, mut busy50, mut busy99, mut counts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let (mountpoint, _) = self.mount(big, "foreground", &["--wait-for-source"]);
+            let idle = reads(&mountpoint, &|| true);
+            self.umount(&mountpoint);
+            let (mountpoint, _) = self.mount(big, "foreground", &["--prefetch", "--wait-for-source"]);
+            // Until prefetch has most of the file: the reads stay on missing chunks.
+            let status = |mountpoint: &Path| -> Value {
+                let out = run(self.lazyfs().arg("status").arg(mountpoint).args(["--json"]));
+                serde_json::from_slice(&out.stdout).unwrap()
+            };
+            // Once prefetch streams (its workers connect first).
+            while status(&mountpoint)["bytes_present"].as_u64().unwrap() < 64 << 20 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let busy = reads(&mountpoint, &|| {
+                let s = status(&mountpoint);
+                s["bytes_present"].as_u64().unwrap() < GIB * 5 / 8
+            });
+            self.umount(&mountpoint);
+            idle50.push(quantile(&idle, 0.5));
+            idle99.push(quantile(&idle, 0.99));
+            busy50.push(quantile(&busy, 0.5));
+            busy99.push(quantile(&busy, 0.99));
+            counts.push(busy.len() as f64);
+        }
+        let (i50, i99) = ("4 KiB read of a missing chunk, idle lazy mount: p50", "the same, idle: p99");
+        self.record("p", i50, "s", idle50, None);
+        self.record("p", i99, "s", idle99, None);
+        self.record("p", "the same during a full --prefetch: p50", "s", busy50, Some(i50));
+        self.record("p", "the same during a full --prefetch: p99", "s", busy99, Some(i99));
+        self.record("p", "reads measured during the prefetch", "reads", counts, None);
+    }
+
+    /// (w) 1,500 random 4 KiB `pwrite`s then `fsync`, into a 64 MiB file
+    /// made through a mount, beside the same on the cache's filesystem.
+    fn writes(&mut self, set: &Dataset) {
+        const WRITES: usize = 1500;
+        const SIZE: u64 = 64 << 20;
+        eprintln!("w. random writes");
+        let burst = |path: &Path| -> f64 {
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+            file.set_len(SIZE).unwrap();
+            let mut block = [0u8; 4096];
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let started = Instant::now();
+            for i in 0..WRITES {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                file.write_all_at(&block, (state % (SIZE / 4096)) * 4096).unwrap();
+            }
+            file.sync_all().unwrap();
+            WRITES as f64 / started.elapsed().as_secs_f64()
+        };
+        let (mountpoint, cache) = self.mount(set, "writes", &[]);
+        let (mut local, mut through) = (Vec::new(), Vec::new());
+        // Alternating, several bursts a run: the machine is shared and noisy.
+        for _ in 0..self.runs * 5 {
+            local.push(burst(&cache.join("bench-writes")));
+            through.push(burst(&mountpoint.join("bench-writes")));
+        }
+        self.umount(&mountpoint);
+        let local_name = "1,500 random 4 KiB pwrites + fsync, on the cache's filesystem";
+        self.record("w", local_name, "writes/s", local, None);
+        self.record("w", "the same into a file made through the mount", "writes/s", through, Some(local_name));
+    }
+
     fn report(&self) -> (String, Value) {
         let mut md = String::from("| | measurement | median | min – max | ratio |\n| --- | --- | --- | --- | --- |\n");
         let mut rows = Vec::new();
@@ -676,7 +837,23 @@ fn machine() -> String {
         .unwrap_or_default();
     let kernel = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores ({cpu}), Linux {}, loopback sshd", kernel.trim())
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+/// The load average now (the machine is shared: every figure says it).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The lazyfs measured: this build's, or `LAZYFS_BENCH_BIN` (another
+/// build, to compare two versions with the same harness).
+fn lazyfs_binary() -> PathBuf {
+    std::env::var_os("LAZYFS_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), PathBuf::from)
 }
 
 fn main() {
@@ -697,50 +874,68 @@ fn main() {
     let mut bench = Bench::new(runs, profile);
     std::fs::create_dir_all(bench.path("home")).unwrap();
     eprintln!("making data sets in {}", bench.work.path().display());
-    let many_only = args.iter().any(|a| a == "--many");
+    // `--only GROUPS` (letters, e.g. `--only a,w`) runs those groups alone; `--many` is
+    // `--only e`; `--tree` the 5,000-file rows of b, and f.
     let tree_only = args.iter().any(|a| a == "--tree");
-    let sets = if many_only { Vec::new() } else { bench.make_datasets() };
-    if tree_only {
-        // The whole-directory rows: the 5,000 small files recorded, then as a tree.
-        for set in sets.iter().filter(|s| s.rel == "small") {
-            bench.bulk(set);
-        }
-        if !wan {
-            bench.tree_mounts();
-        }
-    } else if !many_only {
+    let only: Option<String> = match args.iter().position(|a| a == "--only") {
+        Some(i) => Some(args.get(i + 1).expect("--only GROUPS, e.g. --only a,w").clone()),
+        None if tree_only => Some("bf".to_string()),
+        None => args.iter().any(|a| a == "--many").then(|| "e".to_string()),
+    };
+    let wants = |group: char| only.as_ref().is_none_or(|groups| groups.contains(group));
+    let load_before = load();
+    let sets = if "abcdpw".chars().any(wants) { bench.make_datasets() } else { Vec::new() };
+    if wants('a') {
         bench.first_byte(&sets[0]);
-        for set in &sets {
+    }
+    if wants('b') || wants('d') {
+        // `--tree`: the 5,000 small files only (recorded, then as a tree).
+        for set in sets.iter().filter(|s| !tree_only || s.rel == "small") {
             bench.bulk(set);
-        }
-        // Reads of verified files do not touch the network: loopback runs only.
-        if !wan {
-            bench.local_reads(&sets[0]);
         }
     }
-    if !wan && !tree_only {
+    if wants('p') {
+        bench.foreground(&sets[0]);
+    }
+    // Reads of verified files and writes do not touch the network: loopback runs only.
+    if !wan && wants('c') {
+        bench.local_reads(&sets[0]);
+    }
+    if !wan && wants('w') {
+        bench.writes(&sets[2]);
+    }
+    if !wan && wants('e') {
         bench.many_files();
+    }
+    if !wan && wants('f') {
         bench.tree_mounts();
     }
     let (table, json) = bench.report();
     let link = if wan { "WAN profile: 20 ms RTT, 1 Gbit/s through two network namespaces" } else { "loopback sshd" };
+    let command = match (tree_only, &only) {
+        (true, _) => " --tree".to_string(),
+        (false, Some(groups)) => format!(" --only {groups}"),
+        (false, None) => String::new(),
+    };
+    let command = match (wan, command.is_empty()) {
+        (true, _) => format!(" -- --wan{command}"),
+        (false, false) => format!(" --{command}"),
+        (false, true) => String::new(),
+    };
     let header = format!(
-        "Measured on {}, {link}; {runs} run(s) each; `cargo bench --bench transfer{}`.\n\n",
+        "Measured on {}, {link}; {runs} run(s) each; load average {load_before} before, {} after; \
+         `cargo bench --bench transfer{command}`{}.\n\n",
         machine(),
-        match (wan, many_only, tree_only) {
-            (true, _, true) => " -- --wan --tree",
-            (true, _, false) => " -- --wan",
-            (false, true, _) => " -- --many",
-            (false, false, true) => " -- --tree",
-            (false, false, false) => "",
-        }
+        load(),
+        std::env::var("LAZYFS_BENCH_BIN").map(|bin| format!(" with LAZYFS_BENCH_BIN={bin}")).unwrap_or_default(),
     );
-    let name = match (wan, many_only, tree_only) {
-        (true, _, true) => "transfer-wan-tree",
-        (true, _, false) => "transfer-wan",
-        (false, true, _) => "transfer-many",
-        (false, false, true) => "transfer-tree",
-        (false, false, false) => "transfer",
+    let name = match (wan, tree_only, &only) {
+        (true, true, _) => "transfer-wan-tree".to_string(),
+        (false, true, _) => "transfer-tree".to_string(),
+        (true, false, None) => "transfer-wan".to_string(),
+        (false, false, None) => "transfer".to_string(),
+        (true, false, Some(groups)) => format!("transfer-wan-{}", groups.replace(',', "")),
+        (false, false, Some(groups)) => format!("transfer-{}", groups.replace(',', "")),
     };
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -788,15 +983,20 @@ fn is_mount(path: &Path) -> bool {
 
 /// The peak resident set of process `pid`, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
+    rss_mib(pid, "VmHWM:")
+}
+
+/// A resident-set figure (`field` of /proc/PID/status) of process `pid`, in MiB.
+fn rss_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hwm_kib: f64 = status
+    let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap()
         .parse()
         .unwrap();
-    hwm_kib / 1024.0
+    kib / 1024.0
 }
 
 fn nix_is_root() -> bool {

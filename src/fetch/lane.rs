@@ -10,8 +10,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::connect::FirstConnection;
+use super::landing::Landings;
 use super::{Claim, FetchFailure, FetchFile, Lane, Shared};
-use crate::source::{Connection, Limits, Source, SourceError, SourceStat, WholeRead};
+use crate::source::{Connection, Limits, Source, SourceError, WholeRead};
 
 /// At most this many chunks per source request, so one large request (a
 /// write completing a whole file) does not hold up small reads queued behind it.
@@ -64,59 +66,131 @@ impl Job {
 
 /// The on-demand lanes' queue.
 pub(super) struct Requests {
-    state: Mutex<(VecDeque<Job>, bool)>,
+    state: Mutex<Queued>,
     ready: Condvar,
+    /// Told when no reader waits on the lanes any more.
+    quiet: Condvar,
+}
+
+struct Queued {
+    jobs: VecDeque<Job>,
+    /// Small files a process opened, to fetch whole before they are read
+    /// (by the first lane, between readers' requests).
+    opened: VecDeque<usize>,
+    closed: bool,
+    /// Jobs a lane took and has not done yet.
+    serving: usize,
+}
+
+/// What a lane is given.
+enum Work {
+    Read(Job),
+    /// Small files opened, to fetch whole.
+    Opened(Vec<usize>),
 }
 
 impl Requests {
     pub(super) fn new() -> Requests {
-        Requests { state: Mutex::new((VecDeque::new(), false)), ready: Condvar::new() }
+        let state = Queued { jobs: VecDeque::new(), opened: VecDeque::new(), closed: false, serving: 0 };
+        Requests { state: Mutex::new(state), ready: Condvar::new(), quiet: Condvar::new() }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Job>, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `job`; gives it back once the lanes are stopped.
     pub(super) fn push(&self, job: Job) -> Result<(), Job> {
         let mut state = self.lock();
-        if state.1 {
+        if state.closed {
             return Err(job);
         }
-        state.0.push_back(job);
+        state.jobs.push_back(job);
         self.ready.notify_all();
         Ok(())
     }
 
+    /// Queues small file `index`, just opened, to be fetched whole.
+    pub(super) fn opened(&self, index: usize) {
+        let mut state = self.lock();
+        if !state.closed {
+            state.opened.push_back(index);
+            self.ready.notify_all();
+        }
+    }
+
     pub(super) fn close(&self) {
-        self.lock().1 = true;
+        self.lock().closed = true;
         self.ready.notify_all();
     }
 
+    /// The next job with the queued jobs that continue it merged in, if one
+    /// is queued (taken as by the first lane).
+    fn try_take(&self) -> Option<Job> {
+        let mut state = self.lock();
+        let mut job = state.jobs.pop_front()?;
+        absorb_adjacent(&mut job, &mut state.jobs);
+        state.serving += 1;
+        Some(job)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// A job a lane took is done.
+    fn done(&self) {
+        let mut state = self.lock();
+        state.serving -= 1;
+        if state.serving == 0 && state.jobs.is_empty() {
+            self.quiet.notify_all();
+        }
+    }
+
+    /// Whether a reader waits on the on-demand lanes (queued, or being served).
+    pub(super) fn readers_waiting(&self) -> bool {
+        let state = self.lock();
+        state.serving > 0 || !state.jobs.is_empty()
+    }
+
+    /// Waits (at most `max`) until no reader waits on the on-demand lanes.
+    pub(super) fn wait_quiet(&self, max: Duration) {
+        let state = self.lock();
+        let _ = self
+            .quiet
+            .wait_timeout_while(state, max, |s| s.serving > 0 || !s.jobs.is_empty())
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
     /// The next job with the queued jobs that continue it merged in, waiting
-    /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago.
-    /// `None` once closed. While there is none, `idle` is called every `IDLE_CHECK`.
-    fn take(&self, relief: bool, idle: &mut dyn FnMut()) -> Option<Job> {
+    /// for one; a relief lane takes only jobs queued `RELIEF_AFTER` ago, the
+    /// first lane also opened files when no job waits. `None` once closed.
+    /// While there is none, `idle` is called every `IDLE_CHECK`.
+    fn take(&self, relief: bool, idle: &mut dyn FnMut()) -> Option<Work> {
         let mut state = self.lock();
         loop {
-            if state.1 {
+            if state.closed {
                 return None;
             }
-            let wait = match state.0.front() {
+            let wait = match state.jobs.front() {
                 Some(_) if !relief => Duration::ZERO,
                 Some(front) => RELIEF_AFTER.saturating_sub(front.queued.elapsed()),
+                None if !relief && !state.opened.is_empty() => {
+                    return Some(Work::Opened(state.opened.drain(..).collect()));
+                }
                 None => Duration::MAX,
             };
             if wait.is_zero() {
-                let mut job = state.0.pop_front().expect("a job");
-                absorb_adjacent(&mut job, &mut state.0);
-                return Some(job);
+                let mut job = state.jobs.pop_front().expect("a job");
+                absorb_adjacent(&mut job, &mut state.jobs);
+                state.serving += 1;
+                return Some(Work::Read(job));
             }
             state = match wait {
                 Duration::MAX => {
                     let (state, waited) =
                         self.ready.wait_timeout(state, IDLE_CHECK).unwrap_or_else(PoisonError::into_inner);
-                    if !waited.timed_out() || !state.0.is_empty() {
+                    if !waited.timed_out() || !state.jobs.is_empty() {
                         state
                     } else {
                         drop(state);
@@ -151,18 +225,26 @@ pub(crate) struct Health {
     /// Lanes down, why, and since when the source may be silent (a request
     /// went unanswered, and nothing answered since).
     down: Mutex<(usize, Option<String>, Option<Instant>)>,
+    /// Since when requests have gone unanswered (the earliest unanswered
+    /// one was sent), until one is answered: bounds readers as `down.2` does,
+    /// without taking over [`Health::suspect`]'s finding out.
+    unanswered: Mutex<Option<Instant>>,
     cache_full: Mutex<Option<String>>,
     /// The fetcher is stopping: lanes give up at once instead of reconnecting.
     stopping: AtomicBool,
+    /// The source's first connection, which every lane waits for.
+    pub(crate) first: Arc<FirstConnection>,
 }
 
 impl Health {
-    pub(crate) fn new(reconnect_timeout: Duration) -> Health {
+    pub(crate) fn new(reconnect_timeout: Duration, first: Arc<FirstConnection>) -> Health {
         Health {
             reconnect_timeout,
             down: Mutex::new((0, None, None)),
+            unanswered: Mutex::new(None),
             cache_full: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            first,
         }
     }
 
@@ -186,6 +268,11 @@ impl Health {
         if let Some(since) = self.down.lock().unwrap_or_else(PoisonError::into_inner).2 {
             deadline = deadline.min(since + self.reconnect_timeout + PROBE_TIME);
         }
+        // Each reader still tries for a probe's time: its answer is what
+        // ends the silence (no lane probes for it).
+        if let Some(since) = *self.unanswered.lock().unwrap_or_else(PoisonError::into_inner) {
+            deadline = deadline.min((since + self.reconnect_timeout + PROBE_TIME).max(asked + PROBE_TIME));
+        }
         Limits { deadline: Some(deadline), stall: self.reconnect_timeout }
     }
 
@@ -200,10 +287,17 @@ impl Health {
 
     pub(super) fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.first.stop();
     }
 
     /// Why the mount is degraded, if it is.
     pub(crate) fn degraded(&self) -> Option<String> {
+        if let Some(failure) = self.first.failure() {
+            return Some(SourceError::Unusable(failure).to_string());
+        }
+        if let Some(retrying) = self.first.retrying() {
+            return Some(retrying);
+        }
         let down = self.down.lock().unwrap_or_else(PoisonError::into_inner).1.clone();
         down.or_else(|| self.cache_full.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
@@ -255,20 +349,48 @@ pub(super) struct Link {
     down: bool,
     /// The bounds of the requests made now.
     limits: Limits,
+    /// This link takes the source's first connection (the first on-demand lane).
+    takes_first: bool,
+    /// It carries bulk transfers: through the source's transport for them.
+    bulk: bool,
 }
 
 impl Link {
     pub(super) fn new(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
         let limits = health.background();
-        Link { source, connection: None, buffer: Vec::new(), health, down: false, limits }
+        Link {
+            source,
+            connection: None,
+            buffer: Vec::new(),
+            health,
+            down: false,
+            limits,
+            takes_first: false,
+            bulk: false,
+        }
     }
 
-    pub(super) fn with_connection(
-        source: Arc<dyn Source>,
-        health: Arc<Health>,
-        connection: Box<dyn Connection>,
-    ) -> Link {
-        Link { connection: Some(connection), ..Link::new(source, health) }
+    /// A link for bulk transfers (a prefetch worker's).
+    pub(super) fn bulk(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
+        Link { bulk: true, ..Link::new(source, health) }
+    }
+
+    /// Whether it carries bulk transfers (which yield to readers).
+    pub(super) fn is_bulk(&self) -> bool {
+        self.bulk
+    }
+
+    /// A new connection of this link's kind, ready within `time`.
+    fn connect(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        match self.bulk {
+            true => self.source.connect_bulk_within(time),
+            false => self.source.connect_within(time),
+        }
+    }
+
+    /// The link that serves readers first: on the source's first connection.
+    pub(super) fn first(source: Arc<dyn Source>, health: Arc<Health>) -> Link {
+        Link { takes_first: true, ..Link::new(source, health) }
     }
 
     /// Bounds the requests from now on.
@@ -282,7 +404,13 @@ impl Link {
             if time.is_zero() {
                 return Err(SourceError::TimedOut { host: self.source.describe(), waited: time, path: None });
             }
-            self.connection = Some(self.source.connect_within(time)?);
+            // Once the source is up (its first connection, made at mount).
+            let first = self.health.first.wait(Instant::now() + time, self.takes_first)?;
+            self.takes_first = false;
+            self.connection = Some(match first {
+                Some(connection) => connection,
+                None => self.connect(time)?,
+            });
         }
         let connection = self.connection.as_mut().expect("connected above").as_mut();
         connection.set_limits(self.limits);
@@ -305,7 +433,7 @@ impl Link {
 
     fn answers_within(&mut self, time: Duration) -> bool {
         self.connection = None;
-        match self.source.connect_within(time) {
+        match self.connect(time) {
             Ok(connection) => {
                 self.connection = Some(connection);
                 self.mark(None);
@@ -324,6 +452,7 @@ impl Link {
         let mut health = self.health.down.lock().unwrap_or_else(PoisonError::into_inner);
         if down.is_none() {
             health.2 = None;
+            *self.health.unanswered.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
         match down {
             Some(error) => {
@@ -372,6 +501,12 @@ impl Link {
                 Ok(connection) => match op(connection) {
                     Err(e) if e.is_timeout() => {
                         self.connection = None;
+                        if let SourceError::TimedOut { waited, .. } = &e
+                            && !waited.is_zero()
+                        {
+                            let sent = Instant::now() - *waited;
+                            self.health.unanswered.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(sent);
+                        }
                         return Err(e);
                     }
                     Err(e) if e.is_connection_lost() => e,
@@ -408,6 +543,7 @@ impl Link {
     /// source keeps open for further ones.
     pub(super) fn release(&mut self) {
         self.connection = None;
+        self.health.first.release();
         self.source.idle();
     }
 
@@ -421,28 +557,24 @@ impl Link {
         self.buffer = buffer;
     }
 
-    /// Fills `buf` with the source's bytes of `file` at `offset`, as the
-    /// file's generation `generation` (a handle kept from an older one is not used).
-    pub(super) fn read(
+    /// Fetches what `landing` still wants of `file` (its claim's chunks,
+    /// in its generation: a handle kept from an older one is not used),
+    /// handing it each piece as it arrives; with `look`, the first look before
+    /// any byte. After a lost connection, only what had not arrived.
+    pub(super) fn fetch(
         &mut self,
         file: &FetchFile,
-        generation: u64,
-        offset: u64,
-        buf: &mut [u8],
+        landing: &mut Landings<'_>,
+        look: bool,
     ) -> Result<(), SourceError> {
-        self.with_retry(|connection| connection.read_exact_at(&file.source_path, generation, offset, buf))
-    }
-
-    /// [`read`](Link::read), also giving the source's size and mtime as of
-    /// before the read (the first look at the file, taken on the way).
-    pub(super) fn read_first(
-        &mut self,
-        file: &FetchFile,
-        generation: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<SourceStat, SourceError> {
-        self.with_retry(|connection| connection.stat_and_read(&file.source_path, generation, offset, buf))
+        self.with_retry(|connection| {
+            let ranges = landing.remaining();
+            if ranges.is_empty() {
+                return Ok(());
+            }
+            let look = landing.wants_look(look);
+            connection.fetch(&file.source_path, landing.generation(), &ranges, look, landing)
+        })
     }
 
     /// Reads many whole small files into `buffer` in one pipeline, one after
@@ -477,35 +609,69 @@ struct OnDemandLane {
 
 impl OnDemandLane {
     fn run(mut self, relief: bool) {
-        let requests = &self.shared.requests;
-        // Idle, a lane closes its connection once no file needs the source.
-        while let Some(job) = requests.take(relief, &mut || {
-            if !self.shared.source_needed() {
-                self.link.release();
-            }
-        }) {
-            let Claim { generation, chunks } = job.claim;
-            let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
-            if piece_end < chunks.end {
-                let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
-                if let Err(rest) = requests.push(rest) {
-                    self.shared.files.get(job.file).fail(
-                        &rest.claim,
-                        &super::FetchError::new("lazyfs is shutting down"),
-                        false,
-                    );
+        let shared = self.shared.clone();
+        let requests = &shared.requests;
+        // The first lane replays the recording, serving the readers who come
+        // meanwhile between its steps.
+        let mut replay = if relief { None } else { shared.take_replay() };
+        loop {
+            let work = match replay.as_mut().filter(|r| !r.is_done()) {
+                Some(replay) => match requests.try_take() {
+                    Some(job) => Work::Read(job),
+                    None if requests.is_closed() => return,
+                    None => {
+                        replay.step(&mut self.link, &shared);
+                        continue;
+                    }
+                },
+                // Idle, a lane closes its connection once no file needs the source.
+                None => match requests.take(relief, &mut || {
+                    if !shared.source_needed() {
+                        self.link.release();
+                    }
+                }) {
+                    Some(work) => work,
+                    None => return,
+                },
+            };
+            match work {
+                Work::Read(job) => {
+                    self.serve(job);
+                    requests.done();
+                }
+                // A process opened them to read them: a silent source costs it
+                // what it costs a reader, not a prefetch's longer patience.
+                Work::Opened(files) => {
+                    self.link.set_limits(shared.health.reader(Instant::now()));
+                    super::replay::fetch_whole(&mut self.link, &shared, files);
+                    self.link.set_limits(shared.health.background());
                 }
             }
-            let chunks = chunks.start..piece_end;
-            let started = Instant::now();
-            self.link.set_limits(self.shared.health.reader(job.asked));
-            let claim = Claim { generation, chunks: chunks.clone() };
-            let stuck = self.shared.fetch(&mut self.link, job.file, claim, Lane::OnDemand);
-            self.link.set_limits(self.shared.health.background());
-            log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
-            if let Some(error) = stuck {
-                self.shared.timed_out(&mut self.link, job.file, &error);
+        }
+    }
+
+    fn serve(&mut self, job: Job) {
+        let Claim { generation, chunks } = job.claim;
+        let piece_end = chunks.end.min(chunks.start + MAX_PIECE_CHUNKS);
+        if piece_end < chunks.end {
+            let rest = Job::new(job.file, Claim { generation, chunks: piece_end..chunks.end }, job.asked);
+            if let Err(rest) = self.shared.requests.push(rest) {
+                self.shared.files.get(job.file).fail(
+                    &rest.claim,
+                    &super::FetchError::new("lazyfs is shutting down"),
+                    false,
+                );
             }
+        }
+        let chunks = chunks.start..piece_end;
+        let started = Instant::now();
+        self.link.set_limits(self.shared.health.reader(job.asked));
+        let claim = Claim { generation, chunks: chunks.clone() };
+        let stuck = self.shared.fetch(&mut self.link, job.file, claim, Lane::OnDemand);
+        self.link.set_limits(self.shared.health.background());
+        log::debug!("on demand: chunks {chunks:?} of file {} in {:?}", job.file, started.elapsed());
+        if let Some(error) = stuck {
+            self.shared.timed_out(&mut self.link, job.file, &error);
         }
     }
 }
@@ -545,20 +711,48 @@ mod tests {
         Job::new(file, Claim { generation, chunks }, Instant::now())
     }
 
+    /// The file of a reader's job a lane was given.
+    fn read_file(work: Option<Work>) -> usize {
+        match work {
+            Some(Work::Read(job)) => job.file,
+            _ => panic!("not a reader's job"),
+        }
+    }
+
     #[test]
     fn relief_lanes_take_only_requests_that_waited() {
         let requests = Requests::new();
         assert!(requests.push(job(1, 0, 0..1)).is_ok());
         let started = Instant::now();
-        assert_eq!(requests.take(true, &mut || {}).expect("a job").file, 1);
+        assert_eq!(read_file(requests.take(true, &mut || {})), 1);
         assert!(started.elapsed() >= RELIEF_AFTER - Duration::from_millis(20), "{:?}", started.elapsed());
         assert!(requests.push(job(2, 0, 0..1)).is_ok());
         let started = Instant::now();
-        assert_eq!(requests.take(false, &mut || {}).expect("a job").file, 2);
+        assert_eq!(read_file(requests.take(false, &mut || {})), 2);
         assert!(started.elapsed() < RELIEF_AFTER);
         requests.close();
         assert!(requests.take(false, &mut || {}).is_none());
         assert!(requests.push(job(3, 0, 0..1)).is_err());
+    }
+
+    /// Opened files go to the first lane, after readers' jobs.
+    #[test]
+    fn opened_files_come_after_readers_and_to_the_first_lane_only() {
+        let requests = Requests::new();
+        requests.opened(7);
+        requests.opened(8);
+        assert!(requests.push(job(1, 0, 0..1)).is_ok());
+        assert_eq!(read_file(requests.take(false, &mut || {})), 1);
+        requests.done();
+        assert!(matches!(requests.take(false, &mut || {}), Some(Work::Opened(files)) if files == [7, 8]));
+        requests.opened(9);
+        let taken = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            scope.spawn(|| *taken.lock().unwrap() = Some(requests.take(true, &mut || {}).is_none()));
+            std::thread::sleep(RELIEF_AFTER * 2);
+            requests.close();
+        });
+        assert_eq!(*taken.lock().unwrap(), Some(true), "a relief lane took opened files");
     }
 
     #[test]

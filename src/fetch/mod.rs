@@ -17,526 +17,35 @@
 //! and a complete file is verified by the verifier thread. A panic while
 //! fetching fails that file; the lanes keep going.
 
+mod connect;
+mod file;
+mod landing;
 mod lane;
 mod listing;
+mod outcome;
 pub mod prefetch;
+mod replay;
 pub mod restore;
 mod verify;
 
-pub(crate) use lane::panic_message;
-
-use std::collections::HashSet;
 use std::ops::Range;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::control::proto::FileState;
-use crate::manifest::FileHashes;
 use crate::recording::{self, Recorder, Recording, Touch};
-use crate::source::{Connection, Listings, Source, SourceError, SourceStat};
+use crate::source::{Connection, Listings, Sink, Source, SourceError, SourceStat};
 use crate::store::journal::{self, Journal, Owner, proto::JournalRecord};
-use crate::store::{CHUNK_SIZE, CacheDir, Presence, SpillFile, StoreError};
+use crate::store::{CacheDir, StoreError};
+pub(crate) use file::{Claim, FileTable};
+pub use file::{Done, FetchError, FetchFile, FileStats, Lane, Phase, Progress, Reply};
+use file::{NEVER, Owned, Waiter};
+use landing::Landings;
+pub(crate) use lane::panic_message;
+use outcome::FetchFailure;
 pub use prefetch::Order;
-
-/// What a waiting reader is told once its chunks are present, or cannot be.
-pub type Done = Box<dyn FnOnce(Result<(), FetchError>) + Send>;
-/// What an operation on a file's bytes answers.
-pub type Reply<T> = Box<dyn FnOnce(Result<T, FetchError>) + Send>;
-
-/// Why bytes cannot be had, and the errno that says so to a writer.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct FetchError {
-    pub message: Arc<str>,
-    pub errno: i32,
-}
-
-impl FetchError {
-    fn new(message: impl Into<Arc<str>>) -> Self {
-        FetchError { message: message.into(), errno: libc::EIO }
-    }
-}
-
-impl From<StoreError> for FetchError {
-    fn from(e: StoreError) -> Self {
-        FetchError { errno: e.errno(), message: e.to_string().into() }
-    }
-}
-
-/// Where a file stands, with what is known of it (`lazyfs status` shows its [`FileState`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    /// Nothing of it is here.
-    Pending,
-    /// Some of it is here.
-    Fetching,
-    /// Every byte is here; the check is under way.
-    Present,
-    /// Every byte is here and its blake3 matched.
-    Verified {
-        hash: [u8; 32],
-        against: &'static str,
-    },
-    /// Changed by a local write after it was complete: local from now on.
-    Modified,
-    Failed(Arc<str>),
-}
-
-impl Phase {
-    /// The state the control protocol and `lazyfs status` report.
-    pub fn state(&self) -> FileState {
-        match self {
-            Phase::Pending => FileState::Pending,
-            Phase::Fetching => FileState::Fetching,
-            Phase::Present => FileState::Present,
-            Phase::Verified { .. } => FileState::Verified,
-            Phase::Modified => FileState::Modified,
-            Phase::Failed(_) => FileState::Failed,
-        }
-    }
-
-    /// No more bytes will be fetched for it.
-    pub fn is_settled(&self) -> bool {
-        matches!(self, Phase::Verified { .. } | Phase::Modified | Phase::Failed(_))
-    }
-}
-
-/// Which lane brought bytes in (for the per-file counters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    OnDemand,
-    Prefetch,
-}
-
-const NEVER: u64 = u64::MAX;
-
-/// Counters harnesses read through `lazyfs status --json`.
-pub struct FileStats {
-    pub reads: AtomicU64,
-    pub bytes_on_demand: AtomicU64,
-    pub bytes_prefetched: AtomicU64,
-    /// Microseconds since the mount started; `NEVER` until it happens.
-    first_read_us: AtomicU64,
-    completed_us: AtomicU64,
-}
-
-impl FileStats {
-    fn new() -> Self {
-        FileStats {
-            reads: AtomicU64::new(0),
-            bytes_on_demand: AtomicU64::new(0),
-            bytes_prefetched: AtomicU64::new(0),
-            first_read_us: AtomicU64::new(NEVER),
-            completed_us: AtomicU64::new(NEVER),
-        }
-    }
-
-    fn at(us: &AtomicU64) -> Option<f64> {
-        match us.load(Ordering::Relaxed) {
-            NEVER => None,
-            us => Some(us as f64 / 1e6),
-        }
-    }
-
-    pub fn first_read_s(&self) -> Option<f64> {
-        Self::at(&self.first_read_us)
-    }
-
-    pub fn completed_s(&self) -> Option<f64> {
-        Self::at(&self.completed_us)
-    }
-}
-
-/// One served file and the only way to its bytes: its owner.
-pub struct FetchFile {
-    /// The path the images record: the file's name in the journal.
-    pub path: PathBuf,
-    /// The path on the source (the source applies its root).
-    pub source_path: PathBuf,
-    /// Its hashes from the manifest, if there is one.
-    pub expected: Option<FileHashes>,
-    /// Where the images first list it (files of the tree after them all).
-    pub image_order: u64,
-    /// Found by listing the tree (not recorded by the images), with the size
-    /// and mtime the listing gave: a source file that no longer has them
-    /// is refused.
-    pub listed: Option<SourceStat>,
-    /// A process of the checkpoint had it open for writing.
-    pub written: bool,
-    /// Background prefetch was asked for it.
-    prefetch_wanted: AtomicBool,
-    pub stats: FileStats,
-    /// The original's size: what the chunks cover.
-    size: u64,
-    spill: SpillFile,
-    state: Mutex<Owned>,
-}
-
-/// What a file's owner keeps under its lock.
-struct Owned {
-    presence: Presence,
-    /// The file's length now (local writes and truncates change it).
-    len: u64,
-    /// Bumped whenever the bytes start over: fetched bytes of an older
-    /// generation never land.
-    generation: u64,
-    in_flight: HashSet<u64>,
-    waiters: Vec<Waiter>,
-    phase: Phase,
-    /// The source's size and mtime when the transfer began.
-    baseline: Option<SourceStat>,
-    /// Times the file was fetched again because it changed on the source.
-    restarts: u32,
-    /// Every byte came in one SFTP read, which also showed the size matched:
-    /// no mix of versions is possible, so no second look at the source.
-    read_whole: bool,
-    /// Removed through the mount and closed: nobody can reach it, so nothing
-    /// more of it is fetched.
-    removed: bool,
-    /// Requests for it the source left unanswered while answering others.
-    timeouts: u32,
-    /// Its `Modified` record is known to be durable (a write is answered only then).
-    modified_durable: bool,
-}
-
-struct Waiter {
-    chunks: Range<u64>,
-    done: Done,
-}
-
-/// Chunks claimed for fetching, in the generation they were claimed in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Claim {
-    pub(crate) generation: u64,
-    pub(crate) chunks: Range<u64>,
-}
-
-/// Where a file stands, all read at one moment.
-pub struct Progress {
-    pub len: u64,
-    pub present_bytes: u64,
-    pub complete: bool,
-    pub phase: Phase,
-}
-
-impl FetchFile {
-    /// The owner of `spill` (`len` bytes long now), with `presence` saying
-    /// which chunks of the original are in it.
-    pub fn new(spec: restore::FileSpec, spill: SpillFile, len: u64, presence: Presence, phase: Phase) -> Self {
-        FetchFile {
-            path: spec.path,
-            source_path: spec.source_path,
-            expected: spec.expected,
-            image_order: spec.image_order,
-            listed: spec.listed,
-            written: spec.written,
-            prefetch_wanted: AtomicBool::new(false),
-            stats: FileStats::new(),
-            size: spec.size,
-            spill,
-            state: Mutex::new(Owned {
-                presence,
-                len,
-                generation: 0,
-                in_flight: HashSet::new(),
-                waiters: Vec::new(),
-                baseline: None,
-                restarts: 0,
-                timeouts: 0,
-                read_whole: false,
-                removed: false,
-                modified_durable: phase == Phase::Modified,
-                phase,
-            }),
-        }
-    }
-
-    /// A poisoned lock means a panic elsewhere, already contained: the state
-    /// itself is always left consistent, so carry on.
-    fn lock(&self) -> MutexGuard<'_, Owned> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.lock().phase.clone()
-    }
-
-    pub fn progress(&self) -> Progress {
-        let state = self.lock();
-        let present_bytes = match state.presence.is_complete() {
-            true => self.size,
-            false => state.presence.runs().into_iter().map(|r| self.chunk_len(r)).sum(),
-        };
-        Progress {
-            len: state.len,
-            present_bytes: present_bytes.min(state.len),
-            complete: state.presence.is_complete(),
-            phase: state.phase.clone(),
-        }
-    }
-
-    /// The file's length now.
-    pub fn len(&self) -> u64 {
-        self.lock().len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The spill file's descriptor once the file is verified (its bytes no
-    /// longer change but by a writable open, which passthrough never gets).
-    pub fn verified_file(&self) -> Result<Option<std::fs::File>, StoreError> {
-        match self.lock().phase {
-            Phase::Verified { .. } => self.spill.open_file().map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.spill.sync()
-    }
-
-    /// Once changed locally, the time its bytes last changed (its spill
-    /// file's: every write moves it, and it outlives the process).
-    pub fn local_mtime(&self) -> Option<std::time::SystemTime> {
-        (self.phase() == Phase::Modified).then(|| self.spill.modified().ok()).flatten()
-    }
-
-    /// Sets the time [`FetchFile::local_mtime`] gives, if it is changed locally.
-    pub fn set_local_mtime(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
-        match self.phase() {
-            Phase::Modified => self.spill.set_modified(time),
-            _ => Ok(()),
-        }
-    }
-
-    fn path_bytes(&self) -> &[u8] {
-        self.path.as_os_str().as_bytes()
-    }
-
-    pub fn chunk_count(&self) -> u64 {
-        self.size.div_ceil(CHUNK_SIZE)
-    }
-
-    /// The bytes of the original that `chunks` cover.
-    pub fn chunk_bytes(&self, chunks: Range<u64>) -> Range<u64> {
-        (chunks.start * CHUNK_SIZE).min(self.size)..(chunks.end.saturating_mul(CHUNK_SIZE)).min(self.size)
-    }
-
-    fn chunk_len(&self, chunks: Range<u64>) -> u64 {
-        let bytes = self.chunk_bytes(chunks);
-        bytes.end - bytes.start
-    }
-
-    /// The chunks holding bytes `offset..offset+len` of the original.
-    pub fn chunks_of(&self, offset: u64, len: u64) -> Range<u64> {
-        let end = offset.saturating_add(len).min(self.size);
-        if offset >= end {
-            return 0..0;
-        }
-        offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE)
-    }
-
-    /// Claims the chunks of `chunks` that are neither present nor in flight,
-    /// as maximal runs; each must end in `Shared::finish`.
-    fn claim(&self, chunks: Range<u64>) -> Vec<Claim> {
-        Self::claim_locked(&mut self.lock(), chunks)
-    }
-
-    fn claim_locked(state: &mut Owned, chunks: Range<u64>) -> Vec<Claim> {
-        if state.phase.is_settled() || state.removed {
-            return Vec::new();
-        }
-        let mut runs: Vec<Range<u64>> = Vec::new();
-        for chunk in chunks {
-            if state.presence.is_present(chunk) || !state.in_flight.insert(chunk) {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(run) if run.end == chunk => run.end += 1,
-                _ => runs.push(chunk..chunk + 1),
-            }
-        }
-        if !runs.is_empty() && state.phase == Phase::Pending {
-            state.phase = Phase::Fetching;
-        }
-        runs.into_iter().map(|chunks| Claim { generation: state.generation, chunks }).collect()
-    }
-
-    /// The claim could not be fetched. With `whole_file`, the file fails for
-    /// good; otherwise only the readers of these chunks are told. A claim of
-    /// an older generation was dropped with it, and a file changed locally no
-    /// longer depends on the source: nothing to do.
-    fn fail(&self, claim: &Claim, error: &FetchError, whole_file: bool) {
-        let failed: Vec<Waiter> = {
-            let mut state = self.lock();
-            if state.generation != claim.generation || state.phase == Phase::Modified {
-                return;
-            }
-            for chunk in claim.chunks.clone() {
-                state.in_flight.remove(&chunk);
-            }
-            if whole_file {
-                state.phase = Phase::Failed(error.message.clone());
-            }
-            let chunks = &claim.chunks;
-            let (failed, waiting) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| whole_file || (w.chunks.start < chunks.end && chunks.start < w.chunks.end));
-            state.waiters = waiting;
-            failed
-        };
-        for waiter in failed {
-            (waiter.done)(Err(error.clone()));
-        }
-    }
-
-    /// Fails the file for good (nothing was claimed), unless it was changed
-    /// locally (see [`FetchFile::fail`]).
-    fn fail_file(&self, message: String) {
-        let generation = self.lock().generation;
-        self.fail_in(generation, message);
-    }
-
-    /// [`FetchFile::fail_file`] if it is still in generation `generation`.
-    fn fail_in(&self, generation: u64, message: String) {
-        log::error!("{message}");
-        self.fail(&Claim { generation, chunks: 0..0 }, &FetchError::new(message), true);
-    }
-
-    /// Gives back the disk blocks of a claim that could not land (the cache
-    /// filesystem is full), if the claim still holds: under the lock, so
-    /// never bytes a restart or a local write put there since.
-    fn give_back(&self, claim: &Claim) {
-        let state = self.lock();
-        if state.generation == claim.generation && !state.phase.is_settled() {
-            self.spill.discard(self.chunk_bytes(claim.chunks.clone()));
-        }
-    }
-
-    fn mark_read_whole(&self) {
-        self.lock().read_whole = true;
-    }
-
-    /// Chunks neither present nor being fetched.
-    fn unclaimed_chunks(&self) -> u64 {
-        let state = self.lock();
-        (0..self.chunk_count()).filter(|&c| !state.presence.is_present(c) && !state.in_flight.contains(&c)).count()
-            as u64
-    }
-
-    /// Whether prefetch has nothing to do for it.
-    fn needs_nothing(&self) -> bool {
-        let state = self.lock();
-        state.phase.is_settled() || state.presence.is_complete() || state.removed
-    }
-
-    /// Nobody can reach the file any more (removed through the mount, and
-    /// closed): stop fetching it.
-    pub fn forget(&self) {
-        self.lock().removed = true;
-    }
-
-    pub fn is_removed(&self) -> bool {
-        self.lock().removed
-    }
-
-    /// The file's generation while it is complete and waiting for its check.
-    fn present_generation(&self) -> Option<u64> {
-        let state = self.lock();
-        (state.phase == Phase::Present).then_some(state.generation)
-    }
-
-    /// The blake3 of the file as generation `generation` has it; `None` if
-    /// the bytes started over or changed locally meanwhile. Read a window at a
-    /// time, each under the lock.
-    fn hash(&self, generation: u64) -> Option<Result<blake3::Hash, StoreError>> {
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; crate::store::HASH_WINDOW.min(self.size) as usize];
-        let mut offset = 0;
-        while offset < self.size {
-            let take = (self.size - offset).min(buf.len() as u64) as usize;
-            let state = self.lock();
-            if state.generation != generation || state.phase != Phase::Present {
-                return None;
-            }
-            match self.spill.read_at(offset, &mut buf[..take]) {
-                Ok(got) if got == take => {}
-                Ok(got) => {
-                    let message = format!("ends at byte {} while {} were fetched", offset + got as u64, self.size);
-                    let error = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, message);
-                    return Some(Err(StoreError::Io { path: self.spill.path().into(), source: error }));
-                }
-                Err(e) => return Some(Err(e)),
-            }
-            drop(state);
-            hasher.update(&buf[..take]);
-            offset += take as u64;
-        }
-        Some(Ok(hasher.finalize()))
-    }
-
-    /// Journal records saying what is known of the file now. Present chunks
-    /// are claimed only after the spill file is synced (`synced`: the whole
-    /// cache filesystem was, after they were written).
-    fn snapshot(&self, synced: bool) -> Vec<JournalRecord> {
-        let (runs, phase) = {
-            let state = self.lock();
-            (state.presence.runs(), state.phase.clone())
-        };
-        let path = self.path_bytes();
-        let mut records = Vec::new();
-        match if synced || runs.is_empty() { Ok(()) } else { self.spill.sync() } {
-            Ok(()) => records.extend(runs.into_iter().map(|run| journal::present_record(path, run, self.size))),
-            Err(e) => log::error!("{e}: its chunks will be fetched again"),
-        }
-        match phase {
-            Phase::Verified { hash, against } if !records.is_empty() || self.size == 0 => {
-                records.push(journal::verified_record(path, &hash, against))
-            }
-            Phase::Modified => records.push(journal::modified_record(path)),
-            _ => {}
-        }
-        records
-    }
-}
-
-/// The served files by number. Files found in the tree after the mount
-/// began are added at the end: a file's number never changes.
-#[derive(Default)]
-pub(crate) struct FileTable {
-    files: RwLock<Vec<Arc<FetchFile>>>,
-}
-
-impl FileTable {
-    fn new(files: Vec<Arc<FetchFile>>) -> FileTable {
-        FileTable { files: RwLock::new(files) }
-    }
-
-    pub(crate) fn get(&self, index: usize) -> Arc<FetchFile> {
-        self.files.read().unwrap_or_else(PoisonError::into_inner)[index].clone()
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.files.read().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    fn push(&self, file: Arc<FetchFile>) -> usize {
-        let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
-        files.push(file);
-        files.len() - 1
-    }
-
-    /// Every file now.
-    pub(crate) fn all(&self) -> Vec<Arc<FetchFile>> {
-        self.files.read().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-}
 
 /// Settings of the fetcher.
 #[derive(Debug, Clone)]
@@ -544,13 +53,12 @@ pub struct FetchConfig {
     /// Prefetch workers (0: no prefetch).
     pub jobs: usize,
     pub order: Order,
+    /// What a recording says the last restore read first, as (file, chunks)
+    /// in that order: fetched as soon as the source is up (see `replay.rs`).
+    pub replay: Arc<[(usize, Range<u64>)]>,
     /// How long a lane keeps reconnecting before its readers get EIO.
     pub reconnect_timeout: Duration,
 }
-
-/// How long a file that found the cache filesystem full waits before its
-/// prefetch is tried again.
-const NO_SPACE_RETRY: Duration = Duration::from_secs(2);
 
 /// What the lanes share.
 pub(crate) struct Shared {
@@ -578,107 +86,113 @@ pub(crate) struct Shared {
     /// Told the index of a file whose bytes start over, so copies of the old
     /// ones (the kernel's page cache) are dropped.
     started_over: OnceLock<StartedOver>,
+    /// The recording to replay, until the first on-demand lane takes it.
+    replay: Mutex<Option<replay::Replay>>,
 }
 
 /// What is told of a file whose bytes start over.
 pub type StartedOver = Box<dyn Fn(usize) + Send + Sync>;
 
-/// Why fetched bytes did not land.
-enum FetchFailure {
-    Source(SourceError),
-    Mismatch(u64),
-    Store(StoreError),
-    /// A bug met while fetching (a malformed reply the code did not expect):
-    /// contained, the file fails.
-    Panic(String),
-}
-
 impl Shared {
-    /// Fetches the claimed chunks of file `index`, checks them against the
-    /// manifest (fetching a bad chunk once more), lands them, and ends the
-    /// claim however that went. A panic on the way fails the file.
+    /// Fetches the claimed chunks of file `index`, each piece checked against
+    /// the manifest and landed as it arrives (a bad chunk fetched once more),
+    /// and ends the claim however that went. A panic on the way fails the file.
     /// Returns the timeout if the source left the request for this file
     /// unanswered (see [`Shared::timed_out`]).
     fn fetch(&self, link: &mut lane::Link, index: usize, claim: Claim, lane: Lane) -> Option<SourceError> {
+        self.fetch_claims(link, index, vec![claim], lane)
+    }
+
+    /// [`Shared::fetch`] of several claims of file `index` (of one
+    /// generation), in one pipeline of ranged reads. Data flows one way: the
+    /// transport hands each piece to the check (`landing.rs`), which has the
+    /// owner land it; chunks that did not match the manifest come back here
+    /// for a second pass.
+    fn fetch_claims(&self, link: &mut lane::Link, index: usize, claims: Vec<Claim>, lane: Lane) -> Option<SourceError> {
+        if claims.is_empty() {
+            return None;
+        }
         let file = &self.files.get(index);
-        let mut buffer = link.take_buffer();
-        let result = lane::contained(link, |link| {
-            let bytes = file.chunk_bytes(claim.chunks.clone());
-            buffer.resize((bytes.end - bytes.start) as usize, 0);
-            if lane == Lane::OnDemand && self.needs_baseline(index) {
-                // The first look goes with the first read (no extra round
-                // trip over SSH), before it: a look after could see a file
-                // replaced since the bytes were read, and vouch for them.
-                let stat = link.read_first(file, claim.generation, bytes.start, &mut buffer);
-                self.set_baseline(index, stat.map_err(FetchFailure::Source)?);
-            } else {
-                link.read(file, claim.generation, bytes.start, &mut buffer).map_err(FetchFailure::Source)?;
+        let (mut results, again) = self.fetch_pass(link, index, &claims, lane, false);
+        if !again.is_empty() {
+            for claim in &again {
+                let chunk = claim.chunks.start;
+                log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
             }
-            self.check_and_land(link, index, &claim, &mut buffer, lane)
-        });
-        link.put_buffer(buffer);
-        let stuck = lane::stuck_on(&result, &file.source_path);
-        self.finish(index, &claim, lane, result);
+            let (second, _) = self.fetch_pass(link, index, &again, lane, true);
+            for (bad, result) in again.iter().zip(second) {
+                if let (Err(failure), Some(at)) =
+                    (result, claims.iter().position(|c| c.chunks.contains(&bad.chunks.start)))
+                    && results[at].is_ok()
+                {
+                    results[at] = Err(failure);
+                }
+            }
+        }
+        let mut stuck = None;
+        for (claim, result) in claims.iter().zip(results) {
+            stuck = stuck.or_else(|| lane::stuck_on(&result, &file.source_path));
+            self.finish(index, claim, lane, result);
+        }
         stuck
     }
 
-    /// Checks fetched `data` of a claim against the manifest, fetching a chunk
-    /// that does not match once more, then lands it.
-    fn check_and_land(
+    /// One pass of [`Shared::fetch_claims`]: how each claim ended, and the
+    /// chunks that did not match (on a first pass).
+    fn fetch_pass(
+        &self,
+        link: &mut lane::Link,
+        index: usize,
+        claims: &[Claim],
+        lane: Lane,
+        second_try: bool,
+    ) -> (Vec<Result<(), FetchFailure>>, Vec<Claim>) {
+        let file = &self.files.get(index);
+        // The first look goes with the first read (no extra round trip over
+        // SSH), before its bytes: a look after could see a file replaced
+        // since the bytes were read, and vouch for them.
+        let look = self.needs_baseline(index);
+        let mut landings = Landings::new(self, index, claims, lane, link.is_bulk());
+        if second_try {
+            landings = landings.second_try();
+        }
+        let fetched = lane::contained(link, |link| link.fetch(file, &mut landings, look).map_err(FetchFailure::Source));
+        landings.finish(&fetched)
+    }
+
+    /// Lands a claim's bytes `data`, read whole already (a small file of a
+    /// batch), checked as [`Shared::fetch`] checks them.
+    fn land_all(
         &self,
         link: &mut lane::Link,
         index: usize,
         claim: &Claim,
-        data: &mut [u8],
+        data: &[u8],
         lane: Lane,
     ) -> Result<(), FetchFailure> {
-        let file = &self.files.get(index);
-        if let Some(expected) = &file.expected {
-            let base = file.chunk_bytes(claim.chunks.clone()).start;
-            for chunk in claim.chunks.clone() {
-                let bytes = file.chunk_bytes(chunk..chunk + 1);
-                let at = (bytes.start - base) as usize..(bytes.end - base) as usize;
-                if expected.chunk_matches(chunk, &data[at.clone()]) {
-                    continue;
+        let mut landings = Landings::new(self, index, std::slice::from_ref(claim), lane, false);
+        landings.land(self.files.get(index).chunk_bytes(claim.chunks.clone()).start, data);
+        let (mut results, again) = landings.finish(&Ok(()));
+        match again.is_empty() {
+            true => results.pop().expect("one claim"),
+            // A chunk that did not match: fetched once more (a mismatch then fails the file).
+            false => {
+                let (second, _) = self.fetch_pass(link, index, &again, lane, true);
+                for (claim, result) in again.iter().zip(second) {
+                    self.finish(index, claim, lane, result);
                 }
-                log::warn!("{}: chunk {chunk} does not match the manifest: fetching it again", file.path.display());
-                link.read(file, claim.generation, bytes.start, &mut data[at.clone()]).map_err(FetchFailure::Source)?;
-                if !expected.chunk_matches(chunk, &data[at]) {
-                    return Err(FetchFailure::Mismatch(chunk));
-                }
+                Ok(())
             }
         }
-        self.land(index, claim, data, lane).map_err(FetchFailure::Store)
     }
 
-    /// Writes a claim's checked bytes into the spill file, if the claim still
-    /// holds (same generation), marks them present, answers the readers
-    /// waiting for them, and queues the file for verification once complete.
-    fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<(), StoreError> {
+    /// Lands a claim's checked bytes through the file's owner (if the claim
+    /// still holds: false if not), then answers the readers they complete
+    /// and queues the file for verification once it is complete.
+    fn land(&self, index: usize, claim: &Claim, data: &[u8], lane: Lane) -> Result<bool, StoreError> {
         let file = &self.files.get(index);
-        let (ready, complete) = {
-            let mut state = file.lock();
-            if state.generation != claim.generation || state.phase.is_settled() {
-                // Restarted or truncated meanwhile: these bytes are of no use.
-                return Ok(());
-            }
-            let bytes = file.chunk_bytes(claim.chunks.clone());
-            file.spill.write_at(bytes.start, data)?;
-            // Sent under the lock: a Reset of a restart is always journaled after it.
-            self.journal.present(index, claim.chunks.clone());
-            state.presence.mark(claim.chunks.clone());
-            for chunk in claim.chunks.clone() {
-                state.in_flight.remove(&chunk);
-            }
-            let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| state.presence.all_present(w.chunks.clone()));
-            state.waiters = waiting;
-            let complete = state.presence.is_complete() && state.phase == Phase::Fetching;
-            if complete {
-                state.phase = Phase::Present;
-            }
-            (ready, complete)
+        let Some(file::Landed { ready, complete }) = file.land(index, claim, data, &self.journal)? else {
+            return Ok(false);
         };
         self.health.cache_full(None);
         let counter = match lane {
@@ -693,136 +207,11 @@ impl Shared {
             file.stats.completed_us.store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.send_to_verifier(index);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn send_to_verifier(&self, index: usize) {
         let _ = self.verify.lock().unwrap_or_else(PoisonError::into_inner).send(index);
-    }
-
-    /// Ends a claim however its fetch went.
-    fn finish(&self, index: usize, claim: &Claim, lane: Lane, result: Result<(), FetchFailure>) {
-        let file = &self.files.get(index);
-        let (message, whole_file) = match result {
-            Ok(()) => return,
-            Err(FetchFailure::Mismatch(chunk)) => (
-                format!(
-                    "{}: chunk {chunk} does not match the manifest even when fetched again: not served",
-                    file.path.display()
-                ),
-                true,
-            ),
-            Err(FetchFailure::Source(e)) => {
-                // A lost connection may come back; a file that is missing or
-                // shorter than recorded will not.
-                let whole_file = !e.is_connection_lost();
-                let stuck_here = matches!(&e, SourceError::TimedOut { path: Some(p), .. } if *p == file.source_path);
-                if !whole_file && lane == Lane::Prefetch {
-                    if stuck_here {
-                        log::error!("{e}");
-                        file.fail(claim, &FetchError::new(e.to_string()), false);
-                    } else {
-                        // Readers of these chunks are not this failure's
-                        // hostages: the on-demand lanes serve them.
-                        log::warn!("{e}");
-                        self.release(index, claim);
-                    }
-                    // Queued again only once its claim is dropped: a worker
-                    // taking it at once must find its chunks unclaimed.
-                    return self.queue.push(index);
-                }
-                (e.to_string(), whole_file)
-            }
-            Err(FetchFailure::Store(e)) if e.is_no_space() => {
-                // Not the file's fault: give the blocks back, tell the readers
-                // waiting, and try again once there may be room.
-                file.give_back(claim);
-                let reason = format!("{}: {e}: the cache filesystem is full; waiting for space", file.path.display());
-                self.health.cache_full(Some(reason.clone()));
-                if self.prefetching.load(Ordering::Relaxed) {
-                    self.queue.push_later(index, NO_SPACE_RETRY);
-                }
-                log::warn!("{reason}");
-                let error = FetchError::from(e);
-                file.fail(claim, &error, false);
-                return;
-            }
-            Err(FetchFailure::Store(e)) => (e.to_string(), true),
-            Err(FetchFailure::Panic(panic)) => (
-                format!(
-                    "{}: an internal error while fetching it ({panic}): not served; please report it",
-                    file.path.display()
-                ),
-                true,
-            ),
-        };
-        log::error!("{message}");
-        file.fail(claim, &FetchError::new(message), whole_file);
-    }
-
-    /// A claim of file `index` was not fetched, through no fault of the
-    /// file: drop it, and hand its waiting readers' chunks to the on-demand lanes.
-    fn release(&self, index: usize, claim: &Claim) {
-        let file = &self.files.get(index);
-        let claims: Vec<Claim> = {
-            let mut state = file.lock();
-            if state.generation != claim.generation {
-                return;
-            }
-            for chunk in claim.chunks.clone() {
-                state.in_flight.remove(&chunk);
-            }
-            let wanted: Vec<Range<u64>> = state.waiters.iter().map(|w| w.chunks.clone()).collect();
-            wanted.into_iter().flat_map(|chunks| FetchFile::claim_locked(&mut state, chunks)).collect()
-        };
-        self.ask_on_demand(index, claims, Instant::now());
-    }
-
-    /// Queues `claims` of file `index` on the on-demand lanes.
-    fn ask_on_demand(&self, index: usize, claims: Vec<Claim>, asked: Instant) {
-        for claim in claims {
-            if let Err(lost) = self.requests.push(lane::Job::new(index, claim, asked)) {
-                self.files.get(index).fail(&lost.claim, &FetchError::new("lazyfs is shutting down"), false);
-            }
-        }
-    }
-
-    /// A request for file `index` went unanswered (`error`). If the source
-    /// answers a new connection, the file is to blame (a FIFO, a hung mount
-    /// on the old host): it is tried again later, and fails the second time.
-    /// If not, the source is silent: this lane probes it until it answers.
-    fn timed_out(&self, link: &mut lane::Link, index: usize, error: &SourceError) {
-        let waited = match error {
-            SourceError::TimedOut { waited, .. } => *waited,
-            _ => Duration::ZERO,
-        };
-        // A request sent with little time left says little about its file.
-        if waited < self.health.stall() / 2 {
-            return;
-        }
-        if !self.health.suspect(Instant::now() - waited) {
-            // Another lane is finding out whether the source is silent.
-            return;
-        }
-        if !link.source_answers() {
-            log::warn!("{error}, and no new connection is answered: probing it until it is");
-            link.wait_for_source();
-            return;
-        }
-        let file = &self.files.get(index);
-        let failed = {
-            let mut state = file.lock();
-            state.timeouts += 1;
-            state.timeouts >= STUCK_TIMEOUTS
-        };
-        if failed {
-            file.fail_file(format!(
-                "{}: {error}, twice, while it answered other requests: not served (a FIFO or a hung mount on the old host?)",
-                file.path.display()
-            ));
-        } else {
-            log::warn!("{}: {error}, while it answers other requests: trying it again later", file.path.display());
-        }
     }
 
     /// The file changed on the source while generation `generation` was
@@ -841,6 +230,7 @@ impl Shared {
             state.baseline = None;
             state.read_whole = false;
             state.in_flight.clear();
+            state.in_order = None;
             self.journal.reset(file.path_bytes());
             if state.restarts > 2 {
                 state.phase = Phase::Failed(format!("{reason}, and again after fetching it twice more").into());
@@ -870,7 +260,7 @@ impl Shared {
         let file = &self.files.get(index);
         let mut state = file.lock();
         if state.generation == generation && state.phase == Phase::Present {
-            state.phase = Phase::Verified { hash, against };
+            state.phase = Phase::Verified { hash: Box::new(hash), against };
             self.journal.verified(file.path_bytes(), &blake3::Hash::from_bytes(hash), against);
             log::debug!("{}: verified against the {against}", file.path.display());
             if state.restarts > 0 {
@@ -947,8 +337,9 @@ impl Shared {
     }
 }
 
-/// Unanswered requests (while the source answered others) after which a file fails.
-const STUCK_TIMEOUTS: u32 = 2;
+/// Files up to this size are fetched whole when opened for reading.
+const OPENED_WHOLE: u64 = 1 << 20;
+
 /// How long stopping waits for prefetch workers still waiting on the source.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -962,10 +353,11 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// Starts the lanes: the on-demand lane on `connection` (opened at mount
-    /// time, so an unreachable source fails the mount; none where no file
-    /// needs the source: it connects when first needed), the verifier, and
-    /// with `config.jobs > 0` the prefetch workers.
+    /// Starts the lanes: the on-demand lanes, the verifier, and with
+    /// `config.jobs > 0` the prefetch workers. The first on-demand lane serves
+    /// on `connection` (made before mounting with `--wait-for-source`), or on
+    /// the source's first connection, made now in the background if any file
+    /// needs the source (else when one first does).
     pub fn start(
         source: Arc<dyn Source>,
         connection: Option<Box<dyn Connection>>,
@@ -987,11 +379,15 @@ impl Fetcher {
             list: Mutex::new(list_tx),
             list_for_readers: Mutex::new(readers_list_tx),
             started: Instant::now(),
-            health: Arc::new(lane::Health::new(config.reconnect_timeout)),
+            health: Arc::new(lane::Health::new(
+                config.reconnect_timeout,
+                Arc::new(connect::FirstConnection::new(source.clone(), connection)),
+            )),
             source_name: source.describe(),
             prefetching: AtomicBool::new(false),
             prefetch_all: AtomicBool::new(false),
             started_over: OnceLock::new(),
+            replay: Mutex::new((!config.replay.is_empty()).then(|| replay::Replay::new(&config.replay))),
         });
         verify::spawn(source.clone(), shared.clone(), verify_rx);
         listing::spawn(source.clone(), shared.clone(), list_rx);
@@ -1001,12 +397,10 @@ impl Fetcher {
                 shared.send_to_verifier(index);
             }
         }
-        // Without one, the first read that needs the source connects.
-        let link = match connection {
-            Some(connection) => lane::Link::with_connection(source.clone(), shared.health.clone(), connection),
-            None => lane::Link::new(source.clone(), shared.health.clone()),
-        };
-        lane::spawn_on_demand(link, &source, &shared);
+        if shared.source_needed() {
+            shared.health.first.start();
+        }
+        lane::spawn_on_demand(lane::Link::first(source.clone(), shared.health.clone()), &source, &shared);
         let recorder = Recorder::new(shared.files.len());
         let fetcher = Fetcher { shared, source, prefetch: OnceLock::new(), recorder };
         if config.jobs > 0 {
@@ -1125,6 +519,11 @@ impl Fetcher {
         health.or_else(|| self.source.refusal()).or_else(|| self.shared.journal.refusing())
     }
 
+    /// Why the source cannot be used, if the mount's first connection to it failed.
+    pub fn source_error(&self) -> Option<Arc<str>> {
+        self.shared.health.first.failure()
+    }
+
     pub fn prefetching(&self) -> bool {
         self.prefetch.get().is_some()
     }
@@ -1139,6 +538,16 @@ impl Fetcher {
     /// (at once if they are), fetching the missing ones nobody fetches yet.
     pub fn when_present(&self, index: usize, chunks: Range<u64>, done: Done) {
         self.shared.when_present(index, chunks, done)
+    }
+
+    /// File `index` was opened for reading: a small one is fetched whole
+    /// at once, in a batch with the others opened meanwhile (a process reads
+    /// what it opens; a restore opens them all at once).
+    pub fn opened(&self, index: usize) {
+        let file = &self.shared.files.get(index);
+        if file.size <= OPENED_WHOLE && !file.needs_nothing() && !file.opened.swap(true, Ordering::Relaxed) {
+            self.shared.requests.opened(index);
+        }
     }
 
     /// Replies with bytes `offset..offset+len` of file `index` (cut at its
@@ -1159,6 +568,18 @@ impl Fetcher {
             Ok(buf)
         };
         with_present(&self.shared, index, chunks, op, reply)
+    }
+
+    /// Keeps the recording in `cache_dir` as it grows (see [`crate::recording`]).
+    pub fn record_in(&self, cache_dir: CacheDir) {
+        let shared = self.shared.clone();
+        self.recorder.grow_in(cache_dir, move |index| shared.files.get(index).path_bytes().to_vec());
+    }
+
+    /// Records that readers first touched `chunks` of file `index` at
+    /// `at_us` (before this process: see `mount.rs`).
+    pub fn note_recorded(&self, index: usize, chunks: Range<u64>, at_us: u64) {
+        self.recorder.note(index, chunks, self.shared.files.get(index).chunk_count(), at_us);
     }
 
     /// The order readers first touched chunks in so far.
@@ -1259,6 +680,11 @@ impl Drop for Fetcher {
 }
 
 impl Shared {
+    /// The recording to replay, if there is one (taken once).
+    fn take_replay(&self) -> Option<replay::Replay> {
+        self.replay.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
     fn source_needed(&self) -> bool {
         self.unlisted_dirs.load(Ordering::Relaxed) > 0
             || self.files.all().iter().any(|f| {

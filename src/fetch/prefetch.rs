@@ -11,10 +11,10 @@ use crate::source::{Source, SourceError};
 
 /// Files up to this size are fetched many at a time, whole: below a few MiB,
 /// the round trips per file (open, read, close) cost more than the bytes.
-const SMALL_FILE: u64 = 4 << 20;
+pub(super) const SMALL_FILE: u64 = 4 << 20;
 /// Files in one pipeline, and their bytes at most (they pass through one buffer).
 const BATCH_FILES: usize = 256;
-const BATCH_BYTES: u64 = 4 << 20;
+pub(super) const BATCH_BYTES: u64 = 4 << 20;
 
 /// Chunks a worker claims and fetches at once (4 MiB): one window is one full
 /// SFTP pipeline, so the link stays busy; a reader waiting for a chunk in a
@@ -323,7 +323,9 @@ impl Workers {
         for _ in 0..jobs {
             let (source, shared, done) = (source.clone(), shared.clone(), done.clone());
             pool.spawn(move || {
-                worker(Link::new(source, shared.health.clone()), &shared);
+                // SAFETY: gettid has no preconditions.
+                crate::source::background_priority(unsafe { libc::gettid() } as u32);
+                worker(Link::bulk(source, shared.health.clone()), &shared);
                 *done.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
                 done.1.notify_all();
             });
@@ -437,6 +439,8 @@ fn fetch_run(link: &mut Link, shared: &Shared, index: usize, chunks: Range<u64>)
 /// queued again.
 fn first_look(link: &mut Link, shared: &Shared, index: usize) -> bool {
     match link.with_retry(|connection| shared.check_baseline(index, connection)) {
+        // Said once already: nothing is fetched.
+        Err(SourceError::Unusable(_)) => false,
         Err(e) if e.is_connection_lost() => {
             log::warn!("{e}");
             shared.queue.push(index);
@@ -451,7 +455,7 @@ fn first_look(link: &mut Link, shared: &Shared, index: usize) -> bool {
 }
 
 /// Fetches whole small files in one pipeline.
-fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
+pub(super) fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
     // A file read in more than one request could mix versions if it changes
     // meanwhile: note the sizes and mtimes of those first (one pipeline), for
     // the verifier to compare with after.
@@ -535,7 +539,7 @@ fn fetch_small_files(link: &mut Link, shared: &Shared, batch: &[usize]) {
                 if file.size <= crate::source::ONE_READ {
                     file.mark_read_whole();
                 }
-                super::lane::contained(link, |link| shared.check_and_land(link, *index, claim, data, Lane::Prefetch))
+                super::lane::contained(link, |link| shared.land_all(link, *index, claim, data, Lane::Prefetch))
             }
         };
         stuck = stuck.or_else(|| super::lane::stuck_on(&result, &file.source_path).map(|e| (*index, e)));

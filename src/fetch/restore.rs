@@ -51,7 +51,7 @@ pub fn open_file(store: &Store, spec: FileSpec, record: Option<&FileRecord>) -> 
         // Bytes that cannot be read back do not match.
         if still_expected && presence.is_complete() && spill.hash(spec.size).is_ok_and(|h| h.as_bytes() == hash) {
             let against = if against == "manifest" { "manifest" } else { "received" };
-            phase = Some(Phase::Verified { hash: *hash, against });
+            phase = Some(Phase::Verified { hash: Box::new(*hash), against });
         } else {
             log::warn!("{name}: the cached bytes no longer match their blake3: fetching what does not match again");
             if spec.expected.is_none() {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::source::SourceSpec;
+use crate::store::{CHUNK_SIZE, Presence, SpillFile};
+use file::InOrder;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -35,7 +37,8 @@ fn setup(bytes: &[u8], journal: impl FnOnce(&Path) -> Journal) -> Setup {
     };
     let file = Arc::new(FetchFile::new(spec, spill, len, Presence::new(size), Phase::Pending));
     let journal = journal(dir.path());
-    let config = FetchConfig { jobs: 0, order: Order::Image, reconnect_timeout: Duration::from_secs(1) };
+    let config =
+        FetchConfig { jobs: 0, order: Order::Image, replay: Arc::new([]), reconnect_timeout: Duration::from_secs(1) };
     let connection = source.connect().unwrap();
     let fetcher = Fetcher::start(source, Some(connection), vec![file], journal, config);
     Setup { _dir: dir, fetcher }
@@ -132,9 +135,39 @@ fn a_complete_file_is_verified_from_what_arrived() {
     match settled(&setup.fetcher) {
         Phase::Verified { hash, against } => {
             assert_eq!(against, "received");
-            assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
+            assert_eq!(*hash, *blake3::hash(&bytes).as_bytes());
         }
         other => panic!("{other:?}"),
+    }
+}
+
+/// Bytes are hashed as they land in order, so the verifier reads back only
+/// what landed after a gap; in order or not, the hash is the file's.
+#[test]
+fn the_hash_taken_while_landing_is_the_files_in_any_order() {
+    let bytes: Vec<u8> = (0..5 * CHUNK_SIZE as u32 + 1234).map(|i| (i * 7) as u8).collect();
+    for order in [[0, 1, 2, 3, 4, 5], [0, 2, 1, 3, 5, 4], [5, 4, 3, 2, 1, 0]] {
+        let setup = setup(&bytes, plain_journal);
+        let (shared, file) = (&setup.fetcher.shared, setup.fetcher.file(0));
+        for chunk in order {
+            let claim = file.claim(chunk..chunk + 1).remove(0);
+            let at = file.chunk_bytes(chunk..chunk + 1);
+            assert!(shared.land(0, &claim, &bytes[at.start as usize..at.end as usize], Lane::Prefetch).unwrap());
+            if order == [0, 1, 2, 3, 4, 5] && chunk < 5 {
+                assert!(
+                    matches!(file.lock().in_order.as_deref(), Some(InOrder::Hashing(_, up_to)) if *up_to == at.end)
+                );
+            }
+        }
+        if order == [0, 1, 2, 3, 4, 5] {
+            // Done, unless the verifier (woken by the last chunk) already took it.
+            let in_order = file.lock().in_order.as_deref().map(|i| matches!(i, InOrder::Done(_)));
+            assert_ne!(in_order, Some(false), "hashed whole as it landed");
+        }
+        match settled(&setup.fetcher) {
+            Phase::Verified { hash, .. } => assert_eq!(*hash, *blake3::hash(&bytes).as_bytes(), "{order:?}"),
+            other => panic!("{order:?}: {other:?}"),
+        }
     }
 }
 

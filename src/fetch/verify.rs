@@ -19,6 +19,8 @@ pub(super) fn spawn(source: Arc<dyn Source>, shared: Arc<Shared>, rx: Receiver<u
     std::thread::Builder::new()
         .name("lazyfs-verify".into())
         .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            crate::source::background_priority(unsafe { libc::gettid() } as u32);
             let mut link = Link::new(source, shared.health.clone());
             while let Some(first) = super::lane::next_or_release(&rx, &mut link, &shared) {
                 let mut batch = vec![first];

@@ -9,18 +9,22 @@ mod openssh;
 mod s3;
 mod sftp;
 mod spec;
+mod split;
 mod ssh;
 mod tar;
 
 use std::ffi::OsString;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use local::LocalSource;
 use openssh::OpensshSource;
+pub(crate) use openssh::background_priority;
 pub use openssh::remove_own_socket_dirs;
 use s3::S3Source;
 pub use spec::{Given, SourceSpec, SshOptions, SshOverrides, Transport};
+use split::SplitSource;
 use ssh::SshSource;
 
 /// Files up to this size are read by one request (SFTP READ), so their bytes
@@ -103,6 +107,11 @@ pub trait Source: Send + Sync {
     }
     /// A new connection, given up (`TimedOut`) if it is not ready within `time`.
     fn connect_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError>;
+    /// A connection for bulk transfers (background prefetch): where a source
+    /// has a transport that streams at less cost, through it.
+    fn connect_bulk_within(&self, time: Duration) -> Result<Box<dyn Connection>, SourceError> {
+        self.connect_within(time)
+    }
     /// How to name this source to a person: `root@host:22`, `/srv/snapshot`.
     fn describe(&self) -> String;
     /// Nothing needs the source any more: close whatever is kept open for
@@ -157,19 +166,34 @@ pub trait Connection: Send {
     /// handle is reused only within one (the file may have been replaced since).
     fn read_exact_at(&mut self, path: &Path, generation: u64, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 
-    /// [`read_exact_at`](Connection::read_exact_at), also giving the file's
-    /// size and mtime as of before the read: the first look at a file fetched
-    /// on demand. Over SSH the STAT goes with the OPEN, in one round trip.
-    fn stat_and_read(
+    /// Fetches `ranges` of `path` (each starting on a chunk boundary),
+    /// handing `sink` each piece (whole chunks) as it arrives; with `look`,
+    /// first what the source says of the file (over SSH, the look made before
+    /// the OPEN: no round trip of its own). An error says why the rest did not
+    /// come; what was handed over stays handed over.
+    fn fetch(
         &mut self,
         path: &Path,
         generation: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<SourceStat, SourceError> {
-        let stat = self.stat(path)?;
-        self.read_exact_at(path, generation, offset, buf)?;
-        Ok(stat)
+        ranges: &[Range<u64>],
+        look: bool,
+        sink: &mut dyn Sink,
+    ) -> Result<(), SourceError> {
+        if look && !sink.looked(self.stat(path)?) {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for range in ranges {
+            for at in (range.start..range.end).step_by(ONE_READ as usize) {
+                sink.may_request(true);
+                buf.resize(((at + ONE_READ).min(range.end) - at) as usize, 0);
+                self.read_exact_at(path, generation, at, &mut buf)?;
+                if !sink.land(at, &buf) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stats many files; over SSH in one pipeline. The error returned means
@@ -212,6 +236,38 @@ pub trait Connection: Send {
             };
         }
         Ok(())
+    }
+}
+
+/// What fetched bytes go to as they arrive: a file's owner, which checks and
+/// lands them. Answering false stops the fetch (nothing more is asked for).
+pub trait Sink {
+    /// What the source says of the file, before any of its bytes.
+    fn looked(&mut self, stat: SourceStat) -> bool;
+    /// The bytes at `offset`: whole chunks of the ranges asked for.
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool;
+    /// Whether more may be asked for now (a background transfer yields to
+    /// readers). `idle`: nothing is in flight; the sink may wait, then says yes.
+    fn may_request(&mut self, _idle: bool) -> bool {
+        true
+    }
+}
+
+/// A sink that copies what arrives into one buffer holding the bytes from `offset`.
+pub(crate) struct Copy<'a> {
+    pub(crate) offset: u64,
+    pub(crate) buf: &'a mut [u8],
+}
+
+impl Sink for Copy<'_> {
+    fn looked(&mut self, _stat: SourceStat) -> bool {
+        true
+    }
+
+    fn land(&mut self, offset: u64, bytes: &[u8]) -> bool {
+        let start = (offset - self.offset) as usize;
+        self.buf[start..start + bytes.len()].copy_from_slice(bytes);
+        true
     }
 }
 
@@ -272,6 +328,9 @@ pub enum SourceError {
     Auth { user: String, host: String, tried: String },
     #[error("{0}")]
     Config(String),
+    /// The mount's first connection to the source failed: it is not used.
+    #[error("the source cannot be used: {0}")]
+    Unusable(std::sync::Arc<str>),
     /// A connection reached another source than the one the cache dir's
     /// files come from: nothing is fetched from it.
     #[error("{0}")]
@@ -296,6 +355,54 @@ impl SourceError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, SourceError::TimedOut { .. })
     }
+
+    /// The same error again (for another request it ended).
+    pub fn again(&self) -> SourceError {
+        use crate::store::io_again;
+        match self {
+            SourceError::NotFound { path, looked } => {
+                SourceError::NotFound { path: path.clone(), looked: looked.clone() }
+            }
+            SourceError::Short { path, end, wanted } => {
+                SourceError::Short { path: path.clone(), end: *end, wanted: *wanted }
+            }
+            SourceError::Longer { path, size } => SourceError::Longer { path: path.clone(), size: *size },
+            SourceError::Changed { path, reason } => {
+                SourceError::Changed { path: path.clone(), reason: reason.clone() }
+            }
+            SourceError::Io { path, source } => SourceError::Io { path: path.clone(), source: io_again(source) },
+            SourceError::Connect { addr, source } => {
+                SourceError::Connect { addr: addr.clone(), source: io_again(source) }
+            }
+            SourceError::Session { host, message } => {
+                SourceError::Session { host: host.clone(), message: message.clone() }
+            }
+            SourceError::TimedOut { host, waited, path } => {
+                SourceError::TimedOut { host: host.clone(), waited: *waited, path: path.clone() }
+            }
+            SourceError::UnknownHostKey { host, key_type, fingerprint, known_hosts } => SourceError::UnknownHostKey {
+                host: host.clone(),
+                key_type: key_type.clone(),
+                fingerprint: fingerprint.clone(),
+                known_hosts: known_hosts.clone(),
+            },
+            SourceError::ChangedHostKey { host, key_type, fingerprint, known_hosts } => SourceError::ChangedHostKey {
+                host: host.clone(),
+                key_type: key_type.clone(),
+                fingerprint: fingerprint.clone(),
+                known_hosts: known_hosts.clone(),
+            },
+            SourceError::Auth { user, host, tried } => {
+                SourceError::Auth { user: user.clone(), host: host.clone(), tried: tried.clone() }
+            }
+            SourceError::Config(message) => SourceError::Config(message.clone()),
+            SourceError::Unusable(reason) => SourceError::Unusable(reason.clone()),
+            SourceError::NotTheSource(message) => SourceError::NotTheSource(message.clone()),
+            SourceError::Store { message, transient } => {
+                SourceError::Store { message: message.clone(), transient: *transient }
+            }
+        }
+    }
 }
 
 /// Opens the source a SOURCE argument names.
@@ -308,9 +415,13 @@ pub fn open(spec: &SourceSpec, source_root: &Path) -> Result<Box<dyn Source>, So
                 .into(),
         )),
         SourceSpec::S3(url) => Ok(Box::new(S3Source::open(url)?)),
-        SourceSpec::Ssh(options) => match uses_openssh(options) {
-            true => Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?)),
-            false => {
+        SourceSpec::Ssh(options) => match (options.transport, which_ssh()) {
+            // Each transport where it wins, when both can reach the host.
+            (Transport::Auto, true) if options.needs_openssh.is_none() => {
+                Ok(Box::new(SplitSource::new((**options).clone(), source_root.to_path_buf())?))
+            }
+            _ if uses_openssh(options) => Ok(Box::new(OpensshSource::new((**options).clone(), source_root)?)),
+            _ => {
                 if let Some(setting) = &options.needs_openssh {
                     let fix = match options.transport {
                         Transport::Auto => "install openssh-client",

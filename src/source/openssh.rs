@@ -16,11 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::sftp::{Sftp, SftpError, Wire};
+use super::sftp::{Sftp, Wire};
 use super::ssh::{Remote, RemoteCommand, SESSION_TIMEOUT, SshConnection, Stream};
 use super::tar::TarUse;
 use super::{Connection, Limits, Source, SourceError, SshOptions};
 
+/// What lazyfs reads from `ssh` goes through a buffer of this size: enough
+/// for many small replies at once, while the bytes of a large one (a READ's
+/// 256 KiB) mostly go straight where they belong, copied once.
+const READ_BUFFER: usize = 16 << 10;
+/// The pipe from `ssh` holds this much (the kernel's default is 64 KiB).
+const PIPE_BYTES: libc::c_int = 1 << 20;
 /// What `ssh` writes to stderr is kept up to this much, for messages.
 const STDERR_KEPT: usize = 16 << 10;
 /// `ConnectTimeout` where the user's config sets none (a connection's
@@ -45,6 +51,8 @@ pub struct OpensshSource {
     /// The master every connection's session rides on; None where the user's
     /// config has a ControlPath of its own (that one then serves).
     mux: Option<Arc<Mux>>,
+    /// It carries background transfers only: its `ssh` runs at a lower priority.
+    background: bool,
     /// Where `ssh` looks up the host's keys, and under which name: what a
     /// connection shows of the host (`ssh` checked its key against them).
     known_hosts: (Vec<PathBuf>, String),
@@ -100,6 +108,10 @@ impl Mux {
                 .stderr(Stdio::null())
                 .spawn()
                 .ok()?;
+            if source.background {
+                // Bulk only: readers' sessions go elsewhere, and come first.
+                background_priority(child.id());
+            }
             let stdin = child.stdin.take();
             *master = Some((child, stdin));
         }
@@ -165,8 +177,14 @@ impl OpensshSource {
             connect_timeout,
             tar: Arc::default(),
             mux,
+            background: false,
             known_hosts,
         })
+    }
+
+    /// The source for background transfers only (see [`background_priority`]).
+    pub fn for_background(self) -> OpensshSource {
+        OpensshSource { background: true, ..self }
     }
 
     /// The host's keys as the known_hosts files `ssh` checks list them.
@@ -190,18 +208,24 @@ impl OpensshSource {
         command
     }
 
-    /// `ssh ... -s -- HOST sftp`, its SFTP version exchanged within `limits`.
-    fn start_sftp(&self, mut command: Command, limits: Limits) -> Result<Sftp<Box<dyn Stream>>, SourceError> {
+    /// `ssh ... -s -- HOST sftp` and an SFTP session on it, within `limits`:
+    /// a session that fails says why in `ssh`'s words.
+    fn start_sftp(
+        &self,
+        mut command: Command,
+        limits: Limits,
+        remote: Box<dyn Remote>,
+    ) -> Result<SshConnection, SourceError> {
         command.args(["-s", "--", &self.options.alias, "sftp"]);
         let child = Piped::spawn(command, &self.label)?;
         let stderr = child.stderr.clone();
-        let started = Instant::now();
+        let sftp = Sftp::start(Box::new(child) as Box<dyn Stream>, limits);
+        let tar = (self.tar.clone(), self.options.tar);
         // On failure the child is dropped, so waited for: its stderr is complete.
-        Sftp::start(Box::new(child) as Box<dyn Stream>, limits).map_err(|e| match e {
-            SftpError::TimedOut => {
-                SourceError::TimedOut { host: self.label.clone(), waited: started.elapsed(), path: None }
-            }
-            e => self.failure(&stderr.finish(), &format!("{e:?}")),
+        let shown = (self.host_keys(), self.label.clone());
+        SshConnection::new(sftp, remote, tar, &self.root, shown).map_err(|e| match e {
+            SourceError::Session { message, .. } => self.failure(&stderr.finish(), &message),
+            e => e,
         })
     }
 
@@ -287,13 +311,12 @@ impl Source for OpensshSource {
             base.args(["-o", "ControlMaster=no", "-o"]).arg(control_path(&socket));
         }
         let limits = Limits { deadline: Some(deadline), stall: SESSION_TIMEOUT };
-        let sftp = self.start_sftp(clone_command(&base), limits)?;
-        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
+        let command = clone_command(&base);
         let remote =
             Exec { base, alias: self.options.alias.clone(), label: self.label.clone(), _mux: self.mux.clone() };
-        let tar = (self.tar.clone(), self.options.tar);
-        let shown = (self.host_keys(), self.label.clone());
-        Ok(Box::new(SshConnection::new(sftp, Box::new(remote), tar, &self.root, shown)?))
+        let connection = self.start_sftp(command, limits, Box::new(remote))?;
+        log::debug!("connected to {} through ssh in {:?}", self.label, started.elapsed());
+        Ok(Box::new(connection))
     }
 
     fn describe(&self) -> String {
@@ -340,6 +363,13 @@ fn base_args(options: &SshOptions) -> Vec<OsString> {
     // No terminal, no X11 or agent forwarding: a byte stream only.
     args.extend(["-T", "-x", "-a"].map(OsString::from));
     args
+}
+
+/// Lowers the priority of process or thread `id` (nice 10), one that carries
+/// background transfers: readers' requests get the CPU first.
+pub(crate) fn background_priority(id: u32) {
+    // SAFETY: setpriority of a process (or thread) lazyfs started; no memory is involved.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, id, 10) };
 }
 
 /// Removes this process's socket directories: it is ending, and its masters
@@ -503,7 +533,11 @@ impl Piped {
                 libc::fcntl(stdin.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
             }
         }
-        let stdout = BufReader::with_capacity(256 << 10, child.stdout.take().expect("piped"));
+        let stdout = child.stdout.take().expect("piped");
+        // SAFETY: fcntl on the open pipe from the child's stdout (our end only).
+        // A larger pipe: `ssh` waits less often for lazyfs to drain it.
+        unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+        let stdout = BufReader::with_capacity(READ_BUFFER, stdout);
         let stderr = Stderr::collect(child.stderr.take().expect("piped"), label);
         Ok(Piped { child, stdin, stdout, stderr, wait: None })
     }

@@ -9,11 +9,12 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::ops::Range;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::Limits;
+use super::{Limits, Sink};
 
 const INIT: u8 = 1;
 const VERSION: u8 = 2;
@@ -32,18 +33,20 @@ const DATA: u8 = 103;
 const NAME: u8 = 104;
 const ATTRS: u8 = 105;
 
-const FX_OK: u32 = 0;
 const FX_EOF: u32 = 1;
 const FX_NO_SUCH_FILE: u32 = 2;
 const FXF_READ: u32 = 1;
 
 /// Bytes asked for by one READ: OpenSSH's sftp-server answers up to 256 KiB.
 pub const REQUEST: u64 = 256 << 10;
-/// READs in flight at once per pipeline: 4 MiB, enough for a 1 Gbit/s link at 20 ms RTT.
-const DEPTH: usize = 16;
-/// Files opened at once when many files are read together, and READs in
-/// flight per file then.
-const FILES_IN_FLIGHT: usize = 64;
+/// Bytes a pipeline of ranged reads keeps in flight at most (8 MiB: more
+/// than a 1 Gbit/s link carries in a 20 ms round trip, also when the ranges
+/// are small, a recording's runs), and READs at most.
+const IN_FLIGHT: u64 = 8 << 20;
+const DEPTH: usize = 64;
+/// Files opened at once when many files are read together (a tree of small
+/// files in a few round trips), and READs in flight per file then.
+const FILES_IN_FLIGHT: usize = 256;
 const DEPTH_PER_FILE: usize = 4;
 /// No SFTP reply lazyfs asks for is larger (a DATA of REQUEST bytes and its
 /// header; OpenSSH keeps a READDIR answer under 256 KiB too).
@@ -198,10 +201,10 @@ fn check_dir_lookup(path: &Path, real: &[u8], lstat: &Attrs) -> Result<(), SftpE
 
 /// Checks FSTAT of the opened handle against LSTAT of the path before the
 /// OPEN: a file swapped in between (a symlink there only while it was
-/// opened) shows as another owner, mode, size or time.
+/// opened) shows as another owner, mode, size or modification time. Not the
+/// access time: a read of the file meanwhile (another session of this mount)
+/// moves it.
 fn check_opened(lstat: &Attrs, fstat: &Attrs) -> Result<(), SftpError> {
-    // The access time is left out: a read of the file in between (another
-    // lane's) may move it, and it says nothing of which file this is.
     let same = Attrs { atime: lstat.atime, ..*fstat } == *lstat;
     if fstat.irregular().is_some() || !same {
         return Err(SftpError::Changed("replaced while it was being opened".into()));
@@ -248,6 +251,12 @@ pub struct Sftp<C> {
     since: Instant,
     next_id: u32,
     out: Vec<u8>,
+    /// A READ's destination each, reused from one read to the next.
+    buffers: Vec<Vec<u8>>,
+    /// INIT was sent (or is queued), its VERSION not read yet.
+    version_pending: bool,
+    /// CLOSEs sent without waiting, not answered yet.
+    closing: Vec<u32>,
 }
 
 /// What the server said in reply to one request.
@@ -319,24 +328,30 @@ impl Reply {
 
 impl<C: Wire> Sftp<C> {
     /// Speaks SFTP on `channel`, a stream the `sftp` subsystem answers on,
-    /// each wait bounded by `limits`. A handshake that times out leaves the
-    /// channel cut ([`Wire::cut`]).
-    pub fn start(channel: C, limits: Limits) -> Result<Sftp<C>, SftpError> {
-        let mut sftp = Sftp { channel, limits, since: Instant::now(), next_id: 1, out: Vec::new() };
-        let said = sftp.hello();
-        if let Err(SftpError::TimedOut) = said {
-            sftp.cut();
-        }
-        said.map(|()| sftp)
+    /// each wait bounded by `limits`. INIT goes out with the first request and
+    /// the server's VERSION is read before the first reply: the handshake
+    /// costs no round trip of its own (a server refusing it says so then).
+    pub fn start(channel: C, limits: Limits) -> Sftp<C> {
+        let mut sftp = Sftp {
+            channel,
+            limits,
+            since: Instant::now(),
+            next_id: 1,
+            out: Vec::new(),
+            buffers: Vec::new(),
+            version_pending: true,
+            closing: Vec::new(),
+        };
+        // INIT carries the version where other requests carry an id.
+        sftp.out.extend_from_slice(&5u32.to_be_bytes());
+        sftp.out.push(INIT);
+        sftp.out.extend_from_slice(&3u32.to_be_bytes());
+        sftp
     }
 
-    /// INIT, and the server's VERSION.
-    fn hello(&mut self) -> Result<(), SftpError> {
-        // INIT carries the version where other requests carry an id.
-        self.out.extend_from_slice(&5u32.to_be_bytes());
-        self.out.push(INIT);
-        self.out.extend_from_slice(&3u32.to_be_bytes());
-        self.flush()?;
+    /// The server's VERSION, the answer to INIT.
+    fn version(&mut self) -> Result<(), SftpError> {
+        self.version_pending = false;
         let (kind, len) = self.header()?;
         if kind != VERSION || len < 4 {
             return Err(SftpError::Broken(format!("unexpected reply {kind} to INIT")));
@@ -461,12 +476,40 @@ impl<C: Wire> Sftp<C> {
     /// Reads one reply. A DATA reply's bytes go straight into what `dest`
     /// gives for its request id (or are skipped when it gives nothing).
     fn reply<'b>(&mut self, dest: impl FnOnce(u32) -> Option<&'b mut [u8]>) -> Result<(u32, Reply), SftpError> {
+        if self.version_pending {
+            self.version()?;
+        }
+        loop {
+            let (id, reply) = self.any_reply()?;
+            match self.closing.iter().position(|&closing| closing == id) {
+                // The answer to a CLOSE sent without waiting: nothing to do.
+                Some(at) => {
+                    self.closing.swap_remove(at);
+                    self.skip(reply.1)?;
+                }
+                None => return self.reply_body(id, reply, dest),
+            }
+        }
+    }
+
+    /// The next reply's id, and its type and body length.
+    fn any_reply(&mut self) -> Result<(u32, (u8, usize)), SftpError> {
         let (kind, len) = self.header()?;
         if len < 4 {
             return Err(SftpError::Broken("a packet too short for an id".into()));
         }
-        let id = self.read_u32()?;
-        let rest = len - 4;
+        Ok((self.read_u32()?, (kind, len - 4)))
+    }
+
+    /// The rest of reply `id`, of `kind` with `rest` bytes to come. A DATA
+    /// reply's bytes go straight into what `dest` gives for it (or are
+    /// skipped when it gives nothing).
+    fn reply_body<'b>(
+        &mut self,
+        id: u32,
+        (kind, rest): (u8, usize),
+        dest: impl FnOnce(u32) -> Option<&'b mut [u8]>,
+    ) -> Result<(u32, Reply), SftpError> {
         let reply = match kind {
             DATA => {
                 let data_len = self.read_u32()? as usize;
@@ -746,74 +789,139 @@ impl<C: Wire> Sftp<C> {
         }
     }
 
-    pub fn close(&mut self, handle: &[u8]) -> Result<(), SftpError> {
+    /// Closes `handle` without waiting: the CLOSE goes out with the next
+    /// request, and its reply is read (and dropped) when it comes. A handle
+    /// lazyfs only read from has nothing to lose on a failed close.
+    pub fn close(&mut self, handle: &[u8]) {
         let id = self.close_request(handle);
-        match self.call(id)? {
-            Reply::Status { code: FX_OK, .. } => Ok(()),
-            Reply::Status { code, message } => Err(SftpError::Status { code, message }),
-            _ => Err(SftpError::Broken("unexpected reply to CLOSE".into())),
-        }
+        self.closing.push(id);
     }
 
-    /// Fills `buf` from `offset` of the open file `handle`, with up to DEPTH
-    /// requests of REQUEST bytes in flight. With `check`, the LSTAT of a
-    /// handle just opened, FSTAT goes along with the first READs and must
-    /// agree with it ([`check_opened`]).
-    pub fn read_exact_at(
+    /// Reads `ranges` of the open file `handle` with up to DEPTH requests of
+    /// REQUEST bytes in flight, each range cut into requests from its start,
+    /// as long as the sink lets more go out ([`Sink::may_request`]).
+    /// [`Sink::land`] gets each request's bytes as soon as all of them
+    /// arrived (so whole chunks, when the ranges start on chunk boundaries),
+    /// through buffers the client keeps and reuses; a sink that answers
+    /// false stops the reading (what is in flight is read and dropped). With
+    /// `check`, the LSTAT of a handle just opened, FSTAT goes along with the
+    /// first READs and must agree with it ([`check_opened`]); nothing is
+    /// landed before it did.
+    pub fn read_ranges(
         &mut self,
         handle: &[u8],
-        offset: u64,
-        buf: &mut [u8],
+        ranges: &[Range<u64>],
         check: Option<&Attrs>,
+        sink: &mut dyn Sink,
     ) -> Result<(), SftpError> {
-        let total = buf.len() as u64;
-        // Request id -> (start within buf, bytes asked).
-        let mut in_flight: HashMap<u32, (u64, u64)> = HashMap::new();
-        let mut next = 0u64;
+        let mut buffers = std::mem::take(&mut self.buffers);
+        let read = self.read_pieces(handle, ranges, check, sink, &mut buffers);
+        self.buffers = buffers;
+        read
+    }
+
+    fn read_pieces(
+        &mut self,
+        handle: &[u8],
+        ranges: &[Range<u64>],
+        check: Option<&Attrs>,
+        sink: &mut dyn Sink,
+        buffers: &mut Vec<Vec<u8>>,
+    ) -> Result<(), SftpError> {
+        /// A request of a piece: its buffer, where the piece starts, its length,
+        /// and how much of it arrived before this request (a short reply asks again).
+        struct Piece {
+            buffer: usize,
+            start: u64,
+            len: u64,
+            filled: u64,
+        }
+        let mut pieces = ranges
+            .iter()
+            .flat_map(|r| (r.start..r.end).step_by(REQUEST as usize).map(move |at| at..(at + REQUEST).min(r.end)))
+            .peekable();
+        let mut free: Vec<usize> = (0..buffers.len()).collect();
+        let mut in_flight_bytes = 0;
+        let mut in_flight: HashMap<u32, Piece> = HashMap::new();
+        // Landed only once FSTAT agreed: held back until then.
+        let mut held: Vec<Piece> = Vec::new();
+        let mut stopped = false;
         let mut failure: Option<SftpError> = None;
         let fstat = check.map(|_| {
             let handle = Self::string(handle);
             self.request(FSTAT, &[&handle])
         });
-        let mut opened: Option<Reply> = None;
+        let mut checked = fstat.is_none();
         loop {
-            while failure.is_none() && in_flight.len() < DEPTH && next < total {
-                let len = REQUEST.min(total - next);
-                let id = self.read_request(handle, offset + next, len);
-                in_flight.insert(id, (next, len));
-                next += len;
+            while let Some(next) = pieces.peek() {
+                let len = next.end - next.start;
+                let room = in_flight.len() < DEPTH && (in_flight.is_empty() || in_flight_bytes + len <= IN_FLIGHT);
+                if stopped || failure.is_some() || !room || !sink.may_request(in_flight.is_empty()) {
+                    break;
+                }
+                let piece = pieces.next().expect("peeked");
+                let buffer = free.pop().unwrap_or_else(|| {
+                    buffers.push(Vec::new());
+                    buffers.len() - 1
+                });
+                buffers[buffer].resize(len as usize, 0);
+                in_flight_bytes += len;
+                in_flight.insert(
+                    self.read_request(handle, piece.start, len),
+                    Piece { buffer, start: piece.start, len, filled: 0 },
+                );
             }
-            if in_flight.is_empty() && (fstat.is_none() || opened.is_some()) {
+            if in_flight.is_empty() && checked {
                 break;
             }
             self.flush()?;
-            let (id, reply) = self.reply(|id| {
-                in_flight.get(&id).map(|&(start, len)| {
-                    let start = start as usize;
-                    &mut buf[start..start + len as usize]
-                })
-            })?;
-            if Some(id) == fstat {
-                opened = Some(reply);
+            let (id, reply) =
+                self.reply(|id| in_flight.get(&id).map(|p| &mut buffers[p.buffer][p.filled as usize..p.len as usize]))?;
+            if let (Some(lstat), true) = (check, Some(id) == fstat) {
+                checked = true;
+                if let Err(e) = reply.attrs("FSTAT").and_then(|fstat| check_opened(lstat, &fstat)) {
+                    failure.get_or_insert(e);
+                }
+                for piece in held.drain(..) {
+                    if failure.is_none() && !stopped {
+                        stopped = !sink.land(piece.start, &buffers[piece.buffer][..piece.len as usize]);
+                    }
+                    free.push(piece.buffer);
+                }
                 continue;
             }
-            let Some((start, len)) = in_flight.remove(&id) else {
+            let Some(mut piece) = in_flight.remove(&id) else {
                 return Err(SftpError::Broken(format!("a reply to unknown request {id}")));
             };
+            in_flight_bytes -= piece.len;
+            let asked = piece.len - piece.filled;
             match reply {
-                Reply::Data(got) if got as u64 > len => {
-                    return Err(SftpError::Broken(format!("a DATA reply of {got} bytes to a READ of {len}")));
+                Reply::Data(got) if got as u64 > asked => {
+                    return Err(SftpError::Broken(format!("a DATA reply of {got} bytes to a READ of {asked}")));
                 }
-                Reply::Data(got) if got as u64 == len => {}
+                Reply::Data(got) if got as u64 == asked => {
+                    piece.filled = piece.len;
+                    if !checked {
+                        held.push(piece);
+                    } else if stopped || failure.is_some() {
+                        free.push(piece.buffer);
+                    } else {
+                        stopped = !sink.land(piece.start, &buffers[piece.buffer][..piece.len as usize]);
+                        free.push(piece.buffer);
+                    }
+                    continue;
+                }
                 // A short answer: ask again for the rest.
-                Reply::Data(got) if got > 0 && failure.is_none() => {
-                    let (rest, left) = (start + got as u64, len - got as u64);
-                    let id = self.read_request(handle, offset + rest, left);
-                    in_flight.insert(id, (rest, left));
+                Reply::Data(got) if got > 0 && failure.is_none() && !stopped => {
+                    piece.filled += got as u64;
+                    let id = self.read_request(handle, piece.start + piece.filled, piece.len - piece.filled);
+                    in_flight_bytes += piece.len;
+                    in_flight.insert(id, piece);
+                    continue;
                 }
                 Reply::Data(_) => {}
                 Reply::Status { code: FX_EOF, .. } => {
-                    let end = offset + start;
+                    let end = piece.start + piece.filled;
                     match &mut failure {
                         Some(SftpError::Short { end: first }) => *first = (*first).min(end),
                         None => failure = Some(SftpError::Short { end }),
@@ -825,16 +933,14 @@ impl<C: Wire> Sftp<C> {
                 }
                 _ => return Err(SftpError::Broken("unexpected reply to READ".into())),
             }
-        }
-        if let (Some(lstat), Some(reply)) = (check, opened) {
-            check_opened(lstat, &reply.attrs("FSTAT")?)?;
+            free.push(piece.buffer);
         }
         failure.map_or(Ok(()), Err)
     }
 
     /// Reads many whole files at once: the LSTAT and REALPATH, OPEN, FSTAT
     /// of the next files (checked as in [`Sftp::open_checked`] and
-    /// [`Sftp::read_exact_at`]), the READs of those open (several per file),
+    /// [`Sftp::read_ranges`]), the READs of those open (several per file),
     /// and the CLOSEs of those done all overlap. Each file is read one byte
     /// past its expected size, so a file that grew says so in the same
     /// replies, without a STAT.
@@ -1119,11 +1225,22 @@ mod tests {
 
     const REGULAR: u32 = 0o100644;
 
+    /// Reads `buf.len()` bytes from the start of `handle` into `buf`.
+    fn read_into(
+        sftp: &mut Sftp<Scripted>,
+        handle: &[u8],
+        buf: &mut [u8],
+        check: Option<&Attrs>,
+    ) -> Result<(), SftpError> {
+        let range = 0..buf.len() as u64;
+        sftp.read_ranges(handle, &[range], check, &mut crate::source::Copy { offset: 0, buf })
+    }
+
     fn session(replies: &[Vec<u8>]) -> Sftp<Scripted> {
         let mut script = packet(VERSION, &3u32.to_be_bytes());
         replies.iter().for_each(|r| script.extend_from_slice(r));
         let limits = Limits { deadline: None, stall: Duration::from_secs(5) };
-        Sftp::start(Scripted(std::io::Cursor::new(script)), limits).unwrap()
+        Sftp::start(Scripted(std::io::Cursor::new(script)), limits)
     }
 
     /// Finding 7: a DATA reply longer than the READ asked for is a broken
@@ -1133,7 +1250,7 @@ mod tests {
         // Requests are numbered from 2 (INIT carries no id).
         let mut sftp = session(&[data(2, &[7; 20])]);
         let mut buf = [0u8; 10];
-        let err = sftp.read_exact_at(b"h", 0, &mut buf, None).unwrap_err();
+        let err = read_into(&mut sftp, b"h", &mut buf, None).unwrap_err();
         assert!(matches!(&err, SftpError::Broken(m) if m.contains("20 bytes")), "{err:?}");
     }
 
@@ -1165,11 +1282,23 @@ mod tests {
         assert!(matches!(files[1].result, Err(SftpError::TimedOut)), "{:?}", files[1].result);
     }
 
+    /// A CLOSE costs no round trip: it goes out with the next request, and
+    /// its answer is dropped when it comes, ahead of that request's.
+    #[test]
+    fn a_close_is_answered_on_the_way() {
+        let mut status = 2u32.to_be_bytes().to_vec();
+        status.extend_from_slice(&[0; 12]);
+        let mut sftp = session(&[packet(STATUS, &status), name(3, "/x")]);
+        sftp.close(b"h");
+        assert_eq!(sftp.realpath(Path::new("/x")).unwrap(), Path::new("/x"));
+        assert!(sftp.closing.is_empty());
+    }
+
     #[test]
     fn short_replies_are_asked_again() {
         let mut sftp = session(&[data(2, b"abcd"), data(3, b"efghij")]);
         let mut buf = [0u8; 10];
-        sftp.read_exact_at(b"h", 0, &mut buf, None).unwrap();
+        read_into(&mut sftp, b"h", &mut buf, None).unwrap();
         assert_eq!(&buf, b"abcdefghij");
     }
 
@@ -1200,7 +1329,7 @@ mod tests {
         let mut sftp = session(&[lstat, real, open, attrs(5, 0o100600), data(6, &[7; 10])]);
         let (handle, looked) = sftp.open_checked(Path::new("/f")).unwrap();
         let mut buf = [0u8; 10];
-        let err = sftp.read_exact_at(&handle, 0, &mut buf, Some(&looked)).unwrap_err();
+        let err = read_into(&mut sftp, &handle, &mut buf, Some(&looked)).unwrap_err();
         assert!(matches!(&err, SftpError::Changed(m) if m.contains("replaced")), "{err:?}");
     }
 

@@ -61,7 +61,10 @@ pub enum Transport {
     Openssh,
     /// libssh2, in process.
     Libssh2,
-    /// OpenSSH when `ssh` is installed, otherwise libssh2.
+    /// Both where `ssh` is installed and the ssh config needs nothing only
+    /// `ssh` follows: libssh2 for what readers wait on (it connects faster),
+    /// `ssh` for bulk transfers (it streams at less cost); else OpenSSH when
+    /// `ssh` is installed, otherwise libssh2.
     #[default]
     Auto,
 }

@@ -59,6 +59,29 @@ impl StoreError {
     pub fn is_no_space(&self) -> bool {
         matches!(self.errno(), libc::ENOSPC | libc::EDQUOT)
     }
+
+    /// The same error again (for another request it ended).
+    pub fn again(&self) -> StoreError {
+        match self {
+            StoreError::Io { path, source } => StoreError::Io { path: path.clone(), source: io_again(source) },
+            StoreError::Unsafe { path, reason } => StoreError::Unsafe { path: path.clone(), reason: reason.clone() },
+            StoreError::Busy(path) => StoreError::Busy(path.clone()),
+            StoreError::TooLarge { original, size, before, capacity } => {
+                StoreError::TooLarge { original: original.clone(), size: *size, before: *before, capacity: *capacity }
+            }
+            StoreError::ListedTooLarge { original, size, capacity } => {
+                StoreError::ListedTooLarge { original: original.clone(), size: *size, capacity: *capacity }
+            }
+        }
+    }
+}
+
+/// An I/O error again: the same errno, or the same kind and message.
+pub fn io_again(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(errno) => std::io::Error::from_raw_os_error(errno),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {

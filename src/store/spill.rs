@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,7 +23,6 @@ pub struct SpillFile {
     /// The spill directory, and the file's name in it.
     dir: Arc<CacheDir>,
     name: String,
-    path: PathBuf,
     /// Its length when it is created (on first use).
     initial_len: u64,
     /// It exists (with its initial length) on disk.
@@ -62,7 +61,6 @@ impl SpillFile {
         let spill = SpillFile {
             dir: dir.clone(),
             name,
-            path,
             initial_len: size,
             created: AtomicBool::new(existing.is_some()),
             slot: Arc::new(Slot::default()),
@@ -79,7 +77,6 @@ impl SpillFile {
     pub fn unmade(dir: &Arc<CacheDir>, name: String, spills: &Arc<OpenSpills>) -> SpillFile {
         SpillFile {
             dir: dir.clone(),
-            path: dir.join(&name),
             name,
             initial_len: 0,
             created: AtomicBool::new(false),
@@ -90,7 +87,7 @@ impl SpillFile {
 
     /// [`SpillFile::open`] of the file at `path`, outside any cache dir (tests).
     #[cfg(test)]
-    pub fn open_path(path: &Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
+    pub fn open_path(path: &std::path::Path, size: Option<u64>, keep: bool) -> Result<(SpillFile, u64), StoreError> {
         let dir = Arc::new(CacheDir::open_private(path.parent().expect("a parent"))?);
         let name = path.file_name().expect("a name").to_string_lossy().into_owned();
         Self::open(&dir, name, size, keep, &Arc::new(OpenSpills::new(16)))
@@ -110,9 +107,9 @@ impl SpillFile {
             if handle.is_none() {
                 let file = self.dir.open_rw(&self.name)?;
                 if !self.created.swap(true, Ordering::Relaxed) {
-                    let io = io_err(&self.path);
+                    let io = self.io_err();
                     if file.metadata().map_err(io)?.len() < self.initial_len {
-                        file.set_len(self.initial_len).map_err(io_err(&self.path))?;
+                        file.set_len(self.initial_len).map_err(self.io_err())?;
                     }
                 }
                 *handle = Some(file);
@@ -122,36 +119,42 @@ impl SpillFile {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Its path (made when asked: a mount of many files keeps only names).
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// An I/O error of this file (its path made only then).
+    fn io_err(&self) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io { path: self.path(), source }
     }
 
     /// A descriptor of its own (FUSE passthrough).
     pub fn open_file(&self) -> Result<File, StoreError> {
-        self.with_file(|file| file.try_clone().map_err(io_err(&self.path)))
+        self.with_file(|file| file.try_clone().map_err(self.io_err()))
     }
 
     /// Fills as much of `buf` as the file holds from `offset`; returns how
     /// many bytes that is (fewer only at the end of the file).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, StoreError> {
-        self.with_file(|file| read_full(file, offset, buf).map_err(io_err(&self.path)))
+        self.with_file(|file| read_full(file, offset, buf).map_err(self.io_err()))
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        self.with_file(|file| file.write_all_at(data, offset).map_err(io_err(&self.path)))
+        self.with_file(|file| file.write_all_at(data, offset).map_err(self.io_err()))
     }
 
     pub fn set_len(&self, size: u64) -> Result<(), StoreError> {
-        self.with_file(|file| file.set_len(size).map_err(io_err(&self.path)))
+        self.with_file(|file| file.set_len(size).map_err(self.io_err()))
     }
 
     /// When its bytes last changed.
     pub fn modified(&self) -> Result<std::time::SystemTime, StoreError> {
-        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(io_err(&self.path)))
+        self.with_file(|file| file.metadata().and_then(|m| m.modified()).map_err(self.io_err()))
     }
 
     pub fn set_modified(&self, time: std::time::SystemTime) -> Result<(), StoreError> {
-        self.with_file(|file| file.set_modified(time).map_err(io_err(&self.path)))
+        self.with_file(|file| file.set_modified(time).map_err(self.io_err()))
     }
 
     /// Gives back the disk blocks of `bytes`, which hold nothing anyone may
@@ -171,7 +174,7 @@ impl SpillFile {
             Ok(unsafe { libc::fallocate(file.as_raw_fd(), flags, start, len) })
         });
         if punched.is_ok_and(|punched| punched != 0) {
-            log::debug!("{}: freeing bytes {bytes:?}: {}", self.path.display(), std::io::Error::last_os_error());
+            log::debug!("{}: freeing bytes {bytes:?}: {}", self.path().display(), std::io::Error::last_os_error());
         }
     }
 

@@ -243,6 +243,8 @@ impl Core {
             prefetch: jobs > 0,
             passthrough: false,
             reconnect_timeout: Duration::from_secs(2),
+            wait_for_source: false,
+            replay: true,
             jobs,
             order: PrefetchOrder::SmallestFirst,
             manifest,
@@ -387,6 +389,7 @@ impl Core {
             self.ino(path),
             offset,
             data.to_vec(),
+            false,
             Box::new(move |r| {
                 let _ = tx.send(r.map_err(|e| e.errno));
             }),
