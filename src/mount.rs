@@ -557,7 +557,7 @@ fn prepare_inner(
         true => Need::Later,
         false => Need::Not,
     };
-    let (checked, mut connection) = source.finish(need, &request.source_arg, &mut warnings)?;
+    let (checked, mut connection) = source.finish(need, &request.source_arg, resuming, &mut warnings)?;
     if let (Some(tree), Some(root), Some(connection)) = (&mut tree, tree_root, &mut connection)
         && root_unknown
     {
@@ -823,11 +823,23 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
     /// the cache dir was filled from is not fetched from: the files that need
     /// it fail, saying why, and nothing held is dropped. Not needed, the
     /// source is not contacted, and need not be there at all.
-    fn finish(mut self, need: Need, name: &str, warnings: &mut Vec<String>) -> Result<Reached, SourceError> {
+    fn finish(
+        mut self,
+        need: Need,
+        name: &str,
+        resuming: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<Reached, SourceError> {
         if need == Need::Later {
-            // A successor must take the mount over whatever became of the
-            // source: what is cached is served, what is not fails saying why.
-            return Ok((self.open_or_unopened(name), self.connection));
+            return match self.open() {
+                Ok(source) => Ok((source, self.connection)),
+                // A mistake in SOURCE or its ssh config needs no network to be
+                // found: a first mount says it, as it did when it connected first.
+                Err(e @ SourceError::Config(_)) if !resuming => Err(e),
+                // A successor must take the mount over whatever became of the
+                // source: what is cached is served, what is not fails saying why.
+                Err(e) => Ok((self.unopened(name, &e), self.connection)),
+            };
         }
         if need == Need::Now {
             return match self.connection() {
@@ -850,10 +862,13 @@ impl<F: FnOnce() -> Result<Arc<dyn Source>, SourceError>> SourceNeeded<F> {
     /// The source, or one whose every connection fails saying why it could
     /// not be opened (a local SOURCE or `-i` file gone since the first mount).
     fn open_or_unopened(&mut self, name: &str) -> Arc<CheckedSource> {
-        self.open().unwrap_or_else(|e| {
-            let unopened = identity::Unopened { name: name.to_string(), reason: e.to_string() };
-            Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
-        })
+        self.open().unwrap_or_else(|e| self.unopened(name, &e))
+    }
+
+    /// A source whose every connection fails saying `why` it could not be opened.
+    fn unopened(&self, name: &str, why: &SourceError) -> Arc<CheckedSource> {
+        let unopened = identity::Unopened { name: name.to_string(), reason: why.to_string() };
+        Arc::new(CheckedSource::new(Arc::new(unopened), self.spelling.clone(), self.known.clone()))
     }
 }
 

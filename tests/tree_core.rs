@@ -278,22 +278,24 @@ fn every_entry_of_a_manifest_tree_keeps_its_old_inode_number() {
     let mut core = Core::new(&[]);
     let sub = core.source.join("srv/app/sub");
     std::fs::create_dir_all(&sub).unwrap();
-    for i in 0..40 {
-        std::fs::write(sub.join(format!("f{i:02}")), format!("file {i}")).unwrap();
-    }
     // Record a file whose inode number + 1 is another file's: the number the
-    // mount gives `sub`, made for the recorded file.
-    let inos: Vec<(String, u64)> = (0..40)
-        .map(|i| {
-            let name = format!("f{i:02}");
+    // mount gives `sub`, made for the recorded file. Files are made until two
+    // have consecutive numbers (other tests make files meanwhile).
+    let mut inos: Vec<(String, u64)> = Vec::new();
+    let recorded = (0..4000)
+        .find_map(|i| {
+            let name = format!("f{i:04}");
+            std::fs::write(sub.join(&name), format!("file {i}")).unwrap();
             let ino = std::fs::metadata(sub.join(&name)).unwrap().ino();
-            (name, ino)
+            let found = match inos.iter().any(|(_, other)| *other == ino + 1) {
+                true => Some(name.clone()),
+                false => inos.iter().find(|(_, other)| other + 1 == ino).map(|(other, _)| other.clone()),
+            };
+            inos.push((name, ino));
+            found
         })
-        .collect();
-    let (recorded, _) = inos
-        .iter()
-        .find(|(_, ino)| inos.iter().any(|(_, other)| *other == ino + 1))
-        .expect("this filesystem gave no two files consecutive inode numbers");
+        .expect("this filesystem gave no two of 4,000 files consecutive inode numbers");
+    let recorded = &recorded;
     let mut dump = lazyfs::images::write::DumpFile::new(format!("{SUBTREE}/sub/{recorded}"), 7);
     dump.size = Some(std::fs::metadata(sub.join(recorded)).unwrap().len());
     lazyfs::images::write::write_dump(&core.images, &[dump]).unwrap();
