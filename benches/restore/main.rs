@@ -24,6 +24,8 @@
 //! Writes a table to stdout and `target/bench/restore[-wan].{md,json}`.
 //! Under `cargo test` (no `--bench`), a quick mode with tiny sizes checks it works.
 
+#[path = "../common/mod.rs"]
+mod common;
 #[path = "../../tests/common/criu.rs"]
 mod criu;
 #[path = "../../tests/common/sshd.rs"]
@@ -31,6 +33,7 @@ mod sshd;
 #[allow(dead_code)]
 #[path = "../transfer/wan.rs"]
 mod wan;
+use common::{lazyfs_binary, load, median};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -124,12 +127,6 @@ struct Row {
     method: Method,
     answers: Vec<f64>,
     frees: Vec<Option<f64>>,
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    sorted[sorted.len() / 2]
 }
 
 impl Row {
@@ -523,21 +520,6 @@ fn parse_size(text: &str) -> u64 {
         _ => (text, 1),
     };
     number.parse::<u64>().unwrap_or_else(|_| panic!("--sizes: {text:?} is not a size like 256M or 1G")) * unit
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The lazyfs measured: this build's, or `LAZYFS_BENCH_BIN` (another
-/// build, to compare two versions with the same harness).
-fn lazyfs_binary() -> PathBuf {
-    std::env::var_os("LAZYFS_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), PathBuf::from)
 }
 
 fn main() {

@@ -22,10 +22,13 @@
 //!
 //! Writes a markdown table to stdout and `target/bench/s3.{md,json}`.
 
+#[path = "../common/mod.rs"]
+mod common;
 #[path = "../../tests/common/garage.rs"]
 mod garage;
 #[path = "../../tests/common/sshd.rs"]
 mod sshd;
+use common::Row;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
@@ -142,22 +145,6 @@ fn fill(seed: u64, buf: &mut [u8]) {
         state ^= state >> 7;
         state ^= state << 17;
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-}
-
-struct Row {
-    group: &'static str,
-    what: String,
-    unit: &'static str,
-    runs: Vec<f64>,
-    against: Option<String>,
-}
-
-impl Row {
-    fn median(&self) -> f64 {
-        let mut sorted = self.runs.clone();
-        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        sorted[sorted.len() / 2]
     }
 }
 

@@ -30,9 +30,12 @@
 //! `--only e`; `-- --tree` only the 5,000-file rows of b, and f.
 //! Writes a markdown table to stdout and `target/bench/transfer[-wan].{md,json}`.
 
+#[path = "../common/mod.rs"]
+mod common;
 #[path = "../../tests/common/sshd.rs"]
 mod sshd;
 mod wan;
+use common::{Row, lazyfs_binary, load};
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -60,23 +63,6 @@ struct Dataset {
     files: usize,
     /// Added to each `lazyfs mount` of it.
     mount_args: &'static [&'static str],
-}
-
-struct Row {
-    group: &'static str,
-    what: String,
-    unit: &'static str,
-    runs: Vec<f64>,
-    /// The row this one is compared with (its median), if any.
-    against: Option<String>,
-}
-
-impl Row {
-    fn median(&self) -> f64 {
-        let mut sorted = self.runs.clone();
-        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        sorted[sorted.len() / 2]
-    }
 }
 
 struct Bench {
@@ -838,22 +824,6 @@ fn machine() -> String {
     let kernel = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
-}
-
-/// The load average now (the machine is shared: every figure says it).
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The lazyfs measured: this build's, or `LAZYFS_BENCH_BIN` (another
-/// build, to compare two versions with the same harness).
-fn lazyfs_binary() -> PathBuf {
-    std::env::var_os("LAZYFS_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyfs")), PathBuf::from)
 }
 
 fn main() {
